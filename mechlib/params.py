@@ -1,0 +1,200 @@
+"""The book's parameters: one typed schema, strict loading, clear errors.
+
+Why: papermill only *warns* about parameters a notebook does not declare, so a misspelt key
+in a params file would silently fall back to a default. ``load_params`` rejects unknown keys
+(suggesting the close match), checks types, and validates ranges before any chapter runs.
+Each chapter declares the subset it uses in its ``parameters`` cell; a test keeps those
+defaults equal to the ones here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ParamsError(ValueError):
+    """A params file or value the book cannot run with. The message says what and where."""
+
+
+@dataclass(frozen=True)
+class BookParams:
+    # --- the run and the model -------------------------------------------------------
+    run: str = "default"
+    seed: int = 0
+    model: str = "embedded:smollm2-135m-instruct"  # embedded GGUF, a hub id, or a local path
+    model_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    # --- 01 collect --------------------------------------------------------------------
+    layer: int = 15  # residual stream *after* this decoder layer (0-based)
+    corpus: str = "python-stdlib-docs"  # python-stdlib-docs | hf:<dataset id> | a local .txt/.jsonl path
+    corpus_config: str | None = None
+    corpus_split: str = "train"
+    corpus_text_field: str = "text"
+    seq_len: int = 128
+    collect_tokens: int = 160_000
+    heldout_tokens: int = 16_384
+    collect_batch_size: int = 16
+    shard_tokens: int = 65_536
+    exclude_special_tokens: bool = True
+    collect_mode: str = "disk"  # disk | stream
+    activation_dtype: str = "float32"  # float32 | bfloat16 (on-disk shards)
+    # --- 02 train SAE ------------------------------------------------------------------
+    sae_source: str = "train"  # train | pretrained
+    sae_pretrained: str = ""  # local path to sae_final.pt, or hf:<repo>/<file>
+    d_sae: int = 4608
+    k: int = 32
+    k_aux: int = 256
+    aux_coef: float = 0.125
+    lr: float = 1e-3
+    lr_floor: float = 1e-4
+    warmup_steps: int = 50
+    train_batch_size: int = 1024
+    train_tokens: int = 480_000
+    renorm_every: int = 10
+    dead_tokens: int = 100_000  # a latent is dead after this many tokens without firing
+    checkpoint_every: int = 100  # steps
+    # --- 03 evaluate SAE ---------------------------------------------------------------
+    eval_ce_tokens: int = 4096  # tokens for the spliced next-token loss / KL
+    n_feature_examples: int = 4
+    # --- 04 GSM8K baseline / tasks -----------------------------------------------------
+    task: str = "arithmetic"  # arithmetic | gsm8k
+    gsm8k_path: str = ""  # "" → hub (openai/gsm8k, main); else a folder or .jsonl
+    gsm8k_split: str = "test"
+    n_questions: int = 200
+    n_heldout: int = 50
+    prompt_format: str = "chat_template"  # chat_template | gemma_manual
+    max_new_tokens: int = 48
+    gen_batch_size: int = 32
+    # --- 05 contrastive layers ---------------------------------------------------------
+    n_permutations: int = 200
+    top_d: int = 10
+    # --- 06 steering -------------------------------------------------------------------
+    steering_layer: int | None = None  # None → the peak layer from 05
+    steering_scales: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.10, 0.15, -0.05])
+    n_bootstrap: int = 2000
+    # --- 07 logit lens -----------------------------------------------------------------
+    lens_prompt: str = "The capital of France is Paris. The capital of Germany is"
+    english_threshold: float = 0.5
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "model_dtype": ("float32", "bfloat16", "float16", "auto"),
+    "collect_mode": ("disk", "stream"),
+    "activation_dtype": ("float32", "bfloat16"),
+    "sae_source": ("train", "pretrained"),
+    "task": ("arithmetic", "gsm8k"),
+    "prompt_format": ("chat_template", "gemma_manual"),
+}
+
+POSITIVE_INTS = (
+    "seq_len", "collect_tokens", "heldout_tokens", "collect_batch_size", "shard_tokens", "d_sae", "k",
+    "train_batch_size", "train_tokens", "renorm_every", "dead_tokens", "checkpoint_every", "eval_ce_tokens",
+    "n_questions", "max_new_tokens", "gen_batch_size", "n_permutations", "top_d", "n_bootstrap",
+)
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
+_HINTS = typing.get_type_hints(BookParams)
+
+
+def known_keys() -> list[str]:
+    return list(_FIELDS)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def validate(values: dict[str, Any], source: str = "params") -> BookParams:
+    """Check keys, types and ranges; return the filled-in :class:`BookParams`."""
+    if not isinstance(values, dict):
+        raise ParamsError(f"{source}: expected a mapping of parameter names to values, got {type(values).__name__}")
+    for key in values:
+        if not isinstance(key, str) or key not in _FIELDS:
+            close = difflib.get_close_matches(str(key), list(_FIELDS), n=1, cutoff=0.6)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ParamsError(f"{source}: unknown parameter '{key}'.{hint}")
+    for key, value in values.items():
+        if not _type_ok(value, _HINTS[key]):
+            raise ParamsError(
+                f"{source}: parameter '{key}' must be {_type_name(_HINTS[key])}, got {value!r} ({type(value).__name__})"
+            )
+    coerced = {k: (float(v) if _HINTS[k] is float else v) for k, v in values.items()}
+    params = BookParams(**coerced)
+    _check_ranges(params, source)
+    return params
+
+
+def _check_ranges(p: BookParams, source: str) -> None:
+    for key, allowed in CHOICES.items():
+        if getattr(p, key) not in allowed:
+            raise ParamsError(f"{source}: '{key}' must be one of {', '.join(allowed)}; got {getattr(p, key)!r}")
+    for key in POSITIVE_INTS:
+        if getattr(p, key) <= 0:
+            raise ParamsError(f"{source}: '{key}' must be positive, got {getattr(p, key)}")
+    if p.layer < 0:
+        raise ParamsError(f"{source}: 'layer' must be >= 0, got {p.layer}")
+    if not 0 < p.k < p.d_sae:
+        raise ParamsError(f"{source}: need 0 < k < d_sae, got k={p.k}, d_sae={p.d_sae}")
+    if p.k_aux < 0:
+        raise ParamsError(f"{source}: 'k_aux' must be >= 0, got {p.k_aux}")
+    if p.n_heldout >= p.n_questions:
+        raise ParamsError(f"{source}: 'n_heldout' ({p.n_heldout}) must be smaller than 'n_questions' ({p.n_questions})")
+    if p.lr <= 0 or p.lr_floor < 0 or p.lr_floor > p.lr:
+        raise ParamsError(f"{source}: need 0 <= lr_floor <= lr and lr > 0, got lr={p.lr}, lr_floor={p.lr_floor}")
+    if p.sae_source == "pretrained" and not p.sae_pretrained:
+        raise ParamsError(f"{source}: sae_source is 'pretrained' but 'sae_pretrained' is empty")
+    if not p.run or "/" in p.run or p.run.startswith("."):
+        raise ParamsError(f"{source}: 'run' must be a plain folder name, got {p.run!r}")
+
+
+def load_params(path: str | os.PathLike[str]) -> BookParams:
+    """Read a params YAML file. The run name defaults to the file's stem."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    values = {} if values is None else values
+    if isinstance(values, dict):
+        values.setdefault("run", path.stem)
+    return validate(values, source=str(path))
+
+
+def from_namespace(namespace: dict[str, Any]) -> BookParams:
+    """Validate the parameters a chapter declared (and papermill injected) in its namespace.
+
+    Only names that are schema keys are taken; everything else in ``globals()`` is ignored.
+    Keys the chapter did not declare keep the schema defaults.
+    """
+    values = {k: namespace[k] for k in _FIELDS if k in namespace}
+    return validate(values, source=f"chapter parameters (run={values.get('run', 'default')!r})")
