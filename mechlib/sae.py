@@ -1,0 +1,304 @@
+"""The TopK sparse autoencoder, its exact (reference) training step, and its file formats.
+
+Why this module is the contract: the CPU reference here and the CUDA fast path
+(``mechlib.sae_fast.fast_step``) must compute the *same* loss, so the math lives in one place
+and the fast path is tested against it.
+
+Math (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and the study's card)::
+
+    pre    = (x - b_dec) @ W_enc + b_enc                      # [N, m]
+    code   = ReLU(topk(pre, k))                               # values [N, k], indices [N, k]
+    recon  = sum_j values_j * W_dec[indices_j] + b_dec        # sparse decode, O(N*k*d)
+    e      = x - recon
+    fvu    = sum(e^2) / sum((x - mean_over_batch(x))^2)       # per-dimension variance, batch mean
+    mse    = mean(e^2)                                        # per element
+    AuxK   (only if k_aux > 0 and some latent is dead):
+           pre masked to -inf outside dead latents, top-min(k_aux, n_dead), ReLU,
+           e_hat = sparse decode of that code WITHOUT b_dec,
+           aux   = sum((e_hat - e.detach())^2) / sum((e.detach() - mean(e.detach()))^2)
+    loss   = fvu + aux_coef * aux
+
+AuxK only moves dead latents' encoder columns, encoder biases and decoder rows (and ``b_dec``,
+which sits inside ``pre``); the residual is detached so it never pulls on the live code.
+
+Layout is the card's: ``W_enc`` [d, m], ``W_dec`` [m, d] (a decoder *row* per latent).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mechlib.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+
+CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
+FORMULAS = {
+    "fvu": "sum(e^2) / sum((x - x.mean(0))^2) over the batch (per-dimension variance)",
+    "aux": "sum((e_hat - e.detach())^2) / sum((e.detach() - e.detach().mean(0))^2); e_hat without b_dec; "
+           "ReLU on the top-min(k_aux, n_dead) dead pre-activations",
+    "loss": "fvu + aux_coef * aux",
+    "renorm": "decoder rows (W_dec[i, :]) rescaled to unit L2 norm every renorm_every steps; encoder untouched",
+    "dead": "a latent is dead after dead_tokens training tokens without a positive top-k activation",
+}
+
+
+class SAEError(ValueError):
+    """An SAE file or SAE/model pairing the book cannot use. The message names the file and values."""
+
+
+class TopKCode(NamedTuple):
+    values: Tensor  # [N, k], >= 0 (ReLU applied after top-k)
+    indices: Tensor  # [N, k], int64 latent ids
+
+
+class SAEOutput(NamedTuple):
+    recon: Tensor  # [N, d]
+    code: TopKCode
+    pre: Tensor  # [N, m], pre-activations before top-k
+
+
+class TopKSAE(nn.Module):
+    """A TopK SAE with fp32 parameters in the card's layout.
+
+    Init (Gao et al.): decoder rows random unit vectors, encoder = decoder transposed, biases 0.
+    ``b_dec`` may then be set from data with :func:`init_b_dec_` (geometric median of a sample).
+    ``meta`` carries provenance (model, layer) so a checkpoint can be checked against a model.
+    """
+
+    def __init__(self, d_model: int, d_sae: int, k: int, *, seed: int = 0,
+                 meta: dict[str, Any] | None = None) -> None:
+        super().__init__()
+        if not 0 < k <= d_sae:
+            raise SAEError(f"need 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
+        gen = torch.Generator().manual_seed(seed)
+        w_dec = torch.randn(d_sae, d_model, generator=gen, dtype=torch.float32)
+        w_dec /= w_dec.norm(dim=1, keepdim=True)
+        self.W_enc = nn.Parameter(w_dec.t().contiguous().clone())
+        self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(w_dec)
+        self.b_dec = nn.Parameter(torch.zeros(d_model))
+        self.k = int(k)
+        self.meta: dict[str, Any] = dict(meta or {})
+
+    @property
+    def d_model(self) -> int:
+        return self.W_enc.shape[0]
+
+    @property
+    def d_sae(self) -> int:
+        return self.W_enc.shape[1]
+
+    def pre_acts(self, x: Tensor) -> Tensor:
+        return (x - self.b_dec) @ self.W_enc + self.b_enc
+
+    def encode(self, x: Tensor) -> TopKCode:
+        return topk_code(self.pre_acts(x), self.k)
+
+    def decode(self, code: TopKCode) -> Tensor:
+        return sparse_decode(code, self.W_dec) + self.b_dec
+
+    def forward(self, x: Tensor) -> SAEOutput:
+        pre = self.pre_acts(x)
+        code = topk_code(pre, self.k)
+        return SAEOutput(self.decode(code), code, pre)
+
+
+def topk_code(pre: Tensor, k: int) -> TopKCode:
+    values, indices = pre.topk(k, dim=-1)
+    return TopKCode(values.relu(), indices)
+
+
+def sparse_decode(code: TopKCode, W_dec: Tensor) -> Tensor:
+    """``sum_j values_j * W_dec[indices_j]`` without a dense [N, m] matrix (no bias)."""
+    return F.embedding_bag(code.indices, W_dec, per_sample_weights=code.values.to(W_dec.dtype), mode="sum")
+
+
+def dense_code(code: TopKCode, d_sae: int) -> Tensor:
+    """The [N, m] activation matrix of a code (for metrics on small batches)."""
+    out = torch.zeros(code.values.shape[0], d_sae, dtype=code.values.dtype, device=code.values.device)
+    return out.scatter_(-1, code.indices, code.values)
+
+
+# --------------------------------------------------------------------------------------- step
+
+
+@dataclass
+class StepStats:
+    loss: Tensor  # scalar, detached
+    fvu: Tensor
+    mse: Tensor
+    aux_loss: Tensor  # 0 when there is no dead latent (or k_aux == 0)
+    fired: Tensor  # bool [m]: latent had a positive top-k value in some row of this batch
+
+
+def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float) -> StepStats:
+    """One loss evaluation + ``backward()`` in plain fp32 autograd (the optimizer step is separate).
+
+    The contract every fast path must reproduce; see the module docstring for the formulas.
+    """
+    out = sae(x)
+    e = x - out.recon
+    fvu = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
+    mse = e.pow(2).mean()
+    n_dead = int(dead_mask.sum())
+    if k_aux > 0 and n_dead > 0:
+        masked = out.pre.masked_fill(~dead_mask, float("-inf"))
+        aux_code = topk_code(masked, min(k_aux, n_dead))
+        e_hat = sparse_decode(aux_code, sae.W_dec)
+        ed = e.detach()
+        aux = (e_hat - ed).pow(2).sum() / (ed - ed.mean(0)).pow(2).sum()
+    else:
+        aux = torch.zeros((), dtype=x.dtype, device=x.device)
+    loss = fvu + aux_coef * aux
+    loss.backward()
+    return StepStats(loss.detach(), fvu.detach(), mse.detach(), aux.detach(), fired_mask(out.code, sae.d_sae))
+
+
+def fired_mask(code: TopKCode, d_sae: int) -> Tensor:
+    fired = torch.zeros(d_sae, dtype=torch.bool, device=code.indices.device)
+    fired[code.indices[code.values > 0]] = True
+    return fired
+
+
+@torch.no_grad()
+def renorm_decoder_(sae: TopKSAE) -> None:
+    """Rescale each decoder row to unit L2 norm, in place; the encoder is left as is.
+
+    Why only the decoder: rescaling encoder columns to compensate would change which latents
+    win the top-k, so no rescaling keeps a TopK SAE's function; the card (and Gao et al.)
+    renormalise the decoder alone.
+    """
+    sae.W_dec.div_(sae.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+
+@torch.no_grad()
+def init_b_dec_(sae: TopKSAE, sample: Tensor, iters: int = 20) -> None:
+    """Set ``b_dec`` to the geometric median of ``sample`` (Weiszfeld iterations), as Gao et al.
+
+    Why: the encoder then sees centred inputs from step 0, so early top-k choices are not all
+    spent on the mean direction.
+    """
+    x = sample.to(sae.b_dec.dtype)
+    med = x.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x - med).norm(dim=1).clamp_min(1e-8)
+        med = (w[:, None] * x).sum(0) / w.sum()
+    sae.b_dec.copy_(med)
+
+
+# ----------------------------------------------------------------------------------- saving
+
+
+def card_state(sae: TopKSAE) -> dict[str, Any]:
+    """The card's ``sae_final.pt`` dict: exactly ``W_enc, W_dec, b_enc, b_dec, k`` (fp32, CPU)."""
+    return {"W_enc": sae.W_enc.detach().float().cpu().clone(), "W_dec": sae.W_dec.detach().float().cpu().clone(),
+            "b_enc": sae.b_enc.detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone(),
+            "k": int(sae.k)}
+
+
+def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str]) -> Path:
+    """Write ``sae_final.pt`` in the card's format with decoder rows at unit norm.
+
+    Renormalises ``sae`` itself first (in place) so the file and the in-memory SAE compute the
+    same function; training ends with a renorm anyway, so a trained SAE is unchanged.
+    """
+    renorm_decoder_(sae)
+    atomic_torch_save(card_state(sae), path)
+    return Path(path)
+
+
+def save_sae(sae: TopKSAE, folder: str | os.PathLike[str], cfg: dict[str, Any]) -> Path:
+    """SAELens-style ``sae.safetensors`` + ``cfg.json`` (shapes, k, provenance, training knobs, formulas)."""
+    folder = Path(folder)
+    tensors = {k: v for k, v in card_state(sae).items() if k != "k"}
+    full = {**cfg, "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k, "formulas": FORMULAS,
+            **{k: v for k, v in sae.meta.items() if k not in cfg}}
+    atomic_save_safetensors(tensors, folder / "sae.safetensors", metadata={"format": "mechbook-topk-sae"})
+    atomic_write_json(folder / "cfg.json", full)
+    return folder
+
+
+def sae_from_state(state: dict[str, Any], source: str, meta: dict[str, Any] | None = None) -> TopKSAE:
+    """Build a :class:`TopKSAE` from a card-format dict, checking keys and shapes."""
+    missing = [k for k in CARD_KEYS if k not in state]
+    if missing:
+        raise SAEError(f"{source}: not a card-format SAE checkpoint, missing keys {missing} (has {sorted(state)})")
+    W_enc, W_dec = state["W_enc"], state["W_dec"]
+    if W_enc.dim() != 2 or W_dec.shape != W_enc.t().shape:
+        raise SAEError(f"{source}: W_enc {tuple(W_enc.shape)} and W_dec {tuple(W_dec.shape)} are not [d, m] / [m, d]")
+    d, m = W_enc.shape
+    if tuple(state["b_enc"].shape) != (m,) or tuple(state["b_dec"].shape) != (d,):
+        raise SAEError(f"{source}: b_enc {tuple(state['b_enc'].shape)} / b_dec {tuple(state['b_dec'].shape)} "
+                       f"do not match d_model={d}, d_sae={m}")
+    sae = TopKSAE(d, m, int(state["k"]), meta=meta)
+    with torch.no_grad():
+        for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            getattr(sae, name).copy_(state[name].float())
+    return sae
+
+
+def _resolve_hf(spec: str) -> Path:
+    """``hf:<owner>/<repo>/<file>`` → a local file via ``hf_hub_download`` (real users; offline → clear error)."""
+    parts = spec[3:].split("/", 2)
+    if len(parts) != 3 or not all(parts):
+        raise SAEError(f"'{spec}': expected hf:<owner>/<repo>/<file>, e.g. "
+                       "hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2]))
+    except Exception as exc:  # offline mode, no network, gated repo, missing file: one message
+        raise SAEError(f"could not download '{parts[2]}' from the Hugging Face hub repo '{parts[0]}/{parts[1]}' "
+                       f"({type(exc).__name__}: {exc}). Without network access, download the file elsewhere and "
+                       "set sae_pretrained to its local path.") from None
+
+
+def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
+    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), or ``hf:<repo>/<file>``.
+
+    A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs).
+    """
+    from mechlib.paths import resolve
+
+    spec_s = str(spec)
+    path = _resolve_hf(spec_s) if spec_s.startswith("hf:") else resolve(spec_s)
+    if path.is_dir():
+        path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
+    if not path.is_file():
+        raise SAEError(f"SAE checkpoint not found: {path}")
+    cfg_path = path.parent / "cfg.json"
+    meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state: dict[str, Any] = dict(load_file(str(path)))
+            if "k" not in meta:
+                raise SAEError(f"{path}: safetensors SAE needs a cfg.json with 'k' beside it ({cfg_path})")
+            state["k"] = int(meta["k"])
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except SAEError:
+        raise
+    except Exception as exc:
+        raise SAEError(f"{path}: could not read SAE checkpoint ({type(exc).__name__}: {exc})") from None
+    if not isinstance(state, dict):
+        raise SAEError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
+    meta.setdefault("source", spec_s)
+    return sae_from_state(state, str(path), meta).to(device)
+
+
+def check_compatible(sae: TopKSAE, d_model: int, layer: int | None = None, source: str = "SAE") -> None:
+    """Raise :class:`SAEError` naming both values if the SAE was made for another width or layer."""
+    if sae.d_model != d_model:
+        raise SAEError(f"{source}: checkpoint d_model={sae.d_model} but the activations/model have d_model={d_model}")
+    ck_layer = sae.meta.get("layer")
+    if layer is not None and ck_layer is not None and int(ck_layer) != int(layer):
+        raise SAEError(f"{source}: checkpoint was trained on layer {ck_layer} but the run uses layer {layer}")
