@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -153,6 +154,11 @@ def validate(values: dict[str, Any], source: str = "params") -> BookParams:
 
 
 def _check_ranges(p: BookParams, source: str) -> None:
+    for key, hint in _HINTS.items():
+        value = getattr(p, key)
+        floats = value if isinstance(value, list) else [value]
+        if any(isinstance(v, float) and not math.isfinite(v) for v in floats):
+            raise ParamsError(f"{source}: '{key}' must be a finite number, got {value!r}")
     for key, allowed in CHOICES.items():
         if getattr(p, key) not in allowed:
             raise ParamsError(f"{source}: '{key}' must be one of {', '.join(allowed)}; got {getattr(p, key)!r}")

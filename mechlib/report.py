@@ -1,0 +1,157 @@
+"""``outputs/<run>/REPORT.md``: the model card's tables regenerated from the metrics JSON.
+
+Why generated: numbers in a report typed by hand drift from the run that produced them. Every
+value here is read from ``outputs/<run>/metrics/*.json``; a chapter that has not run yet shows
+as "not run" instead of a stale number.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from mechlib.io import atomic_write_text
+from mechlib.paths import RunPaths
+
+# The study's own numbers (public model card, see ../shared/FIELD.md), shown beside ours.
+CARD_SAE_METRICS = {"var_explained": 0.939, "mse": 0.181, "l0": 128, "coverage": 0.62, "dead_fraction": 0.0}
+
+
+def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
+    f = paths.metrics / f"{name}.json"
+    return json.loads(f.read_text()) if f.is_file() else None
+
+
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
+    return str(value)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _figures(paths: RunPaths, prefix: str) -> str:
+    figs = sorted(paths.figures.glob(f"{prefix}*.png"))
+    return "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
+
+
+def _section_sae(paths: RunPaths) -> str:
+    m = _load(paths, "03_evaluate_sae")
+    if m is None:
+        return "## SAE training metrics\n\nChapter 03 not run.\n"
+    keys = [
+        ("var_explained", "Variance explained (per-dimension, held-out)"),
+        ("var_explained_global", "Variance explained (seed's global-variance formula)"),
+        ("pca_var_explained", "PCA baseline, k components (per-dimension)"),
+        ("mse", "MSE"),
+        ("l0", "L0"),
+        ("coverage", "Coverage (fired at least once, held-out)"),
+        ("dead_fraction", "Dead fraction"),
+        ("delta_ce_loss", "Δ next-token loss (SAE spliced in)"),
+        ("kl", "KL (SAE spliced in)"),
+        ("n_tokens", "Held-out tokens"),
+    ]
+    rows = [[label, m.get(key), CARD_SAE_METRICS.get(key)] for key, label in keys]
+    return (
+        "## SAE training metrics (chapters 02–03)\n\n"
+        + _table(["metric", "this run", "study card (Gemma 4 E4B L21)"], rows)
+        + "\n\nThe card's variance explained used one global variance on training batches; ours is per-dimension on"
+        " held-out tokens (both shown).\n\n"
+        + _figures(paths, "02_")
+        + "\n"
+        + _figures(paths, "03_")
+        + "\n"
+    )
+
+
+def _section_baseline(paths: RunPaths) -> str:
+    m = _load(paths, "04_gsm8k_baseline")
+    if m is None:
+        return "## Baseline\n\nChapter 04 not run.\n"
+    rows = [[m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95")]]
+    return "## Baseline accuracy (chapter 04)\n\n" + _table(["task", "prompt", "n", "accuracy", "95% CI"], rows) + "\n"
+
+
+def _section_layers(paths: RunPaths) -> str:
+    m = _load(paths, "05_contrastive_layers")
+    if m is None:
+        return "## Contrastive layers\n\nChapter 05 not run.\n"
+    top = m.get("top10_abs_d") or []
+    peak = m.get("peak_layer")
+    peak_value = top[peak] if isinstance(peak, int) and 0 <= peak < len(top) else None
+    rows = [[peak, peak_value, m.get("null_p"), m.get("spearman_rho"), m.get("spearman_p")]]
+    return (
+        "## Contrastive layers (chapter 05)\n\n"
+        + _table(["peak layer", "top-10 |d| at peak", "permutation p (max over layers)", "Spearman ρ (held-out)",
+                  "Spearman p"], rows)
+        + "\n\n"
+        + _figures(paths, "05_")
+        + "\n"
+    )
+
+
+def _section_steering(paths: RunPaths) -> str:
+    m = _load(paths, "06_steering")
+    if m is None:
+        return "## Steering\n\nChapter 06 not run.\n"
+    rows = [
+        [r.get("scale"), r.get("perturbation"), r.get("accuracy"), r.get("delta"), r.get("delta_ci95"),
+         f"{r.get('recovered')}/{r.get('n_baseline_wrong', '?')}", r.get("net_flips"), r.get("mcnemar_p")]
+        for r in m.get("rows", [])
+    ]
+    text = (
+        f"## CAA steering at layer {m.get('layer')} (chapter 06)\n\n"
+        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))}\n\n"
+        + _table(["scale", "perturbation %", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
+                  "net flips", "McNemar p (exact)"], rows)
+        + "\n\n### Recovered questions per scale\n\n"
+    )
+    for r in m.get("rows", []):
+        text += f"- scale {_fmt(r.get('scale'))}: {', '.join(map(str, r.get('recovered_ids', []))) or '—'}\n"
+    overlaps = m.get("overlaps")
+    if overlaps:
+        text += "\n### Overlap of recovered sets\n\n```\n" + json.dumps(overlaps, indent=1) + "\n```\n"
+    return text + "\n" + _figures(paths, "06_") + "\n"
+
+
+def _section_lens(paths: RunPaths) -> str:
+    m = _load(paths, "07_logit_lens")
+    if m is None:
+        return "## Logit lens\n\nChapter 07 not run.\n"
+    return (
+        "## Logit lens (chapter 07)\n\n"
+        f"First layer whose top tokens are mostly English words: **{_fmt(m.get('english_commitment_layer'))}**"
+        f" of {_fmt(m.get('n_layers'))}.\n\n" + _figures(paths, "07_") + "\n"
+    )
+
+
+def render_report(run: str) -> str:
+    paths = RunPaths(run)
+    collect = _load(paths, "01_collect") or {}
+    header = (
+        f"# mechbook report — run `{run}`\n\n"
+        f"Model: `{collect.get('model', '—')}`, SAE layer {collect.get('layer', '—')}. Generated from"
+        " `metrics/*.json`; executed notebooks in `notebooks/`.\n"
+    )
+    sections = [_section_sae(paths), _section_baseline(paths), _section_layers(paths), _section_steering(paths),
+                _section_lens(paths)]
+    return header + "\n" + "\n".join(sections)
+
+
+def write_report(run: str) -> Path:
+    paths = RunPaths(run)
+    atomic_write_text(paths.report, render_report(run))
+    return paths.report

@@ -1,0 +1,124 @@
+"""The params loader: strict keys with suggestions, types, ranges, and fuzzing."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mechlib.params import BookParams, ParamsError, known_keys, load_params, validate
+from mechlib.paths import PARAMS_DIR
+
+
+def write(tmp_path: Path, values: dict, name: str = "run1.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(values))
+    return p
+
+
+def test_defaults_validate():
+    assert validate({}) == BookParams()
+
+
+def test_run_name_defaults_to_file_stem(tmp_path):
+    assert load_params(write(tmp_path, {"k": 16}, "myrun.yaml")).run == "myrun"
+
+
+@pytest.mark.parametrize("path", sorted(PARAMS_DIR.glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_params_files_load(path):
+    params = load_params(path)
+    assert params.run == path.stem
+
+
+def test_unknown_key_suggests_close_match(tmp_path):
+    with pytest.raises(ParamsError, match=r"unknown parameter 'd_sea'.*Did you mean 'd_sae'"):
+        load_params(write(tmp_path, {"d_sea": 100}))
+
+
+def test_unknown_key_without_match(tmp_path):
+    with pytest.raises(ParamsError, match=r"unknown parameter 'zzzz'\.$"):
+        load_params(write(tmp_path, {"zzzz": 1}))
+
+
+@pytest.mark.parametrize(
+    "values, pattern",
+    [
+        ({"k": "32"}, r"'k' must be int"),
+        ({"k": 1.5}, r"'k' must be int"),
+        ({"k": True}, r"'k' must be int"),
+        ({"lr": "fast"}, r"'lr' must be float"),
+        ({"steering_scales": [0.1, "x"]}, r"'steering_scales' must be"),
+        ({"k": 0}, r"must be positive"),
+        ({"k": 4608}, r"need 0 < k < d_sae"),
+        ({"layer": -1}, r"'layer' must be >= 0"),
+        ({"task": "mmlu"}, r"'task' must be one of arithmetic, gsm8k"),
+        ({"n_heldout": 300}, r"'n_heldout' \(300\) must be smaller"),
+        ({"sae_source": "pretrained"}, r"'sae_pretrained' is empty"),
+        ({"lr_floor": 1.0}, r"lr_floor <= lr"),
+        ({"lr": float("nan")}, r"'lr' must be a finite number"),
+        ({"steering_scales": [0.1, float("inf")]}, r"'steering_scales' must be a finite number"),
+    ],
+)
+def test_bad_values_are_refused_with_a_clear_message(tmp_path, values, pattern):
+    with pytest.raises(ParamsError, match=pattern):
+        load_params(write(tmp_path, values))
+
+
+def test_int_accepted_where_float_expected():
+    p = validate({"lr": 1, "lr_floor": 0})
+    assert isinstance(p.lr, float) and p.lr == 1.0
+
+
+def test_optional_layer_accepts_null():
+    assert validate({"steering_layer": None}).steering_layer is None
+    assert validate({"steering_layer": 3}).steering_layer == 3
+
+
+def test_not_a_mapping(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("- a\n- b\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(p)
+
+
+def test_invalid_yaml(tmp_path):
+    p = tmp_path / "x.yaml"
+    p.write_text("k: [1, 2\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(p)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+_values = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True), st.text(max_size=20),
+    st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(known_keys() + ["bogus", "d_sea", "Layer"]), _values, max_size=6))
+def test_fuzzed_params_either_load_or_raise_params_error(values):
+    """Whatever a hand-edited file holds, the loader returns valid params or one ParamsError — never a crash."""
+    try:
+        params = validate(values)
+    except ParamsError as exc:
+        assert str(exc)
+        return
+    for key, value in values.items():
+        got = getattr(params, key)
+        assert got == value or (isinstance(value, int) and got == float(value))
+    assert 0 < params.k < params.d_sae
+
+
+def test_schema_fields_are_documented_in_defaults():
+    # Every field has a default, so a params file may set only what it changes.
+    for f in dataclasses.fields(BookParams):
+        assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
