@@ -1,0 +1,113 @@
+"""Checks on the default run's outputs, after `make book` (run by `make nbval` / `make test`).
+
+nbval re-executes the notebooks and compares their checked cells; these tests assert the metrics
+themselves, from the JSON files, as the issues define them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from mechlib.params import BookParams, load_params
+from mechlib.paths import PARAMS_DIR, RunPaths
+
+pytestmark = pytest.mark.book_outputs
+
+PATHS = RunPaths("default")
+PARAMS: BookParams = load_params(PARAMS_DIR / "default.yaml")
+
+
+def metrics(name: str) -> dict:
+    f = PATHS.metrics / f"{name}.json"
+    assert f.is_file(), f"{f} missing: run `make book` first"
+    return json.loads(f.read_text())
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def test_collect_metrics():
+    m = metrics("01_collect")
+    assert m["layer"] == PARAMS.layer
+    assert m["n_tokens"] > 0.9 * PARAMS.collect_tokens
+
+
+def test_sae_metrics_hold_every_key_and_beat_pca():
+    m = metrics("03_evaluate_sae")
+    keys = ["var_explained", "var_explained_global", "mse", "l0", "coverage", "dead_fraction", "pca_var_explained",
+            "delta_ce_loss", "kl", "n_tokens"]
+    for key in keys:
+        assert finite(m[key]), f"{key} = {m.get(key)!r}"
+    assert m["var_explained"] > m["pca_var_explained"], "the SAE must beat the k-component PCA baseline"
+    assert 0 < m["var_explained"] < 1 and m["mse"] > 0
+    assert 0 < m["l0"] <= PARAMS.k
+    assert 0 <= m["coverage"] <= 1 and 0 <= m["dead_fraction"] <= 1
+    assert m["kl"] >= 0 and m["n_tokens"] > 0
+
+
+def test_card_checkpoint_loads_with_the_cards_snippet():
+    ck = torch.load(PATHS.checkpoints / "sae_final.pt", map_location="cpu")
+    d, m = ck["W_enc"].shape
+    assert ck["W_dec"].shape == (m, d) and ck["b_enc"].shape == (m,) and ck["b_dec"].shape == (d,)
+    assert int(ck["k"]) == PARAMS.k and m == PARAMS.d_sae
+    torch.testing.assert_close(ck["W_dec"].norm(dim=1), torch.ones(m), atol=1e-4, rtol=0)
+    x = torch.randn(5, d)
+    pre = (x - ck["b_dec"]) @ ck["W_enc"] + ck["b_enc"]
+    v, i = pre.topk(int(ck["k"]), dim=-1)
+    f = torch.zeros_like(pre).scatter(-1, i, v).relu()
+    assert ((f > 0).sum(-1) <= ck["k"]).all()
+
+
+def test_baseline_metrics():
+    m = metrics("04_gsm8k_baseline")
+    assert m["n"] == PARAMS.n_questions
+    lo, hi = m["ci95"]
+    assert 0 <= lo <= m["accuracy"] <= hi <= 1
+    assert 0.15 <= m["accuracy"] <= 0.85, "the default task must give both correct and wrong answers"
+
+
+def test_contrastive_metrics_and_artifacts():
+    m = metrics("05_contrastive_layers")
+    n_layers = len(m["top10_abs_d"])
+    assert n_layers == metrics("07_logit_lens")["n_layers"]
+    assert isinstance(m["peak_layer"], int) and 0 <= m["peak_layer"] < n_layers
+    assert m["top10_abs_d"][m["peak_layer"]] == max(m["top10_abs_d"])
+    assert 0 <= m["null_p"] <= 1 and -1 <= m["spearman_rho"] <= 1 and 0 <= m["spearman_p"] <= 1
+    vec = torch.load(PATHS.checkpoints / f"steering_vec_L{m['peak_layer']}.pt", map_location="cpu")
+    v = vec["vector"] if isinstance(vec, dict) else vec
+    assert abs(float(v.float().norm()) - 1.0) < 1e-4
+    assert (PATHS.metrics / f"contrastive_features_L{PARAMS.layer}.json").is_file()
+
+
+def test_steering_rows():
+    m = metrics("06_steering")
+    rows = m["rows"]
+    assert [r["scale"] for r in rows] == PARAMS.steering_scales
+    for r in rows:
+        for key in ("scale", "perturbation", "accuracy", "delta", "recovered", "net_flips", "mcnemar_p",
+                    "recovered_ids"):
+            assert key in r, key
+        assert len(r["recovered_ids"]) == r["recovered"]
+        assert 0 <= r["mcnemar_p"] <= 1 and 0 <= r["accuracy"] <= 1
+
+
+def test_logit_lens_metrics():
+    m = metrics("07_logit_lens")
+    assert len(m["top_tokens"]) == m["n_layers"]
+    e = m["english_commitment_layer"]
+    assert e is None or 0 <= e < m["n_layers"]
+
+
+def test_report_and_figures():
+    text = PATHS.report.read_text()
+    for heading in ("SAE training metrics", "Baseline accuracy", "Contrastive layers", "CAA steering", "Logit lens"):
+        assert heading in text
+    assert "not run" not in text
+    figures = sorted(p.name[:2] for p in PATHS.figures.glob("*.png"))
+    for chapter in ("02", "03", "05", "06", "07"):
+        assert chapter in figures, f"no figure from chapter {chapter}"

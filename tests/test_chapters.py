@@ -1,0 +1,47 @@
+"""Static checks on the chapters: kernelspec header, a parameters cell whose names and defaults
+match the schema, and no logic-heavy cells (logic belongs in mechlib)."""
+
+from __future__ import annotations
+
+import ast
+
+import jupytext
+import papermill
+import pytest
+
+from mechlib.book import chapters
+from mechlib.params import BookParams
+
+CHAPTERS = chapters()
+EXPECTED = ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline", "05_contrastive_layers",
+            "06_steering", "07_logit_lens"]
+
+
+def test_the_seven_chapters_exist_in_order():
+    assert [c.name for c in CHAPTERS] == EXPECTED
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_parameters_cell_matches_schema_defaults(chapter):
+    nb = jupytext.read(chapter.source)
+    assert nb.metadata["kernelspec"]["name"] == "python3"
+    declared = papermill.inspect_notebook(nb)
+    assert "run" in declared, "every chapter declares `run`"
+    defaults = BookParams()
+    for name, info in declared.items():
+        assert hasattr(defaults, name), f"{name} is not a BookParams key"
+        value = ast.literal_eval(info["default"])
+        assert value == getattr(defaults, name), f"{chapter.name}: default of {name} differs from the schema"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_chapter_reads_like_a_paper_section(chapter):
+    nb = jupytext.read(chapter.source)
+    markdown = [c for c in nb.cells if c.cell_type == "markdown"]
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    assert len(markdown) >= 3, "narrative markdown expected"
+    assert not any(line.startswith(("def ", "class ")) for c in code for line in c.source.splitlines()), (
+        "functions and classes belong in mechlib, not in notebooks"
+    )
+    code_lines = sum(len(c.source.splitlines()) for c in code)
+    assert code_lines < 150, f"{code_lines} lines of code: move logic to mechlib"
