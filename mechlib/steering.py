@@ -1,0 +1,198 @@
+"""Contrastive activation addition (CAA): the steering hook, the scale sweep, and its paired statistics.
+
+Why: the study adds ``scale × (mean residual norm) × unit(mean(h|correct) − mean(h|wrong))`` to
+the residual stream after one decoder layer, at every position, during greedy generation, and
+reports accuracy per scale on 50 held-out questions. With n = 50 a few flipped answers look like a
+trend, so each row here also carries the exact McNemar p-value on the discordant pairs and a
+paired bootstrap interval for Δ accuracy, and the recovered question sets are compared across
+scales (do different scales fix the *same* questions, or is it noise?).
+
+The hook is a context manager whose handle is removed in ``finally``: a failed generation never
+leaves the model steered.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
+
+
+class SteeringError(ValueError):
+    """A steering setting the book cannot use; the message names the value."""
+
+
+def steering_delta(vector: Tensor, scale: float, mean_norm: float) -> Tensor:
+    """``scale × mean_norm × vector / ‖vector‖`` — the exact vector the hook adds."""
+    v = torch.as_tensor(vector).detach().float()
+    if v.ndim != 1 or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
+        raise SteeringError(f"the steering vector must be a finite, non-zero 1-D tensor, got shape {tuple(v.shape)}")
+    if not (mean_norm > 0 and torch.isfinite(torch.tensor(mean_norm))):
+        raise SteeringError(f"mean_norm must be a positive number, got {mean_norm!r}")
+    return (float(scale) * float(mean_norm)) * (v / v.norm())
+
+
+@contextlib.contextmanager
+def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_norm: float) -> Iterator[Tensor]:
+    """Add ``scale × mean_norm × unit(vector)`` to ``layer_module``'s output at every position.
+
+    Works for layers returning a Tensor (transformers 5, Gemma 4 included) or a tuple whose first
+    item is the hidden state. During ``generate`` the hook fires at prefill and every decode step,
+    so every position is steered once. Yields the added vector (float32); the hook is removed on
+    exit, also when the body raises.
+    """
+    delta = steering_delta(vector, scale, mean_norm)
+    cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def add(h: Tensor) -> Tensor:
+        if h.shape[-1] != delta.shape[0]:
+            raise SteeringError(f"steering vector has {delta.shape[0]} dims but the layer outputs {h.shape[-1]}")
+        key = (h.dtype, h.device)
+        if key not in cache:
+            cache[key] = delta.to(device=h.device, dtype=h.dtype)
+        return h + cache[key]
+
+    def hook(_module, _inputs, out):
+        if isinstance(out, tuple):
+            return (add(out[0]),) + tuple(out[1:])
+        return add(out)
+
+    handle = layer_module.register_forward_hook(hook)
+    try:
+        yield delta
+    finally:
+        handle.remove()
+
+
+def mean_residual_norm(states, layer: int) -> float:
+    """Mean ‖h‖₂ of the residual after ``layer`` over the contrast set's non-special prompt tokens.
+
+    Taken from :class:`mechlib.contrast.LayerStates` (recorded in the same forward pass as the
+    pooled states). Special tokens (BOS above all) are excluded: their norms are often far larger
+    than ordinary tokens' and would inflate the unit in which scales are given.
+    """
+    norms = states.token_norm_mean
+    if not 0 <= layer < len(norms):
+        raise SteeringError(f"layer {layer} out of range: the states cover layers 0..{len(norms) - 1}")
+    return float(norms[layer])
+
+
+# --------------------------------------------------------------------------------------------
+# The sweep and its table
+# --------------------------------------------------------------------------------------------
+
+def scale_tag(scale: float) -> str:
+    """File-name tag of a scale: ``+0.050``, ``-0.050``."""
+    return f"{scale:+.3f}"
+
+
+def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: float) -> Path:
+    return Path(records_dir) / f"steer_L{layer}_{scale_tag(scale)}.jsonl"
+
+
+def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, mean_norm: float,
+              scales: Sequence[float], prompt_format: str, max_new_tokens: int, batch_size: int,
+              records_dir: str | os.PathLike[str]) -> dict[float, list[Any]]:
+    """Generate the held-out questions once per scale with the steering hook on; records per scale.
+
+    Each scale's records go to ``records/steer_L{layer}_{scale}.jsonl`` through
+    :func:`mechlib.records.run_baseline`, so a rerun resumes (finished scales are read back, a
+    half-finished one continues). A ``steer_L{layer}.meta.json`` remembers the vector, norm and
+    generation settings; if they changed, the old steered records are discarded, not reused.
+    """
+    from mechlib.io import atomic_write_json, read_json
+    from mechlib.models import check_layer, decoder_layers
+    from mechlib.records import run_baseline
+
+    check_layer(loaded.model, layer)
+    records_dir = Path(records_dir)
+    meta = {"layer": int(layer), "mean_norm": round(float(mean_norm), 6), "max_new_tokens": int(max_new_tokens),
+            "prompt_format": prompt_format, "model": loaded.name,
+            "vector": [round(float(x), 6) for x in torch.as_tensor(vector).float().tolist()]}
+    meta_path = records_dir / f"steer_L{layer}.meta.json"
+    if meta_path.is_file() and read_json(meta_path) != meta:
+        for old in records_dir.glob(f"steer_L{layer}_*.jsonl"):
+            old.unlink()
+    atomic_write_json(meta_path, meta)
+
+    module = decoder_layers(loaded.model)[layer]
+    out: dict[float, list[Any]] = {}
+    for scale in scales:
+        with steering_hook(module, vector, scale, mean_norm):
+            out[scale] = run_baseline(loaded, list(questions), prompt_format, max_new_tokens, batch_size,
+                                      steer_records_path(records_dir, layer, scale))
+    return out
+
+
+@dataclass(frozen=True)
+class SteeringRow:
+    """One row of the card's steering table, with the paired statistics it lacked."""
+
+    scale: float
+    perturbation: float  # % of the layer's mean residual norm (= 100 × scale)
+    n: int
+    accuracy: float
+    accuracy_ci95: tuple[float, float]  # Wilson
+    delta: float  # accuracy − baseline accuracy, same questions
+    delta_ci95: tuple[float, float]  # paired percentile bootstrap
+    recovered: int  # baseline-wrong → now right
+    n_baseline_wrong: int
+    broken: int  # baseline-right → now wrong
+    net_flips: int  # recovered − broken
+    mcnemar_p: float  # exact, on (recovered, broken)
+    recovered_ids: list[str]
+    broken_ids: list[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["accuracy_ci95"], d["delta_ci95"] = list(self.accuracy_ci95), list(self.delta_ci95)
+        return d
+
+
+def correctness(records: Sequence[Any]) -> dict[str, bool]:
+    """``{id: correct}`` from records (objects with ``.id``/``.correct`` or dicts)."""
+    get = (lambda r, k: r[k]) if records and isinstance(records[0], Mapping) else getattr
+    return {str(get(r, "id")): bool(get(r, "correct")) for r in records}
+
+
+def steering_row(scale: float, baseline: Mapping[str, bool], steered: Mapping[str, bool], *,
+                 n_bootstrap: int = 2000, seed: int = 0) -> SteeringRow:
+    """Compare one scale's per-question correctness with the baseline on the same question ids."""
+    if set(baseline) != set(steered) or not baseline:
+        only_b, only_s = sorted(set(baseline) - set(steered)), sorted(set(steered) - set(baseline))
+        raise SteeringError(f"baseline and steered runs must cover the same questions; only in baseline: "
+                            f"{only_b[:5]}, only steered: {only_s[:5]}")
+    ids = list(baseline)  # the baseline's order (the held-out set's order)
+    before = [baseline[i] for i in ids]
+    after = [steered[i] for i in ids]
+    recovered_ids = [i for i in ids if not baseline[i] and steered[i]]
+    broken_ids = [i for i in ids if baseline[i] and not steered[i]]
+    k, n = sum(after), len(ids)
+    ci = bootstrap_ci(before, after, n_bootstrap=n_bootstrap, seed=seed)
+    return SteeringRow(
+        scale=float(scale), perturbation=round(100 * float(scale), 6), n=n, accuracy=k / n,
+        accuracy_ci95=wilson_ci(k, n), delta=ci.estimate, delta_ci95=(ci.low, ci.high),
+        recovered=len(recovered_ids), n_baseline_wrong=n - sum(before), broken=len(broken_ids),
+        net_flips=len(recovered_ids) - len(broken_ids), mcnemar_p=mcnemar_exact(len(recovered_ids), len(broken_ids)),
+        recovered_ids=recovered_ids, broken_ids=broken_ids,
+    )
+
+
+def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[dict[str, Any]]:
+    """Pairwise overlap of the recovered sets: sizes, intersection, Jaccard (0 when both are empty)."""
+    out = []
+    for a, b in itertools.combinations(rows, 2):
+        sa, sb = set(a.recovered_ids), set(b.recovered_ids)
+        union = sa | sb
+        out.append({"scale_a": a.scale, "scale_b": b.scale, "n_a": len(sa), "n_b": len(sb),
+                    "intersection": len(sa & sb), "shared_ids": sorted(sa & sb),
+                    "jaccard": len(sa & sb) / len(union) if union else 0.0})
+    return out

@@ -1,0 +1,177 @@
+"""The CAA hook on the study's classes: exact displacement at one layer, always removed; the table."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechlib.models import decoder_layers
+from mechlib.stats import mcnemar_exact
+from mechlib.steering import (
+    SteeringError,
+    correctness,
+    recovered_overlaps,
+    scale_tag,
+    steering_delta,
+    steering_hook,
+    steering_row,
+)
+
+PROMPTS = ["Tom has 3 apples and buys 4 more.", "What is 12 + 30?"]
+
+
+def _observe(model, tok, extra_layer_hook=None):
+    """Run a forward; return each decoder layer's input and output (as seen *after* any other hooks)."""
+    layers = decoder_layers(model)
+    ins, outs, handles = {}, {}, []
+
+    def pre(i):
+        def fn(_m, args, kwargs):
+            ins[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+        return fn
+
+    def post(i):
+        def fn(_m, _a, out):
+            outs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+        return fn
+
+    for i, layer in enumerate(layers):
+        handles.append(layer.register_forward_pre_hook(pre(i), with_kwargs=True))
+        handles.append(layer.register_forward_hook(post(i)))
+    enc = tok(PROMPTS, return_tensors="pt", padding=True, padding_side="left")
+    try:
+        with torch.no_grad():
+            logits = model(**enc).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return ins, outs, logits
+
+
+def _hook_count(model) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("scale", [0.1, -0.05])
+def test_hook_moves_residual_exactly_at_one_layer(tiny_any, scale):
+    model, tok, arch = tiny_any
+    layers = decoder_layers(model)
+    layer = len(layers) // 2
+    clean_in, clean_out, clean_logits = _observe(model, tok)
+    mean_norm = float(clean_out[layer].norm(dim=-1).mean())
+    vector = torch.randn(clean_out[layer].shape[-1], generator=torch.Generator().manual_seed(1)) * 7.0
+    with steering_hook(layers[layer], vector, scale, mean_norm) as delta:
+        steered_in, steered_out, steered_logits = _observe(model, tok)
+    assert _hook_count(model) == 0
+
+    expected = scale * mean_norm * vector / vector.norm()
+    torch.testing.assert_close(delta, expected, rtol=1e-6, atol=0)
+    assert float(delta.norm()) == pytest.approx(abs(scale) * mean_norm, rel=1e-5)
+    # the steered layer's output is the clean output plus the delta, at every position, bit for bit
+    assert torch.equal(steered_out[layer], clean_out[layer] + delta)
+    # everything before it is untouched
+    for i in range(layer):
+        assert torch.equal(steered_in[i], clean_in[i]) and torch.equal(steered_out[i], clean_out[i]), (arch, i)
+    assert torch.equal(steered_in[layer], clean_in[layer])
+    # the next layer receives the steered stream, and the model's output changes
+    torch.testing.assert_close(steered_in[layer + 1], steered_out[layer], rtol=0, atol=0)
+    assert not torch.allclose(steered_logits, clean_logits)
+
+
+def test_zero_scale_changes_nothing(tiny_gemma4):
+    model, tok = tiny_gemma4
+    layers = decoder_layers(model)
+    _, clean_out, clean_logits = _observe(model, tok)
+    with steering_hook(layers[2], torch.ones(clean_out[2].shape[-1]), 0.0, 5.0):
+        _, _, logits = _observe(model, tok)
+    assert torch.equal(logits, clean_logits)
+
+
+def test_hook_removed_after_exception_in_body(tiny_gemma4):
+    model, tok = tiny_gemma4
+    layers = decoder_layers(model)
+    _, _, clean_logits = _observe(model, tok)
+    with pytest.raises(RuntimeError, match="boom"):
+        with steering_hook(layers[3], torch.ones(64), 0.5, 10.0):
+            assert _hook_count(model) == 1
+            raise RuntimeError("boom")
+    assert _hook_count(model) == 0
+    _, _, after = _observe(model, tok)
+    assert torch.equal(after, clean_logits)
+
+
+def test_hook_removed_after_exception_inside_forward(tiny_qwen35):
+    model, tok = tiny_qwen35
+    layers = decoder_layers(model)
+    with pytest.raises(SteeringError, match="dims"):
+        with steering_hook(layers[1], torch.ones(10), 0.5, 10.0):  # wrong width: raises inside the forward
+            _observe(model, tok)
+    assert _hook_count(model) == 0
+
+
+def test_hook_steers_every_generation_step(tiny_llama):
+    """During HF generate the hook fires at prefill and each decode step (each new position steered)."""
+    model, tok = tiny_llama
+    layers = decoder_layers(model)
+    enc = tok(PROMPTS[:1], return_tensors="pt")
+    seen = []
+    counter = layers[1].register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
+    try:
+        with steering_hook(layers[1], torch.ones(64), 0.5, 10.0):
+            with torch.no_grad():
+                steered = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    finally:
+        counter.remove()
+    assert seen[0] == enc["input_ids"].shape[1] and seen[1:] == [1, 1, 1]
+    with torch.no_grad():
+        clean = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert steered.shape == clean.shape and _hook_count(model) == 0
+
+
+def test_bad_vectors_are_refused():
+    with pytest.raises(SteeringError):
+        steering_delta(torch.zeros(4), 0.1, 1.0)
+    with pytest.raises(SteeringError):
+        steering_delta(torch.ones(2, 2), 0.1, 1.0)
+    with pytest.raises(SteeringError, match="mean_norm"):
+        steering_delta(torch.ones(4), 0.1, 0.0)
+
+
+def test_steering_row_counts_and_tests():
+    baseline = {"a": True, "b": False, "c": False, "d": True, "e": False, "f": True}
+    steered = {"a": True, "b": True, "c": False, "d": False, "e": True, "f": True}
+    row = steering_row(0.05, baseline, steered, n_bootstrap=200, seed=0)
+    assert row.perturbation == pytest.approx(5.0)
+    assert (row.recovered, row.broken, row.net_flips, row.n_baseline_wrong) == (2, 1, 1, 3)
+    assert row.recovered_ids == ["b", "e"] and row.broken_ids == ["d"]
+    assert row.accuracy == pytest.approx(4 / 6) and row.delta == pytest.approx(1 / 6)
+    assert row.mcnemar_p == mcnemar_exact(2, 1)
+    assert row.delta_ci95[0] <= row.delta <= row.delta_ci95[1]
+    assert row.accuracy_ci95[0] < row.accuracy < row.accuracy_ci95[1]
+    d = row.as_dict()
+    assert d["recovered_ids"] == ["b", "e"] and isinstance(d["delta_ci95"], list)
+    with pytest.raises(SteeringError, match="same questions"):
+        steering_row(0.1, baseline, {"a": True}, n_bootstrap=10)
+
+
+def test_correctness_reads_objects_and_dicts():
+    class R:
+        def __init__(self, id, correct):
+            self.id, self.correct = id, correct
+
+    assert correctness([R("x", True), R("y", False)]) == {"x": True, "y": False}
+    assert correctness([{"id": 3, "correct": 1}]) == {"3": True}
+
+
+def test_overlaps():
+    base = {str(i): False for i in range(4)}
+    rows = [steering_row(s, base, {**base, **{k: True for k in ks}}, n_bootstrap=10)
+            for s, ks in [(0.02, "01"), (0.05, "12"), (0.1, "")]]
+    ov = recovered_overlaps(rows)
+    assert len(ov) == 3
+    assert ov[0]["intersection"] == 1 and ov[0]["shared_ids"] == ["1"] and ov[0]["jaccard"] == pytest.approx(1 / 3)
+    assert ov[1]["jaccard"] == 0.0 and ov[2]["n_a"] == 2 and ov[2]["n_b"] == 0
+
+
+def test_scale_tag():
+    assert scale_tag(0.05) == "+0.050" and scale_tag(-0.05) == "-0.050" and scale_tag(0.15) == "+0.150"
