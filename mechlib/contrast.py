@@ -1,0 +1,291 @@
+"""Correct-vs-wrong contrasts over layers: pooled hidden states, per-layer Cohen's d, the CAA direction.
+
+Why: the study asks *where* in depth the model's state differs between questions it will answer
+right and questions it will answer wrong, and turns the difference at the peak into a steering
+vector. This module collects one pooled state per question at every decoder layer in one forward
+pass, ranks layers by the top-n mean |Cohen's d| against a label-permutation null
+(:mod:`mechlib.stats`), and builds the mean-difference direction and the SAE-feature ranking.
+
+Which states: the **output of each decoder layer** (the residual stream after layer ``i``,
+0-based — the same convention as the SAE ``layer`` and the steering hook), captured with forward
+hooks. Not ``output_hidden_states``: its last entry is the *final-normed* stream (Gemma 4, Qwen 3.5
+and Llama alike), which is on another scale than the others. The forward stops after the last
+layer (no final norm, no ``lm_head`` over a 262 k vocabulary).
+
+Which positions (``pooling``): ``"last"`` — the last prompt token, the state from which the first
+answer token is generated; or ``"mean"`` — the mean over the prompt's non-special tokens. The same
+pass also records each layer's mean token norm ``‖h‖₂`` over non-special prompt tokens, the scale
+the steering chapter expresses its perturbations in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from mechlib.io import atomic_torch_save
+from mechlib.stats import PermutationNull, cohens_d, permutation_null
+
+POOLINGS = ("last", "mean")
+
+
+class ContrastError(ValueError):
+    """Input the contrast analysis cannot use; the message names the value or file."""
+
+
+@dataclass
+class LayerStates:
+    """Pooled states ``[n, L, D]`` (float32, CPU) for questions ``ids``, plus per-layer token norms."""
+
+    ids: list[str]
+    states: Tensor  # [n, L, D]
+    token_norm_mean: Tensor  # [L]: mean ‖h‖₂ over non-special prompt tokens of all n prompts
+    pooling: str
+    model: str
+    prompts_sha: str = ""  # sha256 of the prompts: a cache made from other prompts is stale
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.states.shape[1])
+
+    def select(self, ids: Sequence[str]) -> Tensor:
+        """States ``[len(ids), L, D]`` of the given question ids, in that order."""
+        where = {q: i for i, q in enumerate(self.ids)}
+        missing = [q for q in ids if q not in where]
+        if missing:
+            raise ContrastError(f"no collected states for question ids {missing[:5]}{' …' if len(missing) > 5 else ''}")
+        return self.states[[where[q] for q in ids]]
+
+
+class _StopForward(Exception):
+    """Raised by the last layer's hook: everything needed has been recorded."""
+
+
+def _layer_output(out: Any) -> Tensor:
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _default_encode(tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
+    from mechlib.generate import encode_prompts
+
+    return encode_prompts(tokenizer, prompts)
+
+
+@torch.no_grad()
+def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence[str], *, pooling: str = "last",
+                         batch_size: int = 16, model_name: str = "",
+                         encode: Callable[[Any, Sequence[str]], dict[str, Tensor]] | None = None,
+                         progress: bool = True) -> LayerStates:
+    """Pooled output of every decoder layer for each prompt, in one (early-stopped) forward per batch.
+
+    ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default:
+    :func:`mechlib.generate.encode_prompts`), returning ``input_ids`` and ``attention_mask``;
+    left or right padding both work (the last real token is found from the mask).
+    """
+    from mechlib.models import decoder_layers
+
+    if pooling not in POOLINGS:
+        raise ContrastError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+    if len(prompts) != len(ids) or not prompts:
+        raise ContrastError(f"need one id per prompt and at least one prompt, got {len(prompts)} prompts, {len(ids)} ids")
+    encode = encode or _default_encode
+    layers = decoder_layers(model)
+    n_layers = len(layers)
+    device = next(model.parameters()).device
+    special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
+
+    pooled_batches: list[Tensor] = []
+    norm_sum = torch.zeros(n_layers, dtype=torch.float64)
+    n_tokens = 0
+    batch_state: dict[str, Any] = {}
+    per_layer: list[Tensor | None] = [None] * n_layers
+
+    def make_hook(i: int):
+        def hook(_module, _inputs, out):
+            h = _layer_output(out).float()
+            keep = batch_state["keep"]  # [B, S] bool: real, non-special tokens
+            norm_sum[i] += (h.norm(dim=-1) * keep).sum().double().cpu()
+            if pooling == "last":
+                per_layer[i] = h[torch.arange(h.shape[0], device=h.device), batch_state["last"]].cpu()
+            else:
+                per_layer[i] = ((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).cpu()
+            if i == n_layers - 1:
+                raise _StopForward
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
+    try:
+        starts = range(0, len(prompts), batch_size)
+        for start in tqdm(starts, desc="layer states", disable=not progress):
+            enc = encode(tokenizer, list(prompts[start:start + batch_size]))
+            input_ids = enc["input_ids"].to(device)
+            mask = enc["attention_mask"].to(device).bool()
+            keep = mask & ~torch.isin(input_ids, special.to(device))
+            if (keep.sum(1) == 0).any():
+                raise ContrastError("a prompt has no non-special tokens to pool over")
+            positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
+            batch_state["keep"] = keep
+            batch_state["last"] = torch.where(mask, positions, -1).max(dim=1).values
+            n_tokens += int(keep.sum())
+            try:
+                model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise ContrastError("the forward pass finished without reaching the last decoder layer's hook")
+            pooled_batches.append(torch.stack(per_layer, dim=1))  # [B, L, D]
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayerStates(list(map(str, ids)), torch.cat(pooled_batches), (norm_sum / n_tokens).float(), pooling,
+                       model_name, sha_of_prompts(prompts))
+
+
+def sha_of_prompts(prompts: Sequence[str]) -> str:
+    return hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest()
+
+
+def save_layer_states(states: LayerStates, path: str | os.PathLike[str]) -> Path:
+    atomic_torch_save({**asdict(states)}, path)
+    return Path(path)
+
+
+def load_layer_states(path: str | os.PathLike[str]) -> LayerStates:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return LayerStates(**obj)
+    except Exception as exc:
+        raise ContrastError(f"{path}: not a saved LayerStates file ({type(exc).__name__}: {exc})") from None
+
+
+def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, pooling: str, ids: Sequence[str],
+                        prompts: Sequence[str], collect: Callable[[], LayerStates]) -> LayerStates:
+    """Load ``path`` if it holds states of the same model, pooling, ids and prompts; else collect and save."""
+    path = Path(path)
+    if path.is_file():
+        cached = load_layer_states(path)
+        if (cached.model, cached.pooling, cached.ids, cached.prompts_sha) == (
+                model_name, pooling, list(map(str, ids)), sha_of_prompts(prompts)):
+            return cached
+    states = collect()
+    save_layer_states(states, path)
+    return states
+
+
+# --------------------------------------------------------------------------------------------
+# Layer ranking and the steering direction
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class LayerContrast:
+    """Per-layer Cohen's d (correct − wrong) and the layer statistic with its permutation null."""
+
+    d: np.ndarray  # [L, D]
+    null: PermutationNull
+    n_correct: int
+    n_wrong: int
+
+    @property
+    def peak_layer(self) -> int:
+        return self.null.peak
+
+    @property
+    def top_abs_d(self) -> np.ndarray:  # [L]
+        return self.null.observed
+
+
+def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top_n: int = 10,
+                    n_permutations: int = 200, seed: int = 0) -> LayerContrast:
+    """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|."""
+    y = np.asarray(correct, dtype=bool)
+    h = np.asarray(states, dtype=np.float64)
+    if h.ndim != 3 or h.shape[0] != y.size:
+        raise ContrastError(f"states must be [n, L, D] with n = {y.size} labels, got shape {tuple(h.shape)}")
+    d = np.stack([cohens_d(h[y, i], h[~y, i]) for i in range(h.shape[1])])
+    null = permutation_null(h, y, n_permutations=n_permutations, seed=seed, top_n=top_n)
+    return LayerContrast(d, null, int(y.sum()), int((~y).sum()))
+
+
+def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tensor, float]:
+    """``mean(h | correct) − mean(h | wrong)`` at one layer → (unit vector, its raw norm)."""
+    y = torch.as_tensor(np.asarray(correct, dtype=bool))
+    h = torch.as_tensor(states_layer).double()
+    if h.ndim != 2 or h.shape[0] != y.numel() or y.all() or not y.any():
+        raise ContrastError(f"need [n, D] states and both correct and wrong questions, got {tuple(h.shape)}, "
+                            f"{int(y.sum())} correct of {y.numel()}")
+    diff = h[y].mean(0) - h[~y].mean(0)
+    norm = float(diff.norm())
+    if norm == 0.0:
+        raise ContrastError("correct and wrong states have identical means: no direction to steer along")
+    return (diff / norm).float(), norm
+
+
+def save_steering_vector(path: str | os.PathLike[str], vector: Tensor, *, layer: int, model: str, n_correct: int,
+                         n_wrong: int, mean_resid_norm: float, **extra: Any) -> Path:
+    """The card's announced ``steering_vec_L{layer}.pt``: a dict with the unit vector and its provenance."""
+    atomic_torch_save({"vector": vector.detach().float().cpu().contiguous(), "layer": int(layer), "model": model,
+                       "n_correct": int(n_correct), "n_wrong": int(n_wrong),
+                       "mean_resid_norm": float(mean_resid_norm), **extra}, path)
+    return Path(path)
+
+
+def load_steering_vector(path: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ContrastError(f"steering vector not found: {path} (run chapter 05 first)")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    missing = {"vector", "layer", "mean_resid_norm"} - set(obj if isinstance(obj, dict) else {})
+    if missing:
+        raise ContrastError(f"{path}: steering vector file lacks keys {sorted(missing)}")
+    return obj
+
+
+def projection_scores(states_layer: Tensor, unit_vector: Tensor) -> np.ndarray:
+    """Each question's pooled state projected on the (unit) direction."""
+    return (torch.as_tensor(states_layer).double() @ unit_vector.double()).numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# SAE features ranked by contrast
+# --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class FeatureContrast:
+    feature: int
+    score: float  # mean activation (correct) − mean activation (wrong)
+    d: float  # Cohen's d of the activations (0 when the feature is constant in both groups)
+    mean_correct: float
+    mean_wrong: float
+    fire_rate_correct: float
+    fire_rate_wrong: float
+
+
+@torch.no_grad()
+def rank_sae_features(sae, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50) -> list[FeatureContrast]:
+    """SAE features ranked by |mean activation(correct) − mean activation(wrong)|.
+
+    Why the mean difference and not d: TopK activations are sparse, and d of a feature that fires
+    on two of 150 questions is dominated by its tiny variance; the mean difference is what the
+    study calls the contrastive score, and d is reported alongside. Features that never fire are
+    not ranked.
+    """
+    from mechlib.sae import dense_code
+
+    y = np.asarray(correct, dtype=bool)
+    x = torch.as_tensor(states_layer).float().to(next(sae.parameters()).device)
+    acts = dense_code(sae.encode(x), sae.d_sae).double().cpu().numpy()  # [n, m]
+    a, b = acts[y], acts[~y]
+    score = a.mean(0) - b.mean(0)
+    d = cohens_d(a, b)
+    fired = (acts > 0).any(0)
+    order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
+    return [FeatureContrast(j, float(score[j]), float(d[j]), float(a[:, j].mean()), float(b[:, j].mean()),
+                            float((a[:, j] > 0).mean()), float((b[:, j] > 0).mean())) for j in order]

@@ -1,0 +1,170 @@
+"""Contrast pipeline: layer states equal the model's own, a planted difference is found at its layer."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mechlib.contrast import (
+    ContrastError,
+    cached_layer_states,
+    collect_layer_states,
+    contrast_layers,
+    load_steering_vector,
+    mean_difference,
+    projection_scores,
+    rank_sae_features,
+    save_steering_vector,
+)
+from mechlib.models import decoder_layers
+from mechlib.stats import spearman
+
+WORDS = "apple river seven blue market stone quick lamp orange nine table forest cloud paper".split()
+
+
+def encode_left(tokenizer, prompts):
+    return tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left")
+
+
+def make_prompts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(3, 9)))) + f" #{i}" for i in range(n)]
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_states_equal_unpadded_layer_outputs(tiny_any, pooling):
+    model, tok, arch = tiny_any
+    prompts = make_prompts(5)
+    ls = collect_layer_states(model, tok, prompts, [f"q{i}" for i in range(5)], pooling=pooling, batch_size=3,
+                              encode=encode_left, model_name=arch, progress=False)
+    n_layers = len(decoder_layers(model))
+    assert ls.states.shape == (5, n_layers, 64) and ls.ids[0] == "q0"
+    special = set(tok.all_special_ids)
+    norm_sum, count = torch.zeros(n_layers, dtype=torch.float64), 0
+    for j, prompt in enumerate(prompts):
+        enc = tok(prompt, return_tensors="pt")
+        outs = {}
+        handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
+                   for i, layer in enumerate(decoder_layers(model))]
+        try:
+            with torch.no_grad():
+                hs = model(**enc, output_hidden_states=True).hidden_states
+        finally:
+            for h in handles:
+                h.remove()
+        keep = torch.tensor([t not in special for t in enc["input_ids"][0].tolist()])
+        count += int(keep.sum())
+        for i in range(n_layers):
+            ref = outs[i][0]
+            if i < n_layers - 1:  # hidden_states[i + 1] is layer i's output except for the final-normed last
+                torch.testing.assert_close(ref, hs[i + 1][0])
+            pooled = ref[-1] if pooling == "last" else ref[keep].mean(0)
+            torch.testing.assert_close(ls.states[j, i], pooled, atol=2e-4, rtol=1e-4)  # left padding vs none
+            norm_sum[i] += ref[keep].norm(dim=-1).sum().double()
+    torch.testing.assert_close(ls.token_norm_mean, (norm_sum / count).float(), atol=1e-4, rtol=1e-4)
+
+
+def _collect_with_plant(model, tok, prompts, labels, layer, delta):
+    """Collect states while a hook adds ``delta`` to layer ``layer``'s output for label-True prompts and
+    the next layer's output takes it away again, so the difference lives at ``layer`` only."""
+    layers = decoder_layers(model)
+    is_true = {p: bool(y) for p, y in zip(prompts, labels)}
+    rows: dict[str, torch.Tensor] = {}
+
+    def encode(tokenizer, batch):
+        rows["mask"] = torch.tensor([is_true[p] for p in batch], dtype=torch.float32)[:, None, None]
+        return encode_left(tokenizer, batch)
+
+    add = layers[layer].register_forward_hook(lambda m, a, out: out + rows["mask"] * delta)
+    sub = layers[layer + 1].register_forward_hook(lambda m, a, out: out - rows["mask"] * delta)
+    try:
+        return collect_layer_states(model, tok, prompts, [str(i) for i in range(len(prompts))], batch_size=8,
+                                    encode=encode, progress=False)
+    finally:
+        add.remove()
+        sub.remove()
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_gemma4"])
+def test_planted_difference_found_at_its_layer(request, arch_fixture):
+    model, tok = request.getfixturevalue(arch_fixture)
+    n_layers = len(decoder_layers(model))
+    layer = n_layers // 2 - 1
+    prompts = make_prompts(48, seed=1)
+    labels = np.arange(48) % 2 == 0
+    dims = [5, 17, 40]
+    clean = collect_layer_states(model, tok, prompts, [str(i) for i in range(48)], batch_size=8, encode=encode_left,
+                                 progress=False)
+    delta = torch.zeros(64)  # 3 within-group standard deviations in three dimensions
+    delta[dims] = 3.0 * clean.states[:, layer, dims].std(0) * torch.tensor([1.0, -1.0, 1.0])
+    ls = _collect_with_plant(model, tok, prompts, labels, layer, delta)
+    torch.testing.assert_close(ls.states[:, :layer], clean.states[:, :layer])  # nothing upstream moved
+
+    res = contrast_layers(ls.states[:40], labels[:40], top_n=3, n_permutations=99, seed=0)
+    assert res.peak_layer == layer
+    assert res.null.p_peak == pytest.approx(1 / 100)
+    assert sorted(np.argsort(-np.abs(res.d[layer]))[:3].tolist()) == dims
+    for i in range(layer):  # before the plant: no more than chance
+        assert res.top_abs_d[i] < 0.5 * res.top_abs_d[layer]
+    unit, raw = mean_difference(ls.states[:40, layer], labels[:40])
+    assert float(unit.norm()) == pytest.approx(1.0, abs=1e-6) and raw > 0
+    # 20 vs 20 samples leave ~0.3 sd of noise in each of the other 61 dims' mean difference, so the
+    # expected cosine is ~0.8–0.9; a random direction in 64 dims would give ~0.12.
+    assert float(unit @ (delta / delta.norm())) > 0.6
+    # the held-out 8 questions: projection on the direction separates the labels (the "readable" test)
+    proj = projection_scores(ls.states[40:, layer], unit)
+    assert spearman(proj, labels[40:]).rho > 0.8
+
+
+def test_rank_sae_features_finds_the_planted_feature():
+    from mechlib.sae import TopKSAE
+
+    sae = TopKSAE(16, 64, 4, seed=0)
+    rng = torch.Generator().manual_seed(0)
+    x = torch.randn(30, 16, generator=rng) * 0.3
+    y = np.arange(30) < 12
+    x[torch.as_tensor(y)] += 3.0 * sae.W_dec[7].detach()  # encoder = decoderᵀ at init: feature 7 lights up
+    ranked = rank_sae_features(sae, x, y, top_n=5)
+    assert ranked[0].feature == 7 and ranked[0].score > 0 and ranked[0].d > 1
+    assert ranked[0].fire_rate_correct == 1.0 and ranked[0].mean_correct > ranked[0].mean_wrong
+    assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in zip(ranked, ranked[1:]))
+
+
+def test_steering_vector_roundtrip(tmp_path):
+    v = torch.randn(8)
+    v = v / v.norm()
+    p = save_steering_vector(tmp_path / "steering_vec_L3.pt", v, layer=3, model="m", n_correct=5, n_wrong=7,
+                             mean_resid_norm=12.5, pooling="last")
+    obj = load_steering_vector(p)
+    assert torch.equal(obj["vector"], v) and obj["layer"] == 3 and obj["mean_resid_norm"] == 12.5
+    assert obj["pooling"] == "last"
+    with pytest.raises(ContrastError, match="not found"):
+        load_steering_vector(tmp_path / "missing.pt")
+
+
+def test_mean_difference_refuses_one_group():
+    with pytest.raises(ContrastError, match="both correct and wrong"):
+        mean_difference(torch.randn(4, 3), [True] * 4)
+
+
+def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    prompts, ids = make_prompts(4), ["a", "b", "c", "d"]
+    calls = []
+
+    def collect(ps=prompts):
+        calls.append(1)
+        return collect_layer_states(model, tok, ps, ids, encode=encode_left, model_name="tiny", progress=False)
+
+    path = tmp_path / "states.pt"
+    first = cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=prompts, collect=collect)
+    again = cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=prompts, collect=collect)
+    assert len(calls) == 1 and torch.equal(first.states, again.states)
+    other = [p + "!" for p in prompts]
+    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other,
+                        collect=lambda: collect(other))
+    assert len(calls) == 2
+    assert first.select(["c", "a"]).shape == (2, 4, 64)
+    with pytest.raises(ContrastError, match="no collected states"):
+        first.select(["zz"])
