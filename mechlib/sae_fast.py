@@ -1,0 +1,249 @@
+"""The fast TopK SAE training step: same loss and gradients as ``mechlib.sae.reference_step``.
+
+Why a hand-written backward: at the study's shape (d=2560, m=32768, k=128, k_aux=512, batch
+8192) autograd of the dense method spends its time on [N, m] matrices that TopK does not need.
+Here the only work ∝ N·m·d is the one encoder GEMM (bf16 on CUDA, fp32 master weights cast
+once per step); everything else is ∝ N·k·d (the main code) or a GEMM restricted to the dead
+latents (AuxK). Steps, with the kernel that runs each on CUDA (``mechlib.triton_kernels``) and
+the pure-torch twin with the same semantics that runs elsewhere and in tests:
+
+1. ``pre = (x - b_dec) @ W_enc + b_enc``: the one [N, m] buffer (bf16 on CUDA).
+2. ``select``: top-k per row (ties → lowest latent index, indices ascending) and, from the same
+   ``pre``, the AuxK top-min(k_aux, n_dead) among dead latents.
+3. ``decode_residual``: ``e = x - b_dec - sum_j relu(v_j) W_dec[i_j]``; fvu, mse.
+4. ``g = dL/drecon = -2 e / V``. Entries sorted by latent (``latent_order``), then
+   ``pass_a``: dW_dec rows and the value gradients ``g[n]·W_dec[i]`` in one gather of ``g``;
+   ``pass_b``: dW_enc columns and db_enc from ``d_pre`` at the selected entries only.
+5. AuxK (``aux_dense``): restricted to the dead columns, as four dense GEMMs of N·n_dead·d.
+   Why not sparse like the main code: a sparse op at k_aux=512 moves 4× the main code's bytes
+   through memory, while a tensor-core GEMM over the n_dead ≤ m columns is ~100× cheaper per
+   multiply-add, so the dense-restricted form wins for every n_dead ≤ m.
+6. ``db_dec = sum_n g[n] - W_enc @ db_enc`` (b_dec sits inside ``pre`` and inside ``recon``).
+
+Gradients are *added* to ``.grad`` (``backward()`` semantics); the optimizer step stays the
+caller's (``torch.optim.Adam(fused=True)`` on CUDA is one pass over the weights).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mechlib.sae import StepStats, TopKSAE
+
+_PAD = 64  # dead-column count padded to a multiple of this for aligned GEMMs
+
+
+class Selection(NamedTuple):
+    idx: Tensor  # [N, k] latent ids, ascending per row
+    raw: Tensor  # [N, k] selected pre-activations (before ReLU)
+    aux_idx: Tensor  # [N, ka] dead latent ids, ascending per row (ka = 0: empty)
+    aux_raw: Tensor  # [N, ka]
+
+
+class LatentOrder(NamedTuple):
+    """The N·k (row, latent) entries sorted by latent (stable: rows ascend within a latent)."""
+    perm: Tensor  # [E] flat entry (n*k + j) at each sorted position
+    lat: Tensor  # [E] latent id of each sorted entry
+    tok: Tensor  # [E] row (token) of each sorted entry
+    offsets: Tensor  # [m + 1] segment starts: latent i owns sorted positions offsets[i]:offsets[i+1]
+
+
+# ------------------------------------------------------------------ torch twins (exact, any device)
+
+
+def select_topk(pre: Tensor, k: int, dead_mask: Tensor | None = None, ka: int = 0) -> Selection:
+    """Top-k per row with ties going to the lowest index, indices ascending (the kernel's rule)."""
+    def top(p: Tensor, kk: int) -> Tensor:
+        return torch.sort(p, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values
+
+    idx = top(pre, k)
+    empty = idx.new_empty(pre.shape[0], 0)
+    if ka <= 0 or dead_mask is None:
+        return Selection(idx, pre.gather(1, idx), empty, pre.new_empty(pre.shape[0], 0))
+    dead_idx = dead_mask.nonzero().flatten()
+    aux_idx = dead_idx[top(pre.index_select(1, dead_idx), ka)]
+    return Selection(idx, pre.gather(1, idx), aux_idx, pre.gather(1, aux_idx))
+
+
+def latent_order(idx: Tensor, m: int) -> LatentOrder:
+    k = idx.shape[1]
+    flat = idx.reshape(-1).long()
+    lat, perm = torch.sort(flat, stable=True)
+    offsets = torch.zeros(m + 1, dtype=torch.int64, device=idx.device)
+    offsets[1:] = torch.bincount(flat, minlength=m).cumsum(0)
+    return LatentOrder(perm, lat, perm // k, offsets)
+
+
+def decode_residual_torch(x: Tensor, b_dec: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
+    """``e = x - b_dec - sum_j vals[:, j] W_dec[idx[:, j]]``."""
+    dec = F.embedding_bag(idx.long(), W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    return x - b_dec - dec.to(x.dtype)
+
+
+def _by_latent(order: LatentOrder, coef: Tensor, src: Tensor, m: int) -> Tensor:
+    """``out[i] = sum_{s in seg(i)} coef[s] src[tok[s]]`` → [m, d], via a sparse [m, N] matrix."""
+    sp = torch.sparse_coo_tensor(torch.stack([order.lat, order.tok]), coef.to(src.dtype), (m, src.shape[0]),
+                                 check_invariants=False)
+    return torch.sparse.mm(sp, src)
+
+
+def pass_a_torch(order: LatentOrder, vals_sorted: Tensor, g: Tensor, W_dec: Tensor,
+                 chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+    """(dW_dec [m, d], dvals [E]): dW_dec[i] = sum v g[tok]; dvals[s] = g[tok[s]] · W_dec[lat[s]]."""
+    dw = _by_latent(order, vals_sorted, g, W_dec.shape[0])
+    dv = torch.cat([(g[order.tok[s:s + chunk]] * W_dec[order.lat[s:s + chunk]].to(g.dtype)).sum(1)
+                    for s in range(0, order.tok.numel(), chunk)]) if order.tok.numel() else g.new_zeros(0)
+    return dw, dv
+
+
+def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """(dW_enc [d, m], db_enc [m]): dW_enc[:, i] = sum dp xc[tok]; db_enc[i] = sum dp."""
+    dw = _by_latent(order, dp_sorted, xc, m).t().contiguous()
+    db = torch.zeros(m, dtype=dp_sorted.dtype, device=dp_sorted.device).index_add_(0, order.lat, dp_sorted)
+    return dw, db
+
+
+# ----------------------------------------------------------------------------------- backends
+
+
+@dataclass(frozen=True)
+class Backend:
+    """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
+    name: str  # "torch" | "triton"
+    compute: torch.dtype | None  # None: the parameters' own dtype (exact)
+    triton_topk: bool = True  # triton backend: radix-select kernel (False: torch.topk)
+
+
+TORCH = Backend("torch", None)
+TRITON = Backend("triton", torch.bfloat16)
+
+
+def default_backend(device: torch.device) -> Backend:
+    """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins)."""
+    if device.type != "cuda" or os.environ.get("MECHLIB_SAE_BACKEND", "") == "torch":
+        return TORCH
+    try:
+        import mechlib.triton_kernels  # noqa: F401
+    except ImportError:
+        return Backend("torch", torch.bfloat16)
+    return TRITON if os.environ.get("MECHLIB_SAE_TOPK", "") != "torch" else Backend("triton", torch.bfloat16, False)
+
+
+def _select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
+    if be.name == "triton" and be.triton_topk:
+        from mechlib.triton_kernels import topk_select
+
+        idx, raw, aidx, araw = topk_select(pre, k, dead_mask if ka else None, ka)
+        return Selection(idx, raw, aidx, araw)
+    if be.name == "triton":  # torch.topk (ties arbitrary), AuxK over the dead columns only
+        raw, idx = pre.topk(k, dim=1, sorted=False)
+        if not ka:
+            return Selection(idx, raw, idx[:, :0], raw[:, :0])
+        dead_idx = dead_mask.nonzero().flatten()
+        araw, aloc = pre.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
+        return Selection(idx, raw, dead_idx[aloc], araw)
+    return select_topk(pre, k, dead_mask, ka)
+
+
+def aux_dense(sel: Selection, e: Tensor, xc_c: Tensor, W_dec_c: Tensor, dead_idx: Tensor, aux_coef: float,
+              grads: dict[str, Tensor]) -> Tensor:
+    """AuxK loss; adds its gradients into ``grads`` (dW_enc [d,m], db_enc [m], dW_dec [m,d]).
+
+    Works in the dead columns only: A [N, n_dead] holds the aux code, ê = A @ W_dec[dead].
+    """
+    n, m, pdt, cdt = e.shape[0], W_dec_c.shape[0], e.dtype, W_dec_c.dtype
+    n_dead = dead_idx.numel()
+    n_pad = -(-n_dead // _PAD) * _PAD
+    pos = torch.full((m,), -1, dtype=torch.int64, device=e.device)
+    pos[dead_idx] = torch.arange(n_dead, device=e.device)
+    aloc = pos[sel.aux_idx.long()]
+    av = sel.aux_raw.to(pdt).clamp_min(0)
+    A = torch.zeros(n, n_pad, dtype=cdt, device=e.device).scatter_(1, aloc, av.to(cdt))
+    Wd = torch.zeros(n_pad, W_dec_c.shape[1], dtype=cdt, device=e.device)
+    Wd[:n_dead] = W_dec_c[dead_idx]
+    r = (A @ Wd).to(pdt) - e
+    v_e = (e - e.mean(0)).pow(2).sum()
+    aux = r.pow(2).sum() / v_e
+    de = (r * (2.0 * aux_coef / v_e)).to(cdt)
+    dav = (de @ Wd.t()).gather(1, aloc).to(pdt) * (sel.aux_raw > 0)
+    grads["W_dec"].index_add_(0, dead_idx, (A.t() @ de)[:n_dead].to(pdt))
+    D = A.zero_().scatter_(1, aloc, dav.to(cdt))
+    grads["W_enc"].index_add_(1, dead_idx, (xc_c.t() @ D)[:, :n_dead].to(pdt))
+    grads["b_enc"].index_add_(0, sel.aux_idx.reshape(-1).long(), dav.reshape(-1))
+    return aux
+
+
+def _accumulate(p: torch.nn.Parameter, grad: Tensor) -> None:
+    if p.grad is None:
+        p.grad = grad
+    else:
+        p.grad.add_(grad)
+
+
+# --------------------------------------------------------------------------------------- step
+
+
+@torch.no_grad()
+def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float, *,
+              backend: Backend | None = None) -> StepStats:
+    """``reference_step``'s loss and gradients (added to ``.grad``) without dense [N, m] work.
+
+    On CUDA the default backend is Triton with a bf16 encoder GEMM and bf16 weight copies (fp32
+    master weights, fp32 gradients); elsewhere the exact torch twins in the parameters' dtype.
+    """
+    be = backend or default_backend(x.device)
+    W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
+    pdt, (d, m), k = W_enc.dtype, W_enc.shape, sae.k
+    x = x.to(pdt)
+    n = x.shape[0]
+    cdt = be.compute or pdt
+    xc = x - b_dec
+    xc_c, W_dec_c = xc.to(cdt), W_dec.to(cdt)
+    pre = torch.addmm(b_enc.to(cdt), xc_c, W_enc.to(cdt))
+    n_dead = int(dead_mask.sum()) if k_aux > 0 else 0
+    ka = min(k_aux, n_dead)
+    sel = _select(be, pre, k, dead_mask, ka)
+    del pre
+
+    vals = sel.raw.to(pdt).clamp_min(0)
+    triton = be.name == "triton"
+    if triton:
+        from mechlib import triton_kernels as tk
+
+        e = tk.decode_residual(x, b_dec, vals, sel.idx.int(), W_dec_c)
+    else:
+        e = decode_residual_torch(x, b_dec, vals, sel.idx, W_dec_c)
+    var = (x - x.mean(0)).pow(2).sum()
+    sse = e.pow(2).sum()
+    fvu, mse = sse / var, sse / e.numel()
+    g = e * (-2.0 / var)
+
+    order = latent_order(sel.idx, m)
+    vals_s = vals.reshape(-1)[order.perm]
+    pos_s = sel.raw.reshape(-1)[order.perm] > 0
+    if triton:
+        offs, tok = order.offsets.int(), order.tok.int()
+        dW_dec, dv_s = tk.pass_a(offs, tok, vals_s.float(), g.to(cdt), W_dec_c)
+        dW_enc, db_enc = tk.pass_b(offs, tok, dv_s * pos_s, xc_c, m)
+    else:
+        dW_dec, dv_s = pass_a_torch(order, vals_s, g.to(cdt), W_dec_c)
+        dW_enc, db_enc = pass_b_torch(order, dv_s.to(pdt) * pos_s, xc_c, m)
+    grads = {"W_enc": dW_enc.to(pdt), "b_enc": db_enc.to(pdt), "W_dec": dW_dec.to(pdt)}
+
+    if ka > 0:
+        aux = aux_dense(sel, e, xc_c, W_dec_c, dead_mask.nonzero().flatten(), aux_coef, grads)
+    else:
+        aux = torch.zeros((), dtype=pdt, device=x.device)
+    grads["b_dec"] = g.sum(0) - W_enc @ grads["b_enc"]
+    for name, grad in grads.items():
+        _accumulate(getattr(sae, name), grad)
+
+    fired = torch.zeros(m, dtype=torch.bool, device=x.device)
+    fired[sel.idx.long()[sel.raw > 0]] = True
+    return StepStats((fvu + aux_coef * aux).detach(), fvu, mse, aux, fired)

@@ -1,0 +1,266 @@
+"""Triton kernels for the fast TopK SAE step (CUDA only; see mechlib.sae_fast).
+
+Why these four kernels: at the study's shape (d=2560, m=32768, k=128, batch 8192) the one
+dense encoder GEMM is ~2 ms, and everything else must be memory traffic proportional to
+batch·k·d, not batch·m·d. Each kernel has a pure-torch twin in ``mechlib.sae_fast`` with
+the SAME semantics (outputs, order, tie-breaking), which is what CPU tests run; the tests
+also run these kernels under ``TRITON_INTERPRET=1`` against the twins when triton is
+importable.
+
+* ``topk_select``: per row of the bf16 pre-activations, the k largest (ties: lowest latent
+  index) and, in the same pass over the row, the top-``ka`` among the dead latents (AuxK).
+  A 16-bit radix select (two 256-bin histograms over a monotone key) finds the threshold,
+  then one compaction pass writes indices in ascending latent order. No dense copy of
+  ``pre`` and no sort.
+* ``decode_residual``: ``e = x - b_dec - sum_j v_j W_dec[idx_j]`` (token-major gather).
+* ``pass_a``: latent-major over the entries sorted by latent: ``dW_dec[i] = sum v g[tok]``
+  and, with the decoder row loaded once, the per-entry partial dots ``g[tok]·W_dec[i]``
+  (the value gradients) per d-block — one gather of ``g`` serves both.
+* ``pass_b``: latent-major: ``dW_enc[:, i] = sum dp x_c[tok]`` written as [BLOCK_D, BLOCK_M]
+  tiles straight into the card's [d, m] layout, plus ``db_enc``.
+
+Grids put the d-block as the slow axis so the programs resident at one time gather from the
+same column slice of the source (a few MB), which stays in L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# Launch parameters (tuned by reasoning, not measured: see benchmarks/sae_step.py --sweep).
+TOPK_BLOCK = 4096
+DECODE_BLOCK_N, DECODE_BLOCK_D = 32, 128
+PASS_BLOCK_M, PASS_BLOCK_S, PASS_BLOCK_D = 16, 32, 128
+
+
+@triton.jit
+def _bf16_key(v):
+    """Monotone unsigned 16-bit key of a bf16 value (larger float -> larger key)."""
+    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return tl.where(bits >= 0x8000, 0xFFFF - bits, bits + 0x8000)
+
+
+@triton.jit
+def _threshold_bin(hist, kk):
+    """Largest bin b with count(bin >= b) >= kk, and the count strictly above it."""
+    bins = tl.arange(0, 256)
+    cge = tl.cumsum(hist, 0, reverse=True)
+    b = tl.max(tl.where(cge >= kk, bins, -1), 0)
+    above = tl.sum(tl.where(bins > b, hist, 0), 0)
+    return b, above
+
+
+@triton.jit
+def _radix_threshold(row_ptr, M, sel_ptr, kk, USE_SEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Key T of the kk-th largest (optionally among sel!=0) and how many equal-to-T to keep."""
+    hist = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < M
+        if USE_SEL:
+            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
+        key = _bf16_key(tl.load(row_ptr + offs, mask=offs < M, other=0.0))
+        hist += tl.histogram(key >> 8, 256, mask=ok)
+    hi, above_hi = _threshold_bin(hist, kk)
+    hist = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < M
+        if USE_SEL:
+            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
+        key = _bf16_key(tl.load(row_ptr + offs, mask=offs < M, other=0.0))
+        hist += tl.histogram(key & 0xFF, 256, mask=ok & ((key >> 8) == hi))
+    lo, above_lo = _threshold_bin(hist, kk - above_hi)
+    return hi * 256 + lo, kk - above_hi - above_lo
+
+
+@triton.jit
+def _compact(row_ptr, M, sel_ptr, thr, n_eq, out_idx_ptr, out_val_ptr,
+             USE_SEL: tl.constexpr, BLOCK: tl.constexpr):
+    """Write every key > thr and the first n_eq keys == thr, in ascending index order."""
+    count = 0
+    eq_seen = 0
+    for start in range(0, M, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        ok = offs < M
+        if USE_SEL:
+            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
+        v = tl.load(row_ptr + offs, mask=offs < M, other=0.0)
+        key = _bf16_key(v)
+        eq = ok & (key == thr)
+        eq_rank = tl.cumsum(eq.to(tl.int32), 0) + eq_seen
+        take = (ok & (key > thr)) | (eq & (eq_rank <= n_eq))
+        pos = tl.cumsum(take.to(tl.int32), 0) - 1 + count
+        tl.store(out_idx_ptr + pos, offs, mask=take)
+        tl.store(out_val_ptr + pos, v, mask=take)
+        count += tl.sum(take.to(tl.int32), 0)
+        eq_seen += tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
+def _topk_kernel(pre_ptr, stride_row, M, dead_ptr, idx_ptr, val_ptr, K,
+                 aidx_ptr, aval_ptr, KA, HAS_AUX: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = pre_ptr + row * stride_row
+    thr, n_eq = _radix_threshold(row_ptr, M, dead_ptr, K, False, BLOCK)
+    _compact(row_ptr, M, dead_ptr, thr, n_eq, idx_ptr + row * K, val_ptr + row * K, False, BLOCK)
+    if HAS_AUX:
+        thr, n_eq = _radix_threshold(row_ptr, M, dead_ptr, KA, True, BLOCK)
+        _compact(row_ptr, M, dead_ptr, thr, n_eq, aidx_ptr + row * KA, aval_ptr + row * KA, True, BLOCK)
+
+
+def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
+    """(idx [N,k] int32, vals [N,k] bf16, aux_idx [N,ka] int32, aux_vals [N,ka] bf16).
+
+    Indices ascend within a row; ties at the threshold go to the lowest latent index.
+    ``dead`` is a bool/uint8 mask [m]; ``ka`` must be <= its count (aux outputs are empty
+    when ``ka == 0``).
+    """
+    if pre.dtype != torch.bfloat16 or pre.stride(1) != 1:
+        raise ValueError(f"topk_select needs a row-major bf16 pre-activation, got {pre.dtype} {pre.stride()}")
+    n, m = pre.shape
+    idx = torch.empty(n, k, dtype=torch.int32, device=pre.device)
+    vals = torch.empty(n, k, dtype=pre.dtype, device=pre.device)
+    aidx = torch.empty(n, ka, dtype=torch.int32, device=pre.device)
+    avals = torch.empty(n, ka, dtype=pre.dtype, device=pre.device)
+    has_aux = ka > 0
+    dead_u8 = dead.to(torch.uint8).contiguous() if has_aux else idx  # dummy pointer when unused
+    if n:
+        _topk_kernel[(n,)](pre, pre.stride(0), m, dead_u8, idx, vals, k, aidx, avals, max(ka, 1),
+                           HAS_AUX=has_aux, BLOCK=min(TOPK_BLOCK, triton.next_power_of_2(m)),
+                           num_warps=8)
+    return idx, vals, aidx, avals
+
+
+@triton.jit
+def _decode_kernel(x_ptr, b_ptr, val_ptr, idx_ptr, w_ptr, e_ptr, N, D, K, N_TBLK,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    dblk = pid // N_TBLK
+    rows = (pid % N_TBLK) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    for j in range(0, K):
+        lat = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0).to(tl.int64)
+        v = tl.load(val_ptr + rows64 * K + j, mask=rmask, other=0.0).to(tl.float32)
+        w = tl.load(w_ptr + lat[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        acc += v[:, None] * w
+    x = tl.load(x_ptr + rows64[:, None] * D + cols[None, :], mask=m2, other=0.0)
+    b = tl.load(b_ptr + cols, mask=cmask, other=0.0)
+    tl.store(e_ptr + rows64[:, None] * D + cols[None, :], x - b[None, :] - acc, mask=m2)
+
+
+def decode_residual(x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor,
+                    w_dec: torch.Tensor) -> torch.Tensor:
+    """e = x - b_dec - sum_j vals[:, j] * w_dec[idx[:, j]]  (fp32 out; w_dec may be bf16)."""
+    n, d = x.shape
+    k = idx.shape[1]
+    e = torch.empty_like(x, dtype=torch.float32)
+    n_tblk = triton.cdiv(n, DECODE_BLOCK_N)
+    grid = (n_tblk * triton.cdiv(d, DECODE_BLOCK_D),)
+    if n:
+        _decode_kernel[grid](x, b_dec, vals, idx, w_dec, e, n, d, k, n_tblk,
+                             BLOCK_N=DECODE_BLOCK_N, BLOCK_D=DECODE_BLOCK_D, num_warps=4)
+    return e
+
+
+@triton.jit
+def _pass_a_kernel(off_ptr, tok_ptr, val_ptr, g_ptr, w_ptr, dw_ptr, dvp_ptr, M, D, E, N_MBLK,
+                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    dblk = pid // N_MBLK
+    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    for li in range(0, BLOCK_M):
+        lat = (pid % N_MBLK) * BLOCK_M + li
+        live = lat < M
+        lat_c = tl.minimum(lat, M - 1).to(tl.int64)
+        s0 = tl.load(off_ptr + lat_c)
+        s1 = tl.where(live, tl.load(off_ptr + lat_c + 1), s0)
+        w = tl.load(w_ptr + lat_c * D + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for s in range(s0, s1, BLOCK_S):
+            ss = s + tl.arange(0, BLOCK_S)
+            smask = ss < s1
+            tok = tl.load(tok_ptr + ss, mask=smask, other=0).to(tl.int64)
+            v = tl.load(val_ptr + ss, mask=smask, other=0.0)
+            g = tl.load(g_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :],
+                        other=0.0).to(tl.float32)
+            acc += tl.sum(g * v[:, None], 0)
+            tl.store(dvp_ptr + dblk.to(tl.int64) * E + ss, tl.sum(g * w[None, :], 1), mask=smask)
+        tl.store(dw_ptr + lat_c * D + cols, acc, mask=cmask & ((cols * 0 + lat) < M))
+
+
+def pass_a(offsets: torch.Tensor, tok: torch.Tensor, vals: torch.Tensor, g: torch.Tensor,
+           w_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW_dec [m,d] fp32, dvals [E] fp32) over entries sorted by latent.
+
+    dW_dec[i] = sum_{s in seg(i)} vals[s] g[tok[s]];  dvals[s] = g[tok[s]] · w_dec[i(s)].
+    The dots are summed over d-blocks from per-block partials (deterministic, no atomics).
+    """
+    m, d = w_dec.shape
+    e_count = tok.numel()
+    n_dblk = triton.cdiv(d, PASS_BLOCK_D)
+    n_mblk = triton.cdiv(m, PASS_BLOCK_M)
+    dw = torch.empty(m, d, dtype=torch.float32, device=g.device)
+    dvp = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
+    _pass_a_kernel[(n_dblk * n_mblk,)](offsets, tok, vals, g, w_dec, dw, dvp, m, d, e_count, n_mblk,
+                                       BLOCK_M=PASS_BLOCK_M, BLOCK_S=PASS_BLOCK_S,
+                                       BLOCK_D=PASS_BLOCK_D, num_warps=4)
+    return dw, dvp.sum(0)
+
+
+@triton.jit
+def _pass_b_kernel(off_ptr, tok_ptr, dp_ptr, xc_ptr, dw_ptr, db_ptr, M, D, stride_d, stride_m, N_MBLK,
+                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    dblk = pid // N_MBLK
+    m0 = (pid % N_MBLK) * BLOCK_M
+    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    lcols = tl.arange(0, BLOCK_M)
+    tile = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
+    db = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for li in range(0, BLOCK_M):
+        lat = m0 + li
+        live = lat < M
+        lat_c = tl.minimum(lat, M - 1).to(tl.int64)
+        s0 = tl.load(off_ptr + lat_c)
+        s1 = tl.where(live, tl.load(off_ptr + lat_c + 1), s0)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        dsum = tl.zeros([BLOCK_S], dtype=tl.float32)
+        for s in range(s0, s1, BLOCK_S):
+            ss = s + tl.arange(0, BLOCK_S)
+            smask = ss < s1
+            tok = tl.load(tok_ptr + ss, mask=smask, other=0).to(tl.int64)
+            dp = tl.load(dp_ptr + ss, mask=smask, other=0.0)
+            xr = tl.load(xc_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :],
+                         other=0.0).to(tl.float32)
+            acc += tl.sum(xr * dp[:, None], 0)
+            dsum += dp
+        tile = tl.where(lcols[None, :] == li, acc[:, None], tile)
+        db = tl.where(lcols == li, tl.sum(dsum, 0), db)
+    lats = (m0 + lcols).to(tl.int64)
+    lmask = lats < M
+    tl.store(dw_ptr + cols[:, None].to(tl.int64) * stride_d + lats[None, :] * stride_m, tile,
+             mask=cmask[:, None] & lmask[None, :])
+    tl.store(db_ptr + lats, db, mask=lmask & ((lats * 0 + dblk) == 0))
+
+
+def pass_b(offsets: torch.Tensor, tok: torch.Tensor, dp: torch.Tensor, xc: torch.Tensor, m: int,
+           dw_enc_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(dW_enc [d,m] fp32, db_enc [m] fp32): dW_enc[:, i] = sum_{s in seg(i)} dp[s] xc[tok[s]]."""
+    n, d = xc.shape
+    dw = dw_enc_out if dw_enc_out is not None else torch.empty(d, m, dtype=torch.float32, device=xc.device)
+    db = torch.empty(m, dtype=torch.float32, device=xc.device)
+    n_mblk = triton.cdiv(m, PASS_BLOCK_M)
+    grid = (triton.cdiv(d, PASS_BLOCK_D) * n_mblk,)
+    _pass_b_kernel[grid](offsets, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1), n_mblk,
+                         BLOCK_M=PASS_BLOCK_M, BLOCK_S=PASS_BLOCK_S, BLOCK_D=PASS_BLOCK_D, num_warps=4)
+    return dw, db
