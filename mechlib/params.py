@@ -78,6 +78,7 @@ class BookParams:
     # --- 05 contrastive layers ---------------------------------------------------------
     n_permutations: int = 200
     top_d: int = 10
+    contrast_pooling: str = "last"  # last (the last prompt token) | mean (over the prompt's non-special tokens)
     # --- 06 steering -------------------------------------------------------------------
     steering_layer: int | None = None  # None → the peak layer from 05
     steering_scales: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.10, 0.15, -0.05])
@@ -97,6 +98,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "sae_source": ("train", "pretrained"),
     "task": ("arithmetic", "gsm8k"),
     "prompt_format": ("chat_template", "gemma_manual"),
+    "contrast_pooling": ("last", "mean"),
 }
 
 POSITIVE_INTS = (
