@@ -69,14 +69,15 @@ class _StopForward(Exception):
     """Raised by the last layer's hook: everything needed has been recorded."""
 
 
-def _layer_output(out: Any) -> Tensor:
-    return out[0] if isinstance(out, tuple) else out
+def encode_for_states(tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Token ids exactly as generation builds them (:func:`mechlib.prompts.encode_prompts`, no
+    second BOS), left-padded. The pad id is irrelevant: padded positions are masked out."""
+    from mechlib.generate import left_pad
+    from mechlib.prompts import encode_prompts
 
-
-def _default_encode(tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
-    from mechlib.generate import encode_prompts
-
-    return encode_prompts(tokenizer, prompts)
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, torch.device("cpu"))
+    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 @torch.no_grad()
@@ -87,16 +88,18 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
     """Pooled output of every decoder layer for each prompt, in one (early-stopped) forward per batch.
 
     ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default:
-    :func:`mechlib.generate.encode_prompts`), returning ``input_ids`` and ``attention_mask``;
-    left or right padding both work (the last real token is found from the mask).
+    :func:`encode_for_states`), returning ``input_ids`` and ``attention_mask``; left or right
+    padding both work (the last real token is found from the mask). Position ids are
+    ``cumsum(mask) − 1`` as in generation, so padding does not shift positions.
     """
+    from mechlib.hooks import layer_output_tensor
     from mechlib.models import decoder_layers
 
     if pooling not in POOLINGS:
         raise ContrastError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if len(prompts) != len(ids) or not prompts:
         raise ContrastError(f"need one id per prompt and at least one prompt, got {len(prompts)} prompts, {len(ids)} ids")
-    encode = encode or _default_encode
+    encode = encode or encode_for_states
     layers = decoder_layers(model)
     n_layers = len(layers)
     device = next(model.parameters()).device
@@ -110,7 +113,7 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
 
     def make_hook(i: int):
         def hook(_module, _inputs, out):
-            h = _layer_output(out).float()
+            h = layer_output_tensor(out).float()
             keep = batch_state["keep"]  # [B, S] bool: real, non-special tokens
             norm_sum[i] += (h.norm(dim=-1) * keep).sum().double().cpu()
             if pooling == "last":
@@ -135,8 +138,9 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
             batch_state["keep"] = keep
             batch_state["last"] = torch.where(mask, positions, -1).max(dim=1).values
             n_tokens += int(keep.sum())
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
             try:
-                model(input_ids=input_ids, attention_mask=mask.long(), use_cache=False)
+                model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids, use_cache=False)
             except _StopForward:
                 pass
             else:

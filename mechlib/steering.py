@@ -23,6 +23,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
+from mechlib.hooks import add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
 
 
@@ -61,15 +62,10 @@ def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_no
         return h + cache[key]
 
     def hook(_module, _inputs, out):
-        if isinstance(out, tuple):
-            return (add(out[0]),) + tuple(out[1:])
-        return add(out)
+        return replace_layer_output(out, add(layer_output_tensor(out)))
 
-    handle = layer_module.register_forward_hook(hook)
-    try:
+    with add_forward_hook(layer_module, hook):
         yield delta
-    finally:
-        handle.remove()
 
 
 def mean_residual_norm(states, layer: int) -> float:

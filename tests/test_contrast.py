@@ -168,3 +168,14 @@ def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path):
     assert first.select(["c", "a"]).shape == (2, 4, 64)
     with pytest.raises(ContrastError, match="no collected states"):
         first.select(["zz"])
+
+
+def test_default_encoding_matches_generation_tokenisation(tiny_gemma4):
+    from mechlib.prompts import encode_prompts
+
+    model, tok = tiny_gemma4
+    prompts = make_prompts(3, seed=4)
+    default = collect_layer_states(model, tok, prompts, ["a", "b", "c"], progress=False)
+    manual = collect_layer_states(model, tok, prompts, ["a", "b", "c"], encode=encode_left, progress=False)
+    torch.testing.assert_close(default.states, manual.states)
+    assert encode_prompts(tok, prompts[:1])[0] == tok(prompts[0])["input_ids"]
