@@ -29,3 +29,44 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
     return path
+
+
+def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10
+                        ) -> tuple[Figure, object]:
+    """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
+
+    The shaded band runs from the null's median to its 95th percentile per layer; the dashed line
+    is the 95th percentile of the max-over-layers null — the bar the peak must clear, since it was
+    picked by looking at every layer.
+    """
+    fig, ax = new_figure(8.0, 4.5)
+    layers = list(range(len(top_abs_d)))
+    ax.fill_between(layers, null_q50, null_q95, color="0.8", label="permutation null, median–95th pct")
+    ax.plot(layers, null_q50, color="0.5", lw=1)
+    ax.axhline(null_max_q95, color="0.3", ls="--", lw=1, label="95th pct of max-over-layers null")
+    ax.plot(layers, top_abs_d, marker="o", ms=3, color="C0", label="observed (correct − wrong)")
+    ax.plot([peak], [top_abs_d[peak]], marker="*", ms=14, color="C3", ls="none", label=f"peak: layer {peak}")
+    ax.set_xlabel("decoder layer (residual stream after it)")
+    ax.set_ylabel(f"mean of top-{top_n} |Cohen's d|")
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, baseline_ci: tuple[float, float],
+                       layer: int) -> tuple[Figure, object]:
+    """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline."""
+    fig, ax = new_figure(7.0, 4.5)
+    order = sorted(range(len(scales)), key=lambda i: scales[i])
+    x = [100 * scales[i] for i in order]
+    y = [accuracies[i] for i in order]
+    err = [[y[j] - ci_lows[i] for j, i in enumerate(order)], [ci_highs[i] - y[j] for j, i in enumerate(order)]]
+    ax.axhspan(baseline_ci[0], baseline_ci[1], color="0.85", label="baseline 95% CI")
+    ax.axhline(baseline, color="0.3", ls="--", lw=1, label=f"baseline {baseline:.2f}")
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="steered")
+    ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
+    ax.set_ylabel("held-out accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(loc="best", fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig, ax
