@@ -1,0 +1,346 @@
+"""Collect the residual stream after decoder layer L: packed sequences, stop-after-L, shards or a stream.
+
+Why each choice:
+- **Packing.** Documents are concatenated (separated by EOS) and cut into rows of exactly
+  ``seq_len`` tokens, each row starting with BOS: no padding, so every computed token is kept
+  (the study pads/truncates per document). The BOS at position 0 also absorbs the attention-sink
+  behaviour of the first position, which we then exclude.
+- **Special tokens excluded** (BOS/EOS/pad and any other special id) by default: their residual
+  norms are many times larger than ordinary tokens' and dominate SAE training (FIELD.md traps).
+  The mask is stored per row (``keep_mask``) so nothing is hidden.
+- **Stop after L** (``mechlib.hooks.run_to_layer``): the layers above L and the unembedding never
+  run. On a GPU the model runs in bf16 with SDPA attention, device→host copies go into pinned
+  buffers with ``non_blocking=True`` and a background thread masks, converts and writes shards
+  (``mechlib.shards.ShardWriter``); ``compile=True`` compiles the layers up to L.
+- **Held-out split**: every 10th corpus document goes to ``heldout``, the rest to ``train``, so the
+  two splits never share a document yet come from the same distribution.
+- **Resumable**: shards are a deterministic function of the parameters; a rerun verifies and
+  skips finished shards (a corrupt one raises, naming the file) and computes only the rest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from mechlib.corpus import CorpusError, iter_texts
+from mechlib.hooks import run_to_layer
+from mechlib.io import atomic_write_json
+from mechlib.models import check_layer, d_model, decoder_layers
+from mechlib.shards import (FORMAT, MANIFEST, ActivationStore, ShardWriter, read_manifest, shard_name,
+                            verify_shard)
+
+__all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
+           "CollectResult", "collect_for_book", "open_store", "HELDOUT_EVERY", "SPLITS"]
+
+HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
+SPLITS = ("train", "heldout")
+
+
+@dataclass
+class PackedBatch:
+    ids: torch.Tensor  # [B, T] int64
+    keep: torch.Tensor  # [B, T] bool — False for special tokens and tokens past the quota
+    doc: torch.Tensor  # [B, T] int64 — corpus document index, -1 for the row-start token
+    first_row: int  # global index of the first row
+
+
+class Packer:
+    """Turns documents into full rows of ``seq_len`` token ids: ``[BOS] tok tok … EOS tok …``."""
+
+    def __init__(self, tokenizer: Any, seq_len: int, exclude_special_tokens: bool = True):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {seq_len}")
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.start_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        self.sep_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.bos_token_id
+        ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+        ids |= {i for i in (self.start_id, self.sep_id, tokenizer.pad_token_id) if i is not None}
+        self.special_ids = sorted(ids) if exclude_special_tokens else []
+        self._special = torch.tensor(self.special_ids, dtype=torch.long)
+
+    def rows(self, docs: Iterable[tuple[int, str]]) -> Iterator[tuple[list[int], list[int]]]:
+        """Yield (ids, doc indices) for each full row; a final partial row is dropped."""
+        body = self.seq_len - (self.start_id is not None)
+        buf_ids: list[int] = []
+        buf_doc: list[int] = []
+        for doc_index, text in docs:
+            toks = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            if self.sep_id is not None:
+                toks = toks + [self.sep_id]
+            buf_ids.extend(toks)
+            buf_doc.extend([doc_index] * len(toks))
+            while len(buf_ids) >= body:
+                ids, doc = buf_ids[:body], buf_doc[:body]
+                del buf_ids[:body], buf_doc[:body]
+                if self.start_id is not None:
+                    ids, doc = [self.start_id] + ids, [-1] + doc
+                yield ids, doc
+
+    def keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
+        if not len(self.special_ids):
+            return torch.ones_like(ids, dtype=torch.bool)
+        return ~torch.isin(ids, self._special)
+
+
+def split_docs(texts: Iterable[str], split: str) -> Iterator[tuple[int, str]]:
+    """(document index, text) of the documents that belong to ``split``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    for i, text in enumerate(texts):
+        if (i % HELDOUT_EVERY == HELDOUT_EVERY - 1) == (split == "heldout"):
+            yield i, text
+
+
+Row = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # ids [T], keep [T], doc [T]
+
+
+def rows_with_quota(rows: Iterator[tuple[list[int], list[int]]], packer: Packer, n_tokens: int) -> Iterator[Row]:
+    """Rows until ``n_tokens`` kept tokens in total; kept tokens past the quota are masked off."""
+    got = 0
+    rows = iter(rows)
+    while got < n_tokens:
+        try:
+            ids, doc = next(rows)
+        except StopIteration:
+            raise CorpusError(f"the corpus ran out after {got} of {n_tokens} requested tokens; "
+                              f"lower the token count or use a larger corpus") from None
+        ids_t = torch.tensor(ids, dtype=torch.long)
+        keep = packer.keep_mask(ids_t)
+        room = n_tokens - got
+        if int(keep.sum()) > room:
+            keep &= keep.cumsum(0) <= room
+        got += int(keep.sum())
+        yield ids_t, keep, torch.tensor(doc, dtype=torch.long)
+
+
+def batch_rows(rows: Iterable[Row], batch_size: int, first_row: int = 0) -> Iterator[PackedBatch]:
+    chunk: list[Row] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == batch_size:
+            yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+            first_row += len(chunk)
+            chunk = []
+    if chunk:
+        yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+
+
+def _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split, corpus_text_field, split,
+                 exclude_special_tokens) -> tuple[Packer, Iterator[Row]]:
+    packer = Packer(tokenizer, seq_len, exclude_special_tokens)
+    texts = iter_texts(corpus, corpus_config, corpus_split, corpus_text_field)
+    return packer, rows_with_quota(packer.rows(split_docs(texts, split)), packer, n_tokens)
+
+
+def _prepare(model: torch.nn.Module, layer: int, compile: bool) -> torch.device:
+    check_layer(model, layer)
+    if compile and not getattr(model, "_mechlib_compiled", False):
+        for block in decoder_layers(model)[: layer + 1]:
+            block.compile(dynamic=False)
+        model._mechlib_compiled = True
+    return next(model.parameters()).device
+
+
+@dataclass
+class StreamBatch:
+    acts: torch.Tensor  # [n_kept, d] on the model's device, model dtype
+    token_ids: torch.Tensor  # [n_kept] CPU
+
+
+def stream_activations(model, tokenizer, *, layer: int, n_tokens: int, seq_len: int = 128, batch_size: int = 16,
+                       corpus: str = "python-stdlib-docs", corpus_config: str | None = None,
+                       corpus_split: str = "train", corpus_text_field: str = "text", split: str = "train",
+                       exclude_special_tokens: bool = True, compile: bool = False) -> Iterator[StreamBatch]:
+    """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs)."""
+    device = _prepare(model, layer, compile)
+    _, rows = _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split, corpus_text_field,
+                           split, exclude_special_tokens)
+    for pb in batch_rows(rows, batch_size):
+        with torch.no_grad():
+            h = run_to_layer(model, layer, input_ids=pb.ids.to(device, non_blocking=True))
+        idx = pb.keep.reshape(-1).nonzero().squeeze(1)
+        acts = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(device, non_blocking=True))
+        yield StreamBatch(acts, pb.ids.reshape(-1)[idx])
+
+
+def params_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class _HostBuffers:
+    """Pinned host buffers for overlapped device→host copies on CUDA; a pass-through on CPU."""
+
+    def __init__(self, device: torch.device, n_buffers: int = 3):
+        self.device = device
+        self.n_buffers = n_buffers
+        self._free: list[torch.Tensor] = []
+        self._made = 0
+        self._lock = threading.Condition()
+
+    def to_host(self, h: torch.Tensor):
+        if self.device.type != "cuda":
+            return h, None, None
+        with self._lock:
+            while True:
+                fits = [b for b in self._free if b.shape[1:] == h.shape[1:] and b.shape[0] >= h.shape[0]
+                        and b.dtype == h.dtype]
+                if fits:
+                    buf = fits[0]
+                    self._free.remove(buf)
+                    break
+                if self._made < self.n_buffers:
+                    buf = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
+                    self._made += 1
+                    break
+                self._lock.wait()  # the writer thread still reads every buffer: backpressure
+        host = buf[: h.shape[0]]
+        host.copy_(h, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+
+        def release(buf=buf):
+            with self._lock:
+                self._free.append(buf)
+                self._lock.notify()
+
+        return host, event, release
+
+
+@dataclass
+class CollectRun:
+    manifest: dict[str, Any]
+    computed_tokens: int  # tokens run through the model in this call (0 when everything was on disk)
+    seconds: float
+
+
+def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_tokens: int, seq_len: int = 128,
+                        batch_size: int = 16, shard_tokens: int = 65_536, corpus: str = "python-stdlib-docs",
+                        corpus_config: str | None = None, corpus_split: str = "train",
+                        corpus_text_field: str = "text", split: str = "train", exclude_special_tokens: bool = True,
+                        dtype: str = "float32", model_name: str = "", compile: bool = False,
+                        progress: bool = True) -> CollectRun:
+    """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
+
+    A rerun with the same parameters verifies and skips finished shards (resume); changed
+    parameters (other than ``n_tokens``) start over. Returns the final manifest.
+    """
+    t0 = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+        stale.unlink()
+    device = _prepare(model, layer, compile)
+    rows_per_shard = max(1, shard_tokens // seq_len)
+    identity = {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
+                "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
+                "seq_len": seq_len, "rows_per_shard": rows_per_shard, "corpus": corpus,
+                "corpus_config": corpus_config, "corpus_split": corpus_split, "corpus_text_field": corpus_text_field,
+                "split": split, "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens}
+    phash = params_hash(identity)
+    old = read_manifest(out_dir)
+    if old is not None and old.get("params_hash") != phash:
+        print(f"{out_dir}: collection parameters changed since the last run; recollecting")
+        for e in old.get("shards", []):
+            (out_dir / e["file"]).unlink(missing_ok=True)
+        (out_dir / MANIFEST).unlink()
+        old = None
+    done = {e["index"]: e for e in (old or {}).get("shards", [])}
+    packer, rows = _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split,
+                                corpus_text_field, split, exclude_special_tokens)
+    manifest = {**identity, "params_hash": phash, "n_tokens_requested": n_tokens, "complete": False,
+                "special_token_ids": packer.special_ids, "start_token_id": packer.start_id,
+                "separator_token_id": packer.sep_id, "n_tokens": 0, "shards": sorted(done.values(),
+                                                                                     key=lambda e: e["index"])}
+    writer = ShardWriter(out_dir, manifest, dtype)
+    buffers = _HostBuffers(device)
+    bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
+    index = first_row = computed = 0
+    try:
+        while shard_rows := list(itertools.islice(rows, rows_per_shard)):
+            kept = sum(int(r[1].sum()) for r in shard_rows)
+            e = done.get(index)
+            if e and (e["first_row"], e["n_rows"], e["n_tokens"]) == (first_row, len(shard_rows), kept):
+                verify_shard(out_dir, e)  # finished earlier: trust it only if its checksum matches
+            else:
+                for pb in batch_rows(shard_rows, batch_size, first_row):
+                    with torch.no_grad():
+                        h = run_to_layer(model, layer, input_ids=pb.ids.to(device, non_blocking=True))
+                    host, event, release = buffers.to_host(h)
+                    writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
+                    computed += int(pb.keep.sum())
+                    bar.update(int(pb.keep.sum()))
+                writer.end_shard(index, first_row, len(shard_rows))
+                kept = 0
+            bar.update(kept)
+            first_row += len(shard_rows)
+            index += 1
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        bar.close()
+    writer.close()
+    for e in manifest["shards"]:
+        if e["index"] >= index:  # from an earlier run with more tokens
+            (out_dir / e["file"]).unlink(missing_ok=True)
+    manifest["shards"] = [e for e in manifest["shards"] if e["index"] < index]
+    manifest["n_tokens"] = sum(e["n_tokens"] for e in manifest["shards"])
+    manifest["n_rows"] = first_row
+    manifest["complete"] = manifest["n_tokens"] == n_tokens
+    atomic_write_json(out_dir / MANIFEST, manifest)
+    return CollectRun(manifest, computed, time.perf_counter() - t0)
+
+
+@dataclass
+class CollectResult:
+    train: ActivationStore | None  # None in collect_mode "stream" (chapter 02 streams instead)
+    heldout: ActivationStore
+    runs: dict[str, CollectRun]
+
+    @property
+    def computed_tokens(self) -> int:
+        return sum(r.computed_tokens for r in self.runs.values())
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.runs.values())
+
+
+def collect_for_book(loaded: Any, params: Any, run_paths: Any, progress: bool = True) -> CollectResult:
+    """Chapter 01: collect the ``train`` and ``heldout`` splits for the book's parameters.
+
+    ``loaded`` is a :class:`mechlib.models.LoadedModel`, ``params`` a ``BookParams``, ``run_paths``
+    a ``RunPaths``. Activations land in ``run_paths.activations / "train"`` and ``/ "heldout"``.
+    """
+    common = dict(layer=params.layer, seq_len=params.seq_len, batch_size=params.collect_batch_size,
+                  shard_tokens=params.shard_tokens, corpus=params.corpus, corpus_config=params.corpus_config,
+                  corpus_split=params.corpus_split, corpus_text_field=params.corpus_text_field,
+                  exclude_special_tokens=params.exclude_special_tokens, dtype=params.activation_dtype,
+                  model_name=loaded.name, progress=progress)
+    runs = {}
+    splits = [("heldout", params.heldout_tokens)]
+    if params.collect_mode == "disk":
+        splits.insert(0, ("train", params.collect_tokens))
+    for split, n in splits:
+        runs[split] = collect_activations(loaded.model, loaded.tokenizer, run_paths.activations / split,
+                                          n_tokens=n, split=split, **common)
+    train = ActivationStore(run_paths.activations / "train") if "train" in runs else None
+    return CollectResult(train, ActivationStore(run_paths.activations / "heldout"), runs)
+
+
+def open_store(params: Any, run_paths: Any, split: str = "train") -> ActivationStore:
+    """The finished ``split`` collection of a run (``run_paths.activations / split``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return ActivationStore(run_paths.activations / split)
