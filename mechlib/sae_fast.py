@@ -82,23 +82,28 @@ def latent_order(idx: Tensor, m: int) -> LatentOrder:
 
 def decode_residual_torch(x: Tensor, b_dec: Tensor, vals: Tensor, idx: Tensor, W_dec: Tensor) -> Tensor:
     """``e = x - b_dec - sum_j vals[:, j] W_dec[idx[:, j]]``."""
-    dec = F.embedding_bag(idx.long(), W_dec, per_sample_weights=vals.to(W_dec.dtype), mode="sum")
+    dec = F.embedding_bag(idx.long(), W_dec.to(vals.dtype), per_sample_weights=vals, mode="sum")
     return x - b_dec - dec.to(x.dtype)
 
 
 def _by_latent(order: LatentOrder, coef: Tensor, src: Tensor, m: int) -> Tensor:
     """``out[i] = sum_{s in seg(i)} coef[s] src[tok[s]]`` → [m, d], via a sparse [m, N] matrix."""
-    sp = torch.sparse_coo_tensor(torch.stack([order.lat, order.tok]), coef.to(src.dtype), (m, src.shape[0]),
+    sp = torch.sparse_coo_tensor(torch.stack([order.lat, order.tok]), coef, (m, src.shape[0]),
                                  check_invariants=False)
-    return torch.sparse.mm(sp, src)
+    return torch.sparse.mm(sp, src.to(coef.dtype))
 
 
 def pass_a_torch(order: LatentOrder, vals_sorted: Tensor, g: Tensor, W_dec: Tensor,
                  chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
-    """(dW_dec [m, d], dvals [E]): dW_dec[i] = sum v g[tok]; dvals[s] = g[tok[s]] · W_dec[lat[s]]."""
+    """(dW_dec [m, d], dvals [E]): dW_dec[i] = sum v g[tok]; dvals[s] = g[tok[s]] · W_dec[lat[s]].
+
+    Sums run in ``vals_sorted``'s dtype over the (possibly bf16-rounded) ``g`` and ``W_dec``, as the
+    kernel does in fp32 over its bf16 loads.
+    """
     dw = _by_latent(order, vals_sorted, g, W_dec.shape[0])
-    dv = torch.cat([(g[order.tok[s:s + chunk]] * W_dec[order.lat[s:s + chunk]].to(g.dtype)).sum(1)
-                    for s in range(0, order.tok.numel(), chunk)]) if order.tok.numel() else g.new_zeros(0)
+    dt = vals_sorted.dtype
+    dv = torch.cat([(g[order.tok[s:s + chunk]].to(dt) * W_dec[order.lat[s:s + chunk]].to(dt)).sum(1)
+                    for s in range(0, order.tok.numel(), chunk)]) if order.tok.numel() else g.new_zeros(0, dtype=dt)
     return dw, dv
 
 
@@ -233,7 +238,7 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
         dW_enc, db_enc = tk.pass_b(offs, tok, dv_s * pos_s, xc_c, m)
     else:
         dW_dec, dv_s = pass_a_torch(order, vals_s, g.to(cdt), W_dec_c)
-        dW_enc, db_enc = pass_b_torch(order, dv_s.to(pdt) * pos_s, xc_c, m)
+        dW_enc, db_enc = pass_b_torch(order, dv_s * pos_s, xc_c, m)
     grads = {"W_enc": dW_enc.to(pdt), "b_enc": db_enc.to(pdt), "W_dec": dW_dec.to(pdt)}
 
     if ka > 0:
