@@ -139,26 +139,52 @@ class StepStats:
 
 
 def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float) -> StepStats:
-    """One loss evaluation + ``backward()`` in plain fp32 autograd (the optimizer step is separate).
+    """One loss evaluation + ``backward()``, exact fp32 (the optimizer step is separate).
 
     The contract every fast path must reproduce; see the module docstring for the formulas.
+    Pre-activations are computed once without autograd; the main and AuxK codes both take their
+    values from them through :class:`~mechlib.sparse_grad.TopKValues`, whose backward touches only
+    the selected entries (work ∝ N·k·d). :func:`autograd_step` is the same loss in plain dense
+    autograd, kept as the oracle the tests compare gradients against.
     """
-    out = sae(x)
-    e = x - out.recon
-    fvu = e.pow(2).sum() / (x - x.mean(0)).pow(2).sum()
-    mse = e.pow(2).mean()
+    from mechlib.sparse_grad import SparseDecode, TopKValues
+
+    with torch.no_grad():
+        pre = sae.pre_acts(x)
+    selected, indices = pre.topk(sae.k, dim=-1)
+    values = TopKValues.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, indices, selected)
+    e = x - (SparseDecode.apply(values, indices, sae.W_dec) + sae.b_dec)
+    aux = torch.zeros((), dtype=x.dtype, device=x.device)
     n_dead = int(dead_mask.sum())
     if k_aux > 0 and n_dead > 0:
-        masked = out.pre.masked_fill(~dead_mask, float("-inf"))
-        aux_code = topk_code(masked, min(k_aux, n_dead))
-        e_hat = sparse_decode(aux_code, sae.W_dec)
-        ed = e.detach()
-        aux = (e_hat - ed).pow(2).sum() / (ed - ed.mean(0)).pow(2).sum()
-    else:
-        aux = torch.zeros((), dtype=x.dtype, device=x.device)
+        a_sel, a_idx = pre.masked_fill(~dead_mask, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+        a_vals = TopKValues.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, a_idx, a_sel)
+        aux = _aux_loss(SparseDecode.apply(a_vals, a_idx, sae.W_dec), e.detach())
+    return _finish(e, x, aux, aux_coef, TopKCode(values.detach(), indices), sae.d_sae)
+
+
+def autograd_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float) -> StepStats:
+    """:func:`reference_step` written the straightforward way: dense autograd through ``forward``."""
+    out = sae(x)
+    e = x - out.recon
+    aux = torch.zeros((), dtype=x.dtype, device=x.device)
+    n_dead = int(dead_mask.sum())
+    if k_aux > 0 and n_dead > 0:
+        aux_code = topk_code(out.pre.masked_fill(~dead_mask, float("-inf")), min(k_aux, n_dead))
+        aux = _aux_loss(sparse_decode(aux_code, sae.W_dec), e.detach())
+    return _finish(e, x, aux, aux_coef, out.code, sae.d_sae)
+
+
+def _aux_loss(e_hat: Tensor, e: Tensor) -> Tensor:
+    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+
+
+def _finish(e: Tensor, x: Tensor, aux: Tensor, aux_coef: float, code: TopKCode, d_sae: int) -> StepStats:
+    sq = e.pow(2).sum()
+    fvu = sq / (x - x.mean(0)).pow(2).sum()
     loss = fvu + aux_coef * aux
     loss.backward()
-    return StepStats(loss.detach(), fvu.detach(), mse.detach(), aux.detach(), fired_mask(out.code, sae.d_sae))
+    return StepStats(loss.detach(), fvu.detach(), sq.detach() / e.numel(), aux.detach(), fired_mask(code, d_sae))
 
 
 def fired_mask(code: TopKCode, d_sae: int) -> Tensor:

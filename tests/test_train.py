@@ -1,0 +1,158 @@
+"""SAE training loop: schedule, dead counters, resume == uninterrupted, files, the pretrained switch."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+
+from mechlib.params import BookParams
+from mechlib.sae import SAEError, TopKSAE, load_sae, reference_step, save_card_checkpoint
+from mechlib.schedule import lr_at
+from mechlib.train import (ParallelHooks, TensorStore, TrainConfig, load_train_state, run_sae, run_sae_for_eval,
+                           train_sae)
+
+D = 16
+
+
+def sparse_data(n=3000, d=D, n_atoms=48, seed=0) -> torch.Tensor:
+    """Activations that *are* sparse combinations of unit atoms (a TopK SAE can recover them)."""
+    g = torch.Generator().manual_seed(seed)
+    atoms = torch.nn.functional.normalize(torch.randn(n_atoms, d, generator=g), dim=1)
+    codes = (torch.rand(n, n_atoms, generator=g) < 0.06).float() * (torch.rand(n, n_atoms, generator=g) * 3 + 0.5)
+    return codes @ atoms + 0.01 * torch.randn(n, d, generator=g) + 1.0
+
+
+def small_cfg(**kw) -> TrainConfig:
+    base = dict(d_sae=64, k=4, k_aux=16, aux_coef=0.125, lr=1e-2, lr_floor=1e-3, warmup_steps=3,
+                train_batch_size=128, train_tokens=128 * 24, renorm_every=5, dead_tokens=512, checkpoint_every=4,
+                seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    kw = dict(lr=1e-3, lr_floor=1e-4, warmup_steps=10, total_steps=110)
+    lrs = [lr_at(s, **kw) for s in range(120)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine falls
+    assert lrs[109] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
+    assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 50 / 99)))
+
+
+def test_train_config_from_params_takes_every_knob():
+    P = BookParams(d_sae=128, k=8, lr=2e-4, lr_floor=6e-5, renorm_every=10, k_aux=512)
+    cfg = TrainConfig.from_params(P)
+    assert (cfg.d_sae, cfg.k, cfg.lr, cfg.lr_floor, cfg.k_aux) == (128, 8, 2e-4, 6e-5, 512)
+    defaults = BookParams()
+    for f in dataclasses.fields(TrainConfig):
+        if hasattr(defaults, f.name):
+            assert getattr(TrainConfig(), f.name) == getattr(defaults, f.name), f.name
+
+
+def test_tensor_store_batches_resume_and_cycle_epochs():
+    store = TensorStore(torch.arange(10.0)[:, None])
+    full = [b.flatten().tolist() for b in store.iter_batches(4, seed=1, n_batches=6)]
+    assert all(len(b) == 4 for b in full)
+    assert sorted(sum(full[:2], []) + full[2][:2]) == list(range(10))  # epoch 0 covers every token once
+    assert [b.flatten().tolist() for b in store.iter_batches(4, seed=1, start_batch=3, n_batches=6)] == full[3:]
+
+
+def test_training_learns_and_writes_card_files(tmp_path):
+    x = sparse_data()
+    res = train_sae(TensorStore(x, model="synthetic", layer=3), small_cfg(), tmp_path, device="cpu", progress=False)
+    assert res.step_path == "reference" and res.steps == 24 and res.tokens == 24 * 128
+    assert res.history[-1]["fvu"] < 0.5 * res.history[0]["fvu"]
+    for name in ("sae_final.pt", "sae.safetensors", "cfg.json", "train_history.json", "train_state.pt"):
+        assert (tmp_path / name).is_file(), name
+    cfg = json.loads((tmp_path / "cfg.json").read_text())
+    assert cfg["layer"] == 3 and cfg["model"] == "synthetic" and cfg["step_path"] == "reference"
+    assert cfg["k_aux"] == 16 and cfg["renorm_every"] == 5 and cfg["adam_betas"] == [0.9, 0.999]
+    ck = torch.load(tmp_path / "sae_final.pt")
+    torch.testing.assert_close(ck["W_dec"].norm(dim=1), torch.ones(64))
+    assert torch.equal(ck["W_enc"], res.sae.W_enc.detach()) and torch.equal(ck["W_dec"], res.sae.W_dec.detach())
+    assert json.loads((tmp_path / "train_history.json").read_text()) == res.history
+
+
+def test_resumed_training_equals_uninterrupted(tmp_path):
+    x = sparse_data()
+    cfg = small_cfg(dead_tokens=256)  # dead latents appear, so AuxK and the counters are part of the state
+    full = train_sae(TensorStore(x), cfg, tmp_path / "a", device="cpu", progress=False)
+    assert any(h["n_dead"] > 0 for h in full.history), "test needs dead latents to cover AuxK state"
+    part = train_sae(TensorStore(x), cfg, tmp_path / "b", device="cpu", progress=False, stop_after=10)
+    assert part.steps == 10 and not (tmp_path / "b" / "sae_final.pt").exists()
+    assert load_train_state(tmp_path / "b")["step"] == 10
+    # "c" stops on a periodic-checkpoint boundary (checkpoint_every=4), "b" between two
+    part2 = train_sae(TensorStore(x), cfg, tmp_path / "c", device="cpu", progress=False, stop_after=8)
+    assert part2.steps == 8
+    for d in ("b", "c"):
+        resumed = train_sae(TensorStore(x), cfg, tmp_path / d, device="cpu", progress=False)
+        assert resumed.resumed_from in (8, 10)
+        assert resumed.history == full.history
+        assert torch.equal(resumed.tokens_since_fired, full.tokens_since_fired)
+        a = torch.load(tmp_path / "a" / "sae_final.pt")
+        b = torch.load(tmp_path / d / "sae_final.pt")
+        for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
+            assert torch.equal(a[key], b[key]), (d, key)
+    # a finished run is not retrained
+    again = train_sae(TensorStore(x), cfg, tmp_path / "a", device="cpu", progress=False)
+    assert again.resumed_from == cfg.total_steps and again.seconds < 1.0 and again.history == full.history
+
+
+def test_changed_settings_train_afresh(tmp_path, capsys):
+    x = sparse_data()
+    train_sae(TensorStore(x), small_cfg(), tmp_path, device="cpu", progress=False, stop_after=4)
+    res = train_sae(TensorStore(x), small_cfg(k=5), tmp_path, device="cpu", progress=False, stop_after=2)
+    assert res.resumed_from == 0 and "training afresh" in capsys.readouterr().out
+
+
+def test_dead_counters_follow_definition_and_hooks_are_called(tmp_path):
+    """The dead mask handed to the step = latents with no positive activation for >= dead_tokens tokens."""
+    x = sparse_data()
+    cfg = small_cfg(dead_tokens=256)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    calls = {"grads": 0, "fired": 0, "batch": 0}
+
+    def spy(sae, xb, dead, k_aux, aux_coef):
+        stats = reference_step(sae, xb, dead, k_aux, aux_coef)
+        seen.append((dead.clone(), stats.fired.clone()))
+        return stats
+
+    def count(key, ret=None):
+        def f(arg):
+            calls[key] += 1
+            return arg if ret is None else ret
+        return f
+
+    hooks = ParallelHooks(local_batch=count("batch"), reduce_grads=count("grads", ret=True), reduce_fired=count("fired"))
+    train_sae(TensorStore(x), cfg, tmp_path, device="cpu", progress=False, step_fn=spy, hooks=hooks)
+    since = torch.zeros(cfg.d_sae, dtype=torch.long)
+    for dead, fired in seen:
+        assert torch.equal(dead, since >= cfg.dead_tokens)
+        since += cfg.train_batch_size
+        since[fired] = 0
+    assert any(d.any() for d, _ in seen)
+    assert calls == {"grads": 24, "fired": 24, "batch": 24}
+
+
+def test_pretrained_switch_loads_local_card_file(tmp_path):
+    x = sparse_data()
+    store = TensorStore(x, model="synthetic", layer=3)
+    sae = TopKSAE(D, 32, 4, seed=5)
+    path = save_card_checkpoint(sae, tmp_path / "given" / "sae_final.pt")
+    P = BookParams(sae_source="pretrained", sae_pretrained=str(path))
+    got, info = run_sae(P, store, tmp_path / "ck", device="cpu")
+    assert info["sae_source"] == "pretrained" and info["d_sae"] == 32
+    assert torch.equal(got.W_enc, sae.W_enc)
+    evaluated, _ = run_sae_for_eval(P, tmp_path / "ck", device="cpu")
+    assert torch.equal(evaluated.W_dec, sae.W_dec)
+    wide = save_card_checkpoint(TopKSAE(D + 1, 32, 4), tmp_path / "wide.pt")
+    with pytest.raises(SAEError, match=f"d_model={D + 1}.*d_model={D}"):
+        run_sae(BookParams(sae_source="pretrained", sae_pretrained=str(wide)), store, tmp_path / "ck2", device="cpu")
+    with pytest.raises(SAEError, match="run chapter 02"):
+        run_sae_for_eval(BookParams(), tmp_path / "nothing", device="cpu")
+    assert load_sae(path).k == 4
