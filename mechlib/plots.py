@@ -70,3 +70,62 @@ def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, b
     ax.legend(loc="best", fontsize=8)
     ax.grid(alpha=0.3)
     return fig, ax
+
+
+def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, object]:
+    """Chapter 02: loss and FVU (log scale), dead-latent count and learning rate per step."""
+    fig, axes = new_figure(10.0, 6.0, nrows=2, ncols=2, sharex=True)
+    steps = [h["step"] for h in history]
+    (a, b), (c, d) = axes
+    a.plot(steps, [h["loss"] for h in history], lw=1, label="loss = FVU + aux_coef·AuxK")
+    a.plot(steps, [h["fvu"] for h in history], lw=1, label="FVU (train batch)")
+    a.set_yscale("log")
+    a.set_title("loss")
+    a.legend(fontsize=8)
+    b.plot(steps, [h["aux_loss"] for h in history], lw=1, color="C2")
+    b.set_title("AuxK loss (0 while no latent is dead)")
+    c.plot(steps, [h["n_dead"] for h in history], lw=1, color="C3")
+    c.set_title(f"dead latents (of {d_sae})")
+    c.set_xlabel("step")
+    d.plot(steps, [h["lr"] for h in history], lw=1, color="C4")
+    d.set_title("learning rate")
+    d.set_xlabel("step")
+    for ax in (a, b, c, d):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig, axes
+
+
+def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
+    """Chapter 03: histogram of log10 firing frequency per latent; never-fired latents counted apart."""
+    import numpy as np
+
+    counts = np.asarray(counts, dtype=float)
+    fired = counts[counts > 0]
+    fig, ax = new_figure(7.0, 4.0)
+    if fired.size:
+        ax.hist(np.log10(fired / n_tokens), bins=50, color="C0")
+    ax.axvline(np.log10(1.0 / n_tokens), color="0.4", ls=":", lw=1, label="fires once")
+    ax.set_xlabel(f"log10 firing frequency on {n_tokens} held-out tokens")
+    ax.set_ylabel("latents")
+    ax.set_title(f"feature density ({int((counts == 0).sum())} of {counts.size} latents never fired)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig, ax
+
+
+def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure, object]:
+    """Chapter 03: each feature's top activations as bars labelled with the context (max token in [[ ]])."""
+    n = max(len(examples), 1)
+    fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
+    for ax, feat in zip(axes[:, 0], examples):
+        ex = feat["examples"]
+        labels = [(e["context"] + "[[" + e["token"] + "]]")[-width:].replace("\n", "⏎").replace("$", r"\$")
+                  for e in ex]
+        ax.barh(range(len(ex)), [e["activation"] for e in ex], color="C1")
+        ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
+        ax.invert_yaxis()
+        ax.set_title(f"feature {feat['feature']} (fires on {100 * feat['frequency']:.2f}% of tokens)", fontsize=9)
+    axes[-1, 0].set_xlabel("activation")
+    fig.tight_layout()
+    return fig, axes
