@@ -129,3 +129,34 @@ def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure
     axes[-1, 0].set_xlabel("activation")
     fig.tight_layout()
     return fig, axes
+
+
+def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int = 7) -> tuple[Figure, object]:
+    """Chapter 07: logit-lens heat map — rows are decoder layers, columns prompt positions.
+
+    Colour is the probability of each cell's top token; the token itself is written in the cell
+    (English-word tokens in bold). ``result`` is a ``mechlib.lens.LensResult``.
+    """
+    import numpy as np
+
+    probs = np.array(result.top_probs)
+    n_layers, n_pos = probs.shape
+    fig, ax = new_figure(11.0, 8.0)
+    im = ax.imshow(probs, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
+    for layer in range(n_layers):
+        for pos in range(n_pos):
+            tok = result.top_tokens[layer][pos].replace("\n", "\\n")[:max_chars]
+            ax.text(pos, layer, tok, ha="center", va="center", fontsize=6,
+                    color="black" if probs[layer, pos] > 0.6 else "white",
+                    fontweight="bold" if result.english[layer][pos] else "normal")
+    ax.set_xticks(range(n_pos))
+    ax.set_xticklabels([t.replace("\n", "\\n")[:max_chars] for t in result.input_tokens], rotation=60, fontsize=7)
+    ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
+    ax.set_xlabel("prompt position (input token)")
+    ax.set_ylabel("decoder layer (residual stream after it)")
+    if commitment_layer is not None:
+        ax.axhline(commitment_layer - 0.5, color="C3", lw=1.5, ls="--",
+                   label=f"English commitment: layer {commitment_layer}")
+        ax.legend(loc="upper left", fontsize=8)
+    fig.colorbar(im, ax=ax, label="top-token probability")
+    return fig, ax
