@@ -75,8 +75,7 @@ def latent_order(idx: Tensor, m: int) -> LatentOrder:
     k = idx.shape[1]
     flat = idx.reshape(-1).long()
     lat, perm = torch.sort(flat, stable=True)
-    offsets = torch.zeros(m + 1, dtype=torch.int64, device=idx.device)
-    offsets[1:] = torch.bincount(flat, minlength=m).cumsum(0)
+    offsets = torch.searchsorted(lat, torch.arange(m + 1, device=idx.device))  # no host sync (bincount syncs)
     return LatentOrder(perm, lat, perm // k, offsets)
 
 
@@ -140,7 +139,7 @@ def default_backend(device: torch.device) -> Backend:
     return TRITON if os.environ.get("MECHLIB_SAE_TOPK", "") != "torch" else Backend("triton", torch.bfloat16, False)
 
 
-def _select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
+def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
     if be.name == "triton" and be.triton_topk:
         from mechlib.triton_kernels import topk_select
 
@@ -211,9 +210,9 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
     xc = x - b_dec
     xc_c, W_dec_c = xc.to(cdt), W_dec.to(cdt)
     pre = torch.addmm(b_enc.to(cdt), xc_c, W_enc.to(cdt))
-    n_dead = int(dead_mask.sum()) if k_aux > 0 else 0
+    n_dead = int(dead_mask.sum()) if k_aux > 0 else 0  # host sync after the GEMM is queued
     ka = min(k_aux, n_dead)
-    sel = _select(be, pre, k, dead_mask, ka)
+    sel = select(be, pre, k, dead_mask, ka)
     del pre
 
     vals = sel.raw.to(pdt).clamp_min(0)
@@ -249,6 +248,6 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
     for name, grad in grads.items():
         _accumulate(getattr(sae, name), grad)
 
-    fired = torch.zeros(m, dtype=torch.bool, device=x.device)
-    fired[sel.idx.long()[sel.raw > 0]] = True
+    positive = (sel.raw > 0).reshape(-1).to(pdt)
+    fired = torch.zeros(m, dtype=pdt, device=x.device).index_add_(0, sel.idx.reshape(-1).long(), positive) > 0
     return StepStats((fvu + aux_coef * aux).detach(), fvu, mse, aux, fired)

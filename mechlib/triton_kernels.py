@@ -20,19 +20,55 @@ importable.
   tiles straight into the card's [d, m] layout, plus ``db_enc``.
 
 Grids put the d-block as the slow axis so the programs resident at one time gather from the
-same column slice of the source (a few MB), which stays in L2.
+same column slice of the source (a few MB), which stays in L2. Launch configurations are
+picked per shape by timing a few candidates on the first CUDA call (``_pick``).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
 import triton.language as tl
 
-# Launch parameters (tuned by reasoning, not measured: see benchmarks/sae_step.py --sweep).
-TOPK_BLOCK = 4096
-DECODE_BLOCK_N, DECODE_BLOCK_D = 32, 128
-PASS_BLOCK_M, PASS_BLOCK_S, PASS_BLOCK_D = 16, 32, 128
+# Candidate launch configurations, first = default (all compile for sm_90 without register
+# spills: checked with triton.compile + ptxas -v, no GPU needed). On CUDA the first call per (kernel, shape)
+# times each candidate once and keeps the fastest (``MECHLIB_SAE_AUTOTUNE=0``: default only);
+# ``CHOSEN`` records the picks (benchmarks/sae_step.py writes them into its results).
+TOPK_CONFIGS = [dict(BLOCK=4096, num_warps=8), dict(BLOCK=2048, num_warps=4), dict(BLOCK=8192, num_warps=16)]
+DECODE_CONFIGS = [dict(BLOCK_N=16, BLOCK_D=128, num_warps=4), dict(BLOCK_N=32, BLOCK_D=128, num_warps=4),
+                  dict(BLOCK_N=8, BLOCK_D=256, num_warps=4), dict(BLOCK_N=16, BLOCK_D=256, num_warps=8)]
+PASS_CONFIGS = [dict(BLOCK_M=16, BLOCK_S=16, BLOCK_D=256, num_warps=4),
+                dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=64, num_warps=4),
+                dict(BLOCK_M=16, BLOCK_S=32, BLOCK_D=128, num_warps=4),
+                dict(BLOCK_M=8, BLOCK_S=64, BLOCK_D=128, num_warps=8)]
+CHOSEN: dict[tuple, dict] = {}
+
+
+def _pick(name: str, key: tuple, configs: list[dict], launch) -> dict:
+    """Best of ``configs`` for ``key`` (timed once on CUDA), then cached; ``launch(cfg)`` runs one."""
+    full = (name, *key)
+    if full in CHOSEN:
+        return CHOSEN[full]
+    best = configs[0]
+    if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") \
+            and os.environ.get("MECHLIB_SAE_AUTOTUNE", "1") != "0" and len(configs) > 1:
+        times = []
+        for cfg in configs:
+            try:
+                launch(cfg)  # compile + warm
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                launch(cfg)
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            except Exception:  # a config that does not compile or fit (e.g. shared memory): skip it
+                times.append(float("inf"))
+        best = configs[min(range(len(configs)), key=times.__getitem__)]
+    CHOSEN[full] = best
+    return best
 
 
 @triton.jit
@@ -127,10 +163,13 @@ def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
     avals = torch.empty(n, ka, dtype=pre.dtype, device=pre.device)
     has_aux = ka > 0
     dead_u8 = dead.to(torch.uint8).contiguous() if has_aux else idx  # dummy pointer when unused
+
+    def launch(cfg):
+        _topk_kernel[(n,)](pre, pre.stride(0), m, dead_u8, idx, vals, k, aidx, avals, max(ka, 1), HAS_AUX=has_aux,
+                           BLOCK=min(cfg["BLOCK"], triton.next_power_of_2(m)), num_warps=cfg["num_warps"])
+
     if n:
-        _topk_kernel[(n,)](pre, pre.stride(0), m, dead_u8, idx, vals, k, aidx, avals, max(ka, 1),
-                           HAS_AUX=has_aux, BLOCK=min(TOPK_BLOCK, triton.next_power_of_2(m)),
-                           num_warps=8)
+        launch(_pick("topk", (m, k, has_aux), TOPK_CONFIGS, launch))
     return idx, vals, aidx, avals
 
 
@@ -162,11 +201,15 @@ def decode_residual(x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, id
     n, d = x.shape
     k = idx.shape[1]
     e = torch.empty_like(x, dtype=torch.float32)
-    n_tblk = triton.cdiv(n, DECODE_BLOCK_N)
-    grid = (n_tblk * triton.cdiv(d, DECODE_BLOCK_D),)
+
+    def launch(cfg):
+        n_tblk = triton.cdiv(n, cfg["BLOCK_N"])
+        _decode_kernel[(n_tblk * triton.cdiv(d, cfg["BLOCK_D"]),)](
+            x, b_dec, vals, idx, w_dec, e, n, d, k, n_tblk, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"])
+
     if n:
-        _decode_kernel[grid](x, b_dec, vals, idx, w_dec, e, n, d, k, n_tblk,
-                             BLOCK_N=DECODE_BLOCK_N, BLOCK_D=DECODE_BLOCK_D, num_warps=4)
+        launch(_pick("decode", (d, k, w_dec.dtype), DECODE_CONFIGS, launch))
     return e
 
 
@@ -206,14 +249,18 @@ def pass_a(offsets: torch.Tensor, tok: torch.Tensor, vals: torch.Tensor, g: torc
     """
     m, d = w_dec.shape
     e_count = tok.numel()
-    n_dblk = triton.cdiv(d, PASS_BLOCK_D)
-    n_mblk = triton.cdiv(m, PASS_BLOCK_M)
     dw = torch.empty(m, d, dtype=torch.float32, device=g.device)
-    dvp = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
-    _pass_a_kernel[(n_dblk * n_mblk,)](offsets, tok, vals, g, w_dec, dw, dvp, m, d, e_count, n_mblk,
-                                       BLOCK_M=PASS_BLOCK_M, BLOCK_S=PASS_BLOCK_S,
-                                       BLOCK_D=PASS_BLOCK_D, num_warps=4)
-    return dw, dvp.sum(0)
+    out = {}
+
+    def launch(cfg):
+        n_dblk, n_mblk = triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(m, cfg["BLOCK_M"])
+        out["dvp"] = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
+        _pass_a_kernel[(n_dblk * n_mblk,)](offsets, tok, vals, g, w_dec, dw, out["dvp"], m, d, e_count, n_mblk,
+                                           BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
+                                           num_warps=cfg["num_warps"])
+
+    launch(_pick("pass_a", (m, d, e_count // max(g.shape[0], 1)), PASS_CONFIGS, launch))
+    return dw, out["dvp"].sum(0)
 
 
 @triton.jit
@@ -259,8 +306,12 @@ def pass_b(offsets: torch.Tensor, tok: torch.Tensor, dp: torch.Tensor, xc: torch
     n, d = xc.shape
     dw = dw_enc_out if dw_enc_out is not None else torch.empty(d, m, dtype=torch.float32, device=xc.device)
     db = torch.empty(m, dtype=torch.float32, device=xc.device)
-    n_mblk = triton.cdiv(m, PASS_BLOCK_M)
-    grid = (triton.cdiv(d, PASS_BLOCK_D) * n_mblk,)
-    _pass_b_kernel[grid](offsets, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1), n_mblk,
-                         BLOCK_M=PASS_BLOCK_M, BLOCK_S=PASS_BLOCK_S, BLOCK_D=PASS_BLOCK_D, num_warps=4)
+
+    def launch(cfg):
+        n_mblk = triton.cdiv(m, cfg["BLOCK_M"])
+        _pass_b_kernel[(triton.cdiv(d, cfg["BLOCK_D"]) * n_mblk,)](
+            offsets, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1), n_mblk, BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+
+    launch(_pick("pass_b", (m, d, tok.numel() // max(n, 1)), PASS_CONFIGS, launch))
     return dw, db
