@@ -65,6 +65,51 @@ class LayerStates:
         return self.states[[where[q] for q in ids]]
 
 
+@dataclass(frozen=True)
+class BaselineSplit:
+    """Chapter 04's fixed-seed split and per-question records, as chapter 05/06 need them."""
+
+    contrast_ids: list[str]
+    heldout_ids: list[str]
+    prompts: dict[str, str]  # id → the exact prompt text that was generated from
+    correct: dict[str, bool]  # id → baseline correctness
+
+    def labels(self, ids: Sequence[str]) -> np.ndarray:
+        return np.array([self.correct[i] for i in ids], dtype=bool)
+
+
+def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str | os.PathLike[str]) -> BaselineSplit:
+    """Read ``metrics/04_gsm8k_baseline.json`` (``contrast_ids``, ``heldout_ids``) and the baseline
+    records JSONL (``id``, ``prompt``, ``correct`` per line)."""
+    import json
+
+    from mechlib.io import read_json
+
+    metrics_path, records_path = Path(metrics_path), Path(records_path)
+    for f in (metrics_path, records_path):
+        if not f.is_file():
+            raise ContrastError(f"{f} not found: run chapter 04 (the baseline) first")
+    m = read_json(metrics_path)
+    missing = {"contrast_ids", "heldout_ids"} - set(m)
+    if missing:
+        raise ContrastError(f"{metrics_path}: lacks keys {sorted(missing)}")
+    prompts, correct = {}, {}
+    with open(records_path, encoding="utf-8") as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                prompts[str(rec["id"])], correct[str(rec["id"])] = rec["prompt"], bool(rec["correct"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ContrastError(f"{records_path}:{n}: not a baseline record ({type(exc).__name__}: {exc})") from None
+    split = BaselineSplit([str(i) for i in m["contrast_ids"]], [str(i) for i in m["heldout_ids"]], prompts, correct)
+    absent = [i for i in split.contrast_ids + split.heldout_ids if i not in prompts]
+    if absent:
+        raise ContrastError(f"{records_path}: no record for question ids {absent[:5]} (rerun chapter 04)")
+    return split
+
+
 class _StopForward(Exception):
     """Raised by the last layer's hook: everything needed has been recorded."""
 
@@ -155,6 +200,16 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
 
 def sha_of_prompts(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest()
+
+
+def collect_with_model(model_name: str, dtype: str, device: str, prompts: Sequence[str], ids: Sequence[str], *,
+                       pooling: str = "last", batch_size: int = 16) -> LayerStates:
+    """Load the model and collect (for :func:`cached_layer_states`: the model loads only on a cache miss)."""
+    from mechlib.models import load_model
+
+    loaded = load_model(model_name, dtype, device)
+    return collect_layer_states(loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling,
+                                batch_size=batch_size, model_name=model_name)
 
 
 def save_layer_states(states: LayerStates, path: str | os.PathLike[str]) -> Path:
@@ -293,3 +348,9 @@ def rank_sae_features(sae, states_layer: Tensor, correct: Sequence[bool], top_n:
     order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
     return [FeatureContrast(j, float(score[j]), float(d[j]), float(a[:, j].mean()), float(b[:, j].mean()),
                             float((a[:, j] > 0).mean()), float((b[:, j] > 0).mean())) for j in order]
+
+
+def features_json(features: Sequence[FeatureContrast], **info: Any) -> dict[str, Any]:
+    """The card's announced ``contrastive_features_L{layer}.json``: provenance plus the ranked features."""
+    return {**info, "ranking": "abs(mean activation correct - mean activation wrong)",
+            "features": [asdict(f) for f in features]}

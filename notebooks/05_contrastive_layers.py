@@ -1,0 +1,178 @@
+# ---
+# jupyter:
+#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # 05 — Where do right and wrong answers part ways? Contrastive layers
+#
+# Chapter 04 split the questions, with a fixed seed, into a **contrast set** and a **held-out set**,
+# and recorded which ones the model answered correctly. Here we ask, for every decoder layer, how
+# differently the model's residual stream looks *before it starts answering* on questions it will get
+# right versus questions it will get wrong.
+#
+# For each layer we compute, per residual dimension, Cohen's d of correct − wrong
+# (`mechlib.stats.cohens_d`: mean difference over the pooled standard deviation), and summarise the layer
+# by the mean of its 10 largest |d| — the study's statistic (its peak: layer 27 of Gemma 4 E4B,
+# |d| = 0.896). That statistic is biased upward: the top 10 of hundreds or thousands of noisy |d| values
+# is large even when the labels carry no information, and more so with few questions. So every layer is
+# also scored under **200 random relabellings** of the same questions (a label-permutation null), and the
+# peak is compared with the null of the *maximum over layers* — the honest reference once the peak was
+# chosen by looking at all layers.
+
+# %% tags=["parameters"]
+run = "default"
+seed = 0
+model = "embedded:smollm2-135m-instruct"
+model_dtype = "float32"
+device = "auto"
+layer = 15
+n_permutations = 200
+top_d = 10
+contrast_pooling = "last"
+gen_batch_size = 32
+
+# %%
+import functools
+import time
+
+import numpy as np
+
+from mechlib import contrast, plots, stats
+from mechlib.io import atomic_write_json
+from mechlib.params import from_namespace
+from mechlib.paths import RunPaths
+from mechlib.sae import check_compatible, load_sae
+
+P = from_namespace(globals())
+paths = RunPaths(P.run).make()
+t0 = time.time()
+
+# %% [markdown]
+# ## Which states
+#
+# We take the **output of each decoder layer** (the residual stream after layer *i*, the convention of
+# the SAE's `layer` and of the steering hook in chapter 06), captured by forward hooks in one forward pass
+# per batch that stops after the last layer. We do not use `output_hidden_states`: its last entry is the
+# *final-normed* stream (on Gemma 4 and in transformers 5 generally), on a different scale from the rest.
+#
+# **Pooling: the last prompt token** (`contrast_pooling = "last"`). That position's state is the one from
+# which the first answer token is generated, and the only one that has read the whole question; it is also
+# the position a steering vector acts on first. Averaging over the prompt (`"mean"`) mixes in the
+# instruction and template tokens, identical across questions, which dilutes question-specific signal.
+# Prompts are tokenised exactly as chapter 04 generated from them. States of all questions are cached
+# under `activations/`, so a rerun skips the forward passes.
+
+# %%
+split = contrast.load_baseline_split(paths.metrics / "04_gsm8k_baseline.json", paths.records / "baseline.jsonl")
+ids = split.contrast_ids + split.heldout_ids
+prompts = [split.prompts[i] for i in ids]
+states_file = paths.activations / f"contrast_states_{P.contrast_pooling}.pt"
+states = contrast.cached_layer_states(
+    states_file, model_name=P.model, pooling=P.contrast_pooling, ids=ids, prompts=prompts,
+    collect=functools.partial(contrast.collect_with_model, P.model, P.model_dtype, P.device, prompts, ids,
+                              pooling=P.contrast_pooling, batch_size=P.gen_batch_size),
+)
+h_contrast = states.select(split.contrast_ids)  # [n, layers, d_model]
+y = split.labels(split.contrast_ids)
+print(f"states collected/loaded in {time.time() - t0:.1f} s")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"contrast set: {int(y.sum())} correct, {int((~y).sum())} wrong; held-out: {len(split.heldout_ids)} questions")
+print(f"{states.n_layers} layers, d_model {h_contrast.shape[-1]}, pooling: {states.pooling}")
+
+# %% [markdown]
+# ## Layers ranked by top-10 |d|, against the permutation null
+#
+# The figure shows the observed statistic per layer (blue), the null's median-to-95th-percentile band per
+# layer (grey), and the 95th percentile of the max-over-layers null (dashed). A peak above the dashed line
+# is unlikely under "correctness is unrelated to the states"; a peak inside the band is what random labels
+# give. The permutation p-value of the peak is `(1 + #{null max ≥ observed peak}) / (1 + permutations)`.
+# Neighbouring layers are strongly correlated (each adds a little to the same residual stream), so a
+# chance excursion in one layer shows up in its neighbours too: count bumps, not layers.
+
+# %%
+res = contrast.contrast_layers(h_contrast, y, top_n=P.top_d, n_permutations=P.n_permutations, seed=P.seed)
+null = res.null
+null_q50, null_q95 = null.null_quantile(0.5), null.null_quantile(0.95)
+null_max_q95 = float(np.quantile(null.null_max, 0.95))
+fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d)
+plots.save_figure(fig, paths.figures / "05_contrastive_layers.png")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+peak = res.peak_layer
+print(f"peak layer {peak}: mean top-{P.top_d} |d| = {res.top_abs_d[peak]:.3f}")
+print(f"max-over-layers null: median {np.median(null.null_max):.3f}, 95th pct {null_max_q95:.3f}")
+print(f"permutation p (peak vs max-over-layers null, {null.n_permutations} permutations) = {null.p_peak:.3f}")
+print(f"peak layer against its own layer's null only: p = {null.p_layer[peak]:.3f} (ignores the choice of peak)")
+
+# %% [markdown]
+# ## The steering direction and the card's "readable" test
+#
+# The CAA vector is `mean(h | correct) − mean(h | wrong)` at the peak layer over the contrast set,
+# unit-normalised, saved as `checkpoints/steering_vec_L{peak}.pt` with its provenance and the layer's mean
+# residual norm (mean ‖h‖ over the contrast prompts' non-special tokens — the unit in which chapter 06
+# gives its scales). Is the direction *readable*? We project each **held-out** question's state on it and
+# ask whether a higher projection goes with a correct answer (Spearman ρ with its p-value). The held-out
+# questions played no part in finding the direction, so this is a fair test; the study's companion model
+# reports ρ = 0.540.
+
+# %%
+unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)
+mean_norm = float(states.token_norm_mean[peak])
+vec_path = contrast.save_steering_vector(
+    paths.checkpoints / f"steering_vec_L{peak}.pt", unit, layer=peak, model=P.model, n_correct=res.n_correct,
+    n_wrong=res.n_wrong, mean_resid_norm=mean_norm, raw_diff_norm=raw_norm, pooling=P.contrast_pooling)
+y_held = split.labels(split.heldout_ids)
+proj = contrast.projection_scores(states.select(split.heldout_ids)[:, peak], unit)
+rho = stats.spearman(proj, y_held)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"‖mean difference‖ at layer {peak} = {raw_norm:.3f}; mean residual norm = {mean_norm:.2f}")
+print(f"held-out projection vs correctness: Spearman rho = {rho.rho:.3f}, p = {rho.p:.3f} (n = {rho.n})")
+
+# %% [markdown]
+# ## SAE features ranked by contrast
+#
+# The chapter-02 SAE reads the residual after layer `layer`. We encode the contrast set's pooled states at
+# that layer and rank features by the difference of their mean activation on correct versus wrong
+# questions (Cohen's d and firing rates alongside: a feature firing on two questions can have a large d
+# from a tiny variance). The top 50 go to `metrics/contrastive_features_L{layer}.json` — the second file
+# the card announced and never shipped.
+
+# %%
+sae_path = paths.checkpoints / "sae_final.pt"
+sae = load_sae(sae_path)
+check_compatible(sae, h_contrast.shape[-1], P.layer, source=str(sae_path))
+features = contrast.rank_sae_features(sae, h_contrast[:, P.layer], y, top_n=50)
+features_file = paths.metrics / f"contrastive_features_L{P.layer}.json"
+atomic_write_json(features_file, contrast.features_json(
+    features, layer=P.layer, model=P.model, sae=str(sae_path.relative_to(paths.root)), pooling=P.contrast_pooling,
+    n_correct=res.n_correct, n_wrong=res.n_wrong))
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"{'feature':>8} {'score':>8} {'d':>7} {'mean ok':>8} {'mean bad':>8} {'fires ok':>8} {'fires bad':>9}")
+for f in features[:10]:
+    print(f"{f.feature:>8} {f.score:>8.3f} {f.d:>7.2f} {f.mean_correct:>8.3f} {f.mean_wrong:>8.3f} "
+          f"{f.fire_rate_correct:>8.2f} {f.fire_rate_wrong:>9.2f}")
+
+# %%
+metrics = {
+    "model": P.model, "pooling": P.contrast_pooling, "top_d": P.top_d, "n_permutations": null.n_permutations,
+    "n_correct": res.n_correct, "n_wrong": res.n_wrong, "n_heldout": len(split.heldout_ids),
+    "peak_layer": peak, "top10_abs_d": [float(v) for v in res.top_abs_d],
+    "null_p": null.p_peak, "null_p_layer": [float(v) for v in null.p_layer],
+    "null_q50": [float(v) for v in null_q50], "null_q95": [float(v) for v in null_q95],
+    "null_max_q50": float(np.median(null.null_max)), "null_max_q95": null_max_q95,
+    "spearman_rho": stats.finite_or_none(rho.rho), "spearman_p": stats.finite_or_none(rho.p), "spearman_n": rho.n,
+    "mean_resid_norm": [float(v) for v in states.token_norm_mean],
+    "steering_vector": str(vec_path.relative_to(paths.root)),
+    "states_file": str(states_file.relative_to(paths.root)), "sae_layer": P.layer,
+    "contrastive_features": str(features_file.relative_to(paths.root)),
+}
+atomic_write_json(paths.metrics / "05_contrastive_layers.json", metrics)
+print(f"chapter 05 done in {time.time() - t0:.1f} s")
