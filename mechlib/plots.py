@@ -131,7 +131,7 @@ def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure
     return fig, axes
 
 
-def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int = 7) -> tuple[Figure, object]:
+def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int = 8) -> tuple[Figure, object]:
     """Chapter 07: logit-lens heat map — rows are decoder layers, columns prompt positions.
 
     Colour is the probability of each cell's top token; the token itself is written in the cell
@@ -155,8 +155,8 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     ax.set_xlabel("prompt position (input token)")
     ax.set_ylabel("decoder layer (residual stream after it)")
     if commitment_layer is not None:
-        ax.axhline(commitment_layer - 0.5, color="C3", lw=1.5, ls="--",
-                   label=f"English commitment: layer {commitment_layer}")
-        ax.legend(loc="upper left", fontsize=8)
+        ax.axhline(commitment_layer - 0.5, color="C3", lw=1.5, ls="--")
+        ax.text(-0.45, commitment_layer - 0.45, f"English commitment: layer {commitment_layer}", color="C3",
+                fontsize=7, va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0})
     fig.colorbar(im, ax=ax, label="top-token probability")
     return fig, ax

@@ -1,0 +1,153 @@
+# ---
+# jupyter:
+#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # 01 — Collecting the residual stream
+#
+# A sparse autoencoder is trained on the model's **residual stream after one decoder layer**: for every
+# token of a text corpus, the vector the model carries forward after layer *L*. The study takes layer 21
+# of Gemma 4 E4B's 42 (`out.hidden_states[22]`); the embedded default run takes layer 15 of
+# SmolLM2-135M-Instruct's 30, the same relative depth, so that the whole book runs on two CPU cores.
+#
+# **Corpus.** The default corpus is `python-stdlib-docs`: the Python reference manual that every Python
+# installation ships as English prose (`pydoc_data.topics`), followed by the English docstrings of the
+# standard library, read from source with `ast` (nothing is imported or run), in sorted file order. We chose
+# it because it needs no network (this machine has no access to the Hugging Face hub), it is natural
+# English rather than generated text, it is deterministic for a given Python version, and it is under the
+# PSF license, so activations and results derived from it can be shared. It is technical English — far
+# narrower than a pretraining corpus — so features of the default SAE will lean towards programming
+# vocabulary. With hub access, set `corpus: hf:<dataset>` (streamed) as `params/gemma4_e4b.yaml` does.
+#
+# **How.** Documents are tokenised and *packed*: concatenated with an end-of-text separator and cut into
+# rows of exactly `seq_len` tokens, each starting with the beginning-of-sequence token — no padding, so no
+# computed token is wasted. A forward hook on layer *L* raises an exception that ends the forward pass
+# there (`mechlib.hooks.run_to_layer`): the layers above *L* and the unembedding never run. BOS, separator
+# and other special tokens are **excluded** (their residual norms are far larger than ordinary tokens' and
+# would dominate SAE training — see the figure below); the mask is stored with the activations. Every 10th
+# document goes to a **held-out** split used by chapter 03, so evaluation never sees a training document.
+#
+# Activations go to safetensors shards with a `manifest.json` (model, layer, dtype, token counts, sha256 per
+# shard). A rerun verifies the shards' checksums and skips what is finished; an interrupted run resumes.
+
+# %% tags=["parameters"]
+run = "default"
+model = "embedded:smollm2-135m-instruct"
+model_dtype = "float32"
+device = "auto"
+layer = 15
+corpus = "python-stdlib-docs"
+corpus_config = None
+corpus_split = "train"
+corpus_text_field = "text"
+seq_len = 128
+collect_tokens = 160_000
+heldout_tokens = 16_384
+collect_batch_size = 16
+shard_tokens = 65_536
+exclude_special_tokens = True
+collect_mode = "disk"
+activation_dtype = "float32"
+
+# %%
+import time
+
+import torch
+
+from mechlib import plots
+from mechlib.collect import collect_for_book
+from mechlib.hooks import run_to_layer
+from mechlib.io import atomic_write_json, read_json
+from mechlib.models import load_model
+from mechlib.params import from_namespace
+from mechlib.paths import RunPaths
+
+P = from_namespace(globals())
+paths = RunPaths(P.run).make()
+
+t0 = time.perf_counter()
+lm = load_model(P.model, P.model_dtype, P.device)
+load_s = time.perf_counter() - t0
+print(f"{lm.name}: {type(lm.model).__name__}, {lm.n_layers} layers, d_model {lm.d_model}, "
+      f"{P.model_dtype} on {next(lm.model.parameters()).device}; loaded in {load_s:.1f} s")
+
+# %%
+result = collect_for_book(lm, P, paths)
+rate = result.computed_tokens / result.seconds if result.computed_tokens else None
+print(f"computed {result.computed_tokens} tokens in {result.seconds:.1f} s"
+      + (f" ({rate:,.0f} tokens/s)" if rate else " (everything was already on disk: resumed)"))
+
+# %% [markdown]
+# ## What was collected
+#
+# The manifest of each split. `tokens` counts kept (non-special) tokens; `rows` is the number of packed
+# sequences of `seq_len` tokens that produced them.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+held = result.heldout
+splits = {"train": result.train, "heldout": held} if result.train is not None else {"heldout": held}
+for name, store in splits.items():
+    m = store.manifest
+    print(f"{name:8s} model={m['model']} layer={m['layer']} d_model={m['d_model']} dtype={m['dtype']} "
+          f"seq_len={m['seq_len']} rows={m['n_rows']} tokens={m['n_tokens']} shards={len(m['shards'])}")
+print("excluded special token ids:", held.manifest["special_token_ids"])
+if result.train is None:
+    print("collect_mode = stream: no training shards on disk; chapter 02 runs the model while it trains")
+
+# %% [markdown]
+# ## Residual norms, and why special tokens are excluded
+#
+# Left: the distribution of residual-stream norms of the kept tokens. Right: the same for the tokens the
+# mask excludes, recomputed here for the first held-out rows (the shards never store them). The BOS token
+# at the start of every row acts as an attention sink, and its residual vector is typically many times
+# longer than an ordinary token's: a few such vectors would dominate the SAE's reconstruction loss.
+
+# %%
+acts = (result.train or held).load_all(max_tokens=32_768)
+norms = acts.norm(dim=-1)
+first = held.shard(0)
+ctx, keep = first["context_ids"][:16].long(), first["keep_mask"][:16]
+with torch.no_grad():
+    h = run_to_layer(lm.model, P.layer, input_ids=ctx.to(next(lm.model.parameters()).device)).float().cpu()
+all_norms = h.norm(dim=-1)
+bos_norms = all_norms[:, 0]
+sep_norms = all_norms[:, 1:][~keep[:, 1:]]
+
+fig, axes = plots.new_figure(10.0, 3.8, ncols=2)
+axes[0].hist(norms.numpy(), bins=80, color="C0")
+axes[0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
+axes[0].set_ylabel("tokens")
+axes[1].hist([all_norms[keep].numpy(), bos_norms.numpy()], bins=40, color=["C0", "C3"], log=True,
+             label=["kept tokens (first 16 rows)", "BOS at row start"])
+axes[1].set_xlabel("‖residual‖")
+axes[1].legend(fontsize=8)
+fig.tight_layout()
+plots.save_figure(fig, paths.figures / "01_norms.png")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"kept tokens: mean norm {norms.mean():.1f}, median {norms.median():.1f}, "
+      f"99th pct {norms.quantile(0.99):.1f} (first {acts.shape[0]} tokens)")
+print(f"BOS at row start: mean norm {bos_norms.mean():.1f} "
+      f"({bos_norms.mean() / all_norms[keep].mean():.1f}x the kept tokens of the same rows)")
+if sep_norms.numel():
+    print(f"document separators: mean norm {sep_norms.mean():.1f} ({sep_norms.numel()} in the first 16 rows)")
+
+# %%
+metrics_path = paths.metrics / "01_collect.json"
+previous = read_json(metrics_path) if metrics_path.is_file() else {}
+metrics = {
+    "model": lm.name, "layer": P.layer, "d_model": lm.d_model, "seq_len": P.seq_len,
+    "n_tokens": result.train.n_tokens if result.train is not None else 0,
+    "heldout_tokens": held.n_tokens, "collect_mode": P.collect_mode,
+    "activation_dtype": P.activation_dtype, "exclude_special_tokens": P.exclude_special_tokens,
+    "mean_norm": round(float(norms.mean()), 4), "bos_norm_ratio": round(float(bos_norms.mean() / all_norms[keep].mean()), 4),
+    # timings (not checked): of this run's computed tokens; a resumed run keeps the first run's numbers
+    "model_load_s": round(load_s, 2),
+    "collect_s": round(result.seconds, 2) if rate else previous.get("collect_s"),
+    "tokens_per_s": round(rate, 1) if rate else previous.get("tokens_per_s"),
+}
+atomic_write_json(metrics_path, metrics)
+print(metrics_path)
