@@ -89,62 +89,64 @@ def _threshold_bin(hist, kk):
 
 
 @triton.jit
-def _radix_threshold(row_ptr, M, sel_ptr, kk, USE_SEL: tl.constexpr, BLOCK: tl.constexpr):
-    """Key T of the kk-th largest (optionally among sel!=0) and how many equal-to-T to keep."""
-    hist = tl.zeros([256], dtype=tl.int32)
-    for start in range(0, M, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < M
-        if USE_SEL:
-            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
-        key = _bf16_key(tl.load(row_ptr + offs, mask=offs < M, other=0.0))
-        hist += tl.histogram(key >> 8, 256, mask=ok)
-    hi, above_hi = _threshold_bin(hist, kk)
-    hist = tl.zeros([256], dtype=tl.int32)
-    for start in range(0, M, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < M
-        if USE_SEL:
-            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
-        key = _bf16_key(tl.load(row_ptr + offs, mask=offs < M, other=0.0))
-        hist += tl.histogram(key & 0xFF, 256, mask=ok & ((key >> 8) == hi))
-    lo, above_lo = _threshold_bin(hist, kk - above_hi)
-    return hi * 256 + lo, kk - above_hi - above_lo
+def _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX: tl.constexpr, BLOCK: tl.constexpr):
+    """One chunk of a row: (offsets, values, keys, in-row mask, dead mask)."""
+    offs = start + tl.arange(0, BLOCK)
+    inb = offs < M
+    v = tl.load(row_ptr + offs, mask=inb, other=0.0)
+    dead = inb
+    if HAS_AUX:
+        dead = inb & (tl.load(dead_ptr + offs, mask=inb, other=0) != 0)
+    return offs, v, _bf16_key(v), inb, dead
 
 
 @triton.jit
-def _compact(row_ptr, M, sel_ptr, thr, n_eq, out_idx_ptr, out_val_ptr,
-             USE_SEL: tl.constexpr, BLOCK: tl.constexpr):
-    """Write every key > thr and the first n_eq keys == thr, in ascending index order."""
-    count = 0
-    eq_seen = 0
-    for start in range(0, M, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        ok = offs < M
-        if USE_SEL:
-            ok = ok & (tl.load(sel_ptr + offs, mask=offs < M, other=0) != 0)
-        v = tl.load(row_ptr + offs, mask=offs < M, other=0.0)
-        key = _bf16_key(v)
-        eq = ok & (key == thr)
-        eq_rank = tl.cumsum(eq.to(tl.int32), 0) + eq_seen
-        take = (ok & (key > thr)) | (eq & (eq_rank <= n_eq))
-        pos = tl.cumsum(take.to(tl.int32), 0) - 1 + count
-        tl.store(out_idx_ptr + pos, offs, mask=take)
-        tl.store(out_val_ptr + pos, v, mask=take)
-        count += tl.sum(take.to(tl.int32), 0)
-        eq_seen += tl.sum(eq.to(tl.int32), 0)
+def _compact_chunk(offs, v, key, ok, thr, n_eq, count, eq_seen, out_idx_ptr, out_val_ptr):
+    """Store keys > thr and the first n_eq keys == thr (running counts carried across chunks)."""
+    eq = ok & (key == thr)
+    eq_rank = tl.cumsum(eq.to(tl.int32), 0) + eq_seen
+    take = (ok & (key > thr)) | (eq & (eq_rank <= n_eq))
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1 + count
+    tl.store(out_idx_ptr + pos, offs, mask=take)
+    tl.store(out_val_ptr + pos, v, mask=take)
+    return count + tl.sum(take.to(tl.int32), 0), eq_seen + tl.sum(eq.to(tl.int32), 0)
 
 
 @triton.jit
 def _topk_kernel(pre_ptr, stride_row, M, dead_ptr, idx_ptr, val_ptr, K,
                  aidx_ptr, aval_ptr, KA, HAS_AUX: tl.constexpr, BLOCK: tl.constexpr):
+    """Three passes over one row serve both selections: high-byte histograms, low-byte
+    histograms inside the threshold's high byte, then compaction."""
     row = tl.program_id(0).to(tl.int64)
     row_ptr = pre_ptr + row * stride_row
-    thr, n_eq = _radix_threshold(row_ptr, M, dead_ptr, K, False, BLOCK)
-    _compact(row_ptr, M, dead_ptr, thr, n_eq, idx_ptr + row * K, val_ptr + row * K, False, BLOCK)
-    if HAS_AUX:
-        thr, n_eq = _radix_threshold(row_ptr, M, dead_ptr, KA, True, BLOCK)
-        _compact(row_ptr, M, dead_ptr, thr, n_eq, aidx_ptr + row * KA, aval_ptr + row * KA, True, BLOCK)
+    h_main = tl.zeros([256], dtype=tl.int32)
+    h_aux = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
+        h_main += tl.histogram(key >> 8, 256, mask=inb)
+        if HAS_AUX:
+            h_aux += tl.histogram(key >> 8, 256, mask=dead)
+    hi_main, above_main = _threshold_bin(h_main, K)
+    hi_aux, above_aux = _threshold_bin(h_aux, KA)
+    h_main = tl.zeros([256], dtype=tl.int32)
+    h_aux = tl.zeros([256], dtype=tl.int32)
+    for start in range(0, M, BLOCK):
+        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
+        h_main += tl.histogram(key & 0xFF, 256, mask=inb & ((key >> 8) == hi_main))
+        if HAS_AUX:
+            h_aux += tl.histogram(key & 0xFF, 256, mask=dead & ((key >> 8) == hi_aux))
+    lo_main, above_lo_main = _threshold_bin(h_main, K - above_main)
+    lo_aux, above_lo_aux = _threshold_bin(h_aux, KA - above_aux)
+    thr_main, n_eq_main = hi_main * 256 + lo_main, K - above_main - above_lo_main
+    thr_aux, n_eq_aux = hi_aux * 256 + lo_aux, KA - above_aux - above_lo_aux
+    count_main, eq_main, count_aux, eq_aux = 0, 0, 0, 0
+    for start in range(0, M, BLOCK):
+        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
+        count_main, eq_main = _compact_chunk(offs, v, key, inb, thr_main, n_eq_main, count_main, eq_main,
+                                             idx_ptr + row * K, val_ptr + row * K)
+        if HAS_AUX:
+            count_aux, eq_aux = _compact_chunk(offs, v, key, dead, thr_aux, n_eq_aux, count_aux, eq_aux,
+                                               aidx_ptr + row * KA, aval_ptr + row * KA)
 
 
 def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):

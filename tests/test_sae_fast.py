@@ -235,6 +235,11 @@ def _interpreter_checks() -> None:
     s = select_topk(pre, k, dead, ka)
     assert torch.equal(idx.long(), s.idx) and torch.equal(raw, s.raw), "topk"
     assert torch.equal(aidx.long(), s.aux_idx) and torch.equal(araw, s.aux_raw), "aux topk"
+    for rows, cols, kk in [(4, 64, 64), (3, 5000, 40)]:  # k == m; several chunks per row; no AuxK
+        p = torch.randn(rows, cols).bfloat16()
+        p[0] = 0.0
+        got = tk.topk_select(p, kk, None, 0)
+        assert torch.equal(got[0].long(), select_topk(p, kk).idx) and got[2].shape == (rows, 0), "topk no aux"
     x, b, W = torch.randn(n, d), torch.randn(d), torch.randn(m, d).bfloat16()
     vals = raw.float().clamp_min(0)
     e1 = tk.decode_residual(x, b, vals, idx, W)
