@@ -260,3 +260,70 @@ def feature_examples(sae: TopKSAE, x: Tensor, store: Any, tokenizer: Any, counts
                              "context": tokenizer.decode(ctx[:-1])})
         out.append({"feature": f, "frequency": float(counts[f]) / x.shape[0], "examples": examples})
     return out
+
+
+# ------------------------------------------------------------------ the card's snippet, caching
+
+
+@torch.no_grad()
+def card_snippet_check(model: Any, layer: int, checkpoint: str, sae: TopKSAE, ids: Tensor,
+                       keep: Tensor) -> dict[str, Any] | None:
+    """Run the card's usage snippet (``hidden_states[L + 1]``, ``torch.load``, top-k, scatter, ReLU)
+    on one row and compare it with mechlib's encoding of the stop-after-layer activations.
+
+    Returns ``None`` when the checkpoint is not a card-format ``.pt`` (e.g. a ``.safetensors``).
+    """
+    from mechlib.hooks import run_to_layer
+    from mechlib.paths import resolve
+    from mechlib.sae import _resolve_hf
+
+    path = _resolve_hf(checkpoint) if str(checkpoint).startswith("hf:") else resolve(checkpoint)
+    if path.suffix != ".pt":
+        return None
+    dev = next(model.parameters()).device
+    row = ids[None].to(dev)
+    out = model(input_ids=row, output_hidden_states=True, use_cache=False)
+    x = out.hidden_states[layer + 1][0][keep.to(dev)].float().cpu()
+    # --- the card's snippet, unchanged but for the path and the layer index ---
+    ck = torch.load(path)
+    pre = (x - ck["b_dec"]) @ ck["W_enc"] + ck["b_enc"]
+    v, i = pre.topk(ck["k"], -1)
+    f = torch.zeros_like(pre).scatter(-1, i, v).relu()
+    recon = f @ ck["W_dec"] + ck["b_dec"]
+    # --------------------------------------------------------------------------
+    h = run_to_layer(model, layer, input_ids=row)[0][keep.to(dev)].float()
+    code = sae.encode(h.to(sae.W_enc.device))
+    mech = sae.decode(code).cpu()
+    same = (i.sort(-1).values == code.indices.cpu().sort(-1).values).all(-1)
+    return {"n_tokens": int(x.shape[0]), "same_topk_fraction": float(same.double().mean()),
+            "max_recon_diff": float((recon - mech).abs().max()), "max_activation_diff": float((x - h.cpu()).abs().max())}
+
+
+def sae_fingerprint(state: dict[str, Any]) -> str:
+    """sha256 over an SAE's tensors and k: a cache key that changes whenever the SAE does."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in sorted(state):
+        v = state[name]
+        h.update(name.encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes() if isinstance(v, Tensor) else repr(v).encode())
+    return h.hexdigest()
+
+
+def load_cached(path: Any, key: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached value at ``path`` if it was saved under the same ``key``, else ``None``."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    if not p.is_file():
+        return None
+    saved = json.loads(p.read_text())
+    return saved.get("value") if saved.get("key") == key else None
+
+
+def save_cached(path: Any, key: dict[str, Any], value: dict[str, Any]) -> None:
+    from mechlib.io import atomic_write_json
+
+    atomic_write_json(path, {"key": key, "value": value})

@@ -20,7 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ from mechlib.io import atomic_torch_save, atomic_write_json, read_json
 from mechlib.sae import (FORMULAS, SAEError, StepStats, TopKSAE, init_b_dec_, load_sae, reference_step,
                          renorm_decoder_, save_card_checkpoint, save_sae)
 from mechlib.schedule import lr_at
+from mechlib.stores import TensorStore  # noqa: F401  (re-exported: train_sae(TensorStore(x), ...))
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
 STATE_FILE = "train_state.pt"
@@ -125,57 +126,6 @@ def _store_fingerprint(store: Any) -> dict[str, Any]:
     man = getattr(store, "manifest", {}) or {}
     return {"n_tokens": int(store.n_tokens), "d_model": int(store.d_model),
             "model": man.get("model"), "layer": man.get("layer")}
-
-
-class TensorStore:
-    """An in-memory stand-in for :class:`mechlib.shards.ActivationStore` (same batch semantics).
-
-    Why: to train an SAE on activations you already hold in a tensor (and for fast tests).
-    Epoch ``e`` is a permutation seeded by ``seed * 1_000_003 + e``; batch ``b`` is the same
-    whether or not a run was interrupted before it.
-    """
-
-    def __init__(self, x: Tensor, model: str | None = None, layer: int | None = None) -> None:
-        self.x = x
-        self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0])}
-
-    @property
-    def d_model(self) -> int:
-        return int(self.x.shape[1])
-
-    @property
-    def n_tokens(self) -> int:
-        return int(self.x.shape[0])
-
-    def load_all(self, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.x[:max_tokens].to(dtype)
-
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
-                     n_batches: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
-        n = self.n_tokens
-        if n_batches is None:  # one pass, last batch possibly smaller
-            order = self._order(0, seed, shuffle)
-            for b in range(start_batch, -(-n // batch_size)):
-                yield self.x[order[b * batch_size:(b + 1) * batch_size]].to(dtype)
-            return
-        for b in range(start_batch, n_batches):
-            pos = b * batch_size
-            epoch, off = divmod(pos, n)
-            parts, need = [], batch_size
-            while need:
-                take = self._order(epoch, seed, shuffle)[off:off + need]
-                parts.append(take)
-                need -= take.numel()
-                epoch, off = epoch + 1, 0
-            yield self.x[torch.cat(parts)].to(dtype)
-
-    def _order(self, epoch: int, seed: int, shuffle: bool) -> Tensor:
-        key = (epoch, seed, shuffle)
-        if getattr(self, "_order_key", None) != key:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            self._order_key = key
-            self._order_cache = torch.randperm(self.n_tokens, generator=g) if shuffle else torch.arange(self.n_tokens)
-        return self._order_cache
 
 
 def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:

@@ -156,3 +156,76 @@ def test_pretrained_switch_loads_local_card_file(tmp_path):
     with pytest.raises(SAEError, match="run chapter 02"):
         run_sae_for_eval(BookParams(), tmp_path / "nothing", device="cpu")
     assert load_sae(path).k == 4
+
+
+# ------------------------------------------------------------------------ stream mode (collect_mode: stream)
+
+
+def _piecewise_stream(x: torch.Tensor, calls: list[int]):
+    """An epoch stream over ``x`` in irregular pieces that honours ``skip`` (records each skip)."""
+    def epoch_stream(skip: int):
+        calls.append(skip)
+        pos = skip
+        sizes = [37, 5, 64, 91, 13]
+        i = 0
+        while pos < x.shape[0]:
+            n = sizes[i % len(sizes)]
+            yield x[pos:pos + n]
+            pos += n
+            i += 1
+    return epoch_stream
+
+
+def test_stream_store_resumes_on_the_same_batches_without_replaying_the_stream():
+    from mechlib.stores import StreamStore
+
+    x = torch.arange(1000.0)[:, None]
+    calls: list[int] = []
+    store = StreamStore(_piecewise_stream(x, calls), n_tokens=1000, d_model=1, manifest={"layer": 1},
+                        shuffle_batches=4)
+    full = [b.flatten() for b in store.iter_batches(50, seed=3, n_batches=45)]  # 2.25 epochs
+    assert all(b.numel() == 50 for b in full)
+    assert sorted(torch.cat(full[:4]).tolist()) == list(range(200))  # a chunk = 4 batches, shuffled inside
+    assert torch.cat(full[:20]).sort().values.tolist() == list(range(1000))  # epoch 0: every token once
+    assert not torch.equal(torch.cat(full[:4]), torch.arange(200.0))
+    calls.clear()
+    resumed = [b.flatten() for b in store.iter_batches(50, seed=3, start_batch=27, n_batches=45)]
+    assert all(torch.equal(a, b) for a, b in zip(resumed, full[27:])) and len(resumed) == 18
+    assert calls[0] == (24 * 50) % 1000  # skipped straight to the chunk holding batch 27, in epoch 1
+
+
+def test_training_on_a_stream_resumes_exactly(tmp_path):
+    from mechlib.stores import StreamStore
+
+    x = sparse_data(n=1500)
+    make = lambda: StreamStore(_piecewise_stream(x, []), 1500, D, {"layer": 3}, shuffle_batches=3)  # noqa: E731
+    cfg = small_cfg(train_tokens=128 * 14)
+    full = train_sae(make(), cfg, tmp_path / "a", device="cpu", progress=False)
+    train_sae(make(), cfg, tmp_path / "b", device="cpu", progress=False, stop_after=7)
+    resumed = train_sae(make(), cfg, tmp_path / "b", device="cpu", progress=False)
+    assert resumed.resumed_from == 7 and resumed.history == full.history
+    assert torch.equal(resumed.sae.W_dec, full.sae.W_dec)
+
+
+def test_stream_store_for_book_matches_chapter_01_shards(tiny_llama, tiny_tok, tmp_path):
+    """Unshuffled, the stream yields exactly the activations collection writes, in the same order."""
+    from mechlib.collect import ActivationStore, collect_activations
+    from mechlib.models import LoadedModel
+    from mechlib.stores import stream_store_for_book
+
+    model, _ = tiny_llama
+    words = "the cat sat on a mat while seven small dogs ran past the old red barn".split()
+    docs = [" ".join(words[(i + j) % len(words)] for j in range(8 + i % 13)) for i in range(80)]
+    (tmp_path / "docs.txt").write_text("\n\n".join(docs) + "\n")
+    P = BookParams(corpus=str(tmp_path / "docs.txt"), layer=2, seq_len=32, collect_tokens=600, collect_batch_size=4)
+    collect_activations(model, tiny_tok, tmp_path / "train", layer=2, n_tokens=600, seq_len=32, batch_size=4,
+                        shard_tokens=256, corpus=P.corpus, progress=False)
+    on_disk = ActivationStore(tmp_path / "train").load_all()
+    loaded = LoadedModel(model=model, tokenizer=tiny_tok, name="tiny-llama", n_layers=4, d_model=64)
+    store = stream_store_for_book(loaded, P, shuffle_batches=2)
+    streamed = torch.cat(list(store.iter_batches(100, shuffle=False, n_batches=6)))
+    torch.testing.assert_close(streamed, on_disk, rtol=1e-5, atol=1e-5)
+    tail = torch.cat(list(store.iter_batches(100, shuffle=False, start_batch=3, n_batches=6)))
+    torch.testing.assert_close(tail, on_disk[300:], rtol=1e-5, atol=1e-5)
+    # a mid-row skip (batch 1 starts inside a row) drops exactly the tokens before it
+    torch.testing.assert_close(torch.cat(list(store.epoch_stream(150))), on_disk[150:], rtol=1e-5, atol=1e-5)
