@@ -81,6 +81,28 @@ def mean_residual_norm(states, layer: int) -> float:
     return float(norms[layer])
 
 
+def vector_for_layer(states, split, layer: int, checkpoints_dir: str | os.PathLike[str], *, model: str,
+                     peak_layer: int) -> tuple[dict[str, Any], Path]:
+    """The steering vector for ``layer``: chapter 05's file at the peak, else built the same way.
+
+    Off the peak, ``unit(mean(h|correct) − mean(h|wrong))`` is computed from chapter 05's cached
+    contrast-set states at ``layer`` and saved as ``steering_vec_L{layer}.pt`` beside the peak's.
+    """
+    from mechlib.contrast import load_steering_vector, mean_difference, save_steering_vector
+
+    path = Path(checkpoints_dir) / f"steering_vec_L{layer}.pt"
+    if layer != peak_layer or not path.is_file():
+        y = split.labels(split.contrast_ids)
+        unit, raw = mean_difference(states.select(split.contrast_ids)[:, layer], y)
+        save_steering_vector(path, unit, layer=layer, model=model, n_correct=int(y.sum()), n_wrong=int((~y).sum()),
+                             mean_resid_norm=mean_residual_norm(states, layer), raw_diff_norm=raw,
+                             pooling=states.pooling)
+    vec = load_steering_vector(path)
+    if int(vec["layer"]) != layer:
+        raise SteeringError(f"{path}: holds a vector for layer {vec['layer']}, not {layer}")
+    return vec, path
+
+
 # --------------------------------------------------------------------------------------------
 # The sweep and its table
 # --------------------------------------------------------------------------------------------

@@ -175,3 +175,28 @@ def test_overlaps():
 
 def test_scale_tag():
     assert scale_tag(0.05) == "+0.050" and scale_tag(-0.05) == "-0.050" and scale_tag(0.15) == "+0.150"
+
+
+def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
+    from mechlib.contrast import BaselineSplit, LayerStates, load_steering_vector, save_steering_vector
+    from mechlib.steering import mean_residual_norm, vector_for_layer
+
+    g = torch.Generator().manual_seed(0)
+    ids = [f"q{i}" for i in range(10)]
+    ls = LayerStates(ids, torch.randn(10, 3, 8, generator=g), torch.tensor([1.0, 2.0, 3.0]), "last", "m")
+    split = BaselineSplit(ids[:8], ids[8:], {i: "" for i in ids}, {i: n % 2 == 0 for n, i in enumerate(ids)})
+    peak_vec = torch.zeros(8)
+    peak_vec[0] = 1.0
+    save_steering_vector(tmp_path / "steering_vec_L1.pt", peak_vec, layer=1, model="m", n_correct=4, n_wrong=4,
+                         mean_resid_norm=2.0)
+    vec, path = vector_for_layer(ls, split, 1, tmp_path, model="m", peak_layer=1)
+    assert torch.equal(vec["vector"], peak_vec) and path.name == "steering_vec_L1.pt"
+    vec2, path2 = vector_for_layer(ls, split, 2, tmp_path, model="m", peak_layer=1)
+    h = ls.states[:8, 2]
+    y = torch.tensor([n % 2 == 0 for n in range(8)])
+    expected = h[y].mean(0) - h[~y].mean(0)
+    torch.testing.assert_close(vec2["vector"], (expected / expected.norm()).float())
+    assert vec2["mean_resid_norm"] == 3.0 and load_steering_vector(path2)["layer"] == 2
+    assert mean_residual_norm(ls, 0) == 1.0
+    with pytest.raises(SteeringError, match="out of range"):
+        mean_residual_norm(ls, 3)
