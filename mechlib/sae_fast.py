@@ -92,15 +92,14 @@ def _by_latent(order: LatentOrder, coef: Tensor, src: Tensor, m: int) -> Tensor:
     return torch.sparse.mm(sp, src.to(coef.dtype))
 
 
-def pass_a_torch(order: LatentOrder, vals_sorted: Tensor, g: Tensor, W_dec: Tensor,
-                 chunk: int = 1 << 16) -> tuple[Tensor, Tensor]:
+def pass_a_torch(order: LatentOrder, vals_sorted: Tensor, g: Tensor, W_dec: Tensor) -> tuple[Tensor, Tensor]:
     """(dW_dec [m, d], dvals [E]): dW_dec[i] = sum v g[tok]; dvals[s] = g[tok[s]] · W_dec[lat[s]].
 
     Sums run in ``vals_sorted``'s dtype over the (possibly bf16-rounded) ``g`` and ``W_dec``, as the
     kernel does in fp32 over its bf16 loads.
     """
     dw = _by_latent(order, vals_sorted, g, W_dec.shape[0])
-    dt = vals_sorted.dtype
+    dt, chunk = vals_sorted.dtype, max(1, (1 << 22) // g.shape[1])  # gathered [chunk, d] blocks of ~4 M values
     dv = torch.cat([(g[order.tok[s:s + chunk]].to(dt) * W_dec[order.lat[s:s + chunk]].to(dt)).sum(1)
                     for s in range(0, order.tok.numel(), chunk)]) if order.tok.numel() else g.new_zeros(0, dtype=dt)
     return dw, dv

@@ -4,7 +4,8 @@ What is proved here: the hand-written sparse backward equals autograd of the den
 (float64, with and without AuxK, with exact ties), ``fast_step`` equals ``reference_step``,
 selections have exactly k distinct latents, training with it keeps unit decoder rows, and —
 when triton is importable — the Triton kernels run under ``TRITON_INTERPRET=1`` give what
-their torch twins give (a subprocess, so the interpreter flag cannot leak into other tests).
+their torch twins give, and every kernel configuration compiles for sm_90 (H100/H200) with the
+default ones free of register spills (subprocesses, so the interpreter flag cannot leak).
 """
 
 from __future__ import annotations
@@ -266,17 +267,77 @@ def _interpreter_checks() -> None:
     print("TRITON_INTERPRET checks passed")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None,
-                    reason="triton not installed (pip install triton==3.9.0 runs the kernels under TRITON_INTERPRET=1)")
-def test_triton_kernels_match_twins_under_interpreter():
+def _compile_checks() -> None:
+    """Compile every kernel and launch configuration for sm_90 (H100/H200) — no GPU needed — and,
+    where triton ships ptxas, check the default configurations do not spill registers."""
+    import glob
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mechlib import triton_kernels as tk
+
+    ptr = {"f32": "*fp32", "bf16": "*bf16", "i32": "*i32", "u8": "*u8"}
+    topk = dict(pre_ptr=ptr["bf16"], stride_row="i32", M="i32", dead_ptr=ptr["u8"], idx_ptr=ptr["i32"],
+                val_ptr=ptr["bf16"], K="i32", aidx_ptr=ptr["i32"], aval_ptr=ptr["bf16"], KA="i32")
+    decode = dict(x_ptr=ptr["f32"], b_ptr=ptr["f32"], val_ptr=ptr["f32"], idx_ptr=ptr["i32"], w_ptr=ptr["bf16"],
+                  e_ptr=ptr["f32"], N="i32", D="i32", K="i32", N_TBLK="i32")
+    pass_a = dict(off_ptr=ptr["i32"], tok_ptr=ptr["i32"], val_ptr=ptr["f32"], g_ptr=ptr["bf16"], w_ptr=ptr["bf16"],
+                  dw_ptr=ptr["f32"], dvp_ptr=ptr["f32"], M="i32", D="i32", E="i32", N_MBLK="i32")
+    pass_b = dict(off_ptr=ptr["i32"], tok_ptr=ptr["i32"], dp_ptr=ptr["f32"], xc_ptr=ptr["bf16"], dw_ptr=ptr["f32"],
+                  db_ptr=ptr["f32"], M="i32", D="i32", stride_d="i32", stride_m="i32", N_MBLK="i32")
+    jobs = [(tk._topk_kernel, topk, {"HAS_AUX": aux, "BLOCK": c["BLOCK"]}, c["num_warps"], i == 0)
+            for aux in (True, False) for i, c in enumerate(tk.TOPK_CONFIGS)]
+    jobs += [(tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
+             for i, c in enumerate(tk.DECODE_CONFIGS)]
+    jobs += [(fn, sig, {n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, c["num_warps"], i == 0)
+             for fn, sig in ((tk._pass_a_kernel, pass_a), (tk._pass_b_kernel, pass_b))
+             for i, c in enumerate(tk.PASS_CONFIGS)]
+    ptxas = sorted(glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas*")), reverse=True)
+    for fn, sig, consts, warps, is_default in jobs:
+        sig = {**sig, **{name: "constexpr" for name in consts}}
+        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
+                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        assert kernel.asm.get("cubin"), f"{fn.__name__} {consts}: no cubin"
+        if is_default and ptxas:
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
+                fh.write(kernel.asm["ptx"])
+            info = subprocess.run([ptxas[0], "-v", "--gpu-name", "sm_90a", fh.name, "-o", os.devnull],
+                                  capture_output=True, text=True).stderr
+            spills = re.findall(r"(\d+) bytes spill stores", info)
+            assert spills and all(v == "0" for v in spills), f"{fn.__name__} {consts}: {info}"
+    print(f"compiled {len(jobs)} kernel configurations for sm_90")
+
+
+def _run_self(flag: str, env_extra: dict[str, str]) -> str:
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join(
-        [str(root), *filter(None, [os.environ.get("PYTHONPATH")])])}
-    out = subprocess.run([sys.executable, str(Path(__file__)), "--triton-interpret"], env=env, cwd=root,
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra, TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
+    out = subprocess.run([sys.executable, str(Path(__file__)), flag], env=env, cwd=root,
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "TRITON_INTERPRET checks passed" in out.stdout
+    return out.stdout
+
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None,
+                                  reason="triton not installed (pip install triton==3.9.0 runs these on CPU)")
+
+
+@needs_triton
+def test_triton_kernels_match_twins_under_interpreter():
+    assert "TRITON_INTERPRET checks passed" in _run_self("--triton-interpret", {"TRITON_INTERPRET": "1"})
+
+
+@needs_triton
+def test_triton_kernels_compile_for_sm90():
+    assert "kernel configurations for sm_90" in _run_self("--triton-compile", {})
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--triton-interpret"]:
     _interpreter_checks()
+if __name__ == "__main__" and sys.argv[1:] == ["--triton-compile"]:
+    _compile_checks()
