@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -36,8 +36,8 @@ from mechlib.corpus import CorpusError, iter_texts
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
 from mechlib.models import check_layer, d_model, decoder_layers
-from mechlib.shards import (FORMAT, MANIFEST, ActivationStore, ShardWriter, read_manifest, shard_name,
-                            verify_shard)
+from mechlib.shards import (FORMAT, MANIFEST, ActivationStore, ShardWriter, rank_manifest_name, read_manifest,
+                            shard_name, verify_shard)
 
 __all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
            "CollectResult", "collect_for_book", "open_store", "HELDOUT_EVERY", "SPLITS"]
@@ -146,10 +146,19 @@ def _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_spl
 def _prepare(model: torch.nn.Module, layer: int, compile: bool) -> torch.device:
     check_layer(model, layer)
     if compile and not getattr(model, "_mechlib_compiled", False):
+        # Compile each layer's forward, not the module call: forward hooks (the stop hook, steering)
+        # then stay eager around the compiled code instead of being traced into it.
         for block in decoder_layers(model)[: layer + 1]:
-            block.compile(dynamic=False)
+            block.forward = torch.compile(block.forward)
         model._mechlib_compiled = True
     return next(model.parameters()).device
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host→device without a host sync on CUDA (pinned source, non_blocking); a no-op on CPU."""
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclass
@@ -168,9 +177,9 @@ def stream_activations(model, tokenizer, *, layer: int, n_tokens: int, seq_len: 
                            split, exclude_special_tokens)
     for pb in batch_rows(rows, batch_size):
         with torch.no_grad():
-            h = run_to_layer(model, layer, input_ids=pb.ids.to(device, non_blocking=True))
+            h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
         idx = pb.keep.reshape(-1).nonzero().squeeze(1)
-        acts = h.reshape(-1, h.shape[-1]).index_select(0, idx.to(device, non_blocking=True))
+        acts = h.reshape(-1, h.shape[-1]).index_select(0, _to_device(idx, device))
         yield StreamBatch(acts, pb.ids.reshape(-1)[idx])
 
 
@@ -187,6 +196,8 @@ class _HostBuffers:
         self._free: list[torch.Tensor] = []
         self._made = 0
         self._lock = threading.Condition()
+        # Copies run on a side stream so the next batch's compute is not queued behind them.
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def to_host(self, h: torch.Tensor):
         if self.device.type != "cuda":
@@ -205,9 +216,12 @@ class _HostBuffers:
                     break
                 self._lock.wait()  # the writer thread still reads every buffer: backpressure
         host = buf[: h.shape[0]]
-        host.copy_(h, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
+        self.stream.wait_stream(torch.cuda.current_stream(h.device))  # h is complete before copying
+        with torch.cuda.stream(self.stream):
+            host.copy_(h, non_blocking=True)
+            h.record_stream(self.stream)  # the allocator must not reuse h's memory until the copy is done
+            event = torch.cuda.Event()
+            event.record(self.stream)
 
         def release(buf=buf):
             with self._lock:
@@ -229,17 +243,23 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
                         corpus_config: str | None = None, corpus_split: str = "train",
                         corpus_text_field: str = "text", split: str = "train", exclude_special_tokens: bool = True,
                         dtype: str = "float32", model_name: str = "", compile: bool = False,
-                        progress: bool = True) -> CollectRun:
+                        progress: bool = True, rank: int = 0, world_size: int = 1,
+                        sync: Callable[[], None] | None = None) -> CollectRun:
     """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
 
     A rerun with the same parameters verifies and skips finished shards (resume); changed
     parameters (other than ``n_tokens``) start over. Returns the final manifest.
+    Data parallel (``world_size > 1``, see :mod:`mechlib.scale`): this process computes only the
+    shards with ``index % world_size == rank`` and lists them in ``manifest.rank<rank>.json``;
+    rank 0 merges those into ``manifest.json`` (the same file one process writes). Only rank 0
+    deletes stale files, then ``sync`` (a barrier) lets the other ranks start computing.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
-        stale.unlink()
+    if rank == 0:
+        for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
+            stale.unlink()
     device = _prepare(model, layer, compile)
     rows_per_shard = max(1, shard_tokens // seq_len)
     identity = {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
@@ -250,19 +270,27 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
     phash = params_hash(identity)
     old = read_manifest(out_dir)
     if old is not None and old.get("params_hash") != phash:
-        print(f"{out_dir}: collection parameters changed since the last run; recollecting")
-        for e in old.get("shards", []):
-            (out_dir / e["file"]).unlink(missing_ok=True)
-        (out_dir / MANIFEST).unlink()
+        if rank == 0:
+            print(f"{out_dir}: collection parameters changed since the last run; recollecting")
+            for e in old.get("shards", []):
+                (out_dir / e["file"]).unlink(missing_ok=True)
+            (out_dir / MANIFEST).unlink(missing_ok=True)
         old = None
+    if sync is not None:
+        sync()
     done = {e["index"]: e for e in (old or {}).get("shards", [])}
+    for part in sorted(out_dir.glob(rank_manifest_name("*"))):  # a killed torchrun's per-rank progress
+        m = read_manifest(out_dir, part.name)
+        if m is not None and m.get("params_hash") == phash:
+            done.update({e["index"]: e for e in m.get("shards", [])})
     packer, rows = _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split,
                                 corpus_text_field, split, exclude_special_tokens)
     manifest = {**identity, "params_hash": phash, "n_tokens_requested": n_tokens, "complete": False,
                 "special_token_ids": packer.special_ids, "start_token_id": packer.start_id,
                 "separator_token_id": packer.sep_id, "n_tokens": 0, "shards": sorted(done.values(),
                                                                                      key=lambda e: e["index"])}
-    writer = ShardWriter(out_dir, manifest, dtype)
+    manifest_name = MANIFEST if world_size == 1 else rank_manifest_name(rank)
+    writer = ShardWriter(out_dir, manifest, dtype, manifest_name=manifest_name)
     buffers = _HostBuffers(device)
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
     index = first_row = computed = 0
@@ -270,12 +298,16 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
         while shard_rows := list(itertools.islice(rows, rows_per_shard)):
             kept = sum(int(r[1].sum()) for r in shard_rows)
             e = done.get(index)
+            mine = index % world_size == rank
             if e and (e["first_row"], e["n_rows"], e["n_tokens"]) == (first_row, len(shard_rows), kept):
-                verify_shard(out_dir, e)  # finished earlier: trust it only if its checksum matches
+                if mine:
+                    verify_shard(out_dir, e)  # finished earlier: trust it only if its checksum matches
+            elif not mine:
+                pass  # another rank computes this shard
             else:
                 for pb in batch_rows(shard_rows, batch_size, first_row):
                     with torch.no_grad():
-                        h = run_to_layer(model, layer, input_ids=pb.ids.to(device, non_blocking=True))
+                        h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
                     host, event, release = buffers.to_host(h)
                     writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
                     computed += int(pb.keep.sum())
@@ -298,7 +330,10 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
     manifest["n_tokens"] = sum(e["n_tokens"] for e in manifest["shards"])
     manifest["n_rows"] = first_row
     manifest["complete"] = manifest["n_tokens"] == n_tokens
-    atomic_write_json(out_dir / MANIFEST, manifest)
+    atomic_write_json(out_dir / manifest_name, manifest)
+    if world_size == 1:  # everything is in manifest.json now
+        for part in out_dir.glob(rank_manifest_name("*")):
+            part.unlink(missing_ok=True)
     return CollectRun(manifest, computed, time.perf_counter() - t0)
 
 
@@ -317,7 +352,8 @@ class CollectResult:
         return sum(r.seconds for r in self.runs.values())
 
 
-def collect_for_book(loaded: Any, params: Any, run_paths: Any, progress: bool = True) -> CollectResult:
+def collect_for_book(loaded: Any, params: Any, run_paths: Any, progress: bool = True,
+                     compile: bool = False) -> CollectResult:
     """Chapter 01: collect the ``train`` and ``heldout`` splits for the book's parameters.
 
     ``loaded`` is a :class:`mechlib.models.LoadedModel`, ``params`` a ``BookParams``, ``run_paths``
@@ -327,7 +363,7 @@ def collect_for_book(loaded: Any, params: Any, run_paths: Any, progress: bool = 
                   shard_tokens=params.shard_tokens, corpus=params.corpus, corpus_config=params.corpus_config,
                   corpus_split=params.corpus_split, corpus_text_field=params.corpus_text_field,
                   exclude_special_tokens=params.exclude_special_tokens, dtype=params.activation_dtype,
-                  model_name=loaded.name, progress=progress)
+                  model_name=loaded.name, progress=progress, compile=compile)
     runs = {}
     splits = [("heldout", params.heldout_tokens)]
     if params.collect_mode == "disk":

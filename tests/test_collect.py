@@ -229,3 +229,22 @@ def test_real_smollm2_short_collection(smollm2, tmp_path):
     torch.testing.assert_close(store.load_all(), hs[sh["keep_mask"]], rtol=1e-4, atol=1e-4)
     text = smollm2.tokenizer.decode(sh["context_ids"][0, 1:].tolist())
     assert sum(c.isalpha() for c in text) > 0.5 * len(text)  # English prose from the Python docs
+
+
+def test_benchmark_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/collect.py --device cpu --small: both methods run and agree (the GPU path's logic)."""
+    import importlib.util
+
+    from mechlib.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_collect", REPO_ROOT / "benchmarks" / "collect.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rc = bench.main(["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path),
+                     "--out-dir", str(tmp_path)])
+    assert rc == 0
+    (saved,) = tmp_path.glob("collect_*.json")
+    record = json.loads(saved.read_text())
+    assert record["equivalent"] and record["equivalence"]["plain"]["max_abs_diff"] <= 1e-5
+    assert set(record["results"]) == {"study", "mechlib_stream", "mechlib_disk"}
+    assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
