@@ -81,9 +81,8 @@ class BaselineSplit:
 def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str | os.PathLike[str]) -> BaselineSplit:
     """Read ``metrics/04_gsm8k_baseline.json`` (``contrast_ids``, ``heldout_ids``) and the baseline
     records JSONL (``id``, ``prompt``, ``correct`` per line)."""
-    import json
-
     from mechlib.io import read_json
+    from mechlib.records import read_records
 
     metrics_path, records_path = Path(metrics_path), Path(records_path)
     for f in (metrics_path, records_path):
@@ -93,16 +92,9 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     missing = {"contrast_ids", "heldout_ids"} - set(m)
     if missing:
         raise ContrastError(f"{metrics_path}: lacks keys {sorted(missing)}")
-    prompts, correct = {}, {}
-    with open(records_path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                prompts[str(rec["id"])], correct[str(rec["id"])] = rec["prompt"], bool(rec["correct"])
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ContrastError(f"{records_path}:{n}: not a baseline record ({type(exc).__name__}: {exc})") from None
+    records = read_records(records_path)
+    prompts = {str(r.id): r.prompt for r in records}
+    correct = {str(r.id): bool(r.correct) for r in records}
     split = BaselineSplit([str(i) for i in m["contrast_ids"]], [str(i) for i in m["heldout_ids"]], prompts, correct)
     absent = [i for i in split.contrast_ids + split.heldout_ids if i not in prompts]
     if absent:

@@ -179,3 +179,26 @@ def test_default_encoding_matches_generation_tokenisation(tiny_gemma4):
     manual = collect_layer_states(model, tok, prompts, ["a", "b", "c"], encode=encode_left, progress=False)
     torch.testing.assert_close(default.states, manual.states)
     assert encode_prompts(tok, prompts[:1])[0] == tok(prompts[0])["input_ids"]
+
+
+def test_load_baseline_split(tmp_path):
+    import json
+
+    from mechlib.contrast import load_baseline_split
+    from mechlib.records import Record, write_records
+
+    recs = [Record(id=f"q{i}", prompt=f"p{i}", generation="", parsed=None, gold=i, correct=i % 2 == 0)
+            for i in range(4)]
+    write_records(tmp_path / "baseline.jsonl", recs)
+    metrics = tmp_path / "04.json"
+    with pytest.raises(ContrastError, match="run chapter 04"):
+        load_baseline_split(metrics, tmp_path / "baseline.jsonl")
+    metrics.write_text(json.dumps({"contrast_ids": ["q0", "q1", "q3"]}))
+    with pytest.raises(ContrastError, match="heldout_ids"):
+        load_baseline_split(metrics, tmp_path / "baseline.jsonl")
+    metrics.write_text(json.dumps({"contrast_ids": ["q0", "q1", "q3"], "heldout_ids": ["q2"]}))
+    split = load_baseline_split(metrics, tmp_path / "baseline.jsonl")
+    assert split.prompts["q3"] == "p3" and split.labels(split.contrast_ids).tolist() == [True, False, False]
+    metrics.write_text(json.dumps({"contrast_ids": ["q0", "q9"], "heldout_ids": ["q2"]}))
+    with pytest.raises(ContrastError, match="q9"):
+        load_baseline_split(metrics, tmp_path / "baseline.jsonl")

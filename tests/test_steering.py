@@ -200,3 +200,36 @@ def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
     assert mean_residual_norm(ls, 0) == 1.0
     with pytest.raises(SteeringError, match="out of range"):
         mean_residual_norm(ls, 3)
+
+
+@pytest.mark.parametrize("arch_fixture", ["tiny_llama", "tiny_gemma4"])
+def test_run_sweep_resumes_and_matches_unsteered_generation(request, arch_fixture, tmp_path, monkeypatch):
+    from mechlib import generate
+    from mechlib.models import LoadedModel
+    from mechlib.records import run_baseline
+    from mechlib.steering import run_sweep, steer_records_path
+    from mechlib.tasks import arithmetic_questions
+
+    model, tok = request.getfixturevalue(arch_fixture)
+    loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
+    questions = arithmetic_questions(5, seed=0)
+    vector = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    kw = dict(layer=1, mean_norm=10.0, prompt_format="gemma_manual", max_new_tokens=4, batch_size=2,
+              records_dir=tmp_path)
+    sweep = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], **kw)
+    assert _hook_count(model) == 0
+    assert steer_records_path(tmp_path, 1, 3.0).is_file() and steer_records_path(tmp_path, 1, 0.0).is_file()
+    plain = run_baseline(loaded, questions, "gemma_manual", 4, 2, tmp_path / "plain.jsonl", progress=False)
+    assert [r.generation for r in sweep[0.0]] == [r.generation for r in plain]  # a zero vector changes nothing
+    assert [r.generation for r in sweep[3.0]] != [r.generation for r in plain]  # a large one does
+
+    def boom(*a, **k):
+        raise AssertionError("a finished sweep must not generate again")
+
+    monkeypatch.setattr(generate, "generate_ids", boom)
+    again = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], **kw)
+    assert [r.generation for r in again[3.0]] == [r.generation for r in sweep[3.0]]
+    # a different vector invalidates the steered records instead of reusing them
+    with pytest.raises(AssertionError, match="must not generate"):
+        run_sweep(loaded, questions, vector=-vector, scales=[3.0], **kw)
+    assert _hook_count(model) == 0
