@@ -199,7 +199,8 @@ class _HostBuffers:
         # Copies run on a side stream so the next batch's compute is not queued behind them.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def to_host(self, h: torch.Tensor):
+    def to_host(self, h: torch.Tensor, check: Callable[[], None] = lambda: None):
+        """Start copying ``h`` to a pinned buffer; ``check`` re-raises a writer-thread error while waiting."""
         if self.device.type != "cuda":
             return h, None, None
         with self._lock:
@@ -214,7 +215,8 @@ class _HostBuffers:
                     buf = torch.empty(h.shape, dtype=h.dtype, pin_memory=True)
                     self._made += 1
                     break
-                self._lock.wait()  # the writer thread still reads every buffer: backpressure
+                self._lock.wait(timeout=0.5)  # the writer thread still reads every buffer: backpressure
+                check()  # a dead writer never releases its buffers
         host = buf[: h.shape[0]]
         self.stream.wait_stream(torch.cuda.current_stream(h.device))  # h is complete before copying
         with torch.cuda.stream(self.stream):
@@ -298,6 +300,8 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
         while shard_rows := list(itertools.islice(rows, rows_per_shard)):
             kept = sum(int(r[1].sum()) for r in shard_rows)
             e = done.get(index)
+            if e and not (out_dir / e["file"]).exists():
+                e = None  # deleted by the user (e.g. after a checksum error): recollect it
             mine = index % world_size == rank
             if e and (e["first_row"], e["n_rows"], e["n_tokens"]) == (first_row, len(shard_rows), kept):
                 if mine:
@@ -308,7 +312,7 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
                 for pb in batch_rows(shard_rows, batch_size, first_row):
                     with torch.no_grad():
                         h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
-                    host, event, release = buffers.to_host(h)
+                    host, event, release = buffers.to_host(h, check=writer._check)
                     writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
                     computed += int(pb.keep.sum())
                     bar.update(int(pb.keep.sum()))

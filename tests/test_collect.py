@@ -134,6 +134,11 @@ def test_corrupt_shard_is_named(tiny_llama, tmp_path, damage):
     store = ActivationStore(tmp_path / "a")
     with pytest.raises(ShardError, match="shard_00001.safetensors"):
         store.load_all()
+    # Following the message's advice — delete the shard and rerun — recollects exactly that shard.
+    path.unlink()
+    run = collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
+    n1 = run.manifest["shards"][1]["n_tokens"]
+    assert run.computed_tokens == n1 and ActivationStore(tmp_path / "a").load_all().shape[0] == 700
 
 
 def test_nan_activations_name_the_shard(tiny_llama, tmp_path):
