@@ -253,3 +253,14 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     assert record["equivalent"] and record["equivalence"]["plain"]["max_abs_diff"] <= 1e-5
     assert set(record["results"]) == {"study", "mechlib_stream", "mechlib_disk"}
     assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
+
+
+def test_bfloat16_model_collection_matches_hidden_states(tiny_gemma4, tmp_path):
+    """The study collects with a bf16 model; on CPU too the collector matches output_hidden_states."""
+    model, tok = tiny_gemma4
+    model = model.to(torch.bfloat16)
+    collect_activations(model, tok, tmp_path / "a", layer=3, dtype="bfloat16", **SMALL)
+    sh = ActivationStore(tmp_path / "a").shard(0)
+    with torch.no_grad():
+        hs = model(input_ids=sh["context_ids"].long(), output_hidden_states=True).hidden_states[4]
+    torch.testing.assert_close(sh["activations"].float(), hs[sh["keep_mask"]].float(), rtol=2e-2, atol=2e-2)
