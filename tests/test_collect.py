@@ -264,3 +264,27 @@ def test_bfloat16_model_collection_matches_hidden_states(tiny_gemma4, tmp_path):
     with torch.no_grad():
         hs = model(input_ids=sh["context_ids"].long(), output_hidden_states=True).hidden_states[4]
     torch.testing.assert_close(sh["activations"].float(), hs[sh["keep_mask"]].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_corpora(tmp_path, monkeypatch):
+    from itertools import islice
+
+    first = list(islice(iter_texts("python-stdlib-docs"), 3))
+    assert first == list(islice(iter_texts("python-stdlib-docs"), 3))  # deterministic order
+    assert all(len(t) > 100 and sum(c.isalpha() for c in t) > 0.5 * len(t) for t in first)
+    jl = tmp_path / "c.jsonl"
+    jl.write_text('{"body": "first doc"}\n\n{"body": "second doc"}\n')
+    assert list(iter_texts(str(jl), corpus_text_field="body")) == ["first doc", "second doc"]
+    with pytest.raises(CorpusError, match="no text field 'text'"):
+        list(iter_texts(str(jl)))
+    jl.write_text('{"text": "ok"}\nnot json\n')
+    with pytest.raises(CorpusError, match=r"c.jsonl:2: not valid JSON"):
+        list(iter_texts(str(jl)))
+    with pytest.raises(CorpusError, match="not found"):
+        list(iter_texts(str(tmp_path / "missing.txt")))
+    with pytest.raises(CorpusError, match=r"must end in \.txt"):
+        (tmp_path / "x.csv").write_text("a")
+        list(iter_texts(str(tmp_path / "x.csv")))
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(CorpusError, match="hub may be unreachable"):
+        next(iter_texts("hf:mechbook-test/not-a-dataset"))
