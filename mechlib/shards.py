@@ -42,8 +42,8 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def read_manifest(directory: Path) -> dict[str, Any] | None:
-    path = Path(directory) / MANIFEST
+def read_manifest(directory: Path, name: str = MANIFEST) -> dict[str, Any] | None:
+    path = Path(directory) / name
     if not path.is_file():
         return None
     try:
@@ -103,9 +103,11 @@ class ShardWriter:
     Errors from the thread are re-raised in the caller at the next call or at ``close``.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], dtype: str, max_pending: int = 4):
+    def __init__(self, directory: Path, manifest: dict[str, Any], dtype: str, max_pending: int = 4,
+                 manifest_name: str = MANIFEST):
         self.directory = Path(directory)
         self.manifest = manifest
+        self.manifest_name = manifest_name  # a rank's own manifest under torchrun (mechlib.scale merges)
         self.dtype = ACT_DTYPES[dtype]
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
@@ -189,7 +191,12 @@ class ShardWriter:
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
         self.manifest["shards"] = sorted(shards, key=lambda e: e["index"])
         self.manifest["n_tokens"] = sum(e["n_tokens"] for e in self.manifest["shards"])
-        atomic_write_json(self.directory / MANIFEST, self.manifest)
+        atomic_write_json(self.directory / self.manifest_name, self.manifest)
+
+
+def rank_manifest_name(rank: int | str) -> str:
+    """The manifest one torchrun rank writes for the shards it computed (merged by rank 0); ``"*"`` globs."""
+    return f"manifest.rank{rank}.json"
 
 
 class ActivationStore:
