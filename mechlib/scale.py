@@ -2,6 +2,7 @@
 
     torchrun --nproc_per_node N -m mechlib.scale collect params/<run>.yaml
     torchrun --nproc_per_node N -m mechlib.scale train   params/<run>.yaml
+    torchrun --nproc_per_node N -m mechlib.scale collect train params/<run>.yaml   # both, in order
     python -m mechlib.scale train params/<run>.yaml          # one process, same files
 
 Why a separate entry point: the notebooks run in one Jupyter kernel (one process), while a
@@ -14,9 +15,10 @@ or skips it. Killed and restarted, each resumes from what is on disk.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 from mechlib.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
                                  process_group, reduce_grads_sum, rescaled_step)
@@ -44,16 +46,20 @@ def train_step_fn(info: DistInfo) -> StepFn | None:
     return rescaled_step(fn) if name == "fast" else global_reference_step
 
 
-def train(params_path: str | Path, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    """Train the run's SAE on its collected activations (one process or one rank of torchrun)."""
+def train(params_path: str | Path, device: str | None = None, progress: bool = True,
+          info: DistInfo | None = None) -> dict[str, Any]:
+    """Train the run's SAE on its collected activations (one process or one rank of torchrun).
+
+    ``info``: the process group already joined (by :func:`main`); ``None`` joins and leaves one here.
+    """
     from mechlib.params import load_params
     from mechlib.paths import RunPaths
     from mechlib.train import TrainConfig, train_sae
 
     P = load_params(params_path)
     paths = RunPaths(P.run).make()
-    store = open_train_store(P, paths)
-    with process_group(device or P.device) as info:
+    with _group(info, device or P.device) as info:
+        store = open_train_store(P, paths, str(info.device))
         res = train_sae(store, TrainConfig.from_params(P), paths.checkpoints, device=str(info.device),
                         step_fn=train_step_fn(info), hooks=train_hooks(info), progress=progress and info.is_main)
         barrier()
@@ -66,35 +72,115 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
     return summary
 
 
-def open_train_store(P: Any, paths: Any):
-    """The training activations chapter 01 wrote (``outputs/<run>/activations``)."""
+def open_train_store(P: Any, paths: Any, device: str):
+    """What chapter 02 trains on: chapter 01's ``train`` shards, or (``collect_mode: stream``) the
+    model run inside the loop. Streaming under torchrun runs the model for the whole global batch
+    on every rank (only the SAE step is split), so prefer ``disk`` for multi-GPU runs."""
+    if P.collect_mode == "stream":
+        from mechlib.models import load_model
+        from mechlib.stores import stream_store_for_book
+
+        return stream_store_for_book(load_model(P.model, P.model_dtype, device), P)
     from mechlib.collect import open_store
 
-    return open_store(P, paths)
+    return open_store(P, paths, "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechlib.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=("collect", "train"))
+    parser.add_argument("commands", nargs="+", choices=("collect", "train"), metavar="{collect,train}",
+                        help="collect, train, or both in order")
     parser.add_argument("params", help="params file, e.g. params/default.yaml")
     parser.add_argument("--device", default=None, help="override the params' device (auto | cpu | cuda)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from mechlib.params import ParamsError
+    from mechlib.params import load_params
 
     try:
-        if args.command == "train":
-            train(args.params, args.device, progress=not args.no_progress)
-        else:
-            collect(args.params, args.device, progress=not args.no_progress)
-    except (ParamsError, ValueError) as exc:
+        P = load_params(args.params)  # a bad params file fails before any process group exists
+        with process_group(args.device or P.device) as info:  # one group for all commands
+            for command in args.commands:
+                {"collect": collect, "train": train}[command](args.params, args.device,
+                                                              progress=not args.no_progress, info=info)
+    except ValueError as exc:  # ParamsError, ModelLoadError, LayerError, ShardError, SAEError, ...
         print(f"[mechlib.scale] error: {exc}", file=sys.stderr)
         return 1
     return 0
 
 
-def collect(params_path: str | Path, device: str | None = None, progress: bool = True) -> dict[str, Any]:
-    raise NotImplementedError("data-parallel collection lands with mechlib.collect")
+@contextlib.contextmanager
+def _group(info: DistInfo | None, device: str) -> Iterator[DistInfo]:
+    if info is not None:
+        yield info
+    else:
+        with process_group(device) as joined:
+            yield joined
+
+
+def collect(params_path: str | Path, device: str | None = None, progress: bool = True,
+            info: DistInfo | None = None) -> dict[str, Any]:
+    """Collect the run's ``train`` (``collect_mode: disk``) and ``heldout`` activations, data parallel.
+
+    Rank ``r`` of ``N`` computes shards ``r, r+N, r+2N, ...`` of each split (the shards one process
+    would write, byte for byte); after a barrier rank 0 merges the per-rank manifests into the
+    ``manifest.json`` chapter 01 writes. A rerun (any number of ranks) skips verified shards.
+    """
+    from mechlib.collect import collect_activations
+    from mechlib.models import load_model
+    from mechlib.params import load_params
+    from mechlib.paths import RunPaths
+
+    P = load_params(params_path)
+    paths = RunPaths(P.run).make()
+    summary: dict[str, Any] = {"run": P.run}
+    with _group(info, device or P.device) as info:
+        loaded = load_model(P.model, dtype=P.model_dtype, device=str(info.device))
+        splits = ([("train", P.collect_tokens)] if P.collect_mode == "disk" else []) + [("heldout", P.heldout_tokens)]
+        for split, n_tokens in splits:
+            out = paths.activations / split
+            run = collect_activations(
+                loaded.model, loaded.tokenizer, out, layer=P.layer, n_tokens=n_tokens, seq_len=P.seq_len,
+                batch_size=P.collect_batch_size, shard_tokens=P.shard_tokens, corpus=P.corpus,
+                corpus_config=P.corpus_config, corpus_split=P.corpus_split, corpus_text_field=P.corpus_text_field,
+                split=split, exclude_special_tokens=P.exclude_special_tokens, dtype=P.activation_dtype,
+                model_name=loaded.name, progress=progress and info.is_main, rank=info.rank,
+                world_size=info.world_size, sync=barrier)
+            barrier()
+            manifest = merge_rank_manifests(out, info.world_size) if info.distributed and info.is_main else None
+            barrier()
+            summary[split] = {"computed_tokens_rank0": run.computed_tokens, "seconds": round(run.seconds, 2),
+                              "n_tokens": (manifest or run.manifest)["n_tokens"]}
+        summary["world_size"] = info.world_size
+        if info.is_main:
+            print(f"[mechlib.scale] collect {P.run}: {summary}", flush=True)
+    return summary
+
+
+def merge_rank_manifests(out_dir: Path, world_size: int) -> dict[str, Any]:
+    """Rank 0, after a barrier: the union of the ranks' manifests → ``manifest.json``; drop the parts.
+
+    Raises :class:`mechlib.shards.ShardError` naming the folder if a shard index is missing (a rank
+    that did not finish) — nothing is merged then, so a rerun completes it.
+    """
+    from mechlib.io import atomic_write_json
+    from mechlib.shards import MANIFEST, ShardError, rank_manifest_name, read_manifest
+
+    parts = [read_manifest(out_dir, rank_manifest_name(r)) for r in range(world_size)]
+    if any(p is None for p in parts):
+        missing = [rank_manifest_name(r) for r, p in enumerate(parts) if p is None]
+        raise ShardError(f"{out_dir}: rank manifests {missing} are missing; rerun the collection")
+    entries: dict[int, dict[str, Any]] = {}
+    for part in parts:
+        entries.update({e["index"]: e for e in part["shards"]})
+    shards = [entries[i] for i in sorted(entries)]
+    if [e["index"] for e in shards] != list(range(len(shards))):
+        raise ShardError(f"{out_dir}: shards {sorted(entries)} are not contiguous from 0; rerun the collection")
+    merged = {**parts[0], "shards": shards, "n_tokens": sum(e["n_tokens"] for e in shards)}
+    merged["complete"] = merged["n_tokens"] == merged["n_tokens_requested"]
+    atomic_write_json(out_dir / MANIFEST, merged)
+    for part in out_dir.glob(rank_manifest_name("*")):  # also those of an earlier run with more ranks
+        part.unlink(missing_ok=True)
+    return merged
 
 
 if __name__ == "__main__":

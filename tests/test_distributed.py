@@ -10,7 +10,10 @@ gradient *scale* (a mean instead of a sum), so the one-step gradients are compar
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,9 @@ import torch.multiprocessing as mp
 from mechlib.distributed import (DistributedError, all_or, all_sum, global_reference_step, local_rows, rank_items,
                                  reduce_grads_sum, rescaled_step)
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
+from mechlib.paths import REPO_ROOT
 from mechlib.train import TensorStore, TrainConfig, train_sae
+from tiny_run import write_params
 
 D_MODEL, N_TOKENS = 16, 2048
 CFG = TrainConfig(d_sae=128, k=4, k_aux=16, aux_coef=0.125, lr=3e-3, lr_floor=3e-4, warmup_steps=5,
@@ -178,3 +183,34 @@ def test_rescaled_fast_step_wrapper(two_process, one_process):
     assert exact < TOL, f"FVU-only training should match one process, differs by {exact:.2e}"
     approx = _max_diff(runs["rescaled"][0]["sae"], one_process["aux"]["sae"])
     assert approx < 5e-3, f"rescaled step with AuxK drifted {approx:.2e} from one process"
+
+
+def _torchrun(args: list[str], outputs: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MECHBOOK_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "mechlib.scale", *args, "--no-progress"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+
+
+def test_torchrun_collect_and_train_equal_one_process(tmp_path, monkeypatch):
+    """The README's multi-GPU command on CPU/gloo: the merged manifests are the one-process manifests
+    byte for byte (same shards, same sha256), and the SAE matches within TOL."""
+    from mechlib import paths, scale
+
+    params = write_params(tmp_path, "tinyrun")
+    proc = _torchrun(["collect", "train", str(params)], tmp_path / "two")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "world_size': 2" in proc.stdout
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "one")
+    scale.collect(params, progress=False)
+    scale.train(params, progress=False)
+    for split in ("train", "heldout"):
+        two = json.loads((tmp_path / "two/tinyrun/activations" / split / "manifest.json").read_text())
+        one = json.loads((tmp_path / "one/tinyrun/activations" / split / "manifest.json").read_text())
+        assert two == one and two["complete"] and len(two["shards"]) >= 3
+        assert not list((tmp_path / "two/tinyrun/activations" / split).glob("manifest.rank*.json"))
+    sae2 = torch.load(tmp_path / "two/tinyrun/checkpoints/sae_final.pt")
+    sae1 = torch.load(tmp_path / "one/tinyrun/checkpoints/sae_final.pt")
+    assert sae2["k"] == sae1["k"]
+    diff = max(float((sae2[k] - sae1[k]).abs().max()) for k in ("W_enc", "W_dec", "b_enc", "b_dec"))
+    assert diff < TOL, f"torchrun SAE differs from one process by {diff:.2e}"
