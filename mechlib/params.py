@@ -46,6 +46,7 @@ class BookParams:
     collect_batch_size: int = 16
     shard_tokens: int = 65_536
     exclude_special_tokens: bool = True
+    exclude_first_positions: int = 2  # also drop positions 0..N-1 of each packed row (BOS + attention-sink token)
     collect_mode: str = "disk"  # disk | stream
     activation_dtype: str = "float32"  # float32 | bfloat16 (on-disk shards)
     # --- 02 train SAE ------------------------------------------------------------------
@@ -169,6 +170,9 @@ def _check_ranges(p: BookParams, source: str) -> None:
             raise ParamsError(f"{source}: '{key}' must be positive, got {getattr(p, key)}")
     if p.layer < 0:
         raise ParamsError(f"{source}: 'layer' must be >= 0, got {p.layer}")
+    if not 0 <= p.exclude_first_positions < p.seq_len:
+        raise ParamsError(f"{source}: 'exclude_first_positions' must be in 0..seq_len-1 ({p.seq_len - 1}), "
+                          f"got {p.exclude_first_positions}")
     if not 0 < p.k < p.d_sae:
         raise ParamsError(f"{source}: need 0 < k < d_sae, got k={p.k}, d_sae={p.d_sae}")
     if p.k_aux < 0:

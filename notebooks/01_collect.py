@@ -25,7 +25,9 @@
 # computed token is wasted. A forward hook on layer *L* raises an exception that ends the forward pass
 # there (`mechlib.hooks.run_to_layer`): the layers above *L* and the unembedding never run. BOS, separator
 # and other special tokens are **excluded** (their residual norms are far larger than ordinary tokens' and
-# would dominate SAE training — see the figure below); the mask is stored with the activations. Every 10th
+# would dominate SAE training — see the figure below), and so are the first `exclude_first_positions` = 2
+# positions of every row: the BOS, and the token right after it, which SmolLM2 now and then turns into a
+# second attention sink (below). The mask is stored with the activations. Every 10th
 # document goes to a **held-out** split used by chapter 03, so evaluation never sees a training document.
 #
 # Activations go to safetensors shards with a `manifest.json` (model, layer, dtype, token counts, sha256 per
@@ -47,6 +49,7 @@ heldout_tokens = 16_384
 collect_batch_size = 16
 shard_tokens = 65_536
 exclude_special_tokens = True
+exclude_first_positions = 2
 collect_mode = "disk"
 activation_dtype = "float32"
 
@@ -99,32 +102,37 @@ if result.train is None:
 # %% [markdown]
 # ## Residual norms, and why special tokens are excluded
 #
-# Left: the distribution of residual-stream norms of the kept tokens. Right: the same for the tokens the
-# mask excludes, recomputed here for the first held-out rows (the shards never store them). The BOS token
-# at the start of every row acts as an attention sink, and its residual vector is typically many times
-# longer than an ordinary token's: a few such vectors would dominate the SAE's reconstruction loss.
+# Left: the distribution of residual-stream norms of the kept tokens. Right (log scale): all positions of
+# the first 64 held-out rows, recomputed here because the shards never store excluded tokens. The BOS at
+# the start of every row acts as an **attention sink**: its residual vector is about a hundred times longer
+# than an ordinary token's. In a few rows the token right after BOS becomes a second sink, just as long —
+# in the first default run, 33 such tokens out of 160 000 carried about a third of the total squared norm,
+# which is what an SAE's reconstruction loss weighs. Hence both positions are excluded.
 
 # %%
 acts = (result.train or held).load_all(max_tokens=32_768)
 norms = acts.norm(dim=-1)
 first = held.shard(0)
-ctx, keep = first["context_ids"][:16].long(), first["keep_mask"][:16]
+ctx, keep = first["context_ids"][:64].long(), first["keep_mask"][:64]
 with torch.no_grad():
     h = run_to_layer(lm.model, P.layer, input_ids=ctx.to(next(lm.model.parameters()).device)).float().cpu()
 all_norms = h.norm(dim=-1)
 bos_norms = all_norms[:, 0]
-sep_norms = all_norms[:, 1:][~keep[:, 1:]]
+pos1_norms = all_norms[:, 1]
+sep = (ctx == held.manifest["separator_token_id"])
+sep[:, 0] = False
+sep_norms = all_norms[sep]
 
 fig, axes = plots.new_figure(10.0, 3.8, ncols=2)
 axes[0].hist(norms.numpy(), bins=80, color="C0")
 axes[0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
 axes[0].set_ylabel("tokens")
-axes[1].hist([all_norms[keep].numpy(), bos_norms.numpy()], bins=40, color=["C0", "C3"], log=True,
-             label=["kept tokens (first 16 rows)", "BOS at row start"])
+axes[1].hist([all_norms[keep].numpy(), pos1_norms.numpy(), bos_norms.numpy()], bins=40, color=["C0", "C1", "C3"],
+             log=True, label=["kept tokens (first 64 rows)", "position 1 (after BOS)", "BOS at row start"])
 axes[1].set_xlabel("‖residual‖")
 axes[1].legend(fontsize=8)
 fig.tight_layout()
-plots.save_figure(fig, paths.figures / "01_norms.png")
+_ = plots.save_figure(fig, paths.figures / "01_norms.png")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -132,8 +140,11 @@ print(f"kept tokens: mean norm {norms.mean():.1f}, median {norms.median():.1f}, 
       f"99th pct {norms.quantile(0.99):.1f} (first {acts.shape[0]} tokens)")
 print(f"BOS at row start: mean norm {bos_norms.mean():.1f} "
       f"({bos_norms.mean() / all_norms[keep].mean():.1f}x the kept tokens of the same rows)")
+median = all_norms[keep].median()
+print(f"position 1: {int((pos1_norms > 5 * median).sum())} of {len(pos1_norms)} rows above 5x the median kept norm "
+      f"(max {pos1_norms.max():.0f}); kept tokens: max {all_norms[keep].max():.0f}")
 if sep_norms.numel():
-    print(f"document separators: mean norm {sep_norms.mean():.1f} ({sep_norms.numel()} in the first 16 rows)")
+    print(f"document separators: mean norm {sep_norms.mean():.1f} ({sep_norms.numel()} in the first 64 rows)")
 
 # %%
 metrics_path = paths.metrics / "01_collect.json"
@@ -143,6 +154,7 @@ metrics = {
     "n_tokens": result.train.n_tokens if result.train is not None else 0,
     "heldout_tokens": held.n_tokens, "collect_mode": P.collect_mode,
     "activation_dtype": P.activation_dtype, "exclude_special_tokens": P.exclude_special_tokens,
+    "exclude_first_positions": P.exclude_first_positions, "max_norm": round(float(norms.max()), 4),
     "mean_norm": round(float(norms.mean()), 4), "bos_norm_ratio": round(float(bos_norms.mean() / all_norms[keep].mean()), 4),
     # timings (not checked): of this run's computed tokens; a resumed run keeps the first run's numbers
     "model_load_s": round(load_s, 2),

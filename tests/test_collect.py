@@ -71,9 +71,23 @@ def test_special_tokens_excluded_by_default(tiny_llama, tmp_path):
     assert not torch.isin(a.token_info()["token_ids"], special).any()
     assert torch.isin(b.token_info()["token_ids"], special).any()
     sh = a.shard(0)
-    assert not sh["keep_mask"][:, 0].any()  # BOS at every row start is excluded
-    assert torch.equal(sh["keep_mask"], ~torch.isin(sh["context_ids"], special.int()))
+    assert not sh["keep_mask"][:, :2].any()  # BOS and the possible second attention sink after it
+    want = ~torch.isin(sh["context_ids"], special.int())
+    want[:, :2] = False
+    assert torch.equal(sh["keep_mask"], want)
     assert a.n_tokens == b.n_tokens == 700  # the quota counts kept tokens
+    assert b.shard(0)["keep_mask"][:, 2:].all() and not b.shard(0)["keep_mask"][:, :2].any()
+
+
+def test_exclude_first_positions(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_activations(model, tok, tmp_path / "a", layer=1, exclude_first_positions=0, **SMALL)
+    collect_activations(model, tok, tmp_path / "b", layer=1, exclude_first_positions=5, **SMALL)
+    a, b = ActivationStore(tmp_path / "a"), ActivationStore(tmp_path / "b")
+    assert a.token_info()["position"].min() == 1  # BOS (special) still excluded
+    assert b.token_info()["position"].min() == 5 and b.manifest["exclude_first_positions"] == 5
+    with pytest.raises(ValueError, match="exclude_first_positions"):
+        collect_activations(model, tok, tmp_path / "c", layer=1, exclude_first_positions=32, **SMALL)
 
 
 def test_manifest_records_what_and_checksums(tiny_gemma4, tmp_path):
