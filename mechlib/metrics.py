@@ -38,6 +38,8 @@ class ReconMetrics:
     coverage: float  # fraction of latents firing at least once on these tokens
     never_fired_fraction: float  # 1 - coverage
     n_tokens: int
+    var_explained_excl_outliers: float  # per-dimension formula without "massive activation" tokens
+    n_outlier_tokens: int  # tokens whose norm exceeds OUTLIER_NORM_RATIO x the median token norm
 
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
@@ -52,22 +54,41 @@ def variance_explained(x: Tensor, recon: Tensor) -> tuple[float, float]:
     return float(per_dim), float(glob)
 
 
+OUTLIER_NORM_RATIO = 10.0
+
+
+def inlier_mask(x: Tensor, ratio: float = OUTLIER_NORM_RATIO) -> Tensor:
+    """Tokens whose norm is at most ``ratio`` x the median token norm (False = massive activation)."""
+    norms = x.float().norm(dim=1)
+    return norms <= ratio * norms.median()
+
+
 @torch.no_grad()
 def reconstruction_metrics(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> tuple[ReconMetrics, Tensor]:
-    """Held-out metrics and per-latent firing counts [m] (int64), in batches, fp64 accumulators."""
+    """Held-out metrics and per-latent firing counts [m] (int64), in batches, fp64 accumulators.
+
+    Why the outlier variant: a handful of tokens with "massive activations" (norms 10–100x the
+    median; in SmolLM2 the first token after BOS of some rows) can hold most of the per-dimension
+    variance, so reconstructing them well lifts variance explained for every other token too.
+    """
     if x.shape[1] != sae.d_model:
         raise ValueError(f"activations have d_model={x.shape[1]} but the SAE expects d_model={sae.d_model}")
     dev = sae.W_enc.device
     counts = torch.zeros(sae.d_sae, dtype=torch.int64)
     n, sse, active = x.shape[0], 0.0, 0
-    mean = x.double().mean(0)
-    sst, s_all, s2_all = 0.0, 0.0, 0.0
+    inlier = inlier_mask(x)
+    mean, mean_in = x.double().mean(0), x[inlier].double().mean(0)
+    sst, s_all, s2_all, sse_in, sst_in = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(0, n, batch_size):
         xb = x[i:i + batch_size].to(dev, torch.float32)
         out = sae(xb)
-        sse += float((xb - out.recon).double().pow(2).sum())
+        err = (xb - out.recon).double().pow(2).sum(1).cpu()
+        sse += float(err.sum())
         xd = xb.double().cpu()
         sst += float((xd - mean).pow(2).sum())
+        keep = inlier[i:i + batch_size]
+        sse_in += float(err[keep].sum())
+        sst_in += float((xd[keep] - mean_in).pow(2).sum())
         s_all += float(xd.sum())
         s2_all += float(xd.pow(2).sum())
         pos = out.code.values > 0
@@ -78,7 +99,9 @@ def reconstruction_metrics(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> t
     mse = sse / n_el
     fired = float((counts > 0).double().mean())
     return ReconMetrics(var_explained=1.0 - sse / sst, var_explained_global=1.0 - mse / var_global, mse=mse,
-                        l0=active / n, coverage=fired, never_fired_fraction=1.0 - fired, n_tokens=n), counts
+                        l0=active / n, coverage=fired, never_fired_fraction=1.0 - fired, n_tokens=n,
+                        var_explained_excl_outliers=1.0 - sse_in / sst_in, n_outlier_tokens=int((~inlier).sum())
+                        ), counts
 
 
 # ------------------------------------------------------------------------------------- PCA

@@ -86,6 +86,8 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     b.set_title("AuxK loss (0 while no latent is dead)")
     c.plot(steps, [h["n_dead"] for h in history], lw=1, color="C3")
     c.set_title(f"dead latents (of {d_sae})")
+    b.set_ylim(bottom=0)
+    c.set_ylim(bottom=0)
     c.set_xlabel("step")
     d.plot(steps, [h["lr"] for h in history], lw=1, color="C4")
     d.set_title("learning rate")

@@ -157,7 +157,11 @@ def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_c
     aux = torch.zeros((), dtype=x.dtype, device=x.device)
     n_dead = int(dead_mask.sum())
     if k_aux > 0 and n_dead > 0:
-        a_sel, a_idx = pre.masked_fill(~dead_mask, float("-inf")).topk(min(k_aux, n_dead), dim=-1)
+        # top-k among the dead columns only: same selection as masking the live ones to -inf,
+        # but the top-k runs over n_dead columns instead of all m
+        dead_idx = dead_mask.nonzero().squeeze(1)
+        a_sel, j = pre.index_select(1, dead_idx).topk(min(k_aux, n_dead), dim=-1)
+        a_idx = dead_idx[j]
         a_vals = TopKValues.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, a_idx, a_sel)
         aux = _aux_loss(SparseDecode.apply(a_vals, a_idx, sae.W_dec), e.detach())
     return _finish(e, x, aux, aux_coef, TopKCode(values.detach(), indices), sae.d_sae)

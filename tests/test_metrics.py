@@ -183,3 +183,15 @@ def test_heldout_rows_collects_whole_rows_until_enough_tokens():
     assert ids.shape == (3, 5) and k.shape == (3, 5)
     ids, _ = heldout_rows(_ShardStore(shards), n_tokens=100)
     assert ids.shape == (6, 5)
+
+
+def test_outlier_tokens_are_reported_and_excluded_in_the_robust_variant():
+    x = anisotropic(n=400)
+    x[:3] *= 200.0  # three "massive activation" tokens
+    sae = TopKSAE(8, 32, 3, seed=2)
+    m, _ = reconstruction_metrics(sae, x, batch_size=128)
+    assert m.n_outlier_tokens == 3
+    recon = sae(x[3:]).recon.detach()
+    assert m.var_explained_excl_outliers == pytest.approx(variance_explained(x[3:], recon)[0], rel=1e-6)
+    clean, _ = reconstruction_metrics(sae, anisotropic(n=400), batch_size=128)
+    assert clean.n_outlier_tokens == 0 and clean.var_explained_excl_outliers == pytest.approx(clean.var_explained)

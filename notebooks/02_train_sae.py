@@ -1,0 +1,148 @@
+# ---
+# jupyter:
+#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # 02 — Training a TopK sparse autoencoder on the residual stream
+#
+# Chapter 01 stored the residual stream after decoder layer *L* for ordinary (non-special) tokens. Here we
+# train a **TopK sparse autoencoder** on it (Gao et al. 2024, the study's architecture): every token's
+# activation **x** is encoded as
+#
+# `pre = (x − b_dec) · W_enc + b_enc`, keep the *k* largest entries of `pre`, ReLU them,
+#
+# and decoded as the sum of those *k* decoder rows weighted by their values, plus `b_dec`. Sparsity is
+# exact by construction (at most *k* latents per token), so there is no L1 penalty to tune; the loss is the
+# fraction of variance unexplained (FVU) of each training batch.
+#
+# **What can go wrong, and the study's remedies (each a parameter here):**
+# latents that stop firing ("dead") are revived by the **AuxK** loss, which asks the `k_aux` largest
+# *dead* pre-activations to reconstruct what the live code missed (`aux_coef` = 0.125); decoder rows are
+# renormalised to unit length every `renorm_every` steps so that a latent's scale lives in its activation;
+# Adam with a linear warmup, a cosine decay and a floor. A latent is *dead* after `dead_tokens` training
+# tokens without a positive activation. The exact formulas are recorded in `checkpoints/cfg.json`.
+#
+# **Scale.** The study trains d_sae = 32768 latents (12.8×) with k = 128 on 1 B tokens of Gemma 4 E4B.
+# The default run here trains an 8× SAE (4608 latents, k = 32) on a few hundred thousand tokens of
+# SmolLM2-135M so that the whole book runs on a laptop CPU; `params/gemma4_e4b.yaml` has the study's
+# settings. On a CUDA GPU the training step uses the fast sparse path (`mechlib.sae_fast`); on a CPU,
+# the exact reference step, whose backward pass also touches only the k selected latents per token.
+#
+# Instead of training, `sae_source: pretrained` loads a published SAE in the card's format
+# (`sae_pretrained`: a local `sae_final.pt`, or `hf:<owner>/<repo>/<file>` such as the study's
+# `hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt`), and chapter 03 evaluates that one.
+#
+# A rerun resumes: the full training state (weights, Adam moments, step, data position, dead counters)
+# is checkpointed atomically every `checkpoint_every` steps, and a finished run is simply reloaded.
+
+# %% tags=["parameters"]
+run = "default"
+seed = 0
+model = "embedded:smollm2-135m-instruct"
+model_dtype = "float32"
+device = "auto"
+layer = 15
+corpus = "python-stdlib-docs"
+corpus_config = None
+corpus_split = "train"
+corpus_text_field = "text"
+seq_len = 128
+collect_tokens = 160_000
+collect_batch_size = 16
+exclude_special_tokens = True
+collect_mode = "disk"
+sae_source = "train"
+sae_pretrained = ""
+d_sae = 4608
+k = 32
+k_aux = 256
+aux_coef = 0.125
+lr = 1e-3
+lr_floor = 1e-4
+warmup_steps = 50
+train_batch_size = 1024
+train_tokens = 480_000
+renorm_every = 10
+dead_tokens = 100_000
+checkpoint_every = 100
+
+# %%
+import time
+
+from mechlib import plots
+from mechlib.collect import open_store
+from mechlib.io import atomic_write_json, read_json
+from mechlib.params import from_namespace
+from mechlib.paths import RunPaths
+from mechlib.train import HISTORY_FILE, TrainConfig, run_sae
+
+P = from_namespace(globals())
+paths = RunPaths(P.run).make()
+
+# %% [markdown]
+# ## The activations
+#
+# In `collect_mode: disk` the SAE reads chapter 01's shards, shuffled across all of them, epoch after
+# epoch (`train_tokens` / `collect_tokens` passes). In `collect_mode: stream` the model runs inside the
+# training loop and nothing is written to disk.
+
+# %%
+if P.sae_source == "pretrained":  # only checked against the activations' width and layer
+    store = open_store(P, paths, "heldout")
+elif P.collect_mode == "stream":
+    from mechlib.models import load_model
+    from mechlib.stores import stream_store_for_book
+
+    store = stream_store_for_book(load_model(P.model, P.model_dtype, P.device), P)
+else:
+    store = open_store(P, paths, "train")
+cfg = TrainConfig.from_params(P)
+print(f"{store.n_tokens} training tokens per epoch, d_model {store.d_model}, layer {store.manifest.get('layer')}")
+print(f"{cfg.total_steps} steps of {cfg.train_batch_size} tokens = {cfg.total_steps * cfg.train_batch_size / store.n_tokens:.1f} epochs")
+
+# %% [markdown]
+# ## Training
+#
+# The progress bar shows the batch FVU and the number of dead latents. The line after it says which
+# training step ran (`reference` on a CPU, `fast` on a GPU) and whether the run resumed.
+
+# %%
+t0 = time.time()
+sae, info = run_sae(P, store, paths.checkpoints, device=P.device)
+print(f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {info['sae_source']}; "
+      f"training step: {info['step_path']}; resumed from step {info.get('resumed_from', 0)}; "
+      f"{time.time() - t0:.1f} s in this run")
+
+# %% [markdown]
+# ## Training curves
+#
+# Top left: the loss and the batch FVU (log scale) — they coincide while no latent is dead. Top right:
+# the AuxK term, non-zero only once some latents have been silent for `dead_tokens` tokens. Bottom: the
+# number of dead latents and the learning-rate schedule. FVU here is measured on *training* batches;
+# chapter 03 measures everything on held-out tokens.
+
+# %%
+history = read_json(paths.checkpoints / HISTORY_FILE) if P.sae_source == "train" else []
+if history:
+    fig, _ = plots.plot_training_curves(history, sae.d_sae)
+    plots.save_figure(fig, paths.figures / "02_training_curves.png")
+else:
+    print("pretrained SAE: no training curves")
+
+# %%
+# NBVAL_CHECK_OUTPUT
+if history:
+    first, last = history[0], history[-1]
+    print(f"steps: {len(history)}")
+    print(f"batch FVU: first {first['fvu']:.2f}, last {last['fvu']:.3f}")
+    print(f"dead latents at the last step: {last['n_dead']} of {sae.d_sae}")
+else:
+    print(f"pretrained: {P.sae_pretrained}")
+
+# %%
+summary = {**info, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
+           "n_dead_last_step": history[-1]["n_dead"] if history else None,
+           "checkpoint": str(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
+           "train_config": cfg.as_dict()}
+atomic_write_json(paths.metrics / "02_train_sae.json", summary)
