@@ -1,0 +1,287 @@
+"""Batched greedy generation: a lean decode loop that gives exactly HF ``generate``'s greedy tokens.
+
+Why: chapter 04 generates every question once and chapter 06 again per steering scale. HF
+``generate`` spends most of its time in per-step Python (logits processors, stopping criteria,
+growing ``torch.cat``s, a float copy of the full logits row), which bounds it on a GPU. This loop
+does one model forward per step and nothing else: argmax, EOS bookkeeping in place, a host sync
+only every few steps on CUDA.
+
+Exactness: the loop feeds the model exactly what HF's greedy path feeds it — left padding,
+``position_ids = cumsum(mask) − 1``, the 2-D mask dropped when there is no padding,
+``logits_to_keep=1`` (so Gemma 4's KV-shared layers see only the last prompt position at prefill,
+as in ``generate``), a ``DynamicCache`` built from the text config, finished rows fed the pad
+token. Tests compare the tokens with ``model.generate(do_sample=False)`` on tiny Gemma 4, Qwen 3.5
+and Llama models, with and without a steering hook. It is *plain* greedy: the model's
+``generation_config`` sampling/penalty settings are ignored on purpose.
+
+Hooks: steering is a forward hook registered by the caller around the call. The model's modules
+run at prefill and at every decode step, so hooks fire. With ``torch.compile``, dynamo by default
+does *not* guard on module hooks (``skip_nnmodule_hook_guards``): a hook added after the first
+compile would silently be ignored (this also affects HF's own static-cache auto-compile). The
+compiled path here turns those guards on, so a changed hook set recompiles instead.
+
+Static cache (``cache="static"``, default on CUDA): transformers' ``StaticCache`` sized to the
+batch's prompt + ``max_new_tokens``; attention masks are built outside the compiled step (as HF
+does); the decode step (forward + argmax) is compiled with ``mode="reduce-overhead"`` (CUDA
+graphs) when ``compile`` is on. When the whole sequence fits in the sliding window, sliding-window
+cache layers are replaced by plain static layers holding the same tensors — identical attention,
+but no Python-int bookkeeping inside the compiled step (that would force recompiles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from mechlib.prompts import encode_prompts
+
+CacheKind = Literal["auto", "dynamic", "static"]
+DEFAULT_COMPILE_KWARGS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
+
+
+class GenerationError(ValueError):
+    """Generation settings that cannot work; the message says which."""
+
+
+def _text_config(model: Any) -> Any:
+    cfg = model.config
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def _model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def eos_ids_of(model: Any, tokenizer: Any = None) -> list[int]:
+    """The EOS ids ``generate`` would stop on: ``generation_config.eos_token_id`` (int or list),
+    else the tokenizer's ``eos_token_id``."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if ids is None and tokenizer is not None:
+        ids = tokenizer.eos_token_id
+    if ids is None:
+        return []
+    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
+
+
+def pad_id_of(model: Any, tokenizer: Any, eos_ids: Sequence[int]) -> int:
+    """The pad id ``generate`` would use (its fallback is the first EOS id)."""
+    for src in (getattr(model, "generation_config", None), tokenizer):
+        pid = getattr(src, "pad_token_id", None)
+        if pid is not None:
+            return int(pid)
+    if eos_ids:
+        return int(eos_ids[0])
+    raise GenerationError("the model/tokenizer define neither a pad token nor an EOS token; pass pad_token_id")
+
+
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` with every prompt right-aligned (left padding)."""
+    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
+        raise GenerationError("every prompt must have at least one token")
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p):] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _supports_logits_to_keep(model: Any) -> bool:
+    import inspect
+
+    return "logits_to_keep" in inspect.signature(model.forward).parameters
+
+
+# --------------------------------------------------------------------------------------------
+# Caches
+# --------------------------------------------------------------------------------------------
+
+def _static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
+    """A ``StaticCache`` for ``max_len`` tokens; returns ``(cache, compile_safe)``.
+
+    Sliding-window layers become plain static layers when ``max_len`` fits in their window: the
+    sliding layer would then hold exactly the same ``max_len``-long tensors, but it tracks its
+    length in a Python int that a compiled step would specialise on (one recompile per step).
+    """
+    from transformers import StaticCache
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    cache = StaticCache(config=_text_config(model), max_cache_len=max_len)
+    compile_safe = True
+    for i, layer in enumerate(cache.layers):
+        if type(layer) is StaticSlidingWindowLayer:
+            if max_len <= layer.max_cache_len:
+                cache.layers[i] = StaticLayer(max_cache_len=max_len)
+            else:
+                compile_safe = False
+    return cache, compile_safe
+
+
+def _make_masks(model: Any, cache: Any, batch: int, q_len: int, attention_mask: torch.Tensor | None,
+                position_ids: torch.Tensor, first: bool) -> Any:
+    """The attention masks HF's ``prepare_inputs_for_generation`` builds for a compilable cache."""
+    from transformers.masking_utils import create_masks_for_generate
+
+    fn = getattr(model, "create_masks_for_generate", create_masks_for_generate)
+    dev = position_ids.device
+    masks = fn(config=model.config, inputs_embeds=torch.empty((batch, q_len, 0), dtype=model.dtype, device=dev),
+               attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids,
+               is_first_iteration=first)
+    if isinstance(masks, dict):
+        return {k: v.contiguous() if v is not None else None for k, v in masks.items()}
+    return masks.contiguous() if masks is not None else None
+
+
+# --------------------------------------------------------------------------------------------
+# The decode step, plain or compiled
+# --------------------------------------------------------------------------------------------
+
+def _step(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any, cache: Any,
+          extra: dict[str, Any]) -> torch.Tensor:
+    """One forward with the cache; returns the greedy next token of every row."""
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                past_key_values=cache, use_cache=True, return_dict=True, **extra)
+    return out.logits[:, -1].argmax(dim=-1)
+
+
+_COMPILED: dict[tuple, Any] = {}
+
+
+def _compiled_step(compile_kwargs: dict[str, Any]) -> Any:
+    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(_step, **compile_kwargs)
+    return _COMPILED[key]
+
+
+@contextlib.contextmanager
+def _hook_guards() -> Iterator[None]:
+    """Make dynamo guard on module hooks (a steering hook added later must trigger a recompile)."""
+    import torch._dynamo.config as dcfg
+
+    with dcfg.patch(skip_nnmodule_hook_guards=False, recompile_limit=max(64, dcfg.recompile_limit)):
+        yield
+
+
+# --------------------------------------------------------------------------------------------
+# One batch
+# --------------------------------------------------------------------------------------------
+
+@torch.inference_mode()
+def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "dynamic",
+                 compile: bool | dict[str, Any] = False, sync_every: int = 1) -> torch.Tensor:
+    """Greedy continuation ids ``[batch, steps]`` of one left-padded batch (rows that finished are
+    filled with ``pad_id``, like ``generate``). ``steps <= max_new_tokens``: the loop stops when
+    every row has emitted an EOS (checked every ``sync_every`` steps), unless ``ignore_eos``."""
+    if max_new_tokens <= 0:
+        raise GenerationError(f"max_new_tokens must be positive, got {max_new_tokens}")
+    if cache not in ("dynamic", "static"):
+        raise GenerationError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
+    extra: dict[str, Any] = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+
+    if cache == "static":
+        kv, compile_safe = _static_cache(model, prompt_len + max_new_tokens)
+        masks = _make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+    else:
+        from transformers import DynamicCache
+
+        kv, compile_safe, masks = DynamicCache(config=_text_config(model)), False, mask2d
+    step_fn = _step
+    if compile and cache == "static" and compile_safe:
+        step_fn = _compiled_step(DEFAULT_COMPILE_KWARGS if compile is True else dict(compile))
+
+    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
+    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # prefill: plain call (a compiled prefill would recompile per prompt length)
+    nxt = _step(model, input_ids, position_ids, masks, kv, extra)
+    pos = position_ids[:, -1:]
+    steps = max_new_tokens
+    guard = _hook_guards() if step_fn is not _step else contextlib.nullcontext()
+    with guard:
+        for t in range(max_new_tokens):
+            nxt = torch.where(unfinished, nxt, pad_id)
+            out[:, t] = nxt
+            if not ignore_eos and eos.numel():
+                unfinished &= ~torch.isin(nxt, eos)
+                if (t + 1) % sync_every == 0 and not bool(unfinished.any()):
+                    steps = t + 1
+                    break
+            if t + 1 == max_new_tokens:
+                break
+            pos = pos + 1
+            if mask2d is not None:
+                mask2d = torch.cat([mask2d, mask2d.new_ones((batch, 1))], dim=-1)
+            masks = (_make_masks(model, kv, batch, 1, mask2d, pos, first=False) if cache == "static" else mask2d)
+            nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
+    return out[:, :steps]
+
+
+# --------------------------------------------------------------------------------------------
+# Many prompts
+# --------------------------------------------------------------------------------------------
+
+def resolve_cache(cache: CacheKind, device: torch.device) -> str:
+    if cache == "auto":
+        return "static" if device.type == "cuda" else "dynamic"
+    return cache
+
+
+def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
+                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "auto",
+                 compile: bool | dict[str, Any] | None = None, sort_by_length: bool = True,
+                 progress: bool = True, desc: str = "") -> list[list[int]]:
+    """Greedy continuation ids per prompt, cut before the first EOS (all ``max_new_tokens`` with
+    ``ignore_eos``). Prompts are batched by length (less padding); results keep the input order.
+
+    ``compile=None`` means: on for CUDA with the static cache, off elsewhere (the CPU path stays
+    the exact, uncompiled loop).
+    """
+    if batch_size <= 0:
+        raise GenerationError(f"batch_size must be positive, got {batch_size}")
+    device = _model_device(model)
+    kind = resolve_cache(cache, device)
+    if compile is None:
+        compile = device.type == "cuda" and kind == "static"
+    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])) if sort_by_length \
+        else list(range(len(prompt_ids)))
+    sync_every = 8 if device.type == "cuda" else 1
+    results: list[list[int]] = [[] for _ in prompt_ids]
+    eos_set = set(int(e) for e in eos_ids)
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
+        ids, mask = left_pad([prompt_ids[i] for i in idx], pad_id, device)
+        toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
+                            ignore_eos=ignore_eos, cache=kind, compile=compile, sync_every=sync_every).tolist()
+        for row, i in zip(toks, idx):
+            if not ignore_eos:
+                cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
+                row = row[:cut]
+            results[i] = row
+    return results
+
+
+def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, *,
+                    progress: bool = True, desc: str = "", cache: CacheKind = "auto",
+                    compile: bool | dict[str, Any] | None = None) -> list[str]:
+    """Greedy continuations (decoded text only, special tokens skipped) of ``prompts``.
+
+    Stops each row at the model's EOS. Steering hooks registered on decoder layers around this
+    call fire at prefill and every decode step. ``cache``: ``"dynamic"`` (exact, default off
+    CUDA), ``"static"`` (default on CUDA), ``"auto"``; ``compile``: None = on for CUDA+static,
+    False = never, True or a dict of ``torch.compile`` kwargs.
+    """
+    eos = eos_ids_of(model, tokenizer)
+    pad = pad_id_of(model, tokenizer, eos)
+    ids = generate_ids(model, encode_prompts(tokenizer, prompts), max_new_tokens, batch_size, eos_ids=eos,
+                       pad_id=pad, cache=cache, compile=compile, progress=progress, desc=desc)
+    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]

@@ -1,0 +1,57 @@
+"""Prompt formats for the GSM8K-style tasks, and how prompts become token ids.
+
+Why: the study's numbers depend on the exact prompt. ``gemma_manual`` is the card's manual Gemma
+chat format, verbatim; ``chat_template`` asks the tokenizer's own chat template for the same
+instruction (what a non-Gemma model such as SmolLM2 was trained on). Tokenising is here too, so
+that generation (chapter 04/06) and hidden-state collection (chapter 05) see the same ids: a
+chat template that already starts with the BOS token must not get a second one from the
+tokenizer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+INSTRUCTION = "Solve step by step and give final answer as '#### N'."
+GEMMA_MANUAL = "<start_of_turn>user\n{instruction}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
+PROMPT_FORMATS = ("chat_template", "gemma_manual")
+
+
+class PromptFormatError(ValueError):
+    """A prompt format the tokenizer cannot produce; the message says which and why."""
+
+
+def user_message(question_text: str) -> str:
+    """The user turn: the card's instruction, a blank line, the question."""
+    return f"{INSTRUCTION}\n\n{question_text}"
+
+
+def has_chat_template(tokenizer: Any) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def build_prompt(tokenizer: Any, question_text: str, prompt_format: str) -> str:
+    """The full prompt text for one question, ending where the model's answer starts."""
+    if prompt_format == "gemma_manual":
+        return GEMMA_MANUAL.format(instruction=INSTRUCTION, q=question_text)
+    if prompt_format == "chat_template":
+        if not has_chat_template(tokenizer):
+            name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
+            raise PromptFormatError(
+                f"prompt_format 'chat_template' was asked for, but the tokenizer of {name!r} has no chat template. "
+                f"Use prompt_format: gemma_manual (the card's manual format) or a model that ships a chat template."
+            )
+        return tokenizer.apply_chat_template([{"role": "user", "content": user_message(question_text)}],
+                                             tokenize=False, add_generation_prompt=True)
+    raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """Token ids of each prompt. The tokenizer's special tokens (BOS) are added unless the prompt
+    text already starts with the BOS token (chat templates such as Gemma's write it themselves)."""
+    bos = getattr(tokenizer, "bos_token", None)
+    out = []
+    for p in prompts:
+        add_special = not (bos and p.startswith(bos))
+        out.append(list(tokenizer(p, add_special_tokens=add_special)["input_ids"]))
+    return out

@@ -1,0 +1,187 @@
+"""mechlib's greedy decode loop gives exactly HF ``generate``'s greedy tokens (tiny Gemma 4, Qwen 3.5,
+Llama; hook on and off; left padding; EOS mid-batch; static cache; compiled step with hooks)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+from mechlib.generate import GenerationError, generate_greedy, generate_ids, greedy_batch, left_pad
+from mechlib.models import decoder_layers
+from mechlib.tiny import tiny_config
+
+TEXTS = ["Hello there, how", "A", "The quick brown fox jumps", "12 + 5 ="]  # different lengths → left padding
+MAX_NEW = 8
+PAD = 0
+
+
+def _hf(model, ids, eos, max_new=MAX_NEW, cache=None):
+    inp, mask = left_pad(ids, PAD, torch.device("cpu"))
+    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD,
+                          cache_implementation=cache, disable_compile=True)
+    with torch.no_grad():
+        rows = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)[:, inp.shape[1]:].tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def _eos_mid_batch(model, ids):
+    """An EOS id that the model emits early in some rows but never in another: exercises per-row stopping."""
+    free = _hf(model, ids, eos=1)
+    for row in free:
+        for cand in row[1:-1]:
+            if any(cand not in other for other in free):
+                return cand
+    pytest.fail(f"no token separates the rows of {free}")
+
+
+def _add_vector_hook(layer, seed=0, scale=1.0, width=64):
+    """A steering-like hook: add a fixed random vector to the layer output (tiny models: d_model 64)."""
+    v = torch.randn(width, generator=torch.Generator().manual_seed(seed)) * scale
+    return layer.register_forward_hook(lambda _m, _i, out: out + v)
+
+
+def _prompt_ids(tok):
+    return [tok(t)["input_ids"] for t in TEXTS]
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["no_hook", "hook"])
+def test_equals_hf_generate(tiny_any, hook):
+    model, tok, arch = tiny_any
+    ids = _prompt_ids(tok)
+    handle = _add_vector_hook(decoder_layers(model)[1]) if hook else None
+    try:
+        eos = _eos_mid_batch(model, ids)
+        ref = _hf(model, ids, eos)
+        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, cache="dynamic", progress=False)
+    finally:
+        if handle:
+            handle.remove()
+    assert got == ref
+    assert any(len(r) < MAX_NEW for r in ref) and any(len(r) == MAX_NEW for r in ref), "EOS must stop some rows only"
+    if hook:  # the hook really changed the generation (else the test could not catch a skipped hook)
+        assert got != _hf(model, ids, eos)
+
+
+@pytest.mark.parametrize("layer", [4, 5], ids=["kv_shared_sliding", "kv_shared_full"])
+def test_gemma4_kv_shared_layers_see_what_they_see_in_hf_generate(tiny_gemma4, layer):
+    """At prefill, HF passes logits_to_keep=1 and Gemma 4's KV-shared layers then see only the last
+    position. A hook there must see the same shapes, and steering there the same tokens."""
+    model, tok = tiny_gemma4
+    assert model.config.text_config.num_kv_shared_layers == 2  # layers 4 and 5 share K/V
+    ids = _prompt_ids(tok)
+    seen: list[tuple[int, ...]] = []
+    v = torch.randn(64, generator=torch.Generator().manual_seed(1)) * 3
+
+    def hook(_m, _i, out):
+        seen.append(tuple(out.shape))
+        return out + v
+
+    handle = decoder_layers(model)[layer].register_forward_hook(hook)
+    try:
+        ref = _hf(model, ids, eos=1)
+        hf_shapes, seen[:] = list(seen), []
+        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="dynamic", progress=False)
+        ours = list(seen)
+    finally:
+        handle.remove()
+    assert got == ref
+    assert ours == hf_shapes
+    assert ours[0][1] == 1, "prefill reaches the shared layer with only the last position (logits_to_keep=1)"
+
+
+def test_hook_fires_at_prefill_and_every_decode_step(tiny_llama):
+    model, tok = tiny_llama
+    ids = _prompt_ids(tok)
+    calls = []
+    handle = decoder_layers(model)[2].register_forward_hook(lambda _m, _i, out: calls.append(out.shape[1]))
+    try:
+        inp, mask = left_pad(ids, PAD, torch.device("cpu"))
+        out = greedy_batch(model, inp, mask, 6, eos_ids=[], pad_id=PAD)
+    finally:
+        handle.remove()
+    assert out.shape == (len(ids), 6)
+    assert calls == [inp.shape[1]] + [1] * 5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4", "qwen3_5"])
+def test_static_cache_equals_hf_static_cache(arch, tiny_tok, request):
+    model, tok = request.getfixturevalue({"llama": "tiny_llama", "gemma4": "tiny_gemma4",
+                                          "qwen3_5": "tiny_qwen35"}[arch])
+    ids = _prompt_ids(tok)
+    handle = _add_vector_hook(decoder_layers(model)[-1], seed=2)
+    try:
+        ref = _hf(model, ids, eos=1, cache="static")
+        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="static", compile=False,
+                           progress=False)
+    finally:
+        handle.remove()
+    assert got == ref
+
+
+def _gemma4_wide_window():
+    """Tiny Gemma 4 whose sliding window (64) holds prompt + answer: the static path then swaps the
+    sliding cache layers for plain static ones (the compile-safe layout)."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    cfg = tiny_config("gemma4")
+    cfg.text_config.sliding_window = 64
+    torch.manual_seed(0)
+    return Gemma4ForConditionalGeneration(cfg).eval()
+
+
+def test_static_cache_with_sliding_layers_swapped_equals_hf(tiny_tok):
+    from mechlib.generate import _static_cache
+
+    model = _gemma4_wide_window()
+    cache, safe = _static_cache(model, 40)
+    assert safe and not any(type(layer).__name__ == "StaticSlidingWindowLayer" for layer in cache.layers)
+    ids = _prompt_ids(tiny_tok)
+    ref = _hf(model, ids, eos=1)
+    got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="static", compile=False, progress=False)
+    assert got == ref
+
+
+def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
+    """torch.compile does not guard on module hooks by default: a steering hook registered after
+    the first compiled call would be silently ignored. The compiled path must see the change.
+    (dynamo's "eager" backend: the same tracing and guards as on CUDA, without inductor's build time.)"""
+    model, tok = tiny_llama
+    ids = _prompt_ids(tok)[:2]
+    layer = decoder_layers(model)[3]
+    for seed in (None, 3):
+        handle = _add_vector_hook(layer, seed=seed) if seed is not None else None
+        try:
+            ref = _hf(model, ids, eos=1, max_new=6)
+            got = generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static",
+                               compile={"backend": "eager"}, progress=False)
+        finally:
+            if handle:
+                handle.remove()
+        assert got == ref, f"hook seed {seed}"
+
+
+def test_generate_greedy_decodes_in_input_order(tiny_llama):
+    model, tok = tiny_llama
+    model.generation_config.eos_token_id = 1
+    model.generation_config.pad_token_id = PAD
+    texts = generate_greedy(model, tok, TEXTS, MAX_NEW, batch_size=4, progress=False)  # sorted by length inside
+    assert texts == [tok.decode(r, skip_special_tokens=True) for r in _hf(model, _prompt_ids(tok), eos=1)]
+
+
+def test_fixed_length_ignores_eos(tiny_llama):
+    model, tok = tiny_llama
+    ids = _prompt_ids(tok)
+    eos = _eos_mid_batch(model, ids)
+    rows = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, ignore_eos=True, progress=False)
+    assert all(len(r) == MAX_NEW for r in rows)
+
+
+def test_bad_settings_raise(tiny_llama):
+    model, tok = tiny_llama
+    with pytest.raises(GenerationError, match="at least one token"):
+        generate_ids(model, [[]], 4, 1, eos_ids=[1], pad_id=0, progress=False)
+    with pytest.raises(GenerationError, match="batch_size"):
+        generate_ids(model, [[2, 5]], 4, 0, eos_ids=[1], pad_id=0, progress=False)
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        generate_ids(model, [[2, 5]], 0, 1, eos_ids=[1], pad_id=0, progress=False)

@@ -1,0 +1,175 @@
+"""Question sources, prompt formats, per-question records (cache/resume) and the contrast/held-out split."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mechlib.gsm8k import extract_answer
+from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
+from mechlib.records import (RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout,
+                             summarize)
+from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
+from tests.test_gsm8k import SHARED_GSM8K
+
+# ------------------------------------------------------------------------ arithmetic task
+
+
+def test_arithmetic_is_deterministic_and_unique():
+    a, b = load_questions("arithmetic", 120, seed=3), load_questions("arithmetic", 120, seed=3)
+    assert a == b
+    assert a != load_questions("arithmetic", 120, seed=4)
+    assert len({q.question for q in a}) == len(a) == len({q.id for q in a})
+    assert {q.source.split(":")[1] for q in a} == set(TEMPLATES), "every template is used"
+    assert load_questions("arithmetic", 50, seed=3) == a[:50], "a prefix of a longer draw"
+
+
+def test_arithmetic_gold_answers_are_right():
+    """Recompute each gold answer from the numbers in the question text."""
+    for q in arithmetic_questions(200, seed=0):
+        nums = [int(x) for x in __import__("re").findall(r"\d+", q.question)]
+        kind = q.source.split(":")[1]
+        expected = {"buy_more": lambda: nums[0] + nums[1], "buy_more_big": lambda: nums[0] + nums[1],
+                    "give_away": lambda: nums[0] - nums[1], "sum": lambda: nums[0] + nums[1],
+                    "boxes": lambda: nums[0] * nums[1], "two_step": lambda: nums[0] + nums[1] - nums[2]}[kind]()
+        assert q.answer == expected > 0, q
+
+
+def test_load_questions_errors():
+    with pytest.raises(TaskError, match="unknown task 'math'"):
+        load_questions("math", 5, 0)
+    with pytest.raises(TaskError, match="positive"):
+        load_questions("arithmetic", 0, 0)
+    with pytest.raises(TaskError, match="unknown arithmetic templates"):
+        arithmetic_questions(3, 0, weights={"nope": 1.0})
+
+
+@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(),
+                    reason=f"GSM8K dev copy not found at {SHARED_GSM8K} (only present on the project's machines)")
+def test_gsm8k_sample_is_seeded_and_in_file_order():
+    a = load_questions("gsm8k", 30, seed=1, gsm8k_path=str(SHARED_GSM8K))
+    assert a == load_questions("gsm8k", 30, seed=1, gsm8k_path=str(SHARED_GSM8K))
+    assert [q.id for q in a] == sorted(q.id for q in a)
+    assert a != load_questions("gsm8k", 30, seed=2, gsm8k_path=str(SHARED_GSM8K))
+    with pytest.raises(TaskError, match="only 1319"):
+        load_questions("gsm8k", 5000, seed=1, gsm8k_path=str(SHARED_GSM8K))
+
+
+# ------------------------------------------------------------------------ prompts
+
+
+def test_gemma_manual_is_the_card_format_verbatim(tiny_tok):
+    p = build_prompt(tiny_tok, "What is 2+2?", "gemma_manual")
+    assert p == ("<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n"
+                 "What is 2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert GEMMA_MANUAL.format(instruction=INSTRUCTION, q="x").endswith("<start_of_turn>model\n")
+
+
+def test_chat_template_missing_is_a_clear_error(tiny_tok):
+    assert not tiny_tok.chat_template
+    with pytest.raises(PromptFormatError, match="has no chat template.*gemma_manual"):
+        build_prompt(tiny_tok, "q", "chat_template")
+    with pytest.raises(PromptFormatError, match="unknown prompt_format"):
+        build_prompt(tiny_tok, "q", "alpaca")
+
+
+def test_chat_template_and_single_bos(tiny_tok):
+    tok = tiny_tok
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        p = build_prompt(tok, "What is 2+2?", "chat_template")
+        assert p.startswith("<bos><user>" + INSTRUCTION) and p.endswith("What is 2+2?<assistant>")
+        ids = encode_prompts(tok, [p, "plain text"])
+        assert ids[0].count(tok.bos_token_id) == 1, "the template's BOS must not be doubled"
+        assert ids[1][0] == tok.bos_token_id, "plain prompts get the tokenizer's BOS"
+    finally:
+        tok.chat_template = None
+
+
+# ------------------------------------------------------------------------ records
+
+
+class _Loaded:
+    def __init__(self, model, tok, name="tiny-llama"):
+        self.model, self.tokenizer, self.name = model, tok, name
+
+
+def _questions(n=6):
+    return arithmetic_questions(n, seed=0)
+
+
+def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    loaded, qs, out = _Loaded(model, tok), _questions(), tmp_path / "baseline.jsonl"
+    recs = run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False)
+    assert [r.id for r in recs] == [q.id for q in qs]
+    for r, q in zip(recs, qs):
+        assert r.prompt == build_prompt(tok, q.question, "gemma_manual") and r.gold == q.answer
+        assert r.parsed == extract_answer(r.generation) and r.correct == (r.parsed == q.answer)
+        assert 0 < r.n_new_tokens <= 5 and r.hit_limit == (r.n_new_tokens == 5)
+    assert read_records(out) == recs
+    assert json.loads(meta_path(out).read_text())["max_new_tokens"] == 5
+
+    # a rerun generates nothing
+    import mechlib.generate as gen
+
+    calls = []
+    real = gen.generate_ids
+    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs and calls == []
+
+    # a killed run (only 2 records on disk) resumes with the other 4 only, and gives the same records
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:2]))
+    assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs
+    assert calls == [4]
+
+    # other settings: the cache is discarded, not mixed in
+    calls.clear()
+    run_baseline(loaded, qs, "gemma_manual", 3, 4, out, progress=False)
+    assert calls == [4, 2] and json.loads(meta_path(out).read_text())["max_new_tokens"] == 3
+
+
+def test_run_baseline_with_a_hook_differs_and_uses_its_own_file(tiny_llama, tmp_path):
+    from mechlib.models import decoder_layers
+
+    model, tok = tiny_llama
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    loaded, qs = _Loaded(model, tok), _questions(4)
+    base = run_baseline(loaded, qs, "gemma_manual", 6, 4, tmp_path / "b.jsonl", progress=False)
+    v = torch.randn(64, generator=torch.Generator().manual_seed(0)) * 2
+    h = decoder_layers(model)[1].register_forward_hook(lambda _m, _i, o: o + v)
+    try:
+        steered = run_baseline(loaded, qs, "gemma_manual", 6, 4, tmp_path / "s.jsonl", progress=False)
+    finally:
+        h.remove()
+    assert [r.generation for r in steered] != [r.generation for r in base]
+
+
+def test_summary_and_split():
+    from mechlib.records import Record
+
+    recs = [Record(id=f"q{i}", prompt="p", generation="g", parsed=1.0, gold=1 if i % 3 else 2, correct=bool(i % 3),
+                   n_new_tokens=4, hit_limit=i < 5) for i in range(30)]
+    s = summarize(recs)
+    assert (s.n, s.n_correct) == (30, 20) and s.accuracy == pytest.approx(2 / 3)
+    assert s.ci95[0] < 2 / 3 < s.ci95[1] and s.truncated == pytest.approx(5 / 30)
+    contrast, held = split_contrast_heldout(recs, 10, seed=0)
+    assert len(held) == 10 and len(contrast) == 20 and not set(held) & set(contrast)
+    assert contrast + held != [r.id for r in recs] and sorted(contrast + held) == sorted(r.id for r in recs)
+    # the split depends on the ids and the seed, not on the records' order
+    assert set(split_contrast_heldout(list(reversed(recs)), 10, seed=0)[1]) == set(held)
+    assert split_contrast_heldout(recs, 10, seed=1)[1] != held
+    with pytest.raises(RecordsError, match="n_heldout"):
+        split_contrast_heldout(recs, 30, seed=0)
+
+
+def test_read_records_names_bad_line(tmp_path):
+    f = tmp_path / "r.jsonl"
+    f.write_text('{"id": "a"}\n')
+    with pytest.raises(RecordsError, match=r"r\.jsonl:1"):
+        read_records(f)
