@@ -98,8 +98,11 @@ elif P.collect_mode == "stream":
 else:
     store = open_store(P, paths, "train")
 cfg = TrainConfig.from_params(P)
-print(f"{store.n_tokens} training tokens per epoch, d_model {store.d_model}, layer {store.manifest.get('layer')}")
-print(f"{cfg.total_steps} steps of {cfg.train_batch_size} tokens = {cfg.total_steps * cfg.train_batch_size / store.n_tokens:.1f} epochs")
+print(f"activations: d_model {store.d_model}, layer {store.manifest.get('layer')}, model {store.manifest.get('model')}")
+if P.sae_source == "train":
+    epochs = cfg.total_steps * cfg.train_batch_size / store.n_tokens
+    print(f"{store.n_tokens} training tokens per epoch; {cfg.total_steps} steps of {cfg.train_batch_size} tokens "
+          f"= {epochs:.1f} epochs")
 
 # %% [markdown]
 # ## Training
