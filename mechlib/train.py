@@ -16,6 +16,7 @@ Why the loop looks the way it does:
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -202,6 +203,8 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
             dead = since >= cfg.dead_tokens
             opt.zero_grad(set_to_none=True)
             stats = chosen_fn(sae, x, dead, cfg.k_aux, cfg.aux_coef)
+            if not math.isfinite(float(stats.loss)):  # before the update: no NaN ever reaches a checkpoint
+                raise _non_finite_error(x, step, stats, store)
             hooks.reduce_grads(sae)
             opt.step()
             if (step + 1) % cfg.renorm_every == 0:
@@ -228,6 +231,21 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
                        tokens=st["step"] * cfg.train_batch_size, seconds=seconds, resumed_from=resumed_from,
                        tokens_since_fired=since.cpu(), out_dir=out_dir,
                        dead_fraction=float((since >= cfg.dead_tokens).float().mean()))
+
+
+class TrainingError(ValueError):
+    """Training cannot go on (non-finite activations or loss); the message says which and what to do."""
+
+
+def _non_finite_error(x: Tensor, step: int, stats: StepStats, store: Any) -> TrainingError:
+    where = getattr(store, "directory", None) or type(store).__name__
+    bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+    if bad:
+        return TrainingError(f"step {step}: {bad} of {x.shape[0]} activation vectors from {where} contain NaN or "
+                             f"inf; recollect them (model in float16? try model_dtype: bfloat16 or float32)")
+    return TrainingError(f"step {step}: the loss became {float(stats.loss)} (fvu {float(stats.fvu)}, aux "
+                         f"{float(stats.aux_loss)}) on finite activations: training diverged; lower lr. "
+                         f"Nothing of this step was saved; the last checkpoint is intact")
 
 
 def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: dict[str, Any], path_name: str,
