@@ -162,3 +162,34 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
                 fontsize=7, va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0})
     fig.colorbar(im, ax=ax, label="top-token probability")
     return fig, ax
+
+
+def plot_baseline(kinds: list[str], accuracies, ci_lows, ci_highs, counts, lengths_correct, lengths_wrong,
+                  max_new_tokens: int, overall: float, overall_ci: tuple[float, float]) -> tuple[Figure, object]:
+    """Chapter 04: accuracy per question kind (Wilson 95 % intervals) and generated lengths.
+
+    Left: one bar per kind (GSM8K is one kind; the generated task has one per template) with the
+    overall accuracy and its interval behind. Right: how many tokens each answer took, correct vs
+    wrong; a pile at ``max_new_tokens`` means answers cut off by the token limit.
+    """
+    fig, (ax, bx) = new_figure(11.0, 4.2, ncols=2, gridspec_kw={"width_ratios": [1.3, 1]})
+    xs = list(range(len(kinds)))
+    ax.axhspan(overall_ci[0], overall_ci[1], color="0.88", label="overall 95% CI")
+    ax.axhline(overall, color="0.3", ls="--", lw=1, label=f"overall {overall:.2f}")
+    err = [[a - lo for a, lo in zip(accuracies, ci_lows)], [hi - a for a, hi in zip(accuracies, ci_highs)]]
+    ax.bar(xs, accuracies, color="C0", alpha=0.8)
+    ax.errorbar(xs, accuracies, yerr=err, fmt="none", ecolor="k", capsize=4, lw=1)
+    ax.set_xticks(xs, [f"{k}\n(n={n})" for k, n in zip(kinds, counts)], fontsize=8)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("accuracy")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    bins = list(range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 24)))
+    bx.hist([list(lengths_correct), list(lengths_wrong)], bins=bins, stacked=True, color=["C2", "C3"],
+            label=["correct", "wrong"])
+    bx.axvline(max_new_tokens, color="0.3", ls=":", lw=1, label="max_new_tokens")
+    bx.set_xlabel("generated tokens")
+    bx.set_ylabel("questions")
+    bx.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    return fig, (ax, bx)
