@@ -134,6 +134,8 @@ def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, 
     sae = TopKSAE(store.d_model, cfg.d_sae, cfg.k, seed=cfg.seed, meta=meta)
     if cfg.init_b_dec == "geometric_median":
         sample = next(iter(store.iter_batches(min(4096, store.n_tokens), shuffle=True, seed=cfg.seed + 10_000)))
+        if not bool(torch.isfinite(sample).all()):
+            raise _non_finite_error(sample, -1, None, store, sae)
         init_b_dec_(sae, sample.float())
     return {"sae": sae, "step": 0, "history": [],
             "tokens_since_fired": torch.zeros(cfg.d_sae, dtype=torch.int64), "opt": None,
@@ -143,6 +145,7 @@ def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, 
 def _save_state(path: Path, st: dict[str, Any], opt: torch.optim.Optimizer, cfg: TrainConfig,
                 fp: dict[str, Any], done: bool) -> None:
     sae: TopKSAE = st["sae"]
+    _check_finite_weights(sae, st["step"])
     atomic_torch_save({"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()}, "k": sae.k,
                        "meta": sae.meta, "opt": opt.state_dict(), "step": st["step"], "history": st["history"],
                        "tokens_since_fired": st["tokens_since_fired"].cpu(), "rng": torch.get_rng_state(),
@@ -204,7 +207,7 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
             opt.zero_grad(set_to_none=True)
             stats = chosen_fn(sae, x, dead, cfg.k_aux, cfg.aux_coef)
             if not math.isfinite(float(stats.loss)):  # before the update: no NaN ever reaches a checkpoint
-                raise _non_finite_error(x, step, stats, store)
+                raise _non_finite_error(x, step, stats, store, sae)
             hooks.reduce_grads(sae)
             opt.step()
             if (step + 1) % cfg.renorm_every == 0:
@@ -237,21 +240,35 @@ class TrainingError(ValueError):
     """Training cannot go on (non-finite activations or loss); the message says which and what to do."""
 
 
-def _non_finite_error(x: Tensor, step: int, stats: StepStats, store: Any) -> TrainingError:
+def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: Any, sae: TopKSAE) -> TrainingError:
     where = getattr(store, "directory", None) or type(store).__name__
     bad = int((~torch.isfinite(x)).any(dim=-1).sum())
+    when = "the b_dec initialisation sample" if step < 0 else f"step {step}"
     if bad:
-        return TrainingError(f"step {step}: {bad} of {x.shape[0]} activation vectors from {where} contain NaN or "
+        return TrainingError(f"{when}: {bad} of {x.shape[0]} activation vectors from {where} contain NaN or "
                              f"inf; recollect them (model in float16? try model_dtype: bfloat16 or float32)")
+    bad_params = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad_params:
+        return TrainingError(f"{when}: the SAE's {', '.join(bad_params)} hold NaN or inf: training diverged (lower "
+                             f"lr) or a checkpoint holds non-finite weights (delete train_state.pt and retrain)")
     return TrainingError(f"step {step}: the loss became {float(stats.loss)} (fvu {float(stats.fvu)}, aux "
                          f"{float(stats.aux_loss)}) on finite activations: training diverged; lower lr. "
                          f"Nothing of this step was saved; the last checkpoint is intact")
+
+
+def _check_finite_weights(sae: TopKSAE, step: int) -> None:
+    """Raise before a checkpoint would store NaN/inf weights (the previous checkpoint stays intact)."""
+    bad = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise TrainingError(f"after step {step}: the SAE's {', '.join(bad)} hold NaN or inf: training diverged; "
+                            f"lower lr. Not saved; the last checkpoint is intact")
 
 
 def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: dict[str, Any], path_name: str,
                  fp: dict[str, Any]) -> None:
     since = st["tokens_since_fired"]
     n_dead = int((since >= cfg.dead_tokens).sum())
+    _check_finite_weights(sae, st["step"])
     save_card_checkpoint(sae, out_dir / FINAL_FILE)
     save_sae(sae, out_dir, {**cfg.as_dict(), "model": fp["model"], "layer": fp["layer"], "step_path": path_name,
                             "train_n_tokens_store": fp["n_tokens"], "steps": st["step"],
