@@ -254,14 +254,18 @@ class LayerContrast:
 
 
 def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top_n: int = 10,
-                    n_permutations: int = 200, seed: int = 0) -> LayerContrast:
-    """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|."""
+                    n_permutations: int = 200, seed: int = 0, strata: Sequence[Any] | None = None) -> LayerContrast:
+    """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|.
+
+    ``strata`` (e.g. question templates) makes the null shuffle labels within each stratum only
+    (see :func:`mechlib.stats.permutation_null`).
+    """
     y = np.asarray(correct, dtype=bool)
     h = np.asarray(states, dtype=np.float64)
     if h.ndim != 3 or h.shape[0] != y.size:
         raise ContrastError(f"states must be [n, L, D] with n = {y.size} labels, got shape {tuple(h.shape)}")
     d = np.stack([cohens_d(h[y, i], h[~y, i]) for i in range(h.shape[1])])
-    null = permutation_null(h, y, n_permutations=n_permutations, seed=seed, top_n=top_n)
+    null = permutation_null(h, y, n_permutations=n_permutations, seed=seed, top_n=top_n, strata=strata)
     return LayerContrast(d, null, int(y.sum()), int((~y).sum()))
 
 

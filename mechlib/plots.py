@@ -31,19 +31,22 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
-def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10
-                        ) -> tuple[Figure, object]:
+def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10,
+                        strata_max_q95: float | None = None) -> tuple[Figure, object]:
     """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
 
     The shaded band runs from the null's median to its 95th percentile per layer; the dashed line
     is the 95th percentile of the max-over-layers null — the bar the peak must clear, since it was
-    picked by looking at every layer.
+    picked by looking at every layer. ``strata_max_q95`` (dotted) is the same bar for the null that
+    shuffles labels only within question types.
     """
     fig, ax = new_figure(8.0, 4.5)
     layers = list(range(len(top_abs_d)))
     ax.fill_between(layers, null_q50, null_q95, color="0.8", label="permutation null, median–95th pct")
     ax.plot(layers, null_q50, color="0.5", lw=1)
     ax.axhline(null_max_q95, color="0.3", ls="--", lw=1, label="95th pct of max-over-layers null")
+    if strata_max_q95 is not None:
+        ax.axhline(strata_max_q95, color="C2", ls=":", lw=1.5, label="same, labels shuffled within question type")
     ax.plot(layers, top_abs_d, marker="o", ms=3, color="C0", label="observed (correct − wrong)")
     ax.plot([peak], [top_abs_d[peak]], marker="*", ms=14, color="C3", ls="none", label=f"peak: layer {peak}")
     ax.set_xlabel("decoder layer (residual stream after it)")

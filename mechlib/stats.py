@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats as sps
@@ -116,7 +116,7 @@ class PermutationNull:
 
 
 def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: int = 0, top_n: int = 10,
-                     chunk_bytes: int = 256 << 20) -> PermutationNull:
+                     chunk_bytes: int = 256 << 20, strata: Sequence[Any] | None = None) -> PermutationNull:
     """Per-layer top-``top_n`` mean |Cohen's d| (label True − False) and its permutation null.
 
     ``states`` is ``[n, L, D]`` (or ``[n, D]`` for one layer). Permutations shuffle the labels
@@ -124,6 +124,12 @@ def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: 
     one matrix product of a ``[P, n]`` 0/1 matrix with the ``[n, L·D]`` states, in chunks of
     permutations that fit ``chunk_bytes``. States are centred per dimension first (d does not
     change) so the sums of squares lose no precision to large mean directions.
+
+    ``strata`` (one key per sample, e.g. the question's template) restricts permutations to
+    shuffles *within* each stratum. The null then keeps any link between strata and labels, and
+    asks whether correctness differs beyond what the strata explain: with a task whose question
+    types differ in difficulty, a plain null cannot tell "predicts correctness" from "recognises
+    the question type".
     """
     h = _as_f64(states, "states")
     if h.ndim == 2:
@@ -158,7 +164,7 @@ def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: 
 
     observed = stat(y[None, :].astype(np.float64))[0]
     rng = np.random.default_rng(seed)
-    perms = np.stack([rng.permutation(y) for _ in range(n_permutations)]).astype(np.float64)
+    perms = _permutations(y, n_permutations, rng, strata).astype(np.float64)
     per_chunk = max(1, chunk_bytes // (8 * 6 * flat.shape[1]))
     null = np.concatenate([stat(perms[i:i + per_chunk]) for i in range(0, n_permutations, per_chunk)])
     null_max = null.max(axis=1)
@@ -166,6 +172,22 @@ def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: 
     p_layer = (1 + (null >= observed[None, :]).sum(axis=0)) / (1 + n_permutations)
     p_peak = float((1 + (null_max >= observed[peak]).sum()) / (1 + n_permutations))
     return PermutationNull(observed, null, null_max, p_layer, p_peak, peak, top_n)
+
+
+def _permutations(y: np.ndarray, n_permutations: int, rng: np.random.Generator,
+                  strata: Sequence[Any] | None) -> np.ndarray:
+    """``[P, n]`` label vectors: ``y`` shuffled as a whole, or within each stratum."""
+    if strata is None:
+        return np.stack([rng.permutation(y) for _ in range(n_permutations)])
+    keys = np.asarray([str(k) for k in strata])
+    if keys.shape != y.shape:
+        raise StatsInputError(f"strata has {keys.size} entries but labels has {y.size}")
+    groups = [np.flatnonzero(keys == k) for k in np.unique(keys)]
+    out = np.empty((n_permutations, y.size), dtype=bool)
+    for p in range(n_permutations):
+        for idx in groups:
+            out[p, idx] = y[rng.permutation(idx)]
+    return out
 
 
 # --------------------------------------------------------------------------------------------

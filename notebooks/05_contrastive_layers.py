@@ -27,6 +27,10 @@ model = "embedded:smollm2-135m-instruct"
 model_dtype = "float32"
 device = "auto"
 layer = 15
+task = "arithmetic"
+gsm8k_path = ""
+gsm8k_split = "test"
+n_questions = 200
 n_permutations = 200
 top_d = 10
 contrast_pooling = "last"
@@ -43,6 +47,7 @@ from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.sae import check_compatible, load_sae
+from mechlib.tasks import load_questions
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -91,13 +96,25 @@ print(f"{states.n_layers} layers, d_model {h_contrast.shape[-1]}, pooling: {stat
 # give. The permutation p-value of the peak is `(1 + #{null max ≥ observed peak}) / (1 + permutations)`.
 # Neighbouring layers are strongly correlated (each adds a little to the same residual stream), so a
 # chance excursion in one layer shows up in its neighbours too: count bumps, not layers.
+#
+# **A confound, and a second null.** The generated default task mixes question types of very different
+# difficulty (one-step "buys more" sums versus two-step problems). Then "correct vs wrong" is partly
+# "easy type vs hard type", and the question type is visible in the states from the first layer on — a
+# direction that reads the type passes the plain null. The second null shuffles the labels only *within*
+# each question type (the `source` of each question), so it asks whether the states predict correctness
+# beyond the type (dotted line). On GSM8K every question has the same source and the two nulls coincide.
 
 # %%
 res = contrast.contrast_layers(h_contrast, y, top_n=P.top_d, n_permutations=P.n_permutations, seed=P.seed)
 null = res.null
 null_q50, null_q95 = null.null_quantile(0.5), null.null_quantile(0.95)
 null_max_q95 = float(np.quantile(null.null_max, 0.95))
-fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d)
+source = {q.id: q.source for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split)}
+strata = [source[i] for i in split.contrast_ids]
+within = stats.permutation_null(h_contrast, y, P.n_permutations, P.seed, P.top_d, strata=strata)
+within_max_q95 = float(np.quantile(within.null_max, 0.95))
+fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d,
+                                    strata_max_q95=within_max_q95 if len(set(strata)) > 1 else None)
 plots.save_figure(fig, paths.figures / "05_contrastive_layers.png")
 
 # %%
@@ -107,6 +124,8 @@ print(f"peak layer {peak}: mean top-{P.top_d} |d| = {res.top_abs_d[peak]:.3f}")
 print(f"max-over-layers null: median {np.median(null.null_max):.3f}, 95th pct {null_max_q95:.3f}")
 print(f"permutation p (peak vs max-over-layers null, {null.n_permutations} permutations) = {null.p_peak:.3f}")
 print(f"peak layer against its own layer's null only: p = {null.p_layer[peak]:.3f} (ignores the choice of peak)")
+print(f"within-type null ({len(set(strata))} question types): max-over-layers 95th pct {within_max_q95:.3f}, "
+      f"p = {within.p_peak:.3f}")
 
 # %% [markdown]
 # ## The steering direction and the card's "readable" test
@@ -117,7 +136,8 @@ print(f"peak layer against its own layer's null only: p = {null.p_layer[peak]:.3
 # gives its scales). Is the direction *readable*? We project each **held-out** question's state on it and
 # ask whether a higher projection goes with a correct answer (Spearman ρ with its p-value). The held-out
 # questions played no part in finding the direction, so this is a fair test; the study's companion model
-# reports ρ = 0.540.
+# reports ρ = 0.540. The confound above applies here too: on a mixed-difficulty task a direction that
+# reads the question type also "predicts" correctness.
 
 # %%
 unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)
@@ -168,6 +188,8 @@ metrics = {
     "null_p": null.p_peak, "null_p_layer": [float(v) for v in null.p_layer],
     "null_q50": [float(v) for v in null_q50], "null_q95": [float(v) for v in null_q95],
     "null_max_q50": float(np.median(null.null_max)), "null_max_q95": null_max_q95,
+    "n_question_types": len(set(strata)), "null_p_within_type": within.p_peak,
+    "null_max_q95_within_type": within_max_q95,
     "spearman_rho": stats.finite_or_none(rho.rho), "spearman_p": stats.finite_or_none(rho.p), "spearman_n": rho.n,
     "mean_resid_norm": [float(v) for v in states.token_norm_mean],
     "steering_vector": str(vec_path.relative_to(paths.root)),

@@ -176,3 +176,33 @@ def test_spearman_matches_scipy_and_handles_constants():
     assert spearman([1, 2, 3, 4], [2, 4, 6, 9]).rho == pytest.approx(1.0)
     const = spearman([1.0, 2.0, 3.0], [1, 1, 1])
     assert math.isnan(const.rho) and const.as_dict() == {"rho": None, "p": None, "n": 3}
+
+
+def test_stratified_null_separates_confound_from_effect():
+    """States depend only on a question's type, and types differ in accuracy: the plain null calls
+    that an effect, the within-type null does not (its p stays ~uniform); a real within-type effect
+    is still found."""
+    from mechlib.stats import _permutations
+
+    plain_p, within_p, real_p = [], [], []
+    for rep in range(40):
+        rng = np.random.default_rng(rep)
+        kind = np.repeat(["easy", "hard"], 40)
+        y = np.where(kind == "easy", rng.random(80) < 0.8, rng.random(80) < 0.2)
+        h = rng.normal(size=(80, 2, 12))
+        h[kind == "easy", :, :4] += 3.0  # the type is visible in the states; correctness itself is not
+        plain_p.append(permutation_null(h, y, n_permutations=49, seed=rep, top_n=3).p_peak)
+        within_p.append(permutation_null(h, y, n_permutations=49, seed=rep, top_n=3, strata=kind).p_peak)
+        h[y, 1, 6:9] += 3.0  # now a real correctness effect at layer 1
+        real = permutation_null(h, y, n_permutations=49, seed=rep, top_n=3, strata=kind)
+        real_p.append(real.p_peak if real.peak == 1 else 1.0)
+    plain_p, within_p, real_p = map(np.array, (plain_p, within_p, real_p))
+    assert (plain_p <= 0.05).mean() >= 0.9
+    assert (within_p <= 0.05).mean() <= 0.2 and sps.kstest(within_p, "uniform").pvalue > 1e-3
+    assert (real_p <= 0.05).mean() >= 0.9
+    # within-stratum shuffles keep every stratum's label counts
+    perms = _permutations(y, 20, np.random.default_rng(0), kind)
+    for k in ("easy", "hard"):
+        assert (perms[:, kind == k].sum(1) == y[kind == k].sum()).all()
+    with pytest.raises(StatsInputError, match="strata"):
+        permutation_null(h, y, n_permutations=5, strata=kind[:10])
