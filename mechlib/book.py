@@ -11,6 +11,7 @@ and finally regenerates ``outputs/<run>/REPORT.md`` from the metrics.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -85,11 +86,15 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
     names = declared_parameters(nb)
     values = {n: getattr(params, n) for n in names}
     out = paths.notebooks / f"{chapter.name}.ipynb"
+    # papermill rewrites its output file after every cell (not atomically): it writes a hidden
+    # partial file that replaces ``out`` when the chapter ends, passed or failed, so a killed run
+    # never leaves a truncated notebook where nbval and readers look.
+    partial = out.with_name(f".{chapter.name}.partial.json")
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
             nb,
-            str(out),
+            str(partial),
             parameters=values,
             cwd=str(REPO_ROOT),
             kernel_name="python3",
@@ -100,6 +105,9 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
     except PapermillExecutionError as exc:
         reason = f"{exc.ename}: {exc.evalue}"
         raise ChapterError(chapter.name, out, reason) from None
+    finally:
+        if partial.exists():
+            os.replace(partial, out)
     return ChapterRun(chapter.name, time.perf_counter() - start, out)
 
 
