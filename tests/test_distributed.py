@@ -202,7 +202,7 @@ def test_torchrun_collect_and_train_equal_one_process(tmp_path, monkeypatch):
     params = write_params(tmp_path, "tinyrun")
     proc = _torchrun(["collect", "train", str(params)], tmp_path / "two")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "world_size': 2" in proc.stdout
+    assert "world_size': 2" in proc.stdout, proc.stdout[-2000:]
     monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "one")
     with one_thread():
         scale.collect(params, progress=False)

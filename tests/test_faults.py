@@ -163,3 +163,55 @@ def test_corrupt_shard_named_by_the_next_command(tmp_path, outputs, capsys):
     shard.write_bytes(bytes(data[: len(data) // 3]))
     assert scale.main(["collect", str(params), "--no-progress"]) == 1
     assert "shard_00003.safetensors" in capsys.readouterr().err
+
+
+SLOW_CHAPTER = """# ---
+# jupyter:
+#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}
+# ---
+
+# %% tags=["parameters"]
+run = "default"
+
+# %%
+print("first cell done", flush=True)
+
+# %%
+import time
+time.sleep(120)
+"""
+
+
+def test_book_runner_killed_mid_chapter_leaves_no_truncated_notebook(tmp_path):
+    """papermill rewrites its output after every cell; the runner points it at a hidden partial file,
+    so a kill leaves the previous complete notebook (here a stand-in) untouched."""
+    import nbformat
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "01_slow.py").write_text(SLOW_CHAPTER)
+    params = tmp_path / "slow.yaml"
+    params.write_text("seed: 1\n")
+    out = tmp_path / "outputs/slow/notebooks"
+    out.mkdir(parents=True)
+    previous = nbformat.v4.new_notebook(cells=[nbformat.v4.new_markdown_cell("a finished earlier run")])
+    nbformat.write(previous, out / "01_slow.ipynb")
+    before = (out / "01_slow.ipynb").read_bytes()
+    env = {**os.environ, "MECHBOOK_OUTPUTS": str(tmp_path / "outputs"), "TQDM_DISABLE": "1"}
+    code = f"from mechlib.book import run_book; run_book({str(params)!r}, notebooks_dir=__import__('pathlib').Path({str(nbdir)!r}))"
+    log = tmp_path / "book.log"
+    with open(log, "wb") as fh:  # its own session, so the kernel it starts is killed with it
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=fh, stderr=subprocess.STDOUT,
+                                cwd=REPO_ROOT, start_new_session=True)
+    partial = out / ".01_slow.partial.json"
+    try:
+        deadline = time.monotonic() + 120
+        while not (partial.is_file() and "first cell done" in partial.read_text(errors="replace")):
+            assert proc.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "the chapter never got past its first cell"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert (out / "01_slow.ipynb").read_bytes() == before
+    assert [p.name for p in out.glob("*.ipynb")] == ["01_slow.ipynb"]  # nbval sees no partial notebook
