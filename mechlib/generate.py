@@ -100,6 +100,26 @@ def _supports_logits_to_keep(model: Any) -> bool:
 # Caches
 # --------------------------------------------------------------------------------------------
 
+CACHE_BUCKET = 256  # compiled path: cache lengths rounded up to this, so batches share one compiled graph
+
+
+def _reusable_static_cache(model: Any, batch: int, max_len: int) -> tuple[Any, bool]:
+    """The compiled path's cache: one per model, reset and reused while batch and length match.
+
+    Reusing the same tensors keeps CUDA-graph input addresses fixed (no re-capture per batch);
+    only the latest shape is kept, so memory for older shapes is freed.
+    """
+    key = (batch, max_len, str(_model_device(model)))
+    held = getattr(model, "_mechlib_static_cache", None)
+    if held is not None and held[0] == key:
+        held[1].reset()
+        return held[1], held[2]
+    model._mechlib_static_cache = None
+    cache, safe = _static_cache(model, max_len)
+    model._mechlib_static_cache = (key, cache, safe)
+    return cache, safe
+
+
 def _static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
     """A ``StaticCache`` for ``max_len`` tokens; returns ``(cache, compile_safe)``.
 
@@ -188,7 +208,13 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
     extra: dict[str, Any] = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
 
-    if cache == "static":
+    if cache == "static" and compile:
+        exact = prompt_len + max_new_tokens
+        bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
+        window = min((w for w in [getattr(_text_config(model), "sliding_window", None)] if w), default=bucketed)
+        kv, compile_safe = _reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
+        masks = _make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+    elif cache == "static":
         kv, compile_safe = _static_cache(model, prompt_len + max_new_tokens)
         masks = _make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
     else:
@@ -259,7 +285,11 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
     eos_set = set(int(e) for e in eos_ids)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
-        ids, mask = left_pad([prompt_ids[i] for i in idx], pad_id, device)
+        rows = [prompt_ids[i] for i in idx]
+        if compile and kind == "static" and len(rows) < batch_size:
+            # a smaller last batch would compile a second graph: fill it with copies, dropped below
+            rows = rows + [rows[-1]] * (batch_size - len(rows))
+        ids, mask = left_pad(rows, pad_id, device)
         toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
                             ignore_eos=ignore_eos, cache=kind, compile=compile, sync_every=sync_every).tolist()
         for row, i in zip(toks, idx):

@@ -8,7 +8,8 @@ negatives and trailing text, and falls back sensibly when a generation never wri
 The extraction rule, in order (the first rule that finds a number wins):
 
 1. ``#### N`` — the number right after the *first* ``####`` that is followed by a number (the
-   format the prompt asks for; later ``####`` lines are usually the model rambling on).
+   format the prompt asks for; later ``####`` lines are usually the model rambling on). Small
+   models often copy the instruction's letter: ``#### N = 21`` reads as 21.
 2. ``answer is N`` / ``answer: N`` / ``answer = N`` (case-insensitive, e.g. "The final answer
    is $1,200.") — the *last* such phrase.
 3. The *last* number anywhere in the text (this covers "… = 42" endings).
@@ -79,8 +80,9 @@ def extract_answer(text: str) -> float | None:
         return None
     for m in _HASHES.finditer(text):
         tail = text[m.end():]
-        # the number must come right after the marker (spaces, '$', ':' or '=' allowed between)
-        lead = re.match(r"[\s:=*]*", tail)
+        # the number must come right after the marker (spaces, ':', '=', '*' allowed between, and a
+        # short variable name copied from the instruction: "#### N = 21")
+        lead = re.match(r"[\s:=*]*(?:[A-Za-z]{1,3}\s*[=:][\s=*]*)?", tail)
         value_match = _NUMBER.match(tail, lead.end() if lead else 0)
         if value_match:
             return _to_number(value_match)

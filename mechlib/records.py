@@ -160,6 +160,30 @@ def summarize(records: Sequence[Record]) -> BaselineSummary:
                            unparsed=sum(r.parsed is None for r in records) / n)
 
 
+@dataclass(frozen=True)
+class GroupAccuracy:
+    group: str
+    n: int
+    n_correct: int
+    accuracy: float
+    ci95: tuple[float, float]
+
+
+def accuracy_by_group(records: Sequence[Record], group_of: dict[str, str]) -> list[GroupAccuracy]:
+    """Accuracy with Wilson 95 % intervals per group (e.g. question source/template), groups sorted."""
+    from mechlib.stats import wilson_ci
+
+    groups: dict[str, list[bool]] = {}
+    for r in records:
+        groups.setdefault(group_of[r.id], []).append(r.correct)
+    out = []
+    for g in sorted(groups):
+        k, n = sum(groups[g]), len(groups[g])
+        lo, hi = wilson_ci(k, n)
+        out.append(GroupAccuracy(g, n, k, k / n, (float(lo), float(hi))))
+    return out
+
+
 def split_contrast_heldout(records: Sequence[Any], n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
     """A fixed-seed split of the question ids into a contrast set and a held-out set of
     ``n_heldout``. Both lists keep the records' order. Depends only on the ids and the seed."""

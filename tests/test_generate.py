@@ -159,6 +159,11 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
             if handle:
                 handle.remove()
         assert got == ref, f"hook seed {seed}"
+    held = model._mechlib_static_cache
+    assert held[0][1] % 256 == 0, "compiled path rounds the cache length up to a bucket"
+    generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"},
+                 progress=False)
+    assert model._mechlib_static_cache[1] is held[1], "same shapes: the cache is reset and reused"
 
 
 def test_generate_greedy_decodes_in_input_order(tiny_llama):

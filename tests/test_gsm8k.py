@@ -33,6 +33,8 @@ SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
     ("#### 18\nQuestion: another one #### 5", 18),  # first #### wins
     ("The answer is 12. Then 3 + 4 = 7", 12),  # 'answer is' beats the last number
     ("#### $1,000.00 total", 1000),
+    ("Carla has 3 + 9 = 12.\n#### N = 12\n#### N = 12", 12),  # the instruction's letter copied
+    ("#### N\n#### N\nso 5 apples", 5),
     ("1,2,3", 3),  # commas not grouping thousands end the number
     ("12,34", 34),
     ("50% of them", 50),
