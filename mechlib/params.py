@@ -196,6 +196,8 @@ def load_params(path: str | os.PathLike[str]) -> BookParams:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
     values = {} if values is None else values
     if isinstance(values, dict):
         values.setdefault("run", path.stem)
