@@ -17,8 +17,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from mechlib.params import ParamsError, validate
+from mechlib.params import ParamsError, known_keys, load_params, validate
 from mechlib.sae import SAEError, TopKSAE, save_card_checkpoint, save_sae
 from mechlib.stores import TensorStore
 from mechlib.train import TrainConfig, TrainingError, run_sae, train_sae
@@ -192,3 +194,39 @@ def test_diverging_training_is_named_and_never_checkpointed(tmp_path, checkpoint
     with one_thread(), pytest.raises(TrainingError, match="training diverged"):
         train_sae(TensorStore(x), cfg, tmp_path, device="cpu", progress=False)
     assert _files(tmp_path) == []
+
+
+# ------------------------------------------------------------------------ hand-edited files, fuzzed
+
+
+_yaml_lines = st.one_of(
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
+    st.builds(lambda k, v: f"{k}: {v}", st.sampled_from(known_keys() + ["d_sea", "Layer", "k k"]),
+              st.sampled_from(["", "1", "-3", "1e-3", ".nan", "[1, 2", "{a: 1}", "!!binary aGk=", "2024-01-01",
+                               "yes", "~", "'x'", "&a 1", "*a", "0x1F", "|", "- 1"])),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(_yaml_lines, max_size=6), st.one_of(st.just(b""), st.binary(max_size=8)))
+def test_fuzzed_params_files_load_or_raise_one_params_error(tmp_path_factory, lines, raw_tail):
+    """Whatever text a hand-edited params file holds (broken YAML, tags, dates, anchors, tabs), the
+    loader returns valid params or raises one ParamsError that names the file — nothing else."""
+    path = tmp_path_factory.mktemp("fuzz") / "fuzzed.yaml"
+    path.write_bytes("\n".join(lines).encode("utf-8") + raw_tail)  # raw bytes: maybe not UTF-8 at all
+    try:
+        params = load_params(path)
+    except ParamsError as exc:
+        assert str(path) in str(exc)
+        return
+    assert 0 < params.k < params.d_sae and params.run == "fuzzed"
+
+
+def test_params_file_that_is_not_utf8_is_named(tmp_path, capsys):
+    from mechlib.book import main
+
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("model: café\n".encode("latin-1"))
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert f"{path}: not UTF-8 text" in err and "Traceback" not in err, err
