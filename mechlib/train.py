@@ -173,6 +173,10 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
     chosen_fn, path_name = (step_fn, "custom") if step_fn is not None else pick_step_fn(dev)
     fp = _store_fingerprint(store)
     meta = {"model": fp["model"], "layer": fp["layer"]}
+    if hooks.is_main:  # temporaries of our atomic writes left by a killed run (a full train_state can be GBs)
+        for name in (STATE_FILE, FINAL_FILE, HISTORY_FILE, "sae.safetensors", "cfg.json"):
+            for stale in out_dir.glob(f".{name}.*.tmp"):
+                stale.unlink(missing_ok=True)
     saved = load_train_state(out_dir)
     if saved is not None and (saved["cfg"] != cfg.as_dict() or saved["store"] != fp):
         print(f"{out_dir / STATE_FILE}: written with other settings or activations; training afresh")
