@@ -141,6 +141,7 @@ def test_training_killed_and_rerun_equals_uninterrupted(tmp_path, outputs):
     assert got["k"] == want["k"]
     history = [json.loads((root / "fault/checkpoints/train_history.json").read_text()) for root in (clean, killed)]
     assert history[0] == history[1]
+    assert not list(ckpt.glob(".*.tmp")), "a temporary file of a killed checkpoint write survived the rerun"
 
 
 def test_corrupt_shard_named_by_the_next_command(tmp_path, outputs, capsys):
@@ -215,3 +216,19 @@ def test_book_runner_killed_mid_chapter_leaves_no_truncated_notebook(tmp_path):
         proc.wait(30)
     assert (out / "01_slow.ipynb").read_bytes() == before
     assert [p.name for p in out.glob("*.ipynb")] == ["01_slow.ipynb"]  # nbval sees no partial notebook
+
+
+def test_training_removes_temporaries_of_a_write_killed_midway(tmp_path):
+    """A kill inside an atomic write leaves ``.<name>.<random>.tmp`` (a full train_state of the study's
+    SAE is ~2 GB); the next run removes ours and leaves other files alone."""
+    from mechlib.stores import TensorStore
+    from mechlib.train import TrainConfig, train_sae
+
+    ours = tmp_path / ".train_state.pt.k3j9.tmp"
+    ours.write_bytes(b"half a checkpoint")
+    other = tmp_path / ".steering_vec_L3.pt.x1.tmp"  # another chapter's file in the same folder
+    other.write_bytes(b"not ours")
+    cfg = TrainConfig(d_sae=16, k=2, train_batch_size=16, train_tokens=32, warmup_steps=1, init_b_dec="zeros")
+    train_sae(TensorStore(torch.randn(64, 8)), cfg, tmp_path, device="cpu", progress=False)
+    assert not ours.exists() and other.exists()
+    assert (tmp_path / "sae_final.pt").is_file()
