@@ -232,3 +232,34 @@ def test_training_removes_temporaries_of_a_write_killed_midway(tmp_path):
     train_sae(TensorStore(torch.randn(64, 8)), cfg, tmp_path, device="cpu", progress=False)
     assert not ours.exists() and other.exists()
     assert (tmp_path / "sae_final.pt").is_file()
+
+
+# Every write in the library, chapters and benchmarks goes through mechlib.io's atomic helpers. The
+# few raw writes below are atomic by other means, each with its reason.
+RAW_WRITE = r"torch\.save\(|\.write_text\(|\.write_bytes\(|save_file\(|\.savefig\(|json\.dump\(|np\.save\(|" \
+            r"\.to_csv\(|open\([^)]*['\"][wax]b?\+?['\"]|execute_notebook\(|save_pretrained\("
+ALLOWED = {
+    ("mechlib/io.py", "*"): "the atomic helpers themselves",
+    ("mechlib/plots.py", ".savefig("): "inside io.atomic_path",
+    ("mechlib/models.py", "save_pretrained("): "into a temporary folder renamed into place",
+    ("mechlib/models.py", ".write_text("): "the marker file, inside that temporary folder",
+    ("mechlib/book.py", "execute_notebook("): "to a hidden partial file, os.replace'd at the end",
+}
+
+
+def test_every_writer_is_atomic():
+    import re
+
+    offenders = []
+    files = [*REPO_ROOT.glob("mechlib/*.py"), *REPO_ROOT.glob("notebooks/*.py"), *REPO_ROOT.glob("benchmarks/*.py")]
+    for path in files:
+        rel = path.relative_to(REPO_ROOT).as_posix()
+        if (rel, "*") in ALLOWED:
+            continue
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for m in re.finditer(RAW_WRITE, code):
+                token = m.group(0)
+                if not any(rel == f and token.startswith(t.rstrip("(")) for f, t in ALLOWED):
+                    offenders.append(f"{rel}:{lineno}: {line.strip()}")
+    assert not offenders, "raw (non-atomic) writes; use mechlib.io:\n" + "\n".join(offenders)
