@@ -263,3 +263,26 @@ def test_every_writer_is_atomic():
                 if not any(rel == f and token.startswith(t.rstrip("(")) for f, t in ALLOWED):
                     offenders.append(f"{rel}:{lineno}: {line.strip()}")
     assert not offenders, "raw (non-atomic) writes; use mechlib.io:\n" + "\n".join(offenders)
+
+
+def test_killed_data_parallel_collection_resumes_in_one_process(tmp_path, tiny_llama):
+    """A torchrun collection killed before rank 0's merge leaves only ``manifest.rank<r>.json`` files.
+    A rerun (here with one process) trusts the shards they list, computes only the rest, and ends with
+    the manifest an uninterrupted run writes; the per-rank files are gone."""
+    from mechlib.collect import collect_activations
+    from mechlib.scale import merge_rank_manifests
+    from mechlib.shards import ShardError
+
+    model, tok = tiny_llama
+    small = dict(layer=1, n_tokens=700, seq_len=32, batch_size=4, shard_tokens=128, progress=False)
+    want = collect_activations(model, tok, tmp_path / "clean", **small).manifest
+    folder = tmp_path / "killed"
+    rank0 = collect_activations(model, tok, folder, rank=0, world_size=2, **small)  # rank 1 never ran
+    assert not (folder / "manifest.json").exists() and (folder / "manifest.rank0.json").is_file()
+    assert {e["index"] % 2 for e in rank0.manifest["shards"]} == {0}
+    with pytest.raises(ShardError, match=r"manifest\.rank1\.json.*missing"):
+        merge_rank_manifests(folder, 2)  # rank 0 would refuse to merge an unfinished collection
+    rerun = collect_activations(model, tok, folder, **small)
+    assert rerun.computed_tokens == 700 - rank0.manifest["n_tokens"] > 0
+    assert json.loads((folder / "manifest.json").read_text()) == want
+    assert not list(folder.glob("manifest.rank*.json"))
