@@ -58,6 +58,9 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
 
     P = load_params(params_path)
     paths = RunPaths(P.run).make()
+    if P.sae_source == "pretrained":
+        print(f"[mechlib.scale] train {P.run}: sae_source is 'pretrained' ({P.sae_pretrained}); nothing to train")
+        return {"run": P.run, "steps": 0, "sae_source": "pretrained"}
     with _group(info, device or P.device) as info:
         store = open_train_store(P, paths, str(info.device))
         res = train_sae(store, TrainConfig.from_params(P), paths.checkpoints, device=str(info.device),

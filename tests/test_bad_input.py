@@ -230,3 +230,12 @@ def test_params_file_that_is_not_utf8_is_named(tmp_path, capsys):
     assert main([str(path)]) == 1
     err = capsys.readouterr().err
     assert f"{path}: not UTF-8 text" in err and "Traceback" not in err, err
+
+
+def test_scale_train_with_a_pretrained_sae_trains_nothing(tmp_path, out_root, capsys):
+    params = write_params(tmp_path, "pre", sae_source="pretrained", sae_pretrained=str(tmp_path / "sae_final.pt"))
+    from mechlib import scale
+
+    assert scale.main(["train", str(params), "--no-progress"]) == 0
+    assert "nothing to train" in capsys.readouterr().out
+    assert _files(out_root) == []
