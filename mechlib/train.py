@@ -188,6 +188,9 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
         torch.set_rng_state(saved["rng"])
     else:
         st = _new_state(store, cfg, meta)
+        if hooks.is_main:  # a fresh run: files of an earlier, different run must not pass for this one's
+            for name in (FINAL_FILE, "sae.safetensors", "cfg.json", HISTORY_FILE, STATE_FILE):
+                (out_dir / name).unlink(missing_ok=True)
     sae = st["sae"].to(dev)
     # fused Adam: one kernel over all parameters (3x faster than foreach on 2 CPU cores), same math.
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)

@@ -108,6 +108,11 @@ def test_changed_settings_train_afresh(tmp_path, capsys):
     train_sae(TensorStore(x), small_cfg(), tmp_path, device="cpu", progress=False, stop_after=4)
     res = train_sae(TensorStore(x), small_cfg(k=5), tmp_path, device="cpu", progress=False, stop_after=2)
     assert res.resumed_from == 0 and "training afresh" in capsys.readouterr().out
+    # a finished run's files are removed when a different run starts in the same folder
+    train_sae(TensorStore(x), small_cfg(train_tokens=128 * 4), tmp_path, device="cpu", progress=False)
+    assert (tmp_path / "sae_final.pt").is_file()
+    train_sae(TensorStore(x), small_cfg(k=3), tmp_path, device="cpu", progress=False, stop_after=1)
+    assert not (tmp_path / "sae_final.pt").exists() and not (tmp_path / "cfg.json").exists()
 
 
 def test_dead_counters_follow_definition_and_hooks_are_called(tmp_path):
