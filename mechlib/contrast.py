@@ -163,9 +163,11 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     try:
+        # similar lengths together (less padding); the original order is restored at the end
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="layer states", disable=not progress):
-            enc = encode(tokenizer, list(prompts[start:start + batch_size]))
+            enc = encode(tokenizer, [prompts[i] for i in order[start:start + batch_size]])
             input_ids = enc["input_ids"].to(device)
             mask = enc["attention_mask"].to(device).bool()
             keep = mask & ~torch.isin(input_ids, special.to(device))
@@ -186,8 +188,10 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
     finally:
         for handle in handles:
             handle.remove()
-    return LayerStates(list(map(str, ids)), torch.cat(pooled_batches), (norm_sum / n_tokens).float(), pooling,
-                       model_name, sha_of_prompts(prompts))
+    pooled = torch.empty((len(prompts), n_layers, pooled_batches[0].shape[-1]), dtype=torch.float32)
+    pooled[torch.tensor(order)] = torch.cat(pooled_batches)
+    return LayerStates(list(map(str, ids)), pooled, (norm_sum / n_tokens).float(), pooling, model_name,
+                       sha_of_prompts(prompts))
 
 
 def sha_of_prompts(prompts: Sequence[str]) -> str:
