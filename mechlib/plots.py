@@ -125,7 +125,7 @@ def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure
     fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
     for ax, feat in zip(axes[:, 0], examples):
         ex = feat["examples"]
-        labels = [(e["context"] + "[[" + e["token"] + "]]")[-width:].replace("\n", "⏎").replace("$", r"\$")
+        labels = [(e["context"] + "[[" + e["token"] + "]]")[-width:].replace("\n", "↵").replace("$", r"\$")
                   for e in ex]
         ax.barh(range(len(ex)), [e["activation"] for e in ex], color="C1")
         ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
