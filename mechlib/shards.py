@@ -323,10 +323,13 @@ class ActivationStore:
             for chunk in self._epoch_stream(epoch, seed, shuffle, skip, shards_per_group, dtype):
                 buf.append(chunk)
                 have += chunk.shape[0]
-                while have >= batch_size and pos < end:
-                    x = torch.cat(buf)
-                    yield x[:batch_size]
-                    buf, have, pos = [x[batch_size:]], have - batch_size, pos + batch_size
+                if have < batch_size:
+                    continue
+                x, off = (torch.cat(buf) if len(buf) > 1 else buf[0]), 0  # one copy per chunk, not per batch
+                while have - off >= batch_size and pos < end:
+                    yield x[off:off + batch_size]
+                    off, pos = off + batch_size, pos + batch_size
+                buf, have = [x[off:]], have - off
                 if pos >= end:
                     return
             epoch, skip = epoch + 1, 0
