@@ -67,6 +67,7 @@ def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, b
     ax.axhspan(baseline_ci[0], baseline_ci[1], color="0.85", label="baseline 95% CI")
     ax.axhline(baseline, color="0.3", ls="--", lw=1, label=f"baseline {baseline:.2f}")
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="steered")
+    ax.plot([0.0], [baseline], marker="s", color="0.3", ls="none", label="no steering (scale 0)")
     ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.02, 1.02)

@@ -115,7 +115,7 @@ within = stats.permutation_null(h_contrast, y, P.n_permutations, P.seed, P.top_d
 within_max_q95 = float(np.quantile(within.null_max, 0.95))
 fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d,
                                     strata_max_q95=within_max_q95 if len(set(strata)) > 1 else None)
-plots.save_figure(fig, paths.figures / "05_contrastive_layers.png")
+_ = plots.save_figure(fig, paths.figures / "05_contrastive_layers.png")
 
 # %%
 # NBVAL_CHECK_OUTPUT
