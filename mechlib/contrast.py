@@ -102,6 +102,19 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     return split
 
 
+def check_questions_match(questions: Sequence[Any], split: BaselineSplit) -> None:
+    """Raise if a question's text is not in chapter 04's recorded prompt for the same id.
+
+    Why: chapters 05/06 re-load the questions (for their types, or to generate again) and pair
+    them with chapter 04's records by id. If the task generator or the data changed since 04 ran,
+    the same id names another question and every comparison would silently be wrong.
+    """
+    bad = [q.id for q in questions if str(q.id) in split.prompts and q.question not in split.prompts[str(q.id)]]
+    if bad:
+        raise ContrastError(f"chapter 04's records were made from other questions than the task now gives "
+                            f"(ids {bad[:3]}{' …' if len(bad) > 3 else ''}); rerun chapter 04 for this run")
+
+
 class _StopForward(Exception):
     """Raised by the last layer's hook: everything needed has been recorded."""
 

@@ -109,7 +109,9 @@ res = contrast.contrast_layers(h_contrast, y, top_n=P.top_d, n_permutations=P.n_
 null = res.null
 null_q50, null_q95 = null.null_quantile(0.5), null.null_quantile(0.95)
 null_max_q95 = float(np.quantile(null.null_max, 0.95))
-source = {q.id: q.source for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split)}
+questions = load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split)
+contrast.check_questions_match(questions, split)
+source = {q.id: q.source for q in questions}
 strata = [source[i] for i in split.contrast_ids]
 within = stats.permutation_null(h_contrast, y, P.n_permutations, P.seed, P.top_d, strata=strata)
 within_max_q95 = float(np.quantile(within.null_max, 0.95))

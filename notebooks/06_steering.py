@@ -82,6 +82,7 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 # %%
 heldout = set(split.heldout_ids)
 questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split) if q.id in heldout]
+contrast.check_questions_match(questions, split)
 loaded = load_model(P.model, P.model_dtype, P.device)
 sweep = steering.run_sweep(loaded, questions, layer=layer, vector=vec["vector"], mean_norm=mean_norm,
                            scales=P.steering_scales,

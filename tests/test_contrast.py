@@ -202,3 +202,14 @@ def test_load_baseline_split(tmp_path):
     metrics.write_text(json.dumps({"contrast_ids": ["q0", "q9"], "heldout_ids": ["q2"]}))
     with pytest.raises(ContrastError, match="q9"):
         load_baseline_split(metrics, tmp_path / "baseline.jsonl")
+
+
+def test_check_questions_match():
+    from mechlib.contrast import BaselineSplit, check_questions_match
+    from mechlib.gsm8k import Question
+
+    split = BaselineSplit(["a"], ["b"], {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"},
+                          {"a": True, "b": False})
+    check_questions_match([Question("a", "What is 1 plus 2?", 3, "x"), Question("b", "Q2", 1, "x")], split)
+    with pytest.raises(ContrastError, match="rerun chapter 04"):
+        check_questions_match([Question("a", "What is 5 plus 2?", 7, "x")], split)
