@@ -22,6 +22,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from mechlib.hooks import add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
@@ -116,38 +117,99 @@ def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: f
     return Path(records_dir) / f"steer_L{layer}_{scale_tag(scale)}.jsonl"
 
 
+class RowSteering:
+    """A forward hook adding a *different* vector to each batch row: ``out[i] += deltas[i]``.
+
+    Why: the sweep generates every (question, scale) pair; putting several scales in one batch
+    fills batches (a CPU or GPU decode step costs about the same at batch 32 as at 128) instead
+    of running one half-empty pass per scale. The caller sets the rows' deltas before each
+    batch with :meth:`set_rows`; the values are copied *in place* into a buffer kept per batch
+    size, so a captured/compiled decode step keeps reading the right memory.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[int, Tensor] = {}
+        self._current: Tensor | None = None
+
+    def set_rows(self, deltas: Tensor, device: torch.device, dtype: torch.dtype) -> None:
+        b = int(deltas.shape[0])
+        buf = self._buffers.get(b)
+        if buf is None or buf.device != device or buf.dtype != dtype or buf.shape != deltas.shape:
+            buf = self._buffers[b] = torch.empty(deltas.shape, device=device, dtype=dtype)
+        buf.copy_(deltas)
+        self._current = buf
+
+    def __call__(self, _module, _inputs, out):
+        h = layer_output_tensor(out)
+        d = self._current
+        if d is None or d.shape[0] != h.shape[0] or d.shape[1] != h.shape[-1]:
+            raise SteeringError(f"row deltas of shape {None if d is None else tuple(d.shape)} do not fit the layer "
+                                f"output {tuple(h.shape)}")
+        return replace_layer_output(out, h + d[:, None, :])
+
+
 def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, mean_norm: float,
               scales: Sequence[float], prompt_format: str, max_new_tokens: int, batch_size: int,
-              records_dir: str | os.PathLike[str]) -> dict[float, list[Any]]:
-    """Generate the held-out questions once per scale with the steering hook on; records per scale.
+              records_dir: str | os.PathLike[str], progress: bool = True) -> dict[float, list[Any]]:
+    """Generate every held-out question at every scale with the steering hook on; records per scale.
 
-    Each scale's records go to ``records/steer_L{layer}_{scale}.jsonl`` through
-    :func:`mechlib.records.run_baseline`, so a rerun resumes (finished scales are read back, a
-    half-finished one continues). A ``steer_L{layer}.meta.json`` remembers the vector, norm and
-    generation settings; if they changed, the old steered records are discarded, not reused.
+    All (question, scale) pairs go through one queue, sorted by prompt length so that a batch
+    holds a few questions at several scales (equal lengths, no padding); a :class:`RowSteering`
+    hook adds each row's own ``scale × mean_norm × unit(vector)``. Each scale's records go to
+    ``records/steer_L{layer}_{scale}.jsonl`` in :mod:`mechlib.records`' format (with its
+    settings sidecar), rewritten atomically after each batch, so a rerun resumes. A
+    ``steer_L{layer}.meta.json`` remembers the vector and norm; if they changed, the old
+    steered records are discarded, not reused.
     """
+    from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
     from mechlib.io import atomic_write_json, read_json
     from mechlib.models import check_layer, decoder_layers
-    from mechlib.records import run_baseline
+    from mechlib.prompts import build_prompt, encode_prompts
+    from mechlib.records import meta_path, read_records, score, settings_of, write_records
 
     check_layer(loaded.model, layer)
+    scales = list(dict.fromkeys(float(s) for s in scales))
     records_dir = Path(records_dir)
-    meta = {"layer": int(layer), "mean_norm": round(float(mean_norm), 6), "max_new_tokens": int(max_new_tokens),
-            "prompt_format": prompt_format, "model": loaded.name,
+    meta = {"layer": int(layer), "mean_norm": round(float(mean_norm), 6), "model": loaded.name,
             "vector": [round(float(x), 6) for x in torch.as_tensor(vector).float().tolist()]}
-    meta_path = records_dir / f"steer_L{layer}.meta.json"
-    if meta_path.is_file() and read_json(meta_path) != meta:
+    sweep_meta = records_dir / f"steer_L{layer}.meta.json"
+    if sweep_meta.is_file() and read_json(sweep_meta) != meta:
         for old in records_dir.glob(f"steer_L{layer}_*.jsonl"):
             old.unlink()
-    atomic_write_json(meta_path, meta)
+    atomic_write_json(sweep_meta, meta)
 
-    module = decoder_layers(loaded.model)[layer]
-    out: dict[float, list[Any]] = {}
-    for scale in scales:
-        with steering_hook(module, vector, scale, mean_norm):
-            out[scale] = run_baseline(loaded, list(questions), prompt_format, max_new_tokens, batch_size,
-                                      steer_records_path(records_dir, layer, scale))
-    return out
+    model, tok = loaded.model, loaded.tokenizer
+    settings = settings_of(loaded.name, prompt_format, max_new_tokens)
+    prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
+    done: dict[float, dict[str, Any]] = {}
+    for s in scales:
+        path = steer_records_path(records_dir, layer, s)
+        same = path.is_file() and meta_path(path).is_file() and \
+            read_json(meta_path(path)).get("settings_hash") == settings["settings_hash"]
+        done[s] = {r.id: r for r in read_records(path) if r.id in prompts and r.prompt == prompts[r.id]} if same else {}
+        atomic_write_json(meta_path(path), settings)
+    todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
+    if todo:
+        enc = dict(zip(prompts, encode_prompts(tok, list(prompts.values()))))
+        todo.sort(key=lambda qs: -len(enc[qs[0].id]))  # stable: a question's scales stay together
+        eos = eos_ids_of(model, tok)
+        pad = pad_id_of(model, tok, eos)
+        param = next(model.parameters())
+        rows_hook = RowSteering()
+        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        with add_forward_hook(decoder_layers(model)[layer], rows_hook):
+            for batch in tqdm(batches, desc=f"steer L{layer}", disable=not progress, unit="batch"):
+                deltas = torch.stack([steering_delta(vector, s, mean_norm) for _, s in batch])
+                rows_hook.set_rows(deltas, param.device, param.dtype)
+                out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
+                                   pad_id=pad, sort_by_length=False, progress=False)
+                for (q, s), row in zip(batch, out):
+                    text = tok.decode(row, skip_special_tokens=True)
+                    done[s][q.id] = score(q, prompts[q.id], text, len(row), len(row) >= max_new_tokens)
+                for s in {s for _, s in batch}:
+                    write_records(steer_records_path(records_dir, layer, s),
+                                  [done[s][q.id] for q in questions if q.id in done[s]])
+    return {s: [done[s][q.id] for q in questions] for s in scales}
 
 
 @dataclass(frozen=True)

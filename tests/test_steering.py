@@ -216,20 +216,46 @@ def test_run_sweep_resumes_and_matches_unsteered_generation(request, arch_fixtur
     vector = torch.randn(64, generator=torch.Generator().manual_seed(3))
     kw = dict(layer=1, mean_norm=10.0, prompt_format="gemma_manual", max_new_tokens=4, batch_size=2,
               records_dir=tmp_path)
-    sweep = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], **kw)
+    sweep = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], progress=False, **kw)
     assert _hook_count(model) == 0
     assert steer_records_path(tmp_path, 1, 3.0).is_file() and steer_records_path(tmp_path, 1, 0.0).is_file()
     plain = run_baseline(loaded, questions, "gemma_manual", 4, 2, tmp_path / "plain.jsonl", progress=False)
     assert [r.generation for r in sweep[0.0]] == [r.generation for r in plain]  # a zero vector changes nothing
     assert [r.generation for r in sweep[3.0]] != [r.generation for r in plain]  # a large one does
+    # scales sharing batches (per-row vectors) give what one scale at a time with the plain hook gives
+    with steering_hook(decoder_layers(model)[1], vector, 3.0, 10.0):
+        single = run_baseline(loaded, questions, "gemma_manual", 4, 2, tmp_path / "single.jsonl", progress=False)
+    assert [r.generation for r in sweep[3.0]] == [r.generation for r in single]
 
     def boom(*a, **k):
         raise AssertionError("a finished sweep must not generate again")
 
     monkeypatch.setattr(generate, "generate_ids", boom)
-    again = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], **kw)
+    again = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], progress=False, **kw)
     assert [r.generation for r in again[3.0]] == [r.generation for r in sweep[3.0]]
     # a different vector invalidates the steered records instead of reusing them
     with pytest.raises(AssertionError, match="must not generate"):
-        run_sweep(loaded, questions, vector=-vector, scales=[3.0], **kw)
+        run_sweep(loaded, questions, vector=-vector, scales=[3.0], progress=False, **kw)
+    assert _hook_count(model) == 0
+
+
+def test_row_steering_adds_each_rows_own_vector(tiny_gemma4):
+    from mechlib.hooks import add_forward_hook
+    from mechlib.steering import RowSteering
+
+    model, tok = tiny_gemma4
+    layers = decoder_layers(model)
+    _, clean_out, _ = _observe(model, tok)
+    deltas = torch.stack([steering_delta(torch.ones(64), 0.0, 1.0), steering_delta(torch.arange(64.0), 0.2, 9.0)])
+    hook = RowSteering()
+    hook.set_rows(deltas, torch.device("cpu"), torch.float32)
+    with add_forward_hook(layers[2], hook):
+        _, out, _ = _observe(model, tok)
+    for i in range(2):
+        assert torch.equal(out[2][i], clean_out[2][i] + deltas[i])
+    assert torch.equal(out[1], clean_out[1]) and _hook_count(model) == 0
+    hook.set_rows(deltas[:1], torch.device("cpu"), torch.float32)  # one row's deltas for a batch of two
+    with pytest.raises(SteeringError, match="do not fit"):
+        with add_forward_hook(layers[2], hook):
+            _observe(model, tok)
     assert _hook_count(model) == 0
