@@ -109,8 +109,8 @@ def vector_for_layer(states, split, layer: int, checkpoints_dir: str | os.PathLi
 # --------------------------------------------------------------------------------------------
 
 def scale_tag(scale: float) -> str:
-    """File-name tag of a scale: ``+0.050``, ``-0.050``."""
-    return f"{scale:+.3f}"
+    """File-name tag of a scale: ``+0.05``, ``-0.05``, ``+0`` (6 significant digits: distinct scales, distinct files)."""
+    return f"{float(scale):+g}"
 
 
 def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: float) -> Path:
@@ -121,8 +121,9 @@ class RowSteering:
     """A forward hook adding a *different* vector to each batch row: ``out[i] += deltas[i]``.
 
     Why: the sweep generates every (question, scale) pair; putting several scales in one batch
-    fills batches (a CPU or GPU decode step costs about the same at batch 32 as at 128) instead
-    of running one half-empty pass per scale. The caller sets the rows' deltas before each
+    fills batches instead of running one half-empty pass per scale: a decode step at batch 128
+    costs far less than four at batch 32 (about 2× one on this 2-core CPU; on a GPU about the
+    same as one, ../shared/FIELD.md). The caller sets the rows' deltas before each
     batch with :meth:`set_rows`; the values are copied *in place* into a buffer kept per batch
     size, so a captured/compiled decode step keeps reading the right memory.
     """

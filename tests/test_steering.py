@@ -174,7 +174,8 @@ def test_overlaps():
 
 
 def test_scale_tag():
-    assert scale_tag(0.05) == "+0.050" and scale_tag(-0.05) == "-0.050" and scale_tag(0.15) == "+0.150"
+    assert scale_tag(0.05) == "+0.05" and scale_tag(-0.05) == "-0.05" and scale_tag(0.15) == "+0.15"
+    assert scale_tag(0.0025) != scale_tag(0.003) and scale_tag(0) == "+0"
 
 
 def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
