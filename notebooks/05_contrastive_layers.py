@@ -100,7 +100,7 @@ print(f"{states.n_layers} layers, d_model {h_contrast.shape[-1]}, pooling: {stat
 # **A confound, and a second null.** The generated default task mixes question types of very different
 # difficulty (one-step "buys more" sums versus two-step problems). Then "correct vs wrong" is partly
 # "easy type vs hard type", and the question type is visible in the states from the first layer on — a
-# direction that reads the type passes the plain null. The second null shuffles the labels only *within*
+# direction that merely reads the type can pass the plain null. The second null shuffles the labels only *within*
 # each question type (the `source` of each question), so it asks whether the states predict correctness
 # beyond the type (dotted line). On GSM8K every question has the same source and the two nulls coincide.
 

@@ -77,7 +77,7 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 # a rerun resumes. The baseline is chapter 04's records of the same questions. Those were generated in
 # other batches; on a GPU in bf16, different padding can flip a rare greedy choice. To measure that floor,
 # add `0.0` to `steering_scales`: the hook then adds an exact zero vector, and its row shows how much
-# changes without any steering (on this CPU default, nothing: the scale-0 generations equal chapter 04's).
+# changes without any steering (in our CPU fp32 runs of the default: nothing, generations were identical).
 
 # %%
 heldout = set(split.heldout_ids)
