@@ -252,6 +252,26 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     return out[:, :steps]
 
 
+@contextlib.contextmanager
+def _contiguous_lm_head(model: Any) -> Iterator[None]:
+    """On CPU in bf16/fp16, hand the unembedding a contiguous input.
+
+    ``logits_to_keep=1`` slices ``hidden[:, -1:, :]`` (a strided view); for a strided 3-D input in
+    bf16 the CPU matmul expands the [vocab, d] weight per row (SmolLM2 at batch 32: a
+    900 M-element copy, ~10 s per prefill on this machine's 2 cores, more than the whole forward).
+    Values are unchanged; fp32 and GPUs are left alone, so the exact CPU path is untouched.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or _model_device(model).type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 # --------------------------------------------------------------------------------------------
 # Many prompts
 # --------------------------------------------------------------------------------------------
@@ -284,20 +304,31 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
     results: list[list[int]] = [[] for _ in prompt_ids]
     eos_set = set(int(e) for e in eos_ids)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
-        rows = [prompt_ids[i] for i in idx]
-        if compile and kind == "static" and len(rows) < batch_size:
-            # a smaller last batch would compile a second graph: fill it with copies, dropped below
-            rows = rows + [rows[-1]] * (batch_size - len(rows))
-        ids, mask = left_pad(rows, pad_id, device)
-        toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id,
-                            ignore_eos=ignore_eos, cache=kind, compile=compile, sync_every=sync_every).tolist()
-        for row, i in zip(toks, idx):
-            if not ignore_eos:
-                cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
-                row = row[:cut]
-            results[i] = row
+    with _contiguous_lm_head(model):
+        for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
+            _generate_batch(model, prompt_ids, idx, results, max_new_tokens, batch_size, eos_ids=eos_ids,
+                            pad_id=pad_id, ignore_eos=ignore_eos, kind=kind, compile=compile,
+                            sync_every=sync_every, eos_set=eos_set, device=device)
     return results
+
+
+def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[int], results: list[list[int]],
+                    max_new_tokens: int, batch_size: int, *, eos_ids: Sequence[int], pad_id: int, ignore_eos: bool,
+                    kind: str, compile: bool | dict[str, Any], sync_every: int, eos_set: set[int],
+                    device: torch.device) -> None:
+    """Generate the prompts ``idx`` as one batch; write each row's ids (cut before EOS) into ``results``."""
+    rows = [prompt_ids[i] for i in idx]
+    if compile and kind == "static" and len(rows) < batch_size:
+        # a smaller last batch would compile a second graph: fill it with copies, dropped below
+        rows = rows + [rows[-1]] * (batch_size - len(rows))
+    ids, mask = left_pad(rows, pad_id, device)
+    toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, ignore_eos=ignore_eos,
+                        cache=kind, compile=compile, sync_every=sync_every).tolist()
+    for row, i in zip(toks, idx):
+        if not ignore_eos:
+            cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
+            row = row[:cut]
+        results[i] = row
 
 
 def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, *,

@@ -190,3 +190,22 @@ def test_bad_settings_raise(tiny_llama):
         generate_ids(model, [[2, 5]], 4, 0, eos_ids=[1], pad_id=0, progress=False)
     with pytest.raises(GenerationError, match="max_new_tokens"):
         generate_ids(model, [[2, 5]], 0, 1, eos_ids=[1], pad_id=0, progress=False)
+
+
+def test_bf16_cpu_unembedding_gets_a_contiguous_input_and_the_hook_is_removed(tiny_llama):
+    """bf16 on CPU: a strided lm_head input makes the matmul copy the whole weight per row (slow);
+    mechlib hands it a contiguous view during generation only. Values are the same, so greedy
+    tokens still equal HF's here."""
+    model, tok = tiny_llama
+    model = model.to(torch.bfloat16)
+    head = model.get_output_embeddings()
+    seen = []
+    probe = head.register_forward_hook(lambda _m, args, _out: seen.append(args[0].is_contiguous()))
+    try:
+        ids = _prompt_ids(tok)
+        got = generate_ids(model, ids, 4, 8, eos_ids=[1], pad_id=PAD, progress=False)
+        assert got == _hf(model, ids, eos=1, max_new=4)
+    finally:
+        probe.remove()
+    assert len(head._forward_pre_hooks) == 0, "the contiguity hook must be removed after generation"
+    assert all(seen[: 4]), "mechlib's calls saw a contiguous unembedding input"

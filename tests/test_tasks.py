@@ -28,13 +28,25 @@ def test_arithmetic_is_deterministic_and_unique():
 
 def test_arithmetic_gold_answers_are_right():
     """Recompute each gold answer from the numbers in the question text."""
+    import re
+
+    rules = {"plus": lambda x: x[0] + x[1], "sum_of": lambda x: x[0] + x[1], "red_blue": lambda x: x[0] + x[1],
+             "boxes": lambda x: x[0] * x[1], "buy_more": lambda x: x[0] + x[1]}
+    assert set(rules) == set(TEMPLATES)
     for q in arithmetic_questions(200, seed=0):
-        nums = [int(x) for x in __import__("re").findall(r"\d+", q.question)]
-        kind = q.source.split(":")[1]
-        expected = {"buy_more": lambda: nums[0] + nums[1], "buy_more_big": lambda: nums[0] + nums[1],
-                    "give_away": lambda: nums[0] - nums[1], "sum": lambda: nums[0] + nums[1],
-                    "boxes": lambda: nums[0] * nums[1], "two_step": lambda: nums[0] + nums[1] - nums[2]}[kind]()
-        assert q.answer == expected > 0, q
+        nums = [int(x) for x in re.findall(r"\d+", q.question)]
+        assert q.answer == rules[q.source.split(":")[1]](nums) > 0, q
+
+
+def test_arithmetic_mix_follows_the_weights():
+    from collections import Counter
+
+    from mechlib.tasks import TEMPLATE_WEIGHTS
+
+    counts = Counter(q.source.split(":")[1] for q in arithmetic_questions(200, seed=0))
+    total = sum(TEMPLATE_WEIGHTS.values())
+    for kind, w in TEMPLATE_WEIGHTS.items():
+        assert abs(counts[kind] / 200 - w / total) < 0.07, (kind, counts)
 
 
 def test_load_questions_errors():
@@ -42,6 +54,8 @@ def test_load_questions_errors():
         load_questions("math", 5, 0)
     with pytest.raises(TaskError, match="positive"):
         load_questions("arithmetic", 0, 0)
+    with pytest.raises(TaskError, match="'plus' is exhausted"):
+        arithmetic_questions(300, 0, weights={"plus": 1.0})  # only 11 x 8 distinct bare sums
     with pytest.raises(TaskError, match="unknown arithmetic templates"):
         arithmetic_questions(3, 0, weights={"nope": 1.0})
 

@@ -1,0 +1,168 @@
+# ---
+# jupyter:
+#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}
+# ---
+
+# %% [markdown]
+# # 04 — The baseline: which questions does the model get right?
+#
+# The rest of the book contrasts the model's hidden states on questions it answers **correctly** with
+# those it answers **wrongly** (chapter 05), and then tries to push wrong answers towards right ones by
+# steering (chapter 06). Both need a baseline: one greedy answer per question, scored, and a fixed split
+# of the questions into a **contrast set** (where the direction is fitted) and a **held-out set** (where
+# steering is judged — never seen when fitting). The study used GSM8K, 50 held-out questions, and got
+# ~45–50 % right with Gemma 4 E4B.
+#
+# **Questions.** `task = "gsm8k"` takes a seeded sample of GSM8K (from the hub, or from a local JSONL copy
+# via `gsm8k_path`). The embedded SmolLM2-135M solves almost no GSM8K problem, which would leave nothing to
+# contrast, so the default `task = "arithmetic"` generates short problems of five kinds — bare sums
+# ("What is 13 plus 4?", "What is the sum of 13 and 4?"), one-step word problems with a sum or a product,
+# and "has a, buys b more" — drawn from a fixed seed and mixed so that the small model gets roughly a
+# third to a half right. Each kind on its own gets some right and some wrong (see the table below), so
+# "correct" is not merely "which template"; still, kinds differ in difficulty, and part of any
+# correct-vs-wrong difference in chapter 05 can be a difference between kinds — as it can be between easy
+# and hard GSM8K problems in the study.
+#
+# **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim:
+# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.
+# `"chat_template"` (the default here) sends the same instruction through the model's own chat template,
+# which is what a non-Gemma model like SmolLM2 was trained on.
+#
+# **Scoring.** Answers are read by `mechlib.gsm8k.extract_answer`: the number after the first `####`
+# (also when the model copies the letter: `#### N = 21`), else the last "answer is N", else the last
+# number in the text. Numbers may carry `$`, thousands commas (`1,200` is 1200 — the study's seed parser
+# read it as 1), decimals and signs. An answer is correct when it equals the gold number.
+#
+# **Generation.** Greedy, batched, left-padded, at most `max_new_tokens` new tokens, each row stopping at
+# the model's end-of-turn token — the same tokens HF `generate` would produce (tested), from a leaner loop
+# (`mechlib.generate`). Records are cached per question in `records/baseline.jsonl`: a rerun with the same
+# settings generates nothing, an interrupted one continues where it stopped.
+
+# %% tags=["parameters"]
+run = "default"
+seed = 0
+model = "embedded:smollm2-135m-instruct"
+model_dtype = "float32"
+device = "auto"
+task = "arithmetic"
+gsm8k_path = ""
+gsm8k_split = "test"
+n_questions = 200
+n_heldout = 50
+prompt_format = "chat_template"
+max_new_tokens = 48
+gen_batch_size = 32
+
+# %%
+import time
+
+from mechlib import plots
+from mechlib.io import atomic_write_json
+from mechlib.models import load_model
+from mechlib.params import from_namespace
+from mechlib.paths import RunPaths
+from mechlib.prompts import build_prompt
+from mechlib.records import accuracy_by_group, run_baseline, split_contrast_heldout, summarize
+from mechlib.tasks import load_questions
+
+P = from_namespace(globals())
+paths = RunPaths(P.run).make()
+t0 = time.time()
+
+questions = load_questions(P.task, P.n_questions, P.seed, gsm8k_path=P.gsm8k_path, gsm8k_split=P.gsm8k_split)
+kinds = {q.id: q.source.split(":")[-1] for q in questions}
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"{len(questions)} questions from task {P.task!r}; kinds: "
+      + ", ".join(f"{k} {list(kinds.values()).count(k)}" for k in sorted(set(kinds.values()))))
+print(f"example: {questions[0].question!r} -> gold {questions[0].answer}")
+
+# %% [markdown]
+# ## The prompt the model sees
+#
+# One full prompt, exactly as it is tokenised (special tokens included).
+
+# %%
+loaded = load_model(P.model, dtype=P.model_dtype, device=P.device)
+print(build_prompt(loaded.tokenizer, questions[0].question, P.prompt_format))
+
+# %% [markdown]
+# ## Generating and scoring
+#
+# The timing below is wall-clock for the questions generated in *this* execution (zero when every record
+# was already cached).
+
+# %%
+t_gen = time.time()
+records = run_baseline(loaded, questions, P.prompt_format, P.max_new_tokens, P.gen_batch_size,
+                       paths.records / "baseline.jsonl", desc="baseline")
+gen_seconds = time.time() - t_gen
+print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)} records in {paths.records})")
+
+# %% [markdown]
+# ## Accuracy
+#
+# The interval is the Wilson 95 % score interval for a binomial proportion. "Cut off" counts answers that
+# used all `max_new_tokens` without the end-of-turn token: they are scored on what was written so far
+# (a `####` line early on still counts), but a high rate means the limit is too tight for the task.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+summary = summarize(records)
+groups = accuracy_by_group(records, kinds)
+print(f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
+      f"95% CI [{summary.ci95[0]:.3f}, {summary.ci95[1]:.3f}]")
+print(f"cut off at max_new_tokens={P.max_new_tokens}: {summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}")
+for g in groups:
+    print(f"  {g.group:>14}: {g.accuracy:.2f} ({g.n_correct}/{g.n})  CI [{g.ci95[0]:.2f}, {g.ci95[1]:.2f}]")
+
+# %%
+fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in groups], [g.ci95[0] for g in groups],
+                             [g.ci95[1] for g in groups], [g.n for g in groups],
+                             [r.n_new_tokens for r in records if r.correct],
+                             [r.n_new_tokens for r in records if not r.correct],
+                             P.max_new_tokens, summary.accuracy, summary.ci95)
+plots.save_figure(fig, paths.figures / "04_baseline.png")
+
+# %% [markdown]
+# ## What the answers look like
+#
+# Two correct and two wrong answers (the first of each in question order), with what the parser read.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+shown = [r for r in records if r.correct][:2] + [r for r in records if not r.correct][:2]
+by_id = {q.id: q for q in questions}
+for r in shown:
+    print(f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed}")
+    print(f"Q: {by_id[r.id].question}")
+    print(f"A: {r.generation.strip()[:300]}")
+
+# %% [markdown]
+# ## The contrast / held-out split
+#
+# A fixed-seed random split of the question ids: `n_heldout` questions are held out for steering
+# (chapter 06), the rest form the contrast set for chapter 05. The split depends only on the ids and the
+# seed, so it is the same on every rerun; both lists are saved in `metrics/04_gsm8k_baseline.json`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+contrast_ids, heldout_ids = split_contrast_heldout(records, P.n_heldout, P.seed)
+correct = {r.id: r.correct for r in records}
+n_c, n_h = sum(correct[i] for i in contrast_ids), sum(correct[i] for i in heldout_ids)
+print(f"contrast set: {len(contrast_ids)} questions ({n_c} correct, {len(contrast_ids) - n_c} wrong)")
+print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_ids) - n_h} wrong "
+      f"— the pool steering can recover)")
+
+# %%
+atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
+    "task": P.task, "prompt_format": P.prompt_format, "model": P.model, "max_new_tokens": P.max_new_tokens,
+    "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
+    "truncated": summary.truncated, "unparsed": summary.unparsed,
+    "by_kind": {g.group: {"n": g.n, "n_correct": g.n_correct, "accuracy": g.accuracy, "ci95": list(g.ci95)}
+                for g in groups},
+    "contrast_ids": contrast_ids, "heldout_ids": heldout_ids,
+    "generation_seconds": round(gen_seconds, 2),
+})
+print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.metrics / '04_gsm8k_baseline.json'}")
