@@ -125,9 +125,12 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     model, tok = loaded.model, loaded.tokenizer
     settings = settings_of(loaded.name, prompt_format, max_new_tokens)
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
-    done = {i: r for i, r in _cached(out_path, settings).items() if i in prompts and r.prompt == prompts[i]}
-    todo = [q for q in questions if q.id not in done]
+    cached = _cached(out_path, settings)
+    if not cached and out_path.is_file():
+        write_records(out_path, [])  # other settings: never let the new sidecar vouch for old records
     atomic_write_json(meta_path(out_path), settings)
+    done = {i: r for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
+    todo = [q for q in questions if q.id not in done]
     if todo:
         eos = eos_ids_of(model, tok)
         pad = pad_id_of(model, tok, eos)

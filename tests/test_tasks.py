@@ -142,7 +142,12 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs
     assert calls == [4]
 
-    # other settings: the cache is discarded, not mixed in
+    # other settings: the cache is discarded, not mixed in — also when that run is killed at once
+    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        run_baseline(loaded, qs, "gemma_manual", 3, 4, out, progress=False)
+    assert read_records(out) == [], "records of the old settings must not survive under the new sidecar"
+    monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
     calls.clear()
     run_baseline(loaded, qs, "gemma_manual", 3, 4, out, progress=False)
     assert calls == [4, 2] and json.loads(meta_path(out).read_text())["max_new_tokens"] == 3
