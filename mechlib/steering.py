@@ -151,7 +151,8 @@ class RowSteering:
 
 def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, mean_norm: float,
               scales: Sequence[float], prompt_format: str, max_new_tokens: int, batch_size: int,
-              records_dir: str | os.PathLike[str], progress: bool = True) -> dict[float, list[Any]]:
+              records_dir: str | os.PathLike[str], progress: bool = True,
+              **generate_kwargs: Any) -> dict[float, list[Any]]:
     """Generate every held-out question at every scale with the steering hook on; records per scale.
 
     All (question, scale) pairs go through one queue, sorted by prompt length so that a batch
@@ -160,7 +161,8 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     ``records/steer_L{layer}_{scale}.jsonl`` in :mod:`mechlib.records`' format (with its
     settings sidecar), rewritten atomically after each batch, so a rerun resumes. A
     ``steer_L{layer}.meta.json`` remembers the vector and norm; if they changed, the old
-    steered records are discarded, not reused.
+    steered records are discarded, not reused. ``generate_kwargs`` (``cache``, ``compile``) go to
+    :func:`mechlib.generate.generate_ids`.
     """
     from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
     from mechlib.io import atomic_write_json, read_json
@@ -203,7 +205,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
                 deltas = torch.stack([steering_delta(vector, s, mean_norm) for _, s in batch])
                 rows_hook.set_rows(deltas, param.device, param.dtype)
                 out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
-                                   pad_id=pad, sort_by_length=False, progress=False)
+                                   pad_id=pad, sort_by_length=False, progress=False, **generate_kwargs)
                 for (q, s), row in zip(batch, out):
                     text = tok.decode(row, skip_special_tokens=True)
                     done[s][q.id] = score(q, prompts[q.id], text, len(row), len(row) >= max_new_tokens)
