@@ -27,6 +27,8 @@ model = "embedded:smollm2-135m-instruct"
 model_dtype = "float32"
 device = "auto"
 layer = 15
+sae_source = "train"
+sae_pretrained = ""
 task = "arithmetic"
 gsm8k_path = ""
 gsm8k_split = "test"
@@ -159,20 +161,22 @@ print(f"held-out projection vs correctness: Spearman rho = {rho.rho:.3f}, p = {r
 # %% [markdown]
 # ## SAE features ranked by contrast
 #
-# The chapter-02 SAE reads the residual after layer `layer`. We encode the contrast set's pooled states at
+# The chapter-02 SAE (or the published one, with `sae_source = "pretrained"`) reads the residual after
+# layer `layer`. We encode the contrast set's pooled states at
 # that layer and rank features by the difference of their mean activation on correct versus wrong
 # questions (Cohen's d and firing rates alongside: a feature firing on two questions can have a large d
 # from a tiny variance). The top 50 go to `metrics/contrastive_features_L{layer}.json` — the second file
 # the card announced and never shipped.
 
 # %%
-sae_path = paths.checkpoints / "sae_final.pt"
+sae_path = P.sae_pretrained if P.sae_source == "pretrained" else str(paths.checkpoints / "sae_final.pt")
 sae = load_sae(sae_path)
-check_compatible(sae, h_contrast.shape[-1], P.layer, source=str(sae_path))
+check_compatible(sae, h_contrast.shape[-1], P.layer, source=sae_path)
 features = contrast.rank_sae_features(sae, h_contrast[:, P.layer], y, top_n=50)
 features_file = paths.metrics / f"contrastive_features_L{P.layer}.json"
 atomic_write_json(features_file, contrast.features_json(
-    features, layer=P.layer, model=P.model, sae=str(sae_path.relative_to(paths.root)), pooling=P.contrast_pooling,
+    features, layer=P.layer, model=P.model, pooling=P.contrast_pooling,
+    sae=P.sae_pretrained if P.sae_source == "pretrained" else "checkpoints/sae_final.pt",
     n_correct=res.n_correct, n_wrong=res.n_wrong))
 
 # %%
