@@ -190,6 +190,8 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
         same = path.is_file() and meta_path(path).is_file() and \
             read_json(meta_path(path)).get("settings_hash") == settings["settings_hash"]
         done[s] = {r.id: r for r in read_records(path) if r.id in prompts and r.prompt == prompts[r.id]} if same else {}
+        if not same and path.is_file():
+            path.unlink()  # before the new sidecar: a run killed in between must not pass old records as new
         atomic_write_json(meta_path(path), settings)
     todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
     if todo:

@@ -260,3 +260,21 @@ def test_row_steering_adds_each_rows_own_vector(tiny_gemma4):
         with add_forward_hook(layers[2], hook):
             _observe(model, tok)
     assert _hook_count(model) == 0
+
+
+def test_run_sweep_discards_records_made_with_other_settings(tiny_llama, tmp_path):
+    from mechlib.models import LoadedModel
+    from mechlib.records import read_records
+    from mechlib.steering import run_sweep, steer_records_path
+    from mechlib.tasks import arithmetic_questions
+
+    model, tok = tiny_llama
+    loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
+    questions = arithmetic_questions(3, seed=1)
+    kw = dict(layer=1, vector=torch.ones(64), mean_norm=10.0, scales=[0.5], prompt_format="gemma_manual",
+              batch_size=4, records_dir=tmp_path, progress=False)
+    first = run_sweep(loaded, questions, max_new_tokens=2, **kw)[0.5]
+    longer = run_sweep(loaded, questions, max_new_tokens=5, **kw)[0.5]
+    assert all(r.n_new_tokens <= 2 for r in first) and any(r.n_new_tokens > 2 for r in longer)
+    on_disk = read_records(steer_records_path(tmp_path, 1, 0.5))
+    assert [r.generation for r in on_disk] == [r.generation for r in longer]
