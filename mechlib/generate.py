@@ -120,6 +120,12 @@ def _reusable_static_cache(model: Any, batch: int, max_len: int) -> tuple[Any, b
     return cache, safe
 
 
+def free_generation_cache(model: Any) -> None:
+    """Drop the static cache the compiled path keeps on ``model`` (GPU memory: batch × length × layers)."""
+    if getattr(model, "_mechlib_static_cache", None) is not None:
+        model._mechlib_static_cache = None
+
+
 def _static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
     """A ``StaticCache`` for ``max_len`` tokens; returns ``(cache, compile_safe)``.
 

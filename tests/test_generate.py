@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
-from mechlib.generate import GenerationError, generate_greedy, generate_ids, greedy_batch, left_pad
+from mechlib.generate import (GenerationError, free_generation_cache, generate_greedy, generate_ids,
+                              greedy_batch, left_pad)
 from mechlib.models import decoder_layers
 from mechlib.tiny import tiny_config
 
@@ -164,6 +165,8 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
     generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"},
                  progress=False)
     assert model._mechlib_static_cache[1] is held[1], "same shapes: the cache is reset and reused"
+    free_generation_cache(model)
+    assert model._mechlib_static_cache is None
 
 
 def test_generate_greedy_decodes_in_input_order(tiny_llama):
