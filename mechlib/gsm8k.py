@@ -74,10 +74,11 @@ def _first_number(text: str) -> float | None:
     return _to_number(m) if m else None
 
 
-def extract_answer(text: str) -> float | None:
-    """The numeric answer in a generation, by the rule in the module docstring; None if no number."""
+def extract_answer_with_rule(text: str) -> tuple[float | None, str | None]:
+    """``(value, rule)``: the answer and which rule of the module docstring found it
+    (``"hashes"``, ``"answer_is"`` or ``"last_number"``; ``(None, None)`` when there is no number)."""
     if not isinstance(text, str):
-        return None
+        return None, None
     for m in _HASHES.finditer(text):
         tail = text[m.end():]
         # the number must come right after the marker (spaces, ':', '=', '*' allowed between, and a
@@ -85,15 +86,19 @@ def extract_answer(text: str) -> float | None:
         lead = re.match(r"[\s:=*]*(?:[A-Za-z]{1,3}\s*[=:][\s=*]*)?", tail)
         value_match = _NUMBER.match(tail, lead.end() if lead else 0)
         if value_match:
-            return _to_number(value_match)
-    phrases = list(_ANSWER_IS.finditer(text))
-    for m in reversed(phrases):
+            return _to_number(value_match), "hashes"
+    for m in reversed(list(_ANSWER_IS.finditer(text))):
         tail = text[m.end():]
         value_match = _NUMBER.match(tail, len(tail) - len(tail.lstrip(" *:$")) if tail else 0)
         if value_match:
-            return _to_number(value_match)
+            return _to_number(value_match), "answer_is"
     found = _numbers(text)
-    return found[-1][1] if found else None
+    return (found[-1][1], "last_number") if found else (None, None)
+
+
+def extract_answer(text: str) -> float | None:
+    """The numeric answer in a generation, by the rule in the module docstring; None if no number."""
+    return extract_answer_with_rule(text)[0]
 
 
 def answers_match(pred: float | None, gold: float | int) -> bool:

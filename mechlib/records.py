@@ -22,7 +22,7 @@ from typing import Any, Sequence
 
 from tqdm.auto import tqdm
 
-from mechlib.gsm8k import Question, answers_match, extract_answer
+from mechlib.gsm8k import Question, answers_match, extract_answer_with_rule
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 
 GENERATOR_VERSION = "greedy-v1"  # bump when the decode loop's output could change
@@ -44,6 +44,7 @@ class Record:
     correct: bool
     n_new_tokens: int = 0
     hit_limit: bool = False
+    parsed_by: str | None = None  # which extraction rule found the answer: hashes | answer_is | last_number
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class BaselineSummary:
     ci95: tuple[float, float]  # Wilson score interval
     truncated: float  # fraction of generations that hit max_new_tokens
     unparsed: float  # fraction with no number at all
+    by_rule: dict[str, tuple[int, int]]  # extraction rule → (answers read by it, of which correct)
 
 
 def settings_of(model_name: str, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
@@ -100,9 +102,10 @@ def _cached(out_path: Path, settings: dict[str, Any]) -> dict[str, Record]:
 
 
 def score(q: Question, prompt: str, generation: str, n_new_tokens: int, hit_limit: bool) -> Record:
-    parsed = extract_answer(generation)
+    parsed, rule = extract_answer_with_rule(generation)
     return Record(id=q.id, prompt=prompt, generation=generation, parsed=parsed, gold=q.answer,
-                  correct=answers_match(parsed, q.answer), n_new_tokens=n_new_tokens, hit_limit=hit_limit)
+                  correct=answers_match(parsed, q.answer), n_new_tokens=n_new_tokens, hit_limit=hit_limit,
+                  parsed_by=rule)
 
 
 def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str, max_new_tokens: int,
@@ -110,8 +113,8 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
                  **generate_kwargs: Any) -> list[Record]:
     """Greedy answers to ``questions`` as :class:`Record` s, cached in ``out_path`` (JSONL).
 
-    Resumes: records already in ``out_path`` with the same settings and prompt are reused; the
-    rest are generated in length-sorted batches, the file rewritten atomically after each batch.
+    Resumes: generations already in ``out_path`` with the same settings and prompt are reused
+    (and re-scored with the current parser); the rest are generated in length-sorted batches, the file rewritten atomically after each batch.
     Callers that steer register their hook around this call and pass a different ``out_path``.
     ``generate_kwargs`` go to :func:`mechlib.generate.generate_ids` (``cache``, ``compile``).
     """
@@ -129,7 +132,10 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     if not cached and out_path.is_file():
         write_records(out_path, [])  # other settings: never let the new sidecar vouch for old records
     atomic_write_json(meta_path(out_path), settings)
-    done = {i: r for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
+    by_id = {q.id: q for q in questions}
+    # cached generations are re-scored: parsing is cheap, and parser fixes then apply without regenerating
+    done = {i: score(by_id[i], r.prompt, r.generation, r.n_new_tokens, r.hit_limit)
+            for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
     todo = [q for q in questions if q.id not in done]
     if todo:
         eos = eos_ids_of(model, tok)
@@ -158,9 +164,14 @@ def summarize(records: Sequence[Record]) -> BaselineSummary:
         raise RecordsError("no records to summarise")
     k = sum(r.correct for r in records)
     lo, hi = wilson_ci(k, n)
+    by_rule: dict[str, tuple[int, int]] = {}
+    for r in records:
+        if r.parsed_by is not None:
+            seen, right = by_rule.get(r.parsed_by, (0, 0))
+            by_rule[r.parsed_by] = (seen + 1, right + int(r.correct))
     return BaselineSummary(n=n, n_correct=k, accuracy=k / n, ci95=(float(lo), float(hi)),
                            truncated=sum(r.hit_limit for r in records) / n,
-                           unparsed=sum(r.parsed is None for r in records) / n)
+                           unparsed=sum(r.parsed is None for r in records) / n, by_rule=by_rule)
 
 
 @dataclass(frozen=True)

@@ -104,8 +104,12 @@ print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)}
 # ## Accuracy
 #
 # The interval is the Wilson 95 % score interval for a binomial proportion. "Cut off" counts answers that
-# used all `max_new_tokens` without the end-of-turn token: they are scored on what was written so far
-# (a `####` line early on still counts), but a high rate means the limit is too tight for the task.
+# used all `max_new_tokens` without the end-of-turn token: they are scored on what was written so far.
+# Small models rarely stop by themselves — SmolLM2 tends to repeat its `#### N` line, or keeps explaining —
+# so the rate stays high even with a much larger limit (measured for SmolLM2: most word-problem answers
+# still run to 96 tokens), and a larger limit costs generation time in chapters 04 and 06. The last
+# lines say which extraction rule read each answer and how often that answer was right: answers read
+# from a trailing number are weaker evidence than a `####` line.
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -116,6 +120,8 @@ print(f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
 print(f"cut off at max_new_tokens={P.max_new_tokens}: {summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}")
 for g in groups:
     print(f"  {g.group:>14}: {g.accuracy:.2f} ({g.n_correct}/{g.n})  CI [{g.ci95[0]:.2f}, {g.ci95[1]:.2f}]")
+for rule, (n_read, n_right) in sorted(summary.by_rule.items()):
+    print(f"  read by rule {rule!r}: {n_read} answers, {n_right} correct")
 
 # %%
 fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in groups], [g.ci95[0] for g in groups],
@@ -160,6 +166,7 @@ atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
     "task": P.task, "prompt_format": P.prompt_format, "model": P.model, "max_new_tokens": P.max_new_tokens,
     "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
     "truncated": summary.truncated, "unparsed": summary.unparsed,
+    "by_rule": {k: {"n": v[0], "n_correct": v[1]} for k, v in summary.by_rule.items()},
     "by_kind": {g.group: {"n": g.n, "n_correct": g.n_correct, "accuracy": g.accuracy, "ci95": list(g.ci95)}
                 for g in groups},
     "contrast_ids": contrast_ids, "heldout_ids": heldout_ids,

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mechlib.gsm8k import GSM8KError, answers_match, extract_answer, gold_from_solution, load_gsm8k
+from mechlib.gsm8k import (GSM8KError, answers_match, extract_answer, extract_answer_with_rule, gold_from_solution,
+                           load_gsm8k)
 from mechlib.paths import REPO_ROOT
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
@@ -47,6 +48,14 @@ def test_extract_answer_examples(text, expected):
         assert got is None
     else:
         assert got == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("text, rule", [
+    ("so 4.\n#### 5", "hashes"), ("#### N = 5", "hashes"), ("The answer is 5. Then 6", "answer_is"),
+    ("2 + 3 = 5", "last_number"), ("#### N\nwe get 5", "last_number"), ("none", None),
+])
+def test_extract_answer_reports_its_rule(text, rule):
+    assert extract_answer_with_rule(text)[1] == rule
 
 
 def test_extract_answer_falls_back_when_hashes_have_no_number():

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mechlib.gsm8k import extract_answer
+from mechlib.gsm8k import extract_answer, extract_answer_with_rule
 from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
 from mechlib.records import (RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout,
                              summarize)
@@ -124,6 +124,7 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     for r, q in zip(recs, qs):
         assert r.prompt == build_prompt(tok, q.question, "gemma_manual") and r.gold == q.answer
         assert r.parsed == extract_answer(r.generation) and r.correct == (r.parsed == q.answer)
+        assert r.parsed_by == (None if r.parsed is None else extract_answer_with_rule(r.generation)[1])
         assert 0 < r.n_new_tokens <= 5 and r.hit_limit == (r.n_new_tokens == 5)
     assert read_records(out) == recs
     assert json.loads(meta_path(out).read_text())["max_new_tokens"] == 5
@@ -134,6 +135,12 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     calls = []
     real = gen.generate_ids
     monkeypatch.setattr(gen, "generate_ids", lambda *a, **k: calls.append(len(a[1])) or real(*a, **k))
+    assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs and calls == []
+
+    # cached generations are re-scored with the current parser (a parser fix needs no regeneration)
+    stale = [json.loads(line) for line in out.read_text().splitlines()]
+    stale[0].update(parsed=None, correct=not stale[0]["correct"], parsed_by="bogus")
+    out.write_text("".join(json.dumps(r) + "\n" for r in stale))
     assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs and calls == []
 
     # a killed run (only 2 records on disk) resumes with the other 4 only, and gives the same records
@@ -173,8 +180,10 @@ def test_summary_and_split():
     from mechlib.records import Record
 
     recs = [Record(id=f"q{i}", prompt="p", generation="g", parsed=1.0, gold=1 if i % 3 else 2, correct=bool(i % 3),
-                   n_new_tokens=4, hit_limit=i < 5) for i in range(30)]
+                   n_new_tokens=4, hit_limit=i < 5, parsed_by="hashes" if i < 10 else "last_number")
+            for i in range(30)]
     s = summarize(recs)
+    assert s.by_rule == {"hashes": (10, 6), "last_number": (20, 14)}
     assert (s.n, s.n_correct) == (30, 20) and s.accuracy == pytest.approx(2 / 3)
     assert s.ci95[0] < 2 / 3 < s.ci95[1] and s.truncated == pytest.approx(5 / 30)
     contrast, held = split_contrast_heldout(recs, 10, seed=0)
