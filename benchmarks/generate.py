@@ -13,8 +13,10 @@ the weight values) and generates, for random 160-token prompts, exactly 256 new 
 * ``hf_dynamic_b1`` / ``hf_dynamic_b64``: HF ``generate``, greedy, dynamic cache (the study's way is b1);
 * ``hf_static_b128`` / ``hf_static_b256``: HF ``generate`` with ``cache_implementation="static"``
   (HF auto-compiles the decode step on CUDA);
-* ``mechlib_b128`` / ``mechlib_b256``: ``mechlib.generate.generate_ids`` (static cache, compiled
-  decode step with hook guards, EOS ignored);
+* ``mechlib_b128`` / ``mechlib_b256``: ``mechlib.generate.generate_ids`` (static cache, decode step
+  compiled by inductor with CUDA graphs, ``mode="reduce-overhead"``, hook guards on, EOS ignored);
+* ``mechlib_cudagraphs_b256``: the same loop with dynamo's ``cudagraphs`` backend (CUDA graphs of the
+  eager kernels, no inductor code generation: a shorter first call);
 * ``mechlib_dynamic_b128``: mechlib's loop without static cache or compile (the exact CPU path).
 
 Each method is called twice with the same shapes: the first call (``first_call_s``: cache
@@ -23,7 +25,8 @@ allocation, compilation, CUDA-graph capture) and the steady call (``seconds``), 
 every method; ``prefix_agree_hf`` is how many of its tokens match ``hf_dynamic_b64``'s before the
 first difference (bf16 kernels differ between eager and compiled paths, and random weights give
 near-tied logits, so a short prefix is expected there; the exactness proof is the CPU test suite).
-One JSON line per method; everything is saved to ``benchmarks/results/generate_<device>_<date>.json``.
+One JSON line per method (a method that fails records its error and the run goes on); everything
+is saved to ``benchmarks/results/generate_<device>_<date>.json``.
 
 ``--device cpu --small`` is a smoke test on a tiny Gemma 4 (fp32, seconds): no compilation there
 (mechlib compiles only on CUDA; HF auto-compiles only on CUDA). Without ``--small`` the benchmark
@@ -54,10 +57,12 @@ from mechlib.tiny import gemma4_e4b_config, tiny_config  # noqa: E402
 
 FULL = dict(prompt_len=160, new_tokens=256, dtype=torch.bfloat16, steer_layer=27,
             batches={"hf_dynamic_b1": 1, "hf_dynamic_b64": 64, "hf_static_b128": 128, "hf_static_b256": 256,
-                     "mechlib_b128": 128, "mechlib_b256": 256, "mechlib_dynamic_b128": 128})
+                     "mechlib_b128": 128, "mechlib_b256": 256, "mechlib_cudagraphs_b256": 256,
+                     "mechlib_dynamic_b128": 128})
 SMALL = dict(prompt_len=16, new_tokens=8, dtype=torch.float32, steer_layer=3,
              batches={"hf_dynamic_b1": 1, "hf_dynamic_b64": 4, "hf_static_b128": 8, "hf_static_b256": 16,
-                      "mechlib_b128": 8, "mechlib_b256": 16, "mechlib_dynamic_b128": 8})
+                      "mechlib_b128": 8, "mechlib_b256": 16, "mechlib_cudagraphs_b256": 16,
+                      "mechlib_dynamic_b128": 8})
 PAD = 0
 
 
@@ -96,15 +101,19 @@ def run_hf(model, ids: torch.Tensor, new_tokens: int, static: bool) -> list[list
     return out[:, ids.shape[1]:].tolist()
 
 
-def run_mechlib(model, ids: torch.Tensor, new_tokens: int, static: bool) -> list[list[int]]:
+def run_mechlib(model, ids: torch.Tensor, new_tokens: int, static: bool, compile=None) -> list[list[int]]:
     rows = [r.tolist() for r in ids.cpu()]
     return generate_ids(model, rows, new_tokens, len(rows), eos_ids=[], pad_id=PAD, ignore_eos=True,
-                        cache="static" if static else "dynamic", compile=None if static else False, progress=False)
+                        cache="static" if static else "dynamic", compile=compile if static else False,
+                        progress=False)
 
 
-def method_fn(name: str):
+def method_fn(name: str, device: torch.device):
     if name.startswith("hf_"):
         return lambda m, ids, n: run_hf(m, ids, n, static="static" in name)
+    if "cudagraphs" in name:  # dynamo + CUDA graphs of the eager kernels, no inductor codegen (short compile)
+        comp = {"backend": "cudagraphs"} if device.type == "cuda" else None
+        return lambda m, ids, n: run_mechlib(m, ids, n, static=True, compile=comp)
     return lambda m, ids, n: run_mechlib(m, ids, n, static="dynamic" not in name)
 
 
@@ -118,7 +127,7 @@ def prefix_agree(a: list[int], b: list[int]) -> int:
 
 
 def measure(name: str, model, pool: torch.Tensor, batch: int, new_tokens: int, device: torch.device) -> dict:
-    fn = method_fn(name)
+    fn = method_fn(name, device)
     ids = pool[:batch].to(device)
     _sync(device)
     t = time.perf_counter()
@@ -161,17 +170,26 @@ def main(argv=None) -> int:
     results = {}
     with steering_hook(decoder_layers(model)[layer], vec, scale=0.05, mean_norm=100.0):
         for name in names:
-            r = measure(name, model, pool, cfg["batches"][name], cfg["new_tokens"], device)
+            try:
+                r = measure(name, model, pool, cfg["batches"][name], cfg["new_tokens"], device)
+            except Exception as exc:  # noqa: BLE001 — one failing method must not lose the others' numbers
+                r = {"method": name, "batch": cfg["batches"][name], "error": f"{type(exc).__name__}: {exc}"[:500]}
             results[name] = r
             print(json.dumps({k: v for k, v in r.items() if k != "row0"}), flush=True)
-    ref = results.get("hf_dynamic_b64", {}).get("row0")
-    for r in results.values():
+            if device.type == "cuda":
+                from mechlib.generate import free_generation_cache
+
+                free_generation_cache(model)
+                torch.cuda.empty_cache()
+    ok = {k: r for k, r in results.items() if "error" not in r}
+    ref = ok.get("hf_dynamic_b64", {}).get("row0")
+    for r in ok.values():
         r["prefix_agree_hf"] = prefix_agree(r["row0"], ref) if ref else None
         r["row0"] = r["row0"][:32]
-    hf_best = max((r["answers_per_min"] for k, r in results.items() if k.startswith("hf_")), default=None)
+    hf_best = max((r["answers_per_min"] for k, r in ok.items() if k.startswith("hf_")), default=None)
     ratios = {f"{k}_vs_best_hf": round(r["answers_per_min"] / hf_best, 2)
-              for k, r in results.items() if k.startswith("mechlib") and hf_best}
-    print(json.dumps({"ratios": ratios, "prefix_agree_hf": {k: r["prefix_agree_hf"] for k, r in results.items()}}))
+              for k, r in ok.items() if k.startswith("mechlib") and hf_best}
+    print(json.dumps({"ratios": ratios, "prefix_agree_hf": {k: r["prefix_agree_hf"] for k, r in ok.items()}}))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ("-small" if args.small else "")
