@@ -1,8 +1,8 @@
 """GSM8K: loading questions (hub or local JSONL) and reading numeric answers out of text.
 
-Why: the study's accuracy numbers are only as good as its answer parser. The seed's parser read
-"1,200" as 1 (it dropped everything after the comma), so every answer above 999 written the
-usual way counted as wrong. :func:`extract_answer` reads thousands separators, ``$``, decimals,
+Why: the study's accuracy numbers are only as good as its answer parser. The seed's parser
+dropped the part of "1,200" after the comma, so every answer above 999 written the usual way
+counted as wrong. :func:`extract_answer` reads thousands separators, ``$``, decimals,
 negatives and trailing text, and falls back sensibly when a generation never writes ``####``.
 
 The extraction rule, in order (the first rule that finds a number wins):

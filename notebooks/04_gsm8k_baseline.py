@@ -31,7 +31,7 @@
 # **Scoring.** Answers are read by `mechlib.gsm8k.extract_answer`: the number after the first `####`
 # (also when the model copies the letter: `#### N = 21`), else the last "answer is N", else the last
 # number in the text. Numbers may carry `$`, thousands commas (`1,200` is 1200 — the study's seed parser
-# read it as 1), decimals and signs. An answer is correct when it equals the gold number.
+# mis-read such numbers), decimals and signs. An answer is correct when it equals the gold number.
 #
 # **Generation.** Greedy, batched, left-padded, at most `max_new_tokens` new tokens, each row stopping at
 # the model's end-of-turn token — the same tokens HF `generate` would produce (tested), from a leaner loop
