@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The GPU benchmarks and the CUDA-only tests, each step with its own time limit (H100/H200).
+#
+#   bash benchmarks/gpu_all.sh [RESULTS_DIR] [STEP ...]    # default: benchmarks/results, all steps
+#
+# Steps: sae_step (~70 s), cuda_tests (~20 s), collect (~30 s), generate (~6 min: each compiled
+# method's first call takes 1-2 min). Measured on one H100, 2026-11-26: the first three and
+# generate's first method fit one 10-minute call; name `generate` alone in a second call.
+#
+# Each step has its own time limit and its own log; a failing step is reported and the next one
+# still runs, so one broken method does not cost the whole (rationed) GPU session. The sizes are
+# trimmed from each benchmark's defaults (131 k collected tokens, 100 equivalence steps, 5 of the 8
+# generation methods); run the scripts alone with their defaults for the full-length measurements.
+set -u
+RESULTS=${1:-benchmarks/results}
+shift || true
+STEPS=${*:-sae_step cuda_tests collect generate}
+mkdir -p "$RESULTS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
+PY=${PY:-python3}
+status=0
+
+step() {  # step NAME SECONDS CMD...
+    local name=$1 limit=$2; shift 2
+    [[ " $STEPS " == *" $name "* ]] || return 0
+    local t0=$SECONDS
+    echo "=== $name (limit ${limit}s)"
+    timeout "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$RESULTS/$name.log"
+    echo "=== $name: rc=$rc in $((SECONDS - t0))s"
+    [ "$rc" -eq 0 ] || status=1
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+$PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+
+step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
+step cuda_tests 70 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
+step collect 100 $PY benchmarks/collect.py --tokens 131072 --results "$RESULTS"
+step generate 480 $PY benchmarks/generate.py \
+    --only hf_dynamic_b64,hf_static_b128,mechlib_b128,mechlib_cudagraphs_b256,mechlib_dynamic_b128 \
+    --results "$RESULTS"
+exit $status
