@@ -120,22 +120,29 @@ class Backend:
     """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
     name: str  # "torch" | "triton"
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
-    triton_topk: bool = True  # triton backend: radix-select kernel (False: torch.topk)
+    triton_topk: bool = False  # triton backend: mechlib's radix-select kernel instead of torch.topk
 
 
 TORCH = Backend("torch", None)
 TRITON = Backend("triton", torch.bfloat16)
+TRITON_RADIX = Backend("triton", torch.bfloat16, triton_topk=True)
+# Why torch.topk by default: on one H100 (torch 2.11, study shape, batch 8192) the whole fast step took
+# 21.4 ms with torch.topk and 24.3 ms with the radix kernel (benchmarks/results/sae_step_*h100*).
 
 
 def default_backend(device: torch.device) -> Backend:
-    """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins)."""
+    """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins).
+
+    ``MECHLIB_SAE_TOPK=radix`` swaps ``torch.topk`` for the radix-select kernel (ties to the lowest
+    index, like the torch twins; measure on your card with ``benchmarks/sae_step.py``).
+    """
     if device.type != "cuda" or os.environ.get("MECHLIB_SAE_BACKEND", "") == "torch":
         return TORCH
     try:
         import mechlib.triton_kernels  # noqa: F401
     except ImportError:
         return Backend("torch", torch.bfloat16)
-    return TRITON if os.environ.get("MECHLIB_SAE_TOPK", "") != "torch" else Backend("triton", torch.bfloat16, False)
+    return Backend("triton", torch.bfloat16, os.environ.get("MECHLIB_SAE_TOPK", "") == "radix")
 
 
 def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:

@@ -12,7 +12,7 @@ import torch
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_  # noqa: E402
-from mechlib.sae_fast import TORCH, TRITON, fast_step, latent_order, select_topk  # noqa: E402
+from mechlib.sae_fast import TORCH, TRITON, TRITON_RADIX, fast_step, latent_order, select_topk  # noqa: E402
 
 DEV = torch.device("cuda")
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -68,13 +68,14 @@ def test_kernels_match_torch_twins():
     assert torch.allclose(de1, de2, atol=1e-3) and torch.allclose(db1, db2, atol=1e-3)
 
 
+@pytest.mark.parametrize("backend", [TRITON, TRITON_RADIX], ids=["torch_topk", "radix_topk"])
 @pytest.mark.parametrize("n_dead", [0, 300])
-def test_fast_step_matches_reference_on_gpu(n_dead):
+def test_fast_step_matches_reference_on_gpu(n_dead, backend):
     sae = make_sae(256, 2048, 32)
     x, dead = make_x(1024, 256), dead_mask(2048, n_dead)
     ref, fast, twin = copy.deepcopy(sae), copy.deepcopy(sae), copy.deepcopy(sae)
     sr = reference_step(ref, x, dead, 64, 0.125)
-    sf = fast_step(fast, x, dead, 64, 0.125, backend=TRITON)
+    sf = fast_step(fast, x, dead, 64, 0.125, backend=backend)
     st = fast_step(twin, x, dead, 64, 0.125, backend=TORCH)
     assert abs(float(sf.fvu - sr.fvu)) < 0.01 * float(sr.fvu)
     assert abs(float(sf.aux_loss - sr.aux_loss)) <= 0.02 * float(sr.aux_loss) + 1e-6
