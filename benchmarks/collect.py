@@ -54,21 +54,10 @@ from mechlib.collect import (ActivationStore, Packer, collect_activations, rows_
 from mechlib.corpus import iter_texts  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
-from mechlib.tiny import gemma4_e4b_config, tiny_config, tiny_tokenizer  # noqa: E402
+from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 
 FULL = dict(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
 SMALL = dict(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
-
-
-def build_model(small: bool, device: torch.device, dtype: torch.dtype):
-    from transformers import Gemma4ForConditionalGeneration
-
-    config = tiny_config("gemma4") if small else gemma4_e4b_config()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    return model
 
 
 def _sync(device: torch.device) -> None:
@@ -162,7 +151,7 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="mechbook-collect-bench-", dir=base))
 
     t0 = time.perf_counter()
-    model = build_model(args.small, device, cfg["dtype"])
+    model = benchmark_gemma4(args.small, device, cfg["dtype"])
     _sync(device)
     build_s = time.perf_counter() - t0
     tok = tiny_tokenizer()

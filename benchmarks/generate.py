@@ -53,7 +53,7 @@ from mechlib.generate import generate_ids  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.steering import steering_hook  # noqa: E402
-from mechlib.tiny import gemma4_e4b_config, tiny_config  # noqa: E402
+from mechlib.tiny import benchmark_gemma4  # noqa: E402
 
 FULL = dict(prompt_len=160, new_tokens=256, dtype=torch.bfloat16, steer_layer=27,
             batches={"hf_dynamic_b1": 1, "hf_dynamic_b64": 64, "hf_static_b128": 128, "hf_static_b256": 256,
@@ -64,20 +64,6 @@ SMALL = dict(prompt_len=16, new_tokens=8, dtype=torch.float32, steer_layer=3,
                       "mechlib_b128": 8, "mechlib_b256": 16, "mechlib_cudagraphs_b256": 16,
                       "mechlib_dynamic_b128": 8})
 PAD = 0
-
-
-def build_model(small: bool, device: torch.device, dtype: torch.dtype):
-    from transformers import Gemma4ForConditionalGeneration
-
-    config = tiny_config("gemma4") if small else gemma4_e4b_config()
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    # fixed-length answers: HF fills an unset eos_token_id from the model's generation config, so clear it there
-    model.generation_config.eos_token_id = None
-    model.generation_config.pad_token_id = PAD
-    return model
 
 
 def _sync(device: torch.device) -> None:
@@ -159,7 +145,7 @@ def main(argv=None) -> int:
     names = [n for n in cfg["batches"] if not args.only or n in args.only.split(",")]
 
     t = time.perf_counter()
-    model = build_model(args.small, device, cfg["dtype"])
+    model = benchmark_gemma4(args.small, device, cfg["dtype"], pad_id=PAD)
     _sync(device)
     build_s = time.perf_counter() - t
     d = model.config.get_text_config().hidden_size

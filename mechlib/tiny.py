@@ -107,6 +107,29 @@ def gemma4_e4b_config():
     return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
 
 
+def benchmark_gemma4(small: bool, device: torch.device | str, dtype: torch.dtype,
+                     pad_id: int | None = None) -> PreTrainedModel:
+    """A random-weight ``Gemma4ForConditionalGeneration`` for the speed benchmarks, built on ``device``.
+
+    ``small``: the tiny config (a CPU smoke test); else the published E4B config. Weights are
+    PyTorch's default init under seed 0, allocated directly on the device (speed does not depend on
+    their values, and a 8 B-parameter CPU init would take minutes). With ``pad_id`` set, the
+    generation config's eos is cleared and its pad set: HF fills an unset ``eos_token_id`` from
+    there, and the generation benchmark needs fixed-length answers.
+    """
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = tiny_config("gemma4") if small else gemma4_e4b_config()
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Gemma4ForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    if pad_id is not None:
+        model.generation_config.eos_token_id = None
+        model.generation_config.pad_token_id = pad_id
+    return model
+
+
 def tiny_tokenizer():
     """A byte-level tokenizer whose ids fit the tiny models' vocabulary (512).
 
