@@ -28,6 +28,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlib.io import atomic_torch_save, atomic_write_json, read_json
+from mechlib.params import BookParams
 from mechlib.sae import (FORMULAS, SAEError, StepStats, TopKSAE, init_b_dec_, load_sae, reference_step,
                          renorm_decoder_, save_card_checkpoint, save_sae)
 from mechlib.schedule import lr_at
@@ -41,21 +42,25 @@ FINAL_FILE = "sae_final.pt"
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Every knob of the SAE training run (recorded in ``cfg.json``)."""
+    """Every knob of the SAE training run (recorded in ``cfg.json``).
 
-    d_sae: int = 4608
-    k: int = 32
-    k_aux: int = 256
-    aux_coef: float = 0.125
-    lr: float = 1e-3
-    lr_floor: float = 1e-4
-    warmup_steps: int = 50
-    train_batch_size: int = 1024
-    train_tokens: int = 480_000
-    renorm_every: int = 10
-    dead_tokens: int = 100_000
-    checkpoint_every: int = 100
-    seed: int = 0
+    The defaults are :class:`mechlib.params.BookParams`' own (one list of defaults for the book and
+    the library); ``from_params`` copies a run's values of the same names.
+    """
+
+    d_sae: int = BookParams.d_sae
+    k: int = BookParams.k
+    k_aux: int = BookParams.k_aux
+    aux_coef: float = BookParams.aux_coef
+    lr: float = BookParams.lr
+    lr_floor: float = BookParams.lr_floor
+    warmup_steps: int = BookParams.warmup_steps
+    train_batch_size: int = BookParams.train_batch_size
+    train_tokens: int = BookParams.train_tokens
+    renorm_every: int = BookParams.renorm_every
+    dead_tokens: int = BookParams.dead_tokens
+    checkpoint_every: int = BookParams.checkpoint_every
+    seed: int = BookParams.seed
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Gao et al. / torch defaults; the card does not say
     adam_eps: float = 1e-8
     init_b_dec: str = "geometric_median"  # geometric_median | zeros
