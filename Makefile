@@ -54,7 +54,7 @@ lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
 
 benchmarks: setup
-	@echo "GPU benchmarks (run on a CUDA machine):"
+	@echo "GPU benchmarks (run on a CUDA machine): bash benchmarks/gpu_all.sh, or one by one:"
 	@echo "  $(PY) benchmarks/sae_step.py"
 	@echo "  $(PY) benchmarks/collect.py"
 	@echo "  $(PY) benchmarks/generate.py"
