@@ -31,7 +31,9 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+        if abs(value) < 1e-3 and value != 0:
+            return f"{value:.{digits}g}"
+        return f"{value:.{digits}f}".rstrip("0").rstrip(".")  # 32.0 → "32", 0.6962 stays
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
     return str(value)
@@ -48,6 +50,26 @@ def _figures(paths: RunPaths, prefix: str) -> str:
     return "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
 
 
+def _section_run(paths: RunPaths) -> str:
+    """What was collected, and how long each chapter took (the runner's ``book_timings.json``)."""
+    c = _load(paths, "01_collect")
+    text = "## The run\n\n"
+    if c is None:
+        text += "Chapter 01 not run.\n"
+    else:
+        text += (f"{_fmt(c.get('n_tokens'))} training + {_fmt(c.get('heldout_tokens'))} held-out tokens of the residual"
+                 f" stream after layer {_fmt(c.get('layer'))} (d_model {_fmt(c.get('d_model'))}), rows of"
+                 f" {_fmt(c.get('seq_len'))} tokens, stored as {c.get('activation_dtype', '—')}; mean token norm"
+                 f" {_fmt(c.get('mean_norm'), 1)}, max {_fmt(c.get('max_norm'), 1)}.\n")
+    timings = _load(paths, "book_timings")
+    if timings:
+        rows = [[name, seconds] for name, seconds in timings.items()]
+        rows.append(["total", round(sum(timings.values()), 2)])
+        text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(["chapter", "s"], rows)
+        text += "\n"
+    return text + "\n" + _figures(paths, "01_") + "\n"
+
+
 def _section_sae(paths: RunPaths) -> str:
     m = _load(paths, "03_evaluate_sae")
     if m is None:
@@ -56,6 +78,8 @@ def _section_sae(paths: RunPaths) -> str:
         ("var_explained", "Variance explained (per-dimension, held-out)"),
         ("var_explained_global", "Variance explained (seed's global-variance formula)"),
         ("pca_var_explained", "PCA baseline, k components (per-dimension)"),
+        ("var_explained_excl_outliers", "Variance explained without outlier-norm tokens"),
+        ("pca_var_explained_excl_outliers", "PCA baseline without outlier-norm tokens"),
         ("mse", "MSE"),
         ("l0", "L0"),
         ("coverage", "Coverage (fired at least once, held-out)"),
@@ -64,6 +88,8 @@ def _section_sae(paths: RunPaths) -> str:
         ("kl", "KL (SAE spliced in)"),
         ("n_tokens", "Held-out tokens"),
     ]
+    if not m.get("n_outlier_tokens"):  # no outlier-norm tokens held out: those rows would repeat the two above
+        keys = [(key, label) for key, label in keys if not key.endswith("_excl_outliers")]
     rows = [[label, m.get(key), CARD_SAE_METRICS.get(key)] for key, label in keys]
     return (
         "## SAE training metrics (chapters 02–03)\n\n"
@@ -82,7 +108,12 @@ def _section_baseline(paths: RunPaths) -> str:
     if m is None:
         return "## Baseline\n\nChapter 04 not run.\n"
     rows = [[m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95")]]
-    return "## Baseline accuracy (chapter 04)\n\n" + _table(["task", "prompt", "n", "accuracy", "95% CI"], rows) + "\n"
+    text = "## Baseline accuracy (chapter 04)\n\n" + _table(["task", "prompt", "n", "accuracy", "95% CI"], rows) + "\n"
+    kinds = m.get("by_kind") or {}
+    if kinds:
+        rows = [[kind, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for kind, v in kinds.items()]
+        text += "\nBy question type:\n\n" + _table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
+    return text + "\n" + _figures(paths, "04_") + "\n"
 
 
 def _section_layers(paths: RunPaths) -> str:
@@ -92,11 +123,14 @@ def _section_layers(paths: RunPaths) -> str:
     top = m.get("top10_abs_d") or []
     peak = m.get("peak_layer")
     peak_value = top[peak] if isinstance(peak, int) and 0 <= peak < len(top) else None
-    rows = [[peak, peak_value, m.get("null_p"), m.get("spearman_rho"), m.get("spearman_p")]]
+    rows = [[peak, peak_value, m.get("null_max_q95"), m.get("null_p"), m.get("null_p_within_type"),
+             m.get("spearman_rho"), m.get("spearman_p")]]
     return (
         "## Contrastive layers (chapter 05)\n\n"
-        + _table(["peak layer", "top-10 |d| at peak", "permutation p (max over layers)", "Spearman ρ (held-out)",
-                  "Spearman p"], rows)
+        f"Contrast set: {_fmt(m.get('n_correct'))} correct, {_fmt(m.get('n_wrong'))} wrong"
+        f" ({m.get('pooling', '—')} prompt token pooled); {_fmt(m.get('n_permutations'))} label permutations.\n\n"
+        + _table(["peak layer", "top-10 |d| at peak", "null 95th pct (max over layers)", "permutation p",
+                  "p, shuffled within type", "Spearman ρ (held-out)", "Spearman p"], rows)
         + "\n\n"
         + _figures(paths, "05_")
         + "\n"
@@ -108,14 +142,14 @@ def _section_steering(paths: RunPaths) -> str:
     if m is None:
         return "## Steering\n\nChapter 06 not run.\n"
     rows = [
-        [r.get("scale"), r.get("perturbation"), r.get("accuracy"), r.get("delta"), r.get("delta_ci95"),
+        [r.get("scale"), f"{r.get('perturbation', 0):+g} %", r.get("accuracy"), r.get("delta"), r.get("delta_ci95"),
          f"{r.get('recovered')}/{r.get('n_baseline_wrong', '?')}", r.get("net_flips"), r.get("mcnemar_p")]
         for r in m.get("rows", [])
     ]
     text = (
         f"## CAA steering at layer {m.get('layer')} (chapter 06)\n\n"
         f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))}\n\n"
-        + _table(["scale", "perturbation %", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
+        + _table(["scale", "perturbation", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
                   "net flips", "McNemar p (exact)"], rows)
         + "\n\n### Recovered questions per scale\n\n"
     )
@@ -123,7 +157,10 @@ def _section_steering(paths: RunPaths) -> str:
         text += f"- scale {_fmt(r.get('scale'))}: {', '.join(map(str, r.get('recovered_ids', []))) or '—'}\n"
     overlaps = m.get("overlaps")
     if overlaps:
-        text += "\n### Overlap of recovered sets\n\n```\n" + json.dumps(overlaps, indent=1) + "\n```\n"
+        rows = [[o.get("scale_a"), o.get("scale_b"), o.get("n_a"), o.get("n_b"), o.get("intersection"), o.get("jaccard"),
+                 ", ".join(o.get("shared_ids", [])) or "—"] for o in overlaps]
+        text += ("\n### Overlap of recovered sets\n\n"
+                 + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows) + "\n")
     return text + "\n" + _figures(paths, "06_") + "\n"
 
 
@@ -146,7 +183,7 @@ def render_report(run: str) -> str:
         f"Model: `{collect.get('model', '—')}`, SAE layer {collect.get('layer', '—')}. Generated from"
         " `metrics/*.json`; executed notebooks in `notebooks/`.\n"
     )
-    sections = [_section_sae(paths), _section_baseline(paths), _section_layers(paths), _section_steering(paths),
+    sections = [_section_run(paths), _section_sae(paths), _section_baseline(paths), _section_layers(paths), _section_steering(paths),
                 _section_lens(paths)]
     return header + "\n" + "\n".join(sections)
 

@@ -1,0 +1,87 @@
+"""REPORT.md is rendered from the metrics JSON alone: tables, missing chapters, formatting."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mechlib import paths, report
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path)
+    run = paths.RunPaths("r").make()
+
+    def write(name: str, data: dict) -> None:
+        (run.metrics / f"{name}.json").write_text(json.dumps(data))
+
+    return run, write
+
+
+def _steering_row(scale: float, recovered: list[str]) -> dict:
+    return {"scale": scale, "perturbation": 100 * scale, "accuracy": 0.3, "delta": 0.04, "delta_ci95": [-0.06, 0.16],
+            "recovered": len(recovered), "n_baseline_wrong": 37, "net_flips": 2, "mcnemar_p": 0.7266,
+            "recovered_ids": recovered}
+
+
+def test_missing_chapters_say_not_run(run_dir):
+    text = report.render_report("r")
+    for chapter in ("01", "03", "04", "05", "06", "07"):
+        assert f"Chapter {chapter} not run." in text
+
+
+def test_sae_table_formats_numbers_and_hides_empty_outlier_rows(run_dir):
+    _, write = run_dir
+    base = {"var_explained": 0.69623, "var_explained_global": 0.8676, "pca_var_explained": 0.4556, "mse": 6.7879,
+            "l0": 32.0, "coverage": 1.0, "dead_fraction": 0.0, "delta_ce_loss": 0.353, "kl": 2.5e-05,
+            "n_tokens": 16384, "var_explained_excl_outliers": 0.745, "pca_var_explained_excl_outliers": 0.458}
+    write("03_evaluate_sae", {**base, "n_outlier_tokens": 0})
+    text = report.render_report("r")
+    assert "| L0 | 32 | 128 |" in text and "| Variance explained (per-dimension, held-out) | 0.6962 | 0.939 |" in text
+    assert "| KL (SAE spliced in) | 2.5e-05 | — |" in text
+    assert "without outlier-norm tokens" not in text
+    write("03_evaluate_sae", {**base, "n_outlier_tokens": 12})
+    assert "| Variance explained without outlier-norm tokens | 0.745 | — |" in report.render_report("r")
+
+
+def test_steering_section_has_signed_perturbation_and_overlap_table(run_dir):
+    _, write = run_dir
+    rows = [_steering_row(0.02, ["q1", "q2"]), _steering_row(-0.05, ["q2"])]
+    overlaps = [{"scale_a": 0.02, "scale_b": -0.05, "n_a": 2, "n_b": 1, "intersection": 1, "jaccard": 0.5,
+                 "shared_ids": ["q2"]}]
+    write("06_steering", {"layer": 17, "baseline_accuracy": 0.26, "rows": rows, "overlaps": overlaps})
+    text = report.render_report("r")
+    assert "## CAA steering at layer 17 (chapter 06)" in text
+    assert "| 0.02 | +2 % | 0.3 | 0.04 | [-0.06, 0.16] | 2/37 | 2 | 0.7266 |" in text
+    assert "| -0.05 | -5 % |" in text
+    assert "| 0.02 | -0.05 | 2 | 1 | 1 | 0.5 | q2 |" in text
+    assert "- scale 0.02: q1, q2" in text
+
+
+def test_run_section_lists_chapter_times_with_total(run_dir):
+    _, write = run_dir
+    write("01_collect", {"n_tokens": 100000, "heldout_tokens": 16384, "layer": 15, "d_model": 576, "seq_len": 128,
+                         "activation_dtype": "float32", "mean_norm": 170.40, "max_norm": 448.21})
+    write("book_timings", {"01_collect": 94.81, "02_train_sae": 31.67})
+    text = report.render_report("r")
+    assert "100000 training + 16384 held-out tokens" in text and "after layer 15" in text
+    assert "| 01_collect | 94.81 |" in text and "| total | 126.48 |" in text
+
+
+def test_baseline_section_breaks_accuracy_down_by_question_type(run_dir):
+    _, write = run_dir
+    write("04_gsm8k_baseline", {"task": "arithmetic", "prompt_format": "chat_template", "n": 20, "accuracy": 0.25,
+                                "ci95": [0.11, 0.47], "by_kind": {"plus": {"n": 12, "n_correct": 4,
+                                                                          "accuracy": 1 / 3, "ci95": [0.14, 0.61]}}})
+    text = report.render_report("r")
+    assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] |" in text
+    assert "| plus | 12 | 4 | 0.3333 | [0.14, 0.61] |" in text
+
+
+def test_write_report_is_atomic_and_lands_in_the_run(run_dir):
+    run, _ = run_dir
+    out = report.write_report("r")
+    assert out == run.report and out.read_text().startswith("# mechbook report — run `r`")
+    assert not list(run.root.glob("*.tmp*"))
