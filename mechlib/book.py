@@ -77,6 +77,18 @@ def declared_parameters(nb) -> list[str]:
     return names
 
 
+# Headless kernels have no ipywidgets front end, so tqdm.auto falls back to text bars and warns
+# "IProgress not found" into the first output of every executed chapter. The text bars are what
+# a saved notebook can show; the warning is noise there. Interactive sessions keep it.
+HEADLESS_WARNING_FILTERS = ("ignore:IProgress not found",)
+
+
+def headless_kernel_env() -> None:
+    """Add :data:`HEADLESS_WARNING_FILTERS` to ``PYTHONWARNINGS``, which the kernels inherit."""
+    current = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
+    os.environ["PYTHONWARNINGS"] = ",".join(current + [f for f in HEADLESS_WARNING_FILTERS if f not in current])
+
+
 def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_output: bool = False) -> ChapterRun:
     import jupytext
     import papermill
@@ -90,6 +102,7 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
     # partial file that replaces ``out`` when the chapter ends, passed or failed, so a killed run
     # never leaves a truncated notebook where nbval and readers look.
     partial = out.with_name(f".{chapter.name}.partial.json")
+    headless_kernel_env()
     start = time.perf_counter()
     try:
         papermill.execute_notebook(

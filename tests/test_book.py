@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 
@@ -94,3 +95,12 @@ def test_unknown_key_fails_before_any_chapter_runs(book, tmp_path, capsys):
     assert main([str(bad)]) == 1
     assert "unknown parameter 'n_question'. Did you mean 'n_questions'?" in capsys.readouterr().err
     assert not (tmp_path / "outputs" / "bad").exists()
+
+
+def test_headless_kernel_env_adds_the_progress_filter_once_and_keeps_the_users(monkeypatch):
+    from mechlib.book import headless_kernel_env
+
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
+    headless_kernel_env()
+    headless_kernel_env()
+    assert os.environ["PYTHONWARNINGS"] == "error::DeprecationWarning,ignore:IProgress not found"
