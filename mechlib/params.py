@@ -84,6 +84,8 @@ class BookParams:
     steering_layer: int | None = None  # None → the peak layer from 05
     steering_scales: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.10, 0.15, -0.05])
     n_bootstrap: int = 2000
+    n_random_directions: int = 3  # random unit directions swept at random_control_scale (0: no control)
+    random_control_scale: float = 0.10  # the control's scale, same unit as steering_scales
     # --- 07 logit lens -----------------------------------------------------------------
     lens_prompt: str = "The capital of France is Paris. The capital of Germany is"
     english_threshold: float = 0.5
@@ -175,6 +177,10 @@ def _check_ranges(p: BookParams, source: str) -> None:
                           f"got {p.exclude_first_positions}")
     if not 0 < p.k < p.d_sae:
         raise ParamsError(f"{source}: need 0 < k < d_sae, got k={p.k}, d_sae={p.d_sae}")
+    if p.n_random_directions < 0:
+        raise ParamsError(f"{source}: 'n_random_directions' must be >= 0, got {p.n_random_directions}")
+    if p.n_random_directions and p.random_control_scale == 0:
+        raise ParamsError(f"{source}: 'random_control_scale' must be non-zero (a zero push is no control)")
     if p.k_aux < 0:
         raise ParamsError(f"{source}: 'k_aux' must be >= 0, got {p.k_aux}")
     if p.n_heldout >= p.n_questions:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
@@ -57,8 +58,11 @@ def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak
 
 
 def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, baseline_ci: tuple[float, float],
-                       layer: int) -> tuple[Figure, object]:
-    """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline."""
+                       layer: int, controls: Sequence[tuple[float, float]] = ()) -> tuple[Figure, object]:
+    """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline.
+
+    ``controls``: ``(scale, accuracy)`` of random-direction sweeps, drawn as crosses beside the CAA curve.
+    """
     fig, ax = new_figure(7.0, 4.5)
     order = sorted(range(len(scales)), key=lambda i: scales[i])
     x = [100 * scales[i] for i in order]
@@ -66,8 +70,11 @@ def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, b
     err = [[y[j] - ci_lows[i] for j, i in enumerate(order)], [ci_highs[i] - y[j] for j, i in enumerate(order)]]
     ax.axhspan(baseline_ci[0], baseline_ci[1], color="0.85", label="baseline 95% CI")
     ax.axhline(baseline, color="0.3", ls="--", lw=1, label=f"baseline {baseline:.2f}")
-    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="steered")
+    ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="CAA direction")
     ax.plot([0.0], [baseline], marker="s", color="0.3", ls="none", label="no steering (scale 0)")
+    if controls:
+        ax.plot([100 * c[0] for c in controls], [c[1] for c in controls], marker="x", ms=8, color="C3", ls="none",
+                label="random directions (same norm)")
     ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.02, 1.02)

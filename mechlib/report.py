@@ -161,7 +161,26 @@ def _section_steering(paths: RunPaths) -> str:
                  ", ".join(o.get("shared_ids", [])) or "—"] for o in overlaps]
         text += ("\n### Overlap of recovered sets\n\n"
                  + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows) + "\n")
+    text += _random_control_table(m.get("random_control") or {})
     return text + "\n" + _figures(paths, "06_") + "\n"
+
+
+def _random_control_table(control: dict[str, Any]) -> str:
+    """Random directions of the same size as CAA's push: each vs the baseline and vs CAA at that scale."""
+    directions = control.get("directions") or []
+    if not directions:
+        return ""
+    rows = []
+    for d in directions:
+        vs = d.get("vs_caa") or {}
+        rows.append([f"random #{d.get('index')}", d.get("cos_with_caa"), d.get("accuracy"), d.get("delta"),
+                     d.get("delta_ci95"), d.get("net_flips"), d.get("mcnemar_p"), vs.get("a_only"), vs.get("b_only"),
+                     vs.get("mcnemar_p")])
+    return (f"\n### Random-direction control at scale {_fmt(control.get('scale'))}\n\n"
+            f"CAA accuracy at this scale: {_fmt(control.get('caa_accuracy'))}.\n\n"
+            + _table(["direction", "cos with CAA", "accuracy", "Δ vs baseline", "Δ 95% CI", "net flips",
+                      "McNemar p vs baseline", "CAA only right", "random only right", "McNemar p vs CAA"], rows)
+            + "\n")
 
 
 def _section_lens(paths: RunPaths) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -113,8 +114,16 @@ def scale_tag(scale: float) -> str:
     return f"{float(scale):+g}"
 
 
-def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: float) -> Path:
-    return Path(records_dir) / f"steer_L{layer}_{scale_tag(scale)}.jsonl"
+def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: float, tag: str = "") -> Path:
+    """``records/steer_L{layer}{tag}_{scale}.jsonl``; ``tag`` names a sweep along another vector (``_rand0``)."""
+    return Path(records_dir) / f"steer_L{layer}{tag}_{scale_tag(scale)}.jsonl"
+
+
+def _sweep_files(records_dir: Path, layer: int, tag: str) -> list[Path]:
+    """This sweep's records files only: ``steer_L17_+0.1.jsonl`` belongs to tag "", not to "_rand0"."""
+    prefix = f"steer_L{layer}{tag}_"
+    return [f for f in records_dir.glob(f"{prefix}*.jsonl")
+            if re.fullmatch(r"[+-][0-9.e+-]+", f.name[len(prefix):-len(".jsonl")])]
 
 
 class RowSteering:
@@ -151,7 +160,7 @@ class RowSteering:
 
 def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, mean_norm: float,
               scales: Sequence[float], prompt_format: str, max_new_tokens: int, batch_size: int,
-              records_dir: str | os.PathLike[str], progress: bool = True,
+              records_dir: str | os.PathLike[str], progress: bool = True, tag: str = "",
               **generate_kwargs: Any) -> dict[float, list[Any]]:
     """Generate every held-out question at every scale with the steering hook on; records per scale.
 
@@ -161,7 +170,8 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     ``records/steer_L{layer}_{scale}.jsonl`` in :mod:`mechlib.records`' format (with its
     settings sidecar), rewritten atomically after each batch, so a rerun resumes. A
     ``steer_L{layer}.meta.json`` remembers the vector and norm; if they changed, the old
-    steered records are discarded, not reused. ``generate_kwargs`` (``cache``, ``compile``) go to
+    steered records are discarded, not reused. ``tag`` keeps a sweep along another vector (a
+    random-direction control) in files of its own. ``generate_kwargs`` (``cache``, ``compile``) go to
     :func:`mechlib.generate.generate_ids`.
     """
     from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
@@ -175,9 +185,11 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     records_dir = Path(records_dir)
     meta = {"layer": int(layer), "mean_norm": round(float(mean_norm), 6), "model": loaded.name,
             "vector": [round(float(x), 6) for x in torch.as_tensor(vector).float().tolist()]}
-    sweep_meta = records_dir / f"steer_L{layer}.meta.json"
+    if tag and not re.fullmatch(r"_[A-Za-z0-9]+", tag):
+        raise SteeringError(f"tag must be '_' and letters/digits (it goes into file names), got {tag!r}")
+    sweep_meta = records_dir / f"steer_L{layer}{tag}.meta.json"
     if sweep_meta.is_file() and read_json(sweep_meta) != meta:
-        for old in records_dir.glob(f"steer_L{layer}_*.jsonl"):
+        for old in _sweep_files(records_dir, layer, tag):
             old.unlink()
     atomic_write_json(sweep_meta, meta)
 
@@ -186,7 +198,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     done: dict[float, dict[str, Any]] = {}
     for s in scales:
-        path = steer_records_path(records_dir, layer, s)
+        path = steer_records_path(records_dir, layer, s, tag)
         same = path.is_file() and meta_path(path).is_file() and \
             read_json(meta_path(path)).get("settings_hash") == settings["settings_hash"]
         done[s] = {r.id: r for r in read_records(path) if r.id in prompts and r.prompt == prompts[r.id]} if same else {}
@@ -203,7 +215,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
         rows_hook = RowSteering()
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         with add_forward_hook(decoder_layers(model)[layer], rows_hook):
-            for batch in tqdm(batches, desc=f"steer L{layer}", disable=not progress, unit="batch"):
+            for batch in tqdm(batches, desc=f"steer L{layer}{tag}", disable=not progress, unit="batch"):
                 deltas = torch.stack([steering_delta(vector, s, mean_norm) for _, s in batch])
                 rows_hook.set_rows(deltas, param.device, param.dtype)
                 out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
@@ -212,7 +224,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
                     text = tok.decode(row, skip_special_tokens=True)
                     done[s][q.id] = score(q, prompts[q.id], text, len(row), len(row) >= max_new_tokens)
                 for s in {s for _, s in batch}:
-                    write_records(steer_records_path(records_dir, layer, s),
+                    write_records(steer_records_path(records_dir, layer, s, tag),
                                   [done[s][q.id] for q in questions if q.id in done[s]])
     return {s: [done[s][q.id] for q in questions] for s in scales}
 

@@ -17,6 +17,8 @@
 # The card reports accuracy, Δ vs baseline, how many baseline-wrong questions each scale recovers, and
 # net flips. With 50 questions a handful of flips is within noise, so each row here adds an **exact
 # McNemar test** on the discordant pairs (recovered vs broken) and a **paired bootstrap interval** for Δ.
+# A **random-direction control** (same layer, same size of push, random unit directions) then asks whether
+# the contrastive direction matters at all, or whether any push of that size does the same.
 
 # %% tags=["parameters"]
 run = "default"
@@ -34,11 +36,14 @@ gen_batch_size = 32
 steering_layer = None
 steering_scales = [0.02, 0.05, 0.10, 0.15, -0.05]
 n_bootstrap = 2000
+n_random_directions = 3
+random_control_scale = 0.10
 
 # %%
 import time
 
 from mechlib import contrast, plots, steering, stats
+from mechlib.steering_controls import run_random_control
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -123,16 +128,51 @@ for o in overlaps:
           f"(of {o['n_a']} and {o['n_b']}), Jaccard {o['jaccard']:.2f}")
 
 # %% [markdown]
+# ## Is the direction special? Random directions of the same size
+#
+# Any vector added to the residual stream changes what the model writes, so a loss (or gain) of accuracy
+# at some scale says nothing about the *direction* on its own. The control the card lacks: push along
+# `n_random_directions` random unit directions (seeded Gaussian draws; in hundreds of dimensions they are
+# nearly orthogonal to the CAA vector, the cosine is printed) by the same amount, `random_control_scale`
+# × the same mean norm, on the same held-out questions. Each is compared with the unsteered baseline (the
+# columns above) and, paired question by question, with the CAA direction at that scale: "CAA only" and
+# "random only" count the questions that just one of the two gets right, with the exact McNemar p. If the
+# random directions move accuracy as much as CAA does, the effect is the size of the push, not its meaning.
+
+# %%
+caa_at_control = sweep.get(float(P.random_control_scale))
+controls = run_random_control(
+    loaded, questions, layer=layer, caa_vector=vec["vector"], mean_norm=mean_norm, scale=P.random_control_scale,
+    n_directions=P.n_random_directions, seed=P.seed, baseline=base, n_bootstrap=P.n_bootstrap,
+    caa_at_scale=None if caa_at_control is None else steering.correctness(caa_at_control),
+    prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
+    records_dir=paths.records)
+caa_row = next((r for r in rows if r.scale == float(P.random_control_scale)), None)
+
+# %%
+# NBVAL_CHECK_OUTPUT
+print(f"control scale {P.random_control_scale:+.2f}; CAA accuracy there: "
+      + ("not in steering_scales" if caa_row is None else f"{caa_row.accuracy:.3f} (net flips {caa_row.net_flips:+d})"))
+for c in controls:
+    r = c.row
+    vs = "" if c.vs_caa is None else (f"   vs CAA: CAA only {c.vs_caa.a_only}, random only {c.vs_caa.b_only}, "
+                                      f"p {c.vs_caa.mcnemar_p:.3f}")
+    print(f"random #{c.index} (cos with CAA {c.cos_with_caa:+.3f}): acc {r.accuracy:.3f}, delta {r.delta:+.3f} "
+          f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}{vs}")
+
+# %% [markdown]
 # ## Dose–response
 #
-# Accuracy per scale with its Wilson 95 % interval; the grey band is the baseline's interval.
-# Overlapping intervals mean the held-out set is too small to tell these scales apart.
+# Accuracy per scale with its Wilson 95 % interval; the grey band is the baseline's interval, the crosses
+# are the random directions. Overlapping intervals mean the held-out set is too small to tell these scales
+# apart.
 
 # %%
 base_ci = stats.wilson_ci(n_base_ok, len(base))
 fig, ax = plots.plot_dose_response([r.scale for r in rows], [r.accuracy for r in rows],
                                    [r.accuracy_ci95[0] for r in rows], [r.accuracy_ci95[1] for r in rows],
-                                   n_base_ok / len(base), base_ci, layer)
+                                   n_base_ok / len(base), base_ci, layer,
+                                   controls=[(c.row.scale, c.row.accuracy) for c in controls])
 _ = plots.save_figure(fig, paths.figures / "06_dose_response.png")
 
 # %%
@@ -142,6 +182,9 @@ metrics = {
     "baseline_accuracy": n_base_ok / len(base), "baseline_ci95": list(base_ci),
     "n_bootstrap": P.n_bootstrap,
     "rows": [r.as_dict() for r in rows], "overlaps": overlaps,
+    "random_control": {"scale": P.random_control_scale, "seed": P.seed,
+                       "caa_accuracy": None if caa_row is None else caa_row.accuracy,
+                       "directions": [c.as_dict() for c in controls]},
 }
 atomic_write_json(paths.metrics / "06_steering.json", metrics)
 print(f"chapter 06 done in {time.time() - t0:.1f} s")

@@ -96,6 +96,23 @@ def test_steering_rows():
         assert 0 <= r["mcnemar_p"] <= 1 and 0 <= r["accuracy"] <= 1
 
 
+def test_random_direction_control():
+    m = metrics("06_steering")
+    control = m["random_control"]
+    assert control["scale"] == PARAMS.random_control_scale
+    directions = control["directions"]
+    assert [d["index"] for d in directions] == list(range(PARAMS.n_random_directions))
+    caa = {r["scale"]: r for r in m["rows"]}[PARAMS.random_control_scale]
+    assert control["caa_accuracy"] == caa["accuracy"]
+    for d in directions:
+        assert d["scale"] == PARAMS.random_control_scale and d["n"] == m["n_heldout"]
+        assert abs(d["cos_with_caa"]) < 0.3  # random in hundreds of dims: nearly orthogonal to CAA
+        vs = d["vs_caa"]
+        # paired counts agree with the two accuracies: acc_random - acc_caa = (random only - CAA only) / n
+        assert d["accuracy"] - caa["accuracy"] == pytest.approx((vs["b_only"] - vs["a_only"]) / d["n"])
+        assert 0 <= vs["mcnemar_p"] <= 1
+
+
 def test_logit_lens_metrics():
     m = metrics("07_logit_lens")
     assert len(m["top_tokens"]) == m["n_layers"]

@@ -57,6 +57,8 @@ def test_unknown_key_without_match(tmp_path):
         ({"layer": -1}, r"'layer' must be >= 0"),
         ({"task": "mmlu"}, r"'task' must be one of arithmetic, gsm8k"),
         ({"n_heldout": 300}, r"'n_heldout' \(300\) must be smaller"),
+        ({"n_random_directions": -1}, r"'n_random_directions' must be >= 0"),
+        ({"random_control_scale": 0.0}, r"'random_control_scale' must be non-zero"),
         ({"sae_source": "pretrained"}, r"'sae_pretrained' is empty"),
         ({"lr_floor": 1.0}, r"lr_floor <= lr"),
         ({"lr": float("nan")}, r"'lr' must be a finite number"),

@@ -60,6 +60,19 @@ def test_steering_section_has_signed_perturbation_and_overlap_table(run_dir):
     assert "- scale 0.02: q1, q2" in text
 
 
+def test_random_control_table_follows_the_steering_table(run_dir):
+    _, write = run_dir
+    direction = {**_steering_row(0.1, ["q3"]), "index": 0, "cos_with_caa": 0.007,
+                 "vs_caa": {"a_only": 3, "b_only": 8, "mcnemar_p": 0.227}}
+    write("06_steering", {"layer": 17, "baseline_accuracy": 0.26, "rows": [_steering_row(0.1, [])],
+                          "random_control": {"scale": 0.1, "caa_accuracy": 0.06, "directions": [direction]}})
+    text = report.render_report("r")
+    assert "### Random-direction control at scale 0.1" in text and "CAA accuracy at this scale: 0.06." in text
+    assert "| random #0 | 0.007 | 0.3 | 0.04 | [-0.06, 0.16] | 2 | 0.7266 | 3 | 8 | 0.227 |" in text
+    write("06_steering", {"layer": 17, "rows": [], "random_control": {"scale": 0.1, "directions": []}})
+    assert "Random-direction control" not in report.render_report("r")
+
+
 def test_run_section_lists_chapter_times_with_total(run_dir):
     _, write = run_dir
     write("01_collect", {"n_tokens": 100000, "heldout_tokens": 16384, "layer": 15, "d_model": 576, "seq_len": 128,

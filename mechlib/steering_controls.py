@@ -1,0 +1,87 @@
+"""Random-direction controls for CAA: is the contrastive direction special, or is any push the same?
+
+Why: adding ``scale × ‖h‖ × v`` changes the model whatever ``v`` is. If +10 % along the
+correct-minus-wrong direction costs 20 points of accuracy, that says nothing about the direction
+until a *random* unit direction of the same size is tried on the same questions: if it costs as
+much, the effect is perturbation damage, not the direction's meaning. The card has no such
+control. Each random direction is a seeded Gaussian unit vector (in d ≥ a few hundred it is
+nearly orthogonal to the CAA vector; the cosine is reported) swept with the same hook, layer,
+norm unit and questions as the CAA scales, and compared two ways, both paired on the questions:
+against the unsteered baseline (the CAA table's columns) and against the CAA direction at the same
+scale (exact McNemar on the questions where exactly one of the two is right).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from mechlib.stats import mcnemar_exact
+from mechlib.steering import SteeringError, SteeringRow, correctness, run_sweep, steering_row
+
+
+def random_directions(d_model: int, n: int, seed: int) -> Tensor:
+    """``n`` unit vectors ``[n, d_model]`` drawn from an isotropic Gaussian; the same for the same seed."""
+    if n < 0 or d_model <= 0:
+        raise SteeringError(f"need n >= 0 random directions in d_model > 0 dims, got n={n}, d_model={d_model}")
+    g = torch.Generator().manual_seed(int(seed))
+    v = torch.randn(n, d_model, generator=g, dtype=torch.float64)
+    return (v / v.norm(dim=1, keepdim=True)).float()
+
+
+@dataclass(frozen=True)
+class PairedComparison:
+    """Two steering conditions on the same questions: who gets which right, exact McNemar p."""
+
+    a_only: int  # questions only condition A gets right
+    b_only: int  # questions only condition B gets right
+    mcnemar_p: float
+
+
+def paired_comparison(a: Mapping[str, bool], b: Mapping[str, bool]) -> PairedComparison:
+    if set(a) != set(b) or not a:
+        raise SteeringError("paired comparison needs the same non-empty set of questions on both sides")
+    a_only = sum(a[i] and not b[i] for i in a)
+    b_only = sum(b[i] and not a[i] for i in a)
+    return PairedComparison(a_only, b_only, mcnemar_exact(a_only, b_only))
+
+
+@dataclass(frozen=True)
+class RandomDirectionResult:
+    """One random direction at the control scale: its table row and its comparison with CAA."""
+
+    index: int
+    cos_with_caa: float
+    row: SteeringRow
+    vs_caa: PairedComparison | None  # None when the CAA sweep did not include the control scale
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "cos_with_caa": self.cos_with_caa, **self.row.as_dict(),
+                "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa)}
+
+
+def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vector: Tensor, mean_norm: float,
+                       scale: float, n_directions: int, seed: int, baseline: Mapping[str, bool],
+                       caa_at_scale: Mapping[str, bool] | None, n_bootstrap: int = 2000,
+                       **sweep_kwargs: Any) -> list[RandomDirectionResult]:
+    """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
+
+    ``sweep_kwargs`` are :func:`mechlib.steering.run_sweep`'s (prompt format, tokens, batch size,
+    records folder, ...). Direction ``i``'s records go to ``steer_L{layer}_rand{i}_{scale}.jsonl``
+    and resume like the CAA sweep's; a changed seed or layer norm discards them.
+    """
+    caa = torch.as_tensor(caa_vector).float()
+    dirs = random_directions(caa.shape[0], n_directions, seed)
+    out = []
+    for i, v in enumerate(dirs):
+        records = run_sweep(loaded, questions, layer=layer, vector=v, mean_norm=mean_norm, scales=[scale],
+                            tag=f"_rand{i}", **sweep_kwargs)[float(scale)]
+        steered = correctness(records)
+        row = steering_row(scale, baseline, steered, n_bootstrap=n_bootstrap, seed=seed)
+        vs = None if caa_at_scale is None else paired_comparison(caa_at_scale, steered)
+        cos = float(torch.dot(v, caa / caa.norm()))
+        out.append(RandomDirectionResult(i, cos, row, vs))
+    return out
