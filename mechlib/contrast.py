@@ -286,6 +286,24 @@ def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top
     return LayerContrast(d, null, int(y.sum()), int((~y).sum()))
 
 
+MIN_GROUP = 10  # below this many questions in a group, per-dimension d is mostly noise
+
+
+def small_group_warning(n_correct: int, n_wrong: int, minimum: int = MIN_GROUP) -> str | None:
+    """A one-line caveat when either side of the contrast is tiny, else None.
+
+    Why: with 3 correct questions (SmolLM2 on real GSM8K) every per-dimension d rests on 3 points,
+    the top-10 |d| is large whatever the layer, and the "peak" is the luckiest layer. The
+    permutation null measures this, but a reader skimming the peak should see it said plainly.
+    """
+    small = min(n_correct, n_wrong)
+    if small >= minimum:
+        return None
+    side = "correct" if n_correct <= n_wrong else "wrong"
+    return (f"caution: only {small} {side} question(s) in the contrast set (< {minimum}); the layer profile, the "
+            f"peak and the steering vector rest on them, so read them against the permutation null")
+
+
 def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tensor, float]:
     """``mean(h | correct) − mean(h | wrong)`` at one layer → (unit vector, its raw norm)."""
     y = torch.as_tensor(np.asarray(correct, dtype=bool))

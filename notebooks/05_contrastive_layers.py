@@ -88,6 +88,9 @@ print(f"states collected/loaded in {time.time() - t0:.1f} s")
 # NBVAL_CHECK_OUTPUT
 print(f"contrast set: {int(y.sum())} correct, {int((~y).sum())} wrong; held-out: {len(split.heldout_ids)} questions")
 print(f"{states.n_layers} layers, d_model {h_contrast.shape[-1]}, pooling: {states.pooling}")
+caution = contrast.small_group_warning(int(y.sum()), int((~y).sum()))
+if caution:
+    print(caution)
 
 # %% [markdown]
 # ## Layers ranked by top-10 |d|, against the permutation null

@@ -213,3 +213,12 @@ def test_check_questions_match():
     check_questions_match([Question("a", "What is 1 plus 2?", 3, "x"), Question("b", "Q2", 1, "x")], split)
     with pytest.raises(ContrastError, match="rerun chapter 04"):
         check_questions_match([Question("a", "What is 5 plus 2?", 7, "x")], split)
+
+
+def test_small_group_warning_names_the_small_side():
+    from mechlib.contrast import small_group_warning
+
+    assert small_group_warning(53, 97) is None
+    assert "only 3 correct question(s)" in small_group_warning(3, 77)
+    assert "only 4 wrong question(s)" in small_group_warning(60, 4)
+    assert small_group_warning(10, 10) is None and small_group_warning(9, 100, minimum=5) is None
