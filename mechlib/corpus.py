@@ -12,12 +12,12 @@ given Python version. Users with hub access stream a real pretraining corpus wit
 from __future__ import annotations
 
 import ast
-import json
 import sysconfig
 from pathlib import Path
 from typing import Iterator
 
 from mechlib import paths
+from mechlib.io import iter_jsonl
 
 STDLIB_CORPUS = "python-stdlib-docs"
 # Folders of the standard library whose docstrings are not prose about the library (test suites,
@@ -91,17 +91,10 @@ def _local_file(path: Path, text_field: str) -> Iterator[str]:
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as fh:
-            for i, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CorpusError(f"{path}:{i}: not valid JSON ({exc.msg})") from None
-                if not isinstance(row, dict) or text_field not in row:
-                    raise CorpusError(f"{path}:{i}: no text field {text_field!r} (set corpus_text_field)")
-                yield str(row[text_field])
+        for i, row in iter_jsonl(path, CorpusError):
+            if not isinstance(row, dict) or text_field not in row:
+                raise CorpusError(f"{path}:{i}: no text field {text_field!r} (set corpus_text_field)")
+            yield str(row[text_field])
     elif path.suffix == ".txt":
         # Documents are separated by blank lines.
         block: list[str] = []

@@ -23,12 +23,13 @@ when it does not follow a digit, letter or closing bracket, so ``10-5`` reads as
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from mechlib.io import iter_jsonl
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
@@ -140,20 +141,13 @@ def _local_file(path: str | os.PathLike[str], split: str) -> Path:
 
 def _rows_from_jsonl(path: Path) -> list[tuple[str, str, int]]:
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise GSM8KError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) \
-                    or not isinstance(obj.get("answer"), str):
-                raise GSM8KError(f"{path}:{lineno}: expected an object with string fields 'question' and 'answer'")
-            if not obj["question"].strip():
-                raise GSM8KError(f"{path}:{lineno}: empty 'question'")
-            rows.append((obj["question"], obj["answer"], lineno))
+    for lineno, obj in iter_jsonl(path, GSM8KError):
+        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) \
+                or not isinstance(obj.get("answer"), str):
+            raise GSM8KError(f"{path}:{lineno}: expected an object with string fields 'question' and 'answer'")
+        if not obj["question"].strip():
+            raise GSM8KError(f"{path}:{lineno}: empty 'question'")
+        rows.append((obj["question"], obj["answer"], lineno))
     if not rows:
         raise GSM8KError(f"{path}: contains no questions (the file is empty)")
     return rows

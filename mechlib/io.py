@@ -72,6 +72,22 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         return json.load(fh)
 
 
+def iter_jsonl(path: str | os.PathLike[str], error: type[Exception]) -> Iterator[tuple[int, Any]]:
+    """``(line number, parsed object)`` for each non-blank line of a JSONL file.
+
+    A line that is not JSON raises ``error("<path>:<line>: not valid JSON (...)")``, so the
+    user's message names the file and line whichever reader (corpus, GSM8K) found it.
+    """
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                yield lineno, json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise error(f"{path}:{lineno}: not valid JSON ({exc.msg})") from None
+
+
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
