@@ -333,20 +333,3 @@ def sae_fingerprint(state: dict[str, Any]) -> str:
         h.update(v.detach().cpu().contiguous().numpy().tobytes() if isinstance(v, Tensor) else repr(v).encode())
     return h.hexdigest()
 
-
-def load_cached(path: Any, key: dict[str, Any]) -> dict[str, Any] | None:
-    """The cached value at ``path`` if it was saved under the same ``key``, else ``None``."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        return None
-    saved = json.loads(p.read_text())
-    return saved.get("value") if saved.get("key") == key else None
-
-
-def save_cached(path: Any, key: dict[str, Any], value: dict[str, Any]) -> None:
-    from mechlib.io import atomic_write_json
-
-    atomic_write_json(path, {"key": key, "value": value})

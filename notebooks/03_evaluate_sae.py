@@ -47,15 +47,13 @@ n_feature_examples = 4
 # %%
 import time
 
-import torch
-
-from mechlib import metrics, plots
+from mechlib import evaluate, metrics, plots
 from mechlib.collect import open_store
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.report import CARD_SAE_METRICS
-from mechlib.sae import card_state, check_compatible
+from mechlib.sae import check_compatible
 from mechlib.train import run_sae_for_eval
 
 P = from_namespace(globals())
@@ -74,13 +72,7 @@ print(f"SAE d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; {x.shape[0]} he
 
 # %%
 recon, counts = metrics.reconstruction_metrics(sae, x)
-if P.collect_mode == "disk":
-    train = open_store(P, paths, "train")
-    pca = metrics.fit_pca(train.iter_batches(8192, shuffle=False), k=sae.k)
-    pca_source = f"train activations ({train.n_tokens} tokens)"
-else:  # stream mode keeps no training activations: fit on the first half of the held-out tokens
-    pca = metrics.fit_pca([x[: x.shape[0] // 2]], k=sae.k)
-    pca_source = f"first half of the held-out tokens ({x.shape[0] // 2}; stream mode)"
+pca, pca_source = evaluate.pca_baseline(P, paths, x, k=sae.k)
 pca_ve = metrics.pca_var_explained(pca, x)
 pca_ve_in = metrics.pca_var_explained(pca, x[metrics.inlier_mask(x)])
 dead_train = sae_cfg.get("dead_fraction_at_end")  # None for a pretrained SAE: no training counters
@@ -118,21 +110,7 @@ plots.save_figure(fig, paths.figures / "03_feature_density.png")
 # contexts below) is cached under the SAE's checksum, so a rerun does not load the model again.
 
 # %%
-cache = paths.checkpoints / "03_model_evals.json"
-key = {"sae": metrics.sae_fingerprint(card_state(sae)), "tokens": P.eval_ce_tokens, "layer": heldout.layer,
-       "model": P.model, "dtype": P.model_dtype, "n_features": P.n_feature_examples, "seed": P.seed}
-evals = metrics.load_cached(cache, key)
-if evals is None:
-    from mechlib.models import load_model
-
-    lm = load_model(P.model, P.model_dtype, P.device)
-    ids, keep = metrics.heldout_rows(heldout, P.eval_ce_tokens)
-    evals = {"spliced": metrics.spliced_loss(lm.model, heldout.layer, sae, ids, keep, mean_act=pca.mean.float(),
-                                             progress=True).as_dict(),
-             "card_snippet": metrics.card_snippet_check(lm.model, heldout.layer, sae_path, sae, ids[0], keep[0]),
-             "examples": metrics.feature_examples(sae, x, heldout, lm.tokenizer, counts, P.n_feature_examples,
-                                                  P.seed)}
-    metrics.save_cached(cache, key, evals)
+evals = evaluate.model_evals(P, paths, heldout, sae, sae_path, x, counts, mean_act=pca.mean.float())
 spliced, snippet, examples = evals["spliced"], evals["card_snippet"], evals["examples"]
 print(f"spliced loss on {spliced['n_tokens']} positions ({time.time() - t0:.0f} s so far)")
 
