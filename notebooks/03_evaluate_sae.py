@@ -171,11 +171,9 @@ labels = {"var_explained": "variance explained (per-dimension, held-out)",
           "pca_var_explained": f"PCA baseline, k={sae.k} (per-dimension)", "mse": "MSE per element",
           "l0": "L0", "coverage": "coverage (fired on held-out)", "dead_fraction": "dead fraction",
           "delta_ce_loss": "delta next-token CE (nats)", "kl": "KL clean || spliced (nats)"}
-card_value = dict(CARD_SAE_METRICS, var_explained_global=CARD_SAE_METRICS["var_explained"])
-card_value.pop("var_explained")
 print(f"{'metric':48s} {'card (Gemma 4 E4B L21)':>24s} {'this run':>10s}")
 for key_, label in labels.items():
-    c = card_value.get(key_)
+    c = CARD_SAE_METRICS.get(key_)
     print(f"{label:48s} {('—' if c is None else f'{c:g}'):>24s} {ours[key_]:10.4g}")
 
 # %%

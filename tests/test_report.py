@@ -39,7 +39,8 @@ def test_sae_table_formats_numbers_and_hides_empty_outlier_rows(run_dir):
             "n_tokens": 16384, "var_explained_excl_outliers": 0.745, "pca_var_explained_excl_outliers": 0.458}
     write("03_evaluate_sae", {**base, "n_outlier_tokens": 0})
     text = report.render_report("r")
-    assert "| L0 | 32 | 128 |" in text and "| Variance explained (per-dimension, held-out) | 0.6962 | 0.939 |" in text
+    assert "| L0 | 32 | 128 |" in text and "| Variance explained (per-dimension, held-out) | 0.6962 | — |" in text
+    assert "| Variance explained (seed's global-variance formula) | 0.8676 | 0.939 |" in text  # the card's formula
     assert "| KL (SAE spliced in) | 2.5e-05 | — |" in text
     assert "without outlier-norm tokens" not in text
     write("03_evaluate_sae", {**base, "n_outlier_tokens": 12})
