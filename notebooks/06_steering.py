@@ -43,11 +43,11 @@ random_control_scale = 0.10
 import time
 
 from mechlib import contrast, plots, steering, stats
-from mechlib.steering_controls import run_random_control
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
+from mechlib.steering_controls import run_random_control
 from mechlib.tasks import load_questions
 
 P = from_namespace(globals())
