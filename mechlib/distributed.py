@@ -141,24 +141,6 @@ def all_or(mask: Tensor) -> Tensor:
     return out.bool()
 
 
-def broadcast_object(obj: Any, src: int = 0) -> Any:
-    """Rank ``src``'s ``obj`` on every rank (identity in one process)."""
-    if not _active():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
-    if not _active():
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def reduce_grads_sum(module: torch.nn.Module) -> None:
     """All-reduce every ``.grad`` with SUM, flattened into one buffer (one collective per step)."""
     if not _active():
