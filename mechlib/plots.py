@@ -32,6 +32,18 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def _yerr(values, lows, highs) -> list[list[float]]:
+    """``[[below], [above]]`` error-bar lengths for ``values`` inside ``[lows, highs]``, never negative.
+
+    Why: matplotlib refuses a negative ``yerr``, and an interval edge a round-off away from its
+    point estimate (lo = 5.6e-17 at an accuracy of 0) would otherwise crash a chapter after all
+    its generation has finished.
+    """
+    below = [max(0.0, float(v) - float(lo)) for v, lo in zip(values, lows)]
+    above = [max(0.0, float(hi) - float(v)) for v, hi in zip(values, highs)]
+    return [below, above]
+
+
 def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10,
                         strata_max_q95: float | None = None) -> tuple[Figure, object]:
     """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
@@ -67,7 +79,7 @@ def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, b
     order = sorted(range(len(scales)), key=lambda i: scales[i])
     x = [100 * scales[i] for i in order]
     y = [accuracies[i] for i in order]
-    err = [[y[j] - ci_lows[i] for j, i in enumerate(order)], [ci_highs[i] - y[j] for j, i in enumerate(order)]]
+    err = _yerr(y, [ci_lows[i] for i in order], [ci_highs[i] for i in order])
     ax.axhspan(baseline_ci[0], baseline_ci[1], color="0.85", label="baseline 95% CI")
     ax.axhline(baseline, color="0.3", ls="--", lw=1, label=f"baseline {baseline:.2f}")
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="CAA direction")
@@ -187,7 +199,7 @@ def plot_baseline(kinds: list[str], accuracies, ci_lows, ci_highs, counts, lengt
     xs = list(range(len(kinds)))
     ax.axhspan(overall_ci[0], overall_ci[1], color="0.88", label="overall 95% CI")
     ax.axhline(overall, color="0.3", ls="--", lw=1, label=f"overall {overall:.2f}")
-    err = [[a - lo for a, lo in zip(accuracies, ci_lows)], [hi - a for a, hi in zip(accuracies, ci_highs)]]
+    err = _yerr(accuracies, ci_lows, ci_highs)
     ax.bar(xs, accuracies, color="C0", alpha=0.8)
     ax.errorbar(xs, accuracies, yerr=err, fmt="none", ecolor="k", capsize=4, lw=1)
     ax.set_xticks(xs, [f"{k}\n(n={n})" for k, n in zip(kinds, counts)], fontsize=8)

@@ -195,19 +195,24 @@ def _permutations(y: np.ndarray, n_permutations: int, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 
 def wilson_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``k / n``.
+    """Wilson score interval for a binomial proportion ``k / n``, with ``0 <= lo <= k/n <= hi <= 1`` exactly.
 
     Chosen over the normal (Wald) interval because it stays inside [0, 1] and keeps near-nominal
-    coverage at n ≈ 50 and accuracies near 0 or 1.
+    coverage at n ≈ 50 and accuracies near 0 or 1. Computed by scipy (``binomtest(...).proportion_ci``),
+    which returns the edges exactly (0/n → lo = 0, n/n → hi = 1); the textbook formula
+    ``centre ± half`` leaves round-off there (lo ≈ 5.6e-17 at k = 0), and a plot's error bar
+    ``p − lo`` then turns negative, which matplotlib refuses. The final clamp keeps the invariant
+    whatever the scipy version does.
     """
-    if n <= 0 or not 0 <= k <= n:
-        raise StatsInputError(f"need 0 <= k <= n and n > 0, got k={k}, n={n}")
-    z = float(sps.norm.ppf(0.5 + confidence / 2))
+    if n <= 0 or not 0 <= k <= n or int(k) != k or int(n) != n:
+        raise StatsInputError(f"need whole numbers 0 <= k <= n and n > 0, got k={k}, n={n}")
+    if not 0 < confidence < 1:
+        raise StatsInputError(f"confidence must be in (0, 1), got {confidence}")
+    ci = sps.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     p = k / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+    lo = 0.0 if k == 0 else min(max(0.0, float(ci.low)), p)
+    hi = 1.0 if k == n else max(min(1.0, float(ci.high)), p)
+    return lo, hi
 
 
 def mcnemar_exact(b: int, c: int) -> float:

@@ -6,6 +6,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from scipy import stats as sps
 
 from mechlib.stats import (
@@ -206,3 +208,28 @@ def test_stratified_null_separates_confound_from_effect():
         assert (perms[:, kind == k].sum(1) == y[kind == k].sum()).all()
     with pytest.raises(StatsInputError, match="strata"):
         permutation_null(h, y, n_permutations=5, strata=kind[:10])
+
+
+@pytest.mark.parametrize("n", [3, 6, 7, 12, 40, 60, 97])
+def test_wilson_edges_are_exact(n):
+    # the textbook formula left lo ≈ 5.6e-17 at 0/n and hi = 0.9999999999999999 at n/n for these n,
+    # which made chapter 04's error bars negative
+    assert wilson_ci(0, n)[0] == 0.0
+    assert wilson_ci(n, n)[1] == 1.0
+
+
+@given(st.integers(min_value=1, max_value=5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+       st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]))
+@settings(max_examples=300, deadline=None)
+def test_wilson_bounds_hold_exactly(kn, confidence):
+    k, n = kn
+    lo, hi = wilson_ci(k, n, confidence)
+    assert 0.0 <= lo <= k / n <= hi <= 1.0
+    assert (lo == 0.0) == (k == 0) and (hi == 1.0) == (k == n)
+
+
+def test_wilson_rejects_fractions_and_bad_confidence():
+    with pytest.raises(StatsInputError):
+        wilson_ci(2.5, 10)
+    with pytest.raises(StatsInputError):
+        wilson_ci(2, 10, confidence=1.0)
