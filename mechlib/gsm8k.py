@@ -1,48 +1,25 @@
-"""GSM8K: loading questions (hub or local JSONL) and reading numeric answers out of text.
+"""GSM8K: loading questions (hub or local JSONL); reading answers lives in :mod:`mechlib.answers`.
 
-Why: the study's accuracy numbers are only as good as its answer parser. The seed's parser
-dropped the part of "1,200" after the comma, so every answer above 999 written the usual way
-counted as wrong. :func:`extract_answer` reads thousands separators, ``$``, decimals,
-negatives and trailing text, and falls back sensibly when a generation never writes ``####``.
-
-The extraction rule, in order (the first rule that finds a number wins):
-
-1. ``#### N`` — the number right after the *first* ``####`` that is followed by a number (the
-   format the prompt asks for; later ``####`` lines are usually the model rambling on). Small
-   models often copy the instruction's letter: ``#### N = 21`` reads as 21.
-2. ``answer is N`` / ``answer: N`` / ``answer = N`` (case-insensitive, e.g. "The final answer
-   is $1,200.") — the *last* such phrase.
-3. The *last* number anywhere in the text (this covers "… = 42" endings).
-
-A number is an optional sign, an optional ``$``, digits with optional ``,`` thousands groups
-(``1,200``, ``12,345,678``) or plain digits, and an optional decimal part. A ``-`` is a sign only
-when it does not follow a digit, letter or closing bracket, so ``10-5`` reads as 10 and 5, not
-10 and −5. A comma that does not separate groups of exactly three digits ends the number
-("1,2,3" reads as 1, 2, 3).
+Why: loading and parsing change for different reasons. The parser (and its rules, and
+lm-evaluation-harness's strict/flexible readings) moved to :mod:`mechlib.answers`; its public
+functions are re-exported here so ``from mechlib.gsm8k import extract_answer`` keeps working.
 """
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from mechlib.answers import (PARSER_VERSION, answers_match, extract_answer, extract_answer_with_rule,
+                             gold_from_solution)
 from mechlib.io import iter_jsonl
+
+__all__ = ["GSM8KError", "HUB_ID", "HUB_CONFIG", "PARSER_VERSION", "Question", "answers_match", "extract_answer",
+           "extract_answer_with_rule", "gold_from_solution", "load_gsm8k"]
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
-
-# sign (-, unicode minus), optional $ on either side of the sign, then the digits.
-_NUMBER = re.compile(
-    r"(?<![\w)\].])"  # a sign/number must not continue a word, a number or a bracket
-    r"(?P<sign>[-\u2212])?\$?\s?(?P<sign2>[-\u2212])?"
-    r"(?P<int>\d{1,3}(?:,\d{3})+(?!\d)|\d+)"
-    r"(?P<frac>\.\d+)?"
-)
-_HASHES = re.compile(r"####")
-_ANSWER_IS = re.compile(r"answer\s*(?:is|:|=)\s*(?:equal to\s*)?", re.IGNORECASE)
 
 
 class GSM8KError(ValueError):
@@ -57,67 +34,6 @@ class Question:
     question: str
     answer: float | int
     source: str
-
-
-def _to_number(m: re.Match[str]) -> float:
-    digits = m.group("int").replace(",", "") + (m.group("frac") or "")
-    value = float(digits)
-    return -value if (m.group("sign") or m.group("sign2")) else value
-
-
-def _numbers(text: str) -> list[tuple[int, float]]:
-    """All numbers in ``text`` as (start offset, value)."""
-    return [(m.start(), _to_number(m)) for m in _NUMBER.finditer(text)]
-
-
-def _first_number(text: str) -> float | None:
-    m = _NUMBER.search(text)
-    return _to_number(m) if m else None
-
-
-def extract_answer_with_rule(text: str) -> tuple[float | None, str | None]:
-    """``(value, rule)``: the answer and which rule of the module docstring found it
-    (``"hashes"``, ``"answer_is"`` or ``"last_number"``; ``(None, None)`` when there is no number)."""
-    if not isinstance(text, str):
-        return None, None
-    for m in _HASHES.finditer(text):
-        tail = text[m.end():]
-        # the number must come right after the marker (spaces, ':', '=', '*' allowed between, and a
-        # short variable name copied from the instruction: "#### N = 21")
-        lead = re.match(r"[\s:=*]*(?:[A-Za-z]{1,3}\s*[=:][\s=*]*)?", tail)
-        value_match = _NUMBER.match(tail, lead.end() if lead else 0)
-        if value_match:
-            return _to_number(value_match), "hashes"
-    for m in reversed(list(_ANSWER_IS.finditer(text))):
-        tail = text[m.end():]
-        value_match = _NUMBER.match(tail, len(tail) - len(tail.lstrip(" *:$")) if tail else 0)
-        if value_match:
-            return _to_number(value_match), "answer_is"
-    found = _numbers(text)
-    return (found[-1][1], "last_number") if found else (None, None)
-
-
-def extract_answer(text: str) -> float | None:
-    """The numeric answer in a generation, by the rule in the module docstring; None if no number."""
-    return extract_answer_with_rule(text)[0]
-
-
-def answers_match(pred: float | None, gold: float | int) -> bool:
-    """True when the parsed answer equals the gold one (up to float round-off; None never matches)."""
-    if pred is None or not math.isfinite(pred):
-        return False
-    return math.isclose(float(pred), float(gold), rel_tol=1e-9, abs_tol=1e-6)
-
-
-def gold_from_solution(solution: str) -> float | int:
-    """The gold answer of a GSM8K solution text: the number after its ``####`` (ints kept as int)."""
-    idx = solution.rfind("####")
-    if idx < 0:
-        raise ValueError("no '####' in the answer text")
-    value = _first_number(solution[idx + 4:])
-    if value is None:
-        raise ValueError(f"no number after '####' in {solution[idx:][:60]!r}")
-    return int(value) if value.is_integer() else value
 
 
 # --------------------------------------------------------------------------------------------
