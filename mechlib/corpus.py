@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from mechlib import paths
-from mechlib.io import iter_jsonl
+from mechlib.io import iter_jsonl, iter_text_lines
 
 STDLIB_CORPUS = "python-stdlib-docs"
 # Folders of the standard library whose docstrings are not prose about the library (test suites,
@@ -98,13 +98,12 @@ def _local_file(path: Path, text_field: str) -> Iterator[str]:
     elif path.suffix == ".txt":
         # Documents are separated by blank lines.
         block: list[str] = []
-        with open(path, encoding="utf-8") as fh:
-            for line in fh:
-                if line.strip():
-                    block.append(line.rstrip("\n"))
-                elif block:
-                    yield "\n".join(block)
-                    block = []
+        for _, line in iter_text_lines(path, CorpusError):  # a non-UTF-8 line is named by file:line
+            if line.strip():
+                block.append(line.rstrip("\n"))
+            elif block:
+                yield "\n".join(block)
+                block = []
         if block:
             yield "\n".join(block)
     else:
