@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ class BookParams:
     seed: int = 0
     model: str = "embedded:smollm2-135m-instruct"  # embedded GGUF, a hub id, or a local path
     model_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # --- 01 collect --------------------------------------------------------------------
     layer: int = 15  # residual stream *after* this decoder layer (0-based)
     corpus: str = "python-stdlib-docs"  # python-stdlib-docs | hf:<dataset id> | a local .txt/.jsonl path
@@ -107,8 +108,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
 POSITIVE_INTS = (
     "seq_len", "collect_tokens", "heldout_tokens", "collect_batch_size", "shard_tokens", "d_sae", "k",
     "train_batch_size", "train_tokens", "renorm_every", "dead_tokens", "checkpoint_every", "eval_ce_tokens",
-    "n_questions", "max_new_tokens", "gen_batch_size", "n_permutations", "top_d", "n_bootstrap",
+    "n_questions", "n_heldout", "max_new_tokens", "gen_batch_size", "n_permutations", "top_d", "n_bootstrap",
 )
+
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
 _HINTS = typing.get_type_hints(BookParams)
@@ -170,8 +173,15 @@ def _check_ranges(p: BookParams, source: str) -> None:
     for key in POSITIVE_INTS:
         if getattr(p, key) <= 0:
             raise ParamsError(f"{source}: '{key}' must be positive, got {getattr(p, key)}")
+    if not DEVICE_PATTERN.fullmatch(p.device):
+        raise ParamsError(f"{source}: 'device' must be auto, cpu, cuda, cuda:N or mps; got {p.device!r}")
     if p.layer < 0:
         raise ParamsError(f"{source}: 'layer' must be >= 0, got {p.layer}")
+    if p.steering_layer is not None and p.steering_layer < 0:
+        raise ParamsError(f"{source}: 'steering_layer' must be >= 0 or null (the peak layer from 05), "
+                          f"got {p.steering_layer}")
+    if not p.steering_scales:
+        raise ParamsError(f"{source}: 'steering_scales' must list at least one scale, got []")
     if not 0 <= p.exclude_first_positions < p.seq_len:
         raise ParamsError(f"{source}: 'exclude_first_positions' must be in 0..seq_len-1 ({p.seq_len - 1}), "
                           f"got {p.exclude_first_positions}")
@@ -193,13 +203,66 @@ def _check_ranges(p: BookParams, source: str) -> None:
         raise ParamsError(f"{source}: 'run' must be a plain folder name, got {p.run!r}")
 
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+# YAML 1.2 floats: PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed
+# exponent, so ``lr: 1e-3`` or ``2e5`` arrive as *strings* and are refused as "must be float".
+# ``_FLOAT_12`` also takes ``1e-3``, ``1E-3``, ``2e5``, ``1.5e3``; integers still resolve as ints.
+_FLOAT_TAG = "tag:yaml.org,2002:float"
+_FLOAT_12 = re.compile(r"""^(?:
+     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X)
+
+
+class ParamsLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses duplicate mapping keys and reads YAML 1.2 floats.
+
+    Why: plain PyYAML lets the *last* of two ``layer:`` lines win without a word, so a params file
+    edited by appending an override runs something other than what its first line says.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` overrides on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class names that error itself
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise _DuplicateKey(key, line, first)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+ParamsLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ParamsLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_12, list("-+0123456789."))
+
+
 def load_params(path: str | os.PathLike[str]) -> BookParams:
     """Read a params YAML file. The run name defaults to the file's stem."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506 — a SafeLoader
+    except _DuplicateKey as exc:
+        raise ParamsError(f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "
+                          f"each parameter may appear once") from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:

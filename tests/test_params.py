@@ -63,11 +63,57 @@ def test_unknown_key_without_match(tmp_path):
         ({"lr_floor": 1.0}, r"lr_floor <= lr"),
         ({"lr": float("nan")}, r"'lr' must be a finite number"),
         ({"steering_scales": [0.1, float("inf")]}, r"'steering_scales' must be a finite number"),
+        ({"steering_scales": []}, r"'steering_scales' must list at least one scale, got \[\]"),
+        ({"n_heldout": 0}, r"'n_heldout' must be positive, got 0"),
+        ({"steering_layer": -2}, r"'steering_layer' must be >= 0 or null"),
+        ({"device": "gpu"}, r"'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+        ({"device": "cuda:x"}, r"'device' must be auto, cpu, cuda, cuda:N or mps"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(tmp_path, values, pattern):
     with pytest.raises(ParamsError, match=pattern):
         load_params(write(tmp_path, values))
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_device_spellings_accepted(device):
+    assert validate({"device": device}).device == device
+
+
+@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("1E-3", 1e-3), ("2e5", 2e5), ("1.5e-3", 1.5e-3),
+                                            ("+2E+1", 20.0), (".5", 0.5), ("3", 3.0)])
+def test_exponent_floats_are_floats_yaml_1_2(tmp_path, text, expected):
+    # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3', which the schema then refused as "must be float"
+    p = tmp_path / "run.yaml"
+    p.write_text(f"lr: {text}\nlr_floor: 0\nrandom_control_scale: {text}\n")
+    params = load_params(p)
+    assert params.lr == expected and isinstance(params.lr, float)
+    assert params.random_control_scale == expected
+
+
+def test_ints_stay_ints_and_quoted_exponents_stay_strings(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("k: 16\nd_sae: 1_024\nsteering_scales: [1e-2, 2E-2, -5e-2]\nlens_prompt: '1e-3'\n")
+    params = load_params(p)
+    assert (params.k, params.d_sae) == (16, 1024) and isinstance(params.k, int)
+    assert params.steering_scales == [0.01, 0.02, -0.05] and params.lens_prompt == "1e-3"
+    p.write_text("collect_tokens: 2e5\n")  # an exponent is a float, and an int field says so
+    with pytest.raises(ParamsError, match=r"'collect_tokens' must be int, got 200000.0 \(float\)"):
+        load_params(p)
+
+
+def test_duplicate_keys_are_refused_naming_key_and_lines(tmp_path):
+    p = tmp_path / "run.yaml"
+    p.write_text("layer: 15\nk: 16\nlayer: 20\n")
+    with pytest.raises(ParamsError, match=rf"^{p}:3: duplicate key 'layer' \(first set on line 1\)"):
+        load_params(p)
+
+
+def test_merge_keys_may_override_without_being_duplicates():
+    from mechlib.params import ParamsLoader
+
+    text = "base: &b {x: 1, y: 2}\nrun: {<<: *b, x: 5}\n"
+    assert yaml.load(text, Loader=ParamsLoader)["run"] == {"x": 5, "y": 2}
 
 
 def test_int_accepted_where_float_expected():
