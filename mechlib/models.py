@@ -16,6 +16,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ModelLoadError(ValueError):
     """The model could not be loaded; the message says why and what to do."""
+
+
+class ModelShapeUnknown(ModelLoadError):
+    """The model's config cannot be read without the network (a hub id not in the local cache)."""
 
 
 class LayerError(ValueError):
@@ -143,6 +148,116 @@ def check_layer(model: nn.Module, layer: int) -> int:
     return layer
 
 
+# --------------------------------------------------------------------------- shape without weights
+
+
+def model_shape(name: str) -> tuple[int, int]:
+    """``(n_layers, d_model)`` of model ``name`` (as ``load_model`` takes it), read from its config only.
+
+    Why: the runner checks ``layer`` and ``steering_layer`` before any chapter runs; loading
+    weights for that would cost seconds to minutes. The embedded SmolLM2 is read from its GGUF
+    header, a local folder or a cached hub id with ``AutoConfig`` (``local_files_only``: never the
+    network). A hub id not in the local cache raises :class:`ModelShapeUnknown`, so the caller can
+    skip the check; every other failure is the :class:`ModelLoadError` that loading would raise.
+    """
+    if name == EMBEDDED_SMOLLM2:
+        return gguf_shape(smollm2_gguf_path())
+    if name.startswith("embedded:"):
+        raise ModelLoadError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_SMOLLM2!r}")
+    local = paths.resolve(name)
+    if local.is_dir():
+        try:
+            return _config_shape(local)
+        except (OSError, ValueError) as exc:
+            raise ModelLoadError(f"model folder {local} has no readable config.json: {_one_line(exc)}") from None
+    _check_hub_id(name)
+    try:
+        return _config_shape(name)
+    except (OSError, ValueError) as exc:
+        raise ModelShapeUnknown(f"the config of {name!r} is not in the local hub cache ({_one_line(exc)})") from None
+
+
+def _one_line(exc: BaseException, limit: int = 160) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def _config_shape(source: str | Path) -> tuple[int, int]:
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(source, local_files_only=True)
+    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    try:
+        return int(text.num_hidden_layers), int(text.hidden_size)
+    except AttributeError:  # an unusual config: the layer check waits for the loaded model
+        raise ModelShapeUnknown(f"the config of {source} names no num_hidden_layers/hidden_size") from None
+
+
+# GGUF value types (gguf.GGUFValueType) → byte size of one value; 8 = string, 9 = array.
+_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
+
+
+def gguf_shape(path: Path) -> tuple[int, int]:
+    """``(<arch>.block_count, <arch>.embedding_length)`` from a GGUF file's key-value header.
+
+    Why not ``gguf.GGUFReader``: it parses every key, including the ~100 k tokenizer strings, which
+    takes 3–9 s on 2 cores; the two numbers sit near the start of the header, so this scan stops
+    there (a few ms).
+    """
+    try:
+        with open(path, "rb") as fh:
+            return _scan_gguf(fh, path.stat().st_size)
+    except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
+        raise ModelLoadError(f"{path}: cannot read the GGUF header ({exc}); reinstall it with: {SMOLLM2_INSTALL}") \
+            from None
+
+
+def _scan_gguf(fh: Any, size: int) -> tuple[int, int]:
+    def read(fmt: str) -> Any:
+        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+
+    def string() -> bytes:
+        n = read("<Q")
+        if n > size:
+            raise ValueError(f"string length {n} past the end of the file")
+        return fh.read(n)
+
+    def skip(vtype: int) -> None:
+        if vtype == 8:
+            fh.seek(read("<Q"), os.SEEK_CUR)
+        elif vtype == 9:
+            inner, count = read("<I"), read("<Q")
+            if inner in _GGUF_SIZES:
+                fh.seek(_GGUF_SIZES[inner] * count, os.SEEK_CUR)
+            else:
+                for _ in range(count):
+                    skip(inner)
+        elif vtype in _GGUF_SIZES:
+            fh.seek(_GGUF_SIZES[vtype], os.SEEK_CUR)
+        else:
+            raise ValueError(f"unknown GGUF value type {vtype}")
+
+    if fh.read(4) != b"GGUF":
+        raise ValueError("not a GGUF file (bad magic)")
+    version = read("<I")
+    read("<I" if version == 1 else "<Q")  # tensor count
+    n_kv = read("<I" if version == 1 else "<Q")
+    arch, found = None, {}
+    for _ in range(n_kv):
+        key = string().decode("utf-8")
+        vtype = read("<I")
+        if key == "general.architecture" and vtype == 8:
+            arch = string().decode("utf-8")
+        elif key.endswith((".block_count", ".embedding_length")) and vtype in _GGUF_INTS:
+            found[key] = read(_GGUF_INTS[vtype])
+        else:
+            skip(vtype)
+        if arch and f"{arch}.block_count" in found and f"{arch}.embedding_length" in found:
+            return int(found[f"{arch}.block_count"]), int(found[f"{arch}.embedding_length"])
+    raise ValueError(f"no {arch or '<arch>'}.block_count / .embedding_length in the header")
+
+
 # --------------------------------------------------------------------------- loading
 
 
@@ -243,10 +358,14 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, n_layers=n_layers(model), d_model=d_model(model))
 
 
-def _load_from_hub(name: str, torch_dtype: Any):
+def _check_hub_id(name: str) -> None:
     if "/" not in name or name.startswith((".", "/", "~")):
         raise ModelLoadError(f"model {name!r} is neither {EMBEDDED_SMOLLM2!r}, an existing local folder "
                              f"({paths.resolve(name)} does not exist), nor a hub id like 'google/gemma-4-e4b'")
+
+
+def _load_from_hub(name: str, torch_dtype: Any):
+    _check_hub_id(name)
     try:
         return _from_pretrained(name, torch_dtype)
     except OSError as exc:  # transformers turns hub/network failures into OSError

@@ -114,3 +114,54 @@ def test_real_smollm2_loads(smollm2):
     with torch.no_grad():
         nxt = smollm2.model(input_ids=ids).logits[0, -1].argmax().item()
     assert smollm2.tokenizer.decode([nxt]).strip() == "Paris"
+
+
+# ----------------------------------------------------------------------- shape from the config alone
+
+
+def test_model_shape_of_the_embedded_gguf_is_fast_and_matches_the_model():
+    import time
+
+    start = time.perf_counter()
+    assert models.model_shape(models.EMBEDDED_SMOLLM2) == (30, 576)
+    assert time.perf_counter() - start < 1.0  # a header scan, not GGUFReader's full parse
+
+
+def test_gguf_scan_agrees_with_gguf_reader_on_a_written_file(tmp_path):
+    gguf = pytest.importorskip("gguf")
+    path = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(7)
+    w.add_token_list(["a", "bb", "ccc"])  # a string array before the width: must be skipped
+    w.add_embedding_length(96)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    reader = gguf.GGUFReader(path)
+    expected = (reader.fields["llama.block_count"].contents(), reader.fields["llama.embedding_length"].contents())
+    assert models.gguf_shape(path) == expected == (7, 96)
+    path.write_bytes(b"NOPE" + bytes(20))
+    with pytest.raises(ModelLoadError, match="not a GGUF file"):
+        models.gguf_shape(path)
+
+
+def test_model_shape_of_local_folders_and_multimodal_configs(tmp_path, tiny_llama):
+    model, _ = tiny_llama
+    model.config.save_pretrained(tmp_path / "llama")
+    assert models.model_shape(str(tmp_path / "llama")) == (4, 64)
+    gemma4_e4b_config().save_pretrained(tmp_path / "gemma4")  # layers live in text_config
+    assert models.model_shape(str(tmp_path / "gemma4")) == (42, 2560)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="has no readable config.json"):
+        models.model_shape(str(tmp_path / "empty"))
+
+
+def test_model_shape_of_an_uncached_hub_id_is_unknown_not_an_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(models.ModelShapeUnknown, match="not in the local hub cache") as info:
+        models.model_shape("mechbook-test-org/not-a-cached-model")
+    assert "\n" not in str(info.value)
+    with pytest.raises(ModelLoadError, match="neither"):
+        models.model_shape("no_such_folder_here")
+    with pytest.raises(ModelLoadError, match="unknown embedded model"):
+        models.model_shape("embedded:gpt5")
