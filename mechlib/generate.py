@@ -31,7 +31,7 @@ but no Python-int bookkeeping inside the compiled step (that would force recompi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -197,13 +197,44 @@ def _hook_guards() -> Iterator[None]:
 # One batch
 # --------------------------------------------------------------------------------------------
 
+StopWhen = Callable[[Sequence[int]], bool]
+"""A row's stop rule beside EOS: called with the row's new token ids so far; True once the row is
+done (e.g. it has written a complete final-answer line). It must be *monotone* — once True for a
+prefix, True for every longer one — so the shortest stopping prefix can be found by bisection."""
+
+
+def _check_stop_rule(out: torch.Tensor, unfinished: torch.Tensor, upto: int, stop_when: StopWhen) -> None:
+    """Mark rows whose first ``upto`` tokens satisfy ``stop_when`` as finished (in place)."""
+    rows = out[:, :upto].tolist()
+    for i in torch.nonzero(unfinished).flatten().tolist():
+        if stop_when(rows[i]):
+            unfinished[i] = False
+
+
+def shortest_stopping_prefix(row: Sequence[int], stop_when: StopWhen) -> int | None:
+    """The length of the shortest prefix of ``row`` that satisfies the (monotone) ``stop_when``; None if none."""
+    if not row or not stop_when(row):
+        return None
+    lo, hi = 1, len(row)  # invariant: stop_when(row[:hi]) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop_when(row[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 @torch.inference_mode()
 def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                  eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "dynamic",
-                 compile: bool | dict[str, Any] = False, sync_every: int = 1) -> torch.Tensor:
+                 compile: bool | dict[str, Any] = False, sync_every: int = 1,
+                 stop_when: StopWhen | None = None) -> torch.Tensor:
     """Greedy continuation ids ``[batch, steps]`` of one left-padded batch (rows that finished are
     filled with ``pad_id``, like ``generate``). ``steps <= max_new_tokens``: the loop stops when
-    every row has emitted an EOS (checked every ``sync_every`` steps), unless ``ignore_eos``."""
+    every row has emitted an EOS or met ``stop_when`` (checked every ``sync_every`` steps), unless
+    ``ignore_eos``. A row stopped by ``stop_when`` may carry up to ``sync_every - 1`` tokens past
+    its stopping point: cut it with :func:`shortest_stopping_prefix`."""
     if max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if cache not in ("dynamic", "static"):
@@ -245,7 +276,10 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             out[:, t] = nxt
             if not ignore_eos and eos.numel():
                 unfinished &= ~torch.isin(nxt, eos)
-                if (t + 1) % sync_every == 0 and not bool(unfinished.any()):
+            if not ignore_eos and (t + 1) % sync_every == 0:
+                if stop_when is not None:
+                    _check_stop_rule(out, unfinished, t + 1, stop_when)
+                if not bool(unfinished.any()):
                     steps = t + 1
                     break
             if t + 1 == max_new_tokens:
@@ -291,9 +325,10 @@ def resolve_cache(cache: CacheKind, device: torch.device) -> str:
 def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
                  eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "auto",
                  compile: bool | dict[str, Any] | None = None, sort_by_length: bool = True,
-                 progress: bool = True, desc: str = "") -> list[list[int]]:
+                 progress: bool = True, desc: str = "", stop_when: StopWhen | None = None) -> list[list[int]]:
     """Greedy continuation ids per prompt, cut before the first EOS (all ``max_new_tokens`` with
-    ``ignore_eos``). Prompts are batched by length (less padding); results keep the input order.
+    ``ignore_eos``) or after the shortest prefix that meets ``stop_when``. Prompts are batched by
+    length (less padding); results keep the input order.
 
     ``compile=None`` means: on for CUDA with the static cache, off elsewhere (the CPU path stays
     the exact, uncompiled loop).
@@ -314,14 +349,14 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
         for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
             _generate_batch(model, prompt_ids, idx, results, max_new_tokens, batch_size, eos_ids=eos_ids,
                             pad_id=pad_id, ignore_eos=ignore_eos, kind=kind, compile=compile,
-                            sync_every=sync_every, eos_set=eos_set, device=device)
+                            sync_every=sync_every, eos_set=eos_set, device=device, stop_when=stop_when)
     return results
 
 
 def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[int], results: list[list[int]],
                     max_new_tokens: int, batch_size: int, *, eos_ids: Sequence[int], pad_id: int, ignore_eos: bool,
                     kind: str, compile: bool | dict[str, Any], sync_every: int, eos_set: set[int],
-                    device: torch.device) -> None:
+                    device: torch.device, stop_when: StopWhen | None = None) -> None:
     """Generate the prompts ``idx`` as one batch; write each row's ids (cut before EOS) into ``results``."""
     rows = [prompt_ids[i] for i in idx]
     if compile and kind == "static" and len(rows) < batch_size:
@@ -329,11 +364,13 @@ def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[i
         rows = rows + [rows[-1]] * (batch_size - len(rows))
     ids, mask = left_pad(rows, pad_id, device)
     toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, ignore_eos=ignore_eos,
-                        cache=kind, compile=compile, sync_every=sync_every).tolist()
+                        cache=kind, compile=compile, sync_every=sync_every, stop_when=stop_when).tolist()
     for row, i in zip(toks, idx):
         if not ignore_eos:
             cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
             row = row[:cut]
+            if stop_when is not None:
+                row = row[:shortest_stopping_prefix(row, stop_when) or len(row)]
         results[i] = row
 
 

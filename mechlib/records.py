@@ -6,8 +6,15 @@ regenerate anything. Records are written after every batch by an atomic rewrite 
 JSONL (a few hundred short lines), so the file on disk is always complete and readable. Each
 line is one record, nothing else (chapter 05 reads them line by line); the settings the records
 were made with live in a sidecar ``<file>.meta.json``. Changing the model, prompt format,
-``max_new_tokens`` or the generator discards the old records instead of mixing them in. A
-record is reused only if its prompt text is unchanged.
+``max_new_tokens``, the generator, the stop rule or the parser discards the old records instead of
+mixing them in (the parser is in the key because the stop rule reads final-answer lines). A
+record is reused only if its prompt text is unchanged, and every reused record — baseline,
+steered or control — is re-scored by :func:`rescore` with the current parser on load, so no
+condition is ever scored by another rule than the rest.
+
+Each record carries three readings of its answer (ours, lm-evaluation-harness's strict and
+flexible, see :mod:`mechlib.answers`) and why generation stopped (:mod:`mechlib.stopping`), so
+every accuracy can be recomputed under each scoring rule (:mod:`mechlib.scoring`).
 """
 
 from __future__ import annotations
@@ -18,12 +25,14 @@ import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
-from mechlib.gsm8k import Question, answers_match, extract_answer_with_rule
+from mechlib.answers import PARSER_VERSION, answers_match, read_all
+from mechlib.gsm8k import Question
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
+from mechlib.stopping import STOP_REASONS, STOP_RULE_VERSION, StopReason, stop_reason_of
 
 GENERATOR_VERSION = "greedy-v1"  # bump when the decode loop's output could change
 
@@ -34,7 +43,11 @@ class RecordsError(ValueError):
 
 @dataclass(frozen=True)
 class Record:
-    """One generated answer. ``hit_limit``: generation stopped at ``max_new_tokens`` (no EOS)."""
+    """One generated answer, scored. ``stop_reason``: ``eos`` | ``answer_line`` | ``limit`` (truncated).
+
+    ``parsed``/``correct`` are the book's primary reading (``parsed_by`` names the rule that found
+    it); ``strict``/``flexible`` are lm-evaluation-harness's two GSM8K readings of the same text.
+    """
 
     id: str
     prompt: str
@@ -42,9 +55,19 @@ class Record:
     parsed: float | None
     gold: float | int
     correct: bool
-    n_new_tokens: int = 0
-    hit_limit: bool = False
-    parsed_by: str | None = None  # which extraction rule found the answer: hashes | answer_is | last_number
+    n_new_tokens: int
+    stop_reason: StopReason
+    parsed_by: str | None  # which extraction rule found the answer: hashes | answer_is | last_number
+    strict: float | None
+    correct_strict: bool
+    flexible: float | None
+    correct_flexible: bool
+    parser_version: str
+
+    @property
+    def truncated(self) -> bool:
+        """Cut off at ``max_new_tokens``: neither EOS nor a complete final-answer line."""
+        return self.stop_reason == "limit"
 
 
 @dataclass(frozen=True)
@@ -53,14 +76,17 @@ class BaselineSummary:
     n_correct: int
     accuracy: float
     ci95: tuple[float, float]  # Wilson score interval
-    truncated: float  # fraction of generations that hit max_new_tokens
+    truncated: float  # fraction of generations cut off at max_new_tokens
+    finished: float  # fraction that ended by themselves (EOS or a final-answer line)
+    stop_reasons: dict[str, int]  # stop reason → count
     unparsed: float  # fraction with no number at all
     by_rule: dict[str, tuple[int, int]]  # extraction rule → (answers read by it, of which correct)
 
 
 def settings_of(model_name: str, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
+    """Everything the generated tokens depend on, and its hash (the cache key of a records file)."""
     s = {"model": model_name, "prompt_format": prompt_format, "max_new_tokens": int(max_new_tokens),
-         "generator": GENERATOR_VERSION}
+         "generator": GENERATOR_VERSION, "stop_rule": STOP_RULE_VERSION, "parser": PARSER_VERSION}
     s["settings_hash"] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
     return s
 
@@ -80,7 +106,8 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
             try:
                 out.append(Record(**json.loads(line)))
             except (json.JSONDecodeError, TypeError) as exc:
-                raise RecordsError(f"{path}:{lineno}: not a generation record ({exc})") from None
+                raise RecordsError(f"{path}:{lineno}: not a generation record of this mechbook version ({exc}); "
+                                   f"delete the file and rerun the chapter that made it") from None
     return out
 
 
@@ -88,24 +115,48 @@ def write_records(path: str | os.PathLike[str], records: Sequence[Record]) -> No
     atomic_write_text(path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in records))
 
 
-def _cached(out_path: Path, settings: dict[str, Any]) -> dict[str, Record]:
+def score(q: Question, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason) -> Record:
+    """A scored record: every reading of ``generation`` compared with the gold answer."""
+    r = read_all(generation)
+    return Record(id=q.id, prompt=prompt, generation=generation, parsed=r.primary, gold=q.answer,
+                  correct=answers_match(r.primary, q.answer), n_new_tokens=n_new_tokens, stop_reason=stop_reason,
+                  parsed_by=r.primary_rule, strict=r.strict, correct_strict=answers_match(r.strict, q.answer),
+                  flexible=r.flexible, correct_flexible=answers_match(r.flexible, q.answer),
+                  parser_version=PARSER_VERSION)
+
+
+def rescore(record: Record, q: Question) -> Record:
+    """``record`` scored again with the current parser (and the question's current gold)."""
+    return score(q, record.prompt, record.generation, record.n_new_tokens, record.stop_reason)
+
+
+def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Any, max_new_tokens: int) -> Record:
+    """Decode one generated row and score it, with the reason it stopped."""
+    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    return score(q, prompt, text, len(ids), stop_reason_of(text, len(ids), max_new_tokens))
+
+
+def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, Any], questions: Sequence[Question],
+                 prompts: Mapping[str, str]) -> dict[str, Record]:
+    """The reusable records of ``out_path`` (same settings, same prompt), re-scored; prepares the file.
+
+    Records made with other settings are deleted *before* the new sidecar is written, so a run
+    killed in between can never pass old records off as new ones.
+    """
+    out_path = Path(out_path)
     meta = meta_path(out_path)
-    if not (out_path.is_file() and meta.is_file()):
-        return {}
-    try:
-        same = read_json(meta).get("settings_hash") == settings["settings_hash"]
-    except (OSError, ValueError, AttributeError):
-        same = False
-    if not same:
-        return {}
-    return {r.id: r for r in read_records(out_path)}
-
-
-def score(q: Question, prompt: str, generation: str, n_new_tokens: int, hit_limit: bool) -> Record:
-    parsed, rule = extract_answer_with_rule(generation)
-    return Record(id=q.id, prompt=prompt, generation=generation, parsed=parsed, gold=q.answer,
-                  correct=answers_match(parsed, q.answer), n_new_tokens=n_new_tokens, hit_limit=hit_limit,
-                  parsed_by=rule)
+    same = False
+    if out_path.is_file() and meta.is_file():
+        try:
+            same = read_json(meta).get("settings_hash") == settings["settings_hash"]
+        except (OSError, ValueError, AttributeError):
+            same = False
+    cached = {r.id: r for r in read_records(out_path)} if same else {}
+    if not same and out_path.is_file():
+        write_records(out_path, [])
+    atomic_write_json(meta, dict(settings))
+    by_id = {q.id: q for q in questions}
+    return {i: rescore(r, by_id[i]) for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
 
 
 def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str, max_new_tokens: int,
@@ -114,12 +165,15 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     """Greedy answers to ``questions`` as :class:`Record` s, cached in ``out_path`` (JSONL).
 
     Resumes: generations already in ``out_path`` with the same settings and prompt are reused
-    (and re-scored with the current parser); the rest are generated in length-sorted batches, the file rewritten atomically after each batch.
+    (and re-scored with the current parser); the rest are generated in length-sorted batches, the
+    file rewritten atomically after each batch. Each row stops at EOS or after its first complete
+    final-answer line (:class:`mechlib.stopping.AnswerLineStop`).
     Callers that steer register their hook around this call and pass a different ``out_path``.
     ``generate_kwargs`` go to :func:`mechlib.generate.generate_ids` (``cache``, ``compile``).
     """
     from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
     from mechlib.prompts import build_prompt, encode_prompts
+    from mechlib.stopping import AnswerLineStop
 
     out_path = Path(out_path)
     ids = [q.id for q in questions]
@@ -128,14 +182,7 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     model, tok = loaded.model, loaded.tokenizer
     settings = settings_of(loaded.name, prompt_format, max_new_tokens)
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
-    cached = _cached(out_path, settings)
-    if not cached and out_path.is_file():
-        write_records(out_path, [])  # other settings: never let the new sidecar vouch for old records
-    atomic_write_json(meta_path(out_path), settings)
-    by_id = {q.id: q for q in questions}
-    # cached generations are re-scored: parsing is cheap, and parser fixes then apply without regenerating
-    done = {i: score(by_id[i], r.prompt, r.generation, r.n_new_tokens, r.hit_limit)
-            for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
+    done = open_records(out_path, settings, questions, prompts)
     todo = [q for q in questions if q.id not in done]
     if todo:
         eos = eos_ids_of(model, tok)
@@ -145,10 +192,9 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in tqdm(batches, desc=desc or f"generate {out_path.name}", disable=not progress, unit="batch"):
             rows = generate_ids(model, [enc[q.id] for q in batch], max_new_tokens, batch_size, eos_ids=eos,
-                                pad_id=pad, progress=False, **generate_kwargs)
+                                pad_id=pad, progress=False, stop_when=AnswerLineStop(tok), **generate_kwargs)
             for q, row in zip(batch, rows):
-                text = tok.decode(row, skip_special_tokens=True)
-                done[q.id] = score(q, prompts[q.id], text, len(row), len(row) >= max_new_tokens)
+                done[q.id] = score_generation(q, prompts[q.id], row, tok, max_new_tokens)
             write_records(out_path, [done[i] for i in ids if i in done])
     records = [done[i] for i in ids]
     write_records(out_path, records)
@@ -156,7 +202,7 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
 
 
 def summarize(records: Sequence[Record]) -> BaselineSummary:
-    """Accuracy with its Wilson 95 % interval, and how often generations were cut off or unparsable."""
+    """Accuracy with its Wilson 95 % interval, why generations stopped, and how often they were unparsable."""
     from mechlib.stats import wilson_ci
 
     n = len(records)
@@ -169,9 +215,11 @@ def summarize(records: Sequence[Record]) -> BaselineSummary:
         if r.parsed_by is not None:
             seen, right = by_rule.get(r.parsed_by, (0, 0))
             by_rule[r.parsed_by] = (seen + 1, right + int(r.correct))
+    reasons = {reason: sum(r.stop_reason == reason for r in records) for reason in STOP_REASONS}
     return BaselineSummary(n=n, n_correct=k, accuracy=k / n, ci95=(float(lo), float(hi)),
-                           truncated=sum(r.hit_limit for r in records) / n,
-                           unparsed=sum(r.parsed is None for r in records) / n, by_rule=by_rule)
+                           truncated=reasons["limit"] / n, finished=(n - reasons["limit"]) / n,
+                           stop_reasons=reasons, unparsed=sum(r.parsed is None for r in records) / n,
+                           by_rule=by_rule)
 
 
 @dataclass(frozen=True)

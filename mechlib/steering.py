@@ -178,7 +178,8 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     from mechlib.io import atomic_write_json, read_json
     from mechlib.models import check_layer, decoder_layers
     from mechlib.prompts import build_prompt, encode_prompts
-    from mechlib.records import meta_path, read_records, score, settings_of, write_records
+    from mechlib.records import open_records, score_generation, settings_of, write_records
+    from mechlib.stopping import AnswerLineStop
 
     check_layer(loaded.model, layer)
     scales = list(dict.fromkeys(float(s) for s in scales))
@@ -196,15 +197,9 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     model, tok = loaded.model, loaded.tokenizer
     settings = settings_of(loaded.name, prompt_format, max_new_tokens)
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
-    done: dict[float, dict[str, Any]] = {}
-    for s in scales:
-        path = steer_records_path(records_dir, layer, s, tag)
-        same = path.is_file() and meta_path(path).is_file() and \
-            read_json(meta_path(path)).get("settings_hash") == settings["settings_hash"]
-        done[s] = {r.id: r for r in read_records(path) if r.id in prompts and r.prompt == prompts[r.id]} if same else {}
-        if not same and path.is_file():
-            path.unlink()  # before the new sidecar: a run killed in between must not pass old records as new
-        atomic_write_json(meta_path(path), settings)
+    # reused records are re-scored with the current parser, exactly like the baseline's
+    done = {s: open_records(steer_records_path(records_dir, layer, s, tag), settings, questions, prompts)
+            for s in scales}
     todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
     if todo:
         enc = dict(zip(prompts, encode_prompts(tok, list(prompts.values()))))
@@ -219,10 +214,10 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
                 deltas = torch.stack([steering_delta(vector, s, mean_norm) for _, s in batch])
                 rows_hook.set_rows(deltas, param.device, param.dtype)
                 out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
-                                   pad_id=pad, sort_by_length=False, progress=False, **generate_kwargs)
+                                   pad_id=pad, sort_by_length=False, progress=False, stop_when=AnswerLineStop(tok),
+                                   **generate_kwargs)
                 for (q, s), row in zip(batch, out):
-                    text = tok.decode(row, skip_special_tokens=True)
-                    done[s][q.id] = score(q, prompts[q.id], text, len(row), len(row) >= max_new_tokens)
+                    done[s][q.id] = score_generation(q, prompts[q.id], row, tok, max_new_tokens)
                 for s in {s for _, s in batch}:
                     write_records(steer_records_path(records_dir, layer, s, tag),
                                   [done[s][q.id] for q in questions if q.id in done[s]])

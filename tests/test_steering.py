@@ -278,3 +278,37 @@ def test_run_sweep_discards_records_made_with_other_settings(tiny_llama, tmp_pat
     assert all(r.n_new_tokens <= 2 for r in first) and any(r.n_new_tokens > 2 for r in longer)
     on_disk = read_records(steer_records_path(tmp_path, 1, 0.5))
     assert [r.generation for r in on_disk] == [r.generation for r in longer]
+
+
+def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny_llama, tmp_path, monkeypatch):
+    """Every condition is scored by the current parser: a stored verdict is never trusted, and a new
+    parser version (which also changes where generation stops) regenerates instead of reusing."""
+    import json
+
+    from mechlib import generate, records
+    from mechlib.models import LoadedModel
+    from mechlib.steering import run_sweep, steer_records_path
+    from mechlib.tasks import arithmetic_questions
+
+    model, tok = tiny_llama
+    loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
+    questions = arithmetic_questions(3, seed=2)
+    kw = dict(layer=1, vector=torch.ones(64), mean_norm=10.0, scales=[0.5], prompt_format="gemma_manual",
+              max_new_tokens=3, batch_size=4, records_dir=tmp_path, progress=False)
+    first = run_sweep(loaded, questions, **kw)[0.5]
+    path = steer_records_path(tmp_path, 1, 0.5)
+    stale = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in stale:  # a verdict from "another parser": flipped, and a bogus reading
+        r.update(correct=not r["correct"], parsed=-1.0, parsed_by="bogus", correct_strict=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    calls = []
+    real = generate.generate_ids
+    monkeypatch.setattr(generate, "generate_ids", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = run_sweep(loaded, questions, **kw)[0.5]
+    assert again == first and calls == [], "reused records are re-scored on load, never regenerated"
+
+    monkeypatch.setattr(records, "PARSER_VERSION", "answers-test-changed")
+    changed = run_sweep(loaded, questions, **kw)[0.5]
+    assert calls, "a new parser version must regenerate, not reuse"
+    assert {r.parser_version for r in changed} == {"answers-test-changed"}
+    assert json.loads(records.meta_path(path).read_text())["parser"] == "answers-test-changed"

@@ -9,6 +9,7 @@ import torch
 
 from mechlib.gsm8k import extract_answer, extract_answer_with_rule
 from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
+from mechlib.stopping import stop_reason_of
 from mechlib.records import (RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout,
                              summarize)
 from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
@@ -125,7 +126,8 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
         assert r.prompt == build_prompt(tok, q.question, "gemma_manual") and r.gold == q.answer
         assert r.parsed == extract_answer(r.generation) and r.correct == (r.parsed == q.answer)
         assert r.parsed_by == (None if r.parsed is None else extract_answer_with_rule(r.generation)[1])
-        assert 0 < r.n_new_tokens <= 5 and r.hit_limit == (r.n_new_tokens == 5)
+        assert 0 < r.n_new_tokens <= 5 and r.truncated == (r.stop_reason == "limit")
+        assert r.stop_reason == stop_reason_of(r.generation, r.n_new_tokens, 5)
     assert read_records(out) == recs
     assert json.loads(meta_path(out).read_text())["max_new_tokens"] == 5
 
@@ -180,12 +182,15 @@ def test_summary_and_split():
     from mechlib.records import Record
 
     recs = [Record(id=f"q{i}", prompt="p", generation="g", parsed=1.0, gold=1 if i % 3 else 2, correct=bool(i % 3),
-                   n_new_tokens=4, hit_limit=i < 5, parsed_by="hashes" if i < 10 else "last_number")
+                   n_new_tokens=4, stop_reason="limit" if i < 5 else ("eos" if i < 20 else "answer_line"),
+                   parsed_by="hashes" if i < 10 else "last_number", strict=None, correct_strict=False,
+                   flexible=1.0, correct_flexible=bool(i % 3), parser_version="test")
             for i in range(30)]
     s = summarize(recs)
     assert s.by_rule == {"hashes": (10, 6), "last_number": (20, 14)}
     assert (s.n, s.n_correct) == (30, 20) and s.accuracy == pytest.approx(2 / 3)
     assert s.ci95[0] < 2 / 3 < s.ci95[1] and s.truncated == pytest.approx(5 / 30)
+    assert s.finished == pytest.approx(25 / 30) and s.stop_reasons == {"eos": 15, "answer_line": 10, "limit": 5}
     contrast, held = split_contrast_heldout(recs, 10, seed=0)
     assert len(held) == 10 and len(contrast) == 20 and not set(held) & set(contrast)
     assert contrast + held != [r.id for r in recs] and sorted(contrast + held) == sorted(r.id for r in recs)
