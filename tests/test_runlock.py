@@ -81,8 +81,7 @@ def test_release_leaves_a_lock_another_runner_took_over(tmp_path):
 
 
 def test_a_lock_held_by_another_process_then_killed(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from mechlib.paths import REPO_ROOT
-from mechlib.runlock import run_lock\n"
+    code = ("import sys, time; from pathlib import Path; from mechlib.runlock import run_lock\n"
             "with run_lock(Path(sys.argv[1]), 'r1'):\n    print('held', flush=True); time.sleep(60)\n")
     child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
                              cwd=REPO_ROOT)
