@@ -6,6 +6,12 @@ with jupytext, validates the whole params file against :class:`mechlib.params.Bo
 first (an unknown key is an error that names it), passes each chapter only the parameters it
 declares, stops at the first failing chapter while keeping its executed notebook for reading,
 and finally regenerates ``outputs/<run>/REPORT.md`` from the metrics.
+
+Before any chapter runs it also checks what only the runner can: the device exists, ``layer``
+and ``steering_layer`` fit the model (read from its config, no weights), and no other runner
+holds the run name (:mod:`mechlib.runlock`). Every failure ends in one ``[mechbook] error:``
+line saying what failed, where, and that a rerun resumes; the full trace stays in the kept
+notebook, never on the terminal.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -23,13 +30,36 @@ import yaml
 from mechlib.io import atomic_write_json, atomic_write_text
 from mechlib.params import BookParams, ParamsError, known_keys, load_params
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
+from mechlib.runlock import RunLockError, run_lock
+
+RESUME_HINT = "rerun the same command to resume (finished work is reused)"
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
 
 
 class ChapterError(RuntimeError):
-    """A chapter failed; the executed notebook (with its traceback) is kept at ``notebook``."""
+    """A chapter failed; the executed notebook (with its traceback) is kept at ``notebook``.
 
-    def __init__(self, chapter: str, notebook: Path, reason: str):
-        super().__init__(f"chapter {chapter} failed: {reason}\n  executed notebook kept for reading: {notebook}")
+    ``notebook`` is ``None`` when the chapter failed before papermill wrote anything (a kernel
+    that never started); the trace then goes to a ``<chapter>.traceback.txt`` named in ``reason``.
+    """
+
+    def __init__(self, chapter: str, notebook: Path | None, reason: str):
+        kept = f"executed notebook kept: {notebook}" if notebook else "no notebook was written"
+        super().__init__(f"chapter {chapter} failed: {reason}; {kept}; {RESUME_HINT}")
+        self.chapter = chapter
+        self.notebook = notebook
+        self.reason = reason
+
+
+class ChapterInterrupted(KeyboardInterrupt):
+    """Ctrl-C while a chapter ran; still a ``KeyboardInterrupt``, now saying which chapter and cell."""
+
+    def __init__(self, chapter: str, notebook: Path | None, where: str):
+        kept = f"executed notebook kept: {notebook}" if notebook else "no notebook was written"
+        super().__init__(f"interrupted (Ctrl-C) in chapter {chapter}{where}; {kept}; {RESUME_HINT}")
         self.chapter = chapter
         self.notebook = notebook
 
@@ -92,7 +122,6 @@ def headless_kernel_env() -> None:
 def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_output: bool = False) -> ChapterRun:
     import jupytext
     import papermill
-    from papermill.exceptions import PapermillExecutionError
 
     nb = jupytext.read(chapter.source)
     names = declared_parameters(nb)
@@ -115,41 +144,163 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
             progress_bar=False,
             log_output=log_output,
         )
-    except PapermillExecutionError as exc:
-        reason = f"{exc.ename}: {exc.evalue}"
-        raise ChapterError(chapter.name, out, reason) from None
+    except (Exception, KeyboardInterrupt) as exc:
+        raise _failure(chapter, _keep(partial, out), exc, paths) from None
     finally:
-        if partial.exists():
-            os.replace(partial, out)
+        _keep(partial, out)
     return ChapterRun(chapter.name, time.perf_counter() - start, out)
+
+
+def _keep(partial: Path, out: Path) -> Path | None:
+    """Move papermill's partial notebook over ``out``; ``out`` if this chapter wrote one, else None."""
+    if partial.exists():
+        os.replace(partial, out)
+        return out
+    return None
+
+
+def _failure(chapter: Chapter, kept: Path | None, exc: BaseException, paths: RunPaths) -> BaseException:
+    """The one-line error for ``exc`` ending ``chapter``; what the terminal no longer shows goes into
+    the kept notebook (as an error output on the cell that was running)."""
+    from nbclient.exceptions import DeadKernelError
+    from papermill.exceptions import PapermillExecutionError
+
+    cell = _running_cell(kept)
+    where = f" in cell {cell[1]}" if cell else ""
+    if isinstance(exc, KeyboardInterrupt):
+        _annotate(kept, cell, "KeyboardInterrupt", "interrupted (Ctrl-C) while this cell ran")
+        return ChapterInterrupted(chapter.name, kept, where)
+    if isinstance(exc, PapermillExecutionError):  # the traceback is already in the notebook
+        return ChapterError(chapter.name, kept, f"{exc.ename}: {_one_line(exc.evalue)}{where}")
+    if isinstance(exc, DeadKernelError):
+        why = "its process was killed from outside, most often by the out-of-memory killer"
+        _annotate(kept, cell, "DeadKernelError", f"the kernel died while this cell ran: {why}")
+        return ChapterError(chapter.name, kept, f"the kernel died{where}: {why}")
+    trace = traceback.format_exception(exc)
+    reason = f"{type(exc).__name__}: {_one_line(exc)}{where}"
+    if kept is None:
+        log = paths.notebooks / f"{chapter.name}.traceback.txt"
+        atomic_write_text(log, "".join(trace))
+        reason += f" (traceback: {log})"
+    _annotate(kept, cell, type(exc).__name__, str(exc), trace)
+    return ChapterError(chapter.name, kept, reason)
+
+
+def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
+    """``(index, "[N] `first line`")`` of the last cell papermill started in ``notebook``."""
+    if notebook is None:
+        return None
+    import nbformat
+
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+    except Exception:  # noqa: BLE001 — a notebook we cannot read just gives no location
+        return None
+    started = [i for i, c in enumerate(nb.cells)
+               if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")]
+    if not started:
+        return None
+    cell = nb.cells[started[-1]]
+    lines = [ln.strip() for ln in cell.source.splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    first = (lines[0][:57] + "...") if lines and len(lines[0]) > 60 else (lines[0] if lines else "")
+    count = f"[{cell.execution_count}] " if cell.get("execution_count") else ""
+    return started[-1], f"{count}`{first}`"
+
+
+def _annotate(notebook: Path | None, cell: tuple[int, str] | None, ename: str, evalue: str,
+              trace: list[str] | None = None) -> None:
+    """Add an error output to the cell that was running, so the kept notebook shows what ended it."""
+    if notebook is None or cell is None:
+        return
+    import nbformat
+
+    try:
+        nb = nbformat.read(notebook, as_version=4)
+        target = nb.cells[cell[0]]
+        target.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue,
+                                                     traceback=trace or [f"{ename}: {evalue}"]))
+        target.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
+        atomic_write_text(notebook, nbformat.writes(nb))
+    except Exception:  # noqa: BLE001 — the note is a courtesy; it must never hide the error it explains
+        return
+
+
+def check_device(device: str, source: str) -> None:
+    """Refuse a device this machine lacks now, not when a chapter first moves a tensor there."""
+    if device in ("auto", "cpu"):
+        return
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ParamsError(f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
+                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ParamsError(f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise ParamsError(f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; "
+                          f"use device: auto or cpu")
+
+
+def check_layers(params: BookParams, source: str) -> None:
+    """``layer`` and ``steering_layer`` against the model's decoder layers, from its config alone.
+
+    Why here: chapter 01 would find a bad ``layer`` after loading the model, and chapter 06 a bad
+    ``steering_layer`` after the whole book before it had run. A hub id whose config is not cached
+    is skipped with a note (chapter 01 checks it once the model is loaded).
+    """
+    from mechlib.models import ModelLoadError, ModelShapeUnknown, model_shape
+
+    try:
+        n_layers, _ = model_shape(params.model)
+    except ModelShapeUnknown as exc:
+        print(f"[mechbook] note: layer check skipped until the model loads: {_one_line(exc)}", file=sys.stderr)
+        return
+    except ModelLoadError as exc:
+        raise ParamsError(f"{source}: 'model': {_one_line(exc)}") from None
+    for key in ("layer", "steering_layer"):
+        value = getattr(params, key)
+        if value is not None and value >= n_layers:
+            raise ParamsError(f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
+                              f"valid layers are 0..{n_layers - 1}")
 
 
 def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_output: bool = False,
              notebooks_dir: Path = NOTEBOOKS_DIR) -> list[ChapterRun]:
-    """Run the chosen chapters of the book on one params file; return per-chapter timings."""
+    """Run the chosen chapters of the book on one params file; return per-chapter timings.
+
+    Everything that can be checked without running a chapter is checked first, before anything
+    is written; then the run name is locked for the whole run (released on error and Ctrl-C too).
+    """
     params = load_params(params_path)
     todo = select(chapters(notebooks_dir), only)
     if not todo:
         raise ParamsError(f"no chapters found in {notebooks_dir}")
+    check_device(params.device, str(params_path))
+    check_layers(params, str(params_path))
     paths = RunPaths(params.run).make()
-    atomic_write_text(paths.root / "params.yaml", yaml.safe_dump(params.as_dict(), sort_keys=True))
-    runs: list[ChapterRun] = []
-    for chapter in todo:
-        print(f"[mechbook] {params.run}: running {chapter.name} ...", flush=True)
-        run = run_chapter(chapter, params, paths, log_output=log_output)
-        print(f"[mechbook] {params.run}: {chapter.name} done in {run.seconds:.1f} s -> {run.notebook}", flush=True)
-        runs.append(run)
-    timings = {r.chapter: round(r.seconds, 2) for r in runs}
-    timing_file = paths.metrics / "book_timings.json"
-    atomic_write_json(timing_file, timings)
-    from mechlib.report import write_report
+    with run_lock(paths.root, params.run, note=lambda msg: print(msg, file=sys.stderr, flush=True)):
+        atomic_write_text(paths.root / "params.yaml", yaml.safe_dump(params.as_dict(), sort_keys=True))
+        runs: list[ChapterRun] = []
+        for chapter in todo:
+            print(f"[mechbook] {params.run}: running {chapter.name} ...", flush=True)
+            run = run_chapter(chapter, params, paths, log_output=log_output)
+            print(f"[mechbook] {params.run}: {chapter.name} done in {run.seconds:.1f} s -> {run.notebook}", flush=True)
+            runs.append(run)
+        timings = {r.chapter: round(r.seconds, 2) for r in runs}
+        timing_file = paths.metrics / "book_timings.json"
+        atomic_write_json(timing_file, timings)
+        from mechlib.report import write_report
 
-    report = write_report(params.run)
+        report = write_report(params.run)
     print(f"[mechbook] {params.run}: report -> {report}", flush=True)
     return runs
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The command line. Exit status: 0 done, 1 bad input or a failed chapter, 130 Ctrl-C."""
     parser = argparse.ArgumentParser(prog="python -m mechlib.book", description=__doc__.splitlines()[0])
     parser.add_argument("params", help="params file, e.g. params/default.yaml")
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these chapters (numbers or names)")
@@ -157,8 +308,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         runs = run_book(args.params, args.only, log_output=args.log_output)
-    except (ParamsError, ChapterError) as exc:
-        print(f"[mechbook] error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        msg = str(exc) if isinstance(exc, ChapterInterrupted) else f"interrupted (Ctrl-C); {RESUME_HINT}"
+        print(f"[mechbook] error: {_one_line(msg)}", file=sys.stderr, flush=True)
+        return 130
+    except (ParamsError, ChapterError, RunLockError) as exc:
+        print(f"[mechbook] error: {_one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     total = sum(r.seconds for r in runs)
     print(f"[mechbook] {len(runs)} chapter(s) in {total:.1f} s", flush=True)

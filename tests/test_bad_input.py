@@ -57,6 +57,11 @@ def _scale(args: list[str], capsys) -> tuple[int, str]:
     ({"layer": "fifteen"}, r"parameter 'layer' must be int, got 'fifteen' \(str\)"),
     ({"k": 0}, r"'k' must be positive, got 0"),
     ({"k": 4608}, r"need 0 < k < d_sae, got k=4608, d_sae=4608"),
+    ({"steering_scales": []}, r"'steering_scales' must list at least one scale, got \[\]"),
+    ({"n_heldout": 0}, r"'n_heldout' must be positive, got 0"),
+    ({"device": "gpu"}, r"'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+    ({"layer": 999}, r"'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers"),
+    ({"steering_layer": 999}, r"'steering_layer' is 999 but .* valid layers are 0\.\.29"),
 ])
 def test_book_runner_refuses_bad_params_before_running_anything(tmp_path, out_root, capsys, values, message):
     import re
@@ -220,6 +225,27 @@ def test_fuzzed_params_files_load_or_raise_one_params_error(tmp_path_factory, li
         assert str(path) in str(exc)
         return
     assert 0 < params.k < params.d_sae and params.run == "fuzzed"
+
+
+def test_duplicate_key_is_one_line_naming_key_and_line(tmp_path, out_root, capsys):
+    from mechlib.book import main
+
+    path = tmp_path / "dup.yaml"
+    path.write_text("layer: 15\nseed: 1\nlayer: 20\n")
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"[mechbook] error: {path}:3: duplicate key 'layer' (first set on line 1); " \
+                          f"each parameter may appear once", err
+    assert _files(out_root) == []
+
+
+def test_non_utf8_gsm8k_file_names_file_and_line(tmp_path):
+    from mechlib.gsm8k import GSM8KError, load_gsm8k
+
+    path = tmp_path / "test.jsonl"
+    path.write_bytes('{"question": "Combien coûte un café?", "answer": "#### 2"}\n'.encode("latin-1"))
+    with pytest.raises(GSM8KError, match=rf"^{path}:1: not UTF-8 text"):
+        load_gsm8k(str(path))
 
 
 def test_params_file_that_is_not_utf8_is_named(tmp_path, capsys):

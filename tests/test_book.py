@@ -104,3 +104,160 @@ def test_headless_kernel_env_adds_the_progress_filter_once_and_keeps_the_users(m
     headless_kernel_env()
     headless_kernel_env()
     assert os.environ["PYTHONWARNINGS"] == "error::DeprecationWarning,ignore:IProgress not found"
+
+
+# ------------------------------------------------------------------ failures end in one line, not a trace
+
+CHAPTER_DIES = HEADER + '''
+# %% tags=["parameters"]
+run = "default"
+
+# %%
+import os
+os.kill(os.getpid(), 9)  # what the out-of-memory killer does
+'''
+
+
+@pytest.fixture
+def book_main(book, monkeypatch):
+    """``main`` running the stand-in chapters of ``book`` (the real ones are never run here)."""
+    import functools
+
+    import mechlib.book as book_module
+
+    monkeypatch.setattr(book_module, "run_book", functools.partial(book_module.run_book, notebooks_dir=book[0]))
+    return main
+
+
+def _error_lines(err: str) -> list[str]:
+    assert "Traceback" not in err, err
+    return [line for line in err.splitlines() if line.startswith("[mechbook] error:")]
+
+
+def test_a_failing_chapter_is_one_line_naming_cell_notebook_and_resume(book, book_main, capsys):
+    nbdir, params, out = book
+    assert book_main([str(params), "--only", "02"]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    kept = out / "notebooks" / "02_fails.ipynb"
+    assert "chapter 02_fails failed: RuntimeError: deliberate failure in chapter 02 in cell [" in line
+    assert f"executed notebook kept: {kept}" in line and "rerun the same command to resume" in line
+    assert "Traceback" in kept.read_text() or "deliberate failure" in kept.read_text()
+    assert not (out / ".lock").exists()
+
+
+def test_a_dead_kernel_is_one_line_and_the_notebook_says_where(book, book_main, capsys):
+    nbdir, params, out = book
+    (nbdir / "03_dies.py").write_text(CHAPTER_DIES)
+    assert book_main([str(params), "--only", "03"]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    kept = out / "notebooks" / "03_dies.ipynb"
+    assert "chapter 03_dies failed: the kernel died in cell [" in line and "`import os`" in line
+    assert "out-of-memory killer" in line and str(kept) in line and "rerun the same command to resume" in line
+    nb = nbformat.read(kept, as_version=4)
+    died = [c for c in nb.cells if any(o.get("ename") == "DeadKernelError" for o in c.get("outputs", []))]
+    assert len(died) == 1 and "os.kill" in died[0].source
+    assert not (out / ".lock").exists()
+
+
+def test_ctrl_c_is_one_line_and_exit_130(book, capsys, monkeypatch):
+    import mechlib.book as book_module
+
+    _, params, _ = book
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(book_module, "run_book", interrupted)
+    assert main([str(params)]) == 130
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert line == "[mechbook] error: interrupted (Ctrl-C); rerun the same command to resume (finished work is reused)"
+
+
+def test_ctrl_c_inside_a_chapter_names_it_keeps_the_notebook_and_frees_the_lock(book, book_main, capsys, monkeypatch):
+    import papermill
+
+    nbdir, params, out = book
+
+    def execute(nb, output_path, **kwargs):  # papermill has written the partial notebook when Ctrl-C lands
+        cell = [c for c in nb.cells if c.cell_type == "code"][-1]
+        cell.metadata["papermill"] = {"start_time": "now"}
+        cell.execution_count = 4
+        nbformat.write(nb, output_path)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    assert book_main([str(params), "--only", "01"]) == 130
+    (line,) = _error_lines(capsys.readouterr().err)
+    kept = out / "notebooks" / "01_fake.ipynb"
+    assert line.startswith("[mechbook] error: interrupted (Ctrl-C) in chapter 01_fake in cell [4]")
+    assert f"executed notebook kept: {kept}" in line
+    assert "KeyboardInterrupt" in kept.read_text() and not (out / ".lock").exists()
+
+
+def test_a_chapter_that_never_started_keeps_its_trace_in_a_file(book, capsys, monkeypatch):
+    import papermill
+
+    _, params, out = book
+
+    def execute(*args, **kwargs):
+        raise RuntimeError("Kernel didn't respond in 60 seconds")
+
+    monkeypatch.setattr(papermill, "execute_notebook", execute)
+    with pytest.raises(ChapterError) as info:
+        run_book(params, ["01"], notebooks_dir=book[0])
+    trace = out / "notebooks" / "01_fake.traceback.txt"
+    assert info.value.notebook is None and "no notebook was written" in str(info.value)
+    assert f"(traceback: {trace})" in str(info.value) and "Traceback" in trace.read_text()
+    assert "\n" not in str(info.value)
+
+
+# ------------------------------------------------------------------------ checked before any chapter runs
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"layer": 999}, "'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers: valid layers are 0..29"),
+    ({"steering_layer": 30}, "'steering_layer' is 30 but embedded:smollm2-135m-instruct has 30 decoder layers"),
+])
+def test_layers_beyond_the_model_are_refused_before_any_chapter(book, book_main, capsys, values, message):
+    _, _, out = book
+    params = out.parent.parent / "layers.yaml"
+    params.write_text(yaml.safe_dump(values))
+    assert book_main([str(params)]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert message in line and str(params) in line
+    assert not (out.parent / "layers").exists()
+
+
+def test_cuda_asked_where_there_is_none_is_refused(book, book_main, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _, _, out = book
+    params = out.parent.parent / "gpu.yaml"
+    params.write_text("device: cuda:1\n")
+    assert book_main([str(params)]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert "'device' is 'cuda:1' but torch.cuda.is_available() is False" in line
+    assert not (out.parent / "gpu").exists()
+
+
+def test_an_uncached_hub_model_skips_the_layer_check_with_a_note(monkeypatch, capsys):
+    from mechlib.book import check_layers
+    from mechlib.params import validate
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    check_layers(validate({"model": "mechbook-test-org/not-a-cached-model", "layer": 999}), "x.yaml")
+    err = capsys.readouterr().err
+    assert err.startswith("[mechbook] note: layer check skipped until the model loads:") and err.count("\n") == 1
+
+
+def test_a_second_run_of_the_same_name_fails_at_once_naming_the_holder(book, book_main, capsys):
+    from mechlib.runlock import run_lock
+
+    nbdir, params, out = book
+    with run_lock(out, "trial"):
+        assert book_main([str(params), "--only", "01"]) == 1
+        (line,) = _error_lines(capsys.readouterr().err)
+        assert f"run 'trial' is already running (pid {os.getpid()} on" in line
+        assert not (out / "notebooks" / "01_fake.ipynb").exists()
+    assert (out / ".lock").exists() is False
