@@ -43,7 +43,7 @@ from mechlib.shards import (FORMAT, MANIFEST, ActivationStore, ShardWriter, rank
                             shard_name, verify_shard)
 
 __all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
-           "CollectResult", "collect_for_book", "open_store", "HELDOUT_EVERY", "SPLITS"]
+           "collection_identity", "HELDOUT_EVERY", "SPLITS"]
 
 HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
 SPLITS = ("train", "heldout")
@@ -196,6 +196,18 @@ def params_hash(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def collection_identity(model: Any, *, model_name: str, layer: int, dtype: str, seq_len: int, rows_per_shard: int,
+                        corpus: str, corpus_config: str | None, corpus_split: str, corpus_text_field: str, split: str,
+                        exclude_special_tokens: bool, exclude_first_positions: int) -> dict[str, Any]:
+    """Everything that decides which tokens (and bytes) a collection holds; its hash keys the manifest."""
+    return {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
+            "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
+            "seq_len": seq_len, "rows_per_shard": rows_per_shard, "corpus": corpus, "corpus_config": corpus_config,
+            "corpus_split": corpus_split, "corpus_text_field": corpus_text_field, "split": split,
+            "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens,
+            "exclude_first_positions": exclude_first_positions}
+
+
 class _HostBuffers:
     """Pinned host buffers for overlapped device→host copies on CUDA; a pass-through on CPU."""
 
@@ -273,12 +285,11 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
             stale.unlink()
     device = _prepare(model, layer, compile)
     rows_per_shard = max(1, shard_tokens // seq_len)
-    identity = {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
-                "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
-                "seq_len": seq_len, "rows_per_shard": rows_per_shard, "corpus": corpus,
-                "corpus_config": corpus_config, "corpus_split": corpus_split, "corpus_text_field": corpus_text_field,
-                "split": split, "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens,
-                "exclude_first_positions": exclude_first_positions}
+    identity = collection_identity(model, model_name=model_name, layer=layer, dtype=dtype, seq_len=seq_len,
+                                   rows_per_shard=rows_per_shard, corpus=corpus, corpus_config=corpus_config,
+                                   corpus_split=corpus_split, corpus_text_field=corpus_text_field, split=split,
+                                   exclude_special_tokens=exclude_special_tokens,
+                                   exclude_first_positions=exclude_first_positions)
     phash = params_hash(identity)
     old = read_manifest(out_dir)
     if old is not None and old.get("params_hash") != phash:
@@ -349,49 +360,3 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
         for part in out_dir.glob(rank_manifest_name("*")):
             part.unlink(missing_ok=True)
     return CollectRun(manifest, computed, time.perf_counter() - t0)
-
-
-@dataclass
-class CollectResult:
-    train: ActivationStore | None  # None in collect_mode "stream" (chapter 02 streams instead)
-    heldout: ActivationStore
-    runs: dict[str, CollectRun]
-
-    @property
-    def computed_tokens(self) -> int:
-        return sum(r.computed_tokens for r in self.runs.values())
-
-    @property
-    def seconds(self) -> float:
-        return sum(r.seconds for r in self.runs.values())
-
-
-def collect_for_book(loaded: Any, params: Any, run_paths: Any, progress: bool = True,
-                     compile: bool = False) -> CollectResult:
-    """Chapter 01: collect the ``train`` and ``heldout`` splits for the book's parameters.
-
-    ``loaded`` is a :class:`mechlib.models.LoadedModel`, ``params`` a ``BookParams``, ``run_paths``
-    a ``RunPaths``. Activations land in ``run_paths.activations / "train"`` and ``/ "heldout"``.
-    """
-    common = dict(layer=params.layer, seq_len=params.seq_len, batch_size=params.collect_batch_size,
-                  shard_tokens=params.shard_tokens, corpus=params.corpus, corpus_config=params.corpus_config,
-                  corpus_split=params.corpus_split, corpus_text_field=params.corpus_text_field,
-                  exclude_special_tokens=params.exclude_special_tokens,
-                  exclude_first_positions=params.exclude_first_positions, dtype=params.activation_dtype,
-                  model_name=loaded.name, progress=progress, compile=compile)
-    runs = {}
-    splits = [("heldout", params.heldout_tokens)]
-    if params.collect_mode == "disk":
-        splits.insert(0, ("train", params.collect_tokens))
-    for split, n in splits:
-        runs[split] = collect_activations(loaded.model, loaded.tokenizer, run_paths.activations / split,
-                                          n_tokens=n, split=split, **common)
-    train = ActivationStore(run_paths.activations / "train") if "train" in runs else None
-    return CollectResult(train, ActivationStore(run_paths.activations / "heldout"), runs)
-
-
-def open_store(params: Any, run_paths: Any, split: str = "train") -> ActivationStore:
-    """The finished ``split`` collection of a run (``run_paths.activations / split``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    return ActivationStore(run_paths.activations / split)

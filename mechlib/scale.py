@@ -52,6 +52,7 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
 
     ``info``: the process group already joined (by :func:`main`); ``None`` joins and leaves one here.
     """
+    from mechlib.collect_config import open_train_store
     from mechlib.params import load_params
     from mechlib.paths import RunPaths
     from mechlib.train import TrainConfig, train_sae
@@ -73,20 +74,6 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
         if info.is_main:
             print(f"[mechlib.scale] train {P.run}: {summary}", flush=True)
     return summary
-
-
-def open_train_store(P: Any, paths: Any, device: str):
-    """What chapter 02 trains on: chapter 01's ``train`` shards, or (``collect_mode: stream``) the
-    model run inside the loop. Streaming under torchrun runs the model for the whole global batch
-    on every rank (only the SAE step is split), so prefer ``disk`` for multi-GPU runs."""
-    if P.collect_mode == "stream":
-        from mechlib.models import load_model
-        from mechlib.stores import stream_store_for_book
-
-        return stream_store_for_book(load_model(P.model, P.model_dtype, device), P)
-    from mechlib.collect import open_store
-
-    return open_store(P, paths, "train")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -128,7 +115,7 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
     would write, byte for byte); after a barrier rank 0 merges the per-rank manifests into the
     ``manifest.json`` chapter 01 writes. A rerun (any number of ranks) skips verified shards.
     """
-    from mechlib.collect import collect_activations
+    from mechlib.collect_config import collect_config_from_params, collect_split
     from mechlib.models import load_model
     from mechlib.params import load_params
     from mechlib.paths import RunPaths
@@ -138,16 +125,11 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
     summary: dict[str, Any] = {"run": P.run}
     with _group(info, device or P.device) as info:
         loaded = load_model(P.model, dtype=P.model_dtype, device=str(info.device))
-        splits = ([("train", P.collect_tokens)] if P.collect_mode == "disk" else []) + [("heldout", P.heldout_tokens)]
-        for split, n_tokens in splits:
+        cfg = collect_config_from_params(P)  # the same function chapter 01 uses: the same tokens
+        for split, _ in cfg.splits:
             out = paths.activations / split
-            run = collect_activations(
-                loaded.model, loaded.tokenizer, out, layer=P.layer, n_tokens=n_tokens, seq_len=P.seq_len,
-                batch_size=P.collect_batch_size, shard_tokens=P.shard_tokens, corpus=P.corpus,
-                corpus_config=P.corpus_config, corpus_split=P.corpus_split, corpus_text_field=P.corpus_text_field,
-                split=split, exclude_special_tokens=P.exclude_special_tokens, dtype=P.activation_dtype,
-                model_name=loaded.name, progress=progress and info.is_main, rank=info.rank,
-                world_size=info.world_size, sync=barrier)
+            run = collect_split(loaded, cfg, out, split, progress=progress and info.is_main, rank=info.rank,
+                                world_size=info.world_size, sync=barrier)
             barrier()
             manifest = merge_rank_manifests(out, info.world_size) if info.distributed and info.is_main else None
             barrier()

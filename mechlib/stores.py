@@ -15,6 +15,7 @@ batch it stopped at.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any, Callable, Iterator
 
 import torch
@@ -32,7 +33,11 @@ class TensorStore:
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"TensorStore needs a non-empty [n_tokens, d_model] tensor, got shape {tuple(x.shape)}")
         self.x = x
-        self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0])}
+        # The tensor's bytes stand in for shard checksums: other data, other fingerprint (mechlib.provenance).
+        raw = x.detach().cpu().contiguous().view(torch.uint8).numpy()
+        self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0]),
+                         "params_hash": f"in-memory {x.dtype}",
+                         "shards": [{"index": 0, "sha256": hashlib.sha256(memoryview(raw)).hexdigest()}]}
         self._order_key: tuple | None = None
         self._order_cache = torch.arange(0)
 
@@ -132,18 +137,23 @@ class StreamStore:
 def stream_store_for_book(loaded: Any, P: Any, shuffle_batches: int = 16) -> StreamStore:
     """The ``train`` split of the book's corpus as a :class:`StreamStore` (``collect_mode: stream``).
 
-    Rows are packed exactly as chapter 01 packs them (``mechlib.collect``); skipped rows are only
-    tokenised, never run through the model.
+    Rows are packed exactly as chapter 01 packs them — the same :class:`mechlib.collect_config.CollectConfig`
+    (``exclude_first_positions`` included); skipped rows are only tokenised, never run through the
+    model. The manifest carries the collection's identity and hash, so a change of settings changes
+    the SAE's provenance (:mod:`mechlib.provenance`).
     """
     from mechlib.collect import _packed_rows, batch_rows
+    from mechlib.collect_config import collect_config_from_params
     from mechlib.hooks import run_to_layer
 
+    cfg = collect_config_from_params(P)
     model = loaded.model
     device = next(model.parameters()).device
 
     def rows_after(skip: int):
-        _, rows = _packed_rows(loaded.tokenizer, P.collect_tokens, P.seq_len, P.corpus, P.corpus_config,
-                               P.corpus_split, P.corpus_text_field, "train", P.exclude_special_tokens)
+        _, rows = _packed_rows(loaded.tokenizer, cfg.train_tokens, cfg.seq_len, cfg.corpus, cfg.corpus_config,
+                               cfg.corpus_split, cfg.corpus_text_field, "train", cfg.exclude_special_tokens,
+                               cfg.exclude_first_positions)
         got = 0
         for ids, keep, doc in rows:
             n = int(keep.sum())
@@ -156,10 +166,10 @@ def stream_store_for_book(loaded: Any, P: Any, shuffle_batches: int = 16) -> Str
             yield ids, keep, doc
 
     def epoch_stream(skip: int) -> Iterator[Tensor]:
-        for pb in batch_rows(rows_after(skip), P.collect_batch_size):
+        for pb in batch_rows(rows_after(skip), cfg.batch_size):
             with torch.no_grad():
-                h = run_to_layer(model, P.layer, input_ids=pb.ids.to(device))
+                h = run_to_layer(model, cfg.layer, input_ids=pb.ids.to(device))
             yield h[pb.keep.to(device)].float()
 
-    return StreamStore(epoch_stream, P.collect_tokens, loaded.d_model,
-                       {"model": loaded.name, "layer": P.layer}, shuffle_batches=shuffle_batches)
+    return StreamStore(epoch_stream, cfg.train_tokens, loaded.d_model, cfg.stream_manifest(loaded),
+                       shuffle_batches=shuffle_batches)

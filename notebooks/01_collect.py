@@ -31,7 +31,12 @@
 # document goes to a **held-out** split used by chapter 03, so evaluation never sees a training document.
 #
 # Activations go to safetensors shards with a `manifest.json` (model, layer, dtype, token counts, sha256 per
-# shard). A rerun verifies the shards' checksums and skips what is finished; an interrupted run resumes.
+# shard). A rerun verifies the shards' checksums and skips what is finished; an interrupted run resumes; a
+# change of any collection setting recollects. The manifest's settings hash and shard checksums are the
+# activations' *fingerprint*: chapters 02 and 03 compare it with the one their saved products record, so an
+# SAE or a cached evaluation computed from other activations is recomputed, never reused.
+# `python -m mechlib.scale collect` builds its arguments with the same function as this chapter
+# (`mechlib.collect_config.collect_config_from_params`), so it writes the same shards.
 
 # %% tags=["parameters"]
 run = "default"
@@ -59,7 +64,7 @@ import time
 import torch
 
 from mechlib import plots
-from mechlib.collect import collect_for_book
+from mechlib.collect_config import collect_for_book
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model

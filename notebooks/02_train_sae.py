@@ -34,7 +34,12 @@
 # `hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt`), and chapter 03 evaluates that one.
 #
 # A rerun resumes: the full training state (weights, Adam moments, step, data position, dead counters)
-# is checkpointed atomically every `checkpoint_every` steps, and a finished run is simply reloaded.
+# is checkpointed atomically every `checkpoint_every` steps, and a finished run is simply reloaded. Each
+# checkpoint records what it was computed from — the activations' fingerprint (chapter 01's settings hash
+# and shard checksums) and every training knob — and is resumed only if both are unchanged; otherwise the
+# SAE is trained from scratch and one line says what changed. Every checkpoint file has a `.sha256`
+# checksum beside it that is verified on load: a damaged `train_state.pt` falls back to the checkpoint
+# before it (or to a fresh start), a damaged `sae_final.pt` stops chapter 03 with the file's name.
 
 # %% tags=["parameters"]
 run = "default"
@@ -49,9 +54,13 @@ corpus_split = "train"
 corpus_text_field = "text"
 seq_len = 128
 collect_tokens = 160_000
+heldout_tokens = 16_384
 collect_batch_size = 16
+shard_tokens = 65_536
 exclude_special_tokens = True
+exclude_first_positions = 2
 collect_mode = "disk"
+activation_dtype = "float32"
 sae_source = "train"
 sae_pretrained = ""
 d_sae = 4608
@@ -71,7 +80,7 @@ checkpoint_every = 100
 import time
 
 from mechlib import plots
-from mechlib.collect import open_store
+from mechlib.collect_config import open_store, open_train_store
 from mechlib.io import atomic_write_json, read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -90,13 +99,8 @@ paths = RunPaths(P.run).make()
 # %%
 if P.sae_source == "pretrained":  # only checked against the activations' width and layer
     store = open_store(P, paths, "heldout")
-elif P.collect_mode == "stream":
-    from mechlib.models import load_model
-    from mechlib.stores import stream_store_for_book
-
-    store = stream_store_for_book(load_model(P.model, P.model_dtype, P.device), P)
-else:
-    store = open_store(P, paths, "train")
+else:  # chapter 01's shards, or (stream) the model packed with chapter 01's exact settings
+    store = open_train_store(P, paths, P.device)
 cfg = TrainConfig.from_params(P)
 print(f"activations: d_model {store.d_model}, layer {store.manifest.get('layer')}, model {store.manifest.get('model')}")
 if P.sae_source == "train":
