@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mechlib.io import atomic_save_safetensors, atomic_torch_save, atomic_write_json
+from mechlib.io import atomic_write_checksummed, atomic_write_json, checksum_path, verify_sha256
 
 CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
 FORMULAS = {
@@ -233,14 +233,18 @@ def card_state(sae: TopKSAE) -> dict[str, Any]:
             "k": int(sae.k)}
 
 
-def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str]) -> Path:
+def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str], renorm: bool = True) -> Path:
     """Write ``sae_final.pt`` in the card's format with decoder rows at unit norm.
 
     Renormalises ``sae`` itself first (in place) so the file and the in-memory SAE compute the
     same function; training ends with a renorm anyway, so a trained SAE is unchanged.
+    ``renorm=False`` for weights renormalised already (a finished state rewriting a damaged file:
+    a second renorm would move decoder rows by an ulp, and the rewrite must be bit-identical).
     """
-    renorm_decoder_(sae)
-    atomic_torch_save(card_state(sae), path)
+    if renorm:
+        renorm_decoder_(sae)
+    state = card_state(sae)
+    atomic_write_checksummed(path, lambda tmp: torch.save(state, tmp))  # + sae_final.pt.sha256
     return Path(path)
 
 
@@ -250,7 +254,10 @@ def save_sae(sae: TopKSAE, folder: str | os.PathLike[str], cfg: dict[str, Any]) 
     tensors = {k: v for k, v in card_state(sae).items() if k != "k"}
     full = {**cfg, "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k, "formulas": FORMULAS,
             **{k: v for k, v in sae.meta.items() if k not in cfg}}
-    atomic_save_safetensors(tensors, folder / "sae.safetensors", metadata={"format": "mechbook-topk-sae"})
+    from safetensors.torch import save_file
+
+    atomic_write_checksummed(folder / "sae.safetensors",  # + sae.safetensors.sha256
+                             lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mechbook-topk-sae"}))
     atomic_write_json(folder / "cfg.json", full)
     return folder
 
@@ -303,6 +310,7 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
         raise SAEError(f"SAE checkpoint not found: {path}")
+    check_checksum(path)
     cfg_path = path.parent / "cfg.json"
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
     try:
@@ -323,6 +331,18 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
         raise SAEError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     meta.setdefault("source", spec_s)
     return sae_from_state(state, str(path), meta).to(device)
+
+
+def check_checksum(path: Path) -> None:
+    """Raise :class:`SAEError` if ``path`` differs from its ``.sha256`` sidecar (no sidecar: nothing to check).
+
+    Why: one flipped exponent bit in a checkpoint once gave a variance explained of -1.6e70, exit code 0.
+    """
+    if verify_sha256(path) is False:
+        raise SAEError(f"{path}: the file does not match its checksum {checksum_path(path).name} (corrupt, "
+                       f"truncated or replaced). If chapter 02 wrote it: delete it and rerun chapter 02 to retrain (it "
+                       f"rewrites the file from train_state.pt when that is intact). If you replaced it on purpose, "
+                       f"delete {checksum_path(path)}")
 
 
 def check_compatible(sae: TopKSAE, d_model: int, layer: int | None = None, source: str = "SAE") -> None:

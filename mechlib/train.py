@@ -4,6 +4,8 @@ Why the loop looks the way it does:
 - Every piece of state that influences the next step (weights, Adam moments, step, data
   position, RNG, dead counters, history) goes into one atomic checkpoint, so a killed run that
   is rerun continues *exactly* where it stopped: resumed == uninterrupted, bit for bit on CPU.
+  Only a state computed from the same activations and knobs is resumed, and only an intact one
+  (sha256 sidecar; the state before it is the fallback): see :mod:`mechlib.checkpoints`.
 - Data order is a pure function of (seed, step): step ``s`` trains on global batch ``s`` of
   ``store.iter_batches(batch_size, shuffle=True, seed=seed, start_batch=s, n_batches=total_steps)``
   (epochs cycle inside the store, each with its own shuffle), so the data position is the step.
@@ -27,17 +29,17 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlib.io import atomic_torch_save, atomic_write_json, read_json
+from mechlib.checkpoints import (CFG_FILE, FINAL_FILE, HISTORY_FILE, OUR_FILES, STATE_FILE, check_trained_on,
+                                 finals_intact, load_train_state, train_provenance, why_not_resume, write_state)
+from mechlib.io import atomic_write_json, read_json
 from mechlib.params import BookParams
+from mechlib.provenance import ActivationsFingerprint, fingerprint_of_store
 from mechlib.sae import (FORMULAS, SAEError, StepStats, TopKSAE, init_b_dec_, load_sae, reference_step,
                          renorm_decoder_, save_card_checkpoint, save_sae)
 from mechlib.schedule import lr_at
 from mechlib.stores import TensorStore  # noqa: F401  (re-exported: train_sae(TensorStore(x), ...))
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
-STATE_FILE = "train_state.pt"
-HISTORY_FILE = "train_history.json"
-FINAL_FILE = "sae_final.pt"
 
 
 @dataclass(frozen=True)
@@ -128,12 +130,6 @@ def pick_step_fn(device: torch.device) -> tuple[StepFn, str]:
     return reference_step, "reference"
 
 
-def _store_fingerprint(store: Any) -> dict[str, Any]:
-    man = getattr(store, "manifest", {}) or {}
-    return {"n_tokens": int(store.n_tokens), "d_model": int(store.d_model),
-            "model": man.get("model"), "layer": man.get("layer")}
-
-
 def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     sae = TopKSAE(store.d_model, cfg.d_sae, cfg.k, seed=cfg.seed, meta=meta)
@@ -148,18 +144,15 @@ def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, 
 
 
 def _save_state(path: Path, st: dict[str, Any], opt: torch.optim.Optimizer, cfg: TrainConfig,
-                fp: dict[str, Any], done: bool) -> None:
+                fp: ActivationsFingerprint, done: bool) -> None:
     sae: TopKSAE = st["sae"]
     _check_finite_weights(sae, st["step"])
-    atomic_torch_save({"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()}, "k": sae.k,
-                       "meta": sae.meta, "opt": opt.state_dict(), "step": st["step"], "history": st["history"],
-                       "tokens_since_fired": st["tokens_since_fired"].cpu(), "rng": torch.get_rng_state(),
-                       "cfg": cfg.as_dict(), "store": fp, "done": done}, path)
-
-
-def load_train_state(out_dir: str | os.PathLike[str]) -> dict[str, Any] | None:
-    path = Path(out_dir) / STATE_FILE
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
+    state = {"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()}, "k": sae.k,
+             "meta": sae.meta, "opt": opt.state_dict(), "step": st["step"], "history": st["history"],
+             "tokens_since_fired": st["tokens_since_fired"].cpu(), "rng": torch.get_rng_state(),
+             "cfg": cfg.as_dict(), "activations": fp.as_dict(),
+             "provenance": train_provenance(fp, cfg).as_dict(), "done": done}
+    write_state(path, state)  # + train_state.pt.sha256; the state it replaces becomes train_state.prev.pt
 
 
 def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], device: str = "auto", *,
@@ -170,31 +163,34 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
     Files: ``train_state.pt`` (full resumable state, every ``checkpoint_every`` steps),
     ``sae_final.pt`` (card format), ``sae.safetensors`` + ``cfg.json``, ``train_history.json``.
     ``stop_after`` ends the call after that many total steps (as if killed), for resume tests.
-    A state written with different knobs or activations is not resumed: training starts afresh.
+    A state written from other activations (collection settings or shard checksums) or other knobs
+    is never resumed: training starts from scratch and one line says why (see ``mechlib.provenance``).
     """
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     hooks = hooks or ParallelHooks()
     chosen_fn, path_name = (step_fn, "custom") if step_fn is not None else pick_step_fn(dev)
-    fp = _store_fingerprint(store)
-    meta = {"model": fp["model"], "layer": fp["layer"]}
+    fp = fingerprint_of_store(store)
+    meta = {"model": fp.model, "layer": fp.layer}
     if hooks.is_main:  # temporaries of our atomic writes left by a killed run (a full train_state can be GBs)
-        for name in (STATE_FILE, FINAL_FILE, HISTORY_FILE, "sae.safetensors", "cfg.json"):
+        for name in OUR_FILES:
             for stale in out_dir.glob(f".{name}.*.tmp"):
                 stale.unlink(missing_ok=True)
-    saved = load_train_state(out_dir)
-    if saved is not None and (saved["cfg"] != cfg.as_dict() or saved["store"] != fp):
-        print(f"{out_dir / STATE_FILE}: written with other settings or activations; training afresh")
+    saved = load_train_state(out_dir, announce=hooks.is_main)
+    why = None if saved is None else why_not_resume(saved, fp, cfg)
+    if why is not None:
+        if hooks.is_main:
+            print(why)
         saved = None
     if saved is not None:
-        sae = TopKSAE(fp["d_model"], cfg.d_sae, cfg.k, meta=saved["meta"])
+        sae = TopKSAE(fp.d_model, cfg.d_sae, cfg.k, meta=saved["meta"])
         sae.load_state_dict(saved["sae"])
         st = {"sae": sae, **{k: saved[k] for k in ("step", "history", "tokens_since_fired")}}
         torch.set_rng_state(saved["rng"])
     else:
         st = _new_state(store, cfg, meta)
         if hooks.is_main:  # a fresh run: files of an earlier, different run must not pass for this one's
-            for name in (FINAL_FILE, "sae.safetensors", "cfg.json", HISTORY_FILE, STATE_FILE):
+            for name in OUR_FILES:
                 (out_dir / name).unlink(missing_ok=True)
     sae = st["sae"].to(dev)
     # fused Adam: one kernel over all parameters (3x faster than foreach on 2 CPU cores), same math.
@@ -238,8 +234,8 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
         bar.close()
     seconds = time.perf_counter() - t0
     finished, worked = st["step"] >= total, st["step"] > resumed_from
-    if hooks.is_main and finished and (worked or not (out_dir / FINAL_FILE).is_file()):
-        _write_final(sae, cfg, out_dir, st, path_name, fp)  # renormalises the decoder in place first
+    if hooks.is_main and finished and (worked or not finals_intact(out_dir)):
+        _write_final(sae, cfg, out_dir, st, path_name, fp, renorm=worked)  # a finished state is renormalised
     if hooks.is_main and worked:
         _save_state(out_dir / STATE_FILE, st, opt, cfg, fp, done=finished)
     return TrainResult(sae=sae, history=st["history"], step_path=path_name, steps=st["step"],
@@ -277,15 +273,16 @@ def _check_finite_weights(sae: TopKSAE, step: int) -> None:
 
 
 def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: dict[str, Any], path_name: str,
-                 fp: dict[str, Any]) -> None:
+                 fp: ActivationsFingerprint, renorm: bool = True) -> None:
     since = st["tokens_since_fired"]
     n_dead = int((since >= cfg.dead_tokens).sum())
     _check_finite_weights(sae, st["step"])
-    save_card_checkpoint(sae, out_dir / FINAL_FILE)
-    save_sae(sae, out_dir, {**cfg.as_dict(), "model": fp["model"], "layer": fp["layer"], "step_path": path_name,
-                            "train_n_tokens_store": fp["n_tokens"], "steps": st["step"],
+    save_card_checkpoint(sae, out_dir / FINAL_FILE, renorm=renorm)
+    save_sae(sae, out_dir, {**cfg.as_dict(), "model": fp.model, "layer": fp.layer, "step_path": path_name,
+                            "train_n_tokens_store": fp.n_tokens, "steps": st["step"],
                             "n_dead_at_end": n_dead, "dead_fraction_at_end": n_dead / cfg.d_sae,
-                            "sae_source": "train"})
+                            "sae_source": "train", "provenance": train_provenance(fp, cfg).as_dict(),
+                            "activations": fp.as_dict()})
     atomic_write_json(out_dir / HISTORY_FILE, st["history"])
 
 
@@ -314,8 +311,13 @@ def run_sae(P: Any, store: Any, out_dir: str | os.PathLike[str], device: str = "
     return res.sae, info
 
 
-def run_sae_for_eval(P: Any, out_dir: str | os.PathLike[str], device: str = "auto") -> tuple[TopKSAE, dict]:
-    """Chapter 03: the SAE chapter 02 produced (trained checkpoint or the pretrained file), with its cfg."""
+def run_sae_for_eval(P: Any, out_dir: str | os.PathLike[str], device: str = "auto",
+                     activations: ActivationsFingerprint | None = None) -> tuple[TopKSAE, dict]:
+    """Chapter 03: the SAE chapter 02 produced (trained checkpoint or the pretrained file), with its cfg.
+
+    ``activations``: the fingerprint of the training activations now on disk; a trained SAE whose
+    ``cfg.json`` records other ones is refused (rerun chapter 02), never evaluated as if current.
+    """
     out_dir = Path(out_dir)
     if P.sae_source == "pretrained":
         sae = load_sae(P.sae_pretrained, device=resolve_device(device))
@@ -324,4 +326,7 @@ def run_sae_for_eval(P: Any, out_dir: str | os.PathLike[str], device: str = "aut
     if not final.is_file():
         raise SAEError(f"{final} not found: run chapter 02 (train SAE) for this run first")
     sae = load_sae(final, device=resolve_device(device))
-    return sae, read_json(out_dir / "cfg.json") if (out_dir / "cfg.json").is_file() else dict(sae.meta)
+    cfg = read_json(out_dir / CFG_FILE) if (out_dir / CFG_FILE).is_file() else dict(sae.meta)
+    if activations is not None:
+        check_trained_on(cfg, activations, final)
+    return sae, cfg

@@ -48,7 +48,7 @@ n_feature_examples = 4
 import time
 
 from mechlib import evaluate, metrics, plots
-from mechlib.collect import open_store
+from mechlib.collect_config import open_store
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -61,7 +61,9 @@ paths = RunPaths(P.run).make()
 t0 = time.time()
 
 heldout = open_store(P, paths, "heldout")
-sae, sae_cfg = run_sae_for_eval(P, paths.checkpoints, device=P.device)
+# a trained SAE must come from the training activations now on disk (else: rerun chapter 02)
+sae, sae_cfg = run_sae_for_eval(P, paths.checkpoints, device=P.device,
+                                activations=evaluate.training_fingerprint(P, paths))
 sae_path = P.sae_pretrained if P.sae_source == "pretrained" else str(paths.checkpoints / "sae_final.pt")
 check_compatible(sae, heldout.d_model, heldout.layer, source=sae_path)
 x = heldout.load_all()
@@ -107,7 +109,9 @@ plots.save_figure(fig, paths.figures / "03_feature_density.png")
 # place of the residual after layer L (a forward hook on that decoder layer, only at non-special
 # positions), and with the training mean there instead. Losses are averaged over the positions whose
 # residual was replaced. Everything that needs the model (this, the snippet check and the feature
-# contexts below) is cached under the SAE's checksum, so a rerun does not load the model again.
+# contexts below) is cached under what it was computed from — the SAE's weights and file checksum, the
+# held-out activations' fingerprint, the mean-ablation vector and the settings — so a rerun does not load
+# the model again, and a changed input recomputes (with one line saying which).
 
 # %%
 evals = evaluate.model_evals(P, paths, heldout, sae, sae_path, x, counts, mean_act=pca.mean.float())

@@ -107,7 +107,7 @@ def test_changed_settings_train_afresh(tmp_path, capsys):
     x = sparse_data()
     train_sae(TensorStore(x), small_cfg(), tmp_path, device="cpu", progress=False, stop_after=4)
     res = train_sae(TensorStore(x), small_cfg(k=5), tmp_path, device="cpu", progress=False, stop_after=2)
-    assert res.resumed_from == 0 and "training afresh" in capsys.readouterr().out
+    assert res.resumed_from == 0 and "training settings changed since the saved SAE (k 4 → 5): training from scratch" in capsys.readouterr().out
     # a finished run's files are removed when a different run starts in the same folder
     train_sae(TensorStore(x), small_cfg(train_tokens=128 * 4), tmp_path, device="cpu", progress=False)
     assert (tmp_path / "sae_final.pt").is_file()
