@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 
-from mechlib.io import atomic_write_checksummed, checksum_path, verify_sha256
+from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
 from mechlib.provenance import PREFIX, ActivationsFingerprint, Provenance, ProvenanceError, stale_line
 from mechlib.sae import SAEError
 
@@ -42,7 +42,7 @@ def train_provenance(fp: ActivationsFingerprint, cfg: "TrainConfig") -> Provenan
 
 def write_state(path: Path, state: dict[str, Any]) -> None:
     """Write a training state with its ``.sha256``; the state it replaces becomes ``train_state.prev.pt``."""
-    atomic_write_checksummed(path, lambda tmp: torch.save(state, tmp), keep_previous=path.with_name(PREV_STATE_FILE))
+    atomic_torch_save_checksummed(state, path, keep_previous=path.with_name(PREV_STATE_FILE))
 
 
 def _state_problem(path: Path) -> str | None:

@@ -176,3 +176,18 @@ def atomic_write_checksummed(path: str | os.PathLike[str], write: Callable[[Path
         _write_sidecar(target, (new, *current))
     _write_sidecar(target, (new,))
     return new
+
+
+def atomic_torch_save_checksummed(obj: Any, path: str | os.PathLike[str],
+                                  keep_previous: str | os.PathLike[str] | None = None) -> str:
+    """:func:`atomic_torch_save` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
+    return atomic_write_checksummed(path, lambda tmp: torch.save(obj, tmp), keep_previous)
+
+
+def atomic_save_safetensors_checksummed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                                        metadata: dict[str, str] | None = None) -> str:
+    """:func:`atomic_save_safetensors` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
+    from safetensors.torch import save_file
+
+    return atomic_write_checksummed(
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))

@@ -36,7 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mechlib.io import atomic_write_checksummed, atomic_write_json, checksum_path, verify_sha256
+from mechlib.io import (atomic_save_safetensors_checksummed, atomic_torch_save_checksummed, atomic_write_json,
+                        checksum_path, verify_sha256)
 
 CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
 FORMULAS = {
@@ -244,7 +245,7 @@ def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str], renorm: boo
     if renorm:
         renorm_decoder_(sae)
     state = card_state(sae)
-    atomic_write_checksummed(path, lambda tmp: torch.save(state, tmp))  # + sae_final.pt.sha256
+    atomic_torch_save_checksummed(state, path)  # + sae_final.pt.sha256
     return Path(path)
 
 
@@ -254,10 +255,8 @@ def save_sae(sae: TopKSAE, folder: str | os.PathLike[str], cfg: dict[str, Any]) 
     tensors = {k: v for k, v in card_state(sae).items() if k != "k"}
     full = {**cfg, "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k, "formulas": FORMULAS,
             **{k: v for k, v in sae.meta.items() if k not in cfg}}
-    from safetensors.torch import save_file
-
-    atomic_write_checksummed(folder / "sae.safetensors",  # + sae.safetensors.sha256
-                             lambda tmp: save_file(tensors, str(tmp), metadata={"format": "mechbook-topk-sae"}))
+    atomic_save_safetensors_checksummed(tensors, folder / "sae.safetensors",  # + sae.safetensors.sha256
+                                        metadata={"format": "mechbook-topk-sae"})
     atomic_write_json(folder / "cfg.json", full)
     return folder
 
