@@ -32,7 +32,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechlib.io import atomic_torch_save
-from mechlib.stats import PermutationNull, cohens_d, permutation_null
+from mechlib.stats import PermutationNull, adaptive_permutation_null, cohens_d
 
 POOLINGS = ("last", "mean")
 
@@ -72,7 +72,8 @@ class BaselineSplit:
     contrast_ids: list[str]
     heldout_ids: list[str]
     prompts: dict[str, str]  # id → the exact prompt text that was generated from
-    correct: dict[str, bool]  # id → baseline correctness
+    correct: dict[str, bool]  # id → baseline correctness (primary rule)
+    records: dict[str, Any]  # id → the baseline :class:`mechlib.records.Record`, re-scored on load
 
     def labels(self, ids: Sequence[str]) -> np.ndarray:
         return np.array([self.correct[i] for i in ids], dtype=bool)
@@ -80,9 +81,9 @@ class BaselineSplit:
 
 def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str | os.PathLike[str]) -> BaselineSplit:
     """Read ``metrics/04_gsm8k_baseline.json`` (``contrast_ids``, ``heldout_ids``) and the baseline
-    records JSONL (``id``, ``prompt``, ``correct`` per line)."""
+    records JSONL, re-scored with the current parser (a parser fix never leaves stale labels)."""
     from mechlib.io import read_json
-    from mechlib.records import read_records
+    from mechlib.records import load_records
 
     metrics_path, records_path = Path(metrics_path), Path(records_path)
     for f in (metrics_path, records_path):
@@ -92,10 +93,11 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     missing = {"contrast_ids", "heldout_ids"} - set(m)
     if missing:
         raise ContrastError(f"{metrics_path}: lacks keys {sorted(missing)}")
-    records = read_records(records_path)
+    records = load_records(records_path)
     prompts = {str(r.id): r.prompt for r in records}
     correct = {str(r.id): bool(r.correct) for r in records}
-    split = BaselineSplit([str(i) for i in m["contrast_ids"]], [str(i) for i in m["heldout_ids"]], prompts, correct)
+    split = BaselineSplit([str(i) for i in m["contrast_ids"]], [str(i) for i in m["heldout_ids"]], prompts, correct,
+                          {str(r.id): r for r in records})
     absent = [i for i in split.contrast_ids + split.heldout_ids if i not in prompts]
     if absent:
         raise ContrastError(f"{records_path}: no record for question ids {absent[:5]} (rerun chapter 04)")
@@ -274,15 +276,18 @@ def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top
                     n_permutations: int = 200, seed: int = 0, strata: Sequence[Any] | None = None) -> LayerContrast:
     """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|.
 
-    ``strata`` (e.g. question templates) makes the null shuffle labels within each stratum only
-    (see :func:`mechlib.stats.permutation_null`).
+    The null draws at least ``n_permutations`` relabellings, more while the peak's p is within its
+    Monte-Carlo error of 0.05 (:func:`mechlib.stats.adaptive_permutation_null`). ``strata`` (e.g.
+    question templates) makes it shuffle labels within each stratum only.
     """
     y = np.asarray(correct, dtype=bool)
     h = np.asarray(states, dtype=np.float64)
     if h.ndim != 3 or h.shape[0] != y.size:
         raise ContrastError(f"states must be [n, L, D] with n = {y.size} labels, got shape {tuple(h.shape)}")
     d = np.stack([cohens_d(h[y, i], h[~y, i]) for i in range(h.shape[1])])
-    null = permutation_null(h, y, n_permutations=n_permutations, seed=seed, top_n=top_n, strata=strata)
+    null = adaptive_permutation_null(h, y, min_permutations=n_permutations,
+                                     max_permutations=max(16 * n_permutations, 16000), seed=seed, top_n=top_n,
+                                     strata=strata)
     return LayerContrast(d, null, int(y.sum()), int((~y).sum()))
 
 

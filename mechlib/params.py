@@ -22,6 +22,8 @@ from typing import Any
 
 import yaml
 
+from mechlib.prompts import PROMPT_FORMATS
+
 
 class ParamsError(ValueError):
     """A params file or value the book cannot run with. The message says what and where."""
@@ -74,7 +76,7 @@ class BookParams:
     gsm8k_split: str = "test"
     n_questions: int = 200
     n_heldout: int = 50
-    prompt_format: str = "chat_template"  # chat_template | gemma_manual
+    prompt_format: str = "chat_template"  # chat_template | chat_oneshot | gemma_manual
     max_new_tokens: int = 48
     gen_batch_size: int = 32
     # --- 05 contrastive layers ---------------------------------------------------------
@@ -101,7 +103,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "activation_dtype": ("float32", "bfloat16"),
     "sae_source": ("train", "pretrained"),
     "task": ("arithmetic", "gsm8k"),
-    "prompt_format": ("chat_template", "gemma_manual"),
+    "prompt_format": PROMPT_FORMATS,
     "contrast_pooling": ("last", "mean"),
 }
 

@@ -2,7 +2,10 @@
 
 Why: the study's numbers depend on the exact prompt. ``gemma_manual`` is the card's manual Gemma
 chat format, verbatim; ``chat_template`` asks the tokenizer's own chat template for the same
-instruction (what a non-Gemma model such as SmolLM2 was trained on). Tokenising is here too, so
+instruction (what a non-Gemma model such as SmolLM2 was trained on); ``chat_oneshot`` puts one
+worked example before the question in that template. With the zero-shot instruction SmolLM2-135M
+explains at length and most answers run into ``max_new_tokens`` before any final line; with one
+example it answers in a line and ends with ``#### N`` — answers that finish can be scored. Tokenising is here too, so
 that generation (chapter 04/06) and hidden-state collection (chapter 05) see the same ids: a
 chat template that already starts with the BOS token must not get a second one from the
 tokenizer.
@@ -14,7 +17,13 @@ from typing import Any, Sequence
 
 INSTRUCTION = "Solve step by step and give final answer as '#### N'."
 GEMMA_MANUAL = "<start_of_turn>user\n{instruction}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
-PROMPT_FORMATS = ("chat_template", "gemma_manual")
+PROMPT_FORMATS = ("chat_template", "chat_oneshot", "gemma_manual")
+
+# ``chat_oneshot``: one worked example as an earlier chat turn, so a small model sees what
+# "give final answer as '#### N'" means. Its operation (taking away) is none of the generated
+# task's (mechlib.tasks), so the example shows the format without solving any template for it.
+ONESHOT_QUESTION = "Tom had 9 apples and ate 4 of them. How many apples are left?"
+ONESHOT_ANSWER = "Tom has 9 - 4 = 5 apples left.\n#### 5"
 
 
 class PromptFormatError(ValueError):
@@ -34,14 +43,16 @@ def build_prompt(tokenizer: Any, question_text: str, prompt_format: str) -> str:
     """The full prompt text for one question, ending where the model's answer starts."""
     if prompt_format == "gemma_manual":
         return GEMMA_MANUAL.format(instruction=INSTRUCTION, q=question_text)
-    if prompt_format == "chat_template":
+    if prompt_format in ("chat_template", "chat_oneshot"):
         if not has_chat_template(tokenizer):
             name = getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__
             raise PromptFormatError(
-                f"prompt_format 'chat_template' was asked for, but the tokenizer of {name!r} has no chat template. "
+                f"prompt_format {prompt_format!r} was asked for, but the tokenizer of {name!r} has no chat template. "
                 f"Use prompt_format: gemma_manual (the card's manual format) or a model that ships a chat template."
             )
-        return tokenizer.apply_chat_template([{"role": "user", "content": user_message(question_text)}],
+        shot = [{"role": "user", "content": user_message(ONESHOT_QUESTION)},
+                {"role": "assistant", "content": ONESHOT_ANSWER}] if prompt_format == "chat_oneshot" else []
+        return tokenizer.apply_chat_template(shot + [{"role": "user", "content": user_message(question_text)}],
                                              tokenize=False, add_generation_prompt=True)
     raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
 

@@ -115,19 +115,30 @@ def write_records(path: str | os.PathLike[str], records: Sequence[Record]) -> No
     atomic_write_text(path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in records))
 
 
-def score(q: Question, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason) -> Record:
-    """A scored record: every reading of ``generation`` compared with the gold answer."""
+def _scored(qid: str, gold: float | int, prompt: str, generation: str, n_new_tokens: int,
+            stop_reason: StopReason) -> Record:
     r = read_all(generation)
-    return Record(id=q.id, prompt=prompt, generation=generation, parsed=r.primary, gold=q.answer,
-                  correct=answers_match(r.primary, q.answer), n_new_tokens=n_new_tokens, stop_reason=stop_reason,
-                  parsed_by=r.primary_rule, strict=r.strict, correct_strict=answers_match(r.strict, q.answer),
-                  flexible=r.flexible, correct_flexible=answers_match(r.flexible, q.answer),
+    return Record(id=qid, prompt=prompt, generation=generation, parsed=r.primary, gold=gold,
+                  correct=answers_match(r.primary, gold), n_new_tokens=n_new_tokens, stop_reason=stop_reason,
+                  parsed_by=r.primary_rule, strict=r.strict, correct_strict=answers_match(r.strict, gold),
+                  flexible=r.flexible, correct_flexible=answers_match(r.flexible, gold),
                   parser_version=PARSER_VERSION)
 
 
-def rescore(record: Record, q: Question) -> Record:
-    """``record`` scored again with the current parser (and the question's current gold)."""
-    return score(q, record.prompt, record.generation, record.n_new_tokens, record.stop_reason)
+def score(q: Question, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason) -> Record:
+    """A scored record: every reading of ``generation`` compared with the gold answer."""
+    return _scored(q.id, q.answer, prompt, generation, n_new_tokens, stop_reason)
+
+
+def rescore(record: Record, q: Question | None = None) -> Record:
+    """``record`` scored again with the current parser, against ``q``'s gold (else the stored one)."""
+    gold = record.gold if q is None else q.answer
+    return _scored(record.id, gold, record.prompt, record.generation, record.n_new_tokens, record.stop_reason)
+
+
+def load_records(path: str | os.PathLike[str]) -> list[Record]:
+    """The records of a finished run, re-scored with the current parser (what chapters 05–07 read)."""
+    return [rescore(r) for r in read_records(path)]
 
 
 def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Any, max_new_tokens: int) -> Record:

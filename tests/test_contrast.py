@@ -185,11 +185,15 @@ def test_load_baseline_split(tmp_path):
     import json
 
     from mechlib.contrast import load_baseline_split
-    from mechlib.records import Record, write_records
+    from dataclasses import replace
 
-    recs = [Record(id=f"q{i}", prompt=f"p{i}", generation="", parsed=None, gold=i, correct=i % 2 == 0)
-            for i in range(4)]
-    write_records(tmp_path / "baseline.jsonl", recs)
+    from mechlib.gsm8k import Question
+    from mechlib.records import score, write_records
+
+    # even ids answered right, odd ones wrong; the stored verdicts are stale (flipped): loading re-scores
+    recs = [score(Question(f"q{i}", f"Q{i}", i, "x"), f"p{i}", f"#### {i if i % 2 == 0 else i + 1}\n", 3,
+                  "answer_line") for i in range(4)]
+    write_records(tmp_path / "baseline.jsonl", [replace(r, correct=not r.correct) for r in recs])
     metrics = tmp_path / "04.json"
     with pytest.raises(ContrastError, match="run chapter 04"):
         load_baseline_split(metrics, tmp_path / "baseline.jsonl")
@@ -199,6 +203,7 @@ def test_load_baseline_split(tmp_path):
     metrics.write_text(json.dumps({"contrast_ids": ["q0", "q1", "q3"], "heldout_ids": ["q2"]}))
     split = load_baseline_split(metrics, tmp_path / "baseline.jsonl")
     assert split.prompts["q3"] == "p3" and split.labels(split.contrast_ids).tolist() == [True, False, False]
+    assert split.records["q0"] == recs[0]
     metrics.write_text(json.dumps({"contrast_ids": ["q0", "q9"], "heldout_ids": ["q2"]}))
     with pytest.raises(ContrastError, match="q9"):
         load_baseline_split(metrics, tmp_path / "baseline.jsonl")
@@ -209,7 +214,7 @@ def test_check_questions_match():
     from mechlib.gsm8k import Question
 
     split = BaselineSplit(["a"], ["b"], {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"},
-                          {"a": True, "b": False})
+                          {"a": True, "b": False}, {})
     check_questions_match([Question("a", "What is 1 plus 2?", 3, "x"), Question("b", "Q2", 1, "x")], split)
     with pytest.raises(ContrastError, match="rerun chapter 04"):
         check_questions_match([Question("a", "What is 5 plus 2?", 7, "x")], split)

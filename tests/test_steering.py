@@ -185,7 +185,7 @@ def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
     g = torch.Generator().manual_seed(0)
     ids = [f"q{i}" for i in range(10)]
     ls = LayerStates(ids, torch.randn(10, 3, 8, generator=g), torch.tensor([1.0, 2.0, 3.0]), "last", "m")
-    split = BaselineSplit(ids[:8], ids[8:], {i: "" for i in ids}, {i: n % 2 == 0 for n, i in enumerate(ids)})
+    split = BaselineSplit(ids[:8], ids[8:], {i: "" for i in ids}, {i: n % 2 == 0 for n, i in enumerate(ids)}, {})
     peak_vec = torch.zeros(8)
     peak_vec[0] = 1.0
     save_steering_vector(tmp_path / "steering_vec_L1.pt", peak_vec, layer=1, model="m", n_correct=4, n_wrong=4,

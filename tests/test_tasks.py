@@ -104,6 +104,23 @@ def test_chat_template_and_single_bos(tiny_tok):
         tok.chat_template = None
 
 
+def test_chat_oneshot_puts_one_worked_example_before_the_question(tiny_tok):
+    from mechlib.prompts import ONESHOT_ANSWER, ONESHOT_QUESTION
+
+    tok = tiny_tok
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    try:
+        p = build_prompt(tok, "What is 2+2?", "chat_oneshot")
+    finally:
+        tok.chat_template = None
+    assert p == (f"<bos><user>{INSTRUCTION}\n\n{ONESHOT_QUESTION}<assistant>{ONESHOT_ANSWER}"
+                 f"<user>{INSTRUCTION}\n\nWhat is 2+2?<assistant>")
+    assert ONESHOT_ANSWER.endswith("#### 5") and "-" in ONESHOT_ANSWER  # an operation no template uses
+    with pytest.raises(PromptFormatError, match="chat_oneshot"):
+        build_prompt(tok, "q", "chat_oneshot")
+
+
 # ------------------------------------------------------------------------ records
 
 
