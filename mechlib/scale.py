@@ -8,8 +8,11 @@
 Why a separate entry point: the notebooks run in one Jupyter kernel (one process), while a
 1 B-token run wants every GPU of a machine and must survive preemption. Both entry points write
 exactly the files the chapters read (``outputs/<run>/activations``, ``outputs/<run>/checkpoints``),
-so a user can collect and train here, then run the book, which finds the work done and resumes
-or skips it. Killed and restarted, each resumes from what is on disk.
+with arguments built by the same functions of the params as the chapters'
+(:func:`mechlib.collect_config.collect_config_from_params`, ``TrainConfig.from_params``), so a
+user can collect and train here, then run the book, which finds the work done and resumes or
+skips it. Killed and restarted, each resumes from what is on disk — only what was computed from
+the same inputs (:mod:`mechlib.provenance`).
 """
 
 from __future__ import annotations
