@@ -80,7 +80,7 @@ class BookParams:
     max_new_tokens: int = 48
     gen_batch_size: int = 32
     # --- 05 contrastive layers ---------------------------------------------------------
-    n_permutations: int = 200
+    n_permutations: int = 1000  # the minimum: more are drawn while p is within its Monte-Carlo error of 0.05
     top_d: int = 10
     contrast_pooling: str = "last"  # last (the last prompt token) | mean (over the prompt's non-special tokens)
     # --- 06 steering -------------------------------------------------------------------

@@ -57,10 +57,11 @@ class RandomDirectionResult:
     cos_with_caa: float
     row: SteeringRow
     vs_caa: PairedComparison | None  # None when the CAA sweep did not include the control scale
+    truncated: float  # fraction of its answers cut off at max_new_tokens
 
     def as_dict(self) -> dict[str, Any]:
         return {"index": self.index, "cos_with_caa": self.cos_with_caa, **self.row.as_dict(),
-                "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa)}
+                "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa), "truncated": self.truncated}
 
 
 def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vector: Tensor, mean_norm: float,
@@ -83,5 +84,5 @@ def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vect
         row = steering_row(scale, baseline, steered, n_bootstrap=n_bootstrap, seed=seed)
         vs = None if caa_at_scale is None else paired_comparison(caa_at_scale, steered)
         cos = float(torch.dot(v, caa / caa.norm()))
-        out.append(RandomDirectionResult(i, cos, row, vs))
+        out.append(RandomDirectionResult(i, cos, row, vs, sum(r.truncated for r in records) / len(records)))
     return out

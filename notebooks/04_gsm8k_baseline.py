@@ -15,28 +15,40 @@
 #
 # **Questions.** `task = "gsm8k"` takes a seeded sample of GSM8K (from the hub, or from a local JSONL copy
 # via `gsm8k_path`). The embedded SmolLM2-135M solves almost no GSM8K problem, which would leave nothing to
-# contrast, so the default `task = "arithmetic"` generates short problems of five kinds — bare sums
-# ("What is 13 plus 4?", "What is the sum of 13 and 4?"), one-step word problems with a sum or a product,
-# and "has a, buys b more" — drawn from a fixed seed and mixed so that the small model gets roughly a
-# third to a half right. Each kind on its own gets some right and some wrong (see the table below), so
-# "correct" is not merely "which template"; still, kinds differ in difficulty, and part of any
+# contrast, so the default `task = "arithmetic"` generates short one-step problems of five kinds — bare sums
+# ("What is 13 plus 4?", "What is the sum of 13 and 4?"), word problems with a sum or a product, and
+# "has a, buys b more" — drawn from a fixed seed, with numbers ranging widely enough that the small model
+# gets some of each kind right and some wrong. Kinds still differ in difficulty, so part of any
 # correct-vs-wrong difference in chapter 05 can be a difference between kinds — as it can be between easy
-# and hard GSM8K problems in the study.
+# and hard GSM8K problems in the study; chapter 05 tests for that with a second, within-kind null. The
+# table below shows where this run landed.
 #
 # **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim:
 # `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.
-# `"chat_template"` (the default here) sends the same instruction through the model's own chat template,
-# which is what a non-Gemma model like SmolLM2 was trained on.
+# `"chat_template"` sends the same instruction through the model's own chat template, which is what a
+# non-Gemma model like SmolLM2 was trained on. `"chat_oneshot"` (the default run's) puts one worked example
+# — a subtraction, an operation none of the generated kinds uses — before the question in that template.
+# Zero-shot, SmolLM2-135M explains at length and most answers run into the token limit before any final
+# line; with one example it answers in a line and ends with `#### N`, so the answers can be read.
 #
-# **Scoring.** Answers are read by `mechlib.gsm8k.extract_answer`: the number after the first `####`
-# (also when the model copies the letter: `#### N = 21`), else the last "answer is N", else the last
-# number in the text. Numbers may carry `$`, thousands commas (`1,200` is 1200 — the study's seed parser
-# mis-read such numbers), decimals and signs. An answer is correct when it equals the gold number.
+# **Scoring.** Answers are read by `mechlib.answers` (primary rule): the number after the first `####`
+# — the *result* when that line is an expression (`#### N = 3 + 5 = 8` reads 8) — else the last
+# "answer is N", else the last number in the text. Numbers may carry `$`, thousands commas (`1,200` is
+# 1200 — the study's seed parser mis-read such numbers), decimals and fractions (`1/2`); a minus is a
+# sign only when it touches the number (`10 - 4` ends in 4, a bullet `- 24` is 24). An answer is correct
+# when it equals the gold number. The same text is also read by lm-evaluation-harness's two GSM8K rules —
+# *strict* (only `#### N`) and *flexible* (the last number-like string) — so our numbers compare with
+# published ones; a fourth rule, *finished only*, leaves out answers that were cut off. Chapters 05 and 06
+# recompute every headline under all four rules.
 #
-# **Generation.** Greedy, batched, left-padded, at most `max_new_tokens` new tokens, each row stopping at
-# the model's end-of-turn token — the same tokens HF `generate` would produce (tested), from a leaner loop
-# (`mechlib.generate`). Records are cached per question in `records/baseline.jsonl`: a rerun with the same
-# settings generates nothing, an interrupted one continues where it stopped.
+# **Generation.** Greedy, batched, left-padded, at most `max_new_tokens` new tokens. A row stops at the
+# model's end-of-turn token or right after its first complete `#### …` line (what a grader would read;
+# a small model often repeats that line or starts another problem after it), and each record says which
+# (`stop_reason`: `eos`, `answer_line`, or `limit` — the only *cut-off* answers). Up to the stop, the tokens
+# are the ones HF `generate` would produce (tested), from a leaner loop (`mechlib.generate`). Records are
+# cached per question in `records/baseline.jsonl`, keyed by the model, prompt format, token limit, stop
+# rule and parser version: a rerun with the same settings generates nothing, an interrupted one continues
+# where it stopped, and cached answers are re-scored with the current parser on load.
 
 # %% tags=["parameters"]
 run = "default"
@@ -54,9 +66,10 @@ max_new_tokens = 48
 gen_batch_size = 32
 
 # %%
+import textwrap
 import time
 
-from mechlib import plots
+from mechlib import plots, scoring
 from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -103,25 +116,32 @@ print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)}
 # %% [markdown]
 # ## Accuracy
 #
-# The interval is the Wilson 95 % score interval for a binomial proportion. "Cut off" counts answers that
-# used all `max_new_tokens` without the end-of-turn token: they are scored on what was written so far.
-# Small models rarely stop by themselves — SmolLM2 tends to repeat its `#### N` line, or keeps explaining —
-# so the rate stays high even with a much larger limit (measured for SmolLM2: most word-problem answers
-# still run to 96 tokens), and a larger limit costs generation time in chapters 04 and 06. The last
-# lines say which extraction rule read each answer and how often that answer was right: answers read
-# from a trailing number are weaker evidence than a `####` line.
+# The interval is the Wilson 95 % score interval for a binomial proportion. "Ended by themselves" counts
+# answers that stopped at the end-of-turn token or after a complete `#### N` line; the rest were cut off at
+# `max_new_tokens` and are scored on what was written so far. Then accuracy under each scoring rule, per
+# question kind, and which extraction rule read each answer (answers read from a trailing number are weaker
+# evidence than a `####` line). The last paragraph is written from these numbers.
 
 # %%
 # NBVAL_CHECK_OUTPUT
 summary = summarize(records)
 groups = accuracy_by_group(records, kinds)
+by_rule = scoring.accuracy_under_rules(records)
 print(f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
       f"95% CI [{summary.ci95[0]:.3f}, {summary.ci95[1]:.3f}]")
-print(f"cut off at max_new_tokens={P.max_new_tokens}: {summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}")
+print(f"ended by themselves: {summary.finished:.1%} (EOS {summary.stop_reasons['eos']}, "
+      f"'####' line {summary.stop_reasons['answer_line']}); cut off at max_new_tokens={P.max_new_tokens}: "
+      f"{summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}")
+for a in by_rule:
+    print(f"  {scoring.RULE_LABELS[a.rule]:>42}: {a.accuracy:.3f} ({a.n_correct}/{a.n})  "
+          f"CI [{a.ci95[0]:.3f}, {a.ci95[1]:.3f}]")
 for g in groups:
     print(f"  {g.group:>14}: {g.accuracy:.2f} ({g.n_correct}/{g.n})  CI [{g.ci95[0]:.2f}, {g.ci95[1]:.2f}]")
 for rule, (n_read, n_right) in sorted(summary.by_rule.items()):
     print(f"  read by rule {rule!r}: {n_read} answers, {n_right} correct")
+print()
+print(textwrap.fill(scoring.baseline_finding(summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule,
+                                             P.max_new_tokens), 110))
 
 # %%
 fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in groups], [g.ci95[0] for g in groups],
@@ -129,7 +149,7 @@ fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in gro
                              [r.n_new_tokens for r in records if r.correct],
                              [r.n_new_tokens for r in records if not r.correct],
                              P.max_new_tokens, summary.accuracy, summary.ci95)
-plots.save_figure(fig, paths.figures / "04_baseline.png")
+_ = plots.save_figure(fig, paths.figures / "04_baseline.png")
 
 # %% [markdown]
 # ## What the answers look like
@@ -141,7 +161,8 @@ plots.save_figure(fig, paths.figures / "04_baseline.png")
 shown = [r for r in records if r.correct][:2] + [r for r in records if not r.correct][:2]
 by_id = {q.id: q for q in questions}
 for r in shown:
-    print(f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed}")
+    print(f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed} "
+          f"(strict {r.strict}, flexible {r.flexible}; stopped: {r.stop_reason})")
     print(f"Q: {by_id[r.id].question}")
     print(f"A: {r.generation.strip()[:300]}")
 
@@ -165,7 +186,10 @@ print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_
 atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
     "task": P.task, "prompt_format": P.prompt_format, "model": P.model, "max_new_tokens": P.max_new_tokens,
     "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
-    "truncated": summary.truncated, "unparsed": summary.unparsed,
+    "truncated": summary.truncated, "finished": summary.finished, "stop_reasons": summary.stop_reasons,
+    "unparsed": summary.unparsed, "parser_version": records[0].parser_version,
+    "by_scoring_rule": {a.rule: {"n": a.n, "n_correct": a.n_correct, "accuracy": a.accuracy, "ci95": list(a.ci95)}
+                        for a in by_rule},
     "by_rule": {k: {"n": v[0], "n_correct": v[1]} for k, v in summary.by_rule.items()},
     "by_kind": {g.group: {"n": g.n, "n_correct": g.n_correct, "accuracy": g.accuracy, "ci95": list(g.ci95)}
                 for g in groups},

@@ -18,7 +18,10 @@
 # net flips. With 50 questions a handful of flips is within noise, so each row here adds an **exact
 # McNemar test** on the discordant pairs (recovered vs broken) and a **paired bootstrap interval** for Δ.
 # A **random-direction control** (same layer, same size of push, random unit directions) then asks whether
-# the contrastive direction matters at all, or whether any push of that size does the same.
+# the contrastive direction matters at all, or whether any push of that size does the same. Steering can
+# also change *how* the model answers — longer, or never reaching its `#### N` line — so every condition
+# reports how many of its answers were cut off, and every row is recomputed under the alternative scoring
+# rules of chapter 04, with a generated sentence saying whether its conclusion survives.
 
 # %% tags=["parameters"]
 run = "default"
@@ -40,9 +43,10 @@ n_random_directions = 3
 random_control_scale = 0.10
 
 # %%
+import textwrap
 import time
 
-from mechlib import contrast, plots, steering, stats
+from mechlib import contrast, plots, scoring, sensitivity, steering, stats
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -82,7 +86,8 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 # a rerun resumes. The baseline is chapter 04's records of the same questions. Those were generated in
 # other batches; on a GPU in bf16, different padding can flip a rare greedy choice. To measure that floor,
 # add `0.0` to `steering_scales`: the hook then adds an exact zero vector, and its row shows how much
-# changes without any steering (in our CPU fp32 runs of the default: nothing, generations were identical).
+# changes without any steering. Cached records of every condition are re-scored with the current parser
+# when they are loaded, like the baseline's.
 
 # %%
 heldout = set(split.heldout_ids)
@@ -97,20 +102,46 @@ print(f"sweep done in {time.time() - t0:.1f} s")
 
 # %%
 base = {i: split.correct[i] for i in split.heldout_ids}
+base_records = [split.records[i] for i in split.heldout_ids]
 rows = [steering.steering_row(s, base, steering.correctness(sweep[s]), n_bootstrap=P.n_bootstrap, seed=P.seed)
         for s in P.steering_scales]
+cut_off = {s: scoring.truncation_rate(sweep[s]) for s in P.steering_scales}
 overlaps = steering.recovered_overlaps(rows)
 n_base_ok = sum(base.values())
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"held-out baseline (chapter 04): {n_base_ok}/{len(base)} = {n_base_ok / len(base):.3f}")
+print(f"held-out baseline (chapter 04): {n_base_ok}/{len(base)} = {n_base_ok / len(base):.3f}; "
+      f"cut off: {scoring.truncation_rate(base_records):.1%}")
 print(f"{'scale':>6} {'pert%':>6} {'acc':>6} {'delta':>7} {'delta 95% CI':>17} {'recovered':>9} {'broken':>6} "
-      f"{'net':>4} {'McNemar p':>9}")
+      f"{'net':>4} {'McNemar p':>9} {'cut off':>7}")
 for r in rows:
     print(f"{r.scale:>6.2f} {r.perturbation:>6.1f} {r.accuracy:>6.3f} {r.delta:>+7.3f} "
           f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}] {r.recovered:>4}/{r.n_baseline_wrong:<4} {r.broken:>6} "
-          f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f}")
+          f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f} {cut_off[r.scale]:>7.1%}")
+
+# %% [markdown]
+# ## Does each row survive another way of scoring?
+#
+# Every row again, question-paired with the baseline, under each scoring rule: primary, lm-eval *strict*,
+# lm-eval *flexible*, and *finished only* (a question is left out when either its baseline or its steered
+# answer was cut off, so n can shrink). An effect is "helps"/"harms" when the exact McNemar p is below 0.05.
+# The sentences are generated from these numbers.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+by_rule = {s: sensitivity.rows_under_rules(s, base_records, sweep[s], n_bootstrap=P.n_bootstrap, seed=P.seed)
+           for s in P.steering_scales}
+print(f"{'scale':>6} {'rule':>9} {'n':>4} {'acc':>6} {'delta':>7} {'net':>4} {'McNemar p':>9}  effect")
+for s, under in by_rule.items():
+    for u in under:
+        r = u.row
+        print(f"{s:>6.2f} {u.rule:>9} {r.n:>4} {r.accuracy:>6.3f} {r.delta:>+7.3f} {r.net_flips:>+4} "
+              f"{r.mcnemar_p:>9.3f}  {u.effect}")
+print()
+row_findings = {s: sensitivity.row_verdict(under) for s, under in by_rule.items()}
+for text in row_findings.values():
+    print(textwrap.fill(text, 110))
 
 # %% [markdown]
 # ## Which questions are recovered, and by which scales?
@@ -158,7 +189,8 @@ for c in controls:
     vs = "" if c.vs_caa is None else (f"   vs CAA: CAA only {c.vs_caa.a_only}, random only {c.vs_caa.b_only}, "
                                       f"p {c.vs_caa.mcnemar_p:.3f}")
     print(f"random #{c.index} (cos with CAA {c.cos_with_caa:+.3f}): acc {r.accuracy:.3f}, delta {r.delta:+.3f} "
-          f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}{vs}")
+          f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}, "
+          f"cut off {c.truncated:.1%}{vs}")
 
 # %% [markdown]
 # ## Dose–response
@@ -181,7 +213,10 @@ metrics = {
     "steering_vector": str(vec_file.relative_to(paths.root)), "n_heldout": len(base),
     "baseline_accuracy": n_base_ok / len(base), "baseline_ci95": list(base_ci),
     "n_bootstrap": P.n_bootstrap,
-    "rows": [r.as_dict() for r in rows], "overlaps": overlaps,
+    "baseline_truncated": scoring.truncation_rate(base_records),
+    "rows": [{**r.as_dict(), "truncated": cut_off[r.scale]} for r in rows], "overlaps": overlaps,
+    "scoring_sensitivity": [{"scale": s, "verdict": row_findings[s], "rules": [u.as_dict() for u in under]}
+                            for s, under in by_rule.items()],
     "random_control": {"scale": P.random_control_scale, "seed": P.seed,
                        "caa_accuracy": None if caa_row is None else caa_row.accuracy,
                        "directions": [c.as_dict() for c in controls]},
