@@ -40,6 +40,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
+def _pct(value: Any) -> str:
+    return "—" if not isinstance(value, (int, float)) else f"{100 * value:.1f} %"
+
+
+def _p(p: Any, se: Any) -> str:
+    """A permutation p with its Monte-Carlo standard error, when known."""
+    return _fmt(p) if not isinstance(se, (int, float)) else f"{_fmt(p)} ± {se:.3f}"
+
+
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
@@ -108,8 +117,15 @@ def _section_baseline(paths: RunPaths) -> str:
     m = _load(paths, "04_gsm8k_baseline")
     if m is None:
         return "## Baseline\n\nChapter 04 not run.\n"
-    rows = [[m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95")]]
-    text = "## Baseline accuracy (chapter 04)\n\n" + _table(["task", "prompt", "n", "accuracy", "95% CI"], rows) + "\n"
+    rows = [[m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95"),
+             _pct(m.get("finished")), _pct(m.get("truncated"))]]
+    text = "## Baseline accuracy (chapter 04)\n\n" + _table(
+        ["task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows) + "\n"
+    by_rule = m.get("by_scoring_rule") or {}
+    if by_rule:
+        rows = [[rule, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for rule, v in by_rule.items()]
+        text += ("\nBy scoring rule (strict and flexible are lm-evaluation-harness's GSM8K rules; finished leaves "
+                 "cut-off answers out):\n\n" + _table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n")
     kinds = m.get("by_kind") or {}
     if kinds:
         rows = [[kind, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for kind, v in kinds.items()]
@@ -124,18 +140,26 @@ def _section_layers(paths: RunPaths) -> str:
     top = m.get("top10_abs_d") or []
     peak = m.get("peak_layer")
     peak_value = top[peak] if isinstance(peak, int) and 0 <= peak < len(top) else None
-    rows = [[peak, peak_value, m.get("null_max_q95"), m.get("null_p"), m.get("null_p_within_type"),
+    rows = [[peak, peak_value, m.get("null_max_q95"), _p(m.get("null_p"), m.get("null_p_mc_se")),
+             _p(m.get("null_p_within_type"), m.get("null_p_within_type_mc_se")),
              m.get("spearman_rho"), m.get("spearman_p")]]
-    return (
+    text = (
         "## Contrastive layers (chapter 05)\n\n"
         f"Contrast set: {_fmt(m.get('n_correct'))} correct, {_fmt(m.get('n_wrong'))} wrong"
-        f" ({m.get('pooling', '—')} prompt token pooled); {_fmt(m.get('n_permutations'))} label permutations.\n\n"
+        f" ({m.get('pooling', '—')} prompt token pooled); {_fmt(m.get('n_permutations'))} label permutations"
+        " (p ± its Monte-Carlo standard error).\n\n"
         + _table(["peak layer", "top-10 |d| at peak", "null 95th pct (max over layers)", "permutation p",
                   "p, shuffled within type", "Spearman ρ (held-out)", "Spearman p"], rows)
-        + "\n\n"
-        + _figures(paths, "05_")
         + "\n"
     )
+    sens = m.get("scoring_sensitivity") or []
+    if sens:
+        rows = [[r.get("rule"), r.get("n_correct"), r.get("n_wrong"), r.get("peak_layer"), r.get("top_abs_d"),
+                 _p(r.get("p_peak"), r.get("p_mc_se"))] for r in sens]
+        text += ("\n### The peak under each scoring rule\n\n"
+                 + _table(["rule", "correct", "wrong", "peak layer", "top-10 |d|", "permutation p"], rows)
+                 + f"\n\n{m.get('scoring_verdict', '')}\n")
+    return text + "\n" + _figures(paths, "05_") + "\n"
 
 
 def _section_steering(paths: RunPaths) -> str:
@@ -144,15 +168,19 @@ def _section_steering(paths: RunPaths) -> str:
         return "## Steering\n\nChapter 06 not run.\n"
     rows = [
         [r.get("scale"), f"{r.get('perturbation', 0):+g} %", r.get("accuracy"), r.get("delta"), r.get("delta_ci95"),
-         f"{r.get('recovered')}/{r.get('n_baseline_wrong', '?')}", r.get("net_flips"), r.get("mcnemar_p")]
+         f"{r.get('recovered')}/{r.get('n_baseline_wrong', '?')}", r.get("net_flips"), r.get("mcnemar_p"),
+         _pct(r.get("truncated"))]
         for r in m.get("rows", [])
     ]
     text = (
         f"## CAA steering at layer {m.get('layer')} (chapter 06)\n\n"
-        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))}\n\n"
+        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))}; its answers cut off: "
+        f"{_pct(m.get('baseline_truncated'))}\n\n"
         + _table(["scale", "perturbation", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
-                  "net flips", "McNemar p (exact)"], rows)
-        + "\n\n### Recovered questions per scale\n\n"
+                  "net flips", "McNemar p (exact)", "cut off"], rows)
+        + "\n"
+        + _steering_sensitivity(m.get("scoring_sensitivity") or [])
+        + "\n### Recovered questions per scale\n\n"
     )
     for r in m.get("rows", []):
         text += f"- scale {_fmt(r.get('scale'))}: {', '.join(map(str, r.get('recovered_ids', []))) or '—'}\n"
@@ -166,6 +194,17 @@ def _section_steering(paths: RunPaths) -> str:
     return text + "\n" + _figures(paths, "06_") + "\n"
 
 
+def _steering_sensitivity(per_scale: list[dict[str, Any]]) -> str:
+    """Each steering row under every scoring rule, then the generated verdict per scale."""
+    if not per_scale:
+        return ""
+    rows = [[s.get("scale"), r.get("rule"), r.get("n"), r.get("accuracy"), r.get("delta"), r.get("net_flips"),
+             r.get("mcnemar_p"), r.get("effect")] for s in per_scale for r in s.get("rules", [])]
+    return ("\n### Each row under each scoring rule\n\n"
+            + _table(["scale", "rule", "n", "accuracy", "Δ vs baseline", "net flips", "McNemar p", "effect"], rows)
+            + "\n\n" + "".join(f"- {s.get('verdict', '')}\n" for s in per_scale))
+
+
 def _random_control_table(control: dict[str, Any]) -> str:
     """Random directions of the same size as CAA's push: each vs the baseline and vs CAA at that scale."""
     directions = control.get("directions") or []
@@ -176,11 +215,12 @@ def _random_control_table(control: dict[str, Any]) -> str:
         vs = d.get("vs_caa") or {}
         rows.append([f"random #{d.get('index')}", d.get("cos_with_caa"), d.get("accuracy"), d.get("delta"),
                      d.get("delta_ci95"), d.get("net_flips"), d.get("mcnemar_p"), vs.get("a_only"), vs.get("b_only"),
-                     vs.get("mcnemar_p")])
+                     vs.get("mcnemar_p"), _pct(d.get("truncated"))])
     return (f"\n### Random-direction control at scale {_fmt(control.get('scale'))}\n\n"
             f"CAA accuracy at this scale: {_fmt(control.get('caa_accuracy'))}.\n\n"
             + _table(["direction", "cos with CAA", "accuracy", "Δ vs baseline", "Δ 95% CI", "net flips",
-                      "McNemar p vs baseline", "CAA only right", "random only right", "McNemar p vs CAA"], rows)
+                      "McNemar p vs baseline", "CAA only right", "random only right", "McNemar p vs CAA", "cut off"],
+                     rows)
             + "\n")
 
 

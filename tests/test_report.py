@@ -90,8 +90,33 @@ def test_baseline_section_breaks_accuracy_down_by_question_type(run_dir):
                                 "ci95": [0.11, 0.47], "by_kind": {"plus": {"n": 12, "n_correct": 4,
                                                                           "accuracy": 1 / 3, "ci95": [0.14, 0.61]}}})
     text = report.render_report("r")
-    assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] |" in text
+    assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] | — | — |" in text
     assert "| plus | 12 | 4 | 0.3333 | [0.14, 0.61] |" in text
+
+
+def test_scoring_sensitivity_and_truncation_reach_the_report(run_dir):
+    _, write = run_dir
+    write("04_gsm8k_baseline", {"task": "arithmetic", "prompt_format": "chat_oneshot", "n": 20, "accuracy": 0.25,
+                                "ci95": [0.11, 0.47], "finished": 0.95, "truncated": 0.05,
+                                "by_scoring_rule": {"strict": {"n": 20, "n_correct": 4, "accuracy": 0.2,
+                                                               "ci95": [0.08, 0.42]}}})
+    write("05_contrastive_layers", {"peak_layer": 1, "top10_abs_d": [0.1, 0.5], "null_p": 0.012,
+                                    "null_p_mc_se": 0.0034, "scoring_verdict": "Every rule finds layer 1.",
+                                    "scoring_sensitivity": [{"rule": "flexible", "n_correct": 5, "n_wrong": 15,
+                                                             "peak_layer": 0, "top_abs_d": 0.4, "p_peak": 0.3,
+                                                             "p_mc_se": 0.014}]})
+    write("06_steering", {"layer": 1, "baseline_truncated": 0.0, "rows": [
+        {"scale": 0.1, "perturbation": 10, "accuracy": 0.2, "truncated": 0.125}],
+        "scoring_sensitivity": [{"scale": 0.1, "verdict": "+10 %: harms; the conclusion survives.", "rules": [
+            {"rule": "strict", "n": 8, "accuracy": 0.25, "delta": -0.25, "net_flips": -2, "mcnemar_p": 0.5,
+             "effect": "no significant change"}]}]})
+    text = report.render_report("r")
+    assert "| arithmetic | chat_oneshot | 20 | 0.25 | [0.11, 0.47] | 95.0 % | 5.0 % |" in text
+    assert "| strict | 20 | 4 | 0.2 | [0.08, 0.42] |" in text
+    assert "0.012 ± 0.003" in text and "| flexible | 5 | 15 | 0 | 0.4 | 0.3 ± 0.014 |" in text
+    assert "Every rule finds layer 1." in text and "its answers cut off: 0.0 %" in text
+    assert "| 12.5 % |" in text and "| 0.1 | strict | 8 | 0.25 | -0.25 | -2 | 0.5 | no significant change |" in text
+    assert "- +10 %: harms; the conclusion survives." in text
 
 
 def test_write_report_is_atomic_and_lands_in_the_run(run_dir):
