@@ -20,6 +20,7 @@ the steering chapter expresses its perturbations in.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 from dataclasses import asdict, dataclass
@@ -51,6 +52,7 @@ class LayerStates:
     pooling: str
     model: str
     prompts_sha: str = ""  # sha256 of the prompts: a cache made from other prompts is stale
+    settings: str = ""  # how the model ran (dtype, device): other numerics make the cache stale
 
     @property
     def n_layers(self) -> int:
@@ -219,8 +221,14 @@ def collect_with_model(model_name: str, dtype: str, device: str, prompts: Sequen
     from mechlib.models import load_model
 
     loaded = load_model(model_name, dtype, device)
-    return collect_layer_states(loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling,
-                                batch_size=batch_size, model_name=model_name)
+    states = collect_layer_states(loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling,
+                                  batch_size=batch_size, model_name=model_name)
+    return dataclasses.replace(states, settings=run_settings(dtype, device))
+
+
+def run_settings(dtype: str, device: str) -> str:
+    """The model settings a states cache is keyed by, as one string."""
+    return f"dtype={dtype};device={device}"
 
 
 def save_layer_states(states: LayerStates, path: str | os.PathLike[str]) -> Path:
@@ -237,14 +245,20 @@ def load_layer_states(path: str | os.PathLike[str]) -> LayerStates:
 
 
 def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, pooling: str, ids: Sequence[str],
-                        prompts: Sequence[str], collect: Callable[[], LayerStates]) -> LayerStates:
-    """Load ``path`` if it holds states of the same model, pooling, ids and prompts; else collect and save."""
+                        prompts: Sequence[str], collect: Callable[[], LayerStates],
+                        settings: str = "") -> LayerStates:
+    """Load ``path`` if it holds states of the same model, settings, pooling, ids and prompts; else
+    collect and save (and say in one line why a cache on disk was not used)."""
     path = Path(path)
     if path.is_file():
         cached = load_layer_states(path)
-        if (cached.model, cached.pooling, cached.ids, cached.prompts_sha) == (
-                model_name, pooling, list(map(str, ids)), sha_of_prompts(prompts)):
+        key = (model_name, settings, pooling, list(map(str, ids)), sha_of_prompts(prompts))
+        old = (cached.model, cached.settings, cached.pooling, cached.ids, cached.prompts_sha)
+        if old == key:
             return cached
+        what = [name for name, a, b in zip(("model", "model settings", "pooling", "questions", "prompts"), old, key)
+                if a != b]
+        print(f"[mechbook] {', '.join(what)} changed since {path.name} was saved: collecting the states again")
     states = collect()
     save_layer_states(states, path)
     return states

@@ -83,12 +83,22 @@ class BaselineSummary:
     by_rule: dict[str, tuple[int, int]]  # extraction rule → (answers read by it, of which correct)
 
 
-def settings_of(model_name: str, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
+def settings_of(model_name: str, prompt_format: str, max_new_tokens: int, *, dtype: str = "",
+                device: str = "") -> dict[str, Any]:
     """Everything the generated tokens depend on, and its hash (the cache key of a records file)."""
-    s = {"model": model_name, "prompt_format": prompt_format, "max_new_tokens": int(max_new_tokens),
-         "generator": GENERATOR_VERSION, "stop_rule": STOP_RULE_VERSION, "parser": PARSER_VERSION}
+    s = {"model": model_name, "dtype": dtype, "device": device, "prompt_format": prompt_format,
+         "max_new_tokens": int(max_new_tokens), "generator": GENERATOR_VERSION, "stop_rule": STOP_RULE_VERSION,
+         "parser": PARSER_VERSION}
     s["settings_hash"] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
     return s
+
+
+def settings_for(loaded: Any, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
+    """:func:`settings_of` a loaded model: its name, and the dtype and device type it runs in (greedy
+    tokens can differ between float32 and bfloat16, or between CPU and GPU kernels)."""
+    param = next(loaded.model.parameters())
+    return settings_of(loaded.name, prompt_format, max_new_tokens, dtype=str(param.dtype).replace("torch.", ""),
+                       device=param.device.type)
 
 
 def meta_path(out_path: str | os.PathLike[str]) -> Path:
@@ -191,7 +201,7 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     if len(set(ids)) != len(ids):
         raise RecordsError("question ids must be unique")
     model, tok = loaded.model, loaded.tokenizer
-    settings = settings_of(loaded.name, prompt_format, max_new_tokens)
+    settings = settings_for(loaded, prompt_format, max_new_tokens)
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     done = open_records(out_path, settings, questions, prompts)
     todo = [q for q in questions if q.id not in done]

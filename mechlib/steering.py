@@ -178,7 +178,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     from mechlib.io import atomic_write_json, read_json
     from mechlib.models import check_layer, decoder_layers
     from mechlib.prompts import build_prompt, encode_prompts
-    from mechlib.records import open_records, score_generation, settings_of, write_records
+    from mechlib.records import open_records, score_generation, settings_for, write_records
     from mechlib.stopping import AnswerLineStop
 
     check_layer(loaded.model, layer)
@@ -195,7 +195,7 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     atomic_write_json(sweep_meta, meta)
 
     model, tok = loaded.model, loaded.tokenizer
-    settings = settings_of(loaded.name, prompt_format, max_new_tokens)
+    settings = settings_for(loaded, prompt_format, max_new_tokens)
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     # reused records are re-scored with the current parser, exactly like the baseline's
     done = {s: open_records(steer_records_path(records_dir, layer, s, tag), settings, questions, prompts)

@@ -83,6 +83,7 @@ prompts = [split.prompts[i] for i in ids]
 states_file = paths.activations / f"contrast_states_{P.contrast_pooling}.pt"
 states = contrast.cached_layer_states(
     states_file, model_name=P.model, pooling=P.contrast_pooling, ids=ids, prompts=prompts,
+    settings=contrast.run_settings(P.model_dtype, P.device),
     collect=functools.partial(contrast.collect_with_model, P.model, P.model_dtype, P.device, prompts, ids,
                               pooling=P.contrast_pooling, batch_size=P.gen_batch_size),
 )

@@ -148,7 +148,7 @@ def test_mean_difference_refuses_one_group():
         mean_difference(torch.randn(4, 3), [True] * 4)
 
 
-def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path):
+def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path, capsys):
     model, tok = tiny_llama
     prompts, ids = make_prompts(4), ["a", "b", "c", "d"]
     calls = []
@@ -165,6 +165,19 @@ def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path):
     cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other,
                         collect=lambda: collect(other))
     assert len(calls) == 2
+    # the same prompts, but the model ran in another dtype: the cache is stale, and the chapter says so
+    import dataclasses
+
+    from mechlib.contrast import run_settings
+
+    bf16 = run_settings("bfloat16", "cpu")
+    got = cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other,
+                              collect=lambda: dataclasses.replace(collect(other), settings=bf16), settings=bf16)
+    assert len(calls) == 3 and got.settings == bf16
+    assert "model settings changed" in capsys.readouterr().out
+    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other, collect=collect,
+                        settings=bf16)
+    assert len(calls) == 3
     assert first.select(["c", "a"]).shape == (2, 4, 64)
     with pytest.raises(ContrastError, match="no collected states"):
         first.select(["zz"])

@@ -178,6 +178,15 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     run_baseline(loaded, qs, "gemma_manual", 3, 4, out, progress=False)
     assert calls == [4, 2] and json.loads(meta_path(out).read_text())["max_new_tokens"] == 3
 
+    # the model now runs in another dtype: greedy tokens may differ, so nothing is reused
+    calls.clear()
+    model.to(torch.float64)
+    try:
+        run_baseline(loaded, qs, "gemma_manual", 3, 4, out, progress=False)
+    finally:
+        model.to(torch.float32)
+    assert calls == [4, 2] and json.loads(meta_path(out).read_text())["dtype"] == "float64"
+
 
 def test_run_baseline_with_a_hook_differs_and_uses_its_own_file(tiny_llama, tmp_path):
     from mechlib.models import decoder_layers
