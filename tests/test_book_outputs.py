@@ -69,6 +69,13 @@ def test_baseline_metrics():
     lo, hi = m["ci95"]
     assert 0 <= lo <= m["accuracy"] <= hi <= 1
     assert 0.15 <= m["accuracy"] <= 0.85, "the default task must give both correct and wrong answers"
+    assert m["finished"] >= 0.9, "at least 90 % of the default answers must end by themselves (EOS or '#### N')"
+    assert m["finished"] + m["truncated"] == pytest.approx(1.0)
+    assert sum(m["stop_reasons"].values()) == m["n"] and m["stop_reasons"]["limit"] == round(m["truncated"] * m["n"])
+    rules = m["by_scoring_rule"]
+    assert list(rules) == ["primary", "strict", "flexible", "finished"]
+    assert rules["primary"]["n_correct"] == m["n_correct"] and rules["finished"]["n"] == m["stop_reasons"]["eos"] \
+        + m["stop_reasons"]["answer_line"]
 
 
 def test_contrastive_metrics_and_artifacts():
@@ -82,6 +89,11 @@ def test_contrastive_metrics_and_artifacts():
     v = vec["vector"] if isinstance(vec, dict) else vec
     assert abs(float(v.float().norm()) - 1.0) < 1e-4
     assert (PATHS.metrics / f"contrastive_features_L{PARAMS.layer}.json").is_file()
+    assert m["n_permutations"] >= PARAMS.n_permutations >= 1000 and 0 < m["null_p_mc_se"] < 0.02
+    sens = m["scoring_sensitivity"]
+    assert [r["rule"] for r in sens] == ["primary", "strict", "flexible", "finished"]
+    assert sens[0]["peak_layer"] == m["peak_layer"] and sens[0]["p_peak"] == m["null_p"]
+    assert f"the peak is layer {m['peak_layer']}" in m["scoring_verdict"]
 
 
 def test_steering_rows():
@@ -93,7 +105,16 @@ def test_steering_rows():
                     "recovered_ids"):
             assert key in r, key
         assert len(r["recovered_ids"]) == r["recovered"]
-        assert 0 <= r["mcnemar_p"] <= 1 and 0 <= r["accuracy"] <= 1
+        assert 0 <= r["mcnemar_p"] <= 1 and 0 <= r["accuracy"] <= 1 and 0 <= r["truncated"] <= 1
+    assert 0 <= m["baseline_truncated"] <= 1
+    sens = m["scoring_sensitivity"]
+    assert [s["scale"] for s in sens] == PARAMS.steering_scales
+    by_scale = {r["scale"]: r for r in rows}
+    for s in sens:
+        primary = s["rules"][0]
+        assert primary["rule"] == "primary" and primary["net_flips"] == by_scale[s["scale"]]["net_flips"]
+        assert {"strict", "flexible"} <= {r["rule"] for r in s["rules"]}
+        assert ("survives" in s["verdict"]) != ("depends on how answers are scored" in s["verdict"])
 
 
 def test_random_direction_control():
@@ -110,7 +131,7 @@ def test_random_direction_control():
         vs = d["vs_caa"]
         # paired counts agree with the two accuracies: acc_random - acc_caa = (random only - CAA only) / n
         assert d["accuracy"] - caa["accuracy"] == pytest.approx((vs["b_only"] - vs["a_only"]) / d["n"])
-        assert 0 <= vs["mcnemar_p"] <= 1
+        assert 0 <= vs["mcnemar_p"] <= 1 and 0 <= d["truncated"] <= 1
 
 
 def test_logit_lens_metrics():
@@ -125,6 +146,7 @@ def test_report_and_figures():
     for heading in ("SAE training metrics", "Baseline accuracy", "Contrastive layers", "CAA steering", "Logit lens"):
         assert heading in text
     assert "not run" not in text
+    assert "### The peak under each scoring rule" in text and "### Each row under each scoring rule" in text
     figures = sorted(p.name[:2] for p in PATHS.figures.glob("*.png"))
     for chapter in ("02", "03", "05", "06", "07"):
         assert chapter in figures, f"no figure from chapter {chapter}"
