@@ -113,10 +113,18 @@ def declared_parameters(nb) -> list[str]:
 HEADLESS_WARNING_FILTERS = ("ignore:IProgress not found",)
 
 
+# Plain scripts run with MPLBACKEND=Agg (the Makefile exports it: no display needed). A kernel that
+# inherited it would draw every figure off-screen and the executed chapter would show none; the
+# inline backend is headless too and puts each figure into the notebook as a PNG.
+KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
+
+
 def headless_kernel_env() -> None:
-    """Add :data:`HEADLESS_WARNING_FILTERS` to ``PYTHONWARNINGS``, which the kernels inherit."""
+    """The environment the chapter kernels inherit: :data:`HEADLESS_WARNING_FILTERS` added to
+    ``PYTHONWARNINGS``, and matplotlib's inline backend (:data:`KERNEL_MPLBACKEND`)."""
     current = [f for f in os.environ.get("PYTHONWARNINGS", "").split(",") if f]
     os.environ["PYTHONWARNINGS"] = ",".join(current + [f for f in HEADLESS_WARNING_FILTERS if f not in current])
+    os.environ["MPLBACKEND"] = KERNEL_MPLBACKEND
 
 
 def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_output: bool = False) -> ChapterRun:

@@ -133,7 +133,7 @@ print(f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {info[
 history = read_json(paths.checkpoints / HISTORY_FILE) if P.sae_source == "train" else []
 if history:
     fig, _ = plots.plot_training_curves(history, sae.d_sae)
-    plots.save_figure(fig, paths.figures / "02_training_curves.png")
+    _ = plots.save_figure(fig, paths.figures / "02_training_curves.png")
 else:
     print("pretrained SAE: no training curves")
 

@@ -100,7 +100,7 @@ print(f"dead at the end of training (counters): {'n/a' if dead_train is None els
 
 # %%
 fig, _ = plots.plot_feature_density(counts.numpy(), recon.n_tokens)
-plots.save_figure(fig, paths.figures / "03_feature_density.png")
+_ = plots.save_figure(fig, paths.figures / "03_feature_density.png")
 
 # %% [markdown]
 # ## What splicing the SAE in costs the model
@@ -156,7 +156,7 @@ for feat in examples:
     for e in feat["examples"][:3]:
         print(f"   {e['activation']:7.2f}  …{e['context'][-50:]!r} [[{e['token']!r}]]")
 fig, _ = plots.plot_feature_examples(examples)
-plots.save_figure(fig, paths.figures / "03_feature_examples.png")
+_ = plots.save_figure(fig, paths.figures / "03_feature_examples.png")
 
 # %% [markdown]
 # ## The card's metrics table, and ours

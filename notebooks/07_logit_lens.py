@@ -72,7 +72,7 @@ print(f"English commitment layer (threshold {P.english_threshold}): {commit} of 
 # %%
 fig, ax = plots.plot_logit_lens(result, commit)
 ax.set_title(f"Logit lens — {lm.name}")
-plots.save_figure(fig, paths.figures / "07_logit_lens.png")
+_ = plots.save_figure(fig, paths.figures / "07_logit_lens.png")
 
 # %%
 atomic_write_json(paths.metrics / "07_logit_lens.json", {

@@ -35,6 +35,12 @@ from mechlib.io import atomic_write_json
 P = from_namespace(globals())
 atomic_write_json(RunPaths(P.run).make().metrics / "01_fake.json", {"k": P.k})
 print("k =", P.k)
+
+# %%
+from mechlib import plots
+fig, ax = plots.new_figure(3.0, 2.0)
+_ = ax.plot([0, 1], [1, 0])
+_ = plots.save_figure(fig, RunPaths(P.run).figures / "01_fake.png")
 '''
 
 CHAPTER_FAILS = HEADER + '''
@@ -77,6 +83,19 @@ def test_runs_a_chapter_with_only_its_declared_parameters(book):
     injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
     assert len(injected) == 1 and "k = 7" in injected[0].source and "d_sae" not in injected[0].source
     assert (out / "REPORT.md").is_file() and (out / "params.yaml").is_file()
+
+
+def test_figures_show_inline_in_executed_chapters_even_under_agg(book, monkeypatch):
+    """``make`` exports MPLBACKEND=Agg (scripts must not need a display); the chapters' kernels must
+    still use the inline backend, or an executed notebook shows no plot where its text promises one."""
+    nbdir, params, out = book
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    run_book(params, ["01"], notebooks_dir=nbdir)
+    nb = nbformat.read(out / "notebooks" / "01_fake.ipynb", as_version=4)
+    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if "image/png" in o.get("data", {})]
+    assert len(images) == 1, "the figure must be shown in the executed notebook"
+    assert (out / "figures" / "01_fake.png").is_file()
 
 
 def test_failing_chapter_stops_and_keeps_the_executed_notebook(book):

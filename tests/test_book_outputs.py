@@ -150,3 +150,15 @@ def test_report_and_figures():
     figures = sorted(p.name[:2] for p in PATHS.figures.glob("*.png"))
     for chapter in ("02", "03", "05", "06", "07"):
         assert chapter in figures, f"no figure from chapter {chapter}"
+
+
+def test_every_chapter_that_saves_a_figure_shows_it():
+    import nbformat
+
+    for nb_path in sorted(PATHS.notebooks.glob("0*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        code = [c for c in nb.cells if c.cell_type == "code"]
+        if not any("save_figure" in c.source for c in code):
+            continue
+        images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
+        assert images, f"{nb_path.name} saves a figure but shows none inline"
