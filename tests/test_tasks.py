@@ -90,35 +90,37 @@ def test_chat_template_missing_is_a_clear_error(tiny_tok):
         build_prompt(tiny_tok, "q", "alpaca")
 
 
-def test_chat_template_and_single_bos(tiny_tok):
-    tok = tiny_tok
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    try:
-        p = build_prompt(tok, "What is 2+2?", "chat_template")
-        assert p.startswith("<bos><user>" + INSTRUCTION) and p.endswith("What is 2+2?<assistant>")
-        ids = encode_prompts(tok, [p, "plain text"])
-        assert ids[0].count(tok.bos_token_id) == 1, "the template's BOS must not be doubled"
-        assert ids[1][0] == tok.bos_token_id, "plain prompts get the tokenizer's BOS"
-    finally:
-        tok.chat_template = None
+@pytest.fixture
+def templated_tok(tiny_tok):
+    """The tiny tokenizer with a minimal chat template (removed again after the test)."""
+    tiny_tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    yield tiny_tok
+    tiny_tok.chat_template = None
 
 
-def test_chat_oneshot_puts_one_worked_example_before_the_question(tiny_tok):
+def test_chat_template_and_single_bos(templated_tok):
+    tok = templated_tok
+    p = build_prompt(tok, "What is 2+2?", "chat_template")
+    assert p.startswith("<bos><user>" + INSTRUCTION) and p.endswith("What is 2+2?<assistant>")
+    ids = encode_prompts(tok, [p, "plain text"])
+    assert ids[0].count(tok.bos_token_id) == 1, "the template's BOS must not be doubled"
+    assert ids[1][0] == tok.bos_token_id, "plain prompts get the tokenizer's BOS"
+
+
+def test_chat_oneshot_puts_one_worked_example_before_the_question(templated_tok):
     from mechlib.prompts import ONESHOT_ANSWER, ONESHOT_QUESTION
 
-    tok = tiny_tok
-    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                         "{% if add_generation_prompt %}<assistant>{% endif %}")
-    try:
-        p = build_prompt(tok, "What is 2+2?", "chat_oneshot")
-    finally:
-        tok.chat_template = None
+    p = build_prompt(templated_tok, "What is 2+2?", "chat_oneshot")
     assert p == (f"<bos><user>{INSTRUCTION}\n\n{ONESHOT_QUESTION}<assistant>{ONESHOT_ANSWER}"
                  f"<user>{INSTRUCTION}\n\nWhat is 2+2?<assistant>")
     assert ONESHOT_ANSWER.endswith("#### 5") and "-" in ONESHOT_ANSWER  # an operation no template uses
+
+
+def test_chat_oneshot_needs_a_chat_template(tiny_tok):
+    assert not tiny_tok.chat_template
     with pytest.raises(PromptFormatError, match="chat_oneshot"):
-        build_prompt(tok, "q", "chat_oneshot")
+        build_prompt(tiny_tok, "q", "chat_oneshot")
 
 
 # ------------------------------------------------------------------------ records
