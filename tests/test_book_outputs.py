@@ -73,7 +73,7 @@ def test_baseline_metrics():
     assert m["finished"] + m["truncated"] == pytest.approx(1.0)
     assert sum(m["stop_reasons"].values()) == m["n"] and m["stop_reasons"]["limit"] == round(m["truncated"] * m["n"])
     rules = m["by_scoring_rule"]
-    assert list(rules) == ["primary", "strict", "flexible", "finished"]
+    assert set(rules) == {"primary", "strict", "flexible", "finished"}  # JSON keys are written sorted
     assert rules["primary"]["n_correct"] == m["n_correct"] and rules["finished"]["n"] == m["stop_reasons"]["eos"] \
         + m["stop_reasons"]["answer_line"]
 
