@@ -41,13 +41,18 @@ book: setup
 unit: setup
 	$(PY) -m pytest tests -q -m "not book_outputs"
 
+# `make nbval` validates outputs/$(NBVAL_RUN) (the `make book` run by default); `make test` runs the
+# default params into outputs/$(TEST_RUN), so outputs/default stays what `make book` made.
+NBVAL_RUN ?= default
+TEST_RUN ?= test-default
+
 nbval: setup
-	TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
-		--nbval-sanitize-with tests/sanitize.cfg outputs/default/notebooks tests/test_book_outputs.py
+	MECHBOOK_TEST_RUN=$(NBVAL_RUN) TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
+		--nbval-sanitize-with tests/sanitize.cfg outputs/$(NBVAL_RUN)/notebooks tests/test_book_outputs.py
 
 test: unit
-	$(PY) -m mechlib.book params/default.yaml
-	$(MAKE) --no-print-directory nbval
+	$(PY) -m mechlib.book params/default.yaml --run $(TEST_RUN)
+	$(MAKE) --no-print-directory nbval NBVAL_RUN=$(TEST_RUN)
 
 lab: setup
 	$(VENV)/bin/jupytext-config set-default-viewer python

@@ -276,13 +276,15 @@ def check_layers(params: BookParams, source: str) -> None:
 
 
 def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_output: bool = False,
-             notebooks_dir: Path = NOTEBOOKS_DIR) -> list[ChapterRun]:
+             notebooks_dir: Path = NOTEBOOKS_DIR, run: str | None = None) -> list[ChapterRun]:
     """Run the chosen chapters of the book on one params file; return per-chapter timings.
 
-    Everything that can be checked without running a chapter is checked first, before anything
-    is written; then the run name is locked for the whole run (released on error and Ctrl-C too).
+    ``run`` overrides the run name (the output folder), e.g. so that ``make test`` never touches
+    what ``make book`` made. Everything that can be checked without running a chapter is checked
+    first, before anything is written; then the run name is locked for the whole run (released on
+    error and Ctrl-C too).
     """
-    params = load_params(params_path)
+    params = load_params(params_path, run=run)
     todo = select(chapters(notebooks_dir), only)
     if not todo:
         raise ParamsError(f"no chapters found in {notebooks_dir}")
@@ -313,9 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("params", help="params file, e.g. params/default.yaml")
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these chapters (numbers or names)")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
+    parser.add_argument("--run", metavar="NAME", help="output folder outputs/NAME (default: the params file's run)")
     args = parser.parse_args(argv)
     try:
-        runs = run_book(args.params, args.only, log_output=args.log_output)
+        runs = run_book(args.params, args.only, log_output=args.log_output, run=args.run)
     except KeyboardInterrupt as exc:
         msg = str(exc) if isinstance(exc, ChapterInterrupted) else f"interrupted (Ctrl-C); {RESUME_HINT}"
         print(f"[mechbook] error: {_one_line(msg)}", file=sys.stderr, flush=True)

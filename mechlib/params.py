@@ -44,7 +44,7 @@ class BookParams:
     corpus_split: str = "train"
     corpus_text_field: str = "text"
     seq_len: int = 128
-    collect_tokens: int = 160_000
+    collect_tokens: int = 100_000
     heldout_tokens: int = 16_384
     collect_batch_size: int = 16
     shard_tokens: int = 65_536
@@ -63,7 +63,7 @@ class BookParams:
     lr_floor: float = 1e-4
     warmup_steps: int = 50
     train_batch_size: int = 1024
-    train_tokens: int = 480_000
+    train_tokens: int = 300_000
     renorm_every: int = 10
     dead_tokens: int = 100_000  # a latent is dead after this many tokens without firing
     checkpoint_every: int = 100  # steps
@@ -76,7 +76,7 @@ class BookParams:
     gsm8k_split: str = "test"
     n_questions: int = 200
     n_heldout: int = 50
-    prompt_format: str = "chat_template"  # chat_template | chat_oneshot | gemma_manual
+    prompt_format: str = "chat_oneshot"  # chat_oneshot | chat_template | gemma_manual
     max_new_tokens: int = 48
     gen_batch_size: int = 32
     # --- 05 contrastive layers ---------------------------------------------------------
@@ -255,8 +255,8 @@ ParamsLoader.yaml_implicit_resolvers = {
 ParamsLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_12, list("-+0123456789."))
 
 
-def load_params(path: str | os.PathLike[str]) -> BookParams:
-    """Read a params YAML file. The run name defaults to the file's stem."""
+def load_params(path: str | os.PathLike[str], run: str | None = None) -> BookParams:
+    """Read a params YAML file. The run name is ``run`` if given, else the file's ``run``, else its stem."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
@@ -272,6 +272,8 @@ def load_params(path: str | os.PathLike[str]) -> BookParams:
     values = {} if values is None else values
     if isinstance(values, dict):
         values.setdefault("run", path.stem)
+        if run is not None:
+            values["run"] = run
     return validate(values, source=str(path))
 
 

@@ -61,7 +61,7 @@ gsm8k_path = ""
 gsm8k_split = "test"
 n_questions = 200
 n_heldout = 50
-prompt_format = "chat_template"
+prompt_format = "chat_oneshot"
 max_new_tokens = 48
 gen_batch_size = 32
 

@@ -280,3 +280,12 @@ def test_a_second_run_of_the_same_name_fails_at_once_naming_the_holder(book, boo
         assert f"run 'trial' is already running (pid {os.getpid()} on" in line
         assert not (out / "notebooks" / "01_fake.ipynb").exists()
     assert (out / ".lock").exists() is False
+
+
+def test_run_name_override_writes_elsewhere(book, book_main):
+    _, params, out = book
+    assert book_main([str(params), "--only", "01", "--run", "trial-ci"]) == 0
+    other = out.with_name("trial-ci")
+    assert json.loads((other / "metrics" / "01_fake.json").read_text()) == {"k": 7}
+    assert not out.exists(), "the file's own run folder is left alone"
+    assert book_main([str(params), "--only", "01", "--run", "../escape"]) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from mechlib.paths import PARAMS_DIR, RunPaths
 
 pytestmark = pytest.mark.book_outputs
 
-PATHS = RunPaths("default")
+# `make test` runs the default params into their own run folder (MECHBOOK_TEST_RUN), so that
+# outputs/default stays what `make book` made.
+PATHS = RunPaths(os.environ.get("MECHBOOK_TEST_RUN", "default"))
 PARAMS: BookParams = load_params(PARAMS_DIR / "default.yaml")
 
 

@@ -45,3 +45,16 @@ def test_chapter_reads_like_a_paper_section(chapter):
     )
     code_lines = sum(len(c.source.splitlines()) for c in code)
     assert code_lines < 150, f"{code_lines} lines of code: move logic to mechlib"
+
+
+def test_default_params_file_is_the_schema_defaults():
+    """One source for defaults: a chapter run in JupyterLab with no injected parameters does the same
+    run as ``make book`` (params/default.yaml), because every value that file sets is the schema's."""
+    import yaml
+
+    from mechlib.paths import PARAMS_DIR
+
+    values = yaml.safe_load((PARAMS_DIR / "default.yaml").read_text(encoding="utf-8"))
+    defaults = BookParams()
+    differ = {k: (v, getattr(defaults, k)) for k, v in values.items() if v != getattr(defaults, k)}
+    assert not differ, f"params/default.yaml differs from BookParams defaults (file, schema): {differ}"
