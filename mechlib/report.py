@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
 
 # The study's own numbers (public model card, see ../shared/FIELD.md), shown beside ours. The card's
 # variance explained was computed with the seed's global-variance formula, so it sits on that row.
-CARD_SAE_METRICS = {"var_explained_global": 0.939, "mse": 0.181, "l0": 128, "coverage": 0.62, "dead_fraction": 0.0}
+CARD_SAE_METRICS = {"var_explained_global": CARD.var_explained_global, "mse": CARD.mse, "l0": CARD.l0,
+                    "coverage": CARD.coverage, "dead_fraction": float(CARD.dead)}
 
 
 def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
@@ -58,6 +60,16 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 def _figures(paths: RunPaths, prefix: str) -> str:
     figs = sorted(paths.figures.glob(f"{prefix}*.png"))
     return "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
+
+
+def _findings(paths: RunPaths, *chapters: str) -> str:
+    """Each chapter's "What this run found" paragraph (written by the chapter from its own numbers)."""
+    text = ""
+    for name in chapters:
+        finding = (_load(paths, name) or {}).get("finding")
+        if finding:
+            text += f"\n**What this run found (chapter {name[:2]}).** {finding}\n"
+    return text
 
 
 def _section_run(paths: RunPaths) -> str:
@@ -243,8 +255,14 @@ def render_report(run: str) -> str:
         f"Model: `{collect.get('model', '—')}`, SAE layer {collect.get('layer', '—')}. Generated from"
         " `metrics/*.json`; executed notebooks in `notebooks/`.\n"
     )
-    sections = [_section_run(paths), _section_sae(paths), _section_baseline(paths), _section_layers(paths), _section_steering(paths),
-                _section_lens(paths)]
+    sections = [
+        _section_run(paths) + _findings(paths, "01_collect"),
+        _section_sae(paths) + _findings(paths, "02_train_sae", "03_evaluate_sae"),
+        _section_baseline(paths) + _findings(paths, "04_gsm8k_baseline"),
+        _section_layers(paths) + _findings(paths, "05_contrastive_layers"),
+        _section_steering(paths) + _findings(paths, "06_steering"),
+        _section_lens(paths) + _findings(paths, "07_logit_lens"),
+    ]
     return header + "\n" + "\n".join(sections)
 
 

@@ -91,25 +91,3 @@ def accuracy_under_rules(records: Sequence[Record]) -> list[RuleAccuracy]:
         out.append(RuleAccuracy(rule, n, k, k / n if n else float("nan"), wilson_ci(k, n) if n else (0.0, 1.0)))
     return out
 
-
-def baseline_finding(n: int, n_correct: int, ci95: tuple[float, float], finished: float,
-                     by_rule: Sequence[RuleAccuracy], max_new_tokens: int) -> str:
-    """Chapter 04's result in words, from this run's numbers: accuracy, how many answers finished,
-    and whether the alternative scoring rules tell the same story."""
-    acc = {a.rule: a for a in by_rule}
-    spread = [a.accuracy for a in by_rule if a.n]
-    text = (f"The model answers {n_correct} of {n} questions correctly ({n_correct / n:.3f}, 95 % CI "
-            f"[{ci95[0]:.3f}, {ci95[1]:.3f}]); {finished:.1%} of its answers end by themselves (EOS or a "
-            f"'#### N' line) within {max_new_tokens} new tokens. ")
-    text += ("Under the alternative rules: " + ", ".join(
-        f"{RULE_LABELS[r]} {acc[r].accuracy:.3f}" + (f" (on {acc[r].n})" if acc[r].n != n else "")
-        for r in ALTERNATIVES if acc[r].n) + ". ")
-    gap = max(spread) - min(spread)
-    text += (f"The rules agree within {100 * gap:.1f} points, so accuracy here does not hinge on the parser."
-             if gap <= 0.05 else
-             f"The rules differ by up to {100 * gap:.1f} points: accuracy depends on how answers are read, and the "
-             f"later chapters report each result under every rule.")
-    if finished < 0.9:
-        text += (f" Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
-                 f"arithmetic (the 'finished only' rule leaves those answers out).")
-    return text

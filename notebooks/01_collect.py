@@ -59,11 +59,12 @@ collect_mode = "disk"
 activation_dtype = "float32"
 
 # %%
+import textwrap
 import time
 
 import torch
 
-from mechlib import plots
+from mechlib import findings, plots
 from mechlib.collect_config import collect_for_book
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json, read_json
@@ -109,10 +110,10 @@ if result.train is None:
 #
 # Left: the distribution of residual-stream norms of the kept tokens. Right (log scale): all positions of
 # the first 64 held-out rows, recomputed here because the shards never store excluded tokens. The BOS at
-# the start of every row acts as an **attention sink**: its residual vector is about a hundred times longer
-# than an ordinary token's. In a few rows the token right after BOS becomes a second sink, just as long —
-# in the first default run, 33 such tokens out of 160 000 carried about a third of the total squared norm,
-# which is what an SAE's reconstruction loss weighs. Hence both positions are excluded.
+# the start of every row acts as an **attention sink**: its residual vector is far longer than an ordinary
+# token's (the printout below gives the ratio for this run). In some rows the token right after BOS becomes a
+# second sink, just as long (counted below); a few dozen such tokens can carry a large share of the total
+# squared norm, which is what an SAE's reconstruction loss weighs. Hence both positions are excluded.
 
 # %%
 acts = (result.train or held).load_all(max_tokens=32_768)
@@ -151,16 +152,28 @@ print(f"position 1: {int((pos1_norms > 5 * median).sum())} of {len(pos1_norms)} 
 if sep_norms.numel():
     print(f"document separators: mean norm {sep_norms.mean():.1f} ({sep_norms.numel()} in the first 64 rows)")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
+# %%
+n_train = result.train.n_tokens if result.train is not None else 0
+bos_ratio = float(bos_norms.mean() / all_norms[keep].mean())
+finding = findings.collect_finding(n_train, held.n_tokens, P.layer, lm.d_model, float(norms.mean()), bos_ratio)
+print(textwrap.fill(finding, 110))
+
 # %%
 metrics_path = paths.metrics / "01_collect.json"
 previous = read_json(metrics_path) if metrics_path.is_file() else {}
 metrics = {
     "model": lm.name, "layer": P.layer, "d_model": lm.d_model, "seq_len": P.seq_len,
-    "n_tokens": result.train.n_tokens if result.train is not None else 0,
+    "n_tokens": n_train, "finding": finding,
     "heldout_tokens": held.n_tokens, "collect_mode": P.collect_mode,
     "activation_dtype": P.activation_dtype, "exclude_special_tokens": P.exclude_special_tokens,
     "exclude_first_positions": P.exclude_first_positions, "max_norm": round(float(norms.max()), 4),
-    "mean_norm": round(float(norms.mean()), 4), "bos_norm_ratio": round(float(bos_norms.mean() / all_norms[keep].mean()), 4),
+    "mean_norm": round(float(norms.mean()), 4), "bos_norm_ratio": round(bos_ratio, 4),
     # timings (not checked): of this run's computed tokens; a resumed run keeps the first run's numbers
     "model_load_s": round(load_s, 2),
     "collect_s": round(result.seconds, 2) if rate else previous.get("collect_s"),

@@ -77,9 +77,10 @@ dead_tokens = 100_000
 checkpoint_every = 100
 
 # %%
+import textwrap
 import time
 
-from mechlib import plots
+from mechlib import findings, plots
 from mechlib.collect_config import open_store, open_train_store
 from mechlib.io import atomic_write_json, read_json
 from mechlib.params import from_namespace
@@ -147,8 +148,20 @@ if history:
 else:
     print(f"pretrained: {P.sae_pretrained}")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
 # %%
-summary = {**info, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
+finding = findings.training_finding(
+    len(history), len(history) * cfg.train_batch_size, len(history) * cfg.train_batch_size / store.n_tokens,
+    history[-1]["fvu"] if history else None, history[-1]["n_dead"] if history else None, sae.d_sae)
+print(textwrap.fill(finding, 110))
+
+# %%
+summary = {**info, "finding": finding, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
            "n_dead_last_step": history[-1]["n_dead"] if history else None,
            "checkpoint": str(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
            "train_config": cfg.as_dict()}

@@ -45,9 +45,10 @@ eval_ce_tokens = 4096
 n_feature_examples = 4
 
 # %%
+import textwrap
 import time
 
-from mechlib import evaluate, metrics, plots
+from mechlib import evaluate, findings, metrics, plots
 from mechlib.collect_config import open_store
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
@@ -180,8 +181,20 @@ for key_, label in labels.items():
     c = CARD_SAE_METRICS.get(key_)
     print(f"{label:48s} {('—' if c is None else f'{c:g}'):>24s} {ours[key_]:10.4g}")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
 # %%
-result = {**ours, "n_tokens": recon.n_tokens, "never_fired_fraction": recon.never_fired_fraction,
+finding = findings.sae_finding(recon.var_explained, recon.var_explained_global, pca_ve, sae.k, spliced["delta_ce_loss"],
+                               spliced["kl"], spliced.get("ce_loss_recovered"), recon.l0, recon.coverage,
+                               recon.n_tokens)
+print(textwrap.fill(finding, 110))
+
+# %%
+result = {**ours, "finding": finding, "n_tokens": recon.n_tokens, "never_fired_fraction": recon.never_fired_fraction,
           "var_explained_excl_outliers": recon.var_explained_excl_outliers,
           "n_outlier_tokens": recon.n_outlier_tokens, "outlier_norm_ratio": metrics.OUTLIER_NORM_RATIO,
           "pca_var_explained_excl_outliers": pca_ve_in,

@@ -69,7 +69,7 @@ gen_batch_size = 32
 import textwrap
 import time
 
-from mechlib import plots, scoring
+from mechlib import findings, plots, scoring
 from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -120,7 +120,7 @@ print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)}
 # answers that stopped at the end-of-turn token or after a complete `#### N` line; the rest were cut off at
 # `max_new_tokens` and are scored on what was written so far. Then accuracy under each scoring rule, per
 # question kind, and which extraction rule read each answer (answers read from a trailing number are weaker
-# evidence than a `####` line). The last paragraph is written from these numbers.
+# evidence than a `####` line).
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -139,9 +139,6 @@ for g in groups:
     print(f"  {g.group:>14}: {g.accuracy:.2f} ({g.n_correct}/{g.n})  CI [{g.ci95[0]:.2f}, {g.ci95[1]:.2f}]")
 for rule, (n_read, n_right) in sorted(summary.by_rule.items()):
     print(f"  read by rule {rule!r}: {n_read} answers, {n_right} correct")
-print()
-print(textwrap.fill(scoring.baseline_finding(summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule,
-                                             P.max_new_tokens), 110))
 
 # %%
 fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in groups], [g.ci95[0] for g in groups],
@@ -182,8 +179,21 @@ print(f"contrast set: {len(contrast_ids)} questions ({n_c} correct, {len(contras
 print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_ids) - n_h} wrong "
       f"— the pool steering can recover)")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+finding = findings.baseline_finding(summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule,
+                                    P.max_new_tokens)
+print(textwrap.fill(finding, 110))
+
 # %%
 atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
+    "finding": finding,
     "task": P.task, "prompt_format": P.prompt_format, "model": P.model, "max_new_tokens": P.max_new_tokens,
     "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
     "truncated": summary.truncated, "finished": summary.finished, "stop_reasons": summary.stop_reasons,

@@ -50,7 +50,7 @@ import time
 
 import numpy as np
 
-from mechlib import contrast, plots, scoring, sensitivity, stats
+from mechlib import contrast, findings, plots, scoring, sensitivity, stats
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -224,8 +224,21 @@ print()
 peak_finding = sensitivity.peak_verdict(peaks)
 print(textwrap.fill(peak_finding, 110))
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
+# %%
+finding = findings.layers_finding(peak, states.n_layers, float(res.top_abs_d[peak]), null.p_peak, null.p_peak_mc_se,
+                                  within.p_peak, len(set(strata)), stats.finite_or_none(rho.rho),
+                                  stats.finite_or_none(rho.p), [r.peak_layer for r in peaks[1:]])
+print(textwrap.fill(finding, 110))
+
 # %%
 metrics = {
+    "finding": finding,
     "model": P.model, "pooling": P.contrast_pooling, "top_d": P.top_d, "n_permutations": null.n_permutations,
     "n_correct": res.n_correct, "n_wrong": res.n_wrong, "n_heldout": len(split.heldout_ids),
     "peak_layer": peak, "top10_abs_d": [float(v) for v in res.top_abs_d],

@@ -46,7 +46,7 @@ random_control_scale = 0.10
 import textwrap
 import time
 
-from mechlib import contrast, plots, scoring, sensitivity, steering, stats
+from mechlib import contrast, findings, plots, scoring, sensitivity, steering, stats
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -207,8 +207,23 @@ fig, ax = plots.plot_dose_response([r.scale for r in rows], [r.accuracy for r in
                                    controls=[(c.row.scale, c.row.accuracy) for c in controls])
 _ = plots.save_figure(fig, paths.figures / "06_dose_response.png")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
+# %%
+primary = [under[0] for under in by_rule.values()]
+finding = findings.steering_finding(
+    layer, [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in primary],
+    sum(all(u.effect == under[0].effect for u in under) for under in by_rule.values()),
+    [c.row.delta for c in controls], None if caa_row is None else caa_row.delta)
+print(textwrap.fill(finding, 110))
+
 # %%
 metrics = {
+    "finding": finding,
     "layer": layer, "peak_layer": m05["peak_layer"], "model": P.model, "mean_resid_norm": mean_norm,
     "steering_vector": str(vec_file.relative_to(paths.root)), "n_heldout": len(base),
     "baseline_accuracy": n_base_ok / len(base), "baseline_ci95": list(base_ci),

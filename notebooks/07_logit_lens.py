@@ -34,7 +34,9 @@ lens_prompt = "The capital of France is Paris. The capital of Germany is"
 english_threshold = 0.5
 
 # %%
-from mechlib import plots
+import textwrap
+
+from mechlib import findings, plots
 from mechlib.io import atomic_write_json
 from mechlib.lens import english_commitment_layer, logit_lens
 from mechlib.models import load_model
@@ -74,9 +76,19 @@ fig, ax = plots.plot_logit_lens(result, commit)
 ax.set_title(f"Logit lens — {lm.name}")
 _ = plots.save_figure(fig, paths.figures / "07_logit_lens.png")
 
+# %% [markdown]
+# ## What this run found
+#
+# Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
+# same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
+
+# %%
+finding = findings.lens_finding(commit, result.n_layers, result.top_tokens[-1][-1], result.top_probs[-1][-1])
+print(textwrap.fill(finding, 110))
+
 # %%
 atomic_write_json(paths.metrics / "07_logit_lens.json", {
-    "model": lm.name, "prompt": P.lens_prompt, "input_tokens": result.input_tokens,
+    "model": lm.name, "finding": finding, "prompt": P.lens_prompt, "input_tokens": result.input_tokens,
     "n_layers": result.n_layers, "english_threshold": P.english_threshold,
     "english_commitment_layer": commit, "english_fraction": [round(f, 4) for f in result.english_fraction],
     "top_tokens": result.top_tokens, "top_ids": result.top_ids,

@@ -165,3 +165,11 @@ def test_every_chapter_that_saves_a_figure_shows_it():
             continue
         images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         assert images, f"{nb_path.name} saves a figure but shows none inline"
+
+
+@pytest.mark.parametrize("chapter", ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline",
+                                     "05_contrastive_layers", "06_steering", "07_logit_lens"])
+def test_every_chapter_states_what_it_found(chapter):
+    finding = metrics(chapter)["finding"]
+    assert isinstance(finding, str) and len(finding) > 80
+    assert f"**What this run found (chapter {chapter[:2]}).** {finding}" in PATHS.report.read_text()

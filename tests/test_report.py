@@ -119,6 +119,16 @@ def test_scoring_sensitivity_and_truncation_reach_the_report(run_dir):
     assert "- +10 %: harms; the conclusion survives." in text
 
 
+def test_each_chapters_finding_closes_its_section(run_dir):
+    _, write = run_dir
+    write("03_evaluate_sae", {"var_explained": 0.7, "finding": "The SAE explains 0.700."})
+    write("07_logit_lens", {"english_commitment_layer": 3, "n_layers": 5, "finding": "English from layer 3."})
+    text = report.render_report("r")
+    assert "**What this run found (chapter 03).** The SAE explains 0.700." in text
+    assert text.index("chapter 03).**") < text.index("## Baseline")
+    assert text.rstrip().endswith("**What this run found (chapter 07).** English from layer 3.")
+
+
 def test_write_report_is_atomic_and_lands_in_the_run(run_dir):
     run, _ = run_dir
     out = report.write_report("r")

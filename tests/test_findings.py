@@ -1,0 +1,43 @@
+"""The closing paragraphs follow the numbers: wording comes from the statistics, never from one run."""
+
+from __future__ import annotations
+
+from mechlib import findings
+
+
+def test_significance_words_follow_p():
+    sig = findings.layers_finding(22, 30, 0.717, 0.003, 0.002, 0.038, 5, 0.53, 0.0001, [22, 22, 22])
+    assert "p = 0.003 ± 0.002, significant at 0.05" in sig and "beyond the question type" in sig
+    assert "layer 27 of 42" in sig and "p < 0.001, significant" in sig
+    assert sig.endswith("Every alternative scoring rule finds the same peak layer.")
+    weak = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.7, 5, -0.1, 0.4, [3, 5, None])
+    assert "p = 0.460 ± 0.016, not significant at 0.05" in weak and "may be the question type" in weak
+    assert "significant at 0.05" not in weak.replace("not significant at 0.05", "")
+    assert "2 of 3 alternative scoring rules put the peak elsewhere" in weak
+    one_type = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.46, 1, None, None, [3])
+    assert "question type" not in one_type and "Spearman" not in one_type
+
+
+def test_steering_finding_says_no_effect_or_names_the_effects():
+    none = findings.steering_finding(22, [(0.02, "no significant change", -0.02, 1.0),
+                                          (0.1, "no significant change", 0.04, 0.6)], 2, [-0.04, 0.04], -0.02)
+    assert "No steering scale at layer 22 changes held-out accuracy significantly" in none
+    assert "from -0.020 to +0.040" in none and "2 of 2" in none and "within the random range" in none
+    flat = findings.steering_finding(2, [(0.1, "no significant change", -0.02, 1.0)] * 2, 2, [], None)
+    assert "Δ -0.020 at every scale" in flat and "random" not in flat
+    some = findings.steering_finding(17, [(0.1, "harms", -0.2, 0.013), (-0.05, "no significant change", 0.1, 0.3)],
+                                     1, [0.1, 0.2], -0.2)
+    assert "+10 % harms (Δ -0.200, p 0.013)" in some and "outside the random range" in some
+    assert "-5 %" not in some  # only the scales that moved are named
+
+
+def test_training_sae_lens_and_collect_findings():
+    assert "no latent was dead" in findings.training_finding(292, 299008, 3.0, 0.219, 0, 4608)
+    assert "12 of 4608 latents (0.3%)" in findings.training_finding(292, 299008, 3.0, 0.219, 12, 4608)
+    assert "published SAE" in findings.training_finding(0, 0, 0.0, None, None, 4608)
+    sae = findings.sae_finding(0.69, 0.87, 0.46, 32, 0.34, 0.51, 0.93, 32.0, 1.0, 16384)
+    assert "beats the 32-component PCA baseline (0.460)" in sae and "recovering 93.0%" in sae
+    assert "does not beat" in findings.sae_finding(0.4, 0.6, 0.46, 32, 0.34, 0.51, None, 32.0, 1.0, 16384)
+    assert "from layer 23 of 30 (77% of depth" in findings.lens_finding(23, 30, " Berlin", 0.81)
+    assert findings.lens_finding(None, 30, "x", 0.1).startswith("No layer's top tokens")
+    assert "147x longer" in findings.collect_finding(100000, 16384, 15, 576, 170.4, 146.8)
