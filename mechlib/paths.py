@@ -63,6 +63,14 @@ class RunPaths:
     def report(self) -> Path:
         return self.root / "REPORT.md"
 
+    def rel(self, path: str | os.PathLike[str]) -> str:
+        """``path`` as ``outputs/<run>/…`` (what saved outputs print: no machine-specific prefix)."""
+        p = Path(path)
+        try:
+            return str(Path("outputs") / self.run / p.relative_to(self.root))
+        except ValueError:
+            return str(p)
+
     def make(self) -> "RunPaths":
         for d in (self.notebooks, self.figures, self.metrics, self.checkpoints, self.activations, self.records):
             d.mkdir(parents=True, exist_ok=True)

@@ -180,4 +180,4 @@ metrics = {
     "tokens_per_s": round(rate, 1) if rate else previous.get("tokens_per_s"),
 }
 atomic_write_json(metrics_path, metrics)
-print(metrics_path)
+print(paths.rel(metrics_path))

@@ -163,6 +163,6 @@ print(textwrap.fill(finding, 110))
 # %%
 summary = {**info, "finding": finding, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
            "n_dead_last_step": history[-1]["n_dead"] if history else None,
-           "checkpoint": str(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
+           "checkpoint": paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
            "train_config": cfg.as_dict()}
 atomic_write_json(paths.metrics / "02_train_sae.json", summary)

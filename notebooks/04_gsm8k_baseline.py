@@ -111,7 +111,7 @@ t_gen = time.time()
 records = run_baseline(loaded, questions, P.prompt_format, P.max_new_tokens, P.gen_batch_size,
                        paths.records / "baseline.jsonl", desc="baseline")
 gen_seconds = time.time() - t_gen
-print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)} records in {paths.records})")
+print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)} records in {paths.rel(paths.records)})")
 
 # %% [markdown]
 # ## Accuracy
@@ -206,4 +206,4 @@ atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
     "contrast_ids": contrast_ids, "heldout_ids": heldout_ids,
     "generation_seconds": round(gen_seconds, 2),
 })
-print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.metrics / '04_gsm8k_baseline.json'}")
+print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.rel(paths.metrics / '04_gsm8k_baseline.json')}")

@@ -94,4 +94,4 @@ atomic_write_json(paths.metrics / "07_logit_lens.json", {
     "top_tokens": result.top_tokens, "top_ids": result.top_ids,
     "top_probs": [[round(p, 4) for p in row] for row in result.top_probs], "softcap": result.softcap,
 })
-print(paths.metrics / "07_logit_lens.json")
+print(paths.rel(paths.metrics / "07_logit_lens.json"))

@@ -173,3 +173,19 @@ def test_every_chapter_states_what_it_found(chapter):
     finding = metrics(chapter)["finding"]
     assert isinstance(finding, str) and len(finding) > 80
     assert f"**What this run found (chapter {chapter[:2]}).** {finding}" in PATHS.report.read_text()
+
+
+def test_saved_outputs_carry_no_machine_paths():
+    """Executed chapters print paths as ``outputs/<run>/…``: a notebook shared from one machine must not
+    show another's folder layout."""
+    import nbformat
+
+    from mechlib.paths import REPO_ROOT
+
+    for nb_path in sorted(PATHS.notebooks.glob("0*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        for cell in nb.cells:
+            for out in cell.get("outputs", []):
+                text = "".join(out.get("text", "")) + "".join(
+                    v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str))
+                assert str(REPO_ROOT) not in text, f"{nb_path.name}: {text[:200]!r}"

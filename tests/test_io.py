@@ -80,3 +80,11 @@ def test_gsm8k_and_corpus_readers_name_the_file_and_line(tmp_path):
         list(iter_texts(str(txt)))
     txt.write_bytes(b"Some prose.\r\nsecond line\r\n\r\nMore prose.\n")
     assert list(iter_texts(str(txt))) == ["Some prose.\nsecond line", "More prose."]
+
+
+def test_run_paths_print_relative_to_the_repository():
+    from mechlib.paths import RunPaths
+
+    paths = RunPaths("r1")
+    assert paths.rel(paths.metrics / "01_collect.json") == "outputs/r1/metrics/01_collect.json"
+    assert paths.rel("/elsewhere/x.pt") == "/elsewhere/x.pt"
