@@ -117,6 +117,10 @@ HEADLESS_WARNING_FILTERS = ("ignore:IProgress not found",)
 # inherited it would draw every figure off-screen and the executed chapter would show none; the
 # inline backend is headless too and puts each figure into the notebook as a PNG.
 KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
+# The kernel app's own log (not the chapter's warnings, which go into the notebook): without this
+# every chapter prints ipykernel's "Kernel is running over TCP without encryption" to the terminal —
+# a local kernel on the loopback interface, started and owned by this process.
+KERNEL_ARGS = ("--IPKernelApp.log_level=ERROR",)
 
 
 def headless_kernel_env() -> None:
@@ -151,6 +155,7 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
             language="python",
             progress_bar=False,
             log_output=log_output,
+            extra_arguments=list(KERNEL_ARGS),
         )
     except (Exception, KeyboardInterrupt) as exc:
         raise _failure(chapter, _keep(partial, out), exc, paths) from None

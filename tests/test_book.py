@@ -289,3 +289,10 @@ def test_run_name_override_writes_elsewhere(book, book_main):
     assert json.loads((other / "metrics" / "01_fake.json").read_text()) == {"k": 7}
     assert not out.exists(), "the file's own run folder is left alone"
     assert book_main([str(params), "--only", "01", "--run", "../escape"]) == 1
+
+
+def test_kernels_start_without_their_tcp_warning(book, capfd):
+    nbdir, params, _ = book
+    run_book(params, ["01"], notebooks_dir=nbdir)
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "IPKernelApp" not in err
