@@ -54,9 +54,12 @@ test: unit
 	$(PY) -m mechlib.book params/default.yaml --run $(TEST_RUN)
 	$(MAKE) --no-print-directory nbval NBVAL_RUN=$(TEST_RUN)
 
+# JupyterLab opens the .py chapters as notebooks: the setting goes into the venv's own config folder
+# (read through jupyter_config_path), never into the user's ~/.jupyter; root needs --allow-root.
+LAB_SETTINGS := $(VENV)/etc/jupyter/labconfig/default_setting_overrides.json
 lab: setup
-	$(VENV)/bin/jupytext-config set-default-viewer python
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupytext-config --settings-file $(LAB_SETTINGS) set-default-viewer python
+	$(VENV)/bin/jupyter lab $(if $(filter 0,$(shell id -u)),--allow-root,) notebooks/
 
 benchmarks: setup
 	@echo "GPU benchmarks (run on a CUDA machine): bash benchmarks/gpu_all.sh, or one by one:"
