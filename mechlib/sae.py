@@ -297,18 +297,30 @@ def _resolve_hf(spec: str) -> Path:
 
 
 def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), or ``hf:<repo>/<file>``.
+    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), or ``hf:<repo>/<file>``,
+    or from a SAELens or sparsify folder (:mod:`mechlib.interop`; e.g. the one chapter 02 exports).
 
     A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs).
     """
     from mechlib.paths import resolve
 
+    from mechlib import interop
+
     spec_s = str(spec)
     path = _resolve_hf(spec_s) if spec_s.startswith("hf:") else resolve(spec_s)
+    if path.is_file() and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS) \
+            and interop.detect(path.parent):
+        path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
+    if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
+        state, meta = interop.read_folder(path) or ({}, {})
+        meta["source"] = spec_s
+        return sae_from_state(state, str(path), meta).to(device)
     if path.is_dir():
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
-        raise SAEError(f"SAE checkpoint not found: {path}")
+        raise SAEError(f"SAE checkpoint not found: {path} (expected the card's sae_final.pt, the book's "
+                       f"sae.safetensors + cfg.json, a SAELens folder (cfg.json + sae_weights.safetensors) or a "
+                       f"sparsify folder (cfg.json + sae.safetensors, or its layers.N/ subfolder))")
     check_checksum(path)
     cfg_path = path.parent / "cfg.json"
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}

@@ -82,6 +82,7 @@ import time
 
 from mechlib import findings, plots
 from mechlib.collect_config import open_store, open_train_store
+from mechlib.interop import HookInfo, export_sae
 from mechlib.io import atomic_write_json, read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -149,6 +150,20 @@ else:
     print(f"pretrained: {P.sae_pretrained}")
 
 # %% [markdown]
+# ## Using the SAE elsewhere
+#
+# The SAE is also written to `outputs/<run>/export/` in the ecosystem's formats (`mechlib.interop`):
+# SAELens's `cfg.json` + `sae_weights.safetensors` (architecture `topk`, with the model, hook
+# `blocks.L.hook_resid_post` / `model.layers.L`, context size and excluded positions in its metadata) and
+# sparsify's hookpoint folder `layers.L/`. `SAE.load_from_disk(folder)` (SAELens) and
+# `SparseCoder.load_from_disk(folder / "layers.L")` (sparsify) both load it and encode exactly as this book
+# does; `sae_source: pretrained` with `sae_pretrained` set to such a folder loads it back.
+
+# %%
+exported = export_sae(sae, paths.root / "export", HookInfo.from_params(P))
+print(f"SAELens: {paths.rel(exported.folder)}\nsparsify: {paths.rel(exported.sparsify_folder)}")
+
+# %% [markdown]
 # ## What this run found
 #
 # Written from this run's numbers (`mechlib.findings`), with the study's card alongside where it reports the
@@ -164,5 +179,5 @@ print(textwrap.fill(finding, 110))
 summary = {**info, "finding": finding, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
            "n_dead_last_step": history[-1]["n_dead"] if history else None,
            "checkpoint": paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
-           "train_config": cfg.as_dict()}
+           "export": paths.rel(exported.folder), "train_config": cfg.as_dict()}
 atomic_write_json(paths.metrics / "02_train_sae.json", summary)
