@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 
 import pytest
 import torch
@@ -88,3 +90,18 @@ def test_run_paths_print_relative_to_the_repository():
     paths = RunPaths("r1")
     assert paths.rel(paths.metrics / "01_collect.json") == "outputs/r1/metrics/01_collect.json"
     assert paths.rel("/elsewhere/x.pt") == "/elsewhere/x.pt"
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
+def test_outputs_honour_the_umask(tmp_path, umask, mode):
+    from mechlib.io import atomic_save_safetensors_checksummed, checksum_path
+
+    old = os.umask(umask)
+    try:
+        atomic_write_json(tmp_path / "m.json", {"a": 1})
+        atomic_torch_save({"x": 1}, tmp_path / "t.pt")
+        atomic_save_safetensors_checksummed({"w": torch.zeros(2)}, tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    for f in ("m.json", "t.pt", "w.safetensors", checksum_path(tmp_path / "w.safetensors").name):
+        assert stat.S_IMODE((tmp_path / f).stat().st_mode) == mode, f
