@@ -337,24 +337,41 @@ def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tens
     return (diff / norm).float(), norm
 
 
+def steering_vector_meta_path(path: str | os.PathLike[str]) -> Path:
+    """``steering_vec_L{layer}.json`` beside ``steering_vec_L{layer}.pt``: the vector's metadata."""
+    return Path(path).with_suffix(".json")
+
+
 def save_steering_vector(path: str | os.PathLike[str], vector: Tensor, *, layer: int, model: str, n_correct: int,
                          n_wrong: int, mean_resid_norm: float, **extra: Any) -> Path:
-    """The card's announced ``steering_vec_L{layer}.pt``: a dict with the unit vector and its provenance."""
-    atomic_torch_save({"vector": vector.detach().float().cpu().contiguous(), "layer": int(layer), "model": model,
-                       "n_correct": int(n_correct), "n_wrong": int(n_wrong),
-                       "mean_resid_norm": float(mean_resid_norm), **extra}, path)
+    """The card's announced ``steering_vec_L{layer}.pt``: the bare unit vector, as the card loads it
+    (``torch.load(path).to("cuda").to(torch.bfloat16)``), with its provenance in a JSON sidecar."""
+    from mechlib.io import atomic_write_json
+
+    atomic_torch_save(vector.detach().float().cpu().contiguous(), path)
+    atomic_write_json(steering_vector_meta_path(path), {"layer": int(layer), "model": model, "n_correct": int(n_correct),
+                                                        "n_wrong": int(n_wrong),
+                                                        "mean_resid_norm": float(mean_resid_norm), **extra})
     return Path(path)
 
 
 def load_steering_vector(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``{"vector": the unit tensor, **its sidecar metadata}``."""
+    from mechlib.io import read_json
+
     path = Path(path)
-    if not path.is_file():
-        raise ContrastError(f"steering vector not found: {path} (run chapter 05 first)")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-    missing = {"vector", "layer", "mean_resid_norm"} - set(obj if isinstance(obj, dict) else {})
+    meta = steering_vector_meta_path(path)
+    for f in (path, meta):
+        if not f.is_file():
+            raise ContrastError(f"steering vector file not found: {f} (run chapter 05 first)")
+    vector = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(vector, Tensor) or vector.ndim != 1:
+        raise ContrastError(f"{path}: expected a 1-D tensor (the unit steering vector); rerun chapter 05")
+    obj = read_json(meta)
+    missing = {"layer", "mean_resid_norm"} - set(obj)
     if missing:
-        raise ContrastError(f"{path}: steering vector file lacks keys {sorted(missing)}")
-    return obj
+        raise ContrastError(f"{meta}: steering vector metadata lacks keys {sorted(missing)}; rerun chapter 05")
+    return {"vector": vector, **obj}
 
 
 def projection_scores(states_layer: Tensor, unit_vector: Tensor) -> np.ndarray:

@@ -46,6 +46,8 @@ random_control_scale = 0.10
 import textwrap
 import time
 
+import torch
+
 from mechlib import contrast, findings, plots, scoring, sensitivity, steering, stats
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
@@ -119,6 +121,30 @@ for r in rows:
     print(f"{r.scale:>6.2f} {r.perturbation:>6.1f} {r.accuracy:>6.3f} {r.delta:>+7.3f} "
           f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}] {r.recovered:>4}/{r.n_baseline_wrong:<4} {r.broken:>6} "
           f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f} {cut_off[r.scale]:>7.1%}")
+
+# %% [markdown]
+# ## The card's own lines on our vector file
+#
+# The card loads `steering_vec_L27.pt` as a bare tensor (`torch.load(path).to("cuda").to(torch.bfloat16)`) and
+# adds `scale × norm × v` to the layer's output in a forward hook. The cell below does exactly that with this
+# run's file — the hook is one line, no mechlib in it — and answers a few held-out questions with plain HF
+# `generate`, one at a time, at the largest scale of the sweep. They must be mechlib's steered answers at that
+# scale; the check has power only on answers steering changed, so those are counted too (questions where
+# steering changed the answer come first).
+
+# %%
+# NBVAL_CHECK_OUTPUT
+card_scale = float(max(P.steering_scales, key=abs))
+card_vec = torch.load(vec_file).to(loaded.model.dtype)  # the card's line (on this run's device)
+card_delta = card_scale * mean_norm * card_vec
+card_questions = steering.changed_first(questions, sweep[card_scale], base_records)[:4]
+card_check = steering.check_card_hook(
+    loaded, card_questions, sweep[card_scale], base_records, layer=layer, prompt_format=P.prompt_format,
+    max_new_tokens=P.max_new_tokens,
+    register=lambda block: block.register_forward_hook(lambda _m, _i, out: out + card_delta))
+print(f"the card's hook at scale {card_scale:+.2f}: {card_check.n_equal} of {card_check.n} answers equal mechlib's "
+      f"steered answers ({card_check.n_steering_changed} of them changed by steering)"
+      + (f"; differ: {card_check.mismatched_ids}" if card_check.mismatched_ids else ""))
 
 # %% [markdown]
 # ## Does each row survive another way of scoring?
@@ -230,6 +256,8 @@ metrics = {
     "n_bootstrap": P.n_bootstrap,
     "baseline_truncated": scoring.truncation_rate(base_records),
     "rows": [{**r.as_dict(), "truncated": cut_off[r.scale]} for r in rows], "overlaps": overlaps,
+    "card_hook_check": {"scale": card_scale, "n": card_check.n, "n_equal": card_check.n_equal,
+                        "n_steering_changed": card_check.n_steering_changed},
     "scoring_sensitivity": [{"scale": s, "verdict": row_findings[s], "rules": [u.as_dict() for u in under]}
                             for s, under in by_rule.items()],
     "random_control": {"scale": P.random_control_scale, "seed": P.seed,

@@ -139,8 +139,14 @@ def test_steering_vector_roundtrip(tmp_path):
     obj = load_steering_vector(p)
     assert torch.equal(obj["vector"], v) and obj["layer"] == 3 and obj["mean_resid_norm"] == 12.5
     assert obj["pooling"] == "last"
+    # the card's own line works on the file: a bare unit tensor
+    card = torch.load(p).to(torch.bfloat16)
+    assert card.shape == (8,) and abs(float(card.float().norm()) - 1) < 1e-2
     with pytest.raises(ContrastError, match="not found"):
         load_steering_vector(tmp_path / "missing.pt")
+    p.with_suffix(".json").unlink()
+    with pytest.raises(ContrastError, match="steering_vec_L3.json"):
+        load_steering_vector(p)
 
 
 def test_mean_difference_refuses_one_group():

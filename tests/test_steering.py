@@ -312,3 +312,35 @@ def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny
     assert calls, "a new parser version must regenerate, not reuse"
     assert {r.parser_version for r in changed} == {"answers-test-changed"}
     assert json.loads(records.meta_path(path).read_text())["parser"] == "answers-test-changed"
+
+
+def test_card_hook_written_without_mechlib_reproduces_the_sweep(tiny_llama, tmp_path):
+    """The card's recipe (bare tensor, one-line forward hook, HF generate) gives mechlib's steered answers;
+    a hook with the wrong scale does not — the check can fail."""
+    from mechlib.contrast import save_steering_vector
+    from mechlib.models import LoadedModel
+    from mechlib.records import run_baseline
+    from mechlib.steering import changed_first, check_card_hook, run_sweep
+    from mechlib.tasks import arithmetic_questions
+
+    model, tok = tiny_llama
+    model.generation_config.eos_token_id, model.generation_config.pad_token_id = 1, 0
+    loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
+    questions = arithmetic_questions(4, seed=5)
+    unit = torch.randn(64, generator=torch.Generator().manual_seed(7))
+    unit = unit / unit.norm()
+    path = save_steering_vector(tmp_path / "steering_vec_L1.pt", unit, layer=1, model="tiny", n_correct=2, n_wrong=2,
+                                mean_resid_norm=10.0)
+    kw = dict(prompt_format="gemma_manual", max_new_tokens=6)
+    steered = run_sweep(loaded, questions, layer=1, vector=unit, mean_norm=10.0, scales=[0.5], batch_size=4,
+                        records_dir=tmp_path, progress=False, **kw)[0.5]
+    base = run_baseline(loaded, questions, "gemma_manual", 6, 4, tmp_path / "b.jsonl", progress=False)
+    card_vec = torch.load(path)
+    for scale, expect_all_equal in [(0.5, True), (1.5, False)]:
+        delta = scale * 10.0 * card_vec
+        check = check_card_hook(loaded, changed_first(questions, steered, base), steered, base, layer=1,
+                                register=lambda block, d=delta: block.register_forward_hook(lambda _m, _i, out: out + d),
+                                **kw)
+        assert check.n_steering_changed > 0, "steering must change some answers, or the check has no power"
+        assert (check.n_equal == check.n) is expect_all_equal
+    assert _hook_count(model) == 0
