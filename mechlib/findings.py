@@ -30,6 +30,8 @@ class Card:
     baseline_accuracy: tuple[float, float] = (0.45, 0.50)
     peak_layer: int = 27
     peak_top_abs_d: float = 0.896
+    mean_resid_norm: float = 95.3  # at the peak layer: the unit of the steering scales
+    n_heldout: int = 50
     n_layers: int = 42
     spearman_rho: float = 0.540
     english_layer: int = 30

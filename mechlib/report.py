@@ -129,10 +129,12 @@ def _section_baseline(paths: RunPaths) -> str:
     m = _load(paths, "04_gsm8k_baseline")
     if m is None:
         return "## Baseline\n\nChapter 04 not run.\n"
-    rows = [[m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95"),
-             _pct(m.get("finished")), _pct(m.get("truncated"))]]
+    lo, hi = CARD.baseline_accuracy
+    rows = [["this run", m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95"),
+             _pct(m.get("finished")), _pct(m.get("truncated"))],
+            ["study card (Gemma 4 E4B)", "gsm8k", "gemma_manual", CARD.n_heldout, f"{lo:.2f}–{hi:.2f}", "—", "—", "—"]]
     text = "## Baseline accuracy (chapter 04)\n\n" + _table(
-        ["task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows) + "\n"
+        ["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows) + "\n"
     by_rule = m.get("by_scoring_rule") or {}
     if by_rule:
         rows = [[rule, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for rule, v in by_rule.items()]
@@ -152,15 +154,18 @@ def _section_layers(paths: RunPaths) -> str:
     top = m.get("top10_abs_d") or []
     peak = m.get("peak_layer")
     peak_value = top[peak] if isinstance(peak, int) and 0 <= peak < len(top) else None
-    rows = [[peak, peak_value, m.get("null_max_q95"), _p(m.get("null_p"), m.get("null_p_mc_se")),
+    rows = [["this run", f"{_fmt(peak)} of {len(top)}", peak_value, m.get("null_max_q95"),
+             _p(m.get("null_p"), m.get("null_p_mc_se")),
              _p(m.get("null_p_within_type"), m.get("null_p_within_type_mc_se")),
-             m.get("spearman_rho"), m.get("spearman_p")]]
+             m.get("spearman_rho"), m.get("spearman_p")],
+            ["study card (Gemma 4 E4B)", f"{CARD.peak_layer} of {CARD.n_layers}", CARD.peak_top_abs_d,
+             "not reported", "not reported", "not reported", CARD.spearman_rho, "—"]]
     text = (
         "## Contrastive layers (chapter 05)\n\n"
         f"Contrast set: {_fmt(m.get('n_correct'))} correct, {_fmt(m.get('n_wrong'))} wrong"
         f" ({m.get('pooling', '—')} prompt token pooled); {_fmt(m.get('n_permutations'))} label permutations"
         " (p ± its Monte-Carlo standard error).\n\n"
-        + _table(["peak layer", "top-10 |d| at peak", "null 95th pct (max over layers)", "permutation p",
+        + _table(["", "peak layer", "top-10 |d| at peak", "null 95th pct (max over layers)", "permutation p",
                   "p, shuffled within type", "Spearman ρ (held-out)", "Spearman p"], rows)
         + "\n"
     )
@@ -184,10 +189,13 @@ def _section_steering(paths: RunPaths) -> str:
          _pct(r.get("truncated"))]
         for r in m.get("rows", [])
     ]
+    rows.insert(0, ["baseline", "0 %", m.get("baseline_accuracy"), 0, "—", "—", 0, "—", _pct(m.get("baseline_truncated"))])
     text = (
         f"## CAA steering at layer {m.get('layer')} (chapter 06)\n\n"
-        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))}; its answers cut off: "
-        f"{_pct(m.get('baseline_truncated'))}\n\n"
+        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))} on {_fmt(m.get('n_heldout'))} questions; its "
+        f"answers cut off: {_pct(m.get('baseline_truncated'))}. Perturbations are % of the mean residual norm at "
+        f"layer {m.get('layer')}: {_fmt(m.get('mean_resid_norm'), 2)} (the card: {CARD.mean_resid_norm} at layer "
+        f"{CARD.peak_layer}, {CARD.n_heldout} held-out questions).\n\n"
         + _table(["scale", "perturbation", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
                   "net flips", "McNemar p (exact)", "cut off"], rows)
         + "\n"
@@ -240,10 +248,16 @@ def _section_lens(paths: RunPaths) -> str:
     m = _load(paths, "07_logit_lens")
     if m is None:
         return "## Logit lens\n\nChapter 07 not run.\n"
+    tokens, probs, english = m.get("top_tokens") or [], m.get("top_probs") or [], m.get("english_fraction") or []
+    rows = [[layer, english[layer] if layer < len(english) else None, repr(tokens[layer][-1]), probs[layer][-1]]
+            for layer in range(min(len(tokens), len(probs)))]
     return (
         "## Logit lens (chapter 07)\n\n"
         f"First layer whose top tokens are mostly English words: **{_fmt(m.get('english_commitment_layer'))}**"
-        f" of {_fmt(m.get('n_layers'))}.\n\n" + _figures(paths, "07_") + "\n"
+        f" of {_fmt(m.get('n_layers'))} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
+        + (_table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
+           if rows else "")
+        + _figures(paths, "07_") + "\n"
     )
 
 

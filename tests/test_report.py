@@ -134,3 +134,19 @@ def test_write_report_is_atomic_and_lands_in_the_run(run_dir):
     out = report.write_report("r")
     assert out == run.report and out.read_text().startswith("# mechbook report — run `r`")
     assert not list(run.root.glob("*.tmp*"))
+
+
+def test_the_card_stands_beside_every_table(run_dir):
+    _, write = run_dir
+    write("04_gsm8k_baseline", {"task": "arithmetic", "prompt_format": "chat_oneshot", "n": 20, "accuracy": 0.25,
+                                "ci95": [0.11, 0.47]})
+    write("05_contrastive_layers", {"peak_layer": 1, "top10_abs_d": [0.1, 0.5], "spearman_rho": 0.2})
+    write("06_steering", {"layer": 1, "n_heldout": 8, "baseline_accuracy": 0.25, "mean_resid_norm": 311.734,
+                          "rows": [{"scale": 0.1, "perturbation": 10, "accuracy": 0.2}]})
+    write("07_logit_lens", {"english_commitment_layer": 1, "n_layers": 2, "english_fraction": [0.0, 0.75],
+                            "top_tokens": [[",", "."], ["a", " Berlin"]], "top_probs": [[0.1, 0.2], [0.3, 0.9]]})
+    text = report.render_report("r")
+    assert "| study card (Gemma 4 E4B) | gsm8k | gemma_manual | 50 | 0.45–0.50 |" in text
+    assert "| this run | 1 of 2 | 0.5 |" in text and "| study card (Gemma 4 E4B) | 27 of 42 | 0.896 |" in text
+    assert "| baseline | 0 % | 0.25 | 0 |" in text and "311.73 (the card: 95.3 at layer 27" in text
+    assert "(the card: 30 of 42)" in text and "| 1 | 0.75 | ' Berlin' | 0.9 |" in text
