@@ -1,4 +1,4 @@
-"""The papermill runner: ``python -m mechlib.book params/<run>.yaml [--only 01 02]``.
+"""The papermill runner: ``python -m mechlib.book params/<run>.yaml [--only 01 02] [-p KEY=VALUE ...]``.
 
 Why a runner of our own: papermill cannot read Jupytext percent-format ``.py`` files, and it
 only *warns* about parameters a notebook does not declare. The runner converts each chapter
@@ -23,14 +23,15 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import yaml
 
 from mechlib.io import atomic_write_json, atomic_write_text
-from mechlib.params import BookParams, ParamsError, known_keys, load_params
+from mechlib.params import BookParams, ParamsError, ParamsLoader, known_keys, load_params, validate
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
 from mechlib.runlock import RunLockError, run_lock
+from mechlib.tidy import tidy_notebook_file
 
 RESUME_HINT = "rerun the same command to resume (finished work is reused)"
 
@@ -157,6 +158,7 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
             log_output=log_output,
             extra_arguments=list(KERNEL_ARGS),
         )
+        tidy_notebook_file(partial)  # progress bars: their final line only
     except (Exception, KeyboardInterrupt) as exc:
         raise _failure(chapter, _keep(partial, out), exc, paths) from None
     finally:
@@ -280,16 +282,48 @@ def check_layers(params: BookParams, source: str) -> None:
                               f"valid layers are 0..{n_layers - 1}")
 
 
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    """``["k=64", "lr=5e-4"]`` → ``{"k": 64, "lr": 0.0005}``: each value read as a YAML scalar, exactly as
+    the same line in a params file would be (YAML 1.2 floats, ``null``, ``true``), so ``-p`` and the file
+    go through one schema."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ParamsError(f"-p {item!r}: expected KEY=VALUE, e.g. -p k=64")
+        if key in out:
+            raise ParamsError(f"-p {key}: given twice; each parameter may be overridden once")
+        try:
+            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # noqa: S506 — a SafeLoader
+        except yaml.YAMLError as exc:
+            raise ParamsError(f"-p {item!r}: the value is not a YAML scalar ({_one_line(exc)})") from None
+        if isinstance(value, (dict, list)):
+            raise ParamsError(f"-p {item!r}: the value must be a single value, not a YAML {type(value).__name__}")
+        out[key] = value
+    return out
+
+
+def with_overrides(params: BookParams, overrides: dict[str, Any], source: str) -> BookParams:
+    """``params`` with ``overrides`` applied, validated by the same schema (unknown key: the same error)."""
+    if not overrides:
+        return params
+    where = f"{source} with -p {' '.join(f'{k}={v}' for k, v in overrides.items())}"
+    return validate({**params.as_dict(), **overrides}, source=where)
+
+
 def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_output: bool = False,
-             notebooks_dir: Path = NOTEBOOKS_DIR, run: str | None = None) -> list[ChapterRun]:
+             notebooks_dir: Path = NOTEBOOKS_DIR, run: str | None = None,
+             overrides: dict[str, Any] | None = None) -> list[ChapterRun]:
     """Run the chosen chapters of the book on one params file; return per-chapter timings.
 
     ``run`` overrides the run name (the output folder), e.g. so that ``make test`` never touches
     what ``make book`` made. Everything that can be checked without running a chapter is checked
-    first, before anything is written; then the run name is locked for the whole run (released on
+    first, before anything is written; ``overrides`` (the command line's ``-p KEY=VALUE``) replace the
+    file's values, and the params.yaml saved with the run holds the result; then the run name is locked for the whole run (released on
     error and Ctrl-C too).
     """
-    params = load_params(params_path, run=run)
+    params = with_overrides(load_params(params_path, run=run), overrides or {}, str(params_path))
     todo = select(chapters(notebooks_dir), only)
     if not todo:
         raise ParamsError(f"no chapters found in {notebooks_dir}")
@@ -321,9 +355,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these chapters (numbers or names)")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     parser.add_argument("--run", metavar="NAME", help="output folder outputs/NAME (default: the params file's run)")
+    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one parameter of the file (value read as YAML), e.g. -p k=64 -p lr=5e-4")
     args = parser.parse_args(argv)
     try:
-        runs = run_book(args.params, args.only, log_output=args.log_output, run=args.run)
+        overrides = parse_overrides(args.param)
+        runs = run_book(args.params, args.only, log_output=args.log_output, run=args.run, overrides=overrides)
     except KeyboardInterrupt as exc:
         msg = str(exc) if isinstance(exc, ChapterInterrupted) else f"interrupted (Ctrl-C); {RESUME_HINT}"
         print(f"[mechbook] error: {_one_line(msg)}", file=sys.stderr, flush=True)

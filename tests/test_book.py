@@ -37,6 +37,12 @@ atomic_write_json(RunPaths(P.run).make().metrics / "01_fake.json", {"k": P.k})
 print("k =", P.k)
 
 # %%
+from tqdm.auto import tqdm
+import time
+for _ in tqdm(range(3), desc="fake bar", mininterval=0):
+    time.sleep(0.05)
+
+# %%
 from mechlib import plots
 fig, ax = plots.new_figure(3.0, 2.0)
 _ = ax.plot([0, 1], [1, 0])
@@ -296,3 +302,54 @@ def test_kernels_start_without_their_tcp_warning(book, capfd):
     run_book(params, ["01"], notebooks_dir=nbdir)
     err = capfd.readouterr().err
     assert "without encryption" not in err and "IPKernelApp" not in err
+
+
+def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, capsys):
+    nbdir, params, out = book
+    assert book_main([str(params), "--only", "01", "-p", "k=64", "-p", "lr=5e-4"]) == 0
+    assert json.loads((out / "metrics" / "01_fake.json").read_text()) == {"k": 64}  # the chapter saw it
+    saved = yaml.safe_load((out / "params.yaml").read_text())
+    assert saved["k"] == 64 and saved["lr"] == 0.0005 and isinstance(saved["lr"], float)  # 5e-4: a YAML 1.2 float
+    assert yaml.safe_load(params.read_text()) == {"k": 7}  # the params file itself is untouched
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "kk=64"], "with -p kk=64: unknown parameter 'kk'. Did you mean 'k'?"),
+    (["-p", "k=sixty"], "parameter 'k' must be int, got 'sixty'"),
+    (["-p", "k"], "-p 'k': expected KEY=VALUE"),
+    (["-p", "k=1", "-p", "k=2"], "-p k: given twice"),
+    (["-p", "k=0"], "with -p k=0: 'k' must be positive, got 0"),
+])
+def test_bad_p_overrides_are_one_clear_error_before_any_chapter_runs(book, book_main, capsys, args, message):
+    nbdir, params, out = book
+    assert book_main([str(params), "--only", "01", *args]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert message in line
+    assert not (out / "metrics" / "01_fake.json").exists()
+
+
+def test_progress_bars_keep_only_their_final_line(book):
+    nbdir, params, out = book
+    run_book(params, ["01"], notebooks_dir=nbdir)
+    nb = nbformat.read(out / "notebooks" / "01_fake.ipynb", as_version=4)
+    (cell,) = [c for c in nb.cells if "fake bar" in c.source]
+    streams = [o for o in cell.outputs if o.output_type == "stream"]
+    assert len(streams) == 1 and "\r" not in streams[0].text
+    lines = [line for line in streams[0].text.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("fake bar: 100%") and "3/3" in lines[0]
+
+
+def test_collapse_streams_merges_neighbours_and_resolves_redraws():
+    from mechlib.tidy import collapse_streams
+
+    nb = nbformat.v4.new_notebook()
+    cell = nbformat.v4.new_code_cell("x")
+    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rbar 0%"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%"),
+                    nbformat.v4.new_output("stream", name="stderr", text="\n"),
+                    nbformat.v4.new_output("stream", name="stdout", text="a\nb\n"),
+                    nbformat.v4.new_output("stream", name="stderr", text="w\n")]
+    nb.cells.append(cell)
+    collapse_streams(nb)
+    assert [(o.name, o.text) for o in cell.outputs] == [("stderr", "bar 100%\n"), ("stdout", "a\nb\n"),
+                                                        ("stderr", "w\n")]
