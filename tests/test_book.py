@@ -328,8 +328,9 @@ def test_bad_p_overrides_are_one_clear_error_before_any_chapter_runs(book, book_
     assert not (out / "metrics" / "01_fake.json").exists()
 
 
-def test_progress_bars_keep_only_their_final_line(book):
+def test_progress_bars_keep_only_their_final_line(book, monkeypatch):
     nbdir, params, out = book
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)  # the test session disables bars; the kernel must draw this one
     run_book(params, ["01"], notebooks_dir=nbdir)
     nb = nbformat.read(out / "notebooks" / "01_fake.ipynb", as_version=4)
     (cell,) = [c for c in nb.cells if "fake bar" in c.source]
