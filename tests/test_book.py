@@ -176,7 +176,10 @@ def test_a_dead_kernel_is_one_line_and_the_notebook_says_where(book, book_main, 
     assert book_main([str(params), "--only", "03"]) == 1
     (line,) = _error_lines(capsys.readouterr().err)
     kept = out / "notebooks" / "03_dies.ipynb"
-    assert "chapter 03_dies failed: the kernel died in cell [" in line and "`import os`" in line
+    # the execution count is there when the kernel announced the cell before dying (a race with SIGKILL)
+    import re
+
+    assert re.search(r"chapter 03_dies failed: the kernel died in cell (\[\d+\] )?`import os`", line), line
     assert "out-of-memory killer" in line and str(kept) in line and "rerun the same command to resume" in line
     nb = nbformat.read(kept, as_version=4)
     died = [c for c in nb.cells if any(o.get("ename") == "DeadKernelError" for o in c.get("outputs", []))]
