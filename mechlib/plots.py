@@ -32,6 +32,12 @@ def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
     return path
 
 
+def visible_token(token: str) -> str:
+    """A token as a reader can see it: spaces ␣, newlines ↵, tabs →. A lone " " or "\n" would
+    otherwise print as nothing, and the commonest tokens of a lens map would be blank cells."""
+    return token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u2192")
+
+
 def _yerr(values, lows, highs) -> list[list[float]]:
     """``[[below], [above]]`` error-bar lengths for ``values`` inside ``[lows, highs]``, never negative.
 
@@ -64,7 +70,8 @@ def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak
     ax.plot([peak], [top_abs_d[peak]], marker="*", ms=14, color="C3", ls="none", label=f"peak: layer {peak}")
     ax.set_xlabel("decoder layer (residual stream after it)")
     ax.set_ylabel(f"mean of top-{top_n} |Cohen's d|")
-    ax.legend(loc="best", fontsize=8)
+    # below the axes: inside, the legend would sit on the curve wherever the peak happens to be
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, fontsize=8, frameon=False)
     ax.grid(alpha=0.3)
     return fig, ax
 
@@ -111,6 +118,11 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     c.set_title(f"dead latents (of {d_sae})")
     b.set_ylim(bottom=0)
     c.set_ylim(bottom=0)
+    for ax, key, words in ((b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
+                           (c, "n_dead", "no latent was dead at any step")):
+        if all(h[key] == 0 for h in history):  # a flat line at 0 reads as a broken plot: say it instead
+            ax.text(0.5, 0.5, words, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
+            ax.set_yticks([0])
     c.set_xlabel("step")
     d.plot(steps, [h["lr"] for h in history], lw=1, color="C4")
     d.set_title("learning rate")
@@ -145,8 +157,8 @@ def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure
     fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
     for ax, feat in zip(axes[:, 0], examples):
         ex = feat["examples"]
-        labels = [(e["context"] + "[[" + e["token"] + "]]")[-width:].replace("\n", "↵").replace("$", r"\$")
-                  for e in ex]
+        labels = [(e["context"].replace("\n", "↵") + "[[" + visible_token(e["token"]) + "]]")[-width:]
+                  .replace("$", r"\$") for e in ex]
         ax.barh(range(len(ex)), [e["activation"] for e in ex], color="C1")
         ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
         ax.invert_yaxis()
@@ -170,12 +182,12 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     im = ax.imshow(probs, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
     for layer in range(n_layers):
         for pos in range(n_pos):
-            tok = result.top_tokens[layer][pos].replace("\n", "\\n")[:max_chars]
+            tok = visible_token(result.top_tokens[layer][pos])[:max_chars]
             ax.text(pos, layer, tok, ha="center", va="center", fontsize=6,
                     color="black" if probs[layer, pos] > 0.6 else "white",
                     fontweight="bold" if result.english[layer][pos] else "normal")
     ax.set_xticks(range(n_pos))
-    ax.set_xticklabels([t.replace("\n", "\\n")[:max_chars] for t in result.input_tokens], rotation=60, fontsize=7)
+    ax.set_xticklabels([visible_token(t)[:max_chars] for t in result.input_tokens], rotation=60, fontsize=7)
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
     ax.set_xlabel("prompt position (input token)")
     ax.set_ylabel("decoder layer (residual stream after it)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import matplotlib.pyplot as plt
 
+from mechlib import plots
 from mechlib.plots import plot_baseline, plot_dose_response
 
 
@@ -18,3 +19,30 @@ def test_plot_dose_response_accepts_interval_edges_past_the_estimate():
     fig, _ = plot_dose_response([0.1, 0.2], [0.0, 1.0], [1e-17, 0.8], [0.1, 1.0 - 1e-16], baseline=0.5,
                                 baseline_ci=(0.4, 0.6), layer=3)
     plt.close(fig)
+
+
+def test_whitespace_tokens_are_visible():
+    assert plots.visible_token(" the") == "\u2423the" and plots.visible_token("\n") == "\u21b5"
+    assert plots.visible_token("\t") == "\u2192" and plots.visible_token("Berlin") == "Berlin"
+
+
+def test_flat_training_panels_say_why_instead_of_drawing_a_line_at_zero():
+    history = [{"step": s, "loss": 1.0 / (s + 1), "fvu": 1.0 / (s + 1), "aux_loss": 0.0, "n_dead": 0, "lr": 1e-3}
+               for s in range(5)]
+    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    texts = [t.get_text() for ax in axes.flat for t in ax.texts]
+    assert any("AuxK stayed 0" in t for t in texts) and any("no latent was dead" in t for t in texts)
+    history[3]["n_dead"] = 2
+    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    texts = [t.get_text() for ax in axes.flat for t in ax.texts]
+    assert not any("dead at any step" in t for t in texts), "a panel with data must plot it"
+
+
+def test_contrast_legend_sits_below_the_axes():
+    import numpy as np
+
+    d = np.linspace(0.3, 0.7, 6)
+    fig, ax = plots.plot_layer_contrast(d, d - 0.2, d - 0.1, 0.6, peak=5, strata_max_q95=0.65)
+    fig.canvas.draw()
+    legend = ax.get_legend().get_window_extent()
+    assert legend.y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
