@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from mechlib.scoring import ALTERNATIVES, RULE_LABELS, RuleAccuracy
+from mechlib.sensitivity import ALPHA  # one significance level for verdicts and findings
 
-ALPHA = 0.05
 
 
 @dataclass(frozen=True)

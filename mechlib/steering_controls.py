@@ -19,6 +19,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from mechlib.scoring import truncation_rate
 from mechlib.stats import mcnemar_exact
 from mechlib.steering import SteeringError, SteeringRow, correctness, run_sweep, steering_row
 
@@ -84,5 +85,5 @@ def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vect
         row = steering_row(scale, baseline, steered, n_bootstrap=n_bootstrap, seed=seed)
         vs = None if caa_at_scale is None else paired_comparison(caa_at_scale, steered)
         cos = float(torch.dot(v, caa / caa.norm()))
-        out.append(RandomDirectionResult(i, cos, row, vs, sum(r.truncated for r in records) / len(records)))
+        out.append(RandomDirectionResult(i, cos, row, vs, truncation_rate(records)))
     return out
