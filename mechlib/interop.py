@@ -174,6 +174,14 @@ def _layer_from(*names: Any) -> int | None:
     return None
 
 
+def layer_of_cfg(cfg: dict[str, Any]) -> int | None:
+    """The layer a ``cfg.json`` says its SAE reads: the book's ``layer`` or SAELens's hook names."""
+    if isinstance(cfg.get("layer"), int):
+        return int(cfg["layer"])
+    md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
+    return _layer_from(md.get("hook_name"), md.get("hf_hook_name"))
+
+
 def read_saelens(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """A SAELens TopK folder → (card-format state, meta). Refuses what the book's SAE cannot compute."""
     cfg = _read_json(folder / SAELENS_CFG)
@@ -192,7 +200,7 @@ def read_saelens(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         raise SAEError(f"{where}: a topk SAE config needs 'k'")
     md = cfg.get("metadata") or {}
     meta = {"format": "saelens", "model": md.get("mechbook_model") or md.get("model_name"),
-            "layer": _layer_from(md.get("hook_name"), md.get("hf_hook_name")), "hook_name": md.get("hook_name")}
+            "layer": layer_of_cfg(cfg), "hook_name": md.get("hook_name")}
     return {**t, "k": int(cfg["k"])}, {k: v for k, v in meta.items() if v is not None}
 
 

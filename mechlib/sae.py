@@ -281,40 +281,47 @@ def sae_from_state(state: dict[str, Any], source: str, meta: dict[str, Any] | No
 
 
 def _resolve_hf(spec: str) -> Path:
-    """``hf:<owner>/<repo>/<file>`` → a local file via ``hf_hub_download`` (real users; offline → clear error)."""
-    parts = spec[3:].split("/", 2)
-    if len(parts) != 3 or not all(parts):
-        raise SAEError(f"'{spec}': expected hf:<owner>/<repo>/<file>, e.g. "
-                       "hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt")
-    from huggingface_hub import hf_hub_download
+    """``hf:<owner>/<repo>[@<revision>][/<path>]`` → the local file or folder holding what that SAE needs
+    (:func:`mechlib.hub.download`: configs and weights, one pinned commit; offline → one clear error)."""
+    from mechlib.hub import download
 
-    try:
-        return Path(hf_hub_download(f"{parts[0]}/{parts[1]}", parts[2]))
-    except Exception as exc:  # offline mode, no network, gated repo, missing file: one message
-        raise SAEError(f"could not download '{parts[2]}' from the Hugging Face hub repo '{parts[0]}/{parts[1]}' "
-                       f"({type(exc).__name__}: {exc}). Without network access, download the file elsewhere and "
-                       "set sae_pretrained to its local path.") from None
+    return download(spec).path
 
 
 def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), or ``hf:<repo>/<file>``,
-    or from a SAELens or sparsify folder (:mod:`mechlib.interop`; e.g. the one chapter 02 exports).
+    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), a SAELens or sparsify
+    folder (:mod:`mechlib.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
+    Hub as ``hf:<owner>/<repo>[@<revision>][/<path-in-repo>]`` (:mod:`mechlib.hub`).
 
-    A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs).
+    A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs); from the
+    Hub, ``meta`` also records the repo and commit, and the layer read from the repo's names when no
+    config says it (so :func:`check_compatible` still checks the layer of the card's ``sae_final.pt``).
     """
     from mechlib.paths import resolve
 
+    spec_s = str(spec)
+    if spec_s.startswith("hf:"):  # download what the format needs, then load it like a local path
+        from mechlib.hub import download
+
+        got = download(spec_s)
+        sae = _load_local(got.path, spec_s)
+        for key, value in got.meta().items():  # the commit, and the layer when the files alone lack it
+            sae.meta.setdefault(key, value)
+        return sae.to(device)
+    return _load_local(resolve(spec_s), spec_s).to(device)
+
+
+def _load_local(path: Path, spec_s: str) -> TopKSAE:
+    """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
     from mechlib import interop
 
-    spec_s = str(spec)
-    path = _resolve_hf(spec_s) if spec_s.startswith("hf:") else resolve(spec_s)
     if path.is_file() and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS) \
             and interop.detect(path.parent):
         path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
     if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
         state, meta = interop.read_folder(path) or ({}, {})
         meta["source"] = spec_s
-        return sae_from_state(state, str(path), meta).to(device)
+        return sae_from_state(state, str(path), meta)
     if path.is_dir():
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
@@ -324,6 +331,8 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
     check_checksum(path)
     cfg_path = path.parent / "cfg.json"
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
+    if "layer" not in meta and interop.layer_of_cfg(meta) is not None:  # e.g. a .pt beside a SAELens cfg.json
+        meta["layer"] = interop.layer_of_cfg(meta)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -341,7 +350,7 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
     if not isinstance(state, dict):
         raise SAEError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
     meta.setdefault("source", spec_s)
-    return sae_from_state(state, str(path), meta).to(device)
+    return sae_from_state(state, str(path), meta)
 
 
 def check_checksum(path: Path) -> None:

@@ -189,7 +189,7 @@ def test_hub_spec_offline_gives_one_clear_error(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(SAEError, match="hub repo 'someone/some-sae'.*local path"):
         load_sae("hf:someone/some-sae/sae_final.pt")
-    with pytest.raises(SAEError, match="expected hf:<owner>/<repo>/<file>"):
+    with pytest.raises(SAEError, match="expected hf:<owner>/<repo>"):
         load_sae("hf:only-a-repo")
     assert os.environ["HF_HUB_OFFLINE"] == "1"
 
