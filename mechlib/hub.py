@@ -18,7 +18,7 @@ Spec syntax (``sae_pretrained`` and :func:`mechlib.sae.load_sae`)::
 
 Downloads use ``huggingface_hub.snapshot_download(allow_patterns=...)``: configs first (small), then
 only the weights file the config calls for, pinned to the commit the first call resolved, so the two
-never come from different commits. The upload side is in :mod:`mechlib.hub_push`.
+never come from different commits. ``python -m mechlib.hub push`` (:mod:`mechlib.hub_push`) publishes a run.
 """
 
 from __future__ import annotations
@@ -237,3 +237,38 @@ def _layer(path: Path, spec: HubSpec, in_repo: str) -> tuple[int | None, str | N
 
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [""])[0][:300]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m mechlib.hub push RUN REPO [--revision R] [--private] [--dry-run]``; 0 done, 1 error."""
+    import argparse
+    import sys
+
+    from mechlib.hub_push import PushError, find_run, plan_push, upload
+
+    parser = argparse.ArgumentParser(prog="python -m mechlib.hub", description="Publish a run's SAE on the Hub.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    push = sub.add_parser("push", help="upload outputs/<run>'s SAE, steering vector, features and model card")
+    push.add_argument("run", help="the run folder, e.g. outputs/default (or just the run name)")
+    push.add_argument("repo", help="the Hugging Face repo, <owner>/<name> (created if missing)")
+    push.add_argument("--revision", help="branch to commit to (created if missing; default: main)")
+    push.add_argument("--private", action="store_true", help="create the repo private")
+    push.add_argument("--dry-run", action="store_true", help="print what would be uploaded where, upload nothing")
+    args = parser.parse_args(argv)
+    try:
+        plan = plan_push(find_run(args.run), args.repo, args.revision, args.private)
+        print(plan.describe(), flush=True)
+        if not args.dry_run:
+            print(f"[mechbook] pushed: {upload(plan)}", flush=True)
+    except (PushError, SAEError) as exc:
+        print(f"[mechbook] error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    except Exception as exc:  # no token, no network, no permission: one line, not a traceback
+        print(f"[mechbook] error: upload to {args.repo} failed ({type(exc).__name__}: {_first_line(exc)})",
+              file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
