@@ -34,7 +34,7 @@ class BookParams:
     # --- the run and the model -------------------------------------------------------
     run: str = "default"
     seed: int = 0
-    model: str = "embedded:smollm2-135m-instruct"  # embedded GGUF, a hub id, or a local path
+    model: str = "embedded:smollm2-135m-instruct"  # embedded GGUF, random:<arch>[:<seed>], a hub id, or a local path
     model_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # --- 01 collect --------------------------------------------------------------------
@@ -79,6 +79,10 @@ class BookParams:
     prompt_format: str = "chat_oneshot"  # chat_oneshot | chat_template | gemma_manual
     max_new_tokens: int = 48
     gen_batch_size: int = 32
+    # 0 (off): correctness is the parser's. A fraction f in (0, 1): chapters 05-06 use seeded placeholder
+    # labels (f of the questions marked correct; mechlib.placeholder) and mark every output placeholder —
+    # for random-weight models (random:<arch>), which answer nothing correctly.
+    placeholder_labels: float = 0.0
     # --- 05 contrastive layers ---------------------------------------------------------
     n_permutations: int = 1000  # the minimum: more are drawn while p is within its Monte-Carlo error of 0.05
     top_d: int = 10
@@ -193,6 +197,9 @@ def _check_ranges(p: BookParams, source: str) -> None:
         raise ParamsError(f"{source}: 'n_random_directions' must be >= 0, got {p.n_random_directions}")
     if p.n_random_directions and p.random_control_scale == 0:
         raise ParamsError(f"{source}: 'random_control_scale' must be non-zero (a zero push is no control)")
+    if not (p.placeholder_labels == 0 or 0 < p.placeholder_labels < 1):
+        raise ParamsError(f"{source}: 'placeholder_labels' must be 0 (off) or a fraction in (0, 1) of questions "
+                          f"marked correct, got {p.placeholder_labels}")
     if p.k_aux < 0:
         raise ParamsError(f"{source}: 'k_aux' must be >= 0, got {p.k_aux}")
     if p.n_heldout >= p.n_questions:

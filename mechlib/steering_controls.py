@@ -14,7 +14,7 @@ scale (exact McNemar on the questions where exactly one of the two is right).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -68,12 +68,15 @@ class RandomDirectionResult:
 def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vector: Tensor, mean_norm: float,
                        scale: float, n_directions: int, seed: int, baseline: Mapping[str, bool],
                        caa_at_scale: Mapping[str, bool] | None, n_bootstrap: int = 2000,
+                       relabel: Callable[[list[Any]], list[Any]] | None = None,
                        **sweep_kwargs: Any) -> list[RandomDirectionResult]:
     """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
 
     ``sweep_kwargs`` are :func:`mechlib.steering.run_sweep`'s (prompt format, tokens, batch size,
     records folder, ...). Direction ``i``'s records go to ``steer_L{layer}_rand{i}_{scale}.jsonl``
-    and resume like the CAA sweep's; a changed seed or layer norm discards them.
+    and resume like the CAA sweep's; a changed seed or layer norm discards them. ``relabel`` (e.g.
+    :func:`mechlib.placeholder.relabel_steered` bound to the baseline) replaces each direction's
+    parser verdicts before they are compared, as the chapter does for the CAA scales.
     """
     caa = torch.as_tensor(caa_vector).float()
     dirs = random_directions(caa.shape[0], n_directions, seed)
@@ -81,6 +84,8 @@ def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vect
     for i, v in enumerate(dirs):
         records = run_sweep(loaded, questions, layer=layer, vector=v, mean_norm=mean_norm, scales=[scale],
                             tag=f"_rand{i}", **sweep_kwargs)[float(scale)]
+        if relabel is not None:
+            records = relabel(records)
         steered = correctness(records)
         row = steering_row(scale, baseline, steered, n_bootstrap=n_bootstrap, seed=seed)
         vs = None if caa_at_scale is None else paired_comparison(caa_at_scale, steered)

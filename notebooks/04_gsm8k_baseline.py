@@ -49,6 +49,12 @@
 # cached per question in `records/baseline.jsonl`, keyed by the model, prompt format, token limit, stop
 # rule and parser version: a rerun with the same settings generates nothing, an interrupted one continues
 # where it stopped, and cached answers are re-scored with the current parser on load.
+#
+# **Placeholder labels.** A random-weight model (`model = "random:…"`, used to run every code path at the
+# study's shapes without the real weights) answers nothing correctly. With `placeholder_labels = f`
+# (0 = off) this chapter still reports the parser's accuracy, but chapters 05–06 replace "correct" by a
+# seeded draw marking a fraction `f` of the questions correct (`mechlib.placeholder`), and every output of
+# theirs says so.
 
 # %% tags=["parameters"]
 run = "default"
@@ -64,12 +70,13 @@ n_heldout = 50
 prompt_format = "chat_oneshot"
 max_new_tokens = 48
 gen_batch_size = 32
+placeholder_labels = 0.0
 
 # %%
 import textwrap
 import time
 
-from mechlib import findings, plots, scoring
+from mechlib import findings, placeholder, plots, scoring, stats
 from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -190,6 +197,8 @@ print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_
 finding = findings.baseline_finding(summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule,
                                     P.max_new_tokens)
 print(textwrap.fill(finding, 110))
+if placeholder.is_on(P.placeholder_labels):
+    print(textwrap.fill("Chapters 05-06 will not use these verdicts: " + placeholder.banner(P.placeholder_labels), 110))
 
 # %%
 atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
@@ -198,12 +207,14 @@ atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
     "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
     "truncated": summary.truncated, "finished": summary.finished, "stop_reasons": summary.stop_reasons,
     "unparsed": summary.unparsed, "parser_version": records[0].parser_version,
-    "by_scoring_rule": {a.rule: {"n": a.n, "n_correct": a.n_correct, "accuracy": a.accuracy, "ci95": list(a.ci95)}
+    "by_scoring_rule": {a.rule: {"n": a.n, "n_correct": a.n_correct, "accuracy": stats.finite_or_none(a.accuracy),
+                                "ci95": list(a.ci95)}
                         for a in by_rule},
     "by_rule": {k: {"n": v[0], "n_correct": v[1]} for k, v in summary.by_rule.items()},
     "by_kind": {g.group: {"n": g.n, "n_correct": g.n_correct, "accuracy": g.accuracy, "ci95": list(g.ci95)}
                 for g in groups},
     "contrast_ids": contrast_ids, "heldout_ids": heldout_ids,
     "generation_seconds": round(gen_seconds, 2),
+    "placeholder_labels": P.placeholder_labels,  # > 0: chapters 05-06 use seeded placeholder labels
 })
 print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.rel(paths.metrics / '04_gsm8k_baseline.json')}")

@@ -24,6 +24,10 @@
 # "Correct" is the parser's verdict on free text. The last section recomputes the peak under the
 # alternative scoring rules of chapter 04 (lm-eval strict, lm-eval flexible, finished answers only) and
 # says whether the choice of layer survives.
+#
+# With `placeholder_labels = f > 0` (for random-weight models, which answer nothing correctly) "correct"
+# is instead a seeded draw marking a fraction `f` of the questions correct (`mechlib.placeholder`); every
+# table, figure, finding and metrics file of this chapter then says **PLACEHOLDER**.
 
 # %% tags=["parameters"]
 run = "default"
@@ -42,6 +46,7 @@ n_permutations = 1000
 top_d = 10
 contrast_pooling = "last"
 gen_batch_size = 32
+placeholder_labels = 0.0
 
 # %%
 import functools
@@ -50,7 +55,7 @@ import time
 
 import numpy as np
 
-from mechlib import contrast, findings, plots, scoring, sensitivity, stats
+from mechlib import contrast, findings, placeholder, plots, scoring, sensitivity, stats
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -77,7 +82,7 @@ t0 = time.time()
 # under `activations/`, so a rerun skips the forward passes.
 
 # %%
-split = contrast.load_baseline_split(paths.metrics / "04_gsm8k_baseline.json", paths.records / "baseline.jsonl")
+split = placeholder.baseline_split(paths, P.placeholder_labels, P.seed)  # chapter 04's split (labels: see above)
 ids = split.contrast_ids + split.heldout_ids
 prompts = [split.prompts[i] for i in ids]
 states_file = paths.activations / f"contrast_states_{P.contrast_pooling}.pt"
@@ -93,6 +98,7 @@ print(f"states collected/loaded in {time.time() - t0:.1f} s")
 
 # %%
 # NBVAL_CHECK_OUTPUT
+print(placeholder.banner_line(P.placeholder_labels), end="")
 print(f"contrast set: {int(y.sum())} correct, {int((~y).sum())} wrong; held-out: {len(split.heldout_ids)} questions")
 print(f"{states.n_layers} layers, d_model {h_contrast.shape[-1]}, pooling: {states.pooling}")
 caution = contrast.small_group_warning(int(y.sum()), int((~y).sum()))
@@ -132,7 +138,7 @@ within = stats.adaptive_permutation_null(h_contrast, y, min_permutations=P.n_per
 within_max_q95 = float(np.quantile(within.null_max, 0.95))
 fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d,
                                     strata_max_q95=within_max_q95 if len(set(strata)) > 1 else None)
-_ = plots.save_figure(fig, paths.figures / "05_contrastive_layers.png")
+_ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.figures / "05_contrastive_layers.png")
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -188,10 +194,11 @@ sae = load_sae(sae_path)
 check_compatible(sae, h_contrast.shape[-1], P.layer, source=sae_path)
 features = contrast.rank_sae_features(sae, h_contrast[:, P.layer], y, top_n=50)
 features_file = paths.metrics / f"contrastive_features_L{P.layer}.json"
-atomic_write_json(features_file, contrast.features_json(
+atomic_write_json(features_file, {**contrast.features_json(
     features, layer=P.layer, model=P.model, pooling=P.contrast_pooling,
     sae=P.sae_pretrained if P.sae_source == "pretrained" else "checkpoints/sae_final.pt",
-    n_correct=res.n_correct, n_wrong=res.n_wrong))
+    n_correct=res.n_correct, n_wrong=res.n_wrong),
+    **placeholder.metrics(P.placeholder_labels)})
 
 # %%
 # NBVAL_CHECK_OUTPUT
@@ -221,7 +228,7 @@ for r in peaks:
         print(f"{scoring.RULE_LABELS[r.rule]:>42} {r.n_correct:>7} {r.n_wrong:>5} {r.peak_layer:>4} "
               f"{r.top_abs_d:>7.3f} {r.p_peak:>6.3f} {r.p_mc_se:>6.3f}")
 print()
-peak_finding = sensitivity.peak_verdict(peaks)
+peak_finding = placeholder.mark_text(sensitivity.peak_verdict(peaks), P.placeholder_labels)
 print(textwrap.fill(peak_finding, 110))
 
 # %% [markdown]
@@ -234,11 +241,12 @@ print(textwrap.fill(peak_finding, 110))
 finding = findings.layers_finding(peak, states.n_layers, float(res.top_abs_d[peak]), null.p_peak, null.p_peak_mc_se,
                                   within.p_peak, len(set(strata)), stats.finite_or_none(rho.rho),
                                   stats.finite_or_none(rho.p), [r.peak_layer for r in peaks[1:]])
+finding = placeholder.mark_text(finding, P.placeholder_labels)
 print(textwrap.fill(finding, 110))
 
 # %%
 metrics = {
-    "finding": finding,
+    "finding": finding, **placeholder.metrics(P.placeholder_labels),
     "model": P.model, "pooling": P.contrast_pooling, "top_d": P.top_d, "n_permutations": null.n_permutations,
     "n_correct": res.n_correct, "n_wrong": res.n_wrong, "n_heldout": len(split.heldout_ids),
     "peak_layer": peak, "top10_abs_d": [float(v) for v in res.top_abs_d],

@@ -22,6 +22,11 @@
 # also change *how* the model answers — longer, or never reaching its `#### N` line — so every condition
 # reports how many of its answers were cut off, and every row is recomputed under the alternative scoring
 # rules of chapter 04, with a generated sentence saying whether its conclusion survives.
+#
+# With `placeholder_labels = f > 0` (random-weight models) the baseline labels are chapter 05's seeded
+# placeholders, a steered answer identical to its baseline answer keeps that label, and a changed one gets
+# a seeded coin that is "correct" with probability `f` (`mechlib.placeholder`): the statistics then run on
+# real discordant pairs, but measure nothing about the model — every output below says **PLACEHOLDER**.
 
 # %% tags=["parameters"]
 run = "default"
@@ -41,6 +46,7 @@ steering_scales = [0.02, 0.05, 0.10, 0.15, -0.05]
 n_bootstrap = 2000
 n_random_directions = 3
 random_control_scale = 0.10
+placeholder_labels = 0.0
 
 # %%
 import textwrap
@@ -48,7 +54,7 @@ import time
 
 import torch
 
-from mechlib import contrast, findings, plots, scoring, sensitivity, steering, stats
+from mechlib import contrast, findings, placeholder, plots, scoring, sensitivity, steering, stats
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -68,7 +74,7 @@ t0 = time.time()
 
 # %%
 m05 = read_json(paths.metrics / "05_contrastive_layers.json")
-split = contrast.load_baseline_split(paths.metrics / "04_gsm8k_baseline.json", paths.records / "baseline.jsonl")
+split = placeholder.baseline_split(paths, P.placeholder_labels, P.seed)  # chapter 04's split (labels: see above)
 states = contrast.load_layer_states(paths.root / m05["states_file"])
 layer = m05["peak_layer"] if P.steering_layer is None else P.steering_layer
 vec, vec_file = steering.vector_for_layer(states, split, layer, paths.checkpoints, model=P.model,
@@ -96,10 +102,11 @@ heldout = set(split.heldout_ids)
 questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split) if q.id in heldout]
 contrast.check_questions_match(questions, split)
 loaded = load_model(P.model, P.model_dtype, P.device)
-sweep = steering.run_sweep(loaded, questions, layer=layer, vector=vec["vector"], mean_norm=mean_norm,
-                           scales=P.steering_scales,
-                           prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens,
-                           batch_size=P.gen_batch_size, records_dir=paths.records)
+relabel = placeholder.steered_relabeller(split.records, P.placeholder_labels, P.seed)  # no-op unless placeholder
+sweep = {s: relabel(records) for s, records in steering.run_sweep(
+    loaded, questions, layer=layer, vector=vec["vector"], mean_norm=mean_norm, scales=P.steering_scales,
+    prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
+    records_dir=paths.records).items()}
 print(f"sweep done in {time.time() - t0:.1f} s")
 
 # %%
@@ -113,6 +120,7 @@ n_base_ok = sum(base.values())
 
 # %%
 # NBVAL_CHECK_OUTPUT
+print(placeholder.banner_line(P.placeholder_labels), end="")
 print(f"held-out baseline (chapter 04): {n_base_ok}/{len(base)} = {n_base_ok / len(base):.3f}; "
       f"cut off: {scoring.truncation_rate(base_records):.1%}")
 print(f"{'scale':>6} {'pert%':>6} {'acc':>6} {'delta':>7} {'delta 95% CI':>17} {'recovered':>9} {'broken':>6} "
@@ -165,7 +173,7 @@ for s, under in by_rule.items():
         print(f"{s:>6.2f} {u.rule:>9} {r.n:>4} {r.accuracy:>6.3f} {r.delta:>+7.3f} {r.net_flips:>+4} "
               f"{r.mcnemar_p:>9.3f}  {u.effect}")
 print()
-row_findings = {s: sensitivity.row_verdict(under) for s, under in by_rule.items()}
+row_findings = {s: placeholder.mark_text(sensitivity.row_verdict(u), P.placeholder_labels) for s, u in by_rule.items()}
 for text in row_findings.values():
     print(textwrap.fill(text, 110))
 
@@ -197,13 +205,12 @@ for o in overlaps:
 # random directions move accuracy as much as CAA does, the effect is the size of the push, not its meaning.
 
 # %%
-caa_at_control = sweep.get(float(P.random_control_scale))
 controls = run_random_control(
     loaded, questions, layer=layer, caa_vector=vec["vector"], mean_norm=mean_norm, scale=P.random_control_scale,
     n_directions=P.n_random_directions, seed=P.seed, baseline=base, n_bootstrap=P.n_bootstrap,
-    caa_at_scale=None if caa_at_control is None else steering.correctness(caa_at_control),
+    caa_at_scale=steering.correctness(sweep[P.random_control_scale]) if P.random_control_scale in sweep else None,
     prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
-    records_dir=paths.records)
+    records_dir=paths.records, relabel=relabel)
 caa_row = next((r for r in rows if r.scale == float(P.random_control_scale)), None)
 
 # %%
@@ -231,7 +238,7 @@ fig, ax = plots.plot_dose_response([r.scale for r in rows], [r.accuracy for r in
                                    [r.accuracy_ci95[0] for r in rows], [r.accuracy_ci95[1] for r in rows],
                                    n_base_ok / len(base), base_ci, layer,
                                    controls=[(c.row.scale, c.row.accuracy) for c in controls])
-_ = plots.save_figure(fig, paths.figures / "06_dose_response.png")
+_ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.figures / "06_dose_response.png")
 
 # %% [markdown]
 # ## What this run found
@@ -241,15 +248,15 @@ _ = plots.save_figure(fig, paths.figures / "06_dose_response.png")
 
 # %%
 primary = [under[0] for under in by_rule.values()]
-finding = findings.steering_finding(
+finding = placeholder.mark_text(findings.steering_finding(
     layer, [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in primary],
     sum(all(u.effect == under[0].effect for u in under) for under in by_rule.values()),
-    [c.row.delta for c in controls], None if caa_row is None else caa_row.delta)
+    [c.row.delta for c in controls], None if caa_row is None else caa_row.delta), P.placeholder_labels)
 print(textwrap.fill(finding, 110))
 
 # %%
 metrics = {
-    "finding": finding,
+    "finding": finding, **placeholder.metrics(P.placeholder_labels),
     "layer": layer, "peak_layer": m05["peak_layer"], "model": P.model, "mean_resid_norm": mean_norm,
     "steering_vector": str(vec_file.relative_to(paths.root)), "n_heldout": len(base),
     "baseline_accuracy": n_base_ok / len(base), "baseline_ci95": list(base_ci),

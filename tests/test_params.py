@@ -170,3 +170,19 @@ def test_schema_fields_are_documented_in_defaults():
     # Every field has a default, so a params file may set only what it changes.
     for f in dataclasses.fields(BookParams):
         assert f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING, f.name
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 0.25])
+def test_placeholder_labels_accepts_off_or_a_fraction(value):
+    assert validate({"placeholder_labels": value}).placeholder_labels == value
+
+
+@pytest.mark.parametrize("value", [1, 1.0, -0.1, 2.5])
+def test_placeholder_labels_outside_the_unit_interval_is_refused(value):
+    with pytest.raises(ParamsError, match="'placeholder_labels' must be 0 \\(off\\) or a fraction"):
+        validate({"placeholder_labels": value})
+
+
+def test_placeholder_labels_refuses_a_bare_boolean():
+    with pytest.raises(ParamsError, match="'placeholder_labels' must be float"):
+        validate({"placeholder_labels": True})
