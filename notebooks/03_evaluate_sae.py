@@ -160,6 +160,35 @@ fig, _ = plots.plot_feature_examples(examples)
 _ = plots.save_figure(fig, paths.figures / "03_feature_examples.png")
 
 # %% [markdown]
+# ## The feature browser
+#
+# Those few printed latents are a keyhole. The whole SAE is written as a static site in
+# `outputs/<run>/browser/` (open `index.html` from the file system; no server, nothing fetched from the
+# network): every latent with its firing density and mean activation — and, once chapter 05 has run, its
+# contrastive score — sortable and searchable by id or token, and for a capped number of latents a page
+# with top-activating contexts highlighted token by token, examples from four activation quantiles, the
+# activation histogram, the tokens its decoder direction promotes and suppresses through the unembedding,
+# and the latents whose decoder directions are closest. The statistics come from one streaming pass over
+# the held-out shards (`mechlib.browser`).
+
+# %%
+from IPython.display import HTML
+
+from mechlib import browser
+
+site = browser.build_browser(P, paths, heldout, sae)
+print(f"feature browser: {paths.rel(site.index_html)}; {site.n_latents} latents, {site.n_pages} with a page, "
+      f"{site.bytes / 1e6:.1f} MB, built in {site.seconds:.0f} s")
+
+# %% [markdown]
+# One latent's page, condensed: a typical one (its firing density is the median of those with a page).
+# Each token's background is proportional to the latent's activation on it, the activating token is
+# outlined, and whitespace is drawn visibly (␣ ↵ →).
+
+# %%
+HTML(browser.latent_html(site.folder, browser.featured_latent(site.folder)))
+
+# %% [markdown]
 # ## The card's metrics table, and ours
 #
 # The card's numbers are for a 12.8× SAE with k = 128 on Gemma 4 E4B layer 21 after 1 B tokens; ours are

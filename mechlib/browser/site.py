@@ -1,0 +1,187 @@
+"""Write the static feature browser: ``browser/index.html``, ``latent.html`` and their data files.
+
+Why ``.js`` data files: the site must open from ``file://`` with no server, and browsers block
+``fetch()`` of local JSON there; a ``<script src="data/….js">`` that assigns to a global loads
+everywhere. The same data is written as plain ``.json`` beside it for other tools.
+
+Size follows the caps: the index lists every latent (a few numbers each); pages — contexts,
+quantile examples, logit effects, similar latents — are written for at most ``max_latents``
+latents (chapter 05's contrastive features first when they exist, then a seeded random sample of
+the latents that fired), each with at most ``contexts`` top contexts.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+
+from mechlib.browser.effects import logit_effects, similar_latents
+from mechlib.browser.gather import ShardTokens, gather_latent_stats, iter_store_shards
+from mechlib.browser.pages import Decoder, IndexData, latent_record, top_tokens
+from mechlib.io import atomic_write_text, read_json
+
+# Sized for the default run (d_sae 4608, 16 k held-out tokens): a site of about 5 MB.
+DEFAULT_MAX_LATENTS = 512
+DEFAULT_CONTEXTS = 10
+STATIC_FILES = ("index.html", "latent.html", "browser.css", "browser.js")
+INDEX_GLOBAL = "MECHBOOK_INDEX"
+LATENT_GLOBAL = "MECHBOOK_LATENT"
+VOCAB_GLOBAL = "MECHBOOK_VOCAB"
+
+
+class BrowserError(ValueError):
+    """A browser folder or input that cannot be used; the message names it."""
+
+
+@dataclass(frozen=True)
+class BrowserSite:
+    folder: Path
+    n_latents: int
+    n_pages: int
+    n_tokens: int
+    gather_seconds: float
+    seconds: float
+    bytes: int
+
+    @property
+    def index_html(self) -> Path:
+        return self.folder / "index.html"
+
+
+@dataclass(frozen=True)
+class SiteInfo:
+    run: str
+    model: str
+    layer: int
+
+
+def _write_data(folder: Path, name: str, global_name: str, data: Any) -> None:
+    """``name.json`` and ``name.js`` (``window.GLOBAL = …;``), both atomically."""
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    atomic_write_text(folder / f"{name}.json", text)
+    atomic_write_text(folder / f"{name}.js", f"window.{global_name} = {text};\n")
+
+
+def copy_static(folder: Path) -> None:
+    static = resources.files("mechlib.browser") / "static"
+    for name in STATIC_FILES:
+        atomic_write_text(folder / name, (static / name).read_text(encoding="utf-8"))
+
+
+def contrast_file(metrics_dir: Path, layer: int) -> Path:
+    return Path(metrics_dir) / f"contrastive_features_L{layer}.json"
+
+
+def read_contrast(path: Path) -> list[tuple[int, float]]:
+    """Chapter 05's ranked SAE features as ``(latent, score = mean correct − mean wrong)``, best first."""
+    data = read_json(path)
+    feats = data.get("features") if isinstance(data, dict) else None
+    if not isinstance(feats, list):
+        raise BrowserError(f"{path}: no 'features' list (a chapter 05 contrastive-features file expected)")
+    return [(int(f["feature"]), float(f["score"])) for f in feats]
+
+
+def choose_pages(counts: torch.Tensor, max_latents: int, seed: int, first: Sequence[int] = ()) -> torch.Tensor:
+    """Latents that get a page: ``first`` (if they fired), then a seeded random sample of the others that fired."""
+    fired = counts > 0
+    chosen = [f for f in dict.fromkeys(int(f) for f in first) if 0 <= f < counts.numel() and fired[f]][:max_latents]
+    taken = torch.zeros_like(fired)
+    taken[chosen] = True
+    rest = (fired & ~taken).nonzero().squeeze(1)
+    rest = rest[torch.randperm(rest.numel(), generator=torch.Generator().manual_seed(seed))]
+    return torch.tensor(sorted(chosen + rest[: max_latents - len(chosen)].tolist()), dtype=torch.long)
+
+
+def build_site(folder: str | Path, shards: Iterable[ShardTokens], sae: Any, model: Any, tokenizer: Any,
+               info: SiteInfo, *, max_latents: int = DEFAULT_MAX_LATENTS, contexts: int = DEFAULT_CONTEXTS,
+               seed: int = 0, device: str | torch.device = "cpu", priority: Sequence[int] = (),
+               progress: bool = False) -> BrowserSite:
+    """Gather the stats in one pass over ``shards``, then write the whole site into ``folder``."""
+    if max_latents < 1 or contexts < 1:
+        raise BrowserError(f"browser: max_latents and contexts must be >= 1 (got {max_latents}, {contexts})")
+    t0 = time.perf_counter()
+    folder = Path(folder)
+    stats = gather_latent_stats(sae, shards, contexts=contexts, seed=seed, device=device, progress=progress)
+    pages = choose_pages(stats.counts, max_latents, seed, priority)
+    W_dec = sae.W_dec.detach()
+    effects = logit_effects(W_dec[pages.to(W_dec.device)], model)
+    near = similar_latents(W_dec, pages)
+    decode = Decoder(tokenizer)
+    has_page = torch.zeros(sae.d_sae, dtype=torch.bool)
+    has_page[pages] = True
+
+    data = folder / "data"
+    if (data / "latents").exists():
+        shutil.rmtree(data / "latents")  # pages of an earlier build with other caps
+    (data / "latents").mkdir(parents=True, exist_ok=True)
+    for row, f in enumerate(pages.tolist()):
+        _write_data(data / "latents", str(f), LATENT_GLOBAL, latent_record(stats, f, row, effects, near, has_page, decode))
+    index = IndexData(run=info.run, model=info.model, layer=info.layer, d_sae=sae.d_sae, k=sae.k,
+                      n_tokens=stats.n_tokens, density=[round(float(d), 7) for d in stats.density],
+                      mean=[round(float(m), 4) for m in stats.mean_activation],
+                      max=[round(float(v), 4) if c else 0.0 for v, c in zip(stats.top.acts[:, 0], stats.counts)],
+                      top_tokens=top_tokens(stats, decode), page=has_page.tolist(),
+                      contrast=[None] * sae.d_sae, contrast_rank=[None] * sae.d_sae,
+                      special_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", [])))
+    _write_data(data, "index", INDEX_GLOBAL, index.to_json())
+    _write_data(data, "vocab", VOCAB_GLOBAL, decode.vocab())
+    copy_static(folder)
+    size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+    return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds,
+                       time.perf_counter() - t0, size)
+
+
+def browser_folder(run_paths: Any) -> Path:
+    return Path(run_paths.root) / "browser"
+
+
+def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_latents: int = DEFAULT_MAX_LATENTS,
+                  contexts: int = DEFAULT_CONTEXTS, progress: bool = True) -> BrowserSite:
+    """Chapter 03's one call: the run's site in ``outputs/<run>/browser/`` from its held-out activations.
+
+    Loads the run's model for its tokenizer, final norm and unembedding (the cached conversion of the
+    default model loads in about a second). Contrast scores are added later by :func:`add_contrast_scores`.
+    """
+    from mechlib.models import load_model
+
+    lm = load_model(params.model, params.model_dtype, params.device)
+    device = next(sae.parameters()).device
+    layer = int(heldout.layer)
+    cfile = contrast_file(run_paths.metrics, layer)
+    priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
+    site = build_site(browser_folder(run_paths), iter_store_shards(heldout), sae, lm.model, lm.tokenizer,
+                      SiteInfo(params.run, params.model, layer), max_latents=max_latents, contexts=contexts,
+                      seed=params.seed, device=device, priority=priority, progress=progress)
+    add_contrast_scores(run_paths)
+    return site
+
+
+def add_contrast_scores(run_paths: Any) -> int:
+    """Put chapter 05's contrastive scores (correct − wrong) and ranks into the browser's index.
+
+    Idempotent: the contrast columns are rebuilt from the file each time, and only the index data
+    (``data/index.json`` and ``.js``) is rewritten. Returns how many latents got a score (0 when there
+    is no browser or no contrastive-features file for its layer yet).
+    """
+    data = browser_folder(run_paths) / "data"
+    path = data / "index.json"
+    if not path.is_file():
+        return 0
+    index = IndexData.from_json(read_json(path), str(path))
+    cfile = contrast_file(run_paths.metrics, index.layer)
+    if not cfile.is_file():
+        return 0
+    index.contrast, index.contrast_rank = [None] * index.d_sae, [None] * index.d_sae
+    ranked = [(f, s) for f, s in read_contrast(cfile) if 0 <= f < index.d_sae]
+    for rank, (f, score) in enumerate(ranked, start=1):
+        index.contrast[f], index.contrast_rank[f] = round(score, 4), rank
+    index.contrast_source = f"metrics/{cfile.name}"
+    _write_data(data, "index", INDEX_GLOBAL, index.to_json())
+    return len(ranked)
