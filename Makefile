@@ -17,7 +17,7 @@ STAMP := $(VENV)/.mechbook-installed
 export MPLBACKEND ?= Agg
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup book test unit nbval lab clean-run benchmarks
+.PHONY: help setup chromium book test unit nbval lab clean-run benchmarks
 
 help:
 	@echo "make book [RUN=name]  run the whole book on params/RUN.yaml (default: $(RUN))"
@@ -33,12 +33,24 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ipykernel)" >/dev/null
 	touch $(STAMP)
 
+# Headless Chromium for tests/test_browser.py (the feature browser; `make unit`/`make test` need it, `make book`
+# does not): Debian's packages, installed with apt where they are missing and we are root; where that cannot
+# work the browser tests skip and say why.
+chromium:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    export DEBIAN_FRONTEND=noninteractive; \
+	    { apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	      { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1; }; } \
+	      || echo "chromium could not be installed with apt: the browser tests will skip"; \
+	  else echo "no chromium, and no apt-get as root to install it: the browser tests will skip"; fi; }
+
 setup: $(STAMP)
 
 book: setup
 	$(PY) -m mechlib.book params/$(RUN).yaml
 
-unit: setup
+unit: setup chromium
 	$(PY) -m pytest tests -q -m "not book_outputs"
 
 # `make nbval` validates outputs/$(NBVAL_RUN) (the `make book` run by default); `make test` runs the
