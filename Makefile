@@ -65,6 +65,16 @@ nbval: setup
 test: unit
 	$(PY) -m mechlib.book params/default.yaml --run $(TEST_RUN)
 	$(MAKE) --no-print-directory nbval NBVAL_RUN=$(TEST_RUN)
+	$(MAKE) --no-print-directory tiny-books
+
+# The study's architecture classes at tiny shapes, random weights, placeholder labels, CPU (~2-3 min
+# each on 2 cores): Gemma 4 (language_model layers, per-layer inputs, KV-shared layers, softcap) and
+# Qwen 3.5 (hybrid Gated-DeltaNet layers) through all seven chapters; then their metrics are checked.
+TINY_BOOKS ?= tiny_gemma4 tiny_qwen35
+tiny-books: setup
+	for b in $(TINY_BOOKS); do OMP_NUM_THREADS=1 $(PY) -m mechlib.book params/$$b.yaml --run test-$$b; done
+	MECHBOOK_TINY_RUNS=$$(for b in $(TINY_BOOKS); do printf '%s=test-%s,' $$b $$b; done | sed 's/,$$//') \
+		$(PY) -m pytest -q -p no:cacheprovider tests/test_tiny_books.py
 
 # JupyterLab opens the .py chapters as notebooks: the setting goes into the venv's own config folder
 # (read through jupyter_config_path), never into the user's ~/.jupyter; root needs --allow-root.

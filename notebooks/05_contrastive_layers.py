@@ -42,6 +42,7 @@ task = "arithmetic"
 gsm8k_path = ""
 gsm8k_split = "test"
 n_questions = 200
+n_heldout = 50
 n_permutations = 1000
 top_d = 10
 contrast_pooling = "last"

@@ -38,6 +38,7 @@ task = "arithmetic"
 gsm8k_path = ""
 gsm8k_split = "test"
 n_questions = 200
+n_heldout = 50
 prompt_format = "chat_oneshot"
 max_new_tokens = 48
 gen_batch_size = 32
@@ -247,9 +248,8 @@ _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-primary = [under[0] for under in by_rule.values()]
-finding = placeholder.mark_text(findings.steering_finding(
-    layer, [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in primary],
+finding = placeholder.mark_text(findings.steering_finding(  # the primary rule's row (under[0]) of each scale
+    layer, [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in (under[0] for under in by_rule.values())],
     sum(all(u.effect == under[0].effect for u in under) for under in by_rule.values()),
     [c.row.delta for c in controls], None if caa_row is None else caa_row.delta), P.placeholder_labels)
 print(textwrap.fill(finding, 110))

@@ -186,3 +186,24 @@ def test_placeholder_labels_outside_the_unit_interval_is_refused(value):
 def test_placeholder_labels_refuses_a_bare_boolean():
     with pytest.raises(ParamsError, match="'placeholder_labels' must be float"):
         validate({"placeholder_labels": True})
+
+
+# Keys that validate() checks against each other: a chapter that declares one of a pair and not the
+# other validates the undeclared one at its schema default, so a run with e.g. n_questions 24 (below the
+# default n_heldout 50) failed in chapter 05 although the run's own params were valid (tiny book).
+CROSS_CHECKED = [("n_questions", "n_heldout"), ("d_sae", "k"), ("seq_len", "exclude_first_positions"),
+                 ("lr", "lr_floor"), ("sae_source", "sae_pretrained"),
+                 ("n_random_directions", "random_control_scale")]
+
+
+def test_chapters_declare_both_keys_of_every_cross_checked_pair():
+    import papermill
+
+    from mechlib.book import chapters
+
+    for chapter in chapters():
+        import jupytext
+
+        declared = set(papermill.inspect_notebook(jupytext.read(chapter.source)))
+        for a, b in CROSS_CHECKED:
+            assert (a in declared) == (b in declared), f"{chapter.name} declares only one of {a}, {b}"
