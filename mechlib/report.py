@@ -122,7 +122,22 @@ def _section_sae(paths: RunPaths) -> str:
         + "\n"
         + _figures(paths, "03_")
         + "\n"
+        + _browser_link(paths)
     )
+
+
+def _browser_link(paths: RunPaths) -> str:
+    """A link to the run's feature browser (chapter 03 writes it; chapter 05 adds contrast scores)."""
+    index = paths.root / "browser" / "data" / "index.json"
+    if not index.is_file():
+        return ""
+    data = json.loads(index.read_text())
+    pages = sum(bool(p) for p in data.get("page", []))
+    scored = sum(c is not None for c in data.get("contrast", []))
+    return (f"\n**Feature browser:** [browser/index.html](browser/index.html) — all {len(data.get('density', []))} "
+            f"latents (firing density, mean activation{', contrastive score and rank' if scored else ''}), "
+            f"{pages} with a page of top contexts, quantile examples, histogram, logit effects and similar latents. "
+            "Open it from the file system; it needs no server or network.\n")
 
 
 def _section_baseline(paths: RunPaths) -> str:
