@@ -15,7 +15,7 @@ import html5lib
 import pytest
 import torch
 
-from mechlib import paths
+from mechlib import paths, report
 from mechlib.browser import ShardTokens, SiteInfo, add_contrast_scores, build_site, gather_latent_stats
 from mechlib.browser.effects import logit_effects, similar_latents
 from mechlib.browser.site import STATIC_FILES, choose_pages
@@ -167,6 +167,10 @@ def test_site_files_and_contrast_scores(site):
     index = json.loads(first)
     assert index["contrast"][pages[1]] == -0.5 and index["contrast_rank"][pages[1]] == 1
     assert index["contrast_rank"][3] == 2 and index["contrast"][0 if pages[1] else 1] is None
+    # REPORT.md links it, in the SAE section
+    (run.metrics / "03_evaluate_sae.json").write_text("{}")
+    text = report.render_report("tiny")
+    assert "[browser/index.html](browser/index.html)" in text and f"all {D_SAE} latents" in text
 
 
 def validate_html(text: str, where: str) -> None:
