@@ -27,6 +27,7 @@ from typing import Any, Sequence
 
 import yaml
 
+from mechlib import device_stats
 from mechlib.io import atomic_write_json, atomic_write_text
 from mechlib.params import BookParams, ParamsError, ParamsLoader, known_keys, load_params, validate
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
@@ -121,7 +122,8 @@ KERNEL_MPLBACKEND = "module://matplotlib_inline.backend_inline"
 # The kernel app's own log (not the chapter's warnings, which go into the notebook): without this
 # every chapter prints ipykernel's "Kernel is running over TCP without encryption" to the terminal —
 # a local kernel on the loopback interface, started and owned by this process.
-KERNEL_ARGS = ("--IPKernelApp.log_level=ERROR",)
+# The kernel also starts with mechlib.device_stats' hook: the chapter's device and peak GPU memory.
+KERNEL_ARGS = ("--IPKernelApp.log_level=ERROR", f"--IPKernelApp.exec_lines={device_stats.KERNEL_EXEC_LINE}")
 
 
 def headless_kernel_env() -> None:
@@ -145,6 +147,7 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
     # never leaves a truncated notebook where nbval and readers look.
     partial = out.with_name(f".{chapter.name}.partial.json")
     headless_kernel_env()
+    os.environ[device_stats.ENV] = str(device_file(paths, chapter.name))
     start = time.perf_counter()
     try:
         papermill.execute_notebook(
@@ -164,6 +167,11 @@ def run_chapter(chapter: Chapter, params: BookParams, paths: RunPaths, *, log_ou
     finally:
         _keep(partial, out)
     return ChapterRun(chapter.name, time.perf_counter() - start, out)
+
+
+def device_file(paths: RunPaths, chapter: str) -> Path:
+    """Where a chapter's kernel leaves its :class:`mechlib.device_stats.ChapterDevice` snapshot."""
+    return paths.metrics / f".device_{chapter}.json"
 
 
 def _keep(partial: Path, out: Path) -> Path | None:
@@ -341,6 +349,8 @@ def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_
         timings = {r.chapter: round(r.seconds, 2) for r in runs}
         timing_file = paths.metrics / "book_timings.json"
         atomic_write_json(timing_file, timings)
+        devices = {r.chapter: d.as_dict() for r in runs if (d := device_stats.read(device_file(paths, r.chapter)))}
+        atomic_write_json(paths.metrics / "book_devices.json", devices)
         from mechlib.report import write_report
 
         report = write_report(params.run)

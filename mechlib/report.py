@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mechlib.device_stats import format_bytes
 from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
@@ -85,9 +86,17 @@ def _section_run(paths: RunPaths) -> str:
                  f" {_fmt(c.get('mean_norm'), 1)}, max {_fmt(c.get('max_norm'), 1)}.\n")
     timings = _load(paths, "book_timings")
     if timings:
+        devices = _load(paths, "book_devices") or {}  # the runner's per-chapter mechlib.device_stats snapshots
         rows = [[name, seconds] for name, seconds in timings.items()]
         rows.append(["total", round(sum(timings.values()), 2)])
-        text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(["chapter", "s"], rows)
+        header = ["chapter", "s"]
+        if devices:
+            header += ["device", "peak GPU memory (max_memory_allocated)"]
+            for row in rows:
+                d = devices.get(row[0])
+                row += ["—", "—"] if d is None else [f"{d['device']} ({d['device_name']})",
+                                                   format_bytes(d.get("peak_gpu_bytes"))]
+        text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(header, rows)
         text += "\n"
     return text + "\n" + _figures(paths, "01_") + "\n"
 

@@ -213,11 +213,12 @@ def test_random_gemma4_e4b_has_the_published_shape_without_building_it():
     assert decoder_layers(model) is model.model.language_model.layers and len(decoder_layers(model)) == 42
 
 
-def test_random_gemma4_e4b_tokenizer_ids_fit_the_vocab(smollm2):
+def test_random_gemma4_e4b_tokenizer_ids_fit_the_vocab_and_need_no_package():
     from mechlib import random_models
 
     tok = random_models.tokenizer_for(random_models.parse("random:gemma-4-e4b"))
-    assert len(tok) <= 262_144 and tok.eos_token_id is not None and tok.chat_template
+    ids = tok("Janet’s ducks lay 16 eggs per day. #### 18")["input_ids"]
+    assert len(tok) <= 262_144 and max(ids) < len(tok) and tok.eos_token_id == 1
 
 
 @pytest.mark.parametrize("name", ["random:gemma-9", "random:tiny-gemma4:x", "random:"])

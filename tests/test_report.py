@@ -150,3 +150,13 @@ def test_the_card_stands_beside_every_table(run_dir):
     assert "| this run | 1 of 2 | 0.5 |" in text and "| study card (Gemma 4 E4B) | 27 of 42 | 0.896 |" in text
     assert "| baseline | 0 % | 0.25 | 0 |" in text and "311.73 (the card: 95.3 at layer 27" in text
     assert "(the card: 30 of 42)" in text and "| 1 | 0.75 | ' Berlin' | 0.9 |" in text
+
+
+def test_run_section_shows_each_chapters_device_and_peak_gpu_memory(run_dir):
+    _, write = run_dir
+    write("book_timings", {"01_collect": 12.5, "02_train_sae": 3.25})
+    write("book_devices", {"01_collect": {"device": "cuda", "device_name": "NVIDIA H200", "peak_gpu_bytes": 3 * 2**30,
+                                          "torch": "2.11", "cuda": "12.8"}})
+    text = report.render_report("r")
+    assert "| 01_collect | 12.5 | cuda (NVIDIA H200) | 3.00 GiB |" in text
+    assert "| 02_train_sae | 3.25 | — | — |" in text and "| total | 15.75 | — | — |" in text

@@ -1,0 +1,70 @@
+"""The per-chapter device snapshot the runner's kernels write (mechlib.device_stats)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mechlib import device_stats
+
+
+def test_snapshot_on_cpu_names_the_cpu_and_no_gpu_memory(tmp_path):
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA already in use in this process")
+    path = tmp_path / ".device_01.json"
+    device_stats.write_snapshot(path)
+    snap = device_stats.read(path)
+    assert snap is not None and snap.device == "cpu" and snap.peak_gpu_bytes is None
+    assert snap.torch == torch.__version__
+
+
+def test_missing_or_damaged_snapshot_reads_as_none(tmp_path):
+    assert device_stats.read(tmp_path / "absent.json") is None
+    (tmp_path / "bad.json").write_text('{"device": "cpu"}')
+    assert device_stats.read(tmp_path / "bad.json") is None
+
+
+def test_install_without_the_variable_does_nothing(monkeypatch):
+    monkeypatch.delenv(device_stats.ENV, raising=False)
+    device_stats.install()  # no IPython shell needed, no error
+
+
+def test_kernel_hook_writes_after_each_cell(tmp_path, monkeypatch):
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
+    target = tmp_path / ".device_x.json"
+    monkeypatch.setenv(device_stats.ENV, str(target))
+    device_stats.install()
+    shell.run_cell("x = 1 + 1")
+    assert device_stats.read(target).device in ("cpu", "cuda")
+
+
+def test_format_bytes():
+    assert device_stats.format_bytes(None) == "—" and device_stats.format_bytes(3 * 2**30) == "3.00 GiB"
+
+
+def test_the_runner_records_each_chapters_device_and_the_report_shows_it(tmp_path, monkeypatch):
+    """A real kernel: the runner's exec_lines hook writes the snapshot, run_book gathers it."""
+    import yaml
+
+    import mechlib.paths
+    from mechlib.book import run_book
+
+    nbdir = tmp_path / "notebooks"
+    nbdir.mkdir()
+    (nbdir / "01_fake.py").write_text(
+        "# ---\n# jupyter:\n#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}\n"
+        "# ---\n\n# %% tags=[\"parameters\"]\nrun = \"default\"\n\n# %%\nimport torch\nx = torch.ones(2)\n")
+    monkeypatch.setattr(mechlib.paths, "OUTPUTS_DIR", tmp_path / "outputs")
+    monkeypatch.setenv("MECHBOOK_OUTPUTS", str(tmp_path / "outputs"))
+    params = tmp_path / "trial.yaml"
+    params.write_text(yaml.safe_dump({"k": 7}))
+    run_book(params, notebooks_dir=nbdir)
+    import json
+
+    devices = json.loads((tmp_path / "outputs" / "trial" / "metrics" / "book_devices.json").read_text())
+    assert list(devices) == ["01_fake"] and devices["01_fake"]["device"] == "cpu"
+    assert devices["01_fake"]["torch"] == torch.__version__  # read inside the kernel, after the chapter imported it
+    report = (tmp_path / "outputs" / "trial" / "REPORT.md").read_text()
+    assert "| 01_fake |" in report and "| cpu (" in report
