@@ -243,6 +243,12 @@ def section_limitations(r: RunResults) -> str:
         items.append("A 135 M-parameter model on small problems is a test bed for the method and its statistics, "
                      "not evidence about Gemma 4 E4B: compare formulas and orders of magnitude with the study's "
                      "card, not digits.")
+    if p.model.startswith("random:"):
+        items.append(f"`{p.model}` is a random-weight model: this run exercises the code paths, and nothing in it "
+                     f"describes a trained model.")
+    if p.placeholder_labels > 0:
+        items.append(f"Chapters 05–06 used placeholder labels (placeholder_labels = {p.placeholder_labels:g}): "
+                     f"'correct' there is a seeded draw, not the model's answers, so their numbers mean nothing.")
     if p.task != "gsm8k":
         items.append("The task is generated arithmetic in GSM8K's answer format, not GSM8K itself.")
     e = r.evaluated

@@ -159,6 +159,17 @@ def test_a_run_with_no_metrics_at_all_renders(tmp_path: Path) -> None:
     assert card.count("has not run for this run") == 5  # the sections of chapters 03, 04, 05, 06 and 07
     assert "chapter(s) 01 (collection), 02 (SAE training), 03 (SAE evaluation), 04 (baseline accuracy)" in card
     assert "blocks.21.hook_resid_post" in card and "hidden_states[22]" in card
+    assert "placeholder labels" not in card and "random-weight" not in card
+
+
+def test_placeholder_and_random_runs_say_so(tmp_path: Path) -> None:
+    run = tmp_path / "tiny"
+    run.mkdir()
+    values = yaml.safe_load((REPO_ROOT / "params" / "default.yaml").read_text())
+    values.update(model="random:tiny-llama", layer=2, placeholder_labels=0.5, prompt_format="gemma_manual")
+    (run / "params.yaml").write_text(yaml.safe_dump(values))
+    card = render_model_card(read_run(run))
+    assert "placeholder labels (placeholder_labels = 0.5)" in card and "`random:tiny-llama` is a random-weight" in card
 
 
 def test_write_model_card_writes_into_the_run_folder(run_copy: Path) -> None:
