@@ -115,6 +115,8 @@ def screenshot_site(folder: str | Path, out: str | Path | None = None, n_latents
     driver = open_chromium()
     try:
         load(driver, folder / "index.html")
+        if read_json(folder / "data" / "index.json").get("contrast_source"):  # chapter 05 ran: its ranking first
+            driver.execute_script("document.querySelector('th[data-key=\"contrast_rank\"]').click()")
         shots = [screenshot(driver, out / "index.png", max_height=2400)]
         for latent in pages_to_show(folder, n_latents):
             driver.set_window_size(1280, 1000)

@@ -17,7 +17,22 @@ A context (the window of token ids around the token, and the latent's activation
 is recorded when an entry enters a top list, while its shard's codes are at hand: contexts never
 cross shards, since a shard holds whole packed rows.
 
-Cost (measured, CPU, 2 cores): see ``mechlib/browser/README.md`` and :func:`projected_seconds`.
+Cost, measured on 2 CPU cores that other jobs were loading (load average 5–7), 2026-11-30:
+
+- the default run (d_model 576, d_sae 4608, k 32, 16 384 held-out tokens): the pass 12–15 s, the whole
+  site 23 s, 31 s with loading the SAE and the model (19 s of CPU time);
+- ``benchmarks/browser_gather.py`` at d_model 576, d_sae 32 768, k 128, 32 768 tokens: 130 s, of which
+  60 s the SAE encode and 70 s the bookkeeping, i.e. about 17 s per million firings (tokens × k).
+
+Projection (not a measurement) for the study (1 M held-out tokens, d_model 2560, d_sae 32 768, k 128:
+128 M firings). On these CPUs: the encode is 172 TFLOP, about 2 h at the 20 GFLOP/s measured above,
+and the bookkeeping ~35 min — a GPU job. On one H100 the encode is ~1–2 s of matmul (at 100–200 TFLOP/s
+TF32) plus top-k; the bookkeeping is a few sorts of ≤ 1 M elements per 4096-token batch, a shard-wide sort
+of the 128 M firings (the context lookup) and the merges, which we expect to take seconds to tens of
+seconds; memory is dominated by the shard (10 GB fp32 for 1 M × 2560) and its firing arrays (128 M
+firings × ~64 bytes of indices, keys and sort orders: ~8 GB). Measure it
+with ``python benchmarks/browser_gather.py --device cuda --tokens 1000000 --d-model 2560 --shard-tokens
+1048576`` on a GPU before relying on it.
 """
 
 from __future__ import annotations
@@ -220,8 +235,14 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
             return _windows(lookup, kept_index, ctx, rows[local[i]], pos[local[i]], lat[i], before, after)
 
         token = local + n_seen
-        top.offer(lat, act, act, token, window_of)
-        reservoir.offer(lat, torch.rand(lat.shape, generator=gen, device=device), act, token, window_of)
+        keys = torch.rand(lat.shape, generator=gen, device=device)
+        # offered a batch at a time, so each batch's thresholds prune the next (one shard may be the whole set)
+        bounds = torch.searchsorted(local, torch.arange(0, n + batch_tokens, batch_tokens, device=device)).tolist()
+        for a, b in zip(bounds[:-1], bounds[1:]):
+            if b > a:
+                part = (lambda i, a=a: window_of(i + a))
+                top.offer(lat[a:b], act[a:b], act[a:b], token[a:b], part)
+                reservoir.offer(lat[a:b], keys[a:b], act[a:b], token[a:b], part)
         n_seen += n
     cpu = {"device": "cpu"}
     for t in (top, reservoir):
