@@ -168,7 +168,13 @@ def test_placeholder_and_random_runs_say_so(tmp_path: Path) -> None:
     values = yaml.safe_load((REPO_ROOT / "params" / "default.yaml").read_text())
     values.update(model="random:tiny-llama", layer=2, placeholder_labels=0.5, prompt_format="gemma_manual")
     (run / "params.yaml").write_text(yaml.safe_dump(values))
-    card = render_model_card(read_run(run))
+    values.update(sae_source="pretrained", sae_pretrained="hf:someone/sae@v1")
+    (run / "params.yaml").write_text(yaml.safe_dump(values))
+    card = render_model_card(read_run(run), repo_id="me/sae")
+    assert "not trained by this run: loaded from `hf:someone/sae@v1`" in card
+    assert "sae_final.pt" not in card and 'load_file(f"{path}/sae_weights.safetensors")' in card
+    for block in re.findall(r"```python\n(.*?)```", card, flags=re.S):
+        compile(block, "snippet", "exec")
     assert "placeholder labels (placeholder_labels = 0.5)" in card and "`random:tiny-llama` is a random-weight" in card
 
 
