@@ -178,7 +178,8 @@ from mechlib import browser
 
 site = browser.build_browser(P, paths, heldout, sae)
 print(f"feature browser: {paths.rel(site.index_html)}; {site.n_latents} latents, {site.n_pages} with a page, "
-      f"{site.bytes / 1e6:.1f} MB, built in {site.seconds:.0f} s")
+      f"{site.bytes / 1e6:.1f} MB, " + ("kept from an earlier build of the same inputs" if site.reused
+                                         else f"built in {site.seconds:.0f} s"))
 
 # %% [markdown]
 # One latent's page, condensed: a typical one (its firing density is the median of those with a page).

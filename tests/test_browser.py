@@ -265,3 +265,42 @@ def test_run_site_in_chromium():
     shots = screenshot_site(folder)
     assert [p.name for p in shots][0] == "index.png" and len(shots) == 3
     assert all(p.stat().st_size > 20_000 for p in shots)
+
+
+class FakeStore:
+    """The part of ``ActivationStore`` the browser reads: manifest, entries, shards, layer."""
+
+    def __init__(self, shards, checksum: str = "a"):
+        self.shards = shards
+        self.entries = [{"index": i, "first_row": s.first_row, "sha256": checksum + str(i)} for i, s in enumerate(shards)]
+        self.n_tokens = sum(s.activations.shape[0] for s in shards)
+        self.d_model, self.layer = shards[0].activations.shape[1], 1
+        self.manifest = {"shards": self.entries, "n_tokens": self.n_tokens, "d_model": self.d_model, "layer": 1}
+
+    def shard(self, i):
+        s = self.shards[i]
+        return {"activations": s.activations, "row": s.row, "position": s.position, "context_ids": s.context_ids}
+
+
+def test_build_browser_keeps_a_build_of_the_same_inputs(tiny, tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from mechlib.browser import build_browser
+    from tiny_run import model_folder
+
+    sae, shards = tiny
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
+    run = paths.RunPaths("tiny").make()
+    contrast = {"features": [{"feature": 11, "score": 0.5}, {"feature": 12, "score": -0.25}]}
+    (run.metrics / "contrastive_features_L1.json").write_text(json.dumps(contrast))
+    params = SimpleNamespace(model=str(model_folder(tmp_path)), model_dtype="float32", device="cpu", run="tiny", seed=0)
+    store = FakeStore(shards)
+    first = build_browser(params, run, store, sae, max_latents=6, contexts=3, progress=False)
+    index = json.loads((first.folder / "data" / "index.json").read_text())
+    assert not first.reused and first.n_pages == 6 and index["page"][11] and index["page"][12]  # contrastive first
+    assert index["contrast_rank"][11] == 1 and (first.folder / "latent.html").is_file()
+    page = (first.folder / "data" / "latents" / "11.json").read_bytes()
+    again = build_browser(params, run, store, sae, max_latents=6, contexts=3, progress=False)
+    assert again.reused and again.n_pages == 6 and (first.folder / "data" / "latents" / "11.json").read_bytes() == page
+    changed = build_browser(params, run, FakeStore(shards, checksum="b"), sae, max_latents=6, contexts=3, progress=False)
+    assert not changed.reused

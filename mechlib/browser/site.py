@@ -25,7 +25,7 @@ import torch
 from mechlib.browser.effects import logit_effects, similar_latents
 from mechlib.browser.gather import ShardTokens, gather_latent_stats, iter_store_shards
 from mechlib.browser.pages import Decoder, IndexData, latent_record, top_tokens
-from mechlib.io import atomic_write_text, read_json
+from mechlib.io import atomic_write_json, atomic_write_text, read_json
 
 # Sized for the default run (d_sae 4608, 16 k held-out tokens): a site of about 5 MB.
 DEFAULT_MAX_LATENTS = 512
@@ -34,6 +34,8 @@ STATIC_FILES = ("index.html", "latent.html", "browser.css", "browser.js")
 INDEX_GLOBAL = "MECHBOOK_INDEX"
 LATENT_GLOBAL = "MECHBOOK_LATENT"
 VOCAB_GLOBAL = "MECHBOOK_VOCAB"
+BUILD_FILE = "build.json"
+BUILD_FORMAT = 1  # bump when the data files change shape
 
 
 class BrowserError(ValueError):
@@ -49,6 +51,7 @@ class BrowserSite:
     gather_seconds: float
     seconds: float
     bytes: int
+    reused: bool = False  # an earlier build from the same SAE, activations and caps was kept
 
     @property
     def index_html(self) -> Path:
@@ -147,20 +150,43 @@ def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_la
     """Chapter 03's one call: the run's site in ``outputs/<run>/browser/`` from its held-out activations.
 
     Loads the run's model for its tokenizer, final norm and unembedding (the cached conversion of the
-    default model loads in about a second). Contrast scores are added later by :func:`add_contrast_scores`.
+    default model loads in seconds). A build from the same SAE, held-out activations, model and caps is
+    kept (``browser/build.json`` holds the key), so rerunning the chapter does not redo it. Contrast scores
+    are (re)added by :func:`add_contrast_scores` whenever chapter 05's file exists.
     """
+    from mechlib.metrics import sae_fingerprint
     from mechlib.models import load_model
+    from mechlib.provenance import fingerprint_of_store
+    from mechlib.sae import card_state
 
+    folder = browser_folder(run_paths)
+    key = {"format": BUILD_FORMAT, "sae": sae_fingerprint(card_state(sae)), "heldout": fingerprint_of_store(heldout).digest,
+           "model": params.model, "max_latents": max_latents, "contexts": contexts, "seed": params.seed}
+    saved = _read_build(folder)
+    if saved is not None and saved.get("key") == key and (folder / "data" / "index.js").is_file():
+        copy_static(folder)  # the pages' code may be newer than the data
+        add_contrast_scores(run_paths)
+        return BrowserSite(folder, *(saved["site"][f] for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds",
+                                                               "seconds", "bytes")), reused=True)
     lm = load_model(params.model, params.model_dtype, params.device)
-    device = next(sae.parameters()).device
     layer = int(heldout.layer)
     cfile = contrast_file(run_paths.metrics, layer)
     priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
-    site = build_site(browser_folder(run_paths), iter_store_shards(heldout), sae, lm.model, lm.tokenizer,
+    site = build_site(folder, iter_store_shards(heldout), sae, lm.model, lm.tokenizer,
                       SiteInfo(params.run, params.model, layer), max_latents=max_latents, contexts=contexts,
-                      seed=params.seed, device=device, priority=priority, progress=progress)
+                      seed=params.seed, device=next(sae.parameters()).device, priority=priority, progress=progress)
     add_contrast_scores(run_paths)
+    atomic_write_json(folder / BUILD_FILE, {"key": key, "site": {f: getattr(site, f) for f in (
+        "n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")}})
     return site
+
+
+def _read_build(folder: Path) -> dict[str, Any] | None:
+    try:
+        saved = read_json(folder / BUILD_FILE)
+    except (OSError, ValueError):  # missing or damaged: rebuilt
+        return None
+    return saved if isinstance(saved, dict) and isinstance(saved.get("site"), dict) else None
 
 
 def add_contrast_scores(run_paths: Any) -> int:
