@@ -20,6 +20,16 @@ does *not* guard on module hooks (``skip_nnmodule_hook_guards``): a hook added a
 compile would silently be ignored (this also affects HF's own static-cache auto-compile). The
 compiled path here turns those guards on, so a changed hook set recompiles instead.
 
+Shared prompt prefix (``share_prefix=True``, dynamic cache): the book's prompts all begin with the
+same chat template, system prompt and worked example (~110 of ~160 prompt tokens for SmolLM2), and
+on a CPU the prefill of those tokens, once per row, is most of the generation time. The prefix is
+then run once at batch 1, its cache repeated over the batch, and only the rows' own suffixes are
+prefilled, laid out as ``[prefix | padding | suffix]`` with the same ``cumsum(mask) − 1`` positions,
+so every token attends to exactly the tokens it did before. Only the float rounding of the
+batch-1 prefix matmuls differs (a greedy near-tie can flip; tests check the tokens against
+``generate`` on tiny models). The caller promises that its hooks treat every row alike (a per-row
+steering hook cannot see the batch-1 prefix pass): it is off by default.
+
 Static cache (``cache="static"``, default on CUDA): transformers' ``StaticCache`` sized to the
 batch's prompt + ``max_new_tokens``; attention masks are built outside the compiled step (as HF
 does); the decode step (forward + argmax) is compiled with ``mode="reduce-overhead"`` (CUDA
@@ -174,6 +184,41 @@ def _step(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, atten
     return out.logits[:, -1].argmax(dim=-1)
 
 
+def _rows_selectable(kv: Any) -> bool:
+    """Whether finished rows can be dropped from this cache (not from linear-attention layers)."""
+    return all(hasattr(layer, "batch_select_indices") for layer in getattr(kv, "layers", [None]))
+
+
+COMPACT_FRACTION = 8  # drop finished rows once at least 1/8 of the batch (and one row) has finished
+
+
+def _rows_to_keep(live: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows to keep, or None while too few have finished to be worth a cache copy.
+
+    Why: a batch runs until its longest answer ends; on a CPU, where a decode step costs about in
+    proportion to its rows, rows that finished early would otherwise be computed (and thrown
+    away) for every remaining step — about half the default run's decode work.
+    """
+    width = live.numel()
+    n_done = width - int(live.sum())
+    if n_done == 0 or n_done < width // COMPACT_FRACTION:
+        return None
+    return live.nonzero().flatten()
+
+
+def _prefix_cache(model: Any, prefix: torch.Tensor, batch: int, extra: dict[str, Any]) -> Any:
+    """The ``DynamicCache`` of ``prefix`` (run once, batch 1), repeated over ``batch`` rows."""
+    from transformers import DynamicCache
+
+    kv = DynamicCache(config=_text_config(model))
+    ids = prefix.reshape(1, -1)
+    model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], past_key_values=kv,
+          use_cache=True, return_dict=True, **extra)
+    if batch > 1:
+        kv.batch_repeat_interleave(batch)
+    return kv
+
+
 _COMPILED: dict[tuple, Any] = {}
 
 
@@ -229,23 +274,35 @@ def shortest_stopping_prefix(row: Sequence[int], stop_when: StopWhen) -> int | N
 def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
                  eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "dynamic",
                  compile: bool | dict[str, Any] = False, sync_every: int = 1,
-                 stop_when: StopWhen | None = None) -> torch.Tensor:
+                 stop_when: StopWhen | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy continuation ids ``[batch, steps]`` of one left-padded batch (rows that finished are
     filled with ``pad_id``, like ``generate``). ``steps <= max_new_tokens``: the loop stops when
     every row has emitted an EOS or met ``stop_when`` (checked every ``sync_every`` steps), unless
     ``ignore_eos``. A row stopped by ``stop_when`` may carry up to ``sync_every - 1`` tokens past
-    its stopping point: cut it with :func:`shortest_stopping_prefix`."""
+    its stopping point: cut it with :func:`shortest_stopping_prefix`.
+
+    ``prefix``: 1-D ids every row's prompt starts with, *not* repeated in ``input_ids`` (which then
+    holds the left-padded suffixes); run once at batch 1 and shared (dynamic cache only; see the
+    module docstring)."""
     if max_new_tokens <= 0:
         raise GenerationError(f"max_new_tokens must be positive, got {max_new_tokens}")
     if cache not in ("dynamic", "static"):
         raise GenerationError(f"cache must be 'dynamic' or 'static', got {cache!r}")
     device = input_ids.device
     batch, prompt_len = input_ids.shape
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
-    mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
     extra: dict[str, Any] = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
+    shared_kv = None
+    if prefix is not None and prefix.numel():
+        if cache != "dynamic":
+            raise GenerationError("a shared prompt prefix needs cache='dynamic'")
+        shared_kv = _prefix_cache(model, prefix.to(device), batch, extra)
+        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.numel())), attention_mask], dim=-1)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -prompt_len:]
+    mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
 
-    if cache == "static" and compile:
+    if shared_kv is not None:
+        kv, compile_safe, masks = shared_kv, False, mask2d
+    elif cache == "static" and compile:
         exact = prompt_len + max_new_tokens
         bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
         window = min((w for w in [getattr(_text_config(model), "sliding_window", None)] if w), default=bucketed)
@@ -265,6 +322,9 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
     out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
+    # rows still in the batch (indices into ``out``); the dynamic cache drops finished ones
+    alive = torch.arange(batch, device=device)
+    compact = cache == "dynamic" and not ignore_eos and _rows_selectable(kv)
     # prefill: plain call (a compiled prefill would recompile per prompt length)
     nxt = _step(model, input_ids, position_ids, masks, kv, extra)
     pos = position_ids[:, -1:]
@@ -272,21 +332,28 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     guard = _hook_guards() if step_fn is not _step else contextlib.nullcontext()
     with guard:
         for t in range(max_new_tokens):
-            nxt = torch.where(unfinished, nxt, pad_id)
-            out[:, t] = nxt
+            live = unfinished[alive]
+            nxt = torch.where(live, nxt, pad_id)
+            out[alive, t] = nxt
             if not ignore_eos and eos.numel():
-                unfinished &= ~torch.isin(nxt, eos)
+                unfinished[alive] = live & ~torch.isin(nxt, eos)
             if not ignore_eos and (t + 1) % sync_every == 0:
                 if stop_when is not None:
                     _check_stop_rule(out, unfinished, t + 1, stop_when)
                 if not bool(unfinished.any()):
                     steps = t + 1
                     break
+                if compact:
+                    keep = _rows_to_keep(unfinished[alive])
+                    if keep is not None:
+                        kv.batch_select_indices(keep)
+                        alive, nxt, pos = alive[keep], nxt[keep], pos[keep]
+                        mask2d = None if mask2d is None else mask2d[keep]
             if t + 1 == max_new_tokens:
                 break
             pos = pos + 1
             if mask2d is not None:
-                mask2d = torch.cat([mask2d, mask2d.new_ones((batch, 1))], dim=-1)
+                mask2d = torch.cat([mask2d, mask2d.new_ones((mask2d.shape[0], 1))], dim=-1)
             masks = (_make_masks(model, kv, batch, 1, mask2d, pos, first=False) if cache == "static" else mask2d)
             nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
     return out[:, :steps]
@@ -325,13 +392,15 @@ def resolve_cache(cache: CacheKind, device: torch.device) -> str:
 def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
                  eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "auto",
                  compile: bool | dict[str, Any] | None = None, sort_by_length: bool = True,
-                 progress: bool = True, desc: str = "", stop_when: StopWhen | None = None) -> list[list[int]]:
+                 progress: bool = True, desc: str = "", stop_when: StopWhen | None = None,
+                 share_prefix: bool = False) -> list[list[int]]:
     """Greedy continuation ids per prompt, cut before the first EOS (all ``max_new_tokens`` with
     ``ignore_eos``) or after the shortest prefix that meets ``stop_when``. Prompts are batched by
     length (less padding); results keep the input order.
 
     ``compile=None`` means: on for CUDA with the static cache, off elsewhere (the CPU path stays
-    the exact, uncompiled loop).
+    the exact, uncompiled loop). ``share_prefix``: run a batch's common prompt prefix once (dynamic
+    cache only; the caller's hooks must treat every row alike — see the module docstring).
     """
     if batch_size <= 0:
         raise GenerationError(f"batch_size must be positive, got {batch_size}")
@@ -349,22 +418,63 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
         for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
             _generate_batch(model, prompt_ids, idx, results, max_new_tokens, batch_size, eos_ids=eos_ids,
                             pad_id=pad_id, ignore_eos=ignore_eos, kind=kind, compile=compile,
-                            sync_every=sync_every, eos_set=eos_set, device=device, stop_when=stop_when)
+                            sync_every=sync_every, eos_set=eos_set, device=device, stop_when=stop_when,
+                            share_prefix=share_prefix and kind == "dynamic")
     return results
+
+
+MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth an extra forward
+
+
+def prefix_sharing_exact(model: Any, total_len: int) -> bool:
+    """Whether the ``[prefix | padding | suffix]`` layout attends exactly as left padding does.
+
+    Not for sliding-window layers once the padded sequence outgrows the window (the window counts
+    cache slots, padding included), nor for linear-attention (recurrent) layers, whose state would
+    run through the padding and whose caches cannot be repeated over a batch. Those fall back to
+    plain left padding.
+    """
+    from transformers import DynamicCache
+
+    cfg = _text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    if window and total_len > int(window):
+        return False
+    return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=cfg).layers)
+
+
+def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
+    """Length of the prefix all ``rows`` share, leaving every row at least one token of its own
+    (the last prompt position must be prefilled with the row to give its first new token)."""
+    if not rows:
+        return 0
+    n = min(len(r) for r in rows) - 1
+    first = rows[0]
+    for i in range(max(n, 0)):
+        t = first[i]
+        if any(r[i] != t for r in rows):
+            return i
+    return max(n, 0)
 
 
 def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[int], results: list[list[int]],
                     max_new_tokens: int, batch_size: int, *, eos_ids: Sequence[int], pad_id: int, ignore_eos: bool,
                     kind: str, compile: bool | dict[str, Any], sync_every: int, eos_set: set[int],
-                    device: torch.device, stop_when: StopWhen | None = None) -> None:
+                    device: torch.device, stop_when: StopWhen | None = None, share_prefix: bool = False) -> None:
     """Generate the prompts ``idx`` as one batch; write each row's ids (cut before EOS) into ``results``."""
     rows = [prompt_ids[i] for i in idx]
     if compile and kind == "static" and len(rows) < batch_size:
         # a smaller last batch would compile a second graph: fill it with copies, dropped below
         rows = rows + [rows[-1]] * (batch_size - len(rows))
+    n_shared = shared_prefix_len(rows) if share_prefix else 0
+    prefix = None
+    if n_shared >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, rows)) + n_shared + max_new_tokens):
+        prefix = torch.tensor(list(rows[0][:n_shared]), dtype=torch.long, device=device)
+        rows = [r[n_shared:] for r in rows]
     ids, mask = left_pad(rows, pad_id, device)
     toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, ignore_eos=ignore_eos,
-                        cache=kind, compile=compile, sync_every=sync_every, stop_when=stop_when).tolist()
+                        cache=kind, compile=compile, sync_every=sync_every, stop_when=stop_when,
+                        prefix=prefix).tolist()
     for row, i in zip(toks, idx):
         if not ignore_eos:
             cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))

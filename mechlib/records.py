@@ -190,7 +190,10 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     file rewritten atomically after each batch. Each row stops at EOS or after its first complete
     final-answer line (:class:`mechlib.stopping.AnswerLineStop`).
     Callers that steer register their hook around this call and pass a different ``out_path``.
-    ``generate_kwargs`` go to :func:`mechlib.generate.generate_ids` (``cache``, ``compile``).
+    ``generate_kwargs`` go to :func:`mechlib.generate.generate_ids` (``cache``, ``compile``,
+    ``share_prefix``). ``share_prefix`` is on by default: the prompts' common prefix (chat
+    template, system prompt, worked example) is prefilled once per batch, not once per question —
+    most of a CPU run's generation time otherwise; a hook must then push every row alike.
     """
     from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
     from mechlib.prompts import build_prompt, encode_prompts
@@ -205,6 +208,7 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     done = open_records(out_path, settings, questions, prompts)
     todo = [q for q in questions if q.id not in done]
+    generate_kwargs.setdefault("share_prefix", True)
     if todo:
         eos = eos_ids_of(model, tok)
         pad = pad_id_of(model, tok, eos)

@@ -127,14 +127,14 @@ def _sweep_files(records_dir: Path, layer: int, tag: str) -> list[Path]:
 
 
 class RowSteering:
-    """A forward hook adding a *different* vector to each batch row: ``out[i] += deltas[i]``.
+    """A forward hook adding a vector per batch row: ``out[i] += deltas[i]``, or one ``[1, d]`` delta to every row.
 
-    Why: the sweep generates every (question, scale) pair; putting several scales in one batch
-    fills batches instead of running one half-empty pass per scale: a decode step at batch 128
-    costs far less than four at batch 32 (about 2× one on this 2-core CPU; on a GPU about the
-    same as one, ../shared/FIELD.md). The caller sets the rows' deltas before each
-    batch with :meth:`set_rows`; the values are copied *in place* into a buffer kept per batch
-    size, so a captured/compiled decode step keeps reading the right memory.
+    Why: a sweep can put several scales in one batch to fill it instead of running one half-empty
+    pass per scale (a decode step at batch 128 costs far less than four at batch 32 on a GPU,
+    ../shared/FIELD.md). The caller sets the deltas before each batch with :meth:`set_rows`; the
+    values are copied *in place* into a buffer kept per shape, so a captured/compiled decode step
+    keeps reading the right memory. A single row broadcasts over any batch, which lets
+    :func:`mechlib.generate.generate_ids` run a shared prompt prefix once at batch 1.
     """
 
     def __init__(self) -> None:
@@ -152,7 +152,7 @@ class RowSteering:
     def __call__(self, _module, _inputs, out):
         h = layer_output_tensor(out)
         d = self._current
-        if d is None or d.shape[0] != h.shape[0] or d.shape[1] != h.shape[-1]:
+        if d is None or d.shape[0] not in (1, h.shape[0]) or d.shape[1] != h.shape[-1]:
             raise SteeringError(f"row deltas of shape {None if d is None else tuple(d.shape)} do not fit the layer "
                                 f"output {tuple(h.shape)}")
         return replace_layer_output(out, h + d[:, None, :])
@@ -164,9 +164,12 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
               **generate_kwargs: Any) -> dict[float, list[Any]]:
     """Generate every held-out question at every scale with the steering hook on; records per scale.
 
-    All (question, scale) pairs go through one queue, sorted by prompt length so that a batch
-    holds a few questions at several scales (equal lengths, no padding); a :class:`RowSteering`
-    hook adds each row's own ``scale × mean_norm × unit(vector)``. Each scale's records go to
+    Each scale's questions go in batches of their own, longest prompts first, and a
+    :class:`RowSteering` hook adds that scale's ``scale × mean_norm × unit(vector)`` to every row,
+    at every position. Why one scale per batch: every row is then pushed alike, so the prompts'
+    shared prefix (chat template, system prompt, worked example) runs once per batch instead of
+    once per row (``share_prefix`` of :func:`mechlib.generate.generate_ids`) — on a CPU the
+    prefill of that prefix was most of the sweep's time. Each scale's records go to
     ``records/steer_L{layer}_{scale}.jsonl`` in :mod:`mechlib.records`' format (with its
     settings sidecar), rewritten atomically after each batch, so a rerun resumes. A
     ``steer_L{layer}.meta.json`` remembers the vector and norm; if they changed, the old
@@ -203,16 +206,18 @@ def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, m
     todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
     if todo:
         enc = dict(zip(prompts, encode_prompts(tok, list(prompts.values()))))
-        todo.sort(key=lambda qs: -len(enc[qs[0].id]))  # stable: a question's scales stay together
         eos = eos_ids_of(model, tok)
         pad = pad_id_of(model, tok, eos)
         param = next(model.parameters())
         rows_hook = RowSteering()
-        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        batches: list[list[tuple[Any, float]]] = []
+        for s in scales:
+            mine = sorted((qs for qs in todo if qs[1] == s), key=lambda qs: -len(enc[qs[0].id]))
+            batches += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        generate_kwargs.setdefault("share_prefix", True)
         with add_forward_hook(decoder_layers(model)[layer], rows_hook):
             for batch in tqdm(batches, desc=f"steer L{layer}{tag}", disable=not progress, unit="batch"):
-                deltas = torch.stack([steering_delta(vector, s, mean_norm) for _, s in batch])
-                rows_hook.set_rows(deltas, param.device, param.dtype)
+                rows_hook.set_rows(steering_delta(vector, batch[0][1], mean_norm)[None], param.device, param.dtype)
                 out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
                                    pad_id=pad, sort_by_length=False, progress=False, stop_when=AnswerLineStop(tok),
                                    **generate_kwargs)

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GenerationConfig
 
+import mechlib.generate as gen
 from mechlib.generate import (GenerationError, free_generation_cache, generate_greedy, generate_ids,
                               greedy_batch, left_pad)
 from mechlib.models import decoder_layers
@@ -212,3 +213,83 @@ def test_bf16_cpu_unembedding_gets_a_contiguous_input_and_the_hook_is_removed(ti
         probe.remove()
     assert len(head._forward_pre_hooks) == 0, "the contiguity hook must be removed after generation"
     assert all(seen[: 4]), "mechlib's calls saw a contiguous unembedding input"
+
+
+SHARED = "System: you are a careful assistant who answers briefly. Example: 2 + 2 = 4. Question: "
+SHARED_TEXTS = [SHARED + t for t in TEXTS]
+
+
+@pytest.mark.parametrize("hook", [False, True], ids=["no_hook", "hook"])
+def test_shared_prefix_equals_hf_generate(tiny_any, hook):
+    """``share_prefix``: the common prompt prefix runs once at batch 1 and its cache is repeated;
+    the tokens are still HF ``generate``'s (left padding now sits between prefix and suffix)."""
+    model, tok, arch = tiny_any
+    ids = [tok(t)["input_ids"] for t in SHARED_TEXTS]
+    assert gen.shared_prefix_len(ids) >= gen.MIN_SHARED_PREFIX
+    total = max(map(len, ids)) + MAX_NEW
+    # the tiny Gemma 4's window (8) is shorter than the prompts and Qwen 3.5 has linear-attention
+    # layers: both take the left-padded path; the Llama shares (and Gemma 4 with a wide window, below)
+    assert gen.prefix_sharing_exact(model, total) == (arch == "llama")
+    handle = _add_vector_hook(decoder_layers(model)[1]) if hook else None
+    try:
+        eos = _eos_mid_batch(model, ids)
+        ref = _hf(model, ids, eos)
+        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, cache="dynamic", progress=False,
+                           share_prefix=True)
+    finally:
+        if handle:
+            handle.remove()
+    assert got == ref
+
+
+def test_shared_prefix_runs_the_prefix_once(tiny_llama):
+    """The point of sharing: the prefix's tokens go through the model once, not once per row."""
+    model, tok = tiny_llama
+    ids = [tok(t)["input_ids"] for t in SHARED_TEXTS]
+    n_shared = gen.shared_prefix_len(ids)
+    widths: list[tuple[int, int]] = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: widths.append(tuple(out.shape[:2])))
+    try:
+        generate_ids(model, ids, 2, 8, eos_ids=[], pad_id=PAD, cache="dynamic", progress=False, share_prefix=True)
+    finally:
+        handle.remove()
+    assert widths[0] == (1, n_shared)
+    assert widths[1] == (len(ids), max(len(r) for r in ids) - n_shared)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([[1, 2, 3, 4], [1, 2, 3, 5]], 3),
+    ([[1, 2, 3], [1, 2, 3, 4]], 2),  # the shorter row keeps its last token as its own suffix
+    ([[7], [7]], 0),
+    ([[1, 2], [3, 4]], 0),
+    ([[5, 6, 7]], 2),
+])
+def test_shared_prefix_len(rows, expected):
+    assert gen.shared_prefix_len(rows) == expected
+
+
+def test_shared_prefix_needs_the_dynamic_cache(tiny_llama):
+    model, tok = tiny_llama
+    inp, mask = left_pad([[3, 4], [5]], PAD, torch.device("cpu"))
+    with pytest.raises(GenerationError, match="dynamic"):
+        greedy_batch(model, inp, mask, 2, eos_ids=[], pad_id=PAD, cache="static", prefix=torch.tensor([1, 2]))
+
+
+def test_shared_prefix_on_gemma4_with_a_window_wider_than_the_prompt(tiny_tok):
+    """Per-layer inputs and KV-shared layers with a shared prefix (the real E4B's window is 512)."""
+    from mechlib.tiny import tiny_model
+
+    narrow = tiny_model("gemma4", seed=0)
+    narrow.config.text_config.sliding_window = 512
+    model = type(narrow)(narrow.config).eval()  # rebuilt so every layer reads the wider window
+    model.load_state_dict(narrow.state_dict())
+    ids = [tiny_tok(t)["input_ids"] for t in SHARED_TEXTS]
+    assert gen.prefix_sharing_exact(model, max(map(len, ids)) + MAX_NEW)
+    handle = _add_vector_hook(decoder_layers(model)[4])  # a KV-shared layer
+    try:
+        ref = _hf(model, ids, eos=1)
+        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="dynamic", progress=False,
+                           share_prefix=True)
+    finally:
+        handle.remove()
+    assert got == ref

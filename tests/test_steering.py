@@ -255,7 +255,13 @@ def test_row_steering_adds_each_rows_own_vector(tiny_gemma4):
     for i in range(2):
         assert torch.equal(out[2][i], clean_out[2][i] + deltas[i])
     assert torch.equal(out[1], clean_out[1]) and _hook_count(model) == 0
-    hook.set_rows(deltas[:1], torch.device("cpu"), torch.float32)  # one row's deltas for a batch of two
+    hook.set_rows(deltas[1:], torch.device("cpu"), torch.float32)  # one delta broadcasts over the batch
+    with add_forward_hook(layers[2], hook):
+        _, out, _ = _observe(model, tok)
+    for i in range(2):
+        assert torch.equal(out[2][i], clean_out[2][i] + deltas[1])
+    three = torch.cat([deltas, deltas[:1]])  # three rows' deltas for a batch of two
+    hook.set_rows(three, torch.device("cpu"), torch.float32)
     with pytest.raises(SteeringError, match="do not fit"):
         with add_forward_hook(layers[2], hook):
             _observe(model, tok)
