@@ -3,7 +3,7 @@
 "use strict";
 (function () {
   var SVGNS = "http://www.w3.org/2000/svg";
-  var MAX_ROWS = 2000;  // rows drawn at once; search narrows the rest
+  var MAX_ROWS = 5000;  // rows drawn at once (every latent of the default run); search narrows the rest
 
   function el(tag, attrs, text) {
     var e = document.createElement(tag);
