@@ -351,10 +351,12 @@ def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_
         atomic_write_json(timing_file, timings)
         devices = {r.chapter: d.as_dict() for r in runs if (d := device_stats.read(device_file(paths, r.chapter)))}
         atomic_write_json(paths.metrics / "book_devices.json", devices)
+        from mechlib.model_card import write_model_card
         from mechlib.report import write_report
 
         report = write_report(params.run)
-    print(f"[mechbook] {params.run}: report -> {report}", flush=True)
+        card = write_model_card(params.run)
+    print(f"[mechbook] {params.run}: report -> {report}; model card -> {card}", flush=True)
     return runs
 
 

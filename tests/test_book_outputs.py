@@ -189,3 +189,17 @@ def test_saved_outputs_carry_no_machine_paths():
                 text = "".join(out.get("text", "")) + "".join(
                     v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str))
                 assert str(REPO_ROOT) not in text, f"{nb_path.name}: {text[:200]!r}"
+
+
+def test_model_card_is_generated_from_this_run():
+    """`make book` writes MODEL_CARD.md beside REPORT.md: Hub front matter, the run's own numbers."""
+    import yaml
+
+    card = (PATHS.root / "MODEL_CARD.md").read_text()
+    assert card.startswith("---\n")
+    front = yaml.safe_load(card.split("---\n", 2)[1])
+    for key in ("license", "base_model", "library_name", "tags", "datasets"):
+        assert key in front, f"model card front matter lacks {key}"
+    sae = metrics("03_evaluate_sae")
+    assert f"| {sae['var_explained']:.3f} |" in card, "the card does not state this run's variance explained"
+    assert f"| {sae['delta_ce_loss']:.3f} |" in card, "the card does not state this run's spliced loss"
