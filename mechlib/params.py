@@ -54,7 +54,7 @@ class BookParams:
     activation_dtype: str = "float32"  # float32 | bfloat16 (on-disk shards)
     # --- 02 train SAE ------------------------------------------------------------------
     sae_source: str = "train"  # train | pretrained
-    sae_pretrained: str = ""  # local path to sae_final.pt, or hf:<repo>/<file>
+    sae_pretrained: str = ""  # a local sae_final.pt or SAELens/sparsify folder, or hf:<owner>/<repo>[@<revision>][/<path>]
     d_sae: int = 4608
     k: int = 32
     k_aux: int = 256

@@ -30,7 +30,7 @@
 # the exact reference step, whose backward pass also touches only the k selected latents per token.
 #
 # Instead of training, `sae_source: pretrained` loads a published SAE in the card's format, or a SAELens or
-# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or `hf:<owner>/<repo>/<file>` such as the study's
+# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or `hf:<owner>/<repo>[@<revision>][/<path>]` such as the study's
 # `hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt`), and chapter 03 evaluates that one.
 #
 # A rerun resumes: the full training state (weights, Adam moments, step, data position, dead counters)
