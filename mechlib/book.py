@@ -351,9 +351,11 @@ def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_
         atomic_write_json(timing_file, timings)
         devices = {r.chapter: d.as_dict() for r in runs if (d := device_stats.read(device_file(paths, r.chapter)))}
         atomic_write_json(paths.metrics / "book_devices.json", devices)
+        from mechlib.browser import add_contrast_scores
         from mechlib.model_card import write_model_card
         from mechlib.report import write_report
 
+        add_contrast_scores(paths)  # chapter 05's scores into the feature browser's index (if both exist)
         report = write_report(params.run)
         card = write_model_card(params.run)
     print(f"[mechbook] {params.run}: report -> {report}; model card -> {card}", flush=True)

@@ -226,7 +226,15 @@ recon = f @ ck["W_dec"] + ck["b_dec"]
 ```
 
 The SAE never saw BOS/special tokens{f' or the first {p.exclude_first_positions} positions of a row' if p.exclude_first_positions else ''}; their codes are out of distribution.
-"""
+{_browser_line(r)}"""
+
+
+def _browser_line(r: RunResults) -> str:
+    if not r.has_browser:
+        return ""
+    return (f"\nFeature browser: every latent's density, top contexts and logit effects in "
+            f"`outputs/{r.params.run}/browser/index.html` of the run that made this SAE (static pages; open "
+            f"from the file system).\n")
 
 
 def _has_card_checkpoint(r: RunResults) -> bool:

@@ -208,6 +208,7 @@ class RunResults:
     lens: Lens | None
     steering_vector: str | None  # file name under checkpoints/ (e.g. steering_vec_L22.pt)
     contrastive_features: str | None  # file name under metrics/
+    has_browser: bool = False  # outputs/<run>/browser/index.html exists (chapter 03's feature browser)
 
     @property
     def missing(self) -> list[str]:
@@ -253,4 +254,4 @@ def read_run(root: Path) -> RunResults:
                       read("03_evaluate_sae", Evaluated), read("04_gsm8k_baseline", Baseline), layers,
                       read("06_steering", Steering), read("07_logit_lens", Lens),
                       vec.name if vec is not None and vec.is_file() else None,
-                      feats.name if feats.is_file() else None)
+                      feats.name if feats.is_file() else None, (root / "browser" / "index.html").is_file())

@@ -70,6 +70,8 @@ class BookParams:
     # --- 03 evaluate SAE ---------------------------------------------------------------
     eval_ce_tokens: int = 4096  # tokens for the spliced next-token loss / KL
     n_feature_examples: int = 4
+    browser_max_latents: int = 512  # latents that get a page of their own in the feature browser (all are in its index)
+    browser_contexts: int = 10  # top-activating contexts kept per latent page
     # --- 04 GSM8K baseline / tasks -----------------------------------------------------
     task: str = "arithmetic"  # arithmetic | gsm8k
     gsm8k_path: str = ""  # "" → hub (openai/gsm8k, main); else a folder or .jsonl
@@ -115,6 +117,7 @@ POSITIVE_INTS = (
     "seq_len", "collect_tokens", "heldout_tokens", "collect_batch_size", "shard_tokens", "d_sae", "k",
     "train_batch_size", "train_tokens", "renorm_every", "dead_tokens", "checkpoint_every", "eval_ce_tokens",
     "n_questions", "n_heldout", "max_new_tokens", "gen_batch_size", "n_permutations", "top_d", "n_bootstrap",
+    "browser_max_latents", "browser_contexts",
 )
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")

@@ -43,6 +43,8 @@ sae_source = "train"
 sae_pretrained = ""
 eval_ce_tokens = 4096
 n_feature_examples = 4
+browser_max_latents = 512
+browser_contexts = 10
 
 # %%
 import textwrap
@@ -176,7 +178,7 @@ from IPython.display import HTML
 
 from mechlib import browser
 
-site = browser.build_browser(P, paths, heldout, sae)
+site = browser.build_browser(P, paths, heldout, sae, max_latents=P.browser_max_latents, contexts=P.browser_contexts)
 print(f"feature browser: {paths.rel(site.index_html)}; {site.n_latents} latents, {site.n_pages} with a page, "
       f"{site.bytes / 1e6:.1f} MB, " + ("kept from an earlier build of the same inputs" if site.reused
                                          else f"built in {site.seconds:.0f} s"))

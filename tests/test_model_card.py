@@ -198,3 +198,17 @@ def test_bad_run_folders_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelCardError, match=r"params.yaml not found"):
         read_run(tmp_path / "empty")
+
+
+
+def test_card_links_the_feature_browser_when_the_run_has_one(run_copy: Path):
+    from mechlib.model_card import render_model_card
+    from mechlib.model_card_data import read_run
+
+    shutil.rmtree(run_copy / "browser", ignore_errors=True)
+    without = render_model_card(read_run(run_copy))
+    (run_copy / "browser").mkdir()
+    (run_copy / "browser" / "index.html").write_text("<!doctype html><title>x</title>")
+    with_site = render_model_card(read_run(run_copy))
+    assert "Feature browser:" not in without
+    assert "Feature browser:" in with_site and f"outputs/{run_copy.name}/browser/index.html" in with_site
