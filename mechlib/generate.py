@@ -46,6 +46,10 @@ from typing import Any, Callable, Iterator, Literal, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mechlib.kv_cache import (CACHE_BUCKET, MIN_SHARED_PREFIX, make_masks, prefix_cache,  # noqa: F401
+                              model_device, reusable_static_cache, rows_selectable, rows_to_keep, static_cache,
+                              free_generation_cache, prefix_sharing_exact, shared_prefix_len)
+from mechlib.kv_cache import text_config as _text_config
 from mechlib.prompts import encode_prompts
 
 CacheKind = Literal["auto", "dynamic", "static"]
@@ -59,10 +63,6 @@ class GenerationError(ValueError):
 def _text_config(model: Any) -> Any:
     cfg = model.config
     return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
-def _model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def eos_ids_of(model: Any, tokenizer: Any = None) -> list[int]:
@@ -107,72 +107,6 @@ def _supports_logits_to_keep(model: Any) -> bool:
 
 
 # --------------------------------------------------------------------------------------------
-# Caches
-# --------------------------------------------------------------------------------------------
-
-CACHE_BUCKET = 256  # compiled path: cache lengths rounded up to this, so batches share one compiled graph
-
-
-def _reusable_static_cache(model: Any, batch: int, max_len: int) -> tuple[Any, bool]:
-    """The compiled path's cache: one per model, reset and reused while batch and length match.
-
-    Reusing the same tensors keeps CUDA-graph input addresses fixed (no re-capture per batch);
-    only the latest shape is kept, so memory for older shapes is freed.
-    """
-    key = (batch, max_len, str(_model_device(model)))
-    held = getattr(model, "_mechlib_static_cache", None)
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1], held[2]
-    model._mechlib_static_cache = None
-    cache, safe = _static_cache(model, max_len)
-    model._mechlib_static_cache = (key, cache, safe)
-    return cache, safe
-
-
-def free_generation_cache(model: Any) -> None:
-    """Drop the static cache the compiled path keeps on ``model`` (GPU memory: batch × length × layers)."""
-    if getattr(model, "_mechlib_static_cache", None) is not None:
-        model._mechlib_static_cache = None
-
-
-def _static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
-    """A ``StaticCache`` for ``max_len`` tokens; returns ``(cache, compile_safe)``.
-
-    Sliding-window layers become plain static layers when ``max_len`` fits in their window: the
-    sliding layer would then hold exactly the same ``max_len``-long tensors, but it tracks its
-    length in a Python int that a compiled step would specialise on (one recompile per step).
-    """
-    from transformers import StaticCache
-    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
-
-    cache = StaticCache(config=_text_config(model), max_cache_len=max_len)
-    compile_safe = True
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is StaticSlidingWindowLayer:
-            if max_len <= layer.max_cache_len:
-                cache.layers[i] = StaticLayer(max_cache_len=max_len)
-            else:
-                compile_safe = False
-    return cache, compile_safe
-
-
-def _make_masks(model: Any, cache: Any, batch: int, q_len: int, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor, first: bool) -> Any:
-    """The attention masks HF's ``prepare_inputs_for_generation`` builds for a compilable cache."""
-    from transformers.masking_utils import create_masks_for_generate
-
-    fn = getattr(model, "create_masks_for_generate", create_masks_for_generate)
-    dev = position_ids.device
-    masks = fn(config=model.config, inputs_embeds=torch.empty((batch, q_len, 0), dtype=model.dtype, device=dev),
-               attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids,
-               is_first_iteration=first)
-    if isinstance(masks, dict):
-        return {k: v.contiguous() if v is not None else None for k, v in masks.items()}
-    return masks.contiguous() if masks is not None else None
-
-
-# --------------------------------------------------------------------------------------------
 # The decode step, plain or compiled
 # --------------------------------------------------------------------------------------------
 
@@ -182,41 +116,6 @@ def _step(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, atten
     out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
                 past_key_values=cache, use_cache=True, return_dict=True, **extra)
     return out.logits[:, -1].argmax(dim=-1)
-
-
-def _rows_selectable(kv: Any) -> bool:
-    """Whether finished rows can be dropped from this cache (not from linear-attention layers)."""
-    return all(hasattr(layer, "batch_select_indices") for layer in getattr(kv, "layers", [None]))
-
-
-COMPACT_FRACTION = 8  # drop finished rows once at least 1/8 of the batch (and one row) has finished
-
-
-def _rows_to_keep(live: torch.Tensor) -> torch.Tensor | None:
-    """Indices of the rows to keep, or None while too few have finished to be worth a cache copy.
-
-    Why: a batch runs until its longest answer ends; on a CPU, where a decode step costs about in
-    proportion to its rows, rows that finished early would otherwise be computed (and thrown
-    away) for every remaining step — about half the default run's decode work.
-    """
-    width = live.numel()
-    n_done = width - int(live.sum())
-    if n_done == 0 or n_done < width // COMPACT_FRACTION:
-        return None
-    return live.nonzero().flatten()
-
-
-def _prefix_cache(model: Any, prefix: torch.Tensor, batch: int, extra: dict[str, Any]) -> Any:
-    """The ``DynamicCache`` of ``prefix`` (run once, batch 1), repeated over ``batch`` rows."""
-    from transformers import DynamicCache
-
-    kv = DynamicCache(config=_text_config(model))
-    ids = prefix.reshape(1, -1)
-    model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], past_key_values=kv,
-          use_cache=True, return_dict=True, **extra)
-    if batch > 1:
-        kv.batch_repeat_interleave(batch)
-    return kv
 
 
 _COMPILED: dict[tuple, Any] = {}
@@ -295,7 +194,7 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     if prefix is not None and prefix.numel():
         if cache != "dynamic":
             raise GenerationError("a shared prompt prefix needs cache='dynamic'")
-        shared_kv = _prefix_cache(model, prefix.to(device), batch, extra)
+        shared_kv = prefix_cache(model, prefix.to(device), batch, extra)
         attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.numel())), attention_mask], dim=-1)
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -prompt_len:]
     mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
@@ -306,11 +205,11 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
         exact = prompt_len + max_new_tokens
         bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
         window = min((w for w in [getattr(_text_config(model), "sliding_window", None)] if w), default=bucketed)
-        kv, compile_safe = _reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
-        masks = _make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+        kv, compile_safe = reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
+        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
     elif cache == "static":
-        kv, compile_safe = _static_cache(model, prompt_len + max_new_tokens)
-        masks = _make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+        kv, compile_safe = static_cache(model, prompt_len + max_new_tokens)
+        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
     else:
         from transformers import DynamicCache
 
@@ -324,7 +223,7 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     # rows still in the batch (indices into ``out``); the dynamic cache drops finished ones
     alive = torch.arange(batch, device=device)
-    compact = cache == "dynamic" and not ignore_eos and _rows_selectable(kv)
+    compact = cache == "dynamic" and not ignore_eos and rows_selectable(kv)
     # prefill: plain call (a compiled prefill would recompile per prompt length)
     nxt = _step(model, input_ids, position_ids, masks, kv, extra)
     pos = position_ids[:, -1:]
@@ -344,7 +243,7 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                     steps = t + 1
                     break
                 if compact:
-                    keep = _rows_to_keep(unfinished[alive])
+                    keep = rows_to_keep(unfinished[alive])
                     if keep is not None:
                         kv.batch_select_indices(keep)
                         alive, nxt, pos = alive[keep], nxt[keep], pos[keep]
@@ -354,7 +253,7 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
             pos = pos + 1
             if mask2d is not None:
                 mask2d = torch.cat([mask2d, mask2d.new_ones((mask2d.shape[0], 1))], dim=-1)
-            masks = (_make_masks(model, kv, batch, 1, mask2d, pos, first=False) if cache == "static" else mask2d)
+            masks = (make_masks(model, kv, batch, 1, mask2d, pos, first=False) if cache == "static" else mask2d)
             nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
     return out[:, :steps]
 
@@ -369,7 +268,7 @@ def _contiguous_lm_head(model: Any) -> Iterator[None]:
     Values are unchanged; fp32 and GPUs are left alone, so the exact CPU path is untouched.
     """
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or _model_device(model).type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
+    if head is None or model_device(model).type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
         yield
         return
     handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
@@ -404,7 +303,7 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
     """
     if batch_size <= 0:
         raise GenerationError(f"batch_size must be positive, got {batch_size}")
-    device = _model_device(model)
+    device = model_device(model)
     kind = resolve_cache(cache, device)
     if compile is None:
         compile = device.type == "cuda" and kind == "static"
@@ -421,40 +320,6 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
                             sync_every=sync_every, eos_set=eos_set, device=device, stop_when=stop_when,
                             share_prefix=share_prefix and kind == "dynamic")
     return results
-
-
-MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth an extra forward
-
-
-def prefix_sharing_exact(model: Any, total_len: int) -> bool:
-    """Whether the ``[prefix | padding | suffix]`` layout attends exactly as left padding does.
-
-    Not for sliding-window layers once the padded sequence outgrows the window (the window counts
-    cache slots, padding included), nor for linear-attention (recurrent) layers, whose state would
-    run through the padding and whose caches cannot be repeated over a batch. Those fall back to
-    plain left padding.
-    """
-    from transformers import DynamicCache
-
-    cfg = _text_config(model)
-    window = getattr(cfg, "sliding_window", None)
-    if window and total_len > int(window):
-        return False
-    return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=cfg).layers)
-
-
-def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:
-    """Length of the prefix all ``rows`` share, leaving every row at least one token of its own
-    (the last prompt position must be prefilled with the row to give its first new token)."""
-    if not rows:
-        return 0
-    n = min(len(r) for r in rows) - 1
-    first = rows[0]
-    for i in range(max(n, 0)):
-        t = first[i]
-        if any(r[i] != t for r in rows):
-            return i
-    return max(n, 0)
 
 
 def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[int], results: list[list[int]],

@@ -133,7 +133,7 @@ def _gemma4_wide_window():
 
 
 def test_static_cache_with_sliding_layers_swapped_equals_hf(tiny_tok):
-    from mechlib.generate import _static_cache
+    from mechlib.kv_cache import static_cache as _static_cache
 
     model = _gemma4_wide_window()
     cache, safe = _static_cache(model, 40)
