@@ -51,7 +51,7 @@ book: setup
 	$(PY) -m mechlib.book params/$(RUN).yaml
 
 unit: setup chromium
-	$(PY) -m pytest tests -q -m "not book_outputs"
+	$(PY) -m pytest tests -q -m "not book_outputs" --durations=12
 
 # `make nbval` validates outputs/$(NBVAL_RUN) (the `make book` run by default); `make test` runs the
 # default params into outputs/$(TEST_RUN), so outputs/default stays what `make book` made.
@@ -69,11 +69,20 @@ test: unit
 	$(MAKE) --no-print-directory tiny-books
 
 # The study's architecture classes at tiny shapes, random weights, placeholder labels, CPU (~2-3 min
-# each on 2 cores): Gemma 4 (language_model layers, per-layer inputs, KV-shared layers, softcap) and
+# each on one core): Gemma 4 (language_model layers, per-layer inputs, KV-shared layers, softcap) and
 # Qwen 3.5 (hybrid Gated-DeltaNet layers) through all seven chapters; then their metrics are checked.
+# The books run side by side, one thread each (tiny models are latency-bound: two cores, two books);
+# each one's log goes to outputs/test-<book>.log and is printed if it fails.
 TINY_BOOKS ?= tiny_gemma4 tiny_qwen35
 tiny-books: setup
-	for b in $(TINY_BOOKS); do OMP_NUM_THREADS=1 $(PY) -m mechlib.book params/$$b.yaml --run test-$$b; done
+	mkdir -p outputs; pids=""; \
+	for b in $(TINY_BOOKS); do \
+	  OMP_NUM_THREADS=1 $(PY) -m mechlib.book params/$$b.yaml --run test-$$b > outputs/test-$$b.log 2>&1 & \
+	  pids="$$pids $$!:$$b"; \
+	done; failed=""; \
+	for pb in $$pids; do wait $${pb%%:*} || failed="$$failed $${pb#*:}"; done; \
+	for b in $$failed; do echo "tiny book $$b failed:"; tail -n 40 outputs/test-$$b.log; done; \
+	test -z "$$failed"; grep -h "done in" $(foreach b,$(TINY_BOOKS),outputs/test-$(b).log) || true
 	MECHBOOK_TINY_RUNS=$$(for b in $(TINY_BOOKS); do printf '%s=test-%s,' $$b $$b; done | sed 's/,$$//') \
 		$(PY) -m pytest -q -p no:cacheprovider tests/test_tiny_books.py
 
