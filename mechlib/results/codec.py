@@ -13,12 +13,14 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import ClassVar, Literal, Mapping, TypeVar, Union
+from typing import Literal, Mapping, TypeVar, Union
 
 # A JSON value, for the few free-form sub-objects (a training config, formula strings).
 Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
 
 T = TypeVar("T", bound="Record")
+D = TypeVar("D")
+_HINTS: dict[type, dict[str, object]] = {}  # resolved annotations per class
 
 # field(metadata=OMIT_NONE): the key is left out of the file when the value is None (keys that only
 # one code path writes, e.g. chapter 02's training counters, absent for a pretrained SAE).
@@ -60,12 +62,15 @@ def _convert(value: object, tp: object, where: _Where) -> object:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for option in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: the error is X's, with its key path
+            return _convert(value, options[0], where)
+        for option in options:
             try:
                 return _convert(value, option, where)
             except ResultsError:
                 continue
-        raise where.expected(" | ".join(_type_name(a) for a in args), value)
+        raise where.expected(" | ".join("null" if a is type(None) else _type_name(a) for a in args), value)
     if origin is Literal:
         if value not in args:
             raise where.error(f"expected one of {list(args)}, got {value!r:.60}")
@@ -99,14 +104,40 @@ def _convert(value: object, tp: object, where: _Where) -> object:
         if not isinstance(value, dict):
             raise where.expected("an object", value)
         return {str(k): _convert(v, args[1], where.key(str(k))) for k, v in value.items()}
-    if isinstance(tp, type) and issubclass(tp, Record):
-        return tp._read(value, where)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a Record, or a domain dataclass such as SplicedLoss
+        return _read_dataclass(tp, value, where)
     raise TypeError(f"{where.source}: no JSON conversion for annotation {tp!r}")  # a bug in a Record class
 
 
+def _read_dataclass(cls: type[D], d: object, where: _Where) -> D:
+    if not isinstance(d, Mapping):
+        raise where.expected("a JSON object", d)
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass (checked by the callers)
+        if f.name in d:
+            values[f.name] = _convert(d[f.name], hints[f.name], where.key(f.name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise where.key(f.name).error("missing key")
+    return cls(**values)
+
+
+def dump_dataclass(obj: object) -> dict[str, Json]:
+    """One key per field of the dataclass ``obj`` (fields marked :data:`OMIT_NONE` left out when None)."""
+    out: dict[str, Json] = {}
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        value = getattr(obj, f.name)
+        if value is None and f.metadata.get("omit_none"):
+            continue
+        out[f.name] = _dump(value)
+    return out
+
+
 def _dump(value: object) -> Json:
-    if isinstance(value, Record):
-        return value.to_json()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dump_dataclass(value)
     if isinstance(value, (list, tuple)):
         return [_dump(v) for v in value]
     if isinstance(value, dict):
@@ -117,37 +148,13 @@ def _dump(value: object) -> Json:
 class Record:
     """Base of every result dataclass: ``to_json`` writes one key per field, ``from_json`` checks them."""
 
-    _hints: ClassVar[dict[str, object]]
-
     def to_json(self) -> dict[str, Json]:
-        out: dict[str, Json] = {}
-        for f in dataclasses.fields(self):  # type: ignore[arg-type]  # every Record is a dataclass
-            value = getattr(self, f.name)
-            if value is None and f.metadata.get("omit_none"):
-                continue
-            out[f.name] = _dump(value)
-        return out
+        return dump_dataclass(self)
 
     @classmethod
     def from_json(cls: type[T], d: Mapping[str, object], where: str = "") -> T:
         """``cls`` from a JSON object; ``where`` (the file) starts every error message."""
-        return cls._read(d, _Where(where or cls.__name__))
-
-    @classmethod
-    def _read(cls: type[T], d: object, where: _Where) -> T:
-        if not isinstance(d, Mapping):
-            raise where.expected("a JSON object", d)
-        hints = cls.__dict__.get("_hints")
-        if hints is None:
-            hints = typing.get_type_hints(cls)
-            cls._hints = hints
-        values = {}
-        for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # every Record is a dataclass
-            if f.name in d:
-                values[f.name] = _convert(d[f.name], hints[f.name], where.key(f.name))
-            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise where.key(f.name).error("missing key")
-        return cls(**values)
+        return _read_dataclass(cls, d, _Where(where or cls.__name__))
 
 def copy_fields(cls: type[T], source: object, **values: object) -> T:
     """``cls`` from the same-named attributes of ``source`` (a domain dataclass such as

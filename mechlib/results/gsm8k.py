@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from mechlib.results.codec import Record
-from mechlib.scoring import ScoringRule
+from mechlib.records import GroupAccuracy
+from mechlib.results.codec import Record, copy_fields
+from mechlib.scoring import RuleAccuracy, ScoringRule
+from mechlib.sensitivity import PeakUnderRule  # a row of scoring_sensitivity, as the chapter computes it
+from mechlib.stats import finite_or_none
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,11 @@ class Accuracy(Record):
     n_correct: int
     accuracy: float | None
     ci95: tuple[float, float]
+
+    @classmethod
+    def of(cls, a: RuleAccuracy | GroupAccuracy) -> "Accuracy":
+        """From a rule's or a group's accuracy (NaN, for a rule that keeps no answer, becomes None)."""
+        return copy_fields(cls, a, accuracy=finite_or_none(a.accuracy), ci95=tuple(a.ci95))
 
 
 @dataclass(frozen=True)
@@ -57,23 +65,10 @@ class Baseline(Record):
 
 
 @dataclass(frozen=True)
-class PeakUnderRule(Record):
-    """Chapter 05's peak recomputed under one scoring rule (None: one side has too few questions)."""
-
-    rule: ScoringRule
-    n_correct: int
-    n_wrong: int
-    peak_layer: int | None
-    top_abs_d: float | None  # the peak layer's mean top-``top_d`` |d|
-    p_peak: float | None
-    p_mc_se: float | None
-    n_permutations: int
-
-
-@dataclass(frozen=True)
 class Layers(Record):
     """``metrics/05_contrastive_layers.json``: Cohen's d per layer against permutation nulls.
 
+    ``scoring_sensitivity`` holds :class:`mechlib.sensitivity.PeakUnderRule` rows (the primary rule first).
     ``top_abs_d[i]`` is layer i's mean of its ``top_d`` largest |d| (the file called it ``top10_abs_d``
     whatever ``top_d`` was).
     """
