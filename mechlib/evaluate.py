@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
@@ -28,6 +28,12 @@ from mechlib.results import CardSnippet, FeatureExamples, Record, ResultsError
 from mechlib.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
                                 tensor_digest)
 
+if TYPE_CHECKING:  # only named in signatures (D2's activations refactor may move ActivationStore)
+    from mechlib.params import BookParams
+    from mechlib.paths import RunPaths
+    from mechlib.sae import TopKSAE
+    from mechlib.shards import ActivationStore
+
 MODEL_EVALS_FILE = "03_model_evals.json"
 
 
@@ -36,7 +42,7 @@ class PCABaseline(NamedTuple):
     source: str  # which tokens it was fit on, in words
 
 
-def pca_baseline(params: Any, run_paths: Any, heldout_x: Tensor, k: int) -> PCABaseline:
+def pca_baseline(params: BookParams, run_paths: RunPaths, heldout_x: Tensor, k: int) -> PCABaseline:
     """The k-component PCA baseline, fit on the run's training activations when they were kept."""
     if params.collect_mode == "disk":
         from mechlib.collect_config import open_store
@@ -56,7 +62,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def training_fingerprint(params: Any, run_paths: Any) -> ActivationsFingerprint | None:
+def training_fingerprint(params: BookParams, run_paths: RunPaths) -> ActivationsFingerprint | None:
     """The training activations a trained SAE must have been trained on (``None``: a pretrained SAE, or
     ``collect_mode: stream``, whose training tokens are not on disk to fingerprint here)."""
     if params.sae_source != "train" or params.collect_mode != "disk":
@@ -99,7 +105,7 @@ def _file_sha256(spec: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def model_evals_key(params: Any, heldout: Any, sae: Any, sae_path: str, mean_act: Tensor) -> dict[str, Any]:
+def model_evals_key(params: BookParams, heldout: ActivationStore, sae: TopKSAE, sae_path: str, mean_act: Tensor) -> dict[str, Any]:
     """What the model evals are computed from: the SAE (weights, file checksum), the held-out activations
     (fingerprint: settings hash + shard checksums), the mean-ablation vector, and the settings."""
     from mechlib.sae import card_state
@@ -119,7 +125,7 @@ class ModelEvals(Record):
     examples: list[FeatureExamples]
 
 
-def model_evals(params: Any, run_paths: Any, heldout: Any, sae: Any, sae_path: str, x: Tensor, counts: Tensor,
+def model_evals(params: BookParams, run_paths: RunPaths, heldout: ActivationStore, sae: TopKSAE, sae_path: str, x: Tensor, counts: Tensor,
                 mean_act: Tensor) -> ModelEvals:
     """The evals that need the model (spliced loss, the card's snippet, feature contexts), cached by key."""
     cache = run_paths.checkpoints / MODEL_EVALS_FILE

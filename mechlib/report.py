@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD
@@ -25,7 +25,7 @@ def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _fmt(value: object, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -41,16 +41,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _pct(value: Any) -> str:
+def _pct(value: float | None) -> str:
     return "—" if not isinstance(value, (int, float)) else f"{100 * value:.1f} %"
 
 
-def _p(p: Any, se: Any) -> str:
+def _p(p: float | None, se: float | None) -> str:
     """A permutation p with its Monte-Carlo standard error, when known."""
     return _fmt(p) if not isinstance(se, (int, float)) else f"{_fmt(p)} ± {se:.3f}"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -102,7 +102,7 @@ def _section_sae(paths: RunPaths, m: Evaluated | None) -> str:
     if m is None:
         return "## SAE training metrics\n\nChapter 03 not run.\n"
     # the card's variance explained was computed with the seed's global-variance formula: it sits on that row
-    rows: list[list[Any]] = [
+    rows: list[list[object]] = [
         ["Variance explained (per-dimension, held-out)", m.var_explained, None],
         ["Variance explained (seed's global-variance formula)", m.var_explained_global, CARD.var_explained_global],
         ["PCA baseline, k components (per-dimension)", m.pca_var_explained, None],
