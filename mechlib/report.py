@@ -102,19 +102,19 @@ def _section_sae(paths: RunPaths, m: Evaluated | None) -> str:
     if m is None:
         return "## SAE training metrics\n\nChapter 03 not run.\n"
     # the card's variance explained was computed with the seed's global-variance formula: it sits on that row
-    rows: list[list[object]] = [
-        ["Variance explained (per-dimension, held-out)", m.var_explained, None],
-        ["Variance explained (seed's global-variance formula)", m.var_explained_global, CARD.var_explained_global],
-        ["PCA baseline, k components (per-dimension)", m.pca_var_explained, None],
-        ["Variance explained without outlier-norm tokens", m.var_explained_excl_outliers, None],
-        ["PCA baseline without outlier-norm tokens", m.pca_var_explained_excl_outliers, None],
-        ["MSE", m.mse, CARD.mse],
-        ["L0", m.l0, CARD.l0],
-        ["Coverage (fired at least once, held-out)", m.coverage, CARD.coverage],
-        ["Dead fraction", m.dead_fraction, float(CARD.dead)],
-        ["Δ next-token loss (SAE spliced in)", m.delta_ce_loss, None],
-        ["KL (SAE spliced in)", m.kl, None],
-        ["Held-out tokens", m.n_tokens, None],
+    rows: list[tuple[str, float | int, float | int | None]] = [
+        ("Variance explained (per-dimension, held-out)", m.var_explained, None),
+        ("Variance explained (seed's global-variance formula)", m.var_explained_global, CARD.var_explained_global),
+        ("PCA baseline, k components (per-dimension)", m.pca_var_explained, None),
+        ("Variance explained without outlier-norm tokens", m.var_explained_excl_outliers, None),
+        ("PCA baseline without outlier-norm tokens", m.pca_var_explained_excl_outliers, None),
+        ("MSE", m.mse, CARD.mse),
+        ("L0", m.l0, CARD.l0),
+        ("Coverage (fired at least once, held-out)", m.coverage, CARD.coverage),
+        ("Dead fraction", m.dead_fraction, float(CARD.dead)),
+        ("Δ next-token loss (SAE spliced in)", m.delta_ce_loss, None),
+        ("KL (SAE spliced in)", m.kl, None),
+        ("Held-out tokens", m.n_tokens, None),
     ]
     if not m.n_outlier_tokens:  # no outlier-norm tokens held out: those rows would repeat the two above
         rows = [row for row in rows if "without outlier-norm" not in row[0]]
