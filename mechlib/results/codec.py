@@ -27,6 +27,11 @@ _HINTS: dict[type, dict[str, object]] = {}  # resolved annotations per class
 OMIT_NONE = {"omit_none": True}
 
 
+def read_also(*old_keys: str) -> dict[str, tuple[str, ...]]:
+    """Field metadata: the key's former names, still read (files of older runs), never written."""
+    return {"read_also": old_keys}
+
+
 class ResultsError(ValueError):
     """A metrics file that does not hold what its chapter writes (the message names file and key)."""
 
@@ -117,8 +122,9 @@ def _read_dataclass(cls: type[D], d: object, where: _Where) -> D:
         hints = _HINTS[cls] = typing.get_type_hints(cls)
     values = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]  # cls is a dataclass (checked by the callers)
-        if f.name in d:
-            values[f.name] = _convert(d[f.name], hints[f.name], where.key(f.name))
+        key = next((k for k in (f.name, *f.metadata.get("read_also", ())) if k in d), None)
+        if key is not None:
+            values[f.name] = _convert(d[key], hints[f.name], where.key(key))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise where.key(f.name).error("missing key")
     return cls(**values)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mechlib.records import GroupAccuracy
-from mechlib.results.codec import Record, copy_fields
+from mechlib.results.codec import Record, copy_fields, read_also
 from mechlib.scoring import RuleAccuracy, ScoringRule
 from mechlib.sensitivity import PeakUnderRule  # a row of scoring_sensitivity, as the chapter computes it
 from mechlib.stats import finite_or_none
@@ -69,8 +69,8 @@ class Layers(Record):
     """``metrics/05_contrastive_layers.json``: Cohen's d per layer against permutation nulls.
 
     ``scoring_sensitivity`` holds :class:`mechlib.sensitivity.PeakUnderRule` rows (the primary rule first).
-    ``top_abs_d[i]`` is layer i's mean of its ``top_d`` largest |d| (the file called it ``top10_abs_d``
-    whatever ``top_d`` was).
+    ``top_abs_d[i]`` is layer i's mean of its ``top_d`` largest |d|. Files before the rename called it
+    ``top10_abs_d`` whatever ``top_d`` was; they still read.
     """
 
     FILE: ClassVar[str] = "05_contrastive_layers"
@@ -86,7 +86,7 @@ class Layers(Record):
     n_wrong: int
     n_heldout: int
     peak_layer: int
-    top_abs_d: list[float]
+    top_abs_d: list[float] = field(metadata=read_also("top10_abs_d"))  # top10_abs_d: runs before the rename
     null_p: float
     null_p_mc_se: float
     null_p_layer: list[float]
