@@ -15,15 +15,24 @@ Why a module: the chapter should read as a method, not as plumbing. Two decision
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from torch import Tensor
 
 from mechlib import metrics
 from mechlib.io import atomic_write_json, sha256_file
+from mechlib.metrics import SplicedLoss
+from mechlib.results import CardSnippet, FeatureExamples, Record, ResultsError
 from mechlib.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
                                 tensor_digest)
+
+if TYPE_CHECKING:  # only named in signatures (D2's activations refactor may move ActivationStore)
+    from mechlib.params import BookParams
+    from mechlib.paths import RunPaths
+    from mechlib.sae import TopKSAE
+    from mechlib.shards import ActivationStore
 
 MODEL_EVALS_FILE = "03_model_evals.json"
 
@@ -33,7 +42,7 @@ class PCABaseline(NamedTuple):
     source: str  # which tokens it was fit on, in words
 
 
-def pca_baseline(params: Any, run_paths: Any, heldout_x: Tensor, k: int) -> PCABaseline:
+def pca_baseline(params: BookParams, run_paths: RunPaths, heldout_x: Tensor, k: int) -> PCABaseline:
     """The k-component PCA baseline, fit on the run's training activations when they were kept."""
     if params.collect_mode == "disk":
         from mechlib.collect_config import open_store
@@ -53,7 +62,7 @@ def _read_cache(path: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) else None
 
 
-def training_fingerprint(params: Any, run_paths: Any) -> ActivationsFingerprint | None:
+def training_fingerprint(params: BookParams, run_paths: RunPaths) -> ActivationsFingerprint | None:
     """The training activations a trained SAE must have been trained on (``None``: a pretrained SAE, or
     ``collect_mode: stream``, whose training tokens are not on disk to fingerprint here)."""
     if params.sae_source != "train" or params.collect_mode != "disk":
@@ -96,7 +105,7 @@ def _file_sha256(spec: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def model_evals_key(params: Any, heldout: Any, sae: Any, sae_path: str, mean_act: Tensor) -> dict[str, Any]:
+def model_evals_key(params: BookParams, heldout: ActivationStore, sae: TopKSAE, sae_path: str, mean_act: Tensor) -> dict[str, Any]:
     """What the model evals are computed from: the SAE (weights, file checksum), the held-out activations
     (fingerprint: settings hash + shard checksums), the mean-ablation vector, and the settings."""
     from mechlib.sae import card_state
@@ -107,12 +116,26 @@ def model_evals_key(params: Any, heldout: Any, sae: Any, sae_path: str, mean_act
             "dtype": params.model_dtype, "n_features": params.n_feature_examples, "seed": params.seed}
 
 
-def model_evals(params: Any, run_paths: Any, heldout: Any, sae: Any, sae_path: str, x: Tensor, counts: Tensor,
-                mean_act: Tensor) -> dict[str, Any]:
-    """``{"spliced", "card_snippet", "examples"}``: the evals that need the model, cached by key."""
+@dataclass(frozen=True)
+class ModelEvals(Record):
+    """What chapter 03 measures with the model running (the value cached in ``03_model_evals.json``)."""
+
+    spliced: SplicedLoss
+    card_snippet: CardSnippet | None  # None: the checkpoint is not a card-format .pt
+    examples: list[FeatureExamples]
+
+
+def model_evals(params: BookParams, run_paths: RunPaths, heldout: ActivationStore, sae: TopKSAE, sae_path: str, x: Tensor, counts: Tensor,
+                mean_act: Tensor) -> ModelEvals:
+    """The evals that need the model (spliced loss, the card's snippet, feature contexts), cached by key."""
     cache = run_paths.checkpoints / MODEL_EVALS_FILE
     key = model_evals_key(params, heldout, sae, sae_path, mean_act)
-    evals = load_cached(cache, key)
+    cached = load_cached(cache, key)
+    try:
+        evals = None if cached is None else ModelEvals.from_json(cached, str(cache))
+    except ResultsError as exc:  # written by an older version: recomputed
+        print(f"{exc}: recomputing the model evals")
+        evals = None
     if evals is None:
         changed = cache_changes(cache, key)
         if changed:
@@ -122,10 +145,11 @@ def model_evals(params: Any, run_paths: Any, heldout: Any, sae: Any, sae_path: s
 
         lm = load_model(params.model, params.model_dtype, params.device)
         ids, keep = metrics.heldout_rows(heldout, params.eval_ce_tokens)
-        evals = {"spliced": metrics.spliced_loss(lm.model, heldout.layer, sae, ids, keep, mean_act=mean_act,
-                                                 progress=True).as_dict(),
-                 "card_snippet": metrics.card_snippet_check(lm.model, heldout.layer, sae_path, sae, ids[0], keep[0]),
-                 "examples": metrics.feature_examples(sae, x, heldout, lm.tokenizer, counts,
-                                                      params.n_feature_examples, params.seed)}
-        save_cached(cache, key, evals)
+        spliced = metrics.spliced_loss(lm.model, heldout.layer, sae, ids, keep, mean_act=mean_act, progress=True)
+        snippet = metrics.card_snippet_check(lm.model, heldout.layer, sae_path, sae, ids[0], keep[0])
+        examples = metrics.feature_examples(sae, x, heldout, lm.tokenizer, counts, params.n_feature_examples,
+                                            params.seed)
+        evals = ModelEvals(spliced, None if snippet is None else CardSnippet.from_json(snippet),
+                           [FeatureExamples.from_json(e) for e in examples])
+        save_cached(cache, key, evals.to_json())
     return evals

@@ -17,8 +17,9 @@ import yaml
 from mechlib.findings import CARD
 from mechlib.interop import HF_MODEL_NAMES, HookInfo
 from mechlib.io import atomic_write_text
-from mechlib.model_card_data import Evaluated, RunResults, read_run
+from mechlib.model_card_data import RunResults, read_run
 from mechlib.paths import RunPaths
+from mechlib.results import Evaluated
 
 CARD_FILE = "MODEL_CARD.md"
 # The SAE is computed from the base model's activations, so it is offered under the base model's licence.
@@ -139,14 +140,14 @@ def section_gsm8k(r: RunResults) -> str:
                  f"{_f(b.finished)} of the answers ended by themselves. The card: "
                  f"{CARD.baseline_accuracy[0]:.2f}–{CARD.baseline_accuracy[1]:.2f} on {CARD.n_heldout} questions.\n\n")
         text += _table(["scoring rule", "n", "correct", "accuracy"],
-                       [[a.rule, _f(a.n), _f(a.n_correct), _f(a.accuracy)] for a in b.by_rule]) + _found(b.finding)
+                       [[rule, _f(a.n), _f(a.n_correct), _f(a.accuracy)] for rule, a in sorted(b.by_scoring_rule.items())]) + _found(b.finding)
     text += "\n### Contrastive layers\n\n"
     c = r.layers
     if c is None:
         text += _not_run("05 (contrastive layers)")
     else:
         p_text = _f(c.null_p) + (f" ± {c.null_p_mc_se:.3f}" if c.null_p_mc_se is not None else "")
-        text += _table(["", "peak layer", "top-10 |d| at peak", "permutation p", "Spearman ρ (held-out)"],
+        text += _table(["", "peak layer", f"top-{c.top_d} |d| at peak", "permutation p", "Spearman ρ (held-out)"],
                        [["this run", f"{_f(c.peak_layer)} of {c.n_layers}", _f(c.peak_top_abs_d), p_text,
                          _f(c.spearman_rho)],
                         [STUDY, f"{CARD.peak_layer} of {CARD.n_layers}", _f(CARD.peak_top_abs_d), "not reported",

@@ -9,14 +9,39 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure
 
 from mechlib.io import atomic_path
+from mechlib.results import FeatureExamples
 
 DPI = 110
+
+
+class AccuracyRow(Protocol):
+    """One steering condition (``steering.SteeringRow``, ``results.ScaleRow``): what the dose–response draws."""
+
+    @property
+    def scale(self) -> float: ...
+    @property
+    def accuracy(self) -> float: ...
+    @property
+    def accuracy_ci95(self) -> tuple[float, float]: ...
+
+
+class GroupRow(Protocol):
+    """Accuracy of one question kind (``records.GroupAccuracy``)."""
+
+    @property
+    def group(self) -> str: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def accuracy(self) -> float: ...
+    @property
+    def ci95(self) -> tuple[float, float]: ...
 
 
 def new_figure(width: float = 8.0, height: float = 4.5, **subplots_kw) -> tuple[Figure, object]:
@@ -76,23 +101,23 @@ def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak
     return fig, ax
 
 
-def plot_dose_response(scales, accuracies, ci_lows, ci_highs, baseline: float, baseline_ci: tuple[float, float],
-                       layer: int, controls: Sequence[tuple[float, float]] = ()) -> tuple[Figure, object]:
+def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci: tuple[float, float], layer: int,
+                       controls: Sequence[AccuracyRow] = ()) -> tuple[Figure, object]:
     """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline.
 
-    ``controls``: ``(scale, accuracy)`` of random-direction sweeps, drawn as crosses beside the CAA curve.
+    ``controls``: the rows of random-direction sweeps, drawn as crosses beside the CAA curve.
     """
     fig, ax = new_figure(7.0, 4.5)
-    order = sorted(range(len(scales)), key=lambda i: scales[i])
-    x = [100 * scales[i] for i in order]
-    y = [accuracies[i] for i in order]
-    err = _yerr(y, [ci_lows[i] for i in order], [ci_highs[i] for i in order])
+    rows = sorted(rows, key=lambda r: r.scale)
+    x = [100 * r.scale for r in rows]
+    y = [r.accuracy for r in rows]
+    err = _yerr(y, [r.accuracy_ci95[0] for r in rows], [r.accuracy_ci95[1] for r in rows])
     ax.axhspan(baseline_ci[0], baseline_ci[1], color="0.85", label="baseline 95% CI")
     ax.axhline(baseline, color="0.3", ls="--", lw=1, label=f"baseline {baseline:.2f}")
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="CAA direction")
     ax.plot([0.0], [baseline], marker="s", color="0.3", ls="none", label="no steering (scale 0)")
     if controls:
-        ax.plot([100 * c[0] for c in controls], [c[1] for c in controls], marker="x", ms=8, color="C3", ls="none",
+        ax.plot([100 * c.scale for c in controls], [c.accuracy for c in controls], marker="x", ms=8, color="C3", ls="none",
                 label="random directions (same norm)")
     ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
     ax.set_ylabel("held-out accuracy")
@@ -151,18 +176,18 @@ def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
     return fig, ax
 
 
-def plot_feature_examples(examples: list[dict], width: int = 60) -> tuple[Figure, object]:
+def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) -> tuple[Figure, object]:
     """Chapter 03: each feature's top activations as bars labelled with the context (max token in [[ ]])."""
     n = max(len(examples), 1)
     fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
     for ax, feat in zip(axes[:, 0], examples):
-        ex = feat["examples"]
-        labels = [(e["context"].replace("\n", "↵") + "[[" + visible_token(e["token"]) + "]]")[-width:]
+        ex = feat.examples
+        labels = [(e.context.replace("\n", "↵") + "[[" + visible_token(e.token) + "]]")[-width:]
                   .replace("$", r"\$") for e in ex]
-        ax.barh(range(len(ex)), [e["activation"] for e in ex], color="C1")
+        ax.barh(range(len(ex)), [e.activation for e in ex], color="C1")
         ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
         ax.invert_yaxis()
-        ax.set_title(f"feature {feat['feature']} (fires on {100 * feat['frequency']:.2f}% of tokens)", fontsize=9)
+        ax.set_title(f"feature {feat.feature} (fires on {100 * feat.frequency:.2f}% of tokens)", fontsize=9)
     axes[-1, 0].set_xlabel("activation")
     fig.tight_layout()
     return fig, axes
@@ -199,7 +224,7 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     return fig, ax
 
 
-def plot_baseline(kinds: list[str], accuracies, ci_lows, ci_highs, counts, lengths_correct, lengths_wrong,
+def plot_baseline(groups: Sequence[GroupRow], lengths_correct: Sequence[int], lengths_wrong: Sequence[int],
                   max_new_tokens: int, overall: float, overall_ci: tuple[float, float]) -> tuple[Figure, object]:
     """Chapter 04: accuracy per question kind (Wilson 95 % intervals) and generated lengths.
 
@@ -208,13 +233,14 @@ def plot_baseline(kinds: list[str], accuracies, ci_lows, ci_highs, counts, lengt
     wrong; a pile at ``max_new_tokens`` means answers cut off by the token limit.
     """
     fig, (ax, bx) = new_figure(11.0, 4.2, ncols=2, gridspec_kw={"width_ratios": [1.3, 1]})
-    xs = list(range(len(kinds)))
+    xs = list(range(len(groups)))
+    accuracies = [g.accuracy for g in groups]
     ax.axhspan(overall_ci[0], overall_ci[1], color="0.88", label="overall 95% CI")
     ax.axhline(overall, color="0.3", ls="--", lw=1, label=f"overall {overall:.2f}")
-    err = _yerr(accuracies, ci_lows, ci_highs)
+    err = _yerr(accuracies, [g.ci95[0] for g in groups], [g.ci95[1] for g in groups])
     ax.bar(xs, accuracies, color="C0", alpha=0.8)
     ax.errorbar(xs, accuracies, yerr=err, fmt="none", ecolor="k", capsize=4, lw=1)
-    ax.set_xticks(xs, [f"{k}\n(n={n})" for k, n in zip(kinds, counts)], fontsize=8)
+    ax.set_xticks(xs, [f"{g.group}\n(n={g.n})" for g in groups], fontsize=8)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("accuracy")
     ax.legend(loc="upper right", fontsize=8)

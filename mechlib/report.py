@@ -9,25 +9,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-from mechlib.device_stats import format_bytes
+from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
-
-# The study's own numbers (public model card, see ../shared/FIELD.md), shown beside ours. The card's
-# variance explained was computed with the seed's global-variance formula, so it sits on that row.
-CARD_SAE_METRICS = {"var_explained_global": CARD.var_explained_global, "mse": CARD.mse, "l0": CARD.l0,
-                    "coverage": CARD.coverage, "dead_fraction": float(CARD.dead)}
+from mechlib.results import (Baseline, ChapterResult, Collected, Evaluated, Layers, Lens, RandomControl,
+                             ScaleVerdict, Steering, Trained, read)
 
 
 def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
+    """The runner's own files (``book_timings``, ``book_devices``), not a chapter's result."""
     f = paths.metrics / f"{name}.json"
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def _fmt(value: object, digits: int = 4) -> str:
     if value is None:
         return "—"
     if isinstance(value, bool):
@@ -43,16 +41,16 @@ def _fmt(value: Any, digits: int = 4) -> str:
     return str(value)
 
 
-def _pct(value: Any) -> str:
+def _pct(value: float | None) -> str:
     return "—" if not isinstance(value, (int, float)) else f"{100 * value:.1f} %"
 
 
-def _p(p: Any, se: Any) -> str:
+def _p(p: float | None, se: float | None) -> str:
     """A permutation p with its Monte-Carlo standard error, when known."""
     return _fmt(p) if not isinstance(se, (int, float)) else f"{_fmt(p)} ± {se:.3f}"
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: Sequence[Sequence[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
@@ -63,27 +61,25 @@ def _figures(paths: RunPaths, prefix: str) -> str:
     return "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
 
 
-def _findings(paths: RunPaths, *chapters: str) -> str:
+def _findings(*chapters: ChapterResult | None) -> str:
     """Each chapter's "What this run found" paragraph (written by the chapter from its own numbers)."""
     text = ""
-    for name in chapters:
-        finding = (_load(paths, name) or {}).get("finding")
-        if finding:
-            text += f"\n**What this run found (chapter {name[:2]}).** {finding}\n"
+    for result in chapters:
+        if result is not None and result.finding:
+            text += f"\n**What this run found (chapter {result.FILE[:2]}).** {result.finding}\n"
     return text
 
 
-def _section_run(paths: RunPaths) -> str:
+def _section_run(paths: RunPaths, c: Collected | None) -> str:
     """What was collected, and how long each chapter took (the runner's ``book_timings.json``)."""
-    c = _load(paths, "01_collect")
     text = "## The run\n\n"
     if c is None:
         text += "Chapter 01 not run.\n"
     else:
-        text += (f"{_fmt(c.get('n_tokens'))} training + {_fmt(c.get('heldout_tokens'))} held-out tokens of the residual"
-                 f" stream after layer {_fmt(c.get('layer'))} (d_model {_fmt(c.get('d_model'))}), rows of"
-                 f" {_fmt(c.get('seq_len'))} tokens, stored as {c.get('activation_dtype', '—')}; mean token norm"
-                 f" {_fmt(c.get('mean_norm'), 1)}, max {_fmt(c.get('max_norm'), 1)}.\n")
+        text += (f"{_fmt(c.n_tokens)} training + {_fmt(c.heldout_tokens)} held-out tokens of the residual"
+                 f" stream after layer {_fmt(c.layer)} (d_model {_fmt(c.d_model)}), rows of"
+                 f" {_fmt(c.seq_len)} tokens, stored as {c.activation_dtype}; mean token norm"
+                 f" {_fmt(c.mean_norm, 1)}, max {_fmt(c.max_norm, 1)}.\n")
     timings = _load(paths, "book_timings")
     if timings:
         devices = _load(paths, "book_devices") or {}  # the runner's per-chapter mechlib.device_stats snapshots
@@ -94,34 +90,34 @@ def _section_run(paths: RunPaths) -> str:
             header += ["device", "peak GPU memory (max_memory_allocated)"]
             for row in rows:
                 d = devices.get(row[0])
-                row += ["—", "—"] if d is None else [f"{d['device']} ({d['device_name']})",
-                                                   format_bytes(d.get("peak_gpu_bytes"))]
+                device = None if d is None else ChapterDevice(**d)
+                row += ["—", "—"] if device is None else [f"{device.device} ({device.device_name})",
+                                                        format_bytes(device.peak_gpu_bytes)]
         text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(header, rows)
         text += "\n"
     return text + "\n" + _figures(paths, "01_") + "\n"
 
 
-def _section_sae(paths: RunPaths) -> str:
-    m = _load(paths, "03_evaluate_sae")
+def _section_sae(paths: RunPaths, m: Evaluated | None) -> str:
     if m is None:
         return "## SAE training metrics\n\nChapter 03 not run.\n"
-    keys = [
-        ("var_explained", "Variance explained (per-dimension, held-out)"),
-        ("var_explained_global", "Variance explained (seed's global-variance formula)"),
-        ("pca_var_explained", "PCA baseline, k components (per-dimension)"),
-        ("var_explained_excl_outliers", "Variance explained without outlier-norm tokens"),
-        ("pca_var_explained_excl_outliers", "PCA baseline without outlier-norm tokens"),
-        ("mse", "MSE"),
-        ("l0", "L0"),
-        ("coverage", "Coverage (fired at least once, held-out)"),
-        ("dead_fraction", "Dead fraction"),
-        ("delta_ce_loss", "Δ next-token loss (SAE spliced in)"),
-        ("kl", "KL (SAE spliced in)"),
-        ("n_tokens", "Held-out tokens"),
+    # the card's variance explained was computed with the seed's global-variance formula: it sits on that row
+    rows: list[tuple[str, float | int, float | int | None]] = [
+        ("Variance explained (per-dimension, held-out)", m.var_explained, None),
+        ("Variance explained (seed's global-variance formula)", m.var_explained_global, CARD.var_explained_global),
+        ("PCA baseline, k components (per-dimension)", m.pca_var_explained, None),
+        ("Variance explained without outlier-norm tokens", m.var_explained_excl_outliers, None),
+        ("PCA baseline without outlier-norm tokens", m.pca_var_explained_excl_outliers, None),
+        ("MSE", m.mse, CARD.mse),
+        ("L0", m.l0, CARD.l0),
+        ("Coverage (fired at least once, held-out)", m.coverage, CARD.coverage),
+        ("Dead fraction", m.dead_fraction, float(CARD.dead)),
+        ("Δ next-token loss (SAE spliced in)", m.delta_ce_loss, None),
+        ("KL (SAE spliced in)", m.kl, None),
+        ("Held-out tokens", m.n_tokens, None),
     ]
-    if not m.get("n_outlier_tokens"):  # no outlier-norm tokens held out: those rows would repeat the two above
-        keys = [(key, label) for key, label in keys if not key.endswith("_excl_outliers")]
-    rows = [[label, m.get(key), CARD_SAE_METRICS.get(key)] for key, label in keys]
+    if not m.n_outlier_tokens:  # no outlier-norm tokens held out: those rows would repeat the two above
+        rows = [row for row in rows if "without outlier-norm" not in row[0]]
     return (
         "## SAE training metrics (chapters 02–03)\n\n"
         + _table(["metric", "this run", "study card (Gemma 4 E4B L21)"], rows)
@@ -149,136 +145,118 @@ def _browser_link(paths: RunPaths) -> str:
             "Open it from the file system; it needs no server or network.\n")
 
 
-def _section_baseline(paths: RunPaths) -> str:
-    m = _load(paths, "04_gsm8k_baseline")
+def _section_baseline(paths: RunPaths, m: Baseline | None) -> str:
     if m is None:
         return "## Baseline\n\nChapter 04 not run.\n"
     lo, hi = CARD.baseline_accuracy
-    rows = [["this run", m.get("task"), m.get("prompt_format"), m.get("n"), m.get("accuracy"), m.get("ci95"),
-             _pct(m.get("finished")), _pct(m.get("truncated"))],
+    rows = [["this run", m.task, m.prompt_format, m.n, m.accuracy, m.ci95, _pct(m.finished), _pct(m.truncated)],
             ["study card (Gemma 4 E4B)", "gsm8k", "gemma_manual", CARD.n_heldout, f"{lo:.2f}–{hi:.2f}", "—", "—", "—"]]
     text = "## Baseline accuracy (chapter 04)\n\n" + _table(
         ["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows) + "\n"
-    by_rule = m.get("by_scoring_rule") or {}
-    if by_rule:
-        rows = [[rule, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for rule, v in by_rule.items()]
+    if m.by_scoring_rule:
+        rows = [[rule, a.n, a.n_correct, a.accuracy, a.ci95] for rule, a in m.by_scoring_rule.items()]
         text += ("\nBy scoring rule (strict and flexible are lm-evaluation-harness's GSM8K rules; finished leaves "
                  "cut-off answers out):\n\n" + _table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n")
-    kinds = m.get("by_kind") or {}
-    if kinds:
-        rows = [[kind, v.get("n"), v.get("n_correct"), v.get("accuracy"), v.get("ci95")] for kind, v in kinds.items()]
+    if m.by_kind:
+        rows = [[kind, a.n, a.n_correct, a.accuracy, a.ci95] for kind, a in m.by_kind.items()]
         text += "\nBy question type:\n\n" + _table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
     return text + "\n" + _figures(paths, "04_") + "\n"
 
 
-def _section_layers(paths: RunPaths) -> str:
-    m = _load(paths, "05_contrastive_layers")
+def _section_layers(paths: RunPaths, m: Layers | None) -> str:
     if m is None:
         return "## Contrastive layers\n\nChapter 05 not run.\n"
-    top = m.get("top10_abs_d") or []
-    peak = m.get("peak_layer")
-    peak_value = top[peak] if isinstance(peak, int) and 0 <= peak < len(top) else None
-    rows = [["this run", f"{_fmt(peak)} of {len(top)}", peak_value, m.get("null_max_q95"),
-             _p(m.get("null_p"), m.get("null_p_mc_se")),
-             _p(m.get("null_p_within_type"), m.get("null_p_within_type_mc_se")),
-             m.get("spearman_rho"), m.get("spearman_p")],
+    top = f"top-{m.top_d} |d|"
+    rows = [["this run", f"{m.peak_layer} of {m.n_layers}", m.peak_top_abs_d, m.null_max_q95,
+             _p(m.null_p, m.null_p_mc_se), _p(m.null_p_within_type, m.null_p_within_type_mc_se),
+             m.spearman_rho, m.spearman_p],
             ["study card (Gemma 4 E4B)", f"{CARD.peak_layer} of {CARD.n_layers}", CARD.peak_top_abs_d,
              "not reported", "not reported", "not reported", CARD.spearman_rho, "—"]]
     text = (
         "## Contrastive layers (chapter 05)\n\n"
-        f"Contrast set: {_fmt(m.get('n_correct'))} correct, {_fmt(m.get('n_wrong'))} wrong"
-        f" ({m.get('pooling', '—')} prompt token pooled); {_fmt(m.get('n_permutations'))} label permutations"
+        f"Contrast set: {_fmt(m.n_correct)} correct, {_fmt(m.n_wrong)} wrong"
+        f" ({m.pooling} prompt token pooled); {_fmt(m.n_permutations)} label permutations"
         " (p ± its Monte-Carlo standard error).\n\n"
-        + _table(["", "peak layer", "top-10 |d| at peak", "null 95th pct (max over layers)", "permutation p",
+        + _table(["", "peak layer", f"{top} at peak", "null 95th pct (max over layers)", "permutation p",
                   "p, shuffled within type", "Spearman ρ (held-out)", "Spearman p"], rows)
         + "\n"
     )
-    sens = m.get("scoring_sensitivity") or []
-    if sens:
-        rows = [[r.get("rule"), r.get("n_correct"), r.get("n_wrong"), r.get("peak_layer"), r.get("top_abs_d"),
-                 _p(r.get("p_peak"), r.get("p_mc_se"))] for r in sens]
+    if m.scoring_sensitivity:
+        rows = [[r.rule, r.n_correct, r.n_wrong, r.peak_layer, r.top_abs_d, _p(r.p_peak, r.p_mc_se)]
+                for r in m.scoring_sensitivity]
         text += ("\n### The peak under each scoring rule\n\n"
-                 + _table(["rule", "correct", "wrong", "peak layer", "top-10 |d|", "permutation p"], rows)
-                 + f"\n\n{m.get('scoring_verdict', '')}\n")
+                 + _table(["rule", "correct", "wrong", "peak layer", top, "permutation p"], rows)
+                 + f"\n\n{m.scoring_verdict}\n")
     return text + "\n" + _figures(paths, "05_") + "\n"
 
 
-def _section_steering(paths: RunPaths) -> str:
-    m = _load(paths, "06_steering")
+def _section_steering(paths: RunPaths, m: Steering | None) -> str:
     if m is None:
         return "## Steering\n\nChapter 06 not run.\n"
-    rows = [
-        [r.get("scale"), f"{r.get('perturbation', 0):+g} %", r.get("accuracy"), r.get("delta"), r.get("delta_ci95"),
-         f"{r.get('recovered')}/{r.get('n_baseline_wrong', '?')}", r.get("net_flips"), r.get("mcnemar_p"),
-         _pct(r.get("truncated"))]
-        for r in m.get("rows", [])
-    ]
-    rows.insert(0, ["baseline", "0 %", m.get("baseline_accuracy"), 0, "—", "—", 0, "—", _pct(m.get("baseline_truncated"))])
+    rows = [[r.scale, f"{r.perturbation:+g} %", r.accuracy, r.delta, r.delta_ci95,
+             f"{r.recovered}/{r.n_baseline_wrong}", r.net_flips, r.mcnemar_p, _pct(r.truncated)] for r in m.rows]
+    rows.insert(0, ["baseline", "0 %", m.baseline_accuracy, 0, "—", "—", 0, "—", _pct(m.baseline_truncated)])
     text = (
-        f"## CAA steering at layer {m.get('layer')} (chapter 06)\n\n"
-        f"Held-out baseline accuracy: {_fmt(m.get('baseline_accuracy'))} on {_fmt(m.get('n_heldout'))} questions; its "
-        f"answers cut off: {_pct(m.get('baseline_truncated'))}. Perturbations are % of the mean residual norm at "
-        f"layer {m.get('layer')}: {_fmt(m.get('mean_resid_norm'), 2)} (the card: {CARD.mean_resid_norm} at layer "
+        f"## CAA steering at layer {m.layer} (chapter 06)\n\n"
+        f"Held-out baseline accuracy: {_fmt(m.baseline_accuracy)} on {_fmt(m.n_heldout)} questions; its "
+        f"answers cut off: {_pct(m.baseline_truncated)}. Perturbations are % of the mean residual norm at "
+        f"layer {m.layer}: {_fmt(m.mean_resid_norm, 2)} (the card: {CARD.mean_resid_norm} at layer "
         f"{CARD.peak_layer}, {CARD.n_heldout} held-out questions).\n\n"
         + _table(["scale", "perturbation", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
                   "net flips", "McNemar p (exact)", "cut off"], rows)
         + "\n"
-        + _steering_sensitivity(m.get("scoring_sensitivity") or [])
+        + _steering_sensitivity(m.scoring_sensitivity)
         + "\n### Recovered questions per scale\n\n"
     )
-    for r in m.get("rows", []):
-        text += f"- scale {_fmt(r.get('scale'))}: {', '.join(map(str, r.get('recovered_ids', []))) or '—'}\n"
-    overlaps = m.get("overlaps")
-    if overlaps:
-        rows = [[o.get("scale_a"), o.get("scale_b"), o.get("n_a"), o.get("n_b"), o.get("intersection"), o.get("jaccard"),
-                 ", ".join(o.get("shared_ids", [])) or "—"] for o in overlaps]
+    for r in m.rows:
+        text += f"- scale {_fmt(r.scale)}: {', '.join(r.recovered_ids) or '—'}\n"
+    if m.overlaps:
+        rows = [[o.scale_a, o.scale_b, o.n_a, o.n_b, o.intersection, o.jaccard, ", ".join(o.shared_ids) or "—"]
+                for o in m.overlaps]
         text += ("\n### Overlap of recovered sets\n\n"
                  + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows) + "\n")
-    text += _random_control_table(m.get("random_control") or {})
+    text += _random_control_table(m.random_control)
     return text + "\n" + _figures(paths, "06_") + "\n"
 
 
-def _steering_sensitivity(per_scale: list[dict[str, Any]]) -> str:
+def _steering_sensitivity(per_scale: list[ScaleVerdict]) -> str:
     """Each steering row under every scoring rule, then the generated verdict per scale."""
     if not per_scale:
         return ""
-    rows = [[s.get("scale"), r.get("rule"), r.get("n"), r.get("accuracy"), r.get("delta"), r.get("net_flips"),
-             r.get("mcnemar_p"), r.get("effect")] for s in per_scale for r in s.get("rules", [])]
+    rows = [[s.scale, r.rule, r.n, r.accuracy, r.delta, r.net_flips, r.mcnemar_p, r.effect]
+            for s in per_scale for r in s.rules]
     return ("\n### Each row under each scoring rule\n\n"
             + _table(["scale", "rule", "n", "accuracy", "Δ vs baseline", "net flips", "McNemar p", "effect"], rows)
-            + "\n\n" + "".join(f"- {s.get('verdict', '')}\n" for s in per_scale))
+            + "\n\n" + "".join(f"- {s.verdict}\n" for s in per_scale))
 
 
-def _random_control_table(control: dict[str, Any]) -> str:
+def _random_control_table(control: RandomControl) -> str:
     """Random directions of the same size as CAA's push: each vs the baseline and vs CAA at that scale."""
-    directions = control.get("directions") or []
-    if not directions:
+    if not control.directions:
         return ""
     rows = []
-    for d in directions:
-        vs = d.get("vs_caa") or {}
-        rows.append([f"random #{d.get('index')}", d.get("cos_with_caa"), d.get("accuracy"), d.get("delta"),
-                     d.get("delta_ci95"), d.get("net_flips"), d.get("mcnemar_p"), vs.get("a_only"), vs.get("b_only"),
-                     vs.get("mcnemar_p"), _pct(d.get("truncated"))])
-    return (f"\n### Random-direction control at scale {_fmt(control.get('scale'))}\n\n"
-            f"CAA accuracy at this scale: {_fmt(control.get('caa_accuracy'))}.\n\n"
+    for d in control.directions:
+        vs = d.vs_caa
+        rows.append([f"random #{d.index}", d.cos_with_caa, d.accuracy, d.delta, d.delta_ci95, d.net_flips,
+                     d.mcnemar_p, vs and vs.a_only, vs and vs.b_only, vs and vs.mcnemar_p, _pct(d.truncated)])
+    return (f"\n### Random-direction control at scale {_fmt(control.scale)}\n\n"
+            f"CAA accuracy at this scale: {_fmt(control.caa_accuracy)}.\n\n"
             + _table(["direction", "cos with CAA", "accuracy", "Δ vs baseline", "Δ 95% CI", "net flips",
                       "McNemar p vs baseline", "CAA only right", "random only right", "McNemar p vs CAA", "cut off"],
                      rows)
             + "\n")
 
 
-def _section_lens(paths: RunPaths) -> str:
-    m = _load(paths, "07_logit_lens")
+def _section_lens(paths: RunPaths, m: Lens | None) -> str:
     if m is None:
         return "## Logit lens\n\nChapter 07 not run.\n"
-    tokens, probs, english = m.get("top_tokens") or [], m.get("top_probs") or [], m.get("english_fraction") or []
-    rows = [[layer, english[layer] if layer < len(english) else None, repr(tokens[layer][-1]), probs[layer][-1]]
-            for layer in range(min(len(tokens), len(probs)))]
+    n = min(len(m.top_tokens), len(m.top_probs))
+    rows = [[layer, m.english_fraction[layer] if layer < len(m.english_fraction) else None,
+             repr(m.top_tokens[layer][-1]), m.top_probs[layer][-1]] for layer in range(n)]
     return (
         "## Logit lens (chapter 07)\n\n"
-        f"First layer whose top tokens are mostly English words: **{_fmt(m.get('english_commitment_layer'))}**"
-        f" of {_fmt(m.get('n_layers'))} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
+        f"First layer whose top tokens are mostly English words: **{_fmt(m.english_commitment_layer)}**"
+        f" of {_fmt(m.n_layers)} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
         + (_table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
            if rows else "")
         + _figures(paths, "07_") + "\n"
@@ -287,19 +265,22 @@ def _section_lens(paths: RunPaths) -> str:
 
 def render_report(run: str) -> str:
     paths = RunPaths(run)
-    collect = _load(paths, "01_collect") or {}
+    collected = read(paths.metrics, Collected)
+    trained, evaluated = read(paths.metrics, Trained), read(paths.metrics, Evaluated)
+    baseline, layers = read(paths.metrics, Baseline), read(paths.metrics, Layers)
+    steering, lens = read(paths.metrics, Steering), read(paths.metrics, Lens)
     header = (
         f"# mechbook report — run `{run}`\n\n"
-        f"Model: `{collect.get('model', '—')}`, SAE layer {collect.get('layer', '—')}. Generated from"
-        " `metrics/*.json`; executed notebooks in `notebooks/`.\n"
+        f"Model: `{collected.model if collected else '—'}`, SAE layer {collected.layer if collected else '—'}."
+        " Generated from `metrics/*.json`; executed notebooks in `notebooks/`.\n"
     )
     sections = [
-        _section_run(paths) + _findings(paths, "01_collect"),
-        _section_sae(paths) + _findings(paths, "02_train_sae", "03_evaluate_sae"),
-        _section_baseline(paths) + _findings(paths, "04_gsm8k_baseline"),
-        _section_layers(paths) + _findings(paths, "05_contrastive_layers"),
-        _section_steering(paths) + _findings(paths, "06_steering"),
-        _section_lens(paths) + _findings(paths, "07_logit_lens"),
+        _section_run(paths, collected) + _findings(collected),
+        _section_sae(paths, evaluated) + _findings(trained, evaluated),
+        _section_baseline(paths, baseline) + _findings(baseline),
+        _section_layers(paths, layers) + _findings(layers),
+        _section_steering(paths, steering) + _findings(steering),
+        _section_lens(paths, lens) + _findings(lens),
     ]
     return header + "\n" + "\n".join(sections)
 

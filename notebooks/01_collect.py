@@ -64,10 +64,9 @@ import time
 
 import torch
 
-from mechlib import findings, plots
+from mechlib import findings, plots, results
 from mechlib.collect_config import collect_for_book
 from mechlib.hooks import run_to_layer
-from mechlib.io import atomic_write_json, read_json
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -165,19 +164,15 @@ finding = findings.collect_finding(n_train, held.n_tokens, P.layer, lm.d_model, 
 print(textwrap.fill(finding, 110))
 
 # %%
-metrics_path = paths.metrics / "01_collect.json"
-previous = read_json(metrics_path) if metrics_path.is_file() else {}
-metrics = {
-    "model": lm.name, "layer": P.layer, "d_model": lm.d_model, "seq_len": P.seq_len,
-    "n_tokens": n_train, "finding": finding,
-    "heldout_tokens": held.n_tokens, "collect_mode": P.collect_mode,
-    "activation_dtype": P.activation_dtype, "exclude_special_tokens": P.exclude_special_tokens,
-    "exclude_first_positions": P.exclude_first_positions, "max_norm": round(float(norms.max()), 4),
-    "mean_norm": round(float(norms.mean()), 4), "bos_norm_ratio": round(bos_ratio, 4),
-    # timings (not checked): of this run's computed tokens; a resumed run keeps the first run's numbers
-    "model_load_s": round(load_s, 2),
-    "collect_s": round(result.seconds, 2) if rate else previous.get("collect_s"),
-    "tokens_per_s": round(rate, 1) if rate else previous.get("tokens_per_s"),
-}
-atomic_write_json(metrics_path, metrics)
-print(paths.rel(metrics_path))
+previous = results.read(paths.metrics, results.Collected)  # a resumed run keeps the first run's timings
+saved = results.save(paths, results.Collected(
+    model=lm.name, layer=P.layer, d_model=lm.d_model, seq_len=P.seq_len, n_tokens=n_train, finding=finding,
+    heldout_tokens=held.n_tokens, collect_mode=P.collect_mode, activation_dtype=P.activation_dtype,
+    exclude_special_tokens=P.exclude_special_tokens, exclude_first_positions=P.exclude_first_positions,
+    max_norm=round(float(norms.max()), 4), mean_norm=round(float(norms.mean()), 4), bos_norm_ratio=round(bos_ratio, 4),
+    # timings (not checked): of this run's computed tokens
+    model_load_s=round(load_s, 2),
+    collect_s=round(result.seconds, 2) if rate else previous and previous.collect_s,
+    tokens_per_s=round(rate, 1) if rate else previous and previous.tokens_per_s,
+))
+print(paths.rel(saved))

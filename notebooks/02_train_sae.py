@@ -80,10 +80,10 @@ checkpoint_every = 100
 import textwrap
 import time
 
-from mechlib import findings, plots
+from mechlib import findings, plots, results
 from mechlib.collect_config import open_store, open_train_store
 from mechlib.interop import HookInfo, export_sae
-from mechlib.io import atomic_write_json, read_json
+from mechlib.io import read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.train import HISTORY_FILE, TrainConfig, run_sae
@@ -176,8 +176,8 @@ finding = findings.training_finding(
 print(textwrap.fill(finding, 110))
 
 # %%
-summary = {**info, "finding": finding, "n_steps": len(history), "final_batch_fvu": history[-1]["fvu"] if history else None,
-           "n_dead_last_step": history[-1]["n_dead"] if history else None,
-           "checkpoint": paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
-           "export": paths.rel(exported.folder), "train_config": cfg.as_dict()}
-atomic_write_json(paths.metrics / "02_train_sae.json", summary)
+_ = results.save(paths, results.Trained(
+    **info, finding=finding, n_steps=len(history), final_batch_fvu=history[-1]["fvu"] if history else None,
+    n_dead_last_step=history[-1]["n_dead"] if history else None,
+    checkpoint=paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
+    export=paths.rel(exported.folder), train_config=cfg.as_dict()))

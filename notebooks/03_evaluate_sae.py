@@ -50,12 +50,11 @@ browser_contexts = 10
 import textwrap
 import time
 
-from mechlib import evaluate, findings, metrics, plots
+from mechlib import evaluate, findings, metrics, plots, results
 from mechlib.collect_config import open_store
-from mechlib.io import atomic_write_json
+from mechlib.findings import CARD
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.report import CARD_SAE_METRICS
 from mechlib.sae import check_compatible
 from mechlib.train import run_sae_for_eval
 
@@ -118,15 +117,15 @@ _ = plots.save_figure(fig, paths.figures / "03_feature_density.png")
 
 # %%
 evals = evaluate.model_evals(P, paths, heldout, sae, sae_path, x, counts, mean_act=pca.mean.float())
-spliced, snippet, examples = evals["spliced"], evals["card_snippet"], evals["examples"]
-print(f"spliced loss on {spliced['n_tokens']} positions ({time.time() - t0:.0f} s so far)")
+spliced, snippet, examples = evals.spliced, evals.card_snippet, evals.examples
+print(f"spliced loss on {spliced.n_tokens} positions ({time.time() - t0:.0f} s so far)")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"next-token CE: clean {spliced['ce_clean']:.3f}, SAE spliced {spliced['ce_spliced']:.3f}, "
-      f"mean-ablated {spliced['ce_mean_ablation']:.3f}")
-print(f"delta CE: {spliced['delta_ce_loss']:.3f} nats   KL(clean || spliced): {spliced['kl']:.3f} nats")
-recovered = spliced["ce_loss_recovered"]
+print(f"next-token CE: clean {spliced.ce_clean:.3f}, SAE spliced {spliced.ce_spliced:.3f}, "
+      f"mean-ablated {spliced.ce_mean_ablation:.3f}")
+print(f"delta CE: {spliced.delta_ce_loss:.3f} nats   KL(clean || spliced): {spliced.kl:.3f} nats")
+recovered = spliced.ce_loss_recovered
 print(f"loss recovered vs mean ablation: {'n/a' if recovered is None else f'{recovered:.2f}'}")
 
 # %% [markdown]
@@ -142,9 +141,9 @@ print(f"loss recovered vs mean ablation: {'n/a' if recovered is None else f'{rec
 if snippet is None:
     print("checkpoint is not a card-format .pt file: snippet not applicable")
 else:
-    print(f"tokens compared: {snippet['n_tokens']}; identical top-k latent sets: "
-          f"{snippet['same_topk_fraction']:.2f}; max |reconstruction difference| < 1e-3: "
-          f"{snippet['max_recon_diff'] < 1e-3}")
+    print(f"tokens compared: {snippet.n_tokens}; identical top-k latent sets: "
+          f"{snippet.same_topk_fraction:.2f}; max |reconstruction difference| < 1e-3: "
+          f"{snippet.max_recon_diff < 1e-3}")
 
 # %% [markdown]
 # ## Top-activating contexts
@@ -155,9 +154,9 @@ else:
 
 # %%
 for feat in examples:
-    print(f"feature {feat['feature']} (fires on {100 * feat['frequency']:.2f}% of held-out tokens)")
-    for e in feat["examples"][:3]:
-        print(f"   {e['activation']:7.2f}  …{e['context'][-50:]!r} [[{e['token']!r}]]")
+    print(f"feature {feat.feature} (fires on {100 * feat.frequency:.2f}% of held-out tokens)")
+    for e in feat.examples[:3]:
+        print(f"   {e.activation:7.2f}  …{e.context[-50:]!r} [[{e.token!r}]]")
 fig, _ = plots.plot_feature_examples(examples)
 _ = plots.save_figure(fig, paths.figures / "03_feature_examples.png")
 
@@ -199,19 +198,16 @@ HTML(browser.latent_html(site.folder, browser.featured_latent(site.folder)))
 # the global-variance kind (our second row).
 
 # %%
-ours = {"var_explained": recon.var_explained, "var_explained_global": recon.var_explained_global,
-        "pca_var_explained": pca_ve, "mse": recon.mse, "l0": recon.l0, "coverage": recon.coverage,
-        "dead_fraction": dead_train if dead_train is not None else recon.never_fired_fraction,
-        "delta_ce_loss": spliced["delta_ce_loss"], "kl": spliced["kl"]}
-labels = {"var_explained": "variance explained (per-dimension, held-out)",
-          "var_explained_global": "variance explained (global formula, held-out)",
-          "pca_var_explained": f"PCA baseline, k={sae.k} (per-dimension)", "mse": "MSE per element",
-          "l0": "L0", "coverage": "coverage (fired on held-out)", "dead_fraction": "dead fraction",
-          "delta_ce_loss": "delta next-token CE (nats)", "kl": "KL clean || spliced (nats)"}
+dead_fraction = dead_train if dead_train is not None else recon.never_fired_fraction
+rows = [("variance explained (per-dimension, held-out)", None, recon.var_explained),
+        ("variance explained (global formula, held-out)", CARD.var_explained_global, recon.var_explained_global),
+        (f"PCA baseline, k={sae.k} (per-dimension)", None, pca_ve), ("MSE per element", CARD.mse, recon.mse),
+        ("L0", CARD.l0, recon.l0), ("coverage (fired on held-out)", CARD.coverage, recon.coverage),
+        ("dead fraction", float(CARD.dead), dead_fraction),
+        ("delta next-token CE (nats)", None, spliced.delta_ce_loss), ("KL clean || spliced (nats)", None, spliced.kl)]
 print(f"{'metric':48s} {'card (Gemma 4 E4B L21)':>24s} {'this run':>10s}")
-for key_, label in labels.items():
-    c = CARD_SAE_METRICS.get(key_)
-    print(f"{label:48s} {('—' if c is None else f'{c:g}'):>24s} {ours[key_]:10.4g}")
+for label, card, value in rows:
+    print(f"{label:48s} {('—' if card is None else f'{card:g}'):>24s} {value:10.4g}")
 
 # %% [markdown]
 # ## What this run found
@@ -220,23 +216,24 @@ for key_, label in labels.items():
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-finding = findings.sae_finding(recon.var_explained, recon.var_explained_global, pca_ve, sae.k, spliced["delta_ce_loss"],
-                               spliced["kl"], spliced.get("ce_loss_recovered"), recon.l0, recon.coverage,
-                               recon.n_tokens)
+finding = findings.sae_finding(recon.var_explained, recon.var_explained_global, pca_ve, sae.k, spliced.delta_ce_loss,
+                               spliced.kl, spliced.ce_loss_recovered, recon.l0, recon.coverage, recon.n_tokens)
 print(textwrap.fill(finding, 110))
 
 # %%
-result = {**ours, "finding": finding, "n_tokens": recon.n_tokens, "never_fired_fraction": recon.never_fired_fraction,
-          "var_explained_excl_outliers": recon.var_explained_excl_outliers,
-          "n_outlier_tokens": recon.n_outlier_tokens, "outlier_norm_ratio": metrics.OUTLIER_NORM_RATIO,
-          "pca_var_explained_excl_outliers": pca_ve_in,
-          "dead_fraction_training_counters": dead_train,
-          "dead_fraction_source": "training counters" if dead_train is not None else "never fired on held-out",
-          "sae_beats_pca": recon.var_explained > pca_ve, "pca_fit_on": pca_source, "k": sae.k, "d_sae": sae.d_sae,
-          "layer": heldout.layer, "sae_source": P.sae_source,
-          "formulas": {"var_explained": "1 - sum_d sum_n e^2 / sum_d sum_n (x - mean_d)^2 (held-out)",
-                       "var_explained_global": "1 - mse / x.var() (one global variance; the seed's formula)"},
-          **{k_: v for k_, v in spliced.items() if k_ not in ("delta_ce_loss", "kl", "n_tokens")},
-          "ce_n_tokens": spliced["n_tokens"], "card_snippet": snippet, "feature_examples": examples}
-atomic_write_json(paths.metrics / "03_evaluate_sae.json", result)
+_ = results.save(paths, results.Evaluated(
+    var_explained=recon.var_explained, var_explained_global=recon.var_explained_global, pca_var_explained=pca_ve,
+    mse=recon.mse, l0=recon.l0, coverage=recon.coverage, dead_fraction=dead_fraction,
+    delta_ce_loss=spliced.delta_ce_loss, kl=spliced.kl, finding=finding, n_tokens=recon.n_tokens,
+    never_fired_fraction=recon.never_fired_fraction, var_explained_excl_outliers=recon.var_explained_excl_outliers,
+    n_outlier_tokens=recon.n_outlier_tokens, outlier_norm_ratio=metrics.OUTLIER_NORM_RATIO,
+    pca_var_explained_excl_outliers=pca_ve_in, dead_fraction_training_counters=dead_train,
+    dead_fraction_source="training counters" if dead_train is not None else "never fired on held-out",
+    sae_beats_pca=recon.var_explained > pca_ve, pca_fit_on=pca_source, k=sae.k, d_sae=sae.d_sae,
+    layer=heldout.layer, sae_source=P.sae_source,
+    formulas={"var_explained": "1 - sum_d sum_n e^2 / sum_d sum_n (x - mean_d)^2 (held-out)",
+              "var_explained_global": "1 - mse / x.var() (one global variance; the seed's formula)"},
+    ce_clean=spliced.ce_clean, ce_spliced=spliced.ce_spliced, ce_mean_ablation=spliced.ce_mean_ablation,
+    ce_loss_recovered=spliced.ce_loss_recovered, ce_n_tokens=spliced.n_tokens, card_snippet=snippet,
+    feature_examples=examples))
 print(f"done in {time.time() - t0:.0f} s")

@@ -76,8 +76,7 @@ placeholder_labels = 0.0
 import textwrap
 import time
 
-from mechlib import findings, placeholder, plots, scoring, stats
-from mechlib.io import atomic_write_json
+from mechlib import findings, placeholder, plots, results, scoring
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -148,9 +147,7 @@ for rule, (n_read, n_right) in sorted(summary.by_rule.items()):
     print(f"  read by rule {rule!r}: {n_read} answers, {n_right} correct")
 
 # %%
-fig, _ = plots.plot_baseline([g.group for g in groups], [g.accuracy for g in groups], [g.ci95[0] for g in groups],
-                             [g.ci95[1] for g in groups], [g.n for g in groups],
-                             [r.n_new_tokens for r in records if r.correct],
+fig, _ = plots.plot_baseline(groups, [r.n_new_tokens for r in records if r.correct],
                              [r.n_new_tokens for r in records if not r.correct],
                              P.max_new_tokens, summary.accuracy, summary.ci95)
 _ = plots.save_figure(fig, paths.figures / "04_baseline.png")
@@ -201,20 +198,15 @@ if placeholder.is_on(P.placeholder_labels):
     print(textwrap.fill("Chapters 05-06 will not use these verdicts: " + placeholder.banner(P.placeholder_labels), 110))
 
 # %%
-atomic_write_json(paths.metrics / "04_gsm8k_baseline.json", {
-    "finding": finding,
-    "task": P.task, "prompt_format": P.prompt_format, "model": P.model, "max_new_tokens": P.max_new_tokens,
-    "n": summary.n, "n_correct": summary.n_correct, "accuracy": summary.accuracy, "ci95": list(summary.ci95),
-    "truncated": summary.truncated, "finished": summary.finished, "stop_reasons": summary.stop_reasons,
-    "unparsed": summary.unparsed, "parser_version": records[0].parser_version,
-    "by_scoring_rule": {a.rule: {"n": a.n, "n_correct": a.n_correct, "accuracy": stats.finite_or_none(a.accuracy),
-                                "ci95": list(a.ci95)}
-                        for a in by_rule},
-    "by_rule": {k: {"n": v[0], "n_correct": v[1]} for k, v in summary.by_rule.items()},
-    "by_kind": {g.group: {"n": g.n, "n_correct": g.n_correct, "accuracy": g.accuracy, "ci95": list(g.ci95)}
-                for g in groups},
-    "contrast_ids": contrast_ids, "heldout_ids": heldout_ids,
-    "generation_seconds": round(gen_seconds, 2),
-    "placeholder_labels": P.placeholder_labels,  # > 0: chapters 05-06 use seeded placeholder labels
-})
-print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.rel(paths.metrics / '04_gsm8k_baseline.json')}")
+saved = results.save(paths, results.Baseline(
+    finding=finding, task=P.task, prompt_format=P.prompt_format, model=P.model, max_new_tokens=P.max_new_tokens,
+    n=summary.n, n_correct=summary.n_correct, accuracy=summary.accuracy, ci95=summary.ci95,
+    truncated=summary.truncated, finished=summary.finished, stop_reasons=summary.stop_reasons,
+    unparsed=summary.unparsed, parser_version=records[0].parser_version,
+    by_scoring_rule={a.rule: results.Accuracy.of(a) for a in by_rule},
+    by_rule={k: results.RuleCount(n, n_correct) for k, (n, n_correct) in summary.by_rule.items()},
+    by_kind={g.group: results.Accuracy.of(g) for g in groups},
+    contrast_ids=contrast_ids, heldout_ids=heldout_ids, generation_seconds=round(gen_seconds, 2),
+    placeholder_labels=P.placeholder_labels,  # > 0: chapters 05-06 use seeded placeholder labels
+))
+print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.rel(saved)}")

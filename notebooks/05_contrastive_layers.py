@@ -56,7 +56,7 @@ import time
 
 import numpy as np
 
-from mechlib import contrast, findings, placeholder, plots, scoring, sensitivity, stats
+from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, stats
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -246,23 +246,21 @@ finding = placeholder.mark_text(finding, P.placeholder_labels)
 print(textwrap.fill(finding, 110))
 
 # %%
-metrics = {
-    "finding": finding, **placeholder.metrics(P.placeholder_labels),
-    "model": P.model, "pooling": P.contrast_pooling, "top_d": P.top_d, "n_permutations": null.n_permutations,
-    "n_correct": res.n_correct, "n_wrong": res.n_wrong, "n_heldout": len(split.heldout_ids),
-    "peak_layer": peak, "top10_abs_d": [float(v) for v in res.top_abs_d],
-    "null_p": null.p_peak, "null_p_mc_se": null.p_peak_mc_se, "null_p_layer": [float(v) for v in null.p_layer],
-    "null_q50": [float(v) for v in null_q50], "null_q95": [float(v) for v in null_q95],
-    "null_max_q50": float(np.median(null.null_max)), "null_max_q95": null_max_q95,
-    "n_question_types": len(set(strata)), "null_p_within_type": within.p_peak,
-    "null_p_within_type_mc_se": within.p_peak_mc_se, "n_permutations_within_type": within.n_permutations,
-    "scoring_sensitivity": [r.as_dict() for r in peaks], "scoring_verdict": peak_finding,
-    "null_max_q95_within_type": within_max_q95,
-    "spearman_rho": stats.finite_or_none(rho.rho), "spearman_p": stats.finite_or_none(rho.p), "spearman_n": rho.n,
-    "mean_resid_norm": [float(v) for v in states.token_norm_mean],
-    "steering_vector": str(vec_path.relative_to(paths.root)),
-    "states_file": str(states_file.relative_to(paths.root)), "sae_layer": P.layer,
-    "contrastive_features": str(features_file.relative_to(paths.root)),
-}
-atomic_write_json(paths.metrics / "05_contrastive_layers.json", metrics)
+_ = results.save(paths, results.Layers(
+    finding=finding, labels=placeholder.label_kind(P.placeholder_labels), placeholder_labels=P.placeholder_labels,
+    model=P.model, pooling=P.contrast_pooling, top_d=P.top_d, n_permutations=null.n_permutations,
+    n_correct=res.n_correct, n_wrong=res.n_wrong, n_heldout=len(split.heldout_ids),
+    peak_layer=peak, top_abs_d=[float(v) for v in res.top_abs_d],
+    null_p=null.p_peak, null_p_mc_se=null.p_peak_mc_se, null_p_layer=[float(v) for v in null.p_layer],
+    null_q50=[float(v) for v in null_q50], null_q95=[float(v) for v in null_q95],
+    null_max_q50=float(np.median(null.null_max)), null_max_q95=null_max_q95,
+    n_question_types=len(set(strata)), null_p_within_type=within.p_peak,
+    null_p_within_type_mc_se=within.p_peak_mc_se, n_permutations_within_type=within.n_permutations,
+    scoring_sensitivity=peaks, scoring_verdict=peak_finding, null_max_q95_within_type=within_max_q95,
+    spearman_rho=stats.finite_or_none(rho.rho), spearman_p=stats.finite_or_none(rho.p), spearman_n=rho.n,
+    mean_resid_norm=[float(v) for v in states.token_norm_mean],
+    steering_vector=str(vec_path.relative_to(paths.root)),
+    states_file=str(states_file.relative_to(paths.root)), sae_layer=P.layer,
+    contrastive_features=str(features_file.relative_to(paths.root)),
+))
 print(f"chapter 05 done in {time.time() - t0:.1f} s")

@@ -55,8 +55,7 @@ import time
 
 import torch
 
-from mechlib import contrast, findings, placeholder, plots, scoring, sensitivity, steering, stats
-from mechlib.io import atomic_write_json, read_json
+from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, steering, stats
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -74,17 +73,17 @@ t0 = time.time()
 # its vector is then built the same way from chapter 05's cached states and saved beside the first.
 
 # %%
-m05 = read_json(paths.metrics / "05_contrastive_layers.json")
+layers = results.load(paths.metrics, results.Layers)  # chapter 05's result
 split = placeholder.baseline_split(paths, P.placeholder_labels, P.seed)  # chapter 04's split (labels: see above)
-states = contrast.load_layer_states(paths.root / m05["states_file"])
-layer = m05["peak_layer"] if P.steering_layer is None else P.steering_layer
+states = contrast.load_layer_states(paths.root / layers.states_file)
+layer = layers.peak_layer if P.steering_layer is None else P.steering_layer
 vec, vec_file = steering.vector_for_layer(states, split, layer, paths.checkpoints, model=P.model,
-                                         peak_layer=m05["peak_layer"])
+                                         peak_layer=layers.peak_layer)
 mean_norm = steering.mean_residual_norm(states, layer)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"steering layer {layer} (chapter 05 peak: {m05['peak_layer']}); mean residual norm {mean_norm:.2f}")
+print(f"steering layer {layer} (chapter 05 peak: {layers.peak_layer}); mean residual norm {mean_norm:.2f}")
 print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_norm:.2f}" for s in P.steering_scales))
 
 # %% [markdown]
@@ -116,7 +115,7 @@ base_records = [split.records[i] for i in split.heldout_ids]
 rows = [steering.steering_row(s, base, steering.correctness(sweep[s]), n_bootstrap=P.n_bootstrap, seed=P.seed)
         for s in P.steering_scales]
 cut_off = {s: scoring.truncation_rate(sweep[s]) for s in P.steering_scales}
-overlaps = steering.recovered_overlaps(rows)
+overlaps = [results.Overlap(**o) for o in steering.recovered_overlaps(rows)]
 n_base_ok = sum(base.values())
 
 # %%
@@ -190,8 +189,8 @@ for text in row_findings.values():
 for r in rows:
     print(f"scale {r.scale:+.2f}: recovered {r.recovered_ids}")
 for o in overlaps:
-    print(f"{o['scale_a']:+.2f} vs {o['scale_b']:+.2f}: shared {o['intersection']} "
-          f"(of {o['n_a']} and {o['n_b']}), Jaccard {o['jaccard']:.2f}")
+    print(f"{o.scale_a:+.2f} vs {o.scale_b:+.2f}: shared {o.intersection} (of {o.n_a} and {o.n_b}), "
+          f"Jaccard {o.jaccard:.2f}")
 
 # %% [markdown]
 # ## Is the direction special? Random directions of the same size
@@ -235,10 +234,7 @@ for c in controls:
 
 # %%
 base_ci = stats.wilson_ci(n_base_ok, len(base))
-fig, ax = plots.plot_dose_response([r.scale for r in rows], [r.accuracy for r in rows],
-                                   [r.accuracy_ci95[0] for r in rows], [r.accuracy_ci95[1] for r in rows],
-                                   n_base_ok / len(base), base_ci, layer,
-                                   controls=[(c.row.scale, c.row.accuracy) for c in controls])
+fig, ax = plots.plot_dose_response(rows, n_base_ok / len(base), base_ci, layer, controls=[c.row for c in controls])
 _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.figures / "06_dose_response.png")
 
 # %% [markdown]
@@ -255,21 +251,19 @@ finding = placeholder.mark_text(findings.steering_finding(  # the primary rule's
 print(textwrap.fill(finding, 110))
 
 # %%
-metrics = {
-    "finding": finding, **placeholder.metrics(P.placeholder_labels),
-    "layer": layer, "peak_layer": m05["peak_layer"], "model": P.model, "mean_resid_norm": mean_norm,
-    "steering_vector": str(vec_file.relative_to(paths.root)), "n_heldout": len(base),
-    "baseline_accuracy": n_base_ok / len(base), "baseline_ci95": list(base_ci),
-    "n_bootstrap": P.n_bootstrap,
-    "baseline_truncated": scoring.truncation_rate(base_records),
-    "rows": [{**r.as_dict(), "truncated": cut_off[r.scale]} for r in rows], "overlaps": overlaps,
-    "card_hook_check": {"scale": card_scale, "n": card_check.n, "n_equal": card_check.n_equal,
-                        "n_steering_changed": card_check.n_steering_changed},
-    "scoring_sensitivity": [{"scale": s, "verdict": row_findings[s], "rules": [u.as_dict() for u in under]}
-                            for s, under in by_rule.items()],
-    "random_control": {"scale": P.random_control_scale, "seed": P.seed,
-                       "caa_accuracy": None if caa_row is None else caa_row.accuracy,
-                       "directions": [c.as_dict() for c in controls]},
-}
-atomic_write_json(paths.metrics / "06_steering.json", metrics)
+_ = results.save(paths, results.Steering(
+    finding=finding, labels=placeholder.label_kind(P.placeholder_labels), placeholder_labels=P.placeholder_labels,
+    layer=layer, peak_layer=layers.peak_layer, model=P.model, mean_resid_norm=mean_norm,
+    steering_vector=str(vec_file.relative_to(paths.root)), n_heldout=len(base),
+    baseline_accuracy=n_base_ok / len(base), baseline_ci95=base_ci, n_bootstrap=P.n_bootstrap,
+    baseline_truncated=scoring.truncation_rate(base_records),
+    rows=[results.SteeredRow.of(r, truncated=cut_off[r.scale]) for r in rows], overlaps=overlaps,
+    card_hook_check=results.CardHookSummary(card_scale, card_check.n, card_check.n_equal,
+                                            card_check.n_steering_changed),
+    scoring_sensitivity=[results.ScaleVerdict(s, row_findings[s], [results.RuleRow.of(u) for u in under])
+                         for s, under in by_rule.items()],
+    random_control=results.RandomControl(
+        scale=P.random_control_scale, seed=P.seed, caa_accuracy=None if caa_row is None else caa_row.accuracy,
+        directions=[results.RandomDirection.of(c) for c in controls]),
+))
 print(f"chapter 06 done in {time.time() - t0:.1f} s")

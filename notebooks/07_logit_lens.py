@@ -36,8 +36,7 @@ english_threshold = 0.5
 # %%
 import textwrap
 
-from mechlib import findings, plots
-from mechlib.io import atomic_write_json
+from mechlib import findings, plots, results
 from mechlib.lens import english_commitment_layer, logit_lens
 from mechlib.models import load_model
 from mechlib.params import from_namespace
@@ -87,11 +86,11 @@ finding = findings.lens_finding(commit, result.n_layers, result.top_tokens[-1][-
 print(textwrap.fill(finding, 110))
 
 # %%
-atomic_write_json(paths.metrics / "07_logit_lens.json", {
-    "model": lm.name, "finding": finding, "prompt": P.lens_prompt, "input_tokens": result.input_tokens,
-    "n_layers": result.n_layers, "english_threshold": P.english_threshold,
-    "english_commitment_layer": commit, "english_fraction": [round(f, 4) for f in result.english_fraction],
-    "top_tokens": result.top_tokens, "top_ids": result.top_ids,
-    "top_probs": [[round(p, 4) for p in row] for row in result.top_probs], "softcap": result.softcap,
-})
-print(paths.rel(paths.metrics / "07_logit_lens.json"))
+saved = results.save(paths, results.Lens(
+    model=lm.name, finding=finding, prompt=P.lens_prompt, input_tokens=result.input_tokens, n_layers=result.n_layers,
+    english_threshold=P.english_threshold, english_commitment_layer=commit,
+    english_fraction=[round(f, 4) for f in result.english_fraction], top_tokens=result.top_tokens,
+    top_ids=result.top_ids, top_probs=[[round(p, 4) for p in row] for row in result.top_probs],
+    softcap=result.softcap,
+))
+print(paths.rel(saved))

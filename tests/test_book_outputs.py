@@ -13,6 +13,7 @@ import os
 import pytest
 import torch
 
+from mechlib import results
 from mechlib.params import BookParams, load_params
 from mechlib.paths import PARAMS_DIR, RunPaths
 
@@ -83,10 +84,11 @@ def test_baseline_metrics():
 
 def test_contrastive_metrics_and_artifacts():
     m = metrics("05_contrastive_layers")
-    n_layers = len(m["top10_abs_d"])
+    assert "top10_abs_d" not in m and m["top_d"] == PARAMS.top_d  # the statistic's key names no fixed n
+    n_layers = len(m["top_abs_d"])
     assert n_layers == metrics("07_logit_lens")["n_layers"]
     assert isinstance(m["peak_layer"], int) and 0 <= m["peak_layer"] < n_layers
-    assert m["top10_abs_d"][m["peak_layer"]] == max(m["top10_abs_d"])
+    assert m["top_abs_d"][m["peak_layer"]] == max(m["top_abs_d"])
     assert 0 <= m["null_p"] <= 1 and -1 <= m["spearman_rho"] <= 1 and 0 <= m["spearman_p"] <= 1
     vec = torch.load(PATHS.checkpoints / f"steering_vec_L{m['peak_layer']}.pt", map_location="cpu")
     v = vec["vector"] if isinstance(vec, dict) else vec
@@ -165,6 +167,13 @@ def test_every_chapter_that_saves_a_figure_shows_it():
             continue
         images = [o for c in code for o in c.get("outputs", []) if "image/png" in o.get("data", {})]
         assert images, f"{nb_path.name} saves a figure but shows none inline"
+
+
+@pytest.mark.parametrize("cls", results.CHAPTER_RESULTS, ids=lambda c: c.FILE)
+def test_every_metrics_file_reads_back_into_its_class_unchanged(cls):
+    """What a chapter wrote is what report.py and the model card read: every key, every value."""
+    raw = metrics(cls.FILE)
+    assert results.load(PATHS.metrics, cls).to_json() == raw
 
 
 @pytest.mark.parametrize("chapter", ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline",

@@ -111,8 +111,8 @@ def test_experiment_numbers_in_the_card_equal_the_metrics_files(run_copy: Path) 
         assert (int(n), int(correct)) == (want["n"], want["n_correct"]) and _close(acc, want["accuracy"])
     c = _metrics(run_copy, "05_contrastive_layers")
     ours = _table_rows(card, "", "peak layer")[0]
-    assert ours[1] == f"{c['peak_layer']} of {len(c['top10_abs_d'])}"
-    assert _close(ours[2], c["top10_abs_d"][c["peak_layer"]]) and _close(ours[4], c["spearman_rho"])
+    assert ours[1] == f"{c['peak_layer']} of {len(c['top_abs_d'])}"
+    assert _close(ours[2], c["top_abs_d"][c["peak_layer"]]) and _close(ours[4], c["spearman_rho"])
     s = _metrics(run_copy, "06_steering")
     table = _table_rows(card, "scale")
     assert len(table) == len(s["rows"])
@@ -198,6 +198,15 @@ def test_bad_run_folders_are_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelCardError, match=r"params.yaml not found"):
         read_run(tmp_path / "empty")
+
+
+def test_a_malformed_metrics_file_is_one_line_naming_file_and_key(run_copy: Path) -> None:
+    path = run_copy / "metrics" / "06_steering.json"
+    m = json.loads(path.read_text())
+    m["rows"][1]["accuracy"] = "high"
+    path.write_text(json.dumps(m))
+    with pytest.raises(ModelCardError, match=r"06_steering\.json: rows\[1\]\.accuracy: expected float, got 'high'$"):
+        read_run(run_copy)
 
 
 

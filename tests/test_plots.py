@@ -5,19 +5,25 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from mechlib import plots
-from mechlib.plots import plot_baseline, plot_dose_response
+from mechlib.plots import plot_baseline, plot_dose_response, plot_feature_examples
+from mechlib.records import GroupAccuracy
+from mechlib.results import Example, FeatureExamples, ScaleRow
 
 
 def test_plot_baseline_accepts_interval_edges_past_the_estimate():
     # what the old wilson_ci(0, 60) gave: lo = 5.6e-17 > accuracy 0 → a negative error bar
-    fig, _ = plot_baseline(["a", "b"], [0.0, 1.0], [5.551115123125783e-17, 0.9], [0.06, 0.9999999999999999],
-                           [60, 60], [3, 4], [5, 6], max_new_tokens=16, overall=0.5, overall_ci=(0.4, 0.6))
+    groups = [GroupAccuracy("a", 60, 0, 0.0, (5.551115123125783e-17, 0.06)),
+              GroupAccuracy("b", 60, 60, 1.0, (0.9, 0.9999999999999999))]
+    fig, _ = plot_baseline(groups, [3, 4], [5, 6], max_new_tokens=16, overall=0.5, overall_ci=(0.4, 0.6))
     plt.close(fig)
 
 
 def test_plot_dose_response_accepts_interval_edges_past_the_estimate():
-    fig, _ = plot_dose_response([0.1, 0.2], [0.0, 1.0], [1e-17, 0.8], [0.1, 1.0 - 1e-16], baseline=0.5,
-                                baseline_ci=(0.4, 0.6), layer=3)
+    def row(scale: float, accuracy: float, ci95: tuple[float, float]) -> ScaleRow:
+        return ScaleRow(scale, 100 * scale, 10, accuracy, ci95, 0.0, (0.0, 0.0), 0, 5, 0, 0, 1.0, [], [])
+
+    fig, _ = plot_dose_response([row(0.2, 1.0, (0.8, 1.0 - 1e-16)), row(0.1, 0.0, (1e-17, 0.1))], baseline=0.5,
+                                baseline_ci=(0.4, 0.6), layer=3, controls=[row(0.1, 0.3, (0.1, 0.5))])
     plt.close(fig)
 
 
@@ -46,3 +52,11 @@ def test_contrast_legend_sits_below_the_axes():
     fig.canvas.draw()
     legend = ax.get_legend().get_window_extent()
     assert legend.y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
+
+
+def test_plot_feature_examples_labels_each_context_with_its_token():
+    feats = [FeatureExamples(7, 0.01, [Example(3.5, "\n", "x = $1"), Example(1.0, " the", "in")])]
+    fig, axes = plot_feature_examples(feats)
+    labels = [t.get_text() for t in axes[0, 0].get_yticklabels()]
+    assert labels == [r"x = \$1[[↵]]", "in[[\u2423the]]"] and "feature 7" in axes[0, 0].get_title()
+    plt.close(fig)

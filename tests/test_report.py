@@ -5,8 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+from result_examples import full_metrics
 
-from mechlib import paths, report
+from mechlib import paths, report, results
+
+CLASS_OF = {cls.FILE: cls for cls in results.CHAPTER_RESULTS}
 
 
 @pytest.fixture
@@ -15,7 +18,9 @@ def run_dir(tmp_path, monkeypatch):
     run = paths.RunPaths("r").make()
 
     def write(name: str, data: dict) -> None:
-        (run.metrics / f"{name}.json").write_text(json.dumps(data))
+        """A chapter's metrics: the keys a test sets, the rest from a minimal example (runner files as given)."""
+        cls = CLASS_OF.get(name)
+        (run.metrics / f"{name}.json").write_text(json.dumps(data if cls is None else full_metrics(cls, data)))
 
     return run, write
 
@@ -87,10 +92,11 @@ def test_run_section_lists_chapter_times_with_total(run_dir):
 def test_baseline_section_breaks_accuracy_down_by_question_type(run_dir):
     _, write = run_dir
     write("04_gsm8k_baseline", {"task": "arithmetic", "prompt_format": "chat_template", "n": 20, "accuracy": 0.25,
-                                "ci95": [0.11, 0.47], "by_kind": {"plus": {"n": 12, "n_correct": 4,
+                                "ci95": [0.11, 0.47], "finished": 1.0, "truncated": 0.0,
+                                "by_kind": {"plus": {"n": 12, "n_correct": 4,
                                                                           "accuracy": 1 / 3, "ci95": [0.14, 0.61]}}})
     text = report.render_report("r")
-    assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] | — | — |" in text
+    assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] | 100.0 % | 0.0 % |" in text
     assert "| plus | 12 | 4 | 0.3333 | [0.14, 0.61] |" in text
 
 
@@ -100,7 +106,7 @@ def test_scoring_sensitivity_and_truncation_reach_the_report(run_dir):
                                 "ci95": [0.11, 0.47], "finished": 0.95, "truncated": 0.05,
                                 "by_scoring_rule": {"strict": {"n": 20, "n_correct": 4, "accuracy": 0.2,
                                                                "ci95": [0.08, 0.42]}}})
-    write("05_contrastive_layers", {"peak_layer": 1, "top10_abs_d": [0.1, 0.5], "null_p": 0.012,
+    write("05_contrastive_layers", {"peak_layer": 1, "top_abs_d": [0.1, 0.5], "null_p": 0.012,
                                     "null_p_mc_se": 0.0034, "scoring_verdict": "Every rule finds layer 1.",
                                     "scoring_sensitivity": [{"rule": "flexible", "n_correct": 5, "n_wrong": 15,
                                                              "peak_layer": 0, "top_abs_d": 0.4, "p_peak": 0.3,
@@ -140,13 +146,14 @@ def test_the_card_stands_beside_every_table(run_dir):
     _, write = run_dir
     write("04_gsm8k_baseline", {"task": "arithmetic", "prompt_format": "chat_oneshot", "n": 20, "accuracy": 0.25,
                                 "ci95": [0.11, 0.47]})
-    write("05_contrastive_layers", {"peak_layer": 1, "top10_abs_d": [0.1, 0.5], "spearman_rho": 0.2})
+    write("05_contrastive_layers", {"peak_layer": 1, "top_abs_d": [0.1, 0.5], "spearman_rho": 0.2, "top_d": 5})
     write("06_steering", {"layer": 1, "n_heldout": 8, "baseline_accuracy": 0.25, "mean_resid_norm": 311.734,
                           "rows": [{"scale": 0.1, "perturbation": 10, "accuracy": 0.2}]})
     write("07_logit_lens", {"english_commitment_layer": 1, "n_layers": 2, "english_fraction": [0.0, 0.75],
                             "top_tokens": [[",", "."], ["a", " Berlin"]], "top_probs": [[0.1, 0.2], [0.3, 0.9]]})
     text = report.render_report("r")
     assert "| study card (Gemma 4 E4B) | gsm8k | gemma_manual | 50 | 0.45–0.50 |" in text
+    assert "| top-5 |d| at peak |" in text  # the header names the run's top_d, not a fixed 10
     assert "| this run | 1 of 2 | 0.5 |" in text and "| study card (Gemma 4 E4B) | 27 of 42 | 0.896 |" in text
     assert "| baseline | 0 % | 0.25 | 0 |" in text and "311.73 (the card: 95.3 at layer 27" in text
     assert "(the card: 30 of 42)" in text and "| 1 | 0.75 | ' Berlin' | 0.9 |" in text

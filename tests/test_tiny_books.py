@@ -82,7 +82,7 @@ def test_every_output_of_chapters_05_and_06_says_placeholder(book):
 def test_the_contrast_and_lens_cover_every_layer_of_the_architecture(book):
     params, paths = book
     n_layers, _ = model_shape(params.model)
-    assert len(load(paths, "05_contrastive_layers")["top10_abs_d"]) == n_layers
+    assert len(load(paths, "05_contrastive_layers")["top_abs_d"]) == n_layers
     rows = load(paths, "06_steering")["rows"]
     assert [r["scale"] for r in rows] == params.steering_scales
     lens = (paths.root / "REPORT.md").read_text()

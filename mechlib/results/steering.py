@@ -1,0 +1,157 @@
+"""Chapter 06: the CAA sweep, its paired statistics, the card's hook check and the random-direction control.
+
+The rows of the file are :class:`mechlib.steering.SteeringRow` flattened, with what each table adds
+(cut-off rate; scoring rule and effect; random direction index, cosine and comparison with CAA):
+:class:`ScaleRow` holds the shared fields, the subclasses their additions, so every row of the
+file reads back into one typed object.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+from mechlib.results.codec import Record, copy_fields
+from mechlib.scoring import ScoringRule
+
+if TYPE_CHECKING:  # the domain types these rows are made from (only named in signatures here)
+    from mechlib.sensitivity import RowUnderRule
+    from mechlib.steering import SteeringRow
+    from mechlib.steering_controls import RandomDirectionResult
+
+Effect = Literal["helps", "harms", "no significant change"]  # mechlib.sensitivity.effect_of
+
+
+@dataclass(frozen=True)
+class ScaleRow(Record):
+    """One steering condition against the unsteered baseline, paired by question (``SteeringRow``'s fields)."""
+
+    scale: float
+    perturbation: float  # % of the layer's mean residual norm
+    n: int
+    accuracy: float
+    accuracy_ci95: tuple[float, float]  # Wilson
+    delta: float  # accuracy − baseline accuracy, same questions
+    delta_ci95: tuple[float, float]  # paired percentile bootstrap
+    recovered: int  # baseline-wrong → now right
+    n_baseline_wrong: int
+    broken: int  # baseline-right → now wrong
+    net_flips: int
+    mcnemar_p: float  # exact, on (recovered, broken)
+    recovered_ids: list[str]
+    broken_ids: list[str]
+
+
+@dataclass(frozen=True)
+class SteeredRow(ScaleRow):
+    """A row of the steering table: one scale along the CAA direction."""
+
+    truncated: float  # fraction of its answers cut off at max_new_tokens
+
+    @classmethod
+    def of(cls, row: SteeringRow, truncated: float) -> "SteeredRow":
+        """From a :class:`mechlib.steering.SteeringRow` and that scale's cut-off rate."""
+        return copy_fields(cls, row, truncated=truncated)
+
+
+@dataclass(frozen=True)
+class RuleRow(ScaleRow):
+    """One scale's row recomputed under one scoring rule (``mechlib.sensitivity.RowUnderRule``)."""
+
+    rule: ScoringRule
+    effect: Effect
+
+    @classmethod
+    def of(cls, under: RowUnderRule) -> "RuleRow":
+        return copy_fields(cls, under.row, rule=under.rule, effect=under.effect)
+
+
+@dataclass(frozen=True)
+class ScaleVerdict(Record):
+    """One scale under every scoring rule, with the generated sentence."""
+
+    scale: float
+    verdict: str
+    rules: list[RuleRow]
+
+
+@dataclass(frozen=True)
+class Overlap(Record):
+    """How far the recovered sets of two scales coincide."""
+
+    scale_a: float
+    scale_b: float
+    n_a: int
+    n_b: int
+    intersection: int
+    shared_ids: list[str]
+    jaccard: float  # 0 when both sets are empty
+
+
+@dataclass(frozen=True)
+class CardHookSummary(Record):
+    """The card's own hook on our vector file against mechlib's steered answers."""
+
+    scale: float
+    n: int
+    n_equal: int
+    n_steering_changed: int  # the check's power: answers steering changed
+
+
+@dataclass(frozen=True)
+class PairedCounts(Record):
+    """CAA (a) against a random direction (b), same questions (``steering_controls.PairedComparison``)."""
+
+    a_only: int
+    b_only: int
+    mcnemar_p: float
+
+
+@dataclass(frozen=True)
+class RandomDirection(ScaleRow):
+    """One random direction pushed as hard as CAA at the control scale."""
+
+    index: int
+    cos_with_caa: float
+    vs_caa: PairedCounts | None  # None when the CAA sweep did not include the control scale
+    truncated: float
+
+    @classmethod
+    def of(cls, result: RandomDirectionResult) -> "RandomDirection":
+        vs = result.vs_caa
+        return copy_fields(cls, result.row, index=result.index, cos_with_caa=result.cos_with_caa,
+                           truncated=result.truncated, vs_caa=None if vs is None else copy_fields(PairedCounts, vs))
+
+
+@dataclass(frozen=True)
+class RandomControl(Record):
+    scale: float
+    seed: int
+    caa_accuracy: float | None  # None when steering_scales lacks the control scale
+    directions: list[RandomDirection]
+
+
+@dataclass(frozen=True)
+class Steering(Record):
+    """``metrics/06_steering.json``: CAA at one layer on the held-out questions."""
+
+    FILE: ClassVar[str] = "06_steering"
+
+    finding: str
+    labels: str  # parser | placeholder
+    placeholder_labels: float
+    layer: int
+    peak_layer: int  # chapter 05's
+    model: str
+    mean_resid_norm: float  # the unit of the scales
+    steering_vector: str  # relative to the run folder
+    n_heldout: int
+    baseline_accuracy: float
+    baseline_ci95: tuple[float, float]
+    n_bootstrap: int
+    baseline_truncated: float
+    rows: list[SteeredRow]
+    overlaps: list[Overlap]
+    card_hook_check: CardHookSummary
+    scoring_sensitivity: list[ScaleVerdict]
+    random_control: RandomControl
