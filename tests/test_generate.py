@@ -10,6 +10,7 @@ from transformers import GenerationConfig
 import mechlib.generate as gen
 from mechlib.generate import (GenerationError, free_generation_cache, generate_greedy, generate_ids,
                               greedy_batch, left_pad)
+from mechlib.kv_cache import STATIC_CACHES
 from mechlib.models import decoder_layers
 from mechlib.tiny import tiny_config
 
@@ -161,13 +162,15 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
             if handle:
                 handle.remove()
         assert got == ref, f"hook seed {seed}"
-    held = model._mechlib_static_cache
-    assert held[0][1] % 256 == 0, "compiled path rounds the cache length up to a bucket"
+    held = STATIC_CACHES.held(model)
+    assert held is not None and held.max_len % 256 == 0, "compiled path rounds the cache length up to a bucket"
+    assert not any(name.startswith("_mechlib") for name in vars(model)), "no state hung on the model"
     generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"},
                  progress=False)
-    assert model._mechlib_static_cache[1] is held[1], "same shapes: the cache is reset and reused"
+    again = STATIC_CACHES.held(model)
+    assert again is not None and again.cache is held.cache, "same shapes: the cache is reset and reused"
     free_generation_cache(model)
-    assert model._mechlib_static_cache is None
+    assert STATIC_CACHES.held(model) is None
 
 
 def test_generate_greedy_decodes_in_input_order(tiny_llama):
