@@ -25,17 +25,28 @@ import hashlib
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Sequence, get_args
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from mechlib.io import atomic_torch_save
+from mechlib.generate import left_pad
+from mechlib.gsm8k import Question
+from mechlib.hooks import LayerOutput, StopForward, layer_output_tensor
+from mechlib.io import atomic_torch_save, read_json
+from mechlib.models import CausalLM, Tokenizer, decoder_layers, load_model, model_device
+from mechlib.prompts import encode_prompts
+from mechlib.records import Record, load_records
 from mechlib.stats import PermutationNull, adaptive_permutation_null, cohens_d
 
-POOLINGS = ("last", "mean")
+if TYPE_CHECKING:
+    from mechlib.sae import TopKSAE
+
+Pooling = Literal["last", "mean"]
+POOLINGS: tuple[Pooling, ...] = get_args(Pooling)
+Encoder = Callable[["Tokenizer", Sequence[str]], dict[str, Tensor]]  # tokenizer, prompts → input_ids, attention_mask
 
 
 class ContrastError(ValueError):
@@ -49,7 +60,7 @@ class LayerStates:
     ids: list[str]
     states: Tensor  # [n, L, D]
     token_norm_mean: Tensor  # [L]: mean ‖h‖₂ over non-special prompt tokens of all n prompts
-    pooling: str
+    pooling: Pooling
     model: str
     prompts_sha: str = ""  # sha256 of the prompts: a cache made from other prompts is stale
     settings: str = ""  # how the model ran (dtype, device): other numerics make the cache stale
@@ -75,7 +86,7 @@ class BaselineSplit:
     heldout_ids: list[str]
     prompts: dict[str, str]  # id → the exact prompt text that was generated from
     correct: dict[str, bool]  # id → baseline correctness (primary rule)
-    records: dict[str, Any]  # id → the baseline :class:`mechlib.records.Record`, re-scored on load
+    records: dict[str, Record]  # id → the baseline record, re-scored on load
 
     def labels(self, ids: Sequence[str]) -> np.ndarray:
         return np.array([self.correct[i] for i in ids], dtype=bool)
@@ -84,9 +95,6 @@ class BaselineSplit:
 def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str | os.PathLike[str]) -> BaselineSplit:
     """Read ``metrics/04_gsm8k_baseline.json`` (``contrast_ids``, ``heldout_ids``) and the baseline
     records JSONL, re-scored with the current parser (a parser fix never leaves stale labels)."""
-    from mechlib.io import read_json
-    from mechlib.records import load_records
-
     metrics_path, records_path = Path(metrics_path), Path(records_path)
     for f in (metrics_path, records_path):
         if not f.is_file():
@@ -106,7 +114,7 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     return split
 
 
-def check_questions_match(questions: Sequence[Any], split: BaselineSplit) -> None:
+def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -> None:
     """Raise if a question's text is not in chapter 04's recorded prompt for the same id.
 
     Why: chapters 05/06 re-load the questions (for their types, or to generate again) and pair
@@ -119,26 +127,18 @@ def check_questions_match(questions: Sequence[Any], split: BaselineSplit) -> Non
                             f"(ids {bad[:3]}{' …' if len(bad) > 3 else ''}); rerun chapter 04 for this run")
 
 
-class _StopForward(Exception):
-    """Raised by the last layer's hook: everything needed has been recorded."""
-
-
-def encode_for_states(tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
+def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
     """Token ids exactly as generation builds them (:func:`mechlib.prompts.encode_prompts`, no
     second BOS), left-padded. The pad id is irrelevant: padded positions are masked out."""
-    from mechlib.generate import left_pad
-    from mechlib.prompts import encode_prompts
-
     pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
     input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, torch.device("cpu"))
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
 @torch.no_grad()
-def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence[str], *, pooling: str = "last",
-                         batch_size: int = 16, model_name: str = "",
-                         encode: Callable[[Any, Sequence[str]], dict[str, Tensor]] | None = None,
-                         progress: bool = True) -> LayerStates:
+def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[str], ids: Sequence[str], *,
+                         pooling: Pooling = "last", batch_size: int = 16, model_name: str = "",
+                         encode: Encoder | None = None, progress: bool = True) -> LayerStates:
     """Pooled output of every decoder layer for each prompt, in one (early-stopped) forward per batch.
 
     ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default:
@@ -146,9 +146,6 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
     padding both work (the last real token is found from the mask). Position ids are
     ``cumsum(mask) − 1`` as in generation, so padding does not shift positions.
     """
-    from mechlib.hooks import layer_output_tensor
-    from mechlib.models import decoder_layers
-
     if pooling not in POOLINGS:
         raise ContrastError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if len(prompts) != len(ids) or not prompts:
@@ -156,17 +153,17 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
     encode = encode or encode_for_states
     layers = decoder_layers(model)
     n_layers = len(layers)
-    device = next(model.parameters()).device
+    device = model_device(model)
     special = torch.tensor(sorted(set(getattr(tokenizer, "all_special_ids", []) or [])), dtype=torch.long)
 
     pooled_batches: list[Tensor] = []
     norm_sum = torch.zeros(n_layers, dtype=torch.float64)
     n_tokens = 0
-    batch_state: dict[str, Any] = {}
+    batch_state: dict[str, Tensor] = {}  # "keep" [B, S] bool, "last" [B] long: set per batch, read by the hooks
     per_layer: list[Tensor | None] = [None] * n_layers
 
-    def make_hook(i: int):
-        def hook(_module, _inputs, out):
+    def make_hook(i: int) -> Callable[[nn.Module, tuple[object, ...], LayerOutput], None]:
+        def hook(_module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> None:
             h = layer_output_tensor(out).float()
             keep = batch_state["keep"]  # [B, S] bool: real, non-special tokens
             norm_sum[i] += (h.norm(dim=-1) * keep).sum().double().cpu()
@@ -175,7 +172,7 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
             else:
                 per_layer[i] = ((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).cpu()
             if i == n_layers - 1:
-                raise _StopForward
+                raise StopForward  # everything needed has been recorded
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
@@ -197,7 +194,7 @@ def collect_layer_states(model, tokenizer, prompts: Sequence[str], ids: Sequence
             position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
             try:
                 model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
             else:
                 raise ContrastError("the forward pass finished without reaching the last decoder layer's hook")
@@ -216,10 +213,8 @@ def sha_of_prompts(prompts: Sequence[str]) -> str:
 
 
 def collect_with_model(model_name: str, dtype: str, device: str, prompts: Sequence[str], ids: Sequence[str], *,
-                       pooling: str = "last", batch_size: int = 16) -> LayerStates:
+                       pooling: Pooling = "last", batch_size: int = 16) -> LayerStates:
     """Load the model and collect (for :func:`cached_layer_states`: the model loads only on a cache miss)."""
-    from mechlib.models import load_model
-
     loaded = load_model(model_name, dtype, device)
     states = collect_layer_states(loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling,
                                   batch_size=batch_size, model_name=model_name)
@@ -244,7 +239,7 @@ def load_layer_states(path: str | os.PathLike[str]) -> LayerStates:
         raise ContrastError(f"{path}: not a saved LayerStates file ({type(exc).__name__}: {exc})") from None
 
 
-def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, pooling: str, ids: Sequence[str],
+def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, pooling: Pooling, ids: Sequence[str],
                         prompts: Sequence[str], collect: Callable[[], LayerStates],
                         settings: str = "") -> LayerStates:
     """Load ``path`` if it holds states of the same model, settings, pooling, ids and prompts; else
@@ -287,7 +282,7 @@ class LayerContrast:
 
 
 def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top_n: int = 10,
-                    n_permutations: int = 200, seed: int = 0, strata: Sequence[Any] | None = None) -> LayerContrast:
+                    n_permutations: int = 200, seed: int = 0, strata: Sequence[Hashable] | None = None) -> LayerContrast:
     """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|.
 
     The null draws at least ``n_permutations`` relabellings, more while the peak's p is within its
@@ -337,43 +332,6 @@ def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tens
     return (diff / norm).float(), norm
 
 
-def steering_vector_meta_path(path: str | os.PathLike[str]) -> Path:
-    """``steering_vec_L{layer}.json`` beside ``steering_vec_L{layer}.pt``: the vector's metadata."""
-    return Path(path).with_suffix(".json")
-
-
-def save_steering_vector(path: str | os.PathLike[str], vector: Tensor, *, layer: int, model: str, n_correct: int,
-                         n_wrong: int, mean_resid_norm: float, **extra: Any) -> Path:
-    """The card's announced ``steering_vec_L{layer}.pt``: the bare unit vector, as the card loads it
-    (``torch.load(path).to("cuda").to(torch.bfloat16)``), with its provenance in a JSON sidecar."""
-    from mechlib.io import atomic_write_json
-
-    atomic_torch_save(vector.detach().float().cpu().contiguous(), path)
-    atomic_write_json(steering_vector_meta_path(path), {"layer": int(layer), "model": model, "n_correct": int(n_correct),
-                                                        "n_wrong": int(n_wrong),
-                                                        "mean_resid_norm": float(mean_resid_norm), **extra})
-    return Path(path)
-
-
-def load_steering_vector(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """``{"vector": the unit tensor, **its sidecar metadata}``."""
-    from mechlib.io import read_json
-
-    path = Path(path)
-    meta = steering_vector_meta_path(path)
-    for f in (path, meta):
-        if not f.is_file():
-            raise ContrastError(f"steering vector file not found: {f} (run chapter 05 first)")
-    vector = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(vector, Tensor) or vector.ndim != 1:
-        raise ContrastError(f"{path}: expected a 1-D tensor (the unit steering vector); rerun chapter 05")
-    obj = read_json(meta)
-    missing = {"layer", "mean_resid_norm"} - set(obj)
-    if missing:
-        raise ContrastError(f"{meta}: steering vector metadata lacks keys {sorted(missing)}; rerun chapter 05")
-    return {"vector": vector, **obj}
-
-
 def projection_scores(states_layer: Tensor, unit_vector: Tensor) -> np.ndarray:
     """Each question's pooled state projected on the (unit) direction."""
     return (torch.as_tensor(states_layer).double() @ unit_vector.double()).numpy()
@@ -395,7 +353,7 @@ class FeatureContrast:
 
 
 @torch.no_grad()
-def rank_sae_features(sae, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50) -> list[FeatureContrast]:
+def rank_sae_features(sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50) -> list[FeatureContrast]:
     """SAE features ranked by |mean activation(correct) − mean activation(wrong)|.
 
     Why the mean difference and not d: TopK activations are sparse, and d of a feature that fires
@@ -403,10 +361,10 @@ def rank_sae_features(sae, states_layer: Tensor, correct: Sequence[bool], top_n:
     study calls the contrastive score, and d is reported alongside. Features that never fire are
     not ranked.
     """
-    from mechlib.sae import dense_code
+    from mechlib.sae import dense_code  # the SAE side imports torch kernels; chapter 05 needs it only here
 
     y = np.asarray(correct, dtype=bool)
-    x = torch.as_tensor(states_layer).float().to(next(sae.parameters()).device)
+    x = torch.as_tensor(states_layer).float().to(model_device(sae))
     acts = dense_code(sae.encode(x), sae.d_sae).double().cpu().numpy()  # [n, m]
     a, b = acts[y], acts[~y]
     score = a.mean(0) - b.mean(0)
@@ -417,7 +375,7 @@ def rank_sae_features(sae, states_layer: Tensor, correct: Sequence[bool], top_n:
                             float((a[:, j] > 0).mean()), float((b[:, j] > 0).mean())) for j in order]
 
 
-def features_json(features: Sequence[FeatureContrast], **info: Any) -> dict[str, Any]:
+def features_json(features: Sequence[FeatureContrast], **info: object) -> dict[str, Any]:
     """The card's announced ``contrastive_features_L{layer}.json``: provenance plus the ranked features."""
     return {**info, "ranking": "abs(mean activation correct - mean activation wrong)",
             "features": [asdict(f) for f in features]}

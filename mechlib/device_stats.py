@@ -47,7 +47,7 @@ def snapshot() -> ChapterDevice:
 
 
 def write_snapshot(path: str | os.PathLike[str]) -> None:
-    from mechlib.io import atomic_write_json
+    from mechlib.io import atomic_write_json  # mechlib.io imports torch: only when a snapshot is written
 
     atomic_write_json(path, snapshot().as_dict())
 
@@ -57,7 +57,7 @@ def install() -> None:
     target = os.environ.get(ENV)
     if not target:
         return
-    from IPython import get_ipython
+    from IPython import get_ipython  # only inside a kernel
 
     shell = get_ipython()
     if shell is not None:

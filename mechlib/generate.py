@@ -18,7 +18,7 @@ Hooks: steering is a forward hook registered by the caller around the call. The 
 run at prefill and at every decode step, so hooks fire. With ``torch.compile``, dynamo by default
 does *not* guard on module hooks (``skip_nnmodule_hook_guards``): a hook added after the first
 compile would silently be ignored (this also affects HF's own static-cache auto-compile). The
-compiled path here turns those guards on, so a changed hook set recompiles instead.
+compiled path here (:mod:`mechlib.decode_step`) turns those guards on, so a changed hook set recompiles instead.
 
 Shared prompt prefix (``share_prefix=True``, dynamic cache): the book's prompts all begin with the
 same chat template, system prompt and worked example (~110 of ~160 prompt tokens for SmolLM2), and
@@ -41,31 +41,34 @@ but no Python-int bookkeeping inside the compiled step (that would force recompi
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Literal, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from mechlib.kv_cache import (CACHE_BUCKET, MIN_SHARED_PREFIX, make_masks, prefix_cache,  # noqa: F401
-                              model_device, reusable_static_cache, rows_selectable, rows_to_keep, static_cache,
-                              free_generation_cache, prefix_sharing_exact, shared_prefix_len)
-from mechlib.kv_cache import text_config as _text_config
+from mechlib.decode_step import (COMPILED_STEPS, DEFAULT_COMPILE_KWARGS, StepFn, hook_guards, step,
+                                 supports_logits_to_keep)
+from mechlib.kv_cache import (CACHE_BUCKET, MIN_SHARED_PREFIX, free_generation_cache, make_masks,  # noqa: F401
+                              prefix_cache, prefix_sharing_exact, reusable_static_cache, rows_selectable, rows_to_keep,
+                              shared_prefix_len, static_cache)
+from mechlib.models import CausalLM, Tokenizer, model_device, text_config
 from mechlib.prompts import encode_prompts
+from mechlib.stopping import StopWhen, shortest_stopping_prefix
+
+if TYPE_CHECKING:
+    from mechlib.kv_cache import Cache, Masks
 
 CacheKind = Literal["auto", "dynamic", "static"]
-DEFAULT_COMPILE_KWARGS: dict[str, Any] = {"mode": "reduce-overhead", "fullgraph": False, "dynamic": False}
+ResolvedCache = Literal["dynamic", "static"]
+CompileOption = bool | Mapping[str, object]  # off / on with the defaults / torch.compile keyword arguments
 
 
 class GenerationError(ValueError):
     """Generation settings that cannot work; the message says which."""
 
 
-def _text_config(model: Any) -> Any:
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
-
-
-def eos_ids_of(model: Any, tokenizer: Any = None) -> list[int]:
+def eos_ids_of(model: CausalLM, tokenizer: Tokenizer | None = None) -> list[int]:
     """The EOS ids ``generate`` would stop on: ``generation_config.eos_token_id`` (int or list),
     else the tokenizer's ``eos_token_id``."""
     ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
@@ -76,7 +79,7 @@ def eos_ids_of(model: Any, tokenizer: Any = None) -> list[int]:
     return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
 
 
-def pad_id_of(model: Any, tokenizer: Any, eos_ids: Sequence[int]) -> int:
+def pad_id_of(model: CausalLM, tokenizer: Tokenizer, eos_ids: Sequence[int]) -> int:
     """The pad id ``generate`` would use (its fallback is the first EOS id)."""
     for src in (getattr(model, "generation_config", None), tokenizer):
         pid = getattr(src, "pad_token_id", None)
@@ -100,52 +103,55 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.dev
     return ids.to(device), mask.to(device)
 
 
-def _supports_logits_to_keep(model: Any) -> bool:
-    import inspect
-
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
-
-
 # --------------------------------------------------------------------------------------------
-# The decode step, plain or compiled
+# What one batch is decoded with
 # --------------------------------------------------------------------------------------------
 
-def _step(model: Any, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Any, cache: Any,
-          extra: dict[str, Any]) -> torch.Tensor:
-    """One forward with the cache; returns the greedy next token of every row."""
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                past_key_values=cache, use_cache=True, return_dict=True, **extra)
-    return out.logits[:, -1].argmax(dim=-1)
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How a batch is decoded: the bundle :func:`generate_ids` hands to every batch it runs.
 
+    ``cache`` is resolved (never ``"auto"``); ``sync_every``: how many steps between host syncs (EOS,
+    stop rule, dropping finished rows); ``share_prefix``: run the rows' common prompt prefix once
+    (dynamic cache only; every hook must treat the rows alike — see the module docstring).
+    """
 
-_COMPILED: dict[tuple, Any] = {}
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    ignore_eos: bool = False
+    cache: ResolvedCache = "dynamic"
+    compile: CompileOption = False
+    sync_every: int = 1
+    stop_when: StopWhen | None = None
+    share_prefix: bool = False
 
+    def check(self) -> None:
+        if self.max_new_tokens <= 0:
+            raise GenerationError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
+        if self.cache not in ("dynamic", "static"):
+            raise GenerationError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
 
-def _compiled_step(compile_kwargs: dict[str, Any]) -> Any:
-    key = tuple(sorted((k, repr(v)) for k, v in compile_kwargs.items()))
-    if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(_step, **compile_kwargs)
-    return _COMPILED[key]
+    @property
+    def compiled(self) -> bool:
+        """Whether the decode step is compiled (only ever with the static cache)."""
+        return bool(self.compile) and self.cache == "static"
 
-
-@contextlib.contextmanager
-def _hook_guards() -> Iterator[None]:
-    """Make dynamo guard on module hooks (a steering hook added later must trigger a recompile)."""
-    import torch._dynamo.config as dcfg
-
-    with dcfg.patch(skip_nnmodule_hook_guards=False, recompile_limit=max(64, dcfg.recompile_limit)):
-        yield
+    def cut(self, row: list[int]) -> list[int]:
+        """A finished row's ids: cut before its first EOS, then after its shortest stopping prefix
+        (a row stopped by the rule may run up to ``sync_every − 1`` tokens past it). Whole with ``ignore_eos``."""
+        if self.ignore_eos:
+            return row
+        eos = set(self.eos_ids)
+        row = row[:next((j for j, tok in enumerate(row) if tok in eos), len(row))]
+        if self.stop_when is not None:
+            row = row[:shortest_stopping_prefix(row, self.stop_when) or len(row)]
+        return row
 
 
 # --------------------------------------------------------------------------------------------
 # One batch
 # --------------------------------------------------------------------------------------------
-
-StopWhen = Callable[[Sequence[int]], bool]
-"""A row's stop rule beside EOS: called with the row's new token ids so far; True once the row is
-done (e.g. it has written a complete final-answer line). It must be *monotone* — once True for a
-prefix, True for every longer one — so the shortest stopping prefix can be found by bisection."""
-
 
 def _check_stop_rule(out: torch.Tensor, unfinished: torch.Tensor, upto: int, stop_when: StopWhen) -> None:
     """Mark rows whose first ``upto`` tokens satisfy ``stop_when`` as finished (in place)."""
@@ -155,24 +161,57 @@ def _check_stop_rule(out: torch.Tensor, unfinished: torch.Tensor, upto: int, sto
             unfinished[i] = False
 
 
-def shortest_stopping_prefix(row: Sequence[int], stop_when: StopWhen) -> int | None:
-    """The length of the shortest prefix of ``row`` that satisfies the (monotone) ``stop_when``; None if none."""
-    if not row or not stop_when(row):
-        return None
-    lo, hi = 1, len(row)  # invariant: stop_when(row[:hi]) is True
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if stop_when(row[:mid]):
-            hi = mid
-        else:
-            lo = mid + 1
-    return hi
+@dataclass
+class _Prefill:
+    """What the first forward of a batch needs, and what decoding continues from."""
+
+    kv: Cache
+    masks: Masks
+    mask2d: torch.Tensor | None  # the 2-D padding mask (None: no padding), grown by one per step
+    position_ids: torch.Tensor
+    step_fn: StepFn
 
 
-@torch.inference_mode()
-def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "dynamic",
-                 compile: bool | dict[str, Any] = False, sync_every: int = 1,
+def _prepare(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: DecodeSettings,
+             prefix: torch.Tensor | None, extra: dict[str, int]) -> _Prefill:
+    """The batch's cache (shared prefix, reusable static, static or dynamic), masks, positions and step."""
+    batch, prompt_len = input_ids.shape
+    shared_kv = None
+    if prefix is not None and prefix.numel():
+        if s.cache != "dynamic":
+            raise GenerationError("a shared prompt prefix needs cache='dynamic'")
+        shared_kv = prefix_cache(model, prefix.to(input_ids.device), batch, extra)
+        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.numel())), attention_mask], dim=-1)
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -prompt_len:]
+    mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
+
+    kv: Cache
+    masks: Masks
+    if shared_kv is not None:
+        kv, compile_safe, masks = shared_kv, False, mask2d
+    elif s.cache == "static" and s.compile:
+        exact = prompt_len + s.max_new_tokens
+        bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
+        window = min((w for w in [getattr(text_config(model), "sliding_window", None)] if w), default=bucketed)
+        kv, compile_safe = reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
+        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+    elif s.cache == "static":
+        kv, compile_safe = static_cache(model, prompt_len + s.max_new_tokens)
+        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
+    else:
+        from transformers import DynamicCache  # heavy import, on use
+
+        kv, compile_safe, masks = DynamicCache(config=text_config(model)), False, mask2d
+    step_fn: StepFn = step
+    if s.compiled and compile_safe:
+        options = DEFAULT_COMPILE_KWARGS if s.compile is True else s.compile
+        step_fn = COMPILED_STEPS.get(options)  # type: ignore[arg-type]  # s.compile is a Mapping here
+    return _Prefill(kv, masks, mask2d, position_ids, step_fn)
+
+
+def greedy_batch(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
+                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: ResolvedCache = "dynamic",
+                 compile: CompileOption = False, sync_every: int = 1,
                  stop_when: StopWhen | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
     """Greedy continuation ids ``[batch, steps]`` of one left-padded batch (rows that finished are
     filled with ``pad_id``, like ``generate``). ``steps <= max_new_tokens``: the loop stops when
@@ -183,62 +222,43 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
     ``prefix``: 1-D ids every row's prompt starts with, *not* repeated in ``input_ids`` (which then
     holds the left-padded suffixes); run once at batch 1 and shared (dynamic cache only; see the
     module docstring)."""
-    if max_new_tokens <= 0:
-        raise GenerationError(f"max_new_tokens must be positive, got {max_new_tokens}")
-    if cache not in ("dynamic", "static"):
-        raise GenerationError(f"cache must be 'dynamic' or 'static', got {cache!r}")
+    settings = DecodeSettings(max_new_tokens, tuple(int(e) for e in eos_ids), pad_id, ignore_eos, cache, compile,
+                              sync_every, stop_when)
+    return _decode(model, input_ids, attention_mask, settings, prefix)
+
+
+@torch.inference_mode()
+def _decode(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: DecodeSettings,
+            prefix: torch.Tensor | None) -> torch.Tensor:
+    """:func:`greedy_batch` with its settings bundled: prefill, then one step per new token."""
+    s.check()
     device = input_ids.device
-    batch, prompt_len = input_ids.shape
-    extra: dict[str, Any] = {"logits_to_keep": 1} if _supports_logits_to_keep(model) else {}
-    shared_kv = None
-    if prefix is not None and prefix.numel():
-        if cache != "dynamic":
-            raise GenerationError("a shared prompt prefix needs cache='dynamic'")
-        shared_kv = prefix_cache(model, prefix.to(device), batch, extra)
-        attention_mask = torch.cat([attention_mask.new_ones((batch, prefix.numel())), attention_mask], dim=-1)
-    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -prompt_len:]
-    mask2d: torch.Tensor | None = None if bool((attention_mask == 1).all()) else attention_mask
+    batch = input_ids.shape[0]
+    extra: dict[str, int] = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    pre = _prepare(model, input_ids, attention_mask, s, prefix, extra)
+    kv, masks, mask2d, step_fn = pre.kv, pre.masks, pre.mask2d, pre.step_fn
 
-    if shared_kv is not None:
-        kv, compile_safe, masks = shared_kv, False, mask2d
-    elif cache == "static" and compile:
-        exact = prompt_len + max_new_tokens
-        bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
-        window = min((w for w in [getattr(_text_config(model), "sliding_window", None)] if w), default=bucketed)
-        kv, compile_safe = reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
-        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
-    elif cache == "static":
-        kv, compile_safe = static_cache(model, prompt_len + max_new_tokens)
-        masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
-    else:
-        from transformers import DynamicCache
-
-        kv, compile_safe, masks = DynamicCache(config=_text_config(model)), False, mask2d
-    step_fn = _step
-    if compile and cache == "static" and compile_safe:
-        step_fn = _compiled_step(DEFAULT_COMPILE_KWARGS if compile is True else dict(compile))
-
-    eos = torch.tensor(list(eos_ids), dtype=torch.long, device=device)
-    out = torch.full((batch, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    eos = torch.tensor(list(s.eos_ids), dtype=torch.long, device=device)
+    out = torch.full((batch, s.max_new_tokens), s.pad_id, dtype=torch.long, device=device)
     unfinished = torch.ones(batch, dtype=torch.bool, device=device)
     # rows still in the batch (indices into ``out``); the dynamic cache drops finished ones
     alive = torch.arange(batch, device=device)
-    compact = cache == "dynamic" and not ignore_eos and rows_selectable(kv)
+    compact = s.cache == "dynamic" and not s.ignore_eos and rows_selectable(kv)
     # prefill: plain call (a compiled prefill would recompile per prompt length)
-    nxt = _step(model, input_ids, position_ids, masks, kv, extra)
-    pos = position_ids[:, -1:]
-    steps = max_new_tokens
-    guard = _hook_guards() if step_fn is not _step else contextlib.nullcontext()
+    nxt = step(model, input_ids, pre.position_ids, masks, kv, extra)
+    pos = pre.position_ids[:, -1:]
+    steps = s.max_new_tokens
+    guard = hook_guards() if step_fn is not step else contextlib.nullcontext()
     with guard:
-        for t in range(max_new_tokens):
+        for t in range(s.max_new_tokens):
             live = unfinished[alive]
-            nxt = torch.where(live, nxt, pad_id)
+            nxt = torch.where(live, nxt, s.pad_id)
             out[alive, t] = nxt
-            if not ignore_eos and eos.numel():
+            if not s.ignore_eos and eos.numel():
                 unfinished[alive] = live & ~torch.isin(nxt, eos)
-            if not ignore_eos and (t + 1) % sync_every == 0:
-                if stop_when is not None:
-                    _check_stop_rule(out, unfinished, t + 1, stop_when)
+            if not s.ignore_eos and (t + 1) % s.sync_every == 0:
+                if s.stop_when is not None:
+                    _check_stop_rule(out, unfinished, t + 1, s.stop_when)
                 if not bool(unfinished.any()):
                     steps = t + 1
                     break
@@ -248,18 +268,18 @@ def greedy_batch(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tens
                         kv.batch_select_indices(keep)
                         alive, nxt, pos = alive[keep], nxt[keep], pos[keep]
                         mask2d = None if mask2d is None else mask2d[keep]
-            if t + 1 == max_new_tokens:
+            if t + 1 == s.max_new_tokens:
                 break
             pos = pos + 1
             if mask2d is not None:
                 mask2d = torch.cat([mask2d, mask2d.new_ones((mask2d.shape[0], 1))], dim=-1)
-            masks = (make_masks(model, kv, batch, 1, mask2d, pos, first=False) if cache == "static" else mask2d)
+            masks = (make_masks(model, kv, batch, 1, mask2d, pos, first=False) if s.cache == "static" else mask2d)
             nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
     return out[:, :steps]
 
 
 @contextlib.contextmanager
-def _contiguous_lm_head(model: Any) -> Iterator[None]:
+def _contiguous_lm_head(model: CausalLM) -> Iterator[None]:
     """On CPU in bf16/fp16, hand the unembedding a contiguous input.
 
     ``logits_to_keep=1`` slices ``hidden[:, -1:, :]`` (a strided view); for a strided 3-D input in
@@ -282,15 +302,15 @@ def _contiguous_lm_head(model: Any) -> Iterator[None]:
 # Many prompts
 # --------------------------------------------------------------------------------------------
 
-def resolve_cache(cache: CacheKind, device: torch.device) -> str:
+def resolve_cache(cache: CacheKind, device: torch.device) -> ResolvedCache:
     if cache == "auto":
         return "static" if device.type == "cuda" else "dynamic"
     return cache
 
 
-def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
+def generate_ids(model: CausalLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
                  eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "auto",
-                 compile: bool | dict[str, Any] | None = None, sort_by_length: bool = True,
+                 compile: CompileOption | None = None, sort_by_length: bool = True,
                  progress: bool = True, desc: str = "", stop_when: StopWhen | None = None,
                  share_prefix: bool = False) -> list[list[int]]:
     """Greedy continuation ids per prompt, cut before the first EOS (all ``max_new_tokens`` with
@@ -305,53 +325,44 @@ def generate_ids(model: Any, prompt_ids: Sequence[Sequence[int]], max_new_tokens
         raise GenerationError(f"batch_size must be positive, got {batch_size}")
     device = model_device(model)
     kind = resolve_cache(cache, device)
-    if compile is None:
-        compile = device.type == "cuda" and kind == "static"
+    settings = DecodeSettings(
+        max_new_tokens, tuple(int(e) for e in eos_ids), pad_id, ignore_eos, kind,
+        compile=(device.type == "cuda" and kind == "static") if compile is None else compile,
+        sync_every=8 if device.type == "cuda" else 1, stop_when=stop_when,
+        share_prefix=share_prefix and kind == "dynamic")
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])) if sort_by_length \
         else list(range(len(prompt_ids)))
-    sync_every = 8 if device.type == "cuda" else 1
     results: list[list[int]] = [[] for _ in prompt_ids]
-    eos_set = set(int(e) for e in eos_ids)
     batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
     with _contiguous_lm_head(model):
         for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
-            _generate_batch(model, prompt_ids, idx, results, max_new_tokens, batch_size, eos_ids=eos_ids,
-                            pad_id=pad_id, ignore_eos=ignore_eos, kind=kind, compile=compile,
-                            sync_every=sync_every, eos_set=eos_set, device=device, stop_when=stop_when,
-                            share_prefix=share_prefix and kind == "dynamic")
+            rows = _generate_batch(model, [prompt_ids[i] for i in idx], batch_size, settings, device)
+            for i, row in zip(idx, rows):
+                results[i] = row
     return results
 
 
-def _generate_batch(model: Any, prompt_ids: Sequence[Sequence[int]], idx: list[int], results: list[list[int]],
-                    max_new_tokens: int, batch_size: int, *, eos_ids: Sequence[int], pad_id: int, ignore_eos: bool,
-                    kind: str, compile: bool | dict[str, Any], sync_every: int, eos_set: set[int],
-                    device: torch.device, stop_when: StopWhen | None = None, share_prefix: bool = False) -> None:
-    """Generate the prompts ``idx`` as one batch; write each row's ids (cut before EOS) into ``results``."""
-    rows = [prompt_ids[i] for i in idx]
-    if compile and kind == "static" and len(rows) < batch_size:
+def _generate_batch(model: CausalLM, rows: Sequence[Sequence[int]], batch_size: int, s: DecodeSettings,
+                    device: torch.device) -> list[list[int]]:
+    """Generate ``rows`` (prompt ids) as one batch; each row's new ids, cut by :meth:`DecodeSettings.cut`."""
+    n = len(rows)
+    if s.compiled and n < batch_size:
         # a smaller last batch would compile a second graph: fill it with copies, dropped below
-        rows = rows + [rows[-1]] * (batch_size - len(rows))
-    n_shared = shared_prefix_len(rows) if share_prefix else 0
+        rows = [*rows, *[rows[-1]] * (batch_size - n)]
+    n_shared = shared_prefix_len(rows) if s.share_prefix else 0
     prefix = None
-    if n_shared >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, rows)) + n_shared + max_new_tokens):
+    total = max(map(len, rows)) + n_shared + s.max_new_tokens
+    if n_shared >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, total):
         prefix = torch.tensor(list(rows[0][:n_shared]), dtype=torch.long, device=device)
         rows = [r[n_shared:] for r in rows]
-    ids, mask = left_pad(rows, pad_id, device)
-    toks = greedy_batch(model, ids, mask, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id, ignore_eos=ignore_eos,
-                        cache=kind, compile=compile, sync_every=sync_every, stop_when=stop_when,
-                        prefix=prefix).tolist()
-    for row, i in zip(toks, idx):
-        if not ignore_eos:
-            cut = next((j for j, tok in enumerate(row) if tok in eos_set), len(row))
-            row = row[:cut]
-            if stop_when is not None:
-                row = row[:shortest_stopping_prefix(row, stop_when) or len(row)]
-        results[i] = row
+    ids, mask = left_pad(rows, s.pad_id, device)
+    toks = _decode(model, ids, mask, s, prefix).tolist()
+    return [s.cut(row) for row in toks[:n]]
 
 
-def generate_greedy(model: Any, tokenizer: Any, prompts: list[str], max_new_tokens: int, batch_size: int, *,
-                    progress: bool = True, desc: str = "", cache: CacheKind = "auto",
-                    compile: bool | dict[str, Any] | None = None) -> list[str]:
+def generate_greedy(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
+                    *, progress: bool = True, desc: str = "", cache: CacheKind = "auto",
+                    compile: CompileOption | None = None) -> list[str]:
     """Greedy continuations (decoded text only, special tokens skipped) of ``prompts``.
 
     Stops each row at the model's EOS. Steering hooks registered on decoder layers around this

@@ -14,6 +14,7 @@ from pathlib import Path
 from mechlib.answers import (PARSER_VERSION, answers_match, extract_answer, extract_answer_with_rule,
                              gold_from_solution)
 from mechlib.io import iter_jsonl
+from mechlib.paths import resolve
 
 __all__ = ["GSM8KError", "HUB_ID", "HUB_CONFIG", "PARSER_VERSION", "Question", "answers_match", "extract_answer",
            "extract_answer_with_rule", "gold_from_solution", "load_gsm8k"]
@@ -41,8 +42,6 @@ class Question:
 # --------------------------------------------------------------------------------------------
 
 def _local_file(path: str | os.PathLike[str], split: str) -> Path:
-    from mechlib.paths import resolve
-
     p = resolve(path)
     if p.is_dir():
         f = p / f"{split}.jsonl"

@@ -10,14 +10,17 @@ never run — about half the work of the study's full-depth ``output_hidden_stat
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from mechlib.models import check_layer, decoder_layers
 
-HookFn = Callable[[nn.Module, tuple, Any], Any]
+LayerOutput = torch.Tensor | tuple[torch.Tensor, ...]  # what a decoder layer returns (transformers 5: a Tensor)
+HookFn = Callable[[nn.Module, tuple[object, ...], LayerOutput], LayerOutput | None]
+InputValue = torch.Tensor | bool | None  # model(**inputs): ids, masks, position ids, use_cache
 
 
 class StopForward(Exception):
@@ -28,7 +31,7 @@ class StopForward(Exception):
         self.output = output
 
 
-def layer_output_tensor(output: Any) -> torch.Tensor:
+def layer_output_tensor(output: object) -> torch.Tensor:
     """The residual stream from a decoder layer's output: a plain Tensor in transformers 5
     (Gemma 4, Qwen 3.5, Llama), the first element of a tuple in older versions / other models."""
     if isinstance(output, torch.Tensor):
@@ -38,15 +41,17 @@ def layer_output_tensor(output: Any) -> torch.Tensor:
     raise TypeError(f"unexpected decoder-layer output type {type(output).__name__}")
 
 
-def replace_layer_output(output: Any, new: torch.Tensor) -> Any:
+def replace_layer_output(output: object, new: torch.Tensor) -> LayerOutput:
     """Rebuild a decoder layer's output with ``new`` as the residual stream (same container type)."""
     if isinstance(output, torch.Tensor):
         return new
-    return type(output)((new, *output[1:]))
+    if isinstance(output, (tuple, list)):
+        return type(output)((new, *output[1:]))
+    raise TypeError(f"unexpected decoder-layer output type {type(output).__name__}")
 
 
 @contextlib.contextmanager
-def add_forward_hook(module: nn.Module, fn: HookFn) -> Iterator[Any]:
+def add_forward_hook(module: nn.Module, fn: HookFn) -> Iterator[RemovableHandle]:
     """Register ``fn`` as a forward hook on ``module`` for the ``with`` block; always removed."""
     handle = module.register_forward_hook(fn)
     try:
@@ -55,11 +60,11 @@ def add_forward_hook(module: nn.Module, fn: HookFn) -> Iterator[Any]:
         handle.remove()
 
 
-def _stop_hook(module: nn.Module, args: tuple, output: Any) -> None:
+def _stop_hook(module: nn.Module, args: tuple[object, ...], output: LayerOutput) -> None:
     raise StopForward(layer_output_tensor(output))
 
 
-def run_to_layer(model: nn.Module, layer: int, **inputs: Any) -> torch.Tensor:
+def run_to_layer(model: nn.Module, layer: int, **inputs: InputValue) -> torch.Tensor:
     """Run ``model(**inputs)`` only as far as decoder layer ``layer``; return that layer's output.
 
     The result equals ``model(**inputs, output_hidden_states=True).hidden_states[layer + 1]`` for

@@ -9,49 +9,88 @@ decode loop in :mod:`mechlib.generate` only calls them. Tests compare the tokens
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+from weakref import WeakKeyDictionary
 
 import torch
 
+from mechlib.models import CausalLM, model_device, text_config
 
-def text_config(model: Any) -> Any:
-    """The decoder's text config (``config.text_config`` for multimodal models such as Gemma 4)."""
-    cfg = model.config
-    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+# transformers is imported in the functions that build caches or masks (a heavy import)
+if TYPE_CHECKING:
+    from transformers import DynamicCache, StaticCache
 
+    Cache = DynamicCache | StaticCache
+    Masks = torch.Tensor | dict[str, torch.Tensor | None] | None
 
-def model_device(model: Any) -> torch.device:
-    """The device of the model's (first) parameters: where its inputs and caches must live."""
-    return next(model.parameters()).device
+__all__ = ["CACHE_BUCKET", "COMPACT_FRACTION", "MIN_SHARED_PREFIX", "STATIC_CACHES", "HeldStaticCache", "StaticCacheHolder",
+           "free_generation_cache", "make_masks", "model_device", "prefix_cache", "prefix_sharing_exact",
+           "reusable_static_cache", "rows_selectable", "rows_to_keep", "shared_prefix_len", "static_cache",
+           "text_config"]
 
 
 CACHE_BUCKET = 256  # compiled path: cache lengths rounded up to this, so batches share one compiled graph
 
 
-def reusable_static_cache(model: Any, batch: int, max_len: int) -> tuple[Any, bool]:
-    """The compiled path's cache: one per model, reset and reused while batch and length match.
+@dataclass(frozen=True)
+class HeldStaticCache:
+    """A static cache kept for reuse, with the shape it was made for."""
 
-    Reusing the same tensors keeps CUDA-graph input addresses fixed (no re-capture per batch);
-    only the latest shape is kept, so memory for older shapes is freed.
+    batch: int
+    max_len: int
+    device: str
+    cache: StaticCache
+    compile_safe: bool
+
+
+class StaticCacheHolder:
+    """The compiled path's static caches: one per model, reset and reused while batch and length match.
+
+    Why reuse: the same tensors keep CUDA-graph input addresses fixed (no re-capture per batch);
+    only the latest shape is kept per model, so memory for older shapes is freed. Why here and
+    not on the model: the cache is mechlib's state, not the model's; models are held weakly, so a
+    model that is dropped frees its cache too.
     """
-    key = (batch, max_len, str(model_device(model)))
-    held = getattr(model, "_mechlib_static_cache", None)
-    if held is not None and held[0] == key:
-        held[1].reset()
-        return held[1], held[2]
-    model._mechlib_static_cache = None
-    cache, safe = static_cache(model, max_len)
-    model._mechlib_static_cache = (key, cache, safe)
-    return cache, safe
+
+    def __init__(self) -> None:
+        self._held: WeakKeyDictionary[torch.nn.Module, HeldStaticCache] = WeakKeyDictionary()
+
+    def get(self, model: CausalLM, batch: int, max_len: int) -> tuple[StaticCache, bool]:
+        """``(cache, compile_safe)`` for ``batch`` rows of ``max_len`` tokens, reset if reused."""
+        device = str(model_device(model))
+        held = self._held.get(model)
+        if held is not None and (held.batch, held.max_len, held.device) == (batch, max_len, device):
+            held.cache.reset()
+            return held.cache, held.compile_safe
+        self._held.pop(model, None)  # free the old shape before allocating the new one
+        cache, safe = static_cache(model, max_len)
+        self._held[model] = HeldStaticCache(batch, max_len, device, cache, safe)
+        return cache, safe
+
+    def held(self, model: CausalLM) -> HeldStaticCache | None:
+        """What is kept for ``model``, if anything."""
+        return self._held.get(model)
+
+    def free(self, model: CausalLM) -> None:
+        """Drop ``model``'s cache (GPU memory: batch × length × layers)."""
+        self._held.pop(model, None)
 
 
-def free_generation_cache(model: Any) -> None:
-    """Drop the static cache the compiled path keeps on ``model`` (GPU memory: batch × length × layers)."""
-    if getattr(model, "_mechlib_static_cache", None) is not None:
-        model._mechlib_static_cache = None
+STATIC_CACHES = StaticCacheHolder()  # the one :func:`mechlib.generate.greedy_batch` uses
 
 
-def static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
+def reusable_static_cache(model: CausalLM, batch: int, max_len: int) -> tuple[StaticCache, bool]:
+    """The compiled path's cache for ``model`` (:data:`STATIC_CACHES`)."""
+    return STATIC_CACHES.get(model, batch, max_len)
+
+
+def free_generation_cache(model: CausalLM) -> None:
+    """Drop the static cache the compiled path keeps for ``model``."""
+    STATIC_CACHES.free(model)
+
+
+def static_cache(model: CausalLM, max_len: int) -> tuple[StaticCache, bool]:
     """A ``StaticCache`` for ``max_len`` tokens; returns ``(cache, compile_safe)``.
 
     Sliding-window layers become plain static layers when ``max_len`` fits in their window: the
@@ -72,8 +111,8 @@ def static_cache(model: Any, max_len: int) -> tuple[Any, bool]:
     return cache, compile_safe
 
 
-def make_masks(model: Any, cache: Any, batch: int, q_len: int, attention_mask: torch.Tensor | None,
-                position_ids: torch.Tensor, first: bool) -> Any:
+def make_masks(model: CausalLM, cache: Cache, batch: int, q_len: int, attention_mask: torch.Tensor | None,
+               position_ids: torch.Tensor, first: bool) -> Masks:
     """The attention masks HF's ``prepare_inputs_for_generation`` builds for a compilable cache."""
     from transformers.masking_utils import create_masks_for_generate
 
@@ -87,7 +126,7 @@ def make_masks(model: Any, cache: Any, batch: int, q_len: int, attention_mask: t
     return masks.contiguous() if masks is not None else None
 
 
-def rows_selectable(kv: Any) -> bool:
+def rows_selectable(kv: Cache) -> bool:
     """Whether finished rows can be dropped from this cache (not from linear-attention layers)."""
     return all(hasattr(layer, "batch_select_indices") for layer in getattr(kv, "layers", [None]))
 
@@ -109,7 +148,7 @@ def rows_to_keep(live: torch.Tensor) -> torch.Tensor | None:
     return live.nonzero().flatten()
 
 
-def prefix_cache(model: Any, prefix: torch.Tensor, batch: int, extra: dict[str, Any]) -> Any:
+def prefix_cache(model: CausalLM, prefix: torch.Tensor, batch: int, extra: dict[str, int]) -> DynamicCache:
     """The ``DynamicCache`` of ``prefix`` (run once, batch 1), repeated over ``batch`` rows."""
     from transformers import DynamicCache
 
@@ -125,7 +164,7 @@ def prefix_cache(model: Any, prefix: torch.Tensor, batch: int, extra: dict[str, 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are not worth an extra forward
 
 
-def prefix_sharing_exact(model: Any, total_len: int) -> bool:
+def prefix_sharing_exact(model: CausalLM, total_len: int) -> bool:
     """Whether the ``[prefix | padding | suffix]`` layout attends exactly as left padding does.
 
     Not for sliding-window layers once the padded sequence outgrows the window (the window counts

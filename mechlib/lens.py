@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
-from mechlib.hooks import add_forward_hook, layer_output_tensor
-from mechlib.models import decoder_layers, final_logit_softcap, final_norm, output_embedding
+from mechlib.hooks import InputValue, LayerOutput, add_forward_hook, layer_output_tensor
+from mechlib.models import decoder_layers, final_logit_softcap, final_norm, model_device, output_embedding
+
+if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 _SPACE_MARKERS = " \t\n\u2581\u0120"  # space, SentencePiece "▁", byte-level BPE "Ġ"
 
@@ -62,13 +65,13 @@ def lens_logits(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def layer_outputs(model: torch.nn.Module, **inputs: Any) -> tuple[list[torch.Tensor], torch.Tensor]:
+def layer_outputs(model: torch.nn.Module, **inputs: InputValue) -> tuple[list[torch.Tensor], torch.Tensor]:
     """Every decoder layer's output [batch, seq, d] and the model's own logits, from one forward."""
     layers = decoder_layers(model)
     captured: list[torch.Tensor | None] = [None] * len(layers)
 
-    def make_hook(i: int):
-        def hook(module, args, output):
+    def make_hook(i: int) -> Callable[[torch.nn.Module, tuple[object, ...], LayerOutput], None]:
+        def hook(module: torch.nn.Module, args: tuple[object, ...], output: LayerOutput) -> None:
             captured[i] = layer_output_tensor(output).detach()
         return hook
 
@@ -83,10 +86,10 @@ def layer_outputs(model: torch.nn.Module, **inputs: Any) -> tuple[list[torch.Ten
     return captured, logits  # type: ignore[return-value]
 
 
-def logit_lens(model: torch.nn.Module, tokenizer: Any, prompt: str) -> LensResult:
+def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, prompt: str) -> LensResult:
     """Top token and its probability for every decoder layer and prompt position."""
     enc = tokenizer(prompt, return_tensors="pt")
-    device = next(model.parameters()).device
+    device = model_device(model)
     input_ids = enc["input_ids"].to(device)
     outs, _ = layer_outputs(model, input_ids=input_ids)
     ids = input_ids[0].tolist()

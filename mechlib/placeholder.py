@@ -26,9 +26,15 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from typing import Any, Callable, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
-R = TypeVar("R")
+from mechlib.contrast import BaselineSplit, load_baseline_split
+from mechlib.records import Record
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from mechlib.paths import RunPaths
 
 LABEL_KIND_PLACEHOLDER = "placeholder"
 LABEL_KIND_PARSER = "parser"
@@ -74,30 +80,31 @@ def answer_label(qid: str, generation: str, fraction: float, seed: int) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < fraction
 
 
-def with_label(record: R, correct: bool) -> R:
-    """``record`` (a :class:`mechlib.records.Record`) with every scoring rule's verdict set to ``correct``."""
-    return dataclasses.replace(record, correct=correct, correct_strict=correct, correct_flexible=correct)  # type: ignore[type-var]
+def with_label(record: Record, correct: bool) -> Record:
+    """``record`` with every scoring rule's verdict set to ``correct``."""
+    return dataclasses.replace(record, correct=correct, correct_strict=correct, correct_flexible=correct)
 
 
-def relabel_baseline(records: Sequence[R], fraction: float, seed: int) -> list[R]:
-    labels = baseline_labels([r.id for r in records], fraction, seed)  # type: ignore[attr-defined]
-    return [with_label(r, labels[str(r.id)]) for r in records]  # type: ignore[attr-defined]
+def relabel_baseline(records: Sequence[Record], fraction: float, seed: int) -> list[Record]:
+    labels = baseline_labels([r.id for r in records], fraction, seed)
+    return [with_label(r, labels[str(r.id)]) for r in records]
 
 
-def relabel_steered(records: Sequence[R], baseline: Mapping[str, Any], fraction: float, seed: int) -> list[R]:
+def relabel_steered(records: Sequence[Record], baseline: Mapping[str, Record], fraction: float,
+                    seed: int) -> list[Record]:
     """Steered records labelled against the (already relabelled) ``baseline`` records by id
     (returned as they are when ``fraction`` is 0)."""
     if not is_on(fraction):
         return list(records)
     out = []
     for r in records:
-        base = baseline[str(r.id)]  # type: ignore[attr-defined]
-        same = base.generation == r.generation  # type: ignore[attr-defined]
-        out.append(with_label(r, base.correct if same else answer_label(str(r.id), r.generation, fraction, seed)))  # type: ignore[attr-defined]
+        base = baseline[str(r.id)]
+        same = base.generation == r.generation
+        out.append(with_label(r, base.correct if same else answer_label(str(r.id), r.generation, fraction, seed)))
     return out
 
 
-def relabel_split(split: Any, fraction: float, seed: int) -> Any:
+def relabel_split(split: BaselineSplit, fraction: float, seed: int) -> BaselineSplit:
     """Chapter 04's :class:`mechlib.contrast.BaselineSplit` with placeholder labels on all its questions
     (unchanged when ``fraction`` is 0)."""
     if not is_on(fraction):
@@ -108,7 +115,7 @@ def relabel_split(split: Any, fraction: float, seed: int) -> Any:
     return dataclasses.replace(split, correct={i: bool(r.correct) for i, r in by_id.items()}, records=by_id)
 
 
-def mark_figure(fig: Any, fraction: float) -> Any:
+def mark_figure(fig: Figure, fraction: float) -> Figure:
     """Put the placeholder warning at the top of ``fig`` (a suptitle, in red; nothing when ``fraction``
     is 0), and return it."""
     if not is_on(fraction):
@@ -125,16 +132,15 @@ def mark_text(text: str, fraction: float) -> str:
     return f"{banner(fraction)} {text}"
 
 
-def baseline_split(paths: Any, fraction: float, seed: int) -> Any:
+def baseline_split(paths: RunPaths, fraction: float, seed: int) -> BaselineSplit:
     """Chapter 04's split of run ``paths`` (:func:`mechlib.contrast.load_baseline_split`), with
     placeholder labels when ``fraction`` > 0: the one line chapters 05 and 06 start from."""
-    from mechlib.contrast import load_baseline_split
-
     split = load_baseline_split(paths.metrics / "04_gsm8k_baseline.json", paths.records / "baseline.jsonl")
     return relabel_split(split, fraction, seed)
 
 
-def steered_relabeller(baseline: Mapping[str, Any], fraction: float, seed: int) -> Callable[[Sequence[R]], list[R]]:
+def steered_relabeller(baseline: Mapping[str, Record], fraction: float,
+                       seed: int) -> Callable[[Sequence[Record]], list[Record]]:
     """:func:`relabel_steered` bound to the baseline records (the identity, as a list, when off)."""
     return lambda records: relabel_steered(records, baseline, fraction, seed)
 

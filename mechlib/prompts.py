@@ -13,11 +13,15 @@ tokenizer.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence, get_args
+
+if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 INSTRUCTION = "Solve step by step and give final answer as '#### N'."
 GEMMA_MANUAL = "<start_of_turn>user\n{instruction}\n\n{q}<end_of_turn>\n<start_of_turn>model\n"
-PROMPT_FORMATS = ("chat_template", "chat_oneshot", "gemma_manual")
+PromptFormat = Literal["chat_template", "chat_oneshot", "gemma_manual"]
+PROMPT_FORMATS: tuple[PromptFormat, ...] = get_args(PromptFormat)
 
 # ``chat_oneshot``: one worked example as an earlier chat turn, so a small model sees what
 # "give final answer as '#### N'" means. Its operation (taking away) is none of the generated
@@ -35,11 +39,11 @@ def user_message(question_text: str) -> str:
     return f"{INSTRUCTION}\n\n{question_text}"
 
 
-def has_chat_template(tokenizer: Any) -> bool:
+def has_chat_template(tokenizer: PreTrainedTokenizerBase) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def build_prompt(tokenizer: Any, question_text: str, prompt_format: str) -> str:
+def build_prompt(tokenizer: PreTrainedTokenizerBase, question_text: str, prompt_format: str) -> str:
     """The full prompt text for one question, ending where the model's answer starts."""
     if prompt_format == "gemma_manual":
         return GEMMA_MANUAL.format(instruction=INSTRUCTION, q=question_text)
@@ -57,7 +61,7 @@ def build_prompt(tokenizer: Any, question_text: str, prompt_format: str) -> str:
     raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
 
 
-def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:
     """Token ids of each prompt. The tokenizer's special tokens (BOS) are added unless the prompt
     text already starts with the BOS token (chat templates such as Gemma's write it themselves)."""
     bos = getattr(tokenizer, "bos_token", None)

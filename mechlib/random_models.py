@@ -32,9 +32,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
+
+# transformers and mechlib.tiny (which imports transformers) are imported on use: heavy imports
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 PREFIX = "random:"
 _NAME = re.compile(r"random:(?P<arch>[a-z0-9.\-]+)(?::(?P<seed>[0-9]+))?")
@@ -45,20 +49,20 @@ class RandomArch:
     """One buildable random-weight architecture: how to build its config, and which tokenizer fits."""
 
     name: str
-    config: Callable[[], Any]  # the transformers config (no weights)
+    config: Callable[[], PretrainedConfig]  # the transformers config (no weights)
     tiny: str | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
     tokenizer: str  # "tiny" (mechlib.tiny.tiny_tokenizer) | "smollm2" (the embedded model's)
 
 
-def _tiny_config(arch: str) -> Callable[[], Any]:
-    def build() -> Any:
+def _tiny_config(arch: str) -> Callable[[], PretrainedConfig]:
+    def build() -> PretrainedConfig:
         from mechlib.tiny import tiny_config
 
         return tiny_config(arch)  # type: ignore[arg-type]
     return build
 
 
-def _e4b_config() -> Any:
+def _e4b_config() -> PretrainedConfig:
     from mechlib.tiny import gemma4_e4b_config
 
     return gemma4_e4b_config()
@@ -95,7 +99,8 @@ def parse(name: str) -> RandomSpec:
     return RandomSpec(ARCHS[m["arch"]], int(m["seed"] or 0))
 
 
-def _text(config: Any) -> Any:
+def _text(config: PretrainedConfig) -> PretrainedConfig:
+    # not mechlib.models.config_text: models imports this module
     return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
@@ -105,7 +110,7 @@ def shape(name: str) -> tuple[int, int]:
     return int(text.num_hidden_layers), int(text.hidden_size)
 
 
-def tokenizer_for(spec: RandomSpec) -> Any:
+def tokenizer_for(spec: RandomSpec) -> PreTrainedTokenizerBase:
     """A tokenizer whose ids all fit the architecture's vocabulary (checked)."""
     if spec.arch.tokenizer == "tiny":
         from mechlib.tiny import tiny_tokenizer
@@ -123,7 +128,7 @@ def tokenizer_for(spec: RandomSpec) -> Any:
     return tok
 
 
-def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The seeded random-weight model (eval, no grad) on ``device`` in ``dtype``, and its tokenizer.
 
     Tiny ones: :func:`mechlib.tiny.tiny_model`'s seeded weights (drawn on the CPU, so identical on every

@@ -29,10 +29,15 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from mechlib import generate  # generate.generate_ids by attribute: tests count its calls
 from mechlib.answers import PARSER_VERSION, answers_match, read_all
+from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
 from mechlib.gsm8k import Question
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
-from mechlib.stopping import STOP_REASONS, STOP_RULE_VERSION, StopReason, stop_reason_of
+from mechlib.models import LoadedModel, Tokenizer
+from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.stats import wilson_ci
+from mechlib.stopping import STOP_REASONS, STOP_RULE_VERSION, AnswerLineStop, StopReason, stop_reason_of
 
 GENERATOR_VERSION = "greedy-v1"  # bump when the decode loop's output could change
 
@@ -93,7 +98,7 @@ def settings_of(model_name: str, prompt_format: str, max_new_tokens: int, *, dty
     return s
 
 
-def settings_for(loaded: Any, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
+def settings_for(loaded: LoadedModel, prompt_format: str, max_new_tokens: int) -> dict[str, Any]:
     """:func:`settings_of` a loaded model: its name, and the dtype and device type it runs in (greedy
     tokens can differ between float32 and bfloat16, or between CPU and GPU kernels)."""
     param = next(loaded.model.parameters())
@@ -151,13 +156,13 @@ def load_records(path: str | os.PathLike[str]) -> list[Record]:
     return [rescore(r) for r in read_records(path)]
 
 
-def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Any, max_new_tokens: int) -> Record:
+def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Tokenizer, max_new_tokens: int) -> Record:
     """Decode one generated row and score it, with the reason it stopped."""
     text = tokenizer.decode(list(ids), skip_special_tokens=True)
     return score(q, prompt, text, len(ids), stop_reason_of(text, len(ids), max_new_tokens))
 
 
-def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, Any], questions: Sequence[Question],
+def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, object], questions: Sequence[Question],
                  prompts: Mapping[str, str]) -> dict[str, Record]:
     """The reusable records of ``out_path`` (same settings, same prompt), re-scored; prepares the file.
 
@@ -180,9 +185,10 @@ def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, Any], 
     return {i: rescore(r, by_id[i]) for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
 
 
-def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str, max_new_tokens: int,
+def run_baseline(loaded: LoadedModel, questions: Sequence[Question], prompt_format: str, max_new_tokens: int,
                  batch_size: int, out_path: str | os.PathLike[str], *, progress: bool = True, desc: str = "",
-                 **generate_kwargs: Any) -> list[Record]:
+                 cache: CacheKind = "auto", compile: CompileOption | None = None,
+                 share_prefix: bool = True) -> list[Record]:
     """Greedy answers to ``questions`` as :class:`Record` s, cached in ``out_path`` (JSONL).
 
     Resumes: generations already in ``out_path`` with the same settings and prompt are reused
@@ -190,15 +196,11 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     file rewritten atomically after each batch. Each row stops at EOS or after its first complete
     final-answer line (:class:`mechlib.stopping.AnswerLineStop`).
     Callers that steer register their hook around this call and pass a different ``out_path``.
-    ``generate_kwargs`` go to :func:`mechlib.generate.generate_ids` (``cache``, ``compile``,
-    ``share_prefix``). ``share_prefix`` is on by default: the prompts' common prefix (chat
+    ``cache``, ``compile`` and ``share_prefix`` go to :func:`mechlib.generate.generate_ids`.
+    ``share_prefix`` is on by default: the prompts' common prefix (chat
     template, system prompt, worked example) is prefilled once per batch, not once per question —
     most of a CPU run's generation time otherwise; a hook must then push every row alike.
     """
-    from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
-    from mechlib.prompts import build_prompt, encode_prompts
-    from mechlib.stopping import AnswerLineStop
-
     out_path = Path(out_path)
     ids = [q.id for q in questions]
     if len(set(ids)) != len(ids):
@@ -208,7 +210,6 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
     prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     done = open_records(out_path, settings, questions, prompts)
     todo = [q for q in questions if q.id not in done]
-    generate_kwargs.setdefault("share_prefix", True)
     if todo:
         eos = eos_ids_of(model, tok)
         pad = pad_id_of(model, tok, eos)
@@ -216,8 +217,9 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
         todo.sort(key=lambda q: -len(enc[q.id]))  # similar lengths together: less padding
         batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in tqdm(batches, desc=desc or f"generate {out_path.name}", disable=not progress, unit="batch"):
-            rows = generate_ids(model, [enc[q.id] for q in batch], max_new_tokens, batch_size, eos_ids=eos,
-                                pad_id=pad, progress=False, stop_when=AnswerLineStop(tok), **generate_kwargs)
+            rows = generate.generate_ids(model, [enc[q.id] for q in batch], max_new_tokens, batch_size, eos_ids=eos,
+                                         pad_id=pad, progress=False, stop_when=AnswerLineStop(tok), cache=cache,
+                                         compile=compile, share_prefix=share_prefix)
             for q, row in zip(batch, rows):
                 done[q.id] = score_generation(q, prompts[q.id], row, tok, max_new_tokens)
             write_records(out_path, [done[i] for i in ids if i in done])
@@ -228,8 +230,6 @@ def run_baseline(loaded: Any, questions: Sequence[Question], prompt_format: str,
 
 def summarize(records: Sequence[Record]) -> BaselineSummary:
     """Accuracy with its Wilson 95 % interval, why generations stopped, and how often they were unparsable."""
-    from mechlib.stats import wilson_ci
-
     n = len(records)
     if n == 0:
         raise RecordsError("no records to summarise")
@@ -258,8 +258,6 @@ class GroupAccuracy:
 
 def accuracy_by_group(records: Sequence[Record], group_of: dict[str, str]) -> list[GroupAccuracy]:
     """Accuracy with Wilson 95 % intervals per group (e.g. question source/template), groups sorted."""
-    from mechlib.stats import wilson_ci
-
     groups: dict[str, list[bool]] = {}
     for r in records:
         groups.setdefault(group_of[r.id], []).append(r.correct)
@@ -271,10 +269,11 @@ def accuracy_by_group(records: Sequence[Record], group_of: dict[str, str]) -> li
     return out
 
 
-def split_contrast_heldout(records: Sequence[Any], n_heldout: int, seed: int) -> tuple[list[str], list[str]]:
+def split_contrast_heldout(records: Sequence[Record] | Sequence[Mapping[str, object]], n_heldout: int,
+                           seed: int) -> tuple[list[str], list[str]]:
     """A fixed-seed split of the question ids into a contrast set and a held-out set of
     ``n_heldout``. Both lists keep the records' order. Depends only on the ids and the seed."""
-    ids = [str(r.id if hasattr(r, "id") else r["id"]) for r in records]
+    ids = [str(r["id"] if isinstance(r, Mapping) else r.id) for r in records]
     if len(set(ids)) != len(ids):
         raise RecordsError("record ids must be unique to split them")
     if isinstance(n_heldout, bool) or not isinstance(n_heldout, int) or not 0 < n_heldout < len(ids):

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
+from torch import Tensor
 
 from mechlib.records import Record
 from mechlib.scoring import RULE_LABELS, RULES, ScoringRule, paired_verdicts, verdicts
@@ -48,7 +49,7 @@ class PeakUnderRule:
                    null.p_peak_mc_se, null.n_permutations)
 
 
-def peak_under_rules(states: Any, ids: Sequence[str], records: Mapping[str, Record], *, top_n: int, seed: int,
+def peak_under_rules(states: Tensor | np.ndarray, ids: Sequence[str], records: Mapping[str, Record], *, top_n: int, seed: int,
                      min_permutations: int, rules: Sequence[ScoringRule] = RULES) -> list[PeakUnderRule]:
     """The peak layer, its top-|d| and permutation p under each of ``rules``.
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 from scipy import stats as sps
 
 
@@ -25,14 +26,14 @@ class StatsInputError(ValueError):
     """Input a statistic cannot be computed on (too few samples, mismatched shapes)."""
 
 
-def _as_f64(x: Any, name: str) -> np.ndarray:
+def _as_f64(x: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float64)
     if not np.all(np.isfinite(arr)):
         raise StatsInputError(f"{name} contains NaN or inf values")
     return arr
 
 
-def _as_bool(x: Any, name: str) -> np.ndarray:
+def _as_bool(x: ArrayLike, name: str) -> np.ndarray:
     arr = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x)
     if arr.ndim != 1:
         raise StatsInputError(f"{name} must be one-dimensional, got shape {arr.shape}")
@@ -50,7 +51,7 @@ def finite_or_none(x: float | None) -> float | None:
 # Effect sizes
 # --------------------------------------------------------------------------------------------
 
-def cohens_d(a: Any, b: Any) -> np.ndarray:
+def cohens_d(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Cohen's d of ``a`` − ``b`` for every dimension (samples along axis 0).
 
     ``d_j = (mean(a_j) − mean(b_j)) / s_j`` with the pooled standard deviation
@@ -76,7 +77,7 @@ def _safe_ratio(num: np.ndarray, sd: np.ndarray, scale: np.ndarray) -> np.ndarra
     return np.where(ok, num / np.where(ok, sd, 1.0), 0.0)
 
 
-def top_abs_mean(d: Any, n: int = 10) -> np.ndarray:
+def top_abs_mean(d: ArrayLike, n: int = 10) -> np.ndarray:
     """Mean of the ``n`` largest |d| along the last axis (the study's per-layer statistic)."""
     d = np.abs(_as_f64(d, "d"))
     if not 1 <= n <= d.shape[-1]:
@@ -125,9 +126,9 @@ def mc_standard_error(p: float, n_permutations: int) -> float:
     return float(np.sqrt(p * (1.0 - p) / n_permutations))
 
 
-def adaptive_permutation_null(states: Any, labels: Any, *, min_permutations: int = 1000,
+def adaptive_permutation_null(states: ArrayLike, labels: ArrayLike, *, min_permutations: int = 1000,
                               max_permutations: int = 16000, alpha: float = 0.05, seed: int = 0, top_n: int = 10,
-                              strata: Sequence[Any] | None = None) -> PermutationNull:
+                              strata: Sequence[Hashable] | None = None) -> PermutationNull:
     """:func:`permutation_null` with as many permutations as the decision at ``alpha`` needs.
 
     Why: with 200 permutations a p of 0.055 carries a Monte-Carlo error of about ±0.016, so
@@ -147,8 +148,8 @@ def adaptive_permutation_null(states: Any, labels: Any, *, min_permutations: int
         n = min(2 * n, max_permutations)
 
 
-def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: int = 0, top_n: int = 10,
-                     chunk_bytes: int = 256 << 20, strata: Sequence[Any] | None = None) -> PermutationNull:
+def permutation_null(states: ArrayLike, labels: ArrayLike, n_permutations: int = 200, seed: int = 0, top_n: int = 10,
+                     chunk_bytes: int = 256 << 20, strata: Sequence[Hashable] | None = None) -> PermutationNull:
     """Per-layer top-``top_n`` mean |Cohen's d| (label True − False) and its permutation null.
 
     ``states`` is ``[n, L, D]`` (or ``[n, D]`` for one layer). Permutations shuffle the labels
@@ -207,7 +208,7 @@ def permutation_null(states: Any, labels: Any, n_permutations: int = 200, seed: 
 
 
 def _permutations(y: np.ndarray, n_permutations: int, rng: np.random.Generator,
-                  strata: Sequence[Any] | None) -> np.ndarray:
+                  strata: Sequence[Hashable] | None) -> np.ndarray:
     """``[P, n]`` label vectors: ``y`` shuffled as a whole, or within each stratum."""
     if strata is None:
         return np.stack([rng.permutation(y) for _ in range(n_permutations)])
@@ -274,7 +275,7 @@ class BootstrapCI:
         return asdict(self)
 
 
-def bootstrap_ci(before: Any, after: Any, n_bootstrap: int = 2000, seed: int = 0,
+def bootstrap_ci(before: ArrayLike, after: ArrayLike, n_bootstrap: int = 2000, seed: int = 0,
                  confidence: float = 0.95) -> BootstrapCI:
     """Percentile bootstrap interval for the paired accuracy change ``mean(after) − mean(before)``.
 
@@ -305,7 +306,7 @@ class SpearmanResult:
         return {"rho": finite_or_none(self.rho), "p": finite_or_none(self.p), "n": self.n}
 
 
-def spearman(x: Any, y: Any) -> SpearmanResult:
+def spearman(x: ArrayLike, y: ArrayLike) -> SpearmanResult:
     """Spearman's rank correlation with its two-sided p-value (``scipy.stats.spearmanr``).
 
     With a binary ``y`` (correct / wrong) this is a rank version of the point-biserial

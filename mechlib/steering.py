@@ -1,4 +1,4 @@
-"""Contrastive activation addition (CAA): the steering hook, the scale sweep, and its paired statistics.
+"""Contrastive activation addition (CAA): the scale sweep and its paired statistics.
 
 Why: the study adds ``scale × (mean residual norm) × unit(mean(h|correct) − mean(h|wrong))`` to
 the residual stream after one decoder layer, at every position, during greedy generation, and
@@ -7,70 +7,43 @@ trend, so each row here also carries the exact McNemar p-value on the discordant
 paired bootstrap interval for Δ accuracy, and the recovered question sets are compared across
 scales (do different scales fix the *same* questions, or is it noise?).
 
-The hook is a context manager whose handle is removed in ``finally``: a failed generation never
-leaves the model steered.
+The vector itself (layer, direction, unit of scale, provenance; save/load; ``apply``) and the plain
+hook live in :mod:`mechlib.steering_vector`; this module sweeps it and tests what it did.
 """
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypedDict
 
 import torch
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
-from mechlib.hooks import add_forward_hook, layer_output_tensor, replace_layer_output
+from mechlib import generate  # generate.generate_ids by attribute: tests count its calls
+from mechlib.contrast import BaselineSplit, LayerStates, mean_difference
+from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
+from mechlib.gsm8k import Question
+from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
+from mechlib.io import atomic_write_json, read_json
+from mechlib.models import LoadedModel, check_layer, decoder_layers, model_device
+from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.records import Record, open_records, score_generation, settings_for, write_records
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
+from mechlib.steering_vector import SteeringError, SteeringVector, steering_delta, steering_hook
+from mechlib.stopping import AnswerLineStop
+
+__all__ = ["CardHookCheck", "RowSteering", "SteeringError", "SteeringRow", "SteeringVector", "changed_first",
+           "check_card_hook", "correctness", "mean_residual_norm", "recovered_overlaps", "run_sweep", "scale_tag",
+           "steer_records_path", "steering_delta", "steering_hook", "steering_row", "vector_for_layer"]
 
 
-class SteeringError(ValueError):
-    """A steering setting the book cannot use; the message names the value."""
-
-
-def steering_delta(vector: Tensor, scale: float, mean_norm: float) -> Tensor:
-    """``scale × mean_norm × vector / ‖vector‖`` — the exact vector the hook adds."""
-    v = torch.as_tensor(vector).detach().float()
-    if v.ndim != 1 or not torch.isfinite(v).all() or float(v.norm()) == 0.0:
-        raise SteeringError(f"the steering vector must be a finite, non-zero 1-D tensor, got shape {tuple(v.shape)}")
-    if not (mean_norm > 0 and torch.isfinite(torch.tensor(mean_norm))):
-        raise SteeringError(f"mean_norm must be a positive number, got {mean_norm!r}")
-    return (float(scale) * float(mean_norm)) * (v / v.norm())
-
-
-@contextlib.contextmanager
-def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_norm: float) -> Iterator[Tensor]:
-    """Add ``scale × mean_norm × unit(vector)`` to ``layer_module``'s output at every position.
-
-    Works for layers returning a Tensor (transformers 5, Gemma 4 included) or a tuple whose first
-    item is the hidden state. During ``generate`` the hook fires at prefill and every decode step,
-    so every position is steered once. Yields the added vector (float32); the hook is removed on
-    exit, also when the body raises.
-    """
-    delta = steering_delta(vector, scale, mean_norm)
-    cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-    def add(h: Tensor) -> Tensor:
-        if h.shape[-1] != delta.shape[0]:
-            raise SteeringError(f"steering vector has {delta.shape[0]} dims but the layer outputs {h.shape[-1]}")
-        key = (h.dtype, h.device)
-        if key not in cache:
-            cache[key] = delta.to(device=h.device, dtype=h.dtype)
-        return h + cache[key]
-
-    def hook(_module, _inputs, out):
-        return replace_layer_output(out, add(layer_output_tensor(out)))
-
-    with add_forward_hook(layer_module, hook):
-        yield delta
-
-
-def mean_residual_norm(states, layer: int) -> float:
+def mean_residual_norm(states: LayerStates, layer: int) -> float:
     """Mean ‖h‖₂ of the residual after ``layer`` over the contrast set's non-special prompt tokens.
 
     Taken from :class:`mechlib.contrast.LayerStates` (recorded in the same forward pass as the
@@ -83,25 +56,22 @@ def mean_residual_norm(states, layer: int) -> float:
     return float(norms[layer])
 
 
-def vector_for_layer(states, split, layer: int, checkpoints_dir: str | os.PathLike[str], *, model: str,
-                     peak_layer: int) -> tuple[dict[str, Any], Path]:
+def vector_for_layer(states: LayerStates, split: BaselineSplit, layer: int, checkpoints_dir: str | os.PathLike[str],
+                     *, model: str, peak_layer: int) -> tuple[SteeringVector, Path]:
     """The steering vector for ``layer``: chapter 05's file at the peak, else built the same way.
 
     Off the peak, ``unit(mean(h|correct) − mean(h|wrong))`` is computed from chapter 05's cached
     contrast-set states at ``layer`` and saved as ``steering_vec_L{layer}.pt`` beside the peak's.
     """
-    from mechlib.contrast import load_steering_vector, mean_difference, save_steering_vector
-
     path = Path(checkpoints_dir) / f"steering_vec_L{layer}.pt"
     if layer != peak_layer or not path.is_file():
         y = split.labels(split.contrast_ids)
         unit, raw = mean_difference(states.select(split.contrast_ids)[:, layer], y)
-        save_steering_vector(path, unit, layer=layer, model=model, n_correct=int(y.sum()), n_wrong=int((~y).sum()),
-                             mean_resid_norm=mean_residual_norm(states, layer), raw_diff_norm=raw,
-                             pooling=states.pooling)
-    vec = load_steering_vector(path)
-    if int(vec["layer"]) != layer:
-        raise SteeringError(f"{path}: holds a vector for layer {vec['layer']}, not {layer}")
+        SteeringVector(layer, unit, mean_residual_norm(states, layer), model=model, n_correct=int(y.sum()),
+                       n_wrong=int((~y).sum()), raw_diff_norm=raw, pooling=states.pooling).save(path)
+    vec = SteeringVector.load(path)
+    if vec.layer != layer:
+        raise SteeringError(f"{path}: holds a vector for layer {vec.layer}, not {layer}")
     return vec, path
 
 
@@ -149,7 +119,7 @@ class RowSteering:
         buf.copy_(deltas)
         self._current = buf
 
-    def __call__(self, _module, _inputs, out):
+    def __call__(self, _module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
         h = layer_output_tensor(out)
         d = self._current
         if d is None or d.shape[0] not in (1, h.shape[0]) or d.shape[1] != h.shape[-1]:
@@ -158,75 +128,103 @@ class RowSteering:
         return replace_layer_output(out, h + d[:, None, :])
 
 
-def run_sweep(loaded, questions: Sequence[Any], *, layer: int, vector: Tensor, mean_norm: float,
-              scales: Sequence[float], prompt_format: str, max_new_tokens: int, batch_size: int,
-              records_dir: str | os.PathLike[str], progress: bool = True, tag: str = "",
-              **generate_kwargs: Any) -> dict[float, list[Any]]:
-    """Generate every held-out question at every scale with the steering hook on; records per scale.
+def run_sweep(loaded: LoadedModel, questions: Sequence[Question], *, vector: SteeringVector, scales: Sequence[float],
+              prompt_format: str, max_new_tokens: int, batch_size: int, records_dir: str | os.PathLike[str],
+              progress: bool = True, tag: str = "", cache: CacheKind = "auto", compile: CompileOption | None = None,
+              share_prefix: bool = True) -> dict[float, list[Record]]:
+    """Generate every held-out question at every scale with ``vector`` steering; records per scale.
 
     Each scale's questions go in batches of their own, longest prompts first, and a
-    :class:`RowSteering` hook adds that scale's ``scale × mean_norm × unit(vector)`` to every row,
-    at every position. Why one scale per batch: every row is then pushed alike, so the prompts'
-    shared prefix (chat template, system prompt, worked example) runs once per batch instead of
-    once per row (``share_prefix`` of :func:`mechlib.generate.generate_ids`) — on a CPU the
-    prefill of that prefix was most of the sweep's time. Each scale's records go to
+    :class:`RowSteering` hook at ``vector.layer`` adds that scale's ``scale × mean_norm × unit`` to
+    every row, at every position. Why one scale per batch: every row is then pushed alike, so the
+    prompts' shared prefix (chat template, system prompt, worked example) runs once per batch
+    instead of once per row (``share_prefix`` of :func:`mechlib.generate.generate_ids`) — on a CPU
+    the prefill of that prefix was most of the sweep's time. Each scale's records go to
     ``records/steer_L{layer}_{scale}.jsonl`` in :mod:`mechlib.records`' format (with its
     settings sidecar), rewritten atomically after each batch, so a rerun resumes. A
     ``steer_L{layer}.meta.json`` remembers the vector and norm; if they changed, the old
     steered records are discarded, not reused. ``tag`` keeps a sweep along another vector (a
-    random-direction control) in files of its own. ``generate_kwargs`` (``cache``, ``compile``) go to
+    random-direction control) in files of its own. ``cache``, ``compile`` and ``share_prefix`` go to
     :func:`mechlib.generate.generate_ids`.
     """
-    from mechlib.generate import eos_ids_of, generate_ids, pad_id_of
-    from mechlib.io import atomic_write_json, read_json
-    from mechlib.models import check_layer, decoder_layers
-    from mechlib.prompts import build_prompt, encode_prompts
-    from mechlib.records import open_records, score_generation, settings_for, write_records
-    from mechlib.stopping import AnswerLineStop
-
-    check_layer(loaded.model, layer)
+    check_layer(loaded.model, vector.layer)
     scales = list(dict.fromkeys(float(s) for s in scales))
     records_dir = Path(records_dir)
-    meta = {"layer": int(layer), "mean_norm": round(float(mean_norm), 6), "model": loaded.name,
-            "vector": [round(float(x), 6) for x in torch.as_tensor(vector).float().tolist()]}
-    if tag and not re.fullmatch(r"_[A-Za-z0-9]+", tag):
-        raise SteeringError(f"tag must be '_' and letters/digits (it goes into file names), got {tag!r}")
-    sweep_meta = records_dir / f"steer_L{layer}{tag}.meta.json"
-    if sweep_meta.is_file() and read_json(sweep_meta) != meta:
-        for old in _sweep_files(records_dir, layer, tag):
-            old.unlink()
-    atomic_write_json(sweep_meta, meta)
-
-    model, tok = loaded.model, loaded.tokenizer
+    _check_tag(tag)
+    _discard_if_vector_changed(records_dir, vector, loaded.name, tag)
+    prompts = {q.id: build_prompt(loaded.tokenizer, q.question, prompt_format) for q in questions}
     settings = settings_for(loaded, prompt_format, max_new_tokens)
-    prompts = {q.id: build_prompt(tok, q.question, prompt_format) for q in questions}
     # reused records are re-scored with the current parser, exactly like the baseline's
-    done = {s: open_records(steer_records_path(records_dir, layer, s, tag), settings, questions, prompts)
+    done = {s: open_records(steer_records_path(records_dir, vector.layer, s, tag), settings, questions, prompts)
             for s in scales}
     todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
     if todo:
-        enc = dict(zip(prompts, encode_prompts(tok, list(prompts.values()))))
-        eos = eos_ids_of(model, tok)
-        pad = pad_id_of(model, tok, eos)
-        param = next(model.parameters())
-        rows_hook = RowSteering()
-        batches: list[list[tuple[Any, float]]] = []
-        for s in scales:
-            mine = sorted((qs for qs in todo if qs[1] == s), key=lambda qs: -len(enc[qs[0].id]))
-            batches += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
-        generate_kwargs.setdefault("share_prefix", True)
-        with add_forward_hook(decoder_layers(model)[layer], rows_hook):
-            for batch in tqdm(batches, desc=f"steer L{layer}{tag}", disable=not progress, unit="batch"):
-                rows_hook.set_rows(steering_delta(vector, batch[0][1], mean_norm)[None], param.device, param.dtype)
-                out = generate_ids(model, [enc[q.id] for q, _ in batch], max_new_tokens, len(batch), eos_ids=eos,
-                                   pad_id=pad, sort_by_length=False, progress=False, stop_when=AnswerLineStop(tok),
-                                   **generate_kwargs)
-                for (q, s), row in zip(batch, out):
-                    done[s][q.id] = score_generation(q, prompts[q.id], row, tok, max_new_tokens)
+        sweep = _Sweep(loaded, vector, prompts, max_new_tokens,
+                       {"cache": cache, "compile": compile, "share_prefix": share_prefix})
+        batches = sweep.batches(todo, scales, batch_size)
+        with add_forward_hook(decoder_layers(loaded.model)[vector.layer], sweep.hook):
+            for batch in tqdm(batches, desc=f"steer L{vector.layer}{tag}", disable=not progress, unit="batch"):
+                sweep.generate(batch, done)
                 for s in {s for _, s in batch}:
-                    write_records(steer_records_path(records_dir, layer, s, tag),
+                    write_records(steer_records_path(records_dir, vector.layer, s, tag),
                                   [done[s][q.id] for q in questions if q.id in done[s]])
     return {s: [done[s][q.id] for q in questions] for s in scales}
+
+
+def _check_tag(tag: str) -> None:
+    if tag and not re.fullmatch(r"_[A-Za-z0-9]+", tag):
+        raise SteeringError(f"tag must be '_' and letters/digits (it goes into file names), got {tag!r}")
+
+
+def _discard_if_vector_changed(records_dir: Path, vector: SteeringVector, model_name: str, tag: str) -> None:
+    """Delete this sweep's records when ``steer_L{layer}{tag}.meta.json`` names another vector or norm; note this one."""
+    meta = {"layer": int(vector.layer), "mean_norm": round(float(vector.mean_norm), 6), "model": model_name,
+            "vector": [round(float(x), 6) for x in torch.as_tensor(vector.unit).float().tolist()]}
+    sweep_meta = records_dir / f"steer_L{vector.layer}{tag}.meta.json"
+    if sweep_meta.is_file() and read_json(sweep_meta) != meta:
+        for old in _sweep_files(records_dir, vector.layer, tag):
+            old.unlink()
+    atomic_write_json(sweep_meta, meta)
+
+
+class _GenerateOptions(TypedDict):
+    cache: CacheKind
+    compile: CompileOption | None
+    share_prefix: bool
+
+
+class _Sweep:
+    """The generation half of :func:`run_sweep`: batches by scale, one steered batch at a time."""
+
+    def __init__(self, loaded: LoadedModel, vector: SteeringVector, prompts: Mapping[str, str], max_new_tokens: int,
+                 options: _GenerateOptions) -> None:
+        self.loaded, self.vector, self.prompts, self.max_new_tokens = loaded, vector, prompts, max_new_tokens
+        self.options = options
+        tok = loaded.tokenizer
+        self.enc = dict(zip(prompts, encode_prompts(tok, list(prompts.values()))))
+        self.eos = eos_ids_of(loaded.model, tok)
+        self.pad = pad_id_of(loaded.model, tok, self.eos)
+        self.hook = RowSteering()
+
+    def batches(self, todo: Sequence[tuple[Question, float]], scales: Sequence[float],
+                batch_size: int) -> list[list[tuple[Question, float]]]:
+        """Each scale's missing questions in batches of their own, longest prompts first."""
+        out: list[list[tuple[Question, float]]] = []
+        for s in scales:
+            mine = sorted((qs for qs in todo if qs[1] == s), key=lambda qs: -len(self.enc[qs[0].id]))
+            out += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+        return out
+
+    def generate(self, batch: Sequence[tuple[Question, float]], done: dict[float, dict[str, Record]]) -> None:
+        """Generate one batch with its scale's delta set on the hook; score each row into ``done``."""
+        model, tok = self.loaded.model, self.loaded.tokenizer
+        param = next(model.parameters())  # where and in which dtype the hook adds
+        self.hook.set_rows(self.vector.delta(batch[0][1])[None], param.device, param.dtype)
+        out = generate.generate_ids(model, [self.enc[q.id] for q, _ in batch], self.max_new_tokens, len(batch),
+                                    eos_ids=self.eos, pad_id=self.pad, sort_by_length=False, progress=False,
+                                    stop_when=AnswerLineStop(tok), **self.options)
+        for (q, s), row in zip(batch, out):
+            done[s][q.id] = score_generation(q, self.prompts[q.id], row, tok, self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -254,10 +252,15 @@ class SteeringRow:
         return d
 
 
-def correctness(records: Sequence[Any]) -> dict[str, bool]:
-    """``{id: correct}`` from records (objects with ``.id``/``.correct`` or dicts)."""
-    get = (lambda r, k: r[k]) if records and isinstance(records[0], Mapping) else getattr
-    return {str(get(r, "id")): bool(get(r, "correct")) for r in records}
+def correctness(records: Sequence[Record] | Sequence[Mapping[str, object]]) -> dict[str, bool]:
+    """``{id: correct}`` from records (:class:`mechlib.records.Record` or their JSON dicts)."""
+    out: dict[str, bool] = {}
+    for r in records:
+        if isinstance(r, Mapping):
+            out[str(r["id"])] = bool(r["correct"])
+        else:
+            out[str(r.id)] = bool(r.correct)
+    return out
 
 
 def steering_row(scale: float, baseline: Mapping[str, bool], steered: Mapping[str, bool], *,
@@ -299,7 +302,7 @@ def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[dict[str, Any]]:
 # The card's own recipe on our artifact
 # --------------------------------------------------------------------------------------------
 
-def changed_first(questions: Sequence[Any], steered: Sequence[Any], baseline: Sequence[Any]) -> list[Any]:
+def changed_first(questions: Sequence[Question], steered: Sequence[Record], baseline: Sequence[Record]) -> list[Question]:
     """``questions`` with those whose steered answer differs from the baseline's first (order kept otherwise)."""
     base = {r.id: r.generation for r in baseline}
     changed = {r.id for r in steered if r.generation != base.get(r.id)}
@@ -316,9 +319,9 @@ class CardHookCheck:
     n_steering_changed: int  # of the n answers, how many differ from the unsteered baseline (the check's power)
 
 
-def check_card_hook(loaded, questions: Sequence[Any], steered: Sequence[Any], baseline: Sequence[Any], *,
-                    layer: int, register: Callable[[nn.Module], Any], prompt_format: str,
-                    max_new_tokens: int) -> CardHookCheck:
+def check_card_hook(loaded: LoadedModel, questions: Sequence[Question], steered: Sequence[Record],
+                    baseline: Sequence[Record], *, layer: int, register: Callable[[nn.Module], RemovableHandle],
+                    prompt_format: str, max_new_tokens: int) -> CardHookCheck:
     """Do the card's lines on our ``steering_vec_L*.pt`` steer exactly like :func:`run_sweep`?
 
     ``register(layer_module)`` installs the caller's own forward hook (the card's recipe, written
@@ -327,11 +330,7 @@ def check_card_hook(loaded, questions: Sequence[Any], steered: Sequence[Any], ba
     stopped at its final-answer line must be a prefix of the HF text (which runs on to EOS). The
     check only has power where steering changed the answer: those are counted against ``baseline``.
     """
-    from transformers import GenerationConfig
-
-    from mechlib.generate import eos_ids_of, pad_id_of
-    from mechlib.models import decoder_layers
-    from mechlib.prompts import build_prompt, encode_prompts
+    from transformers import GenerationConfig  # heavy import, on use
 
     model, tok = loaded.model, loaded.tokenizer
     eos = eos_ids_of(model, tok)
@@ -342,7 +341,7 @@ def check_card_hook(loaded, questions: Sequence[Any], steered: Sequence[Any], ba
     try:
         for q in questions:
             ids = torch.tensor([encode_prompts(tok, [build_prompt(tok, q.question, prompt_format)])[0]],
-                               device=next(model.parameters()).device)
+                               device=model_device(model))
             with torch.no_grad():  # plain greedy, as mechlib's loop (the model's own sampling defaults ignored)
                 out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
                     do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad))

@@ -14,14 +14,20 @@ scale (exact McNemar on the questions where exactly one of the two is right).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
+from mechlib.generate import CacheKind, CompileOption
+from mechlib.gsm8k import Question
+from mechlib.models import LoadedModel
+from mechlib.records import Record
 from mechlib.scoring import truncation_rate
 from mechlib.stats import mcnemar_exact
 from mechlib.steering import SteeringError, SteeringRow, correctness, run_sweep, steering_row
+from mechlib.steering_vector import SteeringVector
 
 
 def random_directions(d_model: int, n: int, seed: int) -> Tensor:
@@ -65,30 +71,35 @@ class RandomDirectionResult:
                 "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa), "truncated": self.truncated}
 
 
-def run_random_control(loaded, questions: Sequence[Any], *, layer: int, caa_vector: Tensor, mean_norm: float,
-                       scale: float, n_directions: int, seed: int, baseline: Mapping[str, bool],
-                       caa_at_scale: Mapping[str, bool] | None, n_bootstrap: int = 2000,
-                       relabel: Callable[[list[Any]], list[Any]] | None = None,
-                       **sweep_kwargs: Any) -> list[RandomDirectionResult]:
+def run_random_control(loaded: LoadedModel, questions: Sequence[Question], *, caa: SteeringVector, scale: float,
+                       n_directions: int, seed: int, baseline: Mapping[str, bool],
+                       caa_at_scale: Mapping[str, bool] | None, prompt_format: str, max_new_tokens: int,
+                       batch_size: int, records_dir: str | Path, n_bootstrap: int = 2000,
+                       relabel: Callable[[list[Record]], list[Record]] | None = None, progress: bool = True,
+                       cache: CacheKind = "auto", compile: CompileOption | None = None,
+                       share_prefix: bool = True) -> list[RandomDirectionResult]:
     """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
 
-    ``sweep_kwargs`` are :func:`mechlib.steering.run_sweep`'s (prompt format, tokens, batch size,
-    records folder, ...). Direction ``i``'s records go to ``steer_L{layer}_rand{i}_{scale}.jsonl``
-    and resume like the CAA sweep's; a changed seed or layer norm discards them. ``relabel`` (e.g.
-    :func:`mechlib.placeholder.relabel_steered` bound to the baseline) replaces each direction's
-    parser verdicts before they are compared, as the chapter does for the CAA scales.
+    Each direction is pushed at ``caa``'s layer by the same unit of scale (``caa.mean_norm``). The
+    generation settings are :func:`mechlib.steering.run_sweep`'s. Direction ``i``'s records go to
+    ``steer_L{layer}_rand{i}_{scale}.jsonl`` and resume like the CAA sweep's; a changed seed or layer
+    norm discards them. ``relabel`` (e.g. :func:`mechlib.placeholder.relabel_steered` bound to the
+    baseline) replaces each direction's parser verdicts before they are compared, as the chapter does
+    for the CAA scales.
     """
-    caa = torch.as_tensor(caa_vector).float()
-    dirs = random_directions(caa.shape[0], n_directions, seed)
+    unit = torch.as_tensor(caa.unit).float()
+    dirs = random_directions(unit.shape[0], n_directions, seed)
     out = []
     for i, v in enumerate(dirs):
-        records = run_sweep(loaded, questions, layer=layer, vector=v, mean_norm=mean_norm, scales=[scale],
-                            tag=f"_rand{i}", **sweep_kwargs)[float(scale)]
+        records = run_sweep(loaded, questions, vector=caa.with_unit(v), scales=[scale], tag=f"_rand{i}",
+                            prompt_format=prompt_format, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                            records_dir=records_dir, progress=progress, cache=cache, compile=compile,
+                            share_prefix=share_prefix)[float(scale)]
         if relabel is not None:
             records = relabel(records)
         steered = correctness(records)
         row = steering_row(scale, baseline, steered, n_bootstrap=n_bootstrap, seed=seed)
         vs = None if caa_at_scale is None else paired_comparison(caa_at_scale, steered)
-        cos = float(torch.dot(v, caa / caa.norm()))
+        cos = float(torch.dot(v, unit / unit.norm()))
         out.append(RandomDirectionResult(i, cos, row, vs, truncation_rate(records)))
     return out

@@ -20,7 +20,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
+
+if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from transformers import PreTrainedTokenizerBase
 
 StopReason = Literal["eos", "answer_line", "limit"]
 STOP_REASONS: tuple[StopReason, ...] = ("eos", "answer_line", "limit")
@@ -41,7 +44,7 @@ class AnswerLineStop:
     Monotone (a longer prefix keeps the completed line), as the generator requires.
     """
 
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
 
     def __call__(self, ids: Sequence[int]) -> bool:
         return has_final_answer_line(self.tokenizer.decode(list(ids), skip_special_tokens=True))
@@ -52,3 +55,23 @@ def stop_reason_of(text: str, n_new_tokens: int, max_new_tokens: int, *, answer_
     if answer_line_stop and has_final_answer_line(text):
         return "answer_line"
     return "limit" if n_new_tokens >= max_new_tokens else "eos"
+
+
+StopWhen = Callable[[Sequence[int]], bool]
+"""A row's stop rule beside EOS: called with the row's new token ids so far; True once the row is
+done (e.g. it has written a complete final-answer line). It must be *monotone* — once True for a
+prefix, True for every longer one — so the shortest stopping prefix can be found by bisection."""
+
+
+def shortest_stopping_prefix(row: Sequence[int], stop_when: StopWhen) -> int | None:
+    """The length of the shortest prefix of ``row`` that satisfies the (monotone) ``stop_when``; None if none."""
+    if not row or not stop_when(row):
+        return None
+    lo, hi = 1, len(row)  # invariant: stop_when(row[:hi]) is True
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if stop_when(row[:mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

@@ -11,11 +11,9 @@ from mechlib.contrast import (
     cached_layer_states,
     collect_layer_states,
     contrast_layers,
-    load_steering_vector,
     mean_difference,
     projection_scores,
     rank_sae_features,
-    save_steering_vector,
 )
 from mechlib.models import decoder_layers
 from mechlib.stats import spearman
@@ -129,24 +127,6 @@ def test_rank_sae_features_finds_the_planted_feature():
     assert ranked[0].feature == 7 and ranked[0].score > 0 and ranked[0].d > 1
     assert ranked[0].fire_rate_correct == 1.0 and ranked[0].mean_correct > ranked[0].mean_wrong
     assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in zip(ranked, ranked[1:]))
-
-
-def test_steering_vector_roundtrip(tmp_path):
-    v = torch.randn(8)
-    v = v / v.norm()
-    p = save_steering_vector(tmp_path / "steering_vec_L3.pt", v, layer=3, model="m", n_correct=5, n_wrong=7,
-                             mean_resid_norm=12.5, pooling="last")
-    obj = load_steering_vector(p)
-    assert torch.equal(obj["vector"], v) and obj["layer"] == 3 and obj["mean_resid_norm"] == 12.5
-    assert obj["pooling"] == "last"
-    # the card's own line works on the file: a bare unit tensor
-    card = torch.load(p).to(torch.bfloat16)
-    assert card.shape == (8,) and abs(float(card.float().norm()) - 1) < 1e-2
-    with pytest.raises(ContrastError, match="not found"):
-        load_steering_vector(tmp_path / "missing.pt")
-    p.with_suffix(".json").unlink()
-    with pytest.raises(ContrastError, match="steering_vec_L3.json"):
-        load_steering_vector(p)
 
 
 def test_mean_difference_refuses_one_group():

@@ -10,6 +10,7 @@ from transformers import GenerationConfig
 import mechlib.generate as gen
 from mechlib.generate import (GenerationError, free_generation_cache, generate_greedy, generate_ids,
                               greedy_batch, left_pad)
+from mechlib.kv_cache import STATIC_CACHES
 from mechlib.models import decoder_layers
 from mechlib.tiny import tiny_config
 
@@ -161,13 +162,15 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
             if handle:
                 handle.remove()
         assert got == ref, f"hook seed {seed}"
-    held = model._mechlib_static_cache
-    assert held[0][1] % 256 == 0, "compiled path rounds the cache length up to a bucket"
+    held = STATIC_CACHES.held(model)
+    assert held is not None and held.max_len % 256 == 0, "compiled path rounds the cache length up to a bucket"
+    assert not any(name.startswith("_mechlib") for name in vars(model)), "no state hung on the model"
     generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"},
                  progress=False)
-    assert model._mechlib_static_cache[1] is held[1], "same shapes: the cache is reset and reused"
+    again = STATIC_CACHES.held(model)
+    assert again is not None and again.cache is held.cache, "same shapes: the cache is reset and reused"
     free_generation_cache(model)
-    assert model._mechlib_static_cache is None
+    assert STATIC_CACHES.held(model) is None
 
 
 def test_generate_greedy_decodes_in_input_order(tiny_llama):
@@ -293,3 +296,33 @@ def test_shared_prefix_on_gemma4_with_a_window_wider_than_the_prompt(tiny_tok):
     finally:
         handle.remove()
     assert got == ref
+
+
+def test_decode_settings_cut_before_eos_then_after_the_stop_rule():
+    from mechlib.generate import DecodeSettings
+
+    rule = DecodeSettings(8, (1,), 0, stop_when=lambda ids: 7 in ids)
+    assert rule.cut([5, 7, 9, 1, 4]) == [5, 7], "the shortest prefix meeting the rule"
+    assert rule.cut([5, 9, 1, 7]) == [5, 9], "EOS first"
+    assert DecodeSettings(8, (1,), 0, ignore_eos=True, stop_when=rule.stop_when).cut([5, 1, 7, 4]) == [5, 1, 7, 4]
+    with pytest.raises(GenerationError, match="max_new_tokens"):
+        DecodeSettings(0, (1,), 0).check()
+
+
+def test_static_cache_holder_keeps_nothing_on_the_model_and_forgets_dropped_models():
+    import gc
+    import weakref
+
+    from mechlib.kv_cache import StaticCacheHolder
+    from mechlib.tiny import tiny_model
+
+    model = tiny_model("llama")  # not a fixture: pytest would keep it alive
+    holder = StaticCacheHolder()
+    cache, _safe = holder.get(model, 2, 32)
+    assert holder.held(model).cache is cache and holder.get(model, 2, 32)[0] is cache
+    assert holder.get(model, 2, 64)[0] is not cache, "another shape: a new cache, the old one dropped"
+    assert not any(name.startswith("_mechlib") for name in vars(model))
+    ref = weakref.ref(model)
+    del model, cache
+    gc.collect()
+    assert ref() is None and len(holder._held) == 0, "a dropped model frees its cache"

@@ -9,6 +9,7 @@ from mechlib.models import decoder_layers
 from mechlib.stats import mcnemar_exact
 from mechlib.steering import (
     SteeringError,
+    SteeringVector,
     correctness,
     recovered_overlaps,
     scale_tag,
@@ -179,8 +180,9 @@ def test_scale_tag():
 
 
 def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
-    from mechlib.contrast import BaselineSplit, LayerStates, load_steering_vector, save_steering_vector
+    from mechlib.contrast import BaselineSplit, LayerStates
     from mechlib.steering import mean_residual_norm, vector_for_layer
+    from mechlib.steering_vector import SteeringVector
 
     g = torch.Generator().manual_seed(0)
     ids = [f"q{i}" for i in range(10)]
@@ -188,16 +190,16 @@ def test_vector_for_layer_builds_off_peak_and_reuses_peak(tmp_path):
     split = BaselineSplit(ids[:8], ids[8:], {i: "" for i in ids}, {i: n % 2 == 0 for n, i in enumerate(ids)}, {})
     peak_vec = torch.zeros(8)
     peak_vec[0] = 1.0
-    save_steering_vector(tmp_path / "steering_vec_L1.pt", peak_vec, layer=1, model="m", n_correct=4, n_wrong=4,
-                         mean_resid_norm=2.0)
+    SteeringVector(1, peak_vec, 2.0, model="m", n_correct=4, n_wrong=4).save(tmp_path / "steering_vec_L1.pt")
     vec, path = vector_for_layer(ls, split, 1, tmp_path, model="m", peak_layer=1)
-    assert torch.equal(vec["vector"], peak_vec) and path.name == "steering_vec_L1.pt"
+    assert torch.equal(vec.unit, peak_vec) and vec.mean_norm == 2.0 and path.name == "steering_vec_L1.pt"
     vec2, path2 = vector_for_layer(ls, split, 2, tmp_path, model="m", peak_layer=1)
     h = ls.states[:8, 2]
     y = torch.tensor([n % 2 == 0 for n in range(8)])
     expected = h[y].mean(0) - h[~y].mean(0)
-    torch.testing.assert_close(vec2["vector"], (expected / expected.norm()).float())
-    assert vec2["mean_resid_norm"] == 3.0 and load_steering_vector(path2)["layer"] == 2
+    torch.testing.assert_close(vec2.unit, (expected / expected.norm()).float())
+    assert vec2.mean_norm == 3.0 and SteeringVector.load(path2).layer == 2 and vec2.pooling == "last"
+    assert vec2.n_correct == 4 and vec2.n_wrong == 4
     assert mean_residual_norm(ls, 0) == 1.0
     with pytest.raises(SteeringError, match="out of range"):
         mean_residual_norm(ls, 3)
@@ -209,15 +211,16 @@ def test_run_sweep_resumes_and_matches_unsteered_generation(request, arch_fixtur
     from mechlib.models import LoadedModel
     from mechlib.records import run_baseline
     from mechlib.steering import run_sweep, steer_records_path
+    from mechlib.steering_vector import SteeringVector
     from mechlib.tasks import arithmetic_questions
 
     model, tok = request.getfixturevalue(arch_fixture)
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(5, seed=0)
     vector = torch.randn(64, generator=torch.Generator().manual_seed(3))
-    kw = dict(layer=1, mean_norm=10.0, prompt_format="gemma_manual", max_new_tokens=4, batch_size=2,
-              records_dir=tmp_path)
-    sweep = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], progress=False, **kw)
+    vec = SteeringVector(1, vector, 10.0)
+    kw = dict(prompt_format="gemma_manual", max_new_tokens=4, batch_size=2, records_dir=tmp_path)
+    sweep = run_sweep(loaded, questions, vector=vec, scales=[0.0, 3.0], progress=False, **kw)
     assert _hook_count(model) == 0
     assert steer_records_path(tmp_path, 1, 3.0).is_file() and steer_records_path(tmp_path, 1, 0.0).is_file()
     plain = run_baseline(loaded, questions, "gemma_manual", 4, 2, tmp_path / "plain.jsonl", progress=False)
@@ -232,11 +235,11 @@ def test_run_sweep_resumes_and_matches_unsteered_generation(request, arch_fixtur
         raise AssertionError("a finished sweep must not generate again")
 
     monkeypatch.setattr(generate, "generate_ids", boom)
-    again = run_sweep(loaded, questions, vector=vector, scales=[0.0, 3.0], progress=False, **kw)
+    again = run_sweep(loaded, questions, vector=vec, scales=[0.0, 3.0], progress=False, **kw)
     assert [r.generation for r in again[3.0]] == [r.generation for r in sweep[3.0]]
     # a different vector invalidates the steered records instead of reusing them
     with pytest.raises(AssertionError, match="must not generate"):
-        run_sweep(loaded, questions, vector=-vector, scales=[3.0], progress=False, **kw)
+        run_sweep(loaded, questions, vector=vec.with_unit(-vector), scales=[3.0], progress=False, **kw)
     assert _hook_count(model) == 0
 
 
@@ -277,7 +280,7 @@ def test_run_sweep_discards_records_made_with_other_settings(tiny_llama, tmp_pat
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=1)
-    kw = dict(layer=1, vector=torch.ones(64), mean_norm=10.0, scales=[0.5], prompt_format="gemma_manual",
+    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
               batch_size=4, records_dir=tmp_path, progress=False)
     first = run_sweep(loaded, questions, max_new_tokens=2, **kw)[0.5]
     longer = run_sweep(loaded, questions, max_new_tokens=5, **kw)[0.5]
@@ -299,7 +302,7 @@ def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=2)
-    kw = dict(layer=1, vector=torch.ones(64), mean_norm=10.0, scales=[0.5], prompt_format="gemma_manual",
+    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
               max_new_tokens=3, batch_size=4, records_dir=tmp_path, progress=False)
     first = run_sweep(loaded, questions, **kw)[0.5]
     path = steer_records_path(tmp_path, 1, 0.5)
@@ -323,7 +326,6 @@ def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny
 def test_card_hook_written_without_mechlib_reproduces_the_sweep(tiny_llama, tmp_path):
     """The card's recipe (bare tensor, one-line forward hook, HF generate) gives mechlib's steered answers;
     a hook with the wrong scale does not — the check can fail."""
-    from mechlib.contrast import save_steering_vector
     from mechlib.models import LoadedModel
     from mechlib.records import run_baseline
     from mechlib.steering import changed_first, check_card_hook, run_sweep
@@ -335,10 +337,10 @@ def test_card_hook_written_without_mechlib_reproduces_the_sweep(tiny_llama, tmp_
     questions = arithmetic_questions(4, seed=5)
     unit = torch.randn(64, generator=torch.Generator().manual_seed(7))
     unit = unit / unit.norm()
-    path = save_steering_vector(tmp_path / "steering_vec_L1.pt", unit, layer=1, model="tiny", n_correct=2, n_wrong=2,
-                                mean_resid_norm=10.0)
+    vec = SteeringVector(1, unit, 10.0, model="tiny", n_correct=2, n_wrong=2)
+    path = vec.save(tmp_path / "steering_vec_L1.pt")
     kw = dict(prompt_format="gemma_manual", max_new_tokens=6)
-    steered = run_sweep(loaded, questions, layer=1, vector=unit, mean_norm=10.0, scales=[0.5], batch_size=4,
+    steered = run_sweep(loaded, questions, vector=vec, scales=[0.5], batch_size=4,
                         records_dir=tmp_path, progress=False, **kw)[0.5]
     base = run_baseline(loaded, questions, "gemma_manual", 6, 4, tmp_path / "b.jsonl", progress=False)
     card_vec = torch.load(path)
