@@ -61,6 +61,7 @@ from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.sae import check_compatible, load_sae
+from mechlib.steering_vector import SteeringVector
 from mechlib.tasks import load_questions
 
 P = from_namespace(globals())
@@ -167,9 +168,9 @@ print(f"within-type null ({len(set(strata))} question types, {within.n_permutati
 # %%
 unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)
 mean_norm = float(states.token_norm_mean[peak])
-vec_path = contrast.save_steering_vector(
-    paths.checkpoints / f"steering_vec_L{peak}.pt", unit, layer=peak, model=P.model, n_correct=res.n_correct,
-    n_wrong=res.n_wrong, mean_resid_norm=mean_norm, raw_diff_norm=raw_norm, pooling=P.contrast_pooling)
+vec_path = SteeringVector(peak, unit, mean_norm, model=P.model, n_correct=res.n_correct, n_wrong=res.n_wrong,
+                          raw_diff_norm=raw_norm, pooling=P.contrast_pooling).save(
+    paths.checkpoints / f"steering_vec_L{peak}.pt")
 y_held = split.labels(split.heldout_ids)
 proj = contrast.projection_scores(states.select(split.heldout_ids)[:, peak], unit)
 rho = stats.spearman(proj, y_held)

@@ -104,7 +104,7 @@ contrast.check_questions_match(questions, split)
 loaded = load_model(P.model, P.model_dtype, P.device)
 relabel = placeholder.steered_relabeller(split.records, P.placeholder_labels, P.seed)  # no-op unless placeholder
 sweep = {s: relabel(records) for s, records in steering.run_sweep(
-    loaded, questions, layer=layer, vector=vec["vector"], mean_norm=mean_norm, scales=P.steering_scales,
+    loaded, questions, vector=vec, scales=P.steering_scales,
     prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
     records_dir=paths.records).items()}
 print(f"sweep done in {time.time() - t0:.1f} s")
@@ -206,7 +206,7 @@ for o in overlaps:
 
 # %%
 controls = run_random_control(
-    loaded, questions, layer=layer, caa_vector=vec["vector"], mean_norm=mean_norm, scale=P.random_control_scale,
+    loaded, questions, caa=vec, scale=P.random_control_scale,
     n_directions=P.n_random_directions, seed=P.seed, baseline=base, n_bootstrap=P.n_bootstrap,
     caa_at_scale=steering.correctness(sweep[P.random_control_scale]) if P.random_control_scale in sweep else None,
     prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
