@@ -61,7 +61,8 @@ class Baseline(Record):
     contrast_ids: list[str]
     heldout_ids: list[str]
     generation_seconds: float
-    placeholder_labels: float  # > 0: chapters 05-06 use seeded placeholder labels
+    # > 0: chapters 05-06 use seeded placeholder labels; files from before the option read as 0
+    placeholder_labels: float = field(default=0.0, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -76,8 +77,9 @@ class Layers(Record):
     FILE: ClassVar[str] = "05_contrastive_layers"
 
     finding: str
-    labels: str  # parser | placeholder
-    placeholder_labels: float
+    # parser | placeholder; files from before placeholder labels existed read as parser labels
+    labels: str = field(default="parser", kw_only=True)
+    placeholder_labels: float = field(default=0.0, kw_only=True)
     model: str
     pooling: str
     top_d: int

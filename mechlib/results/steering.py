@@ -8,7 +8,7 @@ file reads back into one typed object.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mechlib.results.codec import Record, copy_fields
@@ -138,8 +138,9 @@ class Steering(Record):
     FILE: ClassVar[str] = "06_steering"
 
     finding: str
-    labels: str  # parser | placeholder
-    placeholder_labels: float
+    # parser | placeholder; files from before placeholder labels existed read as parser labels
+    labels: str = field(default="parser", kw_only=True)
+    placeholder_labels: float = field(default=0.0, kw_only=True)
     layer: int
     peak_layer: int  # chapter 05's
     model: str
