@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mechlib import metrics
 from mechlib.io import atomic_write_json, sha256_file
-from mechlib.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
+from mechlib.activations.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
                                 tensor_digest)
 
 MODEL_EVALS_FILE = "03_model_evals.json"
@@ -36,7 +36,7 @@ class PCABaseline(NamedTuple):
 def pca_baseline(params: Any, run_paths: Any, heldout_x: Tensor, k: int) -> PCABaseline:
     """The k-component PCA baseline, fit on the run's training activations when they were kept."""
     if params.collect_mode == "disk":
-        from mechlib.collect_config import open_store
+        from mechlib.activations.collect_config import open_store
 
         train = open_store(params, run_paths, "train")
         return PCABaseline(metrics.fit_pca(train.iter_batches(8192, shuffle=False), k=k),

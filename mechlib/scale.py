@@ -9,10 +9,10 @@ Why a separate entry point: the notebooks run in one Jupyter kernel (one process
 1 B-token run wants every GPU of a machine and must survive preemption. Both entry points write
 exactly the files the chapters read (``outputs/<run>/activations``, ``outputs/<run>/checkpoints``),
 with arguments built by the same functions of the params as the chapters'
-(:func:`mechlib.collect_config.collect_config_from_params`, ``TrainConfig.from_params``), so a
+(:func:`mechlib.activations.collect_config.collect_config_from_params`, ``TrainConfig.from_params``), so a
 user can collect and train here, then run the book, which finds the work done and resumes or
 skips it. Killed and restarted, each resumes from what is on disk — only what was computed from
-the same inputs (:mod:`mechlib.provenance`).
+the same inputs (:mod:`mechlib.activations.provenance`).
 """
 
 from __future__ import annotations
@@ -23,14 +23,14 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mechlib.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
+from mechlib.sae.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
                                  process_group, reduce_grads_sum, rescaled_step)
 
 
 def train_hooks(info: DistInfo):
-    """The :class:`mechlib.train.ParallelHooks` of this rank: contiguous slice of each global batch,
+    """The :class:`mechlib.sae.train.ParallelHooks` of this rank: contiguous slice of each global batch,
     SUM of gradients, OR of the ``fired`` masks, files written by rank 0 only."""
-    from mechlib.train import ParallelHooks
+    from mechlib.sae.train import ParallelHooks
 
     if not info.distributed:
         return ParallelHooks()
@@ -43,7 +43,7 @@ def train_step_fn(info: DistInfo) -> StepFn | None:
     exact reference math on CPU, the fast CUDA step with rescaled gradients on GPUs."""
     if not info.distributed:
         return None
-    from mechlib.train import pick_step_fn
+    from mechlib.sae.train import pick_step_fn
 
     fn, name = pick_step_fn(info.device)
     return rescaled_step(fn) if name == "fast" else global_reference_step
@@ -55,10 +55,10 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
 
     ``info``: the process group already joined (by :func:`main`); ``None`` joins and leaves one here.
     """
-    from mechlib.collect_config import open_train_store
+    from mechlib.activations.collect_config import open_train_store
     from mechlib.params import load_params
     from mechlib.paths import RunPaths
-    from mechlib.train import TrainConfig, train_sae
+    from mechlib.sae.train import TrainConfig, train_sae
 
     P = load_params(params_path)
     paths = RunPaths(P.run).make()
@@ -118,7 +118,7 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
     would write, byte for byte); after a barrier rank 0 merges the per-rank manifests into the
     ``manifest.json`` chapter 01 writes. A rerun (any number of ranks) skips verified shards.
     """
-    from mechlib.collect_config import collect_config_from_params, collect_split
+    from mechlib.activations.collect_config import collect_config_from_params, collect_split
     from mechlib.models import load_model
     from mechlib.params import load_params
     from mechlib.paths import RunPaths
@@ -147,11 +147,11 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
 def merge_rank_manifests(out_dir: Path, world_size: int) -> dict[str, Any]:
     """Rank 0, after a barrier: the union of the ranks' manifests → ``manifest.json``; drop the parts.
 
-    Raises :class:`mechlib.shards.ShardError` naming the folder if a shard index is missing (a rank
+    Raises :class:`mechlib.activations.shards.ShardError` naming the folder if a shard index is missing (a rank
     that did not finish) — nothing is merged then, so a rerun completes it.
     """
     from mechlib.io import atomic_write_json
-    from mechlib.shards import MANIFEST, ShardError, rank_manifest_name, read_manifest
+    from mechlib.activations.shards import MANIFEST, ShardError, rank_manifest_name, read_manifest
 
     parts = [read_manifest(out_dir, rank_manifest_name(r)) for r in range(world_size)]
     if any(p is None for p in parts):

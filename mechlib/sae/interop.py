@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from mechlib.io import atomic_save_safetensors, atomic_write_json
-from mechlib.sae import SAEError, TopKSAE, card_state
+from mechlib.sae.model import SAEError, TopKSAE, card_state
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -238,7 +238,7 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 def encode_dense(sae: TopKSAE, x: Tensor) -> Tensor:
     """Dense [N, m] activations (what the libraries' encoders return, up to the order of the top-k list)."""
-    from mechlib.sae import dense_code
+    from mechlib.sae.model import dense_code
 
     with torch.no_grad():
         return dense_code(sae.encode(x), sae.d_sae)

@@ -1,7 +1,7 @@
 """The TopK sparse autoencoder, its exact (reference) training step, and its file formats.
 
 Why this module is the contract: the CPU reference here and the CUDA fast path
-(``mechlib.sae_fast.fast_step``) must compute the *same* loss, so the math lives in one place
+(``mechlib.sae.fast.fast_step``) must compute the *same* loss, so the math lives in one place
 and the fast path is tested against it.
 
 Math (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and the study's card)::
@@ -144,11 +144,11 @@ def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_c
 
     The contract every fast path must reproduce; see the module docstring for the formulas.
     Pre-activations are computed once without autograd; the main and AuxK codes both take their
-    values from them through :class:`~mechlib.sparse_grad.TopKValues`, whose backward touches only
+    values from them through :class:`~mechlib.sae.sparse_grad.TopKValues`, whose backward touches only
     the selected entries (work ∝ N·k·d). :func:`autograd_step` is the same loss in plain dense
     autograd, kept as the oracle the tests compare gradients against.
     """
-    from mechlib.sparse_grad import SparseDecode, TopKValues
+    from mechlib.sae.sparse_grad import SparseDecode, TopKValues
 
     with torch.no_grad():
         pre = sae.pre_acts(x)
@@ -290,7 +290,7 @@ def _resolve_hf(spec: str) -> Path:
 
 def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
     """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), a SAELens or sparsify
-    folder (:mod:`mechlib.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
+    folder (:mod:`mechlib.sae.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
     Hub as ``hf:<owner>/<repo>[@<revision>][/<path-in-repo>]`` (:mod:`mechlib.hub`).
 
     A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs); from the

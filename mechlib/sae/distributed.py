@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mechlib.sae import StepStats, TopKSAE, fired_mask, sparse_decode, topk_code
+from mechlib.sae.model import StepStats, TopKSAE, fired_mask, sparse_decode, topk_code
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
 
