@@ -254,7 +254,7 @@ def test_every_writer_is_atomic():
     import re
 
     offenders = []
-    files = [*REPO_ROOT.glob("mechlib/*.py"), *REPO_ROOT.glob("notebooks/*.py"), *REPO_ROOT.glob("benchmarks/*.py")]
+    files = [*REPO_ROOT.glob("mechlib/**/*.py"), *REPO_ROOT.glob("notebooks/*.py"), *REPO_ROOT.glob("benchmarks/*.py")]
     for path in files:
         rel = path.relative_to(REPO_ROOT).as_posix()
         if (rel, "*") in ALLOWED:

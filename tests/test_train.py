@@ -150,9 +150,10 @@ def test_pretrained_switch_loads_local_card_file(tmp_path):
     sae = TopKSAE(D, 32, 4, seed=5)
     path = save_card_checkpoint(sae, tmp_path / "given" / "sae_final.pt")
     P = BookParams(sae_source="pretrained", sae_pretrained=str(path))
-    got, info = run_sae(P, store, tmp_path / "ck", device="cpu")
-    assert info["sae_source"] == "pretrained" and info["d_sae"] == 32
-    assert torch.equal(got.W_enc, sae.W_enc)
+    res = run_sae(P, store, tmp_path / "ck", device="cpu")
+    assert res.sae_source == "pretrained" and res.sae.d_sae == 32 and res.step_path == "none"
+    assert res.summary()["sae_source"] == "pretrained" and res.summary()["d_sae"] == 32
+    assert torch.equal(res.sae.W_enc, sae.W_enc)
     evaluated, _ = run_sae_for_eval(P, tmp_path / "ck", device="cpu")
     assert torch.equal(evaluated.W_dec, sae.W_dec)
     wide = save_card_checkpoint(TopKSAE(D + 1, 32, 4), tmp_path / "wide.pt")

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -118,7 +118,7 @@ def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> t
 @dataclass(frozen=True)
 class Backend:
     """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
-    name: str  # "torch" | "triton"
+    name: Literal["torch", "triton"]
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
     triton_topk: bool = False  # triton backend: mechlib's radix-select kernel instead of torch.topk
 
@@ -147,7 +147,7 @@ def default_backend(device: torch.device) -> Backend:
 
 def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
     if be.name == "triton" and be.triton_topk:
-        from mechlib.sae.triton_kernels import topk_select
+        from mechlib.sae.triton_kernels import topk_select  # needs triton (CUDA installs only)
 
         idx, raw, aidx, araw = topk_select(pre, k, dead_mask if ka else None, ka)
         return Selection(idx, raw, aidx, araw)
@@ -224,7 +224,7 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
     vals = sel.raw.to(pdt).clamp_min(0)
     triton = be.name == "triton"
     if triton:
-        from mechlib.sae.model import triton_kernels as tk
+        from mechlib.sae import triton_kernels as tk  # needs triton (CUDA installs only)
 
         e = tk.decode_residual(x, b_dec, vals, sel.idx.int(), W_dec_c)
     else:
