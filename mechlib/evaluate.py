@@ -22,8 +22,8 @@ from torch import Tensor
 
 from mechlib import metrics
 from mechlib.io import atomic_write_json, sha256_file
-from mechlib.activations.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
-                                tensor_digest)
+from mechlib.activations.provenance import (ActivationsFingerprint, fingerprint_of_store,
+                                            read_activations_fingerprint, stale_line, tensor_digest)
 
 MODEL_EVALS_FILE = "03_model_evals.json"
 

@@ -42,7 +42,7 @@ from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
 from mechlib.models import check_layer, d_model, decoder_layers
 from mechlib.activations.shards import (FORMAT, MANIFEST, ActivationStore, Manifest, ShardEntry, ShardWriter,
-                                        rank_manifest_name, read_manifest, shard_name, verify_shard)
+                                        rank_manifest_name, read_manifest, verify_shard)
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer

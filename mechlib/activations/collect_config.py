@@ -151,7 +151,7 @@ def open_train_store(P: BookParams, run_paths: RunPaths, device: str) -> Activat
 def stream_store_for_book(loaded: LoadedModel, P: BookParams, shuffle_batches: int = 16) -> StreamStore:
     """The ``train`` split of the book's corpus as a :class:`StreamStore` (``collect_mode: stream``).
 
-    Rows are packed exactly as chapter 01 packs them — the same :class:`mechlib.activations.collect_config.CollectConfig`
+    Rows are packed exactly as chapter 01 packs them — the same :class:`CollectConfig`
     (``exclude_first_positions`` included); skipped rows are only tokenised, never run through the
     model. The manifest carries the collection's identity and hash, so a change of settings changes
     the SAE's provenance (:mod:`mechlib.activations.provenance`).

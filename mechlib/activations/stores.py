@@ -59,7 +59,7 @@ class TensorStore:
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"TensorStore needs a non-empty [n_tokens, d_model] tensor, got shape {tuple(x.shape)}")
         self.x = x
-        # The tensor's bytes stand in for shard checksums: other data, other fingerprint (mechlib.activations.provenance).
+        # The tensor's bytes stand in for shard checksums: other data, other fingerprint (see provenance).
         raw = x.detach().cpu().contiguous().view(torch.uint8).numpy()
         self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0]),
                          "params_hash": f"in-memory {x.dtype}",

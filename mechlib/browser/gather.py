@@ -67,7 +67,7 @@ class ShardTokens(NamedTuple):
 
 
 def iter_store_shards(store) -> Iterator[ShardTokens]:
-    """Shards of a ``mechlib.activations.stores.ActivationStore``, one at a time (checksums verified by the store)."""
+    """Shards of a ``mechlib.activations.ActivationStore``, one at a time (checksums verified by the store)."""
     for i, entry in enumerate(store.entries):
         sh = store.shard(i)
         yield ShardTokens(sh["activations"], sh["row"], sh["position"], sh["context_ids"], int(entry["first_row"]))

@@ -38,7 +38,7 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist

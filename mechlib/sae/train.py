@@ -38,7 +38,7 @@ from mechlib.models import resolve_device
 from mechlib.params import BookParams
 from mechlib.sae.checkpoints import (CFG_FILE, FINAL_FILE, HISTORY_FILE, OUR_FILES, STATE_FILE, check_trained_on,
                                      finals_intact, load_train_state, train_provenance, why_not_resume, write_state)
-from mechlib.sae.model import (FORMULAS, SAEError, StepStats, TopKSAE, check_compatible, init_b_dec_, load_sae,
+from mechlib.sae.model import (SAEError, StepStats, TopKSAE, check_compatible, init_b_dec_, load_sae,
                                reference_step, renorm_decoder_, save_card_checkpoint, save_sae)
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
@@ -295,7 +295,8 @@ class TrainingError(ValueError):
     """Training cannot go on (non-finite activations or loss); the message says which and what to do."""
 
 
-def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: ActivationSource, sae: TopKSAE) -> TrainingError:
+def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: ActivationSource,
+                      sae: TopKSAE) -> TrainingError:
     where = getattr(store, "directory", None) or type(store).__name__
     bad = int((~torch.isfinite(x)).any(dim=-1).sum())
     when = "the b_dec initialisation sample" if step < 0 else f"step {step}"
