@@ -11,9 +11,9 @@ does not depend on the weight values) and measures tokens/s at layer 21, seq 102
 * ``study``: the study's method — a full-depth forward with ``output_hidden_states=True`` and
   ``hidden_states[22]`` taken (left on the GPU: its device→host copy and disk writes are *not*
   charged to it, so the ratio is conservative);
-* ``mechlib_stream``: ``mechlib.collect.stream_activations`` — stop after layer 21, special tokens
+* ``mechlib_stream``: ``mechlib.activations.collect.stream_activations`` — stop after layer 21, special tokens
   dropped on the GPU, nothing written;
-* ``mechlib_disk``: ``mechlib.collect.collect_activations`` — the whole collector: packing, stop
+* ``mechlib_disk``: ``mechlib.activations.collect.collect_activations`` — the whole collector: packing, stop
   after layer 21, pinned non_blocking copies on a side stream, background shard writer (bf16
   safetensors + sha256 + manifest);
 * ``mechlib_disk_compiled`` with ``--compile``: the same with the layers compiled (compile time
@@ -49,9 +49,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mechlib.collect import (ActivationStore, Packer, collect_activations, rows_with_quota,  # noqa: E402
+from mechlib.activations.collect import (ActivationStore, Packer, collect_activations, rows_with_quota,  # noqa: E402
                              split_docs, stream_activations)
-from mechlib.corpus import iter_texts  # noqa: E402
+from mechlib.activations.corpus import iter_texts  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402

@@ -11,7 +11,7 @@ training step (forward, AuxK, backward, Adam, decoder renorm every 10 steps) at 
 * ``fp32_dense``: the study's method written the straightforward way — dense fp32 ``pre``,
   ``topk``, scatter into a dense [N, m] code, dense decode, masked dense AuxK, autograd, Adam;
 * ``tf32_dense``: the same with TF32 matmuls;
-* ``fast``: ``mechlib.sae_fast.fast_step`` (Triton, bf16 encoder GEMM) + fused Adam;
+* ``fast``: ``mechlib.sae.fast.fast_step`` (Triton, bf16 encoder GEMM) + fused Adam;
 * ``fast_radix_topk``: the same with mechlib's Triton radix-select kernel instead of ``torch.topk``
   (the default until the first H100 run measured it 12 % slower per step: 24.3 vs 21.4 ms);
 * ``fast_no_dead``: the fast path when no latent is dead (AuxK skipped, as in steady state),
@@ -54,7 +54,7 @@ sys.path.insert(0, str(ROOT))
 
 from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.sae import TopKSAE, init_b_dec_, renorm_decoder_  # noqa: E402
-from mechlib.sae_fast import Backend, default_backend, fast_step, select  # noqa: E402
+from mechlib.sae.fast import Backend, default_backend, fast_step, select  # noqa: E402
 
 STUDY = dict(d=2560, m=32768, k=128, k_aux=512, batch=8192, n_true=16384, k_true=64)
 SMALL = dict(d=64, m=512, k=16, k_aux=32, batch=512, n_true=1024, k_true=8)
@@ -233,7 +233,7 @@ def _triton_info() -> tuple[str | None, dict]:
     try:
         import triton
 
-        from mechlib.triton_kernels import CHOSEN
+        from mechlib.sae.triton_kernels import CHOSEN
     except ImportError:
         return None, {}
     return triton.__version__, {"/".join(map(str, key)): cfg for key, cfg in CHOSEN.items()}

@@ -23,16 +23,16 @@ from torch import Tensor
 
 from mechlib import metrics
 from mechlib.io import atomic_write_json, sha256_file
+from mechlib.activations.provenance import (ActivationsFingerprint, fingerprint_of_store,
+                                            read_activations_fingerprint, stale_line, tensor_digest)
 from mechlib.metrics import SplicedLoss
 from mechlib.results import CardSnippet, FeatureExamples, Record, ResultsError
-from mechlib.provenance import (ActivationsFingerprint, fingerprint_of_store, read_activations_fingerprint, stale_line,
-                                tensor_digest)
 
-if TYPE_CHECKING:  # only named in signatures (D2's activations refactor may move ActivationStore)
+if TYPE_CHECKING:  # only named in signatures
+    from mechlib.activations.shards import ActivationStore
     from mechlib.params import BookParams
     from mechlib.paths import RunPaths
     from mechlib.sae import TopKSAE
-    from mechlib.shards import ActivationStore
 
 MODEL_EVALS_FILE = "03_model_evals.json"
 
@@ -45,7 +45,7 @@ class PCABaseline(NamedTuple):
 def pca_baseline(params: BookParams, run_paths: RunPaths, heldout_x: Tensor, k: int) -> PCABaseline:
     """The k-component PCA baseline, fit on the run's training activations when they were kept."""
     if params.collect_mode == "disk":
-        from mechlib.collect_config import open_store
+        from mechlib.activations.collect_config import open_store
 
         train = open_store(params, run_paths, "train")
         return PCABaseline(metrics.fit_pca(train.iter_batches(8192, shuffle=False), k=k),

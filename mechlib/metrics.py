@@ -298,7 +298,7 @@ def card_snippet_check(model: Any, layer: int, checkpoint: str, sae: TopKSAE, id
     """
     from mechlib.hooks import run_to_layer
     from mechlib.paths import resolve
-    from mechlib.sae import _resolve_hf
+    from mechlib.sae.model import _resolve_hf
 
     path = _resolve_hf(checkpoint) if str(checkpoint).startswith("hf:") else resolve(checkpoint)
     if path.suffix != ".pt":

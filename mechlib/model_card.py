@@ -15,7 +15,7 @@ from typing import Sequence
 import yaml
 
 from mechlib.findings import CARD
-from mechlib.interop import HF_MODEL_NAMES, HookInfo
+from mechlib.sae.interop import HF_MODEL_NAMES, HookInfo
 from mechlib.io import atomic_write_text
 from mechlib.model_card_data import RunResults, read_run
 from mechlib.paths import RunPaths

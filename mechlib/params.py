@@ -18,100 +18,178 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 
 from mechlib.prompts import PROMPT_FORMATS
+
+if TYPE_CHECKING:
+    from mechlib.sae.train import TrainConfig
 
 
 class ParamsError(ValueError):
     """A params file or value the book cannot run with. The message says what and where."""
 
 
+ModelDtype = Literal["float32", "bfloat16", "float16", "auto"]
+CollectMode = Literal["disk", "stream"]
+ActivationDtype = Literal["float32", "bfloat16"]
+SaeSource = Literal["train", "pretrained"]
+Task = Literal["arithmetic", "gsm8k"]
+PromptFormat = Literal["chat_template", "chat_oneshot", "gemma_manual"]  # == mechlib.prompts.PROMPT_FORMATS
+ContrastPooling = Literal["last", "mean"]
+assert typing.get_args(PromptFormat) == PROMPT_FORMATS, "PromptFormat must list mechlib.prompts.PROMPT_FORMATS"
+
+
 @dataclass(frozen=True)
 class BookParams:
+    """Every knob of a run. The YAML file is flat; the comments group the fields by chapter.
+
+    A field typed ``Literal[...]`` accepts exactly those values (:data:`CHOICES` is derived from
+    the hints). The SAE-training fields form the :class:`mechlib.sae.train.TrainConfig` section
+    (:meth:`train_config`), the collection fields :class:`mechlib.activations.CollectConfig`.
+    """
+
     # --- the run and the model -------------------------------------------------------
     run: str = "default"
+    """Output folder name: ``outputs/<run>/``."""
     seed: int = 0
-    model: str = "embedded:smollm2-135m-instruct"  # embedded GGUF, random:<arch>[:<seed>], a hub id, or a local path
-    model_dtype: str = "float32"  # float32 | bfloat16 | float16 | auto
-    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    """Seed of the SAE init and data order, permutations, bootstrap and random controls."""
+    model: str = "embedded:smollm2-135m-instruct"
+    """The embedded GGUF, ``random:<arch>[:<seed>]``, a Hugging Face hub id, or a local path."""
+    model_dtype: ModelDtype = "float32"
+    """The model's weights dtype (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+    device: str = "auto"
+    """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     # --- 01 collect --------------------------------------------------------------------
-    layer: int = 15  # residual stream *after* this decoder layer (0-based)
-    corpus: str = "python-stdlib-docs"  # python-stdlib-docs | hf:<dataset id> | a local .txt/.jsonl path
+    layer: int = 15
+    """Residual stream *after* this decoder layer (0-based)."""
+    corpus: str = "python-stdlib-docs"
+    """``python-stdlib-docs``, ``hf:<dataset id>``, or a local ``.txt`` / ``.jsonl`` path."""
     corpus_config: str | None = None
+    """The dataset's config name (``hf:`` corpora)."""
     corpus_split: str = "train"
+    """The dataset's split (``hf:`` corpora); the book's train/heldout split is by document."""
     corpus_text_field: str = "text"
+    """The text field of a dataset row or ``.jsonl`` line."""
     seq_len: int = 128
+    """Tokens per packed row."""
     collect_tokens: int = 100_000
+    """Kept tokens collected for SAE training (``collect_mode: disk``)."""
     heldout_tokens: int = 16_384
+    """Kept tokens collected from held-out documents (chapter 03)."""
     collect_batch_size: int = 16
+    """Packed rows per forward pass."""
     shard_tokens: int = 65_536
+    """Tokens per shard file (rounded down to whole rows)."""
     exclude_special_tokens: bool = True
-    exclude_first_positions: int = 2  # also drop positions 0..N-1 of each packed row (BOS + attention-sink token)
-    collect_mode: str = "disk"  # disk | stream
-    activation_dtype: str = "float32"  # float32 | bfloat16 (on-disk shards)
-    # --- 02 train SAE ------------------------------------------------------------------
-    sae_source: str = "train"  # train | pretrained
-    sae_pretrained: str = ""  # a local sae_final.pt or SAELens/sparsify folder, or hf:<owner>/<repo>[@<revision>][/<path>]
+    """Leave out BOS/EOS/pad and every other special token."""
+    exclude_first_positions: int = 2
+    """Also drop positions 0..N-1 of each packed row (BOS + attention-sink token)."""
+    collect_mode: CollectMode = "disk"
+    """``disk``: shards written by chapter 01; ``stream``: the model runs inside SAE training."""
+    activation_dtype: ActivationDtype = "float32"
+    """The dtype of the on-disk shards."""
+    # --- 02 train SAE (the TrainConfig section) ------------------------------------------
+    sae_source: SaeSource = "train"
+    """Train the SAE here, or load ``sae_pretrained``."""
+    sae_pretrained: str = ""
+    """A local ``sae_final.pt`` or SAELens/sparsify folder, or ``hf:<owner>/<repo>[@<revision>][/<path>]``."""
     d_sae: int = 4608
+    """Number of SAE latents."""
     k: int = 32
+    """Active latents per token (TopK)."""
     k_aux: int = 256
+    """AuxK: dead latents that reconstruct the residual (0: no AuxK)."""
     aux_coef: float = 0.125
+    """Weight of the AuxK loss."""
     lr: float = 1e-3
+    """Peak learning rate (after warmup)."""
     lr_floor: float = 1e-4
+    """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 50
+    """Linear warmup steps."""
     train_batch_size: int = 1024
+    """Tokens per SAE step."""
     train_tokens: int = 300_000
+    """Tokens the SAE trains on (epochs cycle over the collection)."""
     renorm_every: int = 10
-    dead_tokens: int = 100_000  # a latent is dead after this many tokens without firing
-    checkpoint_every: int = 100  # steps
+    """Steps between decoder-row renormalisations."""
+    dead_tokens: int = 100_000
+    """A latent is dead after this many tokens without firing."""
+    checkpoint_every: int = 100
+    """Steps between resumable checkpoints."""
     # --- 03 evaluate SAE ---------------------------------------------------------------
-    eval_ce_tokens: int = 4096  # tokens for the spliced next-token loss / KL
+    eval_ce_tokens: int = 4096
+    """Tokens for the spliced next-token loss / KL."""
     n_feature_examples: int = 4
-    browser_max_latents: int = 512  # latents that get a page of their own in the feature browser (all are in its index)
-    browser_contexts: int = 10  # top-activating contexts kept per latent page
+    """Features shown with their top contexts in chapter 03."""
+    browser_max_latents: int = 512
+    """Latents that get a page of their own in the feature browser (all are in its index)."""
+    browser_contexts: int = 10
+    """Top-activating contexts kept per latent page."""
     # --- 04 GSM8K baseline / tasks -----------------------------------------------------
-    task: str = "arithmetic"  # arithmetic | gsm8k
-    gsm8k_path: str = ""  # "" → hub (openai/gsm8k, main); else a folder or .jsonl
+    task: Task = "arithmetic"
+    """The generated arithmetic word problems, or GSM8K."""
+    gsm8k_path: str = ""
+    """``""``: the hub (openai/gsm8k, main); else a folder or ``.jsonl``."""
     gsm8k_split: str = "test"
+    """GSM8K split."""
     n_questions: int = 200
+    """Questions asked in chapters 04-06."""
     n_heldout: int = 50
-    prompt_format: str = "chat_oneshot"  # chat_oneshot | chat_template | gemma_manual
+    """Of those, held out from the contrast (steering is scored on them)."""
+    prompt_format: PromptFormat = "chat_oneshot"
+    """How a question becomes a prompt (:mod:`mechlib.prompts`)."""
     max_new_tokens: int = 48
+    """Generation budget per answer."""
     gen_batch_size: int = 32
-    # 0 (off): correctness is the parser's. A fraction f in (0, 1): chapters 05-06 use seeded placeholder
-    # labels (f of the questions marked correct; mechlib.placeholder) and mark every output placeholder —
-    # for random-weight models (random:<arch>), which answer nothing correctly.
+    """Prompts generated at once."""
     placeholder_labels: float = 0.0
+    """0 (off): correctness is the parser's. A fraction f in (0, 1): chapters 05-06 use seeded placeholder
+    labels (f of the questions marked correct; :mod:`mechlib.placeholder`) and mark every output placeholder,
+    for random-weight models (``random:<arch>``), which answer nothing correctly."""
     # --- 05 contrastive layers ---------------------------------------------------------
-    n_permutations: int = 1000  # the minimum: more are drawn while p is within its Monte-Carlo error of 0.05
+    n_permutations: int = 1000
+    """The minimum: more are drawn while p is within its Monte-Carlo error of 0.05."""
     top_d: int = 10
-    contrast_pooling: str = "last"  # last (the last prompt token) | mean (over the prompt's non-special tokens)
+    """Dimensions with the largest |d| reported per layer."""
+    contrast_pooling: ContrastPooling = "last"
+    """``last``: the last prompt token; ``mean``: the mean over the prompt's non-special tokens."""
     # --- 06 steering -------------------------------------------------------------------
-    steering_layer: int | None = None  # None → the peak layer from 05
+    steering_layer: int | None = None
+    """``None``: the peak layer from 05."""
     steering_scales: list[float] = field(default_factory=lambda: [0.02, 0.05, 0.10, 0.15, -0.05])
+    """Steering strengths as fractions of the mean residual norm at the layer."""
     n_bootstrap: int = 2000
-    n_random_directions: int = 3  # random unit directions swept at random_control_scale (0: no control)
-    random_control_scale: float = 0.10  # the control's scale, same unit as steering_scales
+    """Bootstrap resamples for the accuracy-difference intervals."""
+    n_random_directions: int = 3
+    """Random unit directions swept at ``random_control_scale`` (0: no control)."""
+    random_control_scale: float = 0.10
+    """The control's scale, same unit as ``steering_scales``."""
     # --- 07 logit lens -----------------------------------------------------------------
     lens_prompt: str = "The capital of France is Paris. The capital of Germany is"
+    """The prompt read layer by layer."""
     english_threshold: float = 0.5
+    """Share of top-1 tokens that are English words for a layer to count as committed."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def train_config(self) -> TrainConfig:
+        """The SAE-training section of these params (what chapter 02 and ``mechlib.scale train`` train with)."""
+        from mechlib.sae.train import TrainConfig  # cycle: TrainConfig takes its defaults from this class
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "model_dtype": ("float32", "bfloat16", "float16", "auto"),
-    "collect_mode": ("disk", "stream"),
-    "activation_dtype": ("float32", "bfloat16"),
-    "sae_source": ("train", "pretrained"),
-    "task": ("arithmetic", "gsm8k"),
-    "prompt_format": PROMPT_FORMATS,
-    "contrast_pooling": ("last", "mean"),
-}
+        return TrainConfig.from_params(self)
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
+_HINTS = typing.get_type_hints(BookParams, localns={"TrainConfig": object})
+
+# The allowed values of every Literal-typed field, read from the type hints (one list of choices).
+CHOICES: dict[str, tuple[str, ...]] = {name: typing.get_args(hint) for name, hint in _HINTS.items()
+                                       if typing.get_origin(hint) is Literal}
 
 POSITIVE_INTS = (
     "seq_len", "collect_tokens", "heldout_tokens", "collect_batch_size", "shard_tokens", "d_sae", "k",
@@ -122,16 +200,14 @@ POSITIVE_INTS = (
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
-_FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
-_HINTS = typing.get_type_hints(BookParams)
-
-
 def known_keys() -> list[str]:
     return list(_FIELDS)
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
+def _type_ok(value: object, hint: Any) -> bool:  # hint: a typing form (Union, list[...], Literal[...], a class)
     origin = typing.get_origin(hint)
+    if origin is Literal:  # the type here; a value outside the choices is named by _check_ranges
+        return isinstance(value, tuple(type(a) for a in typing.get_args(hint)))
     if origin in (typing.Union, types.UnionType):
         return any(_type_ok(value, a) for a in typing.get_args(hint))
     if hint is type(None):
@@ -146,7 +222,9 @@ def _type_ok(value: Any, hint: Any) -> bool:
     return isinstance(value, hint)
 
 
-def _type_name(hint: Any) -> str:
+def _type_name(hint: Any) -> str:  # hint: a typing form, as in _type_ok
+    if typing.get_origin(hint) is Literal:
+        return type(typing.get_args(hint)[0]).__name__
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
@@ -216,7 +294,7 @@ def _check_ranges(p: BookParams, source: str) -> None:
 
 
 class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: Any, line: int, first_line: int):
+    def __init__(self, key: object, line: int, first_line: int):
         super().__init__(f"duplicate key {key!r} on line {line} (first on line {first_line})")
         self.key, self.line, self.first_line = key, line, first_line
 

@@ -9,10 +9,10 @@ Why a separate entry point: the notebooks run in one Jupyter kernel (one process
 1 B-token run wants every GPU of a machine and must survive preemption. Both entry points write
 exactly the files the chapters read (``outputs/<run>/activations``, ``outputs/<run>/checkpoints``),
 with arguments built by the same functions of the params as the chapters'
-(:func:`mechlib.collect_config.collect_config_from_params`, ``TrainConfig.from_params``), so a
+(:func:`mechlib.activations.collect_config.collect_config_from_params`, ``TrainConfig.from_params``), so a
 user can collect and train here, then run the book, which finds the work done and resumes or
 skips it. Killed and restarted, each resumes from what is on disk — only what was computed from
-the same inputs (:mod:`mechlib.provenance`).
+the same inputs (:mod:`mechlib.activations.provenance`).
 """
 
 from __future__ import annotations
@@ -23,15 +23,20 @@ import sys
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from mechlib.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
-                                 process_group, reduce_grads_sum, rescaled_step)
+from mechlib.activations.collect_config import collect_config_from_params, collect_split, open_train_store
+from mechlib.activations.shards import MANIFEST, Manifest, ShardEntry, ShardError, rank_manifest_name, read_manifest
+from mechlib.io import atomic_write_json
+from mechlib.models import load_model
+from mechlib.params import load_params
+from mechlib.paths import RunPaths
+from mechlib.sae.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
+                                     process_group, reduce_grads_sum, rescaled_step)
+from mechlib.sae.train import ParallelHooks, pick_step_fn, train_sae
 
 
-def train_hooks(info: DistInfo):
-    """The :class:`mechlib.train.ParallelHooks` of this rank: contiguous slice of each global batch,
+def train_hooks(info: DistInfo) -> ParallelHooks:
+    """The :class:`mechlib.sae.train.ParallelHooks` of this rank: contiguous slice of each global batch,
     SUM of gradients, OR of the ``fired`` masks, files written by rank 0 only."""
-    from mechlib.train import ParallelHooks
-
     if not info.distributed:
         return ParallelHooks()
     return ParallelHooks(local_batch=lambda x: local_rows(x, info.rank, info.world_size),
@@ -43,8 +48,6 @@ def train_step_fn(info: DistInfo) -> StepFn | None:
     exact reference math on CPU, the fast CUDA step with rescaled gradients on GPUs."""
     if not info.distributed:
         return None
-    from mechlib.train import pick_step_fn
-
     fn, name = pick_step_fn(info.device)
     return rescaled_step(fn) if name == "fast" else global_reference_step
 
@@ -55,11 +58,6 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
 
     ``info``: the process group already joined (by :func:`main`); ``None`` joins and leaves one here.
     """
-    from mechlib.collect_config import open_train_store
-    from mechlib.params import load_params
-    from mechlib.paths import RunPaths
-    from mechlib.train import TrainConfig, train_sae
-
     P = load_params(params_path)
     paths = RunPaths(P.run).make()
     if P.sae_source == "pretrained":
@@ -67,7 +65,7 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
         return {"run": P.run, "steps": 0, "sae_source": "pretrained"}
     with _group(info, device or P.device) as info:
         store = open_train_store(P, paths, str(info.device))
-        res = train_sae(store, TrainConfig.from_params(P), paths.checkpoints, device=str(info.device),
+        res = train_sae(store, P.train_config(), paths.checkpoints, device=str(info.device),
                         step_fn=train_step_fn(info), hooks=train_hooks(info), progress=progress and info.is_main)
         barrier()
         summary = {"run": P.run, "world_size": info.world_size, "steps": res.steps, "tokens": res.tokens,
@@ -87,8 +85,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--device", default=None, help="override the params' device (auto | cpu | cuda)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from mechlib.params import load_params
-
     try:
         P = load_params(args.params)  # a bad params file fails before any process group exists
         with process_group(args.device or P.device) as info:  # one group for all commands
@@ -118,11 +114,6 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
     would write, byte for byte); after a barrier rank 0 merges the per-rank manifests into the
     ``manifest.json`` chapter 01 writes. A rerun (any number of ranks) skips verified shards.
     """
-    from mechlib.collect_config import collect_config_from_params, collect_split
-    from mechlib.models import load_model
-    from mechlib.params import load_params
-    from mechlib.paths import RunPaths
-
     P = load_params(params_path)
     paths = RunPaths(P.run).make()
     summary: dict[str, Any] = {"run": P.run}
@@ -144,20 +135,17 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
     return summary
 
 
-def merge_rank_manifests(out_dir: Path, world_size: int) -> dict[str, Any]:
+def merge_rank_manifests(out_dir: Path, world_size: int) -> Manifest:
     """Rank 0, after a barrier: the union of the ranks' manifests → ``manifest.json``; drop the parts.
 
-    Raises :class:`mechlib.shards.ShardError` naming the folder if a shard index is missing (a rank
+    Raises :class:`mechlib.activations.shards.ShardError` naming the folder if a shard index is missing (a rank
     that did not finish) — nothing is merged then, so a rerun completes it.
     """
-    from mechlib.io import atomic_write_json
-    from mechlib.shards import MANIFEST, ShardError, rank_manifest_name, read_manifest
-
     parts = [read_manifest(out_dir, rank_manifest_name(r)) for r in range(world_size)]
     if any(p is None for p in parts):
         missing = [rank_manifest_name(r) for r, p in enumerate(parts) if p is None]
         raise ShardError(f"{out_dir}: rank manifests {missing} are missing; rerun the collection")
-    entries: dict[int, dict[str, Any]] = {}
+    entries: dict[int, ShardEntry] = {}
     for part in parts:
         entries.update({e["index"]: e for e in part["shards"]})
     shards = [entries[i] for i in sorted(entries)]

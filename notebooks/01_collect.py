@@ -36,7 +36,7 @@
 # activations' *fingerprint*: chapters 02 and 03 compare it with the one their saved products record, so an
 # SAE or a cached evaluation computed from other activations is recomputed, never reused.
 # `python -m mechlib.scale collect` builds its arguments with the same function as this chapter
-# (`mechlib.collect_config.collect_config_from_params`), so it writes the same shards.
+# (`mechlib.activations.collect_config.collect_config_from_params`), so it writes the same shards.
 
 # %% tags=["parameters"]
 run = "default"
@@ -65,7 +65,7 @@ import time
 import torch
 
 from mechlib import findings, plots, results
-from mechlib.collect_config import collect_for_book
+from mechlib.activations import collect_for_book
 from mechlib.hooks import run_to_layer
 from mechlib.models import load_model
 from mechlib.params import from_namespace

@@ -26,7 +26,7 @@
 # **Scale.** The study trains d_sae = 32768 latents (12.8×) with k = 128 on 1 B tokens of Gemma 4 E4B.
 # The default run here trains an 8× SAE (4608 latents, k = 32) on a few hundred thousand tokens of
 # SmolLM2-135M so that the whole book runs on a laptop CPU; `params/gemma4_e4b.yaml` has the study's
-# settings. On a CUDA GPU the training step uses the fast sparse path (`mechlib.sae_fast`); on a CPU,
+# settings. On a CUDA GPU the training step uses the fast sparse path (`mechlib.sae.fast`); on a CPU,
 # the exact reference step, whose backward pass also touches only the k selected latents per token.
 #
 # Instead of training, `sae_source: pretrained` loads a published SAE in the card's format, or a SAELens or
@@ -81,12 +81,12 @@ import textwrap
 import time
 
 from mechlib import findings, plots, results
-from mechlib.collect_config import open_store, open_train_store
-from mechlib.interop import HookInfo, export_sae
+from mechlib.activations import open_store, open_train_store
+from mechlib.sae import HookInfo, export_sae
 from mechlib.io import read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.train import HISTORY_FILE, TrainConfig, run_sae
+from mechlib.sae import HISTORY_FILE, run_sae
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -103,7 +103,7 @@ if P.sae_source == "pretrained":  # only checked against the activations' width 
     store = open_store(P, paths, "heldout")
 else:  # chapter 01's shards, or (stream) the model packed with chapter 01's exact settings
     store = open_train_store(P, paths, P.device)
-cfg = TrainConfig.from_params(P)
+cfg = P.train_config()
 print(f"activations: d_model {store.d_model}, layer {store.manifest.get('layer')}, model {store.manifest.get('model')}")
 if P.sae_source == "train":
     epochs = cfg.total_steps * cfg.train_batch_size / store.n_tokens
@@ -118,9 +118,10 @@ if P.sae_source == "train":
 
 # %%
 t0 = time.time()
-sae, info = run_sae(P, store, paths.checkpoints, device=P.device)
-print(f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {info['sae_source']}; "
-      f"training step: {info['step_path']}; resumed from step {info.get('resumed_from', 0)}; "
+trained = run_sae(P, store, paths.checkpoints, device=P.device)
+sae = trained.sae
+print(f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {trained.sae_source}; "
+      f"training step: {trained.step_path}; resumed from step {trained.resumed_from}; "
       f"{time.time() - t0:.1f} s in this run")
 
 # %% [markdown]
@@ -152,7 +153,7 @@ else:
 # %% [markdown]
 # ## Using the SAE elsewhere
 #
-# The SAE is also written to `outputs/<run>/export/` in the ecosystem's formats (`mechlib.interop`):
+# The SAE is also written to `outputs/<run>/export/` in the ecosystem's formats (`mechlib.sae.interop`):
 # SAELens's `cfg.json` + `sae_weights.safetensors` (architecture `topk`, with the model, hook
 # `blocks.L.hook_resid_post` / `model.layers.L`, context size and excluded positions in its metadata) and
 # sparsify's hookpoint folder `layers.L/`. `SAE.load_from_disk(folder)` (SAELens) and
@@ -177,7 +178,7 @@ print(textwrap.fill(finding, 110))
 
 # %%
 _ = results.save(paths, results.Trained(
-    **info, finding=finding, n_steps=len(history), final_batch_fvu=history[-1]["fvu"] if history else None,
+    **trained.summary(), finding=finding, n_steps=len(history), final_batch_fvu=history[-1]["fvu"] if history else None,
     n_dead_last_step=history[-1]["n_dead"] if history else None,
     checkpoint=paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
     export=paths.rel(exported.folder), train_config=cfg.as_dict()))

@@ -51,12 +51,12 @@ import textwrap
 import time
 
 from mechlib import evaluate, findings, metrics, plots, results
-from mechlib.collect_config import open_store
+from mechlib.activations import open_store
 from mechlib.findings import CARD
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.sae import check_compatible
-from mechlib.train import run_sae_for_eval
+from mechlib.sae import run_sae_for_eval
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()

@@ -22,8 +22,8 @@ from hypothesis import strategies as st
 
 from mechlib.params import ParamsError, known_keys, load_params, validate
 from mechlib.sae import SAEError, TopKSAE, save_card_checkpoint, save_sae
-from mechlib.stores import TensorStore
-from mechlib.train import TrainConfig, TrainingError, run_sae, train_sae
+from mechlib.activations.stores import TensorStore
+from mechlib.sae.train import TrainConfig, TrainingError, run_sae, train_sae
 from tiny_run import one_thread, write_params
 
 

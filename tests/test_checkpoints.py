@@ -15,12 +15,12 @@ import json
 import pytest
 import torch
 
-from mechlib.collect import ActivationStore, collect_activations
+from mechlib.activations.collect import ActivationStore, collect_activations
 from mechlib.io import checksum_path, sha256_file
 from mechlib.params import BookParams
-from mechlib.provenance import read_activations_fingerprint
+from mechlib.activations.provenance import read_activations_fingerprint
 from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint, save_sae
-from mechlib.train import TensorStore, TrainConfig, load_train_state, run_sae_for_eval, train_sae
+from mechlib.sae.train import TensorStore, TrainConfig, load_train_state, run_sae_for_eval, train_sae
 from tiny_run import one_thread
 
 CFG = TrainConfig(d_sae=32, k=4, k_aux=8, lr=3e-3, lr_floor=3e-4, warmup_steps=2, train_batch_size=32,

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from mechlib.collect import (ActivationStore, CorpusError, Packer, collect_activations, split_docs,
+from mechlib.activations.collect import (ActivationStore, CorpusError, Packer, collect_activations, split_docs,
                              stream_activations)
-from mechlib.corpus import iter_texts
+from mechlib.activations.corpus import iter_texts
 from mechlib.hooks import add_forward_hook
 from mechlib.models import LayerError, decoder_layers
-from mechlib.shards import ActivationError, ShardError
+from mechlib.activations.shards import ActivationError, ShardError
 from mechlib.io import sha256_file
 
 SMALL = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mechlib.book import chapters
-from mechlib.collect_config import (PARAM_KEYS, CollectConfig, collect_config_from_params, collect_for_book,
+from mechlib.activations.collect_config import (PARAM_KEYS, CollectConfig, collect_config_from_params, collect_for_book,
                                     collect_split)
 from mechlib.params import BookParams, load_params
 from tiny_run import one_thread, write_params
@@ -62,9 +62,9 @@ def test_scale_collect_writes_the_chapter_01_manifests(tmp_path, monkeypatch):
 
 
 def test_stream_store_packs_with_the_chapter_01_settings(tmp_path):
-    from mechlib.collect import ActivationStore
+    from mechlib.activations.collect import ActivationStore
     from mechlib.models import load_model
-    from mechlib.stores import stream_store_for_book
+    from mechlib.activations.collect_config import stream_store_for_book
 
     params = write_params(tmp_path, "odd", **ODD)
     P = load_params(params)

@@ -26,11 +26,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from mechlib.distributed import (DistributedError, all_or, all_sum, global_reference_step, local_rows, rank_items,
+from mechlib.sae.distributed import (DistributedError, all_or, all_sum, global_reference_step, local_rows, rank_items,
                                  reduce_grads_sum, rescaled_step)
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
 from mechlib.paths import REPO_ROOT
-from mechlib.train import TensorStore, TrainConfig, train_sae
+from mechlib.sae.train import TensorStore, TrainConfig, train_sae
 from tiny_run import one_thread, write_params
 
 D_MODEL, N_TOKENS = 16, 2048
@@ -58,7 +58,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
-    from mechlib.distributed import process_group
+    from mechlib.sae.distributed import process_group
     from mechlib.scale import train_hooks
 
     with process_group("cpu") as info:
@@ -85,7 +85,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_process(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
     """All variants trained by one 2-process gloo group (one spawn: process start-up dominates)."""
-    from mechlib.distributed import free_port
+    from mechlib.sae.distributed import free_port
 
     tmp = tmp_path_factory.mktemp("two")
     mp.start_processes(_worker, args=(2, free_port(), str(tmp)), nprocs=2, join=True, start_method="spawn")
@@ -129,7 +129,7 @@ def _dead_mask() -> torch.Tensor:
 
 
 def _adam_step(sae: TopKSAE) -> None:
-    """One update as mechlib.train makes it (fused Adam) from the gradients in ``.grad``."""
+    """One update as mechlib.sae.train makes it (fused Adam) from the gradients in ``.grad``."""
     torch.optim.Adam(sae.parameters(), lr=CFG.lr, betas=CFG.adam_betas, eps=CFG.adam_eps, fused=True).step()
 
 

@@ -9,7 +9,7 @@ import torch
 
 from mechlib import evaluate, metrics
 from mechlib.io import sha256_file
-from mechlib.provenance import tensor_digest
+from mechlib.activations.provenance import tensor_digest
 
 
 def test_stream_runs_fit_pca_on_the_first_half_of_the_heldout_tokens():
@@ -38,7 +38,7 @@ def test_model_evals_are_recomputed_when_the_heldout_activations_change(tmp_path
     """The cache key once held the SAE and the settings but not the activations: after chapter 01
     recollected with other settings, chapter 03 served ΔCE/KL of the old tokens."""
     from mechlib import models
-    from mechlib.collect import ActivationStore, collect_activations
+    from mechlib.activations.collect import ActivationStore, collect_activations
     from mechlib.params import BookParams
     from mechlib.sae import TopKSAE, save_card_checkpoint
     from tiny_run import corpus_file, model_folder

@@ -221,8 +221,8 @@ def test_book_runner_killed_mid_chapter_leaves_no_truncated_notebook(tmp_path):
 def test_training_removes_temporaries_of_a_write_killed_midway(tmp_path):
     """A kill inside an atomic write leaves ``.<name>.<random>.tmp`` (a full train_state of the study's
     SAE is ~2 GB); the next run removes ours and leaves other files alone."""
-    from mechlib.stores import TensorStore
-    from mechlib.train import TrainConfig, train_sae
+    from mechlib.activations.stores import TensorStore
+    from mechlib.sae.train import TrainConfig, train_sae
 
     ours = tmp_path / ".train_state.pt.k3j9.tmp"
     ours.write_bytes(b"half a checkpoint")
@@ -254,7 +254,7 @@ def test_every_writer_is_atomic():
     import re
 
     offenders = []
-    files = [*REPO_ROOT.glob("mechlib/*.py"), *REPO_ROOT.glob("notebooks/*.py"), *REPO_ROOT.glob("benchmarks/*.py")]
+    files = [*REPO_ROOT.glob("mechlib/**/*.py"), *REPO_ROOT.glob("notebooks/*.py"), *REPO_ROOT.glob("benchmarks/*.py")]
     for path in files:
         rel = path.relative_to(REPO_ROOT).as_posix()
         if (rel, "*") in ALLOWED:
@@ -272,9 +272,9 @@ def test_killed_data_parallel_collection_resumes_in_one_process(tmp_path, tiny_l
     """A torchrun collection killed before rank 0's merge leaves only ``manifest.rank<r>.json`` files.
     A rerun (here with one process) trusts the shards they list, computes only the rest, and ends with
     the manifest an uninterrupted run writes; the per-rank files are gone."""
-    from mechlib.collect import collect_activations
+    from mechlib.activations.collect import collect_activations
     from mechlib.scale import merge_rank_manifests
-    from mechlib.shards import ShardError
+    from mechlib.activations.shards import ShardError
 
     model, tok = tiny_llama
     small = dict(layer=1, n_tokens=700, seq_len=32, batch_size=4, shard_tokens=128, progress=False)

@@ -19,7 +19,7 @@ import torch
 
 from mechlib import hub
 from mechlib.hub import HubSpec
-from mechlib.interop import HookInfo, export_sae
+from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.sae import SAEError, TopKSAE, check_compatible, load_sae, save_card_checkpoint, save_sae
 
 D, M, K, LAYER = 16, 48, 4, 15

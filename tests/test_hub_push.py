@@ -12,9 +12,10 @@ import pytest
 import torch
 import yaml
 
-from mechlib import hub, hub_push
-from mechlib.hub_push import PushError, plan_push
-from mechlib.interop import HookInfo, export_sae
+from mechlib import hub
+from mechlib.hub import push as hub_push
+from mechlib.hub.push import PushError, plan_push
+from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.paths import REPO_ROOT
 from mechlib.sae import TopKSAE, load_sae, renorm_decoder_, save_card_checkpoint
 from test_hub import COMMITS, FakeHub, _same_encoding

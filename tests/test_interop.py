@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechlib.interop import HookInfo, encode_dense, export_sae
+from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint
 
 D, M, K, LAYER = 24, 96, 6, 15

@@ -69,7 +69,7 @@ def test_iter_jsonl_reads_crlf_and_skips_blank_lines(tmp_path):
 
 
 def test_gsm8k_and_corpus_readers_name_the_file_and_line(tmp_path):
-    from mechlib.corpus import CorpusError, iter_texts
+    from mechlib.activations.corpus import CorpusError, iter_texts
     from mechlib.gsm8k import GSM8KError, load_gsm8k
 
     gsm = tmp_path / "test.jsonl"

@@ -207,3 +207,28 @@ def test_chapters_declare_both_keys_of_every_cross_checked_pair():
         declared = set(papermill.inspect_notebook(jupytext.read(chapter.source)))
         for a, b in CROSS_CHECKED:
             assert (a in declared) == (b in declared), f"{chapter.name} declares only one of {a}, {b}"
+
+
+def test_every_field_has_a_docstring_and_choices_come_from_literal_hints():
+    """Each BookParams field is followed by its docstring (as sparsify's config.py); the allowed values of a
+    choice are its ``Literal`` hint's, so there is no second list to keep in step; a section is built, not copied."""
+    import ast
+    import dataclasses
+    import inspect
+    import typing
+
+    from mechlib import params
+    from mechlib.sae import TrainConfig
+
+    body = ast.parse(inspect.getsource(params.BookParams)).body[0].body
+    documented = {stmt.target.id for stmt, nxt in zip(body, body[1:])
+                  if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                  and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+    assert set(params.known_keys()) - documented == set()
+    assert params.CHOICES["model_dtype"] == typing.get_args(typing.get_type_hints(params.BookParams)["model_dtype"])
+    assert params.CHOICES["prompt_format"] == tuple(params.PROMPT_FORMATS)
+    P = params.BookParams(k=64, lr=5e-4)
+    cfg = P.train_config()
+    assert isinstance(cfg, TrainConfig) and (cfg.k, cfg.lr) == (64, 5e-4)
+    shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(params.known_keys())
+    assert {n: getattr(cfg, n) for n in shared} == {n: getattr(P, n) for n in shared}

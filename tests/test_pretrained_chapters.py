@@ -1,6 +1,6 @@
 """A SAELens-format and a sparsify-format SAE go through the book as ``sae_source: pretrained``.
 
-An SAE made here is exported with :func:`mechlib.interop.export_sae`, cut down to a SAELens-only and a
+An SAE made here is exported with :func:`mechlib.sae.interop.export_sae`, cut down to a SAELens-only and a
 sparsify-only folder (what someone else's tool would publish), and each folder drives chapters 02–07
 of a tiny run. Chapter 03's evaluation must be of *that* SAE (its weight fingerprint in the cached
 model evals equals the original's) and chapter 05 must rank its latents.
@@ -22,7 +22,7 @@ import pytest
 import torch
 import yaml
 
-from mechlib.interop import HookInfo, export_sae
+from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.metrics import sae_fingerprint
 from mechlib.models import model_shape
 from mechlib.sae import TopKSAE, card_state

@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from mechlib.collect import collect_activations
-from mechlib.provenance import (ActivationsFingerprint, Provenance, ProvenanceError, canonical_json, digest,
+from mechlib.activations.collect import collect_activations
+from mechlib.activations.provenance import (ActivationsFingerprint, Provenance, ProvenanceError, canonical_json, digest,
                                 fingerprint_of_manifest, fingerprint_of_store, read_activations_fingerprint,
                                 stale_line, tensor_digest)
-from mechlib.shards import ShardError
-from mechlib.stores import TensorStore
+from mechlib.activations.shards import ShardError
+from mechlib.activations.stores import TensorStore
 
 
 @dataclass(frozen=True)

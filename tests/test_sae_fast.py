@@ -1,4 +1,4 @@
-"""CPU checks of the fast TopK SAE step's sparse math (mechlib.sae_fast).
+"""CPU checks of the fast TopK SAE step's sparse math (mechlib.sae.fast).
 
 What is proved here: the hand-written sparse backward equals autograd of the dense method
 (float64, with and without AuxK, with exact ties), ``fast_step`` equals ``reference_step``,
@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
-from mechlib.sae_fast import TORCH, Backend, fast_step, latent_order, select_topk
+from mechlib.sae.fast import TORCH, Backend, fast_step, latent_order, select_topk
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -223,8 +223,8 @@ def test_bf16_compute_stays_close_to_fp32_reference():
 
 def _interpreter_checks() -> None:
     """Run each kernel under TRITON_INTERPRET=1 against its torch twin, then a whole step."""
-    from mechlib import triton_kernels as tk
-    from mechlib.sae_fast import TRITON, TRITON_RADIX, decode_residual_torch, pass_a_torch, pass_b_torch
+    from mechlib.sae import triton_kernels as tk
+    from mechlib.sae.fast import TRITON, TRITON_RADIX, decode_residual_torch, pass_a_torch, pass_b_torch
 
     torch.manual_seed(0)
     n, m, d, k, ka = 37, 300, 70, 9, 13
@@ -280,7 +280,7 @@ def _compile_checks() -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    from mechlib import triton_kernels as tk
+    from mechlib.sae import triton_kernels as tk
 
     ptr = {"f32": "*fp32", "bf16": "*bf16", "i32": "*i32", "u8": "*u8"}
     topk = dict(pre_ptr=ptr["bf16"], stride_row="i32", M="i32", dead_ptr=ptr["u8"], idx_ptr=ptr["i32"],

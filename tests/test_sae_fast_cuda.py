@@ -12,7 +12,7 @@ import torch
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_  # noqa: E402
-from mechlib.sae_fast import TORCH, TRITON, TRITON_RADIX, fast_step, latent_order, select_topk  # noqa: E402
+from mechlib.sae.fast import TORCH, TRITON, TRITON_RADIX, fast_step, latent_order, select_topk  # noqa: E402
 
 DEV = torch.device("cuda")
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
@@ -39,8 +39,8 @@ def dead_mask(m, n_dead, seed=0):
 
 
 def test_kernels_match_torch_twins():
-    from mechlib import triton_kernels as tk
-    from mechlib.sae_fast import decode_residual_torch, pass_a_torch, pass_b_torch
+    from mechlib.sae import triton_kernels as tk
+    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch
 
     n, m, d, k, ka = 512, 4096, 320, 32, 64
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -122,7 +122,7 @@ def test_study_shape_step_fits_memory_and_selects_exactly_k():
     trainer_peak = param_gib * 3 + step_peak  # + weights + Adam's two moments
     assert trainer_peak <= 6.0, f"params + Adam + step peak = {trainer_peak:.2f} GiB"
     assert torch.isfinite(stats.loss) and stats.aux_loss > 0
-    from mechlib.triton_kernels import topk_select
+    from mechlib.sae.triton_kernels import topk_select
 
     with torch.no_grad():
         pre = torch.addmm(sae.b_enc.bfloat16(), (x - sae.b_dec).bfloat16(), sae.W_enc.bfloat16())

@@ -11,8 +11,8 @@ import torch
 
 from mechlib.params import BookParams
 from mechlib.sae import SAEError, TopKSAE, load_sae, reference_step, save_card_checkpoint
-from mechlib.schedule import lr_at
-from mechlib.train import (ParallelHooks, TensorStore, TrainConfig, load_train_state, run_sae, run_sae_for_eval,
+from mechlib.sae.train import lr_at
+from mechlib.sae.train import (ParallelHooks, TensorStore, TrainConfig, load_train_state, run_sae, run_sae_for_eval,
                            train_sae)
 
 D = 16
@@ -150,9 +150,10 @@ def test_pretrained_switch_loads_local_card_file(tmp_path):
     sae = TopKSAE(D, 32, 4, seed=5)
     path = save_card_checkpoint(sae, tmp_path / "given" / "sae_final.pt")
     P = BookParams(sae_source="pretrained", sae_pretrained=str(path))
-    got, info = run_sae(P, store, tmp_path / "ck", device="cpu")
-    assert info["sae_source"] == "pretrained" and info["d_sae"] == 32
-    assert torch.equal(got.W_enc, sae.W_enc)
+    res = run_sae(P, store, tmp_path / "ck", device="cpu")
+    assert res.sae_source == "pretrained" and res.sae.d_sae == 32 and res.step_path == "none"
+    assert res.summary()["sae_source"] == "pretrained" and res.summary()["d_sae"] == 32
+    assert torch.equal(res.sae.W_enc, sae.W_enc)
     evaluated, _ = run_sae_for_eval(P, tmp_path / "ck", device="cpu")
     assert torch.equal(evaluated.W_dec, sae.W_dec)
     wide = save_card_checkpoint(TopKSAE(D + 1, 32, 4), tmp_path / "wide.pt")
@@ -182,7 +183,7 @@ def _piecewise_stream(x: torch.Tensor, calls: list[int]):
 
 
 def test_stream_store_resumes_on_the_same_batches_without_replaying_the_stream():
-    from mechlib.stores import StreamStore
+    from mechlib.activations.stores import StreamStore
 
     x = torch.arange(1000.0)[:, None]
     calls: list[int] = []
@@ -200,7 +201,7 @@ def test_stream_store_resumes_on_the_same_batches_without_replaying_the_stream()
 
 
 def test_training_on_a_stream_resumes_exactly(tmp_path):
-    from mechlib.stores import StreamStore
+    from mechlib.activations.stores import StreamStore
 
     x = sparse_data(n=1500)
     make = lambda: StreamStore(_piecewise_stream(x, []), 1500, D, {"layer": 3}, shuffle_batches=3)  # noqa: E731
@@ -214,9 +215,9 @@ def test_training_on_a_stream_resumes_exactly(tmp_path):
 
 def test_stream_store_for_book_matches_chapter_01_shards(tiny_llama, tiny_tok, tmp_path):
     """Unshuffled, the stream yields exactly the activations collection writes, in the same order."""
-    from mechlib.collect import ActivationStore, collect_activations
+    from mechlib.activations.collect import ActivationStore, collect_activations
     from mechlib.models import LoadedModel
-    from mechlib.stores import stream_store_for_book
+    from mechlib.activations.collect_config import stream_store_for_book
 
     model, _ = tiny_llama
     words = "the cat sat on a mat while seven small dogs ran past the old red barn".split()

@@ -57,7 +57,7 @@ def hist_edges() -> list[float]:
 
 
 class ShardTokens(NamedTuple):
-    """One shard's kept tokens and the packed rows they come from (see ``mechlib.shards``)."""
+    """One shard's kept tokens and the packed rows they come from (see ``mechlib.activations.shards``)."""
 
     activations: Tensor  # [n, d] residual-stream vectors of the kept tokens
     row: Tensor  # [n] global packed-row index of each token
@@ -67,7 +67,7 @@ class ShardTokens(NamedTuple):
 
 
 def iter_store_shards(store) -> Iterator[ShardTokens]:
-    """Shards of a ``mechlib.stores.ActivationStore``, one at a time (checksums verified by the store)."""
+    """Shards of a ``mechlib.activations.ActivationStore``, one at a time (checksums verified by the store)."""
     for i, entry in enumerate(store.entries):
         sh = store.shard(i)
         yield ShardTokens(sh["activations"], sh["row"], sh["position"], sh["context_ids"], int(entry["first_row"]))

@@ -156,7 +156,7 @@ def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_la
     """
     from mechlib.metrics import sae_fingerprint
     from mechlib.models import load_model
-    from mechlib.provenance import fingerprint_of_store
+    from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.sae import card_state
 
     folder = browser_folder(run_paths)

@@ -19,13 +19,17 @@ import json
 import queue
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from mechlib.io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
+# A manifest and one of its shard entries as JSON documents: values of mixed types by key (the
+# keys are written in one place, :func:`mechlib.activations.collect.collect_activations`).
+Manifest = dict[str, Any]
+ShardEntry = dict[str, Any]
 FORMAT = "mechbook-activations/1"
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -42,7 +46,7 @@ def shard_name(index: int) -> str:
     return f"shard_{index:05d}.safetensors"
 
 
-def read_manifest(directory: Path, name: str = MANIFEST) -> dict[str, Any] | None:
+def read_manifest(directory: Path, name: str = MANIFEST) -> Manifest | None:
     path = Path(directory) / name
     if not path.is_file():
         return None
@@ -55,7 +59,7 @@ def read_manifest(directory: Path, name: str = MANIFEST) -> dict[str, Any] | Non
     return manifest
 
 
-def verify_shard(directory: Path, entry: dict[str, Any]) -> None:
+def verify_shard(directory: Path, entry: ShardEntry) -> None:
     """Raise :class:`ShardError` naming the file if it is missing or its sha256 differs."""
     path = Path(directory) / entry["file"]
     if not path.is_file():
@@ -68,7 +72,7 @@ def verify_shard(directory: Path, entry: dict[str, Any]) -> None:
                          f"delete it and rerun to recollect it")
 
 
-def load_shard(directory: Path, entry: dict[str, Any], verify: bool = True) -> dict[str, torch.Tensor]:
+def load_shard(directory: Path, entry: ShardEntry, verify: bool = True) -> dict[str, torch.Tensor]:
     """Load one shard (verifying its checksum first); non-finite activations raise."""
     from safetensors.torch import load_file
 
@@ -103,7 +107,7 @@ class ShardWriter:
     Errors from the thread are re-raised in the caller at the next call or at ``close``.
     """
 
-    def __init__(self, directory: Path, manifest: dict[str, Any], dtype: str, max_pending: int = 4,
+    def __init__(self, directory: Path, manifest: Manifest, dtype: str, max_pending: int = 4,
                  manifest_name: str = MANIFEST):
         self.directory = Path(directory)
         self.manifest = manifest
@@ -130,7 +134,8 @@ class ShardWriter:
                 continue
 
     def add_batch(self, hidden: torch.Tensor, keep: torch.Tensor, ids: torch.Tensor, doc: torch.Tensor,
-                  first_row: int, event: Any = None, on_done: Any = None) -> None:
+                  first_row: int, event: torch.cuda.Event | None = None,
+                  on_done: Callable[[], None] | None = None) -> None:
         """Queue one model batch: ``hidden`` [B, T, d], ``keep``/``ids``/``doc`` [B, T] on the CPU."""
         self._put(("batch", hidden, keep, ids, doc, first_row, event, on_done))
 
@@ -219,7 +224,7 @@ class ActivationStore:
             raise ShardError(f"{self.directory / MANIFEST}: collection is incomplete "
                              f"({manifest.get('n_tokens', 0)} tokens so far); rerun chapter 01 to finish it")
         self.manifest = manifest
-        self.entries: list[dict[str, Any]] = manifest["shards"]
+        self.entries: list[ShardEntry] = manifest["shards"]
         self.verify = verify
         self._cache: dict[int, dict[str, torch.Tensor]] = {}
         self._verified: set[int] = set()

@@ -1,9 +1,10 @@
-"""Activation sources for SAE training besides the on-disk ``ActivationStore``.
+"""What SAE training reads: the :class:`ActivationSource` contract and two sources besides the disk.
 
-Both expose the same batch contract as :class:`mechlib.shards.ActivationStore`
-(``d_model``, ``n_tokens``, ``manifest``, ``iter_batches(batch_size, shuffle, seed, start_batch,
-n_batches)``), so :func:`mechlib.train.train_sae` cannot tell them apart and resumes on exactly the
-batch it stopped at.
+:class:`ActivationSource` is the contract (a ``Protocol``): ``d_model``, ``n_tokens``, ``manifest``
+and ``iter_batches(batch_size, shuffle, seed, start_batch, n_batches)``, where batch ``b`` is a pure
+function of ``(seed, b)``. The on-disk :class:`mechlib.activations.shards.ActivationStore` and the
+two classes here implement it, so :func:`mechlib.sae.train.train_sae` cannot tell them apart and
+resumes on exactly the batch it stopped at.
 
 - :class:`TensorStore`: activations already in memory (notebook experiments, tests).
 - :class:`StreamStore`: ``collect_mode: stream`` — the model runs inside the training loop and no
@@ -16,10 +17,35 @@ batch it stopped at.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 from torch import Tensor
+
+from mechlib.activations.shards import Manifest
+
+
+class ActivationSource(Protocol):
+    """Activation vectors of one layer, read in seeded batches (what SAE training and evaluation read).
+
+    - ``d_model``, ``n_tokens``: the width of a vector and the number of vectors in one epoch.
+    - ``manifest``: at least ``model``, ``layer``, ``params_hash`` and ``shards`` (each with
+      ``sha256``): :func:`mechlib.activations.provenance.fingerprint_of_store` digests it.
+    - ``iter_batches``: ``n_batches=None`` is one pass (the last batch may be smaller); otherwise
+      batches ``start_batch .. n_batches - 1`` of the endless epoch cycle, each epoch with its own
+      shuffle; batch ``b`` is the same whether or not a run was interrupted before it.
+    """
+
+    manifest: Manifest
+
+    @property
+    def d_model(self) -> int: ...
+
+    @property
+    def n_tokens(self) -> int: ...
+
+    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
+                     n_batches: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]: ...
 
 
 class TensorStore:
@@ -33,12 +59,12 @@ class TensorStore:
         if x.dim() != 2 or x.shape[0] == 0:
             raise ValueError(f"TensorStore needs a non-empty [n_tokens, d_model] tensor, got shape {tuple(x.shape)}")
         self.x = x
-        # The tensor's bytes stand in for shard checksums: other data, other fingerprint (mechlib.provenance).
+        # The tensor's bytes stand in for shard checksums: other data, other fingerprint (see provenance).
         raw = x.detach().cpu().contiguous().view(torch.uint8).numpy()
         self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0]),
                          "params_hash": f"in-memory {x.dtype}",
                          "shards": [{"index": 0, "sha256": hashlib.sha256(memoryview(raw)).hexdigest()}]}
-        self._order_key: tuple | None = None
+        self._order_key: tuple[int, int, bool] | None = None
         self._order_cache = torch.arange(0)
 
     @property
@@ -86,7 +112,7 @@ EpochStream = Callable[[int], Iterator[Tensor]]
 class StreamStore:
     """Activations computed on the fly, one epoch = ``n_tokens`` kept tokens of the packed corpus."""
 
-    def __init__(self, epoch_stream: EpochStream, n_tokens: int, d_model: int, manifest: dict[str, Any],
+    def __init__(self, epoch_stream: EpochStream, n_tokens: int, d_model: int, manifest: Manifest,
                  shuffle_batches: int = 16) -> None:
         self.epoch_stream = epoch_stream
         self._n, self._d = int(n_tokens), int(d_model)
@@ -132,44 +158,3 @@ class StreamStore:
                     yield block[i * batch_size:(i + 1) * batch_size].to(dtype)
                 b += 1
             c += 1
-
-
-def stream_store_for_book(loaded: Any, P: Any, shuffle_batches: int = 16) -> StreamStore:
-    """The ``train`` split of the book's corpus as a :class:`StreamStore` (``collect_mode: stream``).
-
-    Rows are packed exactly as chapter 01 packs them — the same :class:`mechlib.collect_config.CollectConfig`
-    (``exclude_first_positions`` included); skipped rows are only tokenised, never run through the
-    model. The manifest carries the collection's identity and hash, so a change of settings changes
-    the SAE's provenance (:mod:`mechlib.provenance`).
-    """
-    from mechlib.collect import _packed_rows, batch_rows
-    from mechlib.collect_config import collect_config_from_params
-    from mechlib.hooks import run_to_layer
-
-    cfg = collect_config_from_params(P)
-    model = loaded.model
-    device = next(model.parameters()).device
-
-    def rows_after(skip: int):
-        _, rows = _packed_rows(loaded.tokenizer, cfg.train_tokens, cfg.seq_len, cfg.corpus, cfg.corpus_config,
-                               cfg.corpus_split, cfg.corpus_text_field, "train", cfg.exclude_special_tokens,
-                               cfg.exclude_first_positions)
-        got = 0
-        for ids, keep, doc in rows:
-            n = int(keep.sum())
-            if got + n <= skip:
-                got += n
-                continue
-            if got < skip:  # the row straddling the skip point: drop its first (skip - got) kept tokens
-                keep = keep & (keep.cumsum(0) > skip - got)
-            got += n
-            yield ids, keep, doc
-
-    def epoch_stream(skip: int) -> Iterator[Tensor]:
-        for pb in batch_rows(rows_after(skip), cfg.batch_size):
-            with torch.no_grad():
-                h = run_to_layer(model, cfg.layer, input_ids=pb.ids.to(device))
-            yield h[pb.keep.to(device)].float()
-
-    return StreamStore(epoch_stream, cfg.train_tokens, loaded.d_model, cfg.stream_manifest(loaded),
-                       shuffle_batches=shuffle_batches)

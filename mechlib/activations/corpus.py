@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -108,6 +109,34 @@ def _local_file(path: Path, text_field: str) -> Iterator[str]:
             yield "\n".join(block)
     else:
         raise CorpusError(f"corpus file {path} must end in .txt (blank-line separated documents) or .jsonl")
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which texts a collection reads (the corpus quartet of the book's params, as one value).
+
+    ``name`` is ``"python-stdlib-docs"``, ``"hf:<dataset id>"`` or a local ``.txt`` / ``.jsonl``
+    path; ``config``, ``split`` and ``text_field`` apply to a dataset (``text_field`` also to
+    ``.jsonl``). ``split`` is the *dataset's* split, not the book's train/heldout split.
+    """
+
+    name: str = STDLIB_CORPUS
+    config: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    @classmethod
+    def of(cls, corpus: "CorpusSpec | str") -> "CorpusSpec":
+        """A spec as is, or a plain corpus name with the default config, split and text field."""
+        return corpus if isinstance(corpus, CorpusSpec) else cls(corpus)
+
+    def texts(self) -> Iterator[str]:
+        return iter_texts(self.name, self.config, self.split, self.text_field)
+
+    def identity(self) -> dict[str, str | None]:
+        """The keys a collection's manifest records (and hashes) for its corpus."""
+        return {"corpus": self.name, "corpus_config": self.config, "corpus_split": self.split,
+                "corpus_text_field": self.text_field}
 
 
 def iter_texts(corpus: str, corpus_config: str | None = None, corpus_split: str = "train",

@@ -6,7 +6,7 @@ in ``sae_final.pt`` gave a variance explained of -1.6e70 with exit code 0, and a
 01 recollected with other settings, chapter 02 "resumed" an SAE trained on the old activations.
 So every checkpoint has a ``.sha256`` sidecar verified on load (:mod:`mechlib.io`), the state
 before the last is kept as ``train_state.prev.pt`` to fall back on, and every state and exported
-SAE records its :class:`mechlib.provenance.Provenance` (activations fingerprint + training
+SAE records its :class:`mechlib.activations.provenance.Provenance` (activations fingerprint + training
 config), which must match before anything is resumed or evaluated.
 """
 
@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 
 from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
-from mechlib.provenance import PREFIX, ActivationsFingerprint, Provenance, ProvenanceError, stale_line
-from mechlib.sae import SAEError
+from mechlib.activations.provenance import PREFIX, ActivationsFingerprint, Provenance, ProvenanceError, stale_line
+from mechlib.sae.model import SAEError
 
 if TYPE_CHECKING:
-    from mechlib.train import TrainConfig
+    from mechlib.sae.train import TrainConfig
 
 STATE_FILE = "train_state.pt"
 PREV_STATE_FILE = "train_state.prev.pt"  # the checkpoint before the last: the fallback if the last is damaged
@@ -82,7 +82,7 @@ def load_train_state(out_dir: str | Path, announce: bool = True) -> dict[str, An
     return None
 
 
-def _activations_detail(fp: ActivationsFingerprint, saved: Any) -> str:
+def _activations_detail(fp: ActivationsFingerprint, saved: Mapping[str, Any] | None) -> str:
     try:
         return fp.describe_change(ActivationsFingerprint.from_dict(saved))
     except (ProvenanceError, AttributeError):

@@ -28,7 +28,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
+
+import torch
+
+from mechlib.activations.shards import MANIFEST, ShardError, read_manifest
+
+if TYPE_CHECKING:  # stores imports nothing of provenance; the Protocol is only an annotation here
+    from mechlib.activations.stores import ActivationSource
 
 PREFIX = "[mechbook]"
 
@@ -37,7 +44,7 @@ class ProvenanceError(ValueError):
     """A value that cannot be digested, or a saved provenance record that is malformed."""
 
 
-def _plain(obj: Any) -> Any:
+def _plain(obj: object) -> Any:  # returns any JSON value (None, bool, number, str, list, dict)
     """``obj`` as JSON-able plain values, the same for equal values (tuples → lists, dataclasses → dicts)."""
     if obj is None or isinstance(obj, (bool, int, str)):
         return obj
@@ -64,7 +71,7 @@ def _plain(obj: Any) -> Any:
     raise ProvenanceError(f"cannot digest a {type(obj).__name__} ({obj!r:.80}); pass plain values or a dataclass")
 
 
-def canonical_json(obj: Any) -> str:
+def canonical_json(obj: object) -> str:
     """The one JSON text of ``obj``: sorted keys, no spaces, NaN refused."""
     return json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"), allow_nan=False)
 
@@ -77,10 +84,8 @@ def digest(*parts: object) -> str:
     return hashlib.sha256(canonical_json(list(parts)).encode("utf-8")).hexdigest()
 
 
-def tensor_digest(t: Any) -> str:
+def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (CPU copy): equal tensors, equal digest."""
-    import torch
-
     x = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
     h.update(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
@@ -97,7 +102,7 @@ def stale_line(inputs: str, product: str, action: str, detail: str = "") -> str:
 class ActivationsFingerprint:
     """What a set of activations is: its collection settings and its contents.
 
-    ``params_hash`` is the collection's settings hash (``mechlib.collect``: model, layer, corpus,
+    ``params_hash`` is the collection's settings hash (``mechlib.activations.collect``: model, layer, corpus,
     seq_len, exclusions, dtype, ...), ``shards`` the digest of every shard's sha256 in index order
     (for an in-memory store, of the tensor's bytes; empty for a stream, whose contents are a
     function of the settings). The settings themselves are kept so a change can be named.
@@ -167,16 +172,14 @@ def fingerprint_of_manifest(manifest: Mapping[str, Any]) -> ActivationsFingerpri
 
 def read_activations_fingerprint(directory: str | os.PathLike[str]) -> ActivationsFingerprint:
     """The fingerprint of the collection in ``directory`` (its ``manifest.json``; shards are not re-hashed:
-    :class:`mechlib.shards.ActivationStore` verifies each shard against the manifest when it reads it)."""
-    from mechlib.shards import MANIFEST, ShardError, read_manifest
-
+    :class:`mechlib.activations.shards.ActivationStore` verifies each shard against the manifest when it reads it)."""
     manifest = read_manifest(Path(directory))
     if manifest is None:
         raise ShardError(f"{Path(directory) / MANIFEST}: no activation manifest here; run chapter 01 (collection) first")
     return fingerprint_of_manifest(manifest)
 
 
-def fingerprint_of_store(store: Any) -> ActivationsFingerprint:
+def fingerprint_of_store(store: ActivationSource) -> ActivationsFingerprint:
     """The fingerprint of anything with a ``manifest`` (``ActivationStore``, ``StreamStore``, ``TensorStore``)."""
     manifest = dict(getattr(store, "manifest", None) or {})
     manifest.setdefault("n_tokens", int(store.n_tokens))

@@ -38,13 +38,13 @@ import datetime
 import os
 import socket
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from mechlib.sae import StepStats, TopKSAE, fired_mask, sparse_decode, topk_code
+from mechlib.sae.model import StepStats, TopKSAE, aux_loss, aux_topk, fired_mask, fvu_terms, sparse_decode
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
 
@@ -196,21 +196,18 @@ def global_reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int
     Each rank back-propagates ``sum_local(e^2) / D_global + aux_coef * sum_local(aux^2) / A_global``;
     SUM-reducing the gradients then gives the gradient of the global loss exactly. The returned
     stats are the global values (identical on every rank). In one process this is the reference
-    step up to the order of floating-point sums.
+    step up to the order of floating-point sums. The terms are :mod:`mechlib.sae.model`'s own
+    (``fvu_terms``, ``aux_topk``, ``aux_loss``), given the global denominators.
     """
     out = sae(x)
     e = x - out.recon
     denom, n = _centred_sq_sum(x)
-    se = e.pow(2).sum()
-    fvu_part = se / denom
-    n_dead = int(dead_mask.sum())
-    if k_aux > 0 and n_dead > 0:
-        masked = out.pre.masked_fill(~dead_mask, float("-inf"))
-        aux_code = topk_code(masked, min(k_aux, n_dead))
-        e_hat = sparse_decode(aux_code, sae.W_dec)
+    se, fvu_part = fvu_terms(e, denom)
+    aux_code = aux_topk(out.pre, dead_mask, k_aux)
+    if aux_code is not None:
         ed = e.detach()
         aux_denom, _ = _centred_sq_sum(ed)
-        aux_part = (e_hat - ed).pow(2).sum() / aux_denom
+        aux_part = aux_loss(sparse_decode(aux_code, sae.W_dec), ed, aux_denom)
     else:
         aux_part = torch.zeros((), dtype=x.dtype, device=x.device)
     (fvu_part + aux_coef * aux_part).backward()

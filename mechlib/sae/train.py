@@ -5,11 +5,13 @@ Why the loop looks the way it does:
   position, RNG, dead counters, history) goes into one atomic checkpoint, so a killed run that
   is rerun continues *exactly* where it stopped: resumed == uninterrupted, bit for bit on CPU.
   Only a state computed from the same activations and knobs is resumed, and only an intact one
-  (sha256 sidecar; the state before it is the fallback): see :mod:`mechlib.checkpoints`.
+  (sha256 sidecar; the state before it is the fallback): see :mod:`mechlib.sae.checkpoints`.
 - Data order is a pure function of (seed, step): step ``s`` trains on global batch ``s`` of
   ``store.iter_batches(batch_size, shuffle=True, seed=seed, start_batch=s, n_batches=total_steps)``
   (epochs cycle inside the store, each with its own shuffle), so the data position is the step.
-- The step function is pluggable (``reference_step`` in fp32 autograd; ``mechlib.sae_fast.fast_step``
+- The learning rate is a pure function of the step (:func:`lr_at`), so a resumed run uses exactly
+  the LR an uninterrupted run would have used; the schedule keeps no state of its own.
+- The step function is pluggable (``reference_step`` in fp32 autograd; ``mechlib.sae.fast.fast_step``
   on CUDA) and :class:`ParallelHooks` is the seam where a data-parallel trainer adds its
   all-reduces (gradients after backward, ``fired`` before the dead counters are updated) and its
   per-rank slice of each global batch, without touching this loop.
@@ -23,21 +25,21 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechlib.checkpoints import (CFG_FILE, FINAL_FILE, HISTORY_FILE, OUR_FILES, STATE_FILE, check_trained_on,
-                                 finals_intact, load_train_state, train_provenance, why_not_resume, write_state)
+from mechlib.activations.provenance import ActivationsFingerprint, fingerprint_of_store
+from mechlib.activations.stores import ActivationSource, TensorStore  # noqa: F401  (re-exported for tests)
 from mechlib.io import atomic_write_json, read_json
+from mechlib.models import resolve_device
 from mechlib.params import BookParams
-from mechlib.provenance import ActivationsFingerprint, fingerprint_of_store
-from mechlib.sae import (FORMULAS, SAEError, StepStats, TopKSAE, init_b_dec_, load_sae, reference_step,
-                         renorm_decoder_, save_card_checkpoint, save_sae)
-from mechlib.schedule import lr_at
-from mechlib.stores import TensorStore  # noqa: F401  (re-exported: train_sae(TensorStore(x), ...))
+from mechlib.sae.checkpoints import (CFG_FILE, FINAL_FILE, HISTORY_FILE, OUR_FILES, STATE_FILE, check_trained_on,
+                                     finals_intact, load_train_state, train_provenance, why_not_resume, write_state)
+from mechlib.sae.model import (SAEError, StepStats, TopKSAE, check_compatible, init_b_dec_, load_sae,
+                               reference_step, renorm_decoder_, save_card_checkpoint, save_sae)
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
 
@@ -65,10 +67,11 @@ class TrainConfig:
     seed: int = BookParams.seed
     adam_betas: tuple[float, float] = (0.9, 0.999)  # Gao et al. / torch defaults; the card does not say
     adam_eps: float = 1e-8
-    init_b_dec: str = "geometric_median"  # geometric_median | zeros
+    init_b_dec: Literal["geometric_median", "zeros"] = "geometric_median"
 
     @classmethod
-    def from_params(cls, P: Any) -> "TrainConfig":
+    def from_params(cls, P: BookParams) -> "TrainConfig":
+        """The fields of ``P`` with these names (the training section of the book's flat params)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{n: getattr(P, n) for n in names if hasattr(P, n)})
 
@@ -81,6 +84,26 @@ class TrainConfig:
         d["adam_betas"] = list(self.adam_betas)
         d["total_steps"] = self.total_steps
         return d
+
+
+# ------------------------------------------------------------------------------------ schedule
+
+
+def lr_at(step: int, *, lr: float, lr_floor: float, warmup_steps: int, total_steps: int) -> float:
+    """LR for optimizer step ``step`` (0-based): linear warmup → cosine decay → floor (the card's 2e-4 → 6e-5).
+
+    Warmup: ``lr * (step + 1) / warmup_steps`` for the first ``warmup_steps`` steps (never 0, so
+    step 0 already learns). Then a half cosine from ``lr`` down to ``lr_floor`` reached at the last
+    step; steps past ``total_steps`` stay at the floor.
+    """
+    if step < warmup_steps:
+        return lr * (step + 1) / warmup_steps
+    decay_steps = max(total_steps - warmup_steps - 1, 1)
+    t = min((step - warmup_steps) / decay_steps, 1.0)
+    return lr_floor + 0.5 * (lr - lr_floor) * (1.0 + math.cos(math.pi * t))
+
+
+# --------------------------------------------------------------------------------------- loop
 
 
 @dataclass
@@ -98,11 +121,16 @@ class ParallelHooks:
     is_main: bool = True
 
 
+StepPath = Literal["reference", "fast", "custom", "none"]  # "none": a pretrained SAE, no training step
+
+
 @dataclass
 class TrainResult:
+    """What chapter 02 gets back: the SAE and how it came to be (trained here, resumed, or loaded)."""
+
     sae: TopKSAE
-    history: list[dict[str, float]]
-    step_path: str  # "reference" | "fast"
+    history: list[dict[str, float]]  # one row per step: step, lr, loss, fvu, mse, aux_loss, n_dead
+    step_path: StepPath
     steps: int
     tokens: int
     seconds: float  # wall time of the steps run in this call (0 when nothing was left to do)
@@ -110,19 +138,40 @@ class TrainResult:
     tokens_since_fired: Tensor  # [m] int64, the dead counters at the end
     out_dir: Path
     dead_fraction: float = field(default=0.0)
+    sae_source: Literal["train", "pretrained"] = "train"
+    sae_pretrained: str | None = None  # the spec a pretrained SAE was loaded from
+
+    @property
+    def final_fvu(self) -> float | None:
+        return self.history[-1]["fvu"] if self.history else None
+
+    def summary(self) -> dict[str, Any]:
+        """The JSON summary chapter 02 writes into ``metrics/02_train_sae.json`` (keys as before)."""
+        sae = self.sae
+        if self.sae_source == "pretrained":
+            return {"sae_source": "pretrained", "sae_pretrained": self.sae_pretrained, "d_model": sae.d_model,
+                    "d_sae": sae.d_sae, "k": sae.k, "layer": sae.meta.get("layer"), "step_path": "none"}
+        return {"sae_source": "train", "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k,
+                "step_path": self.step_path, "steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
+                "resumed_from": self.resumed_from, "final_fvu": self.final_fvu,
+                "dead_fraction_at_end": self.dead_fraction}
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+@dataclass
+class _Progress:
+    """The training state that changes every step (what a checkpoint must carry besides Adam and the RNG)."""
+
+    sae: TopKSAE
+    step: int
+    history: list[dict[str, float]]
+    tokens_since_fired: Tensor  # [m] int64
 
 
-def pick_step_fn(device: torch.device) -> tuple[StepFn, str]:
-    """``mechlib.sae_fast.fast_step`` on CUDA when it imports, else the fp32 reference."""
+def pick_step_fn(device: torch.device) -> tuple[StepFn, StepPath]:
+    """``mechlib.sae.fast.fast_step`` on CUDA when it imports, else the fp32 reference."""
     if device.type == "cuda":
-        try:
-            from mechlib.sae_fast import fast_step
+        try:  # the fast step needs triton on CUDA; a CPU-only install never imports it
+            from mechlib.sae.fast import fast_step
 
             return fast_step, "fast"
         except ImportError:
@@ -130,7 +179,7 @@ def pick_step_fn(device: torch.device) -> tuple[StepFn, str]:
     return reference_step, "reference"
 
 
-def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, Any]:
+def _new_state(store: ActivationSource, cfg: TrainConfig, meta: dict[str, Any]) -> _Progress:
     torch.manual_seed(cfg.seed)
     sae = TopKSAE(store.d_model, cfg.d_sae, cfg.k, seed=cfg.seed, meta=meta)
     if cfg.init_b_dec == "geometric_median":
@@ -138,24 +187,22 @@ def _new_state(store: Any, cfg: TrainConfig, meta: dict[str, Any]) -> dict[str, 
         if not bool(torch.isfinite(sample).all()):
             raise _non_finite_error(sample, -1, None, store, sae)
         init_b_dec_(sae, sample.float())
-    return {"sae": sae, "step": 0, "history": [],
-            "tokens_since_fired": torch.zeros(cfg.d_sae, dtype=torch.int64), "opt": None,
-            "rng": torch.get_rng_state()}
+    return _Progress(sae, 0, [], torch.zeros(cfg.d_sae, dtype=torch.int64))
 
 
-def _save_state(path: Path, st: dict[str, Any], opt: torch.optim.Optimizer, cfg: TrainConfig,
+def _save_state(path: Path, st: _Progress, opt: torch.optim.Optimizer, cfg: TrainConfig,
                 fp: ActivationsFingerprint, done: bool) -> None:
-    sae: TopKSAE = st["sae"]
-    _check_finite_weights(sae, st["step"])
+    sae = st.sae
+    _check_finite_weights(sae, st.step)
     state = {"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()}, "k": sae.k,
-             "meta": sae.meta, "opt": opt.state_dict(), "step": st["step"], "history": st["history"],
-             "tokens_since_fired": st["tokens_since_fired"].cpu(), "rng": torch.get_rng_state(),
+             "meta": sae.meta, "opt": opt.state_dict(), "step": st.step, "history": st.history,
+             "tokens_since_fired": st.tokens_since_fired.cpu(), "rng": torch.get_rng_state(),
              "cfg": cfg.as_dict(), "activations": fp.as_dict(),
              "provenance": train_provenance(fp, cfg).as_dict(), "done": done}
     write_state(path, state)  # + train_state.pt.sha256; the state it replaces becomes train_state.prev.pt
 
 
-def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], device: str = "auto", *,
+def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathLike[str], device: str = "auto", *,
               step_fn: StepFn | None = None, hooks: ParallelHooks | None = None,
               stop_after: int | None = None, progress: bool = True) -> TrainResult:
     """Train (or resume, or just load a finished run) an SAE on ``store``; write its files to ``out_dir``.
@@ -164,7 +211,7 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
     ``sae_final.pt`` (card format), ``sae.safetensors`` + ``cfg.json``, ``train_history.json``.
     ``stop_after`` ends the call after that many total steps (as if killed), for resume tests.
     A state written from other activations (collection settings or shard checksums) or other knobs
-    is never resumed: training starts from scratch and one line says why (see ``mechlib.provenance``).
+    is never resumed: training starts from scratch and one line says why (see ``mechlib.activations.provenance``).
     """
     out_dir = Path(out_dir)
     dev = resolve_device(device)
@@ -185,27 +232,27 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
     if saved is not None:
         sae = TopKSAE(fp.d_model, cfg.d_sae, cfg.k, meta=saved["meta"])
         sae.load_state_dict(saved["sae"])
-        st = {"sae": sae, **{k: saved[k] for k in ("step", "history", "tokens_since_fired")}}
+        st = _Progress(sae, saved["step"], saved["history"], saved["tokens_since_fired"])
         torch.set_rng_state(saved["rng"])
     else:
         st = _new_state(store, cfg, meta)
         if hooks.is_main:  # a fresh run: files of an earlier, different run must not pass for this one's
             for name in OUR_FILES:
                 (out_dir / name).unlink(missing_ok=True)
-    sae = st["sae"].to(dev)
+    sae = st.sae = st.sae.to(dev)
     # fused Adam: one kernel over all parameters (3x faster than foreach on 2 CPU cores), same math.
     opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=cfg.adam_betas, eps=cfg.adam_eps, fused=True)
     if saved is not None:
         opt.load_state_dict(saved["opt"])
-    since = st["tokens_since_fired"].to(dev)
-    resumed_from, total = st["step"], cfg.total_steps
+    since = st.tokens_since_fired = st.tokens_since_fired.to(dev)
+    resumed_from, total = st.step, cfg.total_steps
     end = total if stop_after is None else min(total, stop_after)
     t0 = time.perf_counter()
-    if st["step"] < end:
-        data = store.iter_batches(cfg.train_batch_size, shuffle=True, seed=cfg.seed, start_batch=st["step"],
+    if st.step < end:
+        data = store.iter_batches(cfg.train_batch_size, shuffle=True, seed=cfg.seed, start_batch=st.step,
                                   n_batches=total)
-        bar = tqdm(total=total, initial=st["step"], desc="train SAE", unit="step", disable=not progress)
-        for step in range(st["step"], end):
+        bar = tqdm(total=total, initial=st.step, desc="train SAE", unit="step", disable=not progress)
+        for step in range(st.step, end):
             x = next(data)
             x = hooks.local_batch(x).to(dev, torch.float32, non_blocking=True)
             lr = lr_at(step, lr=cfg.lr, lr_floor=cfg.lr_floor, warmup_steps=cfg.warmup_steps, total_steps=total)
@@ -223,23 +270,23 @@ def train_sae(store: Any, cfg: TrainConfig, out_dir: str | os.PathLike[str], dev
             fired = hooks.reduce_fired(stats.fired)
             since += cfg.train_batch_size
             since[fired] = 0
-            st["history"].append({"step": step, "lr": lr, "loss": float(stats.loss), "fvu": float(stats.fvu),
+            st.history.append({"step": step, "lr": lr, "loss": float(stats.loss), "fvu": float(stats.fvu),
                                   "mse": float(stats.mse), "aux_loss": float(stats.aux_loss),
                                   "n_dead": int(dead.sum())})
-            st.update(step=step + 1, tokens_since_fired=since)
+            st.step, st.tokens_since_fired = step + 1, since
             bar.update(1)
             bar.set_postfix(fvu=f"{float(stats.fvu):.3f}", dead=int(dead.sum()), refresh=False)
             if hooks.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < total:
                 _save_state(out_dir / STATE_FILE, st, opt, cfg, fp, done=False)
         bar.close()
     seconds = time.perf_counter() - t0
-    finished, worked = st["step"] >= total, st["step"] > resumed_from
+    finished, worked = st.step >= total, st.step > resumed_from
     if hooks.is_main and finished and (worked or not finals_intact(out_dir)):
         _write_final(sae, cfg, out_dir, st, path_name, fp, renorm=worked)  # a finished state is renormalised
     if hooks.is_main and worked:
         _save_state(out_dir / STATE_FILE, st, opt, cfg, fp, done=finished)
-    return TrainResult(sae=sae, history=st["history"], step_path=path_name, steps=st["step"],
-                       tokens=st["step"] * cfg.train_batch_size, seconds=seconds, resumed_from=resumed_from,
+    return TrainResult(sae=sae, history=st.history, step_path=path_name, steps=st.step,
+                       tokens=st.step * cfg.train_batch_size, seconds=seconds, resumed_from=resumed_from,
                        tokens_since_fired=since.cpu(), out_dir=out_dir,
                        dead_fraction=float((since >= cfg.dead_tokens).float().mean()))
 
@@ -248,7 +295,8 @@ class TrainingError(ValueError):
     """Training cannot go on (non-finite activations or loss); the message says which and what to do."""
 
 
-def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: Any, sae: TopKSAE) -> TrainingError:
+def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: ActivationSource,
+                      sae: TopKSAE) -> TrainingError:
     where = getattr(store, "directory", None) or type(store).__name__
     bad = int((~torch.isfinite(x)).any(dim=-1).sum())
     when = "the b_dec initialisation sample" if step < 0 else f"step {step}"
@@ -272,47 +320,40 @@ def _check_finite_weights(sae: TopKSAE, step: int) -> None:
                             f"lower lr. Not saved; the last checkpoint is intact")
 
 
-def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: dict[str, Any], path_name: str,
+def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: _Progress, path_name: StepPath,
                  fp: ActivationsFingerprint, renorm: bool = True) -> None:
-    since = st["tokens_since_fired"]
-    n_dead = int((since >= cfg.dead_tokens).sum())
-    _check_finite_weights(sae, st["step"])
+    n_dead = int((st.tokens_since_fired >= cfg.dead_tokens).sum())
+    _check_finite_weights(sae, st.step)
     save_card_checkpoint(sae, out_dir / FINAL_FILE, renorm=renorm)
     save_sae(sae, out_dir, {**cfg.as_dict(), "model": fp.model, "layer": fp.layer, "step_path": path_name,
-                            "train_n_tokens_store": fp.n_tokens, "steps": st["step"],
+                            "train_n_tokens_store": fp.n_tokens, "steps": st.step,
                             "n_dead_at_end": n_dead, "dead_fraction_at_end": n_dead / cfg.d_sae,
                             "sae_source": "train", "provenance": train_provenance(fp, cfg).as_dict(),
                             "activations": fp.as_dict()})
-    atomic_write_json(out_dir / HISTORY_FILE, st["history"])
+    atomic_write_json(out_dir / HISTORY_FILE, st.history)
 
 
-def run_sae(P: Any, store: Any, out_dir: str | os.PathLike[str], device: str = "auto",
-            progress: bool = True) -> tuple[TopKSAE, dict[str, Any]]:
+def run_sae(P: BookParams, store: ActivationSource, out_dir: str | os.PathLike[str], device: str = "auto",
+            progress: bool = True) -> TrainResult:
     """Chapter 02's switch: train on ``store`` (``sae_source: train``) or load ``sae_pretrained``.
 
-    Returns the SAE and a summary dict; a pretrained SAE is checked against the activations' width
-    and layer (clear error naming both) and its source recorded in ``out_dir/pretrained.json``.
+    A pretrained SAE is checked against the activations' width and layer (clear error naming
+    both) and its source recorded in ``out_dir/pretrained.json``; its result has no steps.
     """
     out_dir = Path(out_dir)
     if P.sae_source == "pretrained":
         sae = load_sae(P.sae_pretrained, device=resolve_device(device))
-        from mechlib.sae import check_compatible
-
         check_compatible(sae, int(store.d_model), store.manifest.get("layer"), source=str(P.sae_pretrained))
-        info = {"sae_source": "pretrained", "sae_pretrained": str(P.sae_pretrained), "d_model": sae.d_model,
-                "d_sae": sae.d_sae, "k": sae.k, "layer": sae.meta.get("layer"), "step_path": "none"}
-        atomic_write_json(out_dir / "pretrained.json", info)
-        return sae, info
-    res = train_sae(store, TrainConfig.from_params(P), out_dir, device=device, progress=progress)
-    info = {"sae_source": "train", "d_model": res.sae.d_model, "d_sae": res.sae.d_sae, "k": res.sae.k,
-            "step_path": res.step_path, "steps": res.steps, "tokens": res.tokens, "seconds": res.seconds,
-            "resumed_from": res.resumed_from, "final_fvu": res.history[-1]["fvu"] if res.history else None,
-            "dead_fraction_at_end": res.dead_fraction}
-    return res.sae, info
+        res = TrainResult(sae=sae, history=[], step_path="none", steps=0, tokens=0, seconds=0.0, resumed_from=0,
+                          tokens_since_fired=torch.zeros(sae.d_sae, dtype=torch.int64), out_dir=out_dir,
+                          sae_source="pretrained", sae_pretrained=str(P.sae_pretrained))
+        atomic_write_json(out_dir / "pretrained.json", res.summary())
+        return res
+    return train_sae(store, TrainConfig.from_params(P), out_dir, device=device, progress=progress)
 
 
-def run_sae_for_eval(P: Any, out_dir: str | os.PathLike[str], device: str = "auto",
-                     activations: ActivationsFingerprint | None = None) -> tuple[TopKSAE, dict]:
+def run_sae_for_eval(P: BookParams, out_dir: str | os.PathLike[str], device: str = "auto",
+                     activations: ActivationsFingerprint | None = None) -> tuple[TopKSAE, dict[str, Any]]:
     """Chapter 03: the SAE chapter 02 produced (trained checkpoint or the pretrained file), with its cfg.
 
     ``activations``: the fingerprint of the training activations now on disk; a trained SAE whose

@@ -14,7 +14,7 @@ Why each choice:
 - **Stop after L** (``mechlib.hooks.run_to_layer``): the layers above L and the unembedding never
   run. On a GPU the model runs in bf16 with SDPA attention, device→host copies go into pinned
   buffers with ``non_blocking=True`` and a background thread masks, converts and writes shards
-  (``mechlib.shards.ShardWriter``); ``compile=True`` compiles the layers up to L.
+  (``mechlib.activations.shards.ShardWriter``); ``compile=True`` compiles the layers up to L.
 - **Held-out split**: every 10th corpus document goes to ``heldout``, the rest to ``train``, so the
   two splits never share a document yet come from the same distribution.
 - **Resumable**: shards are a deterministic function of the parameters; a rerun verifies and
@@ -30,17 +30,22 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
+
+from torch import nn
 
 import torch
 from tqdm.auto import tqdm
 
-from mechlib.corpus import CorpusError, iter_texts
+from mechlib.activations.corpus import CorpusError, CorpusSpec
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
 from mechlib.models import check_layer, d_model, decoder_layers
-from mechlib.shards import (FORMAT, MANIFEST, ActivationStore, ShardWriter, rank_manifest_name, read_manifest,
-                            shard_name, verify_shard)
+from mechlib.activations.shards import (FORMAT, MANIFEST, ActivationStore, Manifest, ShardEntry, ShardWriter,
+                                        rank_manifest_name, read_manifest, verify_shard)
+
+if TYPE_CHECKING:  # transformers is heavy; annotations only
+    from transformers import PreTrainedTokenizerBase as Tokenizer
 
 __all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
            "collection_identity", "HELDOUT_EVERY", "SPLITS"]
@@ -60,7 +65,7 @@ class PackedBatch:
 class Packer:
     """Turns documents into full rows of ``seq_len`` token ids: ``[BOS] tok tok … EOS tok …``."""
 
-    def __init__(self, tokenizer: Any, seq_len: int, exclude_special_tokens: bool = True,
+    def __init__(self, tokenizer: Tokenizer, seq_len: int, exclude_special_tokens: bool = True,
                  exclude_first_positions: int = 2):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
@@ -144,14 +149,14 @@ def batch_rows(rows: Iterable[Row], batch_size: int, first_row: int = 0) -> Iter
         yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
 
 
-def _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split, corpus_text_field, split,
-                 exclude_special_tokens, exclude_first_positions: int = 2) -> tuple[Packer, Iterator[Row]]:
+def packed_rows(tokenizer: Tokenizer, n_tokens: int, seq_len: int, corpus: CorpusSpec, split: str,
+                exclude_special_tokens: bool, exclude_first_positions: int = 2) -> tuple[Packer, Iterator[Row]]:
+    """The packer and its rows of ``split`` until ``n_tokens`` kept tokens (collection and streaming alike)."""
     packer = Packer(tokenizer, seq_len, exclude_special_tokens, exclude_first_positions)
-    texts = iter_texts(corpus, corpus_config, corpus_split, corpus_text_field)
-    return packer, rows_with_quota(packer.rows(split_docs(texts, split)), packer, n_tokens)
+    return packer, rows_with_quota(packer.rows(split_docs(corpus.texts(), split)), packer, n_tokens)
 
 
-def _prepare(model: torch.nn.Module, layer: int, compile: bool) -> torch.device:
+def _prepare(model: nn.Module, layer: int, compile: bool) -> torch.device:
     check_layer(model, layer)
     if compile and not getattr(model, "_mechlib_compiled", False):
         # Compile each layer's forward, not the module call: forward hooks (the stop hook, steering)
@@ -175,15 +180,14 @@ class StreamBatch:
     token_ids: torch.Tensor  # [n_kept] CPU
 
 
-def stream_activations(model, tokenizer, *, layer: int, n_tokens: int, seq_len: int = 128, batch_size: int = 16,
-                       corpus: str = "python-stdlib-docs", corpus_config: str | None = None,
-                       corpus_split: str = "train", corpus_text_field: str = "text", split: str = "train",
+def stream_activations(model: nn.Module, tokenizer: Tokenizer, *, layer: int, n_tokens: int, seq_len: int = 128,
+                       batch_size: int = 16, corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
                        exclude_special_tokens: bool = True, exclude_first_positions: int = 2,
                        compile: bool = False) -> Iterator[StreamBatch]:
     """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs)."""
     device = _prepare(model, layer, compile)
-    _, rows = _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split, corpus_text_field,
-                           split, exclude_special_tokens, exclude_first_positions)
+    _, rows = packed_rows(tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens,
+                          exclude_first_positions)
     for pb in batch_rows(rows, batch_size):
         with torch.no_grad():
             h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
@@ -192,18 +196,17 @@ def stream_activations(model, tokenizer, *, layer: int, n_tokens: int, seq_len: 
         yield StreamBatch(acts, pb.ids.reshape(-1)[idx])
 
 
-def params_hash(identity: dict[str, Any]) -> str:
+def params_hash(identity: Manifest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def collection_identity(model: Any, *, model_name: str, layer: int, dtype: str, seq_len: int, rows_per_shard: int,
-                        corpus: str, corpus_config: str | None, corpus_split: str, corpus_text_field: str, split: str,
-                        exclude_special_tokens: bool, exclude_first_positions: int) -> dict[str, Any]:
+def collection_identity(model: nn.Module, *, model_name: str, layer: int, dtype: str, seq_len: int,
+                        rows_per_shard: int, corpus: CorpusSpec, split: str, exclude_special_tokens: bool,
+                        exclude_first_positions: int) -> Manifest:
     """Everything that decides which tokens (and bytes) a collection holds; its hash keys the manifest."""
     return {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
             "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
-            "seq_len": seq_len, "rows_per_shard": rows_per_shard, "corpus": corpus, "corpus_config": corpus_config,
-            "corpus_split": corpus_split, "corpus_text_field": corpus_text_field, "split": split,
+            "seq_len": seq_len, "rows_per_shard": rows_per_shard, **corpus.identity(), "split": split,
             "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens,
             "exclude_first_positions": exclude_first_positions}
 
@@ -256,18 +259,17 @@ class _HostBuffers:
 
 @dataclass
 class CollectRun:
-    manifest: dict[str, Any]
+    manifest: Manifest
     computed_tokens: int  # tokens run through the model in this call (0 when everything was on disk)
     seconds: float
 
 
-def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_tokens: int, seq_len: int = 128,
-                        batch_size: int = 16, shard_tokens: int = 65_536, corpus: str = "python-stdlib-docs",
-                        corpus_config: str | None = None, corpus_split: str = "train",
-                        corpus_text_field: str = "text", split: str = "train", exclude_special_tokens: bool = True,
-                        exclude_first_positions: int = 2, dtype: str = "float32", model_name: str = "", compile: bool = False,
-                        progress: bool = True, rank: int = 0, world_size: int = 1,
-                        sync: Callable[[], None] | None = None) -> CollectRun:
+def collect_activations(model: nn.Module, tokenizer: Tokenizer, out_dir: str | Path, *, layer: int, n_tokens: int,
+                        seq_len: int = 128, batch_size: int = 16, shard_tokens: int = 65_536,
+                        corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
+                        exclude_special_tokens: bool = True, exclude_first_positions: int = 2, dtype: str = "float32",
+                        model_name: str = "", compile: bool = False, progress: bool = True, rank: int = 0,
+                        world_size: int = 1, sync: Callable[[], None] | None = None) -> CollectRun:
     """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
 
     A rerun with the same parameters verifies and skips finished shards (resume); changed
@@ -276,6 +278,9 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
     shards with ``index % world_size == rank`` and lists them in ``manifest.rank<rank>.json``;
     rank 0 merges those into ``manifest.json`` (the same file one process writes). Only rank 0
     deletes stale files, then ``sync`` (a barrier) lets the other ranks start computing.
+
+    Steps: identity and hash → drop what other settings wrote → gather finished shards →
+    compute the missing ones (:func:`_write_shards`) → trim and write the manifest.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -284,79 +289,117 @@ def collect_activations(model, tokenizer, out_dir: str | Path, *, layer: int, n_
         for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink()
     device = _prepare(model, layer, compile)
+    spec = CorpusSpec.of(corpus)
     rows_per_shard = max(1, shard_tokens // seq_len)
     identity = collection_identity(model, model_name=model_name, layer=layer, dtype=dtype, seq_len=seq_len,
-                                   rows_per_shard=rows_per_shard, corpus=corpus, corpus_config=corpus_config,
-                                   corpus_split=corpus_split, corpus_text_field=corpus_text_field, split=split,
+                                   rows_per_shard=rows_per_shard, corpus=spec, split=split,
                                    exclude_special_tokens=exclude_special_tokens,
                                    exclude_first_positions=exclude_first_positions)
     phash = params_hash(identity)
-    old = read_manifest(out_dir)
-    if old is not None and old.get("params_hash") != phash:
-        if rank == 0:
-            print(f"{out_dir}: collection parameters changed since the last run; recollecting")
-            for e in old.get("shards", []):
-                (out_dir / e["file"]).unlink(missing_ok=True)
-            (out_dir / MANIFEST).unlink(missing_ok=True)
-        old = None
+    old = _drop_if_changed(out_dir, phash, rank == 0)
     if sync is not None:
         sync()
-    done = {e["index"]: e for e in (old or {}).get("shards", [])}
-    for part in sorted(out_dir.glob(rank_manifest_name("*"))):  # a killed torchrun's per-rank progress
-        m = read_manifest(out_dir, part.name)
-        if m is not None and m.get("params_hash") == phash:
-            done.update({e["index"]: e for e in m.get("shards", [])})
-    packer, rows = _packed_rows(tokenizer, n_tokens, seq_len, corpus, corpus_config, corpus_split,
-                                corpus_text_field, split, exclude_special_tokens, exclude_first_positions)
+    done = _finished_shards(out_dir, old, phash)
+    packer, rows = packed_rows(tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens,
+                               exclude_first_positions)
     manifest = {**identity, "params_hash": phash, "n_tokens_requested": n_tokens, "complete": False,
                 "special_token_ids": packer.special_ids, "start_token_id": packer.start_id,
                 "separator_token_id": packer.sep_id, "n_tokens": 0, "shards": sorted(done.values(),
                                                                                      key=lambda e: e["index"])}
     manifest_name = MANIFEST if world_size == 1 else rank_manifest_name(rank)
     writer = ShardWriter(out_dir, manifest, dtype, manifest_name=manifest_name)
-    buffers = _HostBuffers(device)
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
-    index = first_row = computed = 0
+    plan = _ShardPlan(out_dir, done, rows_per_shard, batch_size, rank, world_size)
     try:
-        while shard_rows := list(itertools.islice(rows, rows_per_shard)):
-            kept = sum(int(r[1].sum()) for r in shard_rows)
-            e = done.get(index)
-            if e and not (out_dir / e["file"]).exists():
-                e = None  # deleted by the user (e.g. after a checksum error): recollect it
-            mine = index % world_size == rank
-            if e and (e["first_row"], e["n_rows"], e["n_tokens"]) == (first_row, len(shard_rows), kept):
-                if mine:
-                    verify_shard(out_dir, e)  # finished earlier: trust it only if its checksum matches
-            elif not mine:
-                pass  # another rank computes this shard
-            else:
-                for pb in batch_rows(shard_rows, batch_size, first_row):
-                    with torch.no_grad():
-                        h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
-                    host, event, release = buffers.to_host(h, check=writer._check)
-                    writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
-                    computed += int(pb.keep.sum())
-                    bar.update(int(pb.keep.sum()))
-                writer.end_shard(index, first_row, len(shard_rows))
-                kept = 0
-            bar.update(kept)
-            first_row += len(shard_rows)
-            index += 1
+        n_shards, n_rows, computed = _write_shards(model, layer, device, rows, plan, writer, bar)
     except BaseException:
         writer.abort()
         raise
     finally:
         bar.close()
     writer.close()
+    _finish_manifest(out_dir, manifest, manifest_name, n_shards, n_rows, n_tokens, world_size)
+    return CollectRun(manifest, computed, time.perf_counter() - t0)
+
+
+def _drop_if_changed(out_dir: Path, phash: str, main: bool) -> Manifest | None:
+    """The manifest on disk if it was written with these settings; else (rank 0) delete its shards."""
+    old = read_manifest(out_dir)
+    if old is not None and old.get("params_hash") != phash:
+        if main:
+            print(f"{out_dir}: collection parameters changed since the last run; recollecting")
+            for e in old.get("shards", []):
+                (out_dir / e["file"]).unlink(missing_ok=True)
+            (out_dir / MANIFEST).unlink(missing_ok=True)
+        old = None
+    return old
+
+
+def _finished_shards(out_dir: Path, old: Manifest | None, phash: str) -> dict[int, ShardEntry]:
+    """Shard entries already written with these settings: ``manifest.json``'s and a killed torchrun's per rank."""
+    done = {e["index"]: e for e in (old or {}).get("shards", [])}
+    for part in sorted(out_dir.glob(rank_manifest_name("*"))):
+        m = read_manifest(out_dir, part.name)
+        if m is not None and m.get("params_hash") == phash:
+            done.update({e["index"]: e for e in m.get("shards", [])})
+    return done
+
+
+@dataclass(frozen=True)
+class _ShardPlan:
+    """Which shards this process writes and which it only verifies (finished) or leaves to another rank."""
+
+    out_dir: Path
+    done: dict[int, ShardEntry]
+    rows_per_shard: int
+    batch_size: int
+    rank: int
+    world_size: int
+
+
+def _write_shards(model: nn.Module, layer: int, device: torch.device, rows: Iterator[Row], plan: _ShardPlan,
+                  writer: ShardWriter, bar: tqdm) -> tuple[int, int, int]:
+    """The write loop: ``(shards seen, rows seen, tokens computed)``; finished shards are verified, not recomputed."""
+    buffers = _HostBuffers(device)
+    index = first_row = computed = 0
+    while shard_rows := list(itertools.islice(rows, plan.rows_per_shard)):
+        kept = sum(int(r[1].sum()) for r in shard_rows)
+        e = plan.done.get(index)
+        if e and not (plan.out_dir / e["file"]).exists():
+            e = None  # deleted by the user (e.g. after a checksum error): recollect it
+        mine = index % plan.world_size == plan.rank
+        if e and (e["first_row"], e["n_rows"], e["n_tokens"]) == (first_row, len(shard_rows), kept):
+            if mine:
+                verify_shard(plan.out_dir, e)  # finished earlier: trust it only if its checksum matches
+        elif not mine:
+            pass  # another rank computes this shard
+        else:
+            for pb in batch_rows(shard_rows, plan.batch_size, first_row):
+                with torch.no_grad():
+                    h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
+                host, event, release = buffers.to_host(h, check=writer._check)
+                writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
+                computed += int(pb.keep.sum())
+                bar.update(int(pb.keep.sum()))
+            writer.end_shard(index, first_row, len(shard_rows))
+            kept = 0
+        bar.update(kept)
+        first_row += len(shard_rows)
+        index += 1
+    return index, first_row, computed
+
+
+def _finish_manifest(out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int,
+                     n_tokens: int, world_size: int) -> None:
+    """Drop shards past the end (an earlier run with more tokens), total up, write the manifest."""
     for e in manifest["shards"]:
-        if e["index"] >= index:  # from an earlier run with more tokens
+        if e["index"] >= n_shards:
             (out_dir / e["file"]).unlink(missing_ok=True)
-    manifest["shards"] = [e for e in manifest["shards"] if e["index"] < index]
+    manifest["shards"] = [e for e in manifest["shards"] if e["index"] < n_shards]
     manifest["n_tokens"] = sum(e["n_tokens"] for e in manifest["shards"])
-    manifest["n_rows"] = first_row
+    manifest["n_rows"] = n_rows
     manifest["complete"] = manifest["n_tokens"] == n_tokens
     atomic_write_json(out_dir / manifest_name, manifest)
     if world_size == 1:  # everything is in manifest.json now
         for part in out_dir.glob(rank_manifest_name("*")):
             part.unlink(missing_ok=True)
-    return CollectRun(manifest, computed, time.perf_counter() - t0)

@@ -4,7 +4,7 @@ Why a hand-written backward: at the study's shape (d=2560, m=32768, k=128, k_aux
 8192) autograd of the dense method spends its time on [N, m] matrices that TopK does not need.
 Here the only work ∝ N·m·d is the one encoder GEMM (bf16 on CUDA, fp32 master weights cast
 once per step); everything else is ∝ N·k·d (the main code) or a GEMM restricted to the dead
-latents (AuxK). Steps, with the kernel that runs each on CUDA (``mechlib.triton_kernels``) and
+latents (AuxK). Steps, with the kernel that runs each on CUDA (``mechlib.sae.triton_kernels``) and
 the pure-torch twin with the same semantics that runs elsewhere and in tests:
 
 1. ``pre = (x - b_dec) @ W_enc + b_enc``: the one [N, m] buffer (bf16 on CUDA).
@@ -28,13 +28,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechlib.sae import StepStats, TopKSAE
+from mechlib.sae.model import StepStats, TopKSAE
 
 _PAD = 64  # dead-column count padded to a multiple of this for aligned GEMMs
 
@@ -118,7 +118,7 @@ def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> t
 @dataclass(frozen=True)
 class Backend:
     """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
-    name: str  # "torch" | "triton"
+    name: Literal["torch", "triton"]
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
     triton_topk: bool = False  # triton backend: mechlib's radix-select kernel instead of torch.topk
 
@@ -139,7 +139,7 @@ def default_backend(device: torch.device) -> Backend:
     if device.type != "cuda" or os.environ.get("MECHLIB_SAE_BACKEND", "") == "torch":
         return TORCH
     try:
-        import mechlib.triton_kernels  # noqa: F401
+        import mechlib.sae.triton_kernels  # noqa: F401
     except ImportError:
         return Backend("torch", torch.bfloat16)
     return Backend("triton", torch.bfloat16, os.environ.get("MECHLIB_SAE_TOPK", "") == "radix")
@@ -147,7 +147,7 @@ def default_backend(device: torch.device) -> Backend:
 
 def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
     if be.name == "triton" and be.triton_topk:
-        from mechlib.triton_kernels import topk_select
+        from mechlib.sae.triton_kernels import topk_select  # needs triton (CUDA installs only)
 
         idx, raw, aidx, araw = topk_select(pre, k, dead_mask if ka else None, ka)
         return Selection(idx, raw, aidx, araw)
@@ -224,7 +224,7 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
     vals = sel.raw.to(pdt).clamp_min(0)
     triton = be.name == "triton"
     if triton:
-        from mechlib import triton_kernels as tk
+        from mechlib.sae import triton_kernels as tk  # needs triton (CUDA installs only)
 
         e = tk.decode_residual(x, b_dec, vals, sel.idx.int(), W_dec_c)
     else:

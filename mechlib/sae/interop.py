@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from mechlib.io import atomic_save_safetensors, atomic_write_json
-from mechlib.sae import SAEError, TopKSAE, card_state
+from mechlib.params import BookParams
+from mechlib.sae.model import SAEError, TopKSAE, card_state, dense_code
 
 SAELENS_CFG = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -53,7 +54,7 @@ class HookInfo:
     exclude_special_tokens: bool  # special tokens (BOS, chat markers, ...) left out of training
 
     @classmethod
-    def from_params(cls, P: Any) -> "HookInfo":
+    def from_params(cls, P: BookParams) -> "HookInfo":
         return cls(str(P.model), int(P.layer), int(P.seq_len), int(P.exclude_first_positions),
                    bool(P.exclude_special_tokens))
 
@@ -166,7 +167,7 @@ def _load_tensors(path: Path, needed: tuple[str, ...]) -> dict[str, Tensor]:
     return {n: tensors[n].float() for n in needed}
 
 
-def _layer_from(*names: Any) -> int | None:
+def _layer_from(*names: object) -> int | None:
     for name in names:
         m = re.search(r"(?:blocks|layers)\.(\d+)(?:\.|$)", str(name or ""))
         if m:
@@ -238,7 +239,5 @@ def read_folder(folder: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
 
 def encode_dense(sae: TopKSAE, x: Tensor) -> Tensor:
     """Dense [N, m] activations (what the libraries' encoders return, up to the order of the top-k list)."""
-    from mechlib.sae import dense_code
-
     with torch.no_grad():
         return dense_code(sae.encode(x), sae.d_sae)

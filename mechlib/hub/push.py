@@ -18,10 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from mechlib import paths
 from mechlib.model_card import CARD_FILE, write_model_card
 
 
@@ -62,17 +63,13 @@ class PushPlan:
 
 def find_run(arg: str) -> Path:
     """``outputs/<run>`` as given (relative to the repo root if not found here), or a bare run name."""
-    from mechlib.paths import OUTPUTS_DIR, resolve
-
-    for candidate in (Path(arg).expanduser(), resolve(arg), OUTPUTS_DIR / arg):
+    for candidate in (Path(arg).expanduser(), paths.resolve(arg), paths.OUTPUTS_DIR / arg):
         if candidate.is_dir():
             return candidate.resolve()
     raise PushError(f"{arg}: no such run folder (expected outputs/<run>, written by python -m mechlib.book)")
 
 
 def _check_repo_id(repo_id: str) -> None:
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -116,7 +113,7 @@ def plan_push(run_root: Path, repo_id: str, revision: str | None = None, private
     return PushPlan(run_root, repo_id, revision, private, tuple(uploads), tuple(skipped))
 
 
-def upload(plan: PushPlan, api: Any = None) -> str:
+def upload(plan: PushPlan, api: HfApi | None = None) -> str:
     """Regenerate the model card for ``plan.repo_id``, then upload everything in one commit; its URL."""
     write_model_card(plan.run_root.name, root=plan.run_root, repo_id=plan.repo_id)
     api = api or HfApi()

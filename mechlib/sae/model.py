@@ -1,7 +1,7 @@
 """The TopK sparse autoencoder, its exact (reference) training step, and its file formats.
 
 Why this module is the contract: the CPU reference here and the CUDA fast path
-(``mechlib.sae_fast.fast_step``) must compute the *same* loss, so the math lives in one place
+(``mechlib.sae.fast.fast_step``) must compute the *same* loss, so the math lives in one place
 and the fast path is tested against it.
 
 Math (Gao et al. 2024, "Scaling and evaluating sparse autoencoders", and the study's card)::
@@ -38,6 +38,8 @@ from torch import Tensor, nn
 
 from mechlib.io import (atomic_save_safetensors_checksummed, atomic_torch_save_checksummed, atomic_write_json,
                         checksum_path, verify_sha256)
+from mechlib.paths import resolve
+from mechlib.sae.sparse_grad import SparseDecode, TopKValues
 
 CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
 FORMULAS = {
@@ -144,12 +146,10 @@ def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_c
 
     The contract every fast path must reproduce; see the module docstring for the formulas.
     Pre-activations are computed once without autograd; the main and AuxK codes both take their
-    values from them through :class:`~mechlib.sparse_grad.TopKValues`, whose backward touches only
+    values from them through :class:`~mechlib.sae.sparse_grad.TopKValues`, whose backward touches only
     the selected entries (work ∝ N·k·d). :func:`autograd_step` is the same loss in plain dense
     autograd, kept as the oracle the tests compare gradients against.
     """
-    from mechlib.sparse_grad import SparseDecode, TopKValues
-
     with torch.no_grad():
         pre = sae.pre_acts(x)
     selected, indices = pre.topk(sae.k, dim=-1)
@@ -164,7 +164,7 @@ def reference_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_c
         a_sel, j = pre.index_select(1, dead_idx).topk(min(k_aux, n_dead), dim=-1)
         a_idx = dead_idx[j]
         a_vals = TopKValues.apply(x, sae.W_enc, sae.b_enc, sae.b_dec, a_idx, a_sel)
-        aux = _aux_loss(SparseDecode.apply(a_vals, a_idx, sae.W_dec), e.detach())
+        aux = aux_loss(SparseDecode.apply(a_vals, a_idx, sae.W_dec), e.detach())
     return _finish(e, x, aux, aux_coef, TopKCode(values.detach(), indices), sae.d_sae)
 
 
@@ -173,20 +173,36 @@ def autograd_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_co
     out = sae(x)
     e = x - out.recon
     aux = torch.zeros((), dtype=x.dtype, device=x.device)
-    n_dead = int(dead_mask.sum())
-    if k_aux > 0 and n_dead > 0:
-        aux_code = topk_code(out.pre.masked_fill(~dead_mask, float("-inf")), min(k_aux, n_dead))
-        aux = _aux_loss(sparse_decode(aux_code, sae.W_dec), e.detach())
+    aux_code = aux_topk(out.pre, dead_mask, k_aux)
+    if aux_code is not None:
+        aux = aux_loss(sparse_decode(aux_code, sae.W_dec), e.detach())
     return _finish(e, x, aux, aux_coef, out.code, sae.d_sae)
 
 
-def _aux_loss(e_hat: Tensor, e: Tensor) -> Tensor:
-    return (e_hat - e).pow(2).sum() / (e - e.mean(0)).pow(2).sum()
+def aux_topk(pre: Tensor, dead_mask: Tensor, k_aux: int) -> TopKCode | None:
+    """AuxK's code: ReLU of the top-min(k_aux, n_dead) *dead* pre-activations (``None``: no AuxK this step)."""
+    n_dead = int(dead_mask.sum())
+    if k_aux <= 0 or n_dead == 0:
+        return None
+    return topk_code(pre.masked_fill(~dead_mask, float("-inf")), min(k_aux, n_dead))
+
+
+def aux_loss(e_hat: Tensor, e: Tensor, denom: Tensor | None = None) -> Tensor:
+    """AuxK term ``sum((e_hat - e)^2) / denom``; ``denom`` is this batch's ``sum((e - mean(e))^2)``
+    unless given (a data-parallel step passes the global batch's)."""
+    if denom is None:
+        denom = (e - e.mean(0)).pow(2).sum()
+    return (e_hat - e).pow(2).sum() / denom
+
+
+def fvu_terms(e: Tensor, denom: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum(e^2), sum(e^2) / denom)``: the squared error and the FVU for the centred-input sum ``denom``."""
+    sq = e.pow(2).sum()
+    return sq, sq / denom
 
 
 def _finish(e: Tensor, x: Tensor, aux: Tensor, aux_coef: float, code: TopKCode, d_sae: int) -> StepStats:
-    sq = e.pow(2).sum()
-    fvu = sq / (x - x.mean(0)).pow(2).sum()
+    sq, fvu = fvu_terms(e, (x - x.mean(0)).pow(2).sum())
     loss = fvu + aux_coef * aux
     loss.backward()
     return StepStats(loss.detach(), fvu.detach(), sq.detach() / e.numel(), aux.detach(), fired_mask(code, d_sae))
@@ -283,25 +299,23 @@ def sae_from_state(state: dict[str, Any], source: str, meta: dict[str, Any] | No
 def _resolve_hf(spec: str) -> Path:
     """``hf:<owner>/<repo>[@<revision>][/<path>]`` → the local file or folder holding what that SAE needs
     (:func:`mechlib.hub.download`: configs and weights, one pinned commit; offline → one clear error)."""
-    from mechlib.hub import download
+    from mechlib.hub import download  # cycle (hub reads SAEError, interop) and huggingface_hub is heavy
 
     return download(spec).path
 
 
 def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
     """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), a SAELens or sparsify
-    folder (:mod:`mechlib.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
+    folder (:mod:`mechlib.sae.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
     Hub as ``hf:<owner>/<repo>[@<revision>][/<path-in-repo>]`` (:mod:`mechlib.hub`).
 
     A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs); from the
     Hub, ``meta`` also records the repo and commit, and the layer read from the repo's names when no
     config says it (so :func:`check_compatible` still checks the layer of the card's ``sae_final.pt``).
     """
-    from mechlib.paths import resolve
-
     spec_s = str(spec)
     if spec_s.startswith("hf:"):  # download what the format needs, then load it like a local path
-        from mechlib.hub import download
+        from mechlib.hub import download  # as in _resolve_hf
 
         got = download(spec_s)
         sae = _load_local(got.path, spec_s)
@@ -313,7 +327,7 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
 
 def _load_local(path: Path, spec_s: str) -> TopKSAE:
     """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
-    from mechlib import interop
+    from mechlib.sae import interop  # cycle: interop builds on this module's TopKSAE
 
     if path.is_file() and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS) \
             and interop.detect(path.parent):

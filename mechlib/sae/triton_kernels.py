@@ -1,8 +1,8 @@
-"""Triton kernels for the fast TopK SAE step (CUDA only; see mechlib.sae_fast).
+"""Triton kernels for the fast TopK SAE step (CUDA only; see mechlib.sae.fast).
 
 Why these four kernels: at the study's shape (d=2560, m=32768, k=128, batch 8192) the one
 dense encoder GEMM is ~2 ms, and everything else must be memory traffic proportional to
-batch·k·d, not batch·m·d. Each kernel has a pure-torch twin in ``mechlib.sae_fast`` with
+batch·k·d, not batch·m·d. Each kernel has a pure-torch twin in ``mechlib.sae.fast`` with
 the SAME semantics (outputs, order, tie-breaking), which is what CPU tests run; the tests
 also run these kernels under ``TRITON_INTERPRET=1`` against the twins when triton is
 importable.

@@ -18,13 +18,15 @@ Spec syntax (``sae_pretrained`` and :func:`mechlib.sae.load_sae`)::
 
 Downloads use ``huggingface_hub.snapshot_download(allow_patterns=...)``: configs first (small), then
 only the weights file the config calls for, pinned to the commit the first call resolved, so the two
-never come from different commits. ``python -m mechlib.hub push`` (:mod:`mechlib.hub_push`) publishes a run.
+never come from different commits. ``python -m mechlib.hub push`` (:mod:`mechlib.hub.push`) publishes a run.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +34,8 @@ from urllib.parse import unquote
 
 from huggingface_hub import snapshot_download
 
-from mechlib.interop import SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, layer_of_cfg
-from mechlib.sae import SAEError
+from mechlib.sae.interop import SAELENS_CFG, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS, layer_of_cfg
+from mechlib.sae.model import SAEError
 
 PREFIX = "hf:"
 CARD_FILE = "sae_final.pt"  # the study card's checkpoint name
@@ -241,10 +243,9 @@ def _first_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m mechlib.hub push RUN REPO [--revision R] [--private] [--dry-run]``; 0 done, 1 error."""
-    import argparse
-    import sys
-
-    from mechlib.hub_push import PushError, find_run, plan_push, upload
+    # push needs the model card (the book's report layer): imported only when pushing, so that
+    # ``load_sae("hf:…")`` (which imports this package) does not pull it in
+    from mechlib.hub.push import PushError, find_run, plan_push, upload
 
     parser = argparse.ArgumentParser(prog="python -m mechlib.hub", description="Publish a run's SAE on the Hub.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -269,6 +270,3 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     return 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())
