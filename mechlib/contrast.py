@@ -36,12 +36,15 @@ from mechlib.generate import left_pad
 from mechlib.gsm8k import Question
 from mechlib.hooks import LayerOutput, StopForward, layer_output_tensor
 from mechlib.io import atomic_torch_save, read_json
-from mechlib.models import CausalLM, Tokenizer, decoder_layers, load_model, model_device
+from mechlib.kv_cache import MIN_SHARED_PREFIX, copy_for_batch, prefix_sharing_exact, shared_prefix_len
+from mechlib.models import CausalLM, Tokenizer, decoder_layers, load_model, model_device, text_config
 from mechlib.prompts import encode_prompts
 from mechlib.records import Record, load_records
 from mechlib.stats import PermutationNull, adaptive_permutation_null, cohens_d
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from mechlib.sae import TopKSAE
 
 Pooling = Literal["last", "mean"]
@@ -135,22 +138,64 @@ def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str,
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
+class _SharedPrefixStates:
+    """The prompts' common prefix, run through the model once for :func:`collect_layer_states`.
+
+    Why: every prompt starts with the same chat template, system prompt and worked example (~100 of
+    ~130 tokens for the default model); running that once instead of once per prompt is most of
+    chapter 05's forward time. The prefix's cache is copied per batch (``[prefix | padding |
+    suffix]``, positions ``cumsum(mask) − 1`` as before); its per-layer token-norm sum counts once
+    per prompt, and for mean pooling its per-layer state sum joins each prompt's. Only float
+    rounding differs from running each prompt whole (a batch-1 prefix).
+    """
+
+    def __init__(self, n_layers: int) -> None:
+        self.length = 0
+        self.count = 0  # the prefix's non-special tokens
+        self.sums: list[Tensor | float] = [0.0] * n_layers  # per layer, [1, D] once recorded
+        self.recording = False
+        self._cache: DynamicCache | None = None
+
+    def run(self, model: CausalLM, prefix: Sequence[int], special: Tensor, n_prompts: int,
+            batch_state: dict[str, Tensor], device: torch.device) -> int:
+        """Run the prefix (the hooks record into this object); returns its non-special tokens × prompts."""
+        from transformers import DynamicCache  # heavy import, only when a prefix is shared
+
+        ids = torch.tensor([list(prefix)], dtype=torch.long, device=device)
+        keep = ~torch.isin(ids, special.to(device))
+        batch_state.update(keep=keep, weight=torch.tensor(float(n_prompts)))
+        self._cache, self.recording = DynamicCache(config=text_config(model)), True
+        try:
+            model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
+                  past_key_values=self._cache, use_cache=True)
+        except StopForward:
+            pass
+        finally:
+            self.recording = False
+        self.length, self.count = ids.shape[1], int(keep.sum())
+        return self.count * n_prompts
+
+    def cache_for(self, batch: int) -> DynamicCache | None:
+        return None if self._cache is None else copy_for_batch(self._cache, batch)
+
+
 @torch.no_grad()
 def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[str], ids: Sequence[str], *,
                          pooling: Pooling = "last", batch_size: int = 16, model_name: str = "",
                          encode: Encoder | None = None, progress: bool = True) -> LayerStates:
     """Pooled output of every decoder layer for each prompt, in one (early-stopped) forward per batch.
 
-    ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default:
-    :func:`encode_for_states`), returning ``input_ids`` and ``attention_mask``; left or right
-    padding both work (the last real token is found from the mask). Position ids are
-    ``cumsum(mask) − 1`` as in generation, so padding does not shift positions.
+    ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default: the ids of
+    :func:`mechlib.prompts.encode_prompts`, left-padded as :func:`encode_for_states` does), returning
+    ``input_ids`` and ``attention_mask``; left or right padding both work (the last real token is
+    found from the mask). Position ids are ``cumsum(mask) − 1`` as in generation, so padding does not
+    shift positions. With the default encoding the prompts' common prefix runs once
+    (:class:`_SharedPrefixStates`) where that attends exactly as whole prompts do.
     """
     if pooling not in POOLINGS:
         raise ContrastError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if len(prompts) != len(ids) or not prompts:
         raise ContrastError(f"need one id per prompt and at least one prompt, got {len(prompts)} prompts, {len(ids)} ids")
-    encode = encode or encode_for_states
     layers = decoder_layers(model)
     n_layers = len(layers)
     device = model_device(model)
@@ -161,39 +206,56 @@ def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequenc
     n_tokens = 0
     batch_state: dict[str, Tensor] = {}  # "keep" [B, S] bool, "last" [B] long: set per batch, read by the hooks
     per_layer: list[Tensor | None] = [None] * n_layers
+    shared = _SharedPrefixStates(n_layers)  # the prompts' common prefix, run once (empty: not shared)
 
     def make_hook(i: int) -> Callable[[nn.Module, tuple[object, ...], LayerOutput], None]:
         def hook(_module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> None:
             h = layer_output_tensor(out).float()
             keep = batch_state["keep"]  # [B, S] bool: real, non-special tokens
-            norm_sum[i] += (h.norm(dim=-1) * keep).sum().double().cpu()
-            if pooling == "last":
+            norm_sum[i] += (h.norm(dim=-1) * keep).sum().double().cpu() * float(batch_state["weight"])
+            if shared.recording:
+                shared.sums[i] = (h * keep[..., None]).sum(1).cpu()  # [1, D]
+            elif pooling == "last":
                 per_layer[i] = h[torch.arange(h.shape[0], device=h.device), batch_state["last"]].cpu()
             else:
-                per_layer[i] = ((h * keep[..., None]).sum(1) / keep.sum(1, keepdim=True)).cpu()
+                per_layer[i] = (((h * keep[..., None]).sum(1).cpu() + shared.sums[i])
+                                / (keep.sum(1, keepdim=True).cpu() + shared.count))
             if i == n_layers - 1:
                 raise StopForward  # everything needed has been recorded
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     try:
+        lists = encode_prompts(tokenizer, list(prompts)) if encode is None else None
+        n_prefix = shared_prefix_len(lists) if lists is not None else 0
+        if n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists or [[]]))):
+            n_tokens += shared.run(model, lists[0][:n_prefix], special, len(prompts), batch_state, device)
+            lists = [row[n_prefix:] for row in lists]
         # similar lengths together (less padding); the original order is restored at the end
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="layer states", disable=not progress):
-            enc = encode(tokenizer, [prompts[i] for i in order[start:start + batch_size]])
-            input_ids = enc["input_ids"].to(device)
-            mask = enc["attention_mask"].to(device).bool()
+            batch = [prompts[i] for i in order[start:start + batch_size]]
+            if lists is not None:
+                pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
+                input_ids, mask = left_pad([lists[i] for i in order[start:start + batch_size]], pad, device)
+            else:
+                assert encode is not None  # lists is None only for an explicit encoder
+                enc = encode(tokenizer, batch)
+                input_ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
+            mask = mask.bool()
             keep = mask & ~torch.isin(input_ids, special.to(device))
-            if (keep.sum(1) == 0).any():
+            if ((keep.sum(1) + shared.count) == 0).any():
                 raise ContrastError("a prompt has no non-special tokens to pool over")
             positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
-            batch_state["keep"] = keep
-            batch_state["last"] = torch.where(mask, positions, -1).max(dim=1).values
+            batch_state.update(keep=keep, last=torch.where(mask, positions, -1).max(dim=1).values,
+                               weight=torch.tensor(1.0))
             n_tokens += int(keep.sum())
-            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+            full = torch.cat([mask.new_ones((mask.shape[0], shared.length)), mask], dim=1).long()
+            position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, shared.length:]
             try:
-                model(input_ids=input_ids, attention_mask=mask.long(), position_ids=position_ids, use_cache=False)
+                model(input_ids=input_ids, attention_mask=full, position_ids=position_ids,
+                      past_key_values=shared.cache_for(mask.shape[0]), use_cache=shared.length > 0)
             except StopForward:
                 pass
             else:

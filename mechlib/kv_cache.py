@@ -9,6 +9,8 @@ decode loop in :mod:`mechlib.generate` only calls them. Tests compare the tokens
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Sequence
 from weakref import WeakKeyDictionary
@@ -156,6 +158,15 @@ def prefix_cache(model: CausalLM, prefix: torch.Tensor, batch: int, extra: dict[
     ids = prefix.reshape(1, -1)
     model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], past_key_values=kv,
           use_cache=True, return_dict=True, **extra)
+    if batch > 1:
+        kv.batch_repeat_interleave(batch)
+    return kv
+
+
+def copy_for_batch(cache: DynamicCache, batch: int) -> DynamicCache:
+    """A fresh copy of a batch-1 ``cache`` repeated over ``batch`` rows (the original stays as it was,
+    so one prefix serves many batches)."""
+    kv = copy.deepcopy(cache)
     if batch > 1:
         kv.batch_repeat_interleave(batch)
     return kv

@@ -63,6 +63,34 @@ def test_states_equal_unpadded_layer_outputs(tiny_any, pooling):
     torch.testing.assert_close(ls.token_norm_mean, (norm_sum / count).float(), atol=1e-4, rtol=1e-4)
 
 
+SHARED_PREFIX = "You are a careful assistant. Example: two plus two is four. Now answer this one: "
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean"])
+def test_shared_prefix_states_equal_whole_prompt_states(tiny_llama, pooling):
+    """The default encoding runs the prompts' common prefix once (its cache copied per batch); states,
+    pooled states and token norms equal those of running every prompt whole (an explicit encoder)."""
+    import mechlib.contrast as contrast_mod
+    from mechlib.kv_cache import MIN_SHARED_PREFIX, shared_prefix_len
+    from mechlib.prompts import encode_prompts
+
+    model, tok = tiny_llama
+    prompts = [SHARED_PREFIX + p for p in make_prompts(7)]
+    assert shared_prefix_len(encode_prompts(tok, prompts)) >= MIN_SHARED_PREFIX  # the shared path is taken
+    ids = [f"q{i}" for i in range(7)]
+    widths: list[int] = []
+    handle = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: widths.append(out.shape[1]))
+    try:
+        shared = collect_layer_states(model, tok, prompts, ids, pooling=pooling, batch_size=3, progress=False)
+    finally:
+        handle.remove()
+    whole = collect_layer_states(model, tok, prompts, ids, pooling=pooling, batch_size=3, progress=False,
+                                 encode=contrast_mod.encode_for_states)
+    assert widths[0] == shared_prefix_len(encode_prompts(tok, prompts)) and max(widths[1:]) < widths[0]
+    torch.testing.assert_close(shared.states, whole.states, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(shared.token_norm_mean, whole.token_norm_mean, atol=1e-4, rtol=1e-5)
+
+
 def _collect_with_plant(model, tok, prompts, labels, layer, delta):
     """Collect states while a hook adds ``delta`` to layer ``layer``'s output for label-True prompts and
     the next layer's output takes it away again, so the difference lives at ``layer`` only."""
