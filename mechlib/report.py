@@ -136,10 +136,12 @@ def _browser_link(paths: RunPaths) -> str:
     index = paths.root / "browser" / "data" / "index.json"
     if not index.is_file():
         return ""
-    data = json.loads(index.read_text())
-    pages = sum(bool(p) for p in data.get("page", []))
-    scored = sum(c is not None for c in data.get("contrast", []))
-    return (f"\n**Feature browser:** [browser/index.html](browser/index.html) — all {len(data.get('density', []))} "
+    from mechlib.browser.pages import IndexData  # the browser's own reader (only when a browser exists)
+
+    data = IndexData.from_json(json.loads(index.read_text()), str(index))
+    pages = sum(bool(p) for p in data.page)
+    scored = sum(c is not None for c in data.contrast)
+    return (f"\n**Feature browser:** [browser/index.html](browser/index.html) — all {data.d_sae} "
             f"latents (firing density, mean activation{', contrastive score and rank' if scored else ''}), "
             f"{pages} with a page of top contexts, quantile examples, histogram, logit effects and similar latents. "
             "Open it from the file system; it needs no server or network.\n")
