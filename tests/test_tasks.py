@@ -13,7 +13,7 @@ from mechlib.stopping import stop_reason_of
 from mechlib.records import (RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout,
                              summarize)
 from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
-from tests.test_gsm8k import SHARED_GSM8K
+from test_gsm8k import SHARED_GSM8K
 
 # ------------------------------------------------------------------------ arithmetic task
 
