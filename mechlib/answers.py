@@ -128,11 +128,11 @@ def extract_answer_with_rule(text: str) -> tuple[float | None, str | None]:
     if not isinstance(text, str):
         return None, None
     for m in _HASHES.finditer(text):
-        value = _read_after_hashes(text[m.end():])
+        value = _read_after_hashes(text[m.end() :])
         if value is not None:
             return value, "hashes"
     for m in reversed(list(_ANSWER_IS.finditer(text))):
-        tail = text[m.end():]
+        tail = text[m.end() :]
         found = _NUMBER.match(tail, len(tail) - len(tail.lstrip(" *:$")))
         if found:
             return _value(found), "answer_is"
@@ -162,7 +162,7 @@ def gold_from_solution(solution: str) -> float | int:
     idx = solution.rfind("####")
     if idx < 0:
         raise ValueError("no '####' in the answer text")
-    tail = solution[idx + 4:]
+    tail = solution[idx + 4 :]
     value = _read_after_hashes(tail)
     if value is None:  # a hand-made file's "#### about 5": the first number after the marker
         first = _NUMBER.search(tail)
@@ -173,6 +173,7 @@ def gold_from_solution(solution: str) -> float | int:
 
 
 # ------------------------------------------------------------------ lm-evaluation-harness
+
 
 def strict_raw(text: str) -> str | None:
     """The harness's strict-match filter output: first ``#### (\\-?[0-9\\.\\,]+)`` group, stripped."""

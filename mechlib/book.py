@@ -219,8 +219,9 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
         nb = nbformat.read(notebook, as_version=4)
     except Exception:  # noqa: BLE001 — a notebook we cannot read just gives no location
         return None
-    started = [i for i, c in enumerate(nb.cells)
-               if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")]
+    started = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")
+    ]
     if not started:
         return None
     cell = nb.cells[started[-1]]
@@ -230,8 +231,9 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
     return started[-1], f"{count}`{first}`"
 
 
-def _annotate(notebook: Path | None, cell: tuple[int, str] | None, ename: str, evalue: str,
-              trace: list[str] | None = None) -> None:
+def _annotate(
+    notebook: Path | None, cell: tuple[int, str] | None, ename: str, evalue: str, trace: list[str] | None = None
+) -> None:
     """Add an error output to the cell that was running, so the kept notebook shows what ended it."""
     if notebook is None or cell is None:
         return
@@ -240,8 +242,9 @@ def _annotate(notebook: Path | None, cell: tuple[int, str] | None, ename: str, e
     try:
         nb = nbformat.read(notebook, as_version=4)
         target = nb.cells[cell[0]]
-        target.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue,
-                                                     traceback=trace or [f"{ename}: {evalue}"]))
+        target.outputs.append(
+            nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=trace or [f"{ename}: {evalue}"])
+        )
         target.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
         atomic_write_text(notebook, nbformat.writes(nb))
     except Exception:  # noqa: BLE001 — the note is a courtesy; it must never hide the error it explains
@@ -256,15 +259,20 @@ def check_device(device: str, source: str) -> None:
 
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ParamsError(f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
-                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu")
+            raise ParamsError(
+                f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu"
+            )
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ParamsError(f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ParamsError(
+                f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; "
-                          f"use device: auto or cpu")
+        raise ParamsError(
+            f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; use device: auto or cpu"
+        )
 
 
 def check_layers(params: BookParams, source: str) -> None:
@@ -286,8 +294,10 @@ def check_layers(params: BookParams, source: str) -> None:
     for key in ("layer", "steering_layer"):
         value = getattr(params, key)
         if value is not None and value >= n_layers:
-            raise ParamsError(f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
-                              f"valid layers are 0..{n_layers - 1}")
+            raise ParamsError(
+                f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
+                f"valid layers are 0..{n_layers - 1}"
+            )
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -320,9 +330,15 @@ def with_overrides(params: BookParams, overrides: dict[str, Any], source: str) -
     return validate({**params.as_dict(), **overrides}, source=where)
 
 
-def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_output: bool = False,
-             notebooks_dir: Path = NOTEBOOKS_DIR, run: str | None = None,
-             overrides: dict[str, Any] | None = None) -> list[ChapterRun]:
+def run_book(
+    params_path: str | Path,
+    only: Sequence[str] | None = None,
+    *,
+    log_output: bool = False,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    run: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[ChapterRun]:
     """Run the chosen chapters of the book on one params file; return per-chapter timings.
 
     ``run`` overrides the run name (the output folder), e.g. so that ``make test`` never touches
@@ -369,8 +385,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these chapters (numbers or names)")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     parser.add_argument("--run", metavar="NAME", help="output folder outputs/NAME (default: the params file's run)")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter of the file (value read as YAML), e.g. -p k=64 -p lr=5e-4")
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter of the file (value read as YAML), e.g. -p k=64 -p lr=5e-4",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.param)

@@ -69,8 +69,9 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
         torch.save(obj, tmp)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                            metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -94,8 +95,10 @@ def iter_text_lines(path: str | os.PathLike[str], error: type[Exception]) -> Ite
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise error(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
-                            f"save the file as UTF-8") from None
+                raise error(
+                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
+                    f"save the file as UTF-8"
+                ) from None
             yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
 
 
@@ -165,8 +168,9 @@ def _write_sidecar(path: Path, hashes: tuple[str, ...]) -> None:
     atomic_write_text(checksum_path(path), "".join(f"{h}  {path.name}\n" for h in unique))
 
 
-def atomic_write_checksummed(path: str | os.PathLike[str], write: Callable[[Path], None],
-                             keep_previous: str | os.PathLike[str] | None = None) -> str:
+def atomic_write_checksummed(
+    path: str | os.PathLike[str], write: Callable[[Path], None], keep_previous: str | os.PathLike[str] | None = None
+) -> str:
     """Write ``path`` atomically via ``write(tmp_path)`` with a ``.sha256`` sidecar; return the hash.
 
     ``keep_previous``: move the current file (and its accepted hashes) there first, so a loader
@@ -188,16 +192,19 @@ def atomic_write_checksummed(path: str | os.PathLike[str], write: Callable[[Path
     return new
 
 
-def atomic_torch_save_checksummed(obj: Any, path: str | os.PathLike[str],
-                                  keep_previous: str | os.PathLike[str] | None = None) -> str:
+def atomic_torch_save_checksummed(
+    obj: Any, path: str | os.PathLike[str], keep_previous: str | os.PathLike[str] | None = None
+) -> str:
     """:func:`atomic_torch_save` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
     return atomic_write_checksummed(path, lambda tmp: torch.save(obj, tmp), keep_previous)
 
 
-def atomic_save_safetensors_checksummed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                                        metadata: dict[str, str] | None = None) -> str:
+def atomic_save_safetensors_checksummed(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> str:
     """:func:`atomic_save_safetensors` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
     from safetensors.torch import save_file
 
     return atomic_write_checksummed(
-        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    )

@@ -73,6 +73,7 @@ def layer_outputs(model: torch.nn.Module, **inputs: InputValue) -> tuple[list[to
     def make_hook(i: int) -> Callable[[torch.nn.Module, tuple[object, ...], LayerOutput], None]:
         def hook(module: torch.nn.Module, args: tuple[object, ...], output: LayerOutput) -> None:
             captured[i] = layer_output_tensor(output).detach()
+
         return hook
 
     inputs.setdefault("use_cache", False)
@@ -107,9 +108,18 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
             top_probs.append(p.tolist())
             english.append(eng)
             fraction.append(sum(eng[q] for q in scored) / max(len(scored), 1))
-    return LensResult(prompt=prompt, input_ids=ids, input_tokens=[tokenizer.decode([t]) for t in ids],
-                      top_ids=top_ids, top_tokens=top_tokens, top_probs=top_probs, english=english,
-                      scored_positions=scored, softcap=final_logit_softcap(model), english_fraction=fraction)
+    return LensResult(
+        prompt=prompt,
+        input_ids=ids,
+        input_tokens=[tokenizer.decode([t]) for t in ids],
+        top_ids=top_ids,
+        top_tokens=top_tokens,
+        top_probs=top_probs,
+        english=english,
+        scored_positions=scored,
+        softcap=final_logit_softcap(model),
+        english_fraction=fraction,
+    )
 
 
 def english_commitment_layer(result: LensResult, threshold: float = 0.5) -> int | None:

@@ -75,8 +75,9 @@ def _yerr(values, lows, highs) -> list[list[float]]:
     return [below, above]
 
 
-def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10,
-                        strata_max_q95: float | None = None) -> tuple[Figure, object]:
+def plot_layer_contrast(
+    top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10, strata_max_q95: float | None = None
+) -> tuple[Figure, object]:
     """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
 
     The shaded band runs from the null's median to its 95th percentile per layer; the dashed line
@@ -101,8 +102,13 @@ def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak
     return fig, ax
 
 
-def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci: tuple[float, float], layer: int,
-                       controls: Sequence[AccuracyRow] = ()) -> tuple[Figure, object]:
+def plot_dose_response(
+    rows: Sequence[AccuracyRow],
+    baseline: float,
+    baseline_ci: tuple[float, float],
+    layer: int,
+    controls: Sequence[AccuracyRow] = (),
+) -> tuple[Figure, object]:
     """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline.
 
     ``controls``: the rows of random-direction sweeps, drawn as crosses beside the CAA curve.
@@ -117,8 +123,15 @@ def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="CAA direction")
     ax.plot([0.0], [baseline], marker="s", color="0.3", ls="none", label="no steering (scale 0)")
     if controls:
-        ax.plot([100 * c.scale for c in controls], [c.accuracy for c in controls], marker="x", ms=8, color="C3", ls="none",
-                label="random directions (same norm)")
+        ax.plot(
+            [100 * c.scale for c in controls],
+            [c.accuracy for c in controls],
+            marker="x",
+            ms=8,
+            color="C3",
+            ls="none",
+            label="random directions (same norm)",
+        )
     ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -143,8 +156,10 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     c.set_title(f"dead latents (of {d_sae})")
     b.set_ylim(bottom=0)
     c.set_ylim(bottom=0)
-    for ax, key, words in ((b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
-                           (c, "n_dead", "no latent was dead at any step")):
+    for ax, key, words in (
+        (b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
+        (c, "n_dead", "no latent was dead at any step"),
+    ):
         if all(h[key] == 0 for h in history):  # a flat line at 0 reads as a broken plot: say it instead
             ax.text(0.5, 0.5, words, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
             ax.set_yticks([0])
@@ -182,8 +197,10 @@ def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) 
     fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
     for ax, feat in zip(axes[:, 0], examples):
         ex = feat.examples
-        labels = [(e.context.replace("\n", "↵") + "[[" + visible_token(e.token) + "]]")[-width:]
-                  .replace("$", r"\$") for e in ex]
+        labels = [
+            (e.context.replace("\n", "↵") + "[[" + visible_token(e.token) + "]]")[-width:].replace("$", r"\$")
+            for e in ex
+        ]
         ax.barh(range(len(ex)), [e.activation for e in ex], color="C1")
         ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
         ax.invert_yaxis()
@@ -208,9 +225,16 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     for layer in range(n_layers):
         for pos in range(n_pos):
             tok = visible_token(result.top_tokens[layer][pos])[:max_chars]
-            ax.text(pos, layer, tok, ha="center", va="center", fontsize=6,
-                    color="black" if probs[layer, pos] > 0.6 else "white",
-                    fontweight="bold" if result.english[layer][pos] else "normal")
+            ax.text(
+                pos,
+                layer,
+                tok,
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="black" if probs[layer, pos] > 0.6 else "white",
+                fontweight="bold" if result.english[layer][pos] else "normal",
+            )
     ax.set_xticks(range(n_pos))
     ax.set_xticklabels([visible_token(t)[:max_chars] for t in result.input_tokens], rotation=60, fontsize=7)
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
@@ -218,14 +242,28 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     ax.set_ylabel("decoder layer (residual stream after it)")
     if commitment_layer is not None:
         ax.axhline(commitment_layer - 0.5, color="C3", lw=1.5, ls="--")
-        ax.text(-0.45, commitment_layer - 0.45, f"English commitment: layer {commitment_layer}", color="C3",
-                fontsize=7, va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0})
+        ax.text(
+            -0.45,
+            commitment_layer - 0.45,
+            f"English commitment: layer {commitment_layer}",
+            color="C3",
+            fontsize=7,
+            va="bottom",
+            ha="left",
+            bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0},
+        )
     fig.colorbar(im, ax=ax, label="top-token probability")
     return fig, ax
 
 
-def plot_baseline(groups: Sequence[GroupRow], lengths_correct: Sequence[int], lengths_wrong: Sequence[int],
-                  max_new_tokens: int, overall: float, overall_ci: tuple[float, float]) -> tuple[Figure, object]:
+def plot_baseline(
+    groups: Sequence[GroupRow],
+    lengths_correct: Sequence[int],
+    lengths_wrong: Sequence[int],
+    max_new_tokens: int,
+    overall: float,
+    overall_ci: tuple[float, float],
+) -> tuple[Figure, object]:
     """Chapter 04: accuracy per question kind (Wilson 95 % intervals) and generated lengths.
 
     Left: one bar per kind (GSM8K is one kind; the generated task has one per template) with the
@@ -246,8 +284,13 @@ def plot_baseline(groups: Sequence[GroupRow], lengths_correct: Sequence[int], le
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     bins = list(range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 24)))
-    bx.hist([list(lengths_correct), list(lengths_wrong)], bins=bins, stacked=True, color=["C2", "C3"],
-            label=["correct", "wrong"])
+    bx.hist(
+        [list(lengths_correct), list(lengths_wrong)],
+        bins=bins,
+        stacked=True,
+        color=["C2", "C3"],
+        label=["correct", "wrong"],
+    )
     bx.axvline(max_new_tokens, color="0.3", ls=":", lw=1, label="max_new_tokens")
     bx.set_xlabel("generated tokens")
     bx.set_ylabel("questions")

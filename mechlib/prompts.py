@@ -54,10 +54,19 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question_text: str, prompt_
                 f"prompt_format {prompt_format!r} was asked for, but the tokenizer of {name!r} has no chat template. "
                 f"Use prompt_format: gemma_manual (the card's manual format) or a model that ships a chat template."
             )
-        shot = [{"role": "user", "content": user_message(ONESHOT_QUESTION)},
-                {"role": "assistant", "content": ONESHOT_ANSWER}] if prompt_format == "chat_oneshot" else []
-        return tokenizer.apply_chat_template(shot + [{"role": "user", "content": user_message(question_text)}],
-                                             tokenize=False, add_generation_prompt=True)
+        shot = (
+            [
+                {"role": "user", "content": user_message(ONESHOT_QUESTION)},
+                {"role": "assistant", "content": ONESHOT_ANSWER},
+            ]
+            if prompt_format == "chat_oneshot"
+            else []
+        )
+        return tokenizer.apply_chat_template(
+            shot + [{"role": "user", "content": user_message(question_text)}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
     raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
 
 

@@ -59,6 +59,7 @@ def _tiny_config(arch: str) -> Callable[[], PretrainedConfig]:
         from mechlib.tiny import tiny_config
 
         return tiny_config(arch)  # type: ignore[arg-type]
+
     return build
 
 
@@ -94,8 +95,10 @@ def parse(name: str) -> RandomSpec:
     """``random:<arch>[:<seed>]`` → the architecture and seed; a clear error for anything else."""
     m = _NAME.fullmatch(name)
     if m is None or m["arch"] not in ARCHS:
-        raise RandomModelError(f"unknown random-weight model {name!r}; use random:<arch> or random:<arch>:<seed> "
-                               f"with <arch> one of {', '.join(ARCHS)}")
+        raise RandomModelError(
+            f"unknown random-weight model {name!r}; use random:<arch> or random:<arch>:<seed> "
+            f"with <arch> one of {', '.join(ARCHS)}"
+        )
     return RandomSpec(ARCHS[m["arch"]], int(m["seed"] or 0))
 
 
@@ -148,8 +151,11 @@ def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrain
 
         config = spec.arch.config()
         text = _text(config)
-        for attr, token in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
-                            ("bos_token_id", tok.bos_token_id)):
+        for attr, token in (
+            ("pad_token_id", tok.pad_token_id),
+            ("eos_token_id", tok.eos_token_id),
+            ("bos_token_id", tok.bos_token_id),
+        ):
             if token is not None:
                 setattr(text, attr, token)
         torch.manual_seed(spec.seed)

@@ -58,8 +58,9 @@ def verdicts(records: Sequence[Record], rule: ScoringRule) -> dict[str, bool]:
     return out
 
 
-def paired_verdicts(before: Sequence[Record], after: Sequence[Record],
-                    rule: ScoringRule) -> tuple[dict[str, bool], dict[str, bool]]:
+def paired_verdicts(
+    before: Sequence[Record], after: Sequence[Record], rule: ScoringRule
+) -> tuple[dict[str, bool], dict[str, bool]]:
     """Verdicts of two conditions on the questions both keep under ``rule`` (``before``'s order)."""
     a, b = verdicts(before, rule), verdicts(after, rule)
     keep = [i for i in a if i in b]
@@ -90,4 +91,3 @@ def accuracy_under_rules(records: Sequence[Record]) -> list[RuleAccuracy]:
         k, n = sum(v.values()), len(v)
         out.append(RuleAccuracy(rule, n, k, k / n if n else float("nan"), wilson_ci(k, n) if n else (0.0, 1.0)))
     return out
-

@@ -115,8 +115,9 @@ class SteeringVector:
     def apply(self, model: nn.Module, scale: float) -> Iterator[Tensor]:
         """Steer ``model`` by ``scale × mean_norm × unit`` after decoder layer ``layer`` inside the ``with``
         block; yields the added vector. The hook is removed on exit and when the body raises."""
-        with steering_hook(decoder_layers(model)[check_layer(model, self.layer)], self.unit, scale,
-                           self.mean_norm) as delta:
+        with steering_hook(
+            decoder_layers(model)[check_layer(model, self.layer)], self.unit, scale, self.mean_norm
+        ) as delta:
             yield delta
 
     # ------------------------------------------------------------------ the card's on-disk format
@@ -155,10 +156,17 @@ class SteeringVector:
         missing = {"layer", "mean_resid_norm"} - set(obj)
         if missing:
             raise SteeringError(f"{meta}: steering vector metadata lacks keys {sorted(missing)}; rerun chapter 05")
-        return cls(layer=int(obj.pop("layer")), unit=unit, mean_norm=float(obj.pop("mean_resid_norm")),
-                   model=str(obj.pop("model", "")), n_correct=_opt_int(obj.pop("n_correct", None)),
-                   n_wrong=_opt_int(obj.pop("n_wrong", None)), raw_diff_norm=_opt_float(obj.pop("raw_diff_norm", None)),
-                   pooling=_opt_str(obj.pop("pooling", None)), extra=obj)
+        return cls(
+            layer=int(obj.pop("layer")),
+            unit=unit,
+            mean_norm=float(obj.pop("mean_resid_norm")),
+            model=str(obj.pop("model", "")),
+            n_correct=_opt_int(obj.pop("n_correct", None)),
+            n_wrong=_opt_int(obj.pop("n_wrong", None)),
+            raw_diff_norm=_opt_float(obj.pop("raw_diff_norm", None)),
+            pooling=_opt_str(obj.pop("pooling", None)),
+            extra=obj,
+        )
 
 
 def _opt_int(x: object) -> int | None:

@@ -29,8 +29,12 @@ def collapse_streams(nb: Any) -> Any:
         merged: list[Any] = []
         for out in cell.get("outputs", []):
             prev = merged[-1] if merged else None
-            if out.get("output_type") == "stream" and prev is not None and prev.get("output_type") == "stream" \
-                    and prev.get("name") == out.get("name"):
+            if (
+                out.get("output_type") == "stream"
+                and prev is not None
+                and prev.get("output_type") == "stream"
+                and prev.get("name") == out.get("name")
+            ):
                 prev["text"] += out["text"]
             else:
                 merged.append(out)

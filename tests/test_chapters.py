@@ -15,8 +15,15 @@ from mechlib.book import chapters
 from mechlib.params import BookParams
 
 CHAPTERS = chapters()
-EXPECTED = ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline", "05_contrastive_layers",
-            "06_steering", "07_logit_lens"]
+EXPECTED = [
+    "01_collect",
+    "02_train_sae",
+    "03_evaluate_sae",
+    "04_gsm8k_baseline",
+    "05_contrastive_layers",
+    "06_steering",
+    "07_logit_lens",
+]
 
 
 def test_the_seven_chapters_exist_in_order():

@@ -7,8 +7,14 @@ import json
 import pytest
 import torch
 
-from mechlib.activations.collect import (ActivationStore, CorpusError, Packer, collect_activations, split_docs,
-                             stream_activations)
+from mechlib.activations.collect import (
+    ActivationStore,
+    CorpusError,
+    Packer,
+    collect_activations,
+    split_docs,
+    stream_activations,
+)
 from mechlib.activations.corpus import iter_texts
 from mechlib.hooks import add_forward_hook
 from mechlib.models import LayerError, decoder_layers
@@ -179,8 +185,9 @@ def test_heldout_split_uses_other_documents(tiny_llama, tmp_path):
     model, tok = tiny_llama
     corpus = _docs_file(tmp_path, n_docs=400)
     for split, n in (("train", 700), ("heldout", 300)):
-        collect_activations(model, tok, tmp_path / split, layer=1, corpus=corpus, split=split,
-                            **{**SMALL, "n_tokens": n})
+        collect_activations(
+            model, tok, tmp_path / split, layer=1, corpus=corpus, split=split, **{**SMALL, "n_tokens": n}
+        )
     train = set(ActivationStore(tmp_path / "train").token_info()["doc_index"].tolist())
     held = set(ActivationStore(tmp_path / "heldout").token_info()["doc_index"].tolist())
     assert held and train and not train & held
@@ -238,8 +245,17 @@ def test_bfloat16_shards(tiny_llama, tmp_path):
 
 
 def test_real_smollm2_short_collection(smollm2, tmp_path):
-    run = collect_activations(smollm2.model, smollm2.tokenizer, tmp_path / "s", layer=15, n_tokens=120,
-                              seq_len=64, batch_size=2, progress=False, model_name=smollm2.name)
+    run = collect_activations(
+        smollm2.model,
+        smollm2.tokenizer,
+        tmp_path / "s",
+        layer=15,
+        n_tokens=120,
+        seq_len=64,
+        batch_size=2,
+        progress=False,
+        model_name=smollm2.name,
+    )
     store = ActivationStore(tmp_path / "s")
     assert store.n_tokens == 120 and store.d_model == 576 and run.manifest["model"] == smollm2.name
     sh = store.shard(0)
@@ -259,8 +275,9 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_collect", REPO_ROOT / "benchmarks" / "collect.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = bench.main(["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path),
-                     "--out-dir", str(tmp_path)])
+    rc = bench.main(
+        ["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
+    )
     assert rc == 0
     (saved,) = tmp_path.glob("collect_*.json")
     record = json.loads(saved.read_text())

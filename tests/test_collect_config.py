@@ -15,8 +15,13 @@ import pytest
 import torch
 
 from mechlib.book import chapters
-from mechlib.activations.collect_config import (PARAM_KEYS, CollectConfig, collect_config_from_params, collect_for_book,
-                                    collect_split)
+from mechlib.activations.collect_config import (
+    PARAM_KEYS,
+    CollectConfig,
+    collect_config_from_params,
+    collect_for_book,
+    collect_split,
+)
 from mechlib.params import BookParams, load_params
 from tiny_run import one_thread, write_params
 
@@ -24,8 +29,9 @@ ODD = dict(exclude_first_positions=1, seq_len=48, shard_tokens=192, collect_toke
 
 
 def test_config_reads_every_collection_param_once():
-    P = BookParams(exclude_first_positions=1, seq_len=48, collect_batch_size=3, activation_dtype="bfloat16",
-                   collect_mode="stream")
+    P = BookParams(
+        exclude_first_positions=1, seq_len=48, collect_batch_size=3, activation_dtype="bfloat16", collect_mode="stream"
+    )
     cfg = collect_config_from_params(P)
     assert isinstance(cfg, CollectConfig)
     assert (cfg.exclude_first_positions, cfg.seq_len, cfg.batch_size, cfg.dtype) == (1, 48, 3, "bfloat16")

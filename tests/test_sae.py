@@ -8,9 +8,23 @@ import os
 import pytest
 import torch
 
-from mechlib.sae import (CARD_KEYS, SAEError, TopKSAE, autograd_step, card_state, check_compatible, dense_code,
-                         fired_mask, init_b_dec_, load_sae, reference_step, renorm_decoder_, save_card_checkpoint,
-                         save_sae, sae_from_state)
+from mechlib.sae import (
+    CARD_KEYS,
+    SAEError,
+    TopKSAE,
+    autograd_step,
+    card_state,
+    check_compatible,
+    dense_code,
+    fired_mask,
+    init_b_dec_,
+    load_sae,
+    reference_step,
+    renorm_decoder_,
+    save_card_checkpoint,
+    save_sae,
+    sae_from_state,
+)
 
 D, M, K = 24, 96, 5
 
@@ -185,6 +199,7 @@ def test_mismatched_checkpoint_errors_name_both_values(tmp_path):
 
 def test_hub_spec_offline_gives_one_clear_error(monkeypatch):
     import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(SAEError, match="hub repo 'someone/some-sae'.*local path"):

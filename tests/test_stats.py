@@ -218,8 +218,10 @@ def test_wilson_edges_are_exact(n):
     assert wilson_ci(n, n)[1] == 1.0
 
 
-@given(st.integers(min_value=1, max_value=5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
-       st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]))
+@given(
+    st.integers(min_value=1, max_value=5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+    st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]),
+)
 @settings(max_examples=300, deadline=None)
 def test_wilson_bounds_hold_exactly(kn, confidence):
     k, n = kn

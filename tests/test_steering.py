@@ -29,11 +29,13 @@ def _observe(model, tok, extra_layer_hook=None):
     def pre(i):
         def fn(_m, args, kwargs):
             ins[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
         return fn
 
     def post(i):
         def fn(_m, _a, out):
             outs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
         return fn
 
     for i, layer in enumerate(layers):
@@ -166,8 +168,10 @@ def test_correctness_reads_objects_and_dicts():
 
 def test_overlaps():
     base = {str(i): False for i in range(4)}
-    rows = [steering_row(s, base, {**base, **{k: True for k in ks}}, n_bootstrap=10)
-            for s, ks in [(0.02, "01"), (0.05, "12"), (0.1, "")]]
+    rows = [
+        steering_row(s, base, {**base, **{k: True for k in ks}}, n_bootstrap=10)
+        for s, ks in [(0.02, "01"), (0.05, "12"), (0.1, "")]
+    ]
     ov = recovered_overlaps(rows)
     assert len(ov) == 3
     assert ov[0]["intersection"] == 1 and ov[0]["shared_ids"] == ["1"] and ov[0]["jaccard"] == pytest.approx(1 / 3)
@@ -280,8 +284,14 @@ def test_run_sweep_discards_records_made_with_other_settings(tiny_llama, tmp_pat
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=1)
-    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
-              batch_size=4, records_dir=tmp_path, progress=False)
+    kw = dict(
+        vector=SteeringVector(1, torch.ones(64), 10.0),
+        scales=[0.5],
+        prompt_format="gemma_manual",
+        batch_size=4,
+        records_dir=tmp_path,
+        progress=False,
+    )
     first = run_sweep(loaded, questions, max_new_tokens=2, **kw)[0.5]
     longer = run_sweep(loaded, questions, max_new_tokens=5, **kw)[0.5]
     assert all(r.n_new_tokens <= 2 for r in first) and any(r.n_new_tokens > 2 for r in longer)
@@ -302,8 +312,15 @@ def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=2)
-    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
-              max_new_tokens=3, batch_size=4, records_dir=tmp_path, progress=False)
+    kw = dict(
+        vector=SteeringVector(1, torch.ones(64), 10.0),
+        scales=[0.5],
+        prompt_format="gemma_manual",
+        max_new_tokens=3,
+        batch_size=4,
+        records_dir=tmp_path,
+        progress=False,
+    )
     first = run_sweep(loaded, questions, **kw)[0.5]
     path = steer_records_path(tmp_path, 1, 0.5)
     stale = [json.loads(line) for line in path.read_text().splitlines()]
@@ -340,15 +357,22 @@ def test_card_hook_written_without_mechlib_reproduces_the_sweep(tiny_llama, tmp_
     vec = SteeringVector(1, unit, 10.0, model="tiny", n_correct=2, n_wrong=2)
     path = vec.save(tmp_path / "steering_vec_L1.pt")
     kw = dict(prompt_format="gemma_manual", max_new_tokens=6)
-    steered = run_sweep(loaded, questions, vector=vec, scales=[0.5], batch_size=4,
-                        records_dir=tmp_path, progress=False, **kw)[0.5]
+    steered = run_sweep(
+        loaded, questions, vector=vec, scales=[0.5], batch_size=4, records_dir=tmp_path, progress=False, **kw
+    )[0.5]
     base = run_baseline(loaded, questions, "gemma_manual", 6, 4, tmp_path / "b.jsonl", progress=False)
     card_vec = torch.load(path)
     for scale, expect_all_equal in [(0.5, True), (1.5, False)]:
         delta = scale * 10.0 * card_vec
-        check = check_card_hook(loaded, changed_first(questions, steered, base), steered, base, layer=1,
-                                register=lambda block, d=delta: block.register_forward_hook(lambda _m, _i, out: out + d),
-                                **kw)
+        check = check_card_hook(
+            loaded,
+            changed_first(questions, steered, base),
+            steered,
+            base,
+            layer=1,
+            register=lambda block, d=delta: block.register_forward_hook(lambda _m, _i, out: out + d),
+            **kw,
+        )
         assert check.n_steering_changed > 0, "steering must change some answers, or the check has no power"
         assert (check.n_equal == check.n) is expect_all_equal
     assert _hook_count(model) == 0

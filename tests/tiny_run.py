@@ -17,9 +17,24 @@ import yaml
 WORDS = "the cat sat on a mat while seven small dogs ran past the old red barn in the rain".split()
 
 SIZES: dict[str, Any] = dict(
-    device="cpu", layer=1, seq_len=32, collect_tokens=1200, heldout_tokens=256, collect_batch_size=4,
-    shard_tokens=128, d_sae=64, k=4, k_aux=16, lr=3e-3, lr_floor=3e-4, warmup_steps=3, train_batch_size=64,
-    train_tokens=64 * 30, renorm_every=5, dead_tokens=256, checkpoint_every=5,
+    device="cpu",
+    layer=1,
+    seq_len=32,
+    collect_tokens=1200,
+    heldout_tokens=256,
+    collect_batch_size=4,
+    shard_tokens=128,
+    d_sae=64,
+    k=4,
+    k_aux=16,
+    lr=3e-3,
+    lr_floor=3e-4,
+    warmup_steps=3,
+    train_batch_size=64,
+    train_tokens=64 * 30,
+    renorm_every=5,
+    dead_tokens=256,
+    checkpoint_every=5,
 )
 
 

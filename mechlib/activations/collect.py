@@ -41,14 +41,31 @@ from mechlib.activations.corpus import CorpusError, CorpusSpec
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
 from mechlib.models import check_layer, d_model, decoder_layers
-from mechlib.activations.shards import (FORMAT, MANIFEST, ActivationStore, Manifest, ShardEntry, ShardWriter,
-                                        rank_manifest_name, read_manifest, verify_shard)
+from mechlib.activations.shards import (
+    FORMAT,
+    MANIFEST,
+    ActivationStore,
+    Manifest,
+    ShardEntry,
+    ShardWriter,
+    rank_manifest_name,
+    read_manifest,
+    verify_shard,
+)
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer
 
-__all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
-           "collection_identity", "HELDOUT_EVERY", "SPLITS"]
+__all__ = [
+    "ActivationStore",
+    "PackedBatch",
+    "Packer",
+    "collect_activations",
+    "stream_activations",
+    "collection_identity",
+    "HELDOUT_EVERY",
+    "SPLITS",
+]
 
 HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
 SPLITS = ("train", "heldout")
@@ -65,8 +82,9 @@ class PackedBatch:
 class Packer:
     """Turns documents into full rows of ``seq_len`` token ids: ``[BOS] tok tok … EOS tok …``."""
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, exclude_special_tokens: bool = True,
-                 exclude_first_positions: int = 2):
+    def __init__(
+        self, tokenizer: Tokenizer, seq_len: int, exclude_special_tokens: bool = True, exclude_first_positions: int = 2
+    ):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if not 0 <= exclude_first_positions < seq_len:
@@ -126,8 +144,10 @@ def rows_with_quota(rows: Iterator[tuple[list[int], list[int]]], packer: Packer,
         try:
             ids, doc = next(rows)
         except StopIteration:
-            raise CorpusError(f"the corpus ran out after {got} of {n_tokens} requested tokens; "
-                              f"lower the token count or use a larger corpus") from None
+            raise CorpusError(
+                f"the corpus ran out after {got} of {n_tokens} requested tokens; "
+                f"lower the token count or use a larger corpus"
+            ) from None
         ids_t = torch.tensor(ids, dtype=torch.long)
         keep = packer.keep_mask(ids_t)
         room = n_tokens - got
@@ -149,8 +169,15 @@ def batch_rows(rows: Iterable[Row], batch_size: int, first_row: int = 0) -> Iter
         yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
 
 
-def packed_rows(tokenizer: Tokenizer, n_tokens: int, seq_len: int, corpus: CorpusSpec, split: str,
-                exclude_special_tokens: bool, exclude_first_positions: int = 2) -> tuple[Packer, Iterator[Row]]:
+def packed_rows(
+    tokenizer: Tokenizer,
+    n_tokens: int,
+    seq_len: int,
+    corpus: CorpusSpec,
+    split: str,
+    exclude_special_tokens: bool,
+    exclude_first_positions: int = 2,
+) -> tuple[Packer, Iterator[Row]]:
     """The packer and its rows of ``split`` until ``n_tokens`` kept tokens (collection and streaming alike)."""
     packer = Packer(tokenizer, seq_len, exclude_special_tokens, exclude_first_positions)
     return packer, rows_with_quota(packer.rows(split_docs(corpus.texts(), split)), packer, n_tokens)
@@ -180,14 +207,25 @@ class StreamBatch:
     token_ids: torch.Tensor  # [n_kept] CPU
 
 
-def stream_activations(model: nn.Module, tokenizer: Tokenizer, *, layer: int, n_tokens: int, seq_len: int = 128,
-                       batch_size: int = 16, corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
-                       exclude_special_tokens: bool = True, exclude_first_positions: int = 2,
-                       compile: bool = False) -> Iterator[StreamBatch]:
+def stream_activations(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    layer: int,
+    n_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    corpus: CorpusSpec | str = CorpusSpec(),
+    split: str = "train",
+    exclude_special_tokens: bool = True,
+    exclude_first_positions: int = 2,
+    compile: bool = False,
+) -> Iterator[StreamBatch]:
     """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs)."""
     device = _prepare(model, layer, compile)
-    _, rows = packed_rows(tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens,
-                          exclude_first_positions)
+    _, rows = packed_rows(
+        tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens, exclude_first_positions
+    )
     for pb in batch_rows(rows, batch_size):
         with torch.no_grad():
             h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
@@ -200,15 +238,35 @@ def params_hash(identity: Manifest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def collection_identity(model: nn.Module, *, model_name: str, layer: int, dtype: str, seq_len: int,
-                        rows_per_shard: int, corpus: CorpusSpec, split: str, exclude_special_tokens: bool,
-                        exclude_first_positions: int) -> Manifest:
+def collection_identity(
+    model: nn.Module,
+    *,
+    model_name: str,
+    layer: int,
+    dtype: str,
+    seq_len: int,
+    rows_per_shard: int,
+    corpus: CorpusSpec,
+    split: str,
+    exclude_special_tokens: bool,
+    exclude_first_positions: int,
+) -> Manifest:
     """Everything that decides which tokens (and bytes) a collection holds; its hash keys the manifest."""
-    return {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
-            "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
-            "seq_len": seq_len, "rows_per_shard": rows_per_shard, **corpus.identity(), "split": split,
-            "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens,
-            "exclude_first_positions": exclude_first_positions}
+    return {
+        "format": FORMAT,
+        "model": model_name or str(getattr(model.config, "_name_or_path", "")),
+        "model_class": type(model).__name__,
+        "layer": layer,
+        "d_model": d_model(model),
+        "dtype": dtype,
+        "seq_len": seq_len,
+        "rows_per_shard": rows_per_shard,
+        **corpus.identity(),
+        "split": split,
+        "heldout_every": HELDOUT_EVERY,
+        "exclude_special_tokens": exclude_special_tokens,
+        "exclude_first_positions": exclude_first_positions,
+    }
 
 
 class _HostBuffers:
@@ -229,8 +287,11 @@ class _HostBuffers:
             return h, None, None
         with self._lock:
             while True:
-                fits = [b for b in self._free if b.shape[1:] == h.shape[1:] and b.shape[0] >= h.shape[0]
-                        and b.dtype == h.dtype]
+                fits = [
+                    b
+                    for b in self._free
+                    if b.shape[1:] == h.shape[1:] and b.shape[0] >= h.shape[0] and b.dtype == h.dtype
+                ]
                 if fits:
                     buf = fits[0]
                     self._free.remove(buf)
@@ -264,12 +325,28 @@ class CollectRun:
     seconds: float
 
 
-def collect_activations(model: nn.Module, tokenizer: Tokenizer, out_dir: str | Path, *, layer: int, n_tokens: int,
-                        seq_len: int = 128, batch_size: int = 16, shard_tokens: int = 65_536,
-                        corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
-                        exclude_special_tokens: bool = True, exclude_first_positions: int = 2, dtype: str = "float32",
-                        model_name: str = "", compile: bool = False, progress: bool = True, rank: int = 0,
-                        world_size: int = 1, sync: Callable[[], None] | None = None) -> CollectRun:
+def collect_activations(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    layer: int,
+    n_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    shard_tokens: int = 65_536,
+    corpus: CorpusSpec | str = CorpusSpec(),
+    split: str = "train",
+    exclude_special_tokens: bool = True,
+    exclude_first_positions: int = 2,
+    dtype: str = "float32",
+    model_name: str = "",
+    compile: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> CollectRun:
     """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
 
     A rerun with the same parameters verifies and skips finished shards (resume); changed
@@ -291,21 +368,37 @@ def collect_activations(model: nn.Module, tokenizer: Tokenizer, out_dir: str | P
     device = _prepare(model, layer, compile)
     spec = CorpusSpec.of(corpus)
     rows_per_shard = max(1, shard_tokens // seq_len)
-    identity = collection_identity(model, model_name=model_name, layer=layer, dtype=dtype, seq_len=seq_len,
-                                   rows_per_shard=rows_per_shard, corpus=spec, split=split,
-                                   exclude_special_tokens=exclude_special_tokens,
-                                   exclude_first_positions=exclude_first_positions)
+    identity = collection_identity(
+        model,
+        model_name=model_name,
+        layer=layer,
+        dtype=dtype,
+        seq_len=seq_len,
+        rows_per_shard=rows_per_shard,
+        corpus=spec,
+        split=split,
+        exclude_special_tokens=exclude_special_tokens,
+        exclude_first_positions=exclude_first_positions,
+    )
     phash = params_hash(identity)
     old = _drop_if_changed(out_dir, phash, rank == 0)
     if sync is not None:
         sync()
     done = _finished_shards(out_dir, old, phash)
-    packer, rows = packed_rows(tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens,
-                               exclude_first_positions)
-    manifest = {**identity, "params_hash": phash, "n_tokens_requested": n_tokens, "complete": False,
-                "special_token_ids": packer.special_ids, "start_token_id": packer.start_id,
-                "separator_token_id": packer.sep_id, "n_tokens": 0, "shards": sorted(done.values(),
-                                                                                     key=lambda e: e["index"])}
+    packer, rows = packed_rows(
+        tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens, exclude_first_positions
+    )
+    manifest = {
+        **identity,
+        "params_hash": phash,
+        "n_tokens_requested": n_tokens,
+        "complete": False,
+        "special_token_ids": packer.special_ids,
+        "start_token_id": packer.start_id,
+        "separator_token_id": packer.sep_id,
+        "n_tokens": 0,
+        "shards": sorted(done.values(), key=lambda e: e["index"]),
+    }
     manifest_name = MANIFEST if world_size == 1 else rank_manifest_name(rank)
     writer = ShardWriter(out_dir, manifest, dtype, manifest_name=manifest_name)
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
@@ -357,8 +450,15 @@ class _ShardPlan:
     world_size: int
 
 
-def _write_shards(model: nn.Module, layer: int, device: torch.device, rows: Iterator[Row], plan: _ShardPlan,
-                  writer: ShardWriter, bar: tqdm) -> tuple[int, int, int]:
+def _write_shards(
+    model: nn.Module,
+    layer: int,
+    device: torch.device,
+    rows: Iterator[Row],
+    plan: _ShardPlan,
+    writer: ShardWriter,
+    bar: tqdm,
+) -> tuple[int, int, int]:
     """The write loop: ``(shards seen, rows seen, tokens computed)``; finished shards are verified, not recomputed."""
     buffers = _HostBuffers(device)
     index = first_row = computed = 0
@@ -389,8 +489,9 @@ def _write_shards(model: nn.Module, layer: int, device: torch.device, rows: Iter
     return index, first_row, computed
 
 
-def _finish_manifest(out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int,
-                     n_tokens: int, world_size: int) -> None:
+def _finish_manifest(
+    out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int, n_tokens: int, world_size: int
+) -> None:
     """Drop shards past the end (an earlier run with more tokens), total up, write the manifest."""
     for e in manifest["shards"]:
         if e["index"] >= n_shards:

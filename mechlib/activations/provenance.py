@@ -127,8 +127,11 @@ class ActivationsFingerprint:
     def describe_change(self, old: "ActivationsFingerprint") -> str:
         """In words, what differs from ``old`` (the settings by name when both recorded them)."""
         now, then = dict(self.settings), dict(old.settings)
-        parts = [f"{k} {then.get(k)!r} → {now.get(k)!r}" for k in sorted(set(now) | set(then))
-                 if now.get(k) != then.get(k) and k not in ("format",)]
+        parts = [
+            f"{k} {then.get(k)!r} → {now.get(k)!r}"
+            for k in sorted(set(now) | set(then))
+            if now.get(k) != then.get(k) and k not in ("format",)
+        ]
         if self.params_hash != old.params_hash and not parts:
             parts.append("collection settings")
         if self.n_tokens != old.n_tokens:
@@ -145,17 +148,37 @@ class ActivationsFingerprint:
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ActivationsFingerprint":
         try:
-            return cls(str(d["params_hash"]), str(d["shards"]), int(d["n_tokens"]), int(d["d_model"]),
-                       d.get("model"), None if d.get("layer") is None else int(d["layer"]),
-                       tuple((str(k), v) for k, v in d.get("settings", ())))
+            return cls(
+                str(d["params_hash"]),
+                str(d["shards"]),
+                int(d["n_tokens"]),
+                int(d["d_model"]),
+                d.get("model"),
+                None if d.get("layer") is None else int(d["layer"]),
+                tuple((str(k), v) for k, v in d.get("settings", ())),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProvenanceError(f"not an activations fingerprint record ({exc!r}): {dict(d)!r:.200}") from None
 
 
 # Manifest keys that describe *how* the tokens were chosen (named when they change).
-SETTING_KEYS = ("model", "model_class", "layer", "d_model", "dtype", "seq_len", "rows_per_shard", "corpus",
-                "corpus_config", "corpus_split", "corpus_text_field", "split", "heldout_every",
-                "exclude_special_tokens", "exclude_first_positions")
+SETTING_KEYS = (
+    "model",
+    "model_class",
+    "layer",
+    "d_model",
+    "dtype",
+    "seq_len",
+    "rows_per_shard",
+    "corpus",
+    "corpus_config",
+    "corpus_split",
+    "corpus_text_field",
+    "split",
+    "heldout_every",
+    "exclude_special_tokens",
+    "exclude_first_positions",
+)
 
 
 def fingerprint_of_manifest(manifest: Mapping[str, Any]) -> ActivationsFingerprint:
@@ -164,10 +187,14 @@ def fingerprint_of_manifest(manifest: Mapping[str, Any]) -> ActivationsFingerpri
     sums = [e["sha256"] for e in sorted(shards, key=lambda e: e["index"])] if shards else []
     layer = manifest.get("layer")
     return ActivationsFingerprint(
-        params_hash=str(manifest.get("params_hash", "")), shards=digest(sums) if sums else "",
-        n_tokens=int(manifest.get("n_tokens", 0)), d_model=int(manifest.get("d_model", 0)),
-        model=manifest.get("model"), layer=None if layer is None else int(layer),
-        settings=tuple((k, manifest[k]) for k in SETTING_KEYS if k in manifest))
+        params_hash=str(manifest.get("params_hash", "")),
+        shards=digest(sums) if sums else "",
+        n_tokens=int(manifest.get("n_tokens", 0)),
+        d_model=int(manifest.get("d_model", 0)),
+        model=manifest.get("model"),
+        layer=None if layer is None else int(layer),
+        settings=tuple((k, manifest[k]) for k in SETTING_KEYS if k in manifest),
+    )
 
 
 def read_activations_fingerprint(directory: str | os.PathLike[str]) -> ActivationsFingerprint:
@@ -175,7 +202,9 @@ def read_activations_fingerprint(directory: str | os.PathLike[str]) -> Activatio
     :class:`mechlib.activations.shards.ActivationStore` verifies each shard against the manifest when it reads it)."""
     manifest = read_manifest(Path(directory))
     if manifest is None:
-        raise ShardError(f"{Path(directory) / MANIFEST}: no activation manifest here; run chapter 01 (collection) first")
+        raise ShardError(
+            f"{Path(directory) / MANIFEST}: no activation manifest here; run chapter 01 (collection) first"
+        )
     return fingerprint_of_manifest(manifest)
 
 

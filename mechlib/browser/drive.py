@@ -15,8 +15,10 @@ from typing import Any, NamedTuple
 
 from mechlib.io import read_json
 
-CHROMIUM_MISSING = ("headless Chromium is not available ({what}); on Debian as root: "
-                    "apt-get install -y chromium chromium-driver (make setup does this), and pip install selenium")
+CHROMIUM_MISSING = (
+    "headless Chromium is not available ({what}); on Debian as root: "
+    "apt-get install -y chromium chromium-driver (make setup does this), and pip install selenium"
+)
 
 
 class ChromiumMissing(RuntimeError):
@@ -55,8 +57,14 @@ def open_chromium(width: int = 1280, height: int = 1000) -> Any:
     browser, driver = chromium_binaries()
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
 
@@ -67,7 +75,8 @@ def load(driver: Any, page: Path, query: str = "", timeout: float = 30) -> None:
 
     driver.get(Path(page).resolve().as_uri() + (f"?{query}" if query else ""))
     WebDriverWait(driver, timeout).until(
-        lambda d: d.execute_script("return document.body && document.body.getAttribute('data-ready') === '1'"))
+        lambda d: d.execute_script("return document.body && document.body.getAttribute('data-ready') === '1'")
+    )
 
 
 def screenshot(driver: Any, path: Path, max_height: int = 6000) -> Path:
@@ -84,11 +93,20 @@ def check_latent_page(driver: Any, folder: Path, latent: int, out: Path) -> Page
     """Open one latent's page and count what it drew; screenshot it into ``out``."""
     load(driver, folder / "latent.html", f"id={latent}")
     count = lambda css: int(driver.execute_script(f"return document.querySelectorAll({css!r}).length"))  # noqa: E731
-    highlighted = int(driver.execute_script(
-        "return Array.from(document.querySelectorAll('#top-contexts .tok'))"
-        ".filter(s => s.style.backgroundColor !== '').length"))
-    return PageCheck(latent, count("#top-contexts .ctx"), highlighted, count("#act-hist rect"),
-                     count("#logits tr"), screenshot(driver, out / f"latent_{latent}.png"))
+    highlighted = int(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('#top-contexts .tok'))"
+            ".filter(s => s.style.backgroundColor !== '').length"
+        )
+    )
+    return PageCheck(
+        latent,
+        count("#top-contexts .ctx"),
+        highlighted,
+        count("#act-hist rect"),
+        count("#logits tr"),
+        screenshot(driver, out / f"latent_{latent}.png"),
+    )
 
 
 def pages_to_show(folder: Path, n: int = 2) -> list[int]:

@@ -88,8 +88,9 @@ class RunningTopK:
         self.ids = torch.full((n_latents, k, width), -1, dtype=torch.int32, device=device)
         self.window = torch.zeros((n_latents, k, width), dtype=torch.float16, device=device)
 
-    def offer(self, lat: Tensor, key: Tensor, act: Tensor, token: Tensor,
-              window_of: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+    def offer(
+        self, lat: Tensor, key: Tensor, act: Tensor, token: Tensor, window_of: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> None:
         """Merge candidates (1-D, same length); ``window_of(i)`` gives the ids/activations of candidates ``i``."""
         ok = key > self.keys[lat, -1]
         if not bool(ok.any()):
@@ -165,8 +166,16 @@ class FiringLookup(NamedTuple):
         return torch.where(self.keys[at] == q, self.acts[at], torch.zeros((), dtype=self.acts.dtype, device=q.device))
 
 
-def _windows(lookup: FiringLookup, kept_index: Tensor, ctx: Tensor, rows: Tensor, pos: Tensor, lat: Tensor,
-             before: int, after: int) -> tuple[Tensor, Tensor]:
+def _windows(
+    lookup: FiringLookup,
+    kept_index: Tensor,
+    ctx: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+    lat: Tensor,
+    before: int,
+    after: int,
+) -> tuple[Tensor, Tensor]:
     """Token ids and the latent's activation at positions ``pos - before … pos + after`` of each row.
 
     Positions outside the row get id -1; positions the collection excluded (BOS, special tokens) get
@@ -184,9 +193,19 @@ def _windows(lookup: FiringLookup, kept_index: Tensor, ctx: Tensor, rows: Tensor
 
 
 @torch.no_grad()
-def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 10, sample: int = 32,
-                        before: int = 12, after: int = 4, batch_tokens: int = 8192, seed: int = 0,
-                        device: torch.device | str = "cpu", progress: bool = False) -> LatentStats:
+def gather_latent_stats(
+    sae,
+    shards: Iterable[ShardTokens],
+    *,
+    contexts: int = 10,
+    sample: int = 32,
+    before: int = 12,
+    after: int = 4,
+    batch_tokens: int = 8192,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> LatentStats:
     """One pass over ``shards``: counts, sums, histograms, top contexts and a firing sample per latent."""
     import time
 
@@ -195,8 +214,10 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
     t0 = time.perf_counter()
     m, width = sae.d_sae, before + after + 1
     if contexts < 1 or sample < 1 or before < 0 or after < 0:
-        raise ValueError(f"browser gather: need contexts >= 1, sample >= 1, before/after >= 0 "
-                         f"(got {contexts}, {sample}, {before}, {after})")
+        raise ValueError(
+            f"browser gather: need contexts >= 1, sample >= 1, before/after >= 0 "
+            f"(got {contexts}, {sample}, {before}, {after})"
+        )
     counts = torch.zeros(m, dtype=torch.long, device=device)
     sums = torch.zeros(m, dtype=torch.float64, device=device)
     hist = torch.zeros(m * N_HIST_BINS, dtype=torch.long, device=device)
@@ -214,7 +235,7 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
         kept_index[rows, pos] = torch.arange(n, device=device)
         vals, idxs = [], []
         for s in range(0, n, batch_tokens):
-            code = sae.encode(x[s:s + batch_tokens].to(device=device, dtype=sae.W_enc.dtype))
+            code = sae.encode(x[s : s + batch_tokens].to(device=device, dtype=sae.W_enc.dtype))
             vals.append(code.values.float())
             idxs.append(code.indices)
         codes_v, codes_i = torch.cat(vals), torch.cat(idxs)
@@ -240,7 +261,7 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
         bounds = torch.searchsorted(local, torch.arange(0, n + batch_tokens, batch_tokens, device=device)).tolist()
         for a, b in zip(bounds[:-1], bounds[1:]):
             if b > a:
-                part = (lambda i, a=a: window_of(i + a))
+                part = lambda i, a=a: window_of(i + a)
                 top.offer(lat[a:b], act[a:b], act[a:b], token[a:b], part)
                 reservoir.offer(lat[a:b], keys[a:b], act[a:b], token[a:b], part)
         n_seen += n
@@ -248,5 +269,14 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
     for t in (top, reservoir):
         for name in ("keys", "acts", "tokens", "ids", "window"):
             setattr(t, name, getattr(t, name).to(**cpu))
-    return LatentStats(n_seen, counts.cpu(), sums.cpu(), hist.view(m, N_HIST_BINS).cpu(), top, reservoir,
-                       before, after, time.perf_counter() - t0)
+    return LatentStats(
+        n_seen,
+        counts.cpu(),
+        sums.cpu(),
+        hist.view(m, N_HIST_BINS).cpu(),
+        top,
+        reservoir,
+        before,
+        after,
+        time.perf_counter() - t0,
+    )

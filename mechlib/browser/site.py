@@ -102,10 +102,21 @@ def choose_pages(counts: torch.Tensor, max_latents: int, seed: int, first: Seque
     return torch.tensor(sorted(chosen + rest[: max_latents - len(chosen)].tolist()), dtype=torch.long)
 
 
-def build_site(folder: str | Path, shards: Iterable[ShardTokens], sae: Any, model: Any, tokenizer: Any,
-               info: SiteInfo, *, max_latents: int = DEFAULT_MAX_LATENTS, contexts: int = DEFAULT_CONTEXTS,
-               seed: int = 0, device: str | torch.device = "cpu", priority: Sequence[int] = (),
-               progress: bool = False) -> BrowserSite:
+def build_site(
+    folder: str | Path,
+    shards: Iterable[ShardTokens],
+    sae: Any,
+    model: Any,
+    tokenizer: Any,
+    info: SiteInfo,
+    *,
+    max_latents: int = DEFAULT_MAX_LATENTS,
+    contexts: int = DEFAULT_CONTEXTS,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    priority: Sequence[int] = (),
+    progress: bool = False,
+) -> BrowserSite:
     """Gather the stats in one pass over ``shards``, then write the whole site into ``folder``."""
     if max_latents < 1 or contexts < 1:
         raise BrowserError(f"browser: max_latents and contexts must be >= 1 (got {max_latents}, {contexts})")
@@ -125,28 +136,46 @@ def build_site(folder: str | Path, shards: Iterable[ShardTokens], sae: Any, mode
         shutil.rmtree(data / "latents")  # pages of an earlier build with other caps
     (data / "latents").mkdir(parents=True, exist_ok=True)
     for row, f in enumerate(pages.tolist()):
-        _write_data(data / "latents", str(f), LATENT_GLOBAL, latent_record(stats, f, row, effects, near, has_page, decode))
-    index = IndexData(run=info.run, model=info.model, layer=info.layer, d_sae=sae.d_sae, k=sae.k,
-                      n_tokens=stats.n_tokens, density=[round(float(d), 7) for d in stats.density],
-                      mean=[round(float(m), 4) for m in stats.mean_activation],
-                      max=[round(float(v), 4) if c else 0.0 for v, c in zip(stats.top.acts[:, 0], stats.counts)],
-                      top_tokens=top_tokens(stats, decode), page=has_page.tolist(),
-                      contrast=[None] * sae.d_sae, contrast_rank=[None] * sae.d_sae,
-                      special_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", [])))
+        _write_data(
+            data / "latents", str(f), LATENT_GLOBAL, latent_record(stats, f, row, effects, near, has_page, decode)
+        )
+    index = IndexData(
+        run=info.run,
+        model=info.model,
+        layer=info.layer,
+        d_sae=sae.d_sae,
+        k=sae.k,
+        n_tokens=stats.n_tokens,
+        density=[round(float(d), 7) for d in stats.density],
+        mean=[round(float(m), 4) for m in stats.mean_activation],
+        max=[round(float(v), 4) if c else 0.0 for v, c in zip(stats.top.acts[:, 0], stats.counts)],
+        top_tokens=top_tokens(stats, decode),
+        page=has_page.tolist(),
+        contrast=[None] * sae.d_sae,
+        contrast_rank=[None] * sae.d_sae,
+        special_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", [])),
+    )
     _write_data(data, "index", INDEX_GLOBAL, index.to_json())
     _write_data(data, "vocab", VOCAB_GLOBAL, decode.vocab())
     copy_static(folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds,
-                       time.perf_counter() - t0, size)
+    return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds, time.perf_counter() - t0, size)
 
 
 def browser_folder(run_paths: Any) -> Path:
     return Path(run_paths.root) / "browser"
 
 
-def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_latents: int = DEFAULT_MAX_LATENTS,
-                  contexts: int = DEFAULT_CONTEXTS, progress: bool = True) -> BrowserSite:
+def build_browser(
+    params: Any,
+    run_paths: Any,
+    heldout: Any,
+    sae: Any,
+    *,
+    max_latents: int = DEFAULT_MAX_LATENTS,
+    contexts: int = DEFAULT_CONTEXTS,
+    progress: bool = True,
+) -> BrowserSite:
     """Chapter 03's one call: the run's site in ``outputs/<run>/browser/`` from its held-out activations.
 
     Loads the run's model for its tokenizer, final norm and unembedding (the cached conversion of the
@@ -160,24 +189,52 @@ def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_la
     from mechlib.sae import card_state
 
     folder = browser_folder(run_paths)
-    key = {"format": BUILD_FORMAT, "sae": sae_fingerprint(card_state(sae)), "heldout": fingerprint_of_store(heldout).digest,
-           "model": params.model, "max_latents": max_latents, "contexts": contexts, "seed": params.seed}
+    key = {
+        "format": BUILD_FORMAT,
+        "sae": sae_fingerprint(card_state(sae)),
+        "heldout": fingerprint_of_store(heldout).digest,
+        "model": params.model,
+        "max_latents": max_latents,
+        "contexts": contexts,
+        "seed": params.seed,
+    }
     saved = _read_build(folder)
     if saved is not None and saved.get("key") == key and (folder / "data" / "index.js").is_file():
         copy_static(folder)  # the pages' code may be newer than the data
         add_contrast_scores(run_paths)
-        return BrowserSite(folder, *(saved["site"][f] for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds",
-                                                               "seconds", "bytes")), reused=True)
+        return BrowserSite(
+            folder,
+            *(saved["site"][f] for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")),
+            reused=True,
+        )
     lm = load_model(params.model, params.model_dtype, params.device)
     layer = int(heldout.layer)
     cfile = contrast_file(run_paths.metrics, layer)
     priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
-    site = build_site(folder, iter_store_shards(heldout), sae, lm.model, lm.tokenizer,
-                      SiteInfo(params.run, params.model, layer), max_latents=max_latents, contexts=contexts,
-                      seed=params.seed, device=next(sae.parameters()).device, priority=priority, progress=progress)
+    site = build_site(
+        folder,
+        iter_store_shards(heldout),
+        sae,
+        lm.model,
+        lm.tokenizer,
+        SiteInfo(params.run, params.model, layer),
+        max_latents=max_latents,
+        contexts=contexts,
+        seed=params.seed,
+        device=next(sae.parameters()).device,
+        priority=priority,
+        progress=progress,
+    )
     add_contrast_scores(run_paths)
-    atomic_write_json(folder / BUILD_FILE, {"key": key, "site": {f: getattr(site, f) for f in (
-        "n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")}})
+    atomic_write_json(
+        folder / BUILD_FILE,
+        {
+            "key": key,
+            "site": {
+                f: getattr(site, f) for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")
+            },
+        },
+    )
     return site
 
 

@@ -162,6 +162,7 @@ class Record:
         """``cls`` from a JSON object; ``where`` (the file) starts every error message."""
         return _read_dataclass(cls, d, _Where(where or cls.__name__))
 
+
 def copy_fields(cls: type[T], source: object, **values: object) -> T:
     """``cls`` from the same-named attributes of ``source`` (a domain dataclass such as
     :class:`mechlib.steering.SteeringRow`), with ``values`` given or overriding: no dict in between."""

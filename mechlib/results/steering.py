@@ -119,8 +119,14 @@ class RandomDirection(ScaleRow):
     @classmethod
     def of(cls, result: RandomDirectionResult) -> "RandomDirection":
         vs = result.vs_caa
-        return copy_fields(cls, result.row, index=result.index, cos_with_caa=result.cos_with_caa,
-                           truncated=result.truncated, vs_caa=None if vs is None else copy_fields(PairedCounts, vs))
+        return copy_fields(
+            cls,
+            result.row,
+            index=result.index,
+            cos_with_caa=result.cos_with_caa,
+            truncated=result.truncated,
+            vs_caa=None if vs is None else copy_fields(PairedCounts, vs),
+        )
 
 
 @dataclass(frozen=True)
