@@ -49,17 +49,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mechlib.activations.collect import (
+from mechlib.activations.collect import (  # noqa: E402 (after the sys.path line above)
     ActivationStore,
     Packer,
     collect_activations,
-    rows_with_quota,  # noqa: E402
+    rows_with_quota,
     split_docs,
     stream_activations,
 )
 from mechlib.activations.corpus import iter_texts  # noqa: E402
-from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
+from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 
 FULL = dict(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)

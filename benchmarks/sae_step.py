@@ -151,7 +151,7 @@ def time_variant(
         torch.cuda.reset_peak_memory_stats()
     _set_tf32(kind == "tf32_dense")
     try:
-        sae, step, backend = make_trainer(kind, shape, device, pool[0], dead)
+        _sae, step, backend = make_trainer(kind, shape, device, pool[0], dead)
         t_warm = time.perf_counter()
         for i in range(warmup):
             step(pool[i % len(pool)])
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         "device": name,
         "torch": torch.__version__,
         "triton": triton_version,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "shape": shape,
         "aux_coef": AUX_COEF,
         "lr": LR,

@@ -136,9 +136,7 @@ def extract_answer_with_rule(text: str) -> tuple[float | None, str | None]:
         found = _NUMBER.match(tail, len(tail) - len(tail.lstrip(" *:$")))
         if found:
             return _value(found), "answer_is"
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
+    last = next(reversed(list(_NUMBER.finditer(text))), None)
     return (_value(last), "last_number") if last else (None, None)
 
 

@@ -21,9 +21,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -217,7 +218,7 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
 
     try:
         nb = nbformat.read(notebook, as_version=4)
-    except Exception:  # noqa: BLE001 — a notebook we cannot read just gives no location
+    except Exception:
         return None
     started = [
         i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")
@@ -247,7 +248,7 @@ def _annotate(
         )
         target.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
         atomic_write_text(notebook, nbformat.writes(nb))
-    except Exception:  # noqa: BLE001 — the note is a courtesy; it must never hide the error it explains
+    except Exception:
         return
 
 
@@ -313,7 +314,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if key in out:
             raise ParamsError(f"-p {key}: given twice; each parameter may be overridden once")
         try:
-            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # noqa: S506 — a SafeLoader
+            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""
         except yaml.YAMLError as exc:
             raise ParamsError(f"-p {item!r}: the value is not a YAML scalar ({_one_line(exc)})") from None
         if isinstance(value, (dict, list)):
@@ -344,8 +345,8 @@ def run_book(
     ``run`` overrides the run name (the output folder), e.g. so that ``make test`` never touches
     what ``make book`` made. Everything that can be checked without running a chapter is checked
     first, before anything is written; ``overrides`` (the command line's ``-p KEY=VALUE``) replace the
-    file's values, and the params.yaml saved with the run holds the result; then the run name is locked for the whole run (released on
-    error and Ctrl-C too).
+    file's values, and the params.yaml saved with the run holds the result; then the run name is locked
+    for the whole run (released on error and Ctrl-C too).
     """
     params = with_overrides(load_params(params_path, run=run), overrides or {}, str(params_path))
     todo = select(chapters(notebooks_dir), only)

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from torch import Tensor
 
 from mechlib import metrics
-from mechlib.io import atomic_write_json, sha256_file
 from mechlib.activations.provenance import (
     ActivationsFingerprint,
     fingerprint_of_store,
@@ -30,6 +29,7 @@ from mechlib.activations.provenance import (
     stale_line,
     tensor_digest,
 )
+from mechlib.io import atomic_write_json, sha256_file
 from mechlib.metrics import SplicedLoss
 from mechlib.results import CardSnippet, FeatureExamples, Record, ResultsError
 

@@ -10,8 +10,8 @@ save it in their metrics; ``REPORT.md`` repeats it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mechlib.scoring import ALTERNATIVES, RULE_LABELS, RuleAccuracy
 from mechlib.sensitivity import ALPHA  # one significance level for verdicts and findings
@@ -79,8 +79,8 @@ def baseline_finding(
     )
     if finished < 0.9:
         text += (
-            f" Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
-            f"arithmetic (the 'finished only' rule leaves those answers out)."
+            " Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
+            "arithmetic (the 'finished only' rule leaves those answers out)."
         )
     lo, hi = CARD.baseline_accuracy
     return text + f" (The card: {lo:.0%}–{hi:.0%} for Gemma 4 E4B on GSM8K.)"
@@ -103,7 +103,7 @@ def training_finding(
     if final_fvu is None:
         return "A published SAE was loaded, not trained: chapter 03 measures it on this run's held-out tokens."
     dead = (
-        f"no latent was dead at the end (the card also reports 0)"
+        "no latent was dead at the end (the card also reports 0)"
         if not n_dead
         else f"{n_dead} of {d_sae} latents ({n_dead / d_sae:.1%}) were dead at the end (the card reports 0)"
     )
@@ -206,7 +206,7 @@ def steering_finding(
         )
     else:
         text = (
-            "At layer {}: ".format(layer)
+            f"At layer {layer}: "
             + "; ".join(f"{100 * s:+g} % {e} (Δ {d:+.3f}, p {p:.3f})" for s, e, d, p in moved)
             + ". "
         )
@@ -226,7 +226,8 @@ def steering_finding(
 
 
 def lens_finding(commit: int | None, n_layers: int, last_token: str, last_prob: float) -> str:
-    card = f"the card's first English layer: {CARD.english_layer} of {CARD.n_layers} ({CARD.english_layer / CARD.n_layers:.0%} of depth)"
+    depth = CARD.english_layer / CARD.n_layers
+    card = f"the card's first English layer: {CARD.english_layer} of {CARD.n_layers} ({depth:.0%} of depth)"
     if commit is None:
         head = f"No layer's top tokens are mostly English words ({card}). "
     else:

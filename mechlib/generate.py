@@ -41,8 +41,9 @@ but no Python-int bookkeeping inside the compiled step (that would force recompi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
@@ -58,8 +59,7 @@ from mechlib.decode_step import (
 from mechlib.kv_cache import (
     CACHE_BUCKET,
     MIN_SHARED_PREFIX,
-    free_generation_cache,
-    make_masks,  # noqa: F401
+    make_masks,
     prefix_cache,
     prefix_sharing_exact,
     reusable_static_cache,

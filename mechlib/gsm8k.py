@@ -16,10 +16,10 @@ from mechlib.io import iter_jsonl
 from mechlib.paths import resolve
 
 __all__ = [
-    "GSM8KError",
-    "HUB_ID",
     "HUB_CONFIG",
+    "HUB_ID",
     "PARSER_VERSION",
+    "GSM8KError",
     "Question",
     "answers_match",
     "extract_answer",
@@ -88,7 +88,7 @@ def _rows_from_hub(split: str) -> list[tuple[str, str, int]]:
         from datasets import load_dataset
 
         ds = load_dataset(HUB_ID, HUB_CONFIG, split=split)
-    except Exception as exc:  # noqa: BLE001 — datasets raises many types for "offline"/"not found"
+    except Exception as exc:
         raise GSM8KError(
             f"could not load GSM8K ({HUB_ID}, config {HUB_CONFIG!r}, split {split!r}) from the Hugging Face hub — "
             f"no network or no cached copy. Pass gsm8k_path: a folder holding {split}.jsonl or a .jsonl file "

@@ -10,7 +10,7 @@ never run — about half the work of the study's full-depth ``output_hidden_stat
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn

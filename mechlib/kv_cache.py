@@ -10,9 +10,9 @@ decode loop in :mod:`mechlib.generate` only calls them. Tests compare the tokens
 from __future__ import annotations
 
 import copy
-
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 import torch

@@ -18,8 +18,9 @@ shape of the token, not a dictionary, which keeps it language-agnostic about the
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 

@@ -9,17 +9,17 @@ uploads it as the repo's ``README.md`` (the file the Hub shows), with the repo i
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import yaml
 
 from mechlib.findings import CARD
-from mechlib.sae.interop import HF_MODEL_NAMES, HookInfo
 from mechlib.io import atomic_write_text
 from mechlib.model_card_data import RunResults, read_run
 from mechlib.paths import RunPaths
 from mechlib.results import Evaluated
+from mechlib.sae.interop import HF_MODEL_NAMES, HookInfo
 
 CARD_FILE = "MODEL_CARD.md"
 # The SAE is computed from the base model's activations, so it is offered under the base model's licence.
@@ -85,7 +85,7 @@ def section_specs(r: RunResults) -> str:
     d_model = r.collected.d_model if r.collected else None
     d_sae = e.d_sae if e and e.d_sae else p.d_sae
     k = e.k if e and e.k else p.k
-    pretrained = r.trained is not None and r.trained.sae_source == "pretrained" or p.sae_source == "pretrained"
+    pretrained = (r.trained is not None and r.trained.sae_source == "pretrained") or p.sae_source == "pretrained"
     rows = [
         [
             "Base model",
@@ -266,6 +266,7 @@ def section_usage(r: RunResults, repo_id: str | None) -> str:
         )
         load = (get + load) if repo_id else load
         what = "`sae_weights.safetensors` and k"
+    skipped = f" or the first {p.exclude_first_positions} positions of a row" if p.exclude_first_positions else ""
     return f"""## Usage
 
 SAELens (`cfg.json` + `sae_weights.safetensors`, architecture `topk`, hook `{hook.hook_name}`) and sparsify
@@ -298,7 +299,7 @@ f = torch.zeros_like(pre).scatter(-1, i, v).relu()      # sparse code, k latents
 recon = f @ ck["W_dec"] + ck["b_dec"]
 ```
 
-The SAE never saw BOS/special tokens{f" or the first {p.exclude_first_positions} positions of a row" if p.exclude_first_positions else ""}; their codes are out of distribution.
+The SAE never saw BOS/special tokens{skipped}; their codes are out of distribution.
 {_browser_line(r)}"""
 
 

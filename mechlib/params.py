@@ -269,7 +269,7 @@ def validate(values: dict[str, Any], source: str = "params") -> BookParams:
 
 
 def _check_ranges(p: BookParams, source: str) -> None:
-    for key, hint in _HINTS.items():
+    for key in _HINTS:
         value = getattr(p, key)
         floats = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in floats):
@@ -377,7 +377,7 @@ def load_params(path: str | os.PathLike[str], run: str | None = None) -> BookPar
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506 — a SafeLoader
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)
     except _DuplicateKey as exc:
         raise ParamsError(
             f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "

@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mechlib.contrast import BaselineSplit, load_baseline_split
 from mechlib.records import Record

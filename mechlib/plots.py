@@ -8,8 +8,9 @@ notebook still displays it; sizes and dpi are fixed so nbval's ``<Figure size â€
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Protocol
 
 import matplotlib.pyplot as plt
 from matplotlib.figure import Figure

@@ -13,7 +13,8 @@ tokenizer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence, get_args
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -63,7 +64,7 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question_text: str, prompt_
             else []
         )
         return tokenizer.apply_chat_template(
-            shot + [{"role": "user", "content": user_message(question_text)}],
+            [*shot, {"role": "user", "content": user_message(question_text)}],
             tokenize=False,
             add_generation_prompt=True,
         )

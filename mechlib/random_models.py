@@ -26,13 +26,14 @@ the shapes (``seq_len``, prompt + ``max_new_tokens``) are what a run measures, a
 No ``qwen3.5-4b``: its published config could not be checked offline, and a made-up "4B" would
 claim a shape it does not have. A random model has no chat template of its own except what its
 tokenizer brings: the tiny tokenizer has none (use ``prompt_format: gemma_manual``); SmolLM2's has.
-"""
+"""  # noqa: E501 (the table's rows cannot wrap)
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 

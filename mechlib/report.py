@@ -8,8 +8,9 @@ as "not run" instead of a stale number.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD

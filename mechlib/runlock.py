@@ -16,9 +16,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 LOCK_NAME = ".lock"
 # A lock file that is empty or unreadable is normally one a starter has created but not yet

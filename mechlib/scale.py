@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from mechlib.activations.collect_config import collect_config_from_params, collect_split, open_train_store
 from mechlib.activations.shards import MANIFEST, Manifest, ShardEntry, ShardError, rank_manifest_name, read_manifest

@@ -18,8 +18,9 @@ asks whether a result is about arithmetic or about answers that never got to the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from mechlib.records import Record
 from mechlib.stats import wilson_ci

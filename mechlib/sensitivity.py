@@ -9,8 +9,9 @@ sentences are generated from the numbers of the run at hand, never written for o
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -43,7 +44,7 @@ class PeakUnderRule:
         return asdict(self)
 
     @classmethod
-    def from_null(cls, rule: ScoringRule, null: PermutationNull, n_correct: int, n_wrong: int) -> "PeakUnderRule":
+    def from_null(cls, rule: ScoringRule, null: PermutationNull, n_correct: int, n_wrong: int) -> PeakUnderRule:
         """The row of a null already computed (chapter 05's own, for the primary rule)."""
         return cls(
             rule,

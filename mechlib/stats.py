@@ -14,8 +14,8 @@ Everything works in float64 NumPy; inputs may be NumPy arrays or CPU torch tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike

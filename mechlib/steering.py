@@ -16,9 +16,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -112,7 +113,10 @@ def vector_for_layer(
 
 
 def scale_tag(scale: float) -> str:
-    """File-name tag of a scale: ``+0.05``, ``-0.05``, ``+0`` (6 significant digits: distinct scales, distinct files)."""
+    """File-name tag of a scale: ``+0.05``, ``-0.05``, ``+0``.
+
+    6 significant digits: distinct scales, distinct files.
+    """
     return f"{float(scale):+g}"
 
 
@@ -231,7 +235,10 @@ def _check_tag(tag: str) -> None:
 
 
 def _discard_if_vector_changed(records_dir: Path, vector: SteeringVector, model_name: str, tag: str) -> None:
-    """Delete this sweep's records when ``steer_L{layer}{tag}.meta.json`` names another vector or norm; note this one."""
+    """Delete this sweep's records when ``steer_L{layer}{tag}.meta.json`` names another vector or norm.
+
+    Then note this one.
+    """
     meta = {
         "layer": int(vector.layer),
         "mean_norm": round(float(vector.mean_norm), 6),

@@ -19,8 +19,9 @@ generation cache key (:func:`mechlib.records.settings_of`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase

@@ -13,12 +13,12 @@ machine and Python version.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mechlib.gsm8k import GSM8KError, Question, load_gsm8k
 
-__all__ = ["Question", "TaskError", "load_questions", "arithmetic_questions", "TEMPLATE_WEIGHTS", "TASKS"]
+__all__ = ["TASKS", "TEMPLATE_WEIGHTS", "Question", "TaskError", "arithmetic_questions", "load_questions"]
 
 TASKS = ("arithmetic", "gsm8k")
 

@@ -122,7 +122,7 @@ def tiny_model(arch: Arch, seed: int = 0) -> PreTrainedModel:
     model = cls(config)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.float().eval()

@@ -30,7 +30,8 @@
 # the exact reference step, whose backward pass also touches only the k selected latents per token.
 #
 # Instead of training, `sae_source: pretrained` loads a published SAE in the card's format, or a SAELens or
-# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or `hf:<owner>/<repo>[@<revision>][/<path>]` such as the study's
+# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or
+# `hf:<owner>/<repo>[@<revision>][/<path>]` such as the study's
 # `hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt`), and chapter 03 evaluates that one.
 #
 # A rerun resumes: the full training state (weights, Adam moments, step, data position, dead counters)
@@ -82,11 +83,10 @@ import time
 
 from mechlib import findings, plots, results
 from mechlib.activations import open_store, open_train_store
-from mechlib.sae import HookInfo, export_sae
 from mechlib.io import read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.sae import HISTORY_FILE, run_sae
+from mechlib.sae import HISTORY_FILE, HookInfo, export_sae, run_sae
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()

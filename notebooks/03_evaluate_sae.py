@@ -55,8 +55,7 @@ from mechlib.activations import open_store
 from mechlib.findings import CARD
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.sae import check_compatible
-from mechlib.sae import run_sae_for_eval
+from mechlib.sae import check_compatible, run_sae_for_eval
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()

@@ -24,7 +24,7 @@
 # table below shows where this run landed.
 #
 # **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim:
-# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.
+# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.  # noqa: E501 (verbatim)
 # `"chat_template"` sends the same instruction through the model's own chat template, which is what a
 # non-Gemma model like SmolLM2 was trained on. `"chat_oneshot"` (the default run's) puts one worked example
 # — a subtraction, an operation none of the generated kinds uses — before the question in that template.

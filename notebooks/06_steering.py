@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, steering, stats
+from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, stats, steering
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths

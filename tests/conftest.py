@@ -17,10 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from mechlib.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from mechlib.tiny import tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")

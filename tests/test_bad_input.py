@@ -19,12 +19,12 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_run import one_thread, write_params
 
+from mechlib.activations.stores import TensorStore
 from mechlib.params import ParamsError, known_keys, load_params, validate
 from mechlib.sae import SAEError, TopKSAE, save_card_checkpoint, save_sae
-from mechlib.activations.stores import TensorStore
 from mechlib.sae.train import TrainConfig, TrainingError, run_sae, train_sae
-from tiny_run import one_thread, write_params
 
 
 @pytest.fixture
@@ -162,7 +162,7 @@ def test_pretrained_checkpoint_with_other_width_or_layer_is_refused(tmp_path):
     with pytest.raises(SAEError, match=r"sae_final\.pt.*d_model=24 but the activations/model have d_model=16"):
         run_sae(_P(wide), store, tmp_path / "out_a")
     other_layer = _checkpoint(tmp_path / "layer3", d_model=16, layer=3)
-    with pytest.raises(SAEError, match=r"trained on layer 3 but the run uses layer 1"):
+    with pytest.raises(SAEError, match="trained on layer 3 but the run uses layer 1"):
         run_sae(_P(other_layer), store, tmp_path / "out_b")
     assert _files(tmp_path / "out_a") == [] and _files(tmp_path / "out_b") == []
     run_sae(_P(_checkpoint(tmp_path / "ok", d_model=16, layer=1)), store, tmp_path / "out_c")  # the control
@@ -220,7 +220,7 @@ _yaml_lines = st.one_of(
     st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
     st.builds(
         lambda k, v: f"{k}: {v}",
-        st.sampled_from(known_keys() + ["d_sea", "Layer", "k k"]),
+        st.sampled_from([*known_keys(), "d_sea", "Layer", "k k"]),
         st.sampled_from(
             [
                 "",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -121,7 +120,7 @@ def test_failing_chapter_stops_and_keeps_the_executed_notebook(book):
 
 
 def test_unknown_key_fails_before_any_chapter_runs(book, tmp_path, capsys):
-    _, _, out = book
+    _, _, _out = book
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_question: 10\n")
     assert main([str(bad)]) == 1
@@ -170,7 +169,7 @@ def _error_lines(err: str) -> list[str]:
 
 
 def test_a_failing_chapter_is_one_line_naming_cell_notebook_and_resume(book, book_main, capsys):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "02"]) == 1
     (line,) = _error_lines(capsys.readouterr().err)
     kept = out / "notebooks" / "02_fails.ipynb"
@@ -214,7 +213,7 @@ def test_ctrl_c_is_one_line_and_exit_130(book, capsys, monkeypatch):
 def test_ctrl_c_inside_a_chapter_names_it_keeps_the_notebook_and_frees_the_lock(book, book_main, capsys, monkeypatch):
     import papermill
 
-    nbdir, params, out = book
+    _nbdir, params, out = book
 
     def execute(nb, output_path, **kwargs):  # papermill has written the partial notebook when Ctrl-C lands
         cell = [c for c in nb.cells if c.cell_type == "code"][-1]
@@ -298,7 +297,7 @@ def test_an_uncached_hub_model_skips_the_layer_check_with_a_note(monkeypatch, ca
 def test_a_second_run_of_the_same_name_fails_at_once_naming_the_holder(book, book_main, capsys):
     from mechlib.runlock import run_lock
 
-    nbdir, params, out = book
+    _nbdir, params, out = book
     with run_lock(out, "trial"):
         assert book_main([str(params), "--only", "01"]) == 1
         (line,) = _error_lines(capsys.readouterr().err)
@@ -324,7 +323,7 @@ def test_kernels_start_without_their_tcp_warning(book, capfd):
 
 
 def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, capsys):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "01", "-p", "k=64", "-p", "lr=5e-4"]) == 0
     assert json.loads((out / "metrics" / "01_fake.json").read_text()) == {"k": 64}  # the chapter saw it
     saved = yaml.safe_load((out / "params.yaml").read_text())
@@ -343,7 +342,7 @@ def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, caps
     ],
 )
 def test_bad_p_overrides_are_one_clear_error_before_any_chapter_runs(book, book_main, capsys, args, message):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "01", *args]) == 1
     (line,) = _error_lines(capsys.readouterr().err)
     assert message in line

@@ -177,8 +177,9 @@ def test_site_files_and_contrast_scores(site):
     assert index["contrast"][pages[1]] == -0.5 and index["contrast_rank"][pages[1]] == 1
     assert index["contrast_rank"][3] == 2 and index["contrast"][0 if pages[1] else 1] is None
     # REPORT.md links it, in the SAE section
-    from mechlib import results
     from result_examples import EXAMPLES
+
+    from mechlib import results
 
     results.save(run, EXAMPLES[results.Evaluated])  # chapter 03 ran: the report shows its SAE section
     text = report.render_report("tiny")
@@ -279,7 +280,7 @@ def test_run_site_in_chromium():
     except ChromiumMissing as exc:
         pytest.skip(str(exc))
     shots = screenshot_site(folder)
-    assert [p.name for p in shots][0] == "index.png" and len(shots) == 3
+    assert next(p.name for p in shots) == "index.png" and len(shots) == 3
     assert all(p.stat().st_size > 20_000 for p in shots)
 
 
@@ -303,8 +304,9 @@ class FakeStore:
 def test_build_browser_keeps_a_build_of_the_same_inputs(tiny, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mechlib.browser import build_browser
     from tiny_run import model_folder
+
+    from mechlib.browser import build_browser
 
     sae, shards = tiny
     monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")

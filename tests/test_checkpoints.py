@@ -14,14 +14,14 @@ import json
 
 import pytest
 import torch
+from tiny_run import one_thread
 
 from mechlib.activations.collect import ActivationStore, collect_activations
+from mechlib.activations.provenance import read_activations_fingerprint
 from mechlib.io import checksum_path, sha256_file
 from mechlib.params import BookParams
-from mechlib.activations.provenance import read_activations_fingerprint
 from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint, save_sae
 from mechlib.sae.train import TensorStore, TrainConfig, load_train_state, run_sae_for_eval, train_sae
-from tiny_run import one_thread
 
 CFG = TrainConfig(
     d_sae=32,

@@ -16,16 +16,33 @@ from mechlib.activations.collect import (
     stream_activations,
 )
 from mechlib.activations.corpus import iter_texts
-from mechlib.hooks import add_forward_hook
-from mechlib.models import LayerError, decoder_layers
 from mechlib.activations.shards import ActivationError, ShardError
+from mechlib.hooks import add_forward_hook
 from mechlib.io import sha256_file
+from mechlib.models import LayerError, decoder_layers
 
 SMALL = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
 
 
 def _docs_file(tmp_path, n_docs: int = 60) -> str:
-    words = "the cat sat on a mat while seven small dogs ran past the old red barn".split()
+    words = [
+        "the",
+        "cat",
+        "sat",
+        "on",
+        "a",
+        "mat",
+        "while",
+        "seven",
+        "small",
+        "dogs",
+        "ran",
+        "past",
+        "the",
+        "old",
+        "red",
+        "barn",
+    ]
     docs = [" ".join(words[(i + j) % len(words)] for j in range(8 + i % 13)) for i in range(n_docs)]
     path = tmp_path / "docs.txt"
     path.write_text("\n\n".join(docs) + "\n")
@@ -149,10 +166,10 @@ def test_corrupt_shard_is_named(tiny_llama, tmp_path, damage):
     else:
         data = data[: len(data) // 2]
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="shard_00001.safetensors"):
+    with pytest.raises(ShardError, match=r"shard_00001.safetensors"):
         collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     store = ActivationStore(tmp_path / "a")
-    with pytest.raises(ShardError, match="shard_00001.safetensors"):
+    with pytest.raises(ShardError, match=r"shard_00001.safetensors"):
         store.load_all()
     # Following the message's advice — delete the shard and rerun — recollects exactly that shard.
     path.unlink()
@@ -163,15 +180,15 @@ def test_corrupt_shard_is_named(tiny_llama, tmp_path, damage):
 
 def test_nan_activations_name_the_shard(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    with add_forward_hook(decoder_layers(model)[1], lambda m, a, o: o * float("nan")):
-        with pytest.raises(ActivationError, match="shard_00000.safetensors.*NaN"):
-            collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
+    nan = add_forward_hook(decoder_layers(model)[1], lambda m, a, o: o * float("nan"))
+    with nan, pytest.raises(ActivationError, match=r"shard_00000.safetensors.*NaN"):
+        collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     assert not (tmp_path / "a" / "shard_00000.safetensors").exists()
 
 
 def test_layer_out_of_range_and_empty_corpus(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    with pytest.raises(LayerError, match="0..3"):
+    with pytest.raises(LayerError, match=r"0..3"):
         collect_activations(model, tok, tmp_path / "a", layer=4, **SMALL)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -18,7 +20,22 @@ from mechlib.contrast import (
 from mechlib.models import decoder_layers
 from mechlib.stats import spearman
 
-WORDS = "apple river seven blue market stone quick lamp orange nine table forest cloud paper".split()
+WORDS = [
+    "apple",
+    "river",
+    "seven",
+    "blue",
+    "market",
+    "stone",
+    "quick",
+    "lamp",
+    "orange",
+    "nine",
+    "table",
+    "forest",
+    "cloud",
+    "paper",
+]
 
 
 def encode_left(tokenizer, prompts):
@@ -53,7 +70,7 @@ def test_states_equal_unpadded_layer_outputs(tiny_any, pooling):
         enc = tok(prompt, return_tensors="pt")
         outs = {}
         handles = [
-            layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
+            layer.register_forward_hook(lambda m, a, o, i=i, outs=outs: outs.__setitem__(i, o))
             for i, layer in enumerate(decoder_layers(model))
         ]
         try:
@@ -168,7 +185,7 @@ def test_rank_sae_features_finds_the_planted_feature():
     ranked = rank_sae_features(sae, x, y, top_n=5)
     assert ranked[0].feature == 7 and ranked[0].score > 0 and ranked[0].d > 1
     assert ranked[0].fire_rate_correct == 1.0 and ranked[0].mean_correct > ranked[0].mean_wrong
-    assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in zip(ranked, ranked[1:]))
+    assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in itertools.pairwise(ranked))
 
 
 def test_mean_difference_refuses_one_group():
@@ -229,10 +246,9 @@ def test_default_encoding_matches_generation_tokenisation(tiny_gemma4):
 
 def test_load_baseline_split(tmp_path):
     import json
-
-    from mechlib.contrast import load_baseline_split
     from dataclasses import replace
 
+    from mechlib.contrast import load_baseline_split
     from mechlib.gsm8k import Question
     from mechlib.records import score, write_records
 

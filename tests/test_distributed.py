@@ -25,7 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
+from tiny_run import one_thread, write_params
 
+from mechlib.paths import REPO_ROOT
+from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
 from mechlib.sae.distributed import (
     DistributedError,
     all_or,
@@ -36,10 +39,7 @@ from mechlib.sae.distributed import (
     reduce_grads_sum,
     rescaled_step,
 )
-from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
-from mechlib.paths import REPO_ROOT
 from mechlib.sae.train import TensorStore, TrainConfig, train_sae
-from tiny_run import one_thread, write_params
 
 D_MODEL, N_TOKENS = 16, 2048
 CFG = TrainConfig(

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import torch
 
 from mechlib import evaluate, metrics
-from mechlib.io import sha256_file
 from mechlib.activations.provenance import tensor_digest
+from mechlib.io import sha256_file
 
 
 def test_stream_runs_fit_pca_on_the_first_half_of_the_heldout_tokens():
@@ -37,11 +37,12 @@ def test_a_damaged_cache_file_is_recomputed_not_a_crash(tmp_path):
 def test_model_evals_are_recomputed_when_the_heldout_activations_change(tmp_path, capsys, monkeypatch):
     """The cache key once held the SAE and the settings but not the activations: after chapter 01
     recollected with other settings, chapter 03 served ΔCE/KL of the old tokens."""
+    from tiny_run import corpus_file, model_folder
+
     from mechlib import models
     from mechlib.activations.collect import ActivationStore, collect_activations
     from mechlib.params import BookParams
     from mechlib.sae import TopKSAE, save_card_checkpoint
-    from tiny_run import corpus_file, model_folder
 
     folder, corpus = model_folder(tmp_path), corpus_file(tmp_path)
     lm = models.load_model(str(folder), "float32", "cpu")

@@ -17,14 +17,14 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from tiny_run import one_thread, write_params
 
 from mechlib.paths import REPO_ROOT
-from tiny_run import one_thread, write_params
 
 SEED = int(os.environ.get("MECHBOOK_FAULT_SEED", time.time_ns() % 10_000))
 FAULT_SIZES = dict(collect_tokens=6000, train_tokens=64 * 150, checkpoint_every=5)
@@ -213,7 +213,10 @@ def test_book_runner_killed_mid_chapter_leaves_no_truncated_notebook(tmp_path):
     nbformat.write(previous, out / "01_slow.ipynb")
     before = (out / "01_slow.ipynb").read_bytes()
     env = {**os.environ, "MECHBOOK_OUTPUTS": str(tmp_path / "outputs"), "TQDM_DISABLE": "1"}
-    code = f"from mechlib.book import run_book; run_book({str(params)!r}, notebooks_dir=__import__('pathlib').Path({str(nbdir)!r}))"
+    code = (
+        f"from mechlib.book import run_book; "
+        f"run_book({str(params)!r}, notebooks_dir=__import__('pathlib').Path({str(nbdir)!r}))"
+    )
     log = tmp_path / "book.log"
     with open(log, "wb") as fh:  # its own session, so the kernel it starts is killed with it
         proc = subprocess.Popen(
@@ -295,8 +298,8 @@ def test_killed_data_parallel_collection_resumes_in_one_process(tmp_path, tiny_l
     A rerun (here with one process) trusts the shards they list, computes only the rest, and ends with
     the manifest an uninterrupted run writes; the per-rank files are gone."""
     from mechlib.activations.collect import collect_activations
-    from mechlib.scale import merge_rank_manifests
     from mechlib.activations.shards import ShardError
+    from mechlib.scale import merge_rank_manifests
 
     model, tok = tiny_llama
     small = dict(layer=1, n_tokens=700, seq_len=32, batch_size=4, shard_tokens=128, progress=False)

@@ -62,7 +62,7 @@ def _prompt_ids(tok):
 
 @pytest.mark.parametrize("hook", [False, True], ids=["no_hook", "hook"])
 def test_equals_hf_generate(tiny_any, hook):
-    model, tok, arch = tiny_any
+    model, tok, _arch = tiny_any
     ids = _prompt_ids(tok)
     handle = _add_vector_hook(decoder_layers(model)[1]) if hook else None
     try:
@@ -206,7 +206,7 @@ def test_fixed_length_ignores_eos(tiny_llama):
 
 
 def test_bad_settings_raise(tiny_llama):
-    model, tok = tiny_llama
+    model, _tok = tiny_llama
     with pytest.raises(GenerationError, match="at least one token"):
         generate_ids(model, [[]], 4, 1, eos_ids=[1], pad_id=0, progress=False)
     with pytest.raises(GenerationError, match="batch_size"):
@@ -292,7 +292,7 @@ def test_shared_prefix_len(rows, expected):
 
 
 def test_shared_prefix_needs_the_dynamic_cache(tiny_llama):
-    model, tok = tiny_llama
+    model, _tok = tiny_llama
     inp, mask = left_pad([[3, 4], [5]], PAD, torch.device("cpu"))
     with pytest.raises(GenerationError, match="dynamic"):
         greedy_batch(model, inp, mask, 2, eos_ids=[], pad_id=PAD, cache="static", prefix=torch.tensor([1, 2]))

@@ -188,7 +188,7 @@ def test_malformed_files_name_file_and_line(tmp_path, lines, message):
 
 def test_missing_split_and_path(tmp_path):
     _write(tmp_path / "train.jsonl", [_row("q", "#### 1")])
-    with pytest.raises(GSM8KError, match="no test.jsonl .*train.jsonl"):
+    with pytest.raises(GSM8KError, match=r"no test.jsonl .*train.jsonl"):
         load_gsm8k(str(tmp_path), "test")
     with pytest.raises(GSM8KError, match="does not exist"):
         load_gsm8k(str(tmp_path / "nope"))

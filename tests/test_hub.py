@@ -19,8 +19,8 @@ import torch
 
 from mechlib import hub
 from mechlib.hub import HubSpec
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.sae import SAEError, TopKSAE, check_compatible, load_sae, save_card_checkpoint, save_sae
+from mechlib.sae.interop import HookInfo, export_sae
 
 D, M, K, LAYER = 16, 48, 4, 15
 HOOK = HookInfo("embedded:smollm2-135m-instruct", LAYER, 64, 2, True)
@@ -221,7 +221,7 @@ def test_book_safetensors_downloads_its_config(fake: FakeHub, tmp_path: Path) ->
     _same_encoding(sae, back)
     (tmp_path / "repo" / "checkpoints" / "cfg.json").unlink()
     shutil.rmtree(fake.cache)
-    with pytest.raises(SAEError, match="has no cfg.json beside it"):
+    with pytest.raises(SAEError, match=r"has no cfg.json beside it"):
         load_sae("hf:me/sae/checkpoints/sae.safetensors")
 
 

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_hub import COMMITS, FakeHub, _same_encoding
 
 from mechlib import hub
 from mechlib.hub import push as hub_push
 from mechlib.hub.push import PushError, plan_push
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.paths import REPO_ROOT
 from mechlib.sae import TopKSAE, load_sae, renorm_decoder_, save_card_checkpoint
-from test_hub import COMMITS, FakeHub, _same_encoding
+from mechlib.sae.interop import HookInfo, export_sae
 
 LAYER = 15
 
@@ -112,8 +112,8 @@ def test_pretrained_partial_run_says_what_it_skips(tmp_path: Path) -> None:
 def test_missing_run_or_export_or_bad_repo_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert hub.main(["push", str(tmp_path / "nope"), "me/sae"]) == 1
     assert (
-        capsys.readouterr().err.strip()
-        == f"[mechbook] error: {tmp_path / 'nope'}: no such run folder (expected outputs/<run>, written by python -m mechlib.book)"
+        capsys.readouterr().err.strip() == f"[mechbook] error: {tmp_path / 'nope'}: no such run folder "
+        "(expected outputs/<run>, written by python -m mechlib.book)"
     )
     root = _run(tmp_path)
     shutil.rmtree(root / "export")

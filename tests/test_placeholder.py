@@ -94,5 +94,5 @@ def test_on_marks_split_text_and_figure():
 
 @pytest.mark.parametrize("fraction", [1.0, -0.5])
 def test_bad_fraction_is_one_clear_error(fraction):
-    with pytest.raises(placeholder.PlaceholderError, match="fraction in \\(0, 1\\)"):
+    with pytest.raises(placeholder.PlaceholderError, match=r"fraction in \(0, 1\)"):
         placeholder.baseline_labels(IDS, fraction, 0)

@@ -44,11 +44,11 @@ def test_flat_training_panels_say_why_instead_of_drawing_a_line_at_zero():
         {"step": s, "loss": 1.0 / (s + 1), "fvu": 1.0 / (s + 1), "aux_loss": 0.0, "n_dead": 0, "lr": 1e-3}
         for s in range(5)
     ]
-    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert any("AuxK stayed 0" in t for t in texts) and any("no latent was dead" in t for t in texts)
     history[3]["n_dead"] = 2
-    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert not any("dead at any step" in t for t in texts), "a panel with data must plot it"
 

@@ -22,10 +22,10 @@ import pytest
 import torch
 import yaml
 
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.metrics import sae_fingerprint
 from mechlib.models import model_shape
 from mechlib.sae import TopKSAE, card_state
+from mechlib.sae.interop import HookInfo, export_sae
 
 pytestmark = pytest.mark.slow  # 12 chapter kernels: ~2 min on 2 idle cores; `make unit` still runs it
 

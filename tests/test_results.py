@@ -110,7 +110,8 @@ def test_a_chapter_that_has_not_run_reads_as_none_and_loading_it_is_an_error(run
         (lambda d: d["rows"][0].update(delta_ci95=[0.1]), r"rows\[0\]\.delta_ci95: expected 2 items, got 1$"),
         (
             lambda d: d["scoring_sensitivity"][0]["rules"][0].update(effect="better"),
-            r"scoring_sensitivity\[0\]\.rules\[0\]\.effect: expected one of \['helps', 'harms', 'no significant change'\]",
+            r"scoring_sensitivity\[0\]\.rules\[0\]\.effect: "
+            r"expected one of \['helps', 'harms', 'no significant change'\]",
         ),
         (lambda d: d.update(rows={}), r"06_steering\.json: rows: expected a list, got \{\}$"),
     ],

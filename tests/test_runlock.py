@@ -69,9 +69,8 @@ def test_unreadable_lock_is_respected_while_fresh_and_taken_over_when_old(tmp_pa
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_released_on_error_and_ctrl_c(tmp_path, exc):
-    with pytest.raises(type(exc)):
-        with run_lock(tmp_path, "r1", lambda _: None):
-            raise exc
+    with pytest.raises(type(exc)), run_lock(tmp_path, "r1", lambda _: None):
+        raise exc
     assert not (tmp_path / LOCK_NAME).exists()
 
 

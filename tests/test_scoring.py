@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mechlib.findings import baseline_finding
 from mechlib.gsm8k import Question
 from mechlib.records import score
-from mechlib.findings import baseline_finding
 from mechlib.scoring import RULES, accuracy_under_rules, paired_verdicts, truncation_rate, verdict, verdicts
 from mechlib.sensitivity import PeakUnderRule, effect_of, peak_under_rules, peak_verdict, row_verdict, rows_under_rules
 

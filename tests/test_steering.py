@@ -94,10 +94,9 @@ def test_hook_removed_after_exception_in_body(tiny_gemma4):
     model, tok = tiny_gemma4
     layers = decoder_layers(model)
     _, _, clean_logits = _observe(model, tok)
-    with pytest.raises(RuntimeError, match="boom"):
-        with steering_hook(layers[3], torch.ones(64), 0.5, 10.0):
-            assert _hook_count(model) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steering_hook(layers[3], torch.ones(64), 0.5, 10.0):
+        assert _hook_count(model) == 1
+        raise RuntimeError("boom")
     assert _hook_count(model) == 0
     _, _, after = _observe(model, tok)
     assert torch.equal(after, clean_logits)
@@ -106,9 +105,9 @@ def test_hook_removed_after_exception_in_body(tiny_gemma4):
 def test_hook_removed_after_exception_inside_forward(tiny_qwen35):
     model, tok = tiny_qwen35
     layers = decoder_layers(model)
-    with pytest.raises(SteeringError, match="dims"):
-        with steering_hook(layers[1], torch.ones(10), 0.5, 10.0):  # wrong width: raises inside the forward
-            _observe(model, tok)
+    # wrong width: raises inside the forward
+    with pytest.raises(SteeringError, match="dims"), steering_hook(layers[1], torch.ones(10), 0.5, 10.0):
+        _observe(model, tok)
     assert _hook_count(model) == 0
 
 
@@ -120,9 +119,8 @@ def test_hook_steers_every_generation_step(tiny_llama):
     seen = []
     counter = layers[1].register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
     try:
-        with steering_hook(layers[1], torch.ones(64), 0.5, 10.0):
-            with torch.no_grad():
-                steered = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with steering_hook(layers[1], torch.ones(64), 0.5, 10.0), torch.no_grad():
+            steered = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
     finally:
         counter.remove()
     assert seen[0] == enc["input_ids"].shape[1] and seen[1:] == [1, 1, 1]
@@ -269,9 +267,8 @@ def test_row_steering_adds_each_rows_own_vector(tiny_gemma4):
         assert torch.equal(out[2][i], clean_out[2][i] + deltas[1])
     three = torch.cat([deltas, deltas[:1]])  # three rows' deltas for a batch of two
     hook.set_rows(three, torch.device("cpu"), torch.float32)
-    with pytest.raises(SteeringError, match="do not fit"):
-        with add_forward_hook(layers[2], hook):
-            _observe(model, tok)
+    with pytest.raises(SteeringError, match="do not fit"), add_forward_hook(layers[2], hook):
+        _observe(model, tok)
     assert _hook_count(model) == 0
 
 

@@ -8,8 +8,8 @@ import torch
 from mechlib.models import LoadedModel, decoder_layers
 from mechlib.stats import mcnemar_exact
 from mechlib.steering import SteeringError, correctness, run_sweep, steer_records_path
-from mechlib.steering_vector import SteeringVector
 from mechlib.steering_controls import paired_comparison, random_directions, run_random_control
+from mechlib.steering_vector import SteeringVector
 from mechlib.tasks import arithmetic_questions
 
 

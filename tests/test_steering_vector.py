@@ -78,7 +78,7 @@ def test_load_names_the_missing_file_or_key(tmp_path):
     with pytest.raises(SteeringError, match="mean_resid_norm"):
         SteeringVector.load(p)
     meta_path(p).unlink()
-    with pytest.raises(SteeringError, match="steering_vec_L3.json"):
+    with pytest.raises(SteeringError, match=r"steering_vec_L3.json"):
         SteeringVector.load(p)
     torch.save(torch.ones(2, 2), p)
     SteeringVector(3, _unit(), 1.0).save(tmp_path / "other.pt")
@@ -118,14 +118,12 @@ def test_apply_adds_exactly_its_delta_at_its_layer(tiny_llama, scale):
 def test_apply_removes_its_hook_on_error_and_checks_the_layer(tiny_llama):
     model, _ = tiny_llama
     d = model.config.hidden_size
-    with pytest.raises(RuntimeError, match="boom"):
-        with SteeringVector(1, _unit(d), 1.0).apply(model, 0.5):
-            assert _hook_count(model) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), SteeringVector(1, _unit(d), 1.0).apply(model, 0.5):
+        assert _hook_count(model) == 1
+        raise RuntimeError("boom")
     assert _hook_count(model) == 0
-    with pytest.raises(LayerError):
-        with SteeringVector(len(decoder_layers(model)), _unit(d), 1.0).apply(model, 0.5):
-            pass
+    with pytest.raises(LayerError), SteeringVector(len(decoder_layers(model)), _unit(d), 1.0).apply(model, 0.5):
+        pass
     assert _hook_count(model) == 0
 
 

@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from test_gsm8k import SHARED_GSM8K
 
 from mechlib.gsm8k import extract_answer, extract_answer_with_rule
 from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
-from mechlib.stopping import stop_reason_of
 from mechlib.records import RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout, summarize
+from mechlib.stopping import stop_reason_of
 from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
-from test_gsm8k import SHARED_GSM8K
 
 # ------------------------------------------------------------------------ arithmetic task
 
@@ -92,7 +92,7 @@ def test_gemma_manual_is_the_card_format_verbatim(tiny_tok):
 
 def test_chat_template_missing_is_a_clear_error(tiny_tok):
     assert not tiny_tok.chat_template
-    with pytest.raises(PromptFormatError, match="has no chat template.*gemma_manual"):
+    with pytest.raises(PromptFormatError, match=r"has no chat template.*gemma_manual"):
         build_prompt(tiny_tok, "q", "chat_template")
     with pytest.raises(PromptFormatError, match="unknown prompt_format"):
         build_prompt(tiny_tok, "q", "alpaca")

@@ -45,7 +45,8 @@ def book(request):
     params = load_params(PARAMS_DIR / f"{request.param}.yaml", run=RUNS[request.param])
     paths = RunPaths(params.run)
     assert (paths.metrics / "book_timings.json").is_file(), (
-        f"{paths.root} has no finished book: run `python -m mechlib.book params/{request.param}.yaml --run {params.run}`"
+        f"{paths.root} has no finished book: "
+        f"run `python -m mechlib.book params/{request.param}.yaml --run {params.run}`"
     )
     return params, paths
 
@@ -55,7 +56,7 @@ def load(paths: RunPaths, name: str) -> dict:
 
 
 def test_every_chapter_ran_and_recorded_its_device(book):
-    params, paths = book
+    _params, paths = book
     assert list(load(paths, "book_timings")) == CHAPTERS
     devices = load(paths, "book_devices")
     assert sorted(devices) == CHAPTERS

@@ -8,13 +8,34 @@ do — ``model: <local folder>`` — so the whole path from params file to check
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import yaml
 
-WORDS = "the cat sat on a mat while seven small dogs ran past the old red barn in the rain".split()
+WORDS = [
+    "the",
+    "cat",
+    "sat",
+    "on",
+    "a",
+    "mat",
+    "while",
+    "seven",
+    "small",
+    "dogs",
+    "ran",
+    "past",
+    "the",
+    "old",
+    "red",
+    "barn",
+    "in",
+    "the",
+    "rain",
+]
 
 SIZES: dict[str, Any] = dict(
     device="cpu",

@@ -28,19 +28,16 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from mechlib.activations.corpus import CorpusError, CorpusSpec
-from mechlib.hooks import run_to_layer
-from mechlib.io import atomic_write_json
-from mechlib.models import check_layer, d_model, decoder_layers
 from mechlib.activations.shards import (
     FORMAT,
     MANIFEST,
@@ -52,19 +49,22 @@ from mechlib.activations.shards import (
     read_manifest,
     verify_shard,
 )
+from mechlib.hooks import run_to_layer
+from mechlib.io import atomic_write_json
+from mechlib.models import check_layer, d_model, decoder_layers
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer
 
 __all__ = [
+    "HELDOUT_EVERY",
+    "SPLITS",
     "ActivationStore",
     "PackedBatch",
     "Packer",
     "collect_activations",
-    "stream_activations",
     "collection_identity",
-    "HELDOUT_EVERY",
-    "SPLITS",
+    "stream_activations",
 ]
 
 HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
@@ -107,14 +107,14 @@ class Packer:
         for doc_index, text in docs:
             toks = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if self.sep_id is not None:
-                toks = toks + [self.sep_id]
+                toks = [*toks, self.sep_id]
             buf_ids.extend(toks)
             buf_doc.extend([doc_index] * len(toks))
             while len(buf_ids) >= body:
                 ids, doc = buf_ids[:body], buf_doc[:body]
                 del buf_ids[:body], buf_doc[:body]
                 if self.start_id is not None:
-                    ids, doc = [self.start_id] + ids, [-1] + doc
+                    ids, doc = [self.start_id, *ids], [-1, *doc]
                 yield ids, doc
 
     def keep_mask(self, ids: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,10 @@ diverge. A test compares the manifests both paths write.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor

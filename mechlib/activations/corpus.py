@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from mechlib import paths
 from mechlib.io import iter_jsonl, iter_text_lines
@@ -145,7 +145,7 @@ class CorpusSpec:
     text_field: str = "text"
 
     @classmethod
-    def of(cls, corpus: "CorpusSpec | str") -> "CorpusSpec":
+    def of(cls, corpus: CorpusSpec | str) -> CorpusSpec:
         """A spec as is, or a plain corpus name with the default config, split and text field."""
         return corpus if isinstance(corpus, CorpusSpec) else cls(corpus)
 

@@ -26,9 +26,10 @@ import enum
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,7 +53,7 @@ def _plain(obj: object) -> Any:  # returns any JSON value (None, bool, number, s
         if obj != obj or obj in (float("inf"), float("-inf")):
             raise ProvenanceError(f"cannot digest the non-finite number {obj!r}")
         return obj
-    if hasattr(obj, "digest") and isinstance(getattr(obj, "digest"), str):  # a fingerprint stands for itself
+    if hasattr(obj, "digest") and isinstance(obj.digest, str):  # a fingerprint stands for itself
         return {"digest": obj.digest}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -124,7 +125,7 @@ class ActivationsFingerprint:
     def short(self) -> str:
         return self.digest[:12]
 
-    def describe_change(self, old: "ActivationsFingerprint") -> str:
+    def describe_change(self, old: ActivationsFingerprint) -> str:
         """In words, what differs from ``old`` (the settings by name when both recorded them)."""
         now, then = dict(self.settings), dict(old.settings)
         parts = [
@@ -146,7 +147,7 @@ class ActivationsFingerprint:
         return {**dataclasses.asdict(self), "settings": [list(kv) for kv in self.settings]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ActivationsFingerprint":
+    def from_dict(cls, d: Mapping[str, Any]) -> ActivationsFingerprint:
         try:
             return cls(
                 str(d["params_hash"]),
@@ -227,7 +228,7 @@ class Provenance:
     inputs: tuple[tuple[str, str], ...]
 
     @classmethod
-    def of(cls, **inputs: object) -> "Provenance":
+    def of(cls, **inputs: object) -> Provenance:
         return cls(tuple(sorted((name, digest(value)) for name, value in inputs.items())))
 
     @property
@@ -238,7 +239,7 @@ class Provenance:
         return dict(self.inputs)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "Provenance | None":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Provenance | None:
         """``None`` for a product saved without a record (by an older mechbook)."""
         if d is None:
             return None
@@ -246,7 +247,7 @@ class Provenance:
             raise ProvenanceError(f"not a provenance record (name → digest): {d!r:.200}")
         return cls(tuple(sorted(d.items())))
 
-    def changed(self, saved: "Provenance | None") -> tuple[str, ...]:
+    def changed(self, saved: Provenance | None) -> tuple[str, ...]:
         """Names of the inputs that differ from ``saved`` (every name if ``saved`` is None)."""
         if saved is None:
             return tuple(name for name, _ in self.inputs)

@@ -17,7 +17,8 @@ resumes on exactly the batch it stopped at.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor

@@ -37,9 +37,11 @@ with ``python benchmarks/browser_gather.py --device cuda --tokens 1000000 --d-mo
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -253,15 +255,19 @@ def gather_latent_stats(
         lookup = FiringLookup((local * m + lat)[order], act[order], m)
 
         def window_of(i: Tensor) -> tuple[Tensor, Tensor]:
-            return _windows(lookup, kept_index, ctx, rows[local[i]], pos[local[i]], lat[i], before, after)
+            # called only by the offer() calls below, within this iteration: the loop variables are this batch's
+            return _windows(lookup, kept_index, ctx, rows[local[i]], pos[local[i]], lat[i], before, after)  # noqa: B023
 
         token = local + n_seen
         keys = torch.rand(lat.shape, generator=gen, device=device)
         # offered a batch at a time, so each batch's thresholds prune the next (one shard may be the whole set)
         bounds = torch.searchsorted(local, torch.arange(0, n + batch_tokens, batch_tokens, device=device)).tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b > a:
-                part = lambda i, a=a: window_of(i + a)
+
+                def part(i: Tensor, a: int = a) -> tuple[Tensor, Tensor]:
+                    return window_of(i + a)
+
                 top.offer(lat[a:b], act[a:b], act[a:b], token[a:b], part)
                 reservoir.offer(lat[a:b], keys[a:b], act[a:b], token[a:b], part)
         n_seen += n

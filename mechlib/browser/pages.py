@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +47,7 @@ class IndexData:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> "IndexData":
+    def from_json(cls, data: dict[str, Any], where: str) -> IndexData:
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             raise ValueError(f"{where}: not a mechbook browser index (format {INDEX_FORMAT!r} expected)")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -183,9 +184,9 @@ def build_browser(
     kept (``browser/build.json`` holds the key), so rerunning the chapter does not redo it. Contrast scores
     are (re)added by :func:`add_contrast_scores` whenever chapter 05's file exists.
     """
+    from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.metrics import sae_fingerprint
     from mechlib.models import load_model
-    from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.sae import card_state
 
     folder = browser_folder(run_paths)

@@ -54,7 +54,7 @@ class HubSpec:
     path: str
 
     @classmethod
-    def parse(cls, spec: str) -> "HubSpec":
+    def parse(cls, spec: str) -> HubSpec:
         if not spec.startswith(PREFIX):
             raise SAEError(f"'{spec}': a hub spec starts with '{PREFIX}'")
         parts = spec[len(PREFIX) :].split("/", 2)

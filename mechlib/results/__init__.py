@@ -50,9 +50,9 @@ CHAPTER_RESULTS: tuple[type[ChapterResult], ...] = (Collected, Trained, Evaluate
 R = TypeVar("R", Collected, Trained, Evaluated, Baseline, Layers, Steering, Lens)
 
 __all__ = [
+    "CHAPTER_RESULTS",
     "Accuracy",
     "Baseline",
-    "CHAPTER_RESULTS",
     "CardHookSummary",
     "CardSnippet",
     "ChapterResult",

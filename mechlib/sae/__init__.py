@@ -16,6 +16,7 @@ Modules inside this package import each other by module (``mechlib.sae.model``),
 this file, so importing one of them does not import the rest.
 """
 
+from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 from mechlib.sae.model import (
     CARD_KEYS,
     FORMULAS,
@@ -39,7 +40,6 @@ from mechlib.sae.model import (
     sparse_decode,
     topk_code,
 )
-from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 from mechlib.sae.train import (
     HISTORY_FILE,
     ParallelHooks,
@@ -55,35 +55,35 @@ from mechlib.sae.train import (
 __all__ = [
     "CARD_KEYS",
     "FORMULAS",
+    "HISTORY_FILE",
+    "HookInfo",
+    "ParallelHooks",
     "SAEError",
     "SAEOutput",
     "StepStats",
     "TopKCode",
     "TopKSAE",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingError",
     "autograd_step",
     "card_state",
     "check_compatible",
     "dense_code",
+    "encode_dense",
+    "export_sae",
     "fired_mask",
     "init_b_dec_",
     "load_sae",
+    "lr_at",
     "reference_step",
     "renorm_decoder_",
+    "run_sae",
+    "run_sae_for_eval",
     "sae_from_state",
     "save_card_checkpoint",
     "save_sae",
     "sparse_decode",
     "topk_code",
-    "HookInfo",
-    "encode_dense",
-    "export_sae",
-    "HISTORY_FILE",
-    "ParallelHooks",
-    "TrainConfig",
-    "TrainingError",
-    "TrainResult",
-    "lr_at",
-    "run_sae",
-    "run_sae_for_eval",
     "train_sae",
 ]

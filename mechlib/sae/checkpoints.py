@@ -12,13 +12,14 @@ config), which must match before anything is resumed or evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
 from mechlib.activations.provenance import PREFIX, ActivationsFingerprint, Provenance, ProvenanceError, stale_line
+from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
 from mechlib.sae.model import SAEError
 
 if TYPE_CHECKING:
@@ -31,13 +32,14 @@ FINAL_FILE = "sae_final.pt"
 EXPORT_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
 # Every file a training run writes (with the checksum sidecars): removed when a different run starts.
-OUR_FILES = tuple(n + s for n in (STATE_FILE, PREV_STATE_FILE, FINAL_FILE, EXPORT_FILE) for s in ("", ".sha256")) + (
+OUR_FILES = (
+    *tuple(n + s for n in (STATE_FILE, PREV_STATE_FILE, FINAL_FILE, EXPORT_FILE) for s in ("", ".sha256")),
     CFG_FILE,
     HISTORY_FILE,
 )
 
 
-def train_provenance(fp: ActivationsFingerprint, cfg: "TrainConfig") -> Provenance:
+def train_provenance(fp: ActivationsFingerprint, cfg: TrainConfig) -> Provenance:
     """What an SAE is computed from: the activations (settings + shard checksums) and every training knob."""
     return Provenance.of(activations=fp, train_config=cfg.as_dict())
 
@@ -93,7 +95,7 @@ def _activations_detail(fp: ActivationsFingerprint, saved: Mapping[str, Any] | N
         return ""
 
 
-def why_not_resume(saved: Mapping[str, Any], fp: ActivationsFingerprint, cfg: "TrainConfig") -> str | None:
+def why_not_resume(saved: Mapping[str, Any], fp: ActivationsFingerprint, cfg: TrainConfig) -> str | None:
     """``None`` if the state ``saved`` was computed from exactly these activations and knobs, else the line to print."""
     try:
         old = Provenance.from_dict(saved.get("provenance"))

@@ -37,8 +37,8 @@ import contextlib
 import datetime
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist

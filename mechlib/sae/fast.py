@@ -227,9 +227,8 @@ def fast_step(
     """
     be = backend or default_backend(x.device)
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    pdt, (d, m), k = W_enc.dtype, W_enc.shape, sae.k
+    pdt, m, k = W_enc.dtype, W_enc.shape[1], sae.k
     x = x.to(pdt)
-    n = x.shape[0]
     cdt = be.compute or pdt
     xc = x - b_dec
     xc_c, W_dec_c = xc.to(cdt), W_dec.to(cdt)

@@ -54,7 +54,7 @@ class HookInfo:
     exclude_special_tokens: bool  # special tokens (BOS, chat markers, ...) left out of training
 
     @classmethod
-    def from_params(cls, P: BookParams) -> "HookInfo":
+    def from_params(cls, P: BookParams) -> HookInfo:
         return cls(
             str(P.model), int(P.layer), int(P.seq_len), int(P.exclude_first_positions), bool(P.exclude_special_tokens)
         )

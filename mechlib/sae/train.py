@@ -23,9 +23,10 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -91,7 +92,7 @@ class TrainConfig:
     init_b_dec: Literal["geometric_median", "zeros"] = "geometric_median"
 
     @classmethod
-    def from_params(cls, P: BookParams) -> "TrainConfig":
+    def from_params(cls, P: BookParams) -> TrainConfig:
         """The fields of ``P`` with these names (the training section of the book's flat params)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{n: getattr(P, n) for n in names if hasattr(P, n)})
