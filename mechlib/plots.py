@@ -10,15 +10,24 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from mechlib.io import atomic_path
 from mechlib.results import FeatureExamples
 
+if TYPE_CHECKING:  # lens imports torch and the model helpers; only the type is needed here
+    from mechlib.lens import LensResult
+
 DPI = 110
+
+# a 2-D array of matplotlib Axes, ``axes[row, col]``: numpy's stubs give object arrays no element type
+AxesGrid = np.ndarray
 
 
 class AccuracyRow(Protocol):
@@ -45,9 +54,26 @@ class GroupRow(Protocol):
     def ci95(self) -> tuple[float, float]: ...
 
 
-def new_figure(width: float = 8.0, height: float = 4.5, **subplots_kw) -> tuple[Figure, object]:
-    """A figure of fixed size; returns ``(fig, axes)`` like ``plt.subplots``."""
-    return plt.subplots(figsize=(width, height), **subplots_kw)
+def new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
+    """A figure of fixed size with one plot; returns ``(fig, ax)`` like ``plt.subplots()``."""
+    fig, ax = plt.subplots(figsize=(width, height))
+    return fig, ax
+
+
+def new_grid(
+    width: float,
+    height: float,
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    sharex: bool = False,
+    width_ratios: Sequence[float] | None = None,
+) -> tuple[Figure, AxesGrid]:
+    """A figure of fixed size with a grid of plots; ``axes[row, col]`` is always 2-D (``squeeze=False``)."""
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, height), sharex=sharex, width_ratios=width_ratios, squeeze=False
+    )
+    return fig, axes
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -64,7 +90,7 @@ def visible_token(token: str) -> str:
     return token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
-def _yerr(values, lows, highs) -> list[list[float]]:
+def _yerr(values: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> list[list[float]]:
     """``[[below], [above]]`` error-bar lengths for ``values`` inside ``[lows, highs]``, never negative.
 
     Why: matplotlib refuses a negative ``yerr``, and an interval edge a round-off away from its
@@ -78,7 +104,7 @@ def _yerr(values, lows, highs) -> list[list[float]]:
 
 def plot_layer_contrast(
     top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10, strata_max_q95: float | None = None
-) -> tuple[Figure, object]:
+) -> tuple[Figure, Axes]:
     """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
 
     The shaded band runs from the null's median to its 95th percentile per layer; the dashed line
@@ -109,7 +135,7 @@ def plot_dose_response(
     baseline_ci: tuple[float, float],
     layer: int,
     controls: Sequence[AccuracyRow] = (),
-) -> tuple[Figure, object]:
+) -> tuple[Figure, Axes]:
     """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline.
 
     ``controls``: the rows of random-direction sweeps, drawn as crosses beside the CAA curve.
@@ -141,9 +167,9 @@ def plot_dose_response(
     return fig, ax
 
 
-def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, object]:
+def plot_training_curves(history: list[dict[str, float]], d_sae: int) -> tuple[Figure, AxesGrid]:
     """Chapter 02: loss and FVU (log scale), dead-latent count and learning rate per step."""
-    fig, axes = new_figure(10.0, 6.0, nrows=2, ncols=2, sharex=True)
+    fig, axes = new_grid(10.0, 6.0, nrows=2, ncols=2, sharex=True)
     steps = [h["step"] for h in history]
     (a, b), (c, d) = axes
     a.plot(steps, [h["loss"] for h in history], lw=1, label="loss = FVU + aux_coef·AuxK")
@@ -174,10 +200,8 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     return fig, axes
 
 
-def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
+def plot_feature_density(counts: ArrayLike, n_tokens: int) -> tuple[Figure, Axes]:
     """Chapter 03: histogram of log10 firing frequency per latent; never-fired latents counted apart."""
-    import numpy as np
-
     counts = np.asarray(counts, dtype=float)
     fired = counts[counts > 0]
     fig, ax = new_figure(7.0, 4.0)
@@ -192,10 +216,10 @@ def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
     return fig, ax
 
 
-def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) -> tuple[Figure, object]:
+def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) -> tuple[Figure, AxesGrid]:
     """Chapter 03: each feature's top activations as bars labelled with the context (max token in [[ ]])."""
     n = max(len(examples), 1)
-    fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
+    fig, axes = new_grid(10.0, 1.6 * n + 0.6, nrows=n, ncols=1)
     for ax, feat in zip(axes[:, 0], examples):
         ex = feat.examples
         labels = [
@@ -211,14 +235,12 @@ def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) 
     return fig, axes
 
 
-def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int = 8) -> tuple[Figure, object]:
+def plot_logit_lens(result: LensResult, commitment_layer: int | None = None, max_chars: int = 8) -> tuple[Figure, Axes]:
     """Chapter 07: logit-lens heat map — rows are decoder layers, columns prompt positions.
 
     Colour is the probability of each cell's top token; the token itself is written in the cell
-    (English-word tokens in bold). ``result`` is a ``mechlib.lens.LensResult``.
+    (English-word tokens in bold).
     """
-    import numpy as np
-
     probs = np.array(result.top_probs)
     n_layers, n_pos = probs.shape
     fig, ax = new_figure(11.0, 8.0)
@@ -264,14 +286,15 @@ def plot_baseline(
     max_new_tokens: int,
     overall: float,
     overall_ci: tuple[float, float],
-) -> tuple[Figure, object]:
+) -> tuple[Figure, tuple[Axes, Axes]]:
     """Chapter 04: accuracy per question kind (Wilson 95 % intervals) and generated lengths.
 
     Left: one bar per kind (GSM8K is one kind; the generated task has one per template) with the
     overall accuracy and its interval behind. Right: how many tokens each answer took, correct vs
     wrong; a pile at ``max_new_tokens`` means answers cut off by the token limit.
     """
-    fig, (ax, bx) = new_figure(11.0, 4.2, ncols=2, gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, axes = new_grid(11.0, 4.2, ncols=2, width_ratios=[1.3, 1])
+    ax, bx = axes[0]
     xs = list(range(len(groups)))
     accuracies = [g.accuracy for g in groups]
     ax.axhspan(overall_ci[0], overall_ci[1], color="0.88", label="overall 95% CI")

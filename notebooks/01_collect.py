@@ -134,19 +134,19 @@ sep = ctx == held.manifest["separator_token_id"]
 sep[:, 0] = False
 sep_norms = all_norms[sep]
 
-fig, axes = plots.new_figure(10.0, 3.8, ncols=2)
-axes[0].hist(norms.numpy(), bins=80, color="C0")
-axes[0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
-axes[0].set_ylabel("tokens")
-axes[1].hist(
+fig, axes = plots.new_grid(10.0, 3.8, ncols=2)
+axes[0, 0].hist(norms.numpy(), bins=80, color="C0")
+axes[0, 0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
+axes[0, 0].set_ylabel("tokens")
+axes[0, 1].hist(
     [all_norms[keep].numpy(), pos1_norms.numpy(), bos_norms.numpy()],
     bins=40,
     color=["C0", "C1", "C3"],
     log=True,
     label=["kept tokens (first 64 rows)", "position 1 (after BOS)", "BOS at row start"],
 )
-axes[1].set_xlabel("‖residual‖")
-axes[1].legend(fontsize=8)
+axes[0, 1].set_xlabel("‖residual‖")
+axes[0, 1].legend(fontsize=8)
 fig.tight_layout()
 _ = plots.save_figure(fig, paths.figures / "01_norms.png")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
@@ -21,7 +22,7 @@ from mechlib.hooks import add_forward_hook
 from mechlib.io import sha256_file
 from mechlib.models import LayerError, decoder_layers
 
-SMALL = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
+SMALL: dict[str, Any] = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
 
 
 def _docs_file(tmp_path, n_docs: int = 60) -> str:

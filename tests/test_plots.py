@@ -59,8 +59,9 @@ def test_contrast_legend_sits_below_the_axes():
     d = np.linspace(0.3, 0.7, 6)
     fig, ax = plots.plot_layer_contrast(d, d - 0.2, d - 0.1, 0.6, peak=5, strata_max_q95=0.65)
     fig.canvas.draw()
-    legend = ax.get_legend().get_window_extent()
-    assert legend.y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
+    legend = ax.get_legend()
+    assert legend is not None
+    assert legend.get_window_extent().y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
 
 
 def test_plot_feature_examples_labels_each_context_with_its_token():
