@@ -199,7 +199,7 @@ def main(argv=None) -> int:
         for name in names:
             try:
                 r = measure(name, model, pool, cfg["batches"][name], cfg["new_tokens"], device)
-            except Exception as exc:
+            except Exception as exc:  # any error: one failing method must not lose the others' numbers
                 r = {"method": name, "batch": cfg["batches"][name], "error": f"{type(exc).__name__}: {exc}"[:500]}
             results[name] = r
             print(json.dumps({k: v for k, v in r.items() if k != "row0"}), flush=True)

@@ -88,7 +88,7 @@ def _rows_from_hub(split: str) -> list[tuple[str, str, int]]:
         from datasets import load_dataset
 
         ds = load_dataset(HUB_ID, HUB_CONFIG, split=split)
-    except Exception as exc:
+    except Exception as exc:  # datasets raises many types for "offline"/"not found"
         raise GSM8KError(
             f"could not load GSM8K ({HUB_ID}, config {HUB_CONFIG!r}, split {split!r}) from the Hugging Face hub — "
             f"no network or no cached copy. Pass gsm8k_path: a folder holding {split}.jsonl or a .jsonl file "

@@ -26,24 +26,7 @@ SMALL: dict[str, Any] = dict(n_tokens=700, seq_len=32, batch_size=4, shard_token
 
 
 def _docs_file(tmp_path, n_docs: int = 60) -> str:
-    words = [
-        "the",
-        "cat",
-        "sat",
-        "on",
-        "a",
-        "mat",
-        "while",
-        "seven",
-        "small",
-        "dogs",
-        "ran",
-        "past",
-        "the",
-        "old",
-        "red",
-        "barn",
-    ]
+    words = "the cat sat on a mat while seven small dogs ran past the old red barn".split()
     docs = [" ".join(words[(i + j) % len(words)] for j in range(8 + i % 13)) for i in range(n_docs)]
     path = tmp_path / "docs.txt"
     path.write_text("\n\n".join(docs) + "\n")

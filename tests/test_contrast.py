@@ -20,22 +20,7 @@ from mechlib.contrast import (
 from mechlib.models import decoder_layers
 from mechlib.stats import spearman
 
-WORDS = [
-    "apple",
-    "river",
-    "seven",
-    "blue",
-    "market",
-    "stone",
-    "quick",
-    "lamp",
-    "orange",
-    "nine",
-    "table",
-    "forest",
-    "cloud",
-    "paper",
-]
+WORDS = "apple river seven blue market stone quick lamp orange nine table forest cloud paper".split()
 
 
 def encode_left(tokenizer, prompts):

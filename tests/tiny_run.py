@@ -15,27 +15,7 @@ from typing import Any
 import torch
 import yaml
 
-WORDS = [
-    "the",
-    "cat",
-    "sat",
-    "on",
-    "a",
-    "mat",
-    "while",
-    "seven",
-    "small",
-    "dogs",
-    "ran",
-    "past",
-    "the",
-    "old",
-    "red",
-    "barn",
-    "in",
-    "the",
-    "rain",
-]
+WORDS = "the cat sat on a mat while seven small dogs ran past the old red barn in the rain".split()
 
 SIZES: dict[str, Any] = dict(
     device="cpu",
