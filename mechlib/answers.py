@@ -106,7 +106,9 @@ def _result_after_last_equals(text: str, start: int) -> float | None:
     eq = text.rfind("=", start, line_end)
     if eq < 0:
         return None
-    m = _NUMBER.match(text, _AFTER_EQUALS.match(text, eq + 1, line_end).end(), line_end)
+    after = _AFTER_EQUALS.match(text, eq + 1, line_end)
+    assert after is not None  # the pattern matches the empty string too
+    m = _NUMBER.match(text, after.end(), line_end)
     if m is None or _CONTINUES.match(text, m.end(), line_end):
         return None
     return _value(m)

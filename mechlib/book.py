@@ -218,7 +218,7 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
 
     try:
         nb = nbformat.read(notebook, as_version=4)
-    except Exception:
+    except Exception:  # any error: a notebook we cannot read just gives no location
         return None
     started = [
         i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")
@@ -248,7 +248,7 @@ def _annotate(
         )
         target.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
         atomic_write_text(notebook, nbformat.writes(nb))
-    except Exception:
+    except Exception:  # any error: the note is a courtesy; it must never hide the error it explains
         return
 
 
@@ -314,7 +314,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if key in out:
             raise ParamsError(f"-p {key}: given twice; each parameter may be overridden once")
         try:
-            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""
+            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ParamsError(f"-p {item!r}: the value is not a YAML scalar ({_one_line(exc)})") from None
         if isinstance(value, (dict, list)):
@@ -360,9 +360,11 @@ def run_book(
         runs: list[ChapterRun] = []
         for chapter in todo:
             print(f"[mechbook] {params.run}: running {chapter.name} ...", flush=True)
-            run = run_chapter(chapter, params, paths, log_output=log_output)
-            print(f"[mechbook] {params.run}: {chapter.name} done in {run.seconds:.1f} s -> {run.notebook}", flush=True)
-            runs.append(run)
+            done = run_chapter(chapter, params, paths, log_output=log_output)
+            print(
+                f"[mechbook] {params.run}: {chapter.name} done in {done.seconds:.1f} s -> {done.notebook}", flush=True
+            )
+            runs.append(done)
         timings = {r.chapter: round(r.seconds, 2) for r in runs}
         timing_file = paths.metrics / "book_timings.json"
         atomic_write_json(timing_file, timings)

@@ -26,7 +26,7 @@ import os
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -260,7 +260,7 @@ def collect_layer_states(
     try:
         lists = encode_prompts(tokenizer, list(prompts)) if encode is None else None
         n_prefix = shared_prefix_len(lists) if lists is not None else 0
-        if n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists or [[]]))):
+        if lists is not None and n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists))):
             n_tokens += shared.run(model, lists[0][:n_prefix], special, len(prompts), batch_state, device)
             lists = [row[n_prefix:] for row in lists]
         # similar lengths together (less padding); the original order is restored at the end
@@ -298,7 +298,8 @@ def collect_layer_states(
                 pass
             else:
                 raise ContrastError("the forward pass finished without reaching the last decoder layer's hook")
-            pooled_batches.append(torch.stack(per_layer, dim=1))  # [B, L, D]
+            # every hook ran: the forward reached the last layer's hook
+            pooled_batches.append(torch.stack(cast(list[Tensor], per_layer), dim=1))  # [B, L, D]
     finally:
         for handle in handles:
             handle.remove()
@@ -454,7 +455,7 @@ def small_group_warning(n_correct: int, n_wrong: int, minimum: int = MIN_GROUP) 
     )
 
 
-def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tensor, float]:
+def mean_difference(states_layer: Tensor, correct: Sequence[bool] | np.ndarray) -> tuple[Tensor, float]:
     """``mean(h | correct) − mean(h | wrong)`` at one layer → (unit vector, its raw norm)."""
     y = torch.as_tensor(np.asarray(correct, dtype=bool))
     h = torch.as_tensor(states_layer).double()
@@ -510,7 +511,7 @@ def rank_sae_features(
     a, b = acts[y], acts[~y]
     score = a.mean(0) - b.mean(0)
     d = cohens_d(a, b)
-    fired = (acts > 0).any(0)
+    fired = np.asarray((acts > 0).any(0))
     order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
     return [
         FeatureContrast(

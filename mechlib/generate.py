@@ -59,6 +59,7 @@ from mechlib.decode_step import (
 from mechlib.kv_cache import (
     CACHE_BUCKET,
     MIN_SHARED_PREFIX,
+    free_generation_cache,  # noqa: F401 (re-exported: tests and benchmarks call generate.free_generation_cache)
     make_masks,
     prefix_cache,
     prefix_sharing_exact,
@@ -69,7 +70,7 @@ from mechlib.kv_cache import (
     static_cache,
 )
 from mechlib.models import CausalLM, Tokenizer, model_device, text_config
-from mechlib.prompts import encode_prompts
+from mechlib.prompts import decode_text, encode_prompts
 from mechlib.stopping import StopWhen, shortest_stopping_prefix
 
 if TYPE_CHECKING:
@@ -459,4 +460,4 @@ def generate_greedy(
         progress=progress,
         desc=desc,
     )
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    return [decode_text(tokenizer, row, skip_special_tokens=True) for row in ids]

@@ -26,6 +26,7 @@ import torch
 
 from mechlib.hooks import InputValue, LayerOutput, add_forward_hook, layer_output_tensor
 from mechlib.models import decoder_layers, final_logit_softcap, final_norm, model_device, output_embedding
+from mechlib.prompts import decode_text
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -102,7 +103,7 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
         for h in outs:  # one layer at a time: Gemma 4's vocabulary is 262k wide
             probs = torch.softmax(lens_logits(model, h[0]).float(), dim=-1)
             p, i = probs.max(dim=-1)
-            toks = [tokenizer.decode([t]) for t in i.tolist()]
+            toks = [decode_text(tokenizer, [t]) for t in i.tolist()]
             eng = [is_english_word(t) for t in toks]
             top_ids.append(i.tolist())
             top_tokens.append(toks)
@@ -112,7 +113,7 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
     return LensResult(
         prompt=prompt,
         input_ids=ids,
-        input_tokens=[tokenizer.decode([t]) for t in ids],
+        input_tokens=[decode_text(tokenizer, [t]) for t in ids],
         top_ids=top_ids,
         top_tokens=top_tokens,
         top_probs=top_probs,

@@ -135,7 +135,7 @@ def fit_pca(batches: Iterable[Tensor], k: int) -> PCA:
         s = xb.sum(0) if s is None else s + xb.sum(0)
         s2 = xb.t() @ xb if s2 is None else s2 + xb.t() @ xb
         n += xb.shape[0]
-    if not n:
+    if not n or s is None or s2 is None:
         raise ValueError("fit_pca: no activations given")
     mean = s / n
     cov = (s2 - n * torch.outer(mean, mean)) / n

@@ -150,7 +150,7 @@ def final_norm(model: nn.Module) -> nn.Module:
 
 def output_embedding(model: nn.Module) -> nn.Module:
     """The unembedding (``lm_head``); tied to the input embedding on Gemma 4 and SmolLM2."""
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]  # nn.Module types attributes as Tensor | Module
     if head is None:
         raise LayerError(f"{type(model).__name__} has no output embedding (lm_head)")
     return head
@@ -286,7 +286,7 @@ def convert_smollm2(gguf: Path, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already de-quantised fp32 tensors; drop the GGUF quantizer marker so that
     # save_pretrained accepts the model and the copy reloads as a plain fp32 model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; the class does not annotate it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -349,7 +349,7 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
         model, tokenizer = _from_pretrained(paths.resolve(name), torch_dtype)
     else:
         model, tokenizer = _load_from_hub(name, torch_dtype)
-    model = model.to(dev).eval()
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to() loses its signature
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, n_layers=n_layers(model), d_model=d_model(model))
 

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import yaml
 
@@ -263,7 +263,7 @@ def validate(values: dict[str, Any], source: str = "params") -> BookParams:
                 f"{source}: parameter '{key}' must be {_type_name(_HINTS[key])}, got {value!r} ({type(value).__name__})"
             )
     coerced = {k: (float(v) if _HINTS[k] is float else v) for k, v in values.items()}
-    params = BookParams(**coerced)
+    params = BookParams(**cast(dict[str, Any], coerced))  # each value was checked against its field's hint above
     _check_ranges(params, source)
     return params
 
@@ -377,7 +377,7 @@ def load_params(path: str | os.PathLike[str], run: str | None = None) -> BookPar
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # a SafeLoader subclass
     except _DuplicateKey as exc:
         raise ParamsError(
             f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "

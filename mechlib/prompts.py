@@ -16,7 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, get_args
 
-if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+if TYPE_CHECKING:  # transformers and torch are heavy imports; only the types are needed here
+    from torch import Tensor
     from transformers import PreTrainedTokenizerBase
 
 INSTRUCTION = "Solve step by step and give final answer as '#### N'."
@@ -63,12 +64,22 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question_text: str, prompt_
             if prompt_format == "chat_oneshot"
             else []
         )
-        return tokenizer.apply_chat_template(
+        text = tokenizer.apply_chat_template(
             [*shot, {"role": "user", "content": user_message(question_text)}],
             tokenize=False,
             add_generation_prompt=True,
         )
+        assert isinstance(text, str)  # tokenize=False: one conversation renders to one string
+        return text
     raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int] | Tensor, skip_special_tokens: bool = False) -> str:
+    """The text of one id sequence. ``tokenizer.decode`` is typed ``str | list[str]`` (a batch decodes to a
+    list); one sequence always decodes to a string, which this says once for every caller."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)
+    return text
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:

@@ -41,6 +41,8 @@ import torch
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+    from mechlib.tiny import Arch
+
 PREFIX = "random:"
 _NAME = re.compile(r"random:(?P<arch>[a-z0-9.\-]+)(?::(?P<seed>[0-9]+))?")
 
@@ -51,15 +53,15 @@ class RandomArch:
 
     name: str
     config: Callable[[], PretrainedConfig]  # the transformers config (no weights)
-    tiny: str | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
+    tiny: Arch | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
     tokenizer: str  # "tiny" (mechlib.tiny.tiny_tokenizer) | "smollm2" (the embedded model's)
 
 
-def _tiny_config(arch: str) -> Callable[[], PretrainedConfig]:
+def _tiny_config(arch: Arch) -> Callable[[], PretrainedConfig]:
     def build() -> PretrainedConfig:
         from mechlib.tiny import tiny_config
 
-        return tiny_config(arch)  # type: ignore[arg-type]
+        return tiny_config(arch)
 
     return build
 
@@ -146,7 +148,7 @@ def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrain
     if spec.arch.tiny is not None:
         from mechlib.tiny import tiny_model
 
-        model = tiny_model(spec.arch.tiny, seed=spec.seed).to(device=device, dtype=dtype)  # type: ignore[arg-type]
+        model = tiny_model(spec.arch.tiny, seed=spec.seed).to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers' decorated .to() loses its signature
     else:
         from transformers import AutoModelForCausalLM
 

@@ -36,7 +36,7 @@ from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
 from mechlib.gsm8k import Question
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 from mechlib.models import LoadedModel, Tokenizer
-from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.prompts import build_prompt, decode_text, encode_prompts
 from mechlib.stats import wilson_ci
 from mechlib.stopping import STOP_REASONS, STOP_RULE_VERSION, AnswerLineStop, StopReason, stop_reason_of
 
@@ -186,7 +186,7 @@ def load_records(path: str | os.PathLike[str]) -> list[Record]:
 
 def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Tokenizer, max_new_tokens: int) -> Record:
     """Decode one generated row and score it, with the reason it stopped."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    text = decode_text(tokenizer, list(ids), skip_special_tokens=True)
     return score(q, prompt, text, len(ids), stop_reason_of(text, len(ids), max_new_tokens))
 
 
@@ -292,7 +292,7 @@ def summarize(records: Sequence[Record]) -> BaselineSummary:
         if r.parsed_by is not None:
             seen, right = by_rule.get(r.parsed_by, (0, 0))
             by_rule[r.parsed_by] = (seen + 1, right + int(r.correct))
-    reasons = {reason: sum(r.stop_reason == reason for r in records) for reason in STOP_REASONS}
+    reasons: dict[str, int] = {reason: sum(r.stop_reason == reason for r in records) for reason in STOP_REASONS}
     return BaselineSummary(
         n=n,
         n_correct=k,

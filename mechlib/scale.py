@@ -191,17 +191,18 @@ def merge_rank_manifests(out_dir: Path, world_size: int) -> Manifest:
     if any(p is None for p in parts):
         missing = [rank_manifest_name(r) for r, p in enumerate(parts) if p is None]
         raise ShardError(f"{out_dir}: rank manifests {missing} are missing; rerun the collection")
+    manifests = [p for p in parts if p is not None]
     entries: dict[int, ShardEntry] = {}
-    for part in parts:
+    for part in manifests:
         entries.update({e["index"]: e for e in part["shards"]})
     shards = [entries[i] for i in sorted(entries)]
     if [e["index"] for e in shards] != list(range(len(shards))):
         raise ShardError(f"{out_dir}: shards {sorted(entries)} are not contiguous from 0; rerun the collection")
-    merged = {**parts[0], "shards": shards, "n_tokens": sum(e["n_tokens"] for e in shards)}
+    merged = {**manifests[0], "shards": shards, "n_tokens": sum(e["n_tokens"] for e in shards)}
     merged["complete"] = merged["n_tokens"] == merged["n_tokens_requested"]
     atomic_write_json(out_dir / MANIFEST, merged)
-    for part in out_dir.glob(rank_manifest_name("*")):  # also those of an earlier run with more ranks
-        part.unlink(missing_ok=True)
+    for leftover in out_dir.glob(rank_manifest_name("*")):  # also those of an earlier run with more ranks
+        leftover.unlink(missing_ok=True)
     return merged
 
 

@@ -88,7 +88,9 @@ def peak_under_rules(
     return out
 
 
-def _p_text(p: float, se: float | None) -> str:
+def _p_text(p: float | None, se: float | None) -> str:
+    if p is None:
+        return "p n/a"
     return f"p {p:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
@@ -121,7 +123,9 @@ def peak_verdict(rows: Sequence[PeakUnderRule], alpha: float = ALPHA) -> str:
     if len(same) == len(rows):
         text += f"Every rule finds the same peak layer: the choice of layer {primary.peak_layer} survives. "
     else:
-        moved = sorted({r.peak_layer for r in usable if r.peak_layer != primary.peak_layer})
+        moved = sorted(
+            {r.peak_layer for r in usable if r.peak_layer is not None and r.peak_layer != primary.peak_layer}
+        )
         text += (
             f"The peak moves (to layer{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))}) under "
             f"{len(rows) - len(same)} of {len(rows) - 1} alternative rules: the choice of layer "

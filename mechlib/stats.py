@@ -80,10 +80,10 @@ def _safe_ratio(num: np.ndarray, sd: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 def top_abs_mean(d: ArrayLike, n: int = 10) -> np.ndarray:
     """Mean of the ``n`` largest |d| along the last axis (the study's per-layer statistic)."""
-    d = np.abs(_as_f64(d, "d"))
-    if not 1 <= n <= d.shape[-1]:
-        raise StatsInputError(f"top n must be in [1, {d.shape[-1]}], got {n}")
-    return -np.partition(-d, n - 1, axis=-1)[..., :n].mean(axis=-1)
+    a = np.abs(_as_f64(d, "d"))
+    if not 1 <= n <= a.shape[-1]:
+        raise StatsInputError(f"top n must be in [1, {a.shape[-1]}], got {n}")
+    return -np.partition(-a, n - 1, axis=-1)[..., :n].mean(axis=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from mechlib.gsm8k import Question
 from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import LoadedModel, check_layer, decoder_layers, model_device
-from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.prompts import build_prompt, decode_text, encode_prompts
 from mechlib.records import Record, open_records, score_generation, settings_for, write_records
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
 from mechlib.steering_vector import SteeringError, SteeringVector, steering_delta, steering_hook
@@ -456,14 +456,14 @@ def check_card_hook(
                 [encode_prompts(tok, [build_prompt(tok, q.question, prompt_format)])[0]], device=model_device(model)
             )
             with torch.no_grad():  # plain greedy, as mechlib's loop (the model's own sampling defaults ignored)
-                out = model.generate(
+                out = model.generate(  # type: ignore[operator]  # generate comes from GenerationMixin, not in PreTrainedModel's stubs
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
                     generation_config=GenerationConfig(
                         do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad
                     ),
                 )
-            text = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+            text = decode_text(tok, out[0, ids.shape[1] :], skip_special_tokens=True)
             rec = by_id[q.id]
             same = text.startswith(rec.generation) if rec.stop_reason == "answer_line" else text == rec.generation
             if not same:

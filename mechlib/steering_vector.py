@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mechlib.hooks import add_forward_hook, layer_output_tensor, replace_layer_output
+from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.io import atomic_torch_save, atomic_write_json, read_json
 from mechlib.models import check_layer, decoder_layers
 
@@ -63,7 +63,7 @@ def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_no
             cache[key] = delta.to(device=h.device, dtype=h.dtype)
         return h + cache[key]
 
-    def hook(_module: nn.Module, _inputs: tuple[object, ...], out: object) -> object:
+    def hook(_module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
         return replace_layer_output(out, add(layer_output_tensor(out)))
 
     with add_forward_hook(layer_module, hook):

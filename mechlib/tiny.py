@@ -139,7 +139,7 @@ def gemma4_e4b_config():
     """
     from transformers import Gemma4Config, Gemma4TextConfig
 
-    text = Gemma4TextConfig(
+    text = Gemma4TextConfig(  # type: ignore[call-arg]  # global_head_dim is read from **kwargs, not in the signature
         vocab_size=262_144,
         vocab_size_per_layer_input=262_144,
         hidden_size=2560,

@@ -157,16 +157,21 @@ def rows_with_quota(rows: Iterator[tuple[list[int], list[int]]], packer: Packer,
         yield ids_t, keep, torch.tensor(doc, dtype=torch.long)
 
 
+def _stack(chunk: list[Row], first_row: int) -> PackedBatch:
+    ids, keep, doc = (torch.stack(x) for x in zip(*chunk))
+    return PackedBatch(ids, keep, doc, first_row)
+
+
 def batch_rows(rows: Iterable[Row], batch_size: int, first_row: int = 0) -> Iterator[PackedBatch]:
     chunk: list[Row] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) == batch_size:
-            yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+            yield _stack(chunk, first_row)
             first_row += len(chunk)
             chunk = []
     if chunk:
-        yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+        yield _stack(chunk, first_row)
 
 
 def packed_rows(
@@ -190,7 +195,7 @@ def _prepare(model: nn.Module, layer: int, compile: bool) -> torch.device:
         # then stay eager around the compiled code instead of being traced into it.
         for block in decoder_layers(model)[: layer + 1]:
             block.forward = torch.compile(block.forward)
-        model._mechlib_compiled = True
+        model._mechlib_compiled = True  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
     return next(model.parameters()).device
 
 
@@ -303,6 +308,7 @@ class _HostBuffers:
                 self._lock.wait(timeout=0.5)  # the writer thread still reads every buffer: backpressure
                 check()  # a dead writer never releases its buffers
         host = buf[: h.shape[0]]
+        assert self.stream is not None  # made on CUDA, the only device that gets here
         self.stream.wait_stream(torch.cuda.current_stream(h.device))  # h is complete before copying
         with torch.cuda.stream(self.stream):
             host.copy_(h, non_blocking=True)

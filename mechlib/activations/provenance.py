@@ -89,7 +89,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (CPU copy): equal tensors, equal digest."""
     x = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
+    h.update(memoryview(x.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ for Python >= 3.12 only
     return h.hexdigest()
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +346,10 @@ class ActivationStore:
         seed: int = 0,
         start_batch: int = 0,
         n_batches: int | None = None,
-        shards_per_group: int = 8,
         dtype: torch.dtype = torch.float32,
-    ):
+        *,
+        shards_per_group: int = 8,
+    ) -> Iterator[torch.Tensor]:
         """Yield activation batches [batch_size, d_model].
 
         ``n_batches=None``: one pass (epoch 0), last batch possibly smaller. Otherwise exactly

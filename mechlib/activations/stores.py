@@ -69,13 +69,14 @@ class TensorStore:
         self.x = x
         # The tensor's bytes stand in for shard checksums: other data, other fingerprint (see provenance).
         raw = x.detach().cpu().contiguous().view(torch.uint8).numpy()
+        digest = hashlib.sha256(memoryview(raw)).hexdigest()  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ for Python >= 3.12 only
         self.manifest = {
             "model": model,
             "layer": layer,
             "d_model": int(x.shape[1]),
             "n_tokens": int(x.shape[0]),
             "params_hash": f"in-memory {x.dtype}",
-            "shards": [{"index": 0, "sha256": hashlib.sha256(memoryview(raw)).hexdigest()}],
+            "shards": [{"index": 0, "sha256": digest}],
         }
         self._order_key: tuple[int, int, bool] | None = None
         self._order_cache = torch.arange(0)

@@ -36,6 +36,7 @@ def logit_effects(W_dec_rows: Tensor, model, top: int = 10, chunk: int = 256) ->
 
     norm, unembed = final_norm(model), output_embedding(model)
     weight = unembed.weight  # [vocab, d]
+    assert isinstance(weight, Tensor)  # an unembedding is a Linear (or tied Embedding): nn.Module types it loosely
     dev, dtype = weight.device, weight.dtype
     zero = norm(torch.zeros(1, W_dec_rows.shape[1], device=dev, dtype=dtype))
     out: list[list[Tensor]] = [[], [], [], []]

@@ -203,10 +203,9 @@ def build_browser(
     if saved is not None and saved.get("key") == key and (folder / "data" / "index.js").is_file():
         copy_static(folder)  # the pages' code may be newer than the data
         add_contrast_scores(run_paths)
+        s = saved["site"]
         return BrowserSite(
-            folder,
-            *(saved["site"][f] for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")),
-            reused=True,
+            folder, s["n_latents"], s["n_pages"], s["n_tokens"], s["gather_seconds"], s["seconds"], s["bytes"], True
         )
     lm = load_model(params.model, params.model_dtype, params.device)
     layer = int(heldout.layer)

@@ -89,6 +89,8 @@ def load_train_state(out_dir: str | Path, announce: bool = True) -> dict[str, An
 
 
 def _activations_detail(fp: ActivationsFingerprint, saved: Mapping[str, Any] | None) -> str:
+    if saved is None:
+        return ""
     try:
         return fp.describe_change(ActivationsFingerprint.from_dict(saved))
     except (ProvenanceError, AttributeError):

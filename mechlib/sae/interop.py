@@ -211,7 +211,7 @@ def layer_of_cfg(cfg: dict[str, Any]) -> int | None:
     """The layer a ``cfg.json`` says its SAE reads: the book's ``layer`` or SAELens's hook names."""
     if isinstance(cfg.get("layer"), int):
         return int(cfg["layer"])
-    md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
+    md = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     return _layer_from(md.get("hook_name"), md.get("hf_hook_name"))
 
 

@@ -355,9 +355,9 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
     ):
         path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
     if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
-        state, meta = interop.read_folder(path) or ({}, {})
-        meta["source"] = spec_s
-        return sae_from_state(state, str(path), meta)
+        folder_state, folder_meta = interop.read_folder(path) or ({}, {})
+        folder_meta["source"] = spec_s
+        return sae_from_state(folder_state, str(path), folder_meta)
     if path.is_dir():
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
@@ -380,7 +380,7 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
                 raise SAEError(f"{path}: safetensors SAE needs a cfg.json with 'k' beside it ({cfg_path})")
             state["k"] = int(meta["k"])
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # checked to be a dict below
     except SAEError:
         raise
     except Exception as exc:

@@ -272,7 +272,7 @@ def train_sae(
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     hooks = hooks or ParallelHooks()
-    chosen_fn, path_name = (step_fn, "custom") if step_fn is not None else pick_step_fn(dev)
+    chosen_fn, path_name = pick_step_fn(dev) if step_fn is None else (step_fn, "custom")
     fp = fingerprint_of_store(store)
     meta = {"model": fp.model, "layer": fp.layer}
     if hooks.is_main:  # temporaries of our atomic writes left by a killed run (a full train_state can be GBs)
@@ -385,6 +385,8 @@ def _non_finite_error(
             f"{when}: the SAE's {', '.join(bad_params)} hold NaN or inf: training diverged (lower "
             f"lr) or a checkpoint holds non-finite weights (delete train_state.pt and retrain)"
         )
+    if stats is None:  # the b_dec sample: finite activations and weights leave nothing to name
+        return TrainingError(f"{when}: non-finite values from finite activations and weights")
     return TrainingError(
         f"step {step}: the loss became {float(stats.loss)} (fvu {float(stats.fvu)}, aux "
         f"{float(stats.aux_loss)}) on finite activations: training diverged; lower lr. "

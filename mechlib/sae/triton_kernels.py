@@ -182,13 +182,15 @@ def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
     """
     if pre.dtype != torch.bfloat16 or pre.stride(1) != 1:
         raise ValueError(f"topk_select needs a row-major bf16 pre-activation, got {pre.dtype} {pre.stride()}")
+    if ka > 0 and dead is None:
+        raise ValueError(f"topk_select with ka={ka} aux latents needs the dead mask")
     n, m = pre.shape
     idx = torch.empty(n, k, dtype=torch.int32, device=pre.device)
     vals = torch.empty(n, k, dtype=pre.dtype, device=pre.device)
     aidx = torch.empty(n, ka, dtype=torch.int32, device=pre.device)
     avals = torch.empty(n, ka, dtype=pre.dtype, device=pre.device)
     has_aux = ka > 0
-    dead_u8 = dead.to(torch.uint8).contiguous() if has_aux else idx  # dummy pointer when unused
+    dead_u8 = dead.to(torch.uint8).contiguous() if dead is not None and has_aux else idx  # dummy pointer when unused
 
     def launch(cfg):
         _topk_kernel[(n,)](
