@@ -43,6 +43,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
@@ -62,8 +63,18 @@ from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 
-FULL = dict(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
-SMALL = dict(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
+
+class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this file without registering it
+    layer: int
+    seq_len: int
+    tokens: int
+    batch: int
+    baseline_batch: int
+    dtype: torch.dtype
+
+
+FULL = Sizes(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
+SMALL = Sizes(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
 
 
 def _sync(device: torch.device) -> None:
@@ -92,29 +103,29 @@ def run_study(model, rows: torch.Tensor, layer: int, batch: int, device: torch.d
     return time.perf_counter() - t0
 
 
-def run_stream(model, tok, n_tokens, cfg, device) -> tuple[float, int]:
+def run_stream(model, tok, n_tokens, cfg: Sizes, device) -> tuple[float, int]:
     _sync(device)
     t0 = time.perf_counter()
     kept = 0
     for b in stream_activations(
-        model, tok, layer=cfg["layer"], n_tokens=n_tokens, seq_len=cfg["seq_len"], batch_size=cfg["batch"]
+        model, tok, layer=cfg.layer, n_tokens=n_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch
     ):
         kept += b.acts.shape[0]
     _sync(device)
     return time.perf_counter() - t0, kept
 
 
-def run_disk(model, tok, out: Path, n_tokens, cfg, dtype: str, compile: bool = False):
+def run_disk(model, tok, out: Path, n_tokens, cfg: Sizes, dtype: str, compile: bool = False):
     shutil.rmtree(out, ignore_errors=True)
     run = collect_activations(
         model,
         tok,
         out,
-        layer=cfg["layer"],
+        layer=cfg.layer,
         n_tokens=n_tokens,
-        seq_len=cfg["seq_len"],
-        batch_size=cfg["batch"],
-        shard_tokens=cfg["batch"] * cfg["seq_len"] * 4,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch,
+        shard_tokens=cfg.batch * cfg.seq_len * 4,
         dtype=dtype,
         progress=False,
         compile=compile,
@@ -168,24 +179,22 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 2
-    cfg = dict(SMALL if args.small else FULL)
-    for key in ("tokens", "batch", "baseline_batch"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    layer, seq_len = cfg["layer"], cfg["seq_len"]
-    shard_dtype = "float32" if cfg["dtype"] == torch.float32 else "bfloat16"
+    overrides = {key: getattr(args, key) for key in ("tokens", "batch", "baseline_batch")}
+    cfg = (SMALL if args.small else FULL)._replace(**{k: v for k, v in overrides.items() if v is not None})
+    layer, seq_len = cfg.layer, cfg.seq_len
+    shard_dtype = "float32" if cfg.dtype == torch.float32 else "bfloat16"
     base = (
         Path(args.out_dir) if args.out_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
     )
     work = Path(tempfile.mkdtemp(prefix="mechbook-collect-bench-", dir=base))
 
     t0 = time.perf_counter()
-    model = benchmark_gemma4(args.small, device, cfg["dtype"])
+    model = benchmark_gemma4(args.small, device, cfg.dtype)
     _sync(device)
     build_s = time.perf_counter() - t0
     tok = tiny_tokenizer()
     n_layers = len(decoder_layers(model))
-    n_rows = cfg["tokens"] // seq_len
+    n_rows = cfg.tokens // seq_len
     rows = packed_rows(tok, n_rows * seq_len * 2, seq_len)[:n_rows]  # quota counts kept tokens: ask for more
     n_tokens_kept = int(Packer(tok, seq_len).keep_mask(rows).sum())
     processed = n_rows * seq_len
@@ -193,16 +202,16 @@ def main(argv=None) -> int:
     all_params = sum(p.numel() for blk in decoder_layers(model) for p in blk.parameters())
 
     # warm-up (kernel selection, allocator) for each method on a couple of batches
-    run_study(model, rows[: 2 * cfg["baseline_batch"]], layer, cfg["baseline_batch"], device)
-    run_disk(model, tok, work / "warm", 2 * cfg["batch"] * seq_len - 4 * cfg["batch"], cfg, shard_dtype)
+    run_study(model, rows[: 2 * cfg.baseline_batch], layer, cfg.baseline_batch, device)
+    run_disk(model, tok, work / "warm", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype)
 
-    results = {}
-    secs = run_study(model, rows, layer, cfg["baseline_batch"], device)
+    results: dict[str, dict[str, Any]] = {}  # method -> its JSON row (numbers and labels)
+    secs = run_study(model, rows, layer, cfg.baseline_batch, device)
     results["study"] = {
         "method": "full-depth output_hidden_states=True, hidden_states[L+1]",
         "seconds": secs,
         "tokens_per_s": processed / secs,
-        "batch_rows": cfg["baseline_batch"],
+        "batch_rows": cfg.baseline_batch,
     }
     secs, kept = run_stream(model, tok, n_tokens_kept, cfg, device)
     results["mechlib_stream"] = {
@@ -210,7 +219,7 @@ def main(argv=None) -> int:
         "seconds": secs,
         "tokens_per_s": processed / secs,
         "kept_tokens": kept,
-        "batch_rows": cfg["batch"],
+        "batch_rows": cfg.batch,
     }
     run = run_disk(model, tok, work / "disk", n_tokens_kept, cfg, shard_dtype)
     assert run.manifest["n_rows"] == n_rows, (run.manifest["n_rows"], n_rows)
@@ -219,15 +228,13 @@ def main(argv=None) -> int:
         "seconds": run.seconds,
         "tokens_per_s": processed / run.seconds,
         "kept_tokens": run.computed_tokens,
-        "batch_rows": cfg["batch"],
+        "batch_rows": cfg.batch,
         "shard_dtype": shard_dtype,
     }
     equiv = equivalence(model, work / "disk", layer, min(4, n_rows), device)
     if args.compile:
         t1 = time.perf_counter()
-        run_disk(
-            model, tok, work / "warm_c", 2 * cfg["batch"] * seq_len - 4 * cfg["batch"], cfg, shard_dtype, compile=True
-        )
+        run_disk(model, tok, work / "warm_c", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype, compile=True)
         compile_s = time.perf_counter() - t1
         run = run_disk(model, tok, work / "disk_c", n_tokens_kept, cfg, shard_dtype, compile=True)
         results["mechlib_disk_compiled"] = {
@@ -235,7 +242,7 @@ def main(argv=None) -> int:
             "seconds": run.seconds,
             "tokens_per_s": processed / run.seconds,
             "compile_warmup_s": compile_s,
-            "batch_rows": cfg["batch"],
+            "batch_rows": cfg.batch,
         }
         equiv_c = equivalence(model, work / "disk_c", layer, min(4, n_rows), device)
     shutil.rmtree(work, ignore_errors=True)
@@ -245,7 +252,7 @@ def main(argv=None) -> int:
         print(json.dumps({"name": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}}))
     base_tps = results["study"]["tokens_per_s"]
     ratios = {f"{k}_vs_study": v["tokens_per_s"] / base_tps for k, v in results.items() if k != "study"}
-    tol = (1e-2, 0.9999) if cfg["dtype"] != torch.float32 else (1e-5, 0.999999)
+    tol = (1e-2, 0.9999) if cfg.dtype != torch.float32 else (1e-5, 0.999999)
     checks = {"plain": equiv, **({"compiled": equiv_c} if args.compile else {})}
     ok = all(c["rel_frobenius_err"] <= tol[0] and c["min_cosine"] >= tol[1] for c in checks.values())
     print(
@@ -274,7 +281,7 @@ def main(argv=None) -> int:
         "layer": layer,
         "seq_len": seq_len,
         "processed_tokens": processed,
-        "model_dtype": str(cfg["dtype"]),
+        "model_dtype": str(cfg.dtype),
         "build_s": build_s,
         "results": results,
         "ratios": ratios,

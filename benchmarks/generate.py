@@ -43,6 +43,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -55,7 +56,16 @@ from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.steering import steering_hook  # noqa: E402
 from mechlib.tiny import benchmark_gemma4  # noqa: E402
 
-FULL = dict(
+
+class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this file without registering it
+    prompt_len: int
+    new_tokens: int
+    dtype: torch.dtype
+    steer_layer: int
+    batches: dict[str, int]  # method name -> batch size
+
+
+FULL = Sizes(
     prompt_len=160,
     new_tokens=256,
     dtype=torch.bfloat16,
@@ -71,7 +81,7 @@ FULL = dict(
         "mechlib_dynamic_b128": 128,
     },
 )
-SMALL = dict(
+SMALL = Sizes(
     prompt_len=16,
     new_tokens=8,
     dtype=torch.float32,
@@ -183,24 +193,24 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.small:
         ap.error("the full benchmark needs a CUDA GPU; use --device cpu --small for the smoke test")
     cfg = SMALL if args.small else FULL
-    names = [n for n in cfg["batches"] if not args.only or n in args.only.split(",")]
+    names = [n for n in cfg.batches if not args.only or n in args.only.split(",")]
 
     t = time.perf_counter()
-    model = benchmark_gemma4(args.small, device, cfg["dtype"], pad_id=PAD)
+    model = benchmark_gemma4(args.small, device, cfg.dtype, pad_id=PAD)
     _sync(device)
     build_s = time.perf_counter() - t
     d = model.config.get_text_config().hidden_size
-    layer = min(cfg["steer_layer"], len(decoder_layers(model)) - 1)
+    layer = min(cfg.steer_layer, len(decoder_layers(model)) - 1)
     vec = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    pool = prompts(max(cfg["batches"].values()), cfg["prompt_len"], model.config.get_text_config().vocab_size)
+    pool = prompts(max(cfg.batches.values()), cfg.prompt_len, model.config.get_text_config().vocab_size)
 
     results = {}
     with steering_hook(decoder_layers(model)[layer], vec, scale=0.05, mean_norm=100.0):
         for name in names:
             try:
-                r = measure(name, model, pool, cfg["batches"][name], cfg["new_tokens"], device)
+                r = measure(name, model, pool, cfg.batches[name], cfg.new_tokens, device)
             except Exception as exc:  # any error: one failing method must not lose the others' numbers
-                r = {"method": name, "batch": cfg["batches"][name], "error": f"{type(exc).__name__}: {exc}"[:500]}
+                r = {"method": name, "batch": cfg.batches[name], "error": f"{type(exc).__name__}: {exc}"[:500]}
             results[name] = r
             print(json.dumps({k: v for k, v in r.items() if k != "row0"}), flush=True)
             if device.type == "cuda":
@@ -232,8 +242,8 @@ def main(argv=None) -> int:
         "transformers": transformers.__version__,
         "date": today,
         "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
-        "model_dtype": str(cfg["dtype"]),
-        "prompt_len": cfg["prompt_len"],
+        "model_dtype": str(cfg.dtype),
+        "prompt_len": cfg.prompt_len,
         "steer_layer": layer,
         "steering": "mechlib.steering.steering_hook, scale 0.05 x mean_norm 100",
         "build_s": round(build_s, 2),

@@ -20,7 +20,7 @@ os.environ.setdefault("MPLBACKEND", "Agg")
 import pytest
 import torch
 
-from mechlib.tiny import tiny_model, tiny_tokenizer
+from mechlib.tiny import Arch, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def tiny_tok():
     return tiny_tokenizer()
 
 
-def _tiny(arch: str, tok):
+def _tiny(arch: Arch, tok):
     torch.manual_seed(0)
     return tiny_model(arch, seed=0), tok
 

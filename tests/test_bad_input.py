@@ -217,7 +217,7 @@ def test_diverging_training_is_named_and_never_checkpointed(tmp_path, checkpoint
 
 
 _yaml_lines = st.one_of(
-    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40),
     st.builds(
         lambda k, v: f"{k}: {v}",
         st.sampled_from([*known_keys(), "d_sea", "Layer", "k k"]),

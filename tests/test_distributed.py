@@ -91,7 +91,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
             sae = TopKSAE(D_MODEL, 128, 4, seed=1)
             step(sae, local_rows(synthetic_activations()[:256], rank, world), _dead_mask(), k_aux, 0.125)
             reduce_grads_sum(sae)
-            grads[name] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+            grads[name] = {n: _grad(p).clone() for n, p in sae.named_parameters()}
             _adam_step(sae)
             grads[f"{name}_updated"] = {n: p.detach().clone() for n, p in sae.named_parameters()}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
@@ -171,13 +171,18 @@ def _adam_step(sae: TopKSAE) -> None:
     torch.optim.Adam(sae.parameters(), lr=CFG.lr, betas=CFG.adam_betas, eps=CFG.adam_eps, fused=True).step()
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None, "the step left no gradient"
+    return p.grad
+
+
 def _reference_grads(k_aux: int, update: bool = False) -> dict[str, torch.Tensor]:
     sae = TopKSAE(D_MODEL, 128, 4, seed=1)
     reference_step(sae, synthetic_activations()[:256], _dead_mask(), k_aux, 0.125)
     if update:
         _adam_step(sae)
         return {n: p.detach() for n, p in sae.named_parameters()}
-    return {n: p.grad for n, p in sae.named_parameters()}
+    return {n: _grad(p) for n, p in sae.named_parameters()}
 
 
 def test_global_step_is_the_reference_step_in_one_process():

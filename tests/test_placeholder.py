@@ -9,9 +9,10 @@ from mechlib import placeholder
 from mechlib.contrast import BaselineSplit
 from mechlib.records import Record
 from mechlib.scoring import accuracy_under_rules
+from mechlib.stopping import StopReason
 
 
-def rec(qid: str, generation: str = "no idea", correct: bool = False, stop: str = "eos") -> Record:
+def rec(qid: str, generation: str = "no idea", correct: bool = False, stop: StopReason = "eos") -> Record:
     return Record(
         id=qid,
         prompt="p",

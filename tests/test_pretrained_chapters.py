@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -30,7 +32,7 @@ from mechlib.sae.interop import HookInfo, export_sae
 pytestmark = pytest.mark.slow  # 12 chapter kernels: ~2 min on 2 idle cores; `make unit` still runs it
 
 MODEL, LAYER, D_SAE, K = "random:tiny-llama", 2, 48, 4
-SMALL = dict(
+SMALL: dict[str, Any] = dict(
     model=MODEL,
     device="cpu",
     layer=LAYER,
@@ -92,7 +94,7 @@ def _metrics(root: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, list[str]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path, list[str]]]]:
     """Per format: (run folder, spec, chapters run); chapters 01 and 04 shared."""
     from mechlib import paths
     from mechlib.book import run_book

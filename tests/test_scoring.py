@@ -11,9 +11,10 @@ from mechlib.gsm8k import Question
 from mechlib.records import score
 from mechlib.scoring import RULES, accuracy_under_rules, paired_verdicts, truncation_rate, verdict, verdicts
 from mechlib.sensitivity import PeakUnderRule, effect_of, peak_under_rules, peak_verdict, row_verdict, rows_under_rules
+from mechlib.stopping import StopReason
 
 
-def _rec(qid: str, gold: int, text: str, stop: str = "eos"):
+def _rec(qid: str, gold: int, text: str, stop: StopReason = "eos"):
     return score(Question(qid, f"question {qid}", gold, "test"), f"prompt {qid}", text, 5, stop)
 
 

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -35,7 +36,7 @@ def sparse_data(n=3000, d=D, n_atoms=48, seed=0) -> torch.Tensor:
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(
+    base: dict[str, Any] = dict(
         d_sae=64,
         k=4,
         k_aux=16,

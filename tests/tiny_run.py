@@ -10,10 +10,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
+
+if TYPE_CHECKING:  # mechlib.tiny imports transformers: loaded where a model is built
+    from mechlib.tiny import Arch
 
 WORDS = "the cat sat on a mat while seven small dogs ran past the old red barn in the rain".split()
 
@@ -46,7 +49,7 @@ def corpus_file(folder: Path, n_docs: int = 120) -> Path:
     return path
 
 
-def model_folder(folder: Path, arch: str = "llama") -> Path:
+def model_folder(folder: Path, arch: Arch = "llama") -> Path:
     from mechlib.tiny import tiny_model, tiny_tokenizer
 
     out = folder / f"tiny-{arch}"
