@@ -60,12 +60,12 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
     """Write ``obj`` as pretty, key-sorted JSON (NaN is rejected: metrics must be real numbers)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -194,7 +194,7 @@ def atomic_write_checksummed(
 
 
 def atomic_torch_save_checksummed(
-    obj: Any, path: str | os.PathLike[str], keep_previous: str | os.PathLike[str] | None = None
+    obj: object, path: str | os.PathLike[str], keep_previous: str | os.PathLike[str] | None = None
 ) -> str:
     """:func:`atomic_torch_save` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
     return atomic_write_checksummed(path, lambda tmp: torch.save(obj, tmp), keep_previous)

@@ -21,13 +21,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mechlib.sae import TopKSAE
+
+if TYPE_CHECKING:  # types only: the model stack (transformers) is imported where it is used
+    from mechlib.activations.shards import ActivationStore
+    from mechlib.models import CausalLM, Tokenizer
 
 
 @dataclass
@@ -179,7 +183,7 @@ def _replace_hook(replace, keep: Tensor):
 
 @torch.no_grad()
 def spliced_loss(
-    model: Any,
+    model: CausalLM,
     layer: int,
     sae: TopKSAE,
     ids: Tensor,
@@ -238,7 +242,7 @@ def spliced_loss(
     )
 
 
-def heldout_rows(store: Any, n_tokens: int) -> tuple[Tensor, Tensor]:
+def heldout_rows(store: ActivationStore, n_tokens: int) -> tuple[Tensor, Tensor]:
     """Whole packed rows (``context_ids``, ``keep_mask``) from a store's shards until ``n_tokens``
     kept positions are covered (fewer if the store holds fewer)."""
     ids, keep, got = [], [], 0
@@ -289,8 +293,8 @@ def pick_features(counts: Tensor, n: int, seed: int, min_count: int = 5) -> list
 def feature_examples(
     sae: TopKSAE,
     x: Tensor,
-    store: Any,
-    tokenizer: Any,
+    store: ActivationStore,
+    tokenizer: Tokenizer,
     counts: Tensor,
     n_features: int,
     seed: int,
@@ -322,7 +326,7 @@ def feature_examples(
 
 @torch.no_grad()
 def card_snippet_check(
-    model: Any, layer: int, checkpoint: str, sae: TopKSAE, ids: Tensor, keep: Tensor
+    model: CausalLM, layer: int, checkpoint: str, sae: TopKSAE, ids: Tensor, keep: Tensor
 ) -> dict[str, Any] | None:
     """Run the card's usage snippet (``hidden_states[L + 1]``, ``torch.load``, top-k, scatter, ReLU)
     on one row and compare it with mechlib's encoding of the stop-after-layer activations.

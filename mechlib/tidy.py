@@ -23,7 +23,7 @@ def final_line_states(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
-def collapse_streams(nb: Any) -> Any:
+def collapse_streams(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Merge adjacent stream outputs of the same name in every cell and resolve their ``\\r`` redraws (in place)."""
     for cell in nb.cells:
         merged: list[Any] = []

@@ -11,13 +11,16 @@ import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mechlib.browser.effects import Neighbours, TokenEffects
 from mechlib.browser.gather import HIST_LOG2_MIN, HIST_PER_OCTAVE, LatentStats, RunningTopK
+
+if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from mechlib.models import Tokenizer
 
 INDEX_FORMAT = "mechbook-browser-index/1"
 
@@ -58,7 +61,7 @@ class Decoder:
     decodes to U+FFFD; that is what the model saw as one token). Every id a page uses passes
     through here, so :meth:`vocab` is the site's one shared token table."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.cache: dict[int, str] = {}
 

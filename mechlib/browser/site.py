@@ -19,7 +19,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,15 @@ from mechlib.browser.effects import logit_effects, similar_latents
 from mechlib.browser.gather import ShardTokens, gather_latent_stats, iter_store_shards
 from mechlib.browser.pages import Decoder, IndexData, latent_record, top_tokens
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
+
+if TYPE_CHECKING:  # types only: the model stack and the SAE are imported where a build needs them
+    from torch import nn
+
+    from mechlib.activations.shards import ActivationStore
+    from mechlib.models import Tokenizer
+    from mechlib.params import BookParams
+    from mechlib.paths import RunPaths
+    from mechlib.sae.model import TopKSAE
 
 # Sized for the default run (d_sae 4608, 16 k held-out tokens): a site of about 5 MB.
 DEFAULT_MAX_LATENTS = 512
@@ -66,7 +75,7 @@ class SiteInfo:
     layer: int
 
 
-def _write_data(folder: Path, name: str, global_name: str, data: Any) -> None:
+def _write_data(folder: Path, name: str, global_name: str, data: object) -> None:
     """``name.json`` and ``name.js`` (``window.GLOBAL = …;``), both atomically."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     atomic_write_text(folder / f"{name}.json", text)
@@ -106,9 +115,9 @@ def choose_pages(counts: torch.Tensor, max_latents: int, seed: int, first: Seque
 def build_site(
     folder: str | Path,
     shards: Iterable[ShardTokens],
-    sae: Any,
-    model: Any,
-    tokenizer: Any,
+    sae: TopKSAE,
+    model: nn.Module,
+    tokenizer: Tokenizer,
     info: SiteInfo,
     *,
     max_latents: int = DEFAULT_MAX_LATENTS,
@@ -163,15 +172,15 @@ def build_site(
     return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds, time.perf_counter() - t0, size)
 
 
-def browser_folder(run_paths: Any) -> Path:
+def browser_folder(run_paths: RunPaths) -> Path:
     return Path(run_paths.root) / "browser"
 
 
 def build_browser(
-    params: Any,
-    run_paths: Any,
-    heldout: Any,
-    sae: Any,
+    params: BookParams,
+    run_paths: RunPaths,
+    heldout: ActivationStore,
+    sae: TopKSAE,
     *,
     max_latents: int = DEFAULT_MAX_LATENTS,
     contexts: int = DEFAULT_CONTEXTS,
@@ -246,7 +255,7 @@ def _read_build(folder: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("site"), dict) else None
 
 
-def add_contrast_scores(run_paths: Any) -> int:
+def add_contrast_scores(run_paths: RunPaths) -> int:
     """Put chapter 05's contrastive scores (correct − wrong) and ranks into the browser's index.
 
     Idempotent: the contrast columns are rebuilt from the file each time, and only the index data
