@@ -17,7 +17,7 @@ STAMP := $(VENV)/.mechbook-installed
 export MPLBACKEND ?= Agg
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup chromium book test unit nbval lab clean-run benchmarks
+.PHONY: help setup chromium book test lint unit nbval lab clean-run benchmarks
 
 help:
 	@echo "make book [RUN=name]  run the whole book on params/RUN.yaml (default: $(RUN))"
@@ -50,6 +50,12 @@ setup: $(STAMP)
 book: setup
 	$(PY) -m mechlib.book params/$(RUN).yaml
 
+# Format, lint and types first, so a style slip fails in seconds (ruff, mypy and the stubs: the dev extra).
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
+
 unit: setup chromium
 	$(PY) -m pytest tests -q -m "not book_outputs" --durations=12
 
@@ -63,7 +69,7 @@ nbval: setup
 		--nbval-sanitize-with tests/sanitize.cfg outputs/$(NBVAL_RUN)/notebooks tests/test_book_outputs.py \
 		tests/test_browser.py::test_run_site_in_chromium
 
-test: unit
+test: lint unit
 	$(PY) -m mechlib.book params/default.yaml --run $(TEST_RUN)
 	$(MAKE) --no-print-directory nbval NBVAL_RUN=$(TEST_RUN)
 	$(MAKE) --no-print-directory tiny-books

@@ -56,18 +56,25 @@ def main() -> None:
         t0 = time.perf_counter()
         for sh in shards:
             for s in range(0, sh.activations.shape[0], args.batch_tokens):
-                sae.encode(sh.activations[s:s + args.batch_tokens].to(dev))
+                sae.encode(sh.activations[s : s + args.batch_tokens].to(dev))
         sync()
         encode_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     stats = gather_latent_stats(sae, shards, batch_tokens=args.batch_tokens, device=dev)
     sync()
     total_s = time.perf_counter() - t0
-    result = {"shape": vars(args), "encode_s": round(encode_s, 3), "pass_s": round(total_s, 3),
-              "bookkeeping_s": round(total_s - encode_s, 3), "tokens_per_s": round(args.tokens / total_s),
-              "bookkeeping_s_per_million_firings": round((total_s - encode_s) / (args.tokens * args.k / 1e6), 4),
-              "latents_fired": int((stats.counts > 0).sum()), "torch_threads": torch.get_num_threads(),
-              "cpu": platform.processor() or platform.machine(), "load_avg_1min": os.getloadavg()[0]}
+    result = {
+        "shape": vars(args),
+        "encode_s": round(encode_s, 3),
+        "pass_s": round(total_s, 3),
+        "bookkeeping_s": round(total_s - encode_s, 3),
+        "tokens_per_s": round(args.tokens / total_s),
+        "bookkeeping_s_per_million_firings": round((total_s - encode_s) / (args.tokens * args.k / 1e6), 4),
+        "latents_fired": int((stats.counts > 0).sum()),
+        "torch_threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "load_avg_1min": os.getloadavg()[0],
+    }
     print(json.dumps(result, indent=1))
     out = Path(__file__).parent / "results" / f"browser_gather_{dev.type}_{time.strftime('%Y-%m-%d')}.json"
     atomic_write_json(out, result)

@@ -43,21 +43,38 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from mechlib.activations.collect import (ActivationStore, Packer, collect_activations, rows_with_quota,  # noqa: E402
-                             split_docs, stream_activations)
+from mechlib.activations.collect import (  # noqa: E402 (after the sys.path line above)
+    ActivationStore,
+    Packer,
+    collect_activations,
+    rows_with_quota,
+    split_docs,
+    stream_activations,
+)
 from mechlib.activations.corpus import iter_texts  # noqa: E402
-from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
+from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 
-FULL = dict(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
-SMALL = dict(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
+
+class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this file without registering it
+    layer: int
+    seq_len: int
+    tokens: int
+    batch: int
+    baseline_batch: int
+    dtype: torch.dtype
+
+
+FULL = Sizes(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
+SMALL = Sizes(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
 
 
 def _sync(device: torch.device) -> None:
@@ -78,7 +95,7 @@ def run_study(model, rows: torch.Tensor, layer: int, batch: int, device: torch.d
     t0 = time.perf_counter()
     with torch.no_grad():
         for i in range(0, rows.shape[0], batch):
-            out = model(input_ids=rows[i:i + batch].to(device), output_hidden_states=True)
+            out = model(input_ids=rows[i : i + batch].to(device), output_hidden_states=True)
             h = out.hidden_states[layer + 1]
             del out
     _sync(device)
@@ -86,22 +103,33 @@ def run_study(model, rows: torch.Tensor, layer: int, batch: int, device: torch.d
     return time.perf_counter() - t0
 
 
-def run_stream(model, tok, n_tokens, cfg, device) -> tuple[float, int]:
+def run_stream(model, tok, n_tokens, cfg: Sizes, device) -> tuple[float, int]:
     _sync(device)
     t0 = time.perf_counter()
     kept = 0
-    for b in stream_activations(model, tok, layer=cfg["layer"], n_tokens=n_tokens, seq_len=cfg["seq_len"],
-                                batch_size=cfg["batch"]):
+    for b in stream_activations(
+        model, tok, layer=cfg.layer, n_tokens=n_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch
+    ):
         kept += b.acts.shape[0]
     _sync(device)
     return time.perf_counter() - t0, kept
 
 
-def run_disk(model, tok, out: Path, n_tokens, cfg, dtype: str, compile: bool = False):
+def run_disk(model, tok, out: Path, n_tokens, cfg: Sizes, dtype: str, compile: bool = False):
     shutil.rmtree(out, ignore_errors=True)
-    run = collect_activations(model, tok, out, layer=cfg["layer"], n_tokens=n_tokens, seq_len=cfg["seq_len"],
-                              batch_size=cfg["batch"], shard_tokens=cfg["batch"] * cfg["seq_len"] * 4,
-                              dtype=dtype, progress=False, compile=compile)
+    run = collect_activations(
+        model,
+        tok,
+        out,
+        layer=cfg.layer,
+        n_tokens=n_tokens,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch,
+        shard_tokens=cfg.batch * cfg.seq_len * 4,
+        dtype=dtype,
+        progress=False,
+        compile=compile,
+    )
     return run
 
 
@@ -115,9 +143,13 @@ def equivalence(model, store_dir: Path, layer: int, n_rows: int, device: torch.d
     ref = ref[keep.to(device)].float().cpu()
     got = sh["activations"][: int(keep.sum())].float()
     diff = got - ref
-    return {"rows": n_rows, "tokens": int(keep.sum()), "max_abs_diff": float(diff.abs().max()),
-            "rel_frobenius_err": float(diff.norm() / ref.norm()),
-            "min_cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min())}
+    return {
+        "rows": n_rows,
+        "tokens": int(keep.sum()),
+        "max_abs_diff": float(diff.abs().max()),
+        "rel_frobenius_err": float(diff.norm() / ref.norm()),
+        "min_cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min()),
+    }
 
 
 def main(argv=None) -> int:
@@ -134,29 +166,35 @@ def main(argv=None) -> int:
 
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        print("benchmarks/collect.py measures GPU throughput and no CUDA GPU is visible here. "
-              "For a CPU smoke test run: python benchmarks/collect.py --device cpu --small", file=sys.stderr)
+        print(
+            "benchmarks/collect.py measures GPU throughput and no CUDA GPU is visible here. "
+            "For a CPU smoke test run: python benchmarks/collect.py --device cpu --small",
+            file=sys.stderr,
+        )
         return 2
     if device.type == "cpu" and not args.small:
-        print("refusing to run the E4B-sized benchmark on a CPU (hours, ~30 GB); use --device cpu --small "
-              "for a smoke test, or run on a GPU", file=sys.stderr)
+        print(
+            "refusing to run the E4B-sized benchmark on a CPU (hours, ~30 GB); use --device cpu --small "
+            "for a smoke test, or run on a GPU",
+            file=sys.stderr,
+        )
         return 2
-    cfg = dict(SMALL if args.small else FULL)
-    for key in ("tokens", "batch", "baseline_batch"):
-        if getattr(args, key) is not None:
-            cfg[key] = getattr(args, key)
-    layer, seq_len = cfg["layer"], cfg["seq_len"]
-    shard_dtype = "float32" if cfg["dtype"] == torch.float32 else "bfloat16"
-    base = Path(args.out_dir) if args.out_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+    overrides = {key: getattr(args, key) for key in ("tokens", "batch", "baseline_batch")}
+    cfg = (SMALL if args.small else FULL)._replace(**{k: v for k, v in overrides.items() if v is not None})
+    layer, seq_len = cfg.layer, cfg.seq_len
+    shard_dtype = "float32" if cfg.dtype == torch.float32 else "bfloat16"
+    base = (
+        Path(args.out_dir) if args.out_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
+    )
     work = Path(tempfile.mkdtemp(prefix="mechbook-collect-bench-", dir=base))
 
     t0 = time.perf_counter()
-    model = benchmark_gemma4(args.small, device, cfg["dtype"])
+    model = benchmark_gemma4(args.small, device, cfg.dtype)
     _sync(device)
     build_s = time.perf_counter() - t0
     tok = tiny_tokenizer()
     n_layers = len(decoder_layers(model))
-    n_rows = cfg["tokens"] // seq_len
+    n_rows = cfg.tokens // seq_len
     rows = packed_rows(tok, n_rows * seq_len * 2, seq_len)[:n_rows]  # quota counts kept tokens: ask for more
     n_tokens_kept = int(Packer(tok, seq_len).keep_mask(rows).sum())
     processed = n_rows * seq_len
@@ -164,32 +202,48 @@ def main(argv=None) -> int:
     all_params = sum(p.numel() for blk in decoder_layers(model) for p in blk.parameters())
 
     # warm-up (kernel selection, allocator) for each method on a couple of batches
-    run_study(model, rows[: 2 * cfg["baseline_batch"]], layer, cfg["baseline_batch"], device)
-    run_disk(model, tok, work / "warm", 2 * cfg["batch"] * seq_len - 4 * cfg["batch"], cfg, shard_dtype)
+    run_study(model, rows[: 2 * cfg.baseline_batch], layer, cfg.baseline_batch, device)
+    run_disk(model, tok, work / "warm", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype)
 
-    results = {}
-    secs = run_study(model, rows, layer, cfg["baseline_batch"], device)
-    results["study"] = {"method": "full-depth output_hidden_states=True, hidden_states[L+1]",
-                        "seconds": secs, "tokens_per_s": processed / secs, "batch_rows": cfg["baseline_batch"]}
+    results: dict[str, dict[str, Any]] = {}  # method -> its JSON row (numbers and labels)
+    secs = run_study(model, rows, layer, cfg.baseline_batch, device)
+    results["study"] = {
+        "method": "full-depth output_hidden_states=True, hidden_states[L+1]",
+        "seconds": secs,
+        "tokens_per_s": processed / secs,
+        "batch_rows": cfg.baseline_batch,
+    }
     secs, kept = run_stream(model, tok, n_tokens_kept, cfg, device)
-    results["mechlib_stream"] = {"method": "stream_activations: stop after L, no disk", "seconds": secs,
-                                 "tokens_per_s": processed / secs, "kept_tokens": kept, "batch_rows": cfg["batch"]}
+    results["mechlib_stream"] = {
+        "method": "stream_activations: stop after L, no disk",
+        "seconds": secs,
+        "tokens_per_s": processed / secs,
+        "kept_tokens": kept,
+        "batch_rows": cfg.batch,
+    }
     run = run_disk(model, tok, work / "disk", n_tokens_kept, cfg, shard_dtype)
     assert run.manifest["n_rows"] == n_rows, (run.manifest["n_rows"], n_rows)
-    results["mechlib_disk"] = {"method": "collect_activations: stop after L, pinned async D2H, background shard writer",
-                               "seconds": run.seconds, "tokens_per_s": processed / run.seconds,
-                               "kept_tokens": run.computed_tokens, "batch_rows": cfg["batch"],
-                               "shard_dtype": shard_dtype}
+    results["mechlib_disk"] = {
+        "method": "collect_activations: stop after L, pinned async D2H, background shard writer",
+        "seconds": run.seconds,
+        "tokens_per_s": processed / run.seconds,
+        "kept_tokens": run.computed_tokens,
+        "batch_rows": cfg.batch,
+        "shard_dtype": shard_dtype,
+    }
     equiv = equivalence(model, work / "disk", layer, min(4, n_rows), device)
     if args.compile:
         t1 = time.perf_counter()
-        run_disk(model, tok, work / "warm_c", 2 * cfg["batch"] * seq_len - 4 * cfg["batch"], cfg, shard_dtype,
-                 compile=True)
+        run_disk(model, tok, work / "warm_c", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype, compile=True)
         compile_s = time.perf_counter() - t1
         run = run_disk(model, tok, work / "disk_c", n_tokens_kept, cfg, shard_dtype, compile=True)
-        results["mechlib_disk_compiled"] = {"method": "collect_activations with torch.compile'd layers",
-                                            "seconds": run.seconds, "tokens_per_s": processed / run.seconds,
-                                            "compile_warmup_s": compile_s, "batch_rows": cfg["batch"]}
+        results["mechlib_disk_compiled"] = {
+            "method": "collect_activations with torch.compile'd layers",
+            "seconds": run.seconds,
+            "tokens_per_s": processed / run.seconds,
+            "compile_warmup_s": compile_s,
+            "batch_rows": cfg.batch,
+        }
         equiv_c = equivalence(model, work / "disk_c", layer, min(4, n_rows), device)
     shutil.rmtree(work, ignore_errors=True)
 
@@ -198,21 +252,43 @@ def main(argv=None) -> int:
         print(json.dumps({"name": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}}))
     base_tps = results["study"]["tokens_per_s"]
     ratios = {f"{k}_vs_study": v["tokens_per_s"] / base_tps for k, v in results.items() if k != "study"}
-    tol = (1e-2, 0.9999) if cfg["dtype"] != torch.float32 else (1e-5, 0.999999)
+    tol = (1e-2, 0.9999) if cfg.dtype != torch.float32 else (1e-5, 0.999999)
     checks = {"plain": equiv, **({"compiled": equiv_c} if args.compile else {})}
     ok = all(c["rel_frobenius_err"] <= tol[0] and c["min_cosine"] >= tol[1] for c in checks.values())
-    print(json.dumps({"ratios": {k: round(v, 3) for k, v in ratios.items()}, "equivalent": ok,
-                      "tolerance": {"rel_frobenius_err": tol[0], "min_cosine": tol[1]}, "equivalence": checks}))
+    print(
+        json.dumps(
+            {
+                "ratios": {k: round(v, 3) for k, v in ratios.items()},
+                "equivalent": ok,
+                "tolerance": {"rel_frobenius_err": tol[0], "min_cosine": tol[1]},
+                "equivalence": checks,
+            }
+        )
+    )
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ("-small" if args.small else "")
     today = dt.date.today().isoformat()
-    record = {"benchmark": "collect", "device": name, "torch": torch.__version__,
-              "transformers": __import__("transformers").__version__, "date": today, "small": args.small,
-              "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
-              "n_layers": n_layers, "layer": layer, "seq_len": seq_len, "processed_tokens": processed,
-              "model_dtype": str(cfg["dtype"]), "build_s": build_s, "results": results, "ratios": ratios,
-              "equivalent": ok, "equivalence": checks, "target_tokens_per_s": 130_000}
+    record = {
+        "benchmark": "collect",
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": __import__("transformers").__version__,
+        "date": today,
+        "small": args.small,
+        "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
+        "n_layers": n_layers,
+        "layer": layer,
+        "seq_len": seq_len,
+        "processed_tokens": processed,
+        "model_dtype": str(cfg.dtype),
+        "build_s": build_s,
+        "results": results,
+        "ratios": ratios,
+        "equivalent": ok,
+        "equivalence": checks,
+        "target_tokens_per_s": 130_000,
+    }
     out = Path(args.results) / f"collect_{slug}_{today}.json"
     atomic_write_json(out, record)
     print(f"saved {out}")

@@ -43,6 +43,7 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -55,14 +56,47 @@ from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.steering import steering_hook  # noqa: E402
 from mechlib.tiny import benchmark_gemma4  # noqa: E402
 
-FULL = dict(prompt_len=160, new_tokens=256, dtype=torch.bfloat16, steer_layer=27,
-            batches={"hf_dynamic_b1": 1, "hf_dynamic_b64": 64, "hf_static_b128": 128, "hf_static_b256": 256,
-                     "mechlib_b128": 128, "mechlib_b256": 256, "mechlib_cudagraphs_b256": 256,
-                     "mechlib_dynamic_b128": 128})
-SMALL = dict(prompt_len=16, new_tokens=8, dtype=torch.float32, steer_layer=3,
-             batches={"hf_dynamic_b1": 1, "hf_dynamic_b64": 4, "hf_static_b128": 8, "hf_static_b256": 16,
-                      "mechlib_b128": 8, "mechlib_b256": 16, "mechlib_cudagraphs_b256": 16,
-                      "mechlib_dynamic_b128": 8})
+
+class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this file without registering it
+    prompt_len: int
+    new_tokens: int
+    dtype: torch.dtype
+    steer_layer: int
+    batches: dict[str, int]  # method name -> batch size
+
+
+FULL = Sizes(
+    prompt_len=160,
+    new_tokens=256,
+    dtype=torch.bfloat16,
+    steer_layer=27,
+    batches={
+        "hf_dynamic_b1": 1,
+        "hf_dynamic_b64": 64,
+        "hf_static_b128": 128,
+        "hf_static_b256": 256,
+        "mechlib_b128": 128,
+        "mechlib_b256": 256,
+        "mechlib_cudagraphs_b256": 256,
+        "mechlib_dynamic_b128": 128,
+    },
+)
+SMALL = Sizes(
+    prompt_len=16,
+    new_tokens=8,
+    dtype=torch.float32,
+    steer_layer=3,
+    batches={
+        "hf_dynamic_b1": 1,
+        "hf_dynamic_b64": 4,
+        "hf_static_b128": 8,
+        "hf_static_b256": 16,
+        "mechlib_b128": 8,
+        "mechlib_b256": 16,
+        "mechlib_cudagraphs_b256": 16,
+        "mechlib_dynamic_b128": 8,
+    },
+)
 PAD = 0
 
 
@@ -80,18 +114,28 @@ def prompts(n: int, length: int, vocab: int) -> torch.Tensor:
 def run_hf(model, ids: torch.Tensor, new_tokens: int, static: bool) -> list[list[int]]:
     from transformers import GenerationConfig
 
-    gc = GenerationConfig(do_sample=False, max_new_tokens=new_tokens,
-                          pad_token_id=PAD, cache_implementation="static" if static else None)
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=new_tokens, pad_token_id=PAD, cache_implementation="static" if static else None
+    )
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=gc)
-    return out[:, ids.shape[1]:].tolist()
+    return out[:, ids.shape[1] :].tolist()
 
 
 def run_mechlib(model, ids: torch.Tensor, new_tokens: int, static: bool, compile=None) -> list[list[int]]:
     rows = [r.tolist() for r in ids.cpu()]
-    return generate_ids(model, rows, new_tokens, len(rows), eos_ids=[], pad_id=PAD, ignore_eos=True,
-                        cache="static" if static else "dynamic", compile=compile if static else False,
-                        progress=False)
+    return generate_ids(
+        model,
+        rows,
+        new_tokens,
+        len(rows),
+        eos_ids=[],
+        pad_id=PAD,
+        ignore_eos=True,
+        cache="static" if static else "dynamic",
+        compile=compile if static else False,
+        progress=False,
+    )
 
 
 def method_fn(name: str, device: torch.device):
@@ -125,10 +169,17 @@ def measure(name: str, model, pool: torch.Tensor, batch: int, new_tokens: int, d
     _sync(device)
     secs = time.perf_counter() - t
     assert all(len(r) == new_tokens for r in out), f"{name}: expected {new_tokens} tokens per row"
-    return {"method": name, "batch": batch, "new_tokens": new_tokens, "first_call_s": round(first, 3),
-            "seconds": round(secs, 3), "answers_per_min": round(batch * 60 / secs, 1),
-            "new_tokens_per_s": round(batch * new_tokens / secs, 1), "ms_per_step": round(1000 * secs / new_tokens, 2),
-            "row0": out[0]}
+    return {
+        "method": name,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "first_call_s": round(first, 3),
+        "seconds": round(secs, 3),
+        "answers_per_min": round(batch * 60 / secs, 1),
+        "new_tokens_per_s": round(batch * new_tokens / secs, 1),
+        "ms_per_step": round(1000 * secs / new_tokens, 2),
+        "row0": out[0],
+    }
 
 
 def main(argv=None) -> int:
@@ -142,24 +193,24 @@ def main(argv=None) -> int:
     if device.type == "cpu" and not args.small:
         ap.error("the full benchmark needs a CUDA GPU; use --device cpu --small for the smoke test")
     cfg = SMALL if args.small else FULL
-    names = [n for n in cfg["batches"] if not args.only or n in args.only.split(",")]
+    names = [n for n in cfg.batches if not args.only or n in args.only.split(",")]
 
     t = time.perf_counter()
-    model = benchmark_gemma4(args.small, device, cfg["dtype"], pad_id=PAD)
+    model = benchmark_gemma4(args.small, device, cfg.dtype, pad_id=PAD)
     _sync(device)
     build_s = time.perf_counter() - t
     d = model.config.get_text_config().hidden_size
-    layer = min(cfg["steer_layer"], len(decoder_layers(model)) - 1)
+    layer = min(cfg.steer_layer, len(decoder_layers(model)) - 1)
     vec = torch.randn(d, generator=torch.Generator().manual_seed(0))
-    pool = prompts(max(cfg["batches"].values()), cfg["prompt_len"], model.config.get_text_config().vocab_size)
+    pool = prompts(max(cfg.batches.values()), cfg.prompt_len, model.config.get_text_config().vocab_size)
 
     results = {}
     with steering_hook(decoder_layers(model)[layer], vec, scale=0.05, mean_norm=100.0):
         for name in names:
             try:
-                r = measure(name, model, pool, cfg["batches"][name], cfg["new_tokens"], device)
-            except Exception as exc:  # noqa: BLE001 — one failing method must not lose the others' numbers
-                r = {"method": name, "batch": cfg["batches"][name], "error": f"{type(exc).__name__}: {exc}"[:500]}
+                r = measure(name, model, pool, cfg.batches[name], cfg.new_tokens, device)
+            except Exception as exc:  # any error: one failing method must not lose the others' numbers
+                r = {"method": name, "batch": cfg.batches[name], "error": f"{type(exc).__name__}: {exc}"[:500]}
             results[name] = r
             print(json.dumps({k: v for k, v in r.items() if k != "row0"}), flush=True)
             if device.type == "cuda":
@@ -173,8 +224,11 @@ def main(argv=None) -> int:
         r["prefix_agree_hf"] = prefix_agree(r["row0"], ref) if ref else None
         r["row0"] = r["row0"][:32]
     hf_best = max((r["answers_per_min"] for k, r in ok.items() if k.startswith("hf_")), default=None)
-    ratios = {f"{k}_vs_best_hf": round(r["answers_per_min"] / hf_best, 2)
-              for k, r in ok.items() if k.startswith("mechlib") and hf_best}
+    ratios = {
+        f"{k}_vs_best_hf": round(r["answers_per_min"] / hf_best, 2)
+        for k, r in ok.items()
+        if k.startswith("mechlib") and hf_best
+    }
     print(json.dumps({"ratios": ratios, "prefix_agree_hf": {k: r["prefix_agree_hf"] for k, r in ok.items()}}))
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
@@ -182,11 +236,20 @@ def main(argv=None) -> int:
     today = dt.date.today().isoformat()
     import transformers
 
-    record = {"device": name, "torch": torch.__version__, "transformers": transformers.__version__, "date": today,
-              "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
-              "model_dtype": str(cfg["dtype"]), "prompt_len": cfg["prompt_len"], "steer_layer": layer,
-              "steering": "mechlib.steering.steering_hook, scale 0.05 x mean_norm 100", "build_s": round(build_s, 2),
-              "results": results, "ratios": ratios}
+    record = {
+        "device": name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": today,
+        "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
+        "model_dtype": str(cfg.dtype),
+        "prompt_len": cfg.prompt_len,
+        "steer_layer": layer,
+        "steering": "mechlib.steering.steering_hook, scale 0.05 x mean_norm 100",
+        "build_s": round(build_s, 2),
+        "results": results,
+        "ratios": ratios,
+    }
     out = Path(args.results) / f"generate_{slug}_{today}.json"
     atomic_write_json(out, record)
     print(f"saved {out}")

@@ -29,8 +29,9 @@ def chapter_times(log: Path) -> dict[str, float]:
     """``{chapter: seconds}`` from the runner's log lines (the chapters that finished)."""
     if not log.is_file():
         return {}
-    return {m["chapter"]: float(m["s"]) for line in log.read_text(errors="replace").splitlines()
-            if (m := DONE.match(line))}
+    return {
+        m["chapter"]: float(m["s"]) for line in log.read_text(errors="replace").splitlines() if (m := DONE.match(line))
+    }
 
 
 def chapter_devices(paths: RunPaths) -> dict[str, dict[str, Any]]:
@@ -46,13 +47,23 @@ def environment() -> dict[str, Any]:
     import torch
     import transformers
 
-    env: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
-                           "cuda": torch.version.cuda, "transformers": transformers.__version__,
-                           "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    env: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "transformers": transformers.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
     try:
-        env["nvidia_smi"] = subprocess.run(
-            ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-            capture_output=True, text=True, timeout=20).stdout.strip() or None
+        env["nvidia_smi"] = (
+            subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+            ).stdout.strip()
+            or None
+        )
     except (OSError, subprocess.SubprocessError):
         env["nvidia_smi"] = None
     return env
@@ -73,20 +84,33 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     paths = RunPaths(args.run)
     times = chapter_times(Path(args.book_log))
     devices = chapter_devices(paths)
-    chapters = [{"chapter": c, "seconds": times.get(c), "finished": c in times, **devices.get(c, {})}
-                for c in sorted(set(times) | set(devices))]
+    chapters = [
+        {"chapter": c, "seconds": times.get(c), "finished": c in times, **devices.get(c, {})}
+        for c in sorted(set(times) | set(devices))
+    ]
     torchrun_log = Path(args.torchrun_log).read_text(errors="replace") if Path(args.torchrun_log).is_file() else ""
     return {
         "what": "python -m mechlib.book on " + args.params + "; torchrun --nproc_per_node 1 -m mechlib.scale "
-                "collect train on the tiny Gemma 4",
-        "date": time.strftime("%Y-%m-%d"), "environment": environment(), "params": args.params, "run": args.run,
-        "book": {"rc": args.book_rc, "seconds": args.book_seconds, "limit_s": args.book_limit,
-                 "chapters_finished": sum(c["finished"] for c in chapters), "chapters": chapters,
-                 "labels": labels_of(paths)},
-        "torchrun": {"rc": args.torchrun_rc, "seconds": args.torchrun_seconds,
-                     # NCCL_DEBUG=INFO makes nccl announce itself in the log: evidence, not inference
-                     "nccl_seen_in_log": "NCCL INFO" in torchrun_log,
-                     "log_tail": [line for line in torchrun_log.splitlines() if "[mechlib.scale]" in line][-4:]},
+        "collect train on the tiny Gemma 4",
+        "date": time.strftime("%Y-%m-%d"),
+        "environment": environment(),
+        "params": args.params,
+        "run": args.run,
+        "book": {
+            "rc": args.book_rc,
+            "seconds": args.book_seconds,
+            "limit_s": args.book_limit,
+            "chapters_finished": sum(c["finished"] for c in chapters),
+            "chapters": chapters,
+            "labels": labels_of(paths),
+        },
+        "torchrun": {
+            "rc": args.torchrun_rc,
+            "seconds": args.torchrun_seconds,
+            # NCCL_DEBUG=INFO makes nccl announce itself in the log: evidence, not inference
+            "nccl_seen_in_log": "NCCL INFO" in torchrun_log,
+            "log_tail": [line for line in torchrun_log.splitlines() if "[mechlib.scale]" in line][-4:],
+        },
     }
 
 

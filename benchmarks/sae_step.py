@@ -116,8 +116,9 @@ def make_trainer(kind: str, shape: dict, device: torch.device, init_x: torch.Ten
     def step(x: torch.Tensor) -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
         if kind.startswith("fast"):
-            fvu = fast_step(sae, x, no_dead if kind == "fast_no_dead" else dead, shape["k_aux"], AUX_COEF,
-                            backend=backend).fvu
+            fvu = fast_step(
+                sae, x, no_dead if kind == "fast_no_dead" else dead, shape["k_aux"], AUX_COEF, backend=backend
+            ).fvu
         else:
             fvu = study_step(sae, x, dead, shape["k_aux"], AUX_COEF)
         opt.step()
@@ -139,8 +140,9 @@ def _set_tf32(on: bool) -> None:
     torch.backends.cudnn.allow_tf32 = on
 
 
-def time_variant(kind: str, shape: dict, device: torch.device, pool: list[torch.Tensor], dead: torch.Tensor,
-                 steps: int, warmup: int) -> dict:
+def time_variant(
+    kind: str, shape: dict, device: torch.device, pool: list[torch.Tensor], dead: torch.Tensor, steps: int, warmup: int
+) -> dict:
     gc.collect()
     cuda = device.type == "cuda"
     if cuda:
@@ -149,7 +151,7 @@ def time_variant(kind: str, shape: dict, device: torch.device, pool: list[torch.
         torch.cuda.reset_peak_memory_stats()
     _set_tf32(kind == "tf32_dense")
     try:
-        sae, step, backend = make_trainer(kind, shape, device, pool[0], dead)
+        _sae, step, backend = make_trainer(kind, shape, device, pool[0], dead)
         t_warm = time.perf_counter()
         for i in range(warmup):
             step(pool[i % len(pool)])
@@ -164,11 +166,19 @@ def time_variant(kind: str, shape: dict, device: torch.device, pool: list[torch.
         _set_tf32(False)
     peak = (torch.cuda.max_memory_allocated() - data_bytes) / 2**30 if cuda else None
     tokens = steps * shape["batch"]
-    return {"variant": kind, "tokens_per_s": round(tokens / seconds, 1), "ms_per_step": round(1e3 * seconds / steps, 3),
-            "peak_gib": None if peak is None else round(peak, 3), "steps": steps, "warmup_steps": warmup,
-            "warmup_s": round(t_warm, 2), "last_fvu": round(float(fvu), 5), "backend": backend.name if
-            kind.startswith("fast") else "autograd", "optimizer": "Adam(fused)" if kind.startswith("fast") and cuda
-            else "Adam", "n_dead": 0 if kind == "fast_no_dead" else int(dead.sum())}
+    return {
+        "variant": kind,
+        "tokens_per_s": round(tokens / seconds, 1),
+        "ms_per_step": round(1e3 * seconds / steps, 3),
+        "peak_gib": None if peak is None else round(peak, 3),
+        "steps": steps,
+        "warmup_steps": warmup,
+        "warmup_s": round(t_warm, 2),
+        "last_fvu": round(float(fvu), 5),
+        "backend": backend.name if kind.startswith("fast") else "autograd",
+        "optimizer": "Adam(fused)" if kind.startswith("fast") and cuda else "Adam",
+        "n_dead": 0 if kind == "fast_no_dead" else int(dead.sum()),
+    }
 
 
 @torch.no_grad()
@@ -180,8 +190,7 @@ def exact_fvu(sae: TopKSAE, x: torch.Tensor) -> float:
     return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def equivalence(shape: dict, device: torch.device, data: SyntheticActivations, dead: torch.Tensor,
-                steps: int) -> dict:
+def equivalence(shape: dict, device: torch.device, data: SyntheticActivations, dead: torch.Tensor, steps: int) -> dict:
     """Same init, same batches, ``steps`` Adam steps: fp32 dense reference vs fast path."""
     held_out = data.batch(shape["batch"], step=10**6)
     out: dict = {"steps": steps, "lr": LR, "renorm_every": RENORM_EVERY, "n_dead": int(dead.sum())}
@@ -207,8 +216,13 @@ def equivalence(shape: dict, device: torch.device, data: SyntheticActivations, d
         out["max_decoder_norm_error"] = float((sae.W_dec.norm(dim=1) - 1).abs().max())
     out["unit_decoder_norms"] = out["max_decoder_norm_error"] < 1e-4
     out["fvu_within_0.005"] = out["heldout_fvu_diff"] <= 0.005
-    out["passed"] = out["fvu_within_0.005"] and out["exactly_k_active"] and out["unit_decoder_norms"] \
-        and out["aux_only_dead"] and out["fast_heldout_fvu"] < out["fast_heldout_fvu_start"]
+    out["passed"] = (
+        out["fvu_within_0.005"]
+        and out["exactly_k_active"]
+        and out["unit_decoder_norms"]
+        and out["aux_only_dead"]
+        and out["fast_heldout_fvu"] < out["fast_heldout_fvu_start"]
+    )
     return out
 
 
@@ -263,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict:
     pool = [data.batch(shape["batch"], step=10_000 + i) for i in range(4)]
     gen = torch.Generator().manual_seed(1)
     dead = torch.zeros(shape["m"], dtype=torch.bool)
-    dead[torch.randperm(shape["m"], generator=gen)[:int(args.dead_frac * shape["m"])]] = True
+    dead[torch.randperm(shape["m"], generator=gen)[: int(args.dead_frac * shape["m"])]] = True
     dead = dead.to(device)
 
     results = []
@@ -272,8 +286,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(res), flush=True)
         results.append(res)
     by = {r["variant"]: r["tokens_per_s"] for r in results}
-    ratios = {f"{a}_over_{b}": round(by[a] / by[b], 2) for a in by for b in ("fp32_dense", "tf32_dense")
-              if a.startswith("fast") and b in by}
+    ratios = {
+        f"{a}_over_{b}": round(by[a] / by[b], 2)
+        for a in by
+        for b in ("fp32_dense", "tf32_dense")
+        if a.startswith("fast") and b in by
+    }
     print(json.dumps({"ratios": ratios}), flush=True)
     equiv = equivalence(shape, device, data, dead, equiv_steps)
     print(json.dumps({"equivalence": equiv}), flush=True)
@@ -283,16 +301,33 @@ def main(argv: list[str] | None = None) -> dict:
 
     triton_version, configs = _triton_info()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
-    report = {"device": name, "torch": torch.__version__, "triton": triton_version,
-              "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "shape": shape,
-              "aux_coef": AUX_COEF, "lr": LR, "dead_frac": args.dead_frac, "results": results, "ratios": ratios,
-              "equivalence": equiv, "kernel_configs": configs, "profile": prof,
-              "target": {"tokens_per_s": 1.0e6, "peak_gib": 6.0}}
+    report = {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "shape": shape,
+        "aux_coef": AUX_COEF,
+        "lr": LR,
+        "dead_frac": args.dead_frac,
+        "results": results,
+        "ratios": ratios,
+        "equivalence": equiv,
+        "kernel_configs": configs,
+        "profile": prof,
+        "target": {"tokens_per_s": 1.0e6, "peak_gib": 6.0},
+    }
     fast = next((r for r in results if r["variant"] == "fast"), None)
     if fast and fast["peak_gib"] is not None:
         report["target_met"] = fast["tokens_per_s"] >= 1.0e6 and fast["peak_gib"] <= 6.0 and equiv["passed"]
-    out = args.out or (None if args.small else ROOT / "benchmarks" / "results" /
-                       f"sae_step_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}_{dt.date.today()}.json")
+    out = args.out or (
+        None
+        if args.small
+        else ROOT
+        / "benchmarks"
+        / "results"
+        / f"sae_step_{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}_{dt.date.today()}.json"
+    )
     if out:
         atomic_write_json(out, report)
         print(f"saved {out}")

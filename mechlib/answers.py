@@ -106,7 +106,9 @@ def _result_after_last_equals(text: str, start: int) -> float | None:
     eq = text.rfind("=", start, line_end)
     if eq < 0:
         return None
-    m = _NUMBER.match(text, _AFTER_EQUALS.match(text, eq + 1, line_end).end(), line_end)
+    after = _AFTER_EQUALS.match(text, eq + 1, line_end)
+    assert after is not None  # the pattern matches the empty string too
+    m = _NUMBER.match(text, after.end(), line_end)
     if m is None or _CONTINUES.match(text, m.end(), line_end):
         return None
     return _value(m)
@@ -128,17 +130,15 @@ def extract_answer_with_rule(text: str) -> tuple[float | None, str | None]:
     if not isinstance(text, str):
         return None, None
     for m in _HASHES.finditer(text):
-        value = _read_after_hashes(text[m.end():])
+        value = _read_after_hashes(text[m.end() :])
         if value is not None:
             return value, "hashes"
     for m in reversed(list(_ANSWER_IS.finditer(text))):
-        tail = text[m.end():]
+        tail = text[m.end() :]
         found = _NUMBER.match(tail, len(tail) - len(tail.lstrip(" *:$")))
         if found:
             return _value(found), "answer_is"
-    last = None
-    for last in _NUMBER.finditer(text):
-        pass
+    last = next(reversed(list(_NUMBER.finditer(text))), None)
     return (_value(last), "last_number") if last else (None, None)
 
 
@@ -162,7 +162,7 @@ def gold_from_solution(solution: str) -> float | int:
     idx = solution.rfind("####")
     if idx < 0:
         raise ValueError("no '####' in the answer text")
-    tail = solution[idx + 4:]
+    tail = solution[idx + 4 :]
     value = _read_after_hashes(tail)
     if value is None:  # a hand-made file's "#### about 5": the first number after the marker
         first = _NUMBER.search(tail)
@@ -173,6 +173,7 @@ def gold_from_solution(solution: str) -> float | int:
 
 
 # ------------------------------------------------------------------ lm-evaluation-harness
+
 
 def strict_raw(text: str) -> str | None:
     """The harness's strict-match filter output: first ``#### (\\-?[0-9\\.\\,]+)`` group, stripped."""

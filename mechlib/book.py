@@ -21,9 +21,10 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 
@@ -217,10 +218,11 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
 
     try:
         nb = nbformat.read(notebook, as_version=4)
-    except Exception:  # noqa: BLE001 — a notebook we cannot read just gives no location
+    except Exception:  # any error: a notebook we cannot read just gives no location
         return None
-    started = [i for i, c in enumerate(nb.cells)
-               if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")]
+    started = [
+        i for i, c in enumerate(nb.cells) if c.cell_type == "code" and c.metadata.get("papermill", {}).get("start_time")
+    ]
     if not started:
         return None
     cell = nb.cells[started[-1]]
@@ -230,8 +232,9 @@ def _running_cell(notebook: Path | None) -> tuple[int, str] | None:
     return started[-1], f"{count}`{first}`"
 
 
-def _annotate(notebook: Path | None, cell: tuple[int, str] | None, ename: str, evalue: str,
-              trace: list[str] | None = None) -> None:
+def _annotate(
+    notebook: Path | None, cell: tuple[int, str] | None, ename: str, evalue: str, trace: list[str] | None = None
+) -> None:
     """Add an error output to the cell that was running, so the kept notebook shows what ended it."""
     if notebook is None or cell is None:
         return
@@ -240,11 +243,12 @@ def _annotate(notebook: Path | None, cell: tuple[int, str] | None, ename: str, e
     try:
         nb = nbformat.read(notebook, as_version=4)
         target = nb.cells[cell[0]]
-        target.outputs.append(nbformat.v4.new_output("error", ename=ename, evalue=evalue,
-                                                     traceback=trace or [f"{ename}: {evalue}"]))
+        target.outputs.append(
+            nbformat.v4.new_output("error", ename=ename, evalue=evalue, traceback=trace or [f"{ename}: {evalue}"])
+        )
         target.metadata.setdefault("papermill", {}).update(exception=True, status="failed")
         atomic_write_text(notebook, nbformat.writes(nb))
-    except Exception:  # noqa: BLE001 — the note is a courtesy; it must never hide the error it explains
+    except Exception:  # any error: the note is a courtesy; it must never hide the error it explains
         return
 
 
@@ -256,15 +260,20 @@ def check_device(device: str, source: str) -> None:
 
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ParamsError(f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
-                              f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu")
+            raise ParamsError(
+                f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
+                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu"
+            )
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise ParamsError(f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}")
+            raise ParamsError(
+                f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
+                f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
+            )
     elif device == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; "
-                          f"use device: auto or cpu")
+        raise ParamsError(
+            f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; use device: auto or cpu"
+        )
 
 
 def check_layers(params: BookParams, source: str) -> None:
@@ -286,8 +295,10 @@ def check_layers(params: BookParams, source: str) -> None:
     for key in ("layer", "steering_layer"):
         value = getattr(params, key)
         if value is not None and value >= n_layers:
-            raise ParamsError(f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
-                              f"valid layers are 0..{n_layers - 1}")
+            raise ParamsError(
+                f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
+                f"valid layers are 0..{n_layers - 1}"
+            )
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -303,7 +314,7 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         if key in out:
             raise ParamsError(f"-p {key}: given twice; each parameter may be overridden once")
         try:
-            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # noqa: S506 — a SafeLoader
+            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # a SafeLoader subclass
         except yaml.YAMLError as exc:
             raise ParamsError(f"-p {item!r}: the value is not a YAML scalar ({_one_line(exc)})") from None
         if isinstance(value, (dict, list)):
@@ -320,16 +331,22 @@ def with_overrides(params: BookParams, overrides: dict[str, Any], source: str) -
     return validate({**params.as_dict(), **overrides}, source=where)
 
 
-def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_output: bool = False,
-             notebooks_dir: Path = NOTEBOOKS_DIR, run: str | None = None,
-             overrides: dict[str, Any] | None = None) -> list[ChapterRun]:
+def run_book(
+    params_path: str | Path,
+    only: Sequence[str] | None = None,
+    *,
+    log_output: bool = False,
+    notebooks_dir: Path = NOTEBOOKS_DIR,
+    run: str | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> list[ChapterRun]:
     """Run the chosen chapters of the book on one params file; return per-chapter timings.
 
     ``run`` overrides the run name (the output folder), e.g. so that ``make test`` never touches
     what ``make book`` made. Everything that can be checked without running a chapter is checked
     first, before anything is written; ``overrides`` (the command line's ``-p KEY=VALUE``) replace the
-    file's values, and the params.yaml saved with the run holds the result; then the run name is locked for the whole run (released on
-    error and Ctrl-C too).
+    file's values, and the params.yaml saved with the run holds the result; then the run name is locked
+    for the whole run (released on error and Ctrl-C too).
     """
     params = with_overrides(load_params(params_path, run=run), overrides or {}, str(params_path))
     todo = select(chapters(notebooks_dir), only)
@@ -343,9 +360,11 @@ def run_book(params_path: str | Path, only: Sequence[str] | None = None, *, log_
         runs: list[ChapterRun] = []
         for chapter in todo:
             print(f"[mechbook] {params.run}: running {chapter.name} ...", flush=True)
-            run = run_chapter(chapter, params, paths, log_output=log_output)
-            print(f"[mechbook] {params.run}: {chapter.name} done in {run.seconds:.1f} s -> {run.notebook}", flush=True)
-            runs.append(run)
+            done = run_chapter(chapter, params, paths, log_output=log_output)
+            print(
+                f"[mechbook] {params.run}: {chapter.name} done in {done.seconds:.1f} s -> {done.notebook}", flush=True
+            )
+            runs.append(done)
         timings = {r.chapter: round(r.seconds, 2) for r in runs}
         timing_file = paths.metrics / "book_timings.json"
         atomic_write_json(timing_file, timings)
@@ -369,8 +388,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="NN", help="run only these chapters (numbers or names)")
     parser.add_argument("--log-output", action="store_true", help="stream cell output to the terminal")
     parser.add_argument("--run", metavar="NAME", help="output folder outputs/NAME (default: the params file's run)")
-    parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one parameter of the file (value read as YAML), e.g. -p k=64 -p lr=5e-4")
+    parser.add_argument(
+        "-p",
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one parameter of the file (value read as YAML), e.g. -p k=64 -p lr=5e-4",
+    )
     args = parser.parse_args(argv)
     try:
         overrides = parse_overrides(args.param)

@@ -23,9 +23,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Hashable, Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -109,8 +110,13 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     records = load_records(records_path)
     prompts = {str(r.id): r.prompt for r in records}
     correct = {str(r.id): bool(r.correct) for r in records}
-    split = BaselineSplit([str(i) for i in m["contrast_ids"]], [str(i) for i in m["heldout_ids"]], prompts, correct,
-                          {str(r.id): r for r in records})
+    split = BaselineSplit(
+        [str(i) for i in m["contrast_ids"]],
+        [str(i) for i in m["heldout_ids"]],
+        prompts,
+        correct,
+        {str(r.id): r for r in records},
+    )
     absent = [i for i in split.contrast_ids + split.heldout_ids if i not in prompts]
     if absent:
         raise ContrastError(f"{records_path}: no record for question ids {absent[:5]} (rerun chapter 04)")
@@ -126,8 +132,10 @@ def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -
     """
     bad = [q.id for q in questions if str(q.id) in split.prompts and q.question not in split.prompts[str(q.id)]]
     if bad:
-        raise ContrastError(f"chapter 04's records were made from other questions than the task now gives "
-                            f"(ids {bad[:3]}{' …' if len(bad) > 3 else ''}); rerun chapter 04 for this run")
+        raise ContrastError(
+            f"chapter 04's records were made from other questions than the task now gives "
+            f"(ids {bad[:3]}{' …' if len(bad) > 3 else ''}); rerun chapter 04 for this run"
+        )
 
 
 def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
@@ -156,8 +164,15 @@ class _SharedPrefixStates:
         self.recording = False
         self._cache: DynamicCache | None = None
 
-    def run(self, model: CausalLM, prefix: Sequence[int], special: Tensor, n_prompts: int,
-            batch_state: dict[str, Tensor], device: torch.device) -> int:
+    def run(
+        self,
+        model: CausalLM,
+        prefix: Sequence[int],
+        special: Tensor,
+        n_prompts: int,
+        batch_state: dict[str, Tensor],
+        device: torch.device,
+    ) -> int:
         """Run the prefix (the hooks record into this object); returns its non-special tokens × prompts."""
         from transformers import DynamicCache  # heavy import, only when a prefix is shared
 
@@ -166,8 +181,12 @@ class _SharedPrefixStates:
         batch_state.update(keep=keep, weight=torch.tensor(float(n_prompts)))
         self._cache, self.recording = DynamicCache(config=text_config(model)), True
         try:
-            model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=device)[None],
-                  past_key_values=self._cache, use_cache=True)
+            model(
+                input_ids=ids,
+                position_ids=torch.arange(ids.shape[1], device=device)[None],
+                past_key_values=self._cache,
+                use_cache=True,
+            )
         except StopForward:
             pass
         finally:
@@ -180,9 +199,18 @@ class _SharedPrefixStates:
 
 
 @torch.no_grad()
-def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequence[str], ids: Sequence[str], *,
-                         pooling: Pooling = "last", batch_size: int = 16, model_name: str = "",
-                         encode: Encoder | None = None, progress: bool = True) -> LayerStates:
+def collect_layer_states(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompts: Sequence[str],
+    ids: Sequence[str],
+    *,
+    pooling: Pooling = "last",
+    batch_size: int = 16,
+    model_name: str = "",
+    encode: Encoder | None = None,
+    progress: bool = True,
+) -> LayerStates:
     """Pooled output of every decoder layer for each prompt, in one (early-stopped) forward per batch.
 
     ``encode(tokenizer, prompts)`` must tokenize exactly as generation does (default: the ids of
@@ -195,7 +223,9 @@ def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequenc
     if pooling not in POOLINGS:
         raise ContrastError(f"pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
     if len(prompts) != len(ids) or not prompts:
-        raise ContrastError(f"need one id per prompt and at least one prompt, got {len(prompts)} prompts, {len(ids)} ids")
+        raise ContrastError(
+            f"need one id per prompt and at least one prompt, got {len(prompts)} prompts, {len(ids)} ids"
+        )
     layers = decoder_layers(model)
     n_layers = len(layers)
     device = model_device(model)
@@ -218,27 +248,29 @@ def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequenc
             elif pooling == "last":
                 per_layer[i] = h[torch.arange(h.shape[0], device=h.device), batch_state["last"]].cpu()
             else:
-                per_layer[i] = (((h * keep[..., None]).sum(1).cpu() + shared.sums[i])
-                                / (keep.sum(1, keepdim=True).cpu() + shared.count))
+                per_layer[i] = ((h * keep[..., None]).sum(1).cpu() + shared.sums[i]) / (
+                    keep.sum(1, keepdim=True).cpu() + shared.count
+                )
             if i == n_layers - 1:
                 raise StopForward  # everything needed has been recorded
+
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     try:
         lists = encode_prompts(tokenizer, list(prompts)) if encode is None else None
         n_prefix = shared_prefix_len(lists) if lists is not None else 0
-        if n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists or [[]]))):
+        if lists is not None and n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists))):
             n_tokens += shared.run(model, lists[0][:n_prefix], special, len(prompts), batch_state, device)
             lists = [row[n_prefix:] for row in lists]
         # similar lengths together (less padding); the original order is restored at the end
         order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
         starts = range(0, len(prompts), batch_size)
         for start in tqdm(starts, desc="layer states", disable=not progress):
-            batch = [prompts[i] for i in order[start:start + batch_size]]
+            batch = [prompts[i] for i in order[start : start + batch_size]]
             if lists is not None:
                 pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-                input_ids, mask = left_pad([lists[i] for i in order[start:start + batch_size]], pad, device)
+                input_ids, mask = left_pad([lists[i] for i in order[start : start + batch_size]], pad, device)
             else:
                 assert encode is not None  # lists is None only for an explicit encoder
                 enc = encode(tokenizer, batch)
@@ -248,38 +280,55 @@ def collect_layer_states(model: CausalLM, tokenizer: Tokenizer, prompts: Sequenc
             if ((keep.sum(1) + shared.count) == 0).any():
                 raise ContrastError("a prompt has no non-special tokens to pool over")
             positions = torch.arange(mask.shape[1], device=device).expand_as(mask)
-            batch_state.update(keep=keep, last=torch.where(mask, positions, -1).max(dim=1).values,
-                               weight=torch.tensor(1.0))
+            batch_state.update(
+                keep=keep, last=torch.where(mask, positions, -1).max(dim=1).values, weight=torch.tensor(1.0)
+            )
             n_tokens += int(keep.sum())
             full = torch.cat([mask.new_ones((mask.shape[0], shared.length)), mask], dim=1).long()
-            position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, shared.length:]
+            position_ids = (full.cumsum(-1) - 1).clamp(min=0)[:, shared.length :]
             try:
-                model(input_ids=input_ids, attention_mask=full, position_ids=position_ids,
-                      past_key_values=shared.cache_for(mask.shape[0]), use_cache=shared.length > 0)
+                model(
+                    input_ids=input_ids,
+                    attention_mask=full,
+                    position_ids=position_ids,
+                    past_key_values=shared.cache_for(mask.shape[0]),
+                    use_cache=shared.length > 0,
+                )
             except StopForward:
                 pass
             else:
                 raise ContrastError("the forward pass finished without reaching the last decoder layer's hook")
-            pooled_batches.append(torch.stack(per_layer, dim=1))  # [B, L, D]
+            # every hook ran: the forward reached the last layer's hook
+            pooled_batches.append(torch.stack(cast(list[Tensor], per_layer), dim=1))  # [B, L, D]
     finally:
         for handle in handles:
             handle.remove()
     pooled = torch.empty((len(prompts), n_layers, pooled_batches[0].shape[-1]), dtype=torch.float32)
     pooled[torch.tensor(order)] = torch.cat(pooled_batches)
-    return LayerStates(list(map(str, ids)), pooled, (norm_sum / n_tokens).float(), pooling, model_name,
-                       sha_of_prompts(prompts))
+    return LayerStates(
+        list(map(str, ids)), pooled, (norm_sum / n_tokens).float(), pooling, model_name, sha_of_prompts(prompts)
+    )
 
 
 def sha_of_prompts(prompts: Sequence[str]) -> str:
     return hashlib.sha256("\x00".join(prompts).encode("utf-8")).hexdigest()
 
 
-def collect_with_model(model_name: str, dtype: str, device: str, prompts: Sequence[str], ids: Sequence[str], *,
-                       pooling: Pooling = "last", batch_size: int = 16) -> LayerStates:
+def collect_with_model(
+    model_name: str,
+    dtype: str,
+    device: str,
+    prompts: Sequence[str],
+    ids: Sequence[str],
+    *,
+    pooling: Pooling = "last",
+    batch_size: int = 16,
+) -> LayerStates:
     """Load the model and collect (for :func:`cached_layer_states`: the model loads only on a cache miss)."""
     loaded = load_model(model_name, dtype, device)
-    states = collect_layer_states(loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling,
-                                  batch_size=batch_size, model_name=model_name)
+    states = collect_layer_states(
+        loaded.model, loaded.tokenizer, prompts, ids, pooling=pooling, batch_size=batch_size, model_name=model_name
+    )
     return dataclasses.replace(states, settings=run_settings(dtype, device))
 
 
@@ -301,9 +350,16 @@ def load_layer_states(path: str | os.PathLike[str]) -> LayerStates:
         raise ContrastError(f"{path}: not a saved LayerStates file ({type(exc).__name__}: {exc})") from None
 
 
-def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, pooling: Pooling, ids: Sequence[str],
-                        prompts: Sequence[str], collect: Callable[[], LayerStates],
-                        settings: str = "") -> LayerStates:
+def cached_layer_states(
+    path: str | os.PathLike[str],
+    *,
+    model_name: str,
+    pooling: Pooling,
+    ids: Sequence[str],
+    prompts: Sequence[str],
+    collect: Callable[[], LayerStates],
+    settings: str = "",
+) -> LayerStates:
     """Load ``path`` if it holds states of the same model, settings, pooling, ids and prompts; else
     collect and save (and say in one line why a cache on disk was not used)."""
     path = Path(path)
@@ -313,8 +369,11 @@ def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, poolin
         old = (cached.model, cached.settings, cached.pooling, cached.ids, cached.prompts_sha)
         if old == key:
             return cached
-        what = [name for name, a, b in zip(("model", "model settings", "pooling", "questions", "prompts"), old, key)
-                if a != b]
+        what = [
+            name
+            for name, a, b in zip(("model", "model settings", "pooling", "questions", "prompts"), old, key)
+            if a != b
+        ]
         print(f"[mechbook] {', '.join(what)} changed since {path.name} was saved: collecting the states again")
     states = collect()
     save_layer_states(states, path)
@@ -324,6 +383,7 @@ def cached_layer_states(path: str | os.PathLike[str], *, model_name: str, poolin
 # --------------------------------------------------------------------------------------------
 # Layer ranking and the steering direction
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass
 class LayerContrast:
@@ -343,8 +403,15 @@ class LayerContrast:
         return self.null.observed
 
 
-def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top_n: int = 10,
-                    n_permutations: int = 200, seed: int = 0, strata: Sequence[Hashable] | None = None) -> LayerContrast:
+def contrast_layers(
+    states: Tensor | np.ndarray,
+    correct: Sequence[bool],
+    *,
+    top_n: int = 10,
+    n_permutations: int = 200,
+    seed: int = 0,
+    strata: Sequence[Hashable] | None = None,
+) -> LayerContrast:
     """Cohen's d of correct − wrong per layer and dimension; rank layers by top-``top_n`` mean |d|.
 
     The null draws at least ``n_permutations`` relabellings, more while the peak's p is within its
@@ -356,9 +423,15 @@ def contrast_layers(states: Tensor | np.ndarray, correct: Sequence[bool], *, top
     if h.ndim != 3 or h.shape[0] != y.size:
         raise ContrastError(f"states must be [n, L, D] with n = {y.size} labels, got shape {tuple(h.shape)}")
     d = np.stack([cohens_d(h[y, i], h[~y, i]) for i in range(h.shape[1])])
-    null = adaptive_permutation_null(h, y, min_permutations=n_permutations,
-                                     max_permutations=max(16 * n_permutations, 16000), seed=seed, top_n=top_n,
-                                     strata=strata)
+    null = adaptive_permutation_null(
+        h,
+        y,
+        min_permutations=n_permutations,
+        max_permutations=max(16 * n_permutations, 16000),
+        seed=seed,
+        top_n=top_n,
+        strata=strata,
+    )
     return LayerContrast(d, null, int(y.sum()), int((~y).sum()))
 
 
@@ -376,17 +449,21 @@ def small_group_warning(n_correct: int, n_wrong: int, minimum: int = MIN_GROUP) 
     if small >= minimum:
         return None
     side = "correct" if n_correct <= n_wrong else "wrong"
-    return (f"caution: only {small} {side} question(s) in the contrast set (< {minimum}); the layer profile, the "
-            f"peak and the steering vector rest on them, so read them against the permutation null")
+    return (
+        f"caution: only {small} {side} question(s) in the contrast set (< {minimum}); the layer profile, the "
+        f"peak and the steering vector rest on them, so read them against the permutation null"
+    )
 
 
-def mean_difference(states_layer: Tensor, correct: Sequence[bool]) -> tuple[Tensor, float]:
+def mean_difference(states_layer: Tensor, correct: Sequence[bool] | np.ndarray) -> tuple[Tensor, float]:
     """``mean(h | correct) − mean(h | wrong)`` at one layer → (unit vector, its raw norm)."""
     y = torch.as_tensor(np.asarray(correct, dtype=bool))
     h = torch.as_tensor(states_layer).double()
     if h.ndim != 2 or h.shape[0] != y.numel() or y.all() or not y.any():
-        raise ContrastError(f"need [n, D] states and both correct and wrong questions, got {tuple(h.shape)}, "
-                            f"{int(y.sum())} correct of {y.numel()}")
+        raise ContrastError(
+            f"need [n, D] states and both correct and wrong questions, got {tuple(h.shape)}, "
+            f"{int(y.sum())} correct of {y.numel()}"
+        )
     diff = h[y].mean(0) - h[~y].mean(0)
     norm = float(diff.norm())
     if norm == 0.0:
@@ -403,6 +480,7 @@ def projection_scores(states_layer: Tensor, unit_vector: Tensor) -> np.ndarray:
 # SAE features ranked by contrast
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class FeatureContrast:
     feature: int
@@ -415,7 +493,9 @@ class FeatureContrast:
 
 
 @torch.no_grad()
-def rank_sae_features(sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50) -> list[FeatureContrast]:
+def rank_sae_features(
+    sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50
+) -> list[FeatureContrast]:
     """SAE features ranked by |mean activation(correct) − mean activation(wrong)|.
 
     Why the mean difference and not d: TopK activations are sparse, and d of a feature that fires
@@ -431,13 +511,26 @@ def rank_sae_features(sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool
     a, b = acts[y], acts[~y]
     score = a.mean(0) - b.mean(0)
     d = cohens_d(a, b)
-    fired = (acts > 0).any(0)
+    fired = np.asarray((acts > 0).any(0))
     order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
-    return [FeatureContrast(j, float(score[j]), float(d[j]), float(a[:, j].mean()), float(b[:, j].mean()),
-                            float((a[:, j] > 0).mean()), float((b[:, j] > 0).mean())) for j in order]
+    return [
+        FeatureContrast(
+            j,
+            float(score[j]),
+            float(d[j]),
+            float(a[:, j].mean()),
+            float(b[:, j].mean()),
+            float((a[:, j] > 0).mean()),
+            float((b[:, j] > 0).mean()),
+        )
+        for j in order
+    ]
 
 
 def features_json(features: Sequence[FeatureContrast], **info: object) -> dict[str, Any]:
     """The card's announced ``contrastive_features_L{layer}.json``: provenance plus the ranked features."""
-    return {**info, "ranking": "abs(mean activation correct - mean activation wrong)",
-            "features": [asdict(f) for f in features]}
+    return {
+        **info,
+        "ranking": "abs(mean activation correct - mean activation wrong)",
+        "features": [asdict(f) for f in features],
+    }

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,11 +29,24 @@ def supports_logits_to_keep(model: CausalLM) -> bool:
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def step(model: CausalLM, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: Masks, cache: Cache,
-         extra: dict[str, int]) -> torch.Tensor:
+def step(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    position_ids: torch.Tensor,
+    attention_mask: Masks,
+    cache: Cache,
+    extra: dict[str, int],
+) -> torch.Tensor:
     """One forward with the cache; returns the greedy next token of every row."""
-    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
-                past_key_values=cache, use_cache=True, return_dict=True, **extra)
+    out = model(
+        input_ids=input_ids,
+        position_ids=position_ids,
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+        **extra,
+    )
     return out.logits[:, -1].argmax(dim=-1)
 
 

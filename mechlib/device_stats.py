@@ -41,8 +41,9 @@ def snapshot() -> ChapterDevice:
     cuda = getattr(getattr(torch, "version", None), "cuda", None)
     if torch is not None and torch.cuda.is_initialized():
         index = torch.cuda.current_device()
-        return ChapterDevice("cuda", torch.cuda.get_device_name(index), int(torch.cuda.max_memory_allocated(index)),
-                             version, cuda)
+        return ChapterDevice(
+            "cuda", torch.cuda.get_device_name(index), int(torch.cuda.max_memory_allocated(index)), version, cuda
+        )
     return ChapterDevice("cpu", f"{os.cpu_count()} CPUs", None, version, cuda)
 
 

@@ -22,9 +22,14 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 from torch import Tensor
 
 from mechlib import metrics
+from mechlib.activations.provenance import (
+    ActivationsFingerprint,
+    fingerprint_of_store,
+    read_activations_fingerprint,
+    stale_line,
+    tensor_digest,
+)
 from mechlib.io import atomic_write_json, sha256_file
-from mechlib.activations.provenance import (ActivationsFingerprint, fingerprint_of_store,
-                                            read_activations_fingerprint, stale_line, tensor_digest)
 from mechlib.metrics import SplicedLoss
 from mechlib.results import CardSnippet, FeatureExamples, Record, ResultsError
 
@@ -48,10 +53,14 @@ def pca_baseline(params: BookParams, run_paths: RunPaths, heldout_x: Tensor, k: 
         from mechlib.activations.collect_config import open_store
 
         train = open_store(params, run_paths, "train")
-        return PCABaseline(metrics.fit_pca(train.iter_batches(8192, shuffle=False), k=k),
-                           f"train activations ({train.n_tokens} tokens)")
+        return PCABaseline(
+            metrics.fit_pca(train.iter_batches(8192, shuffle=False), k=k),
+            f"train activations ({train.n_tokens} tokens)",
+        )
     half = heldout_x.shape[0] // 2
-    return PCABaseline(metrics.fit_pca([heldout_x[:half]], k=k), f"first half of the held-out tokens ({half}; stream mode)")
+    return PCABaseline(
+        metrics.fit_pca([heldout_x[:half]], k=k), f"first half of the held-out tokens ({half}; stream mode)"
+    )
 
 
 def _read_cache(path: Path) -> dict[str, Any] | None:
@@ -91,8 +100,12 @@ def save_cached(path: str | Path, key: dict[str, Any], value: dict[str, Any]) ->
 
 
 # How a changed key entry is named in the chapter's one line.
-KEY_WORDS = {"sae": "SAE weights", "sae_file": "SAE file", "heldout": "held-out activations",
-             "mean_act": "mean-ablation vector (training activations)"}
+KEY_WORDS = {
+    "sae": "SAE weights",
+    "sae_file": "SAE file",
+    "heldout": "held-out activations",
+    "mean_act": "mean-ablation vector (training activations)",
+}
 
 
 def _file_sha256(spec: str) -> str | None:
@@ -105,15 +118,25 @@ def _file_sha256(spec: str) -> str | None:
     return sha256_file(path) if path.is_file() else None
 
 
-def model_evals_key(params: BookParams, heldout: ActivationStore, sae: TopKSAE, sae_path: str, mean_act: Tensor) -> dict[str, Any]:
+def model_evals_key(
+    params: BookParams, heldout: ActivationStore, sae: TopKSAE, sae_path: str, mean_act: Tensor
+) -> dict[str, Any]:
     """What the model evals are computed from: the SAE (weights, file checksum), the held-out activations
     (fingerprint: settings hash + shard checksums), the mean-ablation vector, and the settings."""
     from mechlib.sae import card_state
 
-    return {"sae": metrics.sae_fingerprint(card_state(sae)), "sae_file": _file_sha256(sae_path),
-            "heldout": fingerprint_of_store(heldout).digest, "mean_act": tensor_digest(mean_act),
-            "tokens": params.eval_ce_tokens, "layer": heldout.layer, "model": params.model,
-            "dtype": params.model_dtype, "n_features": params.n_feature_examples, "seed": params.seed}
+    return {
+        "sae": metrics.sae_fingerprint(card_state(sae)),
+        "sae_file": _file_sha256(sae_path),
+        "heldout": fingerprint_of_store(heldout).digest,
+        "mean_act": tensor_digest(mean_act),
+        "tokens": params.eval_ce_tokens,
+        "layer": heldout.layer,
+        "model": params.model,
+        "dtype": params.model_dtype,
+        "n_features": params.n_feature_examples,
+        "seed": params.seed,
+    }
 
 
 @dataclass(frozen=True)
@@ -125,8 +148,16 @@ class ModelEvals(Record):
     examples: list[FeatureExamples]
 
 
-def model_evals(params: BookParams, run_paths: RunPaths, heldout: ActivationStore, sae: TopKSAE, sae_path: str, x: Tensor, counts: Tensor,
-                mean_act: Tensor) -> ModelEvals:
+def model_evals(
+    params: BookParams,
+    run_paths: RunPaths,
+    heldout: ActivationStore,
+    sae: TopKSAE,
+    sae_path: str,
+    x: Tensor,
+    counts: Tensor,
+    mean_act: Tensor,
+) -> ModelEvals:
     """The evals that need the model (spliced loss, the card's snippet, feature contexts), cached by key."""
     cache = run_paths.checkpoints / MODEL_EVALS_FILE
     key = model_evals_key(params, heldout, sae, sae_path, mean_act)
@@ -139,17 +170,26 @@ def model_evals(params: BookParams, run_paths: RunPaths, heldout: ActivationStor
     if evals is None:
         changed = cache_changes(cache, key)
         if changed:
-            print(stale_line(", ".join(KEY_WORDS.get(n, n) for n in changed), f"cached model evals ({cache.name})",
-                             "recomputing them"))
+            print(
+                stale_line(
+                    ", ".join(KEY_WORDS.get(n, n) for n in changed),
+                    f"cached model evals ({cache.name})",
+                    "recomputing them",
+                )
+            )
         from mechlib.models import load_model
 
         lm = load_model(params.model, params.model_dtype, params.device)
         ids, keep = metrics.heldout_rows(heldout, params.eval_ce_tokens)
         spliced = metrics.spliced_loss(lm.model, heldout.layer, sae, ids, keep, mean_act=mean_act, progress=True)
         snippet = metrics.card_snippet_check(lm.model, heldout.layer, sae_path, sae, ids[0], keep[0])
-        examples = metrics.feature_examples(sae, x, heldout, lm.tokenizer, counts, params.n_feature_examples,
-                                            params.seed)
-        evals = ModelEvals(spliced, None if snippet is None else CardSnippet.from_json(snippet),
-                           [FeatureExamples.from_json(e) for e in examples])
+        examples = metrics.feature_examples(
+            sae, x, heldout, lm.tokenizer, counts, params.n_feature_examples, params.seed
+        )
+        evals = ModelEvals(
+            spliced,
+            None if snippet is None else CardSnippet.from_json(snippet),
+            [FeatureExamples.from_json(e) for e in examples],
+        )
         save_cached(cache, key, evals.to_json())
     return evals

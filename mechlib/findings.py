@@ -1,4 +1,4 @@
-""""What this run found": each chapter's closing paragraph, written from that run's numbers.
+""" "What this run found": each chapter's closing paragraph, written from that run's numbers.
 
 Why: a chapter that ends on bare printouts leaves the reading to the reader, and a paragraph
 written once for one run is wrong for the next. Each function here turns one chapter's results
@@ -10,12 +10,11 @@ save it in their metrics; ``REPORT.md`` repeats it.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 from mechlib.scoring import ALTERNATIVES, RULE_LABELS, RuleAccuracy
 from mechlib.sensitivity import ALPHA  # one significance level for verdicts and findings
-
 
 
 @dataclass(frozen=True)
@@ -45,112 +44,195 @@ def _significance(p: float, se: float | None = None) -> str:
     return f"{value}, significant at {ALPHA}" if p < ALPHA else f"{value}, not significant at {ALPHA}"
 
 
-def baseline_finding(n: int, n_correct: int, ci95: tuple[float, float], finished: float,
-                     by_rule: Sequence[RuleAccuracy], max_new_tokens: int) -> str:
+def baseline_finding(
+    n: int,
+    n_correct: int,
+    ci95: tuple[float, float],
+    finished: float,
+    by_rule: Sequence[RuleAccuracy],
+    max_new_tokens: int,
+) -> str:
     """Chapter 04's result in words, from this run's numbers: accuracy, how many answers finished,
     and whether the alternative scoring rules tell the same story."""
     acc = {a.rule: a for a in by_rule}
     spread = [a.accuracy for a in by_rule if a.n]
-    text = (f"The model answers {n_correct} of {n} questions correctly ({n_correct / n:.3f}, 95 % CI "
-            f"[{ci95[0]:.3f}, {ci95[1]:.3f}]); {finished:.1%} of its answers end by themselves (EOS or a "
-            f"'#### N' line) within {max_new_tokens} new tokens. ")
-    text += ("Under the alternative rules: " + ", ".join(
-        f"{RULE_LABELS[r]} {acc[r].accuracy:.3f}" + (f" (on {acc[r].n})" if acc[r].n != n else "")
-        for r in ALTERNATIVES if acc[r].n) + ". ")
+    text = (
+        f"The model answers {n_correct} of {n} questions correctly ({n_correct / n:.3f}, 95 % CI "
+        f"[{ci95[0]:.3f}, {ci95[1]:.3f}]); {finished:.1%} of its answers end by themselves (EOS or a "
+        f"'#### N' line) within {max_new_tokens} new tokens. "
+    )
+    text += (
+        "Under the alternative rules: "
+        + ", ".join(
+            f"{RULE_LABELS[r]} {acc[r].accuracy:.3f}" + (f" (on {acc[r].n})" if acc[r].n != n else "")
+            for r in ALTERNATIVES
+            if acc[r].n
+        )
+        + ". "
+    )
     gap = max(spread) - min(spread)
-    text += (f"The rules agree within {100 * gap:.1f} points, so accuracy here does not hinge on the parser."
-             if gap <= 0.05 else
-             f"The rules differ by up to {100 * gap:.1f} points: accuracy depends on how answers are read, and the "
-             f"later chapters report each result under every rule.")
+    text += (
+        f"The rules agree within {100 * gap:.1f} points, so accuracy here does not hinge on the parser."
+        if gap <= 0.05
+        else f"The rules differ by up to {100 * gap:.1f} points: accuracy depends on how answers are read, and the "
+        f"later chapters report each result under every rule."
+    )
     if finished < 0.9:
-        text += (f" Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
-                 f"arithmetic (the 'finished only' rule leaves those answers out).")
+        text += (
+            " Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
+            "arithmetic (the 'finished only' rule leaves those answers out)."
+        )
     lo, hi = CARD.baseline_accuracy
     return text + f" (The card: {lo:.0%}–{hi:.0%} for Gemma 4 E4B on GSM8K.)"
 
 
-def collect_finding(n_tokens: int, heldout_tokens: int, layer: int, d_model: int, mean_norm: float,
-                    bos_ratio: float) -> str:
-    return (f"Collected {n_tokens} training and {heldout_tokens} held-out tokens of the {d_model}-dimensional "
-            f"residual stream after layer {layer}. Kept tokens have a mean norm of {mean_norm:.1f}; the BOS at the "
-            f"start of a row is {bos_ratio:.0f}x longer, which is why it (and the position after it) is excluded: "
-            f"a handful of such tokens would otherwise dominate the SAE's reconstruction loss.")
+def collect_finding(
+    n_tokens: int, heldout_tokens: int, layer: int, d_model: int, mean_norm: float, bos_ratio: float
+) -> str:
+    return (
+        f"Collected {n_tokens} training and {heldout_tokens} held-out tokens of the {d_model}-dimensional "
+        f"residual stream after layer {layer}. Kept tokens have a mean norm of {mean_norm:.1f}; the BOS at the "
+        f"start of a row is {bos_ratio:.0f}x longer, which is why it (and the position after it) is excluded: "
+        f"a handful of such tokens would otherwise dominate the SAE's reconstruction loss."
+    )
 
 
-def training_finding(steps: int, tokens: int, epochs: float, final_fvu: float | None, n_dead: int | None,
-                     d_sae: int) -> str:
+def training_finding(
+    steps: int, tokens: int, epochs: float, final_fvu: float | None, n_dead: int | None, d_sae: int
+) -> str:
     if final_fvu is None:
         return "A published SAE was loaded, not trained: chapter 03 measures it on this run's held-out tokens."
-    dead = (f"no latent was dead at the end (the card also reports 0)" if not n_dead else
-            f"{n_dead} of {d_sae} latents ({n_dead / d_sae:.1%}) were dead at the end (the card reports 0)")
-    return (f"Trained for {steps} steps on {tokens} tokens ({epochs:.1f} epochs of the collected activations); the "
-            f"last training batch's FVU is {final_fvu:.3f}, and {dead}. Training-batch FVU flatters the SAE: chapter "
-            f"03 measures it on held-out tokens.")
+    dead = (
+        "no latent was dead at the end (the card also reports 0)"
+        if not n_dead
+        else f"{n_dead} of {d_sae} latents ({n_dead / d_sae:.1%}) were dead at the end (the card reports 0)"
+    )
+    return (
+        f"Trained for {steps} steps on {tokens} tokens ({epochs:.1f} epochs of the collected activations); the "
+        f"last training batch's FVU is {final_fvu:.3f}, and {dead}. Training-batch FVU flatters the SAE: chapter "
+        f"03 measures it on held-out tokens."
+    )
 
 
-def sae_finding(var_explained: float, var_explained_global: float, pca_var_explained: float, k: int,
-                delta_ce: float, kl: float, ce_recovered: float | None, l0: float, coverage: float,
-                n_tokens: int) -> str:
-    beats = ("beats" if var_explained > pca_var_explained else "does not beat")
-    text = (f"On {n_tokens} held-out tokens the SAE explains {var_explained:.3f} of the variance per dimension "
-            f"({var_explained_global:.3f} by the seed's global formula, the one behind the card's "
-            f"{CARD.var_explained_global}), and it {beats} the {k}-component PCA baseline ({pca_var_explained:.3f}). ")
+def sae_finding(
+    var_explained: float,
+    var_explained_global: float,
+    pca_var_explained: float,
+    k: int,
+    delta_ce: float,
+    kl: float,
+    ce_recovered: float | None,
+    l0: float,
+    coverage: float,
+    n_tokens: int,
+) -> str:
+    beats = "beats" if var_explained > pca_var_explained else "does not beat"
+    text = (
+        f"On {n_tokens} held-out tokens the SAE explains {var_explained:.3f} of the variance per dimension "
+        f"({var_explained_global:.3f} by the seed's global formula, the one behind the card's "
+        f"{CARD.var_explained_global}), and it {beats} the {k}-component PCA baseline ({pca_var_explained:.3f}). "
+    )
     text += f"Spliced into the model it adds {delta_ce:.3f} nats of next-token loss (KL {kl:.3f})"
-    text += (f", recovering {ce_recovered:.1%} of the loss that mean-ablating the layer costs. " if ce_recovered is not None
-             else ". ")
-    text += (f"L0 is {l0:.0f} and {coverage:.1%} of the latents fire on held-out tokens (card: coverage "
-             f"{CARD.coverage}). The card's values come from a 12.8x SAE with k = 128 on Gemma 4 E4B after 1 B "
-             f"tokens: compare formulas and orders of magnitude, not digits.")
+    text += (
+        f", recovering {ce_recovered:.1%} of the loss that mean-ablating the layer costs. "
+        if ce_recovered is not None
+        else ". "
+    )
+    text += (
+        f"L0 is {l0:.0f} and {coverage:.1%} of the latents fire on held-out tokens (card: coverage "
+        f"{CARD.coverage}). The card's values come from a 12.8x SAE with k = 128 on Gemma 4 E4B after 1 B "
+        f"tokens: compare formulas and orders of magnitude, not digits."
+    )
     return text
 
 
-def layers_finding(peak: int, n_layers: int, top_abs_d: float, p: float, p_se: float, within_p: float | None,
-                   n_types: int, rho: float | None, rho_p: float | None, peak_layers_by_rule: Sequence[int | None]) -> str:
+def layers_finding(
+    peak: int,
+    n_layers: int,
+    top_abs_d: float,
+    p: float,
+    p_se: float,
+    within_p: float | None,
+    n_types: int,
+    rho: float | None,
+    rho_p: float | None,
+    peak_layers_by_rule: Sequence[int | None],
+) -> str:
     """``peak_layers_by_rule``: the peak layer under each alternative scoring rule (None: no peak)."""
-    text = (f"Correct and wrong questions differ most after layer {peak} of {n_layers} (mean top-10 |d| "
-            f"{top_abs_d:.3f}; against the max-over-layers permutation null {_significance(p, p_se)}). The card "
-            f"found layer {CARD.peak_layer} of {CARD.n_layers} (|d| {CARD.peak_top_abs_d}) without a null. ")
+    text = (
+        f"Correct and wrong questions differ most after layer {peak} of {n_layers} (mean top-10 |d| "
+        f"{top_abs_d:.3f}; against the max-over-layers permutation null {_significance(p, p_se)}). The card "
+        f"found layer {CARD.peak_layer} of {CARD.n_layers} (|d| {CARD.peak_top_abs_d}) without a null. "
+    )
     if within_p is not None and n_types > 1:
-        text += (f"Shuffling labels only within each of the {n_types} question types gives {_significance(within_p)}: "
-                 + ("the states predict correctness beyond the question type. " if within_p < ALPHA else
-                    "part of the contrast may be the question type rather than correctness. "))
+        text += (
+            f"Shuffling labels only within each of the {n_types} question types gives {_significance(within_p)}: "
+            + (
+                "the states predict correctness beyond the question type. "
+                if within_p < ALPHA
+                else "part of the contrast may be the question type rather than correctness. "
+            )
+        )
     if rho is not None and rho_p is not None:
-        text += (f"On the held-out questions, projecting onto the steering direction gives Spearman ρ = {rho:.3f} "
-                 f"({_significance(rho_p)}; the card's companion model: {CARD.spearman_rho}). ")
+        text += (
+            f"On the held-out questions, projecting onto the steering direction gives Spearman ρ = {rho:.3f} "
+            f"({_significance(rho_p)}; the card's companion model: {CARD.spearman_rho}). "
+        )
     moved = [layer for layer in peak_layers_by_rule if layer != peak]
-    return text + ("Every alternative scoring rule finds the same peak layer." if not moved else
-                   f"{len(moved)} of {len(peak_layers_by_rule)} alternative scoring rules put the peak elsewhere: the "
-                   f"choice of layer depends on how answers are scored.")
+    return text + (
+        "Every alternative scoring rule finds the same peak layer."
+        if not moved
+        else f"{len(moved)} of {len(peak_layers_by_rule)} alternative scoring rules put the peak elsewhere: the "
+        f"choice of layer depends on how answers are scored."
+    )
 
 
-def steering_finding(layer: int, effects: Sequence[tuple[float, str, float, float]], survives: int,
-                     random_deltas: Sequence[float], caa_delta_at_control: float | None) -> str:
+def steering_finding(
+    layer: int,
+    effects: Sequence[tuple[float, str, float, float]],
+    survives: int,
+    random_deltas: Sequence[float],
+    caa_delta_at_control: float | None,
+) -> str:
     """``effects``: (scale, effect, delta, McNemar p) per scale under the primary rule; ``survives``:
     how many of those conclusions hold under every scoring rule."""
     moved = [(s, e, d, p) for s, e, d, p in effects if e != "no significant change"]
     if not moved:
         lo, hi = min(d for _, _, d, _ in effects), max(d for _, _, d, _ in effects)
         spread = f"Δ {lo:+.3f} at every scale" if lo == hi else f"Δ from {lo:+.3f} to {hi:+.3f}"
-        text = (f"No steering scale at layer {layer} changes held-out accuracy significantly (exact McNemar, "
-                f"p ≥ {ALPHA} for all {len(effects)} scales; {spread}). ")
+        text = (
+            f"No steering scale at layer {layer} changes held-out accuracy significantly (exact McNemar, "
+            f"p ≥ {ALPHA} for all {len(effects)} scales; {spread}). "
+        )
     else:
-        text = "At layer {}: ".format(layer) + "; ".join(
-            f"{100 * s:+g} % {e} (Δ {d:+.3f}, p {p:.3f})" for s, e, d, p in moved) + ". "
+        text = (
+            f"At layer {layer}: "
+            + "; ".join(f"{100 * s:+g} % {e} (Δ {d:+.3f}, p {p:.3f})" for s, e, d, p in moved)
+            + ". "
+        )
     text += f"{survives} of {len(effects)} of these conclusions hold under every scoring rule. "
     if random_deltas and caa_delta_at_control is not None:
         inside = min(random_deltas) <= caa_delta_at_control <= max(random_deltas)
-        text += (f"Random directions pushed as hard moved accuracy by {min(random_deltas):+.3f} to "
-                 f"{max(random_deltas):+.3f}, CAA by {caa_delta_at_control:+.3f}: "
-                 + ("within the random range, so this run cannot tell the contrastive direction from any push of "
-                    "that size." if inside else "outside the random range."))
+        text += (
+            f"Random directions pushed as hard moved accuracy by {min(random_deltas):+.3f} to "
+            f"{max(random_deltas):+.3f}, CAA by {caa_delta_at_control:+.3f}: "
+            + (
+                "within the random range, so this run cannot tell the contrastive direction from any push of that size."
+                if inside
+                else "outside the random range."
+            )
+        )
     return text
 
 
 def lens_finding(commit: int | None, n_layers: int, last_token: str, last_prob: float) -> str:
-    card = f"the card's first English layer: {CARD.english_layer} of {CARD.n_layers} ({CARD.english_layer / CARD.n_layers:.0%} of depth)"
+    depth = CARD.english_layer / CARD.n_layers
+    card = f"the card's first English layer: {CARD.english_layer} of {CARD.n_layers} ({depth:.0%} of depth)"
     if commit is None:
         head = f"No layer's top tokens are mostly English words ({card}). "
     else:
-        head = (f"The lens's top tokens become mostly English words from layer {commit} of {n_layers} "
-                f"({commit / n_layers:.0%} of depth; {card}). ")
+        head = (
+            f"The lens's top tokens become mostly English words from layer {commit} of {n_layers} "
+            f"({commit / n_layers:.0%} of depth; {card}). "
+        )
     return head + f"At the last position the final layer predicts {last_token!r} (p = {last_prob:.2f})."

@@ -41,19 +41,36 @@ but no Python-int bookkeeping inside the compiled step (that would force recompi
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from mechlib.decode_step import (COMPILED_STEPS, DEFAULT_COMPILE_KWARGS, StepFn, hook_guards, step,
-                                 supports_logits_to_keep)
-from mechlib.kv_cache import (CACHE_BUCKET, MIN_SHARED_PREFIX, free_generation_cache, make_masks,  # noqa: F401
-                              prefix_cache, prefix_sharing_exact, reusable_static_cache, rows_selectable, rows_to_keep,
-                              shared_prefix_len, static_cache)
+from mechlib.decode_step import (
+    COMPILED_STEPS,
+    DEFAULT_COMPILE_KWARGS,
+    StepFn,
+    hook_guards,
+    step,
+    supports_logits_to_keep,
+)
+from mechlib.kv_cache import (
+    CACHE_BUCKET,
+    MIN_SHARED_PREFIX,
+    free_generation_cache,  # noqa: F401 (re-exported: tests and benchmarks call generate.free_generation_cache)
+    make_masks,
+    prefix_cache,
+    prefix_sharing_exact,
+    reusable_static_cache,
+    rows_selectable,
+    rows_to_keep,
+    shared_prefix_len,
+    static_cache,
+)
 from mechlib.models import CausalLM, Tokenizer, model_device, text_config
-from mechlib.prompts import encode_prompts
+from mechlib.prompts import decode_text, encode_prompts
 from mechlib.stopping import StopWhen, shortest_stopping_prefix
 
 if TYPE_CHECKING:
@@ -90,7 +107,9 @@ def pad_id_of(model: CausalLM, tokenizer: Tokenizer, eos_ids: Sequence[int]) -> 
     raise GenerationError("the model/tokenizer define neither a pad token nor an EOS token; pass pad_token_id")
 
 
-def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(
+    prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)`` with every prompt right-aligned (left padding)."""
     if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
         raise GenerationError("every prompt must have at least one token")
@@ -98,14 +117,15 @@ def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.dev
     ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
     for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p):] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p):] = 1
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
     return ids.to(device), mask.to(device)
 
 
 # --------------------------------------------------------------------------------------------
 # What one batch is decoded with
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class DecodeSettings:
@@ -143,15 +163,16 @@ class DecodeSettings:
         if self.ignore_eos:
             return row
         eos = set(self.eos_ids)
-        row = row[:next((j for j, tok in enumerate(row) if tok in eos), len(row))]
+        row = row[: next((j for j, tok in enumerate(row) if tok in eos), len(row))]
         if self.stop_when is not None:
-            row = row[:shortest_stopping_prefix(row, self.stop_when) or len(row)]
+            row = row[: shortest_stopping_prefix(row, self.stop_when) or len(row)]
         return row
 
 
 # --------------------------------------------------------------------------------------------
 # One batch
 # --------------------------------------------------------------------------------------------
+
 
 def _check_stop_rule(out: torch.Tensor, unfinished: torch.Tensor, upto: int, stop_when: StopWhen) -> None:
     """Mark rows whose first ``upto`` tokens satisfy ``stop_when`` as finished (in place)."""
@@ -172,8 +193,14 @@ class _Prefill:
     step_fn: StepFn
 
 
-def _prepare(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: DecodeSettings,
-             prefix: torch.Tensor | None, extra: dict[str, int]) -> _Prefill:
+def _prepare(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    s: DecodeSettings,
+    prefix: torch.Tensor | None,
+    extra: dict[str, int],
+) -> _Prefill:
     """The batch's cache (shared prefix, reusable static, static or dynamic), masks, positions and step."""
     batch, prompt_len = input_ids.shape
     shared_kv = None
@@ -209,10 +236,21 @@ def _prepare(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Ten
     return _Prefill(kv, masks, mask2d, position_ids, step_fn)
 
 
-def greedy_batch(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int, *,
-                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: ResolvedCache = "dynamic",
-                 compile: CompileOption = False, sync_every: int = 1,
-                 stop_when: StopWhen | None = None, prefix: torch.Tensor | None = None) -> torch.Tensor:
+def greedy_batch(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    ignore_eos: bool = False,
+    cache: ResolvedCache = "dynamic",
+    compile: CompileOption = False,
+    sync_every: int = 1,
+    stop_when: StopWhen | None = None,
+    prefix: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Greedy continuation ids ``[batch, steps]`` of one left-padded batch (rows that finished are
     filled with ``pad_id``, like ``generate``). ``steps <= max_new_tokens``: the loop stops when
     every row has emitted an EOS or met ``stop_when`` (checked every ``sync_every`` steps), unless
@@ -222,14 +260,20 @@ def greedy_batch(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch
     ``prefix``: 1-D ids every row's prompt starts with, *not* repeated in ``input_ids`` (which then
     holds the left-padded suffixes); run once at batch 1 and shared (dynamic cache only; see the
     module docstring)."""
-    settings = DecodeSettings(max_new_tokens, tuple(int(e) for e in eos_ids), pad_id, ignore_eos, cache, compile,
-                              sync_every, stop_when)
+    settings = DecodeSettings(
+        max_new_tokens, tuple(int(e) for e in eos_ids), pad_id, ignore_eos, cache, compile, sync_every, stop_when
+    )
     return _decode(model, input_ids, attention_mask, settings, prefix)
 
 
 @torch.inference_mode()
-def _decode(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: DecodeSettings,
-            prefix: torch.Tensor | None) -> torch.Tensor:
+def _decode(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    s: DecodeSettings,
+    prefix: torch.Tensor | None,
+) -> torch.Tensor:
     """:func:`greedy_batch` with its settings bundled: prefill, then one step per new token."""
     s.check()
     device = input_ids.device
@@ -273,7 +317,7 @@ def _decode(model: CausalLM, input_ids: torch.Tensor, attention_mask: torch.Tens
             pos = pos + 1
             if mask2d is not None:
                 mask2d = torch.cat([mask2d, mask2d.new_ones((mask2d.shape[0], 1))], dim=-1)
-            masks = (make_masks(model, kv, batch, 1, mask2d, pos, first=False) if s.cache == "static" else mask2d)
+            masks = make_masks(model, kv, batch, 1, mask2d, pos, first=False) if s.cache == "static" else mask2d
             nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
     return out[:, :steps]
 
@@ -302,17 +346,30 @@ def _contiguous_lm_head(model: CausalLM) -> Iterator[None]:
 # Many prompts
 # --------------------------------------------------------------------------------------------
 
+
 def resolve_cache(cache: CacheKind, device: torch.device) -> ResolvedCache:
     if cache == "auto":
         return "static" if device.type == "cuda" else "dynamic"
     return cache
 
 
-def generate_ids(model: CausalLM, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, batch_size: int, *,
-                 eos_ids: Sequence[int], pad_id: int, ignore_eos: bool = False, cache: CacheKind = "auto",
-                 compile: CompileOption | None = None, sort_by_length: bool = True,
-                 progress: bool = True, desc: str = "", stop_when: StopWhen | None = None,
-                 share_prefix: bool = False) -> list[list[int]]:
+def generate_ids(
+    model: CausalLM,
+    prompt_ids: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    ignore_eos: bool = False,
+    cache: CacheKind = "auto",
+    compile: CompileOption | None = None,
+    sort_by_length: bool = True,
+    progress: bool = True,
+    desc: str = "",
+    stop_when: StopWhen | None = None,
+    share_prefix: bool = False,
+) -> list[list[int]]:
     """Greedy continuation ids per prompt, cut before the first EOS (all ``max_new_tokens`` with
     ``ignore_eos``) or after the shortest prefix that meets ``stop_when``. Prompts are batched by
     length (less padding); results keep the input order.
@@ -326,14 +383,23 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[Sequence[int]], max_new_t
     device = model_device(model)
     kind = resolve_cache(cache, device)
     settings = DecodeSettings(
-        max_new_tokens, tuple(int(e) for e in eos_ids), pad_id, ignore_eos, kind,
+        max_new_tokens,
+        tuple(int(e) for e in eos_ids),
+        pad_id,
+        ignore_eos,
+        kind,
         compile=(device.type == "cuda" and kind == "static") if compile is None else compile,
-        sync_every=8 if device.type == "cuda" else 1, stop_when=stop_when,
-        share_prefix=share_prefix and kind == "dynamic")
-    order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i])) if sort_by_length \
+        sync_every=8 if device.type == "cuda" else 1,
+        stop_when=stop_when,
+        share_prefix=share_prefix and kind == "dynamic",
+    )
+    order = (
+        sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
+        if sort_by_length
         else list(range(len(prompt_ids)))
+    )
     results: list[list[int]] = [[] for _ in prompt_ids]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     with _contiguous_lm_head(model):
         for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
             rows = _generate_batch(model, [prompt_ids[i] for i in idx], batch_size, settings, device)
@@ -342,8 +408,9 @@ def generate_ids(model: CausalLM, prompt_ids: Sequence[Sequence[int]], max_new_t
     return results
 
 
-def _generate_batch(model: CausalLM, rows: Sequence[Sequence[int]], batch_size: int, s: DecodeSettings,
-                    device: torch.device) -> list[list[int]]:
+def _generate_batch(
+    model: CausalLM, rows: Sequence[Sequence[int]], batch_size: int, s: DecodeSettings, device: torch.device
+) -> list[list[int]]:
     """Generate ``rows`` (prompt ids) as one batch; each row's new ids, cut by :meth:`DecodeSettings.cut`."""
     n = len(rows)
     if s.compiled and n < batch_size:
@@ -360,9 +427,18 @@ def _generate_batch(model: CausalLM, rows: Sequence[Sequence[int]], batch_size: 
     return [s.cut(row) for row in toks[:n]]
 
 
-def generate_greedy(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int,
-                    *, progress: bool = True, desc: str = "", cache: CacheKind = "auto",
-                    compile: CompileOption | None = None) -> list[str]:
+def generate_greedy(
+    model: CausalLM,
+    tokenizer: Tokenizer,
+    prompts: list[str],
+    max_new_tokens: int,
+    batch_size: int,
+    *,
+    progress: bool = True,
+    desc: str = "",
+    cache: CacheKind = "auto",
+    compile: CompileOption | None = None,
+) -> list[str]:
     """Greedy continuations (decoded text only, special tokens skipped) of ``prompts``.
 
     Stops each row at the model's EOS. Steering hooks registered on decoder layers around this
@@ -372,6 +448,16 @@ def generate_greedy(model: CausalLM, tokenizer: Tokenizer, prompts: list[str], m
     """
     eos = eos_ids_of(model, tokenizer)
     pad = pad_id_of(model, tokenizer, eos)
-    ids = generate_ids(model, encode_prompts(tokenizer, prompts), max_new_tokens, batch_size, eos_ids=eos,
-                       pad_id=pad, cache=cache, compile=compile, progress=progress, desc=desc)
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    ids = generate_ids(
+        model,
+        encode_prompts(tokenizer, prompts),
+        max_new_tokens,
+        batch_size,
+        eos_ids=eos,
+        pad_id=pad,
+        cache=cache,
+        compile=compile,
+        progress=progress,
+        desc=desc,
+    )
+    return [decode_text(tokenizer, row, skip_special_tokens=True) for row in ids]

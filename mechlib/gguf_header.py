@@ -18,6 +18,7 @@ GGUF_INTS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 10: "<Q", 11:
 
 def scan_gguf(fh: IO[bytes], size: int) -> tuple[int, int]:
     """``(<arch>.block_count, <arch>.embedding_length)``; raises ValueError or struct.error on a bad header."""
+
     def read(fmt: str) -> int:  # every format read here is an integer
         return int(struct.unpack(fmt, fh.read(struct.calcsize(fmt)))[0])
 

@@ -11,13 +11,22 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from mechlib.answers import (PARSER_VERSION, answers_match, extract_answer, extract_answer_with_rule,
-                             gold_from_solution)
+from mechlib.answers import PARSER_VERSION, answers_match, extract_answer, extract_answer_with_rule, gold_from_solution
 from mechlib.io import iter_jsonl
 from mechlib.paths import resolve
 
-__all__ = ["GSM8KError", "HUB_ID", "HUB_CONFIG", "PARSER_VERSION", "Question", "answers_match", "extract_answer",
-           "extract_answer_with_rule", "gold_from_solution", "load_gsm8k"]
+__all__ = [
+    "HUB_CONFIG",
+    "HUB_ID",
+    "PARSER_VERSION",
+    "GSM8KError",
+    "Question",
+    "answers_match",
+    "extract_answer",
+    "extract_answer_with_rule",
+    "gold_from_solution",
+    "load_gsm8k",
+]
 
 HUB_ID = "openai/gsm8k"
 HUB_CONFIG = "main"
@@ -41,13 +50,16 @@ class Question:
 # Loading
 # --------------------------------------------------------------------------------------------
 
+
 def _local_file(path: str | os.PathLike[str], split: str) -> Path:
     p = resolve(path)
     if p.is_dir():
         f = p / f"{split}.jsonl"
         if not f.is_file():
             present = sorted(x.name for x in p.glob("*.jsonl"))
-            raise GSM8KError(f"GSM8K folder {p} has no {split}.jsonl (found: {', '.join(present) or 'no .jsonl files'})")
+            raise GSM8KError(
+                f"GSM8K folder {p} has no {split}.jsonl (found: {', '.join(present) or 'no .jsonl files'})"
+            )
         return f
     if p.is_file():
         return p
@@ -57,8 +69,11 @@ def _local_file(path: str | os.PathLike[str], split: str) -> Path:
 def _rows_from_jsonl(path: Path) -> list[tuple[str, str, int]]:
     rows = []
     for lineno, obj in iter_jsonl(path, GSM8KError):
-        if not isinstance(obj, dict) or not isinstance(obj.get("question"), str) \
-                or not isinstance(obj.get("answer"), str):
+        if (
+            not isinstance(obj, dict)
+            or not isinstance(obj.get("question"), str)
+            or not isinstance(obj.get("answer"), str)
+        ):
             raise GSM8KError(f"{path}:{lineno}: expected an object with string fields 'question' and 'answer'")
         if not obj["question"].strip():
             raise GSM8KError(f"{path}:{lineno}: empty 'question'")
@@ -73,7 +88,7 @@ def _rows_from_hub(split: str) -> list[tuple[str, str, int]]:
         from datasets import load_dataset
 
         ds = load_dataset(HUB_ID, HUB_CONFIG, split=split)
-    except Exception as exc:  # noqa: BLE001 — datasets raises many types for "offline"/"not found"
+    except Exception as exc:  # datasets raises many types for "offline"/"not found"
         raise GSM8KError(
             f"could not load GSM8K ({HUB_ID}, config {HUB_CONFIG!r}, split {split!r}) from the Hugging Face hub — "
             f"no network or no cached copy. Pass gsm8k_path: a folder holding {split}.jsonl or a .jsonl file "

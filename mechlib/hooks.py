@@ -10,7 +10,8 @@ never run — about half the work of the study's full-depth ``output_hidden_stat
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import cast
 
 import torch
 from torch import nn
@@ -46,7 +47,7 @@ def replace_layer_output(output: object, new: torch.Tensor) -> LayerOutput:
     if isinstance(output, torch.Tensor):
         return new
     if isinstance(output, (tuple, list)):
-        return type(output)((new, *output[1:]))
+        return cast(LayerOutput, type(output)((new, *output[1:])))  # the container type the layer returned
     raise TypeError(f"unexpected decoder-layer output type {type(output).__name__}")
 
 

@@ -13,8 +13,9 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -59,18 +60,19 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> None:
+def atomic_write_json(path: str | os.PathLike[str], obj: object) -> None:
     """Write ``obj`` as pretty, key-sorted JSON (NaN is rejected: metrics must be real numbers)."""
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
-def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
+def atomic_torch_save(obj: object, path: str | os.PathLike[str]) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
 
-def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                            metadata: dict[str, str] | None = None) -> None:
+def atomic_save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> None:
     from safetensors.torch import save_file
 
     with atomic_path(path) as tmp:
@@ -94,8 +96,10 @@ def iter_text_lines(path: str | os.PathLike[str], error: type[Exception]) -> Ite
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise error(f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
-                            f"save the file as UTF-8") from None
+                raise error(
+                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start + 1} of the line: {exc.reason}); "
+                    f"save the file as UTF-8"
+                ) from None
             yield lineno, line[:-2] + "\n" if line.endswith("\r\n") else line
 
 
@@ -165,8 +169,9 @@ def _write_sidecar(path: Path, hashes: tuple[str, ...]) -> None:
     atomic_write_text(checksum_path(path), "".join(f"{h}  {path.name}\n" for h in unique))
 
 
-def atomic_write_checksummed(path: str | os.PathLike[str], write: Callable[[Path], None],
-                             keep_previous: str | os.PathLike[str] | None = None) -> str:
+def atomic_write_checksummed(
+    path: str | os.PathLike[str], write: Callable[[Path], None], keep_previous: str | os.PathLike[str] | None = None
+) -> str:
     """Write ``path`` atomically via ``write(tmp_path)`` with a ``.sha256`` sidecar; return the hash.
 
     ``keep_previous``: move the current file (and its accepted hashes) there first, so a loader
@@ -188,16 +193,19 @@ def atomic_write_checksummed(path: str | os.PathLike[str], write: Callable[[Path
     return new
 
 
-def atomic_torch_save_checksummed(obj: Any, path: str | os.PathLike[str],
-                                  keep_previous: str | os.PathLike[str] | None = None) -> str:
+def atomic_torch_save_checksummed(
+    obj: object, path: str | os.PathLike[str], keep_previous: str | os.PathLike[str] | None = None
+) -> str:
     """:func:`atomic_torch_save` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
     return atomic_write_checksummed(path, lambda tmp: torch.save(obj, tmp), keep_previous)
 
 
-def atomic_save_safetensors_checksummed(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
-                                        metadata: dict[str, str] | None = None) -> str:
+def atomic_save_safetensors_checksummed(
+    tensors: dict[str, torch.Tensor], path: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> str:
     """:func:`atomic_save_safetensors` with a ``.sha256`` sidecar (see :func:`atomic_write_checksummed`)."""
     from safetensors.torch import save_file
 
     return atomic_write_checksummed(
-        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata))
+        path, lambda tmp: save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    )

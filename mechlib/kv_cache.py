@@ -10,9 +10,9 @@ decode loop in :mod:`mechlib.generate` only calls them. Tests compare the tokens
 from __future__ import annotations
 
 import copy
-
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 from weakref import WeakKeyDictionary
 
 import torch
@@ -26,10 +26,25 @@ if TYPE_CHECKING:
     Cache = DynamicCache | StaticCache
     Masks = torch.Tensor | dict[str, torch.Tensor | None] | None
 
-__all__ = ["CACHE_BUCKET", "COMPACT_FRACTION", "MIN_SHARED_PREFIX", "STATIC_CACHES", "HeldStaticCache", "StaticCacheHolder",
-           "free_generation_cache", "make_masks", "model_device", "prefix_cache", "prefix_sharing_exact",
-           "reusable_static_cache", "rows_selectable", "rows_to_keep", "shared_prefix_len", "static_cache",
-           "text_config"]
+__all__ = [
+    "CACHE_BUCKET",
+    "COMPACT_FRACTION",
+    "MIN_SHARED_PREFIX",
+    "STATIC_CACHES",
+    "HeldStaticCache",
+    "StaticCacheHolder",
+    "free_generation_cache",
+    "make_masks",
+    "model_device",
+    "prefix_cache",
+    "prefix_sharing_exact",
+    "reusable_static_cache",
+    "rows_selectable",
+    "rows_to_keep",
+    "shared_prefix_len",
+    "static_cache",
+    "text_config",
+]
 
 
 CACHE_BUCKET = 256  # compiled path: cache lengths rounded up to this, so batches share one compiled graph
@@ -113,16 +128,28 @@ def static_cache(model: CausalLM, max_len: int) -> tuple[StaticCache, bool]:
     return cache, compile_safe
 
 
-def make_masks(model: CausalLM, cache: Cache, batch: int, q_len: int, attention_mask: torch.Tensor | None,
-               position_ids: torch.Tensor, first: bool) -> Masks:
+def make_masks(
+    model: CausalLM,
+    cache: Cache,
+    batch: int,
+    q_len: int,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    first: bool,
+) -> Masks:
     """The attention masks HF's ``prepare_inputs_for_generation`` builds for a compilable cache."""
     from transformers.masking_utils import create_masks_for_generate
 
     fn = getattr(model, "create_masks_for_generate", create_masks_for_generate)
     dev = position_ids.device
-    masks = fn(config=model.config, inputs_embeds=torch.empty((batch, q_len, 0), dtype=model.dtype, device=dev),
-               attention_mask=attention_mask, past_key_values=cache, position_ids=position_ids,
-               is_first_iteration=first)
+    masks = fn(
+        config=model.config,
+        inputs_embeds=torch.empty((batch, q_len, 0), dtype=model.dtype, device=dev),
+        attention_mask=attention_mask,
+        past_key_values=cache,
+        position_ids=position_ids,
+        is_first_iteration=first,
+    )
     if isinstance(masks, dict):
         return {k: v.contiguous() if v is not None else None for k, v in masks.items()}
     return masks.contiguous() if masks is not None else None
@@ -156,8 +183,14 @@ def prefix_cache(model: CausalLM, prefix: torch.Tensor, batch: int, extra: dict[
 
     kv = DynamicCache(config=text_config(model))
     ids = prefix.reshape(1, -1)
-    model(input_ids=ids, position_ids=torch.arange(ids.shape[1], device=ids.device)[None], past_key_values=kv,
-          use_cache=True, return_dict=True, **extra)
+    model(
+        input_ids=ids,
+        position_ids=torch.arange(ids.shape[1], device=ids.device)[None],
+        past_key_values=kv,
+        use_cache=True,
+        return_dict=True,
+        **extra,
+    )
     if batch > 1:
         kv.batch_repeat_interleave(batch)
     return kv

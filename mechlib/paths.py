@@ -71,7 +71,7 @@ class RunPaths:
         except ValueError:
             return str(p)
 
-    def make(self) -> "RunPaths":
+    def make(self) -> RunPaths:
         for d in (self.notebooks, self.figures, self.metrics, self.checkpoints, self.activations, self.records):
             d.mkdir(parents=True, exist_ok=True)
         return self

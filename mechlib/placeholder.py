@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import random
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from mechlib.contrast import BaselineSplit, load_baseline_split
 from mechlib.records import Record
@@ -46,8 +47,10 @@ class PlaceholderError(ValueError):
 
 def banner(fraction: float) -> str:
     """The one line every placeholder output carries."""
-    return (f"PLACEHOLDER LABELS (placeholder_labels = {fraction:g}): 'correct' is a seeded draw, not the model's "
-            f"answers; these numbers test the code paths, not the model.")
+    return (
+        f"PLACEHOLDER LABELS (placeholder_labels = {fraction:g}): 'correct' is a seeded draw, not the model's "
+        f"answers; these numbers test the code paths, not the model."
+    )
 
 
 def is_on(fraction: float) -> bool:
@@ -90,8 +93,9 @@ def relabel_baseline(records: Sequence[Record], fraction: float, seed: int) -> l
     return [with_label(r, labels[str(r.id)]) for r in records]
 
 
-def relabel_steered(records: Sequence[Record], baseline: Mapping[str, Record], fraction: float,
-                    seed: int) -> list[Record]:
+def relabel_steered(
+    records: Sequence[Record], baseline: Mapping[str, Record], fraction: float, seed: int
+) -> list[Record]:
     """Steered records labelled against the (already relabelled) ``baseline`` records by id
     (returned as they are when ``fraction`` is 0)."""
     if not is_on(fraction):
@@ -120,8 +124,12 @@ def mark_figure(fig: Figure, fraction: float) -> Figure:
     is 0), and return it."""
     if not is_on(fraction):
         return fig
-    fig.suptitle(f"PLACEHOLDER LABELS (placeholder_labels = {fraction:g}) — not the model's answers",
-                 color="#b00020", fontsize=10, fontweight="bold")
+    fig.suptitle(
+        f"PLACEHOLDER LABELS (placeholder_labels = {fraction:g}) — not the model's answers",
+        color="#b00020",
+        fontsize=10,
+        fontweight="bold",
+    )
     return fig
 
 
@@ -139,8 +147,9 @@ def baseline_split(paths: RunPaths, fraction: float, seed: int) -> BaselineSplit
     return relabel_split(split, fraction, seed)
 
 
-def steered_relabeller(baseline: Mapping[str, Record], fraction: float,
-                       seed: int) -> Callable[[Sequence[Record]], list[Record]]:
+def steered_relabeller(
+    baseline: Mapping[str, Record], fraction: float, seed: int
+) -> Callable[[Sequence[Record]], list[Record]]:
     """:func:`relabel_steered` bound to the baseline records (the identity, as a list, when off)."""
     return lambda records: relabel_steered(records, baseline, fraction, seed)
 

@@ -8,16 +8,26 @@ notebook still displays it; sizes and dpi are fixed so nbval's ``<Figure size �
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from numpy.typing import ArrayLike
 
 from mechlib.io import atomic_path
 from mechlib.results import FeatureExamples
 
+if TYPE_CHECKING:  # lens imports torch and the model helpers; only the type is needed here
+    from mechlib.lens import LensResult
+
 DPI = 110
+
+# a 2-D array of matplotlib Axes, ``axes[row, col]``: numpy's stubs give object arrays no element type
+AxesGrid = np.ndarray
 
 
 class AccuracyRow(Protocol):
@@ -44,9 +54,26 @@ class GroupRow(Protocol):
     def ci95(self) -> tuple[float, float]: ...
 
 
-def new_figure(width: float = 8.0, height: float = 4.5, **subplots_kw) -> tuple[Figure, object]:
-    """A figure of fixed size; returns ``(fig, axes)`` like ``plt.subplots``."""
-    return plt.subplots(figsize=(width, height), **subplots_kw)
+def new_figure(width: float = 8.0, height: float = 4.5) -> tuple[Figure, Axes]:
+    """A figure of fixed size with one plot; returns ``(fig, ax)`` like ``plt.subplots()``."""
+    fig, ax = plt.subplots(figsize=(width, height))
+    return fig, ax
+
+
+def new_grid(
+    width: float,
+    height: float,
+    nrows: int = 1,
+    ncols: int = 1,
+    *,
+    sharex: bool = False,
+    width_ratios: Sequence[float] | None = None,
+) -> tuple[Figure, AxesGrid]:
+    """A figure of fixed size with a grid of plots; ``axes[row, col]`` is always 2-D (``squeeze=False``)."""
+    fig, axes = plt.subplots(
+        nrows, ncols, figsize=(width, height), sharex=sharex, width_ratios=width_ratios, squeeze=False
+    )
+    return fig, axes
 
 
 def save_figure(fig: Figure, path: str | os.PathLike[str]) -> Path:
@@ -63,7 +90,7 @@ def visible_token(token: str) -> str:
     return token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u2192")
 
 
-def _yerr(values, lows, highs) -> list[list[float]]:
+def _yerr(values: Sequence[float], lows: Sequence[float], highs: Sequence[float]) -> list[list[float]]:
     """``[[below], [above]]`` error-bar lengths for ``values`` inside ``[lows, highs]``, never negative.
 
     Why: matplotlib refuses a negative ``yerr``, and an interval edge a round-off away from its
@@ -75,8 +102,9 @@ def _yerr(values, lows, highs) -> list[list[float]]:
     return [below, above]
 
 
-def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10,
-                        strata_max_q95: float | None = None) -> tuple[Figure, object]:
+def plot_layer_contrast(
+    top_abs_d, null_q50, null_q95, null_max_q95: float, peak: int, top_n: int = 10, strata_max_q95: float | None = None
+) -> tuple[Figure, Axes]:
     """Chapter 05: top-n mean |Cohen's d| per layer against its label-permutation null.
 
     The shaded band runs from the null's median to its 95th percentile per layer; the dashed line
@@ -101,8 +129,13 @@ def plot_layer_contrast(top_abs_d, null_q50, null_q95, null_max_q95: float, peak
     return fig, ax
 
 
-def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci: tuple[float, float], layer: int,
-                       controls: Sequence[AccuracyRow] = ()) -> tuple[Figure, object]:
+def plot_dose_response(
+    rows: Sequence[AccuracyRow],
+    baseline: float,
+    baseline_ci: tuple[float, float],
+    layer: int,
+    controls: Sequence[AccuracyRow] = (),
+) -> tuple[Figure, Axes]:
     """Chapter 06: held-out accuracy per steering scale (Wilson 95 % intervals) and the baseline.
 
     ``controls``: the rows of random-direction sweeps, drawn as crosses beside the CAA curve.
@@ -117,8 +150,15 @@ def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci
     ax.errorbar(x, y, yerr=err, marker="o", capsize=4, color="C0", label="CAA direction")
     ax.plot([0.0], [baseline], marker="s", color="0.3", ls="none", label="no steering (scale 0)")
     if controls:
-        ax.plot([100 * c.scale for c in controls], [c.accuracy for c in controls], marker="x", ms=8, color="C3", ls="none",
-                label="random directions (same norm)")
+        ax.plot(
+            [100 * c.scale for c in controls],
+            [c.accuracy for c in controls],
+            marker="x",
+            ms=8,
+            color="C3",
+            ls="none",
+            label="random directions (same norm)",
+        )
     ax.set_xlabel(f"perturbation at layer {layer} (% of mean residual norm)")
     ax.set_ylabel("held-out accuracy")
     ax.set_ylim(-0.02, 1.02)
@@ -127,9 +167,9 @@ def plot_dose_response(rows: Sequence[AccuracyRow], baseline: float, baseline_ci
     return fig, ax
 
 
-def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, object]:
+def plot_training_curves(history: list[dict[str, float]], d_sae: int) -> tuple[Figure, AxesGrid]:
     """Chapter 02: loss and FVU (log scale), dead-latent count and learning rate per step."""
-    fig, axes = new_figure(10.0, 6.0, nrows=2, ncols=2, sharex=True)
+    fig, axes = new_grid(10.0, 6.0, nrows=2, ncols=2, sharex=True)
     steps = [h["step"] for h in history]
     (a, b), (c, d) = axes
     a.plot(steps, [h["loss"] for h in history], lw=1, label="loss = FVU + aux_coef·AuxK")
@@ -143,8 +183,10 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     c.set_title(f"dead latents (of {d_sae})")
     b.set_ylim(bottom=0)
     c.set_ylim(bottom=0)
-    for ax, key, words in ((b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
-                           (c, "n_dead", "no latent was dead at any step")):
+    for ax, key, words in (
+        (b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
+        (c, "n_dead", "no latent was dead at any step"),
+    ):
         if all(h[key] == 0 for h in history):  # a flat line at 0 reads as a broken plot: say it instead
             ax.text(0.5, 0.5, words, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
             ax.set_yticks([0])
@@ -158,10 +200,8 @@ def plot_training_curves(history: list[dict], d_sae: int) -> tuple[Figure, objec
     return fig, axes
 
 
-def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
+def plot_feature_density(counts: ArrayLike, n_tokens: int) -> tuple[Figure, Axes]:
     """Chapter 03: histogram of log10 firing frequency per latent; never-fired latents counted apart."""
-    import numpy as np
-
     counts = np.asarray(counts, dtype=float)
     fired = counts[counts > 0]
     fig, ax = new_figure(7.0, 4.0)
@@ -176,14 +216,16 @@ def plot_feature_density(counts, n_tokens: int) -> tuple[Figure, object]:
     return fig, ax
 
 
-def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) -> tuple[Figure, object]:
+def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) -> tuple[Figure, AxesGrid]:
     """Chapter 03: each feature's top activations as bars labelled with the context (max token in [[ ]])."""
     n = max(len(examples), 1)
-    fig, axes = new_figure(10.0, 1.6 * n + 0.6, nrows=n, ncols=1, squeeze=False)
+    fig, axes = new_grid(10.0, 1.6 * n + 0.6, nrows=n, ncols=1)
     for ax, feat in zip(axes[:, 0], examples):
         ex = feat.examples
-        labels = [(e.context.replace("\n", "↵") + "[[" + visible_token(e.token) + "]]")[-width:]
-                  .replace("$", r"\$") for e in ex]
+        labels = [
+            (e.context.replace("\n", "↵") + "[[" + visible_token(e.token) + "]]")[-width:].replace("$", r"\$")
+            for e in ex
+        ]
         ax.barh(range(len(ex)), [e.activation for e in ex], color="C1")
         ax.set_yticks(range(len(ex)), labels, fontsize=7, family="monospace")
         ax.invert_yaxis()
@@ -193,14 +235,12 @@ def plot_feature_examples(examples: Sequence[FeatureExamples], width: int = 60) 
     return fig, axes
 
 
-def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int = 8) -> tuple[Figure, object]:
+def plot_logit_lens(result: LensResult, commitment_layer: int | None = None, max_chars: int = 8) -> tuple[Figure, Axes]:
     """Chapter 07: logit-lens heat map — rows are decoder layers, columns prompt positions.
 
     Colour is the probability of each cell's top token; the token itself is written in the cell
-    (English-word tokens in bold). ``result`` is a ``mechlib.lens.LensResult``.
+    (English-word tokens in bold).
     """
-    import numpy as np
-
     probs = np.array(result.top_probs)
     n_layers, n_pos = probs.shape
     fig, ax = new_figure(11.0, 8.0)
@@ -208,9 +248,16 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     for layer in range(n_layers):
         for pos in range(n_pos):
             tok = visible_token(result.top_tokens[layer][pos])[:max_chars]
-            ax.text(pos, layer, tok, ha="center", va="center", fontsize=6,
-                    color="black" if probs[layer, pos] > 0.6 else "white",
-                    fontweight="bold" if result.english[layer][pos] else "normal")
+            ax.text(
+                pos,
+                layer,
+                tok,
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="black" if probs[layer, pos] > 0.6 else "white",
+                fontweight="bold" if result.english[layer][pos] else "normal",
+            )
     ax.set_xticks(range(n_pos))
     ax.set_xticklabels([visible_token(t)[:max_chars] for t in result.input_tokens], rotation=60, fontsize=7)
     ax.set_yticks(range(0, n_layers, max(1, n_layers // 15)))
@@ -218,21 +265,36 @@ def plot_logit_lens(result, commitment_layer: int | None = None, max_chars: int 
     ax.set_ylabel("decoder layer (residual stream after it)")
     if commitment_layer is not None:
         ax.axhline(commitment_layer - 0.5, color="C3", lw=1.5, ls="--")
-        ax.text(-0.45, commitment_layer - 0.45, f"English commitment: layer {commitment_layer}", color="C3",
-                fontsize=7, va="bottom", ha="left", bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0})
+        ax.text(
+            -0.45,
+            commitment_layer - 0.45,
+            f"English commitment: layer {commitment_layer}",
+            color="C3",
+            fontsize=7,
+            va="bottom",
+            ha="left",
+            bbox={"facecolor": "white", "alpha": 0.8, "pad": 1, "lw": 0},
+        )
     fig.colorbar(im, ax=ax, label="top-token probability")
     return fig, ax
 
 
-def plot_baseline(groups: Sequence[GroupRow], lengths_correct: Sequence[int], lengths_wrong: Sequence[int],
-                  max_new_tokens: int, overall: float, overall_ci: tuple[float, float]) -> tuple[Figure, object]:
+def plot_baseline(
+    groups: Sequence[GroupRow],
+    lengths_correct: Sequence[int],
+    lengths_wrong: Sequence[int],
+    max_new_tokens: int,
+    overall: float,
+    overall_ci: tuple[float, float],
+) -> tuple[Figure, tuple[Axes, Axes]]:
     """Chapter 04: accuracy per question kind (Wilson 95 % intervals) and generated lengths.
 
     Left: one bar per kind (GSM8K is one kind; the generated task has one per template) with the
     overall accuracy and its interval behind. Right: how many tokens each answer took, correct vs
     wrong; a pile at ``max_new_tokens`` means answers cut off by the token limit.
     """
-    fig, (ax, bx) = new_figure(11.0, 4.2, ncols=2, gridspec_kw={"width_ratios": [1.3, 1]})
+    fig, axes = new_grid(11.0, 4.2, ncols=2, width_ratios=[1.3, 1])
+    ax, bx = axes[0]
     xs = list(range(len(groups)))
     accuracies = [g.accuracy for g in groups]
     ax.axhspan(overall_ci[0], overall_ci[1], color="0.88", label="overall 95% CI")
@@ -246,8 +308,13 @@ def plot_baseline(groups: Sequence[GroupRow], lengths_correct: Sequence[int], le
     ax.legend(loc="upper right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     bins = list(range(0, max_new_tokens + 2, max(1, (max_new_tokens + 1) // 24)))
-    bx.hist([list(lengths_correct), list(lengths_wrong)], bins=bins, stacked=True, color=["C2", "C3"],
-            label=["correct", "wrong"])
+    bx.hist(
+        [list(lengths_correct), list(lengths_wrong)],
+        bins=bins,
+        stacked=True,
+        color=["C2", "C3"],
+        label=["correct", "wrong"],
+    )
     bx.axvline(max_new_tokens, color="0.3", ls=":", lw=1, label="max_new_tokens")
     bx.set_xlabel("generated tokens")
     bx.set_ylabel("questions")

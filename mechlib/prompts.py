@@ -13,9 +13,11 @@ tokenizer.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal, Sequence, get_args
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Literal, get_args
 
-if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+if TYPE_CHECKING:  # transformers and torch are heavy imports; only the types are needed here
+    from torch import Tensor
     from transformers import PreTrainedTokenizerBase
 
 INSTRUCTION = "Solve step by step and give final answer as '#### N'."
@@ -54,11 +56,30 @@ def build_prompt(tokenizer: PreTrainedTokenizerBase, question_text: str, prompt_
                 f"prompt_format {prompt_format!r} was asked for, but the tokenizer of {name!r} has no chat template. "
                 f"Use prompt_format: gemma_manual (the card's manual format) or a model that ships a chat template."
             )
-        shot = [{"role": "user", "content": user_message(ONESHOT_QUESTION)},
-                {"role": "assistant", "content": ONESHOT_ANSWER}] if prompt_format == "chat_oneshot" else []
-        return tokenizer.apply_chat_template(shot + [{"role": "user", "content": user_message(question_text)}],
-                                             tokenize=False, add_generation_prompt=True)
+        shot = (
+            [
+                {"role": "user", "content": user_message(ONESHOT_QUESTION)},
+                {"role": "assistant", "content": ONESHOT_ANSWER},
+            ]
+            if prompt_format == "chat_oneshot"
+            else []
+        )
+        text = tokenizer.apply_chat_template(
+            [*shot, {"role": "user", "content": user_message(question_text)}],
+            tokenize=False,
+            add_generation_prompt=True,
+        )
+        assert isinstance(text, str)  # tokenize=False: one conversation renders to one string
+        return text
     raise PromptFormatError(f"unknown prompt_format {prompt_format!r}; choose one of {', '.join(PROMPT_FORMATS)}")
+
+
+def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int] | Tensor, skip_special_tokens: bool = False) -> str:
+    """The text of one id sequence. ``tokenizer.decode`` is typed ``str | list[str]`` (a batch decodes to a
+    list); one sequence always decodes to a string, which this says once for every caller."""
+    text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+    assert isinstance(text, str)
+    return text
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:

@@ -26,19 +26,22 @@ the shapes (``seq_len``, prompt + ``max_new_tokens``) are what a run measures, a
 No ``qwen3.5-4b``: its published config could not be checked offline, and a made-up "4B" would
 claim a shape it does not have. A random model has no chat template of its own except what its
 tokenizer brings: the tiny tokenizer has none (use ``prompt_format: gemma_manual``); SmolLM2's has.
-"""
+"""  # noqa: E501 (the table's rows cannot wrap)
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 
 # transformers and mechlib.tiny (which imports transformers) are imported on use: heavy imports
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+    from mechlib.tiny import Arch
 
 PREFIX = "random:"
 _NAME = re.compile(r"random:(?P<arch>[a-z0-9.\-]+)(?::(?P<seed>[0-9]+))?")
@@ -50,15 +53,16 @@ class RandomArch:
 
     name: str
     config: Callable[[], PretrainedConfig]  # the transformers config (no weights)
-    tiny: str | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
+    tiny: Arch | None  # mechlib.tiny arch for the tiny ones (built with tiny_model's seeded weights)
     tokenizer: str  # "tiny" (mechlib.tiny.tiny_tokenizer) | "smollm2" (the embedded model's)
 
 
-def _tiny_config(arch: str) -> Callable[[], PretrainedConfig]:
+def _tiny_config(arch: Arch) -> Callable[[], PretrainedConfig]:
     def build() -> PretrainedConfig:
         from mechlib.tiny import tiny_config
 
-        return tiny_config(arch)  # type: ignore[arg-type]
+        return tiny_config(arch)
+
     return build
 
 
@@ -94,8 +98,10 @@ def parse(name: str) -> RandomSpec:
     """``random:<arch>[:<seed>]`` → the architecture and seed; a clear error for anything else."""
     m = _NAME.fullmatch(name)
     if m is None or m["arch"] not in ARCHS:
-        raise RandomModelError(f"unknown random-weight model {name!r}; use random:<arch> or random:<arch>:<seed> "
-                               f"with <arch> one of {', '.join(ARCHS)}")
+        raise RandomModelError(
+            f"unknown random-weight model {name!r}; use random:<arch> or random:<arch>:<seed> "
+            f"with <arch> one of {', '.join(ARCHS)}"
+        )
     return RandomSpec(ARCHS[m["arch"]], int(m["seed"] or 0))
 
 
@@ -142,14 +148,17 @@ def build(name: str, dtype: torch.dtype, device: torch.device) -> tuple[PreTrain
     if spec.arch.tiny is not None:
         from mechlib.tiny import tiny_model
 
-        model = tiny_model(spec.arch.tiny, seed=spec.seed).to(device=device, dtype=dtype)  # type: ignore[arg-type]
+        model = tiny_model(spec.arch.tiny, seed=spec.seed).to(device=device, dtype=dtype)  # type: ignore[call-arg]  # transformers' decorated .to() loses its signature
     else:
         from transformers import AutoModelForCausalLM
 
         config = spec.arch.config()
         text = _text(config)
-        for attr, token in (("pad_token_id", tok.pad_token_id), ("eos_token_id", tok.eos_token_id),
-                            ("bos_token_id", tok.bos_token_id)):
+        for attr, token in (
+            ("pad_token_id", tok.pad_token_id),
+            ("eos_token_id", tok.eos_token_id),
+            ("bos_token_id", tok.bos_token_id),
+        ):
             if token is not None:
                 setattr(text, attr, token)
         torch.manual_seed(spec.seed)

@@ -23,9 +23,10 @@ import hashlib
 import json
 import os
 import random
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -35,7 +36,7 @@ from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
 from mechlib.gsm8k import Question
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 from mechlib.models import LoadedModel, Tokenizer
-from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.prompts import build_prompt, decode_text, encode_prompts
 from mechlib.stats import wilson_ci
 from mechlib.stopping import STOP_REASONS, STOP_RULE_VERSION, AnswerLineStop, StopReason, stop_reason_of
 
@@ -88,12 +89,20 @@ class BaselineSummary:
     by_rule: dict[str, tuple[int, int]]  # extraction rule → (answers read by it, of which correct)
 
 
-def settings_of(model_name: str, prompt_format: str, max_new_tokens: int, *, dtype: str = "",
-                device: str = "") -> dict[str, Any]:
+def settings_of(
+    model_name: str, prompt_format: str, max_new_tokens: int, *, dtype: str = "", device: str = ""
+) -> dict[str, Any]:
     """Everything the generated tokens depend on, and its hash (the cache key of a records file)."""
-    s = {"model": model_name, "dtype": dtype, "device": device, "prompt_format": prompt_format,
-         "max_new_tokens": int(max_new_tokens), "generator": GENERATOR_VERSION, "stop_rule": STOP_RULE_VERSION,
-         "parser": PARSER_VERSION}
+    s = {
+        "model": model_name,
+        "dtype": dtype,
+        "device": device,
+        "prompt_format": prompt_format,
+        "max_new_tokens": int(max_new_tokens),
+        "generator": GENERATOR_VERSION,
+        "stop_rule": STOP_RULE_VERSION,
+        "parser": PARSER_VERSION,
+    }
     s["settings_hash"] = hashlib.sha256(json.dumps(s, sort_keys=True).encode()).hexdigest()[:16]
     return s
 
@@ -102,8 +111,13 @@ def settings_for(loaded: LoadedModel, prompt_format: str, max_new_tokens: int) -
     """:func:`settings_of` a loaded model: its name, and the dtype and device type it runs in (greedy
     tokens can differ between float32 and bfloat16, or between CPU and GPU kernels)."""
     param = next(loaded.model.parameters())
-    return settings_of(loaded.name, prompt_format, max_new_tokens, dtype=str(param.dtype).replace("torch.", ""),
-                       device=param.device.type)
+    return settings_of(
+        loaded.name,
+        prompt_format,
+        max_new_tokens,
+        dtype=str(param.dtype).replace("torch.", ""),
+        device=param.device.type,
+    )
 
 
 def meta_path(out_path: str | os.PathLike[str]) -> Path:
@@ -121,8 +135,10 @@ def read_records(path: str | os.PathLike[str]) -> list[Record]:
             try:
                 out.append(Record(**json.loads(line)))
             except (json.JSONDecodeError, TypeError) as exc:
-                raise RecordsError(f"{path}:{lineno}: not a generation record of this mechbook version ({exc}); "
-                                   f"delete the file and rerun the chapter that made it") from None
+                raise RecordsError(
+                    f"{path}:{lineno}: not a generation record of this mechbook version ({exc}); "
+                    f"delete the file and rerun the chapter that made it"
+                ) from None
     return out
 
 
@@ -130,14 +146,26 @@ def write_records(path: str | os.PathLike[str], records: Sequence[Record]) -> No
     atomic_write_text(path, "".join(json.dumps(asdict(r), sort_keys=True) + "\n" for r in records))
 
 
-def _scored(qid: str, gold: float | int, prompt: str, generation: str, n_new_tokens: int,
-            stop_reason: StopReason) -> Record:
+def _scored(
+    qid: str, gold: float | int, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason
+) -> Record:
     r = read_all(generation)
-    return Record(id=qid, prompt=prompt, generation=generation, parsed=r.primary, gold=gold,
-                  correct=answers_match(r.primary, gold), n_new_tokens=n_new_tokens, stop_reason=stop_reason,
-                  parsed_by=r.primary_rule, strict=r.strict, correct_strict=answers_match(r.strict, gold),
-                  flexible=r.flexible, correct_flexible=answers_match(r.flexible, gold),
-                  parser_version=PARSER_VERSION)
+    return Record(
+        id=qid,
+        prompt=prompt,
+        generation=generation,
+        parsed=r.primary,
+        gold=gold,
+        correct=answers_match(r.primary, gold),
+        n_new_tokens=n_new_tokens,
+        stop_reason=stop_reason,
+        parsed_by=r.primary_rule,
+        strict=r.strict,
+        correct_strict=answers_match(r.strict, gold),
+        flexible=r.flexible,
+        correct_flexible=answers_match(r.flexible, gold),
+        parser_version=PARSER_VERSION,
+    )
 
 
 def score(q: Question, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason) -> Record:
@@ -158,12 +186,16 @@ def load_records(path: str | os.PathLike[str]) -> list[Record]:
 
 def score_generation(q: Question, prompt: str, ids: Sequence[int], tokenizer: Tokenizer, max_new_tokens: int) -> Record:
     """Decode one generated row and score it, with the reason it stopped."""
-    text = tokenizer.decode(list(ids), skip_special_tokens=True)
+    text = decode_text(tokenizer, list(ids), skip_special_tokens=True)
     return score(q, prompt, text, len(ids), stop_reason_of(text, len(ids), max_new_tokens))
 
 
-def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, object], questions: Sequence[Question],
-                 prompts: Mapping[str, str]) -> dict[str, Record]:
+def open_records(
+    out_path: str | os.PathLike[str],
+    settings: Mapping[str, object],
+    questions: Sequence[Question],
+    prompts: Mapping[str, str],
+) -> dict[str, Record]:
     """The reusable records of ``out_path`` (same settings, same prompt), re-scored; prepares the file.
 
     Records made with other settings are deleted *before* the new sidecar is written, so a run
@@ -185,10 +217,20 @@ def open_records(out_path: str | os.PathLike[str], settings: Mapping[str, object
     return {i: rescore(r, by_id[i]) for i, r in cached.items() if i in prompts and r.prompt == prompts[i]}
 
 
-def run_baseline(loaded: LoadedModel, questions: Sequence[Question], prompt_format: str, max_new_tokens: int,
-                 batch_size: int, out_path: str | os.PathLike[str], *, progress: bool = True, desc: str = "",
-                 cache: CacheKind = "auto", compile: CompileOption | None = None,
-                 share_prefix: bool = True) -> list[Record]:
+def run_baseline(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    prompt_format: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out_path: str | os.PathLike[str],
+    *,
+    progress: bool = True,
+    desc: str = "",
+    cache: CacheKind = "auto",
+    compile: CompileOption | None = None,
+    share_prefix: bool = True,
+) -> list[Record]:
     """Greedy answers to ``questions`` as :class:`Record` s, cached in ``out_path`` (JSONL).
 
     Resumes: generations already in ``out_path`` with the same settings and prompt are reused
@@ -215,11 +257,21 @@ def run_baseline(loaded: LoadedModel, questions: Sequence[Question], prompt_form
         pad = pad_id_of(model, tok, eos)
         enc = dict(zip([q.id for q in todo], encode_prompts(tok, [prompts[q.id] for q in todo])))
         todo.sort(key=lambda q: -len(enc[q.id]))  # similar lengths together: less padding
-        batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
         for batch in tqdm(batches, desc=desc or f"generate {out_path.name}", disable=not progress, unit="batch"):
-            rows = generate.generate_ids(model, [enc[q.id] for q in batch], max_new_tokens, batch_size, eos_ids=eos,
-                                         pad_id=pad, progress=False, stop_when=AnswerLineStop(tok), cache=cache,
-                                         compile=compile, share_prefix=share_prefix)
+            rows = generate.generate_ids(
+                model,
+                [enc[q.id] for q in batch],
+                max_new_tokens,
+                batch_size,
+                eos_ids=eos,
+                pad_id=pad,
+                progress=False,
+                stop_when=AnswerLineStop(tok),
+                cache=cache,
+                compile=compile,
+                share_prefix=share_prefix,
+            )
             for q, row in zip(batch, rows):
                 done[q.id] = score_generation(q, prompts[q.id], row, tok, max_new_tokens)
             write_records(out_path, [done[i] for i in ids if i in done])
@@ -240,11 +292,18 @@ def summarize(records: Sequence[Record]) -> BaselineSummary:
         if r.parsed_by is not None:
             seen, right = by_rule.get(r.parsed_by, (0, 0))
             by_rule[r.parsed_by] = (seen + 1, right + int(r.correct))
-    reasons = {reason: sum(r.stop_reason == reason for r in records) for reason in STOP_REASONS}
-    return BaselineSummary(n=n, n_correct=k, accuracy=k / n, ci95=(float(lo), float(hi)),
-                           truncated=reasons["limit"] / n, finished=(n - reasons["limit"]) / n,
-                           stop_reasons=reasons, unparsed=sum(r.parsed is None for r in records) / n,
-                           by_rule=by_rule)
+    reasons: dict[str, int] = {reason: sum(r.stop_reason == reason for r in records) for reason in STOP_REASONS}
+    return BaselineSummary(
+        n=n,
+        n_correct=k,
+        accuracy=k / n,
+        ci95=(float(lo), float(hi)),
+        truncated=reasons["limit"] / n,
+        finished=(n - reasons["limit"]) / n,
+        stop_reasons=reasons,
+        unparsed=sum(r.parsed is None for r in records) / n,
+        by_rule=by_rule,
+    )
 
 
 @dataclass(frozen=True)
@@ -269,8 +328,9 @@ def accuracy_by_group(records: Sequence[Record], group_of: dict[str, str]) -> li
     return out
 
 
-def split_contrast_heldout(records: Sequence[Record] | Sequence[Mapping[str, object]], n_heldout: int,
-                           seed: int) -> tuple[list[str], list[str]]:
+def split_contrast_heldout(
+    records: Sequence[Record] | Sequence[Mapping[str, object]], n_heldout: int, seed: int
+) -> tuple[list[str], list[str]]:
     """A fixed-seed split of the question ids into a contrast set and a held-out set of
     ``n_heldout``. Both lists keep the records' order. Depends only on the ids and the seed."""
     ids = [str(r["id"] if isinstance(r, Mapping) else r.id) for r in records]

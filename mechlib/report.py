@@ -8,15 +8,27 @@ as "not run" instead of a stale number.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
-from mechlib.results import (Baseline, ChapterResult, Collected, Evaluated, Layers, Lens, RandomControl,
-                             ScaleVerdict, Steering, Trained, read)
+from mechlib.results import (
+    Baseline,
+    ChapterResult,
+    Collected,
+    Evaluated,
+    Layers,
+    Lens,
+    RandomControl,
+    ScaleVerdict,
+    Steering,
+    Trained,
+    read,
+)
 
 
 def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
@@ -76,10 +88,12 @@ def _section_run(paths: RunPaths, c: Collected | None) -> str:
     if c is None:
         text += "Chapter 01 not run.\n"
     else:
-        text += (f"{_fmt(c.n_tokens)} training + {_fmt(c.heldout_tokens)} held-out tokens of the residual"
-                 f" stream after layer {_fmt(c.layer)} (d_model {_fmt(c.d_model)}), rows of"
-                 f" {_fmt(c.seq_len)} tokens, stored as {c.activation_dtype}; mean token norm"
-                 f" {_fmt(c.mean_norm, 1)}, max {_fmt(c.max_norm, 1)}.\n")
+        text += (
+            f"{_fmt(c.n_tokens)} training + {_fmt(c.heldout_tokens)} held-out tokens of the residual"
+            f" stream after layer {_fmt(c.layer)} (d_model {_fmt(c.d_model)}), rows of"
+            f" {_fmt(c.seq_len)} tokens, stored as {c.activation_dtype}; mean token norm"
+            f" {_fmt(c.mean_norm, 1)}, max {_fmt(c.max_norm, 1)}.\n"
+        )
     timings = _load(paths, "book_timings")
     if timings:
         devices = _load(paths, "book_devices") or {}  # the runner's per-chapter mechlib.device_stats snapshots
@@ -91,8 +105,11 @@ def _section_run(paths: RunPaths, c: Collected | None) -> str:
             for row in rows:
                 d = devices.get(row[0])
                 device = None if d is None else ChapterDevice(**d)
-                row += ["—", "—"] if device is None else [f"{device.device} ({device.device_name})",
-                                                        format_bytes(device.peak_gpu_bytes)]
+                row += (
+                    ["—", "—"]
+                    if device is None
+                    else [f"{device.device} ({device.device_name})", format_bytes(device.peak_gpu_bytes)]
+                )
         text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(header, rows)
         text += "\n"
     return text + "\n" + _figures(paths, "01_") + "\n"
@@ -141,24 +158,33 @@ def _browser_link(paths: RunPaths) -> str:
     data = IndexData.from_json(json.loads(index.read_text()), str(index))
     pages = sum(bool(p) for p in data.page)
     scored = sum(c is not None for c in data.contrast)
-    return (f"\n**Feature browser:** [browser/index.html](browser/index.html) — all {data.d_sae} "
-            f"latents (firing density, mean activation{', contrastive score and rank' if scored else ''}), "
-            f"{pages} with a page of top contexts, quantile examples, histogram, logit effects and similar latents. "
-            "Open it from the file system; it needs no server or network.\n")
+    return (
+        f"\n**Feature browser:** [browser/index.html](browser/index.html) — all {data.d_sae} "
+        f"latents (firing density, mean activation{', contrastive score and rank' if scored else ''}), "
+        f"{pages} with a page of top contexts, quantile examples, histogram, logit effects and similar latents. "
+        "Open it from the file system; it needs no server or network.\n"
+    )
 
 
 def _section_baseline(paths: RunPaths, m: Baseline | None) -> str:
     if m is None:
         return "## Baseline\n\nChapter 04 not run.\n"
     lo, hi = CARD.baseline_accuracy
-    rows = [["this run", m.task, m.prompt_format, m.n, m.accuracy, m.ci95, _pct(m.finished), _pct(m.truncated)],
-            ["study card (Gemma 4 E4B)", "gsm8k", "gemma_manual", CARD.n_heldout, f"{lo:.2f}–{hi:.2f}", "—", "—", "—"]]
-    text = "## Baseline accuracy (chapter 04)\n\n" + _table(
-        ["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows) + "\n"
+    rows = [
+        ["this run", m.task, m.prompt_format, m.n, m.accuracy, m.ci95, _pct(m.finished), _pct(m.truncated)],
+        ["study card (Gemma 4 E4B)", "gsm8k", "gemma_manual", CARD.n_heldout, f"{lo:.2f}–{hi:.2f}", "—", "—", "—"],
+    ]
+    text = (
+        "## Baseline accuracy (chapter 04)\n\n"
+        + _table(["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows)
+        + "\n"
+    )
     if m.by_scoring_rule:
         rows = [[rule, a.n, a.n_correct, a.accuracy, a.ci95] for rule, a in m.by_scoring_rule.items()]
-        text += ("\nBy scoring rule (strict and flexible are lm-evaluation-harness's GSM8K rules; finished leaves "
-                 "cut-off answers out):\n\n" + _table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n")
+        text += (
+            "\nBy scoring rule (strict and flexible are lm-evaluation-harness's GSM8K rules; finished leaves "
+            "cut-off answers out):\n\n" + _table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
+        )
     if m.by_kind:
         rows = [[kind, a.n, a.n_correct, a.accuracy, a.ci95] for kind, a in m.by_kind.items()]
         text += "\nBy question type:\n\n" + _table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
@@ -169,34 +195,78 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
     if m is None:
         return "## Contrastive layers\n\nChapter 05 not run.\n"
     top = f"top-{m.top_d} |d|"
-    rows = [["this run", f"{m.peak_layer} of {m.n_layers}", m.peak_top_abs_d, m.null_max_q95,
-             _p(m.null_p, m.null_p_mc_se), _p(m.null_p_within_type, m.null_p_within_type_mc_se),
-             m.spearman_rho, m.spearman_p],
-            ["study card (Gemma 4 E4B)", f"{CARD.peak_layer} of {CARD.n_layers}", CARD.peak_top_abs_d,
-             "not reported", "not reported", "not reported", CARD.spearman_rho, "—"]]
+    rows = [
+        [
+            "this run",
+            f"{m.peak_layer} of {m.n_layers}",
+            m.peak_top_abs_d,
+            m.null_max_q95,
+            _p(m.null_p, m.null_p_mc_se),
+            _p(m.null_p_within_type, m.null_p_within_type_mc_se),
+            m.spearman_rho,
+            m.spearman_p,
+        ],
+        [
+            "study card (Gemma 4 E4B)",
+            f"{CARD.peak_layer} of {CARD.n_layers}",
+            CARD.peak_top_abs_d,
+            "not reported",
+            "not reported",
+            "not reported",
+            CARD.spearman_rho,
+            "—",
+        ],
+    ]
     text = (
         "## Contrastive layers (chapter 05)\n\n"
         f"Contrast set: {_fmt(m.n_correct)} correct, {_fmt(m.n_wrong)} wrong"
         f" ({m.pooling} prompt token pooled); {_fmt(m.n_permutations)} label permutations"
         " (p ± its Monte-Carlo standard error).\n\n"
-        + _table(["", "peak layer", f"{top} at peak", "null 95th pct (max over layers)", "permutation p",
-                  "p, shuffled within type", "Spearman ρ (held-out)", "Spearman p"], rows)
+        + _table(
+            [
+                "",
+                "peak layer",
+                f"{top} at peak",
+                "null 95th pct (max over layers)",
+                "permutation p",
+                "p, shuffled within type",
+                "Spearman ρ (held-out)",
+                "Spearman p",
+            ],
+            rows,
+        )
         + "\n"
     )
     if m.scoring_sensitivity:
-        rows = [[r.rule, r.n_correct, r.n_wrong, r.peak_layer, r.top_abs_d, _p(r.p_peak, r.p_mc_se)]
-                for r in m.scoring_sensitivity]
-        text += ("\n### The peak under each scoring rule\n\n"
-                 + _table(["rule", "correct", "wrong", "peak layer", top, "permutation p"], rows)
-                 + f"\n\n{m.scoring_verdict}\n")
+        rows = [
+            [r.rule, r.n_correct, r.n_wrong, r.peak_layer, r.top_abs_d, _p(r.p_peak, r.p_mc_se)]
+            for r in m.scoring_sensitivity
+        ]
+        text += (
+            "\n### The peak under each scoring rule\n\n"
+            + _table(["rule", "correct", "wrong", "peak layer", top, "permutation p"], rows)
+            + f"\n\n{m.scoring_verdict}\n"
+        )
     return text + "\n" + _figures(paths, "05_") + "\n"
 
 
 def _section_steering(paths: RunPaths, m: Steering | None) -> str:
     if m is None:
         return "## Steering\n\nChapter 06 not run.\n"
-    rows = [[r.scale, f"{r.perturbation:+g} %", r.accuracy, r.delta, r.delta_ci95,
-             f"{r.recovered}/{r.n_baseline_wrong}", r.net_flips, r.mcnemar_p, _pct(r.truncated)] for r in m.rows]
+    rows = [
+        [
+            r.scale,
+            f"{r.perturbation:+g} %",
+            r.accuracy,
+            r.delta,
+            r.delta_ci95,
+            f"{r.recovered}/{r.n_baseline_wrong}",
+            r.net_flips,
+            r.mcnemar_p,
+            _pct(r.truncated),
+        ]
+        for r in m.rows
+    ]
     rows.insert(0, ["baseline", "0 %", m.baseline_accuracy, 0, "—", "—", 0, "—", _pct(m.baseline_truncated)])
     text = (
         f"## CAA steering at layer {m.layer} (chapter 06)\n\n"
@@ -204,8 +274,20 @@ def _section_steering(paths: RunPaths, m: Steering | None) -> str:
         f"answers cut off: {_pct(m.baseline_truncated)}. Perturbations are % of the mean residual norm at "
         f"layer {m.layer}: {_fmt(m.mean_resid_norm, 2)} (the card: {CARD.mean_resid_norm} at layer "
         f"{CARD.peak_layer}, {CARD.n_heldout} held-out questions).\n\n"
-        + _table(["scale", "perturbation", "accuracy", "Δ vs baseline", "Δ 95% CI (bootstrap)", "recovered",
-                  "net flips", "McNemar p (exact)", "cut off"], rows)
+        + _table(
+            [
+                "scale",
+                "perturbation",
+                "accuracy",
+                "Δ vs baseline",
+                "Δ 95% CI (bootstrap)",
+                "recovered",
+                "net flips",
+                "McNemar p (exact)",
+                "cut off",
+            ],
+            rows,
+        )
         + "\n"
         + _steering_sensitivity(m.scoring_sensitivity)
         + "\n### Recovered questions per scale\n\n"
@@ -213,10 +295,15 @@ def _section_steering(paths: RunPaths, m: Steering | None) -> str:
     for r in m.rows:
         text += f"- scale {_fmt(r.scale)}: {', '.join(r.recovered_ids) or '—'}\n"
     if m.overlaps:
-        rows = [[o.scale_a, o.scale_b, o.n_a, o.n_b, o.intersection, o.jaccard, ", ".join(o.shared_ids) or "—"]
-                for o in m.overlaps]
-        text += ("\n### Overlap of recovered sets\n\n"
-                 + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows) + "\n")
+        rows = [
+            [o.scale_a, o.scale_b, o.n_a, o.n_b, o.intersection, o.jaccard, ", ".join(o.shared_ids) or "—"]
+            for o in m.overlaps
+        ]
+        text += (
+            "\n### Overlap of recovered sets\n\n"
+            + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows)
+            + "\n"
+        )
     text += _random_control_table(m.random_control)
     return text + "\n" + _figures(paths, "06_") + "\n"
 
@@ -225,11 +312,17 @@ def _steering_sensitivity(per_scale: list[ScaleVerdict]) -> str:
     """Each steering row under every scoring rule, then the generated verdict per scale."""
     if not per_scale:
         return ""
-    rows = [[s.scale, r.rule, r.n, r.accuracy, r.delta, r.net_flips, r.mcnemar_p, r.effect]
-            for s in per_scale for r in s.rules]
-    return ("\n### Each row under each scoring rule\n\n"
-            + _table(["scale", "rule", "n", "accuracy", "Δ vs baseline", "net flips", "McNemar p", "effect"], rows)
-            + "\n\n" + "".join(f"- {s.verdict}\n" for s in per_scale))
+    rows = [
+        [s.scale, r.rule, r.n, r.accuracy, r.delta, r.net_flips, r.mcnemar_p, r.effect]
+        for s in per_scale
+        for r in s.rules
+    ]
+    return (
+        "\n### Each row under each scoring rule\n\n"
+        + _table(["scale", "rule", "n", "accuracy", "Δ vs baseline", "net flips", "McNemar p", "effect"], rows)
+        + "\n\n"
+        + "".join(f"- {s.verdict}\n" for s in per_scale)
+    )
 
 
 def _random_control_table(control: RandomControl) -> str:
@@ -239,29 +332,68 @@ def _random_control_table(control: RandomControl) -> str:
     rows = []
     for d in control.directions:
         vs = d.vs_caa
-        rows.append([f"random #{d.index}", d.cos_with_caa, d.accuracy, d.delta, d.delta_ci95, d.net_flips,
-                     d.mcnemar_p, vs and vs.a_only, vs and vs.b_only, vs and vs.mcnemar_p, _pct(d.truncated)])
-    return (f"\n### Random-direction control at scale {_fmt(control.scale)}\n\n"
-            f"CAA accuracy at this scale: {_fmt(control.caa_accuracy)}.\n\n"
-            + _table(["direction", "cos with CAA", "accuracy", "Δ vs baseline", "Δ 95% CI", "net flips",
-                      "McNemar p vs baseline", "CAA only right", "random only right", "McNemar p vs CAA", "cut off"],
-                     rows)
-            + "\n")
+        rows.append(
+            [
+                f"random #{d.index}",
+                d.cos_with_caa,
+                d.accuracy,
+                d.delta,
+                d.delta_ci95,
+                d.net_flips,
+                d.mcnemar_p,
+                vs and vs.a_only,
+                vs and vs.b_only,
+                vs and vs.mcnemar_p,
+                _pct(d.truncated),
+            ]
+        )
+    return (
+        f"\n### Random-direction control at scale {_fmt(control.scale)}\n\n"
+        f"CAA accuracy at this scale: {_fmt(control.caa_accuracy)}.\n\n"
+        + _table(
+            [
+                "direction",
+                "cos with CAA",
+                "accuracy",
+                "Δ vs baseline",
+                "Δ 95% CI",
+                "net flips",
+                "McNemar p vs baseline",
+                "CAA only right",
+                "random only right",
+                "McNemar p vs CAA",
+                "cut off",
+            ],
+            rows,
+        )
+        + "\n"
+    )
 
 
 def _section_lens(paths: RunPaths, m: Lens | None) -> str:
     if m is None:
         return "## Logit lens\n\nChapter 07 not run.\n"
     n = min(len(m.top_tokens), len(m.top_probs))
-    rows = [[layer, m.english_fraction[layer] if layer < len(m.english_fraction) else None,
-             repr(m.top_tokens[layer][-1]), m.top_probs[layer][-1]] for layer in range(n)]
+    rows = [
+        [
+            layer,
+            m.english_fraction[layer] if layer < len(m.english_fraction) else None,
+            repr(m.top_tokens[layer][-1]),
+            m.top_probs[layer][-1],
+        ]
+        for layer in range(n)
+    ]
     return (
         "## Logit lens (chapter 07)\n\n"
         f"First layer whose top tokens are mostly English words: **{_fmt(m.english_commitment_layer)}**"
         f" of {_fmt(m.n_layers)} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
-        + (_table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
-           if rows else "")
-        + _figures(paths, "07_") + "\n"
+        + (
+            _table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
+            if rows
+            else ""
+        )
+        + _figures(paths, "07_")
+        + "\n"
     )
 
 

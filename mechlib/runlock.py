@@ -16,9 +16,9 @@ import json
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 LOCK_NAME = ".lock"
 # A lock file that is empty or unreadable is normally one a starter has created but not yet
@@ -106,8 +106,11 @@ def acquire(path: Path, run: str, note: Callable[[str], None] = print) -> LockHo
         reason = _stale_reason(path, holder, me.host)
         if reason is None:
             who = holder.describe() if holder else "a runner that is still writing its lock"
-            hint = ("wait for it, or stop it" if holder is None or holder.host == me.host
-                    else f"if that run is gone, delete {path}")
+            hint = (
+                "wait for it, or stop it"
+                if holder is None or holder.host == me.host
+                else f"if that run is gone, delete {path}"
+            )
             raise RunLockError(f"run {run!r} is already running ({who}); {hint} — lock: {path}")
         note(f"[mechbook] note: taking over the lock of run {run!r}: {reason} ({path})")
         with contextlib.suppress(FileNotFoundError):

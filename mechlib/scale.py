@@ -20,8 +20,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from mechlib.activations.collect_config import collect_config_from_params, collect_split, open_train_store
 from mechlib.activations.shards import MANIFEST, Manifest, ShardEntry, ShardError, rank_manifest_name, read_manifest
@@ -29,8 +30,17 @@ from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import load_params
 from mechlib.paths import RunPaths
-from mechlib.sae.distributed import (DistInfo, StepFn, all_or, barrier, global_reference_step, local_rows,
-                                     process_group, reduce_grads_sum, rescaled_step)
+from mechlib.sae.distributed import (
+    DistInfo,
+    StepFn,
+    all_or,
+    barrier,
+    global_reference_step,
+    local_rows,
+    process_group,
+    reduce_grads_sum,
+    rescaled_step,
+)
 from mechlib.sae.train import ParallelHooks, pick_step_fn, train_sae
 
 
@@ -39,8 +49,12 @@ def train_hooks(info: DistInfo) -> ParallelHooks:
     SUM of gradients, OR of the ``fired`` masks, files written by rank 0 only."""
     if not info.distributed:
         return ParallelHooks()
-    return ParallelHooks(local_batch=lambda x: local_rows(x, info.rank, info.world_size),
-                         reduce_grads=reduce_grads_sum, reduce_fired=all_or, is_main=info.is_main)
+    return ParallelHooks(
+        local_batch=lambda x: local_rows(x, info.rank, info.world_size),
+        reduce_grads=reduce_grads_sum,
+        reduce_fired=all_or,
+        is_main=info.is_main,
+    )
 
 
 def train_step_fn(info: DistInfo) -> StepFn | None:
@@ -52,8 +66,9 @@ def train_step_fn(info: DistInfo) -> StepFn | None:
     return rescaled_step(fn) if name == "fast" else global_reference_step
 
 
-def train(params_path: str | Path, device: str | None = None, progress: bool = True,
-          info: DistInfo | None = None) -> dict[str, Any]:
+def train(
+    params_path: str | Path, device: str | None = None, progress: bool = True, info: DistInfo | None = None
+) -> dict[str, Any]:
     """Train the run's SAE on its collected activations (one process or one rank of torchrun).
 
     ``info``: the process group already joined (by :func:`main`); ``None`` joins and leaves one here.
@@ -65,13 +80,26 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
         return {"run": P.run, "steps": 0, "sae_source": "pretrained"}
     with _group(info, device or P.device) as info:
         store = open_train_store(P, paths, str(info.device))
-        res = train_sae(store, P.train_config(), paths.checkpoints, device=str(info.device),
-                        step_fn=train_step_fn(info), hooks=train_hooks(info), progress=progress and info.is_main)
+        res = train_sae(
+            store,
+            P.train_config(),
+            paths.checkpoints,
+            device=str(info.device),
+            step_fn=train_step_fn(info),
+            hooks=train_hooks(info),
+            progress=progress and info.is_main,
+        )
         barrier()
-        summary = {"run": P.run, "world_size": info.world_size, "steps": res.steps, "tokens": res.tokens,
-                   "resumed_from": res.resumed_from, "seconds": round(res.seconds, 2),
-                   "final_fvu": res.history[-1]["fvu"] if res.history else None,
-                   "checkpoints": str(paths.checkpoints)}
+        summary = {
+            "run": P.run,
+            "world_size": info.world_size,
+            "steps": res.steps,
+            "tokens": res.tokens,
+            "resumed_from": res.resumed_from,
+            "seconds": round(res.seconds, 2),
+            "final_fvu": res.history[-1]["fvu"] if res.history else None,
+            "checkpoints": str(paths.checkpoints),
+        }
         if info.is_main:
             print(f"[mechlib.scale] train {P.run}: {summary}", flush=True)
     return summary
@@ -79,8 +107,13 @@ def train(params_path: str | Path, device: str | None = None, progress: bool = T
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mechlib.scale", description=__doc__.splitlines()[0])
-    parser.add_argument("commands", nargs="+", choices=("collect", "train"), metavar="{collect,train}",
-                        help="collect, train, or both in order")
+    parser.add_argument(
+        "commands",
+        nargs="+",
+        choices=("collect", "train"),
+        metavar="{collect,train}",
+        help="collect, train, or both in order",
+    )
     parser.add_argument("params", help="params file, e.g. params/default.yaml")
     parser.add_argument("--device", default=None, help="override the params' device (auto | cpu | cuda)")
     parser.add_argument("--no-progress", action="store_true")
@@ -89,8 +122,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         P = load_params(args.params)  # a bad params file fails before any process group exists
         with process_group(args.device or P.device) as info:  # one group for all commands
             for command in args.commands:
-                {"collect": collect, "train": train}[command](args.params, args.device,
-                                                              progress=not args.no_progress, info=info)
+                {"collect": collect, "train": train}[command](
+                    args.params, args.device, progress=not args.no_progress, info=info
+                )
     except ValueError as exc:  # ParamsError, ModelLoadError, LayerError, ShardError, SAEError, ...
         print(f"[mechlib.scale] error: {exc}", file=sys.stderr)
         return 1
@@ -106,8 +140,9 @@ def _group(info: DistInfo | None, device: str) -> Iterator[DistInfo]:
             yield joined
 
 
-def collect(params_path: str | Path, device: str | None = None, progress: bool = True,
-            info: DistInfo | None = None) -> dict[str, Any]:
+def collect(
+    params_path: str | Path, device: str | None = None, progress: bool = True, info: DistInfo | None = None
+) -> dict[str, Any]:
     """Collect the run's ``train`` (``collect_mode: disk``) and ``heldout`` activations, data parallel.
 
     Rank ``r`` of ``N`` computes shards ``r, r+N, r+2N, ...`` of each split (the shards one process
@@ -122,13 +157,24 @@ def collect(params_path: str | Path, device: str | None = None, progress: bool =
         cfg = collect_config_from_params(P)  # the same function chapter 01 uses: the same tokens
         for split, _ in cfg.splits:
             out = paths.activations / split
-            run = collect_split(loaded, cfg, out, split, progress=progress and info.is_main, rank=info.rank,
-                                world_size=info.world_size, sync=barrier)
+            run = collect_split(
+                loaded,
+                cfg,
+                out,
+                split,
+                progress=progress and info.is_main,
+                rank=info.rank,
+                world_size=info.world_size,
+                sync=barrier,
+            )
             barrier()
             manifest = merge_rank_manifests(out, info.world_size) if info.distributed and info.is_main else None
             barrier()
-            summary[split] = {"computed_tokens_rank0": run.computed_tokens, "seconds": round(run.seconds, 2),
-                              "n_tokens": (manifest or run.manifest)["n_tokens"]}
+            summary[split] = {
+                "computed_tokens_rank0": run.computed_tokens,
+                "seconds": round(run.seconds, 2),
+                "n_tokens": (manifest or run.manifest)["n_tokens"],
+            }
         summary["world_size"] = info.world_size
         if info.is_main:
             print(f"[mechlib.scale] collect {P.run}: {summary}", flush=True)
@@ -145,17 +191,18 @@ def merge_rank_manifests(out_dir: Path, world_size: int) -> Manifest:
     if any(p is None for p in parts):
         missing = [rank_manifest_name(r) for r, p in enumerate(parts) if p is None]
         raise ShardError(f"{out_dir}: rank manifests {missing} are missing; rerun the collection")
+    manifests = [p for p in parts if p is not None]
     entries: dict[int, ShardEntry] = {}
-    for part in parts:
+    for part in manifests:
         entries.update({e["index"]: e for e in part["shards"]})
     shards = [entries[i] for i in sorted(entries)]
     if [e["index"] for e in shards] != list(range(len(shards))):
         raise ShardError(f"{out_dir}: shards {sorted(entries)} are not contiguous from 0; rerun the collection")
-    merged = {**parts[0], "shards": shards, "n_tokens": sum(e["n_tokens"] for e in shards)}
+    merged = {**manifests[0], "shards": shards, "n_tokens": sum(e["n_tokens"] for e in shards)}
     merged["complete"] = merged["n_tokens"] == merged["n_tokens_requested"]
     atomic_write_json(out_dir / MANIFEST, merged)
-    for part in out_dir.glob(rank_manifest_name("*")):  # also those of an earlier run with more ranks
-        part.unlink(missing_ok=True)
+    for leftover in out_dir.glob(rank_manifest_name("*")):  # also those of an earlier run with more ranks
+        leftover.unlink(missing_ok=True)
     return merged
 
 

@@ -18,8 +18,9 @@ asks whether a result is about arithmetic or about answers that never got to the
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 from mechlib.records import Record
 from mechlib.stats import wilson_ci
@@ -58,8 +59,9 @@ def verdicts(records: Sequence[Record], rule: ScoringRule) -> dict[str, bool]:
     return out
 
 
-def paired_verdicts(before: Sequence[Record], after: Sequence[Record],
-                    rule: ScoringRule) -> tuple[dict[str, bool], dict[str, bool]]:
+def paired_verdicts(
+    before: Sequence[Record], after: Sequence[Record], rule: ScoringRule
+) -> tuple[dict[str, bool], dict[str, bool]]:
     """Verdicts of two conditions on the questions both keep under ``rule`` (``before``'s order)."""
     a, b = verdicts(before, rule), verdicts(after, rule)
     keep = [i for i in a if i in b]
@@ -90,4 +92,3 @@ def accuracy_under_rules(records: Sequence[Record]) -> list[RuleAccuracy]:
         k, n = sum(v.values()), len(v)
         out.append(RuleAccuracy(rule, n, k, k / n if n else float("nan"), wilson_ci(k, n) if n else (0.0, 1.0)))
     return out
-

@@ -9,8 +9,9 @@ sentences are generated from the numbers of the run at hand, never written for o
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 from torch import Tensor
@@ -43,14 +44,30 @@ class PeakUnderRule:
         return asdict(self)
 
     @classmethod
-    def from_null(cls, rule: ScoringRule, null: PermutationNull, n_correct: int, n_wrong: int) -> "PeakUnderRule":
+    def from_null(cls, rule: ScoringRule, null: PermutationNull, n_correct: int, n_wrong: int) -> PeakUnderRule:
         """The row of a null already computed (chapter 05's own, for the primary rule)."""
-        return cls(rule, n_correct, n_wrong, null.peak, float(null.observed[null.peak]), null.p_peak,
-                   null.p_peak_mc_se, null.n_permutations)
+        return cls(
+            rule,
+            n_correct,
+            n_wrong,
+            null.peak,
+            float(null.observed[null.peak]),
+            null.p_peak,
+            null.p_peak_mc_se,
+            null.n_permutations,
+        )
 
 
-def peak_under_rules(states: Tensor | np.ndarray, ids: Sequence[str], records: Mapping[str, Record], *, top_n: int, seed: int,
-                     min_permutations: int, rules: Sequence[ScoringRule] = RULES) -> list[PeakUnderRule]:
+def peak_under_rules(
+    states: Tensor | np.ndarray,
+    ids: Sequence[str],
+    records: Mapping[str, Record],
+    *,
+    top_n: int,
+    seed: int,
+    min_permutations: int,
+    rules: Sequence[ScoringRule] = RULES,
+) -> list[PeakUnderRule]:
     """The peak layer, its top-|d| and permutation p under each of ``rules``.
 
     ``states`` is ``[len(ids), L, D]`` (the contrast set's pooled states, in ``ids`` order);
@@ -71,7 +88,9 @@ def peak_under_rules(states: Tensor | np.ndarray, ids: Sequence[str], records: M
     return out
 
 
-def _p_text(p: float, se: float | None) -> str:
+def _p_text(p: float | None, se: float | None) -> str:
+    if p is None:
+        return "p n/a"
     return f"p {p:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
@@ -79,39 +98,56 @@ def peak_verdict(rows: Sequence[PeakUnderRule], alpha: float = ALPHA) -> str:
     """One paragraph: the peak under each rule, whether it moves, and whether it stays significant."""
     primary = rows[0]
     if primary.peak_layer is None:
-        return (f"Under the primary rule one side of the contrast has fewer than {MIN_GROUP} questions "
-                f"({primary.n_correct} correct, {primary.n_wrong} wrong): there is no peak layer to test.")
+        return (
+            f"Under the primary rule one side of the contrast has fewer than {MIN_GROUP} questions "
+            f"({primary.n_correct} correct, {primary.n_wrong} wrong): there is no peak layer to test."
+        )
     parts = []
     for r in rows[1:]:
-        parts.append(f"{RULE_LABELS[r.rule]}: " + ("too few questions on one side" if r.peak_layer is None else
-                     f"layer {r.peak_layer} (|d| {r.top_abs_d:.3f}, {_p_text(r.p_peak, r.p_mc_se)})"))
+        parts.append(
+            f"{RULE_LABELS[r.rule]}: "
+            + (
+                "too few questions on one side"
+                if r.peak_layer is None
+                else f"layer {r.peak_layer} (|d| {r.top_abs_d:.3f}, {_p_text(r.p_peak, r.p_mc_se)})"
+            )
+        )
     usable = [r for r in rows if r.peak_layer is not None]
     same = [r for r in usable if r.peak_layer == primary.peak_layer]
     significant = [r for r in usable if r.p_peak is not None and r.p_peak < alpha]
-    text = (f"Under the primary rule the peak is layer {primary.peak_layer} (mean top-|d| {primary.top_abs_d:.3f}, "
-            f"{_p_text(primary.p_peak, primary.p_mc_se)}, {primary.n_permutations} permutations). "
-            f"Alternatives — {'; '.join(parts)}. ")
+    text = (
+        f"Under the primary rule the peak is layer {primary.peak_layer} (mean top-|d| {primary.top_abs_d:.3f}, "
+        f"{_p_text(primary.p_peak, primary.p_mc_se)}, {primary.n_permutations} permutations). "
+        f"Alternatives — {'; '.join(parts)}. "
+    )
     if len(same) == len(rows):
         text += f"Every rule finds the same peak layer: the choice of layer {primary.peak_layer} survives. "
     else:
-        moved = sorted({r.peak_layer for r in usable if r.peak_layer != primary.peak_layer})
-        text += (f"The peak moves (to layer{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))}) under "
-                 f"{len(rows) - len(same)} of {len(rows) - 1} alternative rules: the choice of layer "
-                 f"{primary.peak_layer} — and so the steering layer of chapter 06 — depends on how answers are "
-                 f"scored. ")
+        moved = sorted(
+            {r.peak_layer for r in usable if r.peak_layer is not None and r.peak_layer != primary.peak_layer}
+        )
+        text += (
+            f"The peak moves (to layer{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))}) under "
+            f"{len(rows) - len(same)} of {len(rows) - 1} alternative rules: the choice of layer "
+            f"{primary.peak_layer} — and so the steering layer of chapter 06 — depends on how answers are "
+            f"scored. "
+        )
     if len(significant) == len(usable) == len(rows):
         text += f"The peak stands out from the permutation null (p < {alpha}) under every rule."
     elif not significant:
         text += f"Under no rule does the peak stand out from the permutation null at p < {alpha}."
     else:
-        text += (f"It stands out from the permutation null at p < {alpha} under {len(significant)} of {len(rows)} "
-                 f"rules only ({', '.join(r.rule for r in significant)}): treat it as suggestive, not established.")
+        text += (
+            f"It stands out from the permutation null at p < {alpha} under {len(significant)} of {len(rows)} "
+            f"rules only ({', '.join(r.rule for r in significant)}): treat it as suggestive, not established."
+        )
     return text
 
 
 # --------------------------------------------------------------------------------------------
 # Steering rows
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class RowUnderRule:
@@ -132,8 +168,9 @@ def effect_of(row: SteeringRow, alpha: float = ALPHA) -> Effect:
     return "helps" if row.net_flips > 0 else "harms"
 
 
-def rows_under_rules(scale: float, baseline: Sequence[Record], steered: Sequence[Record], *, n_bootstrap: int,
-                     seed: int) -> list[RowUnderRule]:
+def rows_under_rules(
+    scale: float, baseline: Sequence[Record], steered: Sequence[Record], *, n_bootstrap: int, seed: int
+) -> list[RowUnderRule]:
     """The steering row of ``scale`` recomputed under every scoring rule (same questions, paired)."""
     out = []
     for rule in RULES:
@@ -148,11 +185,14 @@ def rows_under_rules(scale: float, baseline: Sequence[Record], steered: Sequence
 def row_verdict(rows: Sequence[RowUnderRule]) -> str:
     """One sentence for one scale: its effect under the primary rule and whether the alternatives agree."""
     primary = rows[0]
-    head = (f"{100 * primary.row.scale:+g} %: {primary.effect} under the primary rule "
-            f"(Δ {primary.row.delta:+.3f}, net {primary.row.net_flips:+d}, McNemar p {primary.row.mcnemar_p:.3f})")
+    head = (
+        f"{100 * primary.row.scale:+g} %: {primary.effect} under the primary rule "
+        f"(Δ {primary.row.delta:+.3f}, net {primary.row.net_flips:+d}, McNemar p {primary.row.mcnemar_p:.3f})"
+    )
     others = [r for r in rows[1:] if r.effect != primary.effect]
     if not others:
         return head + f"; the same under all {len(rows) - 1} alternatives — the conclusion survives."
-    diff = "; ".join(f"{r.effect} under {r.rule} (Δ {r.row.delta:+.3f}, n {r.row.n}, p {r.row.mcnemar_p:.3f})"
-                     for r in others)
+    diff = "; ".join(
+        f"{r.effect} under {r.rule} (Δ {r.row.delta:+.3f}, n {r.row.n}, p {r.row.mcnemar_p:.3f})" for r in others
+    )
     return head + f"; but {diff} — the conclusion depends on how answers are scored."

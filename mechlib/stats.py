@@ -14,8 +14,8 @@ Everything works in float64 NumPy; inputs may be NumPy arrays or CPU torch tenso
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Hashable, Sequence
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -51,6 +51,7 @@ def finite_or_none(x: float | None) -> float | None:
 # Effect sizes
 # --------------------------------------------------------------------------------------------
 
+
 def cohens_d(a: ArrayLike, b: ArrayLike) -> np.ndarray:
     """Cohen's d of ``a`` − ``b`` for every dimension (samples along axis 0).
 
@@ -79,15 +80,16 @@ def _safe_ratio(num: np.ndarray, sd: np.ndarray, scale: np.ndarray) -> np.ndarra
 
 def top_abs_mean(d: ArrayLike, n: int = 10) -> np.ndarray:
     """Mean of the ``n`` largest |d| along the last axis (the study's per-layer statistic)."""
-    d = np.abs(_as_f64(d, "d"))
-    if not 1 <= n <= d.shape[-1]:
-        raise StatsInputError(f"top n must be in [1, {d.shape[-1]}], got {n}")
-    return -np.partition(-d, n - 1, axis=-1)[..., :n].mean(axis=-1)
+    a = np.abs(_as_f64(d, "d"))
+    if not 1 <= n <= a.shape[-1]:
+        raise StatsInputError(f"top n must be in [1, {a.shape[-1]}], got {n}")
+    return -np.partition(-a, n - 1, axis=-1)[..., :n].mean(axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
 # Label-permutation null for the layer statistic
 # --------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class PermutationNull:
@@ -126,9 +128,17 @@ def mc_standard_error(p: float, n_permutations: int) -> float:
     return float(np.sqrt(p * (1.0 - p) / n_permutations))
 
 
-def adaptive_permutation_null(states: ArrayLike, labels: ArrayLike, *, min_permutations: int = 1000,
-                              max_permutations: int = 16000, alpha: float = 0.05, seed: int = 0, top_n: int = 10,
-                              strata: Sequence[Hashable] | None = None) -> PermutationNull:
+def adaptive_permutation_null(
+    states: ArrayLike,
+    labels: ArrayLike,
+    *,
+    min_permutations: int = 1000,
+    max_permutations: int = 16000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    top_n: int = 10,
+    strata: Sequence[Hashable] | None = None,
+) -> PermutationNull:
     """:func:`permutation_null` with as many permutations as the decision at ``alpha`` needs.
 
     Why: with 200 permutations a p of 0.055 carries a Monte-Carlo error of about ±0.016, so
@@ -138,8 +148,9 @@ def adaptive_permutation_null(states: ArrayLike, labels: ArrayLike, *, min_permu
     so a larger run extends a smaller one (its first draws are the same).
     """
     if min_permutations < 1 or max_permutations < min_permutations:
-        raise StatsInputError(f"need 1 <= min_permutations <= max_permutations, got {min_permutations}, "
-                              f"{max_permutations}")
+        raise StatsInputError(
+            f"need 1 <= min_permutations <= max_permutations, got {min_permutations}, {max_permutations}"
+        )
     n = min_permutations
     while True:
         res = permutation_null(states, labels, n, seed, top_n, strata=strata)
@@ -148,8 +159,15 @@ def adaptive_permutation_null(states: ArrayLike, labels: ArrayLike, *, min_permu
         n = min(2 * n, max_permutations)
 
 
-def permutation_null(states: ArrayLike, labels: ArrayLike, n_permutations: int = 200, seed: int = 0, top_n: int = 10,
-                     chunk_bytes: int = 256 << 20, strata: Sequence[Hashable] | None = None) -> PermutationNull:
+def permutation_null(
+    states: ArrayLike,
+    labels: ArrayLike,
+    n_permutations: int = 200,
+    seed: int = 0,
+    top_n: int = 10,
+    chunk_bytes: int = 256 << 20,
+    strata: Sequence[Hashable] | None = None,
+) -> PermutationNull:
     """Per-layer top-``top_n`` mean |Cohen's d| (label True − False) and its permutation null.
 
     ``states`` is ``[n, L, D]`` (or ``[n, D]`` for one layer). Permutations shuffle the labels
@@ -199,7 +217,7 @@ def permutation_null(states: ArrayLike, labels: ArrayLike, n_permutations: int =
     rng = np.random.default_rng(seed)
     perms = _permutations(y, n_permutations, rng, strata).astype(np.float64)
     per_chunk = max(1, chunk_bytes // (8 * 6 * flat.shape[1]))
-    null = np.concatenate([stat(perms[i:i + per_chunk]) for i in range(0, n_permutations, per_chunk)])
+    null = np.concatenate([stat(perms[i : i + per_chunk]) for i in range(0, n_permutations, per_chunk)])
     null_max = null.max(axis=1)
     peak = int(np.argmax(observed))
     p_layer = (1 + (null >= observed[None, :]).sum(axis=0)) / (1 + n_permutations)
@@ -207,8 +225,9 @@ def permutation_null(states: ArrayLike, labels: ArrayLike, n_permutations: int =
     return PermutationNull(observed, null, null_max, p_layer, p_peak, peak, top_n)
 
 
-def _permutations(y: np.ndarray, n_permutations: int, rng: np.random.Generator,
-                  strata: Sequence[Hashable] | None) -> np.ndarray:
+def _permutations(
+    y: np.ndarray, n_permutations: int, rng: np.random.Generator, strata: Sequence[Hashable] | None
+) -> np.ndarray:
     """``[P, n]`` label vectors: ``y`` shuffled as a whole, or within each stratum."""
     if strata is None:
         return np.stack([rng.permutation(y) for _ in range(n_permutations)])
@@ -226,6 +245,7 @@ def _permutations(y: np.ndarray, n_permutations: int, rng: np.random.Generator,
 # --------------------------------------------------------------------------------------------
 # Accuracies and paired comparisons
 # --------------------------------------------------------------------------------------------
+
 
 def wilson_ci(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion ``k / n``, with ``0 <= lo <= k/n <= hi <= 1`` exactly.
@@ -275,8 +295,9 @@ class BootstrapCI:
         return asdict(self)
 
 
-def bootstrap_ci(before: ArrayLike, after: ArrayLike, n_bootstrap: int = 2000, seed: int = 0,
-                 confidence: float = 0.95) -> BootstrapCI:
+def bootstrap_ci(
+    before: ArrayLike, after: ArrayLike, n_bootstrap: int = 2000, seed: int = 0, confidence: float = 0.95
+) -> BootstrapCI:
     """Percentile bootstrap interval for the paired accuracy change ``mean(after) − mean(before)``.
 
     Questions are resampled with replacement *as pairs* (the same question before and after), so

@@ -16,9 +16,10 @@ from __future__ import annotations
 import itertools
 import os
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence, TypedDict
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -32,15 +33,31 @@ from mechlib.gsm8k import Question
 from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import LoadedModel, check_layer, decoder_layers, model_device
-from mechlib.prompts import build_prompt, encode_prompts
+from mechlib.prompts import build_prompt, decode_text, encode_prompts
 from mechlib.records import Record, open_records, score_generation, settings_for, write_records
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
 from mechlib.steering_vector import SteeringError, SteeringVector, steering_delta, steering_hook
 from mechlib.stopping import AnswerLineStop
 
-__all__ = ["CardHookCheck", "RowSteering", "SteeringError", "SteeringRow", "SteeringVector", "changed_first",
-           "check_card_hook", "correctness", "mean_residual_norm", "recovered_overlaps", "run_sweep", "scale_tag",
-           "steer_records_path", "steering_delta", "steering_hook", "steering_row", "vector_for_layer"]
+__all__ = [
+    "CardHookCheck",
+    "RowSteering",
+    "SteeringError",
+    "SteeringRow",
+    "SteeringVector",
+    "changed_first",
+    "check_card_hook",
+    "correctness",
+    "mean_residual_norm",
+    "recovered_overlaps",
+    "run_sweep",
+    "scale_tag",
+    "steer_records_path",
+    "steering_delta",
+    "steering_hook",
+    "steering_row",
+    "vector_for_layer",
+]
 
 
 def mean_residual_norm(states: LayerStates, layer: int) -> float:
@@ -56,8 +73,15 @@ def mean_residual_norm(states: LayerStates, layer: int) -> float:
     return float(norms[layer])
 
 
-def vector_for_layer(states: LayerStates, split: BaselineSplit, layer: int, checkpoints_dir: str | os.PathLike[str],
-                     *, model: str, peak_layer: int) -> tuple[SteeringVector, Path]:
+def vector_for_layer(
+    states: LayerStates,
+    split: BaselineSplit,
+    layer: int,
+    checkpoints_dir: str | os.PathLike[str],
+    *,
+    model: str,
+    peak_layer: int,
+) -> tuple[SteeringVector, Path]:
     """The steering vector for ``layer``: chapter 05's file at the peak, else built the same way.
 
     Off the peak, ``unit(mean(h|correct) − mean(h|wrong))`` is computed from chapter 05's cached
@@ -67,8 +91,16 @@ def vector_for_layer(states: LayerStates, split: BaselineSplit, layer: int, chec
     if layer != peak_layer or not path.is_file():
         y = split.labels(split.contrast_ids)
         unit, raw = mean_difference(states.select(split.contrast_ids)[:, layer], y)
-        SteeringVector(layer, unit, mean_residual_norm(states, layer), model=model, n_correct=int(y.sum()),
-                       n_wrong=int((~y).sum()), raw_diff_norm=raw, pooling=states.pooling).save(path)
+        SteeringVector(
+            layer,
+            unit,
+            mean_residual_norm(states, layer),
+            model=model,
+            n_correct=int(y.sum()),
+            n_wrong=int((~y).sum()),
+            raw_diff_norm=raw,
+            pooling=states.pooling,
+        ).save(path)
     vec = SteeringVector.load(path)
     if vec.layer != layer:
         raise SteeringError(f"{path}: holds a vector for layer {vec.layer}, not {layer}")
@@ -79,8 +111,12 @@ def vector_for_layer(states: LayerStates, split: BaselineSplit, layer: int, chec
 # The sweep and its table
 # --------------------------------------------------------------------------------------------
 
+
 def scale_tag(scale: float) -> str:
-    """File-name tag of a scale: ``+0.05``, ``-0.05``, ``+0`` (6 significant digits: distinct scales, distinct files)."""
+    """File-name tag of a scale: ``+0.05``, ``-0.05``, ``+0``.
+
+    6 significant digits: distinct scales, distinct files.
+    """
     return f"{float(scale):+g}"
 
 
@@ -92,8 +128,11 @@ def steer_records_path(records_dir: str | os.PathLike[str], layer: int, scale: f
 def _sweep_files(records_dir: Path, layer: int, tag: str) -> list[Path]:
     """This sweep's records files only: ``steer_L17_+0.1.jsonl`` belongs to tag "", not to "_rand0"."""
     prefix = f"steer_L{layer}{tag}_"
-    return [f for f in records_dir.glob(f"{prefix}*.jsonl")
-            if re.fullmatch(r"[+-][0-9.e+-]+", f.name[len(prefix):-len(".jsonl")])]
+    return [
+        f
+        for f in records_dir.glob(f"{prefix}*.jsonl")
+        if re.fullmatch(r"[+-][0-9.e+-]+", f.name[len(prefix) : -len(".jsonl")])
+    ]
 
 
 class RowSteering:
@@ -123,15 +162,29 @@ class RowSteering:
         h = layer_output_tensor(out)
         d = self._current
         if d is None or d.shape[0] not in (1, h.shape[0]) or d.shape[1] != h.shape[-1]:
-            raise SteeringError(f"row deltas of shape {None if d is None else tuple(d.shape)} do not fit the layer "
-                                f"output {tuple(h.shape)}")
+            raise SteeringError(
+                f"row deltas of shape {None if d is None else tuple(d.shape)} do not fit the layer "
+                f"output {tuple(h.shape)}"
+            )
         return replace_layer_output(out, h + d[:, None, :])
 
 
-def run_sweep(loaded: LoadedModel, questions: Sequence[Question], *, vector: SteeringVector, scales: Sequence[float],
-              prompt_format: str, max_new_tokens: int, batch_size: int, records_dir: str | os.PathLike[str],
-              progress: bool = True, tag: str = "", cache: CacheKind = "auto", compile: CompileOption | None = None,
-              share_prefix: bool = True) -> dict[float, list[Record]]:
+def run_sweep(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    *,
+    vector: SteeringVector,
+    scales: Sequence[float],
+    prompt_format: str,
+    max_new_tokens: int,
+    batch_size: int,
+    records_dir: str | os.PathLike[str],
+    progress: bool = True,
+    tag: str = "",
+    cache: CacheKind = "auto",
+    compile: CompileOption | None = None,
+    share_prefix: bool = True,
+) -> dict[float, list[Record]]:
     """Generate every held-out question at every scale with ``vector`` steering; records per scale.
 
     Each scale's questions go in batches of their own, longest prompts first, and a
@@ -155,19 +208,24 @@ def run_sweep(loaded: LoadedModel, questions: Sequence[Question], *, vector: Ste
     prompts = {q.id: build_prompt(loaded.tokenizer, q.question, prompt_format) for q in questions}
     settings = settings_for(loaded, prompt_format, max_new_tokens)
     # reused records are re-scored with the current parser, exactly like the baseline's
-    done = {s: open_records(steer_records_path(records_dir, vector.layer, s, tag), settings, questions, prompts)
-            for s in scales}
+    done = {
+        s: open_records(steer_records_path(records_dir, vector.layer, s, tag), settings, questions, prompts)
+        for s in scales
+    }
     todo = [(q, s) for q in questions for s in scales if q.id not in done[s]]
     if todo:
-        sweep = _Sweep(loaded, vector, prompts, max_new_tokens,
-                       {"cache": cache, "compile": compile, "share_prefix": share_prefix})
+        sweep = _Sweep(
+            loaded, vector, prompts, max_new_tokens, {"cache": cache, "compile": compile, "share_prefix": share_prefix}
+        )
         batches = sweep.batches(todo, scales, batch_size)
         with add_forward_hook(decoder_layers(loaded.model)[vector.layer], sweep.hook):
             for batch in tqdm(batches, desc=f"steer L{vector.layer}{tag}", disable=not progress, unit="batch"):
                 sweep.generate(batch, done)
                 for s in {s for _, s in batch}:
-                    write_records(steer_records_path(records_dir, vector.layer, s, tag),
-                                  [done[s][q.id] for q in questions if q.id in done[s]])
+                    write_records(
+                        steer_records_path(records_dir, vector.layer, s, tag),
+                        [done[s][q.id] for q in questions if q.id in done[s]],
+                    )
     return {s: [done[s][q.id] for q in questions] for s in scales}
 
 
@@ -177,9 +235,16 @@ def _check_tag(tag: str) -> None:
 
 
 def _discard_if_vector_changed(records_dir: Path, vector: SteeringVector, model_name: str, tag: str) -> None:
-    """Delete this sweep's records when ``steer_L{layer}{tag}.meta.json`` names another vector or norm; note this one."""
-    meta = {"layer": int(vector.layer), "mean_norm": round(float(vector.mean_norm), 6), "model": model_name,
-            "vector": [round(float(x), 6) for x in torch.as_tensor(vector.unit).float().tolist()]}
+    """Delete this sweep's records when ``steer_L{layer}{tag}.meta.json`` names another vector or norm.
+
+    Then note this one.
+    """
+    meta = {
+        "layer": int(vector.layer),
+        "mean_norm": round(float(vector.mean_norm), 6),
+        "model": model_name,
+        "vector": [round(float(x), 6) for x in torch.as_tensor(vector.unit).float().tolist()],
+    }
     sweep_meta = records_dir / f"steer_L{vector.layer}{tag}.meta.json"
     if sweep_meta.is_file() and read_json(sweep_meta) != meta:
         for old in _sweep_files(records_dir, vector.layer, tag):
@@ -196,8 +261,14 @@ class _GenerateOptions(TypedDict):
 class _Sweep:
     """The generation half of :func:`run_sweep`: batches by scale, one steered batch at a time."""
 
-    def __init__(self, loaded: LoadedModel, vector: SteeringVector, prompts: Mapping[str, str], max_new_tokens: int,
-                 options: _GenerateOptions) -> None:
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        vector: SteeringVector,
+        prompts: Mapping[str, str],
+        max_new_tokens: int,
+        options: _GenerateOptions,
+    ) -> None:
         self.loaded, self.vector, self.prompts, self.max_new_tokens = loaded, vector, prompts, max_new_tokens
         self.options = options
         tok = loaded.tokenizer
@@ -206,13 +277,14 @@ class _Sweep:
         self.pad = pad_id_of(loaded.model, tok, self.eos)
         self.hook = RowSteering()
 
-    def batches(self, todo: Sequence[tuple[Question, float]], scales: Sequence[float],
-                batch_size: int) -> list[list[tuple[Question, float]]]:
+    def batches(
+        self, todo: Sequence[tuple[Question, float]], scales: Sequence[float], batch_size: int
+    ) -> list[list[tuple[Question, float]]]:
         """Each scale's missing questions in batches of their own, longest prompts first."""
         out: list[list[tuple[Question, float]]] = []
         for s in scales:
             mine = sorted((qs for qs in todo if qs[1] == s), key=lambda qs: -len(self.enc[qs[0].id]))
-            out += [mine[i:i + batch_size] for i in range(0, len(mine), batch_size)]
+            out += [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
         return out
 
     def generate(self, batch: Sequence[tuple[Question, float]], done: dict[float, dict[str, Record]]) -> None:
@@ -220,9 +292,18 @@ class _Sweep:
         model, tok = self.loaded.model, self.loaded.tokenizer
         param = next(model.parameters())  # where and in which dtype the hook adds
         self.hook.set_rows(self.vector.delta(batch[0][1])[None], param.device, param.dtype)
-        out = generate.generate_ids(model, [self.enc[q.id] for q, _ in batch], self.max_new_tokens, len(batch),
-                                    eos_ids=self.eos, pad_id=self.pad, sort_by_length=False, progress=False,
-                                    stop_when=AnswerLineStop(tok), **self.options)
+        out = generate.generate_ids(
+            model,
+            [self.enc[q.id] for q, _ in batch],
+            self.max_new_tokens,
+            len(batch),
+            eos_ids=self.eos,
+            pad_id=self.pad,
+            sort_by_length=False,
+            progress=False,
+            stop_when=AnswerLineStop(tok),
+            **self.options,
+        )
         for (q, s), row in zip(batch, out):
             done[s][q.id] = score_generation(q, self.prompts[q.id], row, tok, self.max_new_tokens)
 
@@ -263,13 +344,16 @@ def correctness(records: Sequence[Record] | Sequence[Mapping[str, object]]) -> d
     return out
 
 
-def steering_row(scale: float, baseline: Mapping[str, bool], steered: Mapping[str, bool], *,
-                 n_bootstrap: int = 2000, seed: int = 0) -> SteeringRow:
+def steering_row(
+    scale: float, baseline: Mapping[str, bool], steered: Mapping[str, bool], *, n_bootstrap: int = 2000, seed: int = 0
+) -> SteeringRow:
     """Compare one scale's per-question correctness with the baseline on the same question ids."""
     if set(baseline) != set(steered) or not baseline:
         only_b, only_s = sorted(set(baseline) - set(steered)), sorted(set(steered) - set(baseline))
-        raise SteeringError(f"baseline and steered runs must cover the same questions; only in baseline: "
-                            f"{only_b[:5]}, only steered: {only_s[:5]}")
+        raise SteeringError(
+            f"baseline and steered runs must cover the same questions; only in baseline: "
+            f"{only_b[:5]}, only steered: {only_s[:5]}"
+        )
     ids = list(baseline)  # the baseline's order (the held-out set's order)
     before = [baseline[i] for i in ids]
     after = [steered[i] for i in ids]
@@ -278,11 +362,20 @@ def steering_row(scale: float, baseline: Mapping[str, bool], steered: Mapping[st
     k, n = sum(after), len(ids)
     ci = bootstrap_ci(before, after, n_bootstrap=n_bootstrap, seed=seed)
     return SteeringRow(
-        scale=float(scale), perturbation=round(100 * float(scale), 6), n=n, accuracy=k / n,
-        accuracy_ci95=wilson_ci(k, n), delta=ci.estimate, delta_ci95=(ci.low, ci.high),
-        recovered=len(recovered_ids), n_baseline_wrong=n - sum(before), broken=len(broken_ids),
-        net_flips=len(recovered_ids) - len(broken_ids), mcnemar_p=mcnemar_exact(len(recovered_ids), len(broken_ids)),
-        recovered_ids=recovered_ids, broken_ids=broken_ids,
+        scale=float(scale),
+        perturbation=round(100 * float(scale), 6),
+        n=n,
+        accuracy=k / n,
+        accuracy_ci95=wilson_ci(k, n),
+        delta=ci.estimate,
+        delta_ci95=(ci.low, ci.high),
+        recovered=len(recovered_ids),
+        n_baseline_wrong=n - sum(before),
+        broken=len(broken_ids),
+        net_flips=len(recovered_ids) - len(broken_ids),
+        mcnemar_p=mcnemar_exact(len(recovered_ids), len(broken_ids)),
+        recovered_ids=recovered_ids,
+        broken_ids=broken_ids,
     )
 
 
@@ -292,9 +385,17 @@ def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[dict[str, Any]]:
     for a, b in itertools.combinations(rows, 2):
         sa, sb = set(a.recovered_ids), set(b.recovered_ids)
         union = sa | sb
-        out.append({"scale_a": a.scale, "scale_b": b.scale, "n_a": len(sa), "n_b": len(sb),
-                    "intersection": len(sa & sb), "shared_ids": sorted(sa & sb),
-                    "jaccard": len(sa & sb) / len(union) if union else 0.0})
+        out.append(
+            {
+                "scale_a": a.scale,
+                "scale_b": b.scale,
+                "n_a": len(sa),
+                "n_b": len(sb),
+                "intersection": len(sa & sb),
+                "shared_ids": sorted(sa & sb),
+                "jaccard": len(sa & sb) / len(union) if union else 0.0,
+            }
+        )
     return out
 
 
@@ -302,7 +403,10 @@ def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[dict[str, Any]]:
 # The card's own recipe on our artifact
 # --------------------------------------------------------------------------------------------
 
-def changed_first(questions: Sequence[Question], steered: Sequence[Record], baseline: Sequence[Record]) -> list[Question]:
+
+def changed_first(
+    questions: Sequence[Question], steered: Sequence[Record], baseline: Sequence[Record]
+) -> list[Question]:
     """``questions`` with those whose steered answer differs from the baseline's first (order kept otherwise)."""
     base = {r.id: r.generation for r in baseline}
     changed = {r.id for r in steered if r.generation != base.get(r.id)}
@@ -319,9 +423,17 @@ class CardHookCheck:
     n_steering_changed: int  # of the n answers, how many differ from the unsteered baseline (the check's power)
 
 
-def check_card_hook(loaded: LoadedModel, questions: Sequence[Question], steered: Sequence[Record],
-                    baseline: Sequence[Record], *, layer: int, register: Callable[[nn.Module], RemovableHandle],
-                    prompt_format: str, max_new_tokens: int) -> CardHookCheck:
+def check_card_hook(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    steered: Sequence[Record],
+    baseline: Sequence[Record],
+    *,
+    layer: int,
+    register: Callable[[nn.Module], RemovableHandle],
+    prompt_format: str,
+    max_new_tokens: int,
+) -> CardHookCheck:
     """Do the card's lines on our ``steering_vec_L*.pt`` steer exactly like :func:`run_sweep`?
 
     ``register(layer_module)`` installs the caller's own forward hook (the card's recipe, written
@@ -340,12 +452,18 @@ def check_card_hook(loaded: LoadedModel, questions: Sequence[Question], steered:
     handle = register(decoder_layers(model)[layer])
     try:
         for q in questions:
-            ids = torch.tensor([encode_prompts(tok, [build_prompt(tok, q.question, prompt_format)])[0]],
-                               device=model_device(model))
+            ids = torch.tensor(
+                [encode_prompts(tok, [build_prompt(tok, q.question, prompt_format)])[0]], device=model_device(model)
+            )
             with torch.no_grad():  # plain greedy, as mechlib's loop (the model's own sampling defaults ignored)
-                out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(
-                    do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad))
-            text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                out = model.generate(  # type: ignore[operator]  # generate comes from GenerationMixin, not in PreTrainedModel's stubs
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    generation_config=GenerationConfig(
+                        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad
+                    ),
+                )
+            text = decode_text(tok, out[0, ids.shape[1] :], skip_special_tokens=True)
             rec = by_id[q.id]
             same = text.startswith(rec.generation) if rec.stop_reason == "answer_line" else text == rec.generation
             if not same:

@@ -13,9 +13,10 @@ scale (exact McNemar on the questions where exactly one of the two is right).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -67,17 +68,36 @@ class RandomDirectionResult:
     truncated: float  # fraction of its answers cut off at max_new_tokens
 
     def as_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "cos_with_caa": self.cos_with_caa, **self.row.as_dict(),
-                "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa), "truncated": self.truncated}
+        return {
+            "index": self.index,
+            "cos_with_caa": self.cos_with_caa,
+            **self.row.as_dict(),
+            "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa),
+            "truncated": self.truncated,
+        }
 
 
-def run_random_control(loaded: LoadedModel, questions: Sequence[Question], *, caa: SteeringVector, scale: float,
-                       n_directions: int, seed: int, baseline: Mapping[str, bool],
-                       caa_at_scale: Mapping[str, bool] | None, prompt_format: str, max_new_tokens: int,
-                       batch_size: int, records_dir: str | Path, n_bootstrap: int = 2000,
-                       relabel: Callable[[list[Record]], list[Record]] | None = None, progress: bool = True,
-                       cache: CacheKind = "auto", compile: CompileOption | None = None,
-                       share_prefix: bool = True) -> list[RandomDirectionResult]:
+def run_random_control(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    *,
+    caa: SteeringVector,
+    scale: float,
+    n_directions: int,
+    seed: int,
+    baseline: Mapping[str, bool],
+    caa_at_scale: Mapping[str, bool] | None,
+    prompt_format: str,
+    max_new_tokens: int,
+    batch_size: int,
+    records_dir: str | Path,
+    n_bootstrap: int = 2000,
+    relabel: Callable[[list[Record]], list[Record]] | None = None,
+    progress: bool = True,
+    cache: CacheKind = "auto",
+    compile: CompileOption | None = None,
+    share_prefix: bool = True,
+) -> list[RandomDirectionResult]:
     """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
 
     Each direction is pushed at ``caa``'s layer by the same unit of scale (``caa.mean_norm``). The
@@ -91,10 +111,21 @@ def run_random_control(loaded: LoadedModel, questions: Sequence[Question], *, ca
     dirs = random_directions(unit.shape[0], n_directions, seed)
     out = []
     for i, v in enumerate(dirs):
-        records = run_sweep(loaded, questions, vector=caa.with_unit(v), scales=[scale], tag=f"_rand{i}",
-                            prompt_format=prompt_format, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                            records_dir=records_dir, progress=progress, cache=cache, compile=compile,
-                            share_prefix=share_prefix)[float(scale)]
+        records = run_sweep(
+            loaded,
+            questions,
+            vector=caa.with_unit(v),
+            scales=[scale],
+            tag=f"_rand{i}",
+            prompt_format=prompt_format,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            records_dir=records_dir,
+            progress=progress,
+            cache=cache,
+            compile=compile,
+            share_prefix=share_prefix,
+        )[float(scale)]
         if relabel is not None:
             records = relabel(records)
         steered = correctness(records)

@@ -15,14 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from mechlib.hooks import add_forward_hook, layer_output_tensor, replace_layer_output
+from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.io import atomic_torch_save, atomic_write_json, read_json
 from mechlib.models import check_layer, decoder_layers
 
@@ -63,7 +63,7 @@ def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_no
             cache[key] = delta.to(device=h.device, dtype=h.dtype)
         return h + cache[key]
 
-    def hook(_module: nn.Module, _inputs: tuple[object, ...], out: object) -> object:
+    def hook(_module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
         return replace_layer_output(out, add(layer_output_tensor(out)))
 
     with add_forward_hook(layer_module, hook):
@@ -115,8 +115,9 @@ class SteeringVector:
     def apply(self, model: nn.Module, scale: float) -> Iterator[Tensor]:
         """Steer ``model`` by ``scale × mean_norm × unit`` after decoder layer ``layer`` inside the ``with``
         block; yields the added vector. The hook is removed on exit and when the body raises."""
-        with steering_hook(decoder_layers(model)[check_layer(model, self.layer)], self.unit, scale,
-                           self.mean_norm) as delta:
+        with steering_hook(
+            decoder_layers(model)[check_layer(model, self.layer)], self.unit, scale, self.mean_norm
+        ) as delta:
             yield delta
 
     # ------------------------------------------------------------------ the card's on-disk format
@@ -155,10 +156,17 @@ class SteeringVector:
         missing = {"layer", "mean_resid_norm"} - set(obj)
         if missing:
             raise SteeringError(f"{meta}: steering vector metadata lacks keys {sorted(missing)}; rerun chapter 05")
-        return cls(layer=int(obj.pop("layer")), unit=unit, mean_norm=float(obj.pop("mean_resid_norm")),
-                   model=str(obj.pop("model", "")), n_correct=_opt_int(obj.pop("n_correct", None)),
-                   n_wrong=_opt_int(obj.pop("n_wrong", None)), raw_diff_norm=_opt_float(obj.pop("raw_diff_norm", None)),
-                   pooling=_opt_str(obj.pop("pooling", None)), extra=obj)
+        return cls(
+            layer=int(obj.pop("layer")),
+            unit=unit,
+            mean_norm=float(obj.pop("mean_resid_norm")),
+            model=str(obj.pop("model", "")),
+            n_correct=_opt_int(obj.pop("n_correct", None)),
+            n_wrong=_opt_int(obj.pop("n_wrong", None)),
+            raw_diff_norm=_opt_float(obj.pop("raw_diff_norm", None)),
+            pooling=_opt_str(obj.pop("pooling", None)),
+            extra=obj,
+        )
 
 
 def _opt_int(x: object) -> int | None:

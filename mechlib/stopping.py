@@ -19,8 +19,11 @@ generation cache key (:func:`mechlib.records.settings_of`).
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
+
+from mechlib.prompts import decode_text
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -47,7 +50,7 @@ class AnswerLineStop:
     tokenizer: PreTrainedTokenizerBase
 
     def __call__(self, ids: Sequence[int]) -> bool:
-        return has_final_answer_line(self.tokenizer.decode(list(ids), skip_special_tokens=True))
+        return has_final_answer_line(decode_text(self.tokenizer, list(ids), skip_special_tokens=True))
 
 
 def stop_reason_of(text: str, n_new_tokens: int, max_new_tokens: int, *, answer_line_stop: bool = True) -> StopReason:

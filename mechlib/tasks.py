@@ -13,12 +13,12 @@ machine and Python version.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from mechlib.gsm8k import GSM8KError, Question, load_gsm8k
 
-__all__ = ["Question", "TaskError", "load_questions", "arithmetic_questions", "TEMPLATE_WEIGHTS", "TASKS"]
+__all__ = ["TASKS", "TEMPLATE_WEIGHTS", "Question", "TaskError", "arithmetic_questions", "load_questions"]
 
 TASKS = ("arithmetic", "gsm8k")
 
@@ -27,10 +27,45 @@ class TaskError(ValueError):
     """A task request the book cannot serve; the message says which value is wrong."""
 
 
-NAMES = ["Anna", "Ben", "Carla", "David", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jamal", "Kofi", "Lena",
-         "Maya", "Noah", "Olga", "Pablo", "Rosa", "Sam", "Tara", "Victor"]
-ITEMS = ["apples", "books", "marbles", "pencils", "stickers", "cookies", "stamps", "shells", "cards", "oranges",
-         "balloons", "candles", "coins", "toys", "eggs"]
+NAMES = [
+    "Anna",
+    "Ben",
+    "Carla",
+    "David",
+    "Emma",
+    "Farid",
+    "Grace",
+    "Hugo",
+    "Ines",
+    "Jamal",
+    "Kofi",
+    "Lena",
+    "Maya",
+    "Noah",
+    "Olga",
+    "Pablo",
+    "Rosa",
+    "Sam",
+    "Tara",
+    "Victor",
+]
+ITEMS = [
+    "apples",
+    "books",
+    "marbles",
+    "pencils",
+    "stickers",
+    "cookies",
+    "stamps",
+    "shells",
+    "cards",
+    "oranges",
+    "balloons",
+    "candles",
+    "coins",
+    "toys",
+    "eggs",
+]
 
 
 @dataclass(frozen=True)
@@ -66,20 +101,24 @@ def _boxes(rng: random.Random) -> _Problem:
     """A one-step word problem: a product (up to 9 × 15)."""
     name, item = _pick(rng)
     a, b = rng.randint(2, 9), rng.randint(3, 15)
-    return _Problem(f"{name} buys {a} boxes of {item}. Each box has {b} {item}. How many {item} does {name} buy?",
-                    a * b)
+    return _Problem(
+        f"{name} buys {a} boxes of {item}. Each box has {b} {item}. How many {item} does {name} buy?", a * b
+    )
 
 
 def _buy_more(rng: random.Random) -> _Problem:
-    """"Has a, buys b more": a sum the model must first recognise as one (it sometimes multiplies)."""
+    """ "Has a, buys b more": a sum the model must first recognise as one (it sometimes multiplies)."""
     name, item = _pick(rng)
     a, b = rng.randint(3, 25), rng.randint(3, 15)
-    return _Problem(f"{name} has {a} {item}. {name} buys {b} more {item}. How many {item} does {name} have now?",
-                    a + b)
+    return _Problem(f"{name} has {a} {item}. {name} buys {b} more {item}. How many {item} does {name} have now?", a + b)
 
 
 TEMPLATES: dict[str, Callable[[random.Random], _Problem]] = {
-    "plus": _plus, "sum_of": _sum_of, "red_blue": _red_blue, "boxes": _boxes, "buy_more": _buy_more,
+    "plus": _plus,
+    "sum_of": _sum_of,
+    "red_blue": _red_blue,
+    "boxes": _boxes,
+    "buy_more": _buy_more,
 }
 
 # Relative frequencies. Measured on SmolLM2-135M-Instruct (prompt_format chat_oneshot, greedy, 48 new
@@ -112,8 +151,9 @@ def arithmetic_questions(n: int, seed: int = 0, weights: dict[str, float] | None
         else:
             raise TaskError(f"cannot draw {n} distinct arithmetic questions: template {kind!r} is exhausted")
         seen.add(p.text)
-        out.append(Question(id=f"arith-s{seed}-{len(out):04d}", question=p.text, answer=p.answer,
-                            source=f"arithmetic:{kind}"))
+        out.append(
+            Question(id=f"arith-s{seed}-{len(out):04d}", question=p.text, answer=p.answer, source=f"arithmetic:{kind}")
+        )
     return out
 
 

@@ -23,14 +23,18 @@ def final_line_states(text: str) -> str:
     return "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))
 
 
-def collapse_streams(nb: Any) -> Any:
+def collapse_streams(nb: nbformat.NotebookNode) -> nbformat.NotebookNode:
     """Merge adjacent stream outputs of the same name in every cell and resolve their ``\\r`` redraws (in place)."""
     for cell in nb.cells:
         merged: list[Any] = []
         for out in cell.get("outputs", []):
             prev = merged[-1] if merged else None
-            if out.get("output_type") == "stream" and prev is not None and prev.get("output_type") == "stream" \
-                    and prev.get("name") == out.get("name"):
+            if (
+                out.get("output_type") == "stream"
+                and prev is not None
+                and prev.get("output_type") == "stream"
+                and prev.get("name") == out.get("name")
+            ):
                 prev["text"] += out["text"]
             else:
                 merged.append(out)

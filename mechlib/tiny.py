@@ -27,12 +27,24 @@ def _gemma4_text_kwargs() -> dict:
     # 42), per-layer embeddings on, final softcap 30. Every shared type needs an unshared producer,
     # hence a full layer at index 3.
     return dict(
-        vocab_size=TINY_VOCAB, vocab_size_per_layer_input=TINY_VOCAB, hidden_size=64, intermediate_size=128,
-        num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16, global_head_dim=32,
-        hidden_size_per_layer_input=8, num_kv_shared_layers=2, sliding_window=8,
+        vocab_size=TINY_VOCAB,
+        vocab_size_per_layer_input=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        global_head_dim=32,
+        hidden_size_per_layer_input=8,
+        num_kv_shared_layers=2,
+        sliding_window=8,
         layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"],
-        final_logit_softcapping=30.0, max_position_embeddings=1024,
-        pad_token_id=0, eos_token_id=1, bos_token_id=2,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=1024,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
     )
 
 
@@ -43,26 +55,55 @@ def tiny_config(arch: Arch):
 
         text = Gemma4TextConfig(**_gemma4_text_kwargs())
         # Multimodal token ids must lie inside the tiny vocabulary; no vision/audio towers.
-        return Gemma4Config(text_config=text, vision_config=None, audio_config=None,
-                            boi_token_id=500, eoi_token_id=501, image_token_id=502, video_token_id=503,
-                            boa_token_id=504, eoa_token_index=505, audio_token_id=506)
+        return Gemma4Config(
+            text_config=text,
+            vision_config=None,
+            audio_config=None,
+            boi_token_id=500,
+            eoi_token_id=501,
+            image_token_id=502,
+            video_token_id=503,
+            boa_token_id=504,
+            eoa_token_index=505,
+            audio_token_id=506,
+        )
     if arch == "qwen3_5":
         from transformers import Qwen3_5TextConfig
 
         # 4 layers: 3 Gated-DeltaNet ("linear_attention") : 1 full attention, like the real model.
         return Qwen3_5TextConfig(
-            vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, head_dim=16, linear_key_head_dim=16,
-            linear_value_head_dim=16, linear_num_key_heads=2, linear_num_value_heads=4,
-            layer_types=["linear_attention"] * 3 + ["full_attention"], max_position_embeddings=1024,
-            pad_token_id=0, eos_token_id=1, bos_token_id=2,
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            linear_key_head_dim=16,
+            linear_value_head_dim=16,
+            linear_num_key_heads=2,
+            linear_num_value_heads=4,
+            layer_types=["linear_attention"] * 3 + ["full_attention"],
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
         )
     if arch == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                           pad_token_id=0, eos_token_id=1, bos_token_id=2)
+        return LlamaConfig(
+            vocab_size=TINY_VOCAB,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+        )
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
@@ -81,7 +122,7 @@ def tiny_model(arch: Arch, seed: int = 0) -> PreTrainedModel:
     model = cls(config)
     with torch.no_grad():
         gen = torch.Generator().manual_seed(seed)
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() >= 2:
                 p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.float().eval()
@@ -98,17 +139,29 @@ def gemma4_e4b_config():
     """
     from transformers import Gemma4Config, Gemma4TextConfig
 
-    text = Gemma4TextConfig(
-        vocab_size=262_144, vocab_size_per_layer_input=262_144, hidden_size=2560, intermediate_size=10240,
-        num_hidden_layers=42, num_attention_heads=8, num_key_value_heads=2, head_dim=256, global_head_dim=512,
-        hidden_size_per_layer_input=256, num_kv_shared_layers=18, sliding_window=512,
-        final_logit_softcapping=30.0, max_position_embeddings=131_072, tie_word_embeddings=True,
+    text = Gemma4TextConfig(  # type: ignore[call-arg]  # global_head_dim is read from **kwargs, not in the signature
+        vocab_size=262_144,
+        vocab_size_per_layer_input=262_144,
+        hidden_size=2560,
+        intermediate_size=10240,
+        num_hidden_layers=42,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        head_dim=256,
+        global_head_dim=512,
+        hidden_size_per_layer_input=256,
+        num_kv_shared_layers=18,
+        sliding_window=512,
+        final_logit_softcapping=30.0,
+        max_position_embeddings=131_072,
+        tie_word_embeddings=True,
     )
     return Gemma4Config(text_config=text, vision_config=None, audio_config=None)
 
 
-def benchmark_gemma4(small: bool, device: torch.device | str, dtype: torch.dtype,
-                     pad_id: int | None = None) -> PreTrainedModel:
+def benchmark_gemma4(
+    small: bool, device: torch.device | str, dtype: torch.dtype, pad_id: int | None = None
+) -> PreTrainedModel:
     """A random-weight ``Gemma4ForConditionalGeneration`` for the speed benchmarks, built on ``device``.
 
     ``small``: the tiny config (a CPU smoke test); else the published E4B config. Weights are
@@ -146,6 +199,7 @@ def tiny_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", pair="<bos> $A <bos> $B",
-                                                       special_tokens=[("<bos>", 2)])
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", 2)]
+    )
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")

@@ -77,14 +77,18 @@ paths = RunPaths(P.run).make()
 t0 = time.perf_counter()
 lm = load_model(P.model, P.model_dtype, P.device)
 load_s = time.perf_counter() - t0
-print(f"{lm.name}: {type(lm.model).__name__}, {lm.n_layers} layers, d_model {lm.d_model}, "
-      f"{P.model_dtype} on {next(lm.model.parameters()).device}; loaded in {load_s:.1f} s")
+print(
+    f"{lm.name}: {type(lm.model).__name__}, {lm.n_layers} layers, d_model {lm.d_model}, "
+    f"{P.model_dtype} on {next(lm.model.parameters()).device}; loaded in {load_s:.1f} s"
+)
 
 # %%
 result = collect_for_book(lm, P, paths)
 rate = result.computed_tokens / result.seconds if result.computed_tokens else None
-print(f"computed {result.computed_tokens} tokens in {result.seconds:.1f} s"
-      + (f" ({rate:,.0f} tokens/s)" if rate else " (everything was already on disk: resumed)"))
+print(
+    f"computed {result.computed_tokens} tokens in {result.seconds:.1f} s"
+    + (f" ({rate:,.0f} tokens/s)" if rate else " (everything was already on disk: resumed)")
+)
 
 # %% [markdown]
 # ## What was collected
@@ -98,8 +102,10 @@ held = result.heldout
 splits = {"train": result.train, "heldout": held} if result.train is not None else {"heldout": held}
 for name, store in splits.items():
     m = store.manifest
-    print(f"{name:8s} model={m['model']} layer={m['layer']} d_model={m['d_model']} dtype={m['dtype']} "
-          f"seq_len={m['seq_len']} rows={m['n_rows']} tokens={m['n_tokens']} shards={len(m['shards'])}")
+    print(
+        f"{name:8s} model={m['model']} layer={m['layer']} d_model={m['d_model']} dtype={m['dtype']} "
+        f"seq_len={m['seq_len']} rows={m['n_rows']} tokens={m['n_tokens']} shards={len(m['shards'])}"
+    )
 print("excluded special token ids:", held.manifest["special_token_ids"])
 if result.train is None:
     print("collect_mode = stream: no training shards on disk; chapter 02 runs the model while it trains")
@@ -124,30 +130,41 @@ with torch.no_grad():
 all_norms = h.norm(dim=-1)
 bos_norms = all_norms[:, 0]
 pos1_norms = all_norms[:, 1]
-sep = (ctx == held.manifest["separator_token_id"])
+sep = ctx == held.manifest["separator_token_id"]
 sep[:, 0] = False
 sep_norms = all_norms[sep]
 
-fig, axes = plots.new_figure(10.0, 3.8, ncols=2)
-axes[0].hist(norms.numpy(), bins=80, color="C0")
-axes[0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
-axes[0].set_ylabel("tokens")
-axes[1].hist([all_norms[keep].numpy(), pos1_norms.numpy(), bos_norms.numpy()], bins=40, color=["C0", "C1", "C3"],
-             log=True, label=["kept tokens (first 64 rows)", "position 1 (after BOS)", "BOS at row start"])
-axes[1].set_xlabel("‖residual‖")
-axes[1].legend(fontsize=8)
+fig, axes = plots.new_grid(10.0, 3.8, ncols=2)
+axes[0, 0].hist(norms.numpy(), bins=80, color="C0")
+axes[0, 0].set_xlabel(f"‖residual after layer {P.layer}‖ (kept tokens)")
+axes[0, 0].set_ylabel("tokens")
+axes[0, 1].hist(
+    [all_norms[keep].numpy(), pos1_norms.numpy(), bos_norms.numpy()],
+    bins=40,
+    color=["C0", "C1", "C3"],
+    log=True,
+    label=["kept tokens (first 64 rows)", "position 1 (after BOS)", "BOS at row start"],
+)
+axes[0, 1].set_xlabel("‖residual‖")
+axes[0, 1].legend(fontsize=8)
 fig.tight_layout()
 _ = plots.save_figure(fig, paths.figures / "01_norms.png")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"kept tokens: mean norm {norms.mean():.1f}, median {norms.median():.1f}, "
-      f"99th pct {norms.quantile(0.99):.1f} (first {acts.shape[0]} tokens)")
-print(f"BOS at row start: mean norm {bos_norms.mean():.1f} "
-      f"({bos_norms.mean() / all_norms[keep].mean():.1f}x the kept tokens of the same rows)")
+print(
+    f"kept tokens: mean norm {norms.mean():.1f}, median {norms.median():.1f}, "
+    f"99th pct {norms.quantile(0.99):.1f} (first {acts.shape[0]} tokens)"
+)
+print(
+    f"BOS at row start: mean norm {bos_norms.mean():.1f} "
+    f"({bos_norms.mean() / all_norms[keep].mean():.1f}x the kept tokens of the same rows)"
+)
 median = all_norms[keep].median()
-print(f"position 1: {int((pos1_norms > 5 * median).sum())} of {len(pos1_norms)} rows above 5x the median kept norm "
-      f"(max {pos1_norms.max():.0f}); kept tokens: max {all_norms[keep].max():.0f}")
+print(
+    f"position 1: {int((pos1_norms > 5 * median).sum())} of {len(pos1_norms)} rows above 5x the median kept norm "
+    f"(max {pos1_norms.max():.0f}); kept tokens: max {all_norms[keep].max():.0f}"
+)
 if sep_norms.numel():
     print(f"document separators: mean norm {sep_norms.mean():.1f} ({sep_norms.numel()} in the first 64 rows)")
 
@@ -165,14 +182,27 @@ print(textwrap.fill(finding, 110))
 
 # %%
 previous = results.read(paths.metrics, results.Collected)  # a resumed run keeps the first run's timings
-saved = results.save(paths, results.Collected(
-    model=lm.name, layer=P.layer, d_model=lm.d_model, seq_len=P.seq_len, n_tokens=n_train, finding=finding,
-    heldout_tokens=held.n_tokens, collect_mode=P.collect_mode, activation_dtype=P.activation_dtype,
-    exclude_special_tokens=P.exclude_special_tokens, exclude_first_positions=P.exclude_first_positions,
-    max_norm=round(float(norms.max()), 4), mean_norm=round(float(norms.mean()), 4), bos_norm_ratio=round(bos_ratio, 4),
-    # timings (not checked): of this run's computed tokens
-    model_load_s=round(load_s, 2),
-    collect_s=round(result.seconds, 2) if rate else previous and previous.collect_s,
-    tokens_per_s=round(rate, 1) if rate else previous and previous.tokens_per_s,
-))
+saved = results.save(
+    paths,
+    results.Collected(
+        model=lm.name,
+        layer=P.layer,
+        d_model=lm.d_model,
+        seq_len=P.seq_len,
+        n_tokens=n_train,
+        finding=finding,
+        heldout_tokens=held.n_tokens,
+        collect_mode=P.collect_mode,
+        activation_dtype=P.activation_dtype,
+        exclude_special_tokens=P.exclude_special_tokens,
+        exclude_first_positions=P.exclude_first_positions,
+        max_norm=round(float(norms.max()), 4),
+        mean_norm=round(float(norms.mean()), 4),
+        bos_norm_ratio=round(bos_ratio, 4),
+        # timings (not checked): of this run's computed tokens
+        model_load_s=round(load_s, 2),
+        collect_s=round(result.seconds, 2) if rate else previous and previous.collect_s,
+        tokens_per_s=round(rate, 1) if rate else previous and previous.tokens_per_s,
+    ),
+)
 print(paths.rel(saved))

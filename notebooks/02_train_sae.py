@@ -30,7 +30,8 @@
 # the exact reference step, whose backward pass also touches only the k selected latents per token.
 #
 # Instead of training, `sae_source: pretrained` loads a published SAE in the card's format, or a SAELens or
-# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or `hf:<owner>/<repo>[@<revision>][/<path>]` such as the study's
+# sparsify folder (`sae_pretrained`: a local `sae_final.pt` or folder, or
+# `hf:<owner>/<repo>[@<revision>][/<path>]` such as the study's
 # `hf:caiovicentino1/Gemma-4-E4B-SAE-L21-topk/sae_final.pt`), and chapter 03 evaluates that one.
 #
 # A rerun resumes: the full training state (weights, Adam moments, step, data position, dead counters)
@@ -82,11 +83,10 @@ import time
 
 from mechlib import findings, plots, results
 from mechlib.activations import open_store, open_train_store
-from mechlib.sae import HookInfo, export_sae
 from mechlib.io import read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.sae import HISTORY_FILE, run_sae
+from mechlib.sae import HISTORY_FILE, HookInfo, export_sae, run_sae
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -107,8 +107,10 @@ cfg = P.train_config()
 print(f"activations: d_model {store.d_model}, layer {store.manifest.get('layer')}, model {store.manifest.get('model')}")
 if P.sae_source == "train":
     epochs = cfg.total_steps * cfg.train_batch_size / store.n_tokens
-    print(f"{store.n_tokens} training tokens per epoch; {cfg.total_steps} steps of {cfg.train_batch_size} tokens "
-          f"= {epochs:.1f} epochs")
+    print(
+        f"{store.n_tokens} training tokens per epoch; {cfg.total_steps} steps of {cfg.train_batch_size} tokens "
+        f"= {epochs:.1f} epochs"
+    )
 
 # %% [markdown]
 # ## Training
@@ -120,9 +122,11 @@ if P.sae_source == "train":
 t0 = time.time()
 trained = run_sae(P, store, paths.checkpoints, device=P.device)
 sae = trained.sae
-print(f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {trained.sae_source}; "
-      f"training step: {trained.step_path}; resumed from step {trained.resumed_from}; "
-      f"{time.time() - t0:.1f} s in this run")
+print(
+    f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {trained.sae_source}; "
+    f"training step: {trained.step_path}; resumed from step {trained.resumed_from}; "
+    f"{time.time() - t0:.1f} s in this run"
+)
 
 # %% [markdown]
 # ## Training curves
@@ -172,13 +176,26 @@ print(f"SAELens: {paths.rel(exported.folder)}\nsparsify: {paths.rel(exported.spa
 
 # %%
 finding = findings.training_finding(
-    len(history), len(history) * cfg.train_batch_size, len(history) * cfg.train_batch_size / store.n_tokens,
-    history[-1]["fvu"] if history else None, history[-1]["n_dead"] if history else None, sae.d_sae)
+    len(history),
+    len(history) * cfg.train_batch_size,
+    len(history) * cfg.train_batch_size / store.n_tokens,
+    history[-1]["fvu"] if history else None,
+    history[-1]["n_dead"] if history else None,
+    sae.d_sae,
+)
 print(textwrap.fill(finding, 110))
 
 # %%
-_ = results.save(paths, results.Trained(
-    **trained.summary(), finding=finding, n_steps=len(history), final_batch_fvu=history[-1]["fvu"] if history else None,
-    n_dead_last_step=history[-1]["n_dead"] if history else None,
-    checkpoint=paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
-    export=paths.rel(exported.folder), train_config=cfg.as_dict()))
+_ = results.save(
+    paths,
+    results.Trained(
+        **trained.summary(),
+        finding=finding,
+        n_steps=len(history),
+        final_batch_fvu=history[-1]["fvu"] if history else None,
+        n_dead_last_step=history[-1]["n_dead"] if history else None,
+        checkpoint=paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
+        export=paths.rel(exported.folder),
+        train_config=cfg.as_dict(),
+    ),
+)

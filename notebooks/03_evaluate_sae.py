@@ -55,8 +55,7 @@ from mechlib.activations import open_store
 from mechlib.findings import CARD
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.sae import check_compatible
-from mechlib.sae import run_sae_for_eval
+from mechlib.sae import check_compatible, run_sae_for_eval
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -64,8 +63,9 @@ t0 = time.time()
 
 heldout = open_store(P, paths, "heldout")
 # a trained SAE must come from the training activations now on disk (else: rerun chapter 02)
-sae, sae_cfg = run_sae_for_eval(P, paths.checkpoints, device=P.device,
-                                activations=evaluate.training_fingerprint(P, paths))
+sae, sae_cfg = run_sae_for_eval(
+    P, paths.checkpoints, device=P.device, activations=evaluate.training_fingerprint(P, paths)
+)
 sae_path = P.sae_pretrained if P.sae_source == "pretrained" else str(paths.checkpoints / "sae_final.pt")
 check_compatible(sae, heldout.d_model, heldout.layer, source=sae_path)
 x = heldout.load_all()
@@ -87,8 +87,10 @@ print(f"variance explained, per-dimension (ours):   {recon.var_explained:.3f}")
 print(f"variance explained, global (seed's formula): {recon.var_explained_global:.3f}")
 print(f"PCA baseline, k={sae.k} components:           {pca_ve:.3f}")
 print(f"SAE beats PCA baseline: {recon.var_explained > pca_ve}")
-print(f"without the {recon.n_outlier_tokens} massive-norm tokens: SAE {recon.var_explained_excl_outliers:.3f}, "
-      f"PCA {pca_ve_in:.3f}")
+print(
+    f"without the {recon.n_outlier_tokens} massive-norm tokens: SAE {recon.var_explained_excl_outliers:.3f}, "
+    f"PCA {pca_ve_in:.3f}"
+)
 print(f"MSE per element: {recon.mse:.4g}   L0: {recon.l0:.1f}")
 print(f"coverage (fired on held-out): {recon.coverage:.3f}   never fired on held-out: {recon.never_fired_fraction:.3f}")
 print(f"dead at the end of training (counters): {'n/a' if dead_train is None else f'{dead_train:.3f}'}")
@@ -122,8 +124,10 @@ print(f"spliced loss on {spliced.n_tokens} positions ({time.time() - t0:.0f} s s
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"next-token CE: clean {spliced.ce_clean:.3f}, SAE spliced {spliced.ce_spliced:.3f}, "
-      f"mean-ablated {spliced.ce_mean_ablation:.3f}")
+print(
+    f"next-token CE: clean {spliced.ce_clean:.3f}, SAE spliced {spliced.ce_spliced:.3f}, "
+    f"mean-ablated {spliced.ce_mean_ablation:.3f}"
+)
 print(f"delta CE: {spliced.delta_ce_loss:.3f} nats   KL(clean || spliced): {spliced.kl:.3f} nats")
 recovered = spliced.ce_loss_recovered
 print(f"loss recovered vs mean ablation: {'n/a' if recovered is None else f'{recovered:.2f}'}")
@@ -141,9 +145,11 @@ print(f"loss recovered vs mean ablation: {'n/a' if recovered is None else f'{rec
 if snippet is None:
     print("checkpoint is not a card-format .pt file: snippet not applicable")
 else:
-    print(f"tokens compared: {snippet.n_tokens}; identical top-k latent sets: "
-          f"{snippet.same_topk_fraction:.2f}; max |reconstruction difference| < 1e-3: "
-          f"{snippet.max_recon_diff < 1e-3}")
+    print(
+        f"tokens compared: {snippet.n_tokens}; identical top-k latent sets: "
+        f"{snippet.same_topk_fraction:.2f}; max |reconstruction difference| < 1e-3: "
+        f"{snippet.max_recon_diff < 1e-3}"
+    )
 
 # %% [markdown]
 # ## Top-activating contexts
@@ -178,9 +184,11 @@ from IPython.display import HTML
 from mechlib import browser
 
 site = browser.build_browser(P, paths, heldout, sae, max_latents=P.browser_max_latents, contexts=P.browser_contexts)
-print(f"feature browser: {paths.rel(site.index_html)}; {site.n_latents} latents, {site.n_pages} with a page, "
-      f"{site.bytes / 1e6:.1f} MB, " + ("kept from an earlier build of the same inputs" if site.reused
-                                         else f"built in {site.seconds:.0f} s"))
+print(
+    f"feature browser: {paths.rel(site.index_html)}; {site.n_latents} latents, {site.n_pages} with a page, "
+    f"{site.bytes / 1e6:.1f} MB, "
+    + ("kept from an earlier build of the same inputs" if site.reused else f"built in {site.seconds:.0f} s")
+)
 
 # %% [markdown]
 # One latent's page, condensed: a typical one (its firing density is the median of those with a page).
@@ -199,12 +207,17 @@ HTML(browser.latent_html(site.folder, browser.featured_latent(site.folder)))
 
 # %%
 dead_fraction = dead_train if dead_train is not None else recon.never_fired_fraction
-rows = [("variance explained (per-dimension, held-out)", None, recon.var_explained),
-        ("variance explained (global formula, held-out)", CARD.var_explained_global, recon.var_explained_global),
-        (f"PCA baseline, k={sae.k} (per-dimension)", None, pca_ve), ("MSE per element", CARD.mse, recon.mse),
-        ("L0", CARD.l0, recon.l0), ("coverage (fired on held-out)", CARD.coverage, recon.coverage),
-        ("dead fraction", float(CARD.dead), dead_fraction),
-        ("delta next-token CE (nats)", None, spliced.delta_ce_loss), ("KL clean || spliced (nats)", None, spliced.kl)]
+rows = [
+    ("variance explained (per-dimension, held-out)", None, recon.var_explained),
+    ("variance explained (global formula, held-out)", CARD.var_explained_global, recon.var_explained_global),
+    (f"PCA baseline, k={sae.k} (per-dimension)", None, pca_ve),
+    ("MSE per element", CARD.mse, recon.mse),
+    ("L0", CARD.l0, recon.l0),
+    ("coverage (fired on held-out)", CARD.coverage, recon.coverage),
+    ("dead fraction", float(CARD.dead), dead_fraction),
+    ("delta next-token CE (nats)", None, spliced.delta_ce_loss),
+    ("KL clean || spliced (nats)", None, spliced.kl),
+]
 print(f"{'metric':48s} {'card (Gemma 4 E4B L21)':>24s} {'this run':>10s}")
 for label, card, value in rows:
     print(f"{label:48s} {('—' if card is None else f'{card:g}'):>24s} {value:10.4g}")
@@ -216,24 +229,59 @@ for label, card, value in rows:
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-finding = findings.sae_finding(recon.var_explained, recon.var_explained_global, pca_ve, sae.k, spliced.delta_ce_loss,
-                               spliced.kl, spliced.ce_loss_recovered, recon.l0, recon.coverage, recon.n_tokens)
+finding = findings.sae_finding(
+    recon.var_explained,
+    recon.var_explained_global,
+    pca_ve,
+    sae.k,
+    spliced.delta_ce_loss,
+    spliced.kl,
+    spliced.ce_loss_recovered,
+    recon.l0,
+    recon.coverage,
+    recon.n_tokens,
+)
 print(textwrap.fill(finding, 110))
 
 # %%
-_ = results.save(paths, results.Evaluated(
-    var_explained=recon.var_explained, var_explained_global=recon.var_explained_global, pca_var_explained=pca_ve,
-    mse=recon.mse, l0=recon.l0, coverage=recon.coverage, dead_fraction=dead_fraction,
-    delta_ce_loss=spliced.delta_ce_loss, kl=spliced.kl, finding=finding, n_tokens=recon.n_tokens,
-    never_fired_fraction=recon.never_fired_fraction, var_explained_excl_outliers=recon.var_explained_excl_outliers,
-    n_outlier_tokens=recon.n_outlier_tokens, outlier_norm_ratio=metrics.OUTLIER_NORM_RATIO,
-    pca_var_explained_excl_outliers=pca_ve_in, dead_fraction_training_counters=dead_train,
-    dead_fraction_source="training counters" if dead_train is not None else "never fired on held-out",
-    sae_beats_pca=recon.var_explained > pca_ve, pca_fit_on=pca_source, k=sae.k, d_sae=sae.d_sae,
-    layer=heldout.layer, sae_source=P.sae_source,
-    formulas={"var_explained": "1 - sum_d sum_n e^2 / sum_d sum_n (x - mean_d)^2 (held-out)",
-              "var_explained_global": "1 - mse / x.var() (one global variance; the seed's formula)"},
-    ce_clean=spliced.ce_clean, ce_spliced=spliced.ce_spliced, ce_mean_ablation=spliced.ce_mean_ablation,
-    ce_loss_recovered=spliced.ce_loss_recovered, ce_n_tokens=spliced.n_tokens, card_snippet=snippet,
-    feature_examples=examples))
+_ = results.save(
+    paths,
+    results.Evaluated(
+        var_explained=recon.var_explained,
+        var_explained_global=recon.var_explained_global,
+        pca_var_explained=pca_ve,
+        mse=recon.mse,
+        l0=recon.l0,
+        coverage=recon.coverage,
+        dead_fraction=dead_fraction,
+        delta_ce_loss=spliced.delta_ce_loss,
+        kl=spliced.kl,
+        finding=finding,
+        n_tokens=recon.n_tokens,
+        never_fired_fraction=recon.never_fired_fraction,
+        var_explained_excl_outliers=recon.var_explained_excl_outliers,
+        n_outlier_tokens=recon.n_outlier_tokens,
+        outlier_norm_ratio=metrics.OUTLIER_NORM_RATIO,
+        pca_var_explained_excl_outliers=pca_ve_in,
+        dead_fraction_training_counters=dead_train,
+        dead_fraction_source="training counters" if dead_train is not None else "never fired on held-out",
+        sae_beats_pca=recon.var_explained > pca_ve,
+        pca_fit_on=pca_source,
+        k=sae.k,
+        d_sae=sae.d_sae,
+        layer=heldout.layer,
+        sae_source=P.sae_source,
+        formulas={
+            "var_explained": "1 - sum_d sum_n e^2 / sum_d sum_n (x - mean_d)^2 (held-out)",
+            "var_explained_global": "1 - mse / x.var() (one global variance; the seed's formula)",
+        },
+        ce_clean=spliced.ce_clean,
+        ce_spliced=spliced.ce_spliced,
+        ce_mean_ablation=spliced.ce_mean_ablation,
+        ce_loss_recovered=spliced.ce_loss_recovered,
+        ce_n_tokens=spliced.n_tokens,
+        card_snippet=snippet,
+        feature_examples=examples,
+    ),
+)
 print(f"done in {time.time() - t0:.0f} s")

@@ -24,7 +24,7 @@
 # table below shows where this run landed.
 #
 # **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim:
-# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.
+# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.  # noqa: E501 (verbatim)
 # `"chat_template"` sends the same instruction through the model's own chat template, which is what a
 # non-Gemma model like SmolLM2 was trained on. `"chat_oneshot"` (the default run's) puts one worked example
 # — a subtraction, an operation none of the generated kinds uses — before the question in that template.
@@ -93,8 +93,10 @@ kinds = {q.id: q.source.split(":")[-1] for q in questions}
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{len(questions)} questions from task {P.task!r}; kinds: "
-      + ", ".join(f"{k} {list(kinds.values()).count(k)}" for k in sorted(set(kinds.values()))))
+print(
+    f"{len(questions)} questions from task {P.task!r}; kinds: "
+    + ", ".join(f"{k} {list(kinds.values()).count(k)}" for k in sorted(set(kinds.values())))
+)
 print(f"example: {questions[0].question!r} -> gold {questions[0].answer}")
 
 # %% [markdown]
@@ -114,10 +116,19 @@ print(build_prompt(loaded.tokenizer, questions[0].question, P.prompt_format))
 
 # %%
 t_gen = time.time()
-records = run_baseline(loaded, questions, P.prompt_format, P.max_new_tokens, P.gen_batch_size,
-                       paths.records / "baseline.jsonl", desc="baseline")
+records = run_baseline(
+    loaded,
+    questions,
+    P.prompt_format,
+    P.max_new_tokens,
+    P.gen_batch_size,
+    paths.records / "baseline.jsonl",
+    desc="baseline",
+)
 gen_seconds = time.time() - t_gen
-print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)} records in {paths.rel(paths.records)})")
+print(
+    f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)} records in {paths.rel(paths.records)})"
+)
 
 # %% [markdown]
 # ## Accuracy
@@ -133,23 +144,34 @@ print(f"generation: {gen_seconds:.1f} s on {loaded.model.device} ({len(records)}
 summary = summarize(records)
 groups = accuracy_by_group(records, kinds)
 by_rule = scoring.accuracy_under_rules(records)
-print(f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
-      f"95% CI [{summary.ci95[0]:.3f}, {summary.ci95[1]:.3f}]")
-print(f"ended by themselves: {summary.finished:.1%} (EOS {summary.stop_reasons['eos']}, "
-      f"'####' line {summary.stop_reasons['answer_line']}); cut off at max_new_tokens={P.max_new_tokens}: "
-      f"{summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}")
+print(
+    f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
+    f"95% CI [{summary.ci95[0]:.3f}, {summary.ci95[1]:.3f}]"
+)
+print(
+    f"ended by themselves: {summary.finished:.1%} (EOS {summary.stop_reasons['eos']}, "
+    f"'####' line {summary.stop_reasons['answer_line']}); cut off at max_new_tokens={P.max_new_tokens}: "
+    f"{summary.truncated:.1%}; no number at all: {summary.unparsed:.1%}"
+)
 for a in by_rule:
-    print(f"  {scoring.RULE_LABELS[a.rule]:>42}: {a.accuracy:.3f} ({a.n_correct}/{a.n})  "
-          f"CI [{a.ci95[0]:.3f}, {a.ci95[1]:.3f}]")
+    print(
+        f"  {scoring.RULE_LABELS[a.rule]:>42}: {a.accuracy:.3f} ({a.n_correct}/{a.n})  "
+        f"CI [{a.ci95[0]:.3f}, {a.ci95[1]:.3f}]"
+    )
 for g in groups:
     print(f"  {g.group:>14}: {g.accuracy:.2f} ({g.n_correct}/{g.n})  CI [{g.ci95[0]:.2f}, {g.ci95[1]:.2f}]")
 for rule, (n_read, n_right) in sorted(summary.by_rule.items()):
     print(f"  read by rule {rule!r}: {n_read} answers, {n_right} correct")
 
 # %%
-fig, _ = plots.plot_baseline(groups, [r.n_new_tokens for r in records if r.correct],
-                             [r.n_new_tokens for r in records if not r.correct],
-                             P.max_new_tokens, summary.accuracy, summary.ci95)
+fig, _ = plots.plot_baseline(
+    groups,
+    [r.n_new_tokens for r in records if r.correct],
+    [r.n_new_tokens for r in records if not r.correct],
+    P.max_new_tokens,
+    summary.accuracy,
+    summary.ci95,
+)
 _ = plots.save_figure(fig, paths.figures / "04_baseline.png")
 
 # %% [markdown]
@@ -162,8 +184,10 @@ _ = plots.save_figure(fig, paths.figures / "04_baseline.png")
 shown = [r for r in records if r.correct][:2] + [r for r in records if not r.correct][:2]
 by_id = {q.id: q for q in questions}
 for r in shown:
-    print(f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed} "
-          f"(strict {r.strict}, flexible {r.flexible}; stopped: {r.stop_reason})")
+    print(
+        f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed} "
+        f"(strict {r.strict}, flexible {r.flexible}; stopped: {r.stop_reason})"
+    )
     print(f"Q: {by_id[r.id].question}")
     print(f"A: {r.generation.strip()[:300]}")
 
@@ -180,8 +204,10 @@ contrast_ids, heldout_ids = split_contrast_heldout(records, P.n_heldout, P.seed)
 correct = {r.id: r.correct for r in records}
 n_c, n_h = sum(correct[i] for i in contrast_ids), sum(correct[i] for i in heldout_ids)
 print(f"contrast set: {len(contrast_ids)} questions ({n_c} correct, {len(contrast_ids) - n_c} wrong)")
-print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_ids) - n_h} wrong "
-      f"— the pool steering can recover)")
+print(
+    f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_ids) - n_h} wrong "
+    f"— the pool steering can recover)"
+)
 
 # %% [markdown]
 # ## What this run found
@@ -191,22 +217,38 @@ print(f"held-out set: {len(heldout_ids)} questions ({n_h} correct, {len(heldout_
 
 # %%
 # NBVAL_CHECK_OUTPUT
-finding = findings.baseline_finding(summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule,
-                                    P.max_new_tokens)
+finding = findings.baseline_finding(
+    summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule, P.max_new_tokens
+)
 print(textwrap.fill(finding, 110))
 if placeholder.is_on(P.placeholder_labels):
     print(textwrap.fill("Chapters 05-06 will not use these verdicts: " + placeholder.banner(P.placeholder_labels), 110))
 
 # %%
-saved = results.save(paths, results.Baseline(
-    finding=finding, task=P.task, prompt_format=P.prompt_format, model=P.model, max_new_tokens=P.max_new_tokens,
-    n=summary.n, n_correct=summary.n_correct, accuracy=summary.accuracy, ci95=summary.ci95,
-    truncated=summary.truncated, finished=summary.finished, stop_reasons=summary.stop_reasons,
-    unparsed=summary.unparsed, parser_version=records[0].parser_version,
-    by_scoring_rule={a.rule: results.Accuracy.of(a) for a in by_rule},
-    by_rule={k: results.RuleCount(n, n_correct) for k, (n, n_correct) in summary.by_rule.items()},
-    by_kind={g.group: results.Accuracy.of(g) for g in groups},
-    contrast_ids=contrast_ids, heldout_ids=heldout_ids, generation_seconds=round(gen_seconds, 2),
-    placeholder_labels=P.placeholder_labels,  # > 0: chapters 05-06 use seeded placeholder labels
-))
+saved = results.save(
+    paths,
+    results.Baseline(
+        finding=finding,
+        task=P.task,
+        prompt_format=P.prompt_format,
+        model=P.model,
+        max_new_tokens=P.max_new_tokens,
+        n=summary.n,
+        n_correct=summary.n_correct,
+        accuracy=summary.accuracy,
+        ci95=summary.ci95,
+        truncated=summary.truncated,
+        finished=summary.finished,
+        stop_reasons=summary.stop_reasons,
+        unparsed=summary.unparsed,
+        parser_version=records[0].parser_version,
+        by_scoring_rule={a.rule: results.Accuracy.of(a) for a in by_rule},
+        by_rule={k: results.RuleCount(n, n_correct) for k, (n, n_correct) in summary.by_rule.items()},
+        by_kind={g.group: results.Accuracy.of(g) for g in groups},
+        contrast_ids=contrast_ids,
+        heldout_ids=heldout_ids,
+        generation_seconds=round(gen_seconds, 2),
+        placeholder_labels=P.placeholder_labels,  # > 0: chapters 05-06 use seeded placeholder labels
+    ),
+)
 print(f"chapter 04 done in {time.time() - t0:.1f} s; metrics in {paths.rel(saved)}")

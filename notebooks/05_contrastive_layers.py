@@ -89,10 +89,22 @@ ids = split.contrast_ids + split.heldout_ids
 prompts = [split.prompts[i] for i in ids]
 states_file = paths.activations / f"contrast_states_{P.contrast_pooling}.pt"
 states = contrast.cached_layer_states(
-    states_file, model_name=P.model, pooling=P.contrast_pooling, ids=ids, prompts=prompts,
+    states_file,
+    model_name=P.model,
+    pooling=P.contrast_pooling,
+    ids=ids,
+    prompts=prompts,
     settings=contrast.run_settings(P.model_dtype, P.device),
-    collect=functools.partial(contrast.collect_with_model, P.model, P.model_dtype, P.device, prompts, ids,
-                              pooling=P.contrast_pooling, batch_size=P.gen_batch_size),
+    collect=functools.partial(
+        contrast.collect_with_model,
+        P.model,
+        P.model_dtype,
+        P.device,
+        prompts,
+        ids,
+        pooling=P.contrast_pooling,
+        batch_size=P.gen_batch_size,
+    ),
 )
 h_contrast = states.select(split.contrast_ids)  # [n, layers, d_model]
 y = split.labels(split.contrast_ids)
@@ -135,11 +147,19 @@ questions = load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_
 contrast.check_questions_match(questions, split)
 source = {q.id: q.source for q in questions}
 strata = [source[i] for i in split.contrast_ids]
-within = stats.adaptive_permutation_null(h_contrast, y, min_permutations=P.n_permutations, seed=P.seed, top_n=P.top_d,
-                                        strata=strata)
+within = stats.adaptive_permutation_null(
+    h_contrast, y, min_permutations=P.n_permutations, seed=P.seed, top_n=P.top_d, strata=strata
+)
 within_max_q95 = float(np.quantile(within.null_max, 0.95))
-fig, ax = plots.plot_layer_contrast(res.top_abs_d, null_q50, null_q95, null_max_q95, res.peak_layer, P.top_d,
-                                    strata_max_q95=within_max_q95 if len(set(strata)) > 1 else None)
+fig, ax = plots.plot_layer_contrast(
+    res.top_abs_d,
+    null_q50,
+    null_q95,
+    null_max_q95,
+    res.peak_layer,
+    P.top_d,
+    strata_max_q95=within_max_q95 if len(set(strata)) > 1 else None,
+)
 _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.figures / "05_contrastive_layers.png")
 
 # %%
@@ -147,11 +167,15 @@ _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.
 peak = res.peak_layer
 print(f"peak layer {peak}: mean top-{P.top_d} |d| = {res.top_abs_d[peak]:.3f}")
 print(f"max-over-layers null: median {np.median(null.null_max):.3f}, 95th pct {null_max_q95:.3f}")
-print(f"permutation p (peak vs max-over-layers null, {null.n_permutations} permutations) = {null.p_peak:.3f} "
-      f"± {null.p_peak_mc_se:.3f}")
+print(
+    f"permutation p (peak vs max-over-layers null, {null.n_permutations} permutations) = {null.p_peak:.3f} "
+    f"± {null.p_peak_mc_se:.3f}"
+)
 print(f"peak layer against its own layer's null only: p = {null.p_layer[peak]:.3f} (ignores the choice of peak)")
-print(f"within-type null ({len(set(strata))} question types, {within.n_permutations} permutations): max-over-layers "
-      f"95th pct {within_max_q95:.3f}, p = {within.p_peak:.3f} ± {within.p_peak_mc_se:.3f}")
+print(
+    f"within-type null ({len(set(strata))} question types, {within.n_permutations} permutations): max-over-layers "
+    f"95th pct {within_max_q95:.3f}, p = {within.p_peak:.3f} ± {within.p_peak_mc_se:.3f}"
+)
 
 # %% [markdown]
 # ## The steering direction and the card's "readable" test
@@ -168,9 +192,16 @@ print(f"within-type null ({len(set(strata))} question types, {within.n_permutati
 # %%
 unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)
 mean_norm = float(states.token_norm_mean[peak])
-vec_path = SteeringVector(peak, unit, mean_norm, model=P.model, n_correct=res.n_correct, n_wrong=res.n_wrong,
-                          raw_diff_norm=raw_norm, pooling=P.contrast_pooling).save(
-    paths.checkpoints / f"steering_vec_L{peak}.pt")
+vec_path = SteeringVector(
+    peak,
+    unit,
+    mean_norm,
+    model=P.model,
+    n_correct=res.n_correct,
+    n_wrong=res.n_wrong,
+    raw_diff_norm=raw_norm,
+    pooling=P.contrast_pooling,
+).save(paths.checkpoints / f"steering_vec_L{peak}.pt")
 y_held = split.labels(split.heldout_ids)
 proj = contrast.projection_scores(states.select(split.heldout_ids)[:, peak], unit)
 rho = stats.spearman(proj, y_held)
@@ -196,18 +227,30 @@ sae = load_sae(sae_path)
 check_compatible(sae, h_contrast.shape[-1], P.layer, source=sae_path)
 features = contrast.rank_sae_features(sae, h_contrast[:, P.layer], y, top_n=50)
 features_file = paths.metrics / f"contrastive_features_L{P.layer}.json"
-atomic_write_json(features_file, {**contrast.features_json(
-    features, layer=P.layer, model=P.model, pooling=P.contrast_pooling,
-    sae=P.sae_pretrained if P.sae_source == "pretrained" else "checkpoints/sae_final.pt",
-    n_correct=res.n_correct, n_wrong=res.n_wrong),
-    **placeholder.metrics(P.placeholder_labels)})
+atomic_write_json(
+    features_file,
+    {
+        **contrast.features_json(
+            features,
+            layer=P.layer,
+            model=P.model,
+            pooling=P.contrast_pooling,
+            sae=P.sae_pretrained if P.sae_source == "pretrained" else "checkpoints/sae_final.pt",
+            n_correct=res.n_correct,
+            n_wrong=res.n_wrong,
+        ),
+        **placeholder.metrics(P.placeholder_labels),
+    },
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"{'feature':>8} {'score':>8} {'d':>7} {'mean ok':>8} {'mean bad':>8} {'fires ok':>8} {'fires bad':>9}")
 for f in features[:10]:
-    print(f"{f.feature:>8} {f.score:>8.3f} {f.d:>7.2f} {f.mean_correct:>8.3f} {f.mean_wrong:>8.3f} "
-          f"{f.fire_rate_correct:>8.2f} {f.fire_rate_wrong:>9.2f}")
+    print(
+        f"{f.feature:>8} {f.score:>8.3f} {f.d:>7.2f} {f.mean_correct:>8.3f} {f.mean_wrong:>8.3f} "
+        f"{f.fire_rate_correct:>8.2f} {f.fire_rate_wrong:>9.2f}"
+    )
 
 # %% [markdown]
 # ## Does the peak depend on how answers are scored?
@@ -220,15 +263,24 @@ for f in features[:10]:
 # %%
 # NBVAL_CHECK_OUTPUT
 peaks = [sensitivity.PeakUnderRule.from_null("primary", null, res.n_correct, res.n_wrong)]
-peaks += sensitivity.peak_under_rules(h_contrast, split.contrast_ids, split.records, top_n=P.top_d, seed=P.seed,
-                                      min_permutations=P.n_permutations, rules=scoring.ALTERNATIVES)
+peaks += sensitivity.peak_under_rules(
+    h_contrast,
+    split.contrast_ids,
+    split.records,
+    top_n=P.top_d,
+    seed=P.seed,
+    min_permutations=P.n_permutations,
+    rules=scoring.ALTERNATIVES,
+)
 print(f"{'rule':>42} {'correct':>7} {'wrong':>5} {'peak':>4} {'top-|d|':>7} {'p':>6} {'± MC':>6}")
 for r in peaks:
     if r.peak_layer is None:
         print(f"{scoring.RULE_LABELS[r.rule]:>42} {r.n_correct:>7} {r.n_wrong:>5}  (too few on one side)")
     else:
-        print(f"{scoring.RULE_LABELS[r.rule]:>42} {r.n_correct:>7} {r.n_wrong:>5} {r.peak_layer:>4} "
-              f"{r.top_abs_d:>7.3f} {r.p_peak:>6.3f} {r.p_mc_se:>6.3f}")
+        print(
+            f"{scoring.RULE_LABELS[r.rule]:>42} {r.n_correct:>7} {r.n_wrong:>5} {r.peak_layer:>4} "
+            f"{r.top_abs_d:>7.3f} {r.p_peak:>6.3f} {r.p_mc_se:>6.3f}"
+        )
 print()
 peak_finding = placeholder.mark_text(sensitivity.peak_verdict(peaks), P.placeholder_labels)
 print(textwrap.fill(peak_finding, 110))
@@ -240,28 +292,59 @@ print(textwrap.fill(peak_finding, 110))
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-finding = findings.layers_finding(peak, states.n_layers, float(res.top_abs_d[peak]), null.p_peak, null.p_peak_mc_se,
-                                  within.p_peak, len(set(strata)), stats.finite_or_none(rho.rho),
-                                  stats.finite_or_none(rho.p), [r.peak_layer for r in peaks[1:]])
+finding = findings.layers_finding(
+    peak,
+    states.n_layers,
+    float(res.top_abs_d[peak]),
+    null.p_peak,
+    null.p_peak_mc_se,
+    within.p_peak,
+    len(set(strata)),
+    stats.finite_or_none(rho.rho),
+    stats.finite_or_none(rho.p),
+    [r.peak_layer for r in peaks[1:]],
+)
 finding = placeholder.mark_text(finding, P.placeholder_labels)
 print(textwrap.fill(finding, 110))
 
 # %%
-_ = results.save(paths, results.Layers(
-    finding=finding, labels=placeholder.label_kind(P.placeholder_labels), placeholder_labels=P.placeholder_labels,
-    model=P.model, pooling=P.contrast_pooling, top_d=P.top_d, n_permutations=null.n_permutations,
-    n_correct=res.n_correct, n_wrong=res.n_wrong, n_heldout=len(split.heldout_ids),
-    peak_layer=peak, top_abs_d=[float(v) for v in res.top_abs_d],
-    null_p=null.p_peak, null_p_mc_se=null.p_peak_mc_se, null_p_layer=[float(v) for v in null.p_layer],
-    null_q50=[float(v) for v in null_q50], null_q95=[float(v) for v in null_q95],
-    null_max_q50=float(np.median(null.null_max)), null_max_q95=null_max_q95,
-    n_question_types=len(set(strata)), null_p_within_type=within.p_peak,
-    null_p_within_type_mc_se=within.p_peak_mc_se, n_permutations_within_type=within.n_permutations,
-    scoring_sensitivity=peaks, scoring_verdict=peak_finding, null_max_q95_within_type=within_max_q95,
-    spearman_rho=stats.finite_or_none(rho.rho), spearman_p=stats.finite_or_none(rho.p), spearman_n=rho.n,
-    mean_resid_norm=[float(v) for v in states.token_norm_mean],
-    steering_vector=str(vec_path.relative_to(paths.root)),
-    states_file=str(states_file.relative_to(paths.root)), sae_layer=P.layer,
-    contrastive_features=str(features_file.relative_to(paths.root)),
-))
+_ = results.save(
+    paths,
+    results.Layers(
+        finding=finding,
+        labels=placeholder.label_kind(P.placeholder_labels),
+        placeholder_labels=P.placeholder_labels,
+        model=P.model,
+        pooling=P.contrast_pooling,
+        top_d=P.top_d,
+        n_permutations=null.n_permutations,
+        n_correct=res.n_correct,
+        n_wrong=res.n_wrong,
+        n_heldout=len(split.heldout_ids),
+        peak_layer=peak,
+        top_abs_d=[float(v) for v in res.top_abs_d],
+        null_p=null.p_peak,
+        null_p_mc_se=null.p_peak_mc_se,
+        null_p_layer=[float(v) for v in null.p_layer],
+        null_q50=[float(v) for v in null_q50],
+        null_q95=[float(v) for v in null_q95],
+        null_max_q50=float(np.median(null.null_max)),
+        null_max_q95=null_max_q95,
+        n_question_types=len(set(strata)),
+        null_p_within_type=within.p_peak,
+        null_p_within_type_mc_se=within.p_peak_mc_se,
+        n_permutations_within_type=within.n_permutations,
+        scoring_sensitivity=peaks,
+        scoring_verdict=peak_finding,
+        null_max_q95_within_type=within_max_q95,
+        spearman_rho=stats.finite_or_none(rho.rho),
+        spearman_p=stats.finite_or_none(rho.p),
+        spearman_n=rho.n,
+        mean_resid_norm=[float(v) for v in states.token_norm_mean],
+        steering_vector=str(vec_path.relative_to(paths.root)),
+        states_file=str(states_file.relative_to(paths.root)),
+        sae_layer=P.layer,
+        contrastive_features=str(features_file.relative_to(paths.root)),
+    ),
+)
 print(f"chapter 05 done in {time.time() - t0:.1f} s")

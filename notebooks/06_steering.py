@@ -55,7 +55,7 @@ import time
 
 import torch
 
-from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, steering, stats
+from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, stats, steering
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -77,8 +77,9 @@ layers = results.load(paths.metrics, results.Layers)  # chapter 05's result
 split = placeholder.baseline_split(paths, P.placeholder_labels, P.seed)  # chapter 04's split (labels: see above)
 states = contrast.load_layer_states(paths.root / layers.states_file)
 layer = layers.peak_layer if P.steering_layer is None else P.steering_layer
-vec, vec_file = steering.vector_for_layer(states, split, layer, paths.checkpoints, model=P.model,
-                                         peak_layer=layers.peak_layer)
+vec, vec_file = steering.vector_for_layer(
+    states, split, layer, paths.checkpoints, model=P.model, peak_layer=layers.peak_layer
+)
 mean_norm = steering.mean_residual_norm(states, layer)
 
 # %%
@@ -103,17 +104,28 @@ questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_pa
 contrast.check_questions_match(questions, split)
 loaded = load_model(P.model, P.model_dtype, P.device)
 relabel = placeholder.steered_relabeller(split.records, P.placeholder_labels, P.seed)  # no-op unless placeholder
-sweep = {s: relabel(records) for s, records in steering.run_sweep(
-    loaded, questions, vector=vec, scales=P.steering_scales,
-    prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
-    records_dir=paths.records).items()}
+sweep = {
+    s: relabel(records)
+    for s, records in steering.run_sweep(
+        loaded,
+        questions,
+        vector=vec,
+        scales=P.steering_scales,
+        prompt_format=P.prompt_format,
+        max_new_tokens=P.max_new_tokens,
+        batch_size=P.gen_batch_size,
+        records_dir=paths.records,
+    ).items()
+}
 print(f"sweep done in {time.time() - t0:.1f} s")
 
 # %%
 base = {i: split.correct[i] for i in split.heldout_ids}
 base_records = [split.records[i] for i in split.heldout_ids]
-rows = [steering.steering_row(s, base, steering.correctness(sweep[s]), n_bootstrap=P.n_bootstrap, seed=P.seed)
-        for s in P.steering_scales]
+rows = [
+    steering.steering_row(s, base, steering.correctness(sweep[s]), n_bootstrap=P.n_bootstrap, seed=P.seed)
+    for s in P.steering_scales
+]
 cut_off = {s: scoring.truncation_rate(sweep[s]) for s in P.steering_scales}
 overlaps = [results.Overlap(**o) for o in steering.recovered_overlaps(rows)]
 n_base_ok = sum(base.values())
@@ -121,14 +133,20 @@ n_base_ok = sum(base.values())
 # %%
 # NBVAL_CHECK_OUTPUT
 print(placeholder.banner_line(P.placeholder_labels), end="")
-print(f"held-out baseline (chapter 04): {n_base_ok}/{len(base)} = {n_base_ok / len(base):.3f}; "
-      f"cut off: {scoring.truncation_rate(base_records):.1%}")
-print(f"{'scale':>6} {'pert%':>6} {'acc':>6} {'delta':>7} {'delta 95% CI':>17} {'recovered':>9} {'broken':>6} "
-      f"{'net':>4} {'McNemar p':>9} {'cut off':>7}")
+print(
+    f"held-out baseline (chapter 04): {n_base_ok}/{len(base)} = {n_base_ok / len(base):.3f}; "
+    f"cut off: {scoring.truncation_rate(base_records):.1%}"
+)
+print(
+    f"{'scale':>6} {'pert%':>6} {'acc':>6} {'delta':>7} {'delta 95% CI':>17} {'recovered':>9} {'broken':>6} "
+    f"{'net':>4} {'McNemar p':>9} {'cut off':>7}"
+)
 for r in rows:
-    print(f"{r.scale:>6.2f} {r.perturbation:>6.1f} {r.accuracy:>6.3f} {r.delta:>+7.3f} "
-          f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}] {r.recovered:>4}/{r.n_baseline_wrong:<4} {r.broken:>6} "
-          f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f} {cut_off[r.scale]:>7.1%}")
+    print(
+        f"{r.scale:>6.2f} {r.perturbation:>6.1f} {r.accuracy:>6.3f} {r.delta:>+7.3f} "
+        f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}] {r.recovered:>4}/{r.n_baseline_wrong:<4} {r.broken:>6} "
+        f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f} {cut_off[r.scale]:>7.1%}"
+    )
 
 # %% [markdown]
 # ## The card's own lines on our vector file
@@ -147,12 +165,20 @@ card_vec = torch.load(vec_file).to(loaded.model.dtype)  # the card's line (on th
 card_delta = card_scale * mean_norm * card_vec
 card_questions = steering.changed_first(questions, sweep[card_scale], base_records)[:4]
 card_check = steering.check_card_hook(
-    loaded, card_questions, sweep[card_scale], base_records, layer=layer, prompt_format=P.prompt_format,
+    loaded,
+    card_questions,
+    sweep[card_scale],
+    base_records,
+    layer=layer,
+    prompt_format=P.prompt_format,
     max_new_tokens=P.max_new_tokens,
-    register=lambda block: block.register_forward_hook(lambda _m, _i, out: out + card_delta))
-print(f"the card's hook at scale {card_scale:+.2f}: {card_check.n_equal} of {card_check.n} answers equal mechlib's "
-      f"steered answers ({card_check.n_steering_changed} of them changed by steering)"
-      + (f"; differ: {card_check.mismatched_ids}" if card_check.mismatched_ids else ""))
+    register=lambda block: block.register_forward_hook(lambda _m, _i, out: out + card_delta),
+)
+print(
+    f"the card's hook at scale {card_scale:+.2f}: {card_check.n_equal} of {card_check.n} answers equal mechlib's "
+    f"steered answers ({card_check.n_steering_changed} of them changed by steering)"
+    + (f"; differ: {card_check.mismatched_ids}" if card_check.mismatched_ids else "")
+)
 
 # %% [markdown]
 # ## Does each row survive another way of scoring?
@@ -164,14 +190,18 @@ print(f"the card's hook at scale {card_scale:+.2f}: {card_check.n_equal} of {car
 
 # %%
 # NBVAL_CHECK_OUTPUT
-by_rule = {s: sensitivity.rows_under_rules(s, base_records, sweep[s], n_bootstrap=P.n_bootstrap, seed=P.seed)
-           for s in P.steering_scales}
+by_rule = {
+    s: sensitivity.rows_under_rules(s, base_records, sweep[s], n_bootstrap=P.n_bootstrap, seed=P.seed)
+    for s in P.steering_scales
+}
 print(f"{'scale':>6} {'rule':>9} {'n':>4} {'acc':>6} {'delta':>7} {'net':>4} {'McNemar p':>9}  effect")
 for s, under in by_rule.items():
     for u in under:
         r = u.row
-        print(f"{s:>6.2f} {u.rule:>9} {r.n:>4} {r.accuracy:>6.3f} {r.delta:>+7.3f} {r.net_flips:>+4} "
-              f"{r.mcnemar_p:>9.3f}  {u.effect}")
+        print(
+            f"{s:>6.2f} {u.rule:>9} {r.n:>4} {r.accuracy:>6.3f} {r.delta:>+7.3f} {r.net_flips:>+4} "
+            f"{r.mcnemar_p:>9.3f}  {u.effect}"
+        )
 print()
 row_findings = {s: placeholder.mark_text(sensitivity.row_verdict(u), P.placeholder_labels) for s, u in by_rule.items()}
 for text in row_findings.values():
@@ -189,8 +219,10 @@ for text in row_findings.values():
 for r in rows:
     print(f"scale {r.scale:+.2f}: recovered {r.recovered_ids}")
 for o in overlaps:
-    print(f"{o.scale_a:+.2f} vs {o.scale_b:+.2f}: shared {o.intersection} (of {o.n_a} and {o.n_b}), "
-          f"Jaccard {o.jaccard:.2f}")
+    print(
+        f"{o.scale_a:+.2f} vs {o.scale_b:+.2f}: shared {o.intersection} (of {o.n_a} and {o.n_b}), "
+        f"Jaccard {o.jaccard:.2f}"
+    )
 
 # %% [markdown]
 # ## Is the direction special? Random directions of the same size
@@ -206,24 +238,41 @@ for o in overlaps:
 
 # %%
 controls = run_random_control(
-    loaded, questions, caa=vec, scale=P.random_control_scale,
-    n_directions=P.n_random_directions, seed=P.seed, baseline=base, n_bootstrap=P.n_bootstrap,
+    loaded,
+    questions,
+    caa=vec,
+    scale=P.random_control_scale,
+    n_directions=P.n_random_directions,
+    seed=P.seed,
+    baseline=base,
+    n_bootstrap=P.n_bootstrap,
     caa_at_scale=steering.correctness(sweep[P.random_control_scale]) if P.random_control_scale in sweep else None,
-    prompt_format=P.prompt_format, max_new_tokens=P.max_new_tokens, batch_size=P.gen_batch_size,
-    records_dir=paths.records, relabel=relabel)
+    prompt_format=P.prompt_format,
+    max_new_tokens=P.max_new_tokens,
+    batch_size=P.gen_batch_size,
+    records_dir=paths.records,
+    relabel=relabel,
+)
 caa_row = next((r for r in rows if r.scale == float(P.random_control_scale)), None)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"control scale {P.random_control_scale:+.2f}; CAA accuracy there: "
-      + ("not in steering_scales" if caa_row is None else f"{caa_row.accuracy:.3f} (net flips {caa_row.net_flips:+d})"))
+print(
+    f"control scale {P.random_control_scale:+.2f}; CAA accuracy there: "
+    + ("not in steering_scales" if caa_row is None else f"{caa_row.accuracy:.3f} (net flips {caa_row.net_flips:+d})")
+)
 for c in controls:
     r = c.row
-    vs = "" if c.vs_caa is None else (f"   vs CAA: CAA only {c.vs_caa.a_only}, random only {c.vs_caa.b_only}, "
-                                      f"p {c.vs_caa.mcnemar_p:.3f}")
-    print(f"random #{c.index} (cos with CAA {c.cos_with_caa:+.3f}): acc {r.accuracy:.3f}, delta {r.delta:+.3f} "
-          f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}, "
-          f"cut off {c.truncated:.1%}{vs}")
+    vs = (
+        ""
+        if c.vs_caa is None
+        else (f"   vs CAA: CAA only {c.vs_caa.a_only}, random only {c.vs_caa.b_only}, p {c.vs_caa.mcnemar_p:.3f}")
+    )
+    print(
+        f"random #{c.index} (cos with CAA {c.cos_with_caa:+.3f}): acc {r.accuracy:.3f}, delta {r.delta:+.3f} "
+        f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}, "
+        f"cut off {c.truncated:.1%}{vs}"
+    )
 
 # %% [markdown]
 # ## Dose–response
@@ -244,26 +293,50 @@ _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-finding = placeholder.mark_text(findings.steering_finding(  # the primary rule's row (under[0]) of each scale
-    layer, [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in (under[0] for under in by_rule.values())],
-    sum(all(u.effect == under[0].effect for u in under) for under in by_rule.values()),
-    [c.row.delta for c in controls], None if caa_row is None else caa_row.delta), P.placeholder_labels)
+finding = placeholder.mark_text(
+    findings.steering_finding(  # the primary rule's row (under[0]) of each scale
+        layer,
+        [(u.row.scale, u.effect, u.row.delta, u.row.mcnemar_p) for u in (under[0] for under in by_rule.values())],
+        sum(all(u.effect == under[0].effect for u in under) for under in by_rule.values()),
+        [c.row.delta for c in controls],
+        None if caa_row is None else caa_row.delta,
+    ),
+    P.placeholder_labels,
+)
 print(textwrap.fill(finding, 110))
 
 # %%
-_ = results.save(paths, results.Steering(
-    finding=finding, labels=placeholder.label_kind(P.placeholder_labels), placeholder_labels=P.placeholder_labels,
-    layer=layer, peak_layer=layers.peak_layer, model=P.model, mean_resid_norm=mean_norm,
-    steering_vector=str(vec_file.relative_to(paths.root)), n_heldout=len(base),
-    baseline_accuracy=n_base_ok / len(base), baseline_ci95=base_ci, n_bootstrap=P.n_bootstrap,
-    baseline_truncated=scoring.truncation_rate(base_records),
-    rows=[results.SteeredRow.of(r, truncated=cut_off[r.scale]) for r in rows], overlaps=overlaps,
-    card_hook_check=results.CardHookSummary(card_scale, card_check.n, card_check.n_equal,
-                                            card_check.n_steering_changed),
-    scoring_sensitivity=[results.ScaleVerdict(s, row_findings[s], [results.RuleRow.of(u) for u in under])
-                         for s, under in by_rule.items()],
-    random_control=results.RandomControl(
-        scale=P.random_control_scale, seed=P.seed, caa_accuracy=None if caa_row is None else caa_row.accuracy,
-        directions=[results.RandomDirection.of(c) for c in controls]),
-))
+_ = results.save(
+    paths,
+    results.Steering(
+        finding=finding,
+        labels=placeholder.label_kind(P.placeholder_labels),
+        placeholder_labels=P.placeholder_labels,
+        layer=layer,
+        peak_layer=layers.peak_layer,
+        model=P.model,
+        mean_resid_norm=mean_norm,
+        steering_vector=str(vec_file.relative_to(paths.root)),
+        n_heldout=len(base),
+        baseline_accuracy=n_base_ok / len(base),
+        baseline_ci95=base_ci,
+        n_bootstrap=P.n_bootstrap,
+        baseline_truncated=scoring.truncation_rate(base_records),
+        rows=[results.SteeredRow.of(r, truncated=cut_off[r.scale]) for r in rows],
+        overlaps=overlaps,
+        card_hook_check=results.CardHookSummary(
+            card_scale, card_check.n, card_check.n_equal, card_check.n_steering_changed
+        ),
+        scoring_sensitivity=[
+            results.ScaleVerdict(s, row_findings[s], [results.RuleRow.of(u) for u in under])
+            for s, under in by_rule.items()
+        ],
+        random_control=results.RandomControl(
+            scale=P.random_control_scale,
+            seed=P.seed,
+            caa_accuracy=None if caa_row is None else caa_row.accuracy,
+            directions=[results.RandomDirection.of(c) for c in controls],
+        ),
+    ),
+)
 print(f"chapter 06 done in {time.time() - t0:.1f} s")

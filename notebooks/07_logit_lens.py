@@ -86,11 +86,21 @@ finding = findings.lens_finding(commit, result.n_layers, result.top_tokens[-1][-
 print(textwrap.fill(finding, 110))
 
 # %%
-saved = results.save(paths, results.Lens(
-    model=lm.name, finding=finding, prompt=P.lens_prompt, input_tokens=result.input_tokens, n_layers=result.n_layers,
-    english_threshold=P.english_threshold, english_commitment_layer=commit,
-    english_fraction=[round(f, 4) for f in result.english_fraction], top_tokens=result.top_tokens,
-    top_ids=result.top_ids, top_probs=[[round(p, 4) for p in row] for row in result.top_probs],
-    softcap=result.softcap,
-))
+saved = results.save(
+    paths,
+    results.Lens(
+        model=lm.name,
+        finding=finding,
+        prompt=P.lens_prompt,
+        input_tokens=result.input_tokens,
+        n_layers=result.n_layers,
+        english_threshold=P.english_threshold,
+        english_commitment_layer=commit,
+        english_fraction=[round(f, 4) for f in result.english_fraction],
+        top_tokens=result.top_tokens,
+        top_ids=result.top_ids,
+        top_probs=[[round(p, 4) for p in row] for row in result.top_probs],
+        softcap=result.softcap,
+    ),
+)
 print(paths.rel(saved))

@@ -17,10 +17,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
-from mechlib.tiny import tiny_model, tiny_tokenizer  # noqa: E402
+from mechlib.tiny import Arch, tiny_model, tiny_tokenizer
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def tiny_tok():
     return tiny_tokenizer()
 
 
-def _tiny(arch: str, tok):
+def _tiny(arch: Arch, tok):
     torch.manual_seed(0)
     return tiny_model(arch, seed=0), tok
 

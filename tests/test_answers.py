@@ -13,9 +13,21 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mechlib import gsm8k
-from mechlib.answers import (PARSER_VERSION, Readings, answers_match, extract_answer, extract_answer_with_rule,
-                             extract_flexible, extract_strict, flexible_raw, gold_from_solution, harness_exact_match,
-                             harness_normalise, read_all, strict_raw)
+from mechlib.answers import (
+    PARSER_VERSION,
+    Readings,
+    answers_match,
+    extract_answer,
+    extract_answer_with_rule,
+    extract_flexible,
+    extract_strict,
+    flexible_raw,
+    gold_from_solution,
+    harness_exact_match,
+    harness_normalise,
+    read_all,
+    strict_raw,
+)
 from mechlib.paths import REPO_ROOT
 
 GSM8K_DIR = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
@@ -27,47 +39,51 @@ def _same(got: float | None, expected: float | None) -> bool:
 
 # ------------------------------------------------------------------ (a) regressions, one per bug
 
-@pytest.mark.parametrize("text, expected", [
-    # a '####' line written as an expression reads its result (was: its first number)
-    ("#### N = 3 + 5 = 8", 8),
-    ("#### 10 + 8 = 18", 18),
-    ("#### N = 21", 21),
-    ("#### 8", 8),
-    ("#### $1,200.", 1200),
-    ("#### 4 x $2 = $8", 8),
-    ("#### N = 3 * 5 = **15**", 15),
-    ("#### x = 12 - 4 = 8 apples", 8),
-    ("#### 5 = 2 + 3", 5),  # after the last '=' an expression starts, not a result: the first number
-    ("#### 18\nThen 3 + 4 = 7", 18),  # only the '####' line counts
-    # no sign across whitespace; a bullet dash is no sign (was: −4, −24)
-    ("She has 10 - 4", 4),
-    ("- 24", 24),
-    ("Total:\n- 24 apples", 24),
-    ("-5", -5),
-    ("\u22125", -5),
-    ("-$5", -5),
-    ("$-5", -5),
-    ("#### -5", -5),
-    ("The answer is -$1,200.", -1200),
-    # fractions with integer parts (was: 1)
-    ("#### 1/2", 0.5),
-    ("3/4", 0.75),
-    ("The answer is -1/4.", -0.25),
-    ("12/25/2023", 12),  # a date is no fraction; nothing starts right after '/'
-    ("1/0", 1),
-    # decimals and thousands groups
-    ("0.5", 0.5),
-    ("It is .5 of it", 0.5),
-    ("1,200", 1200),
-    ("12,345,678", 12345678),
-    ("1,2,3", 3),
-    ("1,20", 20),
-    ("1,2345", 2345),
-    # a trailing sentence period is punctuation
-    ("The answer is 8.", 8),
-    ("#### 8.", 8),
-    ("so 8.\n", 8),
-])
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        # a '####' line written as an expression reads its result (was: its first number)
+        ("#### N = 3 + 5 = 8", 8),
+        ("#### 10 + 8 = 18", 18),
+        ("#### N = 21", 21),
+        ("#### 8", 8),
+        ("#### $1,200.", 1200),
+        ("#### 4 x $2 = $8", 8),
+        ("#### N = 3 * 5 = **15**", 15),
+        ("#### x = 12 - 4 = 8 apples", 8),
+        ("#### 5 = 2 + 3", 5),  # after the last '=' an expression starts, not a result: the first number
+        ("#### 18\nThen 3 + 4 = 7", 18),  # only the '####' line counts
+        # no sign across whitespace; a bullet dash is no sign (was: −4, −24)
+        ("She has 10 - 4", 4),
+        ("- 24", 24),
+        ("Total:\n- 24 apples", 24),
+        ("-5", -5),
+        ("\u22125", -5),
+        ("-$5", -5),
+        ("$-5", -5),
+        ("#### -5", -5),
+        ("The answer is -$1,200.", -1200),
+        # fractions with integer parts (was: 1)
+        ("#### 1/2", 0.5),
+        ("3/4", 0.75),
+        ("The answer is -1/4.", -0.25),
+        ("12/25/2023", 12),  # a date is no fraction; nothing starts right after '/'
+        ("1/0", 1),
+        # decimals and thousands groups
+        ("0.5", 0.5),
+        ("It is .5 of it", 0.5),
+        ("1,200", 1200),
+        ("12,345,678", 12345678),
+        ("1,2,3", 3),
+        ("1,20", 20),
+        ("1,2345", 2345),
+        # a trailing sentence period is punctuation
+        ("The answer is 8.", 8),
+        ("#### 8.", 8),
+        ("so 8.\n", 8),
+    ],
+)
 def test_regressions(text, expected):
     assert _same(extract_answer(text), expected), (text, extract_answer(text))
 
@@ -110,6 +126,7 @@ def test_read_all_is_a_frozen_record():
 
 # ------------------------------------------------------------------ (b) properties: write a number, read it back
 
+
 @st.composite
 def written_numbers(draw) -> tuple[float, str]:
     """(value, how it is written): integers (negative, large, with or without thousands commas),
@@ -137,18 +154,29 @@ def written_numbers(draw) -> tuple[float, str]:
     return float(value), body
 
 
-_REASONING = st.sampled_from([
-    "", "So\n", "Step 1: 2 + 2 = 4.\n", "She has 10 - 4 = 6 cats and 1,200 ants.\n",
-    "- 24 eggs\n- 3/4 cup\nTotal: 7.\n", "Half is 1/2, and 12,345 - 5 = 12,340.\n",
-])
+_REASONING = st.sampled_from(
+    [
+        "",
+        "So\n",
+        "Step 1: 2 + 2 = 4.\n",
+        "She has 10 - 4 = 6 cats and 1,200 ants.\n",
+        "- 24 eggs\n- 3/4 cup\nTotal: 7.\n",
+        "Half is 1/2, and 12,345 - 5 = 12,340.\n",
+    ]
+)
 _SUFFIX = st.sampled_from(["", ".", " apples.", "!", "\n", " in total", ", done.", " dollars.\n\nThanks!"])
 _EXPRESSIONS = st.sampled_from(["3 + 5", "10 - 2", "4 * $2", "12 / 3", "7 x 6", "1,200 + 300"])
 
 
 @settings(max_examples=200, deadline=None)
-@given(written_numbers(), _REASONING, _SUFFIX,
-       st.sampled_from(["hashes", "hashes_expression", "answer_is", "bullet", "last"]),
-       _EXPRESSIONS, st.sampled_from(["N = ", "x = ", "Ans: ", ""]))
+@given(
+    written_numbers(),
+    _REASONING,
+    _SUFFIX,
+    st.sampled_from(["hashes", "hashes_expression", "answer_is", "bullet", "last"]),
+    _EXPRESSIONS,
+    st.sampled_from(["N = ", "x = ", "Ans: ", ""]),
+)
 @example((8.0, "8"), "", "", "hashes_expression", "3 + 5", "N = ")
 @example((-24.0, "-24"), "", "", "bullet", "3 + 5", "")
 @example((0.5, ".5"), "", ".", "answer_is", "3 + 5", "")
@@ -163,12 +191,13 @@ def test_a_written_number_is_read_back(num, reasoning, suffix, style, expression
     }[style]
     got, rule = extract_answer_with_rule(text)
     assert got is not None and answers_match(got, value), (text, got, value)
-    assert rule == {"hashes": "hashes", "hashes_expression": "hashes", "answer_is": "answer_is"}.get(style,
-                                                                                                      "last_number")
+    assert rule == {"hashes": "hashes", "hashes_expression": "hashes", "answer_is": "answer_is"}.get(
+        style, "last_number"
+    )
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.integers(-10**9, 10**9), st.booleans(), _REASONING, st.sampled_from(["", ".", "\n", " apples.", ", done."]))
+@given(st.integers(-(10**9), 10**9), st.booleans(), _REASONING, st.sampled_from(["", ".", "\n", " apples.", ", done."]))
 def test_harness_readings_of_a_canonical_hashes_answer(n, commas, reasoning, suffix):
     written = f"{n:,}" if commas else str(n)
     text = f"{reasoning}#### {written}{suffix}"
@@ -190,6 +219,7 @@ def test_every_reading_is_total(text):
 
 # ------------------------------------------------------------------ (c) every real GSM8K gold
 
+
 @pytest.mark.parametrize("split", ["train", "test"])
 def test_every_real_gold_parses_as_its_hashes_line_reads(split):
     path = GSM8K_DIR / f"{split}.jsonl"
@@ -208,41 +238,48 @@ def test_every_real_gold_parses_as_its_hashes_line_reads(split):
 
 # ------------------------------------------------------------------ (d) lm-evaluation-harness, as documented
 
-@pytest.mark.parametrize("text, raw, value", [
-    ("She earns 2 * 36 = 72.\n#### 72", "72", 72),
-    ("#### 1,234", "1,234", 1234),
-    ("#### 72.", "72.", 72),  # '\.$' drops the trailing period
-    ("#### -3", "-3", -3),
-    ("#### 3\n#### 4", "3", 3),  # take_first
-    ("#### 10 + 8 = 18", "10", 10),  # the regex stops at the space
-    ("#### 1/2", "1", 1),
-    ("####72", None, None),  # exactly one space is required
-    ("####  72", None, None),
-    ("#### $72", None, None),
-    ("#### \u22125", None, None),
-    ("#### N = 5", None, None),
-    ("The answer is 72.", None, None),
-    ("#### 1.2.3", "1.2.3", None),  # matched, but not a number
-])
+
+@pytest.mark.parametrize(
+    "text, raw, value",
+    [
+        ("She earns 2 * 36 = 72.\n#### 72", "72", 72),
+        ("#### 1,234", "1,234", 1234),
+        ("#### 72.", "72.", 72),  # '\.$' drops the trailing period
+        ("#### -3", "-3", -3),
+        ("#### 3\n#### 4", "3", 3),  # take_first
+        ("#### 10 + 8 = 18", "10", 10),  # the regex stops at the space
+        ("#### 1/2", "1", 1),
+        ("####72", None, None),  # exactly one space is required
+        ("####  72", None, None),
+        ("#### $72", None, None),
+        ("#### \u22125", None, None),
+        ("#### N = 5", None, None),
+        ("The answer is 72.", None, None),
+        ("#### 1.2.3", "1.2.3", None),  # matched, but not a number
+    ],
+)
 def test_strict_match(text, raw, value):
     assert strict_raw(text) == raw
     assert _same(extract_strict(text), value)
 
 
-@pytest.mark.parametrize("text, raw, value", [
-    ("The answer is 72.", "72.", 72),
-    ("so she has $1,200.", "$1,200.", 1200),
-    ("She has 10 - 4", "4", 4),
-    ("x = -5", "-5", -5),
-    ("10-5", "-5", -5),  # the harness reads subtraction as a sign
-    ("1,2,3", "1,2,3", 123),  # and drops every comma
-    ("1/2", "2", 2),
-    ("-$5", "-$5", -5),
-    ("\u22125", "5", 5),
-    ("#### 18\nNext question has 3 parts", "3", 3),  # the last number, wherever it is
-    ("Wait...", "...", None),
-    ("no digits", None, None),
-])
+@pytest.mark.parametrize(
+    "text, raw, value",
+    [
+        ("The answer is 72.", "72.", 72),
+        ("so she has $1,200.", "$1,200.", 1200),
+        ("She has 10 - 4", "4", 4),
+        ("x = -5", "-5", -5),
+        ("10-5", "-5", -5),  # the harness reads subtraction as a sign
+        ("1,2,3", "1,2,3", 123),  # and drops every comma
+        ("1/2", "2", 2),
+        ("-$5", "-$5", -5),
+        ("\u22125", "5", 5),
+        ("#### 18\nNext question has 3 parts", "3", 3),  # the last number, wherever it is
+        ("Wait...", "...", None),
+        ("no digits", None, None),
+    ],
+)
 def test_flexible_extract(text, raw, value):
     assert flexible_raw(text) == raw
     assert _same(extract_flexible(text), value)

@@ -19,12 +19,12 @@ import torch
 import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from tiny_run import one_thread, write_params
 
+from mechlib.activations.stores import TensorStore
 from mechlib.params import ParamsError, known_keys, load_params, validate
 from mechlib.sae import SAEError, TopKSAE, save_card_checkpoint, save_sae
-from mechlib.activations.stores import TensorStore
 from mechlib.sae.train import TrainConfig, TrainingError, run_sae, train_sae
-from tiny_run import one_thread, write_params
 
 
 @pytest.fixture
@@ -51,18 +51,21 @@ def _scale(args: list[str], capsys) -> tuple[int, str]:
 # ----------------------------------------------------------------------------- params, via the runners
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"d_sea": 4096}, r"unknown parameter 'd_sea'\. Did you mean 'd_sae'\?"),
-    ({"layre": 3}, r"unknown parameter 'layre'\. Did you mean 'layer'\?"),
-    ({"layer": "fifteen"}, r"parameter 'layer' must be int, got 'fifteen' \(str\)"),
-    ({"k": 0}, r"'k' must be positive, got 0"),
-    ({"k": 4608}, r"need 0 < k < d_sae, got k=4608, d_sae=4608"),
-    ({"steering_scales": []}, r"'steering_scales' must list at least one scale, got \[\]"),
-    ({"n_heldout": 0}, r"'n_heldout' must be positive, got 0"),
-    ({"device": "gpu"}, r"'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
-    ({"layer": 999}, r"'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers"),
-    ({"steering_layer": 999}, r"'steering_layer' is 999 but .* valid layers are 0\.\.29"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"d_sea": 4096}, r"unknown parameter 'd_sea'\. Did you mean 'd_sae'\?"),
+        ({"layre": 3}, r"unknown parameter 'layre'\. Did you mean 'layer'\?"),
+        ({"layer": "fifteen"}, r"parameter 'layer' must be int, got 'fifteen' \(str\)"),
+        ({"k": 0}, r"'k' must be positive, got 0"),
+        ({"k": 4608}, r"need 0 < k < d_sae, got k=4608, d_sae=4608"),
+        ({"steering_scales": []}, r"'steering_scales' must list at least one scale, got \[\]"),
+        ({"n_heldout": 0}, r"'n_heldout' must be positive, got 0"),
+        ({"device": "gpu"}, r"'device' must be auto, cpu, cuda, cuda:N or mps; got 'gpu'"),
+        ({"layer": 999}, r"'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers"),
+        ({"steering_layer": 999}, r"'steering_layer' is 999 but .* valid layers are 0\.\.29"),
+    ],
+)
 def test_book_runner_refuses_bad_params_before_running_anything(tmp_path, out_root, capsys, values, message):
     import re
 
@@ -159,14 +162,23 @@ def test_pretrained_checkpoint_with_other_width_or_layer_is_refused(tmp_path):
     with pytest.raises(SAEError, match=r"sae_final\.pt.*d_model=24 but the activations/model have d_model=16"):
         run_sae(_P(wide), store, tmp_path / "out_a")
     other_layer = _checkpoint(tmp_path / "layer3", d_model=16, layer=3)
-    with pytest.raises(SAEError, match=r"trained on layer 3 but the run uses layer 1"):
+    with pytest.raises(SAEError, match="trained on layer 3 but the run uses layer 1"):
         run_sae(_P(other_layer), store, tmp_path / "out_b")
     assert _files(tmp_path / "out_a") == [] and _files(tmp_path / "out_b") == []
     run_sae(_P(_checkpoint(tmp_path / "ok", d_model=16, layer=1)), store, tmp_path / "out_c")  # the control
 
 
-TINY = TrainConfig(d_sae=32, k=4, k_aux=8, train_batch_size=32, train_tokens=32 * 12, warmup_steps=2,
-                   checkpoint_every=3, dead_tokens=64, init_b_dec="zeros")
+TINY = TrainConfig(
+    d_sae=32,
+    k=4,
+    k_aux=8,
+    train_batch_size=32,
+    train_tokens=32 * 12,
+    warmup_steps=2,
+    checkpoint_every=3,
+    dead_tokens=64,
+    init_b_dec="zeros",
+)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -205,10 +217,32 @@ def test_diverging_training_is_named_and_never_checkpointed(tmp_path, checkpoint
 
 
 _yaml_lines = st.one_of(
-    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=40),
-    st.builds(lambda k, v: f"{k}: {v}", st.sampled_from(known_keys() + ["d_sea", "Layer", "k k"]),
-              st.sampled_from(["", "1", "-3", "1e-3", ".nan", "[1, 2", "{a: 1}", "!!binary aGk=", "2024-01-01",
-                               "yes", "~", "'x'", "&a 1", "*a", "0x1F", "|", "- 1"])),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cs"]), max_size=40),
+    st.builds(
+        lambda k, v: f"{k}: {v}",
+        st.sampled_from([*known_keys(), "d_sea", "Layer", "k k"]),
+        st.sampled_from(
+            [
+                "",
+                "1",
+                "-3",
+                "1e-3",
+                ".nan",
+                "[1, 2",
+                "{a: 1}",
+                "!!binary aGk=",
+                "2024-01-01",
+                "yes",
+                "~",
+                "'x'",
+                "&a 1",
+                "*a",
+                "0x1F",
+                "|",
+                "- 1",
+            ]
+        ),
+    ),
 )
 
 
@@ -234,8 +268,10 @@ def test_duplicate_key_is_one_line_naming_key_and_line(tmp_path, out_root, capsy
     path.write_text("layer: 15\nseed: 1\nlayer: 20\n")
     assert main([str(path)]) == 1
     err = capsys.readouterr().err
-    assert err.strip() == f"[mechbook] error: {path}:3: duplicate key 'layer' (first set on line 1); " \
-                          f"each parameter may appear once", err
+    assert (
+        err.strip() == f"[mechbook] error: {path}:3: duplicate key 'layer' (first set on line 1); "
+        f"each parameter may appear once"
+    ), err
     assert _files(out_root) == []
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 
 import nbformat
 import pytest
@@ -20,7 +19,9 @@ HEADER = """# ---
 # ---
 """
 
-CHAPTER_OK = HEADER + '''
+CHAPTER_OK = (
+    HEADER
+    + """
 # %% [markdown]
 # A stand-in chapter.
 
@@ -47,15 +48,19 @@ from mechlib import plots
 fig, ax = plots.new_figure(3.0, 2.0)
 _ = ax.plot([0, 1], [1, 0])
 _ = plots.save_figure(fig, RunPaths(P.run).figures / "01_fake.png")
-'''
+"""
+)
 
-CHAPTER_FAILS = HEADER + '''
+CHAPTER_FAILS = (
+    HEADER
+    + """
 # %% tags=["parameters"]
 run = "default"
 
 # %%
 raise RuntimeError("deliberate failure in chapter 02")
-'''
+"""
+)
 
 
 @pytest.fixture
@@ -98,8 +103,9 @@ def test_figures_show_inline_in_executed_chapters_even_under_agg(book, monkeypat
     monkeypatch.setenv("MPLBACKEND", "Agg")
     run_book(params, ["01"], notebooks_dir=nbdir)
     nb = nbformat.read(out / "notebooks" / "01_fake.ipynb", as_version=4)
-    images = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
-              if "image/png" in o.get("data", {})]
+    images = [
+        o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if "image/png" in o.get("data", {})
+    ]
     assert len(images) == 1, "the figure must be shown in the executed notebook"
     assert (out / "figures" / "01_fake.png").is_file()
 
@@ -114,7 +120,7 @@ def test_failing_chapter_stops_and_keeps_the_executed_notebook(book):
 
 
 def test_unknown_key_fails_before_any_chapter_runs(book, tmp_path, capsys):
-    _, _, out = book
+    _, _, _out = book
     bad = tmp_path / "bad.yaml"
     bad.write_text("n_question: 10\n")
     assert main([str(bad)]) == 1
@@ -133,14 +139,17 @@ def test_headless_kernel_env_adds_the_progress_filter_once_and_keeps_the_users(m
 
 # ------------------------------------------------------------------ failures end in one line, not a trace
 
-CHAPTER_DIES = HEADER + '''
+CHAPTER_DIES = (
+    HEADER
+    + """
 # %% tags=["parameters"]
 run = "default"
 
 # %%
 import os
 os.kill(os.getpid(), 9)  # what the out-of-memory killer does
-'''
+"""
+)
 
 
 @pytest.fixture
@@ -160,7 +169,7 @@ def _error_lines(err: str) -> list[str]:
 
 
 def test_a_failing_chapter_is_one_line_naming_cell_notebook_and_resume(book, book_main, capsys):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "02"]) == 1
     (line,) = _error_lines(capsys.readouterr().err)
     kept = out / "notebooks" / "02_fails.ipynb"
@@ -204,7 +213,7 @@ def test_ctrl_c_is_one_line_and_exit_130(book, capsys, monkeypatch):
 def test_ctrl_c_inside_a_chapter_names_it_keeps_the_notebook_and_frees_the_lock(book, book_main, capsys, monkeypatch):
     import papermill
 
-    nbdir, params, out = book
+    _nbdir, params, out = book
 
     def execute(nb, output_path, **kwargs):  # papermill has written the partial notebook when Ctrl-C lands
         cell = [c for c in nb.cells if c.cell_type == "code"][-1]
@@ -242,10 +251,16 @@ def test_a_chapter_that_never_started_keeps_its_trace_in_a_file(book, capsys, mo
 # ------------------------------------------------------------------------ checked before any chapter runs
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"layer": 999}, "'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers: valid layers are 0..29"),
-    ({"steering_layer": 30}, "'steering_layer' is 30 but embedded:smollm2-135m-instruct has 30 decoder layers"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"layer": 999},
+            "'layer' is 999 but embedded:smollm2-135m-instruct has 30 decoder layers: valid layers are 0..29",
+        ),
+        ({"steering_layer": 30}, "'steering_layer' is 30 but embedded:smollm2-135m-instruct has 30 decoder layers"),
+    ],
+)
 def test_layers_beyond_the_model_are_refused_before_any_chapter(book, book_main, capsys, values, message):
     _, _, out = book
     params = out.parent.parent / "layers.yaml"
@@ -282,7 +297,7 @@ def test_an_uncached_hub_model_skips_the_layer_check_with_a_note(monkeypatch, ca
 def test_a_second_run_of_the_same_name_fails_at_once_naming_the_holder(book, book_main, capsys):
     from mechlib.runlock import run_lock
 
-    nbdir, params, out = book
+    _nbdir, params, out = book
     with run_lock(out, "trial"):
         assert book_main([str(params), "--only", "01"]) == 1
         (line,) = _error_lines(capsys.readouterr().err)
@@ -308,7 +323,7 @@ def test_kernels_start_without_their_tcp_warning(book, capfd):
 
 
 def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, capsys):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "01", "-p", "k=64", "-p", "lr=5e-4"]) == 0
     assert json.loads((out / "metrics" / "01_fake.json").read_text()) == {"k": 64}  # the chapter saw it
     saved = yaml.safe_load((out / "params.yaml").read_text())
@@ -316,15 +331,18 @@ def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, caps
     assert yaml.safe_load(params.read_text()) == {"k": 7}  # the params file itself is untouched
 
 
-@pytest.mark.parametrize("args, message", [
-    (["-p", "kk=64"], "with -p kk=64: unknown parameter 'kk'. Did you mean 'k'?"),
-    (["-p", "k=sixty"], "parameter 'k' must be int, got 'sixty'"),
-    (["-p", "k"], "-p 'k': expected KEY=VALUE"),
-    (["-p", "k=1", "-p", "k=2"], "-p k: given twice"),
-    (["-p", "k=0"], "with -p k=0: 'k' must be positive, got 0"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-p", "kk=64"], "with -p kk=64: unknown parameter 'kk'. Did you mean 'k'?"),
+        (["-p", "k=sixty"], "parameter 'k' must be int, got 'sixty'"),
+        (["-p", "k"], "-p 'k': expected KEY=VALUE"),
+        (["-p", "k=1", "-p", "k=2"], "-p k: given twice"),
+        (["-p", "k=0"], "with -p k=0: 'k' must be positive, got 0"),
+    ],
+)
 def test_bad_p_overrides_are_one_clear_error_before_any_chapter_runs(book, book_main, capsys, args, message):
-    nbdir, params, out = book
+    _nbdir, params, out = book
     assert book_main([str(params), "--only", "01", *args]) == 1
     (line,) = _error_lines(capsys.readouterr().err)
     assert message in line
@@ -348,12 +366,17 @@ def test_collapse_streams_merges_neighbours_and_resolves_redraws():
 
     nb = nbformat.v4.new_notebook()
     cell = nbformat.v4.new_code_cell("x")
-    cell.outputs = [nbformat.v4.new_output("stream", name="stderr", text="\rbar 0%"),
-                    nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%"),
-                    nbformat.v4.new_output("stream", name="stderr", text="\n"),
-                    nbformat.v4.new_output("stream", name="stdout", text="a\nb\n"),
-                    nbformat.v4.new_output("stream", name="stderr", text="w\n")]
+    cell.outputs = [
+        nbformat.v4.new_output("stream", name="stderr", text="\rbar 0%"),
+        nbformat.v4.new_output("stream", name="stderr", text="\rbar 100%"),
+        nbformat.v4.new_output("stream", name="stderr", text="\n"),
+        nbformat.v4.new_output("stream", name="stdout", text="a\nb\n"),
+        nbformat.v4.new_output("stream", name="stderr", text="w\n"),
+    ]
     nb.cells.append(cell)
     collapse_streams(nb)
-    assert [(o.name, o.text) for o in cell.outputs] == [("stderr", "bar 100%\n"), ("stdout", "a\nb\n"),
-                                                        ("stderr", "w\n")]
+    assert [(o.name, o.text) for o in cell.outputs] == [
+        ("stderr", "bar 100%\n"),
+        ("stdout", "a\nb\n"),
+        ("stderr", "w\n"),
+    ]

@@ -43,8 +43,18 @@ def test_collect_metrics():
 
 def test_sae_metrics_hold_every_key_and_beat_pca():
     m = metrics("03_evaluate_sae")
-    keys = ["var_explained", "var_explained_global", "mse", "l0", "coverage", "dead_fraction", "pca_var_explained",
-            "delta_ce_loss", "kl", "n_tokens"]
+    keys = [
+        "var_explained",
+        "var_explained_global",
+        "mse",
+        "l0",
+        "coverage",
+        "dead_fraction",
+        "pca_var_explained",
+        "delta_ce_loss",
+        "kl",
+        "n_tokens",
+    ]
     for key in keys:
         assert finite(m[key]), f"{key} = {m.get(key)!r}"
     assert m["var_explained"] > m["pca_var_explained"], "the SAE must beat the k-component PCA baseline"
@@ -78,8 +88,10 @@ def test_baseline_metrics():
     assert sum(m["stop_reasons"].values()) == m["n"] and m["stop_reasons"]["limit"] == round(m["truncated"] * m["n"])
     rules = m["by_scoring_rule"]
     assert set(rules) == {"primary", "strict", "flexible", "finished"}  # JSON keys are written sorted
-    assert rules["primary"]["n_correct"] == m["n_correct"] and rules["finished"]["n"] == m["stop_reasons"]["eos"] \
-        + m["stop_reasons"]["answer_line"]
+    assert (
+        rules["primary"]["n_correct"] == m["n_correct"]
+        and rules["finished"]["n"] == m["stop_reasons"]["eos"] + m["stop_reasons"]["answer_line"]
+    )
 
 
 def test_contrastive_metrics_and_artifacts():
@@ -106,8 +118,16 @@ def test_steering_rows():
     rows = m["rows"]
     assert [r["scale"] for r in rows] == PARAMS.steering_scales
     for r in rows:
-        for key in ("scale", "perturbation", "accuracy", "delta", "recovered", "net_flips", "mcnemar_p",
-                    "recovered_ids"):
+        for key in (
+            "scale",
+            "perturbation",
+            "accuracy",
+            "delta",
+            "recovered",
+            "net_flips",
+            "mcnemar_p",
+            "recovered_ids",
+        ):
             assert key in r, key
         assert len(r["recovered_ids"]) == r["recovered"]
         assert 0 <= r["mcnemar_p"] <= 1 and 0 <= r["accuracy"] <= 1 and 0 <= r["truncated"] <= 1
@@ -176,8 +196,18 @@ def test_every_metrics_file_reads_back_into_its_class_unchanged(cls):
     assert results.load(PATHS.metrics, cls).to_json() == raw
 
 
-@pytest.mark.parametrize("chapter", ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline",
-                                     "05_contrastive_layers", "06_steering", "07_logit_lens"])
+@pytest.mark.parametrize(
+    "chapter",
+    [
+        "01_collect",
+        "02_train_sae",
+        "03_evaluate_sae",
+        "04_gsm8k_baseline",
+        "05_contrastive_layers",
+        "06_steering",
+        "07_logit_lens",
+    ],
+)
 def test_every_chapter_states_what_it_found(chapter):
     finding = metrics(chapter)["finding"]
     assert isinstance(finding, str) and len(finding) > 80
@@ -196,7 +226,8 @@ def test_saved_outputs_carry_no_machine_paths():
         for cell in nb.cells:
             for out in cell.get("outputs", []):
                 text = "".join(out.get("text", "")) + "".join(
-                    v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str))
+                    v for k, v in out.get("data", {}).items() if k.startswith("text/") and isinstance(v, str)
+                )
                 assert str(REPO_ROOT) not in text, f"{nb_path.name}: {text[:200]!r}"
 
 

@@ -92,13 +92,14 @@ def test_one_pass_equals_brute_force(tiny):
         order = order[col[order] > 0]
         got = stats.top.tokens[f][: order.numel()]
         assert got.tolist() == order.tolist(), f"latent {f}: top tokens differ"
-        assert torch.isinf(stats.top.keys[f][order.numel():]).all()
+        assert torch.isinf(stats.top.keys[f][order.numel() :]).all()
         torch.testing.assert_close(stats.top.acts[f][: order.numel()], col[order])
         for j, t in enumerate(order.tolist()):
             ids, acts = window_oracle(shards, dense, where, t, f, before, after)
             assert stats.top.ids[f, j].tolist() == ids
-            torch.testing.assert_close(stats.top.window[f, j].float(), torch.tensor(acts), atol=2e-2, rtol=1e-3,
-                                       equal_nan=True)
+            torch.testing.assert_close(
+                stats.top.window[f, j].float(), torch.tensor(acts), atol=2e-2, rtol=1e-3, equal_nan=True
+            )
         # the firing sample: distinct firing tokens, min(sample, count) of them, activations as computed
         n_s = int(torch.isfinite(stats.sample.keys[f]).sum())
         assert n_s == min(6, int(fired[:, f].sum()))
@@ -141,8 +142,16 @@ def site(tiny, tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:  # RunPaths reads OUTPUTS_DIR on each access
         mp.setattr(paths, "OUTPUTS_DIR", tmp_path_factory.mktemp("outputs"))
         run = paths.RunPaths("tiny").make()
-        built = build_site(run.root / "browser", shards, sae, tiny_model("llama", seed=0), tiny_tokenizer(),
-                           SiteInfo("tiny", "tiny-llama", 1), max_latents=20, contexts=4)
+        built = build_site(
+            run.root / "browser",
+            shards,
+            sae,
+            tiny_model("llama", seed=0),
+            tiny_tokenizer(),
+            SiteInfo("tiny", "tiny-llama", 1),
+            max_latents=20,
+            contexts=4,
+        )
         yield built, run
 
 
@@ -168,8 +177,9 @@ def test_site_files_and_contrast_scores(site):
     assert index["contrast"][pages[1]] == -0.5 and index["contrast_rank"][pages[1]] == 1
     assert index["contrast_rank"][3] == 2 and index["contrast"][0 if pages[1] else 1] is None
     # REPORT.md links it, in the SAE section
-    from mechlib import results
     from result_examples import EXAMPLES
+
+    from mechlib import results
 
     results.save(run, EXAMPLES[results.Evaluated])  # chapter 03 ran: the report shows its SAE section
     text = report.render_report("tiny")
@@ -204,8 +214,12 @@ def chromium():
 
 
 def _rows(driver) -> list[int]:
-    return [int(x) for x in driver.execute_script(
-        "return Array.from(document.querySelectorAll('#latents tbody tr')).map(r => r.dataset.id)")]
+    return [
+        int(x)
+        for x in driver.execute_script(
+            "return Array.from(document.querySelectorAll('#latents tbody tr')).map(r => r.dataset.id)"
+        )
+    ]
 
 
 def test_site_in_chromium(site, chromium):
@@ -266,7 +280,7 @@ def test_run_site_in_chromium():
     except ChromiumMissing as exc:
         pytest.skip(str(exc))
     shots = screenshot_site(folder)
-    assert [p.name for p in shots][0] == "index.png" and len(shots) == 3
+    assert next(p.name for p in shots) == "index.png" and len(shots) == 3
     assert all(p.stat().st_size > 20_000 for p in shots)
 
 
@@ -275,7 +289,9 @@ class FakeStore:
 
     def __init__(self, shards, checksum: str = "a"):
         self.shards = shards
-        self.entries = [{"index": i, "first_row": s.first_row, "sha256": checksum + str(i)} for i, s in enumerate(shards)]
+        self.entries = [
+            {"index": i, "first_row": s.first_row, "sha256": checksum + str(i)} for i, s in enumerate(shards)
+        ]
         self.n_tokens = sum(s.activations.shape[0] for s in shards)
         self.d_model, self.layer = shards[0].activations.shape[1], 1
         self.manifest = {"shards": self.entries, "n_tokens": self.n_tokens, "d_model": self.d_model, "layer": 1}
@@ -288,8 +304,9 @@ class FakeStore:
 def test_build_browser_keeps_a_build_of_the_same_inputs(tiny, tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from mechlib.browser import build_browser
     from tiny_run import model_folder
+
+    from mechlib.browser import build_browser
 
     sae, shards = tiny
     monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
@@ -305,5 +322,7 @@ def test_build_browser_keeps_a_build_of_the_same_inputs(tiny, tmp_path, monkeypa
     page = (first.folder / "data" / "latents" / "11.json").read_bytes()
     again = build_browser(params, run, store, sae, max_latents=6, contexts=3, progress=False)
     assert again.reused and again.n_pages == 6 and (first.folder / "data" / "latents" / "11.json").read_bytes() == page
-    changed = build_browser(params, run, FakeStore(shards, checksum="b"), sae, max_latents=6, contexts=3, progress=False)
+    changed = build_browser(
+        params, run, FakeStore(shards, checksum="b"), sae, max_latents=6, contexts=3, progress=False
+    )
     assert not changed.reused

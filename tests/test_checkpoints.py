@@ -14,17 +14,29 @@ import json
 
 import pytest
 import torch
-
-from mechlib.activations.collect import ActivationStore, collect_activations
-from mechlib.io import checksum_path, sha256_file
-from mechlib.params import BookParams
-from mechlib.activations.provenance import read_activations_fingerprint
-from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint, save_sae
-from mechlib.sae.train import TensorStore, TrainConfig, load_train_state, run_sae_for_eval, train_sae
 from tiny_run import one_thread
 
-CFG = TrainConfig(d_sae=32, k=4, k_aux=8, lr=3e-3, lr_floor=3e-4, warmup_steps=2, train_batch_size=32,
-                  train_tokens=32 * 12, renorm_every=3, dead_tokens=128, checkpoint_every=4, seed=0)
+from mechlib.activations.collect import ActivationStore, collect_activations
+from mechlib.activations.provenance import read_activations_fingerprint
+from mechlib.io import checksum_path, sha256_file
+from mechlib.params import BookParams
+from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint, save_sae
+from mechlib.sae.train import TensorStore, TrainConfig, load_train_state, run_sae_for_eval, train_sae
+
+CFG = TrainConfig(
+    d_sae=32,
+    k=4,
+    k_aux=8,
+    lr=3e-3,
+    lr_floor=3e-4,
+    warmup_steps=2,
+    train_batch_size=32,
+    train_tokens=32 * 12,
+    renorm_every=3,
+    dead_tokens=128,
+    checkpoint_every=4,
+    seed=0,
+)
 COLLECT = dict(layer=1, n_tokens=400, seq_len=32, batch_size=4, shard_tokens=128, progress=False)
 
 
@@ -62,8 +74,10 @@ def test_other_activations_of_the_same_shape_are_never_resumed(tmp_path, capsys)
     res = _train(TensorStore(_data(1)), tmp_path)
     assert res.resumed_from == 0
     out = capsys.readouterr().out
-    assert "[mechbook] activations changed since the saved SAE (shard contents (checksums) differ): training " \
-           "from scratch" in out, out
+    assert (
+        "[mechbook] activations changed since the saved SAE (shard contents (checksums) differ): training "
+        "from scratch" in out
+    ), out
     fresh = _train(TensorStore(_data(1)), tmp_path / "fresh")
     assert all(torch.equal(_weights(tmp_path)[k], _weights(tmp_path / "fresh")[k]) for k in ("W_enc", "W_dec"))
     assert fresh.history == res.history
@@ -82,15 +96,18 @@ def test_recollected_with_other_settings_trains_from_scratch(tiny_llama, tmp_pat
     res = _train(ActivationStore(acts), ck)
     out = capsys.readouterr().out
     assert res.resumed_from == 0 and res.steps == CFG.total_steps
-    assert ("[mechbook] activations changed since the saved SAE (exclude_first_positions 2 → 1): training from "
-            "scratch") in out, out
+    assert (
+        "[mechbook] activations changed since the saved SAE (exclude_first_positions 2 → 1): training from scratch"
+    ) in out, out
     _train(ActivationStore(acts), tmp_path / "fresh")
     for key in ("W_enc", "W_dec", "b_enc", "b_dec"):
         assert torch.equal(_weights(ck)[key], _weights(tmp_path / "fresh")[key]), key
     cfg = json.loads((ck / "cfg.json").read_text())
     fp = read_activations_fingerprint(acts)
-    assert cfg["activations"]["params_hash"] == fp.params_hash and set(cfg["provenance"]) == {"activations",
-                                                                                             "train_config"}
+    assert cfg["activations"]["params_hash"] == fp.params_hash and set(cfg["provenance"]) == {
+        "activations",
+        "train_config",
+    }
 
 
 def test_chapter_03_refuses_an_sae_trained_on_activations_no_longer_on_disk(tiny_llama, tmp_path):
@@ -101,8 +118,11 @@ def test_chapter_03_refuses_an_sae_trained_on_activations_no_longer_on_disk(tiny
     sae, _ = run_sae_for_eval(BookParams(), ck, device="cpu", activations=read_activations_fingerprint(acts))
     assert sae.d_sae == CFG.d_sae
     collect_activations(model, tok, acts, **{**COLLECT, "seq_len": 48})
-    with pytest.raises(SAEError, match=r"sae_final\.pt: trained on other activations than chapter 01's current "
-                                       r"ones \(.*seq_len 32 → 48.*\); rerun chapter 02"):
+    with pytest.raises(
+        SAEError,
+        match=r"sae_final\.pt: trained on other activations than chapter 01's current "
+        r"ones \(.*seq_len 32 → 48.*\); rerun chapter 02",
+    ):
         run_sae_for_eval(BookParams(), ck, device="cpu", activations=read_activations_fingerprint(acts))
 
 
@@ -120,8 +140,11 @@ def test_every_checkpoint_has_a_matching_sidecar(tmp_path):
 def test_a_flipped_bit_in_the_sae_is_named_with_what_to_do(tmp_path, name, capsys):
     _train(TensorStore(_data(0)), tmp_path)
     _flip_bit(tmp_path / name)
-    with pytest.raises(SAEError, match=rf"{name}: the file does not match its checksum {name}\.sha256 .*delete it "
-                                       r"and rerun chapter 02"):
+    with pytest.raises(
+        SAEError,
+        match=rf"{name}: the file does not match its checksum {name}\.sha256 .*delete it "
+        r"and rerun chapter 02",
+    ):
         load_sae(tmp_path / name)
     with pytest.raises(SAEError, match=name):
         run_sae_for_eval(BookParams(), tmp_path, device="cpu") if name == "sae_final.pt" else load_sae(tmp_path / name)
@@ -137,8 +160,10 @@ def test_a_finished_run_rewrites_a_damaged_export_and_says_so(tmp_path, capsys):
     _flip_bit(tmp_path / "sae_final.pt")
     capsys.readouterr()
     _train(TensorStore(_data(0)), tmp_path)
-    assert f"sae_final.pt in {tmp_path}: missing or not matching the checksum; rewriting from the intact " \
-           "train_state.pt" in capsys.readouterr().out
+    assert (
+        f"sae_final.pt in {tmp_path}: missing or not matching the checksum; rewriting from the intact "
+        "train_state.pt" in capsys.readouterr().out
+    )
     assert all(torch.equal(_weights(tmp_path)[k], want[k]) for k in ("W_enc", "W_dec"))
     load_sae(tmp_path / "sae_final.pt")
 
@@ -164,8 +189,10 @@ def test_a_truncated_train_state_falls_back_to_the_one_before_and_ends_identical
     capsys.readouterr()
     res = _train(TensorStore(_data(0)), ck)
     out = capsys.readouterr().out
-    assert f"{state} does not match its checksum train_state.pt.sha256 (corrupt or truncated): resuming from the " \
-           "checkpoint before it, train_state.prev.pt (step 8)" in out, out
+    assert (
+        f"{state} does not match its checksum train_state.pt.sha256 (corrupt or truncated): resuming from the "
+        "checkpoint before it, train_state.prev.pt (step 8)" in out
+    ), out
     assert res.resumed_from == 8 and res.history == full.history
     assert all(torch.equal(_weights(ck)[k], _weights(tmp_path / "full")[k]) for k in ("W_enc", "W_dec", "b_dec"))
 

@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 import torch
 
-from mechlib.activations.collect import (ActivationStore, CorpusError, Packer, collect_activations, split_docs,
-                             stream_activations)
+from mechlib.activations.collect import (
+    ActivationStore,
+    CorpusError,
+    Packer,
+    collect_activations,
+    split_docs,
+    stream_activations,
+)
 from mechlib.activations.corpus import iter_texts
-from mechlib.hooks import add_forward_hook
-from mechlib.models import LayerError, decoder_layers
 from mechlib.activations.shards import ActivationError, ShardError
+from mechlib.hooks import add_forward_hook
 from mechlib.io import sha256_file
+from mechlib.models import LayerError, decoder_layers
 
-SMALL = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
+SMALL: dict[str, Any] = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
 
 
 def _docs_file(tmp_path, n_docs: int = 60) -> str:
@@ -143,10 +150,10 @@ def test_corrupt_shard_is_named(tiny_llama, tmp_path, damage):
     else:
         data = data[: len(data) // 2]
     path.write_bytes(bytes(data))
-    with pytest.raises(ShardError, match="shard_00001.safetensors"):
+    with pytest.raises(ShardError, match=r"shard_00001.safetensors"):
         collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     store = ActivationStore(tmp_path / "a")
-    with pytest.raises(ShardError, match="shard_00001.safetensors"):
+    with pytest.raises(ShardError, match=r"shard_00001.safetensors"):
         store.load_all()
     # Following the message's advice — delete the shard and rerun — recollects exactly that shard.
     path.unlink()
@@ -157,15 +164,15 @@ def test_corrupt_shard_is_named(tiny_llama, tmp_path, damage):
 
 def test_nan_activations_name_the_shard(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    with add_forward_hook(decoder_layers(model)[1], lambda m, a, o: o * float("nan")):
-        with pytest.raises(ActivationError, match="shard_00000.safetensors.*NaN"):
-            collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
+    nan = add_forward_hook(decoder_layers(model)[1], lambda m, a, o: o * float("nan"))
+    with nan, pytest.raises(ActivationError, match=r"shard_00000.safetensors.*NaN"):
+        collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     assert not (tmp_path / "a" / "shard_00000.safetensors").exists()
 
 
 def test_layer_out_of_range_and_empty_corpus(tiny_llama, tmp_path):
     model, tok = tiny_llama
-    with pytest.raises(LayerError, match="0..3"):
+    with pytest.raises(LayerError, match=r"0..3"):
         collect_activations(model, tok, tmp_path / "a", layer=4, **SMALL)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n\n  \n")
@@ -179,8 +186,9 @@ def test_heldout_split_uses_other_documents(tiny_llama, tmp_path):
     model, tok = tiny_llama
     corpus = _docs_file(tmp_path, n_docs=400)
     for split, n in (("train", 700), ("heldout", 300)):
-        collect_activations(model, tok, tmp_path / split, layer=1, corpus=corpus, split=split,
-                            **{**SMALL, "n_tokens": n})
+        collect_activations(
+            model, tok, tmp_path / split, layer=1, corpus=corpus, split=split, **{**SMALL, "n_tokens": n}
+        )
     train = set(ActivationStore(tmp_path / "train").token_info()["doc_index"].tolist())
     held = set(ActivationStore(tmp_path / "heldout").token_info()["doc_index"].tolist())
     assert held and train and not train & held
@@ -238,8 +246,17 @@ def test_bfloat16_shards(tiny_llama, tmp_path):
 
 
 def test_real_smollm2_short_collection(smollm2, tmp_path):
-    run = collect_activations(smollm2.model, smollm2.tokenizer, tmp_path / "s", layer=15, n_tokens=120,
-                              seq_len=64, batch_size=2, progress=False, model_name=smollm2.name)
+    run = collect_activations(
+        smollm2.model,
+        smollm2.tokenizer,
+        tmp_path / "s",
+        layer=15,
+        n_tokens=120,
+        seq_len=64,
+        batch_size=2,
+        progress=False,
+        model_name=smollm2.name,
+    )
     store = ActivationStore(tmp_path / "s")
     assert store.n_tokens == 120 and store.d_model == 576 and run.manifest["model"] == smollm2.name
     sh = store.shard(0)
@@ -259,8 +276,9 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     spec = importlib.util.spec_from_file_location("bench_collect", REPO_ROOT / "benchmarks" / "collect.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rc = bench.main(["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path),
-                     "--out-dir", str(tmp_path)])
+    rc = bench.main(
+        ["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
+    )
     assert rc == 0
     (saved,) = tmp_path.glob("collect_*.json")
     record = json.loads(saved.read_text())

@@ -13,25 +13,31 @@ import jupytext
 import papermill
 import pytest
 import torch
-
-from mechlib.book import chapters
-from mechlib.activations.collect_config import (PARAM_KEYS, CollectConfig, collect_config_from_params, collect_for_book,
-                                    collect_split)
-from mechlib.params import BookParams, load_params
 from tiny_run import one_thread, write_params
+
+from mechlib.activations.collect_config import (
+    PARAM_KEYS,
+    CollectConfig,
+    collect_config_from_params,
+    collect_for_book,
+    collect_split,
+)
+from mechlib.book import chapters
+from mechlib.params import BookParams, load_params
 
 ODD = dict(exclude_first_positions=1, seq_len=48, shard_tokens=192, collect_tokens=700, heldout_tokens=200)
 
 
 def test_config_reads_every_collection_param_once():
-    P = BookParams(exclude_first_positions=1, seq_len=48, collect_batch_size=3, activation_dtype="bfloat16",
-                   collect_mode="stream")
+    P = BookParams(
+        exclude_first_positions=1, seq_len=48, collect_batch_size=3, activation_dtype="bfloat16", collect_mode="stream"
+    )
     cfg = collect_config_from_params(P)
     assert isinstance(cfg, CollectConfig)
     assert (cfg.exclude_first_positions, cfg.seq_len, cfg.batch_size, cfg.dtype) == (1, 48, 3, "bfloat16")
     assert cfg.splits == (("heldout", P.heldout_tokens),)  # stream: no train shards on disk
     assert set(PARAM_KEYS) == {f for f in CollectConfig.__dataclass_fields__}
-    with pytest.raises(ValueError, match="split must be one of \\['heldout'\\] in collect_mode 'stream'"):
+    with pytest.raises(ValueError, match=r"split must be one of \['heldout'\] in collect_mode 'stream'"):
         collect_split(None, cfg, "unused", "train")
 
 
@@ -63,8 +69,8 @@ def test_scale_collect_writes_the_chapter_01_manifests(tmp_path, monkeypatch):
 
 def test_stream_store_packs_with_the_chapter_01_settings(tmp_path):
     from mechlib.activations.collect import ActivationStore
-    from mechlib.models import load_model
     from mechlib.activations.collect_config import stream_store_for_book
+    from mechlib.models import load_model
 
     params = write_params(tmp_path, "odd", **ODD)
     P = load_params(params)

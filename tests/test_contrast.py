@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -34,8 +36,17 @@ def make_prompts(n: int, seed: int = 0) -> list[str]:
 def test_states_equal_unpadded_layer_outputs(tiny_any, pooling):
     model, tok, arch = tiny_any
     prompts = make_prompts(5)
-    ls = collect_layer_states(model, tok, prompts, [f"q{i}" for i in range(5)], pooling=pooling, batch_size=3,
-                              encode=encode_left, model_name=arch, progress=False)
+    ls = collect_layer_states(
+        model,
+        tok,
+        prompts,
+        [f"q{i}" for i in range(5)],
+        pooling=pooling,
+        batch_size=3,
+        encode=encode_left,
+        model_name=arch,
+        progress=False,
+    )
     n_layers = len(decoder_layers(model))
     assert ls.states.shape == (5, n_layers, 64) and ls.ids[0] == "q0"
     special = set(tok.all_special_ids)
@@ -43,8 +54,10 @@ def test_states_equal_unpadded_layer_outputs(tiny_any, pooling):
     for j, prompt in enumerate(prompts):
         enc = tok(prompt, return_tensors="pt")
         outs = {}
-        handles = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o))
-                   for i, layer in enumerate(decoder_layers(model))]
+        handles = [
+            layer.register_forward_hook(lambda m, a, o, i=i, outs=outs: outs.__setitem__(i, o))
+            for i, layer in enumerate(decoder_layers(model))
+        ]
         try:
             with torch.no_grad():
                 hs = model(**enc, output_hidden_states=True).hidden_states
@@ -84,8 +97,9 @@ def test_shared_prefix_states_equal_whole_prompt_states(tiny_llama, pooling):
         shared = collect_layer_states(model, tok, prompts, ids, pooling=pooling, batch_size=3, progress=False)
     finally:
         handle.remove()
-    whole = collect_layer_states(model, tok, prompts, ids, pooling=pooling, batch_size=3, progress=False,
-                                 encode=contrast_mod.encode_for_states)
+    whole = collect_layer_states(
+        model, tok, prompts, ids, pooling=pooling, batch_size=3, progress=False, encode=contrast_mod.encode_for_states
+    )
     assert widths[0] == shared_prefix_len(encode_prompts(tok, prompts)) and max(widths[1:]) < widths[0]
     torch.testing.assert_close(shared.states, whole.states, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(shared.token_norm_mean, whole.token_norm_mean, atol=1e-4, rtol=1e-5)
@@ -105,8 +119,9 @@ def _collect_with_plant(model, tok, prompts, labels, layer, delta):
     add = layers[layer].register_forward_hook(lambda m, a, out: out + rows["mask"] * delta)
     sub = layers[layer + 1].register_forward_hook(lambda m, a, out: out - rows["mask"] * delta)
     try:
-        return collect_layer_states(model, tok, prompts, [str(i) for i in range(len(prompts))], batch_size=8,
-                                    encode=encode, progress=False)
+        return collect_layer_states(
+            model, tok, prompts, [str(i) for i in range(len(prompts))], batch_size=8, encode=encode, progress=False
+        )
     finally:
         add.remove()
         sub.remove()
@@ -120,8 +135,9 @@ def test_planted_difference_found_at_its_layer(request, arch_fixture):
     prompts = make_prompts(48, seed=1)
     labels = np.arange(48) % 2 == 0
     dims = [5, 17, 40]
-    clean = collect_layer_states(model, tok, prompts, [str(i) for i in range(48)], batch_size=8, encode=encode_left,
-                                 progress=False)
+    clean = collect_layer_states(
+        model, tok, prompts, [str(i) for i in range(48)], batch_size=8, encode=encode_left, progress=False
+    )
     delta = torch.zeros(64)  # 3 within-group standard deviations in three dimensions
     delta[dims] = 3.0 * clean.states[:, layer, dims].std(0) * torch.tensor([1.0, -1.0, 1.0])
     ls = _collect_with_plant(model, tok, prompts, labels, layer, delta)
@@ -154,7 +170,7 @@ def test_rank_sae_features_finds_the_planted_feature():
     ranked = rank_sae_features(sae, x, y, top_n=5)
     assert ranked[0].feature == 7 and ranked[0].score > 0 and ranked[0].d > 1
     assert ranked[0].fire_rate_correct == 1.0 and ranked[0].mean_correct > ranked[0].mean_wrong
-    assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in zip(ranked, ranked[1:]))
+    assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in itertools.pairwise(ranked))
 
 
 def test_mean_difference_refuses_one_group():
@@ -176,8 +192,7 @@ def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path, capsys):
     again = cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=prompts, collect=collect)
     assert len(calls) == 1 and torch.equal(first.states, again.states)
     other = [p + "!" for p in prompts]
-    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other,
-                        collect=lambda: collect(other))
+    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other, collect=lambda: collect(other))
     assert len(calls) == 2
     # the same prompts, but the model ran in another dtype: the cache is stale, and the chapter says so
     import dataclasses
@@ -185,12 +200,18 @@ def test_cached_states_resume_and_invalidate(tiny_llama, tmp_path, capsys):
     from mechlib.contrast import run_settings
 
     bf16 = run_settings("bfloat16", "cpu")
-    got = cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other,
-                              collect=lambda: dataclasses.replace(collect(other), settings=bf16), settings=bf16)
+    got = cached_layer_states(
+        path,
+        model_name="tiny",
+        pooling="last",
+        ids=ids,
+        prompts=other,
+        collect=lambda: dataclasses.replace(collect(other), settings=bf16),
+        settings=bf16,
+    )
     assert len(calls) == 3 and got.settings == bf16
     assert "model settings changed" in capsys.readouterr().out
-    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other, collect=collect,
-                        settings=bf16)
+    cached_layer_states(path, model_name="tiny", pooling="last", ids=ids, prompts=other, collect=collect, settings=bf16)
     assert len(calls) == 3
     assert first.select(["c", "a"]).shape == (2, 4, 64)
     with pytest.raises(ContrastError, match="no collected states"):
@@ -210,16 +231,17 @@ def test_default_encoding_matches_generation_tokenisation(tiny_gemma4):
 
 def test_load_baseline_split(tmp_path):
     import json
-
-    from mechlib.contrast import load_baseline_split
     from dataclasses import replace
 
+    from mechlib.contrast import load_baseline_split
     from mechlib.gsm8k import Question
     from mechlib.records import score, write_records
 
     # even ids answered right, odd ones wrong; the stored verdicts are stale (flipped): loading re-scores
-    recs = [score(Question(f"q{i}", f"Q{i}", i, "x"), f"p{i}", f"#### {i if i % 2 == 0 else i + 1}\n", 3,
-                  "answer_line") for i in range(4)]
+    recs = [
+        score(Question(f"q{i}", f"Q{i}", i, "x"), f"p{i}", f"#### {i if i % 2 == 0 else i + 1}\n", 3, "answer_line")
+        for i in range(4)
+    ]
     write_records(tmp_path / "baseline.jsonl", [replace(r, correct=not r.correct) for r in recs])
     metrics = tmp_path / "04.json"
     with pytest.raises(ContrastError, match="run chapter 04"):
@@ -240,8 +262,9 @@ def test_check_questions_match():
     from mechlib.contrast import BaselineSplit, check_questions_match
     from mechlib.gsm8k import Question
 
-    split = BaselineSplit(["a"], ["b"], {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"},
-                          {"a": True, "b": False}, {})
+    split = BaselineSplit(
+        ["a"], ["b"], {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"}, {"a": True, "b": False}, {}
+    )
     check_questions_match([Question("a", "What is 1 plus 2?", 3, "x"), Question("b", "Q2", 1, "x")], split)
     with pytest.raises(ContrastError, match="rerun chapter 04"):
         check_questions_match([Question("a", "What is 5 plus 2?", 7, "x")], split)

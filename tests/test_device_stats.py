@@ -55,7 +55,8 @@ def test_the_runner_records_each_chapters_device_and_the_report_shows_it(tmp_pat
     nbdir.mkdir()
     (nbdir / "01_fake.py").write_text(
         "# ---\n# jupyter:\n#   kernelspec: {display_name: Python 3 (ipykernel), language: python, name: python3}\n"
-        "# ---\n\n# %% tags=[\"parameters\"]\nrun = \"default\"\n\n# %%\nimport torch\nx = torch.ones(2)\n")
+        '# ---\n\n# %% tags=["parameters"]\nrun = "default"\n\n# %%\nimport torch\nx = torch.ones(2)\n'
+    )
     monkeypatch.setattr(mechlib.paths, "OUTPUTS_DIR", tmp_path / "outputs")
     monkeypatch.setenv("MECHBOOK_OUTPUTS", str(tmp_path / "outputs"))
     params = tmp_path / "trial.yaml"

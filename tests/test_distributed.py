@@ -25,18 +25,38 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-
-from mechlib.sae.distributed import (DistributedError, all_or, all_sum, global_reference_step, local_rows, rank_items,
-                                 reduce_grads_sum, rescaled_step)
-from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
-from mechlib.paths import REPO_ROOT
-from mechlib.sae.train import TensorStore, TrainConfig, train_sae
 from tiny_run import one_thread, write_params
 
+from mechlib.paths import REPO_ROOT
+from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
+from mechlib.sae.distributed import (
+    DistributedError,
+    all_or,
+    all_sum,
+    global_reference_step,
+    local_rows,
+    rank_items,
+    reduce_grads_sum,
+    rescaled_step,
+)
+from mechlib.sae.train import TensorStore, TrainConfig, train_sae
+
 D_MODEL, N_TOKENS = 16, 2048
-CFG = TrainConfig(d_sae=128, k=4, k_aux=16, aux_coef=0.125, lr=3e-3, lr_floor=3e-4, warmup_steps=5,
-                  train_batch_size=128, train_tokens=128 * 40, renorm_every=10, dead_tokens=256,
-                  checkpoint_every=15, seed=3)
+CFG = TrainConfig(
+    d_sae=128,
+    k=4,
+    k_aux=16,
+    aux_coef=0.125,
+    lr=3e-3,
+    lr_floor=3e-4,
+    warmup_steps=5,
+    train_batch_size=128,
+    train_tokens=128 * 40,
+    renorm_every=10,
+    dead_tokens=256,
+    checkpoint_every=15,
+    seed=3,
+)
 TOL = 1e-4  # short runs only (see the module docstring)
 STEP_TOL = 1e-6  # one Adam update from the same weights
 
@@ -55,31 +75,48 @@ VARIANTS = (("global", False, CFG), ("rescaled", True, CFG))
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     from mechlib.sae.distributed import process_group
     from mechlib.scale import train_hooks
 
     with process_group("cpu") as info:
         grads = {}
-        for name, step, k_aux in (("global", global_reference_step, 16), ("rescaled", rescaled_step(reference_step), 0)):
+        for name, step, k_aux in (
+            ("global", global_reference_step, 16),
+            ("rescaled", rescaled_step(reference_step), 0),
+        ):
             sae = TopKSAE(D_MODEL, 128, 4, seed=1)
             step(sae, local_rows(synthetic_activations()[:256], rank, world), _dead_mask(), k_aux, 0.125)
             reduce_grads_sum(sae)
-            grads[name] = {n: p.grad.clone() for n, p in sae.named_parameters()}
+            grads[name] = {n: _grad(p).clone() for n, p in sae.named_parameters()}
             _adam_step(sae)
             grads[f"{name}_updated"] = {n: p.detach().clone() for n, p in sae.named_parameters()}
         torch.save(grads, Path(out) / f"grads{rank}.pt")
         for name, wrap, cfg in VARIANTS:
             step = rescaled_step(reference_step) if wrap else global_reference_step
             folder = Path(out) / name
-            res = train_sae(TensorStore(synthetic_activations()), cfg, folder, device="cpu", step_fn=step,
-                            hooks=train_hooks(info), progress=False)
+            res = train_sae(
+                TensorStore(synthetic_activations()),
+                cfg,
+                folder,
+                device="cpu",
+                step_fn=step,
+                hooks=train_hooks(info),
+                progress=False,
+            )
             if not info.is_main:  # rank 0 renormalised its decoder when it wrote sae_final.pt
                 renorm_decoder_(res.sae)
-            torch.save({"sae": {k: v.detach() for k, v in res.sae.state_dict().items()},
-                        "since": res.tokens_since_fired, "history": res.history}, folder / f"rank{rank}.pt")
+            torch.save(
+                {
+                    "sae": {k: v.detach() for k, v in res.sae.state_dict().items()},
+                    "since": res.tokens_since_fired,
+                    "history": res.history,
+                },
+                folder / f"rank{rank}.pt",
+            )
 
 
 @pytest.fixture(scope="module")
@@ -95,8 +132,9 @@ def two_process(tmp_path_factory) -> tuple[Path, dict[str, list[dict]]]:
 
 
 def _one_process(tmp: Path, cfg: TrainConfig) -> dict:
-    res = train_sae(TensorStore(synthetic_activations()), cfg, tmp, device="cpu", step_fn=reference_step,
-                    progress=False)
+    res = train_sae(
+        TensorStore(synthetic_activations()), cfg, tmp, device="cpu", step_fn=reference_step, progress=False
+    )
     return {"sae": res.sae.state_dict(), "since": res.tokens_since_fired, "history": res.history}
 
 
@@ -133,13 +171,18 @@ def _adam_step(sae: TopKSAE) -> None:
     torch.optim.Adam(sae.parameters(), lr=CFG.lr, betas=CFG.adam_betas, eps=CFG.adam_eps, fused=True).step()
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None, "the step left no gradient"
+    return p.grad
+
+
 def _reference_grads(k_aux: int, update: bool = False) -> dict[str, torch.Tensor]:
     sae = TopKSAE(D_MODEL, 128, 4, seed=1)
     reference_step(sae, synthetic_activations()[:256], _dead_mask(), k_aux, 0.125)
     if update:
         _adam_step(sae)
         return {n: p.detach() for n, p in sae.named_parameters()}
-    return {n: p.grad for n, p in sae.named_parameters()}
+    return {n: _grad(p) for n, p in sae.named_parameters()}
 
 
 def test_global_step_is_the_reference_step_in_one_process():
@@ -216,10 +259,25 @@ def test_rescaled_fast_step_wrapper(two_process, one_process):
 
 
 def _torchrun(args: list[str], outputs: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MECHBOOK_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "mechlib.scale", *args, "--no-progress"]
+    env = {
+        **os.environ,
+        "MECHBOOK_OUTPUTS": str(outputs),
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "mechlib.scale",
+        *args,
+        "--no-progress",
+    ]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
 
 

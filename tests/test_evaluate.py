@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import torch
 
 from mechlib import evaluate, metrics
-from mechlib.io import sha256_file
 from mechlib.activations.provenance import tensor_digest
+from mechlib.io import sha256_file
 
 
 def test_stream_runs_fit_pca_on_the_first_half_of_the_heldout_tokens():
@@ -37,11 +37,12 @@ def test_a_damaged_cache_file_is_recomputed_not_a_crash(tmp_path):
 def test_model_evals_are_recomputed_when_the_heldout_activations_change(tmp_path, capsys, monkeypatch):
     """The cache key once held the SAE and the settings but not the activations: after chapter 01
     recollected with other settings, chapter 03 served ΔCE/KL of the old tokens."""
+    from tiny_run import corpus_file, model_folder
+
     from mechlib import models
     from mechlib.activations.collect import ActivationStore, collect_activations
     from mechlib.params import BookParams
     from mechlib.sae import TopKSAE, save_card_checkpoint
-    from tiny_run import corpus_file, model_folder
 
     folder, corpus = model_folder(tmp_path), corpus_file(tmp_path)
     lm = models.load_model(str(folder), "float32", "cpu")
@@ -54,9 +55,21 @@ def test_model_evals_are_recomputed_when_the_heldout_activations_change(tmp_path
     sae_path = str(save_card_checkpoint(sae, tmp_path / "sae_final.pt"))
 
     def evals(exclude_first_positions: int):
-        collect_activations(lm.model, lm.tokenizer, tmp_path / "heldout", layer=1, n_tokens=256, seq_len=32,
-                            batch_size=4, shard_tokens=128, corpus=str(corpus), split="heldout", model_name=lm.name,
-                            exclude_first_positions=exclude_first_positions, progress=False)
+        collect_activations(
+            lm.model,
+            lm.tokenizer,
+            tmp_path / "heldout",
+            layer=1,
+            n_tokens=256,
+            seq_len=32,
+            batch_size=4,
+            shard_tokens=128,
+            corpus=str(corpus),
+            split="heldout",
+            model_name=lm.name,
+            exclude_first_positions=exclude_first_positions,
+            progress=False,
+        )
         heldout = ActivationStore(tmp_path / "heldout")
         x = heldout.load_all()
         _, counts = metrics.reconstruction_metrics(sae, x)
@@ -67,7 +80,8 @@ def test_model_evals_are_recomputed_when_the_heldout_activations_change(tmp_path
     capsys.readouterr()
     evals(1)
     assert len(loads) == 2, "the cache of other held-out activations was reused"
-    assert ("[mechbook] held-out activations changed since the cached model evals (03_model_evals.json): "
-            "recomputing them") in capsys.readouterr().out
+    assert (
+        "[mechbook] held-out activations changed since the cached model evals (03_model_evals.json): recomputing them"
+    ) in capsys.readouterr().out
     key = json.loads((run_paths.checkpoints / evaluate.MODEL_EVALS_FILE).read_text())["key"]
     assert key["sae_file"] == sha256_file(sae_path) and key["mean_act"] == tensor_digest(torch.zeros(lm.d_model))

@@ -17,25 +17,35 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
+from tiny_run import one_thread, write_params
 
 from mechlib.paths import REPO_ROOT
-from tiny_run import one_thread, write_params
 
 SEED = int(os.environ.get("MECHBOOK_FAULT_SEED", time.time_ns() % 10_000))
 FAULT_SIZES = dict(collect_tokens=6000, train_tokens=64 * 150, checkpoint_every=5)
 
 
 def _start(args: list[str], outputs: Path, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MECHBOOK_OUTPUTS": str(outputs), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MECHBOOK_OUTPUTS": str(outputs),
+        "HF_HUB_OFFLINE": "1",
+        "TQDM_DISABLE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     with open(log, "wb") as fh:  # a file, not a pipe: a full pipe would stall the child
-        return subprocess.Popen([sys.executable, "-m", "mechlib.scale", *args, "--no-progress"], env=env,
-                                stdout=fh, stderr=subprocess.STDOUT, cwd=REPO_ROOT)
+        return subprocess.Popen(
+            [sys.executable, "-m", "mechlib.scale", *args, "--no-progress"],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
 
 
 def _kill_when(proc: subprocess.Popen, ready: Callable[[], bool], log: Path, timeout: float = 120) -> None:
@@ -93,8 +103,11 @@ def test_collection_killed_and_rerun_equals_uninterrupted(tmp_path, outputs):
     killed = outputs("killed")
     train_dir = killed / "fault/activations/train"
     proc = _start(["collect", str(params)], killed, tmp_path / "collect.log")
-    _kill_when(proc, lambda: len((_manifest(train_dir / "manifest.json") or {}).get("shards", [])) >= kill_after,
-               tmp_path / "collect.log")
+    _kill_when(
+        proc,
+        lambda: len((_manifest(train_dir / "manifest.json") or {}).get("shards", [])) >= kill_after,
+        tmp_path / "collect.log",
+    )
     at_kill = _manifest(train_dir / "manifest.json")
     assert not at_kill["complete"], f"seed {SEED}: killed after the collection had finished"
 
@@ -106,7 +119,8 @@ def test_collection_killed_and_rerun_equals_uninterrupted(tmp_path, outputs):
         folder = killed / "fault/activations" / split
         assert not list(folder.glob(".*.tmp")), "a half-written temporary file survived the rerun"
         assert sorted(p.name for p in folder.glob("shard_*")) == sorted(
-            e["file"] for e in json.loads((folder / "manifest.json").read_text())["shards"])
+            e["file"] for e in json.loads((folder / "manifest.json").read_text())["shards"]
+        )
 
 
 def test_training_killed_and_rerun_equals_uninterrupted(tmp_path, outputs):
@@ -199,11 +213,20 @@ def test_book_runner_killed_mid_chapter_leaves_no_truncated_notebook(tmp_path):
     nbformat.write(previous, out / "01_slow.ipynb")
     before = (out / "01_slow.ipynb").read_bytes()
     env = {**os.environ, "MECHBOOK_OUTPUTS": str(tmp_path / "outputs"), "TQDM_DISABLE": "1"}
-    code = f"from mechlib.book import run_book; run_book({str(params)!r}, notebooks_dir=__import__('pathlib').Path({str(nbdir)!r}))"
+    code = (
+        f"from mechlib.book import run_book; "
+        f"run_book({str(params)!r}, notebooks_dir=__import__('pathlib').Path({str(nbdir)!r}))"
+    )
     log = tmp_path / "book.log"
     with open(log, "wb") as fh:  # its own session, so the kernel it starts is killed with it
-        proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=fh, stderr=subprocess.STDOUT,
-                                cwd=REPO_ROOT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", code],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+            start_new_session=True,
+        )
     partial = out / ".01_slow.partial.json"
     try:
         deadline = time.monotonic() + 120
@@ -236,8 +259,10 @@ def test_training_removes_temporaries_of_a_write_killed_midway(tmp_path):
 
 # Every write in the library, chapters and benchmarks goes through mechlib.io's atomic helpers. The
 # few raw writes below are atomic by other means, each with its reason.
-RAW_WRITE = r"torch\.save\(|\.write_text\(|\.write_bytes\(|save_file\(|\.savefig\(|json\.dump\(|np\.save\(|" \
-            r"\.to_csv\(|open\([^)]*['\"][wax]b?\+?['\"]|execute_notebook\(|save_pretrained\("
+RAW_WRITE = (
+    r"torch\.save\(|\.write_text\(|\.write_bytes\(|save_file\(|\.savefig\(|json\.dump\(|np\.save\(|"
+    r"\.to_csv\(|open\([^)]*['\"][wax]b?\+?['\"]|execute_notebook\(|save_pretrained\("
+)
 ALLOWED = {
     ("mechlib/io.py", "*"): "the atomic helpers themselves",
     ("mechlib/plots.py", ".savefig("): "inside io.atomic_path",
@@ -245,7 +270,7 @@ ALLOWED = {
     ("mechlib/models.py", ".write_text("): "the marker file, inside that temporary folder",
     ("mechlib/book.py", "execute_notebook("): "to a hidden partial file, os.replace'd at the end",
     ("mechlib/runlock.py", "open("): "the lock must be created with O_CREAT|O_EXCL (a rename would overwrite a "
-                                     "rival's lock); readers treat an empty lock file as being written",
+    "rival's lock); readers treat an empty lock file as being written",
     ("mechlib/runlock.py", "json.dump("): "into that exclusively created lock file",
 }
 
@@ -273,8 +298,8 @@ def test_killed_data_parallel_collection_resumes_in_one_process(tmp_path, tiny_l
     A rerun (here with one process) trusts the shards they list, computes only the rest, and ends with
     the manifest an uninterrupted run writes; the per-rank files are gone."""
     from mechlib.activations.collect import collect_activations
-    from mechlib.scale import merge_rank_manifests
     from mechlib.activations.shards import ShardError
+    from mechlib.scale import merge_rank_manifests
 
     model, tok = tiny_llama
     small = dict(layer=1, n_tokens=700, seq_len=32, batch_size=4, shard_tokens=128, progress=False)

@@ -19,14 +19,20 @@ def test_significance_words_follow_p():
 
 
 def test_steering_finding_says_no_effect_or_names_the_effects():
-    none = findings.steering_finding(22, [(0.02, "no significant change", -0.02, 1.0),
-                                          (0.1, "no significant change", 0.04, 0.6)], 2, [-0.04, 0.04], -0.02)
+    none = findings.steering_finding(
+        22,
+        [(0.02, "no significant change", -0.02, 1.0), (0.1, "no significant change", 0.04, 0.6)],
+        2,
+        [-0.04, 0.04],
+        -0.02,
+    )
     assert "No steering scale at layer 22 changes held-out accuracy significantly" in none
     assert "from -0.020 to +0.040" in none and "2 of 2" in none and "within the random range" in none
     flat = findings.steering_finding(2, [(0.1, "no significant change", -0.02, 1.0)] * 2, 2, [], None)
     assert "Δ -0.020 at every scale" in flat and "random" not in flat
-    some = findings.steering_finding(17, [(0.1, "harms", -0.2, 0.013), (-0.05, "no significant change", 0.1, 0.3)],
-                                     1, [0.1, 0.2], -0.2)
+    some = findings.steering_finding(
+        17, [(0.1, "harms", -0.2, 0.013), (-0.05, "no significant change", 0.1, 0.3)], 1, [0.1, 0.2], -0.2
+    )
     assert "+10 % harms (Δ -0.200, p 0.013)" in some and "outside the random range" in some
     assert "-5 %" not in some  # only the scales that moved are named
 

@@ -8,8 +8,14 @@ import torch
 from transformers import GenerationConfig
 
 import mechlib.generate as gen
-from mechlib.generate import (GenerationError, free_generation_cache, generate_greedy, generate_ids,
-                              greedy_batch, left_pad)
+from mechlib.generate import (
+    GenerationError,
+    free_generation_cache,
+    generate_greedy,
+    generate_ids,
+    greedy_batch,
+    left_pad,
+)
 from mechlib.kv_cache import STATIC_CACHES
 from mechlib.models import decoder_layers
 from mechlib.tiny import tiny_config
@@ -21,10 +27,16 @@ PAD = 0
 
 def _hf(model, ids, eos, max_new=MAX_NEW, cache=None):
     inp, mask = left_pad(ids, PAD, torch.device("cpu"))
-    gc = GenerationConfig(do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD,
-                          cache_implementation=cache, disable_compile=True)
+    gc = GenerationConfig(
+        do_sample=False,
+        max_new_tokens=max_new,
+        eos_token_id=eos,
+        pad_token_id=PAD,
+        cache_implementation=cache,
+        disable_compile=True,
+    )
     with torch.no_grad():
-        rows = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)[:, inp.shape[1]:].tolist()
+        rows = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)[:, inp.shape[1] :].tolist()
     return [r[: r.index(eos)] if eos in r else r for r in rows]
 
 
@@ -50,7 +62,7 @@ def _prompt_ids(tok):
 
 @pytest.mark.parametrize("hook", [False, True], ids=["no_hook", "hook"])
 def test_equals_hf_generate(tiny_any, hook):
-    model, tok, arch = tiny_any
+    model, tok, _arch = tiny_any
     ids = _prompt_ids(tok)
     handle = _add_vector_hook(decoder_layers(model)[1]) if hook else None
     try:
@@ -109,14 +121,16 @@ def test_hook_fires_at_prefill_and_every_decode_step(tiny_llama):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma4", "qwen3_5"])
 def test_static_cache_equals_hf_static_cache(arch, tiny_tok, request):
-    model, tok = request.getfixturevalue({"llama": "tiny_llama", "gemma4": "tiny_gemma4",
-                                          "qwen3_5": "tiny_qwen35"}[arch])
+    model, tok = request.getfixturevalue(
+        {"llama": "tiny_llama", "gemma4": "tiny_gemma4", "qwen3_5": "tiny_qwen35"}[arch]
+    )
     ids = _prompt_ids(tok)
     handle = _add_vector_hook(decoder_layers(model)[-1], seed=2)
     try:
         ref = _hf(model, ids, eos=1, cache="static")
-        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="static", compile=False,
-                           progress=False)
+        got = generate_ids(
+            model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="static", compile=False, progress=False
+        )
     finally:
         handle.remove()
     assert got == ref
@@ -156,8 +170,9 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
         handle = _add_vector_hook(layer, seed=seed) if seed is not None else None
         try:
             ref = _hf(model, ids, eos=1, max_new=6)
-            got = generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static",
-                               compile={"backend": "eager"}, progress=False)
+            got = generate_ids(
+                model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"}, progress=False
+            )
         finally:
             if handle:
                 handle.remove()
@@ -165,8 +180,9 @@ def test_compiled_step_honours_hooks_added_after_compiling(tiny_llama):
     held = STATIC_CACHES.held(model)
     assert held is not None and held.max_len % 256 == 0, "compiled path rounds the cache length up to a bucket"
     assert not any(name.startswith("_mechlib") for name in vars(model)), "no state hung on the model"
-    generate_ids(model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"},
-                 progress=False)
+    generate_ids(
+        model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile={"backend": "eager"}, progress=False
+    )
     again = STATIC_CACHES.held(model)
     assert again is not None and again.cache is held.cache, "same shapes: the cache is reset and reused"
     free_generation_cache(model)
@@ -190,7 +206,7 @@ def test_fixed_length_ignores_eos(tiny_llama):
 
 
 def test_bad_settings_raise(tiny_llama):
-    model, tok = tiny_llama
+    model, _tok = tiny_llama
     with pytest.raises(GenerationError, match="at least one token"):
         generate_ids(model, [[]], 4, 1, eos_ids=[1], pad_id=0, progress=False)
     with pytest.raises(GenerationError, match="batch_size"):
@@ -215,7 +231,7 @@ def test_bf16_cpu_unembedding_gets_a_contiguous_input_and_the_hook_is_removed(ti
     finally:
         probe.remove()
     assert len(head._forward_pre_hooks) == 0, "the contiguity hook must be removed after generation"
-    assert all(seen[: 4]), "mechlib's calls saw a contiguous unembedding input"
+    assert all(seen[:4]), "mechlib's calls saw a contiguous unembedding input"
 
 
 SHARED = "System: you are a careful assistant who answers briefly. Example: 2 + 2 = 4. Question: "
@@ -237,8 +253,9 @@ def test_shared_prefix_equals_hf_generate(tiny_any, hook):
     try:
         eos = _eos_mid_batch(model, ids)
         ref = _hf(model, ids, eos)
-        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, cache="dynamic", progress=False,
-                           share_prefix=True)
+        got = generate_ids(
+            model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, cache="dynamic", progress=False, share_prefix=True
+        )
     finally:
         if handle:
             handle.remove()
@@ -260,19 +277,22 @@ def test_shared_prefix_runs_the_prefix_once(tiny_llama):
     assert widths[1] == (len(ids), max(len(r) for r in ids) - n_shared)
 
 
-@pytest.mark.parametrize("rows, expected", [
-    ([[1, 2, 3, 4], [1, 2, 3, 5]], 3),
-    ([[1, 2, 3], [1, 2, 3, 4]], 2),  # the shorter row keeps its last token as its own suffix
-    ([[7], [7]], 0),
-    ([[1, 2], [3, 4]], 0),
-    ([[5, 6, 7]], 2),
-])
+@pytest.mark.parametrize(
+    "rows, expected",
+    [
+        ([[1, 2, 3, 4], [1, 2, 3, 5]], 3),
+        ([[1, 2, 3], [1, 2, 3, 4]], 2),  # the shorter row keeps its last token as its own suffix
+        ([[7], [7]], 0),
+        ([[1, 2], [3, 4]], 0),
+        ([[5, 6, 7]], 2),
+    ],
+)
 def test_shared_prefix_len(rows, expected):
     assert gen.shared_prefix_len(rows) == expected
 
 
 def test_shared_prefix_needs_the_dynamic_cache(tiny_llama):
-    model, tok = tiny_llama
+    model, _tok = tiny_llama
     inp, mask = left_pad([[3, 4], [5]], PAD, torch.device("cpu"))
     with pytest.raises(GenerationError, match="dynamic"):
         greedy_batch(model, inp, mask, 2, eos_ids=[], pad_id=PAD, cache="static", prefix=torch.tensor([1, 2]))
@@ -291,8 +311,9 @@ def test_shared_prefix_on_gemma4_with_a_window_wider_than_the_prompt(tiny_tok):
     handle = _add_vector_hook(decoder_layers(model)[4])  # a KV-shared layer
     try:
         ref = _hf(model, ids, eos=1)
-        got = generate_ids(model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="dynamic", progress=False,
-                           share_prefix=True)
+        got = generate_ids(
+            model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="dynamic", progress=False, share_prefix=True
+        )
     finally:
         handle.remove()
     assert got == ref

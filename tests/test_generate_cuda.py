@@ -40,8 +40,9 @@ def test_compiled_cuda_path_equals_uncompiled_and_follows_hooks(arch):
             handle = layer.register_forward_hook(lambda _m, _i, out, v=v: out + v)
         try:
             fast = generate_ids(model, ids, 12, 4, eos_ids=[1], pad_id=0, cache="static", compile=None, progress=False)
-            plain = generate_ids(model, ids, 12, 4, eos_ids=[1], pad_id=0, cache="static", compile=False,
-                                 progress=False)
+            plain = generate_ids(
+                model, ids, 12, 4, eos_ids=[1], pad_id=0, cache="static", compile=False, progress=False
+            )
         finally:
             if handle:
                 handle.remove()

@@ -10,38 +10,47 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from mechlib.gsm8k import (GSM8KError, answers_match, extract_answer, extract_answer_with_rule, gold_from_solution,
-                           load_gsm8k)
+from mechlib.gsm8k import (
+    GSM8KError,
+    answers_match,
+    extract_answer,
+    extract_answer_with_rule,
+    gold_from_solution,
+    load_gsm8k,
+)
 from mechlib.paths import REPO_ROOT
 
 SHARED_GSM8K = REPO_ROOT.parent / "shared" / "data" / "gsm8k"
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("#### 1,200", 1200),
-    ("She makes 9 * 2 = $18 every day.\n#### 18", 18),
-    ("#### -5", -5),
-    ("The total is 1,234,567 apples", 1234567),
-    ("It costs $3.50 each", 3.5),
-    ("The answer is $1,200.", 1200),
-    ("So the answer is: 42 apples. Next we", 42),
-    ("**Answer:** 7", 7),
-    ("20 - 5 = 15", 15),  # a '-' after a space is a sign only when it touches the digit
-    ("10-5=5", 5),  # '-' after a digit is subtraction
-    ("x = -3.5", -3.5),
-    ("\u22124 degrees", -4),  # unicode minus
-    ("$-5 and -$6", -6),
-    ("#### 18\nQuestion: another one #### 5", 18),  # first #### wins
-    ("The answer is 12. Then 3 + 4 = 7", 12),  # 'answer is' beats the last number
-    ("#### $1,000.00 total", 1000),
-    ("Carla has 3 + 9 = 12.\n#### N = 12\n#### N = 12", 12),  # the instruction's letter copied
-    ("#### N\n#### N\nso 5 apples", 5),
-    ("1,2,3", 3),  # commas not grouping thousands end the number
-    ("12,34", 34),
-    ("50% of them", 50),
-    ("no digits here", None),
-    ("", None),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("#### 1,200", 1200),
+        ("She makes 9 * 2 = $18 every day.\n#### 18", 18),
+        ("#### -5", -5),
+        ("The total is 1,234,567 apples", 1234567),
+        ("It costs $3.50 each", 3.5),
+        ("The answer is $1,200.", 1200),
+        ("So the answer is: 42 apples. Next we", 42),
+        ("**Answer:** 7", 7),
+        ("20 - 5 = 15", 15),  # a '-' after a space is a sign only when it touches the digit
+        ("10-5=5", 5),  # '-' after a digit is subtraction
+        ("x = -3.5", -3.5),
+        ("\u22124 degrees", -4),  # unicode minus
+        ("$-5 and -$6", -6),
+        ("#### 18\nQuestion: another one #### 5", 18),  # first #### wins
+        ("The answer is 12. Then 3 + 4 = 7", 12),  # 'answer is' beats the last number
+        ("#### $1,000.00 total", 1000),
+        ("Carla has 3 + 9 = 12.\n#### N = 12\n#### N = 12", 12),  # the instruction's letter copied
+        ("#### N\n#### N\nso 5 apples", 5),
+        ("1,2,3", 3),  # commas not grouping thousands end the number
+        ("12,34", 34),
+        ("50% of them", 50),
+        ("no digits here", None),
+        ("", None),
+    ],
+)
 def test_extract_answer_examples(text, expected):
     got = extract_answer(text)
     if expected is None:
@@ -50,10 +59,17 @@ def test_extract_answer_examples(text, expected):
         assert got == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("text, rule", [
-    ("so 4.\n#### 5", "hashes"), ("#### N = 5", "hashes"), ("The answer is 5. Then 6", "answer_is"),
-    ("2 + 3 = 5", "last_number"), ("#### N\nwe get 5", "last_number"), ("none", None),
-])
+@pytest.mark.parametrize(
+    "text, rule",
+    [
+        ("so 4.\n#### 5", "hashes"),
+        ("#### N = 5", "hashes"),
+        ("The answer is 5. Then 6", "answer_is"),
+        ("2 + 3 = 5", "last_number"),
+        ("#### N\nwe get 5", "last_number"),
+        ("none", None),
+    ],
+)
 def test_extract_answer_reports_its_rule(text, rule):
     assert extract_answer_with_rule(text)[1] == rule
 
@@ -79,6 +95,7 @@ def test_gold_from_solution():
 
 
 # ------------------------------------------------------------------------ property tests
+
 
 def _grouped(n: int) -> str:
     return f"{n:,}"
@@ -133,6 +150,7 @@ def test_extract_answer_never_crashes_and_returns_finite_or_none(text):
 
 # ------------------------------------------------------------------------ loading
 
+
 def _write(path: Path, lines: list[str]) -> Path:
     path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
     return path
@@ -150,14 +168,17 @@ def test_load_local_folder_and_file(tmp_path):
     assert load_gsm8k(str(tmp_path / "test.jsonl"), "test") == qs
 
 
-@pytest.mark.parametrize("lines, message", [
-    ([], "contains no questions"),
-    ([_row("ok", "#### 1"), "{not json"], ":2: not valid JSON"),
-    ([json.dumps({"question": "q"})], ":1: expected an object"),
-    ([json.dumps(["q", "a"])], ":1: expected an object"),
-    ([_row("q", "no marker")], ":1: cannot read the gold answer"),
-    ([_row("  ", "#### 3")], ":1: empty 'question'"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ([], "contains no questions"),
+        ([_row("ok", "#### 1"), "{not json"], ":2: not valid JSON"),
+        ([json.dumps({"question": "q"})], ":1: expected an object"),
+        ([json.dumps(["q", "a"])], ":1: expected an object"),
+        ([_row("q", "no marker")], ":1: cannot read the gold answer"),
+        ([_row("  ", "#### 3")], ":1: empty 'question'"),
+    ],
+)
 def test_malformed_files_name_file_and_line(tmp_path, lines, message):
     f = _write(tmp_path / "bad.jsonl", lines)
     with pytest.raises(GSM8KError, match=message) as err:
@@ -167,7 +188,7 @@ def test_malformed_files_name_file_and_line(tmp_path, lines, message):
 
 def test_missing_split_and_path(tmp_path):
     _write(tmp_path / "train.jsonl", [_row("q", "#### 1")])
-    with pytest.raises(GSM8KError, match="no test.jsonl .*train.jsonl"):
+    with pytest.raises(GSM8KError, match=r"no test.jsonl .*train.jsonl"):
         load_gsm8k(str(tmp_path), "test")
     with pytest.raises(GSM8KError, match="does not exist"):
         load_gsm8k(str(tmp_path / "nope"))
@@ -180,8 +201,10 @@ def test_hub_offline_says_to_pass_a_path(monkeypatch):
         load_gsm8k("", "test")
 
 
-@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(),
-                    reason=f"GSM8K dev copy not found at {SHARED_GSM8K} (only present on the project's machines)")
+@pytest.mark.skipif(
+    not (SHARED_GSM8K / "test.jsonl").is_file(),
+    reason=f"GSM8K dev copy not found at {SHARED_GSM8K} (only present on the project's machines)",
+)
 def test_real_gsm8k_test_split_loads_and_golds_parse():
     qs = load_gsm8k(str(SHARED_GSM8K), "test")
     assert len(qs) == 1319

@@ -18,9 +18,8 @@ def test_hook_removed_on_success_and_on_error(tiny_gemma4):
     with add_forward_hook(layer, lambda m, a, o: None):
         assert len(layer._forward_hooks) == 1
     assert len(layer._forward_hooks) == 0
-    with pytest.raises(RuntimeError, match="boom"):
-        with add_forward_hook(layer, lambda m, a, o: None):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), add_forward_hook(layer, lambda m, a, o: None):
+        raise RuntimeError("boom")
     assert len(layer._forward_hooks) == 0
 
 
@@ -44,8 +43,10 @@ def test_run_to_layer_stops_the_forward(tiny_gemma4):
     model = tiny_gemma4[0]
     layers = decoder_layers(model)
     calls = []
-    with add_forward_hook(layers[3], lambda m, a, o: calls.append("layer3")), \
-            add_forward_hook(model.lm_head, lambda m, a, o: calls.append("lm_head")):
+    with (
+        add_forward_hook(layers[3], lambda m, a, o: calls.append("layer3")),
+        add_forward_hook(model.lm_head, lambda m, a, o: calls.append("lm_head")),
+    ):
         out = run_to_layer(model, 2, input_ids=_ids())
     assert calls == [] and out.shape == (2, 24, 64)
 
@@ -58,7 +59,7 @@ def test_hooks_receive_tensors_and_can_edit_the_stream(tiny_gemma4, tiny_qwen35)
         ids = _ids(seed=1)
         with torch.no_grad():
             base = model(input_ids=ids).logits
-            with add_forward_hook(layers[1], lambda m, a, o: seen.append(type(o)) or o + 1.0):
+            with add_forward_hook(layers[1], lambda m, a, o, seen=seen: seen.append(type(o)) or o + 1.0):
                 steered = model(input_ids=ids).logits
             again = model(input_ids=ids).logits
         assert seen == [torch.Tensor]

@@ -19,8 +19,8 @@ import torch
 
 from mechlib import hub
 from mechlib.hub import HubSpec
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.sae import SAEError, TopKSAE, check_compatible, load_sae, save_card_checkpoint, save_sae
+from mechlib.sae.interop import HookInfo, export_sae
 
 D, M, K, LAYER = 16, 48, 4, 15
 HOOK = HookInfo("embedded:smollm2-135m-instruct", LAYER, 64, 2, True)
@@ -91,23 +91,29 @@ def _same_encoding(a: TopKSAE, b: TopKSAE) -> None:
     assert torch.equal(a.W_dec, b.W_dec)
 
 
-@pytest.mark.parametrize("spec, repo, revision, path", [
-    ("hf:me/sae", "me/sae", None, ""),
-    ("hf:me/sae@v1.0", "me/sae", "v1.0", ""),
-    ("hf:me/sae/layers.15", "me/sae", None, "layers.15"),
-    ("hf:me/sae@0123/sub/dir/sae_final.pt", "me/sae", "0123", "sub/dir/sae_final.pt"),
-    ("hf:me/sae@refs%2Fpr%2F1/sae.safetensors", "me/sae", "refs/pr/1", "sae.safetensors"),
-])
+@pytest.mark.parametrize(
+    "spec, repo, revision, path",
+    [
+        ("hf:me/sae", "me/sae", None, ""),
+        ("hf:me/sae@v1.0", "me/sae", "v1.0", ""),
+        ("hf:me/sae/layers.15", "me/sae", None, "layers.15"),
+        ("hf:me/sae@0123/sub/dir/sae_final.pt", "me/sae", "0123", "sub/dir/sae_final.pt"),
+        ("hf:me/sae@refs%2Fpr%2F1/sae.safetensors", "me/sae", "refs/pr/1", "sae.safetensors"),
+    ],
+)
 def test_spec_syntax(spec: str, repo: str, revision: str | None, path: str) -> None:
     assert HubSpec.parse(spec) == HubSpec(repo, revision, path)
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("hf:only-a-repo", "expected hf:<owner>/<repo>"),
-    ("hf:me/sae@", "one '@<revision>'"),
-    ("hf:me/sae@a@b", "one '@<revision>'"),
-    ("hf:me/sae/../x.pt", "must not contain"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("hf:only-a-repo", "expected hf:<owner>/<repo>"),
+        ("hf:me/sae@", "one '@<revision>'"),
+        ("hf:me/sae@a@b", "one '@<revision>'"),
+        ("hf:me/sae/../x.pt", "must not contain"),
+    ],
+)
 def test_bad_specs_are_one_clear_error(spec: str, message: str) -> None:
     with pytest.raises(SAEError, match=message):
         load_sae(spec)
@@ -118,8 +124,10 @@ def test_saelens_folder_fetches_config_then_its_weights_at_the_same_commit(fake:
     export_sae(sae, tmp_path / "repo", HOOK)  # SAELens files at the root, sparsify's in layers.15/
     fake.add("me/sae", tmp_path / "repo")
     back = load_sae("hf:me/sae")
-    assert fake.calls == [Call("me/sae", None, ("cfg.json", "*/cfg.json")),
-                          Call("me/sae", COMMITS["main"], ("sae_weights.safetensors",))]
+    assert fake.calls == [
+        Call("me/sae", None, ("cfg.json", "*/cfg.json")),
+        Call("me/sae", COMMITS["main"], ("sae_weights.safetensors",)),
+    ]
     _same_encoding(sae, back)
     assert back.meta["format"] == "saelens" and back.meta["layer"] == LAYER
     assert back.meta["hub_repo"] == "me/sae" and back.meta["hub_revision"] == COMMITS["main"]
@@ -205,12 +213,15 @@ def test_book_safetensors_downloads_its_config(fake: FakeHub, tmp_path: Path) ->
     save_sae(sae, tmp_path / "repo" / "checkpoints", {"layer": LAYER, "model": "m"})
     fake.add("me/sae", tmp_path / "repo")
     back = load_sae("hf:me/sae/checkpoints/sae.safetensors")
-    assert fake.requested() == ["checkpoints/sae.safetensors", "checkpoints/cfg.json",
-                                "checkpoints/sae.safetensors.sha256"]
+    assert fake.requested() == [
+        "checkpoints/sae.safetensors",
+        "checkpoints/cfg.json",
+        "checkpoints/sae.safetensors.sha256",
+    ]
     _same_encoding(sae, back)
     (tmp_path / "repo" / "checkpoints" / "cfg.json").unlink()
     shutil.rmtree(fake.cache)
-    with pytest.raises(SAEError, match="has no cfg.json beside it"):
+    with pytest.raises(SAEError, match=r"has no cfg.json beside it"):
         load_sae("hf:me/sae/checkpoints/sae.safetensors")
 
 

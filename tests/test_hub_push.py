@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from test_hub import COMMITS, FakeHub, _same_encoding
 
 from mechlib import hub
 from mechlib.hub import push as hub_push
 from mechlib.hub.push import PushError, plan_push
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.paths import REPO_ROOT
 from mechlib.sae import TopKSAE, load_sae, renorm_decoder_, save_card_checkpoint
-from test_hub import COMMITS, FakeHub, _same_encoding
+from mechlib.sae.interop import HookInfo, export_sae
 
 LAYER = 15
 
@@ -76,11 +76,17 @@ def test_plan_lists_every_file_and_where_it_goes(tmp_path: Path) -> None:
     root = _run(tmp_path)
     plan = plan_push(root, "me/sae", "v1", private=True)
     assert {u.in_repo: u.local.relative_to(root).as_posix() for u in plan.uploads} == {
-        "cfg.json": "export/cfg.json", "sae_weights.safetensors": "export/sae_weights.safetensors",
-        "layers.15/cfg.json": "export/layers.15/cfg.json", "layers.15/sae.safetensors": "export/layers.15/sae.safetensors",
-        "sae_final.pt": "checkpoints/sae_final.pt", "sae_final.pt.sha256": "checkpoints/sae_final.pt.sha256",
-        "steering_vec_L22.pt": "checkpoints/steering_vec_L22.pt", "steering_vec_L22.json": "checkpoints/steering_vec_L22.json",
-        "contrastive_features_L15.json": "metrics/contrastive_features_L15.json", "README.md": "MODEL_CARD.md"}
+        "cfg.json": "export/cfg.json",
+        "sae_weights.safetensors": "export/sae_weights.safetensors",
+        "layers.15/cfg.json": "export/layers.15/cfg.json",
+        "layers.15/sae.safetensors": "export/layers.15/sae.safetensors",
+        "sae_final.pt": "checkpoints/sae_final.pt",
+        "sae_final.pt.sha256": "checkpoints/sae_final.pt.sha256",
+        "steering_vec_L22.pt": "checkpoints/steering_vec_L22.pt",
+        "steering_vec_L22.json": "checkpoints/steering_vec_L22.json",
+        "contrastive_features_L15.json": "metrics/contrastive_features_L15.json",
+        "README.md": "MODEL_CARD.md",
+    }
     assert plan.skipped == () and (plan.revision, plan.private) == ("v1", True)
     text = plan.describe()
     assert text.startswith(f"push {root} -> me/sae@v1 (private): 10 files")
@@ -89,16 +95,26 @@ def test_plan_lists_every_file_and_where_it_goes(tmp_path: Path) -> None:
 
 def test_pretrained_partial_run_says_what_it_skips(tmp_path: Path) -> None:
     plan = plan_push(_run(tmp_path, trained=False, chapter05=False), "me/sae")
-    assert {u.in_repo for u in plan.uploads} == {"cfg.json", "sae_weights.safetensors", "layers.15/cfg.json",
-                                                 "layers.15/sae.safetensors", "README.md"}
-    assert [s.split(" ")[0] for s in plan.skipped] == ["sae_final.pt", "steering_vec_L*.pt",
-                                                       "contrastive_features_L*.json"]
+    assert {u.in_repo for u in plan.uploads} == {
+        "cfg.json",
+        "sae_weights.safetensors",
+        "layers.15/cfg.json",
+        "layers.15/sae.safetensors",
+        "README.md",
+    }
+    assert [s.split(" ")[0] for s in plan.skipped] == [
+        "sae_final.pt",
+        "steering_vec_L*.pt",
+        "contrastive_features_L*.json",
+    ]
 
 
 def test_missing_run_or_export_or_bad_repo_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert hub.main(["push", str(tmp_path / "nope"), "me/sae"]) == 1
-    assert capsys.readouterr().err.strip() == \
-        f"[mechbook] error: {tmp_path / 'nope'}: no such run folder (expected outputs/<run>, written by python -m mechlib.book)"
+    assert (
+        capsys.readouterr().err.strip() == f"[mechbook] error: {tmp_path / 'nope'}: no such run folder "
+        "(expected outputs/<run>, written by python -m mechlib.book)"
+    )
     root = _run(tmp_path)
     shutil.rmtree(root / "export")
     assert hub.main(["push", str(root), "me/sae"]) == 1
@@ -130,7 +146,9 @@ def test_push_commits_the_plan_and_the_hub_copy_loads_back(tmp_path: Path, capsy
     assert api.calls[0][1] == {"repo_id": "me/sae", "private": True, "exist_ok": True}
     assert api.calls[1][1] == {"repo_id": "me/sae", "branch": "v1", "exist_ok": True}
     commit = api.calls[2][1]
-    assert commit["revision"] == "v1" and sorted(commit["paths"]) == sorted(u.in_repo for u in plan_push(root, "me/sae").uploads)
+    assert commit["revision"] == "v1" and sorted(commit["paths"]) == sorted(
+        u.in_repo for u in plan_push(root, "me/sae").uploads
+    )
     readme = (tmp_path / "repos" / "me/sae" / "README.md").read_text()
     assert readme == (root / "MODEL_CARD.md").read_text() and 'snapshot_download("me/sae")' in readme
     fake = FakeHub(tmp_path / "cache")  # now read it back as a user would

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 from mechlib.sae import SAEError, TopKSAE, load_sae, save_card_checkpoint
+from mechlib.sae.interop import HookInfo, encode_dense, export_sae
 
 D, M, K, LAYER = 24, 96, 6, 15
 HOOK = HookInfo("embedded:smollm2-135m-instruct", LAYER, 128, 2, True)
@@ -42,8 +42,12 @@ def exported(tmp_path: Path) -> tuple[TopKSAE, Path]:
 def test_export_files_follow_the_libraries_formats(exported: tuple[TopKSAE, Path]) -> None:
     sae, folder = exported
     sl = load_file(str(folder / "sae_weights.safetensors"))
-    assert {k: tuple(v.shape) for k, v in sl.items()} == {"W_enc": (D, M), "W_dec": (M, D), "b_enc": (M,),
-                                                           "b_dec": (D,)}
+    assert {k: tuple(v.shape) for k, v in sl.items()} == {
+        "W_enc": (D, M),
+        "W_dec": (M, D),
+        "b_enc": (M,),
+        "b_dec": (D,),
+    }
     cfg = json.loads((folder / "cfg.json").read_text())
     assert (cfg["architecture"], cfg["d_in"], cfg["d_sae"], cfg["k"]) == ("topk", D, M, K)
     assert cfg["apply_b_dec_to_input"] is True and cfg["normalize_activations"] == "none"
@@ -52,8 +56,12 @@ def test_export_files_follow_the_libraries_formats(exported: tuple[TopKSAE, Path
     assert md["model_name"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and md["context_size"] == 128
     assert md["exclude_first_positions"] == 2 and md["exclude_special_tokens"] is True
     sp = load_file(str(folder / "layers.15" / "sae.safetensors"))
-    assert {k: tuple(v.shape) for k, v in sp.items()} == {"encoder.weight": (M, D), "encoder.bias": (M,),
-                                                           "W_dec": (M, D), "b_dec": (D,)}
+    assert {k: tuple(v.shape) for k, v in sp.items()} == {
+        "encoder.weight": (M, D),
+        "encoder.bias": (M,),
+        "W_dec": (M, D),
+        "b_dec": (D,),
+    }
     assert torch.equal(sp["encoder.weight"], sae.W_enc.detach().t())
     spc = json.loads((folder / "layers.15" / "cfg.json").read_text())
     assert (spc["d_in"], spc["num_latents"], spc["k"], spc["activation"]) == (D, M, K, "topk")
@@ -74,8 +82,9 @@ def test_saelens_loads_the_export_with_identical_encodings(exported: tuple[TopKS
     assert theirs.cfg.metadata.hook_name == "blocks.15.hook_resid_post"
 
 
-def test_sparsify_loads_the_export_with_identical_encodings(exported: tuple[TopKSAE, Path],
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sparsify_loads_the_export_with_identical_encodings(
+    exported: tuple[TopKSAE, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     pytest.importorskip("sparsify", reason="the interop extra (make setup) installs eai-sparsify")
     import sparsify.sparse_coder
     from sparsify import SparseCoder
@@ -98,8 +107,16 @@ def test_sparsify_loads_the_export_with_identical_encodings(exported: tuple[TopK
         torch.testing.assert_close(theirs.decode(acts, idx), sae(x).recon, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("where", ["export", "export/sae_weights.safetensors", "export/layers.15",
-                                   "export/layers.15/sae.safetensors", "sparsify_root"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        "export",
+        "export/sae_weights.safetensors",
+        "export/layers.15",
+        "export/layers.15/sae.safetensors",
+        "sparsify_root",
+    ],
+)
 def test_load_sae_reads_the_export_back_identically(tmp_path: Path, where: str) -> None:
     sae = _sae()
     export_sae(sae, tmp_path / "export", HOOK)

@@ -22,10 +22,9 @@ def test_atomic_json_round_trip(tmp_path):
 def test_failure_mid_write_keeps_the_old_file(tmp_path):
     f = tmp_path / "m.json"
     atomic_write_json(f, {"v": 1})
-    with pytest.raises(RuntimeError):
-        with atomic_path(f) as tmp:
-            tmp.write_text('{"v": 2, "trunc')
-            raise RuntimeError("killed")
+    with pytest.raises(RuntimeError), atomic_path(f) as tmp:
+        tmp.write_text('{"v": 2, "trunc')
+        raise RuntimeError("killed")
     assert json.loads(f.read_text()) == {"v": 1}
     assert list(tmp_path.iterdir()) == [f]
 

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechlib.lens import (LensResult, english_commitment_layer, is_english_word, layer_outputs, lens_logits,
-                          logit_lens)
+from mechlib.lens import LensResult, english_commitment_layer, is_english_word, layer_outputs, lens_logits, logit_lens
 from mechlib.models import decoder_layers, final_norm, output_embedding
 
 
@@ -44,20 +43,43 @@ def test_hooks_are_removed_after_the_lens(tiny_gemma4):
     assert [len(b._forward_hooks) for b in decoder_layers(model)] == before
 
 
-@pytest.mark.parametrize("text,expected", [
-    (" Paris", True), ("the", True), ("\u2581Berlin", True), ("\u0120word", True), ("ing", True),
-    (" a", False), ("I", False), ("42", False), (" caf\u00e9", False), ("<|im_end|>", False), ("", False),
-    ("  ", False), ("don't", False), ("\u4e2d\u6587", False),
-])
+@pytest.mark.parametrize(
+    "text,expected",
+    [
+        (" Paris", True),
+        ("the", True),
+        ("\u2581Berlin", True),
+        ("\u0120word", True),
+        ("ing", True),
+        (" a", False),
+        ("I", False),
+        ("42", False),
+        (" caf\u00e9", False),
+        ("<|im_end|>", False),
+        ("", False),
+        ("  ", False),
+        ("don't", False),
+        ("\u4e2d\u6587", False),
+    ],
+)
 def test_is_english_word(text, expected):
     assert is_english_word(text) is expected
 
 
 def _result(fractions):
     n = len(fractions)
-    return LensResult(prompt="", input_ids=[], input_tokens=[], top_ids=[[]] * n, top_tokens=[[]] * n,
-                      top_probs=[[]] * n, english=[[]] * n, scored_positions=[], softcap=None,
-                      english_fraction=fractions)
+    return LensResult(
+        prompt="",
+        input_ids=[],
+        input_tokens=[],
+        top_ids=[[]] * n,
+        top_tokens=[[]] * n,
+        top_probs=[[]] * n,
+        english=[[]] * n,
+        scored_positions=[],
+        softcap=None,
+        english_fraction=fractions,
+    )
 
 
 def test_english_commitment_layer():

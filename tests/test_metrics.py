@@ -5,8 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mechlib.metrics import (feature_examples, fit_pca, heldout_rows, pca_var_explained, pick_features,
-                             reconstruction_metrics, spliced_loss, top_activations, variance_explained)
+from mechlib.metrics import (
+    feature_examples,
+    fit_pca,
+    heldout_rows,
+    pca_var_explained,
+    pick_features,
+    reconstruction_metrics,
+    spliced_loss,
+    top_activations,
+    variance_explained,
+)
 from mechlib.models import decoder_layers
 from mechlib.sae import TopKSAE
 
@@ -107,7 +116,7 @@ class _FakeStore:
         return {"row": torch.arange(rows).repeat_interleave(T), "position": torch.arange(T).repeat(rows)}
 
     def context(self, row, position, window=24):
-        return self.ids[row, max(0, position - window): position + 1].tolist()
+        return self.ids[row, max(0, position - window) : position + 1].tolist()
 
 
 def test_feature_examples_show_the_max_token_in_context(tiny_tok):

@@ -62,10 +62,11 @@ def _cells(line: str) -> list[str]:
 def _table_rows(card: str, *header: str) -> list[list[str]]:
     """Body cells of the markdown table whose header row begins with the cells ``header``."""
     lines = card.splitlines()
-    start = next(i for i, line in enumerate(lines)
-                 if line.startswith("|") and _cells(line)[:len(header)] == list(header))
+    start = next(
+        i for i, line in enumerate(lines) if line.startswith("|") and _cells(line)[: len(header)] == list(header)
+    )
     rows = []
-    for line in lines[start + 2:]:
+    for line in lines[start + 2 :]:
         if not line.startswith("|"):
             break
         rows.append(_cells(line))
@@ -79,11 +80,14 @@ def _close(cell: str, value: float | int, tol: float = 5e-4) -> bool:
 def test_front_matter_parses_with_the_required_keys(run_copy: Path) -> None:
     card = render_model_card(read_run(run_copy))
     meta = _front_matter(card)
-    assert REQUIRED <= set(meta)
+    assert set(meta) >= REQUIRED
     params = yaml.safe_load((run_copy / "params.yaml").read_text())
     cfg = _metrics(run_copy, "01_collect")
-    assert meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" if params["model"].startswith("embedded:") \
+    assert (
+        meta["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+        if params["model"].startswith("embedded:")
         else meta["base_model"] == params["model"]
+    )
     assert f"layer-{cfg['layer']}" in meta["tags"] and "sparse-autoencoder" in meta["tags"]
     assert isinstance(meta["datasets"], list) and meta["library_name"] == "saelens"
 
@@ -92,11 +96,17 @@ def test_sae_metrics_in_the_card_equal_the_metrics_file(run_copy: Path) -> None:
     card = render_model_card(read_run(run_copy))
     m = _metrics(run_copy, "03_evaluate_sae")
     rows = {r[0]: r[1] for r in _table_rows(card, "metric")}
-    expected = {"Variance explained (per-dimension, held-out)": m["var_explained"],
-                "Variance explained (the seed's global formula)": m["var_explained_global"],
-                "MSE (per element)": m["mse"], "L0": m["l0"], "Coverage (latents firing on held-out tokens)": m["coverage"],
-                "Dead fraction": m["dead_fraction"], "Δ next-token loss, SAE spliced in (nats)": m["delta_ce_loss"],
-                "KL, SAE spliced in": m["kl"], "Loss recovered vs mean ablation": m["ce_loss_recovered"]}
+    expected = {
+        "Variance explained (per-dimension, held-out)": m["var_explained"],
+        "Variance explained (the seed's global formula)": m["var_explained_global"],
+        "MSE (per element)": m["mse"],
+        "L0": m["l0"],
+        "Coverage (latents firing on held-out tokens)": m["coverage"],
+        "Dead fraction": m["dead_fraction"],
+        "Δ next-token loss, SAE spliced in (nats)": m["delta_ce_loss"],
+        "KL, SAE spliced in": m["kl"],
+        "Loss recovered vs mean ablation": m["ce_loss_recovered"],
+    }
     for label, value in expected.items():
         assert _close(rows[label], value), (label, rows[label], value)
     assert m["finding"] in card and _metrics(run_copy, "02_train_sae")["finding"] in card
@@ -142,7 +152,7 @@ def test_partial_run_says_what_is_missing(run_copy: Path) -> None:
     for name in ("05_contrastive_layers", "06_steering", "07_logit_lens"):
         (run_copy / "metrics" / f"{name}.json").unlink()
     card = render_model_card(read_run(run_copy))
-    assert REQUIRED <= set(_front_matter(card))
+    assert set(_front_matter(card)) >= REQUIRED
     for chapter in ("05 (contrastive layers)", "06 (steering)", "07 (logit lens)"):
         assert f"Chapter {chapter} has not run" in card
     assert "partial run: chapter(s) 05 (contrastive layers), 06 (steering), 07 (logit lens) have not run" in card
@@ -194,7 +204,7 @@ def _umask() -> int:
 
 
 def test_bad_run_folders_are_one_line(tmp_path: Path) -> None:
-    with pytest.raises(ModelCardError, match=r"no such run folder"):
+    with pytest.raises(ModelCardError, match="no such run folder"):
         read_run(tmp_path / "nope")
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelCardError, match=r"params.yaml not found"):
@@ -208,7 +218,6 @@ def test_a_malformed_metrics_file_is_one_line_naming_file_and_key(run_copy: Path
     path.write_text(json.dumps(m))
     with pytest.raises(ModelCardError, match=r"06_steering\.json: rows\[1\]\.accuracy: expected float, got 'high'$"):
         read_run(run_copy)
-
 
 
 def test_card_links_the_feature_browser_when_the_run_has_one(run_copy: Path):

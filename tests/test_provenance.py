@@ -10,9 +10,18 @@ import pytest
 import torch
 
 from mechlib.activations.collect import collect_activations
-from mechlib.activations.provenance import (ActivationsFingerprint, Provenance, ProvenanceError, canonical_json, digest,
-                                fingerprint_of_manifest, fingerprint_of_store, read_activations_fingerprint,
-                                stale_line, tensor_digest)
+from mechlib.activations.provenance import (
+    ActivationsFingerprint,
+    Provenance,
+    ProvenanceError,
+    canonical_json,
+    digest,
+    fingerprint_of_manifest,
+    fingerprint_of_store,
+    read_activations_fingerprint,
+    stale_line,
+    tensor_digest,
+)
 from mechlib.activations.shards import ShardError
 from mechlib.activations.stores import TensorStore
 
@@ -52,7 +61,8 @@ def test_provenance_names_the_inputs_that_changed_and_round_trips():
     with pytest.raises(ProvenanceError, match="not a provenance record"):
         Provenance.from_dict({"activations": 3})
     assert stale_line("activations", "saved SAE", "training from scratch", "seq_len 32 → 48") == (
-        "[mechbook] activations changed since the saved SAE (seq_len 32 → 48): training from scratch")
+        "[mechbook] activations changed since the saved SAE (seq_len 32 → 48): training from scratch"
+    )
 
 
 def test_tensor_digest_sees_every_bit_and_the_dtype():

@@ -24,8 +24,12 @@ IDS = [cls.FILE for cls in CLASSES]
 
 def _real_metrics() -> Path | None:
     """metrics/ of a finished run: $MECHBOOK_RESULTS_RUN, the reference run, or this checkout's test run."""
-    candidates = [os.environ.get("MECHBOOK_RESULTS_RUN", ""), "/root/cc/outputs/test-default",
-                  str(OUTPUTS_DIR / os.environ.get("MECHBOOK_TEST_RUN", "test-default")), str(OUTPUTS_DIR / "default")]
+    candidates = [
+        os.environ.get("MECHBOOK_RESULTS_RUN", ""),
+        "/root/cc/outputs/test-default",
+        str(OUTPUTS_DIR / os.environ.get("MECHBOOK_TEST_RUN", "test-default")),
+        str(OUTPUTS_DIR / "default"),
+    ]
     for c in filter(None, candidates):
         folder = Path(c) / "metrics"
         if all(results.path_of(folder, cls).is_file() for cls in CLASSES):
@@ -93,17 +97,26 @@ def test_a_chapter_that_has_not_run_reads_as_none_and_loading_it_is_an_error(run
         results.load(run.metrics, results.Steering)
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda d: d["rows"][1].pop("net_flips"), r"06_steering\.json: rows\[1\]\.net_flips: missing key$"),
-    (lambda d: d.update(layer="17"), r"06_steering\.json: layer: expected int, got '17'$"),
-    (lambda d: d.update(layer=True), r"06_steering\.json: layer: expected int, got True$"),
-    (lambda d: d["random_control"]["directions"][0]["vs_caa"].update(a_only=None),
-     r"random_control\.directions\[0\]\.vs_caa\.a_only: expected int, got None$"),
-    (lambda d: d["rows"][0].update(delta_ci95=[0.1]), r"rows\[0\]\.delta_ci95: expected 2 items, got 1$"),
-    (lambda d: d["scoring_sensitivity"][0]["rules"][0].update(effect="better"),
-     r"scoring_sensitivity\[0\]\.rules\[0\]\.effect: expected one of \['helps', 'harms', 'no significant change'\]"),
-    (lambda d: d.update(rows={}), r"06_steering\.json: rows: expected a list, got \{\}$"),
-], ids=["missing", "string-for-int", "bool-for-int", "null-for-int", "pair", "literal", "object-for-list"])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (lambda d: d["rows"][1].pop("net_flips"), r"06_steering\.json: rows\[1\]\.net_flips: missing key$"),
+        (lambda d: d.update(layer="17"), r"06_steering\.json: layer: expected int, got '17'$"),
+        (lambda d: d.update(layer=True), r"06_steering\.json: layer: expected int, got True$"),
+        (
+            lambda d: d["random_control"]["directions"][0]["vs_caa"].update(a_only=None),
+            r"random_control\.directions\[0\]\.vs_caa\.a_only: expected int, got None$",
+        ),
+        (lambda d: d["rows"][0].update(delta_ci95=[0.1]), r"rows\[0\]\.delta_ci95: expected 2 items, got 1$"),
+        (
+            lambda d: d["scoring_sensitivity"][0]["rules"][0].update(effect="better"),
+            r"scoring_sensitivity\[0\]\.rules\[0\]\.effect: "
+            r"expected one of \['helps', 'harms', 'no significant change'\]",
+        ),
+        (lambda d: d.update(rows={}), r"06_steering\.json: rows: expected a list, got \{\}$"),
+    ],
+    ids=["missing", "string-for-int", "bool-for-int", "null-for-int", "pair", "literal", "object-for-list"],
+)
 def test_a_malformed_file_names_the_file_and_the_key(run, break_it, message):
     d = EXAMPLES[results.Steering].to_json()
     break_it(d)
@@ -134,9 +147,22 @@ def test_keys_one_code_path_writes_are_left_out_by_the_other():
     """Chapter 02 records training counters for a trained SAE only, the source for a loaded one only."""
     trained = EXAMPLES[results.Trained]
     assert {"steps", "tokens", "resumed_from"} <= set(trained.to_json()) and "sae_pretrained" not in trained.to_json()
-    loaded = results.Trained(sae_source="pretrained", d_model=8, d_sae=32, k=4, step_path="none", finding="",
-                             n_steps=0, final_batch_fvu=None, n_dead_last_step=None, checkpoint="hf:me/sae",
-                             export="outputs/r/export", train_config={}, sae_pretrained="hf:me/sae", layer=1)
+    loaded = results.Trained(
+        sae_source="pretrained",
+        d_model=8,
+        d_sae=32,
+        k=4,
+        step_path="none",
+        finding="",
+        n_steps=0,
+        final_batch_fvu=None,
+        n_dead_last_step=None,
+        checkpoint="hf:me/sae",
+        export="outputs/r/export",
+        train_config={},
+        sae_pretrained="hf:me/sae",
+        layer=1,
+    )
     d = loaded.to_json()
     assert d["sae_pretrained"] == "hf:me/sae" and "steps" not in d and d["final_batch_fvu"] is None
     assert results.Trained.from_json(d) == loaded

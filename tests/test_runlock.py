@@ -25,8 +25,11 @@ def test_second_acquire_fails_naming_the_holder(tmp_path):
     notes: list[str] = []
     with run_lock(tmp_path, "r1", notes.append) as me:
         assert read_holder(tmp_path / LOCK_NAME) == me
-        with pytest.raises(RunLockError, match=rf"run 'r1' is already running \(pid {os.getpid()} on "
-                                               rf"{socket.gethostname()}, started .*\).*lock: {tmp_path}"):
+        with pytest.raises(
+            RunLockError,
+            match=rf"run 'r1' is already running \(pid {os.getpid()} on "
+            rf"{socket.gethostname()}, started .*\).*lock: {tmp_path}",
+        ):
             acquire(tmp_path / LOCK_NAME, "r1", notes.append)
     assert not (tmp_path / LOCK_NAME).exists() and notes == []
 
@@ -66,9 +69,8 @@ def test_unreadable_lock_is_respected_while_fresh_and_taken_over_when_old(tmp_pa
 
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_released_on_error_and_ctrl_c(tmp_path, exc):
-    with pytest.raises(type(exc)):
-        with run_lock(tmp_path, "r1", lambda _: None):
-            raise exc
+    with pytest.raises(type(exc)), run_lock(tmp_path, "r1", lambda _: None):
+        raise exc
     assert not (tmp_path / LOCK_NAME).exists()
 
 
@@ -81,10 +83,13 @@ def test_release_leaves_a_lock_another_runner_took_over(tmp_path):
 
 
 def test_a_lock_held_by_another_process_then_killed(tmp_path):
-    code = ("import sys, time; from pathlib import Path; from mechlib.runlock import run_lock\n"
-            "with run_lock(Path(sys.argv[1]), 'r1'):\n    print('held', flush=True); time.sleep(60)\n")
-    child = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True,
-                             cwd=REPO_ROOT)
+    code = (
+        "import sys, time; from pathlib import Path; from mechlib.runlock import run_lock\n"
+        "with run_lock(Path(sys.argv[1]), 'r1'):\n    print('held', flush=True); time.sleep(60)\n"
+    )
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT
+    )
     try:
         assert child.stdout.readline().strip() == "held"
         with pytest.raises(RunLockError, match=f"pid {child.pid} on"):

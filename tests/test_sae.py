@@ -8,9 +8,23 @@ import os
 import pytest
 import torch
 
-from mechlib.sae import (CARD_KEYS, SAEError, TopKSAE, autograd_step, card_state, check_compatible, dense_code,
-                         fired_mask, init_b_dec_, load_sae, reference_step, renorm_decoder_, save_card_checkpoint,
-                         save_sae, sae_from_state)
+from mechlib.sae import (
+    CARD_KEYS,
+    SAEError,
+    TopKSAE,
+    autograd_step,
+    card_state,
+    check_compatible,
+    dense_code,
+    fired_mask,
+    init_b_dec_,
+    load_sae,
+    reference_step,
+    renorm_decoder_,
+    sae_from_state,
+    save_card_checkpoint,
+    save_sae,
+)
 
 D, M, K = 24, 96, 5
 
@@ -170,14 +184,14 @@ def test_mismatched_checkpoint_errors_name_both_values(tmp_path):
     check_compatible(sae, D, 2)
     state = card_state(sae)
     del state["b_enc"]
-    with pytest.raises(SAEError, match="missing keys.*b_enc"):
+    with pytest.raises(SAEError, match=r"missing keys.*b_enc"):
         sae_from_state(state, "x.pt")
     state = card_state(sae)
     state["W_dec"] = state["W_dec"][:, :-1]
-    with pytest.raises(SAEError, match="not \\[d, m\\]"):
+    with pytest.raises(SAEError, match=r"not \[d, m\]"):
         sae_from_state(state, "x.pt")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(SAEError, match="junk.pt"):
+    with pytest.raises(SAEError, match=r"junk.pt"):
         load_sae(tmp_path / "junk.pt")
     with pytest.raises(SAEError, match="not found"):
         load_sae(tmp_path / "missing.pt")
@@ -185,9 +199,10 @@ def test_mismatched_checkpoint_errors_name_both_values(tmp_path):
 
 def test_hub_spec_offline_gives_one_clear_error(monkeypatch):
     import huggingface_hub
+
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
-    with pytest.raises(SAEError, match="hub repo 'someone/some-sae'.*local path"):
+    with pytest.raises(SAEError, match=r"hub repo 'someone/some-sae'.*local path"):
         load_sae("hf:someone/some-sae/sae_final.pt")
     with pytest.raises(SAEError, match="expected hf:<owner>/<repo>"):
         load_sae("hf:only-a-repo")

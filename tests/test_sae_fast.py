@@ -246,8 +246,12 @@ def _interpreter_checks() -> None:
     e1 = tk.decode_residual(x, b, vals, idx, W)
     assert torch.allclose(e1, decode_residual_torch(x, b, vals, s.idx, W), atol=1e-4), "decode"
     o = latent_order(s.idx, m)
-    g, xc, vs, dp = torch.randn(n, d).bfloat16(), torch.randn(n, d).bfloat16(), vals.reshape(-1)[o.perm], \
-        torch.randn(o.tok.numel())
+    g, xc, vs, dp = (
+        torch.randn(n, d).bfloat16(),
+        torch.randn(n, d).bfloat16(),
+        vals.reshape(-1)[o.perm],
+        torch.randn(o.tok.numel()),
+    )
     dw1, dv1 = tk.pass_a(o.offsets.int(), o.tok.int(), vs, g, W)
     dw2, dv2 = pass_a_torch(o, vs, g, W)
     assert torch.allclose(dw1, dw2, atol=1e-4) and torch.allclose(dv1, dv2, atol=1e-4), "pass_a"
@@ -283,32 +287,85 @@ def _compile_checks() -> None:
     from mechlib.sae import triton_kernels as tk
 
     ptr = {"f32": "*fp32", "bf16": "*bf16", "i32": "*i32", "u8": "*u8"}
-    topk = dict(pre_ptr=ptr["bf16"], stride_row="i32", M="i32", dead_ptr=ptr["u8"], idx_ptr=ptr["i32"],
-                val_ptr=ptr["bf16"], K="i32", aidx_ptr=ptr["i32"], aval_ptr=ptr["bf16"], KA="i32")
-    decode = dict(x_ptr=ptr["f32"], b_ptr=ptr["f32"], val_ptr=ptr["f32"], idx_ptr=ptr["i32"], w_ptr=ptr["bf16"],
-                  e_ptr=ptr["f32"], N="i32", D="i32", K="i32", N_TBLK="i32")
-    pass_a = dict(off_ptr=ptr["i32"], tok_ptr=ptr["i32"], val_ptr=ptr["f32"], g_ptr=ptr["bf16"], w_ptr=ptr["bf16"],
-                  dw_ptr=ptr["f32"], dvp_ptr=ptr["f32"], M="i32", D="i32", E="i32", N_MBLK="i32")
-    pass_b = dict(off_ptr=ptr["i32"], tok_ptr=ptr["i32"], dp_ptr=ptr["f32"], xc_ptr=ptr["bf16"], dw_ptr=ptr["f32"],
-                  db_ptr=ptr["f32"], M="i32", D="i32", stride_d="i32", stride_m="i32", N_MBLK="i32")
-    jobs = [(tk._topk_kernel, topk, {"HAS_AUX": aux, "BLOCK": c["BLOCK"]}, c["num_warps"], i == 0)
-            for aux in (True, False) for i, c in enumerate(tk.TOPK_CONFIGS)]
-    jobs += [(tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
-             for i, c in enumerate(tk.DECODE_CONFIGS)]
-    jobs += [(fn, sig, {n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, c["num_warps"], i == 0)
-             for fn, sig in ((tk._pass_a_kernel, pass_a), (tk._pass_b_kernel, pass_b))
-             for i, c in enumerate(tk.PASS_CONFIGS)]
+    topk = dict(
+        pre_ptr=ptr["bf16"],
+        stride_row="i32",
+        M="i32",
+        dead_ptr=ptr["u8"],
+        idx_ptr=ptr["i32"],
+        val_ptr=ptr["bf16"],
+        K="i32",
+        aidx_ptr=ptr["i32"],
+        aval_ptr=ptr["bf16"],
+        KA="i32",
+    )
+    decode = dict(
+        x_ptr=ptr["f32"],
+        b_ptr=ptr["f32"],
+        val_ptr=ptr["f32"],
+        idx_ptr=ptr["i32"],
+        w_ptr=ptr["bf16"],
+        e_ptr=ptr["f32"],
+        N="i32",
+        D="i32",
+        K="i32",
+        N_TBLK="i32",
+    )
+    pass_a = dict(
+        off_ptr=ptr["i32"],
+        tok_ptr=ptr["i32"],
+        val_ptr=ptr["f32"],
+        g_ptr=ptr["bf16"],
+        w_ptr=ptr["bf16"],
+        dw_ptr=ptr["f32"],
+        dvp_ptr=ptr["f32"],
+        M="i32",
+        D="i32",
+        E="i32",
+        N_MBLK="i32",
+    )
+    pass_b = dict(
+        off_ptr=ptr["i32"],
+        tok_ptr=ptr["i32"],
+        dp_ptr=ptr["f32"],
+        xc_ptr=ptr["bf16"],
+        dw_ptr=ptr["f32"],
+        db_ptr=ptr["f32"],
+        M="i32",
+        D="i32",
+        stride_d="i32",
+        stride_m="i32",
+        N_MBLK="i32",
+    )
+    jobs = [
+        (tk._topk_kernel, topk, {"HAS_AUX": aux, "BLOCK": c["BLOCK"]}, c["num_warps"], i == 0)
+        for aux in (True, False)
+        for i, c in enumerate(tk.TOPK_CONFIGS)
+    ]
+    jobs += [
+        (tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
+        for i, c in enumerate(tk.DECODE_CONFIGS)
+    ]
+    jobs += [
+        (fn, sig, {n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, c["num_warps"], i == 0)
+        for fn, sig in ((tk._pass_a_kernel, pass_a), (tk._pass_b_kernel, pass_b))
+        for i, c in enumerate(tk.PASS_CONFIGS)
+    ]
     ptxas = sorted(glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas*")), reverse=True)
     for fn, sig, consts, warps, is_default in jobs:
         sig = {**sig, **{name: "constexpr" for name in consts}}
-        kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts),
-                                target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+        kernel = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=consts),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": warps},
+        )
         assert kernel.asm.get("cubin"), f"{fn.__name__} {consts}: no cubin"
         if is_default and ptxas:
             with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as fh:
                 fh.write(kernel.asm["ptx"])
-            info = subprocess.run([ptxas[0], "-v", "--gpu-name", "sm_90a", fh.name, "-o", os.devnull],
-                                  capture_output=True, text=True).stderr
+            info = subprocess.run(
+                [ptxas[0], "-v", "--gpu-name", "sm_90a", fh.name, "-o", os.devnull], capture_output=True, text=True
+            ).stderr
             spills = re.findall(r"(\d+) bytes spill stores", info)
             assert spills and all(v == "0" for v in spills), f"{fn.__name__} {consts}: {info}"
     print(f"compiled {len(jobs)} kernel configurations for sm_90")
@@ -317,10 +374,14 @@ def _compile_checks() -> None:
 def _run_self(flag: str, env_extra: dict[str, str]) -> str:
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(env_extra, TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]))
-    out = subprocess.run([sys.executable, str(Path(__file__)), flag], env=env, cwd=root,
-                         capture_output=True, text=True, timeout=600)
+    env.update(
+        env_extra,
+        TRITON_DEFAULT_FP_FUSION="1",
+        PYTHONPATH=os.pathsep.join([str(root), *filter(None, [os.environ.get("PYTHONPATH")])]),
+    )
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__)), flag], env=env, cwd=root, capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -333,12 +394,16 @@ def _triton_version() -> tuple[int, ...]:
     return tuple(int(p) for p in version("triton").split(".")[:2] if p.isdigit())
 
 
-needs_triton = pytest.mark.skipif(not _triton_version(),
-                                  reason="triton not installed (pip install triton==3.9.0 runs these on CPU)")
+needs_triton = pytest.mark.skipif(
+    not _triton_version(), reason="triton not installed (pip install triton==3.9.0 runs these on CPU)"
+)
 
 
-@pytest.mark.skipif(_triton_version() < (3, 9), reason="needs triton >= 3.9 (older interpreters trip on NumPy 2 "
-                    "scalars; the compiled kernels are checked by test_triton_kernels_compile_for_sm90)")
+@pytest.mark.skipif(
+    _triton_version() < (3, 9),
+    reason="needs triton >= 3.9 (older interpreters trip on NumPy 2 "
+    "scalars; the compiled kernels are checked by test_triton_kernels_compile_for_sm90)",
+)
 def test_triton_kernels_match_twins_under_interpreter():
     assert "TRITON_INTERPRET checks passed" in _run_self("--triton-interpret", {"TRITON_INTERPRET": "1"})
 

@@ -55,8 +55,9 @@ def test_kernels_match_torch_twins():
     x, b = torch.randn(n, d, device=DEV), torch.randn(d, device=DEV)
     W = torch.randn(m, d, device=DEV).bfloat16()
     vals = raw.float().clamp_min(0)
-    assert torch.allclose(tk.decode_residual(x, b, vals, idx, W), decode_residual_torch(x, b, vals, s.idx, W),
-                          atol=1e-3)
+    assert torch.allclose(
+        tk.decode_residual(x, b, vals, idx, W), decode_residual_torch(x, b, vals, s.idx, W), atol=1e-3
+    )
     o = latent_order(s.idx, m)
     g, xc = torch.randn(n, d, device=DEV).bfloat16(), torch.randn(n, d, device=DEV).bfloat16()
     vs, dp = vals.reshape(-1)[o.perm], torch.randn(o.tok.numel(), device=DEV)

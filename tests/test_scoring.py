@@ -6,16 +6,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mechlib.findings import baseline_finding
 from mechlib.gsm8k import Question
 from mechlib.records import score
-from mechlib.findings import baseline_finding
-from mechlib.scoring import (RULES, accuracy_under_rules, paired_verdicts, truncation_rate,
-                             verdict, verdicts)
-from mechlib.sensitivity import (PeakUnderRule, effect_of, peak_under_rules, peak_verdict, row_verdict,
-                                 rows_under_rules)
+from mechlib.scoring import RULES, accuracy_under_rules, paired_verdicts, truncation_rate, verdict, verdicts
+from mechlib.sensitivity import PeakUnderRule, effect_of, peak_under_rules, peak_verdict, row_verdict, rows_under_rules
+from mechlib.stopping import StopReason
 
 
-def _rec(qid: str, gold: int, text: str, stop: str = "eos"):
+def _rec(qid: str, gold: int, text: str, stop: StopReason = "eos"):
     return score(Question(qid, f"question {qid}", gold, "test"), f"prompt {qid}", text, 5, stop)
 
 
@@ -67,8 +66,15 @@ def test_row_verdict_survives_only_when_every_rule_agrees():
     assert [r.rule for r in rows] == list(RULES) and all(r.effect == "harms" for r in rows)
     assert "survives" in row_verdict(rows) and "+10 %" in row_verdict(rows)
     # the same damage, but the broken answers are all cut off: 'finished only' sees no change
-    cut = [_rec(f"q{i}", 1, "#### 2" if i < 10 else ("#### 1\n" if i < 12 else "#### 2\n"),
-                "limit" if i < 10 else "answer_line") for i in range(n)]
+    cut = [
+        _rec(
+            f"q{i}",
+            1,
+            "#### 2" if i < 10 else ("#### 1\n" if i < 12 else "#### 2\n"),
+            "limit" if i < 10 else "answer_line",
+        )
+        for i in range(n)
+    ]
     rows = _row(0.1, base, cut)
     effects = {r.rule: r.effect for r in rows}
     assert effects["primary"] == "harms" and effects["finished"] == "no significant change"

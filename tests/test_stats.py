@@ -99,7 +99,7 @@ def test_permutation_observed_equals_cohens_d():
     # a permutation's row equals Cohen's d of that relabelling (the vectorised path is exact)
     rng2 = np.random.default_rng(0)
     y0 = rng2.permutation(y)
-    ref0 = [float(top_abs_mean(cohens_d(h[y0, l], h[~y0, l]), 4)) for l in range(3)]
+    ref0 = [float(top_abs_mean(cohens_d(h[y0, layer], h[~y0, layer]), 4)) for layer in range(3)]
     np.testing.assert_allclose(pn.null[0], ref0, rtol=1e-9)
 
 
@@ -218,8 +218,10 @@ def test_wilson_edges_are_exact(n):
     assert wilson_ci(n, n)[1] == 1.0
 
 
-@given(st.integers(min_value=1, max_value=5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
-       st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]))
+@given(
+    st.integers(min_value=1, max_value=5000).flatmap(lambda n: st.tuples(st.integers(0, n), st.just(n))),
+    st.sampled_from([0.5, 0.8, 0.9, 0.95, 0.99]),
+)
 @settings(max_examples=300, deadline=None)
 def test_wilson_bounds_hold_exactly(kn, confidence):
     k, n = kn

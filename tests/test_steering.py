@@ -29,11 +29,13 @@ def _observe(model, tok, extra_layer_hook=None):
     def pre(i):
         def fn(_m, args, kwargs):
             ins[i] = (args[0] if args else kwargs["hidden_states"]).detach().clone()
+
         return fn
 
     def post(i):
         def fn(_m, _a, out):
             outs[i] = (out[0] if isinstance(out, tuple) else out).detach().clone()
+
         return fn
 
     for i, layer in enumerate(layers):
@@ -92,10 +94,9 @@ def test_hook_removed_after_exception_in_body(tiny_gemma4):
     model, tok = tiny_gemma4
     layers = decoder_layers(model)
     _, _, clean_logits = _observe(model, tok)
-    with pytest.raises(RuntimeError, match="boom"):
-        with steering_hook(layers[3], torch.ones(64), 0.5, 10.0):
-            assert _hook_count(model) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), steering_hook(layers[3], torch.ones(64), 0.5, 10.0):
+        assert _hook_count(model) == 1
+        raise RuntimeError("boom")
     assert _hook_count(model) == 0
     _, _, after = _observe(model, tok)
     assert torch.equal(after, clean_logits)
@@ -104,9 +105,9 @@ def test_hook_removed_after_exception_in_body(tiny_gemma4):
 def test_hook_removed_after_exception_inside_forward(tiny_qwen35):
     model, tok = tiny_qwen35
     layers = decoder_layers(model)
-    with pytest.raises(SteeringError, match="dims"):
-        with steering_hook(layers[1], torch.ones(10), 0.5, 10.0):  # wrong width: raises inside the forward
-            _observe(model, tok)
+    # wrong width: raises inside the forward
+    with pytest.raises(SteeringError, match="dims"), steering_hook(layers[1], torch.ones(10), 0.5, 10.0):
+        _observe(model, tok)
     assert _hook_count(model) == 0
 
 
@@ -118,9 +119,8 @@ def test_hook_steers_every_generation_step(tiny_llama):
     seen = []
     counter = layers[1].register_forward_hook(lambda m, a, out: seen.append(out.shape[1]))
     try:
-        with steering_hook(layers[1], torch.ones(64), 0.5, 10.0):
-            with torch.no_grad():
-                steered = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        with steering_hook(layers[1], torch.ones(64), 0.5, 10.0), torch.no_grad():
+            steered = model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=0)
     finally:
         counter.remove()
     assert seen[0] == enc["input_ids"].shape[1] and seen[1:] == [1, 1, 1]
@@ -166,8 +166,10 @@ def test_correctness_reads_objects_and_dicts():
 
 def test_overlaps():
     base = {str(i): False for i in range(4)}
-    rows = [steering_row(s, base, {**base, **{k: True for k in ks}}, n_bootstrap=10)
-            for s, ks in [(0.02, "01"), (0.05, "12"), (0.1, "")]]
+    rows = [
+        steering_row(s, base, {**base, **{k: True for k in ks}}, n_bootstrap=10)
+        for s, ks in [(0.02, "01"), (0.05, "12"), (0.1, "")]
+    ]
     ov = recovered_overlaps(rows)
     assert len(ov) == 3
     assert ov[0]["intersection"] == 1 and ov[0]["shared_ids"] == ["1"] and ov[0]["jaccard"] == pytest.approx(1 / 3)
@@ -265,9 +267,8 @@ def test_row_steering_adds_each_rows_own_vector(tiny_gemma4):
         assert torch.equal(out[2][i], clean_out[2][i] + deltas[1])
     three = torch.cat([deltas, deltas[:1]])  # three rows' deltas for a batch of two
     hook.set_rows(three, torch.device("cpu"), torch.float32)
-    with pytest.raises(SteeringError, match="do not fit"):
-        with add_forward_hook(layers[2], hook):
-            _observe(model, tok)
+    with pytest.raises(SteeringError, match="do not fit"), add_forward_hook(layers[2], hook):
+        _observe(model, tok)
     assert _hook_count(model) == 0
 
 
@@ -280,8 +281,14 @@ def test_run_sweep_discards_records_made_with_other_settings(tiny_llama, tmp_pat
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=1)
-    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
-              batch_size=4, records_dir=tmp_path, progress=False)
+    kw = dict(
+        vector=SteeringVector(1, torch.ones(64), 10.0),
+        scales=[0.5],
+        prompt_format="gemma_manual",
+        batch_size=4,
+        records_dir=tmp_path,
+        progress=False,
+    )
     first = run_sweep(loaded, questions, max_new_tokens=2, **kw)[0.5]
     longer = run_sweep(loaded, questions, max_new_tokens=5, **kw)[0.5]
     assert all(r.n_new_tokens <= 2 for r in first) and any(r.n_new_tokens > 2 for r in longer)
@@ -302,8 +309,15 @@ def test_cached_steered_records_are_rescored_and_parser_version_invalidates(tiny
     model, tok = tiny_llama
     loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
     questions = arithmetic_questions(3, seed=2)
-    kw = dict(vector=SteeringVector(1, torch.ones(64), 10.0), scales=[0.5], prompt_format="gemma_manual",
-              max_new_tokens=3, batch_size=4, records_dir=tmp_path, progress=False)
+    kw = dict(
+        vector=SteeringVector(1, torch.ones(64), 10.0),
+        scales=[0.5],
+        prompt_format="gemma_manual",
+        max_new_tokens=3,
+        batch_size=4,
+        records_dir=tmp_path,
+        progress=False,
+    )
     first = run_sweep(loaded, questions, **kw)[0.5]
     path = steer_records_path(tmp_path, 1, 0.5)
     stale = [json.loads(line) for line in path.read_text().splitlines()]
@@ -340,15 +354,22 @@ def test_card_hook_written_without_mechlib_reproduces_the_sweep(tiny_llama, tmp_
     vec = SteeringVector(1, unit, 10.0, model="tiny", n_correct=2, n_wrong=2)
     path = vec.save(tmp_path / "steering_vec_L1.pt")
     kw = dict(prompt_format="gemma_manual", max_new_tokens=6)
-    steered = run_sweep(loaded, questions, vector=vec, scales=[0.5], batch_size=4,
-                        records_dir=tmp_path, progress=False, **kw)[0.5]
+    steered = run_sweep(
+        loaded, questions, vector=vec, scales=[0.5], batch_size=4, records_dir=tmp_path, progress=False, **kw
+    )[0.5]
     base = run_baseline(loaded, questions, "gemma_manual", 6, 4, tmp_path / "b.jsonl", progress=False)
     card_vec = torch.load(path)
     for scale, expect_all_equal in [(0.5, True), (1.5, False)]:
         delta = scale * 10.0 * card_vec
-        check = check_card_hook(loaded, changed_first(questions, steered, base), steered, base, layer=1,
-                                register=lambda block, d=delta: block.register_forward_hook(lambda _m, _i, out: out + d),
-                                **kw)
+        check = check_card_hook(
+            loaded,
+            changed_first(questions, steered, base),
+            steered,
+            base,
+            layer=1,
+            register=lambda block, d=delta: block.register_forward_hook(lambda _m, _i, out: out + d),
+            **kw,
+        )
         assert check.n_steering_changed > 0, "steering must change some answers, or the check has no power"
         assert (check.n_equal == check.n) is expect_all_equal
     assert _hook_count(model) == 0

@@ -16,9 +16,17 @@ from mechlib.steering_vector import SteeringError, SteeringVector, meta_path
 def _old_format(path, vector, *, layer, model, n_correct, n_wrong, mean_resid_norm, **extra):
     """What ``contrast.save_steering_vector`` wrote before the class existed (the card's format)."""
     atomic_torch_save(vector.detach().float().cpu().contiguous(), path)
-    atomic_write_json(path.with_suffix(".json"), {"layer": int(layer), "model": model, "n_correct": int(n_correct),
-                                                  "n_wrong": int(n_wrong), "mean_resid_norm": float(mean_resid_norm),
-                                                  **extra})
+    atomic_write_json(
+        path.with_suffix(".json"),
+        {
+            "layer": int(layer),
+            "model": model,
+            "n_correct": int(n_correct),
+            "n_wrong": int(n_wrong),
+            "mean_resid_norm": float(mean_resid_norm),
+            **extra,
+        },
+    )
     return path
 
 
@@ -31,10 +39,20 @@ def test_save_writes_the_old_format_and_load_reads_it(tmp_path):
     v = _unit()
     (tmp_path / "old").mkdir()
     (tmp_path / "new").mkdir()
-    old = _old_format(tmp_path / "old" / "steering_vec_L3.pt", v, layer=3, model="m", n_correct=5, n_wrong=7,
-                      mean_resid_norm=12.5, raw_diff_norm=0.75, pooling="last")
-    new = SteeringVector(3, v, 12.5, model="m", n_correct=5, n_wrong=7, raw_diff_norm=0.75,
-                         pooling="last").save(tmp_path / "new" / "steering_vec_L3.pt")
+    old = _old_format(
+        tmp_path / "old" / "steering_vec_L3.pt",
+        v,
+        layer=3,
+        model="m",
+        n_correct=5,
+        n_wrong=7,
+        mean_resid_norm=12.5,
+        raw_diff_norm=0.75,
+        pooling="last",
+    )
+    new = SteeringVector(3, v, 12.5, model="m", n_correct=5, n_wrong=7, raw_diff_norm=0.75, pooling="last").save(
+        tmp_path / "new" / "steering_vec_L3.pt"
+    )
     assert meta_path(new).read_text() == meta_path(old).read_text()  # same keys, same values, same bytes
     a, b = torch.load(old, weights_only=True), torch.load(new, weights_only=True)
     assert a.dtype == b.dtype == torch.float32 and torch.equal(a, b)  # a bare tensor, as the card loads it
@@ -60,7 +78,7 @@ def test_load_names_the_missing_file_or_key(tmp_path):
     with pytest.raises(SteeringError, match="mean_resid_norm"):
         SteeringVector.load(p)
     meta_path(p).unlink()
-    with pytest.raises(SteeringError, match="steering_vec_L3.json"):
+    with pytest.raises(SteeringError, match=r"steering_vec_L3.json"):
         SteeringVector.load(p)
     torch.save(torch.ones(2, 2), p)
     SteeringVector(3, _unit(), 1.0).save(tmp_path / "other.pt")
@@ -100,14 +118,12 @@ def test_apply_adds_exactly_its_delta_at_its_layer(tiny_llama, scale):
 def test_apply_removes_its_hook_on_error_and_checks_the_layer(tiny_llama):
     model, _ = tiny_llama
     d = model.config.hidden_size
-    with pytest.raises(RuntimeError, match="boom"):
-        with SteeringVector(1, _unit(d), 1.0).apply(model, 0.5):
-            assert _hook_count(model) == 1
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), SteeringVector(1, _unit(d), 1.0).apply(model, 0.5):
+        assert _hook_count(model) == 1
+        raise RuntimeError("boom")
     assert _hook_count(model) == 0
-    with pytest.raises(LayerError):
-        with SteeringVector(len(decoder_layers(model)), _unit(d), 1.0).apply(model, 0.5):
-            pass
+    with pytest.raises(LayerError), SteeringVector(len(decoder_layers(model)), _unit(d), 1.0).apply(model, 0.5):
+        pass
     assert _hook_count(model) == 0
 
 

@@ -16,10 +16,18 @@ from mechlib.stopping import AnswerLineStop, has_final_answer_line, stop_reason_
 PAD = 0
 
 
-@pytest.mark.parametrize("text, done", [
-    ("#### 8\n", True), ("We add. #### N = 3 + 5 = 8\nmore", True), ("#### 8", False),
-    ("#### \n", False), ("#### N\n", False), ("8\n#### 1", False), ("so 3 + 5 = 8\n", False),
-])
+@pytest.mark.parametrize(
+    "text, done",
+    [
+        ("#### 8\n", True),
+        ("We add. #### N = 3 + 5 = 8\nmore", True),
+        ("#### 8", False),
+        ("#### \n", False),
+        ("#### N\n", False),
+        ("8\n#### 1", False),
+        ("so 3 + 5 = 8\n", False),
+    ],
+)
 def test_final_answer_line(text, done):
     assert has_final_answer_line(text) is done
 

@@ -6,14 +6,13 @@ import json
 
 import pytest
 import torch
+from test_gsm8k import SHARED_GSM8K
 
 from mechlib.gsm8k import extract_answer, extract_answer_with_rule
 from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
+from mechlib.records import RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout, summarize
 from mechlib.stopping import stop_reason_of
-from mechlib.records import (RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout,
-                             summarize)
 from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
-from tests.test_gsm8k import SHARED_GSM8K
 
 # ------------------------------------------------------------------------ arithmetic task
 
@@ -31,8 +30,13 @@ def test_arithmetic_gold_answers_are_right():
     """Recompute each gold answer from the numbers in the question text."""
     import re
 
-    rules = {"plus": lambda x: x[0] + x[1], "sum_of": lambda x: x[0] + x[1], "red_blue": lambda x: x[0] + x[1],
-             "boxes": lambda x: x[0] * x[1], "buy_more": lambda x: x[0] + x[1]}
+    rules = {
+        "plus": lambda x: x[0] + x[1],
+        "sum_of": lambda x: x[0] + x[1],
+        "red_blue": lambda x: x[0] + x[1],
+        "boxes": lambda x: x[0] * x[1],
+        "buy_more": lambda x: x[0] + x[1],
+    }
     assert set(rules) == set(TEMPLATES)
     for q in arithmetic_questions(200, seed=0):
         nums = [int(x) for x in re.findall(r"\d+", q.question)]
@@ -61,8 +65,10 @@ def test_load_questions_errors():
         arithmetic_questions(3, 0, weights={"nope": 1.0})
 
 
-@pytest.mark.skipif(not (SHARED_GSM8K / "test.jsonl").is_file(),
-                    reason=f"GSM8K dev copy not found at {SHARED_GSM8K} (only present on the project's machines)")
+@pytest.mark.skipif(
+    not (SHARED_GSM8K / "test.jsonl").is_file(),
+    reason=f"GSM8K dev copy not found at {SHARED_GSM8K} (only present on the project's machines)",
+)
 def test_gsm8k_sample_is_seeded_and_in_file_order():
     a = load_questions("gsm8k", 30, seed=1, gsm8k_path=str(SHARED_GSM8K))
     assert a == load_questions("gsm8k", 30, seed=1, gsm8k_path=str(SHARED_GSM8K))
@@ -77,14 +83,16 @@ def test_gsm8k_sample_is_seeded_and_in_file_order():
 
 def test_gemma_manual_is_the_card_format_verbatim(tiny_tok):
     p = build_prompt(tiny_tok, "What is 2+2?", "gemma_manual")
-    assert p == ("<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n"
-                 "What is 2+2?<end_of_turn>\n<start_of_turn>model\n")
+    assert p == (
+        "<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n"
+        "What is 2+2?<end_of_turn>\n<start_of_turn>model\n"
+    )
     assert GEMMA_MANUAL.format(instruction=INSTRUCTION, q="x").endswith("<start_of_turn>model\n")
 
 
 def test_chat_template_missing_is_a_clear_error(tiny_tok):
     assert not tiny_tok.chat_template
-    with pytest.raises(PromptFormatError, match="has no chat template.*gemma_manual"):
+    with pytest.raises(PromptFormatError, match=r"has no chat template.*gemma_manual"):
         build_prompt(tiny_tok, "q", "chat_template")
     with pytest.raises(PromptFormatError, match="unknown prompt_format"):
         build_prompt(tiny_tok, "q", "alpaca")
@@ -93,8 +101,10 @@ def test_chat_template_missing_is_a_clear_error(tiny_tok):
 @pytest.fixture
 def templated_tok(tiny_tok):
     """The tiny tokenizer with a minimal chat template (removed again after the test)."""
-    tiny_tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                              "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tiny_tok.chat_template = (
+        "{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     yield tiny_tok
     tiny_tok.chat_template = None
 
@@ -112,8 +122,10 @@ def test_chat_oneshot_puts_one_worked_example_before_the_question(templated_tok)
     from mechlib.prompts import ONESHOT_ANSWER, ONESHOT_QUESTION
 
     p = build_prompt(templated_tok, "What is 2+2?", "chat_oneshot")
-    assert p == (f"<bos><user>{INSTRUCTION}\n\n{ONESHOT_QUESTION}<assistant>{ONESHOT_ANSWER}"
-                 f"<user>{INSTRUCTION}\n\nWhat is 2+2?<assistant>")
+    assert p == (
+        f"<bos><user>{INSTRUCTION}\n\n{ONESHOT_QUESTION}<assistant>{ONESHOT_ANSWER}"
+        f"<user>{INSTRUCTION}\n\nWhat is 2+2?<assistant>"
+    )
     assert ONESHOT_ANSWER.endswith("#### 5") and "-" in ONESHOT_ANSWER  # an operation no template uses
 
 
@@ -209,11 +221,25 @@ def test_run_baseline_with_a_hook_differs_and_uses_its_own_file(tiny_llama, tmp_
 def test_summary_and_split():
     from mechlib.records import Record
 
-    recs = [Record(id=f"q{i}", prompt="p", generation="g", parsed=1.0, gold=1 if i % 3 else 2, correct=bool(i % 3),
-                   n_new_tokens=4, stop_reason="limit" if i < 5 else ("eos" if i < 20 else "answer_line"),
-                   parsed_by="hashes" if i < 10 else "last_number", strict=None, correct_strict=False,
-                   flexible=1.0, correct_flexible=bool(i % 3), parser_version="test")
-            for i in range(30)]
+    recs = [
+        Record(
+            id=f"q{i}",
+            prompt="p",
+            generation="g",
+            parsed=1.0,
+            gold=1 if i % 3 else 2,
+            correct=bool(i % 3),
+            n_new_tokens=4,
+            stop_reason="limit" if i < 5 else ("eos" if i < 20 else "answer_line"),
+            parsed_by="hashes" if i < 10 else "last_number",
+            strict=None,
+            correct_strict=False,
+            flexible=1.0,
+            correct_flexible=bool(i % 3),
+            parser_version="test",
+        )
+        for i in range(30)
+    ]
     s = summarize(recs)
     assert s.by_rule == {"hashes": (10, 6), "last_number": (20, 14)}
     assert (s.n, s.n_correct) == (30, 20) and s.accuracy == pytest.approx(2 / 3)

@@ -23,18 +23,31 @@ from mechlib.paths import PARAMS_DIR, RunPaths
 
 pytestmark = pytest.mark.book_outputs
 
-RUNS = dict(pair.split("=", 1) for pair in os.environ.get(
-    "MECHBOOK_TINY_RUNS", "tiny_gemma4=test-tiny_gemma4,tiny_qwen35=test-tiny_qwen35").split(","))
-CHAPTERS = ["01_collect", "02_train_sae", "03_evaluate_sae", "04_gsm8k_baseline", "05_contrastive_layers",
-            "06_steering", "07_logit_lens"]
+RUNS = dict(
+    pair.split("=", 1)
+    for pair in os.environ.get("MECHBOOK_TINY_RUNS", "tiny_gemma4=test-tiny_gemma4,tiny_qwen35=test-tiny_qwen35").split(
+        ","
+    )
+)
+CHAPTERS = [
+    "01_collect",
+    "02_train_sae",
+    "03_evaluate_sae",
+    "04_gsm8k_baseline",
+    "05_contrastive_layers",
+    "06_steering",
+    "07_logit_lens",
+]
 
 
 @pytest.fixture(params=sorted(RUNS), ids=str)
 def book(request):
     params = load_params(PARAMS_DIR / f"{request.param}.yaml", run=RUNS[request.param])
     paths = RunPaths(params.run)
-    assert (paths.metrics / "book_timings.json").is_file(), \
-        f"{paths.root} has no finished book: run `python -m mechlib.book params/{request.param}.yaml --run {params.run}`"
+    assert (paths.metrics / "book_timings.json").is_file(), (
+        f"{paths.root} has no finished book: "
+        f"run `python -m mechlib.book params/{request.param}.yaml --run {params.run}`"
+    )
     return params, paths
 
 
@@ -43,7 +56,7 @@ def load(paths: RunPaths, name: str) -> dict:
 
 
 def test_every_chapter_ran_and_recorded_its_device(book):
-    params, paths = book
+    _params, paths = book
     assert list(load(paths, "book_timings")) == CHAPTERS
     devices = load(paths, "book_devices")
     assert sorted(devices) == CHAPTERS

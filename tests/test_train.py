@@ -3,17 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
+from typing import Any
 
 import pytest
 import torch
 
 from mechlib.params import BookParams
 from mechlib.sae import SAEError, TopKSAE, load_sae, reference_step, save_card_checkpoint
-from mechlib.sae.train import lr_at
-from mechlib.sae.train import (ParallelHooks, TensorStore, TrainConfig, load_train_state, run_sae, run_sae_for_eval,
-                           train_sae)
+from mechlib.sae.train import (
+    ParallelHooks,
+    TensorStore,
+    TrainConfig,
+    load_train_state,
+    lr_at,
+    run_sae,
+    run_sae_for_eval,
+    train_sae,
+)
 
 D = 16
 
@@ -27,9 +36,21 @@ def sparse_data(n=3000, d=D, n_atoms=48, seed=0) -> torch.Tensor:
 
 
 def small_cfg(**kw) -> TrainConfig:
-    base = dict(d_sae=64, k=4, k_aux=16, aux_coef=0.125, lr=1e-2, lr_floor=1e-3, warmup_steps=3,
-                train_batch_size=128, train_tokens=128 * 24, renorm_every=5, dead_tokens=512, checkpoint_every=4,
-                seed=0)
+    base: dict[str, Any] = dict(
+        d_sae=64,
+        k=4,
+        k_aux=16,
+        aux_coef=0.125,
+        lr=1e-2,
+        lr_floor=1e-3,
+        warmup_steps=3,
+        train_batch_size=128,
+        train_tokens=128 * 24,
+        renorm_every=5,
+        dead_tokens=512,
+        checkpoint_every=4,
+        seed=0,
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -38,8 +59,8 @@ def test_lr_schedule_warmup_cosine_floor():
     kw = dict(lr=1e-3, lr_floor=1e-4, warmup_steps=10, total_steps=110)
     lrs = [lr_at(s, **kw) for s in range(120)]
     assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
-    assert all(a < b for a, b in zip(lrs[:9], lrs[1:10]))  # warmup rises
-    assert all(a >= b for a, b in zip(lrs[10:110], lrs[11:111]))  # cosine falls
+    assert all(a < b for a, b in itertools.pairwise(lrs[:10]))  # warmup rises
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:111]))  # cosine falls
     assert lrs[109] == pytest.approx(1e-4) and lrs[119] == pytest.approx(1e-4)
     assert lrs[60] == pytest.approx(1e-4 + 0.5 * 9e-4 * (1 + math.cos(math.pi * 50 / 99)))
 
@@ -58,7 +79,7 @@ def test_tensor_store_batches_resume_and_cycle_epochs():
     store = TensorStore(torch.arange(10.0)[:, None])
     full = [b.flatten().tolist() for b in store.iter_batches(4, seed=1, n_batches=6)]
     assert all(len(b) == 4 for b in full)
-    assert sorted(sum(full[:2], []) + full[2][:2]) == list(range(10))  # epoch 0 covers every token once
+    assert sorted([*full[0], *full[1], *full[2][:2]]) == list(range(10))  # epoch 0 covers every token once
     assert [b.flatten().tolist() for b in store.iter_batches(4, seed=1, start_batch=3, n_batches=6)] == full[3:]
 
 
@@ -107,7 +128,10 @@ def test_changed_settings_train_afresh(tmp_path, capsys):
     x = sparse_data()
     train_sae(TensorStore(x), small_cfg(), tmp_path, device="cpu", progress=False, stop_after=4)
     res = train_sae(TensorStore(x), small_cfg(k=5), tmp_path, device="cpu", progress=False, stop_after=2)
-    assert res.resumed_from == 0 and "training settings changed since the saved SAE (k 4 → 5): training from scratch" in capsys.readouterr().out
+    assert (
+        res.resumed_from == 0
+        and "training settings changed since the saved SAE (k 4 → 5): training from scratch" in capsys.readouterr().out
+    )
     # a finished run's files are removed when a different run starts in the same folder
     train_sae(TensorStore(x), small_cfg(train_tokens=128 * 4), tmp_path, device="cpu", progress=False)
     assert (tmp_path / "sae_final.pt").is_file()
@@ -131,9 +155,12 @@ def test_dead_counters_follow_definition_and_hooks_are_called(tmp_path):
         def f(arg):
             calls[key] += 1
             return arg if ret is None else ret
+
         return f
 
-    hooks = ParallelHooks(local_batch=count("batch"), reduce_grads=count("grads", ret=True), reduce_fired=count("fired"))
+    hooks = ParallelHooks(
+        local_batch=count("batch"), reduce_grads=count("grads", ret=True), reduce_fired=count("fired")
+    )
     train_sae(TensorStore(x), cfg, tmp_path, device="cpu", progress=False, step_fn=spy, hooks=hooks)
     since = torch.zeros(cfg.d_sae, dtype=torch.long)
     for dead, fired in seen:
@@ -169,6 +196,7 @@ def test_pretrained_switch_loads_local_card_file(tmp_path):
 
 def _piecewise_stream(x: torch.Tensor, calls: list[int]):
     """An epoch stream over ``x`` in irregular pieces that honours ``skip`` (records each skip)."""
+
     def epoch_stream(skip: int):
         calls.append(skip)
         pos = skip
@@ -176,9 +204,10 @@ def _piecewise_stream(x: torch.Tensor, calls: list[int]):
         i = 0
         while pos < x.shape[0]:
             n = sizes[i % len(sizes)]
-            yield x[pos:pos + n]
+            yield x[pos : pos + n]
             pos += n
             i += 1
+
     return epoch_stream
 
 
@@ -187,8 +216,7 @@ def test_stream_store_resumes_on_the_same_batches_without_replaying_the_stream()
 
     x = torch.arange(1000.0)[:, None]
     calls: list[int] = []
-    store = StreamStore(_piecewise_stream(x, calls), n_tokens=1000, d_model=1, manifest={"layer": 1},
-                        shuffle_batches=4)
+    store = StreamStore(_piecewise_stream(x, calls), n_tokens=1000, d_model=1, manifest={"layer": 1}, shuffle_batches=4)
     full = [b.flatten() for b in store.iter_batches(50, seed=3, n_batches=45)]  # 2.25 epochs
     assert all(b.numel() == 50 for b in full)
     assert sorted(torch.cat(full[:4]).tolist()) == list(range(200))  # a chunk = 4 batches, shuffled inside
@@ -216,16 +244,26 @@ def test_training_on_a_stream_resumes_exactly(tmp_path):
 def test_stream_store_for_book_matches_chapter_01_shards(tiny_llama, tiny_tok, tmp_path):
     """Unshuffled, the stream yields exactly the activations collection writes, in the same order."""
     from mechlib.activations.collect import ActivationStore, collect_activations
-    from mechlib.models import LoadedModel
     from mechlib.activations.collect_config import stream_store_for_book
+    from mechlib.models import LoadedModel
 
     model, _ = tiny_llama
     words = "the cat sat on a mat while seven small dogs ran past the old red barn".split()
     docs = [" ".join(words[(i + j) % len(words)] for j in range(8 + i % 13)) for i in range(80)]
     (tmp_path / "docs.txt").write_text("\n\n".join(docs) + "\n")
     P = BookParams(corpus=str(tmp_path / "docs.txt"), layer=2, seq_len=32, collect_tokens=600, collect_batch_size=4)
-    collect_activations(model, tiny_tok, tmp_path / "train", layer=2, n_tokens=600, seq_len=32, batch_size=4,
-                        shard_tokens=256, corpus=P.corpus, progress=False)
+    collect_activations(
+        model,
+        tiny_tok,
+        tmp_path / "train",
+        layer=2,
+        n_tokens=600,
+        seq_len=32,
+        batch_size=4,
+        shard_tokens=256,
+        corpus=P.corpus,
+        progress=False,
+    )
     on_disk = ActivationStore(tmp_path / "train").load_all()
     loaded = LoadedModel(model=model, tokenizer=tiny_tok, name="tiny-llama", n_layers=4, d_model=64)
     store = stream_store_for_book(loaded, P, shuffle_batches=2)

@@ -8,18 +8,37 @@ do — ``model: <local folder>`` — so the whole path from params file to check
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
+if TYPE_CHECKING:  # mechlib.tiny imports transformers: loaded where a model is built
+    from mechlib.tiny import Arch
+
 WORDS = "the cat sat on a mat while seven small dogs ran past the old red barn in the rain".split()
 
 SIZES: dict[str, Any] = dict(
-    device="cpu", layer=1, seq_len=32, collect_tokens=1200, heldout_tokens=256, collect_batch_size=4,
-    shard_tokens=128, d_sae=64, k=4, k_aux=16, lr=3e-3, lr_floor=3e-4, warmup_steps=3, train_batch_size=64,
-    train_tokens=64 * 30, renorm_every=5, dead_tokens=256, checkpoint_every=5,
+    device="cpu",
+    layer=1,
+    seq_len=32,
+    collect_tokens=1200,
+    heldout_tokens=256,
+    collect_batch_size=4,
+    shard_tokens=128,
+    d_sae=64,
+    k=4,
+    k_aux=16,
+    lr=3e-3,
+    lr_floor=3e-4,
+    warmup_steps=3,
+    train_batch_size=64,
+    train_tokens=64 * 30,
+    renorm_every=5,
+    dead_tokens=256,
+    checkpoint_every=5,
 )
 
 
@@ -30,7 +49,7 @@ def corpus_file(folder: Path, n_docs: int = 120) -> Path:
     return path
 
 
-def model_folder(folder: Path, arch: str = "llama") -> Path:
+def model_folder(folder: Path, arch: Arch = "llama") -> Path:
     from mechlib.tiny import tiny_model, tiny_tokenizer
 
     out = folder / f"tiny-{arch}"

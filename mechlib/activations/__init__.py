@@ -12,17 +12,52 @@
 Callers import the public names from here: ``from mechlib.activations import ActivationStore``.
 """
 
-from mechlib.activations.collect import (HELDOUT_EVERY, SPLITS, CollectRun, Packer, collect_activations,
-                                         stream_activations)
-from mechlib.activations.collect_config import (CollectConfig, CollectResult, collect_config_from_params,
-                                                collect_for_book, collect_split, open_store, open_train_store)
+from mechlib.activations.collect import (
+    HELDOUT_EVERY,
+    SPLITS,
+    CollectRun,
+    Packer,
+    collect_activations,
+    stream_activations,
+)
+from mechlib.activations.collect_config import (
+    CollectConfig,
+    CollectResult,
+    collect_config_from_params,
+    collect_for_book,
+    collect_split,
+    open_store,
+    open_train_store,
+)
 from mechlib.activations.corpus import CorpusError, CorpusSpec, iter_texts
 from mechlib.activations.provenance import ActivationsFingerprint, Provenance, fingerprint_of_store
 from mechlib.activations.shards import ActivationError, ActivationStore, ShardError
 from mechlib.activations.stores import ActivationSource, StreamStore, TensorStore
 
-__all__ = ["HELDOUT_EVERY", "SPLITS", "CollectRun", "Packer", "collect_activations", "stream_activations",
-           "CollectConfig", "CollectResult", "collect_config_from_params", "collect_for_book", "collect_split",
-           "open_store", "open_train_store", "CorpusError", "CorpusSpec", "iter_texts", "ActivationsFingerprint",
-           "Provenance", "fingerprint_of_store", "ActivationError", "ActivationStore", "ShardError",
-           "ActivationSource", "StreamStore", "TensorStore"]
+__all__ = [
+    "HELDOUT_EVERY",
+    "SPLITS",
+    "ActivationError",
+    "ActivationSource",
+    "ActivationStore",
+    "ActivationsFingerprint",
+    "CollectConfig",
+    "CollectResult",
+    "CollectRun",
+    "CorpusError",
+    "CorpusSpec",
+    "Packer",
+    "Provenance",
+    "ShardError",
+    "StreamStore",
+    "TensorStore",
+    "collect_activations",
+    "collect_config_from_params",
+    "collect_for_book",
+    "collect_split",
+    "fingerprint_of_store",
+    "iter_texts",
+    "open_store",
+    "open_train_store",
+    "stream_activations",
+]

@@ -28,27 +28,44 @@ import itertools
 import json
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from mechlib.activations.corpus import CorpusError, CorpusSpec
+from mechlib.activations.shards import (
+    FORMAT,
+    MANIFEST,
+    ActivationStore,
+    Manifest,
+    ShardEntry,
+    ShardWriter,
+    rank_manifest_name,
+    read_manifest,
+    verify_shard,
+)
 from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
 from mechlib.models import check_layer, d_model, decoder_layers
-from mechlib.activations.shards import (FORMAT, MANIFEST, ActivationStore, Manifest, ShardEntry, ShardWriter,
-                                        rank_manifest_name, read_manifest, verify_shard)
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer
 
-__all__ = ["ActivationStore", "PackedBatch", "Packer", "collect_activations", "stream_activations",
-           "collection_identity", "HELDOUT_EVERY", "SPLITS"]
+__all__ = [
+    "HELDOUT_EVERY",
+    "SPLITS",
+    "ActivationStore",
+    "PackedBatch",
+    "Packer",
+    "collect_activations",
+    "collection_identity",
+    "stream_activations",
+]
 
 HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
 SPLITS = ("train", "heldout")
@@ -65,8 +82,9 @@ class PackedBatch:
 class Packer:
     """Turns documents into full rows of ``seq_len`` token ids: ``[BOS] tok tok … EOS tok …``."""
 
-    def __init__(self, tokenizer: Tokenizer, seq_len: int, exclude_special_tokens: bool = True,
-                 exclude_first_positions: int = 2):
+    def __init__(
+        self, tokenizer: Tokenizer, seq_len: int, exclude_special_tokens: bool = True, exclude_first_positions: int = 2
+    ):
         if seq_len < 2:
             raise ValueError(f"seq_len must be >= 2, got {seq_len}")
         if not 0 <= exclude_first_positions < seq_len:
@@ -89,14 +107,14 @@ class Packer:
         for doc_index, text in docs:
             toks = self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
             if self.sep_id is not None:
-                toks = toks + [self.sep_id]
+                toks = [*toks, self.sep_id]
             buf_ids.extend(toks)
             buf_doc.extend([doc_index] * len(toks))
             while len(buf_ids) >= body:
                 ids, doc = buf_ids[:body], buf_doc[:body]
                 del buf_ids[:body], buf_doc[:body]
                 if self.start_id is not None:
-                    ids, doc = [self.start_id] + ids, [-1] + doc
+                    ids, doc = [self.start_id, *ids], [-1, *doc]
                 yield ids, doc
 
     def keep_mask(self, ids: torch.Tensor) -> torch.Tensor:
@@ -126,8 +144,10 @@ def rows_with_quota(rows: Iterator[tuple[list[int], list[int]]], packer: Packer,
         try:
             ids, doc = next(rows)
         except StopIteration:
-            raise CorpusError(f"the corpus ran out after {got} of {n_tokens} requested tokens; "
-                              f"lower the token count or use a larger corpus") from None
+            raise CorpusError(
+                f"the corpus ran out after {got} of {n_tokens} requested tokens; "
+                f"lower the token count or use a larger corpus"
+            ) from None
         ids_t = torch.tensor(ids, dtype=torch.long)
         keep = packer.keep_mask(ids_t)
         room = n_tokens - got
@@ -137,20 +157,32 @@ def rows_with_quota(rows: Iterator[tuple[list[int], list[int]]], packer: Packer,
         yield ids_t, keep, torch.tensor(doc, dtype=torch.long)
 
 
+def _stack(chunk: list[Row], first_row: int) -> PackedBatch:
+    ids, keep, doc = (torch.stack(x) for x in zip(*chunk))
+    return PackedBatch(ids, keep, doc, first_row)
+
+
 def batch_rows(rows: Iterable[Row], batch_size: int, first_row: int = 0) -> Iterator[PackedBatch]:
     chunk: list[Row] = []
     for row in rows:
         chunk.append(row)
         if len(chunk) == batch_size:
-            yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+            yield _stack(chunk, first_row)
             first_row += len(chunk)
             chunk = []
     if chunk:
-        yield PackedBatch(*(torch.stack(x) for x in zip(*chunk)), first_row)
+        yield _stack(chunk, first_row)
 
 
-def packed_rows(tokenizer: Tokenizer, n_tokens: int, seq_len: int, corpus: CorpusSpec, split: str,
-                exclude_special_tokens: bool, exclude_first_positions: int = 2) -> tuple[Packer, Iterator[Row]]:
+def packed_rows(
+    tokenizer: Tokenizer,
+    n_tokens: int,
+    seq_len: int,
+    corpus: CorpusSpec,
+    split: str,
+    exclude_special_tokens: bool,
+    exclude_first_positions: int = 2,
+) -> tuple[Packer, Iterator[Row]]:
     """The packer and its rows of ``split`` until ``n_tokens`` kept tokens (collection and streaming alike)."""
     packer = Packer(tokenizer, seq_len, exclude_special_tokens, exclude_first_positions)
     return packer, rows_with_quota(packer.rows(split_docs(corpus.texts(), split)), packer, n_tokens)
@@ -163,7 +195,7 @@ def _prepare(model: nn.Module, layer: int, compile: bool) -> torch.device:
         # then stay eager around the compiled code instead of being traced into it.
         for block in decoder_layers(model)[: layer + 1]:
             block.forward = torch.compile(block.forward)
-        model._mechlib_compiled = True
+        model._mechlib_compiled = True  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
     return next(model.parameters()).device
 
 
@@ -180,14 +212,25 @@ class StreamBatch:
     token_ids: torch.Tensor  # [n_kept] CPU
 
 
-def stream_activations(model: nn.Module, tokenizer: Tokenizer, *, layer: int, n_tokens: int, seq_len: int = 128,
-                       batch_size: int = 16, corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
-                       exclude_special_tokens: bool = True, exclude_first_positions: int = 2,
-                       compile: bool = False) -> Iterator[StreamBatch]:
+def stream_activations(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    *,
+    layer: int,
+    n_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    corpus: CorpusSpec | str = CorpusSpec(),
+    split: str = "train",
+    exclude_special_tokens: bool = True,
+    exclude_first_positions: int = 2,
+    compile: bool = False,
+) -> Iterator[StreamBatch]:
     """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs)."""
     device = _prepare(model, layer, compile)
-    _, rows = packed_rows(tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens,
-                          exclude_first_positions)
+    _, rows = packed_rows(
+        tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens, exclude_first_positions
+    )
     for pb in batch_rows(rows, batch_size):
         with torch.no_grad():
             h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
@@ -200,15 +243,35 @@ def params_hash(identity: Manifest) -> str:
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def collection_identity(model: nn.Module, *, model_name: str, layer: int, dtype: str, seq_len: int,
-                        rows_per_shard: int, corpus: CorpusSpec, split: str, exclude_special_tokens: bool,
-                        exclude_first_positions: int) -> Manifest:
+def collection_identity(
+    model: nn.Module,
+    *,
+    model_name: str,
+    layer: int,
+    dtype: str,
+    seq_len: int,
+    rows_per_shard: int,
+    corpus: CorpusSpec,
+    split: str,
+    exclude_special_tokens: bool,
+    exclude_first_positions: int,
+) -> Manifest:
     """Everything that decides which tokens (and bytes) a collection holds; its hash keys the manifest."""
-    return {"format": FORMAT, "model": model_name or str(getattr(model.config, "_name_or_path", "")),
-            "model_class": type(model).__name__, "layer": layer, "d_model": d_model(model), "dtype": dtype,
-            "seq_len": seq_len, "rows_per_shard": rows_per_shard, **corpus.identity(), "split": split,
-            "heldout_every": HELDOUT_EVERY, "exclude_special_tokens": exclude_special_tokens,
-            "exclude_first_positions": exclude_first_positions}
+    return {
+        "format": FORMAT,
+        "model": model_name or str(getattr(model.config, "_name_or_path", "")),
+        "model_class": type(model).__name__,
+        "layer": layer,
+        "d_model": d_model(model),
+        "dtype": dtype,
+        "seq_len": seq_len,
+        "rows_per_shard": rows_per_shard,
+        **corpus.identity(),
+        "split": split,
+        "heldout_every": HELDOUT_EVERY,
+        "exclude_special_tokens": exclude_special_tokens,
+        "exclude_first_positions": exclude_first_positions,
+    }
 
 
 class _HostBuffers:
@@ -229,8 +292,11 @@ class _HostBuffers:
             return h, None, None
         with self._lock:
             while True:
-                fits = [b for b in self._free if b.shape[1:] == h.shape[1:] and b.shape[0] >= h.shape[0]
-                        and b.dtype == h.dtype]
+                fits = [
+                    b
+                    for b in self._free
+                    if b.shape[1:] == h.shape[1:] and b.shape[0] >= h.shape[0] and b.dtype == h.dtype
+                ]
                 if fits:
                     buf = fits[0]
                     self._free.remove(buf)
@@ -242,6 +308,7 @@ class _HostBuffers:
                 self._lock.wait(timeout=0.5)  # the writer thread still reads every buffer: backpressure
                 check()  # a dead writer never releases its buffers
         host = buf[: h.shape[0]]
+        assert self.stream is not None  # made on CUDA, the only device that gets here
         self.stream.wait_stream(torch.cuda.current_stream(h.device))  # h is complete before copying
         with torch.cuda.stream(self.stream):
             host.copy_(h, non_blocking=True)
@@ -264,12 +331,28 @@ class CollectRun:
     seconds: float
 
 
-def collect_activations(model: nn.Module, tokenizer: Tokenizer, out_dir: str | Path, *, layer: int, n_tokens: int,
-                        seq_len: int = 128, batch_size: int = 16, shard_tokens: int = 65_536,
-                        corpus: CorpusSpec | str = CorpusSpec(), split: str = "train",
-                        exclude_special_tokens: bool = True, exclude_first_positions: int = 2, dtype: str = "float32",
-                        model_name: str = "", compile: bool = False, progress: bool = True, rank: int = 0,
-                        world_size: int = 1, sync: Callable[[], None] | None = None) -> CollectRun:
+def collect_activations(
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    out_dir: str | Path,
+    *,
+    layer: int,
+    n_tokens: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    shard_tokens: int = 65_536,
+    corpus: CorpusSpec | str = CorpusSpec(),
+    split: str = "train",
+    exclude_special_tokens: bool = True,
+    exclude_first_positions: int = 2,
+    dtype: str = "float32",
+    model_name: str = "",
+    compile: bool = False,
+    progress: bool = True,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> CollectRun:
     """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
 
     A rerun with the same parameters verifies and skips finished shards (resume); changed
@@ -291,21 +374,37 @@ def collect_activations(model: nn.Module, tokenizer: Tokenizer, out_dir: str | P
     device = _prepare(model, layer, compile)
     spec = CorpusSpec.of(corpus)
     rows_per_shard = max(1, shard_tokens // seq_len)
-    identity = collection_identity(model, model_name=model_name, layer=layer, dtype=dtype, seq_len=seq_len,
-                                   rows_per_shard=rows_per_shard, corpus=spec, split=split,
-                                   exclude_special_tokens=exclude_special_tokens,
-                                   exclude_first_positions=exclude_first_positions)
+    identity = collection_identity(
+        model,
+        model_name=model_name,
+        layer=layer,
+        dtype=dtype,
+        seq_len=seq_len,
+        rows_per_shard=rows_per_shard,
+        corpus=spec,
+        split=split,
+        exclude_special_tokens=exclude_special_tokens,
+        exclude_first_positions=exclude_first_positions,
+    )
     phash = params_hash(identity)
     old = _drop_if_changed(out_dir, phash, rank == 0)
     if sync is not None:
         sync()
     done = _finished_shards(out_dir, old, phash)
-    packer, rows = packed_rows(tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens,
-                               exclude_first_positions)
-    manifest = {**identity, "params_hash": phash, "n_tokens_requested": n_tokens, "complete": False,
-                "special_token_ids": packer.special_ids, "start_token_id": packer.start_id,
-                "separator_token_id": packer.sep_id, "n_tokens": 0, "shards": sorted(done.values(),
-                                                                                     key=lambda e: e["index"])}
+    packer, rows = packed_rows(
+        tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens, exclude_first_positions
+    )
+    manifest = {
+        **identity,
+        "params_hash": phash,
+        "n_tokens_requested": n_tokens,
+        "complete": False,
+        "special_token_ids": packer.special_ids,
+        "start_token_id": packer.start_id,
+        "separator_token_id": packer.sep_id,
+        "n_tokens": 0,
+        "shards": sorted(done.values(), key=lambda e: e["index"]),
+    }
     manifest_name = MANIFEST if world_size == 1 else rank_manifest_name(rank)
     writer = ShardWriter(out_dir, manifest, dtype, manifest_name=manifest_name)
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
@@ -357,8 +456,15 @@ class _ShardPlan:
     world_size: int
 
 
-def _write_shards(model: nn.Module, layer: int, device: torch.device, rows: Iterator[Row], plan: _ShardPlan,
-                  writer: ShardWriter, bar: tqdm) -> tuple[int, int, int]:
+def _write_shards(
+    model: nn.Module,
+    layer: int,
+    device: torch.device,
+    rows: Iterator[Row],
+    plan: _ShardPlan,
+    writer: ShardWriter,
+    bar: tqdm,
+) -> tuple[int, int, int]:
     """The write loop: ``(shards seen, rows seen, tokens computed)``; finished shards are verified, not recomputed."""
     buffers = _HostBuffers(device)
     index = first_row = computed = 0
@@ -389,8 +495,9 @@ def _write_shards(model: nn.Module, layer: int, device: torch.device, rows: Iter
     return index, first_row, computed
 
 
-def _finish_manifest(out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int,
-                     n_tokens: int, world_size: int) -> None:
+def _finish_manifest(
+    out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int, n_tokens: int, world_size: int
+) -> None:
     """Drop shards past the end (an earlier run with more tokens), total up, write the manifest."""
     for e in manifest["shards"]:
         if e["index"] >= n_shards:

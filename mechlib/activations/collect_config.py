@@ -10,15 +10,24 @@ diverge. A test compares the manifests both paths write.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from mechlib.activations.collect import (SPLITS, CollectRun, Row, batch_rows, collect_activations,
-                                         collection_identity, packed_rows, params_hash)
+from mechlib.activations.collect import (
+    SPLITS,
+    CollectRun,
+    Row,
+    batch_rows,
+    collect_activations,
+    collection_identity,
+    packed_rows,
+    params_hash,
+)
 from mechlib.activations.corpus import CorpusSpec
 from mechlib.activations.shards import ActivationStore, Manifest
 from mechlib.activations.stores import ActivationSource, StreamStore
@@ -29,11 +38,20 @@ from mechlib.paths import RunPaths
 
 # CollectConfig field → the BookParams key it is read from (a chapter that builds a config declares them all).
 PARAM_KEYS: dict[str, str] = {
-    "layer": "layer", "seq_len": "seq_len", "batch_size": "collect_batch_size", "shard_tokens": "shard_tokens",
-    "corpus": "corpus", "corpus_config": "corpus_config", "corpus_split": "corpus_split",
-    "corpus_text_field": "corpus_text_field", "exclude_special_tokens": "exclude_special_tokens",
-    "exclude_first_positions": "exclude_first_positions", "dtype": "activation_dtype",
-    "train_tokens": "collect_tokens", "heldout_tokens": "heldout_tokens", "mode": "collect_mode",
+    "layer": "layer",
+    "seq_len": "seq_len",
+    "batch_size": "collect_batch_size",
+    "shard_tokens": "shard_tokens",
+    "corpus": "corpus",
+    "corpus_config": "corpus_config",
+    "corpus_split": "corpus_split",
+    "corpus_text_field": "corpus_text_field",
+    "exclude_special_tokens": "exclude_special_tokens",
+    "exclude_first_positions": "exclude_first_positions",
+    "dtype": "activation_dtype",
+    "train_tokens": "collect_tokens",
+    "heldout_tokens": "heldout_tokens",
+    "mode": "collect_mode",
 }
 
 
@@ -71,11 +89,18 @@ class CollectConfig:
 
     def identity(self, loaded: LoadedModel, split: str) -> Manifest:
         """The manifest identity a collection of ``split`` with ``loaded`` has."""
-        return collection_identity(loaded.model, model_name=loaded.name, layer=self.layer, dtype=self.dtype,
-                                   seq_len=self.seq_len, rows_per_shard=self.rows_per_shard,
-                                   corpus=self.corpus_spec, split=split,
-                                   exclude_special_tokens=self.exclude_special_tokens,
-                                   exclude_first_positions=self.exclude_first_positions)
+        return collection_identity(
+            loaded.model,
+            model_name=loaded.name,
+            layer=self.layer,
+            dtype=self.dtype,
+            seq_len=self.seq_len,
+            rows_per_shard=self.rows_per_shard,
+            corpus=self.corpus_spec,
+            split=split,
+            exclude_special_tokens=self.exclude_special_tokens,
+            exclude_first_positions=self.exclude_first_positions,
+        )
 
     def stream_manifest(self, loaded: LoadedModel) -> Manifest:
         """What a ``collect_mode: stream`` store reports: the train split's identity and its hash."""
@@ -88,20 +113,45 @@ def collect_config_from_params(P: BookParams) -> CollectConfig:
     return CollectConfig(**{field: getattr(P, key) for field, key in PARAM_KEYS.items()})
 
 
-def collect_split(loaded: LoadedModel, cfg: CollectConfig, out_dir: str | Path, split: str, *, progress: bool = True,
-                  compile: bool = False, rank: int = 0, world_size: int = 1,
-                  sync: Callable[[], None] | None = None) -> CollectRun:
+def collect_split(
+    loaded: LoadedModel,
+    cfg: CollectConfig,
+    out_dir: str | Path,
+    split: str,
+    *,
+    progress: bool = True,
+    compile: bool = False,
+    rank: int = 0,
+    world_size: int = 1,
+    sync: Callable[[], None] | None = None,
+) -> CollectRun:
     """Collect ``split`` as ``cfg`` says into ``out_dir`` (chapter 01 and ``mechlib.scale collect``)."""
     tokens = dict(cfg.splits).get(split)
     if tokens is None:
-        raise ValueError(f"split must be one of {[s for s, _ in cfg.splits]} in collect_mode {cfg.mode!r}, "
-                         f"got {split!r}")
+        raise ValueError(
+            f"split must be one of {[s for s, _ in cfg.splits]} in collect_mode {cfg.mode!r}, got {split!r}"
+        )
     return collect_activations(
-        loaded.model, loaded.tokenizer, out_dir, layer=cfg.layer, n_tokens=tokens, seq_len=cfg.seq_len,
-        batch_size=cfg.batch_size, shard_tokens=cfg.shard_tokens, corpus=cfg.corpus_spec, split=split,
-        exclude_special_tokens=cfg.exclude_special_tokens, exclude_first_positions=cfg.exclude_first_positions,
-        dtype=cfg.dtype, model_name=loaded.name, compile=compile, progress=progress, rank=rank,
-        world_size=world_size, sync=sync)
+        loaded.model,
+        loaded.tokenizer,
+        out_dir,
+        layer=cfg.layer,
+        n_tokens=tokens,
+        seq_len=cfg.seq_len,
+        batch_size=cfg.batch_size,
+        shard_tokens=cfg.shard_tokens,
+        corpus=cfg.corpus_spec,
+        split=split,
+        exclude_special_tokens=cfg.exclude_special_tokens,
+        exclude_first_positions=cfg.exclude_first_positions,
+        dtype=cfg.dtype,
+        model_name=loaded.name,
+        compile=compile,
+        progress=progress,
+        rank=rank,
+        world_size=world_size,
+        sync=sync,
+    )
 
 
 @dataclass
@@ -119,15 +169,18 @@ class CollectResult:
         return sum(r.seconds for r in self.runs.values())
 
 
-def collect_for_book(loaded: LoadedModel, params: BookParams, run_paths: RunPaths, progress: bool = True,
-                     compile: bool = False) -> CollectResult:
+def collect_for_book(
+    loaded: LoadedModel, params: BookParams, run_paths: RunPaths, progress: bool = True, compile: bool = False
+) -> CollectResult:
     """Chapter 01: collect the ``train`` and ``heldout`` splits for the book's parameters.
 
     Activations land in ``run_paths.activations / "train"`` and ``/ "heldout"``.
     """
     cfg = collect_config_from_params(params)
-    runs = {split: collect_split(loaded, cfg, run_paths.activations / split, split, progress=progress,
-                                 compile=compile) for split, _ in cfg.splits}
+    runs = {
+        split: collect_split(loaded, cfg, run_paths.activations / split, split, progress=progress, compile=compile)
+        for split, _ in cfg.splits
+    }
     train = ActivationStore(run_paths.activations / "train") if "train" in runs else None
     return CollectResult(train, ActivationStore(run_paths.activations / "heldout"), runs)
 
@@ -161,8 +214,15 @@ def stream_store_for_book(loaded: LoadedModel, P: BookParams, shuffle_batches: i
     device = next(model.parameters()).device
 
     def rows_after(skip: int) -> Iterator[Row]:
-        _, rows = packed_rows(loaded.tokenizer, cfg.train_tokens, cfg.seq_len, cfg.corpus_spec, "train",
-                              cfg.exclude_special_tokens, cfg.exclude_first_positions)
+        _, rows = packed_rows(
+            loaded.tokenizer,
+            cfg.train_tokens,
+            cfg.seq_len,
+            cfg.corpus_spec,
+            "train",
+            cfg.exclude_special_tokens,
+            cfg.exclude_first_positions,
+        )
         got = 0
         for ids, keep, doc in rows:
             n = int(keep.sum())
@@ -180,5 +240,6 @@ def stream_store_for_book(loaded: LoadedModel, P: BookParams, shuffle_batches: i
                 h = run_to_layer(model, cfg.layer, input_ids=pb.ids.to(device))
             yield h[pb.keep.to(device)].float()
 
-    return StreamStore(epoch_stream, cfg.train_tokens, loaded.d_model, cfg.stream_manifest(loaded),
-                       shuffle_batches=shuffle_batches)
+    return StreamStore(
+        epoch_stream, cfg.train_tokens, loaded.d_model, cfg.stream_manifest(loaded), shuffle_batches=shuffle_batches
+    )

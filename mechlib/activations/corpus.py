@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import ast
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from mechlib import paths
 from mechlib.io import iter_jsonl, iter_text_lines
@@ -23,8 +23,21 @@ from mechlib.io import iter_jsonl, iter_text_lines
 STDLIB_CORPUS = "python-stdlib-docs"
 # Folders of the standard library whose docstrings are not prose about the library (test suites,
 # the IDLE app, demo scripts, codec tables) or that are third-party (site-packages).
-_SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo",
-              "ensurepip", "encodings", "__pycache__", "pydoc_data", "__phello__", "config-3"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idlelib",
+    "site-packages",
+    "dist-packages",
+    "lib2to3",
+    "turtledemo",
+    "ensurepip",
+    "encodings",
+    "__pycache__",
+    "pydoc_data",
+    "__phello__",
+    "config-3",
+}
 MIN_DOCSTRING_CHARS = 80
 
 
@@ -59,8 +72,11 @@ def _module_docstrings(path: Path) -> str:
 def stdlib_docstrings() -> Iterator[str]:
     """One document per standard-library module: its module, class and function docstrings."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py")
-                   if not any(part in _SKIP_DIRS or part.startswith("config-") for part in p.relative_to(root).parts))
+    files = sorted(
+        p
+        for p in root.rglob("*.py")
+        if not any(part in _SKIP_DIRS or part.startswith("config-") for part in p.relative_to(root).parts)
+    )
     for path in files:
         text = _module_docstrings(path)
         if text:
@@ -78,13 +94,16 @@ def _hf_dataset(name: str, config: str | None, split: str, text_field: str) -> I
     try:
         ds = load_dataset(name, config, split=split, streaming=True)
     except Exception as exc:  # datasets raises many types for network / missing data
-        raise CorpusError(f"could not stream the hub dataset {name!r} (config={config!r}, split={split!r}): the hub "
-                          f"may be unreachable from this machine; use a local .txt/.jsonl path as the corpus "
-                          f"instead. Original error: {str(exc)[:300]}") from None
+        raise CorpusError(
+            f"could not stream the hub dataset {name!r} (config={config!r}, split={split!r}): the hub "
+            f"may be unreachable from this machine; use a local .txt/.jsonl path as the corpus "
+            f"instead. Original error: {str(exc)[:300]}"
+        ) from None
     for row in ds:
         if text_field not in row:
-            raise CorpusError(f"hub dataset {name!r} has no text field {text_field!r}; fields: {sorted(row)}; "
-                              f"set corpus_text_field")
+            raise CorpusError(
+                f"hub dataset {name!r} has no text field {text_field!r}; fields: {sorted(row)}; set corpus_text_field"
+            )
         yield row[text_field]
 
 
@@ -126,7 +145,7 @@ class CorpusSpec:
     text_field: str = "text"
 
     @classmethod
-    def of(cls, corpus: "CorpusSpec | str") -> "CorpusSpec":
+    def of(cls, corpus: CorpusSpec | str) -> CorpusSpec:
         """A spec as is, or a plain corpus name with the default config, split and text field."""
         return corpus if isinstance(corpus, CorpusSpec) else cls(corpus)
 
@@ -135,12 +154,17 @@ class CorpusSpec:
 
     def identity(self) -> dict[str, str | None]:
         """The keys a collection's manifest records (and hashes) for its corpus."""
-        return {"corpus": self.name, "corpus_config": self.config, "corpus_split": self.split,
-                "corpus_text_field": self.text_field}
+        return {
+            "corpus": self.name,
+            "corpus_config": self.config,
+            "corpus_split": self.split,
+            "corpus_text_field": self.text_field,
+        }
 
 
-def iter_texts(corpus: str, corpus_config: str | None = None, corpus_split: str = "train",
-               corpus_text_field: str = "text") -> Iterator[str]:
+def iter_texts(
+    corpus: str, corpus_config: str | None = None, corpus_split: str = "train", corpus_text_field: str = "text"
+) -> Iterator[str]:
     """Yield the documents of ``corpus`` in a deterministic order; raise :class:`CorpusError` if empty.
 
     ``corpus`` is ``"python-stdlib-docs"``, ``"hf:<dataset id>"`` (streamed; ``corpus_config``,

@@ -26,9 +26,10 @@ import enum
 import hashlib
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -52,7 +53,7 @@ def _plain(obj: object) -> Any:  # returns any JSON value (None, bool, number, s
         if obj != obj or obj in (float("inf"), float("-inf")):
             raise ProvenanceError(f"cannot digest the non-finite number {obj!r}")
         return obj
-    if hasattr(obj, "digest") and isinstance(getattr(obj, "digest"), str):  # a fingerprint stands for itself
+    if hasattr(obj, "digest") and isinstance(obj.digest, str):  # a fingerprint stands for itself
         return {"digest": obj.digest}
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
@@ -88,7 +89,7 @@ def tensor_digest(t: torch.Tensor) -> str:
     """sha256 of a tensor's dtype, shape and bytes (CPU copy): equal tensors, equal digest."""
     x = t.detach().cpu().contiguous()
     h = hashlib.sha256(f"{x.dtype}{tuple(x.shape)}".encode())
-    h.update(memoryview(x.reshape(-1).view(torch.uint8).numpy()))
+    h.update(memoryview(x.reshape(-1).view(torch.uint8).numpy()))  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ for Python >= 3.12 only
     return h.hexdigest()
 
 
@@ -124,11 +125,14 @@ class ActivationsFingerprint:
     def short(self) -> str:
         return self.digest[:12]
 
-    def describe_change(self, old: "ActivationsFingerprint") -> str:
+    def describe_change(self, old: ActivationsFingerprint) -> str:
         """In words, what differs from ``old`` (the settings by name when both recorded them)."""
         now, then = dict(self.settings), dict(old.settings)
-        parts = [f"{k} {then.get(k)!r} → {now.get(k)!r}" for k in sorted(set(now) | set(then))
-                 if now.get(k) != then.get(k) and k not in ("format",)]
+        parts = [
+            f"{k} {then.get(k)!r} → {now.get(k)!r}"
+            for k in sorted(set(now) | set(then))
+            if now.get(k) != then.get(k) and k not in ("format",)
+        ]
         if self.params_hash != old.params_hash and not parts:
             parts.append("collection settings")
         if self.n_tokens != old.n_tokens:
@@ -143,19 +147,39 @@ class ActivationsFingerprint:
         return {**dataclasses.asdict(self), "settings": [list(kv) for kv in self.settings]}
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "ActivationsFingerprint":
+    def from_dict(cls, d: Mapping[str, Any]) -> ActivationsFingerprint:
         try:
-            return cls(str(d["params_hash"]), str(d["shards"]), int(d["n_tokens"]), int(d["d_model"]),
-                       d.get("model"), None if d.get("layer") is None else int(d["layer"]),
-                       tuple((str(k), v) for k, v in d.get("settings", ())))
+            return cls(
+                str(d["params_hash"]),
+                str(d["shards"]),
+                int(d["n_tokens"]),
+                int(d["d_model"]),
+                d.get("model"),
+                None if d.get("layer") is None else int(d["layer"]),
+                tuple((str(k), v) for k, v in d.get("settings", ())),
+            )
         except (KeyError, TypeError, ValueError) as exc:
             raise ProvenanceError(f"not an activations fingerprint record ({exc!r}): {dict(d)!r:.200}") from None
 
 
 # Manifest keys that describe *how* the tokens were chosen (named when they change).
-SETTING_KEYS = ("model", "model_class", "layer", "d_model", "dtype", "seq_len", "rows_per_shard", "corpus",
-                "corpus_config", "corpus_split", "corpus_text_field", "split", "heldout_every",
-                "exclude_special_tokens", "exclude_first_positions")
+SETTING_KEYS = (
+    "model",
+    "model_class",
+    "layer",
+    "d_model",
+    "dtype",
+    "seq_len",
+    "rows_per_shard",
+    "corpus",
+    "corpus_config",
+    "corpus_split",
+    "corpus_text_field",
+    "split",
+    "heldout_every",
+    "exclude_special_tokens",
+    "exclude_first_positions",
+)
 
 
 def fingerprint_of_manifest(manifest: Mapping[str, Any]) -> ActivationsFingerprint:
@@ -164,10 +188,14 @@ def fingerprint_of_manifest(manifest: Mapping[str, Any]) -> ActivationsFingerpri
     sums = [e["sha256"] for e in sorted(shards, key=lambda e: e["index"])] if shards else []
     layer = manifest.get("layer")
     return ActivationsFingerprint(
-        params_hash=str(manifest.get("params_hash", "")), shards=digest(sums) if sums else "",
-        n_tokens=int(manifest.get("n_tokens", 0)), d_model=int(manifest.get("d_model", 0)),
-        model=manifest.get("model"), layer=None if layer is None else int(layer),
-        settings=tuple((k, manifest[k]) for k in SETTING_KEYS if k in manifest))
+        params_hash=str(manifest.get("params_hash", "")),
+        shards=digest(sums) if sums else "",
+        n_tokens=int(manifest.get("n_tokens", 0)),
+        d_model=int(manifest.get("d_model", 0)),
+        model=manifest.get("model"),
+        layer=None if layer is None else int(layer),
+        settings=tuple((k, manifest[k]) for k in SETTING_KEYS if k in manifest),
+    )
 
 
 def read_activations_fingerprint(directory: str | os.PathLike[str]) -> ActivationsFingerprint:
@@ -175,7 +203,9 @@ def read_activations_fingerprint(directory: str | os.PathLike[str]) -> Activatio
     :class:`mechlib.activations.shards.ActivationStore` verifies each shard against the manifest when it reads it)."""
     manifest = read_manifest(Path(directory))
     if manifest is None:
-        raise ShardError(f"{Path(directory) / MANIFEST}: no activation manifest here; run chapter 01 (collection) first")
+        raise ShardError(
+            f"{Path(directory) / MANIFEST}: no activation manifest here; run chapter 01 (collection) first"
+        )
     return fingerprint_of_manifest(manifest)
 
 
@@ -198,7 +228,7 @@ class Provenance:
     inputs: tuple[tuple[str, str], ...]
 
     @classmethod
-    def of(cls, **inputs: object) -> "Provenance":
+    def of(cls, **inputs: object) -> Provenance:
         return cls(tuple(sorted((name, digest(value)) for name, value in inputs.items())))
 
     @property
@@ -209,7 +239,7 @@ class Provenance:
         return dict(self.inputs)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any] | None) -> "Provenance | None":
+    def from_dict(cls, d: Mapping[str, Any] | None) -> Provenance | None:
         """``None`` for a product saved without a record (by an older mechbook)."""
         if d is None:
             return None
@@ -217,7 +247,7 @@ class Provenance:
             raise ProvenanceError(f"not a provenance record (name → digest): {d!r:.200}")
         return cls(tuple(sorted(d.items())))
 
-    def changed(self, saved: "Provenance | None") -> tuple[str, ...]:
+    def changed(self, saved: Provenance | None) -> tuple[str, ...]:
         """Names of the inputs that differ from ``saved`` (every name if ``saved`` is None)."""
         if saved is None:
             return tuple(name for name, _ in self.inputs)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import json
 import queue
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -65,11 +66,14 @@ def verify_shard(directory: Path, entry: ShardEntry) -> None:
     if not path.is_file():
         raise ShardError(f"{path}: shard listed in the manifest is missing")
     if path.stat().st_size != entry.get("bytes", path.stat().st_size):
-        raise ShardError(f"{path}: shard is truncated or changed (size {path.stat().st_size} bytes, "
-                         f"manifest says {entry['bytes']}); delete it and rerun to recollect it")
+        raise ShardError(
+            f"{path}: shard is truncated or changed (size {path.stat().st_size} bytes, "
+            f"manifest says {entry['bytes']}); delete it and rerun to recollect it"
+        )
     if sha256_file(path) != entry["sha256"]:
-        raise ShardError(f"{path}: shard is corrupt (sha256 differs from the manifest); "
-                         f"delete it and rerun to recollect it")
+        raise ShardError(
+            f"{path}: shard is corrupt (sha256 differs from the manifest); delete it and rerun to recollect it"
+        )
 
 
 def load_shard(directory: Path, entry: ShardEntry, verify: bool = True) -> dict[str, torch.Tensor]:
@@ -85,8 +89,9 @@ def load_shard(directory: Path, entry: ShardEntry, verify: bool = True) -> dict[
         raise ShardError(f"{path}: cannot read shard ({exc})") from None
     acts = tensors.get("activations")
     if acts is None or acts.shape[0] != entry["n_tokens"]:
-        raise ShardError(f"{path}: expected {entry['n_tokens']} activation rows, found "
-                         f"{None if acts is None else acts.shape[0]}")
+        raise ShardError(
+            f"{path}: expected {entry['n_tokens']} activation rows, found {None if acts is None else acts.shape[0]}"
+        )
     check_finite(acts, path)
     return tensors
 
@@ -94,8 +99,10 @@ def load_shard(directory: Path, entry: ShardEntry, verify: bool = True) -> dict[
 def check_finite(acts: torch.Tensor, where: Path | str) -> None:
     if not bool(torch.isfinite(acts).all()):
         bad = int((~torch.isfinite(acts)).any(dim=-1).sum())
-        raise ActivationError(f"{where}: {bad} of {acts.shape[0]} activation vectors contain NaN or inf "
-                              f"(model in float16? try model_dtype: bfloat16 or float32)")
+        raise ActivationError(
+            f"{where}: {bad} of {acts.shape[0]} activation vectors contain NaN or inf "
+            f"(model in float16? try model_dtype: bfloat16 or float32)"
+        )
 
 
 class ShardWriter:
@@ -107,8 +114,9 @@ class ShardWriter:
     Errors from the thread are re-raised in the caller at the next call or at ``close``.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, dtype: str, max_pending: int = 4,
-                 manifest_name: str = MANIFEST):
+    def __init__(
+        self, directory: Path, manifest: Manifest, dtype: str, max_pending: int = 4, manifest_name: str = MANIFEST
+    ):
         self.directory = Path(directory)
         self.manifest = manifest
         self.manifest_name = manifest_name  # a rank's own manifest under torchrun (mechlib.scale merges)
@@ -133,9 +141,16 @@ class ShardWriter:
             except queue.Full:
                 continue
 
-    def add_batch(self, hidden: torch.Tensor, keep: torch.Tensor, ids: torch.Tensor, doc: torch.Tensor,
-                  first_row: int, event: torch.cuda.Event | None = None,
-                  on_done: Callable[[], None] | None = None) -> None:
+    def add_batch(
+        self,
+        hidden: torch.Tensor,
+        keep: torch.Tensor,
+        ids: torch.Tensor,
+        doc: torch.Tensor,
+        first_row: int,
+        event: torch.cuda.Event | None = None,
+        on_done: Callable[[], None] | None = None,
+    ) -> None:
         """Queue one model batch: ``hidden`` [B, T, d], ``keep``/``ids``/``doc`` [B, T] on the CPU."""
         self._put(("batch", hidden, keep, ids, doc, first_row, event, on_done))
 
@@ -177,22 +192,39 @@ class ShardWriter:
             on_done()  # the pinned buffer may be reused now
         rows = torch.arange(first_row, first_row + b).repeat_interleave(t)[flat]
         pos = torch.arange(t, dtype=torch.int32).repeat(b)[flat]
-        self._parts.append({"activations": acts, "token_ids": ids.reshape(-1)[flat].to(torch.int32),
-                            "row": rows, "position": pos, "doc_index": doc.reshape(-1)[flat].to(torch.int64),
-                            "context_ids": ids.to(torch.int32), "keep_mask": keep.clone()})
+        self._parts.append(
+            {
+                "activations": acts,
+                "token_ids": ids.reshape(-1)[flat].to(torch.int32),
+                "row": rows,
+                "position": pos,
+                "doc_index": doc.reshape(-1)[flat].to(torch.int64),
+                "context_ids": ids.to(torch.int32),
+                "keep_mask": keep.clone(),
+            }
+        )
 
     def _write_shard(self, index: int, first_row: int, n_rows: int) -> None:
         parts, self._parts = self._parts, []
         tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
         path = self.directory / shard_name(index)
         check_finite(tensors["activations"], path)
-        atomic_save_safetensors(tensors, path,
-                                # one key: safetensors writes a multi-key metadata map in random
-                                # order, and shards must be byte-identical across reruns
-                                metadata={"mechbook": json.dumps({"shard": index, "first_row": first_row})})
-        entry = {"file": path.name, "index": index, "first_row": first_row, "n_rows": n_rows,
-                 "n_tokens": int(tensors["activations"].shape[0]), "bytes": path.stat().st_size,
-                 "sha256": sha256_file(path)}
+        atomic_save_safetensors(
+            tensors,
+            path,
+            # one key: safetensors writes a multi-key metadata map in random
+            # order, and shards must be byte-identical across reruns
+            metadata={"mechbook": json.dumps({"shard": index, "first_row": first_row})},
+        )
+        entry = {
+            "file": path.name,
+            "index": index,
+            "first_row": first_row,
+            "n_rows": n_rows,
+            "n_tokens": int(tensors["activations"].shape[0]),
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
+        }
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
         self.manifest["shards"] = sorted(shards, key=lambda e: e["index"])
         self.manifest["n_tokens"] = sum(e["n_tokens"] for e in self.manifest["shards"])
@@ -218,11 +250,14 @@ class ActivationStore:
         self.directory = Path(directory)
         manifest = read_manifest(self.directory)
         if manifest is None:
-            raise ShardError(f"{self.directory / MANIFEST}: no activation manifest here; run chapter 01 "
-                             f"(collection) first")
+            raise ShardError(
+                f"{self.directory / MANIFEST}: no activation manifest here; run chapter 01 (collection) first"
+            )
         if not manifest.get("complete"):
-            raise ShardError(f"{self.directory / MANIFEST}: collection is incomplete "
-                             f"({manifest.get('n_tokens', 0)} tokens so far); rerun chapter 01 to finish it")
+            raise ShardError(
+                f"{self.directory / MANIFEST}: collection is incomplete "
+                f"({manifest.get('n_tokens', 0)} tokens so far); rerun chapter 01 to finish it"
+            )
         self.manifest = manifest
         self.entries: list[ShardEntry] = manifest["shards"]
         self.verify = verify
@@ -279,7 +314,7 @@ class ActivationStore:
         for i, e in enumerate(self.entries):
             if e["first_row"] <= row < e["first_row"] + e["n_rows"]:
                 ids = self.shard(i)["context_ids"][row - e["first_row"]]
-                return ids[max(0, position - window): position + 1].tolist()
+                return ids[max(0, position - window) : position + 1].tolist()
         raise IndexError(f"row {row} is not in this collection ({self.directory})")
 
     # -- batches
@@ -289,7 +324,7 @@ class ActivationStore:
             order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch)).tolist()
         else:
             order = list(range(n))
-        return [order[i:i + shards_per_group] for i in range(0, n, shards_per_group)]
+        return [order[i : i + shards_per_group] for i in range(0, n, shards_per_group)]
 
     def _epoch_stream(self, epoch: int, seed: int, shuffle: bool, skip: int, shards_per_group: int, dtype):
         for gi, group in enumerate(self._groups(epoch, seed, shuffle, shards_per_group)):
@@ -304,9 +339,17 @@ class ActivationStore:
             yield x[skip:].to(dtype)
             skip = 0
 
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
-                     n_batches: int | None = None, shards_per_group: int = 8,
-                     dtype: torch.dtype = torch.float32):
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        start_batch: int = 0,
+        n_batches: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        *,
+        shards_per_group: int = 8,
+    ) -> Iterator[torch.Tensor]:
         """Yield activation batches [batch_size, d_model].
 
         ``n_batches=None``: one pass (epoch 0), last batch possibly smaller. Otherwise exactly
@@ -332,7 +375,7 @@ class ActivationStore:
                     continue
                 x, off = (torch.cat(buf) if len(buf) > 1 else buf[0]), 0  # one copy per chunk, not per batch
                 while have - off >= batch_size and pos < end:
-                    yield x[off:off + batch_size]
+                    yield x[off : off + batch_size]
                     off, pos = off + batch_size, pos + batch_size
                 buf, have = [x[off:]], have - off
                 if pos >= end:

@@ -17,7 +17,8 @@ resumes on exactly the batch it stopped at.
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Iterator, Protocol
+from collections.abc import Callable, Iterator
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -44,8 +45,15 @@ class ActivationSource(Protocol):
     @property
     def n_tokens(self) -> int: ...
 
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
-                     n_batches: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]: ...
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        start_batch: int = 0,
+        n_batches: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Tensor]: ...
 
 
 class TensorStore:
@@ -61,9 +69,15 @@ class TensorStore:
         self.x = x
         # The tensor's bytes stand in for shard checksums: other data, other fingerprint (see provenance).
         raw = x.detach().cpu().contiguous().view(torch.uint8).numpy()
-        self.manifest = {"model": model, "layer": layer, "d_model": int(x.shape[1]), "n_tokens": int(x.shape[0]),
-                         "params_hash": f"in-memory {x.dtype}",
-                         "shards": [{"index": 0, "sha256": hashlib.sha256(memoryview(raw)).hexdigest()}]}
+        digest = hashlib.sha256(memoryview(raw)).hexdigest()  # type: ignore[arg-type]  # numpy declares ndarray.__buffer__ for Python >= 3.12 only
+        self.manifest = {
+            "model": model,
+            "layer": layer,
+            "d_model": int(x.shape[1]),
+            "n_tokens": int(x.shape[0]),
+            "params_hash": f"in-memory {x.dtype}",
+            "shards": [{"index": 0, "sha256": digest}],
+        }
         self._order_key: tuple[int, int, bool] | None = None
         self._order_cache = torch.arange(0)
 
@@ -78,19 +92,26 @@ class TensorStore:
     def load_all(self, max_tokens: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
         return self.x[:max_tokens].to(dtype)
 
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
-                     n_batches: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        start_batch: int = 0,
+        n_batches: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Tensor]:
         n = self.n_tokens
         if n_batches is None:  # one pass, last batch possibly smaller
             order = self._order(0, seed, shuffle)
             for b in range(start_batch, -(-n // batch_size)):
-                yield self.x[order[b * batch_size:(b + 1) * batch_size]].to(dtype)
+                yield self.x[order[b * batch_size : (b + 1) * batch_size]].to(dtype)
             return
         for b in range(start_batch, n_batches):
             epoch, off = divmod(b * batch_size, n)
             parts, need = [], batch_size
             while need:
-                take = self._order(epoch, seed, shuffle)[off:off + need]
+                take = self._order(epoch, seed, shuffle)[off : off + need]
                 parts.append(take)
                 need -= take.numel()
                 epoch, off = epoch + 1, 0
@@ -112,8 +133,9 @@ EpochStream = Callable[[int], Iterator[Tensor]]
 class StreamStore:
     """Activations computed on the fly, one epoch = ``n_tokens`` kept tokens of the packed corpus."""
 
-    def __init__(self, epoch_stream: EpochStream, n_tokens: int, d_model: int, manifest: Manifest,
-                 shuffle_batches: int = 16) -> None:
+    def __init__(
+        self, epoch_stream: EpochStream, n_tokens: int, d_model: int, manifest: Manifest, shuffle_batches: int = 16
+    ) -> None:
         self.epoch_stream = epoch_stream
         self._n, self._d = int(n_tokens), int(d_model)
         self.manifest = {**manifest, "d_model": self._d, "n_tokens": self._n, "mode": "stream"}
@@ -133,8 +155,15 @@ class StreamStore:
             yield from self.epoch_stream(off)
             epoch, off = epoch + 1, 0
 
-    def iter_batches(self, batch_size: int, shuffle: bool = True, seed: int = 0, start_batch: int = 0,
-                     n_batches: int | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
+    def iter_batches(
+        self,
+        batch_size: int,
+        shuffle: bool = True,
+        seed: int = 0,
+        start_batch: int = 0,
+        n_batches: int | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> Iterator[Tensor]:
         """Batches of the endless stream (``n_batches=None``: the first epoch's full batches)."""
         end = n_batches if n_batches is not None else self._n // batch_size
         chunk = self.shuffle_batches * batch_size
@@ -155,6 +184,6 @@ class StreamStore:
                 block = block[torch.randperm(chunk, generator=torch.Generator().manual_seed(seed * 1_000_003 + c))]
             for i in range(self.shuffle_batches):
                 if start_batch <= b < end:
-                    yield block[i * batch_size:(i + 1) * batch_size].to(dtype)
+                    yield block[i * batch_size : (i + 1) * batch_size].to(dtype)
                 b += 1
             c += 1

@@ -9,9 +9,32 @@ decoder directions), ``pages`` (what each page shows), ``site`` (writing the fil
 
 from mechlib.browser.gather import LatentStats, ShardTokens, gather_latent_stats, iter_store_shards
 from mechlib.browser.inline import featured_latent, latent_html
-from mechlib.browser.site import (DEFAULT_CONTEXTS, DEFAULT_MAX_LATENTS, BrowserError, BrowserSite, SiteInfo,
-                                  add_contrast_scores, browser_folder, build_browser, build_site)
+from mechlib.browser.site import (
+    DEFAULT_CONTEXTS,
+    DEFAULT_MAX_LATENTS,
+    BrowserError,
+    BrowserSite,
+    SiteInfo,
+    add_contrast_scores,
+    browser_folder,
+    build_browser,
+    build_site,
+)
 
-__all__ = ["DEFAULT_CONTEXTS", "DEFAULT_MAX_LATENTS", "BrowserError", "BrowserSite", "LatentStats", "ShardTokens",
-           "SiteInfo", "add_contrast_scores", "browser_folder", "build_browser", "build_site", "featured_latent",
-           "gather_latent_stats", "iter_store_shards", "latent_html"]
+__all__ = [
+    "DEFAULT_CONTEXTS",
+    "DEFAULT_MAX_LATENTS",
+    "BrowserError",
+    "BrowserSite",
+    "LatentStats",
+    "ShardTokens",
+    "SiteInfo",
+    "add_contrast_scores",
+    "browser_folder",
+    "build_browser",
+    "build_site",
+    "featured_latent",
+    "gather_latent_stats",
+    "iter_store_shards",
+    "latent_html",
+]

@@ -11,12 +11,17 @@ from __future__ import annotations
 import argparse
 import shutil
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from mechlib.io import read_json
 
-CHROMIUM_MISSING = ("headless Chromium is not available ({what}); on Debian as root: "
-                    "apt-get install -y chromium chromium-driver (make setup does this), and pip install selenium")
+if TYPE_CHECKING:  # selenium is a test dependency (the dev extra), not one of the library's
+    from selenium.webdriver.remote.webdriver import WebDriver
+
+CHROMIUM_MISSING = (
+    "headless Chromium is not available ({what}); on Debian as root: "
+    "apt-get install -y chromium chromium-driver (make setup does this), and pip install selenium"
+)
 
 
 class ChromiumMissing(RuntimeError):
@@ -47,7 +52,7 @@ def chromium_binaries() -> tuple[str, str]:
     return browser, driver
 
 
-def open_chromium(width: int = 1280, height: int = 1000) -> Any:
+def open_chromium(width: int = 1280, height: int = 1000) -> WebDriver:
     """A headless Chromium WebDriver (no sandbox: the tests run as root in containers)."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
@@ -55,22 +60,29 @@ def open_chromium(width: int = 1280, height: int = 1000) -> Any:
     browser, driver = chromium_binaries()
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=driver), options=opts)
 
 
-def load(driver: Any, page: Path, query: str = "", timeout: float = 30) -> None:
+def load(driver: WebDriver, page: Path, query: str = "", timeout: float = 30) -> None:
     """Open ``page`` from the file system (``file://``, as a user would) and wait until its script marks it ready."""
     from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get(Path(page).resolve().as_uri() + (f"?{query}" if query else ""))
     WebDriverWait(driver, timeout).until(
-        lambda d: d.execute_script("return document.body && document.body.getAttribute('data-ready') === '1'"))
+        lambda d: d.execute_script("return document.body && document.body.getAttribute('data-ready') === '1'")
+    )
 
 
-def screenshot(driver: Any, path: Path, max_height: int = 6000) -> Path:
+def screenshot(driver: WebDriver, path: Path, max_height: int = 6000) -> Path:
     """The whole page (the window grows to the document's height, at most ``max_height`` px)."""
     height = int(driver.execute_script("return document.documentElement.scrollHeight"))
     width = int(driver.execute_script("return window.innerWidth"))
@@ -80,15 +92,24 @@ def screenshot(driver: Any, path: Path, max_height: int = 6000) -> Path:
     return path
 
 
-def check_latent_page(driver: Any, folder: Path, latent: int, out: Path) -> PageCheck:
+def check_latent_page(driver: WebDriver, folder: Path, latent: int, out: Path) -> PageCheck:
     """Open one latent's page and count what it drew; screenshot it into ``out``."""
     load(driver, folder / "latent.html", f"id={latent}")
     count = lambda css: int(driver.execute_script(f"return document.querySelectorAll({css!r}).length"))  # noqa: E731
-    highlighted = int(driver.execute_script(
-        "return Array.from(document.querySelectorAll('#top-contexts .tok'))"
-        ".filter(s => s.style.backgroundColor !== '').length"))
-    return PageCheck(latent, count("#top-contexts .ctx"), highlighted, count("#act-hist rect"),
-                     count("#logits tr"), screenshot(driver, out / f"latent_{latent}.png"))
+    highlighted = int(
+        driver.execute_script(
+            "return Array.from(document.querySelectorAll('#top-contexts .tok'))"
+            ".filter(s => s.style.backgroundColor !== '').length"
+        )
+    )
+    return PageCheck(
+        latent,
+        count("#top-contexts .ctx"),
+        highlighted,
+        count("#act-hist rect"),
+        count("#logits tr"),
+        screenshot(driver, out / f"latent_{latent}.png"),
+    )
 
 
 def pages_to_show(folder: Path, n: int = 2) -> list[int]:

@@ -36,11 +36,12 @@ def logit_effects(W_dec_rows: Tensor, model, top: int = 10, chunk: int = 256) ->
 
     norm, unembed = final_norm(model), output_embedding(model)
     weight = unembed.weight  # [vocab, d]
+    assert isinstance(weight, Tensor)  # an unembedding is a Linear (or tied Embedding): nn.Module types it loosely
     dev, dtype = weight.device, weight.dtype
     zero = norm(torch.zeros(1, W_dec_rows.shape[1], device=dev, dtype=dtype))
     out: list[list[Tensor]] = [[], [], [], []]
     for s in range(0, W_dec_rows.shape[0], chunk):
-        d = W_dec_rows[s:s + chunk].to(device=dev, dtype=dtype)
+        d = W_dec_rows[s : s + chunk].to(device=dev, dtype=dtype)
         logits = ((norm(d) - zero) @ weight.T).float()
         hi, lo = logits.topk(top, dim=-1), logits.topk(top, dim=-1, largest=False)
         for lst, t in zip(out, (hi.indices, hi.values, lo.indices, lo.values)):
@@ -55,7 +56,7 @@ def similar_latents(W_dec: Tensor, which: Tensor, top: int = 8, chunk: int = 102
     top = min(top, unit.shape[0] - 1)
     ids, cos = [], []
     for s in range(0, which.numel(), chunk):
-        w = which[s:s + chunk].to(unit.device)
+        w = which[s : s + chunk].to(unit.device)
         sim = unit[w] @ unit.T
         sim[torch.arange(w.numel(), device=unit.device), w] = -2.0  # not itself
         best = sim.topk(top, dim=-1)

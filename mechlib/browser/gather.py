@@ -37,9 +37,11 @@ with ``python benchmarks/browser_gather.py --device cuda --tokens 1000000 --d-mo
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -88,8 +90,9 @@ class RunningTopK:
         self.ids = torch.full((n_latents, k, width), -1, dtype=torch.int32, device=device)
         self.window = torch.zeros((n_latents, k, width), dtype=torch.float16, device=device)
 
-    def offer(self, lat: Tensor, key: Tensor, act: Tensor, token: Tensor,
-              window_of: Callable[[Tensor], tuple[Tensor, Tensor]]) -> None:
+    def offer(
+        self, lat: Tensor, key: Tensor, act: Tensor, token: Tensor, window_of: Callable[[Tensor], tuple[Tensor, Tensor]]
+    ) -> None:
         """Merge candidates (1-D, same length); ``window_of(i)`` gives the ids/activations of candidates ``i``."""
         ok = key > self.keys[lat, -1]
         if not bool(ok.any()):
@@ -165,8 +168,16 @@ class FiringLookup(NamedTuple):
         return torch.where(self.keys[at] == q, self.acts[at], torch.zeros((), dtype=self.acts.dtype, device=q.device))
 
 
-def _windows(lookup: FiringLookup, kept_index: Tensor, ctx: Tensor, rows: Tensor, pos: Tensor, lat: Tensor,
-             before: int, after: int) -> tuple[Tensor, Tensor]:
+def _windows(
+    lookup: FiringLookup,
+    kept_index: Tensor,
+    ctx: Tensor,
+    rows: Tensor,
+    pos: Tensor,
+    lat: Tensor,
+    before: int,
+    after: int,
+) -> tuple[Tensor, Tensor]:
     """Token ids and the latent's activation at positions ``pos - before … pos + after`` of each row.
 
     Positions outside the row get id -1; positions the collection excluded (BOS, special tokens) get
@@ -184,9 +195,19 @@ def _windows(lookup: FiringLookup, kept_index: Tensor, ctx: Tensor, rows: Tensor
 
 
 @torch.no_grad()
-def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 10, sample: int = 32,
-                        before: int = 12, after: int = 4, batch_tokens: int = 8192, seed: int = 0,
-                        device: torch.device | str = "cpu", progress: bool = False) -> LatentStats:
+def gather_latent_stats(
+    sae,
+    shards: Iterable[ShardTokens],
+    *,
+    contexts: int = 10,
+    sample: int = 32,
+    before: int = 12,
+    after: int = 4,
+    batch_tokens: int = 8192,
+    seed: int = 0,
+    device: torch.device | str = "cpu",
+    progress: bool = False,
+) -> LatentStats:
     """One pass over ``shards``: counts, sums, histograms, top contexts and a firing sample per latent."""
     import time
 
@@ -195,8 +216,10 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
     t0 = time.perf_counter()
     m, width = sae.d_sae, before + after + 1
     if contexts < 1 or sample < 1 or before < 0 or after < 0:
-        raise ValueError(f"browser gather: need contexts >= 1, sample >= 1, before/after >= 0 "
-                         f"(got {contexts}, {sample}, {before}, {after})")
+        raise ValueError(
+            f"browser gather: need contexts >= 1, sample >= 1, before/after >= 0 "
+            f"(got {contexts}, {sample}, {before}, {after})"
+        )
     counts = torch.zeros(m, dtype=torch.long, device=device)
     sums = torch.zeros(m, dtype=torch.float64, device=device)
     hist = torch.zeros(m * N_HIST_BINS, dtype=torch.long, device=device)
@@ -214,7 +237,7 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
         kept_index[rows, pos] = torch.arange(n, device=device)
         vals, idxs = [], []
         for s in range(0, n, batch_tokens):
-            code = sae.encode(x[s:s + batch_tokens].to(device=device, dtype=sae.W_enc.dtype))
+            code = sae.encode(x[s : s + batch_tokens].to(device=device, dtype=sae.W_enc.dtype))
             vals.append(code.values.float())
             idxs.append(code.indices)
         codes_v, codes_i = torch.cat(vals), torch.cat(idxs)
@@ -232,15 +255,19 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
         lookup = FiringLookup((local * m + lat)[order], act[order], m)
 
         def window_of(i: Tensor) -> tuple[Tensor, Tensor]:
-            return _windows(lookup, kept_index, ctx, rows[local[i]], pos[local[i]], lat[i], before, after)
+            # called only by the offer() calls below, within this iteration: the loop variables are this batch's
+            return _windows(lookup, kept_index, ctx, rows[local[i]], pos[local[i]], lat[i], before, after)  # noqa: B023
 
         token = local + n_seen
         keys = torch.rand(lat.shape, generator=gen, device=device)
         # offered a batch at a time, so each batch's thresholds prune the next (one shard may be the whole set)
         bounds = torch.searchsorted(local, torch.arange(0, n + batch_tokens, batch_tokens, device=device)).tolist()
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in itertools.pairwise(bounds):
             if b > a:
-                part = (lambda i, a=a: window_of(i + a))
+
+                def part(i: Tensor, a: int = a) -> tuple[Tensor, Tensor]:
+                    return window_of(i + a)
+
                 top.offer(lat[a:b], act[a:b], act[a:b], token[a:b], part)
                 reservoir.offer(lat[a:b], keys[a:b], act[a:b], token[a:b], part)
         n_seen += n
@@ -248,5 +275,14 @@ def gather_latent_stats(sae, shards: Iterable[ShardTokens], *, contexts: int = 1
     for t in (top, reservoir):
         for name in ("keys", "acts", "tokens", "ids", "window"):
             setattr(t, name, getattr(t, name).to(**cpu))
-    return LatentStats(n_seen, counts.cpu(), sums.cpu(), hist.view(m, N_HIST_BINS).cpu(), top, reservoir,
-                       before, after, time.perf_counter() - t0)
+    return LatentStats(
+        n_seen,
+        counts.cpu(),
+        sums.cpu(),
+        hist.view(m, N_HIST_BINS).cpu(),
+        top,
+        reservoir,
+        before,
+        after,
+        time.perf_counter() - t0,
+    )

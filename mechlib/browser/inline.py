@@ -55,14 +55,21 @@ def latent_html(folder: str | Path, latent: int, contexts: int = 6) -> str:
     peak = rec["max"] or 1.0
     lines = []
     for c in rec["top"][:contexts]:
-        toks = "".join(_token(vocab.get(str(t), "?"), a, peak, i == c["center"], t in special)
-                       for i, (t, a) in enumerate(zip(c["ids"], c["acts"])))
-        lines.append(f'<div style="font-family:monospace;white-space:nowrap;overflow-x:auto">'
-                     f'<span style="display:inline-block;width:56px;color:#555">{c["act"]:.2f}</span>{toks}</div>')
+        toks = "".join(
+            _token(vocab.get(str(t), "?"), a, peak, i == c["center"], t in special)
+            for i, (t, a) in enumerate(zip(c["ids"], c["acts"]))
+        )
+        lines.append(
+            f'<div style="font-family:monospace;white-space:nowrap;overflow-x:auto">'
+            f'<span style="display:inline-block;width:56px;color:#555">{c["act"]:.2f}</span>{toks}</div>'
+        )
 
     def effects(key: str) -> str:
         return ", ".join(html.escape(_visible(vocab.get(str(t), "?"))) + f" ({v:+.2f})" for t, v in rec[key][:8])
 
-    return (f'<div><b>Latent {latent}</b>: fires on {rec["count"]} of {rec["n_tokens"]} held-out tokens, mean '
-            f'activation {rec["mean"]:.3g}, max {rec["max"]:.3g}. Top contexts:' + "".join(lines)
-            + f'<div>promotes: {effects("promoted")}</div><div>suppresses: {effects("suppressed")}</div></div>')
+    return (
+        f"<div><b>Latent {latent}</b>: fires on {rec['count']} of {rec['n_tokens']} held-out tokens, mean "
+        f"activation {rec['mean']:.3g}, max {rec['max']:.3g}. Top contexts:"
+        + "".join(lines)
+        + f"<div>promotes: {effects('promoted')}</div><div>suppresses: {effects('suppressed')}</div></div>"
+    )

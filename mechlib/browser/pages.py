@@ -9,14 +9,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from mechlib.browser.effects import Neighbours, TokenEffects
 from mechlib.browser.gather import HIST_LOG2_MIN, HIST_PER_OCTAVE, LatentStats, RunningTopK
+
+if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from mechlib.models import Tokenizer
 
 INDEX_FORMAT = "mechbook-browser-index/1"
 
@@ -46,7 +50,7 @@ class IndexData:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any], where: str) -> "IndexData":
+    def from_json(cls, data: dict[str, Any], where: str) -> IndexData:
         if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
             raise ValueError(f"{where}: not a mechbook browser index (format {INDEX_FORMAT!r} expected)")
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
@@ -57,7 +61,7 @@ class Decoder:
     decodes to U+FFFD; that is what the model saw as one token). Every id a page uses passes
     through here, so :meth:`vocab` is the site's one shared token table."""
 
-    def __init__(self, tokenizer: Any):
+    def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.cache: dict[int, str] = {}
 
@@ -83,8 +87,12 @@ def _context(top: RunningTopK, f: int, j: int, before: int) -> dict[str, Any] | 
     acts = top.window[f, j].float().tolist()  # NaN (excluded position) becomes None via _r
     lo = next(i for i, t in enumerate(ids) if t >= 0)
     hi = len(ids) - next(i for i, t in enumerate(reversed(ids)) if t >= 0)
-    return {"act": _r(float(top.acts[f, j])), "center": before - lo,
-            "ids": ids[lo:hi], "acts": [_r(a, 2) for a in acts[lo:hi]]}
+    return {
+        "act": _r(float(top.acts[f, j])),
+        "center": before - lo,
+        "ids": ids[lo:hi],
+        "acts": [_r(a, 2) for a in acts[lo:hi]],
+    }
 
 
 def top_contexts(stats: LatentStats, f: int) -> list[dict[str, Any]]:
@@ -110,9 +118,14 @@ def quantile_examples(stats: LatentStats, f: int, bands: int = 4, per_band: int 
             continue
         picks = sorted({lo + (i * (hi - lo)) // per_band for i in range(min(per_band, hi - lo))})
         examples = [_context(stats.sample, f, filled[p], stats.before) for p in picks]
-        out.append({"label": f"{100 * b // bands}–{100 * (b + 1) // bands}th percentile",
-                    "lo": _r(float(stats.sample.acts[f, filled[lo]])),
-                    "hi": _r(float(stats.sample.acts[f, filled[hi - 1]])), "examples": examples})
+        out.append(
+            {
+                "label": f"{100 * b // bands}–{100 * (b + 1) // bands}th percentile",
+                "lo": _r(float(stats.sample.acts[f, filled[lo]])),
+                "hi": _r(float(stats.sample.acts[f, filled[hi - 1]])),
+                "examples": examples,
+            }
+        )
     return out
 
 
@@ -139,8 +152,9 @@ def top_tokens(stats: LatentStats, decode: Decoder, n: int = 3) -> list[list[str
     return out
 
 
-def latent_record(stats: LatentStats, f: int, row: int, effects: TokenEffects, near: Neighbours,
-                  has_page: Tensor, decode: Decoder) -> dict[str, Any]:
+def latent_record(
+    stats: LatentStats, f: int, row: int, effects: TokenEffects, near: Neighbours, has_page: Tensor, decode: Decoder
+) -> dict[str, Any]:
     """Everything one latent's page shows; ``row`` is the latent's row in ``effects``/``near``.
     Token strings go to the shared table (``decode``), not into the record."""
     top = top_contexts(stats, f)
@@ -150,10 +164,20 @@ def latent_record(stats: LatentStats, f: int, row: int, effects: TokenEffects, n
     decode(ids)
     count = int(stats.counts[f])
     return {
-        "id": f, "count": count, "density": _r(count / max(stats.n_tokens, 1), 6),
-        "mean": _r(float(stats.mean_activation[f])), "max": _r(float(stats.top.acts[f, 0])) if count else 0.0,
-        "n_tokens": stats.n_tokens, "top": top, "quantiles": quant, "hist": histogram(stats, f),
+        "id": f,
+        "count": count,
+        "density": _r(count / max(stats.n_tokens, 1), 6),
+        "mean": _r(float(stats.mean_activation[f])),
+        "max": _r(float(stats.top.acts[f, 0])) if count else 0.0,
+        "n_tokens": stats.n_tokens,
+        "top": top,
+        "quantiles": quant,
+        "hist": histogram(stats, f),
         "promoted": [[i, _r(v, 3)] for i, v in zip(effects.promoted_ids[row].tolist(), effects.promoted[row].tolist())],
-        "suppressed": [[i, _r(v, 3)] for i, v in zip(effects.suppressed_ids[row].tolist(), effects.suppressed[row].tolist())],
-        "similar": [[i, _r(c, 3), bool(has_page[i])] for i, c in zip(near.ids[row].tolist(), near.cosine[row].tolist())],
+        "suppressed": [
+            [i, _r(v, 3)] for i, v in zip(effects.suppressed_ids[row].tolist(), effects.suppressed[row].tolist())
+        ],
+        "similar": [
+            [i, _r(c, 3), bool(has_page[i])] for i, c in zip(near.ids[row].tolist(), near.cosine[row].tolist())
+        ],
     }

@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,6 +27,15 @@ from mechlib.browser.effects import logit_effects, similar_latents
 from mechlib.browser.gather import ShardTokens, gather_latent_stats, iter_store_shards
 from mechlib.browser.pages import Decoder, IndexData, latent_record, top_tokens
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
+
+if TYPE_CHECKING:  # types only: the model stack and the SAE are imported where a build needs them
+    from torch import nn
+
+    from mechlib.activations.shards import ActivationStore
+    from mechlib.models import Tokenizer
+    from mechlib.params import BookParams
+    from mechlib.paths import RunPaths
+    from mechlib.sae.model import TopKSAE
 
 # Sized for the default run (d_sae 4608, 16 k held-out tokens): a site of about 5 MB.
 DEFAULT_MAX_LATENTS = 512
@@ -65,7 +75,7 @@ class SiteInfo:
     layer: int
 
 
-def _write_data(folder: Path, name: str, global_name: str, data: Any) -> None:
+def _write_data(folder: Path, name: str, global_name: str, data: object) -> None:
     """``name.json`` and ``name.js`` (``window.GLOBAL = …;``), both atomically."""
     text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     atomic_write_text(folder / f"{name}.json", text)
@@ -102,10 +112,21 @@ def choose_pages(counts: torch.Tensor, max_latents: int, seed: int, first: Seque
     return torch.tensor(sorted(chosen + rest[: max_latents - len(chosen)].tolist()), dtype=torch.long)
 
 
-def build_site(folder: str | Path, shards: Iterable[ShardTokens], sae: Any, model: Any, tokenizer: Any,
-               info: SiteInfo, *, max_latents: int = DEFAULT_MAX_LATENTS, contexts: int = DEFAULT_CONTEXTS,
-               seed: int = 0, device: str | torch.device = "cpu", priority: Sequence[int] = (),
-               progress: bool = False) -> BrowserSite:
+def build_site(
+    folder: str | Path,
+    shards: Iterable[ShardTokens],
+    sae: TopKSAE,
+    model: nn.Module,
+    tokenizer: Tokenizer,
+    info: SiteInfo,
+    *,
+    max_latents: int = DEFAULT_MAX_LATENTS,
+    contexts: int = DEFAULT_CONTEXTS,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    priority: Sequence[int] = (),
+    progress: bool = False,
+) -> BrowserSite:
     """Gather the stats in one pass over ``shards``, then write the whole site into ``folder``."""
     if max_latents < 1 or contexts < 1:
         raise BrowserError(f"browser: max_latents and contexts must be >= 1 (got {max_latents}, {contexts})")
@@ -125,28 +146,46 @@ def build_site(folder: str | Path, shards: Iterable[ShardTokens], sae: Any, mode
         shutil.rmtree(data / "latents")  # pages of an earlier build with other caps
     (data / "latents").mkdir(parents=True, exist_ok=True)
     for row, f in enumerate(pages.tolist()):
-        _write_data(data / "latents", str(f), LATENT_GLOBAL, latent_record(stats, f, row, effects, near, has_page, decode))
-    index = IndexData(run=info.run, model=info.model, layer=info.layer, d_sae=sae.d_sae, k=sae.k,
-                      n_tokens=stats.n_tokens, density=[round(float(d), 7) for d in stats.density],
-                      mean=[round(float(m), 4) for m in stats.mean_activation],
-                      max=[round(float(v), 4) if c else 0.0 for v, c in zip(stats.top.acts[:, 0], stats.counts)],
-                      top_tokens=top_tokens(stats, decode), page=has_page.tolist(),
-                      contrast=[None] * sae.d_sae, contrast_rank=[None] * sae.d_sae,
-                      special_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", [])))
+        _write_data(
+            data / "latents", str(f), LATENT_GLOBAL, latent_record(stats, f, row, effects, near, has_page, decode)
+        )
+    index = IndexData(
+        run=info.run,
+        model=info.model,
+        layer=info.layer,
+        d_sae=sae.d_sae,
+        k=sae.k,
+        n_tokens=stats.n_tokens,
+        density=[round(float(d), 7) for d in stats.density],
+        mean=[round(float(m), 4) for m in stats.mean_activation],
+        max=[round(float(v), 4) if c else 0.0 for v, c in zip(stats.top.acts[:, 0], stats.counts)],
+        top_tokens=top_tokens(stats, decode),
+        page=has_page.tolist(),
+        contrast=[None] * sae.d_sae,
+        contrast_rank=[None] * sae.d_sae,
+        special_ids=sorted(int(i) for i in getattr(tokenizer, "all_special_ids", [])),
+    )
     _write_data(data, "index", INDEX_GLOBAL, index.to_json())
     _write_data(data, "vocab", VOCAB_GLOBAL, decode.vocab())
     copy_static(folder)
     size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
-    return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds,
-                       time.perf_counter() - t0, size)
+    return BrowserSite(folder, sae.d_sae, len(pages), stats.n_tokens, stats.seconds, time.perf_counter() - t0, size)
 
 
-def browser_folder(run_paths: Any) -> Path:
+def browser_folder(run_paths: RunPaths) -> Path:
     return Path(run_paths.root) / "browser"
 
 
-def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_latents: int = DEFAULT_MAX_LATENTS,
-                  contexts: int = DEFAULT_CONTEXTS, progress: bool = True) -> BrowserSite:
+def build_browser(
+    params: BookParams,
+    run_paths: RunPaths,
+    heldout: ActivationStore,
+    sae: TopKSAE,
+    *,
+    max_latents: int = DEFAULT_MAX_LATENTS,
+    contexts: int = DEFAULT_CONTEXTS,
+    progress: bool = True,
+) -> BrowserSite:
     """Chapter 03's one call: the run's site in ``outputs/<run>/browser/`` from its held-out activations.
 
     Loads the run's model for its tokenizer, final norm and unembedding (the cached conversion of the
@@ -154,30 +193,57 @@ def build_browser(params: Any, run_paths: Any, heldout: Any, sae: Any, *, max_la
     kept (``browser/build.json`` holds the key), so rerunning the chapter does not redo it. Contrast scores
     are (re)added by :func:`add_contrast_scores` whenever chapter 05's file exists.
     """
+    from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.metrics import sae_fingerprint
     from mechlib.models import load_model
-    from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.sae import card_state
 
     folder = browser_folder(run_paths)
-    key = {"format": BUILD_FORMAT, "sae": sae_fingerprint(card_state(sae)), "heldout": fingerprint_of_store(heldout).digest,
-           "model": params.model, "max_latents": max_latents, "contexts": contexts, "seed": params.seed}
+    key = {
+        "format": BUILD_FORMAT,
+        "sae": sae_fingerprint(card_state(sae)),
+        "heldout": fingerprint_of_store(heldout).digest,
+        "model": params.model,
+        "max_latents": max_latents,
+        "contexts": contexts,
+        "seed": params.seed,
+    }
     saved = _read_build(folder)
     if saved is not None and saved.get("key") == key and (folder / "data" / "index.js").is_file():
         copy_static(folder)  # the pages' code may be newer than the data
         add_contrast_scores(run_paths)
-        return BrowserSite(folder, *(saved["site"][f] for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds",
-                                                               "seconds", "bytes")), reused=True)
+        s = saved["site"]
+        return BrowserSite(
+            folder, s["n_latents"], s["n_pages"], s["n_tokens"], s["gather_seconds"], s["seconds"], s["bytes"], True
+        )
     lm = load_model(params.model, params.model_dtype, params.device)
     layer = int(heldout.layer)
     cfile = contrast_file(run_paths.metrics, layer)
     priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
-    site = build_site(folder, iter_store_shards(heldout), sae, lm.model, lm.tokenizer,
-                      SiteInfo(params.run, params.model, layer), max_latents=max_latents, contexts=contexts,
-                      seed=params.seed, device=next(sae.parameters()).device, priority=priority, progress=progress)
+    site = build_site(
+        folder,
+        iter_store_shards(heldout),
+        sae,
+        lm.model,
+        lm.tokenizer,
+        SiteInfo(params.run, params.model, layer),
+        max_latents=max_latents,
+        contexts=contexts,
+        seed=params.seed,
+        device=next(sae.parameters()).device,
+        priority=priority,
+        progress=progress,
+    )
     add_contrast_scores(run_paths)
-    atomic_write_json(folder / BUILD_FILE, {"key": key, "site": {f: getattr(site, f) for f in (
-        "n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")}})
+    atomic_write_json(
+        folder / BUILD_FILE,
+        {
+            "key": key,
+            "site": {
+                f: getattr(site, f) for f in ("n_latents", "n_pages", "n_tokens", "gather_seconds", "seconds", "bytes")
+            },
+        },
+    )
     return site
 
 
@@ -189,7 +255,7 @@ def _read_build(folder: Path) -> dict[str, Any] | None:
     return saved if isinstance(saved, dict) and isinstance(saved.get("site"), dict) else None
 
 
-def add_contrast_scores(run_paths: Any) -> int:
+def add_contrast_scores(run_paths: RunPaths) -> int:
     """Put chapter 05's contrastive scores (correct − wrong) and ranks into the browser's index.
 
     Idempotent: the contrast columns are rebuilt from the file each time, and only the index data

@@ -54,10 +54,10 @@ class HubSpec:
     path: str
 
     @classmethod
-    def parse(cls, spec: str) -> "HubSpec":
+    def parse(cls, spec: str) -> HubSpec:
         if not spec.startswith(PREFIX):
             raise SAEError(f"'{spec}': a hub spec starts with '{PREFIX}'")
-        parts = spec[len(PREFIX):].split("/", 2)
+        parts = spec[len(PREFIX) :].split("/", 2)
         if len(parts) < 2 or not parts[0] or not parts[1]:
             raise SAEError(f"'{spec}': expected hf:<owner>/<repo>[@<revision>][/<path-in-repo>], e.g. {EXAMPLE}")
         name, _, revision = parts[1].partition("@")
@@ -95,8 +95,11 @@ class Downloaded:
     layer_from: str | None = None  # where ``layer`` came from, recorded in the SAE's meta
 
     def meta(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"hub_repo": self.spec.repo_id, "hub_revision": self.commit or self.spec.revision,
-                               "hub_files": list(self.files)}
+        out: dict[str, Any] = {
+            "hub_repo": self.spec.repo_id,
+            "hub_revision": self.commit or self.spec.revision,
+            "hub_files": list(self.files),
+        }
         if self.layer is not None:
             out.update(layer=self.layer, layer_from=self.layer_from)
         return out
@@ -135,13 +138,21 @@ def download(spec_text: str) -> Downloaded:
     except Exception as exc:  # offline mode, no network, gated repo, unknown revision: one message
         where = f"'{spec.path}' in " if spec.path else ""
         at = f" at revision '{spec.revision}'" if spec.revision else ""
-        raise SAEError(f"could not download {where}the Hugging Face hub repo '{spec.repo_id}'{at} "
-                       f"({type(exc).__name__}: {_first_line(exc)}). Without network access, download the files "
-                       "elsewhere and set sae_pretrained to their local path.") from None
+        raise SAEError(
+            f"could not download {where}the Hugging Face hub repo '{spec.repo_id}'{at} "
+            f"({type(exc).__name__}: {_first_line(exc)}). Without network access, download the files "
+            "elsewhere and set sae_pretrained to their local path."
+        ) from None
     in_repo = path.relative_to(fetch.root).as_posix() if fetch.root else spec.path
     layer, layer_from = _layer(path, spec, "" if in_repo == "." else in_repo)
-    return Downloaded(path, spec, fetch.revision if fetch.revision and _COMMIT.match(fetch.revision) else None,
-                      tuple(fetch.requested), layer, layer_from)
+    return Downloaded(
+        path,
+        spec,
+        fetch.revision if fetch.revision and _COMMIT.match(fetch.revision) else None,
+        tuple(fetch.requested),
+        layer,
+        layer_from,
+    )
 
 
 def _fetch_file(fetch: _Fetch) -> Path:
@@ -155,8 +166,10 @@ def _fetch_file(fetch: _Fetch) -> Path:
     if not local.is_file():
         raise SAEError(f"'{spec.path}' is not in the Hugging Face hub repo '{spec.repo_id}'" + _at(fetch))
     if local.suffix == ".safetensors" and not (root / spec.in_folder(SAELENS_CFG)).is_file():
-        raise SAEError(f"'{spec.path}' in the hub repo '{spec.repo_id}' has no {SAELENS_CFG} beside it"
-                       f"{_at(fetch)}: a safetensors SAE needs its config")
+        raise SAEError(
+            f"'{spec.path}' in the hub repo '{spec.repo_id}' has no {SAELENS_CFG} beside it"
+            f"{_at(fetch)}: a safetensors SAE needs its config"
+        )
     return local
 
 
@@ -169,21 +182,36 @@ def _fetch_folder(fetch: _Fetch) -> Path:
     if cfg is not None:
         weights = weights_file(cfg)
         if weights is None:
-            raise SAEError(f"'{spec.in_folder(SAELENS_CFG)}' in the hub repo '{spec.repo_id}' is neither a SAELens, "
-                           f"a sparsify nor a mechbook SAE config (keys {sorted(cfg)[:8]})")
+            raise SAEError(
+                f"'{spec.in_folder(SAELENS_CFG)}' in the hub repo '{spec.repo_id}' is neither a SAELens, "
+                f"a sparsify nor a mechbook SAE config (keys {sorted(cfg)[:8]})"
+            )
         fetch.get([spec.in_folder(weights)])
         return _must_exist(folder, weights, fetch)
-    subs = sorted(p.parent.name for p in folder.glob(f"*/{SAELENS_CFG}")
-                  if weights_file(_read_cfg(p) or {}) == SPARSIFY_WEIGHTS) if folder.is_dir() else []
+    subs = (
+        sorted(
+            p.parent.name
+            for p in folder.glob(f"*/{SAELENS_CFG}")
+            if weights_file(_read_cfg(p) or {}) == SPARSIFY_WEIGHTS
+        )
+        if folder.is_dir()
+        else []
+    )
     if len(subs) == 1:
         fetch.get([spec.in_folder(f"{subs[0]}/{SPARSIFY_WEIGHTS}")])
         return _must_exist(folder / subs[0], SPARSIFY_WEIGHTS, fetch)
     if len(subs) > 1:
-        raise SAEError(f"the hub repo '{spec.repo_id}' holds {len(subs)} sparsify hookpoints ({', '.join(subs)}); "
-                       f"name one, e.g. hf:{spec.repo_id}/{spec.in_folder(subs[0])}")
+        raise SAEError(
+            f"the hub repo '{spec.repo_id}' holds {len(subs)} sparsify hookpoints ({', '.join(subs)}); "
+            f"name one, e.g. hf:{spec.repo_id}/{spec.in_folder(subs[0])}"
+        )
     fetch.get([spec.in_folder(CARD_FILE), spec.in_folder(CARD_FILE + ".sha256")])
-    return _must_exist(folder, CARD_FILE, fetch, looked_for=(f"{SAELENS_CFG} (SAELens, sparsify), "
-                                                              f"layers.N/{SAELENS_CFG} (sparsify) or {CARD_FILE}"))
+    return _must_exist(
+        folder,
+        CARD_FILE,
+        fetch,
+        looked_for=(f"{SAELENS_CFG} (SAELens, sparsify), layers.N/{SAELENS_CFG} (sparsify) or {CARD_FILE}"),
+    )
 
 
 def weights_file(cfg: dict[str, Any]) -> str | None:
@@ -202,8 +230,10 @@ def _must_exist(folder: Path, name: str, fetch: _Fetch, looked_for: str | None =
         return folder
     spec = fetch.spec
     what = looked_for or spec.in_folder(name)
-    raise SAEError(f"no SAE found in the hub repo '{spec.repo_id}'{' under ' + spec.folder if spec.folder else ''}"
-                   f"{_at(fetch)}: looked for {what}")
+    raise SAEError(
+        f"no SAE found in the hub repo '{spec.repo_id}'{' under ' + spec.folder if spec.folder else ''}"
+        f"{_at(fetch)}: looked for {what}"
+    )
 
 
 def _at(fetch: _Fetch) -> str:
@@ -265,8 +295,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[mechbook] error: {exc}", file=sys.stderr, flush=True)
         return 1
     except Exception as exc:  # no token, no network, no permission: one line, not a traceback
-        print(f"[mechbook] error: upload to {args.repo} failed ({type(exc).__name__}: {_first_line(exc)})",
-              file=sys.stderr, flush=True)
+        print(
+            f"[mechbook] error: upload to {args.repo} failed ({type(exc).__name__}: {_first_line(exc)})",
+            file=sys.stderr,
+            flush=True,
+        )
         return 1
     return 0
-

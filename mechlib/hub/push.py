@@ -47,7 +47,9 @@ class PushPlan:
     skipped: tuple[str, ...]  # what a full push holds but this run lacks, each with the reason
 
     def describe(self) -> str:
-        where = f"{self.repo_id}" + (f"@{self.revision}" if self.revision else "") + (" (private)" if self.private else "")
+        where = (
+            f"{self.repo_id}" + (f"@{self.revision}" if self.revision else "") + (" (private)" if self.private else "")
+        )
         width = max(len(u.in_repo) for u in self.uploads)
         lines = [f"push {self.run_root} -> {where}: {len(self.uploads)} files"]
         lines += [f"  {u.in_repo:<{width}}  <- {self._rel(u.local)}  ({u.what})" for u in self.uploads]
@@ -85,10 +87,15 @@ def plan_push(run_root: Path, repo_id: str, revision: str | None = None, private
         raise PushError(f"{run_root}: no such run folder (expected outputs/<run>, written by python -m mechlib.book)")
     export = run_root / "export"
     if not ((export / "cfg.json").is_file() and (export / "sae_weights.safetensors").is_file()):
-        raise PushError(f"{export}: no SAE export (cfg.json + sae_weights.safetensors); run chapter 02 first: "
-                        f"python -m mechlib.book params/{run_root.name}.yaml --only 02")
-    uploads = [Upload(f, f.relative_to(export).as_posix(), "SAELens" if f.parent == export else "sparsify")
-               for f in sorted(export.rglob("*")) if f.is_file() and not f.name.startswith(".")]
+        raise PushError(
+            f"{export}: no SAE export (cfg.json + sae_weights.safetensors); run chapter 02 first: "
+            f"python -m mechlib.book params/{run_root.name}.yaml --only 02"
+        )
+    uploads = [
+        Upload(f, f.relative_to(export).as_posix(), "SAELens" if f.parent == export else "sparsify")
+        for f in sorted(export.rglob("*"))
+        if f.is_file() and not f.name.startswith(".")
+    ]
     skipped = []
     ck = run_root / "checkpoints"
     card = ck / "sae_final.pt"
@@ -121,6 +128,10 @@ def upload(plan: PushPlan, api: HfApi | None = None) -> str:
     if plan.revision:
         api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
     ops = [CommitOperationAdd(path_in_repo=u.in_repo, path_or_fileobj=str(u.local)) for u in plan.uploads]
-    info = api.create_commit(plan.repo_id, ops, revision=plan.revision,
-                             commit_message=f"mechbook run {plan.run_root.name}: SAE (SAELens + sparsify), model card")
+    info = api.create_commit(
+        plan.repo_id,
+        ops,
+        revision=plan.revision,
+        commit_message=f"mechbook run {plan.run_root.name}: SAE (SAELens + sparsify), model card",
+    )
     return str(getattr(info, "commit_url", info))

@@ -29,8 +29,18 @@ from mechlib.io import atomic_write_json
 from mechlib.results.codec import Json, Record, ResultsError, copy_fields
 from mechlib.results.gsm8k import Accuracy, Baseline, Layers, Lens, RuleCount
 from mechlib.results.sae import CardSnippet, Collected, Evaluated, Example, FeatureExamples, Trained
-from mechlib.results.steering import (CardHookSummary, Overlap, PairedCounts, RandomControl, RandomDirection,
-                                      RuleRow, ScaleRow, ScaleVerdict, SteeredRow, Steering)
+from mechlib.results.steering import (
+    CardHookSummary,
+    Overlap,
+    PairedCounts,
+    RandomControl,
+    RandomDirection,
+    RuleRow,
+    ScaleRow,
+    ScaleVerdict,
+    SteeredRow,
+    Steering,
+)
 
 if TYPE_CHECKING:
     from mechlib.paths import RunPaths
@@ -40,10 +50,37 @@ CHAPTER_RESULTS: tuple[type[ChapterResult], ...] = (Collected, Trained, Evaluate
 R = TypeVar("R", Collected, Trained, Evaluated, Baseline, Layers, Steering, Lens)
 
 __all__ = [
-    "Accuracy", "Baseline", "CHAPTER_RESULTS", "CardHookSummary", "CardSnippet", "ChapterResult", "Collected",
-    "Evaluated", "Example", "FeatureExamples", "Json", "Layers", "Lens", "Overlap", "PairedCounts",
-    "RandomControl", "RandomDirection", "Record", "ResultsError", "RuleCount", "RuleRow", "ScaleRow", "ScaleVerdict",
-    "SteeredRow", "Steering", "Trained", "copy_fields", "load", "path_of", "read", "save",
+    "CHAPTER_RESULTS",
+    "Accuracy",
+    "Baseline",
+    "CardHookSummary",
+    "CardSnippet",
+    "ChapterResult",
+    "Collected",
+    "Evaluated",
+    "Example",
+    "FeatureExamples",
+    "Json",
+    "Layers",
+    "Lens",
+    "Overlap",
+    "PairedCounts",
+    "RandomControl",
+    "RandomDirection",
+    "Record",
+    "ResultsError",
+    "RuleCount",
+    "RuleRow",
+    "ScaleRow",
+    "ScaleVerdict",
+    "SteeredRow",
+    "Steering",
+    "Trained",
+    "copy_fields",
+    "load",
+    "path_of",
+    "read",
+    "save",
 ]
 
 

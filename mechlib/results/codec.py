@@ -13,10 +13,12 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from typing import Literal, Mapping, TypeVar, Union
+from collections.abc import Mapping
+from typing import Literal, TypeVar, Union
 
 # A JSON value, for the few free-form sub-objects (a training config, formula strings).
-Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]
+Json = Union[None, bool, int, float, str, list["Json"], dict[str, "Json"]]  # noqa: UP007 (typing.Union turns the
+# quoted "Json" into ForwardRefs that get_type_hints resolves; an X | Y union keeps them as plain strings)
 
 T = TypeVar("T", bound="Record")
 D = TypeVar("D")
@@ -46,10 +48,10 @@ class _Where:
     def __init__(self, source: str, keys: str = "") -> None:
         self.source, self.keys = source, keys
 
-    def key(self, name: str) -> "_Where":
+    def key(self, name: str) -> _Where:
         return _Where(self.source, f"{self.keys}.{name}" if self.keys else name)
 
-    def item(self, i: int) -> "_Where":
+    def item(self, i: int) -> _Where:
         return _Where(self.source, f"{self.keys}[{i}]")
 
     def error(self, message: str) -> ResultsError:
@@ -161,6 +163,7 @@ class Record:
     def from_json(cls: type[T], d: Mapping[str, object], where: str = "") -> T:
         """``cls`` from a JSON object; ``where`` (the file) starts every error message."""
         return _read_dataclass(cls, d, _Where(where or cls.__name__))
+
 
 def copy_fields(cls: type[T], source: object, **values: object) -> T:
     """``cls`` from the same-named attributes of ``source`` (a domain dataclass such as

@@ -22,7 +22,7 @@ class Accuracy(Record):
     ci95: tuple[float, float]
 
     @classmethod
-    def of(cls, a: RuleAccuracy | GroupAccuracy) -> "Accuracy":
+    def of(cls, a: RuleAccuracy | GroupAccuracy) -> Accuracy:
         """From a rule's or a group's accuracy (NaN, for a rule that keeps no answer, becomes None)."""
         return copy_fields(cls, a, accuracy=finite_or_none(a.accuracy), ci95=tuple(a.ci95))
 

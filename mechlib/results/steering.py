@@ -49,7 +49,7 @@ class SteeredRow(ScaleRow):
     truncated: float  # fraction of its answers cut off at max_new_tokens
 
     @classmethod
-    def of(cls, row: SteeringRow, truncated: float) -> "SteeredRow":
+    def of(cls, row: SteeringRow, truncated: float) -> SteeredRow:
         """From a :class:`mechlib.steering.SteeringRow` and that scale's cut-off rate."""
         return copy_fields(cls, row, truncated=truncated)
 
@@ -62,7 +62,7 @@ class RuleRow(ScaleRow):
     effect: Effect
 
     @classmethod
-    def of(cls, under: RowUnderRule) -> "RuleRow":
+    def of(cls, under: RowUnderRule) -> RuleRow:
         return copy_fields(cls, under.row, rule=under.rule, effect=under.effect)
 
 
@@ -117,10 +117,16 @@ class RandomDirection(ScaleRow):
     truncated: float
 
     @classmethod
-    def of(cls, result: RandomDirectionResult) -> "RandomDirection":
+    def of(cls, result: RandomDirectionResult) -> RandomDirection:
         vs = result.vs_caa
-        return copy_fields(cls, result.row, index=result.index, cos_with_caa=result.cos_with_caa,
-                           truncated=result.truncated, vs_caa=None if vs is None else copy_fields(PairedCounts, vs))
+        return copy_fields(
+            cls,
+            result.row,
+            index=result.index,
+            cos_with_caa=result.cos_with_caa,
+            truncated=result.truncated,
+            vs_caa=None if vs is None else copy_fields(PairedCounts, vs),
+        )
 
 
 @dataclass(frozen=True)

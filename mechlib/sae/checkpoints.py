@@ -12,13 +12,14 @@ config), which must match before anything is resumed or evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
 from mechlib.activations.provenance import PREFIX, ActivationsFingerprint, Provenance, ProvenanceError, stale_line
+from mechlib.io import atomic_torch_save_checksummed, checksum_path, verify_sha256
 from mechlib.sae.model import SAEError
 
 if TYPE_CHECKING:
@@ -31,11 +32,14 @@ FINAL_FILE = "sae_final.pt"
 EXPORT_FILE = "sae.safetensors"
 CFG_FILE = "cfg.json"
 # Every file a training run writes (with the checksum sidecars): removed when a different run starts.
-OUR_FILES = tuple(n + s for n in (STATE_FILE, PREV_STATE_FILE, FINAL_FILE, EXPORT_FILE) for s in ("", ".sha256")) + (
-    CFG_FILE, HISTORY_FILE)
+OUR_FILES = (
+    *tuple(n + s for n in (STATE_FILE, PREV_STATE_FILE, FINAL_FILE, EXPORT_FILE) for s in ("", ".sha256")),
+    CFG_FILE,
+    HISTORY_FILE,
+)
 
 
-def train_provenance(fp: ActivationsFingerprint, cfg: "TrainConfig") -> Provenance:
+def train_provenance(fp: ActivationsFingerprint, cfg: TrainConfig) -> Provenance:
     """What an SAE is computed from: the activations (settings + shard checksums) and every training knob."""
     return Provenance.of(activations=fp, train_config=cfg.as_dict())
 
@@ -73,8 +77,10 @@ def load_train_state(out_dir: str | Path, announce: bool = True) -> dict[str, An
                 problem = f"{path} cannot be read ({type(exc).__name__}: {str(exc)[:120]})"
             else:
                 if problems and announce:
-                    print(f"{PREFIX} {'; '.join(problems)}: resuming from the checkpoint before it, {path.name} "
-                          f"(step {state.get('step')})")
+                    print(
+                        f"{PREFIX} {'; '.join(problems)}: resuming from the checkpoint before it, {path.name} "
+                        f"(step {state.get('step')})"
+                    )
                 return state
         problems.append(problem)
     if problems and announce:
@@ -83,21 +89,25 @@ def load_train_state(out_dir: str | Path, announce: bool = True) -> dict[str, An
 
 
 def _activations_detail(fp: ActivationsFingerprint, saved: Mapping[str, Any] | None) -> str:
+    if saved is None:
+        return ""
     try:
         return fp.describe_change(ActivationsFingerprint.from_dict(saved))
     except (ProvenanceError, AttributeError):
         return ""
 
 
-def why_not_resume(saved: Mapping[str, Any], fp: ActivationsFingerprint, cfg: "TrainConfig") -> str | None:
+def why_not_resume(saved: Mapping[str, Any], fp: ActivationsFingerprint, cfg: TrainConfig) -> str | None:
     """``None`` if the state ``saved`` was computed from exactly these activations and knobs, else the line to print."""
     try:
         old = Provenance.from_dict(saved.get("provenance"))
     except ProvenanceError:
         old = None
     if old is None:
-        return (f"{PREFIX} {STATE_FILE} has no provenance record (written by an older mechbook), so what it was "
-                f"trained on is unknown: training from scratch")
+        return (
+            f"{PREFIX} {STATE_FILE} has no provenance record (written by an older mechbook), so what it was "
+            f"trained on is unknown: training from scratch"
+        )
     changed = train_provenance(fp, cfg).changed(old)
     if not changed:
         return None
@@ -108,8 +118,13 @@ def why_not_resume(saved: Mapping[str, Any], fp: ActivationsFingerprint, cfg: "T
     if "train_config" in changed:
         inputs.append("training settings")
         now, then = cfg.as_dict(), saved.get("cfg") or {}
-        details.append(", ".join(f"{k} {then.get(k)!r} → {now.get(k)!r}" for k in sorted(set(now) | set(then))
-                                 if now.get(k) != then.get(k)))
+        details.append(
+            ", ".join(
+                f"{k} {then.get(k)!r} → {now.get(k)!r}"
+                for k in sorted(set(now) | set(then))
+                if now.get(k) != then.get(k)
+            )
+        )
     return stale_line(" and ".join(inputs), "saved SAE", "training from scratch", "; ".join(d for d in details if d))
 
 
@@ -117,8 +132,10 @@ def finals_intact(out_dir: Path) -> bool:
     """The exported SAE files exist and match their checksums (else a finished run rewrites them)."""
     bad = [n for n in (FINAL_FILE, EXPORT_FILE) if not (out_dir / n).is_file() or verify_sha256(out_dir / n) is False]
     if bad and (out_dir / FINAL_FILE).is_file():
-        print(f"{PREFIX} {', '.join(bad)} in {out_dir}: missing or not matching the checksum; rewriting from "
-              f"the intact {STATE_FILE}")
+        print(
+            f"{PREFIX} {', '.join(bad)} in {out_dir}: missing or not matching the checksum; rewriting from "
+            f"the intact {STATE_FILE}"
+        )
     return not bad
 
 
@@ -131,9 +148,13 @@ def check_trained_on(cfg: Mapping[str, Any], fp: ActivationsFingerprint, final: 
     want = Provenance.of(activations=fp).as_dict()["activations"]
     saved = (cfg.get("provenance") or {}).get("activations") if isinstance(cfg.get("provenance"), Mapping) else None
     if saved is None:
-        raise SAEError(f"{final}: its {CFG_FILE} has no provenance record (written by an older mechbook), so the "
-                       f"activations it was trained on are unknown; rerun chapter 02 to retrain it")
+        raise SAEError(
+            f"{final}: its {CFG_FILE} has no provenance record (written by an older mechbook), so the "
+            f"activations it was trained on are unknown; rerun chapter 02 to retrain it"
+        )
     if saved != want:
         detail = _activations_detail(fp, cfg.get("activations"))
-        raise SAEError(f"{final}: trained on other activations than chapter 01's current ones"
-                       f"{f' ({detail})' if detail else ''}; rerun chapter 02 to retrain it")
+        raise SAEError(
+            f"{final}: trained on other activations than chapter 01's current ones"
+            f"{f' ({detail})' if detail else ''}; rerun chapter 02 to retrain it"
+        )

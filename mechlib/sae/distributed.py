@@ -37,8 +37,8 @@ import contextlib
 import datetime
 import os
 import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -74,8 +74,7 @@ class DistInfo:
 
 def env_world() -> tuple[int, int, int]:
     """``(rank, world_size, local_rank)`` from the torchrun environment (``0, 1, 0`` outside it)."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def pick_device(device: str, local_rank: int) -> torch.device:
@@ -102,8 +101,13 @@ def init_distributed(device: str = "auto", timeout_s: float = 600.0) -> DistInfo
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        dist.init_process_group(
+            backend=backend,
+            init_method="env://",
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+        )
     return DistInfo(rank, world, local_rank, backend, dev)
 
 
@@ -161,7 +165,7 @@ def reduce_grads_sum(module: torch.nn.Module) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     offset = 0
     for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
 
 
@@ -174,10 +178,11 @@ def local_rows(x: Tensor, rank: int, world: int) -> Tensor:
     """This rank's contiguous slice of a global batch (the batch must split evenly)."""
     n = x.shape[0]
     if n % world:
-        raise DistributedError(f"train_batch_size={n} does not split evenly over {world} processes; "
-                               f"choose a multiple of {world}")
+        raise DistributedError(
+            f"train_batch_size={n} does not split evenly over {world} processes; choose a multiple of {world}"
+        )
     per = n // world
-    return x[rank * per:(rank + 1) * per]
+    return x[rank * per : (rank + 1) * per]
 
 
 # ------------------------------------------------------------------------- global-batch steps
@@ -225,6 +230,7 @@ def rescaled_step(step_fn: StepFn) -> StepFn:
     the global one, the AuxK term is weighted by ``D_r / D_global`` instead of ``A_r / A_global``.
     The stats returned are global FVU/MSE (exact) and the rank-mean AuxK loss (approximate).
     """
+
     def step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float) -> StepStats:
         d_local = (x - x.mean(0)).pow(2).sum()
         d_global, n = _centred_sq_sum(x)

@@ -48,6 +48,7 @@ class Selection(NamedTuple):
 
 class LatentOrder(NamedTuple):
     """The N·k (row, latent) entries sorted by latent (stable: rows ascend within a latent)."""
+
     perm: Tensor  # [E] flat entry (n*k + j) at each sorted position
     lat: Tensor  # [E] latent id of each sorted entry
     tok: Tensor  # [E] row (token) of each sorted entry
@@ -59,6 +60,7 @@ class LatentOrder(NamedTuple):
 
 def select_topk(pre: Tensor, k: int, dead_mask: Tensor | None = None, ka: int = 0) -> Selection:
     """Top-k per row with ties going to the lowest index, indices ascending (the kernel's rule)."""
+
     def top(p: Tensor, kk: int) -> Tensor:
         return torch.sort(p, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values
 
@@ -87,8 +89,7 @@ def decode_residual_torch(x: Tensor, b_dec: Tensor, vals: Tensor, idx: Tensor, W
 
 def _by_latent(order: LatentOrder, coef: Tensor, src: Tensor, m: int) -> Tensor:
     """``out[i] = sum_{s in seg(i)} coef[s] src[tok[s]]`` → [m, d], via a sparse [m, N] matrix."""
-    sp = torch.sparse_coo_tensor(torch.stack([order.lat, order.tok]), coef, (m, src.shape[0]),
-                                 check_invariants=False)
+    sp = torch.sparse_coo_tensor(torch.stack([order.lat, order.tok]), coef, (m, src.shape[0]), check_invariants=False)
     return torch.sparse.mm(sp, src.to(coef.dtype))
 
 
@@ -100,8 +101,16 @@ def pass_a_torch(order: LatentOrder, vals_sorted: Tensor, g: Tensor, W_dec: Tens
     """
     dw = _by_latent(order, vals_sorted, g, W_dec.shape[0])
     dt, chunk = vals_sorted.dtype, max(1, (1 << 22) // g.shape[1])  # gathered [chunk, d] blocks of ~4 M values
-    dv = torch.cat([(g[order.tok[s:s + chunk]].to(dt) * W_dec[order.lat[s:s + chunk]].to(dt)).sum(1)
-                    for s in range(0, order.tok.numel(), chunk)]) if order.tok.numel() else g.new_zeros(0, dtype=dt)
+    dv = (
+        torch.cat(
+            [
+                (g[order.tok[s : s + chunk]].to(dt) * W_dec[order.lat[s : s + chunk]].to(dt)).sum(1)
+                for s in range(0, order.tok.numel(), chunk)
+            ]
+        )
+        if order.tok.numel()
+        else g.new_zeros(0, dtype=dt)
+    )
     return dw, dv
 
 
@@ -118,6 +127,7 @@ def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> t
 @dataclass(frozen=True)
 class Backend:
     """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
+
     name: Literal["torch", "triton"]
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
     triton_topk: bool = False  # triton backend: mechlib's radix-select kernel instead of torch.topk
@@ -161,8 +171,15 @@ def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Sele
     return select_topk(pre, k, dead_mask, ka)
 
 
-def aux_dense(sel: Selection, e: Tensor, xc_c: Tensor, W_dec_c: Tensor, dead_idx: Tensor, aux_coef: float,
-              grads: dict[str, Tensor]) -> Tensor:
+def aux_dense(
+    sel: Selection,
+    e: Tensor,
+    xc_c: Tensor,
+    W_dec_c: Tensor,
+    dead_idx: Tensor,
+    aux_coef: float,
+    grads: dict[str, Tensor],
+) -> Tensor:
     """AuxK loss; adds its gradients into ``grads`` (dW_enc [d,m], db_enc [m], dW_dec [m,d]).
 
     Works in the dead columns only: A [N, n_dead] holds the aux code, ê = A @ W_dec[dead].
@@ -200,8 +217,9 @@ def _accumulate(p: torch.nn.Parameter, grad: Tensor) -> None:
 
 
 @torch.no_grad()
-def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float, *,
-              backend: Backend | None = None) -> StepStats:
+def fast_step(
+    sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float, *, backend: Backend | None = None
+) -> StepStats:
     """``reference_step``'s loss and gradients (added to ``.grad``) without dense [N, m] work.
 
     On CUDA the default backend is Triton with a bf16 encoder GEMM and bf16 weight copies (fp32
@@ -209,9 +227,8 @@ def fast_step(sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: 
     """
     be = backend or default_backend(x.device)
     W_enc, b_enc, W_dec, b_dec = sae.W_enc, sae.b_enc, sae.W_dec, sae.b_dec
-    pdt, (d, m), k = W_enc.dtype, W_enc.shape, sae.k
+    pdt, m, k = W_enc.dtype, W_enc.shape[1], sae.k
     x = x.to(pdt)
-    n = x.shape[0]
     cdt = be.compute or pdt
     xc = x - b_dec
     xc_c, W_dec_c = xc.to(cdt), W_dec.to(cdt)

@@ -54,9 +54,10 @@ class HookInfo:
     exclude_special_tokens: bool  # special tokens (BOS, chat markers, ...) left out of training
 
     @classmethod
-    def from_params(cls, P: BookParams) -> "HookInfo":
-        return cls(str(P.model), int(P.layer), int(P.seq_len), int(P.exclude_first_positions),
-                   bool(P.exclude_special_tokens))
+    def from_params(cls, P: BookParams) -> HookInfo:
+        return cls(
+            str(P.model), int(P.layer), int(P.seq_len), int(P.exclude_first_positions), bool(P.exclude_special_tokens)
+        )
 
     @property
     def hook_name(self) -> str:  # TransformerLens name of a decoder layer's output
@@ -79,14 +80,26 @@ class Exported:
 
 def saelens_cfg(sae: TopKSAE, hook: HookInfo) -> dict[str, Any]:
     return {
-        "architecture": "topk", "d_in": sae.d_model, "d_sae": sae.d_sae, "k": sae.k,
-        "rescale_acts_by_decoder_norm": False, "dtype": "float32", "device": "cpu",
-        "apply_b_dec_to_input": True, "normalize_activations": "none", "reshape_activations": "none",
+        "architecture": "topk",
+        "d_in": sae.d_model,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "rescale_acts_by_decoder_norm": False,
+        "dtype": "float32",
+        "device": "cpu",
+        "apply_b_dec_to_input": True,
+        "normalize_activations": "none",
+        "reshape_activations": "none",
         "metadata": {
-            "sae_lens_version": SAELENS_FORMAT_VERSION, "sae_lens_training_version": None,
-            "model_name": HF_MODEL_NAMES.get(hook.model, hook.model), "mechbook_model": hook.model,
-            "hook_name": hook.hook_name, "hf_hook_name": hook.hf_hook_name, "hook_head_index": None,
-            "context_size": hook.context_size, "prepend_bos": True,
+            "sae_lens_version": SAELENS_FORMAT_VERSION,
+            "sae_lens_training_version": None,
+            "model_name": HF_MODEL_NAMES.get(hook.model, hook.model),
+            "mechbook_model": hook.model,
+            "hook_name": hook.hook_name,
+            "hf_hook_name": hook.hf_hook_name,
+            "hook_head_index": None,
+            "context_size": hook.context_size,
+            "prepend_bos": True,
             "exclude_first_positions": hook.exclude_first_positions,
             "exclude_special_tokens": hook.exclude_special_tokens,
             "trained_with": "mechbook (TopK SAE, Gao et al. 2024)",
@@ -95,9 +108,17 @@ def saelens_cfg(sae: TopKSAE, hook: HookInfo) -> dict[str, Any]:
 
 
 def sparsify_cfg(sae: TopKSAE) -> dict[str, Any]:
-    return {"activation": "topk", "expansion_factor": max(1, sae.d_sae // sae.d_model), "normalize_decoder": True,
-            "num_latents": sae.d_sae, "k": sae.k, "multi_topk": False, "skip_connection": False,
-            "transcode": False, "d_in": sae.d_model}
+    return {
+        "activation": "topk",
+        "expansion_factor": max(1, sae.d_sae // sae.d_model),
+        "normalize_decoder": True,
+        "num_latents": sae.d_sae,
+        "k": sae.k,
+        "multi_topk": False,
+        "skip_connection": False,
+        "transcode": False,
+        "d_in": sae.d_model,
+    }
 
 
 def export_sae(sae: TopKSAE, folder: str | os.PathLike[str], hook: HookInfo) -> Exported:
@@ -108,8 +129,12 @@ def export_sae(sae: TopKSAE, folder: str | os.PathLike[str], hook: HookInfo) -> 
     atomic_save_safetensors(sl, folder / SAELENS_WEIGHTS)
     atomic_write_json(folder / SAELENS_CFG, saelens_cfg(sae, hook))
     sub = folder / hook.hookpoint
-    sp = {"encoder.weight": state["W_enc"].t().contiguous(), "encoder.bias": state["b_enc"],
-          "W_dec": state["W_dec"], "b_dec": state["b_dec"]}
+    sp = {
+        "encoder.weight": state["W_enc"].t().contiguous(),
+        "encoder.bias": state["b_enc"],
+        "W_dec": state["W_dec"],
+        "b_dec": state["b_dec"],
+    }
     atomic_save_safetensors(sp, sub / SPARSIFY_WEIGHTS)
     atomic_write_json(sub / SAELENS_CFG, sparsify_cfg(sae))
     return Exported(folder, sub)
@@ -140,8 +165,15 @@ def _is_sparsify_cfg(path: Path) -> bool:
 
 
 def _sparsify_hookpoints(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and (p / SPARSIFY_WEIGHTS).is_file()
-                  and _is_sparsify_cfg(p / SAELENS_CFG)) if folder.is_dir() else []
+    return (
+        sorted(
+            p
+            for p in folder.iterdir()
+            if p.is_dir() and (p / SPARSIFY_WEIGHTS).is_file() and _is_sparsify_cfg(p / SAELENS_CFG)
+        )
+        if folder.is_dir()
+        else []
+    )
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -179,7 +211,7 @@ def layer_of_cfg(cfg: dict[str, Any]) -> int | None:
     """The layer a ``cfg.json`` says its SAE reads: the book's ``layer`` or SAELens's hook names."""
     if isinstance(cfg.get("layer"), int):
         return int(cfg["layer"])
-    md = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else cfg
+    md = cfg["metadata"] if isinstance(cfg.get("metadata"), dict) else cfg
     return _layer_from(md.get("hook_name"), md.get("hf_hook_name"))
 
 
@@ -190,8 +222,11 @@ def read_saelens(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     arch = cfg.get("architecture")
     if arch != "topk":
         raise SAEError(f"{where}: architecture is {arch!r}; the book loads only SAELens 'topk' SAEs")
-    for key, ok in (("normalize_activations", "none"), ("rescale_acts_by_decoder_norm", False),
-                    ("reshape_activations", "none")):
+    for key, ok in (
+        ("normalize_activations", "none"),
+        ("rescale_acts_by_decoder_norm", False),
+        ("reshape_activations", "none"),
+    ):
         if cfg.get(key, ok) != ok:
             raise SAEError(f"{where}: {key} is {cfg[key]!r}; the book's TopK SAE supports only {ok!r}")
     t = _load_tensors(folder / SAELENS_WEIGHTS, ("W_enc", "W_dec", "b_enc", "b_dec"))
@@ -200,8 +235,12 @@ def read_saelens(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if "k" not in cfg:
         raise SAEError(f"{where}: a topk SAE config needs 'k'")
     md = cfg.get("metadata") or {}
-    meta = {"format": "saelens", "model": md.get("mechbook_model") or md.get("model_name"),
-            "layer": layer_of_cfg(cfg), "hook_name": md.get("hook_name")}
+    meta = {
+        "format": "saelens",
+        "model": md.get("mechbook_model") or md.get("model_name"),
+        "layer": layer_of_cfg(cfg),
+        "hook_name": md.get("hook_name"),
+    }
     return {**t, "k": int(cfg["k"])}, {k: v for k, v in meta.items() if v is not None}
 
 
@@ -210,8 +249,10 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if not (folder / SPARSIFY_WEIGHTS).is_file():
         subs = _sparsify_hookpoints(folder)
         if len(subs) != 1:
-            raise SAEError(f"{folder}: a sparsify folder with {len(subs)} hookpoints "
-                           f"({[p.name for p in subs]}); set sae_pretrained to one of them, e.g. {folder}/layers.N")
+            raise SAEError(
+                f"{folder}: a sparsify folder with {len(subs)} hookpoints "
+                f"({[p.name for p in subs]}); set sae_pretrained to one of them, e.g. {folder}/layers.N"
+            )
         folder = subs[0]
     where = folder / SAELENS_CFG
     cfg = _read_json(where)
@@ -221,8 +262,13 @@ def read_sparsify(folder: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     if "k" not in cfg:
         raise SAEError(f"{where}: sparsify config needs 'k'")
     t = _load_tensors(folder / SPARSIFY_WEIGHTS, ("encoder.weight", "encoder.bias", "W_dec", "b_dec"))
-    state = {"W_enc": t["encoder.weight"].t().contiguous(), "b_enc": t["encoder.bias"], "W_dec": t["W_dec"],
-             "b_dec": t["b_dec"], "k": int(cfg["k"])}
+    state = {
+        "W_enc": t["encoder.weight"].t().contiguous(),
+        "b_enc": t["encoder.bias"],
+        "W_dec": t["W_dec"],
+        "b_dec": t["b_dec"],
+        "k": int(cfg["k"]),
+    }
     meta = {"format": "sparsify", "hookpoint": folder.name, "layer": _layer_from(folder.name)}
     return state, {k: v for k, v in meta.items() if v is not None}
 

@@ -36,8 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mechlib.io import (atomic_save_safetensors_checksummed, atomic_torch_save_checksummed, atomic_write_json,
-                        checksum_path, verify_sha256)
+from mechlib.io import (
+    atomic_save_safetensors_checksummed,
+    atomic_torch_save_checksummed,
+    atomic_write_json,
+    checksum_path,
+    verify_sha256,
+)
 from mechlib.paths import resolve
 from mechlib.sae.sparse_grad import SparseDecode, TopKValues
 
@@ -45,7 +50,7 @@ CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
 FORMULAS = {
     "fvu": "sum(e^2) / sum((x - x.mean(0))^2) over the batch (per-dimension variance)",
     "aux": "sum((e_hat - e.detach())^2) / sum((e.detach() - e.detach().mean(0))^2); e_hat without b_dec; "
-           "ReLU on the top-min(k_aux, n_dead) dead pre-activations",
+    "ReLU on the top-min(k_aux, n_dead) dead pre-activations",
     "loss": "fvu + aux_coef * aux",
     "renorm": "decoder rows (W_dec[i, :]) rescaled to unit L2 norm every renorm_every steps; encoder untouched",
     "dead": "a latent is dead after dead_tokens training tokens without a positive top-k activation",
@@ -75,8 +80,7 @@ class TopKSAE(nn.Module):
     ``meta`` carries provenance (model, layer) so a checkpoint can be checked against a model.
     """
 
-    def __init__(self, d_model: int, d_sae: int, k: int, *, seed: int = 0,
-                 meta: dict[str, Any] | None = None) -> None:
+    def __init__(self, d_model: int, d_sae: int, k: int, *, seed: int = 0, meta: dict[str, Any] | None = None) -> None:
         super().__init__()
         if not 0 < k <= d_sae:
             raise SAEError(f"need 0 < k <= d_sae, got k={k}, d_sae={d_sae}")
@@ -245,9 +249,13 @@ def init_b_dec_(sae: TopKSAE, sample: Tensor, iters: int = 20) -> None:
 
 def card_state(sae: TopKSAE) -> dict[str, Any]:
     """The card's ``sae_final.pt`` dict: exactly ``W_enc, W_dec, b_enc, b_dec, k`` (fp32, CPU)."""
-    return {"W_enc": sae.W_enc.detach().float().cpu().clone(), "W_dec": sae.W_dec.detach().float().cpu().clone(),
-            "b_enc": sae.b_enc.detach().float().cpu().clone(), "b_dec": sae.b_dec.detach().float().cpu().clone(),
-            "k": int(sae.k)}
+    return {
+        "W_enc": sae.W_enc.detach().float().cpu().clone(),
+        "W_dec": sae.W_dec.detach().float().cpu().clone(),
+        "b_enc": sae.b_enc.detach().float().cpu().clone(),
+        "b_dec": sae.b_dec.detach().float().cpu().clone(),
+        "k": int(sae.k),
+    }
 
 
 def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str], renorm: bool = True) -> Path:
@@ -269,10 +277,19 @@ def save_sae(sae: TopKSAE, folder: str | os.PathLike[str], cfg: dict[str, Any]) 
     """SAELens-style ``sae.safetensors`` + ``cfg.json`` (shapes, k, provenance, training knobs, formulas)."""
     folder = Path(folder)
     tensors = {k: v for k, v in card_state(sae).items() if k != "k"}
-    full = {**cfg, "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k, "formulas": FORMULAS,
-            **{k: v for k, v in sae.meta.items() if k not in cfg}}
-    atomic_save_safetensors_checksummed(tensors, folder / "sae.safetensors",  # + sae.safetensors.sha256
-                                        metadata={"format": "mechbook-topk-sae"})
+    full = {
+        **cfg,
+        "d_model": sae.d_model,
+        "d_sae": sae.d_sae,
+        "k": sae.k,
+        "formulas": FORMULAS,
+        **{k: v for k, v in sae.meta.items() if k not in cfg},
+    }
+    atomic_save_safetensors_checksummed(
+        tensors,
+        folder / "sae.safetensors",  # + sae.safetensors.sha256
+        metadata={"format": "mechbook-topk-sae"},
+    )
     atomic_write_json(folder / "cfg.json", full)
     return folder
 
@@ -287,8 +304,10 @@ def sae_from_state(state: dict[str, Any], source: str, meta: dict[str, Any] | No
         raise SAEError(f"{source}: W_enc {tuple(W_enc.shape)} and W_dec {tuple(W_dec.shape)} are not [d, m] / [m, d]")
     d, m = W_enc.shape
     if tuple(state["b_enc"].shape) != (m,) or tuple(state["b_dec"].shape) != (d,):
-        raise SAEError(f"{source}: b_enc {tuple(state['b_enc'].shape)} / b_dec {tuple(state['b_dec'].shape)} "
-                       f"do not match d_model={d}, d_sae={m}")
+        raise SAEError(
+            f"{source}: b_enc {tuple(state['b_enc'].shape)} / b_dec {tuple(state['b_dec'].shape)} "
+            f"do not match d_model={d}, d_sae={m}"
+        )
     sae = TopKSAE(d, m, int(state["k"]), meta=meta)
     with torch.no_grad():
         for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
@@ -329,19 +348,24 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
     """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
     from mechlib.sae import interop  # cycle: interop builds on this module's TopKSAE
 
-    if path.is_file() and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS) \
-            and interop.detect(path.parent):
+    if (
+        path.is_file()
+        and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS)
+        and interop.detect(path.parent)
+    ):
         path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
     if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
-        state, meta = interop.read_folder(path) or ({}, {})
-        meta["source"] = spec_s
-        return sae_from_state(state, str(path), meta)
+        folder_state, folder_meta = interop.read_folder(path) or ({}, {})
+        folder_meta["source"] = spec_s
+        return sae_from_state(folder_state, str(path), folder_meta)
     if path.is_dir():
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
-        raise SAEError(f"SAE checkpoint not found: {path} (expected the card's sae_final.pt, the book's "
-                       f"sae.safetensors + cfg.json, a SAELens folder (cfg.json + sae_weights.safetensors) or a "
-                       f"sparsify folder (cfg.json + sae.safetensors, or its layers.N/ subfolder))")
+        raise SAEError(
+            f"SAE checkpoint not found: {path} (expected the card's sae_final.pt, the book's "
+            f"sae.safetensors + cfg.json, a SAELens folder (cfg.json + sae_weights.safetensors) or a "
+            f"sparsify folder (cfg.json + sae.safetensors, or its layers.N/ subfolder))"
+        )
     check_checksum(path)
     cfg_path = path.parent / "cfg.json"
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
@@ -356,7 +380,7 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
                 raise SAEError(f"{path}: safetensors SAE needs a cfg.json with 'k' beside it ({cfg_path})")
             state["k"] = int(meta["k"])
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)  # checked to be a dict below
     except SAEError:
         raise
     except Exception as exc:
@@ -373,10 +397,12 @@ def check_checksum(path: Path) -> None:
     Why: one flipped exponent bit in a checkpoint once gave a variance explained of -1.6e70, exit code 0.
     """
     if verify_sha256(path) is False:
-        raise SAEError(f"{path}: the file does not match its checksum {checksum_path(path).name} (corrupt, "
-                       f"truncated or replaced). If chapter 02 wrote it: delete it and rerun chapter 02 to retrain (it "
-                       f"rewrites the file from train_state.pt when that is intact). If you replaced it on purpose, "
-                       f"delete {checksum_path(path)}")
+        raise SAEError(
+            f"{path}: the file does not match its checksum {checksum_path(path).name} (corrupt, "
+            f"truncated or replaced). If chapter 02 wrote it: delete it and rerun chapter 02 to retrain (it "
+            f"rewrites the file from train_state.pt when that is intact). If you replaced it on purpose, "
+            f"delete {checksum_path(path)}"
+        )
 
 
 def check_compatible(sae: TopKSAE, d_model: int, layer: int | None = None, source: str = "SAE") -> None:

@@ -21,8 +21,9 @@ def scatter_rows(indices: Tensor, weights: Tensor, dense: Tensor, m: int) -> Ten
     """``out[i] = sum over (n, j) with indices[n, j] == i of weights[n, j] * dense[n]`` → [m, d]."""
     n, j = indices.shape
     rows = torch.arange(n, device=indices.device).repeat_interleave(j)
-    st = torch.sparse_coo_tensor(torch.stack([indices.reshape(-1), rows]), weights.reshape(-1), (m, n),
-                                 check_invariants=False)
+    st = torch.sparse_coo_tensor(
+        torch.stack([indices.reshape(-1), rows]), weights.reshape(-1), (m, n), check_invariants=False
+    )
     return torch.sparse.mm(st, dense)
 
 
@@ -39,8 +40,9 @@ def gather_dots(indices: Tensor, a: Tensor, B: Tensor) -> Tensor:
     crow = torch.arange(0, n * j + 1, j, device=indices.device)
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the op used here is tested
         warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(crow, cols.reshape(-1), torch.ones(n * j, dtype=a.dtype),
-                                          (n, B.shape[0]), check_invariants=False)
+        pattern = torch.sparse_csr_tensor(
+            crow, cols.reshape(-1), torch.ones(n * j, dtype=a.dtype), (n, B.shape[0]), check_invariants=False
+        )
     vals = torch.sparse.sampled_addmm(pattern, a, B.t(), beta=0.0).values().view(n, j)
     return torch.empty_like(vals).scatter_(1, perm, vals)
 
@@ -68,8 +70,9 @@ class TopKValues(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor,
-                selected: Tensor) -> Tensor:
+    def forward(
+        ctx, x: Tensor, W_enc: Tensor, b_enc: Tensor, b_dec: Tensor, indices: Tensor, selected: Tensor
+    ) -> Tensor:
         ctx.save_for_backward(x, W_enc, b_dec, indices, selected > 0)
         return selected.relu()
 

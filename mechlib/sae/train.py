@@ -23,9 +23,10 @@ import dataclasses
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -36,10 +37,31 @@ from mechlib.activations.stores import ActivationSource, TensorStore  # noqa: F4
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import resolve_device
 from mechlib.params import BookParams
-from mechlib.sae.checkpoints import (CFG_FILE, FINAL_FILE, HISTORY_FILE, OUR_FILES, STATE_FILE, check_trained_on,
-                                     finals_intact, load_train_state, train_provenance, why_not_resume, write_state)
-from mechlib.sae.model import (SAEError, StepStats, TopKSAE, check_compatible, init_b_dec_, load_sae,
-                               reference_step, renorm_decoder_, save_card_checkpoint, save_sae)
+from mechlib.sae.checkpoints import (
+    CFG_FILE,
+    FINAL_FILE,
+    HISTORY_FILE,
+    OUR_FILES,
+    STATE_FILE,
+    check_trained_on,
+    finals_intact,
+    load_train_state,
+    train_provenance,
+    why_not_resume,
+    write_state,
+)
+from mechlib.sae.model import (
+    SAEError,
+    StepStats,
+    TopKSAE,
+    check_compatible,
+    init_b_dec_,
+    load_sae,
+    reference_step,
+    renorm_decoder_,
+    save_card_checkpoint,
+    save_sae,
+)
 
 StepFn = Callable[[TopKSAE, Tensor, Tensor, int, float], StepStats]
 
@@ -70,7 +92,7 @@ class TrainConfig:
     init_b_dec: Literal["geometric_median", "zeros"] = "geometric_median"
 
     @classmethod
-    def from_params(cls, P: BookParams) -> "TrainConfig":
+    def from_params(cls, P: BookParams) -> TrainConfig:
         """The fields of ``P`` with these names (the training section of the book's flat params)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{n: getattr(P, n) for n in names if hasattr(P, n)})
@@ -149,12 +171,28 @@ class TrainResult:
         """The JSON summary chapter 02 writes into ``metrics/02_train_sae.json`` (keys as before)."""
         sae = self.sae
         if self.sae_source == "pretrained":
-            return {"sae_source": "pretrained", "sae_pretrained": self.sae_pretrained, "d_model": sae.d_model,
-                    "d_sae": sae.d_sae, "k": sae.k, "layer": sae.meta.get("layer"), "step_path": "none"}
-        return {"sae_source": "train", "d_model": sae.d_model, "d_sae": sae.d_sae, "k": sae.k,
-                "step_path": self.step_path, "steps": self.steps, "tokens": self.tokens, "seconds": self.seconds,
-                "resumed_from": self.resumed_from, "final_fvu": self.final_fvu,
-                "dead_fraction_at_end": self.dead_fraction}
+            return {
+                "sae_source": "pretrained",
+                "sae_pretrained": self.sae_pretrained,
+                "d_model": sae.d_model,
+                "d_sae": sae.d_sae,
+                "k": sae.k,
+                "layer": sae.meta.get("layer"),
+                "step_path": "none",
+            }
+        return {
+            "sae_source": "train",
+            "d_model": sae.d_model,
+            "d_sae": sae.d_sae,
+            "k": sae.k,
+            "step_path": self.step_path,
+            "steps": self.steps,
+            "tokens": self.tokens,
+            "seconds": self.seconds,
+            "resumed_from": self.resumed_from,
+            "final_fvu": self.final_fvu,
+            "dead_fraction_at_end": self.dead_fraction,
+        }
 
 
 @dataclass
@@ -190,21 +228,39 @@ def _new_state(store: ActivationSource, cfg: TrainConfig, meta: dict[str, Any]) 
     return _Progress(sae, 0, [], torch.zeros(cfg.d_sae, dtype=torch.int64))
 
 
-def _save_state(path: Path, st: _Progress, opt: torch.optim.Optimizer, cfg: TrainConfig,
-                fp: ActivationsFingerprint, done: bool) -> None:
+def _save_state(
+    path: Path, st: _Progress, opt: torch.optim.Optimizer, cfg: TrainConfig, fp: ActivationsFingerprint, done: bool
+) -> None:
     sae = st.sae
     _check_finite_weights(sae, st.step)
-    state = {"sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()}, "k": sae.k,
-             "meta": sae.meta, "opt": opt.state_dict(), "step": st.step, "history": st.history,
-             "tokens_since_fired": st.tokens_since_fired.cpu(), "rng": torch.get_rng_state(),
-             "cfg": cfg.as_dict(), "activations": fp.as_dict(),
-             "provenance": train_provenance(fp, cfg).as_dict(), "done": done}
+    state = {
+        "sae": {k: v.detach().cpu() for k, v in sae.state_dict().items()},
+        "k": sae.k,
+        "meta": sae.meta,
+        "opt": opt.state_dict(),
+        "step": st.step,
+        "history": st.history,
+        "tokens_since_fired": st.tokens_since_fired.cpu(),
+        "rng": torch.get_rng_state(),
+        "cfg": cfg.as_dict(),
+        "activations": fp.as_dict(),
+        "provenance": train_provenance(fp, cfg).as_dict(),
+        "done": done,
+    }
     write_state(path, state)  # + train_state.pt.sha256; the state it replaces becomes train_state.prev.pt
 
 
-def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathLike[str], device: str = "auto", *,
-              step_fn: StepFn | None = None, hooks: ParallelHooks | None = None,
-              stop_after: int | None = None, progress: bool = True) -> TrainResult:
+def train_sae(
+    store: ActivationSource,
+    cfg: TrainConfig,
+    out_dir: str | os.PathLike[str],
+    device: str = "auto",
+    *,
+    step_fn: StepFn | None = None,
+    hooks: ParallelHooks | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> TrainResult:
     """Train (or resume, or just load a finished run) an SAE on ``store``; write its files to ``out_dir``.
 
     Files: ``train_state.pt`` (full resumable state, every ``checkpoint_every`` steps),
@@ -216,7 +272,7 @@ def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathL
     out_dir = Path(out_dir)
     dev = resolve_device(device)
     hooks = hooks or ParallelHooks()
-    chosen_fn, path_name = (step_fn, "custom") if step_fn is not None else pick_step_fn(dev)
+    chosen_fn, path_name = pick_step_fn(dev) if step_fn is None else (step_fn, "custom")
     fp = fingerprint_of_store(store)
     meta = {"model": fp.model, "layer": fp.layer}
     if hooks.is_main:  # temporaries of our atomic writes left by a killed run (a full train_state can be GBs)
@@ -249,8 +305,9 @@ def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathL
     end = total if stop_after is None else min(total, stop_after)
     t0 = time.perf_counter()
     if st.step < end:
-        data = store.iter_batches(cfg.train_batch_size, shuffle=True, seed=cfg.seed, start_batch=st.step,
-                                  n_batches=total)
+        data = store.iter_batches(
+            cfg.train_batch_size, shuffle=True, seed=cfg.seed, start_batch=st.step, n_batches=total
+        )
         bar = tqdm(total=total, initial=st.step, desc="train SAE", unit="step", disable=not progress)
         for step in range(st.step, end):
             x = next(data)
@@ -270,9 +327,17 @@ def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathL
             fired = hooks.reduce_fired(stats.fired)
             since += cfg.train_batch_size
             since[fired] = 0
-            st.history.append({"step": step, "lr": lr, "loss": float(stats.loss), "fvu": float(stats.fvu),
-                                  "mse": float(stats.mse), "aux_loss": float(stats.aux_loss),
-                                  "n_dead": int(dead.sum())})
+            st.history.append(
+                {
+                    "step": step,
+                    "lr": lr,
+                    "loss": float(stats.loss),
+                    "fvu": float(stats.fvu),
+                    "mse": float(stats.mse),
+                    "aux_loss": float(stats.aux_loss),
+                    "n_dead": int(dead.sum()),
+                }
+            )
             st.step, st.tokens_since_fired = step + 1, since
             bar.update(1)
             bar.set_postfix(fvu=f"{float(stats.fvu):.3f}", dead=int(dead.sum()), refresh=False)
@@ -285,56 +350,95 @@ def train_sae(store: ActivationSource, cfg: TrainConfig, out_dir: str | os.PathL
         _write_final(sae, cfg, out_dir, st, path_name, fp, renorm=worked)  # a finished state is renormalised
     if hooks.is_main and worked:
         _save_state(out_dir / STATE_FILE, st, opt, cfg, fp, done=finished)
-    return TrainResult(sae=sae, history=st.history, step_path=path_name, steps=st.step,
-                       tokens=st.step * cfg.train_batch_size, seconds=seconds, resumed_from=resumed_from,
-                       tokens_since_fired=since.cpu(), out_dir=out_dir,
-                       dead_fraction=float((since >= cfg.dead_tokens).float().mean()))
+    return TrainResult(
+        sae=sae,
+        history=st.history,
+        step_path=path_name,
+        steps=st.step,
+        tokens=st.step * cfg.train_batch_size,
+        seconds=seconds,
+        resumed_from=resumed_from,
+        tokens_since_fired=since.cpu(),
+        out_dir=out_dir,
+        dead_fraction=float((since >= cfg.dead_tokens).float().mean()),
+    )
 
 
 class TrainingError(ValueError):
     """Training cannot go on (non-finite activations or loss); the message says which and what to do."""
 
 
-def _non_finite_error(x: Tensor, step: int, stats: StepStats | None, store: ActivationSource,
-                      sae: TopKSAE) -> TrainingError:
+def _non_finite_error(
+    x: Tensor, step: int, stats: StepStats | None, store: ActivationSource, sae: TopKSAE
+) -> TrainingError:
     where = getattr(store, "directory", None) or type(store).__name__
     bad = int((~torch.isfinite(x)).any(dim=-1).sum())
     when = "the b_dec initialisation sample" if step < 0 else f"step {step}"
     if bad:
-        return TrainingError(f"{when}: {bad} of {x.shape[0]} activation vectors from {where} contain NaN or "
-                             f"inf; recollect them (model in float16? try model_dtype: bfloat16 or float32)")
+        return TrainingError(
+            f"{when}: {bad} of {x.shape[0]} activation vectors from {where} contain NaN or "
+            f"inf; recollect them (model in float16? try model_dtype: bfloat16 or float32)"
+        )
     bad_params = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad_params:
-        return TrainingError(f"{when}: the SAE's {', '.join(bad_params)} hold NaN or inf: training diverged (lower "
-                             f"lr) or a checkpoint holds non-finite weights (delete train_state.pt and retrain)")
-    return TrainingError(f"step {step}: the loss became {float(stats.loss)} (fvu {float(stats.fvu)}, aux "
-                         f"{float(stats.aux_loss)}) on finite activations: training diverged; lower lr. "
-                         f"Nothing of this step was saved; the last checkpoint is intact")
+        return TrainingError(
+            f"{when}: the SAE's {', '.join(bad_params)} hold NaN or inf: training diverged (lower "
+            f"lr) or a checkpoint holds non-finite weights (delete train_state.pt and retrain)"
+        )
+    if stats is None:  # the b_dec sample: finite activations and weights leave nothing to name
+        return TrainingError(f"{when}: non-finite values from finite activations and weights")
+    return TrainingError(
+        f"step {step}: the loss became {float(stats.loss)} (fvu {float(stats.fvu)}, aux "
+        f"{float(stats.aux_loss)}) on finite activations: training diverged; lower lr. "
+        f"Nothing of this step was saved; the last checkpoint is intact"
+    )
 
 
 def _check_finite_weights(sae: TopKSAE, step: int) -> None:
     """Raise before a checkpoint would store NaN/inf weights (the previous checkpoint stays intact)."""
     bad = [n for n, p in sae.named_parameters() if not bool(torch.isfinite(p).all())]
     if bad:
-        raise TrainingError(f"after step {step}: the SAE's {', '.join(bad)} hold NaN or inf: training diverged; "
-                            f"lower lr. Not saved; the last checkpoint is intact")
+        raise TrainingError(
+            f"after step {step}: the SAE's {', '.join(bad)} hold NaN or inf: training diverged; "
+            f"lower lr. Not saved; the last checkpoint is intact"
+        )
 
 
-def _write_final(sae: TopKSAE, cfg: TrainConfig, out_dir: Path, st: _Progress, path_name: StepPath,
-                 fp: ActivationsFingerprint, renorm: bool = True) -> None:
+def _write_final(
+    sae: TopKSAE,
+    cfg: TrainConfig,
+    out_dir: Path,
+    st: _Progress,
+    path_name: StepPath,
+    fp: ActivationsFingerprint,
+    renorm: bool = True,
+) -> None:
     n_dead = int((st.tokens_since_fired >= cfg.dead_tokens).sum())
     _check_finite_weights(sae, st.step)
     save_card_checkpoint(sae, out_dir / FINAL_FILE, renorm=renorm)
-    save_sae(sae, out_dir, {**cfg.as_dict(), "model": fp.model, "layer": fp.layer, "step_path": path_name,
-                            "train_n_tokens_store": fp.n_tokens, "steps": st.step,
-                            "n_dead_at_end": n_dead, "dead_fraction_at_end": n_dead / cfg.d_sae,
-                            "sae_source": "train", "provenance": train_provenance(fp, cfg).as_dict(),
-                            "activations": fp.as_dict()})
+    save_sae(
+        sae,
+        out_dir,
+        {
+            **cfg.as_dict(),
+            "model": fp.model,
+            "layer": fp.layer,
+            "step_path": path_name,
+            "train_n_tokens_store": fp.n_tokens,
+            "steps": st.step,
+            "n_dead_at_end": n_dead,
+            "dead_fraction_at_end": n_dead / cfg.d_sae,
+            "sae_source": "train",
+            "provenance": train_provenance(fp, cfg).as_dict(),
+            "activations": fp.as_dict(),
+        },
+    )
     atomic_write_json(out_dir / HISTORY_FILE, st.history)
 
 
-def run_sae(P: BookParams, store: ActivationSource, out_dir: str | os.PathLike[str], device: str = "auto",
-            progress: bool = True) -> TrainResult:
+def run_sae(
+    P: BookParams, store: ActivationSource, out_dir: str | os.PathLike[str], device: str = "auto", progress: bool = True
+) -> TrainResult:
     """Chapter 02's switch: train on ``store`` (``sae_source: train``) or load ``sae_pretrained``.
 
     A pretrained SAE is checked against the activations' width and layer (clear error naming
@@ -344,16 +448,30 @@ def run_sae(P: BookParams, store: ActivationSource, out_dir: str | os.PathLike[s
     if P.sae_source == "pretrained":
         sae = load_sae(P.sae_pretrained, device=resolve_device(device))
         check_compatible(sae, int(store.d_model), store.manifest.get("layer"), source=str(P.sae_pretrained))
-        res = TrainResult(sae=sae, history=[], step_path="none", steps=0, tokens=0, seconds=0.0, resumed_from=0,
-                          tokens_since_fired=torch.zeros(sae.d_sae, dtype=torch.int64), out_dir=out_dir,
-                          sae_source="pretrained", sae_pretrained=str(P.sae_pretrained))
+        res = TrainResult(
+            sae=sae,
+            history=[],
+            step_path="none",
+            steps=0,
+            tokens=0,
+            seconds=0.0,
+            resumed_from=0,
+            tokens_since_fired=torch.zeros(sae.d_sae, dtype=torch.int64),
+            out_dir=out_dir,
+            sae_source="pretrained",
+            sae_pretrained=str(P.sae_pretrained),
+        )
         atomic_write_json(out_dir / "pretrained.json", res.summary())
         return res
     return train_sae(store, TrainConfig.from_params(P), out_dir, device=device, progress=progress)
 
 
-def run_sae_for_eval(P: BookParams, out_dir: str | os.PathLike[str], device: str = "auto",
-                     activations: ActivationsFingerprint | None = None) -> tuple[TopKSAE, dict[str, Any]]:
+def run_sae_for_eval(
+    P: BookParams,
+    out_dir: str | os.PathLike[str],
+    device: str = "auto",
+    activations: ActivationsFingerprint | None = None,
+) -> tuple[TopKSAE, dict[str, Any]]:
     """Chapter 03: the SAE chapter 02 produced (trained checkpoint or the pretrained file), with its cfg.
 
     ``activations``: the fingerprint of the training activations now on disk; a trained SAE whose

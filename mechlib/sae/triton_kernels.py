@@ -37,12 +37,18 @@ import triton.language as tl
 # times each candidate once and keeps the fastest (``MECHLIB_SAE_AUTOTUNE=0``: default only);
 # ``CHOSEN`` records the picks (benchmarks/sae_step.py writes them into its results).
 TOPK_CONFIGS = [dict(BLOCK=4096, num_warps=8), dict(BLOCK=2048, num_warps=4), dict(BLOCK=8192, num_warps=16)]
-DECODE_CONFIGS = [dict(BLOCK_N=16, BLOCK_D=128, num_warps=4), dict(BLOCK_N=32, BLOCK_D=128, num_warps=4),
-                  dict(BLOCK_N=8, BLOCK_D=256, num_warps=4), dict(BLOCK_N=16, BLOCK_D=256, num_warps=8)]
-PASS_CONFIGS = [dict(BLOCK_M=16, BLOCK_S=16, BLOCK_D=256, num_warps=4),
-                dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=64, num_warps=4),
-                dict(BLOCK_M=16, BLOCK_S=32, BLOCK_D=128, num_warps=4),
-                dict(BLOCK_M=8, BLOCK_S=64, BLOCK_D=128, num_warps=8)]
+DECODE_CONFIGS = [
+    dict(BLOCK_N=16, BLOCK_D=128, num_warps=4),
+    dict(BLOCK_N=32, BLOCK_D=128, num_warps=4),
+    dict(BLOCK_N=8, BLOCK_D=256, num_warps=4),
+    dict(BLOCK_N=16, BLOCK_D=256, num_warps=8),
+]
+PASS_CONFIGS = [
+    dict(BLOCK_M=16, BLOCK_S=16, BLOCK_D=256, num_warps=4),
+    dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=64, num_warps=4),
+    dict(BLOCK_M=16, BLOCK_S=32, BLOCK_D=128, num_warps=4),
+    dict(BLOCK_M=8, BLOCK_S=64, BLOCK_D=128, num_warps=8),
+]
 CHOSEN: dict[tuple, dict] = {}
 
 
@@ -52,8 +58,12 @@ def _pick(name: str, key: tuple, configs: list[dict], launch) -> dict:
     if full in CHOSEN:
         return CHOSEN[full]
     best = configs[0]
-    if torch.cuda.is_available() and not os.environ.get("TRITON_INTERPRET") \
-            and os.environ.get("MECHLIB_SAE_AUTOTUNE", "1") != "0" and len(configs) > 1:
+    if (
+        torch.cuda.is_available()
+        and not os.environ.get("TRITON_INTERPRET")
+        and os.environ.get("MECHLIB_SAE_AUTOTUNE", "1") != "0"
+        and len(configs) > 1
+    ):
         times = []
         for cfg in configs:
             try:
@@ -113,8 +123,20 @@ def _compact_chunk(offs, v, key, ok, thr, n_eq, count, eq_seen, out_idx_ptr, out
 
 
 @triton.jit
-def _topk_kernel(pre_ptr, stride_row, M, dead_ptr, idx_ptr, val_ptr, K,
-                 aidx_ptr, aval_ptr, KA, HAS_AUX: tl.constexpr, BLOCK: tl.constexpr):
+def _topk_kernel(
+    pre_ptr,
+    stride_row,
+    M,
+    dead_ptr,
+    idx_ptr,
+    val_ptr,
+    K,
+    aidx_ptr,
+    aval_ptr,
+    KA,
+    HAS_AUX: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Three passes over one row serve both selections: high-byte histograms, low-byte
     histograms inside the threshold's high byte, then compaction."""
     row = tl.program_id(0).to(tl.int64)
@@ -142,11 +164,13 @@ def _topk_kernel(pre_ptr, stride_row, M, dead_ptr, idx_ptr, val_ptr, K,
     count_main, eq_main, count_aux, eq_aux = 0, 0, 0, 0
     for start in range(0, M, BLOCK):
         offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
-        count_main, eq_main = _compact_chunk(offs, v, key, inb, thr_main, n_eq_main, count_main, eq_main,
-                                             idx_ptr + row * K, val_ptr + row * K)
+        count_main, eq_main = _compact_chunk(
+            offs, v, key, inb, thr_main, n_eq_main, count_main, eq_main, idx_ptr + row * K, val_ptr + row * K
+        )
         if HAS_AUX:
-            count_aux, eq_aux = _compact_chunk(offs, v, key, dead, thr_aux, n_eq_aux, count_aux, eq_aux,
-                                               aidx_ptr + row * KA, aval_ptr + row * KA)
+            count_aux, eq_aux = _compact_chunk(
+                offs, v, key, dead, thr_aux, n_eq_aux, count_aux, eq_aux, aidx_ptr + row * KA, aval_ptr + row * KA
+            )
 
 
 def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
@@ -158,17 +182,32 @@ def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
     """
     if pre.dtype != torch.bfloat16 or pre.stride(1) != 1:
         raise ValueError(f"topk_select needs a row-major bf16 pre-activation, got {pre.dtype} {pre.stride()}")
+    if ka > 0 and dead is None:
+        raise ValueError(f"topk_select with ka={ka} aux latents needs the dead mask")
     n, m = pre.shape
     idx = torch.empty(n, k, dtype=torch.int32, device=pre.device)
     vals = torch.empty(n, k, dtype=pre.dtype, device=pre.device)
     aidx = torch.empty(n, ka, dtype=torch.int32, device=pre.device)
     avals = torch.empty(n, ka, dtype=pre.dtype, device=pre.device)
     has_aux = ka > 0
-    dead_u8 = dead.to(torch.uint8).contiguous() if has_aux else idx  # dummy pointer when unused
+    dead_u8 = dead.to(torch.uint8).contiguous() if dead is not None and has_aux else idx  # dummy pointer when unused
 
     def launch(cfg):
-        _topk_kernel[(n,)](pre, pre.stride(0), m, dead_u8, idx, vals, k, aidx, avals, max(ka, 1), HAS_AUX=has_aux,
-                           BLOCK=min(cfg["BLOCK"], triton.next_power_of_2(m)), num_warps=cfg["num_warps"])
+        _topk_kernel[(n,)](
+            pre,
+            pre.stride(0),
+            m,
+            dead_u8,
+            idx,
+            vals,
+            k,
+            aidx,
+            avals,
+            max(ka, 1),
+            HAS_AUX=has_aux,
+            BLOCK=min(cfg["BLOCK"], triton.next_power_of_2(m)),
+            num_warps=cfg["num_warps"],
+        )
 
     if n:
         launch(_pick("topk", (m, k, has_aux), TOPK_CONFIGS, launch))
@@ -176,8 +215,9 @@ def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
 
 
 @triton.jit
-def _decode_kernel(x_ptr, b_ptr, val_ptr, idx_ptr, w_ptr, e_ptr, N, D, K, N_TBLK,
-                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _decode_kernel(
+    x_ptr, b_ptr, val_ptr, idx_ptr, w_ptr, e_ptr, N, D, K, N_TBLK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr
+):
     pid = tl.program_id(0)
     dblk = pid // N_TBLK
     rows = (pid % N_TBLK) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -197,8 +237,9 @@ def _decode_kernel(x_ptr, b_ptr, val_ptr, idx_ptr, w_ptr, e_ptr, N, D, K, N_TBLK
     tl.store(e_ptr + rows64[:, None] * D + cols[None, :], x - b[None, :] - acc, mask=m2)
 
 
-def decode_residual(x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor,
-                    w_dec: torch.Tensor) -> torch.Tensor:
+def decode_residual(
+    x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, idx: torch.Tensor, w_dec: torch.Tensor
+) -> torch.Tensor:
     """e = x - b_dec - sum_j vals[:, j] * w_dec[idx[:, j]]  (fp32 out; w_dec may be bf16)."""
     n, d = x.shape
     k = idx.shape[1]
@@ -207,8 +248,20 @@ def decode_residual(x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, id
     def launch(cfg):
         n_tblk = triton.cdiv(n, cfg["BLOCK_N"])
         _decode_kernel[(n_tblk * triton.cdiv(d, cfg["BLOCK_D"]),)](
-            x, b_dec, vals, idx, w_dec, e, n, d, k, n_tblk, BLOCK_N=cfg["BLOCK_N"], BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"])
+            x,
+            b_dec,
+            vals,
+            idx,
+            w_dec,
+            e,
+            n,
+            d,
+            k,
+            n_tblk,
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
 
     if n:
         launch(_pick("decode", (d, k, w_dec.dtype), DECODE_CONFIGS, launch))
@@ -216,8 +269,22 @@ def decode_residual(x: torch.Tensor, b_dec: torch.Tensor, vals: torch.Tensor, id
 
 
 @triton.jit
-def _pass_a_kernel(off_ptr, tok_ptr, val_ptr, g_ptr, w_ptr, dw_ptr, dvp_ptr, M, D, E, N_MBLK,
-                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pass_a_kernel(
+    off_ptr,
+    tok_ptr,
+    val_ptr,
+    g_ptr,
+    w_ptr,
+    dw_ptr,
+    dvp_ptr,
+    M,
+    D,
+    E,
+    N_MBLK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     dblk = pid // N_MBLK
     cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -235,15 +302,17 @@ def _pass_a_kernel(off_ptr, tok_ptr, val_ptr, g_ptr, w_ptr, dw_ptr, dvp_ptr, M, 
             smask = ss < s1
             tok = tl.load(tok_ptr + ss, mask=smask, other=0).to(tl.int64)
             v = tl.load(val_ptr + ss, mask=smask, other=0.0)
-            g = tl.load(g_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :],
-                        other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0).to(
+                tl.float32
+            )
             acc += tl.sum(g * v[:, None], 0)
             tl.store(dvp_ptr + dblk.to(tl.int64) * E + ss, tl.sum(g * w[None, :], 1), mask=smask)
         tl.store(dw_ptr + lat_c * D + cols, acc, mask=cmask & ((cols * 0 + lat) < M))
 
 
-def pass_a(offsets: torch.Tensor, tok: torch.Tensor, vals: torch.Tensor, g: torch.Tensor,
-           w_dec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pass_a(
+    offsets: torch.Tensor, tok: torch.Tensor, vals: torch.Tensor, g: torch.Tensor, w_dec: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW_dec [m,d] fp32, dvals [E] fp32) over entries sorted by latent.
 
     dW_dec[i] = sum_{s in seg(i)} vals[s] g[tok[s]];  dvals[s] = g[tok[s]] · w_dec[i(s)].
@@ -257,17 +326,45 @@ def pass_a(offsets: torch.Tensor, tok: torch.Tensor, vals: torch.Tensor, g: torc
     def launch(cfg):
         n_dblk, n_mblk = triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(m, cfg["BLOCK_M"])
         out["dvp"] = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
-        _pass_a_kernel[(n_dblk * n_mblk,)](offsets, tok, vals, g, w_dec, dw, out["dvp"], m, d, e_count, n_mblk,
-                                           BLOCK_M=cfg["BLOCK_M"], BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"],
-                                           num_warps=cfg["num_warps"])
+        _pass_a_kernel[(n_dblk * n_mblk,)](
+            offsets,
+            tok,
+            vals,
+            g,
+            w_dec,
+            dw,
+            out["dvp"],
+            m,
+            d,
+            e_count,
+            n_mblk,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_S=cfg["BLOCK_S"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
 
     launch(_pick("pass_a", (m, d, e_count // max(g.shape[0], 1)), PASS_CONFIGS, launch))
     return dw, out["dvp"].sum(0)
 
 
 @triton.jit
-def _pass_b_kernel(off_ptr, tok_ptr, dp_ptr, xc_ptr, dw_ptr, db_ptr, M, D, stride_d, stride_m, N_MBLK,
-                   BLOCK_M: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+def _pass_b_kernel(
+    off_ptr,
+    tok_ptr,
+    dp_ptr,
+    xc_ptr,
+    dw_ptr,
+    db_ptr,
+    M,
+    D,
+    stride_d,
+    stride_m,
+    N_MBLK,
+    BLOCK_M: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     pid = tl.program_id(0)
     dblk = pid // N_MBLK
     m0 = (pid % N_MBLK) * BLOCK_M
@@ -289,21 +386,31 @@ def _pass_b_kernel(off_ptr, tok_ptr, dp_ptr, xc_ptr, dw_ptr, db_ptr, M, D, strid
             smask = ss < s1
             tok = tl.load(tok_ptr + ss, mask=smask, other=0).to(tl.int64)
             dp = tl.load(dp_ptr + ss, mask=smask, other=0.0)
-            xr = tl.load(xc_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :],
-                         other=0.0).to(tl.float32)
+            xr = tl.load(xc_ptr + tok[:, None] * D + cols[None, :], mask=smask[:, None] & cmask[None, :], other=0.0).to(
+                tl.float32
+            )
             acc += tl.sum(xr * dp[:, None], 0)
             dsum += dp
         tile = tl.where(lcols[None, :] == li, acc[:, None], tile)
         db = tl.where(lcols == li, tl.sum(dsum, 0), db)
     lats = (m0 + lcols).to(tl.int64)
     lmask = lats < M
-    tl.store(dw_ptr + cols[:, None].to(tl.int64) * stride_d + lats[None, :] * stride_m, tile,
-             mask=cmask[:, None] & lmask[None, :])
+    tl.store(
+        dw_ptr + cols[:, None].to(tl.int64) * stride_d + lats[None, :] * stride_m,
+        tile,
+        mask=cmask[:, None] & lmask[None, :],
+    )
     tl.store(db_ptr + lats, db, mask=lmask & ((lats * 0 + dblk) == 0))
 
 
-def pass_b(offsets: torch.Tensor, tok: torch.Tensor, dp: torch.Tensor, xc: torch.Tensor, m: int,
-           dw_enc_out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def pass_b(
+    offsets: torch.Tensor,
+    tok: torch.Tensor,
+    dp: torch.Tensor,
+    xc: torch.Tensor,
+    m: int,
+    dw_enc_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(dW_enc [d,m] fp32, db_enc [m] fp32): dW_enc[:, i] = sum_{s in seg(i)} dp[s] xc[tok[s]]."""
     n, d = xc.shape
     dw = dw_enc_out if dw_enc_out is not None else torch.empty(d, m, dtype=torch.float32, device=xc.device)
@@ -312,8 +419,22 @@ def pass_b(offsets: torch.Tensor, tok: torch.Tensor, dp: torch.Tensor, xc: torch
     def launch(cfg):
         n_mblk = triton.cdiv(m, cfg["BLOCK_M"])
         _pass_b_kernel[(triton.cdiv(d, cfg["BLOCK_D"]) * n_mblk,)](
-            offsets, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1), n_mblk, BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_S=cfg["BLOCK_S"], BLOCK_D=cfg["BLOCK_D"], num_warps=cfg["num_warps"])
+            offsets,
+            tok,
+            dp,
+            xc,
+            dw,
+            db,
+            m,
+            d,
+            dw.stride(0),
+            dw.stride(1),
+            n_mblk,
+            BLOCK_M=cfg["BLOCK_M"],
+            BLOCK_S=cfg["BLOCK_S"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
 
     launch(_pick("pass_b", (m, d, tok.numel() // max(n, 1)), PASS_CONFIGS, launch))
     return dw, db
