@@ -20,22 +20,54 @@ __version__ = "0.1.0"
 # public name → the module that defines it
 _API: dict[str, str] = {
     # models and hooks
-    "load_model": "mechlib.models", "LoadedModel": "mechlib.models", "decoder_layers": "mechlib.models",
+    "load_model": "mechlib.models",
+    "LoadedModel": "mechlib.models",
+    "decoder_layers": "mechlib.models",
     "run_to_layer": "mechlib.hooks",
     # activations
-    "collect_activations": "mechlib.activations", "ActivationSource": "mechlib.activations",
+    "collect_activations": "mechlib.activations",
+    "ActivationSource": "mechlib.activations",
     # the SAE
-    "TopKSAE": "mechlib.sae", "load_sae": "mechlib.sae", "train_sae": "mechlib.sae", "TrainConfig": "mechlib.sae",
-    "export_sae": "mechlib.sae", "HookInfo": "mechlib.sae",
+    "TopKSAE": "mechlib.sae",
+    "load_sae": "mechlib.sae",
+    "train_sae": "mechlib.sae",
+    "TrainConfig": "mechlib.sae",
+    "export_sae": "mechlib.sae",
+    "HookInfo": "mechlib.sae",
     # generation, steering, lens
-    "generate_greedy": "mechlib.generate", "SteeringVector": "mechlib.steering_vector",
+    "generate_greedy": "mechlib.generate",
+    "SteeringVector": "mechlib.steering_vector",
     "logit_lens": "mechlib.lens",
     # the book
-    "BookParams": "mechlib.params", "load_params": "mechlib.params", "RunPaths": "mechlib.paths",
-    "run_book": "mechlib.book", "results": "mechlib.results",
+    "BookParams": "mechlib.params",
+    "load_params": "mechlib.params",
+    "RunPaths": "mechlib.paths",
+    "run_book": "mechlib.book",
+    "results": "mechlib.results",
 }
 
-__all__ = sorted(_API)
+__all__ = [
+    "ActivationSource",
+    "BookParams",
+    "HookInfo",
+    "LoadedModel",
+    "RunPaths",
+    "SteeringVector",
+    "TopKSAE",
+    "TrainConfig",
+    "collect_activations",
+    "decoder_layers",
+    "export_sae",
+    "generate_greedy",
+    "load_model",
+    "load_params",
+    "load_sae",
+    "logit_lens",
+    "results",
+    "run_book",
+    "run_to_layer",
+    "train_sae",
+]  # = sorted(_API): a literal list, so linters and editors see the re-exports
 
 if TYPE_CHECKING:  # the same names, for type checkers and editors
     from mechlib import results

@@ -28,3 +28,7 @@ def test_import_mechlib_is_cheap():
     code = "import sys, mechlib; print('torch' in sys.modules, 'transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_all_lists_exactly_the_api_table():
+    assert mechlib.__all__ == sorted(mechlib._API)
