@@ -138,11 +138,15 @@ def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -
         )
 
 
+def _pad_id(tokenizer: Tokenizer) -> int:
+    """Any id fills padding here (padded positions are masked out): the tokenizer's pad, else EOS, else 0."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+
+
 def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
     """Token ids exactly as generation builds them (:func:`mechlib.prompts.encode_prompts`, no
     second BOS), left-padded. The pad id is irrelevant: padded positions are masked out."""
-    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-    input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), pad, torch.device("cpu"))
+    input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), _pad_id(tokenizer), torch.device("cpu"))
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -269,8 +273,8 @@ def collect_layer_states(
         for start in tqdm(starts, desc="layer states", disable=not progress):
             batch = [prompts[i] for i in order[start : start + batch_size]]
             if lists is not None:
-                pad = next((t for t in (tokenizer.pad_token_id, tokenizer.eos_token_id) if t is not None), 0)
-                input_ids, mask = left_pad([lists[i] for i in order[start : start + batch_size]], pad, device)
+                rows = [lists[i] for i in order[start : start + batch_size]]
+                input_ids, mask = left_pad(rows, _pad_id(tokenizer), device)
             else:
                 assert encode is not None  # lists is None only for an explicit encoder
                 enc = encode(tokenizer, batch)
