@@ -20,7 +20,7 @@ Why each choice (FIELD.md, "Traps"):
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -45,9 +45,6 @@ class ReconMetrics:
     n_tokens: int
     var_explained_excl_outliers: float  # per-dimension formula without "massive activation" tokens
     n_outlier_tokens: int  # tokens whose norm exceeds OUTLIER_NORM_RATIO x the median token norm
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def variance_explained(x: Tensor, recon: Tensor) -> tuple[float, float]:
@@ -165,9 +162,6 @@ class SplicedLoss:
     kl: float  # KL(clean || spliced), nats per position
     ce_loss_recovered: float | None  # (ce_mean - ce_spliced) / (ce_mean - ce_clean); 1 = splicing costs nothing
     n_tokens: int  # positions averaged over
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def _replace_hook(replace, keep: Tensor):

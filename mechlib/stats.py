@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -290,9 +290,6 @@ class BootstrapCI:
     high: float
     confidence: float
     n_bootstrap: int
-
-    def as_dict(self) -> dict[str, float | int]:
-        return asdict(self)
 
 
 def bootstrap_ci(
