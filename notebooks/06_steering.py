@@ -80,7 +80,7 @@ layer = layers.peak_layer if P.steering_layer is None else P.steering_layer
 vec, vec_file = steering.vector_for_layer(
     states, split, layer, paths.checkpoints, model=P.model, peak_layer=layers.peak_layer
 )
-mean_norm = steering.mean_residual_norm(states, layer)
+mean_norm = vec.mean_norm  # the unit of the scales, as the sweep applies them
 
 # %%
 # NBVAL_CHECK_OUTPUT
