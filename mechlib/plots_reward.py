@@ -58,6 +58,8 @@ class ArmAccuracy(NamedTuple):
 def draw_stage_gate(ax: Axes, rows: Sequence[ReadoutScore]) -> None:
     """AUROC per readout as bars with their bootstrap 95 % intervals; 0.5 (chance) dashed.
 
+    The first row — the feature reward, in the chapter's order — is drawn in colour and the simpler
+    readouts in grey, so its bar does not share a colour with an arm of the training figures.
     A readout whose AUROC is undefined (one class only) gets no bar and the word "undefined".
     """
     xs = list(range(len(rows)))
@@ -66,17 +68,18 @@ def draw_stage_gate(ax: Axes, rows: Sequence[ReadoutScore]) -> None:
             ax.text(x, 0.5, "undefined", ha="center", va="bottom", fontsize=8, color="0.3", rotation=90)
             continue
         lo, hi = row.auroc_ci if row.auroc_ci is not None else (row.auroc, row.auroc)
-        ax.bar([x], [row.auroc], color=f"C{x % 10}", alpha=0.8)
+        ax.bar([x], [row.auroc], color="C4" if x == 0 else "0.6", alpha=0.85)
         ax.errorbar([x], [row.auroc], yerr=_yerr([row.auroc], [lo], [hi]), fmt="none", ecolor="k", capsize=4, lw=1)
         if row.auroc_p_perm is not None:
             ax.text(x, min(hi, 1.0) + 0.02, f"p={row.auroc_p_perm:.2g}", ha="center", va="bottom", fontsize=7)
-    ax.axhline(0.5, color="0.3", ls="--", lw=1, label="chance (0.5)")
+    ax.axhline(0.5, color="0.3", ls="--", lw=1)
+    # labelled on the line, not in a legend box that would sit on a bar
+    ax.text(1.0, 0.5, " chance", transform=ax.get_yaxis_transform(), va="center", ha="left", fontsize=8, color="0.3")
     n = rows[0].n if rows else 0
     ax.set_xticks(xs, [r.name for r in rows], fontsize=8, rotation=20, ha="right")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel(f"AUROC for correctness ({n} held-out questions)")
     ax.set_title("Stage Gate 1: which readout predicts correctness", fontsize=9)
-    ax.legend(loc="lower right", fontsize=8)
     ax.grid(axis="y", alpha=0.3)
 
 
