@@ -132,6 +132,15 @@ def test_bound_saturation_on_synthetic_codes():
     np.testing.assert_allclose(got, [(0.75 + 0.5) / 2, 0.75 - 0.125, -0.25])
 
 
+def all_saturated(spec: FeatureRewardSpec, code: CompletionCode) -> bool:
+    """Every helpful feature at or above its cap and no harmful feature firing, at every position."""
+    acts = dense_code(as_topk(code), D_SAE)
+    return all(
+        bool((acts[:, f.feature] >= f.cap).all()) if f.weight > 0 else bool((acts[:, f.feature] == 0).all())
+        for f in spec.features
+    )
+
+
 def test_repeating_a_helpful_token_cannot_exceed_the_bound(tiny_llama):
     model, tok = tiny_llama
     sae = make_sae()
@@ -139,21 +148,21 @@ def test_repeating_a_helpful_token_cannot_exceed_the_bound(tiny_llama):
     completions = [token * k for k in range(1, 51)]
     codes = completion_codes(model, tok, sae, LAYER, [prompt] * 50, completions)
     # the helpful features: what fires most on the repeated token; a harmful one that fires elsewhere
-    idx = torch.cat([c.indices[c.values > 0] for c in codes])
-    top = [int(j) for j in torch.bincount(idx, minlength=D_SAE).argsort(descending=True)[:3]]
+    counts = torch.bincount(torch.cat([c.indices[c.values > 0] for c in codes]), minlength=D_SAE)
+    top = [int(j) for j in counts.argsort(descending=True)[:3]]
     other = next(j for j in fired_features(model, tok, sae) if j not in top)
-    cal = calibrate([(top[0], 0.4), (top[1], 0.3), (top[2], 0.1), (other, -0.2)], codes, layer=LAYER,
-                    selection="repeat", weighting="equal", quantile=0.5)  # fmt: skip
-    spec = cal.spec
-    rewards = FeatureReward(spec, sae, model, tok, batch_size=8)([prompt] * 50, completions)
-    assert max(rewards) <= spec.bound.hi + 1e-9
-    for c, r in zip(codes, rewards):
-        acts = dense_code(as_topk(c), D_SAE)
-        all_saturated = all(
-            bool((acts[:, f.feature] >= f.cap).all()) if f.weight > 0 else bool((acts[:, f.feature] == 0).all())
-            for f in spec.features
-        )
-        assert (r >= spec.bound.hi - 1e-9) == all_saturated
+    calibrated = calibrate([(top[0], 0.4), (top[1], 0.3), (top[2], 0.1), (other, -0.2)], codes, layer=LAYER,
+                           selection="repeat", weighting="equal", quantile=0.5).spec  # fmt: skip
+    # caps at the smallest firing of the most frequent feature: a completion saturates where it fires throughout
+    silent = next(j for j in range(D_SAE) if counts[j] == 0)
+    low_cap = float(min(c.values[(c.indices == top[0]) & (c.values > 0)].min() for c in codes if c.n_positions))
+    reachable = spec_of([(top[0], 0.6, low_cap), (silent, -0.4, 1.0)])
+    for spec in (calibrated, reachable):
+        rewards = FeatureReward(spec, sae, model, tok, batch_size=8)([prompt] * 50, completions)
+        assert max(rewards) <= spec.bound.hi + 1e-9
+        at_bound = [r >= spec.bound.hi - 1e-9 for r in rewards]
+        assert at_bound == [all_saturated(spec, c) for c in codes]
+    assert 0 < sum(at_bound) < 50  # the last spec: some completions reach the bound, some do not
 
 
 def as_topk(c: CompletionCode) -> TopKCode:
