@@ -227,10 +227,14 @@ class ArmRun:
             raise GrpoError(f"{adapter_dir}/{ARM_RUN_FILE} is not a saved arm run: {exc}") from exc
 
 
-def run_key(settings: GrpoSettings, arm: Arm, prompts: Sequence[str], golds: Sequence[float | int]) -> str:
-    """What a saved arm must match to be reused: the settings, the arm's weights and the exact prompts/golds."""
+def run_key(
+    settings: GrpoSettings, arm: Arm, prompts: Sequence[str], golds: Sequence[float | int], cache_tag: str = ""
+) -> str:
+    """What a saved arm must match to be reused: the settings, the arm's weights, the exact prompts/golds,
+    and ``cache_tag`` (what the arguments cannot show, see :func:`train_arm`)."""
     blob = json.dumps(
         {
+            "cache_tag": cache_tag,
             "settings": asdict(settings),
             "arm": asdict(arm),
             "prompts": list(prompts),
@@ -295,6 +299,8 @@ def train_arm(
     feature_reward_factory: FeatureRewardFactory,
     out_dir: str | os.PathLike[str],
     progress: bool = True,
+    *,
+    cache_tag: str = "",
 ) -> ArmRun:
     """Train one arm with TRL's GRPO on ``prompts`` (chat-templated text) and save its adapter.
 
@@ -303,11 +309,13 @@ def train_arm(
     weighted by the arm. The feature reward is built by ``feature_reward_factory(policy)`` from the
     peft-wrapped policy, so it can read the frozen base through ``disable_adapter()`` without a
     second copy of the model. Saved to ``out_dir/<arm slug>/``; a complete saved arm with the same
-    :func:`run_key` is reloaded instead (``ArmRun.resumed``).
+    :func:`run_key` is reloaded instead (``ArmRun.resumed``). Neither the model factory nor the
+    feature reward can be hashed, so ``cache_tag`` names them (e.g. the base model, the SAE
+    checkpoint's hash and the chosen features): change it and the arm is trained again.
     """
     if len(prompts) != len(golds) or not prompts:
         raise GrpoError(f"need one gold per prompt and at least one prompt, got {len(prompts)} and {len(golds)}")
-    key = run_key(settings, arm, prompts, golds)
+    key = run_key(settings, arm, prompts, golds, cache_tag)
     arm_dir = Path(out_dir) / arm.slug
     saved = load_saved_arm(arm_dir, key)
     if saved is not None:

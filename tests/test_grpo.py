@@ -133,6 +133,7 @@ def test_a_saved_arm_is_reloaded_not_retrained(trained):
     arm_dir = Path(runs[arm.name].adapter_dir)
     assert load_saved_arm(arm_dir, run_key(replace(SETTINGS, steps=3), arm, PROMPTS, GOLDS)) is None
     assert load_saved_arm(arm_dir, run_key(SETTINGS, arm, PROMPTS, [2, 5, 9])) is None
+    assert load_saved_arm(arm_dir, run_key(SETTINGS, arm, PROMPTS, GOLDS, cache_tag="sae:other")) is None
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp folders left behind
 
 
