@@ -33,13 +33,11 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
-from torch import Tensor
 
 from mechlib.contrast import FeatureContrast
-from mechlib.hooks import run_to_layer
+from mechlib.feature_codes import CompletionCode, FeatureRewardError, completion_codes
 from mechlib.io import atomic_write_json, read_json
-from mechlib.models import CausalLM, Tokenizer, check_layer, d_model, model_device
-from mechlib.prompts import encode_prompts
+from mechlib.models import CausalLM, Tokenizer, d_model
 from mechlib.sae.model import check_compatible
 from mechlib.stats import cohens_d
 
@@ -50,10 +48,6 @@ Weighting = Literal["equal", "d"]
 WEIGHTINGS: tuple[Weighting, ...] = get_args(Weighting)
 HookModel = Literal["base", "policy"]
 HOOK_MODELS: tuple[HookModel, ...] = get_args(HookModel)
-
-
-class FeatureRewardError(ValueError):
-    """Input the feature reward cannot use; the message names the value or file."""
 
 
 @dataclass(frozen=True)
@@ -172,17 +166,6 @@ def select_features(
     return [(j, w / total) for j, w in pairs]
 
 
-class CompletionCode(NamedTuple):
-    """The SAE's sparse top-k code at each answer position of one completion (CPU tensors)."""
-
-    indices: Tensor  # [n_positions, k] int64 feature ids
-    values: Tensor  # [n_positions, k] float32 activations (>= 0)
-
-    @property
-    def n_positions(self) -> int:
-        return int(self.indices.shape[0])
-
-
 def _mean_codes(codes: Sequence[CompletionCode]) -> tuple[np.ndarray, np.ndarray]:
     """(feature ids that fire anywhere, [n_codes, n_ids] mean-over-positions activations)."""
     ids = np.unique(np.concatenate([c.indices[c.values > 0].numpy() for c in codes] + [np.zeros(0, np.int64)]))
@@ -266,70 +249,8 @@ def calibrate(
 
 
 # --------------------------------------------------------------------------------------------
-# Codes at the answer positions, and the reward
+# Codes at the answer positions (mechlib.feature_codes, re-exported here), and the reward
 # --------------------------------------------------------------------------------------------
-
-
-def _pad_id(tokenizer: Tokenizer) -> int:
-    """Any id fills padding (padded positions come after every real token and are masked out)."""
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
-def completion_codes(
-    model: CausalLM,
-    tokenizer: Tokenizer,
-    sae: TopKSAE,
-    layer: int,
-    prompts: Sequence[str],
-    completions: Sequence[str],
-    completion_ids: Sequence[Sequence[int]] | None = None,
-    batch_size: int = 16,
-) -> list[CompletionCode]:
-    """The SAE's top-k code at each answer position of each prompt + completion (see the module docstring).
-
-    Prompts are tokenised as generation does (:func:`mechlib.prompts.encode_prompts`); a completion
-    by its ``completion_ids`` if given (TRL passes the sampled ids: no re-tokenisation drift), else
-    ``tokenizer(completion, add_special_tokens=False)``. Batches are RIGHT-padded: every real token
-    precedes every pad, so under causal attention (and Qwen 3.5's recurrent layers) no real state
-    sees a pad and positions need no shifting — a completion's code does not depend on its batch.
-    The forward stops at ``layer`` (:func:`mechlib.hooks.run_to_layer`) under ``inference_mode``.
-    Codes stay sparse (k per position): a dense code would be ~65k wide on the study's SAE.
-    """
-    if len(prompts) != len(completions) or (completion_ids is not None and len(completion_ids) != len(prompts)):
-        n_ids = "no" if completion_ids is None else len(completion_ids)
-        raise FeatureRewardError(f"got {len(prompts)} prompts, {len(completions)} completions, {n_ids} completion_ids")
-    if batch_size < 1:
-        raise FeatureRewardError(f"batch_size must be >= 1, got {batch_size}")
-    check_layer(model, layer)
-    check_compatible(sae, d_model(model), layer, source="feature reward SAE")
-    heads = encode_prompts(tokenizer, list(prompts))
-    if any(not h for h in heads):
-        raise FeatureRewardError("every prompt must have at least one token")
-    tails = (
-        [list(t) for t in completion_ids]
-        if completion_ids is not None
-        else [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
-    )
-    # the last completion token generates nothing of the answer: its state is never read
-    seqs = [h + t[:-1] for h, t in zip(heads, tails)]
-    codes = [CompletionCode(torch.zeros(0, sae.k, dtype=torch.long), torch.zeros(0, sae.k)) for _ in seqs]
-    todo = sorted((i for i, t in enumerate(tails) if t), key=lambda i: len(seqs[i]))  # less padding
-    device, sae_device, sae_dtype = model_device(model), model_device(sae), sae.W_enc.dtype
-    with torch.inference_mode():
-        for start in range(0, len(todo), batch_size):
-            batch = todo[start : start + batch_size]
-            width = max(len(seqs[i]) for i in batch)
-            ids = torch.full((len(batch), width), _pad_id(tokenizer), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, i in enumerate(batch):
-                ids[row, : len(seqs[i])] = torch.tensor(seqs[i], dtype=torch.long)
-                mask[row, : len(seqs[i])] = 1
-            h = run_to_layer(model, layer, input_ids=ids.to(device), attention_mask=mask.to(device))
-            for row, i in enumerate(batch):
-                states = h[row, len(heads[i]) - 1 : len(seqs[i])]  # [n completion tokens, d]
-                code = sae.encode(states.to(sae_device, sae_dtype))
-                codes[i] = CompletionCode(code.indices.cpu(), code.values.float().cpu())
-    return codes
 
 
 def score_codes(spec: FeatureRewardSpec, codes: Sequence[CompletionCode]) -> np.ndarray:

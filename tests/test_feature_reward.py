@@ -1,4 +1,5 @@
-"""The SAE-feature reward: equals a hand computation, batch-invariant, bounded, base vs policy, selection."""
+"""The SAE-feature reward: equals a hand computation, batch-invariant, bounded, base vs policy, selection;
+the shared prompt prefix gives the codes of whole sequences."""
 
 from __future__ import annotations
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mechlib import feature_codes
 from mechlib.contrast import FeatureContrast, features_json
+from mechlib.feature_codes import shareable_prefix_len
 from mechlib.feature_reward import (
     CompletionCode,
     FeatureReward,
@@ -22,9 +25,11 @@ from mechlib.feature_reward import (
     score_codes,
     select_features,
 )
-from mechlib.models import decoder_layers
-from mechlib.prompts import encode_prompts
+from mechlib.kv_cache import MIN_SHARED_PREFIX, shared_prefix_len
+from mechlib.models import d_model, decoder_layers
+from mechlib.prompts import build_prompt, encode_prompts
 from mechlib.sae import SAEError, TopKCode, TopKSAE, dense_code
+from mechlib.tiny import tiny_config
 
 LAYER, D_SAE, K = 1, 96, 4
 PROMPTS = ["Q: 2+3?\nA:", "Q: what is 7 times 6?\nA:", "Q: 1?\nA:", "Q: ten minus four, please?\nA:"]
@@ -270,3 +275,100 @@ def test_bad_pairings_fail_clearly(tiny_llama):
         FeatureReward(spec_of([(3, 1.0, 1.0)]), make_sae(), model, tok, hook_model="both")  # type: ignore[arg-type]
     with pytest.raises(FeatureRewardError, match="got 2 prompts, 1 completions"):
         completion_codes(model, tok, make_sae(), LAYER, PROMPTS[:2], COMPLETIONS[:1])
+
+
+# --------------------------------------------------------------------------------------------
+# The prompts' common prefix runs once (mechlib.feature_codes)
+# --------------------------------------------------------------------------------------------
+
+QUESTIONS = ["What is 2+3?", "Tom has 7 pens and buys 6 more. How many pens?", "What is 1?", "Ten minus four?"]
+ANSWERS = [" 5\n#### 5", " 7 + 6 = 13\n#### 13", " 1", " 10 - 4 = 6 so six six six\n#### 6"]
+
+
+def shared_prompts(tok, questions: list[str] = QUESTIONS) -> list[str]:
+    """The book's layout: a long common template (here the manual Gemma format), then the question."""
+    return [build_prompt(tok, q, "gemma_manual") for q in questions]
+
+
+def assert_same_codes(got: list[CompletionCode], want: list[CompletionCode], rtol: float = 1e-4) -> None:
+    assert [c.n_positions for c in got] == [c.n_positions for c in want]
+    for a, b in zip(got, want):
+        assert torch.equal(a.indices, b.indices)
+        scale = max([1.0, *b.values.abs().flatten().tolist()])  # relative to the code's largest activation
+        torch.testing.assert_close(a.values, b.values, rtol=rtol, atol=rtol * scale)
+
+
+def spy_prefix(monkeypatch) -> list[int]:
+    """Record the length of each prefix run once (0: the sequences ran whole)."""
+    lengths: list[int] = []
+    real = feature_codes.run_shared_prefix
+
+    def spy(model, layer, prefix):
+        lengths.append(len(prefix))
+        return real(model, layer, prefix)
+
+    monkeypatch.setattr(feature_codes, "run_shared_prefix", spy)
+    return lengths
+
+
+def test_shared_prefix_gives_the_codes_of_whole_sequences(tiny_llama, monkeypatch):
+    model, tok = tiny_llama
+    sae, prompts = make_sae(), shared_prompts(tok)
+    whole = completion_codes(model, tok, sae, LAYER, prompts, ANSWERS, batch_size=3, share_prefix=False)
+    lengths = spy_prefix(monkeypatch)
+    shared = completion_codes(model, tok, sae, LAYER, prompts, ANSWERS, batch_size=3)
+    heads = encode_prompts(tok, prompts)
+    assert lengths == [shared_prefix_len(heads)] and lengths[0] >= MIN_SHARED_PREFIX  # the template ran once
+    assert_same_codes(shared, whole)
+    # GRPO: completions of ONE prompt share all of it but its last token (the first answer position)
+    same = [prompts[1]] * 4
+    whole = completion_codes(model, tok, sae, LAYER, same, ANSWERS, batch_size=2, share_prefix=False)
+    shared = completion_codes(model, tok, sae, LAYER, same, ANSWERS, batch_size=2)
+    assert lengths[-1] == len(heads[1]) - 1
+    assert_same_codes(shared, whole)
+    # a prompt that is a prefix of another: sharing stops before the shorter one's last token
+    nested = [prompts[2], prompts[2] + " Say it twice."]
+    whole = completion_codes(model, tok, sae, LAYER, nested, ANSWERS[:2], share_prefix=False)
+    assert_same_codes(completion_codes(model, tok, sae, LAYER, nested, ANSWERS[:2]), whole)
+    assert lengths[-1] == len(heads[2]) - 1
+
+
+@pytest.mark.parametrize("arch", ["gemma4", "qwen3_5"])
+def test_shared_prefix_where_caches_differ(arch, tiny_gemma4, tiny_qwen35, monkeypatch):
+    """Sliding windows and KV sharing (Gemma 4) share only where exact; linear attention (Qwen 3.5) never."""
+    model, tok = tiny_gemma4 if arch == "gemma4" else tiny_qwen35
+    sae = make_sae(d_model(model))
+    prompts = shared_prompts(tok)
+    whole = completion_codes(model, tok, sae, LAYER, prompts, ANSWERS, batch_size=2, share_prefix=False)
+    lengths = spy_prefix(monkeypatch)
+    assert_same_codes(completion_codes(model, tok, sae, LAYER, prompts, ANSWERS, batch_size=2), whole)
+    assert lengths == [0]  # Gemma 4's tiny window (8) is shorter than the sequences: whole, as before
+
+
+def test_shared_prefix_on_gemma4_with_a_wide_window(tiny_tok, monkeypatch):
+    """A prefix run only up to the SAE layer serves it, below (1) and above (4) Gemma 4's first
+    full-attention layer (3), whose cache HF reads to size the full layers' masks."""
+    from transformers import Gemma4ForConditionalGeneration
+
+    config = tiny_config("gemma4")
+    config.text_config.sliding_window = 1024
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(config).eval()
+    prompts = shared_prompts(tiny_tok)
+    for layer in (LAYER, 4):  # below and above the first full layer
+        sae = make_sae(d_model(model), layer)
+        whole = completion_codes(model, tiny_tok, sae, layer, prompts, ANSWERS, batch_size=2, share_prefix=False)
+        lengths = spy_prefix(monkeypatch)
+        assert_same_codes(completion_codes(model, tiny_tok, sae, layer, prompts, ANSWERS, batch_size=2), whole)
+        assert lengths[0] >= MIN_SHARED_PREFIX
+
+
+def test_shared_prefix_on_smollm2(smollm2):
+    """The book's model and prompt format (chat template + system prompt + worked example)."""
+    model, tok = smollm2.model, smollm2.tokenizer
+    layer = 3
+    sae = TopKSAE(smollm2.d_model, 256, 8, seed=1, meta={"layer": layer})
+    prompts = [build_prompt(tok, q, "chat_oneshot") for q in QUESTIONS[:3]]
+    whole = completion_codes(model, tok, sae, layer, prompts, ANSWERS[:3], share_prefix=False)
+    assert_same_codes(completion_codes(model, tok, sae, layer, prompts, ANSWERS[:3]), whole)
+    assert shareable_prefix_len(model, encode_prompts(tok, prompts), encode_prompts(tok, prompts)) > 60
