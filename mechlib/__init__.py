@@ -38,6 +38,9 @@ _API: dict[str, str] = {
     "generate_greedy": "mechlib.generate",
     "SteeringVector": "mechlib.steering_vector",
     "logit_lens": "mechlib.lens",
+    # the SAE-feature reward (chapter 08): TRL-compatible, bounded
+    "FeatureReward": "mechlib.feature_reward",
+    "FeatureRewardSpec": "mechlib.feature_reward",
     # the book
     "BookParams": "mechlib.params",
     "load_params": "mechlib.params",
@@ -49,6 +52,8 @@ _API: dict[str, str] = {
 __all__ = [
     "ActivationSource",
     "BookParams",
+    "FeatureReward",
+    "FeatureRewardSpec",
     "HookInfo",
     "LoadedModel",
     "RunPaths",
@@ -73,6 +78,7 @@ if TYPE_CHECKING:  # the same names, for type checkers and editors
     from mechlib import results
     from mechlib.activations import ActivationSource, collect_activations
     from mechlib.book import run_book
+    from mechlib.feature_reward import FeatureReward, FeatureRewardSpec
     from mechlib.generate import generate_greedy
     from mechlib.hooks import run_to_layer
     from mechlib.lens import logit_lens

@@ -73,6 +73,9 @@ class GrpoSettings:
     """KL penalty towards the base model; 0 skips the reference forward pass (cheaper on CPU)."""
     seed: int = 0
     """Seeds the adapter init, the prompt order and the sampling: identical for every arm."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass (TRL's default): saves memory on a large model on a GPU,
+    costs a second forward; off for the small CPU runs."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "prompts_per_step", "num_generations", "max_completion_length", "lora_r", "lora_alpha"):
@@ -361,6 +364,7 @@ def train_arm(
                 logging_steps=1,
                 disable_tqdm=True,  # its bar prints every log dict; _StepBar shows progress instead
                 dataloader_num_workers=0,
+                gradient_checkpointing=settings.gradient_checkpointing,
             )
             trainer = GRPOTrainer(
                 model=policy,

@@ -39,6 +39,9 @@ SaeSource = Literal["train", "pretrained"]
 Task = Literal["arithmetic", "gsm8k"]
 PromptFormat = Literal["chat_template", "chat_oneshot", "gemma_manual"]  # == mechlib.prompts.PROMPT_FORMATS
 ContrastPooling = Literal["last", "mean"]
+RewardWeighting = Literal["equal", "d"]
+RewardFeatures = Literal["chapter05", "answer_tokens"]
+RewardHookModel = Literal["base", "policy"]
 assert typing.get_args(PromptFormat) == PROMPT_FORMATS, "PromptFormat must list mechlib.prompts.PROMPT_FORMATS"
 
 
@@ -173,6 +176,37 @@ class BookParams:
     """The prompt read layer by layer."""
     english_threshold: float = 0.5
     """Share of top-1 tokens that are English words for a layer to count as committed."""
+    # --- 08 feature reward (Stage Gate 1 and GRPO) --------------------------------------
+    reward_helpful: int = 8
+    """Helpful SAE features (more active on correct answers) the reward adds."""
+    reward_harmful: int = 8
+    """Harmful SAE features (more active on wrong answers) the reward subtracts."""
+    reward_weighting: RewardWeighting = "equal"
+    """Feature weights: ``equal``, or proportional to |Cohen's d| on the contrast set (sum |w| = 1 either way)."""
+    reward_cap_quantile: float = 0.9
+    """A feature's contribution saturates at this quantile of its contrast-set activations (bounds the reward)."""
+    reward_features: RewardFeatures = "chapter05"
+    """Which selection GRPO trains with: chapter 05's prompt-state features, or features ranked on answer tokens."""
+    reward_hook_model: RewardHookModel = "base"
+    """The model whose layer the reward reads: the frozen ``base`` model, or the ``policy`` being trained."""
+    grpo_steps: int = 3
+    """GRPO optimiser steps per arm (all arms take the same)."""
+    grpo_prompts_per_step: int = 1
+    """Distinct training questions per step."""
+    grpo_generations: int = 4
+    """Completions sampled per question (the group GRPO compares within; at least 2)."""
+    grpo_max_completion_length: int = 48
+    """Token budget of a sampled completion."""
+    grpo_learning_rate: float = 2e-4
+    """LoRA learning rate."""
+    grpo_lora_r: int = 8
+    """LoRA rank (alpha = 2 r) on the attention projections."""
+    grpo_temperature: float = 1.0
+    """Sampling temperature of the completions."""
+    grpo_feature_weight: float = 0.5
+    """Weight of the feature reward next to correctness (weight 1) in the mixed arm."""
+    grpo_gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less GPU memory on a large model, a second forward's time."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -215,6 +249,12 @@ POSITIVE_INTS = (
     "n_bootstrap",
     "browser_max_latents",
     "browser_contexts",
+    "reward_helpful",
+    "reward_harmful",
+    "grpo_steps",
+    "grpo_prompts_per_step",
+    "grpo_max_completion_length",
+    "grpo_lora_r",
 )
 
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
@@ -314,6 +354,15 @@ def _check_ranges(p: BookParams, source: str) -> None:
         raise ParamsError(f"{source}: need 0 <= lr_floor <= lr and lr > 0, got lr={p.lr}, lr_floor={p.lr_floor}")
     if p.sae_source == "pretrained" and not p.sae_pretrained:
         raise ParamsError(f"{source}: sae_source is 'pretrained' but 'sae_pretrained' is empty")
+    if not 0 < p.reward_cap_quantile <= 1:
+        raise ParamsError(f"{source}: 'reward_cap_quantile' must be in (0, 1], got {p.reward_cap_quantile}")
+    if p.grpo_generations < 2:
+        raise ParamsError(f"{source}: 'grpo_generations' must be >= 2 (GRPO compares completions of a question)")
+    if p.grpo_learning_rate <= 0 or p.grpo_temperature <= 0 or p.grpo_feature_weight < 0:
+        raise ParamsError(
+            f"{source}: need grpo_learning_rate > 0, grpo_temperature > 0 and grpo_feature_weight >= 0, got "
+            f"{p.grpo_learning_rate}, {p.grpo_temperature}, {p.grpo_feature_weight}"
+        )
     if not p.run or "/" in p.run or p.run.startswith("."):
         raise ParamsError(f"{source}: 'run' must be a plain folder name, got {p.run!r}")
 

@@ -16,11 +16,13 @@ from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
+from mechlib.report_reward import section_feature_reward
 from mechlib.results import (
     Baseline,
     ChapterResult,
     Collected,
     Evaluated,
+    FeatureRewardResult,
     Layers,
     Lens,
     RandomControl,
@@ -403,6 +405,7 @@ def render_report(run: str) -> str:
     trained, evaluated = read(paths.metrics, Trained), read(paths.metrics, Evaluated)
     baseline, layers = read(paths.metrics, Baseline), read(paths.metrics, Layers)
     steering, lens = read(paths.metrics, Steering), read(paths.metrics, Lens)
+    reward = read(paths.metrics, FeatureRewardResult)
     header = (
         f"# mechbook report — run `{run}`\n\n"
         f"Model: `{collected.model if collected else '—'}`, SAE layer {collected.layer if collected else '—'}."
@@ -415,6 +418,7 @@ def render_report(run: str) -> str:
         _section_layers(paths, layers) + _findings(layers),
         _section_steering(paths, steering) + _findings(steering),
         _section_lens(paths, lens) + _findings(lens),
+        section_feature_reward(paths, reward) + _findings(reward),
     ]
     return header + "\n" + "\n".join(sections)
 

@@ -6,7 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from mechlib import results
+from mechlib.feature_reward import RewardFeature
+from mechlib.grpo import GrpoSettings, StepLog
+from mechlib.grpo_eval import AccuracyChange
+from mechlib.readouts import ReadoutScore
 from mechlib.sensitivity import PeakUnderRule
+from mechlib.stats import BootstrapCI
 
 
 def _scale_row(cls: type, scale: float, **extra: Any) -> Any:
@@ -225,6 +230,45 @@ EXAMPLES: dict[type, results.ChapterResult] = {
         top_ids=[[1, 2], [3, 4]],
         top_probs=[[0.1, 0.2], [0.3, 0.9]],
         softcap=None,
+    ),
+    results.FeatureRewardResult: results.FeatureRewardResult(
+        finding="Feature reward.",
+        labels="parser",
+        placeholder_labels=0.0,
+        model="tiny",
+        layer=1,
+        hook_model="base",
+        reward_features="chapter05",
+        weighting="equal",
+        cap_quantile=0.9,
+        features=[RewardFeature(3, 0.5, 1.5), RewardFeature(7, -0.5, 2.0)],
+        dropped=[],
+        bound=(-0.5, 0.5),
+        spec_file="checkpoints/feature_reward.json",
+        n_contrast=6,
+        n_heldout=4,
+        stage_gate=[
+            ReadoutScore("SAE reward", 4, 2, 0.4, (-0.5, 1.0), 0.6, 0.75, (0.25, 1.0), 0.6, 100, 100, "higher: correct")
+        ],
+        stage_gate_verdict="Not distinguishable.",
+        grpo=GrpoSettings(steps=1),
+        arms=[
+            results.ArmResult(
+                arm="correctness",
+                correctness_weight=1.0,
+                feature_weight=0.0,
+                steps=[StepLog(1, 0.25, 0.1, 0.25, 20.0, 0.0, 3.0)],
+                train_seconds=3.0,
+                resumed=False,
+                adapter="checkpoints/grpo/correctness",
+                heldout=AccuracyChange(
+                    4, 2, 2, (0.15, 0.85), (0.15, 0.85), 0, 0, 1.0, BootstrapCI(0.0, 0.0, 0.0, 0.95, 10)
+                ),
+                records="records/grpo_correctness.jsonl",
+                hacking=False,
+            )
+        ],
+        training_verdict="No change.",
     ),
 }
 

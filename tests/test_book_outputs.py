@@ -206,6 +206,7 @@ def test_every_metrics_file_reads_back_into_its_class_unchanged(cls):
         "05_contrastive_layers",
         "06_steering",
         "07_logit_lens",
+        "08_feature_reward",
     ],
 )
 def test_every_chapter_states_what_it_found(chapter):

@@ -23,10 +23,11 @@ EXPECTED = [
     "05_contrastive_layers",
     "06_steering",
     "07_logit_lens",
+    "08_feature_reward",
 ]
 
 
-def test_the_seven_chapters_exist_in_order():
+def test_the_eight_chapters_exist_in_order():
     assert [c.name for c in CHAPTERS] == EXPECTED
 
 

@@ -229,7 +229,14 @@ def test_each_chapters_finding_closes_its_section(run_dir):
     text = report.render_report("r")
     assert "**What this run found (chapter 03).** The SAE explains 0.700." in text
     assert text.index("chapter 03).**") < text.index("## Baseline")
-    assert text.rstrip().endswith("**What this run found (chapter 07).** English from layer 3.")
+    lens = text.index("**What this run found (chapter 07).** English from layer 3.")
+    assert lens < text.index("## Feature reward") and "(chapter 03)" not in text[lens:]
+    write("08_feature_reward", {"finding": "The reward predicted correctness."})
+    assert (
+        report.render_report("r")
+        .rstrip()
+        .endswith("**What this run found (chapter 08).** The reward predicted correctness.")
+    )
 
 
 def test_write_report_is_atomic_and_lands_in_the_run(run_dir):

@@ -47,7 +47,7 @@ def run(tmp_path, monkeypatch) -> RunPaths:
 
 def test_every_chapter_has_an_example_and_a_distinct_file():
     assert set(EXAMPLES) == set(CLASSES)
-    assert len({cls.FILE for cls in CLASSES}) == len(CLASSES) == 7
+    assert len({cls.FILE for cls in CLASSES}) == len(CLASSES) == 8
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=IDS)

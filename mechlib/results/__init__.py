@@ -16,6 +16,7 @@ file                       class                                chapter
 ``05_contrastive_…json``   :class:`Layers`                      contrastive layers
 ``06_steering.json``       :class:`Steering`                    CAA steering
 ``07_logit_lens.json``     :class:`Lens`                        logit lens
+``08_feature_reward.json`` :class:`FeatureRewardResult`         feature reward, Stage Gate 1, GRPO
 =========================  ===================================  =================
 """
 
@@ -28,6 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 from mechlib.io import atomic_write_json
 from mechlib.results.codec import Json, Record, ResultsError, copy_fields
 from mechlib.results.gsm8k import Accuracy, Baseline, Layers, Lens, RuleCount
+from mechlib.results.reward import ArmResult, FeatureRewardResult
 from mechlib.results.sae import CardSnippet, Collected, Evaluated, Example, FeatureExamples, Trained
 from mechlib.results.steering import (
     CardHookSummary,
@@ -45,13 +47,23 @@ from mechlib.results.steering import (
 if TYPE_CHECKING:
     from mechlib.paths import RunPaths
 
-ChapterResult = Collected | Trained | Evaluated | Baseline | Layers | Steering | Lens
-CHAPTER_RESULTS: tuple[type[ChapterResult], ...] = (Collected, Trained, Evaluated, Baseline, Layers, Steering, Lens)
-R = TypeVar("R", Collected, Trained, Evaluated, Baseline, Layers, Steering, Lens)
+ChapterResult = Collected | Trained | Evaluated | Baseline | Layers | Steering | Lens | FeatureRewardResult
+CHAPTER_RESULTS: tuple[type[ChapterResult], ...] = (
+    Collected,
+    Trained,
+    Evaluated,
+    Baseline,
+    Layers,
+    Steering,
+    Lens,
+    FeatureRewardResult,
+)
+R = TypeVar("R", Collected, Trained, Evaluated, Baseline, Layers, Steering, Lens, FeatureRewardResult)
 
 __all__ = [
     "CHAPTER_RESULTS",
     "Accuracy",
+    "ArmResult",
     "Baseline",
     "CardHookSummary",
     "CardSnippet",
@@ -60,6 +72,7 @@ __all__ = [
     "Evaluated",
     "Example",
     "FeatureExamples",
+    "FeatureRewardResult",
     "Json",
     "Layers",
     "Lens",

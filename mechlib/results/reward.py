@@ -1,0 +1,62 @@
+"""Chapter 08: the SAE-feature reward, its Stage Gate 1 readouts, and the three GRPO arms.
+
+The rows are the domain types themselves where they are already frozen dataclasses of JSON-able
+fields (:class:`mechlib.feature_reward.RewardFeature`, :class:`mechlib.readouts.ReadoutScore`,
+:class:`mechlib.grpo.StepLog`, :class:`mechlib.grpo.GrpoSettings`,
+:class:`mechlib.grpo_eval.AccuracyChange`), so what the chapter computed is what the file holds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mechlib.feature_reward import RewardFeature
+from mechlib.grpo import GrpoSettings, StepLog
+from mechlib.grpo_eval import AccuracyChange
+from mechlib.readouts import ReadoutScore
+from mechlib.results.codec import Record
+
+
+@dataclass(frozen=True)
+class ArmResult(Record):
+    """One GRPO arm: its reward weights, the per-step training log, and held-out accuracy before → after."""
+
+    arm: str  # correctness | correctness+feature | feature
+    correctness_weight: float
+    feature_weight: float
+    steps: list[StepLog]
+    train_seconds: float
+    resumed: bool  # reloaded from a saved adapter with the same settings, not trained in this run
+    adapter: str  # the LoRA adapter's folder, relative to the run
+    heldout: AccuracyChange  # chapter 04's greedy answers (before) vs the adapted model's (after), paired
+    records: str  # the adapted model's held-out answers (JSONL), relative to the run
+    hacking: bool  # the feature reward rose over training while held-out accuracy did not
+
+
+@dataclass(frozen=True)
+class FeatureRewardResult(Record):
+    """``metrics/08_feature_reward.json``."""
+
+    FILE: ClassVar[str] = "08_feature_reward"
+
+    finding: str
+    labels: str  # parser | placeholder
+    placeholder_labels: float
+    model: str
+    layer: int  # the SAE's layer, where the reward reads the residual stream
+    hook_model: str  # base | policy: whose residual stream the reward reads during GRPO
+    reward_features: str  # chapter05 | answer_tokens: the selection GRPO trained with
+    weighting: str
+    cap_quantile: float
+    features: list[RewardFeature]  # the trained-with selection, after calibration
+    dropped: list[int]  # selected features that never fired on the contrast answers
+    bound: tuple[float, float]  # every completion's reward lies in [lo, hi]
+    spec_file: str
+    n_contrast: int
+    n_heldout: int
+    stage_gate: list[ReadoutScore]  # the feature rewards first, then the simpler readouts
+    stage_gate_verdict: str
+    grpo: GrpoSettings
+    arms: list[ArmResult]
+    training_verdict: str

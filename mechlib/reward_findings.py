@@ -1,0 +1,182 @@
+"""Chapter 08's tables, verdicts and finding, written from the run's numbers.
+
+Why a module: the notebook should read as a paper section, and the sentences it prints (and
+``REPORT.md`` repeats) must follow the numbers when a rerun changes them — so the rules that turn
+numbers into words live here, in one place, with tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from mechlib.feature_reward import Calibration, FeatureRewardSpec
+from mechlib.grpo import ArmRun, GrpoSettings
+from mechlib.grpo_eval import AccuracyChange
+from mechlib.io import sha256_file
+from mechlib.paths import RunPaths
+from mechlib.plots_reward import ArmAccuracy
+from mechlib.readouts import ReadoutScore
+from mechlib.results.reward import ArmResult
+
+SELECTIONS = {
+    "chapter05": "chapter 05's features (last prompt token)",
+    "answer_tokens": "features ranked on the contrast answers",
+}
+READOUT_NAMES = {"chapter05": "SAE reward, chapter 05 features", "answer_tokens": "SAE reward, answer-token features"}
+ALPHA = 0.05
+MIN_TREND_STEPS = 10  # fewer steps than this: a curve's rise cannot be told from sampling noise
+
+
+def feature_table(spec: FeatureRewardSpec) -> str:
+    """The reward's features, one line each: id, signed weight and cap."""
+    lines = [f"{'feature':>8} {'weight':>8} {'cap':>8}"]
+    lines += [f"{f.feature:>8} {f.weight:>+8.3f} {f.cap:>8.3f}" for f in spec.features]
+    return "\n".join(lines)
+
+
+def selection_summary(calibrated: Mapping[str, Calibration], trained: str) -> str:
+    """Each selection's features after calibration, with its bound and what was dropped; marks the one GRPO uses."""
+    out = []
+    for name, cal in calibrated.items():
+        lo, hi = cal.spec.bound
+        mark = "  <- GRPO trains with this one" if name == trained else ""
+        out.append(f"{SELECTIONS[name]}: {len(cal.spec.features)} features, bound [{lo:+.2f}, {hi:+.2f}]{mark}")
+        if cal.dropped:
+            out.append(f"  dropped (never fire on the contrast answers): {list(cal.dropped)}")
+        out.append("  " + feature_table(cal.spec).replace("\n", "\n  "))
+    return "\n".join(out)
+
+
+def arm_cache_tag(model: str, dtype: str, hook_model: str, spec_file: Path, sae_path: str) -> str:
+    """What a saved GRPO arm depends on beyond its settings and prompts (:func:`mechlib.grpo.train_arm`'s
+    ``cache_tag``): the base model, the reward's features and caps, and the SAE's bytes — a change in any
+    retrains the arm instead of reloading a stale adapter."""
+    sae = sha256_file(sae_path) if Path(sae_path).is_file() else sae_path  # a hub SAE: its hf: address
+    return f"{model}|{dtype}|{hook_model}|{sha256_file(spec_file)}|{sae}"
+
+
+def _half_trend(values: Sequence[float]) -> float | None:
+    """Mean of the second half of a curve minus the mean of its first half (None below 2 points)."""
+    finite = [v for v in values if v == v]
+    if len(finite) < 2:
+        return None
+    h = len(finite) // 2
+    return sum(finite[-h:]) / h - sum(finite[:h]) / h
+
+
+def _improved(change: AccuracyChange) -> bool:
+    return change.k_after > change.k_before and change.p_mcnemar < ALPHA
+
+
+def arm_result(run: ArmRun, change: AccuracyChange, paths: RunPaths) -> ArmResult:
+    """The metrics row of one arm. ``hacking``: the arm was rewarded for the features, its feature reward
+    rose over training, and its held-out accuracy did not improve significantly."""
+    trend = _half_trend([s.feature_mean for s in run.steps])
+    rewarded = run.arm.feature_weight > 0
+    return ArmResult(
+        arm=run.arm.name,
+        correctness_weight=run.arm.correctness_weight,
+        feature_weight=run.arm.feature_weight,
+        steps=list(run.steps),
+        train_seconds=run.train_seconds,
+        resumed=run.resumed,
+        adapter=_relative(run.adapter_dir, paths),
+        heldout=change,
+        records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
+        hacking=bool(rewarded and trend is not None and trend > 0 and not _improved(change)),
+    )
+
+
+def _relative(path: str | Path, paths: RunPaths) -> str:
+    p = Path(path)
+    try:
+        return str(p.resolve().relative_to(paths.root.resolve()))
+    except ValueError:
+        return str(p)
+
+
+def curve(arm: ArmResult) -> tuple[list[int], list[float], list[float]]:
+    """(steps, sampled accuracy, mean feature reward) of an arm, for the training-curves figure."""
+    return [s.step for s in arm.steps], [s.correct_mean for s in arm.steps], [s.feature_mean for s in arm.steps]
+
+
+def accuracy_row(arm: ArmResult) -> ArmAccuracy:
+    h = arm.heldout
+    return ArmAccuracy(arm.arm, h.n, h.accuracy_before, h.ci_before, h.accuracy_after, h.ci_after)
+
+
+def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
+    """Held-out accuracy before → after per arm, with the training curves' first and last steps."""
+    head = (
+        f"{len(arms)} arms × {settings.steps} steps × {settings.prompts_per_step} question(s) × "
+        f"{settings.num_generations} samples (LoRA r {settings.lora_r}, lr {settings.learning_rate:g})\n"
+    )
+    lines = [
+        f"{'arm':>20} {'w_ok':>5} {'w_feat':>6} {'before':>16} {'after':>16} {'b':>3} {'c':>3} {'McNemar p':>9} "
+        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'train s':>7}"
+    ]
+    for a in arms:
+        h = a.heldout
+        first, last = a.steps[0], a.steps[-1]
+        lines.append(
+            f"{a.arm:>20} {a.correctness_weight:>5g} {a.feature_weight:>6g} "
+            f"{_acc(h.k_before, h.n, h.ci_before):>16} {_acc(h.k_after, h.n, h.ci_after):>16} {h.b:>3} {h.c:>3} "
+            f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} "
+            f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.train_seconds:>6.1f}"
+            + (" (reloaded)" if a.resumed else "")
+        )
+    return head + "\n".join(lines)
+
+
+def _acc(k: int, n: int, ci: tuple[float, float]) -> str:
+    return f"{k / n:.2f} [{ci[0]:.2f}, {ci[1]:.2f}]"
+
+
+def training_verdict(arms: Sequence[ArmResult]) -> str:
+    """Whether any arm changed held-out accuracy, and whether reward hacking showed, in plain words."""
+    if not arms:
+        return "No GRPO arm ran."
+    n_steps = len(arms[0].steps)
+    parts = []
+    for a in arms:
+        h = a.heldout
+        sign = "rose" if h.k_after > h.k_before else "fell" if h.k_after < h.k_before else "stayed"
+        sig = "significantly" if h.p_mcnemar < ALPHA else "not significantly"
+        parts.append(
+            f"{a.arm}: held-out accuracy {sign} from {h.k_before}/{h.n} to {h.k_after}/{h.n} "
+            f"({sig}: McNemar p = {h.p_mcnemar:.3f}, {h.b} fixed, {h.c} broken)"
+        )
+    text = "; ".join(parts) + "."
+    hacked = [a.arm for a in arms if a.hacking]
+    if hacked:
+        text += (
+            f" Reward-hacking signature in {', '.join(hacked)}: the feature reward rose over training while held-out "
+            "accuracy did not improve."
+        )
+    else:
+        text += " No arm showed the reward-hacking signature (feature reward rising while accuracy does not)."
+    if n_steps < MIN_TREND_STEPS:
+        text += (
+            f" With {n_steps} steps per arm the curves are too short to tell a trend from sampling noise: this is a "
+            "demonstration that the loop runs, not a test of whether the feature reward helps."
+        )
+    return text
+
+
+def reward_finding(trained: ReadoutScore, gate_verdict: str, arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
+    """The chapter's "What this run found": Stage Gate 1, then what training on the reward did."""
+    gate = (
+        f"Stage Gate 1 ({trained.name}, {trained.n} held-out answers): AUROC {_num(trained.auroc)} "
+        f"[{_ci(trained.auroc_ci)}], Spearman ρ {_num(trained.spearman_rho)}, permutation p "
+        f"{_num(trained.auroc_p_perm)}. {gate_verdict}"
+    )
+    return f"{gate} GRPO ({settings.steps} steps per arm): {training_verdict(arms)}"
+
+
+def _num(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def _ci(ci: tuple[float, float] | None) -> str:
+    return "—" if ci is None else f"{ci[0]:.2f}, {ci[1]:.2f}"
