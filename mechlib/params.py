@@ -189,7 +189,7 @@ class BookParams:
     """Which selection GRPO trains with: chapter 05's prompt-state features, or features ranked on answer tokens."""
     reward_hook_model: RewardHookModel = "base"
     """The model whose layer the reward reads: the frozen ``base`` model, or the ``policy`` being trained."""
-    grpo_steps: int = 3
+    grpo_steps: int = 2
     """GRPO optimiser steps per arm (all arms take the same)."""
     grpo_prompts_per_step: int = 1
     """Distinct training questions per step."""
@@ -201,8 +201,9 @@ class BookParams:
     """LoRA learning rate."""
     grpo_lora_r: int = 8
     """LoRA rank (alpha = 2 r) on the attention projections."""
-    grpo_temperature: float = 1.0
-    """Sampling temperature of the completions."""
+    grpo_temperature: float = 0.7
+    """Sampling temperature of the completions (0.7: the small model gets some samples right, so correctness
+    varies within a group and gives GRPO a signal; at 1.0 it rarely does)."""
     grpo_feature_weight: float = 0.5
     """Weight of the feature reward next to correctness (weight 1) in the mixed arm."""
     grpo_gradient_checkpointing: bool = False

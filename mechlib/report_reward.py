@@ -18,6 +18,10 @@ def _ci(ci: tuple[float, float] | None) -> str:
     return "—" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
+def _yes_no(flag: bool | None) -> str:
+    return "— (too few steps)" if flag is None else "yes" if flag else "no"
+
+
 def section_feature_reward(paths: RunPaths, m: FeatureRewardResult | None) -> str:
     """The section's Markdown; "not run" when chapter 08 has not written its metrics."""
     if m is None:
@@ -42,7 +46,7 @@ def section_feature_reward(paths: RunPaths, m: FeatureRewardResult | None) -> st
         arms.append(
             f"| {a.arm} | {a.correctness_weight:g}, {a.feature_weight:g} | {h.k_before}/{h.n} {_ci(h.ci_before)} "
             f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {h.p_mcnemar:.3f} "
-            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f} | {'yes' if a.hacking else 'no'} |"
+            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f} | {_yes_no(a.hacking)} |"
         )
     g = m.grpo
     figs = sorted(paths.figures.glob("08_*.png"))

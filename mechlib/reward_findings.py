@@ -23,7 +23,7 @@ SELECTIONS = {
     "chapter05": "chapter 05's features (last prompt token)",
     "answer_tokens": "features ranked on the contrast answers",
 }
-READOUT_NAMES = {"chapter05": "SAE reward, chapter 05 features", "answer_tokens": "SAE reward, answer-token features"}
+READOUT_NAMES = {"chapter05": "SAE reward (chapter 05 features)", "answer_tokens": "SAE reward (answer-token features)"}
 ALPHA = 0.05
 MIN_TREND_STEPS = 10  # fewer steps than this: a curve's rise cannot be told from sampling noise
 
@@ -71,9 +71,10 @@ def _improved(change: AccuracyChange) -> bool:
 
 def arm_result(run: ArmRun, change: AccuracyChange, paths: RunPaths) -> ArmResult:
     """The metrics row of one arm. ``hacking``: the arm was rewarded for the features, its feature reward
-    rose over training, and its held-out accuracy did not improve significantly."""
+    rose over training, and its held-out accuracy did not improve significantly; ``None`` (cannot tell)
+    with fewer than :data:`MIN_TREND_STEPS` steps or for an arm not rewarded for the features."""
     trend = _half_trend([s.feature_mean for s in run.steps])
-    rewarded = run.arm.feature_weight > 0
+    readable = run.arm.feature_weight > 0 and trend is not None and len(run.steps) >= MIN_TREND_STEPS
     return ArmResult(
         arm=run.arm.name,
         correctness_weight=run.arm.correctness_weight,
@@ -84,7 +85,7 @@ def arm_result(run: ArmRun, change: AccuracyChange, paths: RunPaths) -> ArmResul
         adapter=_relative(run.adapter_dir, paths),
         heldout=change,
         records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
-        hacking=bool(rewarded and trend is not None and trend > 0 and not _improved(change)),
+        hacking=None if not readable or trend is None else bool(trend > 0 and not _improved(change)),
     )
 
 
@@ -148,20 +149,22 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
             f"({sig}: McNemar p = {h.p_mcnemar:.3f}, {h.b} fixed, {h.c} broken)"
         )
     text = "; ".join(parts) + "."
+    if n_steps < MIN_TREND_STEPS:
+        return text + (
+            f" With {n_steps} steps per arm the curves are too short to tell a trend from sampling noise, so whether "
+            "reward hacking happened cannot be read here: this is a demonstration that the loop runs, not a test of "
+            "whether the feature reward helps."
+        )
     hacked = [a.arm for a in arms if a.hacking]
     if hacked:
-        text += (
+        return text + (
             f" Reward-hacking signature in {', '.join(hacked)}: the feature reward rose over training while held-out "
             "accuracy did not improve."
         )
-    else:
-        text += " No arm showed the reward-hacking signature (feature reward rising while accuracy does not)."
-    if n_steps < MIN_TREND_STEPS:
-        text += (
-            f" With {n_steps} steps per arm the curves are too short to tell a trend from sampling noise: this is a "
-            "demonstration that the loop runs, not a test of whether the feature reward helps."
-        )
-    return text
+    return (
+        text + " No arm rewarded for the features showed the reward-hacking signature (feature reward rising while "
+        "accuracy does not)."
+    )
 
 
 def reward_finding(trained: ReadoutScore, gate_verdict: str, arms: Sequence[ArmResult], settings: GrpoSettings) -> str:

@@ -60,13 +60,13 @@ reward_weighting = "equal"
 reward_cap_quantile = 0.9
 reward_features = "chapter05"
 reward_hook_model = "base"
-grpo_steps = 3
+grpo_steps = 2
 grpo_prompts_per_step = 1
 grpo_generations = 4
 grpo_max_completion_length = 48
 grpo_learning_rate = 2e-4
 grpo_lora_r = 8
-grpo_temperature = 1.0
+grpo_temperature = 0.7
 grpo_feature_weight = 0.5
 grpo_gradient_checkpointing = False
 
@@ -208,13 +208,13 @@ gate = [
     for name, s in readout_scores.items()
 ]
 trained_row = gate[list(calibrated).index(P.reward_features)]
-gate_verdict = placeholder.mark_text(readouts.stage_gate_verdict(trained_row, gate[2:]), P.placeholder_labels)
+gate_verdict = readouts.stage_gate_verdict(trained_row, gate[2:])
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(placeholder.banner_line(P.placeholder_labels), end="")
 print(f"held-out answers: {len(held)} ({int(y_held.sum())} correct)\n{readouts.stage_gate_table(gate)}\n")
-print(textwrap.fill(gate_verdict, 110))
+print(textwrap.fill(placeholder.mark_text(gate_verdict, P.placeholder_labels), 110))
 
 # %% [markdown]
 # ## GRPO: three arms, same seeds, same steps
@@ -295,13 +295,13 @@ changes = {
     for name, recs in after.items()
 }
 arm_results = [reward_findings.arm_result(r, changes[r.arm.name], paths) for r in runs]
-train_verdict = placeholder.mark_text(reward_findings.training_verdict(arm_results), P.placeholder_labels)
+train_verdict = reward_findings.training_verdict(arm_results)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(placeholder.banner_line(P.placeholder_labels), end="")
 print(reward_findings.arm_table(arm_results, settings) + "\n")
-print(textwrap.fill(train_verdict, 110))
+print(textwrap.fill(placeholder.mark_text(train_verdict, P.placeholder_labels), 110))
 
 # %%
 fig, _ = plots_reward.plot_feature_reward_summary(
@@ -343,10 +343,10 @@ _ = results.save(
         n_contrast=len(split.contrast_ids),
         n_heldout=len(held),
         stage_gate=gate,
-        stage_gate_verdict=gate_verdict,
+        stage_gate_verdict=placeholder.mark_text(gate_verdict, P.placeholder_labels),
         grpo=settings,
         arms=arm_results,
-        training_verdict=train_verdict,
+        training_verdict=placeholder.mark_text(train_verdict, P.placeholder_labels),
     ),
 )
 print(f"chapter 08 done in {time.time() - t0:.1f} s")
