@@ -166,14 +166,54 @@ def test_logit_lens_metrics():
     assert e is None or 0 <= e < m["n_layers"]
 
 
+def test_feature_reward_chapter_is_consistent():
+    """Chapter 08 (issue 18): the reward is bounded, the Stage Gate scores the held-out answers, every arm took the
+    same steps, and "before" is chapter 04's held-out accuracy."""
+    m, base = metrics("08_feature_reward"), metrics("04_gsm8k_baseline")
+    lo, hi = m["bound"]
+    assert -1 <= lo < 0 < hi <= 1 and math.isclose(sum(abs(f["weight"]) for f in m["features"]), 1.0, rel_tol=1e-6)
+    assert all(f["cap"] > 0 for f in m["features"])
+    assert (PATHS.root / m["spec_file"]).is_file()
+    assert m["n_heldout"] == PARAMS.n_heldout == len(base["heldout_ids"])
+    names = [r["name"] for r in m["stage_gate"]]
+    assert names[-2:] == ["CAA projection", "answer length (tokens)"] and len(names) == 4
+    for row in m["stage_gate"]:
+        assert row["n"] == PARAMS.n_heldout and 0 <= row["auroc"] <= 1
+        assert row["auroc_ci"][0] <= row["auroc"] <= row["auroc_ci"][1]
+        assert 0 < row["auroc_p_perm"] <= 1
+    caa = metrics("05_contrastive_layers")
+    assert math.isclose(m["stage_gate"][2]["spearman_rho"], caa["spearman_rho"], abs_tol=1e-9)  # the same readout
+    assert [a["arm"] for a in m["arms"]] == ["correctness", "correctness+feature", "feature"]
+    held_correct = sum(1 for i in base["heldout_ids"] for r in _baseline_records() if r["id"] == i and r["correct"])
+    for a in m["arms"]:
+        assert len(a["steps"]) == PARAMS.grpo_steps == m["grpo"]["steps"]
+        h = a["heldout"]
+        assert h["n"] == PARAMS.n_heldout and h["k_before"] == held_correct
+        assert h["k_after"] - h["k_before"] == h["b"] - h["c"]
+        assert (PATHS.root / a["adapter"] / "adapter_model.safetensors").is_file()
+        assert len((PATHS.root / a["records"]).read_text().splitlines()) == PARAMS.n_heldout
+    assert "Stage Gate 1" in m["finding"] and "GRPO" in m["finding"]
+
+
+def _baseline_records() -> list[dict]:
+    return [json.loads(line) for line in (PATHS.records / "baseline.jsonl").read_text().splitlines() if line]
+
+
 def test_report_and_figures():
     text = PATHS.report.read_text()
-    for heading in ("SAE training metrics", "Baseline accuracy", "Contrastive layers", "CAA steering", "Logit lens"):
+    for heading in (
+        "SAE training metrics",
+        "Baseline accuracy",
+        "Contrastive layers",
+        "CAA steering",
+        "Logit lens",
+        "Feature reward",
+    ):
         assert heading in text
     assert "not run" not in text
     assert "### The peak under each scoring rule" in text and "### Each row under each scoring rule" in text
     figures = sorted(p.name[:2] for p in PATHS.figures.glob("*.png"))
-    for chapter in ("02", "03", "05", "06", "07"):
+    for chapter in ("02", "03", "05", "06", "07", "08"):
         assert chapter in figures, f"no figure from chapter {chapter}"
 
 

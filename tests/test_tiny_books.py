@@ -37,6 +37,7 @@ CHAPTERS = [
     "05_contrastive_layers",
     "06_steering",
     "07_logit_lens",
+    "08_feature_reward",
 ]
 
 
@@ -64,7 +65,7 @@ def test_every_chapter_ran_and_recorded_its_device(book):
         assert d["device"] in ("cpu", "cuda"), chapter
         assert (d["peak_gpu_bytes"] is None) == (d["device"] == "cpu"), chapter
     report = (paths.root / "REPORT.md").read_text()
-    assert "| 07_logit_lens |" in report and ("| cpu (" in report or "| cuda (" in report)
+    assert "| 08_feature_reward |" in report and ("| cpu (" in report or "| cuda (" in report)
 
 
 def test_placeholder_labels_are_the_seeded_fraction(book):
@@ -90,6 +91,22 @@ def test_every_output_of_chapters_05_and_06_says_placeholder(book):
     for name in ("05_contrastive_layers", "06_steering"):
         nb = (paths.notebooks / f"{name}.ipynb").read_text()
         assert nb.count("PLACEHOLDER LABELS") >= 3, name  # tables, figure title, finding
+
+
+def test_the_feature_reward_chapter_runs_on_the_architecture_and_says_placeholder(book):
+    """Chapter 08 on the study's classes: the SAE reward hooks the layer, TRL trains a LoRA adapter per arm (LoRA on
+    Gemma 4's / Qwen 3.5's attention projections), and every text of the chapter is marked placeholder."""
+    params, paths = book
+    m = load(paths, "08_feature_reward")
+    assert m["labels"] == "placeholder" and m["layer"] == params.layer
+    for text in (m["finding"], m["stage_gate_verdict"], m["training_verdict"]):
+        assert text.startswith("PLACEHOLDER LABELS") and text.count("PLACEHOLDER LABELS") == 1
+    assert [len(a["steps"]) for a in m["arms"]] == [params.grpo_steps] * 3
+    for a in m["arms"]:
+        assert (paths.root / a["adapter"] / "adapter_model.safetensors").is_file()
+        assert a["heldout"]["n"] == params.n_heldout
+    nb = (paths.notebooks / "08_feature_reward.ipynb").read_text()
+    assert nb.count("PLACEHOLDER LABELS") >= 3  # tables, figure title, finding
 
 
 def test_the_contrast_and_lens_cover_every_layer_of_the_architecture(book):

@@ -1,0 +1,94 @@
+"""Chapter 08's words follow its numbers: verdicts, the reward-hacking flag, the arms' cache tag, the REPORT section."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from mechlib import reward_findings as rf
+from mechlib.feature_reward import FeatureRewardSpec, RewardFeature
+from mechlib.grpo import Arm, ArmRun, GrpoSettings, StepLog
+from mechlib.grpo_eval import AccuracyChange
+from mechlib.paths import RunPaths
+from mechlib.report_reward import section_feature_reward
+from mechlib.stats import BootstrapCI
+
+
+@pytest.fixture
+def paths(tmp_path, monkeypatch) -> RunPaths:
+    from mechlib import paths as paths_module
+
+    monkeypatch.setattr(paths_module, "OUTPUTS_DIR", tmp_path)
+    return RunPaths("r").make()
+
+
+def _run(arm: Arm, features: list[float], paths: RunPaths) -> ArmRun:
+    steps = tuple(StepLog(i + 1, 0.25, f, 0.25, 20.0, 0.0, 1.0) for i, f in enumerate(features))
+    return ArmRun(arm, GrpoSettings(steps=len(features)), "tiny", "k", steps, str(paths.checkpoints / arm.slug), 3.0)
+
+
+def _change(k_before: int, k_after: int, b: int, c: int, p: float, n: int = 50) -> AccuracyChange:
+    return AccuracyChange(n, k_before, k_after, (0.1, 0.5), (0.1, 0.5), b, c, p, BootstrapCI(0.0, -0.1, 0.1, 0.95, 10))
+
+
+RISING = [0.0] * 6 + [0.2] * 6  # 12 steps: enough to read a trend
+FEATURE_ARM = Arm("feature", 0.0, 1.0)
+
+
+def test_a_rising_feature_reward_without_accuracy_is_flagged_as_hacking(paths):
+    a = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 19, 0, 0, 1.0), paths)
+    assert a.hacking is True
+    assert a.adapter == "checkpoints/feature" and a.records == "records/grpo_feature.jsonl"
+    assert "Reward-hacking signature in feature" in rf.training_verdict([a])
+
+
+def test_no_hacking_when_accuracy_improved_or_the_reward_fell(paths):
+    improved = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), paths)
+    falling = rf.arm_result(_run(FEATURE_ARM, RISING[::-1], paths), _change(19, 19, 0, 0, 1.0), paths)
+    assert improved.hacking is False and falling.hacking is False
+    assert "No arm rewarded for the features showed" in rf.training_verdict([improved, falling])
+
+
+def test_too_few_steps_or_an_unrewarded_arm_cannot_tell(paths):
+    short = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), paths)
+    unrewarded = rf.arm_result(_run(Arm("correctness", 1.0, 0.0), RISING, paths), _change(19, 19, 0, 0, 1.0), paths)
+    assert short.hacking is None and unrewarded.hacking is None
+    text = rf.training_verdict([short])
+    assert "too short to tell a trend" in text and "Reward-hacking signature" not in text
+    assert "stayed from 19/50 to 19/50 (not significantly: McNemar p = 1.000" in text
+
+
+def test_verdict_words_follow_the_direction_and_significance(paths):
+    up = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), paths)
+    down = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 17, 1, 3, 0.625), paths)
+    assert "rose from 19/50 to 30/50 (significantly" in rf.training_verdict([up])
+    assert "fell from 19/50 to 17/50 (not significantly" in rf.training_verdict([down])
+
+
+def test_cache_tag_changes_with_the_reward_spec_and_the_sae(tmp_path):
+    spec = FeatureRewardSpec(1, (RewardFeature(3, 0.5, 1.0), RewardFeature(4, -0.5, 1.0)), "s", "equal", 0.9, 6)
+    spec_file, sae = tmp_path / "spec.json", tmp_path / "sae.pt"
+    spec.save(spec_file)
+    sae.write_bytes(b"sae one")
+    tag = rf.arm_cache_tag("m", "float32", "base", spec_file, str(sae))
+    assert tag == rf.arm_cache_tag("m", "float32", "base", spec_file, str(sae))
+    dataclasses.replace(spec, features=(RewardFeature(3, 0.5, 2.0), RewardFeature(4, -0.5, 1.0))).save(spec_file)
+    tag_cap = rf.arm_cache_tag("m", "float32", "base", spec_file, str(sae))
+    sae.write_bytes(b"sae two")
+    tag_sae = rf.arm_cache_tag("m", "float32", "base", spec_file, str(sae))
+    assert len({tag, tag_cap, tag_sae, rf.arm_cache_tag("m", "float32", "policy", spec_file, str(sae))}) == 4
+    assert rf.arm_cache_tag("m", "float32", "base", spec_file, "hf:o/r").endswith("|hf:o/r")
+
+
+def test_report_section_states_both_answers(paths):
+    from result_examples import EXAMPLES
+
+    from mechlib import results
+
+    example = EXAMPLES[results.FeatureRewardResult]
+    assert "Chapter 08 not run" in section_feature_reward(paths, None)
+    text = section_feature_reward(paths, example)
+    assert "**Did the feature reward predict correctness?** Not distinguishable." in text
+    assert "**Did training on it help?** No change." in text
+    assert "| correctness | 1, 0 | 2/4 [0.15, 0.85] | 2/4 [0.15, 0.85] | 0 / 0 | 1.000 |" in text
