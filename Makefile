@@ -76,7 +76,7 @@ test: lint unit
 
 # The study's architecture classes at tiny shapes, random weights, placeholder labels, CPU (~2-3 min
 # each on one core): Gemma 4 (language_model layers, per-layer inputs, KV-shared layers, softcap) and
-# Qwen 3.5 (hybrid Gated-DeltaNet layers) through all seven chapters; then their metrics are checked.
+# Qwen 3.5 (hybrid Gated-DeltaNet layers) through all eight chapters; then their metrics are checked.
 # The books run side by side, one thread each (tiny models are latency-bound: two cores, two books);
 # each one's log goes to outputs/test-<book>.log and is printed if it fails.
 TINY_BOOKS ?= tiny_gemma4 tiny_qwen35
