@@ -7,6 +7,12 @@ the book's own :func:`mechlib.records.run_baseline` generates — same prompts, 
 same parser. Its records cache is keyed by the model's name, so the merged model is named after
 the adapter's content hash: a retrained adapter can never pass off the old answers as its own.
 
+Shortcut (``base_records``): after a few GRPO steps most greedy answers are the base model's, so
+:func:`evaluate_arm_verified` first checks, in one teacher-forced forward of the merged model, which
+base answers it would reproduce token for token (:mod:`mechlib.greedy_check`, the verification step
+of speculative decoding); only the others are generated. Exact up to the float noise generation
+already has between batch compositions.
+
 The comparison is paired (each question answered before and after): Wilson intervals for the
 two accuracies, the exact McNemar test on the questions that changed, and a paired bootstrap
 interval for the change.
@@ -15,15 +21,17 @@ interval for the change.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from mechlib.greedy_check import verify_records
 from mechlib.grpo import ADAPTER_FILE
 from mechlib.gsm8k import Question
 from mechlib.io import sha256_file
 from mechlib.models import LoadedModel
-from mechlib.records import Record, run_baseline
+from mechlib.prompts import build_prompt
+from mechlib.records import Record, open_records, run_baseline, settings_for, write_records
 from mechlib.stats import BootstrapCI, bootstrap_ci, mcnemar_exact, wilson_ci
 from mechlib.trainer_display import quiet_training
 
@@ -68,12 +76,29 @@ def evaluate_arm(
     batch_size: int,
     out_path: str | os.PathLike[str],
     progress: bool = True,
+    *,
+    base_records: Mapping[str, Record] | None = None,
 ) -> list[Record]:
     """Greedy answers of the arm's merged model to ``questions``, cached in ``out_path`` (JSONL).
 
     The same call as chapter 04's baseline (:func:`mechlib.records.run_baseline`), so "before" and
     "after" differ only in the weights; the cache is reused only for the same adapter content.
+    With ``base_records`` (the base model's records by question id, same prompt format and
+    ``max_new_tokens``) the base answers the merged model reproduces are verified, not generated
+    (:func:`evaluate_arm_verified`, which also says how many).
     """
+    if base_records is not None:
+        return evaluate_arm_verified(
+            loaded_factory,
+            adapter_dir,
+            questions,
+            base_records,
+            prompt_format,
+            max_new_tokens,
+            batch_size,
+            out_path,
+            progress=progress,
+        ).records
     loaded = merged_model(loaded_factory, adapter_dir)
     return run_baseline(
         loaded,
@@ -85,6 +110,60 @@ def evaluate_arm(
         progress=progress,
         desc=f"evaluate {Path(adapter_dir).name}",
     )
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    """An arm's records (question order) and where each came from: the cache of an earlier call,
+    a verified base answer, or generation."""
+
+    records: list[Record]
+    n_cached: int
+    n_verified: int
+    n_regenerated: int
+
+
+def evaluate_arm_verified(
+    loaded_factory: Callable[[], LoadedModel],
+    adapter_dir: str | os.PathLike[str],
+    questions: Sequence[Question],
+    base_records: Mapping[str, Record],
+    prompt_format: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out_path: str | os.PathLike[str],
+    progress: bool = True,
+) -> EvalResult:
+    """:func:`evaluate_arm`, generating only the answers the merged model does not reproduce.
+
+    The records file keeps :func:`mechlib.records.run_baseline`'s format and cache key (the merged
+    model's name holds the adapter hash): records cached for this adapter are reused as they are;
+    the rest are checked against ``base_records`` (:func:`mechlib.greedy_check.verify_records`),
+    the verified ones written to ``out_path``, and ``run_baseline`` — which then finds them there —
+    generates the others.
+    """
+    loaded = merged_model(loaded_factory, adapter_dir)
+    settings = settings_for(loaded, prompt_format, max_new_tokens)
+    prompts = {q.id: build_prompt(loaded.tokenizer, q.question, prompt_format) for q in questions}
+    if len(prompts) != len(questions):
+        raise GrpoEvalError("question ids must be unique")
+    done = open_records(out_path, settings, questions, prompts)
+    todo = [q for q in questions if q.id not in done]
+    verified = verify_records(loaded, todo, base_records, prompt_format, max_new_tokens, batch_size).records
+    done.update(verified)
+    write_records(out_path, [done[q.id] for q in questions if q.id in done])
+    records = run_baseline(
+        loaded,
+        questions,
+        prompt_format,
+        max_new_tokens,
+        batch_size,
+        out_path,
+        progress=progress,
+        desc=f"evaluate {Path(adapter_dir).name}",
+    )
+    n_cached = len(questions) - len(todo)
+    return EvalResult(records, n_cached, len(verified), len(todo) - len(verified))
 
 
 @dataclass(frozen=True)
