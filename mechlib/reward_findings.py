@@ -12,7 +12,7 @@ from pathlib import Path
 
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
 from mechlib.grpo import ArmRun, GrpoSettings
-from mechlib.grpo_eval import AccuracyChange
+from mechlib.grpo_eval import AccuracyChange, EvalResult
 from mechlib.io import sha256_file
 from mechlib.paths import RunPaths
 from mechlib.plots_reward import ArmAccuracy
@@ -69,7 +69,7 @@ def _improved(change: AccuracyChange) -> bool:
     return change.k_after > change.k_before and change.p_mcnemar < ALPHA
 
 
-def arm_result(run: ArmRun, change: AccuracyChange, paths: RunPaths) -> ArmResult:
+def arm_result(run: ArmRun, change: AccuracyChange, evaluated: EvalResult, paths: RunPaths) -> ArmResult:
     """The metrics row of one arm. ``hacking``: the arm was rewarded for the features, its feature reward
     rose over training, and its held-out accuracy did not improve significantly; ``None`` (cannot tell)
     with fewer than :data:`MIN_TREND_STEPS` steps or for an arm not rewarded for the features."""
@@ -85,6 +85,7 @@ def arm_result(run: ArmRun, change: AccuracyChange, paths: RunPaths) -> ArmResul
         adapter=_relative(run.adapter_dir, paths),
         heldout=change,
         records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
+        n_regenerated=evaluated.n_regenerated,
         hacking=None if not readable or trend is None else bool(trend > 0 and not _improved(change)),
     )
 
@@ -115,7 +116,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
     )
     lines = [
         f"{'arm':>20} {'w_ok':>5} {'w_feat':>6} {'before':>16} {'after':>16} {'b':>3} {'c':>3} {'McNemar p':>9} "
-        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'train s':>7}"
+        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'train s':>7} {'regen':>5}"
     ]
     for a in arms:
         h = a.heldout
@@ -124,7 +125,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
             f"{a.arm:>20} {a.correctness_weight:>5g} {a.feature_weight:>6g} "
             f"{_acc(h.k_before, h.n, h.ci_before):>16} {_acc(h.k_after, h.n, h.ci_after):>16} {h.b:>3} {h.c:>3} "
             f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} "
-            f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.train_seconds:>6.1f}"
+            f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.train_seconds:>6.1f} {a.n_regenerated:>5}"
             + (" (reloaded)" if a.resumed else "")
         )
     return head + "\n".join(lines)

@@ -269,32 +269,35 @@ runs = [
 #
 # Each adapter is merged into a fresh copy of the model, which then answers the held-out questions
 # greedily, exactly as chapter 04 did (same prompts, same decoding, same stopping): "before" *is* chapter
-# 04's answers. The two are paired by question: Wilson intervals for each accuracy, an exact McNemar test
-# on the answers that changed verdict, and a paired bootstrap interval for the difference.
+# 04's answers. An answer the adapted model would reproduce token for token is recognised without
+# generating it: one teacher-forced pass checks that every answer token is the adapted model's argmax
+# (the verification step of speculative decoding, `mechlib.greedy_check`); only the others are generated
+# (`regen` below). The two are paired by question: Wilson intervals for each accuracy, an exact McNemar
+# test on the answers that changed verdict, and a paired bootstrap interval for the difference.
 
 # %%
 questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split) if q.id in held]
 relabel = placeholder.steered_relabeller(split.records, P.placeholder_labels, P.seed)  # no-op unless placeholder
 before = [split.records[i] for i in held]
-after = {
-    r.arm.name: relabel(
-        grpo_eval.evaluate_arm(
-            reload_model,
-            r.adapter_dir,
-            questions,
-            P.prompt_format,
-            P.max_new_tokens,
-            P.gen_batch_size,
-            paths.records / f"grpo_{r.arm.slug}.jsonl",
-        )
+evaluated = {
+    r.arm.name: grpo_eval.evaluate_arm_verified(
+        reload_model,
+        r.adapter_dir,
+        questions,
+        split.records,
+        P.prompt_format,
+        P.max_new_tokens,
+        P.gen_batch_size,
+        paths.records / f"grpo_{r.arm.slug}.jsonl",
     )
     for r in runs
 }
+after = {name: relabel(e.records) for name, e in evaluated.items()}
 changes = {
     name: grpo_eval.compare_accuracy(before, recs, n_bootstrap=P.n_bootstrap, seed=P.seed)
     for name, recs in after.items()
 }
-arm_results = [reward_findings.arm_result(r, changes[r.arm.name], paths) for r in runs]
+arm_results = [reward_findings.arm_result(r, changes[r.arm.name], evaluated[r.arm.name], paths) for r in runs]
 train_verdict = reward_findings.training_verdict(arm_results)
 
 # %%
