@@ -168,13 +168,26 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
     )
 
 
-def reward_finding(trained: ReadoutScore, gate_verdict: str, arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
-    """The chapter's "What this run found": Stage Gate 1, then what training on the reward did."""
+def reward_finding(
+    trained: ReadoutScore,
+    other: ReadoutScore | None,
+    gate_verdict: str,
+    arms: Sequence[ArmResult],
+    settings: GrpoSettings,
+) -> str:
+    """The chapter's "What this run found": Stage Gate 1 (the trained-with selection, and the other one for
+    comparison), then what training on the reward did."""
     gate = (
         f"Stage Gate 1 ({trained.name}, {trained.n} held-out answers): AUROC {_num(trained.auroc)} "
         f"[{_ci(trained.auroc_ci)}], Spearman ρ {_num(trained.spearman_rho)}, permutation p "
         f"{_num(trained.auroc_p_perm)}. {gate_verdict}"
     )
+    if other is not None:
+        gate += (
+            f" The other selection, {other.name}, scored AUROC {_num(other.auroc)} [{_ci(other.auroc_ci)}] on the "
+            "same answers (chosen on the contrast set too, so the comparison is fair; which one trains is a "
+            "parameter, fixed before looking at held-out answers)."
+        )
     return f"{gate} GRPO ({settings.steps} steps per arm): {training_verdict(arms)}"
 
 

@@ -207,7 +207,8 @@ gate = [
     )
     for name, s in readout_scores.items()
 ]
-trained_row = gate[list(calibrated).index(P.reward_features)]
+trained_at = list(calibrated).index(P.reward_features)  # gate[0], gate[1]: the two SAE selections
+trained_row, other_row = gate[trained_at], gate[1 - trained_at]
 gate_verdict = readouts.stage_gate_verdict(trained_row, gate[2:])
 
 # %%
@@ -322,7 +323,8 @@ _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.
 
 # %%
 finding = placeholder.mark_text(
-    reward_findings.reward_finding(trained_row, gate_verdict, arm_results, settings), P.placeholder_labels
+    reward_findings.reward_finding(trained_row, other_row, gate_verdict, arm_results, settings),
+    P.placeholder_labels,
 )
 print(textwrap.fill(finding, 110))
 

@@ -97,3 +97,17 @@ def test_report_section_states_both_answers(paths):
     assert "**Did the feature reward predict correctness?** Not distinguishable." in text
     assert "**Did training on it help?** No change." in text
     assert "| correctness | 1, 0 | 2/4 [0.15, 0.85] | 2/4 [0.15, 0.85] | 0 / 0 | 1.000 |" in text
+
+
+def test_finding_names_both_selections_and_the_training_result(paths):
+    from mechlib.readouts import ReadoutScore
+
+    def row(name: str, auc: float) -> ReadoutScore:
+        return ReadoutScore(name, 50, 19, 0.3, (0.1, 0.5), 0.01, auc, (auc - 0.1, auc + 0.1), 0.01, 100, 100, "d")
+
+    arm = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths)
+    text = rf.reward_finding(row("SAE A", 0.7), row("SAE B", 0.9), "It predicted.", [arm], GrpoSettings(steps=2))
+    assert text.startswith("Stage Gate 1 (SAE A, 50 held-out answers): AUROC 0.700 [0.60, 0.80]")
+    assert "It predicted. The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
+    assert "GRPO (2 steps per arm): feature: held-out accuracy stayed" in text
+    assert "The other selection" not in rf.reward_finding(row("A", 0.7), None, "x.", [arm], GrpoSettings(steps=2))
