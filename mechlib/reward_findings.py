@@ -17,6 +17,7 @@ from mechlib.io import sha256_file
 from mechlib.paths import RunPaths
 from mechlib.plots_reward import ArmAccuracy
 from mechlib.readouts import ReadoutScore
+from mechlib.records import Record
 from mechlib.results.reward import ArmResult
 
 SELECTIONS = {
@@ -69,7 +70,9 @@ def _improved(change: AccuracyChange) -> bool:
     return change.k_after > change.k_before and change.p_mcnemar < ALPHA
 
 
-def arm_result(run: ArmRun, change: AccuracyChange, evaluated: EvalResult, paths: RunPaths) -> ArmResult:
+def arm_result(
+    run: ArmRun, change: AccuracyChange, before: Sequence[Record], after: Sequence[Record], paths: RunPaths
+) -> ArmResult:
     """The metrics row of one arm. ``hacking``: the arm was rewarded for the features, its feature reward
     rose over training, and its held-out accuracy did not improve significantly; ``None`` (cannot tell)
     with fewer than :data:`MIN_TREND_STEPS` steps or for an arm not rewarded for the features."""
@@ -85,9 +88,15 @@ def arm_result(run: ArmRun, change: AccuracyChange, evaluated: EvalResult, paths
         adapter=_relative(run.adapter_dir, paths),
         heldout=change,
         records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
-        n_regenerated=evaluated.n_regenerated,
+        n_changed=_n_changed(before, after),
         hacking=None if not readable or trend is None else bool(trend > 0 and not _improved(change)),
     )
+
+
+def _n_changed(before: Sequence[Record], after: Sequence[Record]) -> int:
+    """Held-out answers whose text the adapter changed (paired by question id)."""
+    was = {r.id: r.generation for r in before}
+    return sum(1 for r in after if was.get(r.id) != r.generation)
 
 
 def _relative(path: str | Path, paths: RunPaths) -> str:
@@ -108,6 +117,20 @@ def accuracy_row(arm: ArmResult) -> ArmAccuracy:
     return ArmAccuracy(arm.arm, h.n, h.accuracy_before, h.ci_before, h.accuracy_after, h.ci_after)
 
 
+def arm_timings(arms: Sequence[ArmResult], evaluated: Mapping[str, EvalResult]) -> str:
+    """Training seconds per arm (or "reloaded" from a saved adapter) and where each arm's held-out answers came
+    from — run state, not results, so not part of the checked table (a rerun reloads and reuses everything)."""
+    lines = []
+    for a in arms:
+        e = evaluated[a.arm]
+        trained = "reloaded" if a.resumed else f"trained in {a.train_seconds:.1f} s"
+        lines.append(
+            f"{a.arm}: {trained}; held-out answers: {e.n_verified} verified unchanged, {e.n_regenerated} generated, "
+            f"{e.n_cached} from an earlier run"
+        )
+    return "\n".join(lines)
+
+
 def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
     """Held-out accuracy before → after per arm, with the training curves' first and last steps."""
     head = (
@@ -116,7 +139,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
     )
     lines = [
         f"{'arm':>20} {'w_ok':>5} {'w_feat':>6} {'before':>16} {'after':>16} {'b':>3} {'c':>3} {'McNemar p':>9} "
-        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'train s':>7} {'regen':>5}"
+        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'changed':>7}"
     ]
     for a in arms:
         h = a.heldout
@@ -125,8 +148,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
             f"{a.arm:>20} {a.correctness_weight:>5g} {a.feature_weight:>6g} "
             f"{_acc(h.k_before, h.n, h.ci_before):>16} {_acc(h.k_after, h.n, h.ci_after):>16} {h.b:>3} {h.c:>3} "
             f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} "
-            f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.train_seconds:>6.1f} {a.n_regenerated:>5}"
-            + (" (reloaded)" if a.resumed else "")
+            f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.n_changed:>6}"
         )
     return head + "\n".join(lines)
 

@@ -272,9 +272,10 @@ runs = [
 # greedily, exactly as chapter 04 did (same prompts, same decoding, same stopping): "before" *is* chapter
 # 04's answers. An answer the adapted model would reproduce token for token is recognised without
 # generating it: one teacher-forced pass checks that every answer token is the adapted model's argmax
-# (the verification step of speculative decoding, `mechlib.greedy_check`); only the others are generated
-# (`regen` below). The two are paired by question: Wilson intervals for each accuracy, an exact McNemar
-# test on the answers that changed verdict, and a paired bootstrap interval for the difference.
+# (the verification step of speculative decoding, `mechlib.greedy_check`); only the others are generated.
+# `changed` below counts the held-out answers whose text the adapter changed. The two are paired by
+# question: Wilson intervals for each accuracy, an exact McNemar test on the answers that changed verdict,
+# and a paired bootstrap interval for the difference.
 
 # %%
 questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split) if q.id in held]
@@ -298,7 +299,8 @@ changes = {
     name: grpo_eval.compare_accuracy(before, recs, n_bootstrap=P.n_bootstrap, seed=P.seed)
     for name, recs in after.items()
 }
-arm_results = [reward_findings.arm_result(r, changes[r.arm.name], evaluated[r.arm.name], paths) for r in runs]
+arm_results = [reward_findings.arm_result(r, changes[r.arm.name], before, after[r.arm.name], paths) for r in runs]
+print(reward_findings.arm_timings(arm_results, evaluated))
 train_verdict = reward_findings.training_verdict(arm_results)
 
 # %%

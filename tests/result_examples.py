@@ -265,7 +265,7 @@ EXAMPLES: dict[type, results.ChapterResult] = {
                     4, 2, 2, (0.15, 0.85), (0.15, 0.85), 0, 0, 1.0, BootstrapCI(0.0, 0.0, 0.0, 0.95, 10)
                 ),
                 records="records/grpo_correctness.jsonl",
-                n_regenerated=0,
+                n_changed=0,
                 hacking=False,
             )
         ],

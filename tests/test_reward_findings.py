@@ -9,7 +9,7 @@ import pytest
 from mechlib import reward_findings as rf
 from mechlib.feature_reward import FeatureRewardSpec, RewardFeature
 from mechlib.grpo import Arm, ArmRun, GrpoSettings, StepLog
-from mechlib.grpo_eval import AccuracyChange, EvalResult
+from mechlib.grpo_eval import AccuracyChange
 from mechlib.paths import RunPaths
 from mechlib.report_reward import section_feature_reward
 from mechlib.stats import BootstrapCI
@@ -28,7 +28,7 @@ def _run(arm: Arm, features: list[float], paths: RunPaths) -> ArmRun:
     return ArmRun(arm, GrpoSettings(steps=len(features)), "tiny", "k", steps, str(paths.checkpoints / arm.slug), 3.0)
 
 
-EVALUATED = EvalResult([], 0, 48, 2)
+EVALUATED: tuple[list, list] = ([], [])  # before / after records: no answer changed
 
 
 def _change(k_before: int, k_after: int, b: int, c: int, p: float, n: int = 50) -> AccuracyChange:
@@ -40,23 +40,23 @@ FEATURE_ARM = Arm("feature", 0.0, 1.0)
 
 
 def test_a_rising_feature_reward_without_accuracy_is_flagged_as_hacking(paths):
-    a = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths)
+    a = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     assert a.hacking is True
     assert a.adapter == "checkpoints/feature" and a.records == "records/grpo_feature.jsonl"
     assert "Reward-hacking signature in feature" in rf.training_verdict([a])
 
 
 def test_no_hacking_when_accuracy_improved_or_the_reward_fell(paths):
-    improved = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), EVALUATED, paths)
-    falling = rf.arm_result(_run(FEATURE_ARM, RISING[::-1], paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths)
+    improved = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), *EVALUATED, paths)
+    falling = rf.arm_result(_run(FEATURE_ARM, RISING[::-1], paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     assert improved.hacking is False and falling.hacking is False
     assert "No arm rewarded for the features showed" in rf.training_verdict([improved, falling])
 
 
 def test_too_few_steps_or_an_unrewarded_arm_cannot_tell(paths):
-    short = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths)
+    short = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     unrewarded = rf.arm_result(
-        _run(Arm("correctness", 1.0, 0.0), RISING, paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths
+        _run(Arm("correctness", 1.0, 0.0), RISING, paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths
     )
     assert short.hacking is None and unrewarded.hacking is None
     text = rf.training_verdict([short])
@@ -65,8 +65,8 @@ def test_too_few_steps_or_an_unrewarded_arm_cannot_tell(paths):
 
 
 def test_verdict_words_follow_the_direction_and_significance(paths):
-    up = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), EVALUATED, paths)
-    down = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 17, 1, 3, 0.625), EVALUATED, paths)
+    up = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 30, 11, 0, 0.001), *EVALUATED, paths)
+    down = rf.arm_result(_run(FEATURE_ARM, RISING, paths), _change(19, 17, 1, 3, 0.625), *EVALUATED, paths)
     assert "rose from 19/50 to 30/50 (significantly" in rf.training_verdict([up])
     assert "fell from 19/50 to 17/50 (not significantly" in rf.training_verdict([down])
 
@@ -105,7 +105,7 @@ def test_finding_names_both_selections_and_the_training_result(paths):
     def row(name: str, auc: float) -> ReadoutScore:
         return ReadoutScore(name, 50, 19, 0.3, (0.1, 0.5), 0.01, auc, (auc - 0.1, auc + 0.1), 0.01, 100, 100, "d")
 
-    arm = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), EVALUATED, paths)
+    arm = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     text = rf.reward_finding(row("SAE A", 0.7), row("SAE B", 0.9), "It predicted.", [arm], GrpoSettings(steps=2))
     assert text.startswith("Stage Gate 1 (SAE A, 50 held-out answers): AUROC 0.700 [0.60, 0.80]")
     assert "It predicted. The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text

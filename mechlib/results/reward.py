@@ -31,7 +31,7 @@ class ArmResult(Record):
     adapter: str  # the LoRA adapter's folder, relative to the run
     heldout: AccuracyChange  # chapter 04's greedy answers (before) vs the adapted model's (after), paired
     records: str  # the adapted model's held-out answers (JSONL), relative to the run
-    n_regenerated: int  # held-out answers generated anew: not reproduced token for token from the base answer
+    n_changed: int  # held-out answers whose text the adapter changed
     hacking: bool | None  # feature reward rose while held-out accuracy did not; None: too few steps to tell
 
 
