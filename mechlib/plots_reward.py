@@ -17,6 +17,7 @@ from typing import NamedTuple
 
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from mechlib.plots import AxesGrid, _yerr, new_figure, new_grid
 from mechlib.readouts import ReadoutScore
@@ -108,6 +109,7 @@ def draw_training_curves(ax_correct: Axes, ax_feature: Axes, curves: Sequence[Cu
     ax_feature.set_title("feature reward during training", fontsize=9)
     for ax in (ax_correct, ax_feature):
         ax.set_xlabel("GRPO step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps are whole numbers
         ax.grid(alpha=0.3)
         if ax.lines:
             ax.legend(loc="best", fontsize=8)
