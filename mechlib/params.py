@@ -80,7 +80,7 @@ class BookParams:
     """Tokens per packed row."""
     collect_tokens: int = 100_000
     """Kept tokens collected for SAE training (``collect_mode: disk``)."""
-    heldout_tokens: int = 16_384
+    heldout_tokens: int = 8_192
     """Kept tokens collected from held-out documents (chapter 03)."""
     collect_batch_size: int = 16
     """Packed rows per forward pass."""
@@ -124,7 +124,7 @@ class BookParams:
     checkpoint_every: int = 100
     """Steps between resumable checkpoints."""
     # --- 03 evaluate SAE ---------------------------------------------------------------
-    eval_ce_tokens: int = 4096
+    eval_ce_tokens: int = 2048
     """Tokens for the spliced next-token loss / KL."""
     n_feature_examples: int = 4
     """Features shown with their top contexts in chapter 03."""
@@ -167,7 +167,7 @@ class BookParams:
     """Steering strengths as fractions of the mean residual norm at the layer."""
     n_bootstrap: int = 2000
     """Bootstrap resamples for the accuracy-difference intervals."""
-    n_random_directions: int = 3
+    n_random_directions: int = 2
     """Random unit directions swept at ``random_control_scale`` (0: no control)."""
     random_control_scale: float = 0.10
     """The control's scale, same unit as ``steering_scales``."""

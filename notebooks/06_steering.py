@@ -45,7 +45,7 @@ gen_batch_size = 32
 steering_layer = None
 steering_scales = [0.02, 0.05, 0.10, 0.15, -0.05]
 n_bootstrap = 2000
-n_random_directions = 3
+n_random_directions = 2
 random_control_scale = 0.10
 placeholder_labels = 0.0
 
