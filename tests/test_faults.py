@@ -268,6 +268,8 @@ ALLOWED = {
     ("mechlib/plots.py", ".savefig("): "inside io.atomic_path",
     ("mechlib/models.py", "save_pretrained("): "into a temporary folder renamed into place",
     ("mechlib/models.py", ".write_text("): "the marker file, inside that temporary folder",
+    ("mechlib/grpo.py", "save_pretrained("): "a GRPO arm's adapter, into a temporary folder renamed into place",
+    ("mechlib/grpo.py", ".write_text("): "the arm's JSON, inside that temporary folder",
     ("mechlib/book.py", "execute_notebook("): "to a hidden partial file, os.replace'd at the end",
     ("mechlib/runlock.py", "open("): "the lock must be created with O_CREAT|O_EXCL (a rename would overwrite a "
     "rival's lock); readers treat an empty lock file as being written",
