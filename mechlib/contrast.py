@@ -496,6 +496,26 @@ class FeatureContrast:
     fire_rate_wrong: float
 
 
+def feature_rows(
+    a: np.ndarray, b: np.ndarray, columns: Sequence[int], feature_ids: Sequence[int] | None = None
+) -> list[FeatureContrast]:
+    """One :class:`FeatureContrast` per column of the ``[n_correct, m]`` / ``[n_wrong, m]`` activations
+    ``a`` / ``b``, in the order of ``columns``; ``feature_ids[j]`` names column j (default: j itself)."""
+    score, d = a.mean(0) - b.mean(0), cohens_d(a, b)
+    return [
+        FeatureContrast(
+            int(j if feature_ids is None else feature_ids[j]),
+            float(score[j]),
+            float(d[j]),
+            float(a[:, j].mean()),
+            float(b[:, j].mean()),
+            float((a[:, j] > 0).mean()),
+            float((b[:, j] > 0).mean()),
+        )
+        for j in columns
+    ]
+
+
 @torch.no_grad()
 def rank_sae_features(
     sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50
@@ -514,21 +534,9 @@ def rank_sae_features(
     acts = dense_code(sae.encode(x), sae.d_sae).double().cpu().numpy()  # [n, m]
     a, b = acts[y], acts[~y]
     score = a.mean(0) - b.mean(0)
-    d = cohens_d(a, b)
     fired = np.asarray((acts > 0).any(0))
     order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
-    return [
-        FeatureContrast(
-            j,
-            float(score[j]),
-            float(d[j]),
-            float(a[:, j].mean()),
-            float(b[:, j].mean()),
-            float((a[:, j] > 0).mean()),
-            float((b[:, j] > 0).mean()),
-        )
-        for j in order
-    ]
+    return feature_rows(a, b, order)
 
 
 def features_json(features: Sequence[FeatureContrast], **info: object) -> dict[str, Any]:

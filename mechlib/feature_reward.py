@@ -34,12 +34,11 @@ from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 import numpy as np
 import torch
 
-from mechlib.contrast import FeatureContrast
+from mechlib.contrast import FeatureContrast, feature_rows
 from mechlib.feature_codes import CompletionCode, FeatureRewardError, completion_codes
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import CausalLM, Tokenizer, d_model
 from mechlib.sae.model import check_compatible
-from mechlib.stats import cohens_d
 
 if TYPE_CHECKING:
     from mechlib.sae.model import TopKSAE
@@ -195,20 +194,8 @@ def rank_answer_features(
         raise FeatureRewardError(f"need >= 2 correct and >= 2 wrong non-empty completions, got {y.sum()}, {(~y).sum()}")
     ids, acts = _mean_codes([codes[i] for i in keep])
     a, b = acts[y], acts[~y]
-    score, d = a.mean(0) - b.mean(0), cohens_d(a, b)
-    order = np.argsort(-np.abs(score), kind="stable")[:top_n]
-    return [
-        FeatureContrast(
-            int(ids[j]),
-            float(score[j]),
-            float(d[j]),
-            float(a[:, j].mean()),
-            float(b[:, j].mean()),
-            float((a[:, j] > 0).mean()),
-            float((b[:, j] > 0).mean()),
-        )
-        for j in order
-    ]
+    order = np.argsort(-np.abs(a.mean(0) - b.mean(0)), kind="stable")[:top_n]
+    return feature_rows(a, b, [int(j) for j in order], [int(i) for i in ids])
 
 
 class Calibration(NamedTuple):

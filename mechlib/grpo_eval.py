@@ -100,16 +100,7 @@ def evaluate_arm(
             progress=progress,
         ).records
     loaded = merged_model(loaded_factory, adapter_dir)
-    return run_baseline(
-        loaded,
-        questions,
-        prompt_format,
-        max_new_tokens,
-        batch_size,
-        out_path,
-        progress=progress,
-        desc=f"evaluate {Path(adapter_dir).name}",
-    )
+    return _generate(loaded, questions, prompt_format, max_new_tokens, batch_size, out_path, progress, adapter_dir)
 
 
 @dataclass(frozen=True)
@@ -152,18 +143,26 @@ def evaluate_arm_verified(
     verified = verify_records(loaded, todo, base_records, prompt_format, max_new_tokens, batch_size).records
     done.update(verified)
     write_records(out_path, [done[q.id] for q in questions if q.id in done])
-    records = run_baseline(
-        loaded,
-        questions,
-        prompt_format,
-        max_new_tokens,
-        batch_size,
-        out_path,
-        progress=progress,
-        desc=f"evaluate {Path(adapter_dir).name}",
-    )
+    records = _generate(loaded, questions, prompt_format, max_new_tokens, batch_size, out_path, progress, adapter_dir)
     n_cached = len(questions) - len(todo)
     return EvalResult(records, n_cached, len(verified), len(todo) - len(verified))
+
+
+def _generate(
+    loaded: LoadedModel,
+    questions: Sequence[Question],
+    prompt_format: str,
+    max_new_tokens: int,
+    batch_size: int,
+    out_path: str | os.PathLike[str],
+    progress: bool,
+    adapter_dir: str | os.PathLike[str],
+) -> list[Record]:
+    """The book's greedy generation (chapter 04's call) for the questions ``out_path`` does not hold yet."""
+    desc = f"evaluate {Path(adapter_dir).name}"
+    return run_baseline(
+        loaded, questions, prompt_format, max_new_tokens, batch_size, out_path, progress=progress, desc=desc
+    )
 
 
 @dataclass(frozen=True)

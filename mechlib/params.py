@@ -25,6 +25,7 @@ import yaml
 from mechlib.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
+    from mechlib.grpo import GrpoSettings
     from mechlib.sae.train import TrainConfig
 
 
@@ -218,9 +219,26 @@ class BookParams:
 
         return TrainConfig.from_params(self)
 
+    def grpo_settings(self) -> GrpoSettings:
+        """Chapter 08's GRPO section of these params (LoRA alpha = 2 r; the run's seed)."""
+        from mechlib.grpo import GrpoSettings  # heavy (torch), and only chapter 08 needs it
+
+        return GrpoSettings(
+            steps=self.grpo_steps,
+            prompts_per_step=self.grpo_prompts_per_step,
+            num_generations=self.grpo_generations,
+            max_completion_length=self.grpo_max_completion_length,
+            learning_rate=self.grpo_learning_rate,
+            lora_r=self.grpo_lora_r,
+            lora_alpha=2 * self.grpo_lora_r,
+            temperature=self.grpo_temperature,
+            seed=self.seed,
+            gradient_checkpointing=self.grpo_gradient_checkpointing,
+        )
+
 
 _FIELDS = {f.name: f for f in dataclasses.fields(BookParams)}
-_HINTS = typing.get_type_hints(BookParams, localns={"TrainConfig": object})
+_HINTS = typing.get_type_hints(BookParams, localns={"TrainConfig": object, "GrpoSettings": object})
 
 # The allowed values of every Literal-typed field, read from the type hints (one list of choices).
 CHOICES: dict[str, tuple[str, ...]] = {

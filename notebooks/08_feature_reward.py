@@ -229,18 +229,7 @@ print(textwrap.fill(placeholder.mark_text(gate_verdict, P.placeholder_labels), 1
 # are saved under `checkpoints/grpo/`; a rerun with the same settings reloads them instead of training.
 
 # %%
-settings = grpo.GrpoSettings(
-    steps=P.grpo_steps,
-    prompts_per_step=P.grpo_prompts_per_step,
-    num_generations=P.grpo_generations,
-    max_completion_length=P.grpo_max_completion_length,
-    learning_rate=P.grpo_learning_rate,
-    lora_r=P.grpo_lora_r,
-    lora_alpha=2 * P.grpo_lora_r,
-    temperature=P.grpo_temperature,
-    seed=P.seed,
-    gradient_checkpointing=P.grpo_gradient_checkpointing,
-)
+settings = P.grpo_settings()  # the GRPO section of the params (mechlib.grpo.GrpoSettings)
 train_ids = split.contrast_ids
 # what the arms' saved adapters depend on beyond the settings and prompts: a change retrains instead of reloading
 cache_tag = reward_findings.arm_cache_tag(P.model, P.model_dtype, P.reward_hook_model, spec_file, sae_path)

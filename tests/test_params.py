@@ -249,3 +249,12 @@ def test_every_field_has_a_docstring_and_choices_come_from_literal_hints():
     assert isinstance(cfg, TrainConfig) and (cfg.k, cfg.lr) == (64, 5e-4)
     shared = {f.name for f in dataclasses.fields(TrainConfig)} & set(params.known_keys())
     assert {n: getattr(cfg, n) for n in shared} == {n: getattr(P, n) for n in shared}
+
+
+def test_grpo_settings_are_built_from_the_params():
+    from mechlib.params import BookParams
+
+    p = BookParams(grpo_steps=5, grpo_lora_r=4, grpo_temperature=0.9, seed=3, grpo_gradient_checkpointing=True)
+    s = p.grpo_settings()
+    assert (s.steps, s.lora_r, s.lora_alpha, s.temperature, s.seed, s.gradient_checkpointing) == (5, 4, 8, 0.9, 3, True)
+    assert (s.num_generations, s.max_completion_length) == (p.grpo_generations, p.grpo_max_completion_length)
