@@ -138,6 +138,18 @@ def forward_suffixes(
     )
 
 
+def _special_ids(tokenizer: Tokenizer) -> set[int]:
+    return {int(i) for i in (getattr(tokenizer, "all_special_ids", None) or [])}
+
+
+def _strip_trailing(ids: list[int], special: set[int]) -> list[int]:
+    """``ids`` without its trailing special tokens (EOS, padding)."""
+    end = len(ids)
+    while end and ids[end - 1] in special:
+        end -= 1
+    return ids[:end]
+
+
 def completion_codes(
     model: CausalLM,
     tokenizer: Tokenizer,
@@ -153,7 +165,10 @@ def completion_codes(
 
     Prompts are tokenised as generation does (:func:`mechlib.prompts.encode_prompts`); a completion
     by its ``completion_ids`` if given (TRL passes the sampled ids: no re-tokenisation drift), else
-    ``tokenizer(completion, add_special_tokens=False)``. The sequences' common prefix runs once
+    ``tokenizer(completion, add_special_tokens=False)``. Trailing special tokens of given ids (the EOS
+    and padding TRL keeps) are dropped first, so the answer positions are the states that generate
+    the answer's *text* whether the completion comes as ids (GRPO) or as text (Stage Gate 1, from
+    chapter 04's records): the same reward either way. The sequences' common prefix runs once
     (:func:`shareable_prefix_len`; ``share_prefix=False`` runs them whole) and each batch its
     right-padded suffixes (:func:`forward_suffixes`): a completion's code does not depend on its
     batch, and sharing changes only float rounding. The forward stops at ``layer`` under
@@ -170,7 +185,7 @@ def completion_codes(
     if any(not h for h in heads):
         raise FeatureRewardError("every prompt must have at least one token")
     tails = (
-        [list(t) for t in completion_ids]
+        [_strip_trailing(list(t), _special_ids(tokenizer)) for t in completion_ids]
         if completion_ids is not None
         else [list(tokenizer(c, add_special_tokens=False)["input_ids"]) for c in completions]
     )

@@ -116,6 +116,9 @@ def test_invariant_to_batch_composition_and_padding(setup):
     # given ids (what TRL passes) read the same tokens as the text
     ids = [tok(target_c, add_special_tokens=False)["input_ids"]]
     assert reward([target_p], [target_c], completion_ids=ids)[0] == pytest.approx(alone, abs=1e-6)
+    # TRL's ids end with the EOS (and padding): dropped, so GRPO scores exactly what Stage Gate 1 scores from text
+    with_eos = [ids[0] + [tok.eos_token_id, tok.pad_token_id]]
+    assert reward([target_p], [target_c], completion_ids=with_eos)[0] == pytest.approx(alone, abs=1e-6)
     # batch size 1 vs one big batch
     small = FeatureReward(spec, sae, model, tok, batch_size=1)
     np.testing.assert_allclose(small(PROMPTS, COMPLETIONS), reward(PROMPTS, COMPLETIONS), atol=1e-5, rtol=0)
