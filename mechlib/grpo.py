@@ -32,7 +32,7 @@ from torch import nn
 
 from mechlib.answers import answers_match, extract_answer
 from mechlib.io import read_json
-from mechlib.models import LoadedModel
+from mechlib.models import LoadedModel, model_device
 from mechlib.trainer_display import quiet_training, step_bar
 
 ArmName = Literal["correctness", "correctness+feature", "feature"]
@@ -357,7 +357,7 @@ def train_arm(
                 beta=settings.beta,
                 reward_weights=[arm.correctness_weight, arm.feature_weight],
                 seed=settings.seed,
-                use_cpu=not torch.cuda.is_available(),
+                use_cpu=model_device(loaded.model).type != "cuda",  # train where the params put the model
                 bf16=False,  # TRL's default is bf16; the book's models run in their loaded dtype
                 report_to=[],
                 save_strategy="no",
