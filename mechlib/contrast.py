@@ -37,9 +37,9 @@ from mechlib.generate import left_pad
 from mechlib.gsm8k import Question
 from mechlib.hooks import LayerOutput, StopForward, layer_output_tensor
 from mechlib.io import atomic_torch_save, read_json
-from mechlib.kv_cache import MIN_SHARED_PREFIX, copy_for_batch, prefix_sharing_exact, shared_prefix_len
+from mechlib.kv_cache import copy_for_batch, usable_prefix_len
 from mechlib.models import CausalLM, Tokenizer, decoder_layers, load_model, model_device, text_config
-from mechlib.prompts import encode_prompts
+from mechlib.prompts import encode_prompts, padding_id
 from mechlib.records import Record, load_records
 from mechlib.stats import PermutationNull, adaptive_permutation_null, cohens_d
 
@@ -138,15 +138,10 @@ def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -
         )
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
-    """Any id fills padding here (padded positions are masked out): the tokenizer's pad, else EOS, else 0."""
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
 def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:
     """Token ids exactly as generation builds them (:func:`mechlib.prompts.encode_prompts`, no
     second BOS), left-padded. The pad id is irrelevant: padded positions are masked out."""
-    input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), _pad_id(tokenizer), torch.device("cpu"))
+    input_ids, mask = left_pad(encode_prompts(tokenizer, prompts), padding_id(tokenizer), torch.device("cpu"))
     return {"input_ids": input_ids, "attention_mask": mask}
 
 
@@ -263,8 +258,8 @@ def collect_layer_states(
     handles = [layer.register_forward_hook(make_hook(i)) for i, layer in enumerate(layers)]
     try:
         lists = encode_prompts(tokenizer, list(prompts)) if encode is None else None
-        n_prefix = shared_prefix_len(lists) if lists is not None else 0
-        if lists is not None and n_prefix >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, max(map(len, lists))):
+        n_prefix = usable_prefix_len(model, lists, max(map(len, lists))) if lists is not None else 0
+        if lists is not None and n_prefix:
             n_tokens += shared.run(model, lists[0][:n_prefix], special, len(prompts), batch_state, device)
             lists = [row[n_prefix:] for row in lists]
         # similar lengths together (less padding); the original order is restored at the end
@@ -274,7 +269,7 @@ def collect_layer_states(
             batch = [prompts[i] for i in order[start : start + batch_size]]
             if lists is not None:
                 rows = [lists[i] for i in order[start : start + batch_size]]
-                input_ids, mask = left_pad(rows, _pad_id(tokenizer), device)
+                input_ids, mask = left_pad(rows, padding_id(tokenizer), device)
             else:
                 assert encode is not None  # lists is None only for an explicit encoder
                 enc = encode(tokenizer, batch)

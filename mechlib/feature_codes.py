@@ -22,9 +22,9 @@ import torch
 from torch import Tensor
 
 from mechlib.hooks import run_to_layer
-from mechlib.kv_cache import MIN_SHARED_PREFIX, copy_for_batch, prefix_sharing_exact, shared_prefix_len
+from mechlib.kv_cache import copy_for_batch, usable_prefix_len
 from mechlib.models import CausalLM, Tokenizer, check_layer, d_model, model_device, text_config
-from mechlib.prompts import encode_prompts
+from mechlib.prompts import encode_prompts, padding_id
 from mechlib.sae.model import check_compatible
 
 if TYPE_CHECKING:
@@ -58,11 +58,6 @@ class SharedPrefix(NamedTuple):
 NO_PREFIX = SharedPrefix(0, None)
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
-    """Any id fills padding (padded positions come after every real token and are masked out)."""
-    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
-
-
 def shareable_prefix_len(model: CausalLM, heads: Sequence[Sequence[int]], seqs: Sequence[Sequence[int]]) -> int:
     """How many leading tokens all ``seqs`` can share (0: run them whole).
 
@@ -72,10 +67,7 @@ def shareable_prefix_len(model: CausalLM, heads: Sequence[Sequence[int]], seqs: 
     forward), nor where the architecture cannot share exactly (sliding windows shorter than the
     longest sequence, linear-attention caches).
     """
-    n = shared_prefix_len(heads)
-    if n < MIN_SHARED_PREFIX or not prefix_sharing_exact(model, max(map(len, seqs))):
-        return 0
-    return n
+    return usable_prefix_len(model, heads, max(map(len, seqs)))
 
 
 def run_shared_prefix(model: CausalLM, layer: int, prefix: Sequence[int]) -> SharedPrefix:
@@ -201,7 +193,7 @@ def completion_codes(
         prefix = run_shared_prefix(model, layer, seqs[todo[0]][:n])
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            h = forward_suffixes(model, layer, [seqs[i][n:] for i in batch], _pad_id(tokenizer), prefix)
+            h = forward_suffixes(model, layer, [seqs[i][n:] for i in batch], padding_id(tokenizer), prefix)
             for row, i in enumerate(batch):
                 states = h[row, len(heads[i]) - 1 - n : len(seqs[i]) - n]  # [n completion tokens, d]
                 code = sae.encode(states.to(sae_device, sae_dtype))

@@ -40,7 +40,7 @@ import torch
 from mechlib.decode_step import supports_logits_to_keep
 from mechlib.generate import eos_ids_of, pad_id_of
 from mechlib.gsm8k import Question
-from mechlib.kv_cache import MIN_SHARED_PREFIX, copy_for_batch, prefix_cache, prefix_sharing_exact, shared_prefix_len
+from mechlib.kv_cache import copy_for_batch, prefix_cache, usable_prefix_len
 from mechlib.models import CausalLM, LoadedModel, Tokenizer, model_device
 from mechlib.prompts import build_prompt, decode_text, encode_prompts
 from mechlib.records import Record, score
@@ -106,9 +106,9 @@ def candidate(
 
 def _shared_prefix(model: CausalLM, cands: Sequence[Candidate]) -> tuple[int, DynamicCache | None]:
     """How many leading prompt tokens all candidates share, and their batch-1 cache (0, None: none)."""
-    n = shared_prefix_len([c.prompt_ids for c in cands])
     longest = max(len(c.prompt_ids) for c in cands) + max(len(c.answer_ids) for c in cands)  # padded width
-    if n < MIN_SHARED_PREFIX or not prefix_sharing_exact(model, longest):
+    n = usable_prefix_len(model, [c.prompt_ids for c in cands], longest)
+    if not n:
         return 0, None
     extra = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
     prefix = torch.tensor(cands[0].prompt_ids[:n], dtype=torch.long, device=model_device(model))

@@ -44,6 +44,7 @@ __all__ = [
     "shared_prefix_len",
     "static_cache",
     "text_config",
+    "usable_prefix_len",
 ]
 
 
@@ -223,6 +224,13 @@ def prefix_sharing_exact(model: CausalLM, total_len: int) -> bool:
     if window and total_len > int(window):
         return False
     return all(hasattr(layer, "batch_repeat_interleave") for layer in DynamicCache(config=cfg).layers)
+
+
+def usable_prefix_len(model: CausalLM, rows: Sequence[Sequence[int]], total_len: int) -> int:
+    """:func:`shared_prefix_len` of ``rows`` where sharing it pays and is exact, else 0: at least
+    :data:`MIN_SHARED_PREFIX` tokens, and :func:`prefix_sharing_exact` for sequences ``total_len`` long."""
+    n = shared_prefix_len(rows)
+    return n if n >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, total_len) else 0
 
 
 def shared_prefix_len(rows: Sequence[Sequence[int]]) -> int:

@@ -91,3 +91,9 @@ def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -
         add_special = not (bos and p.startswith(bos))
         out.append(list(tokenizer(p, add_special_tokens=add_special)["input_ids"]))
     return out
+
+
+def padding_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """An id to fill padding that an attention mask hides (its value never matters): the tokenizer's pad,
+    else EOS, else 0."""
+    return next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
