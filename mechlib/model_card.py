@@ -18,6 +18,7 @@ from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.model_card_data import RunResults, read_run
 from mechlib.paths import RunPaths
+from mechlib.report_reward import card_section
 from mechlib.results import Evaluated
 from mechlib.sae.interop import HF_MODEL_NAMES, HookInfo
 
@@ -388,6 +389,7 @@ def render_model_card(results: RunResults, repo_id: str | None = None) -> str:
         section_training(results),
         section_gsm8k(results),
         section_lens(results),
+        card_section(results.reward),
         section_usage(results, repo_id),
         section_limitations(results),
     ]

@@ -12,7 +12,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mechlib.params import BookParams, load_params
-from mechlib.results import Baseline, Collected, Evaluated, Layers, Lens, ResultsError, Steering, Trained, read
+from mechlib.results import (
+    Baseline,
+    Collected,
+    Evaluated,
+    FeatureRewardResult,
+    Layers,
+    Lens,
+    ResultsError,
+    Steering,
+    Trained,
+    read,
+)
 
 
 class ModelCardError(ValueError):
@@ -27,6 +38,7 @@ CHAPTERS = {
     "05_contrastive_layers": "contrastive layers",
     "06_steering": "steering",
     "07_logit_lens": "logit lens",
+    "08_feature_reward": "feature reward",
 }
 
 
@@ -42,6 +54,7 @@ class RunResults:
     layers: Layers | None
     steering: Steering | None
     lens: Lens | None
+    reward: FeatureRewardResult | None
     steering_vector: str | None  # file name under checkpoints/ (e.g. steering_vec_L22.pt)
     contrastive_features: str | None  # file name under metrics/
     has_browser: bool = False  # outputs/<run>/browser/index.html exists (chapter 03's feature browser)
@@ -57,6 +70,7 @@ class RunResults:
             "05_contrastive_layers": self.layers,
             "06_steering": self.steering,
             "07_logit_lens": self.lens,
+            "08_feature_reward": self.reward,
         }
         return [f"{name[:2]} ({CHAPTERS[name]})" for name, value in have.items() if value is None]
 
@@ -75,6 +89,7 @@ def read_run(root: Path) -> RunResults:
     try:
         collected, trained, evaluated = read(m, Collected), read(m, Trained), read(m, Evaluated)
         baseline, layers, steering, lens = read(m, Baseline), read(m, Layers), read(m, Steering), read(m, Lens)
+        reward = read(m, FeatureRewardResult)
     except ResultsError as exc:
         raise ModelCardError(str(exc)) from None
     vec = root / "checkpoints" / f"steering_vec_L{layers.peak_layer}.pt" if layers else None
@@ -88,6 +103,7 @@ def read_run(root: Path) -> RunResults:
         layers,
         steering,
         lens,
+        reward,
         vec.name if vec is not None and vec.is_file() else None,
         feats.name if feats.is_file() else None,
         (root / "browser" / "index.html").is_file(),

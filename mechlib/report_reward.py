@@ -22,20 +22,23 @@ def _yes_no(flag: bool | None) -> str:
     return "— (too few steps)" if flag is None else "yes" if flag else "no"
 
 
-def section_feature_reward(paths: RunPaths, m: FeatureRewardResult | None) -> str:
-    """The section's Markdown; "not run" when chapter 08 has not written its metrics."""
-    if m is None:
-        return "## Feature reward\n\nChapter 08 not run.\n"
-    gate = [
+def stage_gate_table(m: FeatureRewardResult) -> str:
+    """Stage Gate 1 as a Markdown table: each readout's AUROC, Spearman ρ, permutation p and n."""
+    rows = [
         "| readout | AUROC [95 % CI] | Spearman ρ [95 % CI] | permutation p | n (correct) |",
         "|---|---|---|---|---|",
     ]
-    gate += [
+    rows += [
         f"| {r.name} | {_f(r.auroc)} {_ci(r.auroc_ci)} | {_f(r.spearman_rho)} {_ci(r.spearman_ci)} "
         f"| {_f(r.auroc_p_perm)} | {r.n} ({r.n_correct}) |"
         for r in m.stage_gate
     ]
-    arms = [
+    return "\n".join(rows)
+
+
+def arms_table(m: FeatureRewardResult) -> str:
+    """The GRPO arms as a Markdown table: held-out accuracy before/after, McNemar p, the reward's trend."""
+    rows = [
         "| arm | weights (correct, feature) | held-out before [CI] | after [CI] | fixed / broken | McNemar p "
         "| feature reward, first → last step | reward hacking |",
         "|---|---|---|---|---|---|---|---|",
@@ -43,25 +46,66 @@ def section_feature_reward(paths: RunPaths, m: FeatureRewardResult | None) -> st
     for a in m.arms:
         h = a.heldout
         first, last = a.steps[0], a.steps[-1]
-        arms.append(
+        rows.append(
             f"| {a.arm} | {a.correctness_weight:g}, {a.feature_weight:g} | {h.k_before}/{h.n} {_ci(h.ci_before)} "
             f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {h.p_mcnemar:.3f} "
             f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f} | {_yes_no(a.hacking)} |"
         )
+    return "\n".join(rows)
+
+
+def _grpo_line(m: FeatureRewardResult) -> str:
     g = m.grpo
+    return (
+        f"GRPO: {g.steps} steps × {g.prompts_per_step} question(s) × {g.num_generations} samples per arm, LoRA "
+        f"r {g.lora_r} on {', '.join(g.lora_targets)}, lr {g.learning_rate:g}, temperature {g.temperature:g}, "
+        f"seed {g.seed}."
+    )
+
+
+def _reward_line(m: FeatureRewardResult) -> str:
+    return (
+        f"The reward reads the residual stream after layer {m.layer} ({m.hook_model} model) at every answer "
+        f"position: {len(m.features)} SAE features ({m.reward_features}, {m.weighting} weights, caps at the "
+        f"{m.cap_quantile:g} quantile), bounded in [{m.bound[0]:+.2f}, {m.bound[1]:+.2f}]."
+    )
+
+
+def section_feature_reward(paths: RunPaths, m: FeatureRewardResult | None) -> str:
+    """The section's Markdown; "not run" when chapter 08 has not written its metrics."""
+    if m is None:
+        return "## Feature reward\n\nChapter 08 not run.\n"
     figs = sorted(paths.figures.glob("08_*.png"))
     return (
         "## Feature reward: Stage Gate 1 and GRPO (chapter 08)\n\n"
-        f"The reward reads the residual stream after layer {m.layer} ({m.hook_model} model) at every answer "
-        f"position: {len(m.features)} SAE features ({m.reward_features}, {m.weighting} weights, caps at the "
-        f"{m.cap_quantile:g} quantile), bounded in [{m.bound[0]:+.2f}, {m.bound[1]:+.2f}].\n\n"
-        f"**Did the feature reward predict correctness?** {m.stage_gate_verdict}\n\n" + "\n".join(gate) + "\n\n"
-        f"**Did training on it help?** {m.training_verdict}\n\n"
-        f"GRPO: {g.steps} steps × {g.prompts_per_step} question(s) × {g.num_generations} samples per arm, LoRA "
-        f"r {g.lora_r} on {', '.join(g.lora_targets)}, lr {g.learning_rate:g}, temperature {g.temperature:g}, "
-        f"seed {g.seed}.\n\n"
-        + "\n".join(arms)
-        + "\n\n"
+        f"{_reward_line(m)}\n\n"
+        f"**Did the feature reward predict correctness?** {m.stage_gate_verdict}\n\n{stage_gate_table(m)}\n\n"
+        f"**Did training on it help?** {m.training_verdict}\n\n{_grpo_line(m)}\n\n{arms_table(m)}\n\n"
         + "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
         + "\n"
+    )
+
+
+def card_section(m: FeatureRewardResult | None) -> str:
+    """The model card's section on chapter 08: what the SAE's features are worth as a reward.
+
+    Why on the card: a reader deciding whether to reuse this SAE learns whether its features predict
+    correctness beyond simpler readouts, and whether optimising them helped, on this run's data.
+    """
+    head = "## The SAE's features as a reward (chapter 08)\n\n"
+    if m is None:
+        return head + "*Chapter 08 has not run for this run, so this section is empty.*\n"
+    labels = (
+        f" **Placeholder labels** ({m.placeholder_labels:g} marked correct at random): these numbers test the "
+        "code path, not the model.\n\n"
+        if m.labels == "placeholder"
+        else "\n\n"
+    )
+    return (
+        head
+        + _reward_line(m)
+        + labels
+        + f"Stage Gate 1, on {m.n_heldout} held-out answers:\n\n{stage_gate_table(m)}\n\n"
+        + f"{_grpo_line(m)}\n\n{arms_table(m)}\n"
+        + f"\n**What this run found.** {m.finding}\n"  # the finding states both verdicts in words
     )

@@ -149,13 +149,16 @@ def test_usage_snippets_name_the_run_model_and_layer(run_copy: Path) -> None:
 
 
 def test_partial_run_says_what_is_missing(run_copy: Path) -> None:
-    for name in ("05_contrastive_layers", "06_steering", "07_logit_lens"):
-        (run_copy / "metrics" / f"{name}.json").unlink()
+    for name in ("05_contrastive_layers", "06_steering", "07_logit_lens", "08_feature_reward"):
+        (run_copy / "metrics" / f"{name}.json").unlink(missing_ok=True)
     card = render_model_card(read_run(run_copy))
     assert set(_front_matter(card)) >= REQUIRED
-    for chapter in ("05 (contrastive layers)", "06 (steering)", "07 (logit lens)"):
+    for chapter in ("05 (contrastive layers)", "06 (steering)", "07 (logit lens)", "08"):
         assert f"Chapter {chapter} has not run" in card
-    assert "partial run: chapter(s) 05 (contrastive layers), 06 (steering), 07 (logit lens) have not run" in card
+    assert (
+        "partial run: chapter(s) 05 (contrastive layers), 06 (steering), 07 (logit lens), 08 (feature reward) "
+        "have not run" in card
+    )
     assert _metrics(run_copy, "04_gsm8k_baseline")["finding"] in card  # what did run is still there
 
 
@@ -167,7 +170,7 @@ def test_a_run_with_no_metrics_at_all_renders(tmp_path: Path) -> None:
     meta = _front_matter(card)
     assert meta["base_model"] == "google/gemma-4-e4b" and meta["license"] == "gemma"
     assert meta["datasets"] == ["HuggingFaceFW/fineweb-edu", "openai/gsm8k"]
-    assert card.count("has not run for this run") == 5  # the sections of chapters 03, 04, 05, 06 and 07
+    assert card.count("has not run for this run") == 6  # the sections of chapters 03, 04, 05, 06, 07 and 08
     assert "chapter(s) 01 (collection), 02 (SAE training), 03 (SAE evaluation), 04 (baseline accuracy)" in card
     assert "blocks.21.hook_resid_post" in card and "hidden_states[22]" in card
     assert "placeholder labels" not in card and "random-weight" not in card
@@ -231,3 +234,25 @@ def test_card_links_the_feature_browser_when_the_run_has_one(run_copy: Path):
     with_site = render_model_card(read_run(run_copy))
     assert "Feature browser:" not in without
     assert "Feature browser:" in with_site and f"outputs/{run_copy.name}/browser/index.html" in with_site
+
+
+def test_card_section_of_chapter_08_carries_its_numbers() -> None:
+    """The reward section reads FeatureRewardResult only: its readouts and arms, placeholder labels named."""
+    import dataclasses
+
+    from result_examples import EXAMPLES
+
+    from mechlib.report_reward import card_section
+    from mechlib.results import FeatureRewardResult
+
+    m = EXAMPLES[FeatureRewardResult]
+    text = card_section(m)
+    (gate,) = _table_rows(text, "readout", "AUROC [95 % CI]")
+    assert gate[0] == "SAE reward" and gate[1] == "0.750 [0.25, 1.00]" and gate[-1] == "4 (2)"
+    (arm,) = _table_rows(text, "arm")
+    assert arm[0] == "correctness" and arm[2].startswith("2/4") and arm[5] == "1.000"
+    assert f"**What this run found.** {m.finding}" in text
+    assert "Placeholder labels" not in text
+    fake = card_section(dataclasses.replace(m, labels="placeholder", placeholder_labels=0.5))
+    assert "**Placeholder labels** (0.5 marked correct at random)" in fake
+    assert "Chapter 08 has not run" in card_section(None)
