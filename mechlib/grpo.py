@@ -23,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, TypeAlias, get_args
 
@@ -213,21 +213,14 @@ class ArmRun:
     @classmethod
     def from_summary(cls, obj: Mapping[str, Any], adapter_dir: str) -> ArmRun:
         """The run saved by :meth:`summary`, marked as reloaded (``adapter_dir`` where it lies now)."""
+        # imported here: mechlib.results imports this module (its FeatureRewardResult holds GrpoSettings)
+        from mechlib.results.codec import ResultsError, read_dataclass
+
         try:
-            settings = dict(obj["settings"])
-            settings["lora_targets"] = tuple(settings["lora_targets"])
-            return cls(
-                arm=Arm(**obj["arm"]),
-                settings=GrpoSettings(**settings),
-                base_model=str(obj["base_model"]),
-                key=str(obj["key"]),
-                steps=tuple(StepLog(**s) for s in obj["steps"]),
-                adapter_dir=adapter_dir,
-                train_seconds=float(obj["train_seconds"]),
-                resumed=True,
-            )
-        except (KeyError, TypeError) as exc:
-            raise GrpoError(f"{adapter_dir}/{ARM_RUN_FILE} is not a saved arm run: {exc}") from exc
+            run = read_dataclass(cls, {**obj, "adapter_dir": adapter_dir}, f"{adapter_dir}/{ARM_RUN_FILE}")
+        except ResultsError as exc:
+            raise GrpoError(f"not a saved arm run: {exc}") from exc
+        return replace(run, resumed=True)
 
 
 def run_key(

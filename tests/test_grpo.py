@@ -3,6 +3,7 @@ reward does not steer training, saved arms are reloaded, and evaluation caches p
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from mechlib.grpo import (
     ArmRun,
     GrpoError,
     GrpoSettings,
+    StepLog,
     correctness_reward,
     load_saved_arm,
     run_key,
@@ -190,3 +192,21 @@ def test_bad_input_is_named():
         adapter_hash("/nonexistent")
     assert correctness_reward(["p", "p"], ["so #### 4", "#### 5"], [4, 4]) == [1.0, 0.0]
     assert correctness_reward.__name__ == "correct"
+
+
+def test_arm_run_summary_round_trips_and_a_bad_one_is_named():
+    """The saved arm file is read through the results codec: equal back, a wrong field named with its file."""
+    run = ArmRun(
+        Arm("feature", 0.0, 1.0),
+        GrpoSettings(steps=1),
+        "tiny",
+        "k",
+        (StepLog(1, 0.1, 0.2, 0.3, 9.0, 0.0, 1.5),),
+        "/a",
+        2.0,
+    )
+    obj = json.loads(json.dumps(run.summary()))
+    back = ArmRun.from_summary(obj, "/b")
+    assert back == ArmRun(run.arm, run.settings, "tiny", "k", run.steps, "/b", 2.0) and back.resumed
+    with pytest.raises(GrpoError, match=r"/b/arm_run\.json: steps\[0\]\.feature_mean: expected float"):
+        ArmRun.from_summary({**obj, "steps": [{**obj["steps"][0], "feature_mean": "high"}]}, "/b")

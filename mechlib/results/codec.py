@@ -165,6 +165,11 @@ class Record:
         return _read_dataclass(cls, d, _Where(where or cls.__name__))
 
 
+def read_dataclass(cls: type[D], d: object, where: str) -> D:
+    """Any dataclass ``cls`` (not only a :class:`Record`) from a JSON value, checked like ``from_json``."""
+    return _read_dataclass(cls, d, _Where(where))
+
+
 def copy_fields(cls: type[T], source: object, **values: object) -> T:
     """``cls`` from the same-named attributes of ``source`` (a domain dataclass such as
     :class:`mechlib.steering.SteeringRow`), with ``values`` given or overriding: no dict in between."""
