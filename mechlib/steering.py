@@ -149,14 +149,25 @@ class RowSteering:
     def __init__(self) -> None:
         self._buffers: dict[int, Tensor] = {}
         self._current: Tensor | None = None
+        self._allocations = 0  # buffers made so far: names the current one in graph_key
+        self._serials: dict[int, int] = {}
+        self._current_serial = 0
 
     def set_rows(self, deltas: Tensor, device: torch.device, dtype: torch.dtype) -> None:
         b = int(deltas.shape[0])
         buf = self._buffers.get(b)
         if buf is None or buf.device != device or buf.dtype != dtype or buf.shape != deltas.shape:
             buf = self._buffers[b] = torch.empty(deltas.shape, device=device, dtype=dtype)
+            self._allocations += 1
+            self._serials[b] = self._allocations
         buf.copy_(deltas)
         self._current = buf
+        self._current_serial = self._serials[b]
+
+    def graph_key(self) -> int:
+        """Which buffer the hook reads now (a serial never reused): :mod:`mechlib.graph_decode` keys its
+        captured graphs on it, so new values in the same buffer replay the graph and another buffer re-captures."""
+        return self._current_serial
 
     def __call__(self, _module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
         h = layer_output_tensor(out)
@@ -379,23 +390,27 @@ def steering_row(
     )
 
 
-def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RecoveredOverlap:
+    """How far the questions two scales recovered coincide (chapter 06's ``results.Overlap``)."""
+
+    scale_a: float
+    scale_b: float
+    n_a: int
+    n_b: int
+    intersection: int
+    shared_ids: list[str]
+    jaccard: float  # 0 when both sets are empty
+
+
+def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[RecoveredOverlap]:
     """Pairwise overlap of the recovered sets: sizes, intersection, Jaccard (0 when both are empty)."""
     out = []
     for a, b in itertools.combinations(rows, 2):
         sa, sb = set(a.recovered_ids), set(b.recovered_ids)
-        union = sa | sb
-        out.append(
-            {
-                "scale_a": a.scale,
-                "scale_b": b.scale,
-                "n_a": len(sa),
-                "n_b": len(sb),
-                "intersection": len(sa & sb),
-                "shared_ids": sorted(sa & sb),
-                "jaccard": len(sa & sb) / len(union) if union else 0.0,
-            }
-        )
+        union, shared = sa | sb, sa & sb
+        jaccard = len(shared) / len(union) if union else 0.0
+        out.append(RecoveredOverlap(a.scale, b.scale, len(sa), len(sb), len(shared), sorted(shared), jaccard))
     return out
 
 

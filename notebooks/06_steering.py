@@ -127,7 +127,7 @@ rows = [
     for s in P.steering_scales
 ]
 cut_off = {s: scoring.truncation_rate(sweep[s]) for s in P.steering_scales}
-overlaps = [results.Overlap(**o) for o in steering.recovered_overlaps(rows)]
+overlaps = [results.copy_fields(results.Overlap, o) for o in steering.recovered_overlaps(rows)]
 n_base_ok = sum(base.values())
 
 # %%

@@ -172,8 +172,8 @@ def test_overlaps():
     ]
     ov = recovered_overlaps(rows)
     assert len(ov) == 3
-    assert ov[0]["intersection"] == 1 and ov[0]["shared_ids"] == ["1"] and ov[0]["jaccard"] == pytest.approx(1 / 3)
-    assert ov[1]["jaccard"] == 0.0 and ov[2]["n_a"] == 2 and ov[2]["n_b"] == 0
+    assert ov[0].intersection == 1 and ov[0].shared_ids == ["1"] and ov[0].jaccard == pytest.approx(1 / 3)
+    assert ov[1].jaccard == 0.0 and ov[2].n_a == 2 and ov[2].n_b == 0
 
 
 def test_scale_tag():
