@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
-from mechlib.sae.fast import TORCH, Backend, fast_step, latent_order, select_topk
+from mechlib.sae.fast import BWDS, TORCH, Backend, default_backend, fast_step, latent_order, select_topk
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -80,14 +80,16 @@ def assert_grads_close(ga, gb, rtol):
         assert err < rtol, f"{name}: relative max error {float(err):.2e}"
 
 
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("n_dead,k_aux", [(0, 8), (5, 8), (40, 8), (40, 0), (96, 16)])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_sparse_grads_equal_dense_autograd_float64(n_dead, k_aux, seed):
+def test_sparse_grads_equal_dense_autograd_float64(n_dead, k_aux, seed, bwd):
+    """Every backward candidate (``Backend.bwd``) in its exact torch form vs dense autograd."""
     sae = make_sae(seed=seed)
     x, dead = make_x(50, 24, seed), dead_mask(96, n_dead, seed)
     a, b = copy.deepcopy(sae), copy.deepcopy(sae)
     loss_ref = dense_oracle(a, x, dead, k_aux, 0.125)
-    stats = fast_step(b, x, dead, k_aux, 0.125, backend=TORCH)
+    stats = fast_step(b, x, dead, k_aux, 0.125, backend=Backend("torch", None, bwd))
     assert torch.allclose(stats.loss, loss_ref, rtol=1e-12)
     assert (stats.aux_loss > 0) == (n_dead > 0 and k_aux > 0)
     assert_grads_close(grads(a), grads(b), 1e-10)
@@ -135,13 +137,14 @@ def test_ties_go_to_lowest_index_and_grads_match():
         assert torch.equal(getattr(b, name).grad, getattr(c, name).grad)
 
 
+@pytest.mark.parametrize("bwd", BWDS)
 @pytest.mark.parametrize("n_dead", [0, 7, 96])
-def test_fast_step_equals_reference_step_fp32(n_dead):
+def test_fast_step_equals_reference_step_fp32(n_dead, bwd):
     sae = make_sae(32, 128, 8, dtype=torch.float32)
     x, dead = make_x(64, 32, dtype=torch.float32), dead_mask(128, n_dead)
     a, b = copy.deepcopy(sae), copy.deepcopy(sae)
     sa = reference_step(a, x, dead, 16, 0.125)
-    sb = fast_step(b, x, dead, 16, 0.125)
+    sb = fast_step(b, x, dead, 16, 0.125, backend=Backend("torch", None, bwd))
     for field in ("loss", "fvu", "mse", "aux_loss"):
         assert torch.allclose(getattr(sa, field), getattr(sb, field), rtol=1e-5, atol=1e-7), field
     assert torch.equal(sa.fired, sb.fired)
@@ -204,13 +207,15 @@ def test_training_with_fast_step_tracks_reference_and_keeps_unit_decoder():
     assert torch.allclose(s_ref.W_enc, s_fast.W_enc, atol=1e-3)
 
 
-def test_bf16_compute_stays_close_to_fp32_reference():
-    """The CUDA recipe (bf16 pre and weight copies, fp32 grads) emulated on CPU with the twins."""
+@pytest.mark.parametrize("bwd", BWDS)
+def test_bf16_compute_stays_close_to_fp32_reference(bwd):
+    """The CUDA recipe (bf16 pre and weight copies, fp32 grads; ``"dense"`` also bf16 GEMM outputs)
+    emulated on CPU with the twins."""
     sae = make_sae(64, 256, 8, dtype=torch.float32)
     x, dead = make_x(128, 64, dtype=torch.float32), dead_mask(256, 40)
     a, b = copy.deepcopy(sae), copy.deepcopy(sae)
     sa = reference_step(a, x, dead, 16, 0.125)
-    sb = fast_step(b, x, dead, 16, 0.125, backend=Backend("torch", torch.bfloat16))
+    sb = fast_step(b, x, dead, 16, 0.125, backend=Backend("torch", torch.bfloat16, bwd))
     assert abs(float(sa.fvu - sb.fvu)) < 0.01 * float(sa.fvu)
     for name in PARAMS:
         ga, gb = getattr(a, name).grad, getattr(b, name).grad
@@ -218,58 +223,86 @@ def test_bf16_compute_stays_close_to_fp32_reference():
         assert cos > 0.97, f"{name}: cosine {float(cos):.4f}"
 
 
+def test_dense_backward_reuses_one_buffer_and_rejects_a_wrong_one():
+    """``"dense"`` writes S, g W_dec^T and d_pre into the [N, m] buffer it is given (pre's)."""
+    from mechlib.sae.fast import dense_backward
+
+    pre = torch.randn(10, 40, dtype=torch.float64)
+    sel = select_topk(pre, 4)
+    vals, g, W = sel.raw.clamp_min(0), torch.randn(10, 6, dtype=torch.float64), torch.randn(40, 6, dtype=torch.float64)
+    xc = torch.randn(10, 6)
+    buf = pre.clone()
+    dW_dec, dW_enc, db_enc = dense_backward(sel, vals, g, xc.double(), W, buf)
+    S = torch.zeros_like(pre).scatter(1, sel.idx, vals)
+    assert torch.allclose(dW_dec, S.t() @ g)
+    dp = (g @ W.t()).gather(1, sel.idx) * (sel.raw > 0)
+    D = torch.zeros_like(pre).scatter(1, sel.idx, dp)
+    assert torch.equal(buf, D)  # the buffer ends holding d_pre
+    assert torch.allclose(dW_enc, xc.double().t() @ D) and torch.allclose(db_enc, D.sum(0))
+    with pytest.raises(ValueError, match="contiguous"):
+        dense_backward(sel, vals, g, xc.double(), W, buf.t())
+
+
+def test_backward_env_var(monkeypatch):
+    monkeypatch.setenv("MECHLIB_SAE_BWD", "dense")
+    assert default_backend(torch.device("cpu")) == TORCH  # CPU: always the exact twins
+    monkeypatch.setenv("MECHLIB_SAE_BWD", "fastest")
+    with pytest.raises(ValueError, match="MECHLIB_SAE_BWD"):
+        default_backend(torch.device("cpu"))
+
+
 # ------------------------------------------------------------- Triton kernels under the interpreter
 
 
 def _interpreter_checks() -> None:
-    """Run each kernel under TRITON_INTERPRET=1 against its torch twin, then a whole step."""
+    """Run each kernel under TRITON_INTERPRET=1 against its torch twin, then whole steps."""
     from mechlib.sae import triton_kernels as tk
-    from mechlib.sae.fast import TRITON, TRITON_RADIX, decode_residual_torch, pass_a_torch, pass_b_torch
+    from mechlib.sae import triton_seg
+    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch
 
     torch.manual_seed(0)
-    n, m, d, k, ka = 37, 300, 70, 9, 13
-    pre = (torch.randn(n, m) * 2).bfloat16()
-    pre[3, :] = 1.0  # a row of equal values
-    pre[5, ::3] = 2.5  # many ties at the boundary
-    dead = torch.rand(m) < 0.2
-    idx, raw, aidx, araw = tk.topk_select(pre, k, dead, ka)
-    s = select_topk(pre, k, dead, ka)
-    assert torch.equal(idx.long(), s.idx) and torch.equal(raw, s.raw), "topk"
-    assert torch.equal(aidx.long(), s.aux_idx) and torch.equal(araw, s.aux_raw), "aux topk"
-    for rows, cols, kk in [(4, 64, 64), (3, 5000, 40)]:  # k == m; several chunks per row; no AuxK
-        p = torch.randn(rows, cols).bfloat16()
-        p[0] = 0.0
-        got = tk.topk_select(p, kk, None, 0)
-        assert torch.equal(got[0].long(), select_topk(p, kk).idx) and got[2].shape == (rows, 0), "topk no aux"
-    x, b, W = torch.randn(n, d), torch.randn(d), torch.randn(m, d).bfloat16()
-    vals = raw.float().clamp_min(0)
-    e1 = tk.decode_residual(x, b, vals, idx, W)
-    assert torch.allclose(e1, decode_residual_torch(x, b, vals, s.idx, W), atol=1e-4), "decode"
-    o = latent_order(s.idx, m)
-    g, xc, vs, dp = (
-        torch.randn(n, d).bfloat16(),
-        torch.randn(n, d).bfloat16(),
-        vals.reshape(-1)[o.perm],
-        torch.randn(o.tok.numel()),
-    )
-    dw1, dv1 = tk.pass_a(o.offsets.int(), o.tok.int(), vs, g, W)
-    dw2, dv2 = pass_a_torch(o, vs, g, W)
-    assert torch.allclose(dw1, dw2, atol=1e-4) and torch.allclose(dv1, dv2, atol=1e-4), "pass_a"
-    de1, db1 = tk.pass_b(o.offsets.int(), o.tok.int(), dp, xc, m)
-    de2, db2 = pass_b_torch(o, dp, xc, m)
-    assert torch.allclose(de1, de2, atol=1e-4) and torch.allclose(db1, db2, atol=1e-4), "pass_b"
-    # whole step: triton backend vs the bf16 torch twins, and vs the fp32 reference
-    sae = make_sae(40, 160, 8, dtype=torch.float32)
-    xs, dmask = make_x(48, 40, dtype=torch.float32), dead_mask(160, 30)
-    a, bb, c = copy.deepcopy(sae), copy.deepcopy(sae), copy.deepcopy(sae)
-    st = fast_step(a, xs, dmask, 16, 0.125, backend=TRITON_RADIX)  # exact ties: comparable to the twins
-    sb = fast_step(bb, xs, dmask, 16, 0.125, backend=Backend("torch", torch.bfloat16))
-    sr = reference_step(c, xs, dmask, 16, 0.125)
-    assert torch.allclose(st.loss, sb.loss, rtol=1e-5), "step loss vs twins"
-    assert_grads_close(grads(bb), grads(a), 1e-4)
-    assert abs(float(st.fvu - sr.fvu)) < 0.01 * float(sr.fvu), "step fvu vs fp32 reference"
-    sd = fast_step(copy.deepcopy(sae), xs, dmask, 16, 0.125, backend=TRITON)  # the CUDA default: torch.topk
-    assert abs(float(sd.fvu - sr.fvu)) < 0.01 * float(sr.fvu), "default step fvu vs fp32 reference"
+    n, m, d, k = 37, 300, 70, 9
+    pre = torch.randn(n, m) * 2
+    pre[:, 7] = 5.0  # one latent in every row: a long segment spanning several BLOCK_S chunks
+    s = select_topk(pre, k)
+    raw = s.raw.bfloat16()
+    for wdt in (torch.float32, torch.bfloat16):
+        x, b, W = torch.randn(n, d), torch.randn(d), torch.randn(m, d).to(wdt)
+        vals = raw.float().clamp_min(0)
+        e1 = tk.decode_residual(x, b, vals, s.idx.int(), W)
+        assert torch.allclose(e1, decode_residual_torch(x, b, vals, s.idx, W), atol=1e-4), "decode"
+        o = latent_order(s.idx, m)
+        g, xc, vs = torch.randn(n, d).to(wdt), torch.randn(n, d).to(wdt), vals.reshape(-1)[o.perm]
+        dp = torch.randn(o.tok.numel()).to(wdt).float()  # bf16-exact, as the seg kernel's dot sees it
+        offs, lat, tok = o.offsets.int(), o.lat.int(), o.tok.int()
+        dw2, dv2 = pass_a_torch(o, vs, g, W)
+        de2, db2 = pass_b_torch(o, dp, xc, m)
+        assert dw2.abs().sum() > 0 and de2.abs().sum() > 0 and dv2.abs().sum() > 0
+        for name, (dw1, dv1), (de1, db1) in (
+            ("pass", tk.pass_a(offs, tok, vs, g, W), tk.pass_b(offs, tok, dp, xc, m)),
+            ("seg", triton_seg.seg_pass_a(offs, lat, tok, vs, g, W), triton_seg.seg_pass_b(offs, lat, tok, dp, xc, m)),
+        ):
+            assert torch.allclose(dw1, dw2, atol=1e-4) and torch.allclose(dv1, dv2, atol=1e-4), f"{name}_a {wdt}"
+            assert torch.allclose(de1, de2, atol=1e-4) and torch.allclose(db1, db2, atol=1e-4), f"{name}_b {wdt}"
+    # whole steps, every backward, AuxK live and not: fp32 compute vs the fp32 reference (exact up to
+    # summation order), bf16 compute (the CUDA recipe) within 1 % FVU and 0.97 gradient cosine
+    for bwd in BWDS:
+        for n_dead in (0, 30):
+            sae = make_sae(40, 160, 8, dtype=torch.float32)
+            xs, dmask = make_x(48, 40, dtype=torch.float32), dead_mask(160, n_dead)
+            a, bb, c = copy.deepcopy(sae), copy.deepcopy(sae), copy.deepcopy(sae)
+            sr = reference_step(c, xs, dmask, 16, 0.125)
+            st = fast_step(a, xs, dmask, 16, 0.125, backend=Backend("triton", torch.float32, bwd))
+            assert torch.allclose(st.loss, sr.loss, rtol=1e-5), f"{bwd} fp32 loss"
+            assert (st.aux_loss > 0) == (n_dead > 0), f"{bwd} aux"
+            assert_grads_close(grads(c), grads(a), 1e-4)
+            sb = fast_step(bb, xs, dmask, 16, 0.125, backend=Backend("triton", torch.bfloat16, bwd))
+            assert abs(float(sb.fvu - sr.fvu)) < 0.01 * float(sr.fvu), f"{bwd} bf16 fvu"
+            for name in PARAMS:
+                cos = torch.nn.functional.cosine_similarity(
+                    getattr(bb, name).grad.flatten(), getattr(c, name).grad.flatten(), dim=0
+                )
+                assert cos > 0.97, f"{bwd} bf16 {name}: cosine {float(cos):.4f}"
     print("TRITON_INTERPRET checks passed")
 
 
@@ -285,20 +318,9 @@ def _compile_checks() -> None:
     from triton.compiler import ASTSource
 
     from mechlib.sae import triton_kernels as tk
+    from mechlib.sae import triton_seg
 
     ptr = {"f32": "*fp32", "bf16": "*bf16", "i32": "*i32", "u8": "*u8"}
-    topk = dict(
-        pre_ptr=ptr["bf16"],
-        stride_row="i32",
-        M="i32",
-        dead_ptr=ptr["u8"],
-        idx_ptr=ptr["i32"],
-        val_ptr=ptr["bf16"],
-        K="i32",
-        aidx_ptr=ptr["i32"],
-        aval_ptr=ptr["bf16"],
-        KA="i32",
-    )
     decode = dict(
         x_ptr=ptr["f32"],
         b_ptr=ptr["f32"],
@@ -337,10 +359,16 @@ def _compile_checks() -> None:
         stride_m="i32",
         N_MBLK="i32",
     )
+    seg_a = dict(pass_a, lat_ptr=ptr["i32"])
+    seg_b = dict(pass_b, lat_ptr=ptr["i32"])
+    seg_a = {n: seg_a[n] for n in ("off_ptr", "lat_ptr", "tok_ptr", "val_ptr", "g_ptr", "w_ptr", "dw_ptr", "dvp_ptr")}
+    seg_a |= dict(M="i32", D="i32", E="i32", N_MBLK="i32")
+    seg_b = {n: seg_b[n] for n in ("off_ptr", "lat_ptr", "tok_ptr", "dp_ptr", "xc_ptr", "dw_ptr", "db_ptr")}
+    seg_b |= dict(M="i32", D="i32", stride_d="i32", stride_m="i32", N_MBLK="i32")
     jobs = [
-        (tk._topk_kernel, topk, {"HAS_AUX": aux, "BLOCK": c["BLOCK"]}, c["num_warps"], i == 0)
-        for aux in (True, False)
-        for i, c in enumerate(tk.TOPK_CONFIGS)
+        (fn, sig, {**{n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, "DOT_F32": False}, c["num_warps"], True)
+        for fn, sig in ((triton_seg._seg_pass_a_kernel, seg_a), (triton_seg._seg_pass_b_kernel, seg_b))
+        for c in triton_seg.SEG_CONFIGS
     ]
     jobs += [
         (tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)

@@ -8,17 +8,38 @@ latents (AuxK). Steps, with the kernel that runs each on CUDA (``mechlib.sae.tri
 the pure-torch twin with the same semantics that runs elsewhere and in tests:
 
 1. ``pre = (x - b_dec) @ W_enc + b_enc``: the one [N, m] buffer (bf16 on CUDA).
-2. ``select``: top-k per row (ties → lowest latent index, indices ascending) and, from the same
-   ``pre``, the AuxK top-min(k_aux, n_dead) among dead latents.
+2. ``select``: top-k per row and, from the same ``pre``, the AuxK top-min(k_aux, n_dead) among
+   the dead latents only (the torch twin: ties → lowest latent index, indices ascending; CUDA:
+   ``torch.topk``, ties arbitrary as in the reference). ``dead_mask.nonzero()`` is the step's one
+   host sync, queued after the encoder GEMM so the GPU stays busy while the host waits.
 3. ``decode_residual``: ``e = x - b_dec - sum_j relu(v_j) W_dec[i_j]``; fvu, mse.
-4. ``g = dL/drecon = -2 e / V``. Entries sorted by latent (``latent_order``), then
-   ``pass_a``: dW_dec rows and the value gradients ``g[n]·W_dec[i]`` in one gather of ``g``;
-   ``pass_b``: dW_enc columns and db_enc from ``d_pre`` at the selected entries only.
+4. ``g = dL/drecon = -2 e / V``, then the main code's backward, by ``Backend.bwd``:
+
+   * ``"sparse"`` (default): entries sorted by latent (``latent_order``), then ``pass_a``: dW_dec
+     rows and the value gradients ``g[n]·W_dec[i]`` in one gather of ``g``; ``pass_b``: dW_enc
+     columns and db_enc from ``d_pre`` at the selected entries only (one latent at a time).
+   * ``"seg"``: the same two passes as tensor-core kernels over blocks of latents
+     (``seg_pass_a``/``seg_pass_b``; the torch backend runs the ``"sparse"`` twins, same math).
+   * ``"dense"``: three bf16 tensor-core GEMMs over one [N, m] buffer (``pre``'s, reused):
+     ``dW_dec = S^T g`` with S the scattered code, value grads = ``(g W_dec^T)`` gathered at the
+     selected entries, ``dW_enc = x_c^T D`` with D the scattered ``d_pre`` (``dense_backward``).
+     Why it may win: three dense GEMMs at the study's shape are ~5.5 ms on an H100/H200, against
+     ~10 ms for ``pass_a`` + ``pass_b``; it does m/k = 256× the multiply-adds of the sparse form,
+     so better sparse kernels (``"seg"``) may beat it. Memory: the buffer is ``pre`` itself
+     (N·m·2 B = 512 MiB at batch 8192), so the peak grows only by the bf16 GEMM outputs.
+
+   ``MECHLIB_SAE_BWD=sparse|seg|dense`` picks it on CUDA (``benchmarks/sae_step.py`` measures all
+   three side by side; the default stays ``"sparse"`` until a GPU run picks).
 5. AuxK (``aux_dense``): restricted to the dead columns, as four dense GEMMs of N·n_dead·d.
    Why not sparse like the main code: a sparse op at k_aux=512 moves 4× the main code's bytes
    through memory, while a tensor-core GEMM over the n_dead ≤ m columns is ~100× cheaper per
    multiply-add, so the dense-restricted form wins for every n_dead ≤ m.
 6. ``db_dec = sum_n g[n] - W_enc @ db_enc`` (b_dec sits inside ``pre`` and inside ``recon``).
+
+Precision: the CUDA backends use bf16 operands with fp32 accumulation everywhere; ``"dense"``
+also rounds its GEMM outputs (dW_dec, dW_enc, the value gradients) to bf16 (~2^-9 relative per
+element), ``"seg"`` rounds ``d_pre`` to bf16 inside its dot. The benchmark's 100-step FVU
+equivalence against the fp32 reference is the check that this is harmless.
 
 Gradients are *added* to ``.grad`` (``backward()`` semantics); the optimizer step stays the
 caller's (``torch.optim.Adam(fused=True)`` on CUDA is one pass over the weights).
@@ -124,51 +145,78 @@ def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> t
 # ----------------------------------------------------------------------------------- backends
 
 
+Bwd = Literal["sparse", "seg", "dense"]
+BWDS: tuple[Bwd, ...] = ("sparse", "seg", "dense")
+
+
 @dataclass(frozen=True)
 class Backend:
-    """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies."""
+    """Which implementation runs each step. ``compute`` is the dtype of pre and the weight copies;
+    ``bwd`` the main code's backward (module docstring, step 4)."""
 
     name: Literal["torch", "triton"]
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
-    triton_topk: bool = False  # triton backend: mechlib's radix-select kernel instead of torch.topk
+    bwd: Bwd = "sparse"
 
 
 TORCH = Backend("torch", None)
 TRITON = Backend("triton", torch.bfloat16)
-TRITON_RADIX = Backend("triton", torch.bfloat16, triton_topk=True)
-# Why torch.topk by default: on one H100 (torch 2.11, study shape, batch 8192) the whole fast step took
-# 21.4 ms with torch.topk and 24.3 ms with the radix kernel (benchmarks/results/sae_step_*h100*).
 
 
 def default_backend(device: torch.device) -> Backend:
     """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins).
 
-    ``MECHLIB_SAE_TOPK=radix`` swaps ``torch.topk`` for the radix-select kernel (ties to the lowest
-    index, like the torch twins; measure on your card with ``benchmarks/sae_step.py``).
+    ``MECHLIB_SAE_BWD=seg|dense`` picks the main code's backward (default ``sparse``; measure on
+    your card with ``benchmarks/sae_step.py``).
     """
+    bwd = os.environ.get("MECHLIB_SAE_BWD", "") or "sparse"
+    if bwd not in BWDS:
+        raise ValueError(f"MECHLIB_SAE_BWD={bwd!r}: expected one of {', '.join(BWDS)}")
     if device.type != "cuda" or os.environ.get("MECHLIB_SAE_BACKEND", "") == "torch":
         return TORCH
     try:
         import mechlib.sae.triton_kernels  # noqa: F401
     except ImportError:
-        return Backend("torch", torch.bfloat16)
-    return Backend("triton", torch.bfloat16, os.environ.get("MECHLIB_SAE_TOPK", "") == "radix")
+        return Backend("torch", torch.bfloat16, bwd)
+    return Backend("triton", torch.bfloat16, bwd)
 
 
-def select(be: Backend, pre: Tensor, k: int, dead_mask: Tensor, ka: int) -> Selection:
-    if be.name == "triton" and be.triton_topk:
-        from mechlib.sae.triton_kernels import topk_select  # needs triton (CUDA installs only)
-
-        idx, raw, aidx, araw = topk_select(pre, k, dead_mask if ka else None, ka)
-        return Selection(idx, raw, aidx, araw)
+def select(be: Backend, pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -> Selection:
+    """Top-k of ``pre`` and the AuxK top-``ka`` among the columns ``dead_idx`` (ascending ids)."""
     if be.name == "triton":  # torch.topk (ties arbitrary), AuxK over the dead columns only
         raw, idx = pre.topk(k, dim=1, sorted=False)
-        if not ka:
+        if not ka or dead_idx is None:
             return Selection(idx, raw, idx[:, :0], raw[:, :0])
-        dead_idx = dead_mask.nonzero().flatten()
         araw, aloc = pre.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
         return Selection(idx, raw, dead_idx[aloc], araw)
-    return select_topk(pre, k, dead_mask, ka)
+    if not ka or dead_idx is None:
+        return select_topk(pre, k)
+    mask = torch.zeros(pre.shape[1], dtype=torch.bool, device=pre.device)
+    mask[dead_idx] = True
+    return select_topk(pre, k, mask, ka)
+
+
+def dense_backward(
+    sel: Selection, vals: Tensor, g_c: Tensor, xc_c: Tensor, W_dec_c: Tensor, buf: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(dW_dec [m, d], dW_enc [d, m], db_enc [m]) of the main code as three dense GEMMs.
+
+    ``buf`` [N, m] (``pre``'s storage, no longer needed) holds in turn the code S, ``g W_dec^T``
+    and ``d_pre``; the GEMM outputs come in ``buf``'s dtype, db_enc in ``vals``' dtype.
+    """
+    if buf.shape != (g_c.shape[0], W_dec_c.shape[0]) or not buf.is_contiguous():
+        raise ValueError(f"dense_backward needs a contiguous [N, m] buffer, got {tuple(buf.shape)}")
+    idx, cdt = sel.idx.long(), buf.dtype
+    S = buf.zero_().scatter_(1, idx, vals.to(cdt))
+    dW_dec = S.t() @ g_c  # [m, d]
+    G = torch.mm(g_c, W_dec_c.t(), out=buf)  # S is dead after the GEMM above (same stream)
+    dp = G.gather(1, idx).to(vals.dtype) * (sel.raw > 0)
+    D = buf.zero_().scatter_(1, idx, dp.to(cdt))
+    dW_enc = xc_c.t() @ D  # [d, m]
+    db_enc = torch.zeros(buf.shape[1], dtype=vals.dtype, device=buf.device).index_add_(
+        0, idx.reshape(-1), dp.reshape(-1)
+    )
+    return dW_dec, dW_enc, db_enc
 
 
 def aux_dense(
@@ -220,7 +268,7 @@ def _accumulate(p: torch.nn.Parameter, grad: Tensor) -> None:
 def fast_step(
     sae: TopKSAE, x: Tensor, dead_mask: Tensor, k_aux: int, aux_coef: float, *, backend: Backend | None = None
 ) -> StepStats:
-    """``reference_step``'s loss and gradients (added to ``.grad``) without dense [N, m] work.
+    """``reference_step``'s loss and gradients (added to ``.grad``) without dense [N, m] autograd.
 
     On CUDA the default backend is Triton with a bf16 encoder GEMM and bf16 weight copies (fp32
     master weights, fp32 gradients); elsewhere the exact torch twins in the parameters' dtype.
@@ -233,15 +281,15 @@ def fast_step(
     xc = x - b_dec
     xc_c, W_dec_c = xc.to(cdt), W_dec.to(cdt)
     pre = torch.addmm(b_enc.to(cdt), xc_c, W_enc.to(cdt))
-    n_dead = int(dead_mask.sum()) if k_aux > 0 else 0  # host sync after the GEMM is queued
-    ka = min(k_aux, n_dead)
-    sel = select(be, pre, k, dead_mask, ka)
-    del pre
+    dead_idx = dead_mask.nonzero().flatten() if k_aux > 0 else None  # the one host sync, after the GEMM
+    ka = min(k_aux, dead_idx.numel()) if dead_idx is not None else 0
+    sel = select(be, pre, k, dead_idx, ka)
 
     vals = sel.raw.to(pdt).clamp_min(0)
     triton = be.name == "triton"
     if triton:
         from mechlib.sae import triton_kernels as tk  # needs triton (CUDA installs only)
+        from mechlib.sae import triton_seg
 
         e = tk.decode_residual(x, b_dec, vals, sel.idx.int(), W_dec_c)
     else:
@@ -250,21 +298,30 @@ def fast_step(
     sse = e.pow(2).sum()
     fvu, mse = sse / var, sse / e.numel()
     g = e * (-2.0 / var)
+    g_c = g.to(cdt)
 
-    order = latent_order(sel.idx, m)
-    vals_s = vals.reshape(-1)[order.perm]
-    pos_s = sel.raw.reshape(-1)[order.perm] > 0
-    if triton:
-        offs, tok = order.offsets.int(), order.tok.int()
-        dW_dec, dv_s = tk.pass_a(offs, tok, vals_s.float(), g.to(cdt), W_dec_c)
-        dW_enc, db_enc = tk.pass_b(offs, tok, dv_s * pos_s, xc_c, m)
+    if be.bwd == "dense":
+        dW_dec, dW_enc, db_enc = dense_backward(sel, vals, g_c, xc_c, W_dec_c, pre)
     else:
-        dW_dec, dv_s = pass_a_torch(order, vals_s, g.to(cdt), W_dec_c)
-        dW_enc, db_enc = pass_b_torch(order, dv_s * pos_s, xc_c, m)
+        order = latent_order(sel.idx, m)
+        vals_s = vals.reshape(-1)[order.perm]
+        pos_s = sel.raw.reshape(-1)[order.perm] > 0
+        if triton and be.bwd == "seg":
+            offs, lat, tok = order.offsets.int(), order.lat.int(), order.tok.int()
+            dW_dec, dv_s = triton_seg.seg_pass_a(offs, lat, tok, vals_s.float(), g_c, W_dec_c)
+            dW_enc, db_enc = triton_seg.seg_pass_b(offs, lat, tok, dv_s * pos_s, xc_c, m)
+        elif triton:
+            offs, tok = order.offsets.int(), order.tok.int()
+            dW_dec, dv_s = tk.pass_a(offs, tok, vals_s.float(), g_c, W_dec_c)
+            dW_enc, db_enc = tk.pass_b(offs, tok, dv_s * pos_s, xc_c, m)
+        else:
+            dW_dec, dv_s = pass_a_torch(order, vals_s, g_c, W_dec_c)
+            dW_enc, db_enc = pass_b_torch(order, dv_s * pos_s, xc_c, m)
+    del pre
     grads = {"W_enc": dW_enc.to(pdt), "b_enc": db_enc.to(pdt), "W_dec": dW_dec.to(pdt)}
 
-    if ka > 0:
-        aux = aux_dense(sel, e, xc_c, W_dec_c, dead_mask.nonzero().flatten(), aux_coef, grads)
+    if ka > 0 and dead_idx is not None:
+        aux = aux_dense(sel, e, xc_c, W_dec_c, dead_idx, aux_coef, grads)
     else:
         aux = torch.zeros((), dtype=pdt, device=x.device)
     grads["b_dec"] = g.sum(0) - W_enc @ grads["b_enc"]

@@ -1,23 +1,21 @@
 """Triton kernels for the fast TopK SAE step (CUDA only; see mechlib.sae.fast).
 
-Why these four kernels: at the study's shape (d=2560, m=32768, k=128, batch 8192) the one
+Why these kernels: at the study's shape (d=2560, m=32768, k=128, batch 8192) the one
 dense encoder GEMM is ~2 ms, and everything else must be memory traffic proportional to
 batch·k·d, not batch·m·d. Each kernel has a pure-torch twin in ``mechlib.sae.fast`` with
-the SAME semantics (outputs, order, tie-breaking), which is what CPU tests run; the tests
-also run these kernels under ``TRITON_INTERPRET=1`` against the twins when triton is
-importable.
+the SAME semantics (outputs, order), which is what CPU tests run; the tests also run these
+kernels under ``TRITON_INTERPRET=1`` against the twins when triton is importable.
 
-* ``topk_select``: per row of the bf16 pre-activations, the k largest (ties: lowest latent
-  index) and, in the same pass over the row, the top-``ka`` among the dead latents (AuxK).
-  A 16-bit radix select (two 256-bin histograms over a monotone key) finds the threshold,
-  then one compaction pass writes indices in ascending latent order. No dense copy of
-  ``pre`` and no sort.
+(A radix-select top-k kernel lived here until 2026-11-30: on one H100 it made the step 12 %
+slower than ``torch.topk`` — 24.3 vs 21.4 ms — and won nowhere measured, so it was removed.)
+
 * ``decode_residual``: ``e = x - b_dec - sum_j v_j W_dec[idx_j]`` (token-major gather).
 * ``pass_a``: latent-major over the entries sorted by latent: ``dW_dec[i] = sum v g[tok]``
   and, with the decoder row loaded once, the per-entry partial dots ``g[tok]·W_dec[i]``
   (the value gradients) per d-block — one gather of ``g`` serves both.
 * ``pass_b``: latent-major: ``dW_enc[:, i] = sum dp x_c[tok]`` written as [BLOCK_D, BLOCK_M]
   tiles straight into the card's [d, m] layout, plus ``db_enc``.
+* ``seg_pass_a`` / ``seg_pass_b`` (tensor-core variants of the two passes): ``mechlib.sae.triton_seg``.
 
 Grids put the d-block as the slow axis so the programs resident at one time gather from the
 same column slice of the source (a few MB), which stays in L2. Launch configurations are
@@ -36,7 +34,6 @@ import triton.language as tl
 # spills: checked with triton.compile + ptxas -v, no GPU needed). On CUDA the first call per (kernel, shape)
 # times each candidate once and keeps the fastest (``MECHLIB_SAE_AUTOTUNE=0``: default only);
 # ``CHOSEN`` records the picks (benchmarks/sae_step.py writes them into its results).
-TOPK_CONFIGS = [dict(BLOCK=4096, num_warps=8), dict(BLOCK=2048, num_warps=4), dict(BLOCK=8192, num_warps=16)]
 DECODE_CONFIGS = [
     dict(BLOCK_N=16, BLOCK_D=128, num_warps=4),
     dict(BLOCK_N=32, BLOCK_D=128, num_warps=4),
@@ -79,139 +76,6 @@ def _pick(name: str, key: tuple, configs: list[dict], launch) -> dict:
         best = configs[min(range(len(configs)), key=times.__getitem__)]
     CHOSEN[full] = best
     return best
-
-
-@triton.jit
-def _bf16_key(v):
-    """Monotone unsigned 16-bit key of a bf16 value (larger float -> larger key)."""
-    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-    return tl.where(bits >= 0x8000, 0xFFFF - bits, bits + 0x8000)
-
-
-@triton.jit
-def _threshold_bin(hist, kk):
-    """Largest bin b with count(bin >= b) >= kk, and the count strictly above it."""
-    bins = tl.arange(0, 256)
-    cge = tl.cumsum(hist, 0, reverse=True)
-    b = tl.max(tl.where(cge >= kk, bins, -1), 0)
-    above = tl.sum(tl.where(bins > b, hist, 0), 0)
-    return b, above
-
-
-@triton.jit
-def _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX: tl.constexpr, BLOCK: tl.constexpr):
-    """One chunk of a row: (offsets, values, keys, in-row mask, dead mask)."""
-    offs = start + tl.arange(0, BLOCK)
-    inb = offs < M
-    v = tl.load(row_ptr + offs, mask=inb, other=0.0)
-    dead = inb
-    if HAS_AUX:
-        dead = inb & (tl.load(dead_ptr + offs, mask=inb, other=0) != 0)
-    return offs, v, _bf16_key(v), inb, dead
-
-
-@triton.jit
-def _compact_chunk(offs, v, key, ok, thr, n_eq, count, eq_seen, out_idx_ptr, out_val_ptr):
-    """Store keys > thr and the first n_eq keys == thr (running counts carried across chunks)."""
-    eq = ok & (key == thr)
-    eq_rank = tl.cumsum(eq.to(tl.int32), 0) + eq_seen
-    take = (ok & (key > thr)) | (eq & (eq_rank <= n_eq))
-    pos = tl.cumsum(take.to(tl.int32), 0) - 1 + count
-    tl.store(out_idx_ptr + pos, offs, mask=take)
-    tl.store(out_val_ptr + pos, v, mask=take)
-    return count + tl.sum(take.to(tl.int32), 0), eq_seen + tl.sum(eq.to(tl.int32), 0)
-
-
-@triton.jit
-def _topk_kernel(
-    pre_ptr,
-    stride_row,
-    M,
-    dead_ptr,
-    idx_ptr,
-    val_ptr,
-    K,
-    aidx_ptr,
-    aval_ptr,
-    KA,
-    HAS_AUX: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """Three passes over one row serve both selections: high-byte histograms, low-byte
-    histograms inside the threshold's high byte, then compaction."""
-    row = tl.program_id(0).to(tl.int64)
-    row_ptr = pre_ptr + row * stride_row
-    h_main = tl.zeros([256], dtype=tl.int32)
-    h_aux = tl.zeros([256], dtype=tl.int32)
-    for start in range(0, M, BLOCK):
-        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
-        h_main += tl.histogram(key >> 8, 256, mask=inb)
-        if HAS_AUX:
-            h_aux += tl.histogram(key >> 8, 256, mask=dead)
-    hi_main, above_main = _threshold_bin(h_main, K)
-    hi_aux, above_aux = _threshold_bin(h_aux, KA)
-    h_main = tl.zeros([256], dtype=tl.int32)
-    h_aux = tl.zeros([256], dtype=tl.int32)
-    for start in range(0, M, BLOCK):
-        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
-        h_main += tl.histogram(key & 0xFF, 256, mask=inb & ((key >> 8) == hi_main))
-        if HAS_AUX:
-            h_aux += tl.histogram(key & 0xFF, 256, mask=dead & ((key >> 8) == hi_aux))
-    lo_main, above_lo_main = _threshold_bin(h_main, K - above_main)
-    lo_aux, above_lo_aux = _threshold_bin(h_aux, KA - above_aux)
-    thr_main, n_eq_main = hi_main * 256 + lo_main, K - above_main - above_lo_main
-    thr_aux, n_eq_aux = hi_aux * 256 + lo_aux, KA - above_aux - above_lo_aux
-    count_main, eq_main, count_aux, eq_aux = 0, 0, 0, 0
-    for start in range(0, M, BLOCK):
-        offs, v, key, inb, dead = _load_keys(row_ptr, dead_ptr, start, M, HAS_AUX, BLOCK)
-        count_main, eq_main = _compact_chunk(
-            offs, v, key, inb, thr_main, n_eq_main, count_main, eq_main, idx_ptr + row * K, val_ptr + row * K
-        )
-        if HAS_AUX:
-            count_aux, eq_aux = _compact_chunk(
-                offs, v, key, dead, thr_aux, n_eq_aux, count_aux, eq_aux, aidx_ptr + row * KA, aval_ptr + row * KA
-            )
-
-
-def topk_select(pre: torch.Tensor, k: int, dead: torch.Tensor | None, ka: int):
-    """(idx [N,k] int32, vals [N,k] bf16, aux_idx [N,ka] int32, aux_vals [N,ka] bf16).
-
-    Indices ascend within a row; ties at the threshold go to the lowest latent index.
-    ``dead`` is a bool/uint8 mask [m]; ``ka`` must be <= its count (aux outputs are empty
-    when ``ka == 0``).
-    """
-    if pre.dtype != torch.bfloat16 or pre.stride(1) != 1:
-        raise ValueError(f"topk_select needs a row-major bf16 pre-activation, got {pre.dtype} {pre.stride()}")
-    if ka > 0 and dead is None:
-        raise ValueError(f"topk_select with ka={ka} aux latents needs the dead mask")
-    n, m = pre.shape
-    idx = torch.empty(n, k, dtype=torch.int32, device=pre.device)
-    vals = torch.empty(n, k, dtype=pre.dtype, device=pre.device)
-    aidx = torch.empty(n, ka, dtype=torch.int32, device=pre.device)
-    avals = torch.empty(n, ka, dtype=pre.dtype, device=pre.device)
-    has_aux = ka > 0
-    dead_u8 = dead.to(torch.uint8).contiguous() if dead is not None and has_aux else idx  # dummy pointer when unused
-
-    def launch(cfg):
-        _topk_kernel[(n,)](
-            pre,
-            pre.stride(0),
-            m,
-            dead_u8,
-            idx,
-            vals,
-            k,
-            aidx,
-            avals,
-            max(ka, 1),
-            HAS_AUX=has_aux,
-            BLOCK=min(cfg["BLOCK"], triton.next_power_of_2(m)),
-            num_warps=cfg["num_warps"],
-        )
-
-    if n:
-        launch(_pick("topk", (m, k, has_aux), TOPK_CONFIGS, launch))
-    return idx, vals, aidx, avals
 
 
 @triton.jit
