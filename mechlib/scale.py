@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import load_params
 from mechlib.paths import RunPaths
+from mechlib.runlock import RunLockError, run_lock
 from mechlib.sae.distributed import (
     DistInfo,
     StepFn,
@@ -120,15 +122,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         P = load_params(args.params)  # a bad params file fails before any process group exists
-        with process_group(args.device or P.device) as info:  # one group for all commands
+        with _run_lock(P.run), process_group(args.device or P.device) as info:  # one group for all commands
             for command in args.commands:
                 {"collect": collect, "train": train}[command](
                     args.params, args.device, progress=not args.no_progress, info=info
                 )
-    except ValueError as exc:  # ParamsError, ModelLoadError, LayerError, ShardError, SAEError, ...
+    except (ValueError, RunLockError) as exc:  # ParamsError, ModelLoadError, ShardError, SAEError, a held run
         print(f"[mechlib.scale] error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _run_lock(run: str) -> contextlib.AbstractContextManager[object]:
+    """The run's lock (:mod:`mechlib.runlock`), held by rank 0 (``RANK``, set by torchrun) for all ranks.
+
+    Why: ``python -m mechlib.book`` on the same run name writes the same shards and checkpoints; the
+    book and this entry point refuse to start while the other holds the run. Only rank 0 takes it (the
+    ranks of one torchrun are one runner); if it cannot, rank 0 exits with the holder named and
+    torchrun stops the other ranks.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return contextlib.nullcontext()
+    return run_lock(RunPaths(run).root, run, note=lambda msg: print(msg, file=sys.stderr, flush=True))
 
 
 @contextlib.contextmanager

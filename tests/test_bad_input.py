@@ -301,3 +301,18 @@ def test_scale_train_with_a_pretrained_sae_trains_nothing(tmp_path, out_root, ca
     assert scale.main(["train", str(params), "--no-progress"]) == 0
     assert "nothing to train" in capsys.readouterr().out
     assert _files(out_root) == []
+
+
+def test_scale_refuses_a_run_the_book_holds(tmp_path, out_root, capsys):
+    """A run held by another runner (the book, another torchrun): one message naming the holder, nothing
+    written; the lock is left to its owner."""
+    import os
+
+    from mechlib.runlock import run_lock
+
+    params = write_params(tmp_path, "busy", collect_tokens=1200)
+    with run_lock(out_root / "busy", "busy"):
+        rc, err = _scale(["collect", str(params)], capsys)
+        assert rc == 1 and f"pid {os.getpid()}" in err and "busy" in err, err
+        assert _files(out_root) == ["busy/.lock"]
+    assert _files(out_root) == []
