@@ -246,21 +246,14 @@ print(textwrap.fill(finding, 110))
 # %%
 _ = results.save(
     paths,
-    results.Evaluated(
-        var_explained=recon.var_explained,
-        var_explained_global=recon.var_explained_global,
+    results.copy_fields(  # the held-out reconstruction metrics come from `recon` by name; the rest are given
+        results.Evaluated,
+        recon,
         pca_var_explained=pca_ve,
-        mse=recon.mse,
-        l0=recon.l0,
-        coverage=recon.coverage,
         dead_fraction=dead_fraction,
         delta_ce_loss=spliced.delta_ce_loss,
         kl=spliced.kl,
         finding=finding,
-        n_tokens=recon.n_tokens,
-        never_fired_fraction=recon.never_fired_fraction,
-        var_explained_excl_outliers=recon.var_explained_excl_outliers,
-        n_outlier_tokens=recon.n_outlier_tokens,
         outlier_norm_ratio=metrics.OUTLIER_NORM_RATIO,
         pca_var_explained_excl_outliers=pca_ve_in,
         dead_fraction_training_counters=dead_train,
