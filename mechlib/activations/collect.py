@@ -13,8 +13,10 @@ Why each choice:
   The mask is stored per row (``keep_mask``) so nothing is hidden.
 - **Stop after L** (``mechlib.hooks.run_to_layer``): the layers above L and the unembedding never
   run. On a GPU the model runs in bf16 with SDPA attention, device→host copies go into pinned
-  buffers with ``non_blocking=True`` and a background thread masks, converts and writes shards
-  (``mechlib.activations.shards.ShardWriter``); ``compile=True`` compiles the layers up to L.
+  buffers with ``non_blocking=True`` and background threads mask, convert, write and hash shards
+  (``mechlib.activations.shards.ShardWriter``); ``compile=True`` (or ``"layers"``) compiles the
+  layers up to L, ``compile="stack"`` the whole truncated stack as one graph
+  (:mod:`mechlib.activations.forward`).
 - **Held-out split**: every 10th corpus document goes to ``heldout``, the rest to ``train``, so the
   two splits never share a document yet come from the same distribution.
 - **Resumable**: shards are a deterministic function of the parameters; a rerun verifies and
@@ -38,6 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from mechlib.activations.corpus import CorpusError, CorpusSpec
+from mechlib.activations.forward import LayerForward, layer_forward
 from mechlib.activations.shards import (
     FORMAT,
     MANIFEST,
@@ -49,9 +52,8 @@ from mechlib.activations.shards import (
     read_manifest,
     verify_shard,
 )
-from mechlib.hooks import run_to_layer
 from mechlib.io import atomic_write_json
-from mechlib.models import check_layer, d_model, decoder_layers
+from mechlib.models import check_layer, d_model
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -65,6 +67,7 @@ __all__ = [
     "collect_activations",
     "collection_identity",
     "stream_activations",
+    "stream_batches",
 ]
 
 HELDOUT_EVERY = 10  # document i is held out iff i % 10 == 9
@@ -188,15 +191,10 @@ def packed_rows(
     return packer, rows_with_quota(packer.rows(split_docs(corpus.texts(), split)), packer, n_tokens)
 
 
-def _prepare(model: nn.Module, layer: int, compile: bool) -> torch.device:
+def _prepare(model: nn.Module, layer: int, compile: bool | str) -> tuple[torch.device, LayerForward]:
+    """The model's device and its forward to ``layer`` (see :mod:`mechlib.activations.forward` for the modes)."""
     check_layer(model, layer)
-    if compile and not getattr(model, "_mechlib_compiled", False):
-        # Compile each layer's forward, not the module call: forward hooks (the stop hook, steering)
-        # then stay eager around the compiled code instead of being traced into it.
-        for block in decoder_layers(model)[: layer + 1]:
-            block.forward = torch.compile(block.forward)
-        model._mechlib_compiled = True  # type: ignore[assignment]  # nn.Module types attributes as Tensor | Module
-    return next(model.parameters()).device
+    return next(model.parameters()).device, layer_forward(model, layer, compile)
 
 
 def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -224,16 +222,31 @@ def stream_activations(
     split: str = "train",
     exclude_special_tokens: bool = True,
     exclude_first_positions: int = 2,
-    compile: bool = False,
+    compile: bool | str = False,
 ) -> Iterator[StreamBatch]:
-    """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs)."""
-    device = _prepare(model, layer, compile)
+    """Yield kept-token activations batch by batch, never touching disk (for 1 B-token runs).
+
+    ``compile``: ``False`` (eager), ``True``/``"layers"`` or ``"stack"`` (:mod:`mechlib.activations.forward`).
+    """
+    device, forward = _prepare(model, layer, compile)
     _, rows = packed_rows(
         tokenizer, n_tokens, seq_len, CorpusSpec.of(corpus), split, exclude_special_tokens, exclude_first_positions
     )
-    for pb in batch_rows(rows, batch_size):
+    yield from stream_batches(forward, batch_rows(rows, batch_size), device)
+
+
+def stream_batches(
+    forward: LayerForward, batches: Iterable[PackedBatch], device: torch.device
+) -> Iterator[StreamBatch]:
+    """Run ``forward`` on each batch and keep its kept tokens, on the device, without a host sync.
+
+    The keep mask's indices are found on the CPU and sent pinned/non_blocking, so nothing here
+    waits for the GPU: the next batch is packed while this one computes (a boolean mask index on
+    the GPU would sync on every batch to learn its output size).
+    """
+    for pb in batches:
         with torch.no_grad():
-            h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
+            h = forward(_to_device(pb.ids, device))
         idx = pb.keep.reshape(-1).nonzero().squeeze(1)
         acts = h.reshape(-1, h.shape[-1]).index_select(0, _to_device(idx, device))
         yield StreamBatch(acts, pb.ids.reshape(-1)[idx])
@@ -347,7 +360,7 @@ def collect_activations(
     exclude_first_positions: int = 2,
     dtype: str = "float32",
     model_name: str = "",
-    compile: bool = False,
+    compile: bool | str = False,
     progress: bool = True,
     rank: int = 0,
     world_size: int = 1,
@@ -362,6 +375,7 @@ def collect_activations(
     rank 0 merges those into ``manifest.json`` (the same file one process writes). Only rank 0
     deletes stale files, then ``sync`` (a barrier) lets the other ranks start computing.
 
+    ``compile``: ``False`` (eager), ``True``/``"layers"`` or ``"stack"`` (:mod:`mechlib.activations.forward`).
     Steps: identity and hash → drop what other settings wrote → gather finished shards →
     compute the missing ones (:func:`_write_shards`) → trim and write the manifest.
     """
@@ -371,7 +385,7 @@ def collect_activations(
     if rank == 0:
         for stale in out_dir.glob(".*.tmp"):  # left by a process killed mid-write
             stale.unlink()
-    device = _prepare(model, layer, compile)
+    device, forward = _prepare(model, layer, compile)
     spec = CorpusSpec.of(corpus)
     rows_per_shard = max(1, shard_tokens // seq_len)
     identity = collection_identity(
@@ -410,7 +424,7 @@ def collect_activations(
     bar = tqdm(total=n_tokens, unit="tok", desc=f"collect {split} L{layer}", disable=not progress)
     plan = _ShardPlan(out_dir, done, rows_per_shard, batch_size, rank, world_size)
     try:
-        n_shards, n_rows, computed = _write_shards(model, layer, device, rows, plan, writer, bar)
+        n_shards, n_rows, computed = _write_shards(forward, device, rows, plan, writer, bar)
     except BaseException:
         writer.abort()
         raise
@@ -457,8 +471,7 @@ class _ShardPlan:
 
 
 def _write_shards(
-    model: nn.Module,
-    layer: int,
+    forward: LayerForward,
     device: torch.device,
     rows: Iterator[Row],
     plan: _ShardPlan,
@@ -482,7 +495,7 @@ def _write_shards(
         else:
             for pb in batch_rows(shard_rows, plan.batch_size, first_row):
                 with torch.no_grad():
-                    h = run_to_layer(model, layer, input_ids=_to_device(pb.ids, device))
+                    h = forward(_to_device(pb.ids, device))
                 host, event, release = buffers.to_host(h, check=writer._check)
                 writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
                 computed += int(pb.keep.sum())

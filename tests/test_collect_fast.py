@@ -1,0 +1,186 @@
+"""The fast collection paths: the truncated-stack view, compile modes, the two-thread shard writer."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mechlib.activations import forward as fwd
+from mechlib.activations import shards as shards_mod
+from mechlib.activations.collect import ActivationStore, collect_activations, stream_activations
+from mechlib.activations.forward import SDPACall, forward_to_layer, record_sdpa, resolve_compile, truncated_stack
+from mechlib.hooks import add_forward_hook, replace_layer_output, run_to_layer
+from mechlib.io import sha256_file
+from mechlib.models import decoder_layers, final_norm
+
+SMALL = dict(n_tokens=700, seq_len=32, batch_size=4, shard_tokens=256, progress=False)
+
+
+def _ids(n_rows: int = 2, seq: int = 24) -> torch.Tensor:
+    return torch.randint(3, 500, (n_rows, seq), generator=torch.Generator().manual_seed(1))
+
+
+def test_truncated_stack_equals_run_to_layer_at_every_layer(tiny_any):
+    """Same modules, same order, no final norm: bit-equal to the hooked stop (Gemma 4's KV-shared layers too)."""
+    model, _, _ = tiny_any
+    ids = _ids()
+    for layer in range(len(decoder_layers(model))):
+        with torch.no_grad():
+            want = run_to_layer(model, layer, input_ids=ids)
+            got = forward_to_layer(model, layer, ids)
+        assert torch.equal(got, want), layer
+
+
+def test_view_leaves_the_model_alone(tiny_gemma4):
+    model, _ = tiny_gemma4
+    layers, norm = decoder_layers(model), final_norm(model)
+    before = dict(vars(model))
+    ids = _ids()
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        forward_to_layer(model, 2, ids)
+        again = model(input_ids=ids).logits
+    assert decoder_layers(model) is layers and len(layers) == 6 and final_norm(model) is norm
+    assert vars(model).keys() == before.keys()
+    assert torch.equal(full, again)
+    view = truncated_stack(model, 2)
+    assert len(decoder_layers(view)) == 3 and isinstance(final_norm(view), torch.nn.Identity)
+    assert view.embed_tokens.weight is model.model.language_model.embed_tokens.weight  # shared, not copied
+
+
+def test_view_runs_layer_hooks_but_not_the_owners(tiny_llama):
+    """A steering hook on a layer acts inside the view; one on the text model (not the view's output) does not."""
+    model, _ = tiny_llama
+    ids = _ids()
+    seen: list[str] = []
+    owner = model.model
+
+    def steer(module, args, output):
+        return replace_layer_output(output, output + 1.0 if isinstance(output, torch.Tensor) else output[0] + 1.0)
+
+    with torch.no_grad(), add_forward_hook(decoder_layers(model)[1], steer):
+        with add_forward_hook(owner, lambda m, a, o: seen.append("owner")):
+            got = forward_to_layer(model, 2, ids)
+        want = run_to_layer(model, 2, input_ids=ids)
+        plain = forward_to_layer(model, 2, ids)  # hook still on: the view is built once and sees it
+    assert torch.equal(got, want) and torch.equal(plain, want) and seen == []
+    with torch.no_grad():
+        unsteered = forward_to_layer(model, 2, ids)
+    assert not torch.equal(unsteered, want)
+
+
+def test_view_rebuilt_when_a_layer_is_replaced(tiny_llama):
+    model, _ = tiny_llama
+    ids = _ids()
+    with torch.no_grad():
+        before = forward_to_layer(model, 1, ids)
+        layers = decoder_layers(model)
+        new = type(layers[1])(model.config, 1)
+        new.load_state_dict(layers[0].state_dict())
+        layers[1] = new.eval()
+        after = forward_to_layer(model, 1, ids)
+        assert torch.equal(after, run_to_layer(model, 1, input_ids=ids))
+    assert not torch.equal(before, after)
+
+
+def test_resolve_compile():
+    assert resolve_compile(False) is None and resolve_compile(None) is None
+    assert resolve_compile(True) == "layers" and resolve_compile("stack") == "stack"
+    with pytest.raises(ValueError, match="compile must be a bool or one of layers, stack"):
+        resolve_compile("graph")
+
+
+def test_sdpa_record_shows_gemma4_masks(tiny_gemma4):
+    """Sliding layers carry a boolean mask (window < seq); full layers pass none and use is_causal.
+
+    On CUDA at E4B's shape this means: sliding layers (head_dim 256) go to the efficient kernel with
+    a mask, full layers (head_dim 512 > flash's 256) to efficient/cuDNN — the GPU benchmark records
+    which, from torch's own ``can_use_*`` checks.
+    """
+    model, _ = tiny_gemma4
+    with torch.no_grad(), record_sdpa() as calls:
+        forward_to_layer(model, 3, _ids(seq=32))
+    assert len(calls) == 4
+    kinds = model.config.text_config.layer_types[:4]
+    for call, kind in zip(calls, kinds):
+        if kind == "sliding_attention":
+            assert call.mask == "bool [2, 1, 32, 32]" and not call.is_causal
+        else:
+            assert call.mask is None and call.is_causal and call.q_shape[-1] == 32
+        assert call.kernel == "cpu"
+
+
+def test_sdpa_call_kernel_order():
+    base = dict(q_shape=(1,), k_shape=(1,), dtype="bf16", mask=None, is_causal=True, enable_gqa=False)
+    assert SDPACall(**base, flash=True, efficient=True, cudnn=True).kernel == "cudnn"
+    assert SDPACall(**base, flash=True, efficient=True, cudnn=False).kernel == "flash"
+    assert SDPACall(**base, flash=False, efficient=True, cudnn=None).kernel == "efficient"
+    assert SDPACall(**base, flash=False, efficient=False, cudnn=False).kernel == "math"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["stack", "layers"])
+def test_compiled_modes_match_eager(tiny_gemma4, tmp_path, mode):
+    """Both compile modes collect what the eager path collects (fp32: fusion reorders sums, so 1e-5 relative)."""
+    model, tok = tiny_gemma4
+    collect_activations(model, tok, tmp_path / "eager", layer=4, **SMALL)
+    collect_activations(model, tok, tmp_path / mode, layer=4, compile=mode, **SMALL)
+    a, b = ActivationStore(tmp_path / "eager").load_all(), ActivationStore(tmp_path / mode).load_all()
+    assert float((a - b).norm() / a.norm()) <= 1e-5
+    streamed = torch.cat(
+        [s.acts for s in stream_activations(model, tok, layer=4, n_tokens=700, seq_len=32, compile=mode)]
+    )
+    assert float((streamed - a).norm() / a.norm()) <= 1e-5
+    if mode == "stack":
+        assert not any(getattr(blk.forward, "_torchdynamo_orig_callable", None) for blk in decoder_layers(model))
+        assert not hasattr(model, "_mechlib_compiled")
+
+
+def test_layers_mode_tracked_outside_the_model(tiny_llama, monkeypatch):
+    """``compile=True`` compiles each layer once, remembered in a mechlib WeakSet, not on the model."""
+    model, _ = tiny_llama
+    compiled: list[object] = []
+    monkeypatch.setattr(fwd.torch, "compile", lambda f, **kw: compiled.append(f) or f)
+    fwd.layer_forward(model, 1, True)
+    fwd.layer_forward(model, 2, True)
+    assert len(compiled) == 3  # layers 0, 1 once, then layer 2
+    assert not hasattr(model, "_mechlib_compiled")
+    assert all(blk in fwd._COMPILED_LAYERS for blk in decoder_layers(model)[:3])
+
+
+# ------------------------------------------------------------------------------ shard writer
+
+
+def test_two_thread_writer_writes_save_file_bytes(tiny_gemma4, tmp_path):
+    """Shards are byte-for-byte what ``safetensors.save_file`` writes; manifest sizes and hashes match the files."""
+    model, tok = tiny_gemma4
+    run = collect_activations(model, tok, tmp_path / "a", layer=3, **SMALL)
+    entries = run.manifest["shards"]
+    assert len(entries) >= 3 and [e["index"] for e in entries] == list(range(len(entries)))
+    on_disk = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert on_disk["shards"] == entries and on_disk["complete"]
+    for e in entries:
+        path = tmp_path / "a" / e["file"]
+        assert e["sha256"] == sha256_file(path) and e["bytes"] == path.stat().st_size
+        meta = {"mechbook": json.dumps({"shard": e["index"], "first_row": e["first_row"]})}
+        save_file(load_file(str(path)), str(tmp_path / "ref.safetensors"), metadata=meta)
+        assert (tmp_path / "ref.safetensors").read_bytes() == path.read_bytes()
+    again = collect_activations(model, tok, tmp_path / "b", layer=3, **SMALL)
+    assert [e["sha256"] for e in again.manifest["shards"]] == [e["sha256"] for e in entries]  # deterministic
+
+
+def test_file_thread_error_reaches_the_caller(tiny_llama, tmp_path, monkeypatch):
+    model, tok = tiny_llama
+
+    def broken(path, data):
+        raise OSError(f"{path}: disk full")
+
+    monkeypatch.setattr(shards_mod, "atomic_write_bytes", broken)
+    with pytest.raises(OSError, match="disk full"):
+        collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
+    monkeypatch.undo()
+    run = collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)  # a rerun finishes it
+    assert run.manifest["complete"]
