@@ -23,6 +23,7 @@ from mechlib.results import FeatureExamples
 
 if TYPE_CHECKING:  # lens imports torch and the model helpers; only the type is needed here
     from mechlib.lens import LensResult
+    from mechlib.sae.history import HistoryRow
 
 DPI = 110
 
@@ -167,31 +168,31 @@ def plot_dose_response(
     return fig, ax
 
 
-def plot_training_curves(history: list[dict[str, float]], d_sae: int) -> tuple[Figure, AxesGrid]:
+def plot_training_curves(history: Sequence[HistoryRow], d_sae: int) -> tuple[Figure, AxesGrid]:
     """Chapter 02: loss and FVU (log scale), dead-latent count and learning rate per step."""
     fig, axes = new_grid(10.0, 6.0, nrows=2, ncols=2, sharex=True)
-    steps = [h["step"] for h in history]
+    steps = [h.step for h in history]
     (a, b), (c, d) = axes
-    a.plot(steps, [h["loss"] for h in history], lw=1, label="loss = FVU + aux_coef·AuxK")
-    a.plot(steps, [h["fvu"] for h in history], lw=1, label="FVU (train batch)")
+    a.plot(steps, [h.loss for h in history], lw=1, label="loss = FVU + aux_coef·AuxK")
+    a.plot(steps, [h.fvu for h in history], lw=1, label="FVU (train batch)")
     a.set_yscale("log")
     a.set_title("loss")
     a.legend(fontsize=8)
-    b.plot(steps, [h["aux_loss"] for h in history], lw=1, color="C2")
+    b.plot(steps, [h.aux_loss for h in history], lw=1, color="C2")
     b.set_title("AuxK loss (0 while no latent is dead)")
-    c.plot(steps, [h["n_dead"] for h in history], lw=1, color="C3")
+    c.plot(steps, [h.n_dead for h in history], lw=1, color="C3")
     c.set_title(f"dead latents (of {d_sae})")
     b.set_ylim(bottom=0)
     c.set_ylim(bottom=0)
-    for ax, key, words in (
-        (b, "aux_loss", "AuxK stayed 0: no latent was dead long enough to need it"),
-        (c, "n_dead", "no latent was dead at any step"),
+    for ax, values, words in (
+        (b, [h.aux_loss for h in history], "AuxK stayed 0: no latent was dead long enough to need it"),
+        (c, [h.n_dead for h in history], "no latent was dead at any step"),
     ):
-        if all(h[key] == 0 for h in history):  # a flat line at 0 reads as a broken plot: say it instead
+        if all(v == 0 for v in values):  # a flat line at 0 reads as a broken plot: say it instead
             ax.text(0.5, 0.5, words, transform=ax.transAxes, ha="center", va="center", fontsize=9, color="0.3")
             ax.set_yticks([0])
     c.set_xlabel("step")
-    d.plot(steps, [h["lr"] for h in history], lw=1, color="C4")
+    d.plot(steps, [h.lr for h in history], lw=1, color="C4")
     d.set_title("learning rate")
     d.set_xlabel("step")
     for ax in (a, b, c, d):

@@ -99,7 +99,7 @@ def train(
             "tokens": res.tokens,
             "resumed_from": res.resumed_from,
             "seconds": round(res.seconds, 2),
-            "final_fvu": res.history[-1]["fvu"] if res.history else None,
+            "final_fvu": res.final_fvu,
             "checkpoints": str(paths.checkpoints),
         }
         if info.is_main:

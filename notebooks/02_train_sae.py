@@ -83,10 +83,10 @@ import time
 
 from mechlib import findings, plots, results
 from mechlib.activations import open_store, open_train_store
-from mechlib.io import read_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.sae import HISTORY_FILE, HookInfo, export_sae, run_sae
+from mechlib.sae.history import read_history
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -137,7 +137,7 @@ print(
 # chapter 03 measures everything on held-out tokens.
 
 # %%
-history = read_json(paths.checkpoints / HISTORY_FILE) if P.sae_source == "train" else []
+history = read_history(paths.checkpoints / HISTORY_FILE) if P.sae_source == "train" else []
 if history:
     fig, _ = plots.plot_training_curves(history, sae.d_sae)
     _ = plots.save_figure(fig, paths.figures / "02_training_curves.png")
@@ -149,8 +149,8 @@ else:
 if history:
     first, last = history[0], history[-1]
     print(f"steps: {len(history)}")
-    print(f"batch FVU: first {first['fvu']:.2f}, last {last['fvu']:.3f}")
-    print(f"dead latents at the last step: {last['n_dead']} of {sae.d_sae}")
+    print(f"batch FVU: first {first.fvu:.2f}, last {last.fvu:.3f}")
+    print(f"dead latents at the last step: {last.n_dead} of {sae.d_sae}")
 else:
     print(f"pretrained: {P.sae_pretrained}")
 
@@ -179,8 +179,8 @@ finding = findings.training_finding(
     len(history),
     len(history) * cfg.train_batch_size,
     len(history) * cfg.train_batch_size / store.n_tokens,
-    history[-1]["fvu"] if history else None,
-    history[-1]["n_dead"] if history else None,
+    history[-1].fvu if history else None,
+    history[-1].n_dead if history else None,
     sae.d_sae,
 )
 print(textwrap.fill(finding, 110))
@@ -192,8 +192,8 @@ _ = results.save(
         **trained.summary(),
         finding=finding,
         n_steps=len(history),
-        final_batch_fvu=history[-1]["fvu"] if history else None,
-        n_dead_last_step=history[-1]["n_dead"] if history else None,
+        final_batch_fvu=history[-1].fvu if history else None,
+        n_dead_last_step=history[-1].n_dead if history else None,
         checkpoint=paths.rel(paths.checkpoints / "sae_final.pt") if P.sae_source == "train" else P.sae_pretrained,
         export=paths.rel(exported.folder),
         train_config=cfg.as_dict(),

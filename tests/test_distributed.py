@@ -113,7 +113,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 {
                     "sae": {k: v.detach() for k, v in res.sae.state_dict().items()},
                     "since": res.tokens_since_fired,
-                    "history": res.history,
+                    "history": [h.to_json() for h in res.history],
                 },
                 folder / f"rank{rank}.pt",
             )
@@ -135,7 +135,7 @@ def _one_process(tmp: Path, cfg: TrainConfig) -> dict:
     res = train_sae(
         TensorStore(synthetic_activations()), cfg, tmp, device="cpu", step_fn=reference_step, progress=False
     )
-    return {"sae": res.sae.state_dict(), "since": res.tokens_since_fired, "history": res.history}
+    return {"sae": res.sae.state_dict(), "since": res.tokens_since_fired, "history": [h.to_json() for h in res.history]}
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import matplotlib.pyplot as plt
 
 from mechlib import plots
 from mechlib.plots import plot_baseline, plot_dose_response, plot_feature_examples
 from mechlib.records import GroupAccuracy
 from mechlib.results import Example, FeatureExamples, ScaleRow
+from mechlib.sae.history import HistoryRow
 
 
 def test_plot_baseline_accepts_interval_edges_past_the_estimate():
@@ -40,14 +43,11 @@ def test_whitespace_tokens_are_visible():
 
 
 def test_flat_training_panels_say_why_instead_of_drawing_a_line_at_zero():
-    history = [
-        {"step": s, "loss": 1.0 / (s + 1), "fvu": 1.0 / (s + 1), "aux_loss": 0.0, "n_dead": 0, "lr": 1e-3}
-        for s in range(5)
-    ]
+    history = [HistoryRow(s, 1e-3, 1.0 / (s + 1), 1.0 / (s + 1), 0.1, 0.0, 0) for s in range(5)]
     _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert any("AuxK stayed 0" in t for t in texts) and any("no latent was dead" in t for t in texts)
-    history[3]["n_dead"] = 2
+    history[3] = dataclasses.replace(history[3], n_dead=2)
     _fig, axes = plots.plot_training_curves(history, d_sae=64)
     texts = [t.get_text() for ax in axes.flat for t in ax.texts]
     assert not any("dead at any step" in t for t in texts), "a panel with data must plot it"

@@ -13,6 +13,7 @@ import torch
 
 from mechlib.params import BookParams
 from mechlib.sae import SAEError, TopKSAE, load_sae, reference_step, save_card_checkpoint
+from mechlib.sae.history import read_history
 from mechlib.sae.train import (
     ParallelHooks,
     TensorStore,
@@ -87,7 +88,7 @@ def test_training_learns_and_writes_card_files(tmp_path):
     x = sparse_data()
     res = train_sae(TensorStore(x, model="synthetic", layer=3), small_cfg(), tmp_path, device="cpu", progress=False)
     assert res.step_path == "reference" and res.steps == 24 and res.tokens == 24 * 128
-    assert res.history[-1]["fvu"] < 0.5 * res.history[0]["fvu"]
+    assert res.history[-1].fvu < 0.5 * res.history[0].fvu
     for name in ("sae_final.pt", "sae.safetensors", "cfg.json", "train_history.json", "train_state.pt"):
         assert (tmp_path / name).is_file(), name
     cfg = json.loads((tmp_path / "cfg.json").read_text())
@@ -96,14 +97,15 @@ def test_training_learns_and_writes_card_files(tmp_path):
     ck = torch.load(tmp_path / "sae_final.pt")
     torch.testing.assert_close(ck["W_dec"].norm(dim=1), torch.ones(64))
     assert torch.equal(ck["W_enc"], res.sae.W_enc.detach()) and torch.equal(ck["W_dec"], res.sae.W_dec.detach())
-    assert json.loads((tmp_path / "train_history.json").read_text()) == res.history
+    assert json.loads((tmp_path / "train_history.json").read_text()) == [h.to_json() for h in res.history]
+    assert read_history(tmp_path / "train_history.json") == res.history
 
 
 def test_resumed_training_equals_uninterrupted(tmp_path):
     x = sparse_data()
     cfg = small_cfg(dead_tokens=256)  # dead latents appear, so AuxK and the counters are part of the state
     full = train_sae(TensorStore(x), cfg, tmp_path / "a", device="cpu", progress=False)
-    assert any(h["n_dead"] > 0 for h in full.history), "test needs dead latents to cover AuxK state"
+    assert any(h.n_dead > 0 for h in full.history), "test needs dead latents to cover AuxK state"
     part = train_sae(TensorStore(x), cfg, tmp_path / "b", device="cpu", progress=False, stop_after=10)
     assert part.steps == 10 and not (tmp_path / "b" / "sae_final.pt").exists()
     assert load_train_state(tmp_path / "b")["step"] == 10
@@ -273,3 +275,15 @@ def test_stream_store_for_book_matches_chapter_01_shards(tiny_llama, tiny_tok, t
     torch.testing.assert_close(tail, on_disk[300:], rtol=1e-5, atol=1e-5)
     # a mid-row skip (batch 1 starts inside a row) drops exactly the tokens before it
     torch.testing.assert_close(torch.cat(list(store.epoch_stream(150))), on_disk[150:], rtol=1e-5, atol=1e-5)
+
+
+def test_a_malformed_training_history_is_one_error_naming_the_file(tmp_path):
+    from mechlib.sae.history import HistoryError
+
+    path = tmp_path / "train_history.json"
+    path.write_text(json.dumps([{"step": 0, "lr": 1e-3, "loss": 1.0, "fvu": "x", "mse": 0.1, "aux_loss": 0.0}]))
+    with pytest.raises(HistoryError, match=r"train_history\.json: .*'fvu' must be a number, got 'x'"):
+        read_history(path)
+    path.write_text(json.dumps({"step": 0}))
+    with pytest.raises(HistoryError, match="expected a list of step rows"):
+        read_history(path)

@@ -50,6 +50,7 @@ from mechlib.sae.checkpoints import (
     why_not_resume,
     write_state,
 )
+from mechlib.sae.history import HistoryRow, rows_from_json, rows_to_json, write_history
 from mechlib.sae.model import (
     SAEError,
     StepStats,
@@ -151,7 +152,7 @@ class TrainResult:
     """What chapter 02 gets back: the SAE and how it came to be (trained here, resumed, or loaded)."""
 
     sae: TopKSAE
-    history: list[dict[str, float]]  # one row per step: step, lr, loss, fvu, mse, aux_loss, n_dead
+    history: list[HistoryRow]  # one row per step
     step_path: StepPath
     steps: int
     tokens: int
@@ -165,7 +166,7 @@ class TrainResult:
 
     @property
     def final_fvu(self) -> float | None:
-        return self.history[-1]["fvu"] if self.history else None
+        return self.history[-1].fvu if self.history else None
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary chapter 02 writes into ``metrics/02_train_sae.json`` (keys as before)."""
@@ -201,7 +202,7 @@ class _Progress:
 
     sae: TopKSAE
     step: int
-    history: list[dict[str, float]]
+    history: list[HistoryRow]
     tokens_since_fired: Tensor  # [m] int64
 
 
@@ -239,7 +240,7 @@ def _save_state(
         "meta": sae.meta,
         "opt": opt.state_dict(),
         "step": st.step,
-        "history": st.history,
+        "history": rows_to_json(st.history),  # plain JSON rows: the checkpoint loads with weights_only
         "tokens_since_fired": st.tokens_since_fired.cpu(),
         "rng": torch.get_rng_state(),
         "cfg": cfg.as_dict(),
@@ -288,7 +289,8 @@ def train_sae(
     if saved is not None:
         sae = TopKSAE(fp.d_model, cfg.d_sae, cfg.k, meta=saved["meta"])
         sae.load_state_dict(saved["sae"])
-        st = _Progress(sae, saved["step"], saved["history"], saved["tokens_since_fired"])
+        history = rows_from_json(saved["history"], f"{out_dir / STATE_FILE} history")
+        st = _Progress(sae, saved["step"], history, saved["tokens_since_fired"])
         torch.set_rng_state(saved["rng"])
     else:
         st = _new_state(store, cfg, meta)
@@ -328,15 +330,15 @@ def train_sae(
             since += cfg.train_batch_size
             since[fired] = 0
             st.history.append(
-                {
-                    "step": step,
-                    "lr": lr,
-                    "loss": float(stats.loss),
-                    "fvu": float(stats.fvu),
-                    "mse": float(stats.mse),
-                    "aux_loss": float(stats.aux_loss),
-                    "n_dead": int(dead.sum()),
-                }
+                HistoryRow(
+                    step=step,
+                    lr=lr,
+                    loss=float(stats.loss),
+                    fvu=float(stats.fvu),
+                    mse=float(stats.mse),
+                    aux_loss=float(stats.aux_loss),
+                    n_dead=int(dead.sum()),
+                )
             )
             st.step, st.tokens_since_fired = step + 1, since
             bar.update(1)
@@ -433,7 +435,7 @@ def _write_final(
             "activations": fp.as_dict(),
         },
     )
-    atomic_write_json(out_dir / HISTORY_FILE, st.history)
+    write_history(out_dir / HISTORY_FILE, st.history)
 
 
 def run_sae(
