@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR] [STEP ...]    # default: benchmarks/results, all steps
 #
-# Steps: sae_step (~70 s), cuda_tests (~20 s), collect (~30 s), generate (~6 min: each compiled
+# Steps: sae_step (~100 s, see below), cuda_tests (~40 s), collect (~30 s), generate (~6 min: each compiled
 # method's first call takes 1-2 min). Measured on one H100, 2026-11-26: the first three and
 # generate's first method fit one 10-minute call; name `generate` alone in a second call.
 #
@@ -35,8 +35,14 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
+# sae_step, estimated for an H200 (~100 s of the 150 s limit): start + CUDA init ~10 s; fp32/tf32 dense at
+# batch 8192 and 16384 (5 timed + 2 warm-up steps; ~0.26 / 0.06 s per step at 8192) ~7 s; the three fast
+# variants x 2 batches x 25 steps at 15-25 ms ~3 s, plus first-call compile and config timing of ~22
+# Triton kernel configs ~25 s; <best>_no_dead ~1 s; the equivalence (100 fp32 steps ~26 s, then 100 steps of
+# each fast variant ~6 s); the profile ~3 s. The JSON is rewritten after each stage, so a timeout keeps
+# whatever was measured.
 step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
-step cuda_tests 70 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
+step cuda_tests 90 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
 step collect 100 $PY benchmarks/collect.py --tokens 131072 --results "$RESULTS"
 step generate 480 $PY benchmarks/generate.py \
     --only hf_dynamic_b64,hf_static_b128,mechlib_b128,mechlib_cudagraphs_b256,mechlib_dynamic_b128 \
