@@ -284,6 +284,21 @@ def _interpreter_checks() -> None:
         ):
             assert torch.allclose(dw1, dw2, atol=1e-4) and torch.allclose(dv1, dv2, atol=1e-4), f"{name}_a {wdt}"
             assert torch.allclose(de1, de2, atol=1e-4) and torch.allclose(db1, db2, atol=1e-4), f"{name}_b {wdt}"
+    # every launch configuration of the seg kernels (the GPU times them and keeps one), bf16 operands
+    o = latent_order(s.idx, m)
+    offs, lat, tok, vs = o.offsets.int(), o.lat.int(), o.tok.int(), raw.float().clamp_min(0).reshape(-1)[o.perm]
+    g, xc, W = torch.randn(n, d).bfloat16(), torch.randn(n, d).bfloat16(), torch.randn(m, d).bfloat16()
+    dp = torch.randn(o.tok.numel()).bfloat16().float()
+    (dw2, dv2), (de2, db2) = pass_a_torch(o, vs, g, W), pass_b_torch(o, dp, xc, m)
+    tk.CHOSEN.clear()
+    for cfg in triton_seg.SEG_CONFIGS:
+        tk.CHOSEN[("seg_pass_a", m, d, k, g.dtype)] = tk.CHOSEN[("seg_pass_b", m, d, k, xc.dtype)] = cfg
+        dw1, dv1 = triton_seg.seg_pass_a(offs, lat, tok, vs, g, W)
+        de1, db1 = triton_seg.seg_pass_b(offs, lat, tok, dp, xc, m)
+        assert torch.allclose(dw1, dw2, atol=1e-4) and torch.allclose(dv1, dv2, atol=1e-4), f"seg_a {cfg}"
+        assert torch.allclose(de1, de2, atol=1e-4) and torch.allclose(db1, db2, atol=1e-4), f"seg_b {cfg}"
+        assert len(tk.CHOSEN) == 2, "the kernels must run the configuration set above"
+    tk.CHOSEN.clear()
     # whole steps, every backward, AuxK live and not: fp32 compute vs the fp32 reference (exact up to
     # summation order), bf16 compute (the CUDA recipe) within 1 % FVU and 0.97 gradient cosine
     for bwd in BWDS:
