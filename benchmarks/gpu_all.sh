@@ -3,18 +3,19 @@
 #
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR] [STEP ...]    # default: benchmarks/results, all steps
 #
-# Steps: sae_step (~100 s, see below), cuda_tests (~40 s), collect (~30 s), generate (~6 min: each compiled
-# method's first call takes 1-2 min). Measured on one H100, 2026-11-26: the first three and
-# generate's first method fit one 10-minute call; name `generate` alone in a second call.
+# Steps: sae_step (~100 s, see below), cuda_tests (~40 s), graph_tests (tiny models, capture/replay vs eager; ~1-2 min,
+# not yet measured: mostly graph-inductor compiles), collect (~30 s), generate (~6.5 min, estimated below).
+# Measured on one H100, 2026-11-26: sae_step, cuda_tests and collect fit one 10-minute call with generate's
+# first method; run `generate` alone in a second call.
 #
 # Each step has its own time limit and its own log; a failing step is reported and the next one
 # still runs, so one broken method does not cost the whole (rationed) GPU session. The sizes are
-# trimmed from each benchmark's defaults (131 k collected tokens, 100 equivalence steps, 5 of the 8
+# trimmed from each benchmark's defaults (131 k collected tokens, 100 equivalence steps, 7 of the 14
 # generation methods); run the scripts alone with their defaults for the full-length measurements.
 set -u
 RESULTS=${1:-benchmarks/results}
 shift || true
-STEPS=${*:-sae_step cuda_tests collect generate}
+STEPS=${*:-sae_step cuda_tests graph_tests collect generate}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 PY=${PY:-python3}
@@ -43,8 +44,15 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 # whatever was measured.
 step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
 step cuda_tests 90 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
+step graph_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
 step collect 100 $PY benchmarks/collect.py --tokens 131072 --results "$RESULTS"
+# generate: the graph methods first (issue 11), then the eager reference for row agreement, then the
+# baselines; the JSON is rewritten after each method, so a cut-off run keeps what it measured.
+# Estimate on an H200 (E4B bf16, 256 new tokens; first + steady call each): graph b128/b256 ~10 s each
+# (seconds of warm-up + capture, ~2 s steady), eager static b128 ~40 s (one call), hf_dynamic_b64 ~30 s,
+# graph_inductor_b256 ~90 s (inductor compile), mechlib_b128 ~85 s (79 s first call measured),
+# hf_static_b128 ~130 s (123 s first call on an H100): ~6.5 min with the model build; 480 s limit.
 step generate 480 $PY benchmarks/generate.py \
-    --only hf_dynamic_b64,hf_static_b128,mechlib_b128,mechlib_cudagraphs_b256,mechlib_dynamic_b128 \
+    --only mechlib_graph_b128,mechlib_graph_b256,mechlib_eager_static_b128,hf_dynamic_b64,mechlib_graph_inductor_b256,mechlib_b128,hf_static_b128 \
     --results "$RESULTS"
 exit $status

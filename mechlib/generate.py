@@ -33,16 +33,20 @@ steering hook cannot see the batch-1 prefix pass): it is off by default.
 Static cache (``cache="static"``, default on CUDA): transformers' ``StaticCache`` sized to the
 batch's prompt + ``max_new_tokens``; attention masks are built outside the compiled step (as HF
 does); the decode step (forward + argmax) is compiled with ``mode="reduce-overhead"`` (CUDA
-graphs) when ``compile`` is on. When the whole sequence fits in the sliding window, sliding-window
-cache layers are replaced by plain static layers holding the same tensors — identical attention,
-but no Python-int bookkeeping inside the compiled step (that would force recompiles).
+graphs) when ``compile`` is True or torch.compile kwargs. ``compile="graph"`` (the CUDA default,
+:func:`default_compile`) instead captures the whole step over static buffers in one
+``torch.cuda.CUDAGraph`` and replays it (:mod:`mechlib.graph_decode`: no dynamo guards per step,
+issue 11); models whose cache is not graph-safe fall back to the uncompiled static loop. When the
+whole sequence fits in the sliding window, sliding-window cache layers are replaced by plain static
+layers holding the same tensors — identical attention, but no Python-int bookkeeping inside the
+compiled step (that would force recompiles).
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -56,10 +60,11 @@ from mechlib.decode_step import (
     step,
     supports_logits_to_keep,
 )
+from mechlib.graph_decode import GRAPH_MODES, GRAPHS, GraphMode, GraphRequest, graph_greedy
 from mechlib.kv_cache import (
     CACHE_BUCKET,
     MIN_SHARED_PREFIX,
-    free_generation_cache,  # noqa: F401 (re-exported: tests and benchmarks call generate.free_generation_cache)
+    STATIC_CACHES,
     make_masks,
     prefix_cache,
     prefix_sharing_exact,
@@ -71,6 +76,7 @@ from mechlib.kv_cache import (
 )
 from mechlib.models import CausalLM, Tokenizer, model_device, text_config
 from mechlib.prompts import decode_text, encode_prompts
+from mechlib.step_timer import STEP_TIMER
 from mechlib.stopping import StopWhen, shortest_stopping_prefix
 
 if TYPE_CHECKING:
@@ -78,7 +84,8 @@ if TYPE_CHECKING:
 
 CacheKind = Literal["auto", "dynamic", "static"]
 ResolvedCache = Literal["dynamic", "static"]
-CompileOption = bool | Mapping[str, object]  # off / on with the defaults / torch.compile keyword arguments
+# off / on with the defaults / torch.compile keyword arguments / a captured CUDA graph (mechlib.graph_decode)
+CompileOption = bool | Mapping[str, object] | GraphMode
 
 
 class GenerationError(ValueError):
@@ -151,11 +158,20 @@ class DecodeSettings:
             raise GenerationError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
         if self.cache not in ("dynamic", "static"):
             raise GenerationError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
+        if isinstance(self.compile, str) and self.compile not in GRAPH_MODES:
+            raise GenerationError(
+                f"compile must be a bool, torch.compile kwargs or one of {GRAPH_MODES}, got {self.compile!r}"
+            )
 
     @property
     def compiled(self) -> bool:
-        """Whether the decode step is compiled (only ever with the static cache)."""
+        """Whether the decode step is compiled or captured (only ever with the static cache)."""
         return bool(self.compile) and self.cache == "static"
+
+    @property
+    def graph(self) -> bool:
+        """Whether the decode step is a replayed CUDA graph (:mod:`mechlib.graph_decode`)."""
+        return isinstance(self.compile, str) and self.cache == "static"
 
     def cut(self, row: list[int]) -> list[int]:
         """A finished row's ids: cut before its first EOS, then after its shortest stopping prefix
@@ -276,6 +292,14 @@ def _decode(
 ) -> torch.Tensor:
     """:func:`greedy_batch` with its settings bundled: prefill, then one step per new token."""
     s.check()
+    if s.graph and (prefix is None or not prefix.numel()):
+        req = GraphRequest(
+            s.max_new_tokens, s.eos_ids, s.pad_id, str(s.compile), s.ignore_eos, s.sync_every, s.stop_when
+        )
+        toks = graph_greedy(model, input_ids, attention_mask, req)
+        if toks is not None:
+            return toks
+        s = replace(s, compile=False)  # cache not graph-safe (mechlib.graph_decode): the uncompiled static loop
     device = input_ids.device
     batch = input_ids.shape[0]
     extra: dict[str, int] = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
@@ -293,6 +317,7 @@ def _decode(
     pos = pre.position_ids[:, -1:]
     steps = s.max_new_tokens
     guard = hook_guards() if step_fn is not step else contextlib.nullcontext()
+    t0 = STEP_TIMER.loop_start()
     with guard:
         for t in range(s.max_new_tokens):
             live = unfinished[alive]
@@ -318,7 +343,10 @@ def _decode(
             if mask2d is not None:
                 mask2d = torch.cat([mask2d, mask2d.new_ones((mask2d.shape[0], 1))], dim=-1)
             masks = make_masks(model, kv, batch, 1, mask2d, pos, first=False) if s.cache == "static" else mask2d
+            ev = STEP_TIMER.begin(device)
             nxt = step_fn(model, nxt[:, None].contiguous(), pos, masks, kv, extra).clone()
+            STEP_TIMER.end(ev)
+    STEP_TIMER.loop_end(t0, steps - 1, device)
     return out[:, :steps]
 
 
@@ -347,10 +375,23 @@ def _contiguous_lm_head(model: CausalLM) -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
+def free_generation_cache(model: CausalLM) -> None:
+    """Drop the static caches and captured graphs the compiled and graph paths keep for ``model``."""
+    STATIC_CACHES.free(model)
+    GRAPHS.free(model)
+
+
 def resolve_cache(cache: CacheKind, device: torch.device) -> ResolvedCache:
     if cache == "auto":
         return "static" if device.type == "cuda" else "dynamic"
     return cache
+
+
+def default_compile(device: torch.device, cache: ResolvedCache) -> CompileOption:
+    """What ``compile=None`` means — the one place chapters 04 and 06 (records, steering sweeps and
+    controls all pass None) get their decode path: on CUDA with the static cache, the captured
+    CUDA-graph step (``"graph"``, :mod:`mechlib.graph_decode`; issue 11); elsewhere uncompiled."""
+    return "graph" if device.type == "cuda" and cache == "static" else False
 
 
 def generate_ids(
@@ -374,9 +415,10 @@ def generate_ids(
     ``ignore_eos``) or after the shortest prefix that meets ``stop_when``. Prompts are batched by
     length (less padding); results keep the input order.
 
-    ``compile=None`` means: on for CUDA with the static cache, off elsewhere (the CPU path stays
-    the exact, uncompiled loop). ``share_prefix``: run a batch's common prompt prefix once (dynamic
-    cache only; the caller's hooks must treat every row alike — see the module docstring).
+    ``compile=None`` means :func:`default_compile`: a replayed CUDA graph on CUDA with the static
+    cache, off elsewhere (the CPU path stays the exact, uncompiled loop). ``share_prefix``: run a
+    batch's common prompt prefix once (dynamic cache only; the caller's hooks must treat every row
+    alike — see the module docstring).
     """
     if batch_size <= 0:
         raise GenerationError(f"batch_size must be positive, got {batch_size}")
@@ -388,7 +430,7 @@ def generate_ids(
         pad_id,
         ignore_eos,
         kind,
-        compile=(device.type == "cuda" and kind == "static") if compile is None else compile,
+        compile=default_compile(device, kind) if compile is None else compile,
         sync_every=8 if device.type == "cuda" else 1,
         stop_when=stop_when,
         share_prefix=share_prefix and kind == "dynamic",
@@ -443,8 +485,9 @@ def generate_greedy(
 
     Stops each row at the model's EOS. Steering hooks registered on decoder layers around this
     call fire at prefill and every decode step. ``cache``: ``"dynamic"`` (exact, default off
-    CUDA), ``"static"`` (default on CUDA), ``"auto"``; ``compile``: None = on for CUDA+static,
-    False = never, True or a dict of ``torch.compile`` kwargs.
+    CUDA), ``"static"`` (default on CUDA), ``"auto"``; ``compile``: None = :func:`default_compile`
+    (the captured graph on CUDA+static), False = never, True or a dict of ``torch.compile`` kwargs,
+    or a graph mode of :mod:`mechlib.graph_decode`.
     """
     eos = eos_ids_of(model, tokenizer)
     pad = pad_id_of(model, tokenizer, eos)

@@ -1,0 +1,433 @@
+"""Greedy decoding by replaying one captured CUDA graph per step (``compile="graph"`` of :mod:`mechlib.generate`).
+
+Why (issue 11): the ``reduce-overhead`` compiled step spent ~18 ms of a 24 ms step *inside the
+call* on an H200 while the GPU work was ~3-5 ms: per call, dynamo evaluates its guards — with
+module-hook guards on, over every module of the model — and cudagraph trees do their
+bookkeeping. The route fast decoders take (gpt-fast) avoids all of it: put every input of a decode
+step in a **static buffer**, capture the whole step once in a ``torch.cuda.CUDAGraph``, and replay
+it. A replay is one launch: no Python model code, no dynamo guard evaluation, no allocation.
+
+What one captured step does, all on the device: set the attention-mask column of the cache slot
+being written (``index_fill_`` from the slot buffer, so no host-built mask per step), run the model
+on the token buffer at the position buffer (the static cache advances its own device-side length),
+take ``logits[:, -1].argmax(-1)``, feed finished rows the pad id, write the token into the output
+buffer at the column buffer, update the unfinished flags (EOS), and advance token, position, slot
+and column buffers. The host only replays, and reads the unfinished flags every ``sync_every``
+steps (EOS / stop rule), like the plain loop.
+
+Exactness: the buffers hold what :func:`mechlib.generate.greedy_batch` feeds the model (left
+padding, ``cumsum(mask) − 1`` positions, the masks of :func:`mechlib.kv_cache.make_masks`: the
+in-step column update is checked against ``make_masks`` at every step in the tests). On a CPU, or
+wherever capture is unavailable, the same buffer step runs eagerly, so the CPU tests (tokens equal
+HF ``generate`` on tiny Gemma 4, Qwen 3.5, Llama, with and without steering hooks) test the very
+buffer logic a replay runs.
+
+Capture: the first decode steps of a new graph run for real on a side stream (warm-up: cuBLAS
+handles, inductor compilation and autotuning), then one step is captured (capture does not
+execute) and replayed. ``"graph"`` captures the eager kernels (the default: a first call of
+seconds); ``"graph-inductor"`` captures an inductor-compiled step (``torch.compile`` in its default
+mode, i.e. without cudagraph trees — we capture by hand) and ``"graph-autotune"`` one compiled with
+``max-autotune-no-cudagraphs`` (GEMM autotuning: fewer ms per step, minutes of first call). For
+both, dynamo's guards (hook guards on) are evaluated at warm-up and capture only, never at replay.
+
+When a graph is re-captured: graphs are kept in :data:`GRAPHS` (mechlib's, never on the model; the
+model held weakly), keyed by batch, cache length, dtype, device, EOS/pad settings, compile option
+and the **hook-set key** (:func:`hook_set_key`: every forward/pre-hook of every module, and the
+global ones, by handle id and function, computed once per batch, not per step). A hook added or
+removed later changes the key and forces a new capture — it is never silently ignored. A hook must
+read anything that changes between calls from device tensors updated *in place*: a
+:class:`mechlib.steering.RowSteering` scale change (``set_rows``, same shape) is a copy into the
+buffer the graph reads, so it does not re-capture; :meth:`RowSteering.graph_key` names its buffer,
+so a delta of another shape (another buffer) does. A hook that records tensors on the host (an
+activation probe) runs only at warm-up and capture: use ``compile=False`` for those.
+
+Fallback (returns ``None``; :mod:`mechlib.generate` then runs its uncompiled static loop): caches
+that are not graph-safe — sliding-window layers narrower than the cache (their length is a Python
+int), or any cache layer type other than static, linear-attention (in-place conv/recurrent
+states) and KV-shared dummy layers. A capture that raises is recorded in
+:attr:`GraphHolder.errors` and that step and the rest run eagerly from the same buffers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+from weakref import WeakKeyDictionary
+
+import torch
+
+from mechlib.decode_step import hook_guards, step, supports_logits_to_keep
+from mechlib.kv_cache import CACHE_BUCKET, make_masks, static_cache
+from mechlib.models import CausalLM, text_config
+from mechlib.step_timer import STEP_TIMER
+
+if TYPE_CHECKING:
+    from mechlib.kv_cache import Cache, Masks
+    from mechlib.stopping import StopWhen
+
+GraphMode = Literal["graph", "graph-inductor", "graph-autotune"]
+GRAPH_MODES: tuple[GraphMode, ...] = ("graph", "graph-inductor", "graph-autotune")
+# torch.compile kwargs of the step each mode captures (None: the eager step). Tests swap in {"backend": "eager"}.
+GRAPH_COMPILE_KWARGS: dict[str, Mapping[str, object] | None] = {
+    "graph": None,
+    "graph-inductor": {"dynamic": False, "fullgraph": False},  # inductor's default mode, no cudagraph trees
+    "graph-autotune": {"mode": "max-autotune-no-cudagraphs", "dynamic": False, "fullgraph": False},
+}
+WARMUP_STEPS = 3  # real steps on a side stream before capture (PyTorch's recommendation)
+MAX_GRAPHS_PER_MODEL = 2  # a sweep's full and last batch; each holds a static cache
+_GRAPH_SAFE_LAYERS = {"StaticLayer", "LinearAttentionLayer", "LinearAttentionAndStaticFullAttentionLayer", "DummyLayer"}
+
+
+class GraphDecodeError(ValueError):
+    """Settings the graph decode path cannot take; the message says which."""
+
+
+def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
+    """Identity of every forward and forward-pre hook on ``model``'s modules and of the global ones.
+
+    Handle ids never repeat (a re-registered hook gets a new one), so the key changes whenever the
+    hook set does. Hooks that expose ``graph_key()`` (:class:`mechlib.steering.RowSteering`) add
+    it: which buffer the captured graph would read.
+    """
+    from torch.nn.modules import module as nn_module
+
+    def entries(where: object, hooks: Mapping[int, Callable[..., object]]) -> list[tuple[object, ...]]:
+        out: list[tuple[object, ...]] = []
+        for hid, fn in hooks.items():
+            extra = fn.graph_key() if hasattr(fn, "graph_key") else None
+            out.append((where, hid, id(fn), extra))
+        return out
+
+    key: list[tuple[object, ...]] = []
+    key += entries("global", nn_module._global_forward_hooks)
+    key += entries("global-pre", nn_module._global_forward_pre_hooks)
+    for i, mod in enumerate(model.modules()):
+        key += entries(i, mod._forward_hooks)
+        key += entries((i, "pre"), mod._forward_pre_hooks)
+    return tuple(key)
+
+
+@dataclass(frozen=True)
+class GraphKey:
+    """Everything a captured step bakes in."""
+
+    batch: int
+    cache_len: int
+    dtype: str
+    device: str
+    mode: str
+    pad_id: int
+    eos_ids: tuple[int, ...]
+    ignore_eos: bool
+    hooks: tuple[object, ...]
+
+
+@dataclass
+class StepBuffers:
+    """The static inputs and outputs of one decode step (fixed addresses for the captured graph)."""
+
+    tok: torch.Tensor  # [B, 1] token fed this step
+    pos: torch.Tensor  # [B, 1] its position id
+    slot: torch.Tensor  # [1] cache slot written this step (same for every row: left padding)
+    col: torch.Tensor  # [1] output column of the token this step produces
+    out: torch.Tensor  # [B, cache_len] produced tokens (columns 0..max_new-1 used)
+    unfinished: torch.Tensor  # [B] bool
+    eos: torch.Tensor  # [E]
+    masks: Masks  # what the model gets as attention_mask (tensors updated in place)
+    fills: tuple[tuple[torch.Tensor, bool | float], ...]  # distinct mask tensors, value of an attended slot
+
+
+@dataclass
+class HeldGraph:
+    """One captured (or capturable) step with the cache and buffers it reads."""
+
+    key: GraphKey
+    cache: Cache
+    bufs: StepBuffers | None = None
+    graph: torch.cuda.CUDAGraph | None = None
+    warm: int = 0  # warm-up steps run so far
+    capture_failed: bool = False
+
+
+@dataclass
+class GraphHolder:
+    """Captured decode steps per model (weakly held), at most :data:`MAX_GRAPHS_PER_MODEL` each, newest last.
+
+    ``builds`` counts new entries (cache + buffers), ``captures`` CUDA-graph captures; tests read them
+    to prove that a hook change re-captures and a steering scale change does not.
+    """
+
+    builds: int = 0
+    captures: int = 0
+    errors: list[str] = field(default_factory=list)
+    _held: WeakKeyDictionary[torch.nn.Module, list[HeldGraph]] = field(default_factory=WeakKeyDictionary)
+
+    def get(self, model: torch.nn.Module, key: GraphKey) -> HeldGraph | None:
+        entries = self._held.get(model, [])
+        for h in entries:
+            if h.key == key:
+                entries.remove(h)
+                entries.append(h)  # most recently used last
+                return h
+        return None
+
+    def put(self, model: torch.nn.Module, held: HeldGraph) -> None:
+        entries = self._held.setdefault(model, [])
+        # a graph captured under another hook set can never be replayed again (handle ids never repeat)
+        entries[:] = [h for h in entries if h.key.hooks == held.key.hooks][-(MAX_GRAPHS_PER_MODEL - 1) :]
+        entries.append(held)
+        self.builds += 1
+
+    def held(self, model: torch.nn.Module) -> list[HeldGraph]:
+        return list(self._held.get(model, []))
+
+    def free(self, model: torch.nn.Module) -> None:
+        """Drop ``model``'s graphs and caches (GPU memory)."""
+        self._held.pop(model, None)
+
+
+GRAPHS = GraphHolder()  # the one :func:`mechlib.generate.greedy_batch` uses
+
+
+def graph_cache_len(model: CausalLM, prompt_len: int, max_new_tokens: int) -> int:
+    """Cache length: ``prompt + new`` rounded up to :data:`CACHE_BUCKET` (one graph serves many batches),
+    unless that outgrows a sliding window the exact length fits (then the exact length)."""
+    exact = prompt_len + max_new_tokens
+    bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
+    window = getattr(text_config(model), "sliding_window", None)
+    return bucketed if not window or bucketed <= int(window) else exact
+
+
+def graph_safe(cache: Cache, compile_safe: bool) -> bool:
+    """Whether a replayed step would run exactly as the eager one on this cache (see the module docstring)."""
+    return compile_safe and all(type(layer).__name__ in _GRAPH_SAFE_LAYERS for layer in cache.layers)
+
+
+def _record(b: StepBuffers, nxt: torch.Tensor, pad_id: int, use_eos: bool) -> None:
+    """Write this step's tokens: finished rows get ``pad_id``; EOS marks rows finished; buffers advance."""
+    nxt = torch.where(b.unfinished, nxt, pad_id)
+    b.out.index_copy_(1, b.col, nxt[:, None])
+    if use_eos:
+        b.unfinished.logical_and_(~torch.isin(nxt, b.eos))
+    b.tok.copy_(nxt[:, None])
+    b.col.add_(1)
+
+
+def buffer_step(
+    model: CausalLM, cache: Cache, b: StepBuffers, extra: Mapping[str, int], pad_id: int, use_eos: bool
+) -> None:
+    """One decode step entirely from and into ``b`` (what a graph captures): no host reads."""
+    for mask, value in b.fills:
+        mask.index_fill_(-1, b.slot, value)
+    logits = model(
+        input_ids=b.tok,
+        position_ids=b.pos,
+        attention_mask=b.masks,
+        past_key_values=cache,
+        use_cache=True,
+        return_dict=True,
+        **extra,
+    ).logits
+    _record(b, logits[:, -1].argmax(dim=-1), pad_id, use_eos)
+    b.pos.add_(1)
+    b.slot.add_(1)
+
+
+_COMPILED: dict[str, Callable[..., None]] = {}
+
+
+def _step_fn(mode: str) -> Callable[..., None]:
+    kwargs = GRAPH_COMPILE_KWARGS[mode]
+    if kwargs is None:
+        return buffer_step
+    tag = mode + repr(sorted(kwargs.items()))
+    if tag not in _COMPILED:
+        _COMPILED[tag] = torch.compile(buffer_step, **kwargs)  # type: ignore[call-overload]
+    return _COMPILED[tag]
+
+
+def _mask_fills(masks: Masks, slot: int) -> tuple[tuple[torch.Tensor, bool | float], ...]:
+    tensors: dict[int, torch.Tensor] = {}
+    for m in masks.values() if isinstance(masks, dict) else [masks]:
+        if m is not None:
+            if m.ndim != 4:
+                raise GraphDecodeError(f"expected 4-D attention masks from make_masks, got shape {tuple(m.shape)}")
+            tensors[id(m)] = m
+    return tuple((m, m[0, 0, -1, slot].item()) for m in tensors.values())
+
+
+def _mask_list(masks: Masks) -> list[tuple[str, torch.Tensor | None]]:
+    if isinstance(masks, dict):
+        return sorted(masks.items())
+    return [("", masks)]
+
+
+def _copy_masks(dst: Masks, src: Masks) -> bool:
+    """Copy ``src`` into ``dst`` in place; False when their layout differs (then buffers are rebuilt)."""
+    pairs = list(zip(_mask_list(dst), _mask_list(src)))
+    if isinstance(dst, dict) != isinstance(src, dict) or len(_mask_list(dst)) != len(_mask_list(src)):
+        return False
+    for (kd, d), (ks, s) in pairs:
+        if kd != ks or (d is None) != (s is None) or (d is not None and s is not None and d.shape != s.shape):
+            return False
+    for (_, d), (_, s) in pairs:
+        if d is not None and s is not None:
+            d.copy_(s)
+    return True
+
+
+def _load_buffers(
+    held: HeldGraph, masks: Masks, pos: torch.Tensor, slot: int, eos_ids: Sequence[int], pad_id: int
+) -> StepBuffers:
+    """Fill (or first build) the buffers for a new batch: masks of the first decode step, its position and slot."""
+    b = held.bufs
+    if b is None or not _copy_masks(b.masks, masks):
+        batch, dev = pos.shape[0], pos.device
+        b = StepBuffers(
+            tok=torch.zeros((batch, 1), dtype=torch.long, device=dev),
+            pos=torch.zeros((batch, 1), dtype=torch.long, device=dev),
+            slot=torch.zeros(1, dtype=torch.long, device=dev),
+            col=torch.zeros(1, dtype=torch.long, device=dev),
+            out=torch.zeros((batch, held.key.cache_len), dtype=torch.long, device=dev),
+            unfinished=torch.ones(batch, dtype=torch.bool, device=dev),
+            eos=torch.tensor(list(eos_ids), dtype=torch.long, device=dev),
+            masks=masks,
+            fills=_mask_fills(masks, slot),
+        )
+        held.bufs, held.graph, held.warm = b, None, 0  # new addresses: any graph of the old ones is stale
+    b.pos.copy_(pos)
+    b.slot.fill_(slot)
+    b.col.zero_()
+    b.out.fill_(pad_id)
+    b.unfinished.fill_(True)
+    return b
+
+
+class _Runner:
+    """Advances one held graph by one step: warm-up on a side stream, capture, then replay (CUDA); eager elsewhere."""
+
+    def __init__(self, held: HeldGraph, fn: Callable[[], None], device: torch.device, holder: GraphHolder) -> None:
+        self.held, self.fn, self.holder = held, fn, holder
+        self.capture = device.type == "cuda" and not held.capture_failed
+        self.stream = torch.cuda.Stream(device) if self.capture else None
+
+    def advance(self) -> None:
+        held = self.held
+        if held.graph is not None:
+            held.graph.replay()
+            return
+        if self.stream is None:
+            self.fn()
+            return
+        if held.warm < WARMUP_STEPS:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                self.fn()
+            torch.cuda.current_stream().wait_stream(self.stream)
+            held.warm += 1
+            return
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.fn()
+        except Exception as exc:  # not capturable (a host sync in some model code): run eagerly, say why
+            held.capture_failed, self.stream = True, None
+            self.holder.errors.append(f"capture failed: {type(exc).__name__}: {exc}"[:500])
+            self.fn()
+            return
+        held.graph = graph
+        self.holder.captures += 1
+        graph.replay()
+
+
+def _check_stop_rule(b: StepBuffers, upto: int, stop_when: StopWhen) -> None:
+    rows = b.out[:, :upto].tolist()
+    for i in torch.nonzero(b.unfinished).flatten().tolist():
+        if stop_when(rows[i]):
+            b.unfinished[i] = False
+
+
+@dataclass(frozen=True)
+class GraphRequest:
+    """The decode settings this path needs (a subset of :class:`mechlib.generate.DecodeSettings`)."""
+
+    max_new_tokens: int
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    mode: str = "graph"
+    ignore_eos: bool = False
+    sync_every: int = 1
+    stop_when: StopWhen | None = None
+
+
+@torch.inference_mode()
+def graph_greedy(
+    model: CausalLM,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    req: GraphRequest,
+    holder: GraphHolder = GRAPHS,
+) -> torch.Tensor | None:
+    """Greedy continuation ids ``[batch, steps]`` of one left-padded batch, as
+    :func:`mechlib.generate.greedy_batch` gives them; ``None`` when the model's cache is not graph-safe."""
+    if req.mode not in GRAPH_MODES:
+        raise GraphDecodeError(f"mode must be one of {GRAPH_MODES}, got {req.mode!r}")
+    batch, prompt_len = input_ids.shape
+    cache_len = graph_cache_len(model, prompt_len, req.max_new_tokens)
+    key = GraphKey(
+        batch,
+        cache_len,
+        str(model.dtype),
+        str(input_ids.device),
+        req.mode,
+        req.pad_id,
+        req.eos_ids,
+        req.ignore_eos,
+        hook_set_key(model),
+    )
+    held = holder.get(model, key)
+    if held is None:
+        cache, safe = static_cache(model, cache_len)
+        if not graph_safe(cache, safe):
+            return None
+        held = HeldGraph(key, cache)
+        holder.put(model, held)
+    else:
+        held.cache.reset()
+    kv = held.cache
+    extra: dict[str, int] = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}
+    position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+    mask2d = None if bool((attention_mask == 1).all()) else attention_mask
+    nxt = step(
+        model, input_ids, position_ids, make_masks(model, kv, batch, prompt_len, mask2d, position_ids, True), kv, extra
+    )
+    pos = position_ids[:, -1:] + 1
+    grown = None if mask2d is None else torch.cat([mask2d, mask2d.new_ones((batch, 1))], dim=-1)
+    b = _load_buffers(
+        held, make_masks(model, kv, batch, 1, grown, pos, False), pos, prompt_len, req.eos_ids, req.pad_id
+    )
+    use_eos = not req.ignore_eos and len(req.eos_ids) > 0
+    _record(b, nxt, req.pad_id, use_eos)
+    fn = functools.partial(_step_fn(req.mode), model, kv, b, extra, req.pad_id, use_eos)
+    runner = _Runner(held, fn, input_ids.device, holder)
+    guard = hook_guards() if GRAPH_COMPILE_KWARGS[req.mode] is not None else contextlib.nullcontext()
+    steps = req.max_new_tokens
+    t0 = STEP_TIMER.loop_start()
+    with guard:
+        for t in range(req.max_new_tokens):
+            if t > 0:
+                ev = STEP_TIMER.begin(input_ids.device)
+                runner.advance()
+                STEP_TIMER.end(ev)
+            if not req.ignore_eos and (t + 1) % req.sync_every == 0:
+                if req.stop_when is not None:
+                    _check_stop_rule(b, t + 1, req.stop_when)
+                if not bool(b.unfinished.any()):
+                    steps = t + 1
+                    break
+    result = b.out[:, :steps].clone()  # the buffer is the next batch's
+    STEP_TIMER.loop_end(t0, steps - 1, input_ids.device)
+    return result

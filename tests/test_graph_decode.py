@@ -1,0 +1,312 @@
+"""mechlib.graph_decode: the static-buffer decode step a CUDA graph captures gives exactly HF ``generate``'s
+greedy tokens (run eagerly on CPU: the same buffer logic a replay runs), re-keys on hook changes and not on
+steering-scale changes; CUDA-only tests compare capture/replay with the eager static loop."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GenerationConfig
+
+import mechlib.graph_decode as gd
+from mechlib.generate import DecodeSettings, GenerationError, generate_ids, greedy_batch, left_pad
+from mechlib.graph_decode import GRAPHS, GraphHolder, GraphRequest, graph_greedy, hook_set_key
+from mechlib.models import decoder_layers
+from mechlib.steering import RowSteering, steering_delta, steering_hook
+from mechlib.tiny import Arch
+
+TEXTS = ["Hello there, how", "A", "The quick brown fox jumps", "12 + 5 ="]  # different lengths: left padding
+MAX_NEW = 8
+PAD = 0
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _model(arch: Arch):
+    """Tiny models whose static cache is graph-safe: Llama, Qwen 3.5 (linear attention + full), and Gemma 4
+    with a sliding window wider than the cache (the tiny default, 8, is not graph-safe: see the fallback test)."""
+    from mechlib.tiny import tiny_model
+
+    model = tiny_model(arch, seed=0)
+    if arch == "gemma4":
+        model.config.text_config.sliding_window = 512
+        wide = type(model)(model.config).eval()
+        wide.load_state_dict(model.state_dict())
+        model = wide
+    return model
+
+
+@pytest.fixture(params=["llama", "qwen3_5", "gemma4"])
+def graph_model(request):
+    model = _model(request.param)
+    yield model
+    GRAPHS.free(model)
+
+
+def _ids(tok):
+    return [tok(t)["input_ids"] for t in TEXTS]
+
+
+def _hf(model, ids, eos, max_new=MAX_NEW):
+    inp, mask = left_pad(ids, PAD, torch.device("cpu"))
+    gc = GenerationConfig(
+        do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD, disable_compile=True
+    )
+    with torch.no_grad():
+        rows = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)[:, inp.shape[1] :].tolist()
+    return [r[: r.index(eos)] if eos in r else r for r in rows]
+
+
+def _eos_mid_batch(model, ids):
+    free = _hf(model, ids, eos=1)
+    for row in free:
+        for cand in row[1:-1]:
+            if any(cand not in other for other in free):
+                return cand
+    pytest.fail(f"no token separates the rows of {free}")
+
+
+def _graph(model, ids, eos, **kw):
+    return generate_ids(
+        model, ids, MAX_NEW, 8, eos_ids=[eos], pad_id=PAD, cache="static", compile="graph", progress=False, **kw
+    )
+
+
+def _delta(seed=0, scale=3.0):
+    return torch.randn(64, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("hook", ["none", "steering_hook", "row_steering"])
+def test_graph_path_equals_hf_generate(graph_model, tiny_tok, hook):
+    model = graph_model
+    ids = _ids(tiny_tok)
+    layer = decoder_layers(model)[1]
+    builds = GRAPHS.builds
+    if hook == "steering_hook":
+        ctx = steering_hook(layer, _delta(), scale=1.0, mean_norm=3.0)
+    elif hook == "row_steering":
+        rs = RowSteering()
+        rs.set_rows(steering_delta(_delta(), 1.0, 3.0)[None], torch.device("cpu"), torch.float32)
+        ctx = torch.nn.Module.register_forward_hook(layer, rs)
+    else:
+        ctx = None
+    try:
+        if hook == "steering_hook":
+            ctx.__enter__()
+        eos = _eos_mid_batch(model, ids)
+        ref = _hf(model, ids, eos)
+        got = _graph(model, ids, eos)
+    finally:
+        if hook == "steering_hook":
+            ctx.__exit__(None, None, None)
+        elif ctx is not None:
+            ctx.remove()
+    assert got == ref
+    assert GRAPHS.builds == builds + 1 and GRAPHS.held(model), "the graph path ran (not the fallback)"
+    assert any(len(r) < MAX_NEW for r in ref) and any(len(r) == MAX_NEW for r in ref), "EOS must stop some rows only"
+    if hook != "none":
+        assert got != _hf(model, ids, eos), "the hook changed the tokens (a skipped hook would be caught)"
+
+
+def test_sliding_window_narrower_than_the_cache_falls_back(tiny_gemma4):
+    model, tok = tiny_gemma4  # window 8: its static layers track length in a Python int
+    ids = _ids(tok)
+    builds = GRAPHS.builds
+    got = _graph(model, ids, 1)
+    assert got == _hf(model, ids, 1)
+    assert GRAPHS.builds == builds and not GRAPHS.held(model), "not graph-safe: the plain static loop ran"
+
+
+def _record_masks(model):
+    seen: list[torch.Tensor] = []
+
+    def pre(_m, _args, kwargs):
+        am = kwargs.get("attention_mask")
+        if kwargs["input_ids"].shape[1] == 1:  # decode steps only
+            m = am["full_attention"] if isinstance(am, dict) else am
+            seen.append(m.clone())
+
+    return seen, model.register_forward_pre_hook(pre, with_kwargs=True)
+
+
+def test_in_step_mask_update_equals_make_masks(graph_model, tiny_tok):
+    """The step sets the attended column of the slot it writes; the plain static loop builds each step's
+    mask with make_masks. Same columns, and nothing attended beyond them in the longer (bucketed) cache."""
+    model = graph_model
+    ids = _ids(tiny_tok)
+    seen, handle = _record_masks(model)
+    try:
+        kw = dict(eos_ids=[], pad_id=PAD, cache="static", progress=False)
+        plain = generate_ids(model, ids, MAX_NEW, len(ids), compile=False, **kw)
+        ref, seen[:] = list(seen), []
+        got = generate_ids(model, ids, MAX_NEW, len(ids), compile="graph", **kw)
+    finally:
+        handle.remove()
+    assert got == plain
+    assert len(seen) == len(ref) == MAX_NEW - 1
+    width = ref[0].shape[-1]
+    assert seen[0].shape[-1] == 256 > width, "graph path: cache length bucketed"
+    for a, b in zip(seen, ref):
+        assert torch.equal(a[..., :width], b)
+        assert not a[..., width:].any()
+
+
+@pytest.mark.parametrize("sync_every", [1, 3])
+def test_stop_rule_and_sync_every_match_the_plain_loop(graph_model, tiny_tok, sync_every):
+    model = graph_model
+    inp, mask = left_pad(_ids(tiny_tok), PAD, torch.device("cpu"))
+    plain = greedy_batch(model, inp, mask, MAX_NEW, eos_ids=[], pad_id=PAD, cache="dynamic")
+    stop_tok = plain[0, 2].item()
+    rule = lambda row: stop_tok in row  # noqa: E731
+    kw = dict(eos_ids=[plain[1, 3].item()], pad_id=PAD, sync_every=sync_every, stop_when=rule, cache="static")
+    ref = greedy_batch(model, inp, mask, MAX_NEW, compile=False, **kw)
+    got = greedy_batch(model, inp, mask, MAX_NEW, compile="graph", **kw)
+    assert GRAPHS.held(model)
+    assert torch.equal(got, ref)
+
+
+def test_row_steering_scale_change_reuses_the_graph_and_a_new_hook_rebuilds(tiny_tok):
+    model = _model("llama")
+    ids = _ids(tiny_tok)
+    layer = decoder_layers(model)[2]
+    rs = RowSteering()
+    outs, keys = [], []
+    handle = layer.register_forward_hook(rs)
+    try:
+        builds = GRAPHS.builds
+        for scale in (0.0, 2.0, 4.0):
+            rs.set_rows(_delta(1, scale)[None], torch.device("cpu"), torch.float32)
+            keys.append(hook_set_key(model))
+            outs.append(_graph(model, ids, 1))
+            assert outs[-1] == _hf(model, ids, 1), f"scale {scale}"  # HF generate with the same hook
+        assert keys[0] == keys[1] == keys[2], "a scale change keeps the hook-set key"
+        assert GRAPHS.builds == builds + 1, "a scale change reuses the held graph"
+        rs.set_rows(torch.stack([_delta(1, 1.0)] * len(ids)), torch.device("cpu"), torch.float32)
+        assert hook_set_key(model) != keys[0], "per-row deltas live in another buffer: another key"
+        rs.set_rows(_delta(1, 4.0)[None], torch.device("cpu"), torch.float32)
+        extra = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: out + 1.0)
+        try:
+            assert hook_set_key(model) != keys[0]
+            got = _graph(model, ids, 1)
+            assert got == _hf(model, ids, 1)
+        finally:
+            extra.remove()
+        assert GRAPHS.builds == builds + 2, "a hook added later forces a rebuild"
+        assert hook_set_key(model) == keys[0]
+    finally:
+        handle.remove()
+        GRAPHS.free(model)
+    assert outs[0] != outs[2] and got != outs[2], "the scales and the extra hook change the tokens"
+    assert not any(name.startswith("_mechlib") for name in vars(model)), "no state hung on the model"
+
+
+def test_inductor_mode_path_honours_hooks_added_later(tiny_tok, monkeypatch):
+    """The compiled variant (dynamo's eager backend here: the same tracing and guards, no inductor build):
+    a hook added after the first call is seen."""
+    monkeypatch.setitem(gd.GRAPH_COMPILE_KWARGS, "graph-inductor", {"backend": "eager", "dynamic": False})
+    model = _model("llama")
+    ids = _ids(tiny_tok)[:2]
+    layer = decoder_layers(model)[3]
+    try:
+        for seed in (None, 3):
+            d = _delta(seed or 0)
+            handle = layer.register_forward_hook(lambda _m, _i, out, d=d: out + d) if seed else None
+            try:
+                got = generate_ids(
+                    model, ids, 6, 8, eos_ids=[1], pad_id=PAD, cache="static", compile="graph-inductor", progress=False
+                )
+                ref = _hf(model, ids, 1, max_new=6)
+            finally:
+                if handle:
+                    handle.remove()
+            assert got == ref, f"hook seed {seed}"
+    finally:
+        GRAPHS.free(model)
+
+
+def test_holder_keeps_a_few_graphs_per_model_and_forgets_dropped_models(tiny_tok):
+    import gc
+    import weakref
+
+    holder = GraphHolder()
+    model = _model("llama")
+    inp, mask = left_pad(_ids(tiny_tok), PAD, torch.device("cpu"))
+    req = GraphRequest(4, (1,), PAD)
+    for rows in (4, 3, 2, 3):
+        graph_greedy(model, inp[:rows], mask[:rows], req, holder)
+    assert [h.key.batch for h in holder.held(model)] == [2, 3][-gd.MAX_GRAPHS_PER_MODEL :]
+    assert holder.builds == 3, "batch 3 was still held the second time"
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None and len(holder._held) == 0
+
+
+def test_bad_graph_mode_raises():
+    with pytest.raises(GenerationError, match="compile must be"):
+        DecodeSettings(4, (1,), 0, cache="static", compile="graph-fast").check()  # type: ignore[arg-type]
+
+
+def test_benchmark_smoke_runs_the_graph_methods(tmp_path):
+    """benchmarks/generate.py --device cpu --small: the new methods run, agree with the eager loop, and are saved."""
+    spec = importlib.util.spec_from_file_location("bench_generate", REPO_ROOT / "benchmarks" / "generate.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    only = "mechlib_eager_static_b128,mechlib_b128,mechlib_graph_b128,mechlib_graph_inductor_b256,hf_dynamic_b64"
+    builds = GRAPHS.builds
+    assert bench.main(["--device", "cpu", "--small", "--only", only, "--results", str(tmp_path)]) == 0
+    assert GRAPHS.builds >= builds + 2, "the graph methods ran the graph path (not the fallback)"
+    (saved,) = tmp_path.glob("generate_*.json")
+    results = json.loads(saved.read_text())["results"]
+    assert set(results) == set(only.split(","))
+    for name in ("mechlib_graph_b128", "mechlib_graph_inductor_b256"):
+        r = results[name]
+        assert "error" not in r, r
+        assert r["rows_identical_to_eager"] == r["rows_compared_eager"] == 8, "CPU fp32: identical to the eager loop"
+        assert r["wall_ms_per_step"] is not None and r["steps_timed"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# CUDA: capture and replay
+# --------------------------------------------------------------------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("arch", ["llama", "gemma4", "qwen3_5"])
+@pytest.mark.parametrize("mode", ["graph", "graph-inductor"])
+def test_cuda_replay_equals_the_eager_static_loop_and_captures_once(arch, mode):
+    model = _model(arch).cuda()
+    g = torch.Generator().manual_seed(0)
+    ids = [torch.randint(3, 500, (n,), generator=g).tolist() for n in (12, 5, 9, 7)]
+    layer = decoder_layers(model)[1]
+    rs = RowSteering()
+    handle = layer.register_forward_hook(rs)
+    try:
+        captures = GRAPHS.captures
+        outs = []
+        for scale in (0.0, 2.0, 0.0):
+            rs.set_rows(_delta(2, scale)[None], torch.device("cuda"), torch.float32)
+            kw = dict(eos_ids=[], pad_id=PAD, cache="static", progress=False)  # no early stop: capture happens
+            fast = generate_ids(model, ids, 24, 4, compile=mode, **kw)
+            plain = generate_ids(model, ids, 24, 4, compile=False, **kw)
+            assert fast == plain, f"scale {scale}"
+            outs.append(fast)
+        assert not GRAPHS.errors, GRAPHS.errors
+        assert GRAPHS.captures == captures + 1, "one capture serves every scale"
+        assert outs[0] == outs[2] and outs[0] != outs[1]
+        extra = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: out * 1.5)
+        try:
+            fast = generate_ids(model, ids, 24, 4, compile=mode, **kw)
+            plain = generate_ids(model, ids, 24, 4, compile=False, **kw)
+        finally:
+            extra.remove()
+        assert fast == plain and GRAPHS.captures == captures + 2, "a hook added later re-captures"
+    finally:
+        handle.remove()
+        GRAPHS.free(model)
