@@ -13,8 +13,9 @@ training step (forward, AuxK, backward, Adam, decoder renorm every 10 steps) at 
 * ``tf32_dense``: the same with TF32 matmuls;
 * ``fast``: ``mechlib.sae.fast.fast_step`` as shipped (Triton, bf16 encoder GEMM, ``torch.topk``,
   ``bwd="sparse"``: ``pass_a``/``pass_b``) + fused Adam;
-* ``fast_seg`` / ``fast_dense``: the candidate backwards (``MECHLIB_SAE_BWD=seg|dense``: tensor-core
-  segment kernels / three dense bf16 GEMMs over ``pre``'s buffer; see ``mechlib.sae.fast``);
+* ``fast_seg`` / ``fast_dense`` / ``fast_dense_gather``: the candidate backwards
+  (``MECHLIB_SAE_BWD=seg|dense|dense_gather``: tensor-core segment kernels / three dense bf16 GEMMs
+  over ``pre``'s buffer / two GEMMs and a gather for the value gradients; see ``mechlib.sae.fast``);
 * ``<best>_no_dead``: the fastest fast variant when no latent is dead (AuxK skipped, steady state).
 
 The radix top-k kernel is gone (it lost to ``torch.topk`` on the H100, 24.3 vs 21.4 ms/step), so
@@ -66,8 +67,13 @@ from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.sae import TopKSAE, init_b_dec_, renorm_decoder_  # noqa: E402
 from mechlib.sae.fast import Backend, Bwd, default_backend, fast_step, select  # noqa: E402
 
-FAST_BWD: dict[str, Bwd] = {"fast": "sparse", "fast_seg": "seg", "fast_dense": "dense"}  # variant -> bwd
-VARIANTS = "fp32_dense,tf32_dense,fast,fast_seg,fast_dense"
+FAST_BWD: dict[str, Bwd] = {
+    "fast": "sparse",
+    "fast_seg": "seg",
+    "fast_dense": "dense",
+    "fast_dense_gather": "dense_gather",
+}
+VARIANTS = "fp32_dense,tf32_dense," + ",".join(FAST_BWD)
 
 STUDY = dict(d=2560, m=32768, k=128, k_aux=512, batch=8192, n_true=16384, k_true=64)  # batch: the headline
 SMALL = dict(d=64, m=512, k=16, k_aux=32, batch=512, n_true=1024, k_true=8)

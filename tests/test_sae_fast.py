@@ -258,7 +258,7 @@ def _interpreter_checks() -> None:
     """Run each kernel under TRITON_INTERPRET=1 against its torch twin, then whole steps."""
     from mechlib.sae import triton_kernels as tk
     from mechlib.sae import triton_seg
-    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch
+    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch, value_grads_torch
 
     torch.manual_seed(0)
     n, m, d, k = 37, 300, 70, 9
@@ -271,6 +271,10 @@ def _interpreter_checks() -> None:
         vals = raw.float().clamp_min(0)
         e1 = tk.decode_residual(x, b, vals, s.idx.int(), W)
         assert torch.allclose(e1, decode_residual_torch(x, b, vals, s.idx, W), atol=1e-4), "decode"
+        gv = torch.randn(n, d).to(wdt)
+        dv_want = value_grads_torch(gv, W, s.idx)
+        assert dv_want.abs().sum() > 0 and dv_want.shape == (n, k)
+        assert torch.allclose(tk.value_grads(gv, W, s.idx), dv_want, atol=1e-4), "value_grads"
         o = latent_order(s.idx, m)
         g, xc, vs = torch.randn(n, d).to(wdt), torch.randn(n, d).to(wdt), vals.reshape(-1)[o.perm]
         dp = torch.randn(o.tok.numel()).to(wdt).float()  # bf16-exact, as the seg kernel's dot sees it
@@ -384,6 +388,14 @@ def _compile_checks() -> None:
         (fn, sig, {**{n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, "DOT_F32": False}, c["num_warps"], True)
         for fn, sig in ((triton_seg._seg_pass_a_kernel, seg_a), (triton_seg._seg_pass_b_kernel, seg_b))
         for c in triton_seg.SEG_CONFIGS
+    ]
+    value_grad = dict(
+        g_ptr=ptr["bf16"], idx_ptr=ptr["i32"], w_ptr=ptr["bf16"], dvp_ptr=ptr["f32"], N="i32", D="i32", K="i32"
+    )
+    value_grad |= dict(N_TBLK="i32")
+    jobs += [
+        (tk._value_grad_kernel, value_grad, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
+        for i, c in enumerate(tk.DECODE_CONFIGS)
     ]
     jobs += [
         (tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)

@@ -41,7 +41,7 @@ def dead_mask(m, n_dead, seed=0):
 def test_kernels_match_torch_twins():
     from mechlib.sae import triton_kernels as tk
     from mechlib.sae import triton_seg
-    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch
+    from mechlib.sae.fast import decode_residual_torch, pass_a_torch, pass_b_torch, value_grads_torch
 
     n, m, d, k = 512, 4096, 320, 32
     gen = torch.Generator(device=DEV).manual_seed(0)
@@ -57,6 +57,7 @@ def test_kernels_match_torch_twins():
     )
     o = latent_order(s.idx, m)
     g, xc = torch.randn(n, d, device=DEV).bfloat16(), torch.randn(n, d, device=DEV).bfloat16()
+    assert torch.allclose(tk.value_grads(g, W, s.idx), value_grads_torch(g, W, s.idx), atol=1e-3, rtol=1e-4)
     vs = vals.reshape(-1)[o.perm]
     dp = torch.randn(o.tok.numel(), device=DEV).bfloat16().float()  # bf16-exact: the seg dot's rounding is moot
     offs, lat, tok = o.offsets.int(), o.lat.int(), o.tok.int()

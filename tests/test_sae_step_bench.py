@@ -47,6 +47,7 @@ def test_every_candidate_at_both_batches_with_equivalence_and_profile(bench, tmp
         "torch/sparse",
         "torch/seg",
         "torch/dense",
+        "torch/dense_gather",
     }
     eq = report["equivalence"]
     assert set(eq) == set(bench.FAST_BWD)

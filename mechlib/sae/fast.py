@@ -27,9 +27,12 @@ the pure-torch twin with the same semantics that runs elsewhere and in tests:
      ~10 ms for ``pass_a`` + ``pass_b``; it does m/k = 256× the multiply-adds of the sparse form,
      so better sparse kernels (``"seg"``) may beat it. Memory: the buffer is ``pre`` itself
      (N·m·2 B = 512 MiB at batch 8192), so the peak grows only by the bf16 GEMM outputs.
+   * ``"dense_gather"``: ``"dense"`` with the value gradients gathered per selected entry
+     (``value_grads``: N·k·d work with decode's access pattern, ~0.7 ms) instead of the middle
+     GEMM (~1.8 ms).
 
-   ``MECHLIB_SAE_BWD=sparse|seg|dense`` picks it on CUDA (``benchmarks/sae_step.py`` measures all
-   three side by side; the default stays ``"sparse"`` until a GPU run picks).
+   ``MECHLIB_SAE_BWD=sparse|seg|dense|dense_gather`` picks it on CUDA (``benchmarks/sae_step.py``
+   measures all four side by side; the default stays ``"sparse"`` until a GPU run picks).
 5. AuxK (``aux_dense``): restricted to the dead columns, as four dense GEMMs of N·n_dead·d.
    Why not sparse like the main code: a sparse op at k_aux=512 moves 4× the main code's bytes
    through memory, while a tensor-core GEMM over the n_dead ≤ m columns is ~100× cheaper per
@@ -48,6 +51,7 @@ caller's (``torch.optim.Adam(fused=True)`` on CUDA is one pass over the weights)
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -145,8 +149,8 @@ def pass_b_torch(order: LatentOrder, dp_sorted: Tensor, xc: Tensor, m: int) -> t
 # ----------------------------------------------------------------------------------- backends
 
 
-Bwd = Literal["sparse", "seg", "dense"]
-BWDS: tuple[Bwd, ...] = ("sparse", "seg", "dense")
+Bwd = Literal["sparse", "seg", "dense", "dense_gather"]
+BWDS: tuple[Bwd, ...] = ("sparse", "seg", "dense", "dense_gather")
 
 
 @dataclass(frozen=True)
@@ -166,7 +170,7 @@ TRITON = Backend("triton", torch.bfloat16)
 def default_backend(device: torch.device) -> Backend:
     """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins).
 
-    ``MECHLIB_SAE_BWD=seg|dense`` picks the main code's backward (default ``sparse``; measure on
+    ``MECHLIB_SAE_BWD=seg|dense|dense_gather`` picks the main code's backward (default ``sparse``; measure on
     your card with ``benchmarks/sae_step.py``).
     """
     bwd = os.environ.get("MECHLIB_SAE_BWD", "") or "sparse"
@@ -196,21 +200,45 @@ def select(be: Backend, pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -
     return select_topk(pre, k, mask, ka)
 
 
+def value_grads_torch(g: Tensor, W_dec: Tensor, idx: Tensor) -> Tensor:
+    """``dv[n, j] = g[n] · W_dec[idx[n, j]]`` [N, k], summed in fp32 over ``g``/``W_dec`` as given
+    (the twin of ``triton_kernels.value_grads``)."""
+    dt = torch.promote_types(g.dtype, torch.float32)
+    chunk = max(1, (1 << 22) // max(1, idx.shape[1] * g.shape[1]))  # gathered blocks of ~4 M values
+    parts = [
+        (W_dec[idx[s : s + chunk]].to(dt) * g[s : s + chunk, None].to(dt)).sum(-1)
+        for s in range(0, idx.shape[0], chunk)
+    ]
+    return torch.cat(parts) if parts else g.new_zeros(0, idx.shape[1], dtype=dt)
+
+
 def dense_backward(
-    sel: Selection, vals: Tensor, g_c: Tensor, xc_c: Tensor, W_dec_c: Tensor, buf: Tensor
+    sel: Selection,
+    vals: Tensor,
+    g_c: Tensor,
+    xc_c: Tensor,
+    W_dec_c: Tensor,
+    buf: Tensor,
+    value_grads: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(dW_dec [m, d], dW_enc [d, m], db_enc [m]) of the main code as three dense GEMMs.
+    """(dW_dec [m, d], dW_enc [d, m], db_enc [m]) of the main code as dense GEMMs.
 
     ``buf`` [N, m] (``pre``'s storage, no longer needed) holds in turn the code S, ``g W_dec^T``
     and ``d_pre``; the GEMM outputs come in ``buf``'s dtype, db_enc in ``vals``' dtype.
+    ``value_grads(g, W_dec, idx)``, when given, computes the value gradients instead of the
+    middle GEMM (``"dense_gather"``).
     """
     if buf.shape != (g_c.shape[0], W_dec_c.shape[0]) or not buf.is_contiguous():
         raise ValueError(f"dense_backward needs a contiguous [N, m] buffer, got {tuple(buf.shape)}")
     idx, cdt = sel.idx.long(), buf.dtype
     S = buf.zero_().scatter_(1, idx, vals.to(cdt))
     dW_dec = S.t() @ g_c  # [m, d]
-    G = torch.mm(g_c, W_dec_c.t(), out=buf)  # S is dead after the GEMM above (same stream)
-    dp = G.gather(1, idx).to(vals.dtype) * (sel.raw > 0)
+    if value_grads is None:
+        G = torch.mm(g_c, W_dec_c.t(), out=buf)  # S is dead after the GEMM above (same stream)
+        dv = G.gather(1, idx)
+    else:
+        dv = value_grads(g_c, W_dec_c, sel.idx)
+    dp = dv.to(vals.dtype) * (sel.raw > 0)
     D = buf.zero_().scatter_(1, idx, dp.to(cdt))
     dW_enc = xc_c.t() @ D  # [d, m]
     db_enc = torch.zeros(buf.shape[1], dtype=vals.dtype, device=buf.device).index_add_(
@@ -300,8 +328,9 @@ def fast_step(
     g = e * (-2.0 / var)
     g_c = g.to(cdt)
 
-    if be.bwd == "dense":
-        dW_dec, dW_enc, db_enc = dense_backward(sel, vals, g_c, xc_c, W_dec_c, pre)
+    if be.bwd in ("dense", "dense_gather"):
+        vg = None if be.bwd == "dense" else (tk.value_grads if triton else value_grads_torch)
+        dW_dec, dW_enc, db_enc = dense_backward(sel, vals, g_c, xc_c, W_dec_c, pre, vg)
     else:
         order = latent_order(sel.idx, m)
         vals_s = vals.reshape(-1)[order.perm]

@@ -15,6 +15,8 @@ slower than ``torch.topk`` — 24.3 vs 21.4 ms — and won nowhere measured, so 
   (the value gradients) per d-block — one gather of ``g`` serves both.
 * ``pass_b``: latent-major: ``dW_enc[:, i] = sum dp x_c[tok]`` written as [BLOCK_D, BLOCK_M]
   tiles straight into the card's [d, m] layout, plus ``db_enc``.
+* ``value_grads``: ``dv[n, j] = g[n] · W_dec[idx[n, j]]``, token-major like ``decode_residual``
+  (the ``"dense_gather"`` backward's value gradients, instead of a dense ``g W_dec^T`` GEMM).
 * ``seg_pass_a`` / ``seg_pass_b`` (tensor-core variants of the two passes): ``mechlib.sae.triton_seg``.
 
 Grids put the d-block as the slow axis so the programs resident at one time gather from the
@@ -302,3 +304,52 @@ def pass_b(
 
     launch(_pick("pass_b", (m, d, tok.numel() // max(n, 1)), PASS_CONFIGS, launch))
     return dw, db
+
+
+@triton.jit
+def _value_grad_kernel(g_ptr, idx_ptr, w_ptr, dvp_ptr, N, D, K, N_TBLK, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    pid = tl.program_id(0)
+    dblk = pid // N_TBLK
+    rows = (pid % N_TBLK) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    rmask = rows < N
+    cmask = cols < D
+    m2 = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    g = tl.load(g_ptr + rows64[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+    out = dvp_ptr + dblk.to(tl.int64) * N * K + rows64 * K
+    for j in range(0, K):
+        lat = tl.load(idx_ptr + rows64 * K + j, mask=rmask, other=0).to(tl.int64)
+        w = tl.load(w_ptr + lat[:, None] * D + cols[None, :], mask=m2, other=0.0).to(tl.float32)
+        tl.store(out + j, tl.sum(g * w, 1), mask=rmask)
+
+
+def value_grads(g: torch.Tensor, w_dec: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """dv [N, k] fp32: ``dv[n, j] = g[n] · w_dec[idx[n, j]]`` (token-major gather, decode's access pattern;
+    per-d-block partials summed after, no atomics). Twin: ``mechlib.sae.fast.value_grads_torch``."""
+    n, d = g.shape
+    k = idx.shape[1]
+    idx = idx.to(torch.int32).contiguous()
+    out = {}
+
+    def launch(cfg):
+        n_tblk, n_dblk = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_D"])
+        out["dvp"] = torch.empty(n_dblk, n, k, dtype=torch.float32, device=g.device)
+        _value_grad_kernel[(n_tblk * n_dblk,)](
+            g,
+            idx,
+            w_dec,
+            out["dvp"],
+            n,
+            d,
+            k,
+            n_tblk,
+            BLOCK_N=cfg["BLOCK_N"],
+            BLOCK_D=cfg["BLOCK_D"],
+            num_warps=cfg["num_warps"],
+        )
+
+    if not n:
+        return torch.zeros(0, k, dtype=torch.float32, device=g.device)
+    launch(_pick("value_grads", (d, k, w_dec.dtype), DECODE_CONFIGS, launch))
+    return out["dvp"].sum(0)
