@@ -1,40 +1,50 @@
-"""Activation-collection throughput: the study's method vs mechlib's collector, in one run.
+"""Activation-collection throughput: the study's method vs each way mechlib collects, in one run.
 
 One command on a GPU machine (H100/H200), from the repository root::
 
-    python benchmarks/collect.py                # add --compile to also measure torch.compile
+    python benchmarks/collect.py                       # every method, 10 s each after its warm-up
+    python benchmarks/collect.py --methods study,stream_stack --seconds 20
 
 builds a **random-weight Gemma 4 E4B** from its published config (``mechlib.tiny.gemma4_e4b_config``;
-``Gemma4ForConditionalGeneration``, bf16, SDPA attention, initialised directly on the GPU — speed
-does not depend on the weight values) and measures tokens/s at layer 21, seq 1024, for
+``Gemma4ForConditionalGeneration``, bf16, SDPA attention, initialised on the GPU — speed does not
+depend on the weight values) and measures tokens/s at layer 21, seq 1024. Methods, in run order
+(``stream_layers`` last: it replaces the layers' forward for the rest of the process):
 
-* ``study``: the study's method — a full-depth forward with ``output_hidden_states=True`` and
-  ``hidden_states[22]`` taken (left on the GPU: its device→host copy and disk writes are *not*
-  charged to it, so the ratio is conservative);
-* ``mechlib_stream``: ``mechlib.activations.collect.stream_activations`` — stop after layer 21, special tokens
-  dropped on the GPU, nothing written;
-* ``mechlib_disk``: ``mechlib.activations.collect.collect_activations`` — the whole collector: packing, stop
-  after layer 21, pinned non_blocking copies on a side stream, background shard writer (bf16
-  safetensors + sha256 + manifest);
-* ``mechlib_disk_compiled`` with ``--compile``: the same with the layers compiled (compile time
-  reported separately, not charged).
+* ``study``: a full-depth forward with ``output_hidden_states=True``, ``hidden_states[22]`` taken
+  and left on the GPU (no copy or disk charged to it: the ratio is conservative);
+* ``stream_eager``: ``stream_activations`` — pack, stop after layer 21 (hook), keep-mask on the GPU;
+* ``stream_stack``: the same with ``compile="stack"`` (the truncated stack as one static graph);
+* ``disk``: ``collect_activations`` — the whole collector to bf16 shards (pinned async D2H, gather
+  and file threads, sha256, manifest) with the fastest stream configuration measured before it;
+* ``stream_stack_b32``: ``compile="stack"`` at 32 rows per forward instead of 16;
+* ``stream_layers``: ``compile="layers"`` (``compile=True``: each layer's forward compiled).
 
-All methods consume the same packed rows (the Python docs, tokenised byte-level: a stand-in
-tokenizer whose ids are valid Gemma ids — the real tokenizer is gated, and speed does not
-depend on which ids are fed). tokens/s counts every processed position (rows × seq_len) for
-all methods. Equivalence: the activations mechlib wrote for its first rows are compared with
-``hidden_states[22]`` of the study's method on the same rows (relative Frobenius error ≤ 1e-2
-and cosine ≥ 0.9999 in bf16; fp32 on CPU must agree to 1e-5). One JSON line per method, then the
-ratios, and everything is saved to ``benchmarks/results/collect_<device>_<date>.json``.
+Each method runs a few warm-up batches (compilation included; reported as ``warmup_s``, not
+timed), then as many batches as fit in ``--seconds``; tokens/s counts every processed position
+(rows × seq_len). A failing method records its error and the run goes on; the JSON is rewritten
+after every method, so a run killed by its time limit keeps what it measured. ``--budget-s``
+skips the methods that would start after that many seconds.
 
-``--device cpu --small`` is a smoke test on a tiny Gemma 4 (fp32, seconds); without ``--small``
-the benchmark refuses to run on a CPU.
+The corpus: the Python docs written once to a ``.jsonl`` (repeated 4×, so no method runs out),
+so that reading the stand-in corpus (``ast`` over the standard library, ~100 k chars/s) is not
+what is measured; packing and tokenising (a byte-level stand-in tokenizer whose ids are valid
+Gemma ids) are, as in a real run. Attention: every SDPA call of one eager forward is recorded
+with the kernels torch accepts for it (``can_use_flash/efficient/cudnn_attention``) and the one
+its priority order picks — the check that no layer falls back to the math kernel.
+
+Equivalence: each method's first activations are compared with ``hidden_states[22]`` of the study's
+method on the same rows, computed before anything is compiled (relative Frobenius error ≤ 1e-2 and
+cosine ≥ 0.9999 in bf16; fp32 on CPU ≤ 1e-5). Saved to ``benchmarks/results/collect_<device>_<date>.json``.
+
+``--device cpu --small`` is a smoke test on a tiny Gemma 4 (fp32, seconds; compiled methods are
+skipped unless named with ``--methods``); without ``--small`` the benchmark refuses a CPU.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import platform
 import re
@@ -42,6 +52,8 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -59,6 +71,7 @@ from mechlib.activations.collect import (  # noqa: E402 (after the sys.path line
     stream_activations,
 )
 from mechlib.activations.corpus import iter_texts  # noqa: E402
+from mechlib.activations.forward import forward_to_layer, record_sdpa  # noqa: E402
 from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
@@ -67,14 +80,23 @@ from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this file without registering it
     layer: int
     seq_len: int
-    tokens: int
     batch: int
     baseline_batch: int
     dtype: torch.dtype
+    seconds: float
+    warmup_batches: int
 
 
-FULL = Sizes(layer=21, seq_len=1024, tokens=16 * 16 * 1024, batch=16, baseline_batch=8, dtype=torch.bfloat16)
-SMALL = Sizes(layer=2, seq_len=128, tokens=8 * 8 * 128, batch=8, baseline_batch=4, dtype=torch.float32)
+FULL = Sizes(layer=21, seq_len=1024, batch=16, baseline_batch=8, dtype=torch.bfloat16, seconds=10.0, warmup_batches=3)
+SMALL = Sizes(layer=2, seq_len=128, batch=8, baseline_batch=4, dtype=torch.float32, seconds=0.3, warmup_batches=1)
+ALL_METHODS = ("study", "stream_eager", "stream_stack", "disk", "stream_stack_b32", "stream_layers")
+CPU_METHODS = ("study", "stream_eager", "disk")  # compiling on 2 CPU cores takes minutes
+REF_ROWS = 4
+
+
+class Method(NamedTuple):
+    compile: bool | str
+    batch: int
 
 
 def _sync(device: torch.device) -> None:
@@ -82,194 +104,217 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def packed_rows(tokenizer, n_tokens: int, seq_len: int) -> torch.Tensor:
-    """The rows every method consumes (train split of the Python docs), as [rows, seq_len] ids."""
+def write_corpus(path: Path, repeat: int = 4) -> Path:
+    """The Python docs as ``.jsonl`` (``repeat`` times): a fast-reading copy of the stand-in corpus."""
+    texts = list(iter_texts("python-stdlib-docs"))
+    with open(path, "w", encoding="utf-8") as fh:
+        for _ in range(repeat):
+            for text in texts:
+                fh.write(json.dumps({"text": text}) + "\n")
+    return path
+
+
+def pack(tokenizer, corpus: Path, n_rows: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``n_rows`` train rows (ids, keep) exactly as the collector packs them."""
     packer = Packer(tokenizer, seq_len)
-    rows = rows_with_quota(packer.rows(split_docs(iter_texts("python-stdlib-docs"), "train")), packer, n_tokens)
-    return torch.stack([r[0] for r in rows])
+    rows = rows_with_quota(packer.rows(split_docs(iter_texts(str(corpus)), "train")), packer, 10**12)
+    got = [next(rows) for _ in range(n_rows)]
+    return torch.stack([r[0] for r in got]), torch.stack([r[1] for r in got])
 
 
-def run_study(model, rows: torch.Tensor, layer: int, batch: int, device: torch.device) -> float:
-    """The study's method over all rows; returns seconds."""
-    _sync(device)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for i in range(0, rows.shape[0], batch):
-            out = model(input_ids=rows[i : i + batch].to(device), output_hidden_states=True)
-            h = out.hidden_states[layer + 1]
-            del out
-    _sync(device)
-    del h
-    return time.perf_counter() - t0
-
-
-def run_stream(model, tok, n_tokens, cfg: Sizes, device) -> tuple[float, int]:
-    _sync(device)
-    t0 = time.perf_counter()
-    kept = 0
-    for b in stream_activations(
-        model, tok, layer=cfg.layer, n_tokens=n_tokens, seq_len=cfg.seq_len, batch_size=cfg.batch
-    ):
-        kept += b.acts.shape[0]
-    _sync(device)
-    return time.perf_counter() - t0, kept
-
-
-def run_disk(model, tok, out: Path, n_tokens, cfg: Sizes, dtype: str, compile: bool = False):
-    shutil.rmtree(out, ignore_errors=True)
-    run = collect_activations(
-        model,
-        tok,
-        out,
-        layer=cfg.layer,
-        n_tokens=n_tokens,
-        seq_len=cfg.seq_len,
-        batch_size=cfg.batch,
-        shard_tokens=cfg.batch * cfg.seq_len * 4,
-        dtype=dtype,
-        progress=False,
-        compile=compile,
-    )
-    return run
-
-
-def equivalence(model, store_dir: Path, layer: int, n_rows: int, device: torch.device) -> dict:
-    """mechlib's stored activations of the first rows vs the study's hidden_states[layer + 1]."""
-    store = ActivationStore(store_dir)
-    sh = store.shard(0)
-    ctx, keep = sh["context_ids"][:n_rows].long(), sh["keep_mask"][:n_rows]
-    with torch.no_grad():
-        ref = model(input_ids=ctx.to(device), output_hidden_states=True).hidden_states[layer + 1]
-    ref = ref[keep.to(device)].float().cpu()
-    got = sh["activations"][: int(keep.sum())].float()
+def compare(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    got = got[: ref.shape[0]].float().cpu()
     diff = got - ref
     return {
-        "rows": n_rows,
-        "tokens": int(keep.sum()),
+        "tokens": int(ref.shape[0]),
         "max_abs_diff": float(diff.abs().max()),
         "rel_frobenius_err": float(diff.norm() / ref.norm()),
         "min_cosine": float(torch.nn.functional.cosine_similarity(got, ref, dim=-1).min()),
     }
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+class Bench:
+    """The model, corpus and reference every method shares, and the timing loops."""
+
+    def __init__(self, model, tok, corpus: Path, cfg: Sizes, device: torch.device, work: Path):
+        self.model, self.tok, self.corpus, self.cfg, self.device, self.work = model, tok, corpus, cfg, device, work
+        ids, keep = pack(tok, corpus, REF_ROWS, cfg.seq_len)
+        with torch.no_grad():  # the reference, before anything is compiled
+            hs = model(input_ids=ids.to(device), output_hidden_states=True).hidden_states[cfg.layer + 1]
+        self.ref = hs[keep.to(device)].float().cpu()
+
+    def study(self, seconds: float) -> dict[str, Any]:
+        cfg, b = self.cfg, self.cfg.baseline_batch
+        n_rows = max(b * (cfg.warmup_batches + 1), 256 if cfg.dtype != torch.float32 else 4 * b)
+        rows, _ = pack(self.tok, self.corpus, n_rows, cfg.seq_len)
+        rows = rows.pin_memory() if self.device.type == "cuda" else rows
+
+        def batches() -> Iterator[torch.Tensor]:
+            while True:
+                for i in range(0, n_rows - b + 1, b):
+                    yield rows[i : i + b].to(self.device, non_blocking=True)
+
+        def step(ids: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return self.model(input_ids=ids, output_hidden_states=True).hidden_states[cfg.layer + 1]
+
+        return self._timed(map(step, batches()), b, seconds, first=None)
+
+    def stream(self, m: Method, seconds: float) -> dict[str, Any]:
+        it = stream_activations(
+            self.model,
+            self.tok,
+            layer=self.cfg.layer,
+            n_tokens=10**12,
+            seq_len=self.cfg.seq_len,
+            batch_size=m.batch,
+            corpus=str(self.corpus),
+            compile=m.compile,
+        )
+        first: list[torch.Tensor] = []
+        out = self._timed((s.acts for s in it), m.batch, seconds, first)
+        return {**out, "compile": m.compile, "equivalence": compare(first[0], self.ref)}
+
+    def _timed(self, outputs: Iterator[torch.Tensor], batch: int, seconds: float, first) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        for i in range(self.cfg.warmup_batches):
+            h = next(outputs)
+            if i == 0 and first is not None:
+                first.append(h.float().cpu())
+        _sync(self.device)
+        warm = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        n = 0
+        while time.perf_counter() - t0 < seconds:
+            next(outputs)
+            n += 1
+        _sync(self.device)
+        secs = time.perf_counter() - t0
+        processed = n * batch * self.cfg.seq_len
+        return {"warmup_s": warm, "seconds": secs, "processed_tokens": processed, "tokens_per_s": processed / secs}
+
+    def disk(self, m: Method, seconds: float, rate: float) -> dict[str, Any]:
+        cfg = self.cfg
+        dtype = "float32" if cfg.dtype == torch.float32 else "bfloat16"
+        shard = m.batch * cfg.seq_len * 4
+
+        def collect(out: Path, n_tokens: int):
+            return collect_activations(
+                self.model,
+                self.tok,
+                out,
+                layer=cfg.layer,
+                n_tokens=n_tokens,
+                seq_len=cfg.seq_len,
+                batch_size=m.batch,
+                shard_tokens=shard,
+                corpus=str(self.corpus),
+                dtype=dtype,
+                compile=m.compile,
+                progress=False,
+            )
+
+        t0 = time.perf_counter()
+        collect(self.work / "warm", shard)
+        warm = time.perf_counter() - t0
+        run = collect(self.work / "disk", max(int(rate * seconds * 0.99), shard))  # ~``seconds`` (kept ≈ 99 %)
+        processed = run.manifest["n_rows"] * cfg.seq_len
+        sh = ActivationStore(self.work / "disk").shard(0)
+        shutil.rmtree(self.work / "disk", ignore_errors=True)
+        return {
+            "warmup_s": warm,
+            "seconds": run.seconds,
+            "processed_tokens": processed,
+            "tokens_per_s": processed / run.seconds,
+            "compile": m.compile,
+            "shard_dtype": dtype,
+            "equivalence": compare(sh["activations"], self.ref),
+        }
+
+
+def attention_kernels(model, layer: int, ids: torch.Tensor) -> list[dict[str, Any]]:
+    """Every SDPA call of one eager forward to ``layer``, grouped by what decides the kernel."""
+    with torch.no_grad(), record_sdpa() as calls:
+        forward_to_layer(model, layer, ids)
+    groups: dict[tuple, list[int]] = {}
+    for i, c in enumerate(calls):
+        groups.setdefault((c.q_shape, c.k_shape, c.mask, c.is_causal, c.enable_gqa, c.kernel), []).append(i)
+    keys = ("q_shape", "k_shape", "mask", "is_causal", "enable_gqa", "kernel")
+    return [{**dict(zip(keys, k)), "calls": idx} for k, idx in groups.items()]
+
+
+def _parse(argv) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--small", action="store_true", help="tiny Gemma 4, fp32: a CPU smoke test")
-    ap.add_argument("--tokens", type=int, default=None, help="tokens per method (default: 262144; small: 8192)")
+    ap.add_argument("--seconds", type=float, default=None, help="timed seconds per method (default 10; small 0.3)")
     ap.add_argument("--batch", type=int, default=None, help="mechlib rows per forward (default 16)")
     ap.add_argument("--baseline-batch", type=int, default=None, help="study-method rows per forward (default 8)")
-    ap.add_argument("--compile", action="store_true", help="also measure the collector with compiled layers")
+    ap.add_argument("--methods", default=None, help=f"comma list of {','.join(ALL_METHODS)} (default: all)")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no method after this many seconds")
     ap.add_argument("--out-dir", default=None, help="where shards go (default: /dev/shm if present, else a tmp dir)")
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    device = torch.device(args.device)
+
+def _refuse(args, device: torch.device) -> str | None:
     if device.type == "cuda" and not torch.cuda.is_available():
-        print(
+        return (
             "benchmarks/collect.py measures GPU throughput and no CUDA GPU is visible here. "
-            "For a CPU smoke test run: python benchmarks/collect.py --device cpu --small",
-            file=sys.stderr,
+            "For a CPU smoke test run: python benchmarks/collect.py --device cpu --small"
         )
-        return 2
     if device.type == "cpu" and not args.small:
-        print(
+        return (
             "refusing to run the E4B-sized benchmark on a CPU (hours, ~30 GB); use --device cpu --small "
-            "for a smoke test, or run on a GPU",
-            file=sys.stderr,
+            "for a smoke test, or run on a GPU"
         )
+    return None
+
+
+def main(argv=None) -> int:
+    args = _parse(argv)
+    device = torch.device(args.device)
+    if (why := _refuse(args, device)) is not None:
+        print(why, file=sys.stderr)
         return 2
-    overrides = {key: getattr(args, key) for key in ("tokens", "batch", "baseline_batch")}
+    start = time.perf_counter()
+    overrides = {"seconds": args.seconds, "batch": args.batch, "baseline_batch": args.baseline_batch}
     cfg = (SMALL if args.small else FULL)._replace(**{k: v for k, v in overrides.items() if v is not None})
-    layer, seq_len = cfg.layer, cfg.seq_len
-    shard_dtype = "float32" if cfg.dtype == torch.float32 else "bfloat16"
+    default = CPU_METHODS if device.type == "cpu" else ALL_METHODS
+    methods = [m for m in args.methods.split(",") if m] if args.methods else list(default)
+    if bad := sorted(set(methods) - set(ALL_METHODS)):
+        print(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}", file=sys.stderr)
+        return 2
     base = (
         Path(args.out_dir) if args.out_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
     )
     work = Path(tempfile.mkdtemp(prefix="mechbook-collect-bench-", dir=base))
+    try:
+        return _run(args, cfg, methods, device, work, start)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
+
+def _run(args, cfg: Sizes, methods: list[str], device: torch.device, work: Path, start: float) -> int:
     t0 = time.perf_counter()
     model = benchmark_gemma4(args.small, device, cfg.dtype)
     _sync(device)
     build_s = time.perf_counter() - t0
     tok = tiny_tokenizer()
-    n_layers = len(decoder_layers(model))
-    n_rows = cfg.tokens // seq_len
-    rows = packed_rows(tok, n_rows * seq_len * 2, seq_len)[:n_rows]  # quota counts kept tokens: ask for more
-    n_tokens_kept = int(Packer(tok, seq_len).keep_mask(rows).sum())
-    processed = n_rows * seq_len
+    t0 = time.perf_counter()
+    corpus = write_corpus(work / "corpus.jsonl", repeat=4 if not args.small else 1)
+    corpus_s = time.perf_counter() - t0
+    bench = Bench(model, tok, corpus, cfg, device, work)
+    layer = cfg.layer
     layer_params = sum(p.numel() for blk in decoder_layers(model)[: layer + 1] for p in blk.parameters())
     all_params = sum(p.numel() for blk in decoder_layers(model) for p in blk.parameters())
-
-    # warm-up (kernel selection, allocator) for each method on a couple of batches
-    run_study(model, rows[: 2 * cfg.baseline_batch], layer, cfg.baseline_batch, device)
-    run_disk(model, tok, work / "warm", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype)
-
-    results: dict[str, dict[str, Any]] = {}  # method -> its JSON row (numbers and labels)
-    secs = run_study(model, rows, layer, cfg.baseline_batch, device)
-    results["study"] = {
-        "method": "full-depth output_hidden_states=True, hidden_states[L+1]",
-        "seconds": secs,
-        "tokens_per_s": processed / secs,
-        "batch_rows": cfg.baseline_batch,
-    }
-    secs, kept = run_stream(model, tok, n_tokens_kept, cfg, device)
-    results["mechlib_stream"] = {
-        "method": "stream_activations: stop after L, no disk",
-        "seconds": secs,
-        "tokens_per_s": processed / secs,
-        "kept_tokens": kept,
-        "batch_rows": cfg.batch,
-    }
-    run = run_disk(model, tok, work / "disk", n_tokens_kept, cfg, shard_dtype)
-    assert run.manifest["n_rows"] == n_rows, (run.manifest["n_rows"], n_rows)
-    results["mechlib_disk"] = {
-        "method": "collect_activations: stop after L, pinned async D2H, background shard writer",
-        "seconds": run.seconds,
-        "tokens_per_s": processed / run.seconds,
-        "kept_tokens": run.computed_tokens,
-        "batch_rows": cfg.batch,
-        "shard_dtype": shard_dtype,
-    }
-    equiv = equivalence(model, work / "disk", layer, min(4, n_rows), device)
-    if args.compile:
-        t1 = time.perf_counter()
-        run_disk(model, tok, work / "warm_c", 2 * cfg.batch * seq_len - 4 * cfg.batch, cfg, shard_dtype, compile=True)
-        compile_s = time.perf_counter() - t1
-        run = run_disk(model, tok, work / "disk_c", n_tokens_kept, cfg, shard_dtype, compile=True)
-        results["mechlib_disk_compiled"] = {
-            "method": "collect_activations with torch.compile'd layers",
-            "seconds": run.seconds,
-            "tokens_per_s": processed / run.seconds,
-            "compile_warmup_s": compile_s,
-            "batch_rows": cfg.batch,
-        }
-        equiv_c = equivalence(model, work / "disk_c", layer, min(4, n_rows), device)
-    shutil.rmtree(work, ignore_errors=True)
-
-    for name, r in results.items():
-        r["approx_tflops"] = 2 * (layer_params if name != "study" else all_params) * r["tokens_per_s"] / 1e12
-        print(json.dumps({"name": name, **{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}}))
-    base_tps = results["study"]["tokens_per_s"]
-    ratios = {f"{k}_vs_study": v["tokens_per_s"] / base_tps for k, v in results.items() if k != "study"}
-    tol = (1e-2, 0.9999) if cfg.dtype != torch.float32 else (1e-5, 0.999999)
-    checks = {"plain": equiv, **({"compiled": equiv_c} if args.compile else {})}
-    ok = all(c["rel_frobenius_err"] <= tol[0] and c["min_cosine"] >= tol[1] for c in checks.values())
-    print(
-        json.dumps(
-            {
-                "ratios": {k: round(v, 3) for k, v in ratios.items()},
-                "equivalent": ok,
-                "tolerance": {"rel_frobenius_err": tol[0], "min_cosine": tol[1]},
-                "equivalence": checks,
-            }
-        )
-    )
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu-{platform.machine()}"
     slug = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() + ("-small" if args.small else "")
     today = dt.date.today().isoformat()
-    record = {
+    out = Path(args.results) / f"collect_{slug}_{today}.json"
+    results: dict[str, dict[str, Any]] = {}
+    record: dict[str, Any] = {
         "benchmark": "collect",
         "device": name,
         "torch": torch.__version__,
@@ -277,22 +322,79 @@ def main(argv=None) -> int:
         "date": today,
         "small": args.small,
         "model": "tiny gemma4" if args.small else "gemma-4-e4b config, random weights",
-        "n_layers": n_layers,
+        "n_layers": len(decoder_layers(model)),
         "layer": layer,
-        "seq_len": seq_len,
-        "processed_tokens": processed,
+        "seq_len": cfg.seq_len,
         "model_dtype": str(cfg.dtype),
+        "seconds_per_method": cfg.seconds,
+        "warmup_batches": cfg.warmup_batches,
         "build_s": build_s,
+        "corpus_write_s": corpus_s,
         "results": results,
-        "ratios": ratios,
-        "equivalent": ok,
-        "equivalence": checks,
         "target_tokens_per_s": 130_000,
     }
-    out = Path(args.results) / f"collect_{slug}_{today}.json"
-    atomic_write_json(out, record)
+    try:
+        ids, _ = pack(tok, corpus, 2, cfg.seq_len)
+        record["attention"] = attention_kernels(model, layer, ids.to(device))
+    except Exception as exc:  # a diagnostic: never costs the measurements
+        record["attention"] = f"{type(exc).__name__}: {exc}"
+
+    tol = (1e-2, 0.9999) if cfg.dtype != torch.float32 else (1e-5, 0.999999)
+    streams = {
+        "stream_eager": Method(False, cfg.batch),
+        "stream_stack": Method("stack", cfg.batch),
+        "stream_stack_b32": Method("stack", 32 if not args.small else 2 * cfg.batch),
+        "stream_layers": Method("layers", cfg.batch),
+    }
+    jobs: dict[str, Callable[[], dict[str, Any]]] = {"study": lambda: bench.study(cfg.seconds)}
+    for key, m in streams.items():
+        jobs[key] = functools.partial(bench.stream, m, cfg.seconds)
+
+    def disk() -> dict[str, Any]:
+        done = {k: results[k] for k in streams if "tokens_per_s" in results.get(k, {})}
+        best = max(done, key=lambda k: done[k]["tokens_per_s"]) if done else "stream_eager"
+        rate = done[best]["tokens_per_s"] if done else 20_000.0
+        r = bench.disk(streams[best], cfg.seconds, rate)
+        return {**r, "config_of": best, "vs_that_stream": r["tokens_per_s"] / rate if done else None}
+
+    jobs["disk"] = disk
+    for key in [m for m in ALL_METHODS if m in methods]:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            results[key] = {"skipped": f"time budget of {args.budget_s:.0f} s spent"}
+            continue
+        try:
+            r = jobs[key]()
+            batch_rows = cfg.baseline_batch if key == "study" else streams.get(key, Method(False, cfg.batch)).batch
+            params = all_params if key == "study" else layer_params
+            r |= {"batch_rows": batch_rows, "approx_tflops": 2 * params * r["tokens_per_s"] / 1e12}
+            if "equivalence" in r:
+                e = r["equivalence"]
+                r["equivalent"] = e["rel_frobenius_err"] <= tol[0] and e["min_cosine"] >= tol[1]
+        except Exception as exc:  # one broken method must not cost the rest of the run
+            r = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        results[key] = r
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "traceback"}
+        print(json.dumps({"name": key, **shown}), flush=True)
+        _summarise(record, tol)
+        atomic_write_json(out, record)
+    print(json.dumps({k: record[k] for k in ("ratios", "equivalent", "all_ran")}))
     print(f"saved {out}")
-    return 0 if ok else 1
+    return 0 if record["equivalent"] and record["all_ran"] else 1
+
+
+def _summarise(record: dict[str, Any], tol: tuple[float, float]) -> None:
+    results = record["results"]
+    ok = {k: v for k, v in results.items() if "tokens_per_s" in v}
+    base = ok.get("study", {}).get("tokens_per_s")
+    record["ratios"] = {f"{k}_vs_study": v["tokens_per_s"] / base for k, v in ok.items() if base and k != "study"}
+    record["equivalent"] = all(v.get("equivalent", True) for v in ok.values())
+    record["all_ran"] = len(ok) == len(results)
+    record["tolerance"] = {"rel_frobenius_err": tol[0], "min_cosine": tol[1]}
+    record["best_stream"] = max(
+        (k for k in ok if k.startswith("stream")), key=lambda k: ok[k]["tokens_per_s"], default=None
+    )
 
 
 if __name__ == "__main__":

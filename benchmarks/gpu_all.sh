@@ -4,18 +4,19 @@
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR] [STEP ...]    # default: benchmarks/results, all steps
 #
 # Steps: sae_step (~100 s, see below), cuda_tests (~40 s), graph_tests (tiny models, capture/replay vs eager; ~1-2 min,
-# not yet measured: mostly graph-inductor compiles), collect (~30 s), generate (~6.5 min, estimated below).
+# not yet measured: mostly graph-inductor compiles), collect (~3 min) and stream_study (~1.5 min), both estimated
+# below, generate (~6.5 min, estimated below).
 # Measured on one H100, 2026-11-26: sae_step, cuda_tests and collect fit one 10-minute call with generate's
 # first method; run `generate` alone in a second call.
 #
 # Each step has its own time limit and its own log; a failing step is reported and the next one
 # still runs, so one broken method does not cost the whole (rationed) GPU session. The sizes are
-# trimmed from each benchmark's defaults (131 k collected tokens, 100 equivalence steps, 7 of the 14
+# trimmed from each benchmark's defaults (10 s per collection method, 100 equivalence steps, 7 of the 14
 # generation methods); run the scripts alone with their defaults for the full-length measurements.
 set -u
 RESULTS=${1:-benchmarks/results}
 shift || true
-STEPS=${*:-sae_step cuda_tests graph_tests collect generate}
+STEPS=${*:-sae_step cuda_tests graph_tests collect stream_study generate}
 mkdir -p "$RESULTS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
 PY=${PY:-python3}
@@ -45,7 +46,16 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
 step cuda_tests 90 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
 step graph_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
-step collect 100 $PY benchmarks/collect.py --tokens 131072 --results "$RESULTS"
+# collect (issue 12), estimated for an H200, not yet measured: E4B build + corpus + reference ~15 s; each method
+# 10 s timed after its warm-up: study ~12 s, stream_eager ~12 s, stream_stack ~12 s + its compile (one graph of
+# 22 layers, ~40-70 s cold), disk ~14 s, stream_stack_b32 ~12 s + a recompile (~40-70 s), stream_layers ~12 s +
+# ~30 s: ~3-3.5 min. Methods that would start after 150 s are skipped (recorded as such); the JSON is rewritten
+# after every method, so the 210 s limit never costs what was measured.
+step collect 210 $PY benchmarks/collect.py --seconds 10 --budget-s 150 --results "$RESULTS"
+# stream_study (issue 12): model + TopK SAE on one GPU through StreamStore and train_sae, 25 s timed; ~10 s
+# build, ~40 s warm-up (the stack graph and the SAE kernels come from the caches collect and sae_step filled),
+# ~30 s timed run: ~1.5 min of the 130 s limit.
+step stream_study 130 $PY benchmarks/stream_study.py --seconds 25 --results "$RESULTS"
 # generate: the graph methods first (issue 11), then the eager reference for row agreement, then the
 # baselines; the JSON is rewritten after each method, so a cut-off run keeps what it measured.
 # Estimate on an H200 (E4B bf16, 256 new tokens; first + steady call each): graph b128/b256 ~10 s each

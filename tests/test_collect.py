@@ -268,7 +268,7 @@ def test_real_smollm2_short_collection(smollm2, tmp_path):
 
 
 def test_benchmark_smoke_runs_on_cpu(tmp_path):
-    """benchmarks/collect.py --device cpu --small: both methods run and agree (the GPU path's logic)."""
+    """benchmarks/collect.py --device cpu --small: the CPU methods run, agree and are saved (the GPU path's logic)."""
     import importlib.util
 
     from mechlib.paths import REPO_ROOT
@@ -277,13 +277,18 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rc = bench.main(
-        ["--device", "cpu", "--small", "--tokens", "2048", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
+        ["--device", "cpu", "--small", "--seconds", "0.1", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
     )
     assert rc == 0
     (saved,) = tmp_path.glob("collect_*.json")
     record = json.loads(saved.read_text())
-    assert record["equivalent"] and record["equivalence"]["plain"]["max_abs_diff"] <= 1e-5
-    assert set(record["results"]) == {"study", "mechlib_stream", "mechlib_disk"}
+    assert record["equivalent"] and record["all_ran"] and set(record["results"]) == {"study", "stream_eager", "disk"}
+    for name in ("stream_eager", "disk"):
+        assert record["results"][name]["equivalence"]["max_abs_diff"] <= 1e-5
+        assert record["results"][name]["tokens_per_s"] > 0
+    assert record["results"]["disk"]["config_of"] == "stream_eager"
+    assert all(c["kernel"] == "cpu" for c in record["attention"]) and record["attention"][0]["mask"] is not None
+    assert bench.main(["--device", "cpu", "--small", "--methods", "study,warp"]) == 2  # unknown method named
     assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
 
 

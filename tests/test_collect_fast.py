@@ -184,3 +184,24 @@ def test_file_thread_error_reaches_the_caller(tiny_llama, tmp_path, monkeypatch)
     monkeypatch.undo()
     run = collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)  # a rerun finishes it
     assert run.manifest["complete"]
+
+
+def test_stream_study_smoke_runs_on_cpu(tmp_path):
+    """benchmarks/stream_study.py --device cpu --small: the model → StreamStore → train_sae loop runs and is timed."""
+    import importlib.util
+
+    from mechlib.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_stream_study", REPO_ROOT / "benchmarks" / "stream_study.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--device", "cpu", "--small", "--seconds", "0.5", "--results", str(tmp_path)]) == 0
+    (saved,) = tmp_path.glob("stream_study_*.json")
+    record = json.loads(saved.read_text())
+    assert "error" not in record and record["steps"] % 4 == 0 and record["sae_tokens"] == record["steps"] * 256
+    split = record["time_split"]
+    assert split["model_s"] > 0 and split["sae_step_s"] > 0
+    assert split["model_s"] + split["sae_step_s"] <= record["seconds"] * 1.01
+    assert record["model_processed_tokens"] >= record["sae_tokens"]  # the model also ran the dropped positions
+    assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
