@@ -210,8 +210,8 @@ def _record(b: StepBuffers, nxt: torch.Tensor, pad_id: int, use_eos: bool) -> No
     """Write this step's tokens: finished rows get ``pad_id``; EOS marks rows finished; buffers advance."""
     nxt = torch.where(b.unfinished, nxt, pad_id)
     b.out.index_copy_(1, b.col, nxt[:, None])
-    if use_eos:
-        b.unfinished.logical_and_(~torch.isin(nxt, b.eos))
+    if use_eos:  # not torch.isin: on CUDA it may sort with torch.unique, whose output size is a host sync
+        b.unfinished.logical_and_(~(nxt[:, None] == b.eos[None, :]).any(dim=-1))
     b.tok.copy_(nxt[:, None])
     b.col.add_(1)
 

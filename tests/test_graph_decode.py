@@ -168,6 +168,58 @@ def test_stop_rule_and_sync_every_match_the_plain_loop(graph_model, tiny_tok, sy
     assert torch.equal(got, ref)
 
 
+# ops that read device values on the host (a sync: illegal while a CUDA graph is captured) or whose
+# output size depends on values (torch.isin may call unique on CUDA)
+_SYNCING = {
+    "_local_scalar_dense",
+    "nonzero",
+    "masked_select",
+    "_unique2",
+    "unique_dim",
+    "unique_consecutive",
+    "equal",
+    "is_nonzero",
+    "isin.Tensor_Tensor",
+    "repeat_interleave.Tensor",  # with a tensor of repeats (the int overload, self_int, does not sync)
+    "repeat_interleave.self_Tensor",
+    "bincount",
+}
+
+
+def test_buffer_step_has_no_host_sync(graph_model, tiny_tok):
+    """What a CUDA graph captures must not read device values on the host. On CPU: run one buffer step
+    (EOS on, a steering hook on) under a dispatch mode that lists every op, and look for syncing ones."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[str] = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name.split("::")[-1]
+            self.seen.add(name if func._overloadname == "default" else f"{name}.{func._overloadname}")
+            return func(*args, **(kwargs or {}))
+
+    model = graph_model
+    inp, mask = left_pad(_ids(tiny_tok), PAD, torch.device("cpu"))
+    ops = Ops()
+    real = gd.buffer_step
+
+    def probed(*a, **k):
+        with ops:
+            real(*a, **k)
+
+    with steering_hook(decoder_layers(model)[1], _delta(), scale=1.0, mean_norm=3.0):
+        gd.buffer_step = probed
+        try:
+            graph_greedy(model, inp, mask, GraphRequest(3, (1, 7), PAD), GraphHolder())
+        finally:
+            gd.buffer_step = real
+    assert "index_fill_.int_Scalar" in ops.seen and "argmax" in ops.seen, "the probe saw the step"
+    assert not ops.seen & _SYNCING, sorted(ops.seen & _SYNCING)
+
+
 def test_row_steering_scale_change_reuses_the_graph_and_a_new_hook_rebuilds(tiny_tok):
     model = _model("llama")
     ids = _ids(tiny_tok)
