@@ -16,6 +16,9 @@ training step (forward, AuxK, backward, Adam, decoder renorm every 10 steps) at 
 * ``fast_seg`` / ``fast_dense`` / ``fast_dense_gather``: the candidate backwards
   (``MECHLIB_SAE_BWD=seg|dense|dense_gather``: tensor-core segment kernels / three dense bf16 GEMMs
   over ``pre``'s buffer / two GEMMs and a gather for the value gradients; see ``mechlib.sae.fast``);
+* ``<best>_topk<chunk>``: only if the two-stage top-k (``topk_chunked``) beat one ``torch.topk`` by
+  >= 3 % when timed alone (``topk`` in the JSON: the selection alone at chunks 512 ... 8192), the
+  fastest variant with it;
 * ``<best>_no_dead``: the fastest fast variant when no latent is dead (AuxK skipped, steady state).
 
 The radix top-k kernel is gone (it lost to ``torch.topk`` on the H100, 24.3 vs 21.4 ms/step), so
@@ -65,7 +68,7 @@ sys.path.insert(0, str(ROOT))
 
 from mechlib.io import atomic_write_json  # noqa: E402
 from mechlib.sae import TopKSAE, init_b_dec_, renorm_decoder_  # noqa: E402
-from mechlib.sae.fast import Backend, Bwd, default_backend, fast_step, select  # noqa: E402
+from mechlib.sae.fast import Backend, Bwd, default_backend, fast_step, select, topk_chunked  # noqa: E402
 
 FAST_BWD: dict[str, Bwd] = {
     "fast": "sparse",
@@ -157,10 +160,22 @@ class Equivalence:
     error: str | None = None
 
 
+_KIND = re.compile(r"(fast(?:_[a-z]+)*?)(?:_topk(\d+))?(_no_dead)?")  # e.g. fast_seg_topk1024_no_dead
+
+
 def fast_backend(kind: str, device: torch.device) -> Backend | None:
     """The fast step's backend for a ``fast*`` variant (None for the dense baselines)."""
-    bwd = FAST_BWD.get(kind.removesuffix("_no_dead"))
-    return None if bwd is None else dataclasses.replace(default_backend(device), bwd=bwd)
+    match = _KIND.fullmatch(kind)
+    if match is None or match.group(1) not in FAST_BWD:
+        return None
+    chunk = int(match.group(2) or 0)
+    return dataclasses.replace(default_backend(device), bwd=FAST_BWD[match.group(1)], topk_chunk=chunk)
+
+
+def _fastest(results: list[Timing], batch: int) -> list[Timing]:
+    """The fast variants that ran at ``batch`` with dead latents, fastest first."""
+    ok = [r for r in results if r.batch == batch and r.ms_per_step and not r.variant.endswith("_no_dead")]
+    return sorted((r for r in ok if fast_backend(r.variant, torch.device("cpu"))), key=lambda r: r.ms_per_step or 0.0)
 
 
 def make_trainer(kind: str, shape: dict, device: torch.device, init_x: torch.Tensor, dead: torch.Tensor):
@@ -249,6 +264,40 @@ def time_variant(
         optimizer="Adam(fused)" if backend is not None and cuda else "Adam",
         n_dead=0 if kind.endswith("_no_dead") else int(dead.sum()),
     )
+
+
+@dataclasses.dataclass
+class TopkTiming:
+    """The step's main selection alone: one ``torch.topk`` (chunk 0) or ``topk_chunked`` at ``chunk``."""
+
+    chunk: int
+    ms: float | None = None
+    error: str | None = None
+
+
+TOPK_CHUNKS = (0, 512, 1024, 2048, 4096, 8192)
+
+
+@torch.no_grad()
+def time_topk(shape: dict, device: torch.device, x: torch.Tensor, reps: int = 10) -> list[TopkTiming]:
+    """Time the selection on a fresh SAE's pre-activations (bf16 on CUDA, as the fast step's)."""
+    sae = TopKSAE(shape["d"], shape["m"], shape["k"], seed=0).to(device)
+    cdt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pre = torch.addmm(sae.b_enc.to(cdt), (x - sae.b_dec).to(cdt), sae.W_enc.to(cdt))
+    out = []
+    for chunk in TOPK_CHUNKS:
+        try:
+            for _ in range(2):
+                topk_chunked(pre, shape["k"], chunk)
+            _sync(device)
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                topk_chunked(pre, shape["k"], chunk)
+            _sync(device)
+            out.append(TopkTiming(chunk, round(1e3 * (time.perf_counter() - t0) / reps, 3)))
+        except Exception as exc:  # recorded; the run goes on
+            out.append(TopkTiming(chunk, error=_error(exc)))
+    return out
 
 
 @torch.no_grad()
@@ -415,17 +464,25 @@ def main(argv: list[str] | None = None) -> dict:
             save(f"timed {kind} b{batch}")
         del pool
     head = shape["batch"] if shape["batch"] in batches else batches[0]  # the headline batch
-    fast_ok = sorted(
-        (r for r in results if r.batch == head and r.variant in FAST_BWD and r.ms_per_step),
-        key=lambda r: r.ms_per_step or 0.0,
-    )
+    pool = [data.batch(head, step=10_000 + i) for i in range(4)]
+    topk = time_topk(shape, device, pool[0])
+    report["topk"] = [dataclasses.asdict(t) for t in topk]
+    print(json.dumps({"topk": report["topk"]}), flush=True)
+    fast_ok = _fastest(results, head)
+    plain = next((t.ms for t in topk if t.chunk == 0 and t.ms), None)
+    chunked = sorted((t for t in topk if t.chunk and t.ms), key=lambda t: t.ms or 0.0)
+    if fast_ok and plain and chunked and (chunked[0].ms or plain) < 0.97 * plain:  # a 2-stage top-k won alone
+        res = time_variant(f"{fast_ok[0].variant}_topk{chunked[0].chunk}", shape, device, pool, dead, steps, warmup)
+        print(json.dumps(dataclasses.asdict(res)), flush=True)
+        results.append(res)
+        fast_ok = _fastest(results, head)
+    save("timed topk")
     best = fast_ok[0].variant if fast_ok else None
     report["best"] = best
     print(json.dumps({"ratios": ratios(results), "best": best}), flush=True)
     if best is None:
         save("no fast variant ran")
         return report
-    pool = [data.batch(head, step=10_000 + i) for i in range(4)]
     res = time_variant(f"{best}_no_dead", shape, device, pool, dead, steps, warmup)
     print(json.dumps(dataclasses.asdict(res)), flush=True)
     results.append(res)

@@ -243,11 +243,30 @@ def test_dense_backward_reuses_one_buffer_and_rejects_a_wrong_one():
         dense_backward(sel, vals, g, xc.double(), W, buf.t())
 
 
+@pytest.mark.parametrize("chunk", [0, 16, 64, 100, 256])
+def test_topk_chunked_selects_the_k_largest(chunk):
+    """Two-stage top-k: the same values as one ``torch.topk`` (bf16, so with ties), k distinct
+    indices whose entries hold those values; chunk 0, 100 (does not divide m) and m fall back."""
+    from mechlib.sae.fast import topk_chunked
+
+    pre = (torch.randn(50, 256) * 3).bfloat16()
+    pre[0] = 1.0  # a row of ties
+    vals, idx = topk_chunked(pre, 16, chunk)
+    want = pre.topk(16, dim=1).values
+    assert torch.equal(vals.sort(dim=1, descending=True).values, want)
+    assert torch.equal(pre.gather(1, idx), vals)
+    assert (idx.sort(dim=1).values.diff(dim=1) > 0).all()
+
+
 def test_backward_env_var(monkeypatch):
     monkeypatch.setenv("MECHLIB_SAE_BWD", "dense")
     assert default_backend(torch.device("cpu")) == TORCH  # CPU: always the exact twins
     monkeypatch.setenv("MECHLIB_SAE_BWD", "fastest")
     with pytest.raises(ValueError, match="MECHLIB_SAE_BWD"):
+        default_backend(torch.device("cpu"))
+    monkeypatch.setenv("MECHLIB_SAE_BWD", "seg")
+    monkeypatch.setenv("MECHLIB_SAE_TOPK_CHUNK", "1k")
+    with pytest.raises(ValueError, match="MECHLIB_SAE_TOPK_CHUNK"):
         default_backend(torch.device("cpu"))
 
 
@@ -322,6 +341,13 @@ def _interpreter_checks() -> None:
                     getattr(bb, name).grad.flatten(), getattr(c, name).grad.flatten(), dim=0
                 )
                 assert cos > 0.97, f"{bwd} bf16 {name}: cosine {float(cos):.4f}"
+    sae = make_sae(40, 160, 8, dtype=torch.float32)  # two-stage top-k: same step as one topk
+    xs, dmask = make_x(48, 40, dtype=torch.float32), dead_mask(160, 30)
+    a, c = copy.deepcopy(sae), copy.deepcopy(sae)
+    st = fast_step(a, xs, dmask, 16, 0.125, backend=Backend("triton", torch.float32, "seg", topk_chunk=32))
+    sr = reference_step(c, xs, dmask, 16, 0.125)
+    assert torch.allclose(st.loss, sr.loss, rtol=1e-5), "topk_chunk loss"
+    assert_grads_close(grads(c), grads(a), 1e-4)
     print("TRITON_INTERPRET checks passed")
 
 

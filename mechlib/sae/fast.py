@@ -161,6 +161,7 @@ class Backend:
     name: Literal["torch", "triton"]
     compute: torch.dtype | None  # None: the parameters' own dtype (exact)
     bwd: Bwd = "sparse"
+    topk_chunk: int = 0  # triton backend: > 0 selects in two torch.topk stages (``topk_chunked``)
 
 
 TORCH = Backend("torch", None)
@@ -170,25 +171,29 @@ TRITON = Backend("triton", torch.bfloat16)
 def default_backend(device: torch.device) -> Backend:
     """Triton + bf16 on CUDA when triton imports (``MECHLIB_SAE_BACKEND=torch`` forces the twins).
 
-    ``MECHLIB_SAE_BWD=seg|dense|dense_gather`` picks the main code's backward (default ``sparse``; measure on
-    your card with ``benchmarks/sae_step.py``).
+    ``MECHLIB_SAE_BWD=seg|dense|dense_gather`` picks the main code's backward (default ``sparse``)
+    and ``MECHLIB_SAE_TOPK_CHUNK=1024`` (say) the two-stage top-k (default 0: one ``torch.topk``);
+    measure on your card with ``benchmarks/sae_step.py``.
     """
     bwd = os.environ.get("MECHLIB_SAE_BWD", "") or "sparse"
     if bwd not in BWDS:
         raise ValueError(f"MECHLIB_SAE_BWD={bwd!r}: expected one of {', '.join(BWDS)}")
+    chunk = os.environ.get("MECHLIB_SAE_TOPK_CHUNK", "") or "0"
+    if not chunk.isdigit():
+        raise ValueError(f"MECHLIB_SAE_TOPK_CHUNK={chunk!r}: expected a whole number of columns (0: off)")
     if device.type != "cuda" or os.environ.get("MECHLIB_SAE_BACKEND", "") == "torch":
         return TORCH
     try:
         import mechlib.sae.triton_kernels  # noqa: F401
     except ImportError:
         return Backend("torch", torch.bfloat16, bwd)
-    return Backend("triton", torch.bfloat16, bwd)
+    return Backend("triton", torch.bfloat16, bwd, int(chunk))
 
 
 def select(be: Backend, pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -> Selection:
     """Top-k of ``pre`` and the AuxK top-``ka`` among the columns ``dead_idx`` (ascending ids)."""
     if be.name == "triton":  # torch.topk (ties arbitrary), AuxK over the dead columns only
-        raw, idx = pre.topk(k, dim=1, sorted=False)
+        raw, idx = topk_chunked(pre, k, be.topk_chunk)
         if not ka or dead_idx is None:
             return Selection(idx, raw, idx[:, :0], raw[:, :0])
         araw, aloc = pre.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
@@ -198,6 +203,25 @@ def select(be: Backend, pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -
     mask = torch.zeros(pre.shape[1], dtype=torch.bool, device=pre.device)
     mask[dead_idx] = True
     return select_topk(pre, k, mask, ka)
+
+
+def topk_chunked(pre: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """(values, indices) of the k largest per row, unsorted, in two ``torch.topk`` stages: the top-k
+    inside each ``chunk``-wide slice of a row, then the top-k of those m/chunk·k candidates.
+
+    Exact: each of a row's k largest is among its own slice's k largest (ties: arbitrary, as with
+    one ``torch.topk``). Why: ``torch.topk`` over 32768 bf16 columns with k=128 took ~2 ms per
+    8192 rows on an H200, ~10x the time to read them; short slices take a different kernel path
+    in PyTorch, which may be faster — the benchmark times both. ``chunk`` 0, not dividing m, below
+    k, or >= m: one plain ``torch.topk``.
+    """
+    n, m = pre.shape
+    if chunk <= 0 or chunk >= m or m % chunk or chunk < k:
+        return pre.topk(k, dim=1, sorted=False)
+    v1, i1 = pre.view(n, m // chunk, chunk).topk(k, dim=2, sorted=False)  # [n, m/chunk, k]
+    i1 = i1 + torch.arange(0, m, chunk, device=pre.device).view(1, -1, 1)
+    v2, j = v1.reshape(n, -1).topk(k, dim=1, sorted=False)
+    return v2, i1.reshape(n, -1).gather(1, j)
 
 
 def value_grads_torch(g: Tensor, W_dec: Tensor, idx: Tensor) -> Tensor:
