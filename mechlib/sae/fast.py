@@ -10,8 +10,11 @@ the pure-torch twin with the same semantics that runs elsewhere and in tests:
 1. ``pre = (x - b_dec) @ W_enc + b_enc``: the one [N, m] buffer (bf16 on CUDA).
 2. ``select``: top-k per row and, from the same ``pre``, the AuxK top-min(k_aux, n_dead) among
    the dead latents only (the torch twin: ties → lowest latent index, indices ascending; CUDA:
-   ``torch.topk``, ties arbitrary as in the reference). ``dead_mask.nonzero()`` is the step's one
-   host sync, queued after the encoder GEMM so the GPU stays busy while the host waits.
+   ``torch.topk``, ties arbitrary as in the reference; ``Backend.topk_chunk`` /
+   ``MECHLIB_SAE_TOPK_CHUNK`` > 0: the exact two-stage ``topk_chunked``, off until measured to win).
+   ``dead_mask.nonzero()`` is the step's one host sync, queued after the encoder GEMM so the GPU
+   stays busy while the host waits. (A radix-select Triton top-k was removed on 2026-11-30: it made
+   the H100 step 12 % slower than ``torch.topk``, 24.3 vs 21.4 ms, and won nowhere measured.)
 3. ``decode_residual``: ``e = x - b_dec - sum_j relu(v_j) W_dec[i_j]``; fvu, mse.
 4. ``g = dL/drecon = -2 e / V``, then the main code's backward, by ``Backend.bwd``:
 
@@ -40,8 +43,9 @@ the pure-torch twin with the same semantics that runs elsewhere and in tests:
 6. ``db_dec = sum_n g[n] - W_enc @ db_enc`` (b_dec sits inside ``pre`` and inside ``recon``).
 
 Precision: the CUDA backends use bf16 operands with fp32 accumulation everywhere; ``"dense"``
-also rounds its GEMM outputs (dW_dec, dW_enc, the value gradients) to bf16 (~2^-9 relative per
-element), ``"seg"`` rounds ``d_pre`` to bf16 inside its dot. The benchmark's 100-step FVU
+and ``"dense_gather"`` also round their GEMM outputs (dW_dec, dW_enc; ``"dense"`` the value
+gradients too) to bf16 (~2^-9 relative per element), ``"seg"`` rounds ``d_pre`` to bf16 inside
+its dot. The benchmark's 100-step FVU
 equivalence against the fp32 reference is the check that this is harmless.
 
 Gradients are *added* to ``.grad`` (``backward()`` semantics); the optimizer step stays the
