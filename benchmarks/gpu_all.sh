@@ -37,12 +37,12 @@ step() {  # step NAME SECONDS CMD...
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
 
-# sae_step, estimated for an H200 (~100 s of the 150 s limit): start + CUDA init ~10 s; fp32/tf32 dense at
-# batch 8192 and 16384 (5 timed + 2 warm-up steps; ~0.26 / 0.06 s per step at 8192) ~7 s; the three fast
-# variants x 2 batches x 25 steps at 15-25 ms ~3 s, plus first-call compile and config timing of ~22
-# Triton kernel configs ~25 s; <best>_no_dead ~1 s; the equivalence (100 fp32 steps ~26 s, then 100 steps of
-# each fast variant ~6 s); the profile ~3 s. The JSON is rewritten after each stage, so a timeout keeps
-# whatever was measured.
+# sae_step, estimated for an H200 (~105 s of the 150 s limit): start + CUDA init ~10 s; fp32/tf32 dense at
+# batch 8192 and 16384 (5 timed + 2 warm-up steps; ~0.26 / 0.06 s per step at 8192) ~7 s; the four fast
+# variants x 2 batches x 25 steps at 10-25 ms ~4 s, plus first-call compile and config timing of ~26
+# Triton kernel configs ~25 s; the top-k alone at 6 chunkings ~1 s, then maybe one more variant and
+# <best>_no_dead ~2 s; the equivalence (100 fp32 steps ~26 s, then 100 steps of each fast variant ~8 s);
+# the profile ~3 s. The JSON is rewritten after each stage, so a timeout keeps whatever was measured.
 step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
 step cuda_tests 90 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
 step graph_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
