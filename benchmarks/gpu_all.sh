@@ -3,7 +3,7 @@
 #
 #   bash benchmarks/gpu_all.sh [RESULTS_DIR] [STEP ...]    # default: benchmarks/results, all steps
 #
-# Steps: sae_step (~100 s, see below), cuda_tests (~40 s), graph_tests (tiny models, capture/replay vs eager; ~1-2 min,
+# Steps: sae_step (~100 s, see below), cuda_tests (~40 s), graph_tests (tiny models, capture/replay vs eager; ~2-3 min,
 # not yet measured: mostly graph-inductor compiles), collect (~3 min) and stream_study (~1.5 min), both estimated
 # below, generate (~6.5 min, estimated below).
 # Measured on one H100, 2026-11-26: sae_step, cuda_tests and collect fit one 10-minute call with generate's
@@ -45,7 +45,7 @@ $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 't
 # the profile ~3 s. The JSON is rewritten after each stage, so a timeout keeps whatever was measured.
 step sae_step 150 $PY benchmarks/sae_step.py --equiv-steps 100 --out "$RESULTS/sae_step.json"
 step cuda_tests 90 $PY -m pytest --noconftest -q -p no:cacheprovider tests/test_sae_fast_cuda.py
-step graph_tests 150 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
+step graph_tests 240 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
 # collect (issue 12), estimated for an H200, not yet measured: E4B build + corpus + reference ~15 s; each method
 # 10 s timed after its warm-up: study ~12 s, stream_eager ~12 s, stream_stack ~12 s + its compile (one graph of
 # 22 layers, ~40-70 s cold), disk ~14 s, stream_stack_b32 ~12 s + a recompile (~40-70 s), stream_layers ~12 s +

@@ -309,14 +309,16 @@ def _load_buffers(
 class _Runner:
     """Advances one held graph by one step: warm-up on a side stream, capture, then replay (CUDA); eager elsewhere."""
 
-    def __init__(self, held: HeldGraph, fn: Callable[[], None], device: torch.device, holder: GraphHolder) -> None:
-        self.held, self.fn, self.holder = held, fn, holder
-        self.capture = device.type == "cuda" and not held.capture_failed
-        self.stream = torch.cuda.Stream(device) if self.capture else None
+    def __init__(
+        self, held: HeldGraph, fn: Callable[[], None], device: torch.device, holder: GraphHolder, capture: bool
+    ) -> None:
+        self.held, self.fn, self.holder, self.capture = held, fn, holder, capture
+        capturing = capture and device.type == "cuda" and not held.capture_failed
+        self.stream = torch.cuda.Stream(device) if capturing else None
 
     def advance(self) -> None:
         held = self.held
-        if held.graph is not None:
+        if held.graph is not None and self.capture:
             held.graph.replay()
             return
         if self.stream is None:
@@ -361,6 +363,7 @@ class GraphRequest:
     ignore_eos: bool = False
     sync_every: int = 1
     stop_when: StopWhen | None = None
+    capture: bool = True  # False: run the buffer step eagerly on CUDA too (tests compare replay with it)
 
 
 @torch.inference_mode()
@@ -412,7 +415,7 @@ def graph_greedy(
     use_eos = not req.ignore_eos and len(req.eos_ids) > 0
     _record(b, nxt, req.pad_id, use_eos)
     fn = functools.partial(_step_fn(req.mode), model, kv, b, extra, req.pad_id, use_eos)
-    runner = _Runner(held, fn, input_ids.device, holder)
+    runner = _Runner(held, fn, input_ids.device, holder, req.capture)
     guard = hook_guards() if GRAPH_COMPILE_KWARGS[req.mode] is not None else contextlib.nullcontext()
     steps = req.max_new_tokens
     t0 = STEP_TIMER.loop_start()
