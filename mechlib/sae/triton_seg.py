@@ -12,7 +12,8 @@ latent-sorted order, and walks that range in BLOCK_S chunks; a one-hot matrix
 from bf16 pre-activations, so it is exact in bf16; ``dp`` is rounded to bf16, ~2^-9 relative)
 with fp32 accumulation. The interpreter's bf16 ``tl.dot`` is wrong (triton 3.9), so under
 ``TRITON_INTERPRET`` operands are widened to fp32 first (``DOT_F32``) — same values, only the
-summation order differs from the GPU.
+summation order differs from the GPU. (fp32 operands on a GPU would run TF32 dots: the fast
+step only calls these with its bf16 compute dtype.)
 
 Launch configurations are timed on the first CUDA call per shape, like the other kernels (``_pick``).
 """
