@@ -36,7 +36,8 @@ does); the decode step (forward + argmax) is compiled with ``mode="reduce-overhe
 graphs) when ``compile`` is True or torch.compile kwargs. ``compile="graph"`` (the CUDA default,
 :func:`default_compile`) instead captures the whole step over static buffers in one
 ``torch.cuda.CUDAGraph`` and replays it (:mod:`mechlib.graph_decode`: no dynamo guards per step,
-issue 11); models whose cache is not graph-safe fall back to the uncompiled static loop. When the
+issue 11); models whose cache is not graph-safe fall back to the reduce-overhead step on CUDA
+(uncompiled where the cache is not compile-safe either, and on CPU). When the
 whole sequence fits in the sliding window, sliding-window cache layers are replaced by plain static
 layers holding the same tensors — identical attention, but no Python-int bookkeeping inside the
 compiled step (that would force recompiles).
@@ -299,7 +300,9 @@ def _decode(
         toks = graph_greedy(model, input_ids, attention_mask, req)
         if toks is not None:
             return toks
-        s = replace(s, compile=False)  # cache not graph-safe (mechlib.graph_decode): the uncompiled static loop
+        # cache not graph-safe (mechlib.graph_decode): the path compile=None took before issue 11 (the
+        # reduce-overhead step on CUDA where the cache is compile-safe, else the uncompiled static loop)
+        s = replace(s, compile=input_ids.device.type == "cuda")
     device = input_ids.device
     batch = input_ids.shape[0]
     extra: dict[str, int] = {"logits_to_keep": 1} if supports_logits_to_keep(model) else {}

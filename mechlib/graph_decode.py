@@ -41,7 +41,8 @@ buffer the graph reads, so it does not re-capture; :meth:`RowSteering.graph_key`
 so a delta of another shape (another buffer) does. A hook that records tensors on the host (an
 activation probe) runs only at warm-up and capture: use ``compile=False`` for those.
 
-Fallback (returns ``None``; :mod:`mechlib.generate` then runs its uncompiled static loop): caches
+Fallback (returns ``None``; :mod:`mechlib.generate` then takes its pre-issue-11 path: the
+reduce-overhead compiled step on CUDA where the cache is compile-safe, else the uncompiled loop): caches
 that are not graph-safe — sliding-window layers narrower than the cache (their length is a Python
 int), or any cache layer type other than static, linear-attention (in-place conv/recurrent
 states) and KV-shared dummy layers. A capture that raises is recorded in
@@ -107,6 +108,8 @@ def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
     for i, mod in enumerate(model.modules()):
         key += entries(i, mod._forward_hooks)
         key += entries((i, "pre"), mod._forward_pre_hooks)
+        if "forward" in vars(mod):  # a forward patched on the instance (accelerate, peft) is part of the step too
+            key.append((i, "forward", id(vars(mod)["forward"])))
     return tuple(key)
 
 

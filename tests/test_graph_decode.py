@@ -255,6 +255,31 @@ def test_row_steering_scale_change_reuses_the_graph_and_a_new_hook_rebuilds(tiny
     assert not any(name.startswith("_mechlib") for name in vars(model)), "no state hung on the model"
 
 
+def test_hook_set_key_sees_every_kind_of_hook_and_patched_forwards():
+    model = _model("llama")
+    base = hook_set_key(model)
+    mlp = decoder_layers(model)[0].mlp
+    changes = [
+        lambda: mlp.register_forward_pre_hook(lambda _m, args: args),
+        lambda: mlp.register_forward_hook(lambda _m, _a, _kw, out: out, with_kwargs=True),
+        lambda: torch.nn.modules.module.register_module_forward_hook(lambda _m, _i, out: out),
+        lambda: torch.nn.modules.module.register_module_forward_pre_hook(lambda _m, args: args),
+    ]
+    for make in changes:
+        handle = make()
+        try:
+            assert hook_set_key(model) != base
+        finally:
+            handle.remove()
+        assert hook_set_key(model) == base, "removed: the key is back"
+    mlp.forward = mlp.forward  # an instance-level forward (as accelerate/peft patch it)
+    try:
+        assert hook_set_key(model) != base
+    finally:
+        del mlp.forward
+    assert hook_set_key(model) == base
+
+
 def test_inductor_mode_path_honours_hooks_added_later(tiny_tok, monkeypatch):
     """The compiled variant (dynamo's eager backend here: the same tracing and guards, no inductor build):
     a hook added after the first call is seen."""
