@@ -1,15 +1,16 @@
 """Greedy decoding by replaying one captured CUDA graph per step (``compile="graph"`` of :mod:`mechlib.generate`).
 
 Why (issue 11): the ``reduce-overhead`` compiled step spent ~18 ms of a 24 ms step *inside the
-call* on an H200 while the GPU work was ~3-5 ms: per call, dynamo evaluates its guards — with
-module-hook guards on, over every module of the model — and cudagraph trees do their
-bookkeeping. The route fast decoders take (gpt-fast) avoids all of it: put every input of a decode
+call* on an H200, where reading weights and cache is estimated at 3-5 ms. Suspects, per call:
+dynamo's guard evaluation (module-hook guards on, over every module of the model) and cudagraph-tree
+bookkeeping. The route fast decoders take (gpt-fast) avoids all of them: put every input of a decode
 step in a **static buffer**, capture the whole step once in a ``torch.cuda.CUDAGraph``, and replay
 it. A replay is one launch: no Python model code, no dynamo guard evaluation, no allocation.
 
 What one captured step does, all on the device: set the attention-mask column of the cache slot
 being written (``index_fill_`` from the slot buffer, so no host-built mask per step), run the model
-on the token buffer at the position buffer (the static cache advances its own device-side length),
+on the token buffer at the position buffer (transformers 5 models take no ``cache_position``: the
+static cache writes at, and advances, its own device-side length, so no host value enters the step),
 take ``logits[:, -1].argmax(-1)``, feed finished rows the pad id, write the token into the output
 buffer at the column buffer, update the unfinished flags (EOS), and advance token, position, slot
 and column buffers. The host only replays, and reads the unfinished flags every ``sync_every``
