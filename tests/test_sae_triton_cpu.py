@@ -161,7 +161,7 @@ def _compile_checks() -> None:
     seg_b = {n: seg_b[n] for n in ("off_ptr", "lat_ptr", "tok_ptr", "dp_ptr", "xc_ptr", "dw_ptr", "db_ptr")}
     seg_b |= dict(M="i32", D="i32", stride_d="i32", stride_m="i32", N_MBLK="i32")
     jobs = [
-        (fn, sig, {**{n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, "DOT_F32": False}, c["num_warps"], True)
+        (fn, sig, {**{n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, "DOT_F32": False}, c, True)
         for fn, sig in ((triton_seg._seg_pass_a_kernel, seg_a), (triton_seg._seg_pass_b_kernel, seg_b))
         for c in triton_seg.SEG_CONFIGS
     ]
@@ -170,25 +170,25 @@ def _compile_checks() -> None:
     )
     value_grad |= dict(N_TBLK="i32")
     jobs += [
-        (tk._value_grad_kernel, value_grad, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
+        (tk._value_grad_kernel, value_grad, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c, i == 0)
         for i, c in enumerate(tk.DECODE_CONFIGS)
     ]
     jobs += [
-        (tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c["num_warps"], i == 0)
+        (tk._decode_kernel, decode, {n: c[n] for n in ("BLOCK_N", "BLOCK_D")}, c, i == 0)
         for i, c in enumerate(tk.DECODE_CONFIGS)
     ]
     jobs += [
-        (fn, sig, {n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, c["num_warps"], i == 0)
+        (fn, sig, {n: c[n] for n in ("BLOCK_M", "BLOCK_S", "BLOCK_D")}, c, i == 0)
         for fn, sig in ((tk._pass_a_kernel, pass_a), (tk._pass_b_kernel, pass_b))
         for i, c in enumerate(tk.PASS_CONFIGS)
     ]
     ptxas = sorted(glob.glob(str(Path(triton.__file__).parent / "backends/nvidia/bin/ptxas*")), reverse=True)
-    for fn, sig, consts, warps, is_default in jobs:
+    for fn, sig, consts, cfg, is_default in jobs:
         sig = {**sig, **{name: "constexpr" for name in consts}}
         kernel = triton.compile(
             ASTSource(fn=fn, signature=sig, constexprs=consts),
             target=GPUTarget("cuda", 90, 32),
-            options={"num_warps": warps},
+            options={"num_warps": cfg["num_warps"], "num_stages": cfg.get("num_stages", 3)},
         )
         assert kernel.asm.get("cubin"), f"{fn.__name__} {consts}: no cubin"
         if is_default and ptxas:

@@ -137,12 +137,16 @@ def _seg_pass_b_kernel(
     tl.store(db_ptr + lats, db, mask=lmask & ((lats * 0 + dblk) == 0))
 
 
+# Launch configurations, first = default; every one compiles for sm_90 without register spills
+# (tests/test_sae_triton_cpu.py) and matches the twins under the interpreter. num_stages: 3 unless given.
 SEG_CONFIGS = [
     dict(BLOCK_M=32, BLOCK_S=64, BLOCK_D=128, num_warps=4),
     dict(BLOCK_M=64, BLOCK_S=64, BLOCK_D=128, num_warps=8),
     dict(BLOCK_M=32, BLOCK_S=32, BLOCK_D=128, num_warps=4),
     dict(BLOCK_M=16, BLOCK_S=64, BLOCK_D=256, num_warps=8),
     dict(BLOCK_M=32, BLOCK_S=64, BLOCK_D=64, num_warps=4),
+    dict(BLOCK_M=32, BLOCK_S=64, BLOCK_D=128, num_warps=4, num_stages=4),  # deeper pipelining of the gathers
+    dict(BLOCK_M=64, BLOCK_S=32, BLOCK_D=128, num_warps=8, num_stages=4),
 ]
 
 
@@ -186,6 +190,7 @@ def seg_pass_a(
             BLOCK_D=cfg["BLOCK_D"],
             DOT_F32=_dot_f32(),
             num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 3),
         )
 
     launch(_pick("seg_pass_a", (m, d, e_count // max(g.shape[0], 1), g.dtype), SEG_CONFIGS, launch))
@@ -221,6 +226,7 @@ def seg_pass_b(
             BLOCK_D=cfg["BLOCK_D"],
             DOT_F32=_dot_f32(),
             num_warps=cfg["num_warps"],
+            num_stages=cfg.get("num_stages", 3),
         )
 
     launch(_pick("seg_pass_b", (m, d, tok.numel() // max(n, 1), xc.dtype), SEG_CONFIGS, launch))
