@@ -72,7 +72,7 @@ from mechlib.activations.collect import (  # noqa: E402 (after the sys.path line
 )
 from mechlib.activations.corpus import iter_texts  # noqa: E402
 from mechlib.activations.forward import forward_to_layer, record_sdpa  # noqa: E402
-from mechlib.io import atomic_write_json  # noqa: E402
+from mechlib.io import atomic_write_json, atomic_write_text  # noqa: E402
 from mechlib.models import decoder_layers  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
 
@@ -107,10 +107,8 @@ def _sync(device: torch.device) -> None:
 def write_corpus(path: Path, repeat: int = 4) -> Path:
     """The Python docs as ``.jsonl`` (``repeat`` times): a fast-reading copy of the stand-in corpus."""
     texts = list(iter_texts("python-stdlib-docs"))
-    with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(repeat):
-            for text in texts:
-                fh.write(json.dumps({"text": text}) + "\n")
+    lines = [json.dumps({"text": text}) + "\n" for text in texts]
+    atomic_write_text(path, "".join(lines * repeat))
     return path
 
 

@@ -48,7 +48,7 @@ from mechlib.activations.collect import batch_rows, packed_rows, stream_batches 
 from mechlib.activations.corpus import CorpusSpec, iter_texts  # noqa: E402
 from mechlib.activations.forward import layer_forward  # noqa: E402
 from mechlib.activations.stores import StreamStore  # noqa: E402
-from mechlib.io import atomic_write_json  # noqa: E402
+from mechlib.io import atomic_write_json, atomic_write_text  # noqa: E402
 from mechlib.models import d_model  # noqa: E402
 from mechlib.sae.train import TrainConfig, train_sae  # noqa: E402
 from mechlib.tiny import benchmark_gemma4, tiny_tokenizer  # noqa: E402
@@ -103,10 +103,8 @@ class Spans:
 def write_corpus(path: Path, repeat: int) -> Path:
     """The Python docs as ``.jsonl`` (``repeat`` times): reading it is not what is measured."""
     texts = list(iter_texts("python-stdlib-docs"))
-    with open(path, "w", encoding="utf-8") as fh:
-        for _ in range(repeat):
-            for text in texts:
-                fh.write(json.dumps({"text": text}) + "\n")
+    lines = [json.dumps({"text": text}) + "\n" for text in texts]
+    atomic_write_text(path, "".join(lines * repeat))
     return path
 
 

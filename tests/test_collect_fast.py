@@ -154,7 +154,7 @@ def test_layers_mode_tracked_outside_the_model(tiny_llama, monkeypatch):
 # ------------------------------------------------------------------------------ shard writer
 
 
-def test_two_thread_writer_writes_save_file_bytes(tiny_gemma4, tmp_path):
+def test_pipelined_writer_writes_save_file_bytes(tiny_gemma4, tmp_path):
     """Shards are byte-for-byte what ``safetensors.save_file`` writes; manifest sizes and hashes match the files."""
     model, tok = tiny_gemma4
     run = collect_activations(model, tok, tmp_path / "a", layer=3, **SMALL)
@@ -172,18 +172,45 @@ def test_two_thread_writer_writes_save_file_bytes(tiny_gemma4, tmp_path):
     assert [e["sha256"] for e in again.manifest["shards"]] == [e["sha256"] for e in entries]  # deterministic
 
 
-def test_file_thread_error_reaches_the_caller(tiny_llama, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stage", ["atomic_save_safetensors", "sha256_file"])
+def test_writer_stage_error_reaches_the_caller(tiny_llama, tmp_path, monkeypatch, stage):
+    """A failure in the write or the record thread is raised by collect_activations; a rerun finishes."""
     model, tok = tiny_llama
 
-    def broken(path, data):
-        raise OSError(f"{path}: disk full")
+    def broken(*args, **kwargs):
+        raise OSError(f"{stage}: disk full")
 
-    monkeypatch.setattr(shards_mod, "atomic_write_bytes", broken)
-    with pytest.raises(OSError, match="disk full"):
+    monkeypatch.setattr(shards_mod, stage, broken)
+    with pytest.raises(OSError, match=f"{stage}: disk full"):
         collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     monkeypatch.undo()
-    run = collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)  # a rerun finishes it
-    assert run.manifest["complete"]
+    run = collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
+    assert run.manifest["complete"] and run.computed_tokens == SMALL["n_tokens"]
+
+
+@pytest.mark.parametrize("with_flags", [True, False])
+def test_writer_finds_non_finite_kept_tokens_only(tmp_path, with_flags):
+    """NaN at a dropped position is ignored; at a kept one it names the shard (flags from the device or not)."""
+    manifest: dict = {"shards": []}
+    hidden = torch.ones(2, 4, 3)
+    hidden[0, 0] = float("nan")  # position 0: not kept
+    keep = torch.tensor([[False, True, True, True], [False, True, True, True]])
+    ids = torch.arange(8).reshape(2, 4)
+
+    def run(h: torch.Tensor, out) -> None:
+        out.mkdir()
+        w = shards_mod.ShardWriter(out, dict(manifest), "float32")
+        flags = torch.isfinite(h).all(-1) if with_flags else None
+        w.add_batch(h, keep, ids, ids, 0, finite=flags)
+        w.end_shard(0, 0, 2)
+        w.close()
+
+    run(hidden, tmp_path / "ok")
+    assert (tmp_path / "ok" / "shard_00000.safetensors").exists()
+    hidden[1, 2, 1] = float("inf")
+    with pytest.raises(shards_mod.ActivationError, match=r"shard_00000.safetensors: 1 of 6 activation vectors"):
+        run(hidden, tmp_path / "bad")
+    assert not (tmp_path / "bad" / "shard_00000.safetensors").exists()
 
 
 def test_stream_study_smoke_runs_on_cpu(tmp_path):

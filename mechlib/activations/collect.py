@@ -13,7 +13,8 @@ Why each choice:
   The mask is stored per row (``keep_mask``) so nothing is hidden.
 - **Stop after L** (``mechlib.hooks.run_to_layer``): the layers above L and the unembedding never
   run. On a GPU the model runs in bf16 with SDPA attention, device→host copies go into pinned
-  buffers with ``non_blocking=True`` and background threads mask, convert, write and hash shards
+  buffers with ``non_blocking=True`` (activations converted to the shard dtype and checked for
+  NaN/inf on the device first) and background threads mask, write and hash shards
   (``mechlib.activations.shards.ShardWriter``); ``compile=True`` (or ``"layers"``) compiles the
   layers up to L, ``compile="stack"`` the whole truncated stack as one graph
   (:mod:`mechlib.activations.forward`).
@@ -299,10 +300,13 @@ class _HostBuffers:
         # Copies run on a side stream so the next batch's compute is not queued behind them.
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
-    def to_host(self, h: torch.Tensor, check: Callable[[], None] = lambda: None):
-        """Start copying ``h`` to a pinned buffer; ``check`` re-raises a writer-thread error while waiting."""
+    def to_host(self, h: torch.Tensor, flags: torch.Tensor, check: Callable[[], None] = lambda: None):
+        """Start copying ``h`` (and its small ``flags``) to pinned memory: ``(host, host_flags, event, release)``.
+
+        ``check`` re-raises a writer-thread error while waiting for a free buffer.
+        """
         if self.device.type != "cuda":
-            return h, None, None
+            return h, flags, None, None
         with self._lock:
             while True:
                 fits = [
@@ -321,11 +325,14 @@ class _HostBuffers:
                 self._lock.wait(timeout=0.5)  # the writer thread still reads every buffer: backpressure
                 check()  # a dead writer never releases its buffers
         host = buf[: h.shape[0]]
+        host_flags = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)  # small: the caching host allocator
         assert self.stream is not None  # made on CUDA, the only device that gets here
         self.stream.wait_stream(torch.cuda.current_stream(h.device))  # h is complete before copying
         with torch.cuda.stream(self.stream):
             host.copy_(h, non_blocking=True)
+            host_flags.copy_(flags, non_blocking=True)
             h.record_stream(self.stream)  # the allocator must not reuse h's memory until the copy is done
+            flags.record_stream(self.stream)
             event = torch.cuda.Event()
             event.record(self.stream)
 
@@ -334,7 +341,7 @@ class _HostBuffers:
                 self._free.append(buf)
                 self._lock.notify()
 
-        return host, event, release
+        return host, host_flags, event, release
 
 
 @dataclass
@@ -495,9 +502,12 @@ def _write_shards(
         else:
             for pb in batch_rows(shard_rows, plan.batch_size, first_row):
                 with torch.no_grad():
-                    h = forward(_to_device(pb.ids, device))
-                host, event, release = buffers.to_host(h, check=writer._check)
-                writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release)
+                    # converted and checked where it was computed: on a GPU the NaN/inf check costs
+                    # microseconds there and is the slowest step of a shard on the host
+                    h = forward(_to_device(pb.ids, device)).to(writer.dtype)
+                    finite = torch.isfinite(h).all(dim=-1)
+                host, flags, event, release = buffers.to_host(h, finite, check=writer._check)
+                writer.add_batch(host, pb.keep, pb.ids, pb.doc, pb.first_row, event, release, finite=flags)
                 computed += int(pb.keep.sum())
                 bar.update(int(pb.keep.sum()))
             writer.end_shard(index, first_row, len(shard_rows))

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
 from torch import Tensor
 
 from mechlib.activations.collect import (
@@ -27,11 +26,12 @@ from mechlib.activations.collect import (
     collection_identity,
     packed_rows,
     params_hash,
+    stream_batches,
 )
 from mechlib.activations.corpus import CorpusSpec
+from mechlib.activations.forward import layer_forward
 from mechlib.activations.shards import ActivationStore, Manifest
 from mechlib.activations.stores import ActivationSource, StreamStore
-from mechlib.hooks import run_to_layer
 from mechlib.models import LoadedModel, load_model
 from mechlib.params import BookParams
 from mechlib.paths import RunPaths
@@ -234,11 +234,12 @@ def stream_store_for_book(loaded: LoadedModel, P: BookParams, shuffle_batches: i
             got += n
             yield ids, keep, doc
 
+    forward = layer_forward(model, cfg.layer)  # eager, the hooked stop: as chapter 01 collects
+
     def epoch_stream(skip: int) -> Iterator[Tensor]:
-        for pb in batch_rows(rows_after(skip), cfg.batch_size):
-            with torch.no_grad():
-                h = run_to_layer(model, cfg.layer, input_ids=pb.ids.to(device))
-            yield h[pb.keep.to(device)].float()
+        # stream_batches keeps the kept tokens without a host sync per batch (a boolean mask index would)
+        for b in stream_batches(forward, batch_rows(rows_after(skip), cfg.batch_size), device):
+            yield b.acts.float()
 
     return StreamStore(
         epoch_stream, cfg.train_tokens, loaded.d_model, cfg.stream_manifest(loaded), shuffle_batches=shuffle_batches

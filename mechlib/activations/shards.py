@@ -15,7 +15,6 @@ token's preceding context (chapter 03's top-activating examples).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import queue
 import threading
@@ -25,7 +24,7 @@ from typing import Any
 
 import torch
 
-from mechlib.io import atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from mechlib.io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 
 MANIFEST = "manifest.json"
 # A manifest and one of its shard entries as JSON documents: values of mixed types by key (the
@@ -100,25 +99,30 @@ def load_shard(directory: Path, entry: ShardEntry, verify: bool = True) -> dict[
 def check_finite(acts: torch.Tensor, where: Path | str) -> None:
     if not bool(torch.isfinite(acts).all()):
         bad = int((~torch.isfinite(acts)).any(dim=-1).sum())
-        raise ActivationError(
-            f"{where}: {bad} of {acts.shape[0]} activation vectors contain NaN or inf "
-            f"(model in float16? try model_dtype: bfloat16 or float32)"
-        )
+        raise ActivationError(non_finite_message(where, bad, acts.shape[0]))
+
+
+def non_finite_message(where: Path | str, bad: int, total: int) -> str:
+    return (
+        f"{where}: {bad} of {total} activation vectors contain NaN or inf "
+        f"(model in float16? try model_dtype: bfloat16 or float32)"
+    )
 
 
 class ShardWriter:
-    """Accumulates per-batch activations and writes shards + manifest on two background threads.
+    """Accumulates per-batch activations and writes shards + manifest on three background threads.
 
-    ``add_batch`` takes host (or pinned, still-copying) tensors plus a CUDA event to wait on;
-    ``end_shard`` finishes a shard. The *gather* thread waits for each copy, masks, converts to the
-    on-disk dtype and, at a shard's end, concatenates and checks for NaN/inf; the *file* thread
-    serialises the shard once in memory, writes it atomically, hashes those same bytes (no read
-    back) and appends the manifest entry — in shard order. Why two: at 130 k tokens/s a 64 k-token
-    bf16 shard is due every ~0.5 s, and masking + serialising + writing + hashing one on a single
-    thread takes about that long; split, the next shard is gathered while the last one is written.
-    The bytes are those ``safetensors.torch.save_file`` writes (a test checks it), so shards and
-    manifests are the same as before and old collections resume.
-    Errors from either thread are re-raised in the caller at the next call or at ``close``.
+    ``add_batch`` takes host (or pinned, still-copying) tensors plus a CUDA event to wait on, and
+    optionally per-position finite flags computed where the activations were (the GPU: a check
+    there costs microseconds, on the host it is the slowest step of a shard); ``end_shard``
+    finishes a shard. A pipeline, in shard order: *gather* waits for each copy, masks and converts
+    to the on-disk dtype, and at a shard's end concatenates and checks for NaN/inf; *write* writes
+    the shard atomically (``safetensors.save_file``, straight from the tensors); *record* hashes the
+    file and appends its manifest entry. Why three: at 130 k tokens/s a 64 k-token bf16 shard
+    (335 MB) is due every ~0.5 s, and mask + concatenate + write + hash on one thread takes about
+    that long; pipelined, each stage has the whole interval. The files and the manifest are the
+    same as one thread's (a test checks the bytes), so old collections resume.
+    Errors from any thread are re-raised in the caller at the next call or at ``close``.
     """
 
     def __init__(
@@ -129,13 +133,24 @@ class ShardWriter:
         self.manifest_name = manifest_name  # a rank's own manifest under torchrun (mechlib.scale merges)
         self.dtype = ACT_DTYPES[dtype]
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
-        self._files: queue.Queue = queue.Queue(maxsize=1)  # one finished shard waits while one is written
         self._error: BaseException | None = None
         self._parts: list[dict[str, torch.Tensor]] = []
-        self._thread = threading.Thread(target=self._run, name="mechlib-shard-gather", daemon=True)
-        self._file_thread = threading.Thread(target=self._run_files, name="mechlib-shard-writer", daemon=True)
-        self._thread.start()
-        self._file_thread.start()
+        self._bad = 0  # kept positions with a non-finite value in the shard being gathered
+        self._to_write: queue.Queue = queue.Queue(maxsize=1)  # one finished shard waits while one is written
+        self._to_record: queue.Queue = queue.Queue(maxsize=1)
+        self._recorder = threading.Thread(
+            target=self._stage, args=(self._to_record, self._record, None, None), name="mechlib-shard-record"
+        )
+        self._writer = threading.Thread(
+            target=self._stage,
+            args=(self._to_write, self._write_file, self._to_record, self._recorder),
+            name="mechlib-shard-write",
+        )
+        self._thread = threading.Thread(target=self._run, name="mechlib-shard-gather")
+        self._threads = (self._thread, self._writer, self._recorder)
+        for t in self._threads:
+            t.daemon = True
+            t.start()
 
     # -- caller side
     def _check(self) -> None:
@@ -160,27 +175,48 @@ class ShardWriter:
         first_row: int,
         event: torch.cuda.Event | None = None,
         on_done: Callable[[], None] | None = None,
+        finite: torch.Tensor | None = None,
     ) -> None:
-        """Queue one model batch: ``hidden`` [B, T, d], ``keep``/``ids``/``doc`` [B, T] on the CPU."""
-        self._put(("batch", hidden, keep, ids, doc, first_row, event, on_done))
+        """Queue one model batch: ``hidden`` [B, T, d], ``keep``/``ids``/``doc`` [B, T] on the CPU.
+
+        ``finite`` [B, T] (optional, landed with ``event``): whether each position's vector is finite
+        in the on-disk dtype; without it the gather thread checks the kept activations itself.
+        """
+        self._put(("batch", hidden, keep, ids, doc, first_row, event, on_done, finite))
 
     def end_shard(self, index: int, first_row: int, n_rows: int) -> None:
         self._put(("end", index, first_row, n_rows))
 
     def close(self) -> None:
         self._put(("stop",))
-        self._thread.join()
-        self._file_thread.join()
+        for t in self._threads:
+            t.join()
         self._check()
 
     def abort(self) -> None:
         """Stop the threads after what is queued, without raising their error (the caller is raising)."""
-        if self._thread.is_alive() and self._error is None:
-            self._queue.put(("stop",))
-        self._thread.join(timeout=60)
-        self._file_thread.join(timeout=60)
+        while self._thread.is_alive():  # alive even when a later stage failed: it waits for work
+            try:
+                self._queue.put(("stop",), timeout=0.5)
+                break
+            except queue.Full:
+                continue
+        for t in self._threads:
+            t.join(timeout=60)
 
-    # -- gather thread
+    # -- threads
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:  # the first error is the cause; later ones are its consequences
+            self._error = exc
+
+    def _pass(self, box: queue.Queue, item: tuple | None, consumer: threading.Thread) -> None:
+        while consumer.is_alive():  # a dead stage (its error is set) takes nothing more
+            try:
+                box.put(item, timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
     def _run(self) -> None:
         try:
             while True:
@@ -190,28 +226,43 @@ class ShardWriter:
                 if item[0] == "batch":
                     self._take_batch(*item[1:])
                 else:
-                    self._to_file_thread(("shard", *item[1:], self._finish_parts(item[1])))
+                    self._pass(self._to_write, (*item[1:], self._finish_parts(item[1])), self._writer)
         except BaseException as exc:  # surfaced to the caller by _check
-            self._error = exc
+            self._fail(exc)
         finally:
-            self._to_file_thread(("stop",))
+            self._pass(self._to_write, None, self._writer)
 
-    def _to_file_thread(self, item: tuple) -> None:
-        while self._file_thread.is_alive():  # a dead file thread (its error is set) takes nothing more
-            try:
-                self._files.put(item, timeout=0.5)
-                return
-            except queue.Full:
-                continue
+    def _stage(
+        self,
+        inbox: queue.Queue,
+        work: Callable[..., tuple | None],
+        outbox: queue.Queue | None,
+        consumer: threading.Thread | None,
+    ) -> None:
+        try:
+            while (item := inbox.get()) is not None:
+                out = work(*item)
+                if outbox is not None and consumer is not None:
+                    self._pass(outbox, out, consumer)
+        except BaseException as exc:
+            self._fail(exc)
+        finally:
+            if outbox is not None and consumer is not None:
+                self._pass(outbox, None, consumer)
 
-    def _take_batch(self, hidden, keep, ids, doc, first_row, event, on_done) -> None:
+    def _take_batch(self, hidden, keep, ids, doc, first_row, event, on_done, finite) -> None:
         if event is not None:
-            event.synchronize()  # the non_blocking device→host copy has landed
+            event.synchronize()  # the non_blocking device→host copies have landed
         b, t, d = hidden.shape
         flat = keep.reshape(-1)
         acts = hidden.reshape(b * t, d)[flat].to(self.dtype)
         if on_done is not None:
             on_done()  # the pinned buffer may be reused now
+        if finite is None:
+            finite_kept = torch.isfinite(acts).all(dim=-1)
+        else:
+            finite_kept = finite.reshape(-1)[flat]
+        self._bad += int((~finite_kept).sum())
         rows = torch.arange(first_row, first_row + b).repeat_interleave(t)[flat]
         pos = torch.arange(t, dtype=torch.int32).repeat(b)[flat]
         self._parts.append(
@@ -228,37 +279,34 @@ class ShardWriter:
 
     def _finish_parts(self, index: int) -> dict[str, torch.Tensor]:
         parts, self._parts = self._parts, []
-        tensors = {k: torch.cat([p[k] for p in parts]).contiguous() for k in parts[0]}
-        check_finite(tensors["activations"], self.directory / shard_name(index))
+        bad, self._bad = self._bad, 0
+        tensors = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if bad:
+            raise ActivationError(
+                non_finite_message(self.directory / shard_name(index), bad, len(tensors["activations"]))
+            )
         return tensors
 
-    # -- file thread
-    def _run_files(self) -> None:
-        try:
-            while True:
-                item = self._files.get()
-                if item[0] == "stop":
-                    return
-                self._write_shard(*item[1:])
-        except BaseException as exc:
-            self._error = exc
-
-    def _write_shard(self, index: int, first_row: int, n_rows: int, tensors: dict[str, torch.Tensor]) -> None:
-        from safetensors.torch import save
-
+    def _write_file(self, index: int, first_row: int, n_rows: int, tensors: dict[str, torch.Tensor]) -> tuple:
         path = self.directory / shard_name(index)
-        # one key: safetensors writes a multi-key metadata map in random
-        # order, and shards must be byte-identical across reruns
-        data = save(tensors, metadata={"mechbook": json.dumps({"shard": index, "first_row": first_row})})
-        atomic_write_bytes(path, data)
+        atomic_save_safetensors(
+            tensors,
+            path,
+            # one key: safetensors writes a multi-key metadata map in random
+            # order, and shards must be byte-identical across reruns
+            metadata={"mechbook": json.dumps({"shard": index, "first_row": first_row})},
+        )
+        return index, first_row, n_rows, int(tensors["activations"].shape[0]), path
+
+    def _record(self, index: int, first_row: int, n_rows: int, n_tokens: int, path: Path) -> None:
         entry = {
             "file": path.name,
             "index": index,
             "first_row": first_row,
             "n_rows": n_rows,
-            "n_tokens": int(tensors["activations"].shape[0]),
-            "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest(),
+            "n_tokens": n_tokens,
+            "bytes": path.stat().st_size,
+            "sha256": sha256_file(path),
         }
         shards = [e for e in self.manifest["shards"] if e["index"] != index] + [entry]
         self.manifest["shards"] = sorted(shards, key=lambda e: e["index"])
