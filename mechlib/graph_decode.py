@@ -40,7 +40,9 @@ read anything that changes between calls from device tensors updated *in place*:
 :class:`mechlib.steering.RowSteering` scale change (``set_rows``, same shape) is a copy into the
 buffer the graph reads, so it does not re-capture; :meth:`RowSteering.graph_key` names its buffer,
 so a delta of another shape (another buffer) does. A hook that records tensors on the host (an
-activation probe) runs only at warm-up and capture: use ``compile=False`` for those.
+activation probe) would run only at warm-up and capture, so only hooks that declare themselves safe
+(a ``graph_key()`` method) are captured; with any other hook on the model the batch takes the
+compiled path, which runs hooks every step (:func:`hooks_not_graph_safe`).
 
 Fallback (returns ``None``; :mod:`mechlib.generate` then takes its pre-issue-11 path: the
 reduce-overhead compiled step on CUDA where the cache is compile-safe, else the uncompiled loop): caches
@@ -112,6 +114,34 @@ def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
         if "forward" in vars(mod):  # a forward patched on the instance (accelerate, peft) is part of the step too
             key.append((i, "forward", id(vars(mod)["forward"])))
     return tuple(key)
+
+
+def hooks_not_graph_safe(model: torch.nn.Module) -> list[str]:
+    """The hooks on ``model`` (and global ones) that do not declare themselves safe to capture.
+
+    Why: a captured step runs a hook's Python body at warm-up and capture only; every replay repeats
+    just the kernels it launched then. A hook that adds a fixed or in-place-updated device tensor (the
+    steering hooks) is right under replay; one that records activations on the host, counts calls or
+    reads a Python value that changes would silently stop working. So a hook is captured only when
+    it says it is safe by exposing ``graph_key()`` (:class:`mechlib.steering.RowSteering`,
+    :func:`mechlib.steering_vector.steering_hook`); with any other hook the batch takes the compiled
+    (dynamo-traced) path, which runs hooks every step.
+    """
+    from torch.nn.modules import module as nn_module
+
+    groups: list[tuple[str, Mapping[int, Callable[..., object]]]] = [
+        ("global forward hook", nn_module._global_forward_hooks),
+        ("global forward pre-hook", nn_module._global_forward_pre_hooks),
+    ]
+    for name, mod in model.named_modules():
+        groups += [(f"forward hook on {name or 'model'}", mod._forward_hooks)]
+        groups += [(f"forward pre-hook on {name or 'model'}", mod._forward_pre_hooks)]
+    return [
+        f"{where}: {getattr(fn, '__qualname__', type(fn).__qualname__)}"
+        for where, hooks in groups
+        for fn in hooks.values()
+        if not hasattr(fn, "graph_key")
+    ]
 
 
 @dataclass(frozen=True)
@@ -379,7 +409,8 @@ def graph_greedy(
     holder: GraphHolder = GRAPHS,
 ) -> torch.Tensor | None:
     """Greedy continuation ids ``[batch, steps]`` of one left-padded batch, as
-    :func:`mechlib.generate.greedy_batch` gives them; ``None`` when the model's cache is not graph-safe."""
+    :func:`mechlib.generate.greedy_batch` gives them; ``None`` when the model's cache is not graph-safe, or
+    when a hook that is not declared graph-safe would be captured (:func:`hooks_not_graph_safe`)."""
     if req.mode not in GRAPH_MODES:
         raise GraphDecodeError(f"mode must be one of {GRAPH_MODES}, got {req.mode!r}")
     batch, prompt_len = input_ids.shape
@@ -395,6 +426,13 @@ def graph_greedy(
         req.ignore_eos,
         hook_set_key(model),
     )
+    if req.capture and input_ids.device.type == "cuda":
+        unsafe = hooks_not_graph_safe(model)
+        if unsafe:
+            note = f"not captured, hooks without graph_key(): {', '.join(unsafe)}"[:500]
+            if note not in holder.errors:
+                holder.errors.append(note)
+            return None
     held = holder.get(model, key)
     if held is None:
         cache, safe = static_cache(model, cache_len)

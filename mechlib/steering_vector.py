@@ -52,22 +52,34 @@ def steering_hook(layer_module: nn.Module, vector: Tensor, scale: float, mean_no
     so every position is steered once. Yields the added vector (float32); the hook is removed on
     exit, also when the body raises.
     """
-    delta = steering_delta(vector, scale, mean_norm)
-    cache: dict[tuple[torch.dtype, torch.device], Tensor] = {}
-
-    def add(h: Tensor) -> Tensor:
-        if h.shape[-1] != delta.shape[0]:
-            raise SteeringError(f"steering vector has {delta.shape[0]} dims but the layer outputs {h.shape[-1]}")
-        key = (h.dtype, h.device)
-        if key not in cache:
-            cache[key] = delta.to(device=h.device, dtype=h.dtype)
-        return h + cache[key]
-
-    def hook(_module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
-        return replace_layer_output(out, add(layer_output_tensor(out)))
-
+    hook = AddVector(steering_delta(vector, scale, mean_norm))
     with add_forward_hook(layer_module, hook):
-        yield delta
+        yield hook.delta
+
+
+class AddVector:
+    """:func:`steering_hook`'s forward hook: ``out + delta`` at every position, ``delta`` fixed.
+
+    A class rather than a closure so that it can say it is safe inside a captured CUDA graph
+    (:meth:`graph_key`, read by :mod:`mechlib.graph_decode`): its only device input is ``delta``, cast
+    once per dtype/device and never changed while the hook is registered.
+    """
+
+    def __init__(self, delta: Tensor) -> None:
+        self.delta = delta  # float32, as steering_delta returns it
+        self._cast: dict[tuple[torch.dtype, torch.device], Tensor] = {}
+
+    def graph_key(self) -> tuple[str, int]:
+        return ("AddVector", id(self.delta))
+
+    def __call__(self, _module: nn.Module, _inputs: tuple[object, ...], out: LayerOutput) -> LayerOutput:
+        h = layer_output_tensor(out)
+        if h.shape[-1] != self.delta.shape[0]:
+            raise SteeringError(f"steering vector has {self.delta.shape[0]} dims but the layer outputs {h.shape[-1]}")
+        key = (h.dtype, h.device)
+        if key not in self._cast:
+            self._cast[key] = self.delta.to(device=h.device, dtype=h.dtype)
+        return replace_layer_output(out, h + self._cast[key])
 
 
 def meta_path(path: str | os.PathLike[str]) -> Path:

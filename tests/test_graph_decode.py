@@ -396,7 +396,7 @@ def test_cuda_replay_equals_the_eager_buffer_loop_and_captures_once(arch, mode):
             graph_greedy(model, inp, mask, req_eos, holder),
             graph_greedy(model, inp, mask, replace(req_eos, capture=False), holder),
         )
-        extra = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: out * 1.5)
+        extra = decoder_layers(model)[0].register_forward_hook(_Scale(1.5))
         try:
             fast = graph_greedy(model, inp, mask, req, holder)
             eager = graph_greedy(model, inp, mask, replace(req, capture=False), holder)
@@ -404,5 +404,49 @@ def test_cuda_replay_equals_the_eager_buffer_loop_and_captures_once(arch, mode):
             extra.remove()
         assert torch.equal(fast, eager) and not torch.equal(fast, outs[2])
         assert holder.captures == 3, "the EOS settings and the added hook each captured anew"
+        seen: list[int] = []
+        probe = decoder_layers(model)[0].register_forward_hook(lambda _m, _i, out: seen.append(1))
+        try:
+            assert graph_greedy(model, inp, mask, req, holder) is None, "a probe hook is never captured"
+        finally:
+            probe.remove()
+        assert holder.captures == 3 and "hooks without graph_key()" in holder.errors[-1]
     finally:
         handle.remove()
+
+
+class _Scale:
+    """A graph-safe test hook: multiplies a layer's output by a constant."""
+
+    def __init__(self, factor: float) -> None:
+        self.factor = factor
+
+    def graph_key(self) -> tuple[str, float]:
+        return ("scale", self.factor)
+
+    def __call__(self, _m, _i, out):
+        return out * self.factor
+
+
+def test_only_hooks_that_declare_graph_safety_are_captured():
+    """Steering hooks declare themselves safe (graph_key); any other hook (a probe) is named, so a CUDA batch
+    takes the compiled path that runs it every step instead of a replay that would skip its Python body."""
+    model = _model("llama")
+    layer = decoder_layers(model)[1]
+    assert gd.hooks_not_graph_safe(model) == []
+    rs = RowSteering()
+    with steering_hook(layer, torch.ones(model.config.hidden_size), 0.1, 1.0):
+        handle = layer.register_forward_hook(rs)
+        try:
+            assert gd.hooks_not_graph_safe(model) == []
+            probe = layer.register_forward_hook(lambda _m, _i, out: None)
+            pre = torch.nn.modules.module.register_module_forward_pre_hook(lambda _m, args: args)
+            try:
+                unsafe = gd.hooks_not_graph_safe(model)
+            finally:
+                probe.remove()
+                pre.remove()
+        finally:
+            handle.remove()
+    assert len(unsafe) == 2 and unsafe[0].startswith("global forward pre-hook: ")
+    assert unsafe[1].startswith("forward hook on model.layers.1: ") and "<lambda>" in unsafe[1]
