@@ -67,9 +67,10 @@ step stream_study 130 $PY benchmarks/stream_study.py --seconds 25 --results "$RE
 # Estimate on an H200 (E4B bf16, 256 new tokens; first + steady call each): graph b128/b256 ~10 s each
 # (seconds of warm-up + capture, ~2 s steady), eager static b128 ~40 s (one call), hf_dynamic_b64 ~30 s,
 # graph_inductor_b256 ~90 s (inductor compile), mechlib_b128 ~85 s (79 s first call measured),
-# hf_static_b128 ~130 s (123 s first call on an H100): ~6.5 min with the model build; 480 s limit.
+# hf_static_b128 ~130 s (123 s first call on an H100): ~6.5 min with the model build; hf_dynamic_b1 last (~15 s),
+# if time is left; 480 s limit.
 step generate 480 $PY benchmarks/generate.py \
-    --only mechlib_graph_b128,mechlib_graph_b256,mechlib_eager_static_b128,hf_dynamic_b64,mechlib_graph_inductor_b256,mechlib_b128,hf_static_b128 \
+    --only mechlib_graph_b128,mechlib_graph_b256,mechlib_eager_static_b128,hf_dynamic_b64,mechlib_graph_inductor_b256,mechlib_b128,hf_static_b128,hf_dynamic_b1 \
     --results "$RESULTS"
 # graph_tests (issue 11): capture/replay == the eager buffer step on tiny models (graph mode: Llama, Gemma 4,
 # Qwen 3.5; graph-inductor: Llama, three compiles) and the compiled-path CUDA tests; ~1.5 min estimated, after
