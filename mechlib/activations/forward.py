@@ -16,6 +16,10 @@ has the same shape, so the whole truncated stack (embedding, Gemma 4's per-layer
   edits are seen) but owns its module dict; views and compiled functions are cached in a
   ``WeakKeyDictionary`` keyed by the model and rebuilt when the layer modules change.
 
+Defaults: ``compile=True`` keeps meaning ``"layers"`` and eager stays the default until a GPU run
+shows ``"stack"`` ahead at the study's shape (``benchmarks/collect.py`` measures every mode in one
+run, issue 12); none has been measured on a GPU yet.
+
 Why a view and not a temporarily truncated layer list: a context manager that swaps
 ``model.layers`` would change the model for every other thread (a notebook's background writer,
 a second collector) while it runs and, under ``torch.compile``, would leave guards keyed on a list
@@ -31,6 +35,7 @@ The per-layer inputs are still computed for all layers (the text model reshapes 
 from __future__ import annotations
 
 import copy
+import types
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -134,7 +139,13 @@ def forward_to_layer(model: nn.Module, layer: int, input_ids: torch.Tensor, comp
     if not compile:
         return _last_hidden(entry.view, input_ids)
     if entry.compiled is None:
-        entry.compiled = torch.compile(_last_hidden, dynamic=False)
+        # A code object of its own per (model, layer): Dynamo keeps its compiled graphs (and its
+        # recompile limit, 8) per code object, so collecting many layers or models in one process
+        # never pushes a view back to eager. The stack traces as one graph (no breaks on Gemma 4,
+        # Qwen 3.5's attention layers or Llama), so no inner frame shares a cache either.
+        name = f"_stack_to_layer_{layer}_{id(entry.view):x}"
+        code = _last_hidden.__code__.replace(co_name=name, co_qualname=name)
+        entry.compiled = torch.compile(types.FunctionType(code, _last_hidden.__globals__), dynamic=False)
     result = entry.compiled(entry.view, input_ids)
     assert isinstance(result, torch.Tensor)
     return result
