@@ -250,7 +250,9 @@ def _parse(argv) -> argparse.Namespace:
     ap.add_argument("--baseline-batch", type=int, default=None, help="study-method rows per forward (default 8)")
     ap.add_argument("--methods", default=None, help=f"comma list of {','.join(ALL_METHODS)} (default: all)")
     ap.add_argument("--budget-s", type=float, default=None, help="start no method after this many seconds")
-    ap.add_argument("--out-dir", default=None, help="where shards go (default: /dev/shm if present, else a tmp dir)")
+    ap.add_argument(
+        "--out-dir", default=None, help="where shards go (default: /dev/shm if it has 16 GiB free, else tmp)"
+    )
     ap.add_argument("--results", default=str(ROOT / "benchmarks" / "results"))
     return ap.parse_args(argv)
 
@@ -269,6 +271,14 @@ def _refuse(args, device: torch.device) -> str | None:
     return None
 
 
+def _scratch(need_bytes: int) -> Path:
+    """/dev/shm when it has room for the disk method's shards (a container's may be 64 MB), else the temp dir."""
+    shm = Path("/dev/shm")
+    if shm.is_dir() and shutil.disk_usage(shm).free >= need_bytes:
+        return shm
+    return Path(tempfile.gettempdir())
+
+
 def main(argv=None) -> int:
     args = _parse(argv)
     device = torch.device(args.device)
@@ -283,9 +293,7 @@ def main(argv=None) -> int:
     if bad := sorted(set(methods) - set(ALL_METHODS)):
         print(f"unknown methods {bad}; choose from {', '.join(ALL_METHODS)}", file=sys.stderr)
         return 2
-    base = (
-        Path(args.out_dir) if args.out_dir else Path("/dev/shm" if Path("/dev/shm").is_dir() else tempfile.gettempdir())
-    )
+    base = Path(args.out_dir) if args.out_dir else _scratch(16 << 30 if not args.small else 0)
     work = Path(tempfile.mkdtemp(prefix="mechbook-collect-bench-", dir=base))
     try:
         return _run(args, cfg, methods, device, work, start)
@@ -328,6 +336,7 @@ def _run(args, cfg: Sizes, methods: list[str], device: torch.device, work: Path,
         "warmup_batches": cfg.warmup_batches,
         "build_s": build_s,
         "corpus_write_s": corpus_s,
+        "shard_dir": str(work.parent),
         "results": results,
         "target_tokens_per_s": 130_000,
     }
