@@ -232,3 +232,25 @@ def test_stream_study_smoke_runs_on_cpu(tmp_path):
     assert split["model_s"] + split["sae_step_s"] <= record["seconds"] * 1.01
     assert record["model_processed_tokens"] >= record["sae_tokens"]  # the model also ran the dropped positions
     assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
+
+
+def test_view_on_the_e4b_layer_pattern():
+    """E4B's 42-layer pattern (5 sliding : 1 full, last 18 layers reuse K/V) at toy width: the view equals
+    the hooked stop at layer 21 (the study's) and past the first KV-shared layer (24)."""
+    from transformers import Gemma4Config, Gemma4ForConditionalGeneration
+
+    from mechlib.tiny import gemma4_e4b_config
+
+    real = gemma4_e4b_config().text_config
+    small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    small |= dict(global_head_dim=32, hidden_size_per_layer_input=8, vocab_size=512, vocab_size_per_layer_input=512)
+    text = type(real)(**{**real.to_dict(), **small, "sliding_window": 8, "pad_token_id": 0})
+    torch.manual_seed(0)
+    model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
+    model = model.float().eval()
+    cfg = model.config.text_config
+    assert cfg.num_hidden_layers == 42 and cfg.num_hidden_layers - cfg.num_kv_shared_layers == 24
+    ids = _ids(seq=20)
+    for layer in (21, 24, 30):
+        with torch.no_grad():
+            assert torch.equal(forward_to_layer(model, layer, ids), run_to_layer(model, layer, input_ids=ids)), layer
