@@ -17,7 +17,9 @@ depend on the weight values) and measures tokens/s at layer 21, seq 1024. Method
 * ``disk``: ``collect_activations`` — the whole collector to bf16 shards (pinned async D2H, gather
   and file threads, sha256, manifest) with the fastest stream configuration measured before it;
 * ``stream_stack_b32``: ``compile="stack"`` at 32 rows per forward instead of 16;
-* ``stream_layers``: ``compile="layers"`` (``compile=True``: each layer's forward compiled).
+* ``stream_layers``: ``compile="layers"`` (``compile=True``: each layer's forward compiled);
+* ``stream_eager_cudnn``: ``stream_eager`` with SDPA trying cuDNN attention first (the kernel lever;
+  compare with ``stream_eager``, and ``attention_cudnn_first`` with ``attention`` for what it changed).
 
 Each method runs a few warm-up batches (compilation included; reported as ``warmup_s``, not
 timed), then as many batches as fit in ``--seconds``; tokens/s counts every processed position
@@ -54,6 +56,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -89,14 +92,36 @@ class Sizes(NamedTuple):  # a NamedTuple, not a dataclass: the tests load this f
 
 FULL = Sizes(layer=21, seq_len=1024, batch=16, baseline_batch=8, dtype=torch.bfloat16, seconds=10.0, warmup_batches=3)
 SMALL = Sizes(layer=2, seq_len=128, batch=8, baseline_batch=4, dtype=torch.float32, seconds=0.3, warmup_batches=1)
-ALL_METHODS = ("study", "stream_eager", "stream_stack", "disk", "stream_stack_b32", "stream_layers")
-CPU_METHODS = ("study", "stream_eager", "disk")  # compiling on 2 CPU cores takes minutes
+ALL_METHODS = (
+    "study",
+    "stream_eager",
+    "stream_stack",
+    "disk",
+    "stream_stack_b32",
+    "stream_layers",
+    "stream_eager_cudnn",
+)
+CPU_METHODS = ("study", "stream_eager", "disk", "stream_eager_cudnn")  # compiling on 2 CPU cores takes minutes
 REF_ROWS = 4
 
 
 class Method(NamedTuple):
     compile: bool | str
     batch: int
+    cudnn_first: bool = False  # SDPA tries cuDNN attention first (torch's default order: flash, efficient, math, cuDNN)
+
+
+@contextmanager
+def sdpa_priority(cudnn_first: bool) -> Iterator[None]:
+    """torch's default SDPA backend order, or cuDNN first (the attention-kernel lever)."""
+    if not cudnn_first:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        yield
 
 
 def _sync(device: torch.device) -> None:
@@ -170,8 +195,9 @@ class Bench:
             compile=m.compile,
         )
         first: list[torch.Tensor] = []
-        out = self._timed((s.acts for s in it), m.batch, seconds, first)
-        return {**out, "compile": m.compile, "equivalence": compare(first[0], self.ref)}
+        with sdpa_priority(m.cudnn_first):  # around the generator's whole consumption
+            out = self._timed((s.acts for s in it), m.batch, seconds, first)
+        return {**out, "compile": m.compile, "cudnn_first": m.cudnn_first, "equivalence": compare(first[0], self.ref)}
 
     def _timed(self, outputs: Iterator[torch.Tensor], batch: int, seconds: float, first) -> dict[str, Any]:
         t0 = time.perf_counter()
@@ -343,8 +369,10 @@ def _run(args, cfg: Sizes, methods: list[str], device: torch.device, work: Path,
     try:
         ids, _ = pack(tok, corpus, 2, cfg.seq_len)
         record["attention"] = attention_kernels(model, layer, ids.to(device))
+        with sdpa_priority(True):
+            record["attention_cudnn_first"] = attention_kernels(model, layer, ids.to(device))
     except Exception as exc:  # a diagnostic: never costs the measurements
-        record["attention"] = f"{type(exc).__name__}: {exc}"
+        record["attention_error"] = f"{type(exc).__name__}: {exc}"
 
     tol = (1e-2, 0.9999) if cfg.dtype != torch.float32 else (1e-5, 0.999999)
     streams = {
@@ -352,6 +380,7 @@ def _run(args, cfg: Sizes, methods: list[str], device: torch.device, work: Path,
         "stream_stack": Method("stack", cfg.batch),
         "stream_stack_b32": Method("stack", 32 if not args.small else 2 * cfg.batch),
         "stream_layers": Method("layers", cfg.batch),
+        "stream_eager_cudnn": Method(False, cfg.batch, cudnn_first=True),
     }
     jobs: dict[str, Callable[[], dict[str, Any]]] = {"study": lambda: bench.study(cfg.seconds)}
     for key, m in streams.items():

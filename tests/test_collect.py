@@ -282,8 +282,9 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     assert rc == 0
     (saved,) = tmp_path.glob("collect_*.json")
     record = json.loads(saved.read_text())
-    assert record["equivalent"] and record["all_ran"] and set(record["results"]) == {"study", "stream_eager", "disk"}
-    for name in ("stream_eager", "disk"):
+    assert record["equivalent"] and record["all_ran"]
+    assert set(record["results"]) == {"study", "stream_eager", "disk", "stream_eager_cudnn"}
+    for name in ("stream_eager", "disk", "stream_eager_cudnn"):
         assert record["results"][name]["equivalence"]["max_abs_diff"] <= 1e-5
         assert record["results"][name]["tokens_per_s"] > 0
     assert record["results"]["disk"]["config_of"] == "stream_eager"

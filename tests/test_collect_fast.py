@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from mechlib.activations import forward as fwd
 from mechlib.activations import shards as shards_mod
 from mechlib.activations.collect import ActivationStore, collect_activations, stream_activations
-from mechlib.activations.forward import SDPACall, forward_to_layer, record_sdpa, resolve_compile, truncated_stack
+from mechlib.activations.forward import forward_to_layer, pick_kernel, record_sdpa, resolve_compile, truncated_stack
 from mechlib.hooks import add_forward_hook, replace_layer_output, run_to_layer
 from mechlib.io import sha256_file
 from mechlib.models import decoder_layers, final_norm
@@ -113,12 +113,19 @@ def test_sdpa_record_shows_gemma4_masks(tiny_gemma4):
         assert call.kernel == "cpu"
 
 
-def test_sdpa_call_kernel_order():
-    base = dict(q_shape=(1,), k_shape=(1,), dtype="bf16", mask=None, is_causal=True, enable_gqa=False)
-    assert SDPACall(**base, flash=True, efficient=True, cudnn=True).kernel == "cudnn"
-    assert SDPACall(**base, flash=True, efficient=True, cudnn=False).kernel == "flash"
-    assert SDPACall(**base, flash=False, efficient=True, cudnn=None).kernel == "efficient"
-    assert SDPACall(**base, flash=False, efficient=False, cudnn=False).kernel == "math"
+def test_kernel_pick_follows_torchs_priority_order():
+    """Default order flash, efficient, math, cuDNN; ``sdpa_kernel(..., set_priority=True)`` reorders it."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    assert pick_kernel(None, None, None) == "cpu"
+    assert pick_kernel(True, True, True) == "flash"
+    assert pick_kernel(False, True, True) == "efficient"
+    assert pick_kernel(False, False, True) == "math"  # torch tries math before cuDNN by default
+    assert pick_kernel(False, False, True, math=False) == "cudnn"
+    assert pick_kernel(False, False, False, math=False) == "none"
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+    with sdpa_kernel(order, set_priority=True):
+        assert pick_kernel(True, True, True) == "cudnn"
 
 
 @pytest.mark.slow

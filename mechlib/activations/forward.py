@@ -55,6 +55,7 @@ __all__ = [
     "SDPACall",
     "forward_to_layer",
     "layer_forward",
+    "pick_kernel",
     "record_sdpa",
     "resolve_compile",
     "truncated_stack",
@@ -185,19 +186,27 @@ class SDPACall:
     mask: str | None  # "bool [B, 1, T, T]" or None (then ``is_causal`` carries causality)
     is_causal: bool
     enable_gqa: bool
-    flash: bool | None  # torch.backends.cuda.can_use_*; None off CUDA
+    flash: bool | None  # torch.backends.cuda.can_use_* (False when that backend is disabled); None off CUDA
     efficient: bool | None
     cudnn: bool | None
+    kernel: str  # the first accepting backend in torch's priority order at the call; "cpu" off CUDA
 
-    @property
-    def kernel(self) -> str:
-        """The backend PyTorch picks first (its order: cuDNN, flash, efficient, math), or ``"cpu"``."""
-        if self.flash is None:
-            return "cpu"
-        for name, ok in (("cudnn", self.cudnn), ("flash", self.flash), ("efficient", self.efficient)):
-            if ok:
-                return name
-        return "math"
+
+# torch's SDPBackend values (torch._C._get_sdp_priority_order() lists them in the order tried)
+_BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn"}
+
+
+def pick_kernel(flash: bool | None, efficient: bool | None, cudnn: bool | None, math: bool = True) -> str:
+    """The backend SDPA runs: the first in torch's current priority order that accepts the call."""
+    if flash is None:
+        return "cpu"
+    ok = {"flash": flash, "efficient": efficient, "cudnn": cudnn, "math": math}
+    order = getattr(torch._C, "_get_sdp_priority_order", lambda: [1, 2, 0, 3])()
+    for value in order:
+        name = _BACKEND_NAMES.get(int(value))
+        if name is not None and ok[name]:
+            return name
+    return "none"
 
 
 def _can_use(q, k, v, mask, is_causal: bool, gqa: bool) -> tuple[bool | None, bool | None, bool | None]:
@@ -210,9 +219,9 @@ def _can_use(q, k, v, mask, is_causal: bool, gqa: bool) -> tuple[bool | None, bo
         params = b.SDPAParams(q, k, v, mask, 0.0, is_causal)  # type: ignore[call-arg]
     cudnn = getattr(b, "can_use_cudnn_attention", None)
     return (
-        b.can_use_flash_attention(params, False),
-        b.can_use_efficient_attention(params, False),
-        cudnn(params, False) if cudnn is not None else None,
+        b.flash_sdp_enabled() and b.can_use_flash_attention(params, False),
+        b.mem_efficient_sdp_enabled() and b.can_use_efficient_attention(params, False),
+        (b.cudnn_sdp_enabled() and cudnn(params, False)) if cudnn is not None else None,
     )
 
 
@@ -230,9 +239,10 @@ class _RecordSDPA(TorchFunctionMode):
             gqa = bool(kwargs.get("enable_gqa", False))
             flash, eff, cudnn = _can_use(q, k, v, mask, causal, gqa)
             shown = None if mask is None else f"{str(mask.dtype).removeprefix('torch.')} {list(mask.shape)}"
-            self.calls.append(
-                SDPACall(tuple(q.shape), tuple(k.shape), str(q.dtype), shown, causal, gqa, flash, eff, cudnn)
-            )
+            math = flash is None or torch.backends.cuda.math_sdp_enabled()
+            kernel = pick_kernel(flash, eff, cudnn, math)
+            call = SDPACall(tuple(q.shape), tuple(k.shape), str(q.dtype), shown, causal, gqa, flash, eff, cudnn, kernel)
+            self.calls.append(call)
         return func(*args, **kwargs)
 
 
