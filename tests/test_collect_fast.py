@@ -158,6 +158,29 @@ def test_layers_mode_tracked_outside_the_model(tiny_llama, monkeypatch):
     assert all(blk in fwd._COMPILED_LAYERS for blk in decoder_layers(model)[:3])
 
 
+def test_stack_mode_pads_a_short_batch_to_the_compiled_size(tiny_gemma4, monkeypatch):
+    """A collection's last, shorter batch runs at the compiled row count (no recompile) and returns only its rows."""
+    model, _ = tiny_gemma4
+    shapes: list[tuple[int, ...]] = []
+
+    def fake_compile(fn, **kw):
+        def run(view, ids):
+            shapes.append(tuple(ids.shape))
+            return fn(view, ids)
+
+        return run
+
+    monkeypatch.setattr(fwd.torch, "compile", fake_compile)
+    forward = fwd.layer_forward(model, 2, "stack")
+    ids = _ids(n_rows=4)
+    with torch.no_grad():
+        full = forward(ids)
+        short = forward(ids[:3])
+        want = run_to_layer(model, 2, input_ids=ids[:3])
+    assert shapes == [(4, 24), (4, 24)] and short.shape[0] == 3
+    assert torch.equal(short, want) and torch.equal(full[:3], want)
+
+
 # ------------------------------------------------------------------------------ shard writer
 
 

@@ -162,12 +162,30 @@ def _compile_layers(model: nn.Module, layer: int) -> None:
             _COMPILED_LAYERS.add(block)
 
 
+class _FixedRows:
+    """The compiled stack at one batch size: a shorter batch (a collection's last) is padded with
+    copies of its last row and the padding dropped from the output. Why: the graph is static, and
+    a new row count would mean a fresh compile (a minute at E4B's size) for one batch. Rows never
+    see each other (attention is within a row), so the padding changes nothing in the real rows."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        self.model, self.layer = model, layer
+        self.rows = 0
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        n = ids.shape[0]
+        self.rows = max(self.rows, n)
+        if n < self.rows:
+            ids = torch.cat([ids, ids[-1:].expand(self.rows - n, -1)])
+        return forward_to_layer(self.model, self.layer, ids, compile=True)[:n]
+
+
 def layer_forward(model: nn.Module, layer: int, compile: bool | str | None = False) -> LayerForward:
     """A function ``input_ids -> residual after layer`` for the chosen way (see the module docstring)."""
     check_layer(model, layer)
     mode = resolve_compile(compile)
     if mode == "stack":
-        return lambda ids: forward_to_layer(model, layer, ids, compile=True)
+        return _FixedRows(model, layer)
     if mode == "layers":
         _compile_layers(model, layer)
     return lambda ids: run_to_layer(model, layer, input_ids=ids)
