@@ -264,9 +264,8 @@ def test_stream_study_smoke_runs_on_cpu(tmp_path):
     assert bench.main(["--device", "cpu"]) == 2  # the E4B-sized run refuses a CPU
 
 
-def test_view_on_the_e4b_layer_pattern():
-    """E4B's 42-layer pattern (5 sliding : 1 full, last 18 layers reuse K/V) at toy width: the view equals
-    the hooked stop at layer 21 (the study's) and past the first KV-shared layer (24)."""
+def _e4b_pattern(**overrides):
+    """E4B's text config at toy width (42 layers, 5 sliding : 1 full, last 18 share K/V)."""
     from transformers import Gemma4Config, Gemma4ForConditionalGeneration
 
     from mechlib.tiny import gemma4_e4b_config
@@ -274,10 +273,35 @@ def test_view_on_the_e4b_layer_pattern():
     real = gemma4_e4b_config().text_config
     small = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
     small |= dict(global_head_dim=32, hidden_size_per_layer_input=8, vocab_size=512, vocab_size_per_layer_input=512)
-    text = type(real)(**{**real.to_dict(), **small, "sliding_window": 8, "pad_token_id": 0})
+    text = type(real)(**{**real.to_dict(), **small, "sliding_window": 8, "pad_token_id": 0, **overrides})
     torch.manual_seed(0)
     model = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=None, audio_config=None))
-    model = model.float().eval()
+    return model.float().eval()
+
+
+def test_e4b_attention_branch_at_seq_1024_head_dims():
+    """What HF hands SDPA at E4B's head dims (256 sliding, 512 full) and seq 1024 with window 512:
+    sliding layers a boolean mask with K/V repeated (no GQA flag); full layers no mask, ``is_causal``,
+    and also K/V repeated, since HF passes ``enable_gqa`` only for head dims ≤ 256. So no call needs
+    flash (which takes neither a mask nor head dim 512): on CUDA they are efficient-attention calls,
+    and ``benchmarks/collect.py`` records torch's own verdict per call."""
+    model = _e4b_pattern(head_dim=256, global_head_dim=512, sliding_window=512, num_attention_heads=8)
+    with torch.no_grad(), record_sdpa() as calls:
+        forward_to_layer(model, 21, _ids(n_rows=1, seq=1024))
+    kinds = model.config.text_config.layer_types[:22]
+    assert len(calls) == 22 and kinds.count("full_attention") == 3
+    for call, kind in zip(calls, kinds):
+        assert not call.enable_gqa and call.k_shape[1] == call.q_shape[1] == 8  # K/V heads repeated to 8
+        if kind == "sliding_attention":
+            assert call.mask == "bool [1, 1, 1024, 1024]" and not call.is_causal and call.q_shape[-1] == 256
+        else:
+            assert call.mask is None and call.is_causal and call.q_shape[-1] == 512
+
+
+def test_view_on_the_e4b_layer_pattern():
+    """E4B's 42-layer pattern (5 sliding : 1 full, last 18 layers reuse K/V) at toy width: the view equals
+    the hooked stop at layer 21 (the study's) and past the first KV-shared layer (24)."""
+    model = _e4b_pattern()
     cfg = model.config.text_config
     assert cfg.num_hidden_layers == 42 and cfg.num_hidden_layers - cfg.num_kv_shared_layers == 24
     ids = _ids(seq=20)
