@@ -8,7 +8,7 @@ One command on a GPU machine (H100/H200), from the repository root::
 builds a **random-weight Gemma 4 E4B** from its published config (``mechlib.tiny.gemma4_e4b_config``;
 ``Gemma4ForConditionalGeneration``, bf16, SDPA attention, initialised on the GPU — speed does not
 depend on the weight values) and measures tokens/s at layer 21, seq 1024. Methods, in run order
-(``stream_layers`` last: it replaces the layers' forward for the rest of the process):
+(the ones that matter most first, so a time budget cuts the least informative):
 
 * ``study``: a full-depth forward with ``output_hidden_states=True``, ``hidden_states[22]`` taken
   and left on the GPU (no copy or disk charged to it: the ratio is conservative);

@@ -141,21 +141,32 @@ def test_compiled_modes_match_eager(tiny_gemma4, tmp_path, mode):
         [s.acts for s in stream_activations(model, tok, layer=4, n_tokens=700, seq_len=32, compile=mode)]
     )
     assert float((streamed - a).norm() / a.norm()) <= 1e-5
-    if mode == "stack":
-        assert not any(getattr(blk.forward, "_torchdynamo_orig_callable", None) for blk in decoder_layers(model))
-        assert not hasattr(model, "_mechlib_compiled")
-
-
-def test_layers_mode_tracked_outside_the_model(tiny_llama, monkeypatch):
-    """``compile=True`` compiles each layer once, remembered in a mechlib WeakSet, not on the model."""
-    model, _ = tiny_llama
-    compiled: list[object] = []
-    monkeypatch.setattr(fwd.torch, "compile", lambda f, **kw: compiled.append(f) or f)
-    fwd.layer_forward(model, 1, True)
-    fwd.layer_forward(model, 2, True)
-    assert len(compiled) == 3  # layers 0, 1 once, then layer 2
+    assert all("forward" not in vars(blk) for blk in decoder_layers(model))  # the user's layers untouched
     assert not hasattr(model, "_mechlib_compiled")
-    assert all(blk in fwd._COMPILED_LAYERS for blk in decoder_layers(model)[:3])
+
+
+def test_layers_mode_compiles_copies_not_the_users_layers(tiny_llama, monkeypatch):
+    """``compile=True``: each layer's forward compiled under its own code object, on copies; hooks still fire."""
+    model, _ = tiny_llama
+    compiled: list = []
+
+    def fake_compile(fn, **kw):
+        compiled.append(fn)
+        return fn
+
+    monkeypatch.setattr(fwd.torch, "compile", fake_compile)
+    forward = fwd.layer_forward(model, 2, True)
+    assert len(compiled) == 3 and len({f.__code__ for f in compiled}) == 3  # one code object per layer
+    assert all("forward" not in vars(blk) for blk in decoder_layers(model))  # the user's layers untouched
+    assert not hasattr(model, "_mechlib_compiled")
+    ids = _ids()
+    with torch.no_grad(), add_forward_hook(decoder_layers(model)[1], lambda m, a, o: o + 1.0):
+        steered = forward(ids)
+        want = run_to_layer(model, 2, input_ids=ids)
+    assert torch.equal(steered, want)
+    with torch.no_grad():
+        assert torch.equal(forward(ids), run_to_layer(model, 2, input_ids=ids))
+    assert fwd.layer_forward(model, 2, "layers") is not None and len(compiled) == 3  # cached per (model, layer)
 
 
 def test_stack_mode_pads_a_short_batch_to_the_compiled_size(tiny_gemma4, monkeypatch):

@@ -6,9 +6,10 @@ has the same shape, so the whole truncated stack (embedding, Gemma 4's per-layer
 
 - ``None`` (eager): :func:`mechlib.hooks.run_to_layer` — the model's own forward, stopped by an
   exception from a hook on layer L. Works on any model; hooks (steering) fire as usual.
-- ``"layers"`` (what ``compile=True`` means): each of layers 0…L gets ``torch.compile``'d forward;
-  the stop hook stays eager around them. Fuses the elementwise work inside each layer, but the
-  graph ends at every layer boundary.
+- ``"layers"`` (what ``compile=True`` means): each of layers 0…L runs a ``torch.compile``'d
+  forward (on mechlib-owned shallow copies of the layers, in a view as below; hooks stay eager
+  around each). Fuses the elementwise work inside each layer, but the graph ends at every layer
+  boundary.
 - ``"stack"``: a mechlib-owned *view* of the text model — a shallow copy whose layer list is
   ``layers[:L + 1]`` and whose final norm is ``Identity`` — run whole and compiled with static
   shapes: no exception, no per-layer graph breaks, the lm head never runs. The user's model is
@@ -81,13 +82,12 @@ def resolve_compile(compile: bool | str | None) -> CompileMode | None:
 class _StackEntry:
     layers: tuple[int, ...]  # id() of the layer modules the view was built from
     view: nn.Module
-    compiled: Callable[..., object] | None = None
+    compiled: Callable[..., object] | None = None  # "stack": the view under torch.compile
+    layers_view: nn.Module | None = None  # "layers": a view over copies of the layers with compiled forwards
 
 
 # model -> layer -> its truncated view; weak keys: a dropped model takes its views (and graphs) with it
 _STACKS: weakref.WeakKeyDictionary[nn.Module, dict[int, _StackEntry]] = weakref.WeakKeyDictionary()
-# layer modules whose forward mechlib has compiled ("layers" mode); weak: no state on the user's modules
-_COMPILED_LAYERS: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
 
 def _child_name(owner: nn.Module, child: nn.Module, what: str) -> str:
@@ -152,14 +152,40 @@ def forward_to_layer(model: nn.Module, layer: int, input_ids: torch.Tensor, comp
     return result
 
 
-def _compile_layers(model: nn.Module, layer: int) -> None:
-    # Compile each layer's forward, not the module call: forward hooks (the stop hook, steering)
-    # then stay eager around the compiled code instead of being traced into it. This one mode does
-    # replace ``forward`` on the layer modules (it predates the view); which were done is ours to track.
-    for block in decoder_layers(model)[: layer + 1]:
-        if block not in _COMPILED_LAYERS:
-            block.forward = torch.compile(block.forward)
-            _COMPILED_LAYERS.add(block)
+def _own_code(fn: Callable[..., object], name: str) -> Callable[..., object]:
+    """``fn`` behind a trampoline whose code object is its own: Dynamo keeps compiled graphs (and
+    its recompile limit, 8) per code object, and every decoder layer shares its class's ``forward``
+    code, so compiling 22 layers' forwards directly recompiles on each and falls back to eager after 8."""
+
+    def trampoline(*args: object, **kwargs: object) -> object:
+        return fn(*args, **kwargs)
+
+    code = trampoline.__code__.replace(co_name=name, co_qualname=name)
+    return types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
+
+
+def _layers_view(model: nn.Module, layer: int) -> nn.Module:
+    """The truncated view over mechlib-owned shallow copies of layers 0…L, each with a compiled ``forward``.
+
+    Compiled is each layer's forward, not its module call: forward hooks stay eager around the
+    compiled code instead of being traced into it, and since a shallow copy shares the layer's
+    parameters, submodules and hook dicts, a steering hook registered on the user's layer (even
+    later) fires here too. The user's layers are not modified (``compile=True`` once replaced
+    their ``forward``).
+    """
+    entry = _entry(model, layer)
+    if entry.layers_view is None:
+        copies = []
+        for i, block in enumerate(decoder_layers(model)[: layer + 1]):
+            twin = copy.copy(block)
+            name = f"_layer_{i}_forward_{id(twin):x}"
+            twin.__dict__["forward"] = torch.compile(_own_code(twin.forward, name))
+            copies.append(twin)
+        view = copy.copy(entry.view)
+        view.__dict__["_modules"] = {**entry.view._modules}
+        view._modules[_child_name(entry.view, decoder_layers(entry.view), "layer list")] = nn.ModuleList(copies)
+        entry.layers_view = view
+    return entry.layers_view
 
 
 class _FixedRows:
@@ -187,7 +213,8 @@ def layer_forward(model: nn.Module, layer: int, compile: bool | str | None = Fal
     if mode == "stack":
         return _FixedRows(model, layer)
     if mode == "layers":
-        _compile_layers(model, layer)
+        view = _layers_view(model, layer)
+        return lambda ids: _last_hidden(view, ids)
     return lambda ids: run_to_layer(model, layer, input_ids=ids)
 
 
