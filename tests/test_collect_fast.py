@@ -146,7 +146,7 @@ def test_compiled_modes_match_eager(tiny_gemma4, tmp_path, mode):
 
 
 def test_layers_mode_compiles_copies_not_the_users_layers(tiny_llama, monkeypatch):
-    """``compile=True``: each layer's forward compiled under its own code object, on copies; hooks still fire."""
+    """``compile=True``: each layer's forward compiled, on copies of the layers; hooks on the layers still fire."""
     model, _ = tiny_llama
     compiled: list = []
 
@@ -156,7 +156,7 @@ def test_layers_mode_compiles_copies_not_the_users_layers(tiny_llama, monkeypatc
 
     monkeypatch.setattr(fwd.torch, "compile", fake_compile)
     forward = fwd.layer_forward(model, 2, True)
-    assert len(compiled) == 3 and len({f.__code__ for f in compiled}) == 3  # one code object per layer
+    assert len(compiled) == 3
     assert all("forward" not in vars(blk) for blk in decoder_layers(model))  # the user's layers untouched
     assert not hasattr(model, "_mechlib_compiled")
     ids = _ids()

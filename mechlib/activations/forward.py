@@ -152,18 +152,6 @@ def forward_to_layer(model: nn.Module, layer: int, input_ids: torch.Tensor, comp
     return result
 
 
-def _own_code(fn: Callable[..., object], name: str) -> Callable[..., object]:
-    """``fn`` behind a trampoline whose code object is its own: Dynamo keeps compiled graphs (and
-    its recompile limit, 8) per code object, and every decoder layer shares its class's ``forward``
-    code, so compiling 22 layers' forwards directly recompiles on each and falls back to eager after 8."""
-
-    def trampoline(*args: object, **kwargs: object) -> object:
-        return fn(*args, **kwargs)
-
-    code = trampoline.__code__.replace(co_name=name, co_qualname=name)
-    return types.FunctionType(code, trampoline.__globals__, name, None, trampoline.__closure__)
-
-
 def _layers_view(model: nn.Module, layer: int) -> nn.Module:
     """The truncated view over mechlib-owned shallow copies of layers 0…L, each with a compiled ``forward``.
 
@@ -176,10 +164,11 @@ def _layers_view(model: nn.Module, layer: int) -> nn.Module:
     entry = _entry(model, layer)
     if entry.layers_view is None:
         copies = []
-        for i, block in enumerate(decoder_layers(model)[: layer + 1]):
+        for block in decoder_layers(model)[: layer + 1]:
             twin = copy.copy(block)
-            name = f"_layer_{i}_forward_{id(twin):x}"
-            twin.__dict__["forward"] = torch.compile(_own_code(twin.forward, name))
+            # the class's forward code, shared by every layer: Dynamo reuses one graph across
+            # layers of the same structure (parameters are graph inputs), so 22 layers compile a few graphs
+            twin.__dict__["forward"] = torch.compile(twin.forward)
             copies.append(twin)
         view = copy.copy(entry.view)
         view.__dict__["_modules"] = {**entry.view._modules}
