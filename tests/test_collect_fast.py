@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechlib.activations import forward as fwd
+from mechlib.activations import shard_writer as writer_mod
 from mechlib.activations import shards as shards_mod
 from mechlib.activations.collect import ActivationStore, collect_activations, stream_activations
 from mechlib.activations.forward import forward_to_layer, pick_kernel, record_sdpa, resolve_compile, truncated_stack
@@ -221,7 +222,7 @@ def test_writer_stage_error_reaches_the_caller(tiny_llama, tmp_path, monkeypatch
     def broken(*args, **kwargs):
         raise OSError(f"{stage}: disk full")
 
-    monkeypatch.setattr(shards_mod, stage, broken)
+    monkeypatch.setattr(writer_mod, stage, broken)
     with pytest.raises(OSError, match=f"{stage}: disk full"):
         collect_activations(model, tok, tmp_path / "a", layer=1, **SMALL)
     monkeypatch.undo()
@@ -240,7 +241,7 @@ def test_writer_finds_non_finite_kept_tokens_only(tmp_path, with_flags):
 
     def run(h: torch.Tensor, out) -> None:
         out.mkdir()
-        w = shards_mod.ShardWriter(out, dict(manifest), "float32")
+        w = writer_mod.ShardWriter(out, dict(manifest), "float32")
         flags = torch.isfinite(h).all(-1) if with_flags else None
         w.add_batch(h, keep, ids, ids, 0, finite=flags)
         w.end_shard(0, 0, 2)

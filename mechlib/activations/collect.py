@@ -15,7 +15,7 @@ Why each choice:
   run. On a GPU the model runs in bf16 with SDPA attention, device→host copies go into pinned
   buffers with ``non_blocking=True`` (activations converted to the shard dtype and checked for
   NaN/inf on the device first) and background threads mask, write and hash shards
-  (``mechlib.activations.shards.ShardWriter``); ``compile=True`` (or ``"layers"``) compiles the
+  (``mechlib.activations.shard_writer.ShardWriter``); ``compile=True`` (or ``"layers"``) compiles the
   layers up to L, ``compile="stack"`` the whole truncated stack as one graph
   (:mod:`mechlib.activations.forward`).
 - **Held-out split**: every 10th corpus document goes to ``heldout``, the rest to ``train``, so the
@@ -42,13 +42,13 @@ from tqdm.auto import tqdm
 
 from mechlib.activations.corpus import CorpusError, CorpusSpec
 from mechlib.activations.forward import LayerForward, layer_forward
+from mechlib.activations.shard_writer import ShardWriter
 from mechlib.activations.shards import (
     FORMAT,
     MANIFEST,
     ActivationStore,
     Manifest,
     ShardEntry,
-    ShardWriter,
     rank_manifest_name,
     read_manifest,
     verify_shard,
