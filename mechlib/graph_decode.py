@@ -63,7 +63,7 @@ from weakref import WeakKeyDictionary
 
 import torch
 
-from mechlib.decode_step import hook_guards, step, supports_logits_to_keep
+from mechlib.decode_step import hook_guards, hook_set_key, hooks_not_graph_safe, step, supports_logits_to_keep
 from mechlib.kv_cache import CACHE_BUCKET, make_masks, static_cache
 from mechlib.models import CausalLM, text_config
 from mechlib.step_timer import STEP_TIMER
@@ -87,61 +87,6 @@ _GRAPH_SAFE_LAYERS = {"StaticLayer", "LinearAttentionLayer", "LinearAttentionAnd
 
 class GraphDecodeError(ValueError):
     """Settings the graph decode path cannot take; the message says which."""
-
-
-def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
-    """Identity of every forward and forward-pre hook on ``model``'s modules and of the global ones.
-
-    Handle ids never repeat (a re-registered hook gets a new one), so the key changes whenever the
-    hook set does. Hooks that expose ``graph_key()`` (:class:`mechlib.steering.RowSteering`) add
-    it: which buffer the captured graph would read.
-    """
-    from torch.nn.modules import module as nn_module
-
-    def entries(where: object, hooks: Mapping[int, Callable[..., object]]) -> list[tuple[object, ...]]:
-        out: list[tuple[object, ...]] = []
-        for hid, fn in hooks.items():
-            extra = fn.graph_key() if hasattr(fn, "graph_key") else None
-            out.append((where, hid, id(fn), extra))
-        return out
-
-    key: list[tuple[object, ...]] = []
-    key += entries("global", nn_module._global_forward_hooks)
-    key += entries("global-pre", nn_module._global_forward_pre_hooks)
-    for i, mod in enumerate(model.modules()):
-        key += entries(i, mod._forward_hooks)
-        key += entries((i, "pre"), mod._forward_pre_hooks)
-        if "forward" in vars(mod):  # a forward patched on the instance (accelerate, peft) is part of the step too
-            key.append((i, "forward", id(vars(mod)["forward"])))
-    return tuple(key)
-
-
-def hooks_not_graph_safe(model: torch.nn.Module) -> list[str]:
-    """The hooks on ``model`` (and global ones) that do not declare themselves safe to capture.
-
-    Why: a captured step runs a hook's Python body at warm-up and capture only; every replay repeats
-    just the kernels it launched then. A hook that adds a fixed or in-place-updated device tensor (the
-    steering hooks) is right under replay; one that records activations on the host, counts calls or
-    reads a Python value that changes would silently stop working. So a hook is captured only when
-    it says it is safe by exposing ``graph_key()`` (:class:`mechlib.steering.RowSteering`,
-    :func:`mechlib.steering_vector.steering_hook`); with any other hook the batch takes the compiled
-    (dynamo-traced) path, which runs hooks every step.
-    """
-    from torch.nn.modules import module as nn_module
-
-    groups: list[tuple[str, Mapping[int, Callable[..., object]]]] = [
-        ("global forward hook", nn_module._global_forward_hooks),
-        ("global forward pre-hook", nn_module._global_forward_pre_hooks),
-    ]
-    for name, mod in model.named_modules():
-        groups += [(f"forward hook on {name or 'model'}", mod._forward_hooks)]
-        groups += [(f"forward pre-hook on {name or 'model'}", mod._forward_pre_hooks)]
-    return [
-        f"{where}: {getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        for where, hooks in groups
-        for fn in hooks.values()
-        if not hasattr(fn, "graph_key")
-    ]
 
 
 @dataclass(frozen=True)
