@@ -246,6 +246,7 @@ def test_card_section_of_chapter_08_carries_its_numbers() -> None:
     from mechlib.results import FeatureRewardResult
 
     m = EXAMPLES[FeatureRewardResult]
+    assert isinstance(m, FeatureRewardResult)
     text = card_section(m)
     (gate,) = _table_rows(text, "readout", "AUROC [95 % CI]")
     assert gate[0] == "SAE reward" and gate[1] == "0.750 [0.25, 1.00]" and gate[-1] == "4 (2)"
