@@ -49,7 +49,8 @@ reduce-overhead compiled step on CUDA where the cache is compile-safe, else the 
 that are not graph-safe — sliding-window layers narrower than the cache (their length is a Python
 int), or any cache layer type other than static, linear-attention (in-place conv/recurrent
 states) and KV-shared dummy layers. A capture that raises is recorded in
-:attr:`GraphHolder.errors` and that step and the rest run eagerly from the same buffers.
+:attr:`GraphHolder.errors`; that batch finishes eagerly from the same buffers (its cache is mid-answer), and
+later batches with the same key take the compiled path.
 """
 
 from __future__ import annotations
@@ -379,6 +380,8 @@ def graph_greedy(
                 holder.errors.append(note)
             return None
     held = holder.get(model, key)
+    if held is not None and held.capture_failed and req.capture:
+        return None  # it failed once for this key: later batches take the compiled path, not the eager buffer step
     if held is None:
         cache, safe = static_cache(model, cache_len)
         if not graph_safe(cache, safe):

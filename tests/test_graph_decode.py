@@ -322,6 +322,42 @@ def test_holder_keeps_a_few_graphs_per_model_and_forgets_dropped_models(tiny_tok
     assert ref() is None and len(holder._held) == 0
 
 
+def test_a_key_whose_capture_failed_goes_to_the_compiled_path_next_time(tiny_tok):
+    """After a failed capture (CUDA only; simulated here) the batch finished eagerly; the next batch with the
+    same key gets None, so mechlib.generate takes the compiled path instead of the slow eager buffer step."""
+    model = _model("llama")
+    holder = GraphHolder()
+    inp, mask = left_pad(_ids(tiny_tok), PAD, torch.device("cpu"))
+    req = GraphRequest(MAX_NEW, (), PAD, ignore_eos=True)
+    first = graph_greedy(model, inp, mask, req, holder)
+    assert first is not None
+    (held,) = holder.held(model)
+    held.capture_failed = True
+    assert graph_greedy(model, inp, mask, req, holder) is None
+    from dataclasses import replace
+
+    again = graph_greedy(model, inp, mask, replace(req, capture=False), holder)
+    assert again is not None and torch.equal(again, first), "capture=False still runs the buffer step"
+
+
+def test_generate_ids_warns_once_per_graph_note(tiny_tok, monkeypatch):
+    """A batch the graph path declined (a probe hook, a failed capture) still gets its tokens; the user is told why."""
+    import mechlib.generate as gen
+
+    model = _model("llama")
+
+    def declines(*_args, **_kwargs):
+        GRAPHS.errors.append("not captured, hooks without graph_key(): forward hook on model.layers.1: probe")
+        return None
+
+    monkeypatch.setattr(gen, "graph_greedy", declines)
+    ids = _ids(tiny_tok)
+    with pytest.warns(UserWarning, match="not captured, hooks without graph_key") as caught:
+        rows = generate_ids(model, ids, MAX_NEW, 2, eos_ids=[], pad_id=PAD, cache="static", compile="graph")
+    assert len([w for w in caught if "mechlib.graph_decode" in str(w.message)]) == 1, "one warning per note"
+    assert rows == generate_ids(model, ids, MAX_NEW, 2, eos_ids=[], pad_id=PAD, cache="static", compile=False)
+
+
 def test_bad_graph_mode_raises():
     with pytest.raises(GenerationError, match="compile must be"):
         DecodeSettings(4, (1,), 0, cache="static", compile="graph-fast").check()  # type: ignore[arg-type]
