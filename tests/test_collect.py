@@ -10,13 +10,12 @@ import torch
 
 from mechlib.activations.collect import (
     ActivationStore,
-    CorpusError,
     Packer,
     collect_activations,
     split_docs,
     stream_activations,
 )
-from mechlib.activations.corpus import iter_texts
+from mechlib.activations.corpus import CorpusError, iter_texts
 from mechlib.activations.shards import ActivationError, ShardError
 from mechlib.hooks import add_forward_hook
 from mechlib.io import sha256_file
