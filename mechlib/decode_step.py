@@ -37,7 +37,7 @@ def step(
     position_ids: torch.Tensor,
     attention_mask: Masks,
     cache: Cache,
-    extra: dict[str, int],
+    extra: Mapping[str, int],
 ) -> torch.Tensor:
     """One forward with the cache; returns the greedy next token of every row."""
     out = model(

@@ -202,16 +202,7 @@ def buffer_step(
     """One decode step entirely from and into ``b`` (what a graph captures): no host reads."""
     for mask, value in b.fills:
         mask.index_fill_(-1, b.slot, value)
-    logits = model(
-        input_ids=b.tok,
-        position_ids=b.pos,
-        attention_mask=b.masks,
-        past_key_values=cache,
-        use_cache=True,
-        return_dict=True,
-        **extra,
-    ).logits
-    _record(b, logits[:, -1].argmax(dim=-1), pad_id, use_eos)
+    _record(b, step(model, b.tok, b.pos, b.masks, cache, extra), pad_id, use_eos)
     b.pos.add_(1)
     b.slot.add_(1)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GenerationConfig
+from test_generate import _eos_mid_batch, _hf  # HF generate's greedy tokens, and an EOS that stops some rows
 
 import mechlib.graph_decode as gd
 from mechlib.generate import DecodeSettings, GenerationError, generate_ids, greedy_batch, left_pad
@@ -48,25 +48,6 @@ def graph_model(request):
 
 def _ids(tok):
     return [tok(t)["input_ids"] for t in TEXTS]
-
-
-def _hf(model, ids, eos, max_new=MAX_NEW):
-    inp, mask = left_pad(ids, PAD, torch.device("cpu"))
-    gc = GenerationConfig(
-        do_sample=False, max_new_tokens=max_new, eos_token_id=eos, pad_token_id=PAD, disable_compile=True
-    )
-    with torch.no_grad():
-        rows = model.generate(input_ids=inp, attention_mask=mask, generation_config=gc)[:, inp.shape[1] :].tolist()
-    return [r[: r.index(eos)] if eos in r else r for r in rows]
-
-
-def _eos_mid_batch(model, ids):
-    free = _hf(model, ids, eos=1)
-    for row in free:
-        for cand in row[1:-1]:
-            if any(cand not in other for other in free):
-                return cand
-    pytest.fail(f"no token separates the rows of {free}")
 
 
 def _graph(model, ids, eos, **kw):
