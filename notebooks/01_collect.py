@@ -101,12 +101,8 @@ print(
 held = result.heldout
 splits = {"train": result.train, "heldout": held} if result.train is not None else {"heldout": held}
 for name, store in splits.items():
-    m = store.manifest
-    print(
-        f"{name:8s} model={m['model']} layer={m['layer']} d_model={m['d_model']} dtype={m['dtype']} "
-        f"seq_len={m['seq_len']} rows={m['n_rows']} tokens={m['n_tokens']} shards={len(m['shards'])}"
-    )
-print("excluded special token ids:", held.manifest["special_token_ids"])
+    print(store.summary().line(name))
+print("excluded special token ids:", list(held.summary().special_token_ids))
 if result.train is None:
     print("collect_mode = stream: no training shards on disk; chapter 02 runs the model while it trains")
 
@@ -130,7 +126,7 @@ with torch.no_grad():
 all_norms = h.norm(dim=-1)
 bos_norms = all_norms[:, 0]
 pos1_norms = all_norms[:, 1]
-sep = ctx == held.manifest["separator_token_id"]
+sep = ctx == held.summary().separator_token_id
 sep[:, 0] = False
 sep_norms = all_norms[sep]
 

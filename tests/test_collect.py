@@ -106,6 +106,21 @@ def test_manifest_records_what_and_checksums(tiny_gemma4, tmp_path):
     assert sum(e["n_tokens"] for e in m["shards"]) == 700 and len(m["shards"]) >= 3
     for e in m["shards"]:
         assert sha256_file(tmp_path / "a" / e["file"]) == e["sha256"]
+    summary = ActivationStore(tmp_path / "a").summary()
+    assert (summary.model, summary.layer, summary.d_model, summary.n_tokens) == ("tiny-gemma4", 2, 64, 700)
+    assert summary.n_shards == len(m["shards"]) and summary.special_token_ids == tuple(m["special_token_ids"])
+    assert summary.separator_token_id == m["separator_token_id"] and "tokens=700" in summary.line("train")
+
+
+def test_summary_of_a_manifest_without_a_key_names_the_file(tiny_llama, tmp_path):
+    model, tok = tiny_llama
+    collect_activations(model, tok, tmp_path / "a", layer=1, model_name="tiny", **SMALL)
+    path = tmp_path / "a" / "manifest.json"
+    m = json.loads(path.read_text())
+    del m["seq_len"]
+    path.write_text(json.dumps(m))
+    with pytest.raises(ShardError, match=r"manifest\.json: manifest lacks 'seq_len'"):
+        ActivationStore(tmp_path / "a").summary()
 
 
 def test_resume_after_kill_equals_one_shot(tiny_llama, tmp_path):

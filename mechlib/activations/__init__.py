@@ -31,7 +31,7 @@ from mechlib.activations.collect_config import (
 )
 from mechlib.activations.corpus import CorpusError, CorpusSpec, iter_texts
 from mechlib.activations.provenance import ActivationsFingerprint, Provenance, fingerprint_of_store
-from mechlib.activations.shards import ActivationError, ActivationStore, ShardError
+from mechlib.activations.shards import ActivationError, ActivationStore, ShardError, StoreSummary
 from mechlib.activations.stores import ActivationSource, StreamStore, TensorStore
 
 __all__ = [
@@ -49,6 +49,7 @@ __all__ = [
     "Packer",
     "Provenance",
     "ShardError",
+    "StoreSummary",
     "StreamStore",
     "TensorStore",
     "collect_activations",

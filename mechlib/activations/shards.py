@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -30,6 +30,32 @@ Manifest = dict[str, Any]
 ShardEntry = dict[str, Any]
 FORMAT = "mechbook-activations/1"
 ACT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class StoreSummary(NamedTuple):
+    """What a finished collection holds, read once from its manifest (chapter 01 prints it).
+
+    Why typed: the manifest is a JSON document; readers that index it by string keys break silently
+    when a key is renamed, while a field missing here fails in one place with the file's name.
+    """
+
+    model: str
+    layer: int
+    d_model: int
+    dtype: str
+    seq_len: int
+    n_rows: int
+    n_tokens: int
+    n_shards: int
+    special_token_ids: tuple[int, ...]
+    separator_token_id: int | None
+
+    def line(self, name: str) -> str:
+        """One printable line: the split ``name`` and its shapes."""
+        return (
+            f"{name:8s} model={self.model} layer={self.layer} d_model={self.d_model} dtype={self.dtype} "
+            f"seq_len={self.seq_len} rows={self.n_rows} tokens={self.n_tokens} shards={self.n_shards}"
+        )
 
 
 class ShardError(ValueError):
@@ -154,6 +180,28 @@ class ActivationStore:
 
     def __len__(self) -> int:
         return self.n_tokens
+
+    def summary(self) -> StoreSummary:
+        """The manifest's identity and totals as a :class:`StoreSummary`."""
+        m = self.manifest
+        try:
+            sep = m["separator_token_id"]
+            return StoreSummary(
+                model=str(m["model"]),
+                layer=int(m["layer"]),
+                d_model=int(m["d_model"]),
+                dtype=str(m["dtype"]),
+                seq_len=int(m["seq_len"]),
+                n_rows=int(m["n_rows"]),
+                n_tokens=int(m["n_tokens"]),
+                n_shards=len(self.entries),
+                special_token_ids=tuple(int(t) for t in m["special_token_ids"]),
+                separator_token_id=None if sep is None else int(sep),
+            )
+        except KeyError as exc:
+            raise ShardError(
+                f"{self.directory / MANIFEST}: manifest lacks {exc}; delete the folder to recollect"
+            ) from None
 
     def shard(self, i: int) -> dict[str, torch.Tensor]:
         """All tensors of shard ``i`` (checksum verified once per store)."""
