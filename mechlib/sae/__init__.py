@@ -3,12 +3,14 @@
 Modules, in the order of the "same loss in every path" contract:
 
 - :mod:`.model` — :class:`TopKSAE`, the math (module docstring), :func:`reference_step` (the
-  contract) and the card / safetensors file formats.
+  contract) and the card / safetensors file formats; :mod:`.loading` — :func:`load_sae` for every
+  format the book reads (card, safetensors, SAELens, sparsify, the Hub).
 - :mod:`.sparse_grad` — the sparse autograd functions the reference step uses.
 - :mod:`.fast` and :mod:`.triton_kernels` — the CUDA fast step, tested against the reference
   (the kernels import nothing of mechlib).
 - :mod:`.distributed` — data-parallel plumbing and the global-batch step (same loss terms).
-- :mod:`.train` — the training loop and its LR schedule; :mod:`.checkpoints` — its resumable state.
+- :mod:`.train` — the training loop and its LR schedule; :mod:`.train_state` — what a state holds
+  (fresh, checkpoint, final files); :mod:`.checkpoints` — its resumable file and the resume checks.
 - :mod:`.interop` — SAELens / sparsify export and import.
 
 Callers import the public names from here: ``from mechlib.sae import TopKSAE, load_sae``.
@@ -17,6 +19,7 @@ this file, so importing one of them does not import the rest.
 """
 
 from mechlib.sae.interop import HookInfo, encode_dense, export_sae
+from mechlib.sae.loading import load_sae
 from mechlib.sae.model import (
     CARD_KEYS,
     FORMULAS,
@@ -31,7 +34,6 @@ from mechlib.sae.model import (
     dense_code,
     fired_mask,
     init_b_dec_,
-    load_sae,
     reference_step,
     renorm_decoder_,
     sae_from_state,

@@ -26,7 +26,6 @@ Layout is the card's: ``W_enc`` [d, m], ``W_dec`` [m, d] (a decoder *row* per la
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +39,7 @@ from mechlib.io import (
     atomic_save_safetensors_checksummed,
     atomic_torch_save_checksummed,
     atomic_write_json,
-    checksum_path,
-    verify_sha256,
 )
-from mechlib.paths import resolve
 from mechlib.sae.sparse_grad import SparseDecode, TopKValues
 
 CARD_KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "k")
@@ -321,88 +317,6 @@ def _resolve_hf(spec: str) -> Path:
     from mechlib.hub import download  # cycle (hub reads SAEError, interop) and huggingface_hub is heavy
 
     return download(spec).path
-
-
-def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -> TopKSAE:
-    """Load an SAE from a card-format ``.pt``, a ``sae.safetensors`` (+ ``cfg.json``), a SAELens or sparsify
-    folder (:mod:`mechlib.sae.interop`; e.g. the one chapter 02 exports), or any of these on the Hugging Face
-    Hub as ``hf:<owner>/<repo>[@<revision>][/<path-in-repo>]`` (:mod:`mechlib.hub`).
-
-    A ``cfg.json`` next to the file (if any) fills ``sae.meta`` (model, layer, training knobs); from the
-    Hub, ``meta`` also records the repo and commit, and the layer read from the repo's names when no
-    config says it (so :func:`check_compatible` still checks the layer of the card's ``sae_final.pt``).
-    """
-    spec_s = str(spec)
-    if spec_s.startswith("hf:"):  # download what the format needs, then load it like a local path
-        from mechlib.hub import download  # as in _resolve_hf
-
-        got = download(spec_s)
-        sae = _load_local(got.path, spec_s)
-        for key, value in got.meta().items():  # the commit, and the layer when the files alone lack it
-            sae.meta.setdefault(key, value)
-        return sae.to(device)
-    return _load_local(resolve(spec_s), spec_s).to(device)
-
-
-def _load_local(path: Path, spec_s: str) -> TopKSAE:
-    """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
-    from mechlib.sae import interop  # cycle: interop builds on this module's TopKSAE
-
-    if (
-        path.is_file()
-        and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS)
-        and interop.detect(path.parent)
-    ):
-        path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
-    if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
-        folder_state, folder_meta = interop.read_folder(path) or ({}, {})
-        folder_meta["source"] = spec_s
-        return sae_from_state(folder_state, str(path), folder_meta)
-    if path.is_dir():
-        path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
-    if not path.is_file():
-        raise SAEError(
-            f"SAE checkpoint not found: {path} (expected the card's sae_final.pt, the book's "
-            f"sae.safetensors + cfg.json, a SAELens folder (cfg.json + sae_weights.safetensors) or a "
-            f"sparsify folder (cfg.json + sae.safetensors, or its layers.N/ subfolder))"
-        )
-    check_checksum(path)
-    cfg_path = path.parent / "cfg.json"
-    meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
-    if "layer" not in meta and interop.layer_of_cfg(meta) is not None:  # e.g. a .pt beside a SAELens cfg.json
-        meta["layer"] = interop.layer_of_cfg(meta)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state: dict[str, Any] = dict(load_file(str(path)))
-            if "k" not in meta:
-                raise SAEError(f"{path}: safetensors SAE needs a cfg.json with 'k' beside it ({cfg_path})")
-            state["k"] = int(meta["k"])
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)  # checked to be a dict below
-    except SAEError:
-        raise
-    except Exception as exc:
-        raise SAEError(f"{path}: could not read SAE checkpoint ({type(exc).__name__}: {exc})") from None
-    if not isinstance(state, dict):
-        raise SAEError(f"{path}: expected a dict of tensors, got {type(state).__name__}")
-    meta.setdefault("source", spec_s)
-    return sae_from_state(state, str(path), meta)
-
-
-def check_checksum(path: Path) -> None:
-    """Raise :class:`SAEError` if ``path`` differs from its ``.sha256`` sidecar (no sidecar: nothing to check).
-
-    Why: one flipped exponent bit in a checkpoint once gave a variance explained of -1.6e70, exit code 0.
-    """
-    if verify_sha256(path) is False:
-        raise SAEError(
-            f"{path}: the file does not match its checksum {checksum_path(path).name} (corrupt, "
-            f"truncated or replaced). If chapter 02 wrote it: delete it and rerun chapter 02 to retrain (it "
-            f"rewrites the file from train_state.pt when that is intact). If you replaced it on purpose, "
-            f"delete {checksum_path(path)}"
-        )
 
 
 def check_compatible(sae: TopKSAE, d_model: int, layer: int | None = None, source: str = "SAE") -> None:
