@@ -15,7 +15,16 @@ import pytest
 import torch
 
 from mechlib.sae import TopKSAE, reference_step, renorm_decoder_
-from mechlib.sae.fast import BWDS, TORCH, Backend, default_backend, fast_step, latent_order, select_topk
+from mechlib.sae.fast import (
+    BWDS,
+    TORCH,
+    Backend,
+    default_backend,
+    fast_step,
+    latent_order,
+    select_topk,
+)
+from mechlib.sae.fast import select as fast_select
 
 PARAMS = ("W_enc", "b_enc", "W_dec", "b_dec")
 
@@ -167,6 +176,22 @@ def test_selection_has_exactly_k_distinct_ascending_latents():
     # the selected values are the k largest: nothing outside beats the smallest inside
     outside = pre.scatter(1, sel.idx, float("-inf"))
     assert (outside.max(1).values <= sel.raw.min(1).values).all()
+
+
+def test_torch_select_from_dead_ids_equals_the_mask_path():
+    """``select``'s torch branch takes the dead ids as they are; it must pick exactly what the mask path
+    picks (same ids, values and dtypes, bit for bit) and what masking the live latents to -inf picks."""
+    pre = torch.randn(64, 300, dtype=torch.float64)
+    pre[:, ::7] = 0.5  # plenty of ties, among dead and live latents
+    for n_dead, ka in ((0, 0), (50, 30), (50, 50), (3, 3), (50, 0)):
+        mask = dead_mask(300, n_dead)
+        got = fast_select(TORCH, pre, 17, mask.nonzero().flatten(), ka)
+        want = select_topk(pre, 17, mask, ka)
+        for name, a, b in zip(got._fields, got, want):
+            assert a.dtype == b.dtype and torch.equal(a, b), f"{name} n_dead={n_dead} ka={ka}"
+        oracle = lowest_index_topk(pre.masked_fill(~mask, float("-inf")), ka).sort(dim=1).values
+        assert got.aux_idx.shape == (64, ka) and torch.equal(got.aux_idx, oracle), f"n_dead={n_dead} ka={ka}"
+    assert fast_select(TORCH, pre, 17, None, 5).aux_idx.shape == (64, 0)
 
 
 def test_latent_order_segments():

@@ -89,15 +89,20 @@ class LatentOrder(NamedTuple):
 
 def select_topk(pre: Tensor, k: int, dead_mask: Tensor | None = None, ka: int = 0) -> Selection:
     """Top-k per row with ties going to the lowest index, indices ascending (the kernel's rule)."""
+    dead_idx = None if ka <= 0 or dead_mask is None else dead_mask.nonzero().flatten()
+    return select_topk_among(pre, k, dead_idx, ka)
+
+
+def select_topk_among(pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -> Selection:
+    """:func:`select_topk` with the dead latents given as their ascending int64 ids (``nonzero()`` of
+    the mask), which :func:`fast_step` already holds: no mask to rebuild and search again."""
 
     def top(p: Tensor, kk: int) -> Tensor:
         return torch.sort(p, dim=1, descending=True, stable=True).indices[:, :kk].sort(dim=1).values
 
     idx = top(pre, k)
-    empty = idx.new_empty(pre.shape[0], 0)
-    if ka <= 0 or dead_mask is None:
-        return Selection(idx, pre.gather(1, idx), empty, pre.new_empty(pre.shape[0], 0))
-    dead_idx = dead_mask.nonzero().flatten()
+    if ka <= 0 or dead_idx is None:
+        return Selection(idx, pre.gather(1, idx), idx.new_empty(pre.shape[0], 0), pre.new_empty(pre.shape[0], 0))
     aux_idx = dead_idx[top(pre.index_select(1, dead_idx), ka)]
     return Selection(idx, pre.gather(1, idx), aux_idx, pre.gather(1, aux_idx))
 
@@ -202,11 +207,7 @@ def select(be: Backend, pre: Tensor, k: int, dead_idx: Tensor | None, ka: int) -
             return Selection(idx, raw, idx[:, :0], raw[:, :0])
         araw, aloc = pre.index_select(1, dead_idx).topk(ka, dim=1, sorted=False)
         return Selection(idx, raw, dead_idx[aloc], araw)
-    if not ka or dead_idx is None:
-        return select_topk(pre, k)
-    mask = torch.zeros(pre.shape[1], dtype=torch.bool, device=pre.device)
-    mask[dead_idx] = True
-    return select_topk(pre, k, mask, ka)
+    return select_topk_among(pre, k, dead_idx, ka)
 
 
 def topk_chunked(pre: Tensor, k: int, chunk: int) -> tuple[Tensor, Tensor]:
