@@ -253,6 +253,31 @@ for f in features[:10]:
     )
 
 # %% [markdown]
+# ### The top contrastive feature in the feature browser
+#
+# Chapter 03's browser gave pages to a random sample of latents, since nothing had been ranked yet. Here it is
+# rebuilt with this chapter's top features first (with chapter 03's caps; a build that already has them is
+# kept), and their scores and ranks join its index: sort its table by *contrast rank*. Below, the feature
+# most active on correctly answered questions, as the browser shows it: the held-out corpus contexts where
+# it fires most, and the tokens its decoder direction promotes and suppresses through the unembedding.
+
+# %%
+from IPython.display import HTML, display
+
+from mechlib import browser
+from mechlib.activations import open_store
+
+site = browser.refresh_browser(P, paths, open_store(P, paths, "heldout"), sae, progress=False)
+helpful = [f.feature for f in sorted(features, key=lambda f: -f.score)]
+top_feature = None if site is None else browser.first_with_page(site.folder, helpful)
+if site is None or top_feature is None:
+    print("no feature browser in this run (chapter 03 builds it), or none of the features fired on its tokens")
+else:
+    note = f"feature browser: {paths.rel(site.index_html)}; below, feature {top_feature} (top score with a page)"
+    print(placeholder.mark_text(note, P.placeholder_labels))
+    display(HTML(browser.latent_html(site.folder, top_feature)))
+
+# %% [markdown]
 # ## Does the peak depend on how answers are scored?
 #
 # The same states, relabelled by each alternative rule of chapter 04: lm-evaluation-harness's *strict*

@@ -326,3 +326,32 @@ def test_build_browser_keeps_a_build_of_the_same_inputs(tiny, tmp_path, monkeypa
         params, run, FakeStore(shards, checksum="b"), sae, max_latents=6, contexts=3, progress=False
     )
     assert not changed.reused
+
+
+def test_refresh_gives_chapter_05s_latents_pages(tiny, tmp_path, monkeypatch):
+    """Chapter 03 builds before chapter 05 ranks anything; chapter 05's refresh puts its latents first."""
+    from types import SimpleNamespace
+
+    from tiny_run import model_folder
+
+    from mechlib.browser import build_browser, first_with_page, refresh_browser
+
+    sae, shards = tiny
+    monkeypatch.setattr(paths, "OUTPUTS_DIR", tmp_path / "outputs")
+    run = paths.RunPaths("tiny").make()
+    params = SimpleNamespace(model=str(model_folder(tmp_path)), model_dtype="float32", device="cpu", run="tiny", seed=0)
+    store = FakeStore(shards)
+    assert refresh_browser(params, run, store, sae, progress=False) is None  # chapter 03 built nothing yet
+    first = build_browser(params, run, store, sae, max_latents=4, contexts=3, progress=False)
+    index = json.loads((first.folder / "data" / "index.json").read_text())
+    lacking = [f for f in range(D_SAE) if index["density"][f] > 0 and not index["page"][f]][:3]
+    assert len(lacking) == 3 and first_with_page(first.folder, lacking) is None
+    contrast = {"features": [{"feature": f, "score": 0.1 * (i + 1)} for i, f in enumerate(lacking)]}
+    (run.metrics / "contrastive_features_L1.json").write_text(json.dumps(contrast))
+    refreshed = refresh_browser(params, run, store, sae, progress=False)
+    assert refreshed is not None and not refreshed.reused and refreshed.n_pages == 4  # chapter 03's caps
+    assert first_with_page(refreshed.folder, lacking) == lacking[0]
+    index = json.loads((refreshed.folder / "data" / "index.json").read_text())
+    assert all(index["page"][f] for f in lacking) and index["contrast_rank"][lacking[0]] == 1
+    again = refresh_browser(params, run, store, sae, progress=False)
+    assert again is not None and again.reused  # every ranked latent has its page now: kept

@@ -1,14 +1,15 @@
 """A static feature browser for a run's SAE: every latent on a page that opens from the file system.
 
 Chapter 03 calls :func:`build_browser` (``outputs/<run>/browser/``); the runner calls
-:func:`add_contrast_scores` after chapter 05 to put its contrastive scores into the index.
+:func:`add_contrast_scores` after chapter 05 to put its contrastive scores into the index; chapter 05
+calls :func:`refresh_browser` so that its top contrastive latents have pages.
 Modules: ``gather`` (one streaming pass over held-out shards), ``effects`` (logit effects, similar
 decoder directions), ``pages`` (what each page shows), ``site`` (writing the files), ``inline``
 (one latent's view for a notebook), ``static/`` (the HTML/CSS/JS).
 """
 
 from mechlib.browser.gather import LatentStats, ShardTokens, gather_latent_stats, iter_store_shards
-from mechlib.browser.inline import featured_latent, latent_html
+from mechlib.browser.inline import featured_latent, first_with_page, latent_html
 from mechlib.browser.site import (
     DEFAULT_CONTEXTS,
     DEFAULT_MAX_LATENTS,
@@ -19,6 +20,7 @@ from mechlib.browser.site import (
     browser_folder,
     build_browser,
     build_site,
+    refresh_browser,
 )
 
 __all__ = [
@@ -34,7 +36,9 @@ __all__ = [
     "build_browser",
     "build_site",
     "featured_latent",
+    "first_with_page",
     "gather_latent_stats",
     "iter_store_shards",
     "latent_html",
+    "refresh_browser",
 ]

@@ -7,6 +7,7 @@ Why inline styles: a notebook output cannot load the site's CSS, and the same co
 from __future__ import annotations
 
 import html
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import median
 
@@ -22,6 +23,13 @@ def featured_latent(folder: str | Path) -> int:
         raise ValueError(f"{folder}: the browser has no latent pages (no latent fired?)")
     mid = median(index["density"][i] for i in pages)
     return min(pages, key=lambda i: (abs(index["density"][i] - mid), i))
+
+
+def first_with_page(folder: str | Path, latents: Iterable[int]) -> int | None:
+    """The first of ``latents`` that has a page in ``folder``'s build (a latent that never fired on the
+    held-out tokens has none), or ``None``."""
+    page = read_json(Path(folder) / "data" / "index.json")["page"]
+    return next((f for f in latents if 0 <= f < len(page) and page[f]), None)
 
 
 def _visible(text: str) -> str:

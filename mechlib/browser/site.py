@@ -191,7 +191,8 @@ def build_browser(
     Loads the run's model for its tokenizer, final norm and unembedding (the cached conversion of the
     default model loads in seconds). A build from the same SAE, held-out activations, model and caps is
     kept (``browser/build.json`` holds the key), so rerunning the chapter does not redo it. Contrast scores
-    are (re)added by :func:`add_contrast_scores` whenever chapter 05's file exists.
+    are (re)added by :func:`add_contrast_scores` whenever chapter 05's file exists. A kept build is
+    rebuilt when one of chapter 05's top ``max_latents`` contrastive latents fired but has no page.
     """
     from mechlib.activations.provenance import fingerprint_of_store
     from mechlib.metrics import sae_fingerprint
@@ -208,8 +209,16 @@ def build_browser(
         "contexts": contexts,
         "seed": params.seed,
     }
+    layer = int(heldout.layer)
+    cfile = contrast_file(run_paths.metrics, layer)
+    priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
     saved = _read_build(folder)
-    if saved is not None and saved.get("key") == key and (folder / "data" / "index.js").is_file():
+    if (
+        saved is not None
+        and saved.get("key") == key
+        and (folder / "data" / "index.js").is_file()
+        and not _pages_missing(folder, priority[:max_latents])
+    ):
         copy_static(folder)  # the pages' code may be newer than the data
         add_contrast_scores(run_paths)
         s = saved["site"]
@@ -217,9 +226,6 @@ def build_browser(
             folder, s["n_latents"], s["n_pages"], s["n_tokens"], s["gather_seconds"], s["seconds"], s["bytes"], True
         )
     lm = load_model(params.model, params.model_dtype, params.device)
-    layer = int(heldout.layer)
-    cfile = contrast_file(run_paths.metrics, layer)
-    priority = [f for f, _ in read_contrast(cfile)] if cfile.is_file() else []
     site = build_site(
         folder,
         iter_store_shards(heldout),
@@ -245,6 +251,43 @@ def build_browser(
         },
     )
     return site
+
+
+def refresh_browser(
+    params: BookParams, run_paths: RunPaths, heldout: ActivationStore, sae: TopKSAE, *, progress: bool = True
+) -> BrowserSite | None:
+    """Chapter 05's call: give its contrastive latents pages in the browser chapter 03 built.
+
+    Why: chapter 03 runs before chapter 05 has ranked any latent, so its pages are a random sample and
+    most of the top contrastive latents have none. This rebuilds the site (with chapter 03's caps, read
+    from ``build.json``) putting them first, exactly as a rerun of chapter 03 would; when each of them
+    already has a page the build is kept and only the scores are added. ``None`` when chapter 03 built no
+    browser for this run.
+    """
+    saved = _read_build(browser_folder(run_paths))
+    caps = saved.get("key") if saved is not None else None
+    if not isinstance(caps, dict) or "max_latents" not in caps or "contexts" not in caps:
+        return None
+    return build_browser(
+        params,
+        run_paths,
+        heldout,
+        sae,
+        max_latents=int(caps["max_latents"]),
+        contexts=int(caps["contexts"]),
+        progress=progress,
+    )
+
+
+def _pages_missing(folder: Path, latents: Sequence[int]) -> list[int]:
+    """Of ``latents``, those that fired on the held-out tokens but have no page in ``folder``'s build."""
+    if not latents:
+        return []
+    try:
+        index = IndexData.from_json(read_json(folder / "data" / "index.json"), str(folder))
+    except (OSError, ValueError):  # no readable index: the caller rebuilds anyway
+        return list(latents)
+    return [f for f in latents if 0 <= f < index.d_sae and index.density[f] > 0 and not index.page[f]]
 
 
 def _read_build(folder: Path) -> dict[str, Any] | None:
