@@ -6,7 +6,8 @@ first compile would silently be ignored. :func:`hook_guards` turns those guards 
 hook set recompiles instead. Compiled steps are kept in :data:`COMPILED_STEPS`, an object mechlib
 owns, never on the model. The captured step of :mod:`mechlib.graph_decode` has the same question
 without dynamo to answer it: :func:`hook_set_key` names the hook set a graph was captured under,
-and :func:`hooks_not_graph_safe` the hooks a replay would not run.
+and :func:`hooks_not_graph_safe` the hooks a replay would not run (one walk gives both: :func:`hook_set`).
+:func:`contiguous_lm_head` keeps the CPU bf16 forward's unembedding off a slow strided matmul.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from __future__ import annotations
 import contextlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 
-from mechlib.models import CausalLM
+from mechlib.models import CausalLM, model_device
 
 if TYPE_CHECKING:
     from mechlib.kv_cache import Cache, Masks
@@ -82,6 +83,42 @@ def hook_guards() -> Iterator[None]:
         yield
 
 
+class HookSet(NamedTuple):
+    """What :mod:`mechlib.graph_decode` asks of a model's hooks, from one walk over its modules."""
+
+    key: tuple[object, ...]  # :func:`hook_set_key`
+    unsafe: list[str]  # :func:`hooks_not_graph_safe`
+
+
+def hook_set(model: torch.nn.Module) -> HookSet:
+    """:func:`hook_set_key` and :func:`hooks_not_graph_safe` together, walking the modules once (per batch)."""
+    from torch.nn.modules import module as nn_module
+
+    key: list[tuple[object, ...]] = []
+    unsafe: list[str] = []
+
+    def visit(where: object, label: str, hooks: Mapping[int, Callable[..., object]]) -> None:
+        for hid, fn in hooks.items():
+            if hasattr(fn, "graph_key"):  # declared safe to capture; says which buffer a graph would read
+                key.append((where, hid, id(fn), fn.graph_key()))
+            else:
+                key.append((where, hid, id(fn), None))
+                unsafe.append(f"{label}: {getattr(fn, '__qualname__', type(fn).__qualname__)}")
+
+    global_hooks = [
+        ("global", "global forward hook", nn_module._global_forward_hooks),
+        ("global-pre", "global forward pre-hook", nn_module._global_forward_pre_hooks),
+    ]
+    for where, label, hooks in global_hooks:
+        visit(where, label, hooks)
+    for i, (name, mod) in enumerate(model.named_modules()):
+        visit(i, f"forward hook on {name or 'model'}", mod._forward_hooks)
+        visit((i, "pre"), f"forward pre-hook on {name or 'model'}", mod._forward_pre_hooks)
+        if "forward" in vars(mod):  # a forward patched on the instance (accelerate, peft) is part of the step too
+            key.append((i, "forward", id(vars(mod)["forward"])))
+    return HookSet(tuple(key), unsafe)
+
+
 def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
     """Identity of every forward and forward-pre hook on ``model``'s modules and of the global ones.
 
@@ -89,24 +126,7 @@ def hook_set_key(model: torch.nn.Module) -> tuple[object, ...]:
     hook set does. Hooks that expose ``graph_key()`` (:class:`mechlib.steering.RowSteering`) add
     it: which buffer the captured graph would read.
     """
-    from torch.nn.modules import module as nn_module
-
-    def entries(where: object, hooks: Mapping[int, Callable[..., object]]) -> list[tuple[object, ...]]:
-        out: list[tuple[object, ...]] = []
-        for hid, fn in hooks.items():
-            extra = fn.graph_key() if hasattr(fn, "graph_key") else None
-            out.append((where, hid, id(fn), extra))
-        return out
-
-    key: list[tuple[object, ...]] = []
-    key += entries("global", nn_module._global_forward_hooks)
-    key += entries("global-pre", nn_module._global_forward_pre_hooks)
-    for i, mod in enumerate(model.modules()):
-        key += entries(i, mod._forward_hooks)
-        key += entries((i, "pre"), mod._forward_pre_hooks)
-        if "forward" in vars(mod):  # a forward patched on the instance (accelerate, peft) is part of the step too
-            key.append((i, "forward", id(vars(mod)["forward"])))
-    return tuple(key)
+    return hook_set(model).key
 
 
 def hooks_not_graph_safe(model: torch.nn.Module) -> list[str]:
@@ -120,18 +140,24 @@ def hooks_not_graph_safe(model: torch.nn.Module) -> list[str]:
     :func:`mechlib.steering_vector.steering_hook`); with any other hook the batch takes the compiled
     (dynamo-traced) path, which runs hooks every step.
     """
-    from torch.nn.modules import module as nn_module
+    return hook_set(model).unsafe
 
-    groups: list[tuple[str, Mapping[int, Callable[..., object]]]] = [
-        ("global forward hook", nn_module._global_forward_hooks),
-        ("global forward pre-hook", nn_module._global_forward_pre_hooks),
-    ]
-    for name, mod in model.named_modules():
-        groups += [(f"forward hook on {name or 'model'}", mod._forward_hooks)]
-        groups += [(f"forward pre-hook on {name or 'model'}", mod._forward_pre_hooks)]
-    return [
-        f"{where}: {getattr(fn, '__qualname__', type(fn).__qualname__)}"
-        for where, hooks in groups
-        for fn in hooks.values()
-        if not hasattr(fn, "graph_key")
-    ]
+
+@contextlib.contextmanager
+def contiguous_lm_head(model: CausalLM) -> Iterator[None]:
+    """On CPU in bf16/fp16, hand the unembedding a contiguous input (around a whole generation).
+
+    ``logits_to_keep=1`` slices ``hidden[:, -1:, :]`` (a strided view); for a strided 3-D input in
+    bf16 the CPU matmul expands the [vocab, d] weight per row (SmolLM2 at batch 32: a
+    900 M-element copy, ~10 s per prefill on this machine's 2 cores, more than the whole forward).
+    Values are unchanged; fp32 and GPUs are left alone, so the exact CPU path is untouched.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None or model_device(model).type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
+        yield
+        return
+    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -47,24 +47,36 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm.auto import tqdm
 
+from mechlib.decode_settings import (
+    CacheKind,
+    CompileOption,
+    DecodeSettings,
+    GenerationError,
+    ResolvedCache,
+    default_compile,
+    eos_ids_of,
+    left_pad,
+    pad_id_of,
+    resolve_cache,
+)
 from mechlib.decode_step import (
     COMPILED_STEPS,
     DEFAULT_COMPILE_KWARGS,
     StepFn,
+    contiguous_lm_head,
     hook_guards,
     step,
     supports_logits_to_keep,
 )
-from mechlib.graph_decode import GRAPH_MODES, GRAPHS, GraphMode, GraphRequest, graph_greedy
+from mechlib.graph_decode import GRAPHS, GraphRequest, graph_cache_len, graph_greedy
 from mechlib.kv_cache import (
-    CACHE_BUCKET,
     MIN_SHARED_PREFIX,
     STATIC_CACHES,
     make_masks,
@@ -75,6 +87,7 @@ from mechlib.kv_cache import (
     rows_to_keep,
     shared_prefix_len,
     static_cache,
+    usable_prefix_len,
 )
 from mechlib.models import CausalLM, Tokenizer, model_device, text_config
 from mechlib.prompts import decode_text, encode_prompts
@@ -84,120 +97,30 @@ from mechlib.stopping import StopWhen, shortest_stopping_prefix
 if TYPE_CHECKING:
     from mechlib.kv_cache import Cache, Masks
 
-CacheKind = Literal["auto", "dynamic", "static"]
-ResolvedCache = Literal["dynamic", "static"]
-# off / on with the defaults / torch.compile keyword arguments / a captured CUDA graph (mechlib.graph_decode)
-CompileOption = bool | Mapping[str, object] | GraphMode
-
-
-class GenerationError(ValueError):
-    """Generation settings that cannot work; the message says which."""
-
-
-def eos_ids_of(model: CausalLM, tokenizer: Tokenizer | None = None) -> list[int]:
-    """The EOS ids ``generate`` would stop on: ``generation_config.eos_token_id`` (int or list),
-    else the tokenizer's ``eos_token_id``."""
-    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    if ids is None and tokenizer is not None:
-        ids = tokenizer.eos_token_id
-    if ids is None:
-        return []
-    return [int(i) for i in (ids if isinstance(ids, (list, tuple)) else [ids])]
-
-
-def pad_id_of(model: CausalLM, tokenizer: Tokenizer, eos_ids: Sequence[int]) -> int:
-    """The pad id ``generate`` would use (its fallback is the first EOS id)."""
-    for src in (getattr(model, "generation_config", None), tokenizer):
-        pid = getattr(src, "pad_token_id", None)
-        if pid is not None:
-            return int(pid)
-    if eos_ids:
-        return int(eos_ids[0])
-    raise GenerationError("the model/tokenizer define neither a pad token nor an EOS token; pass pad_token_id")
-
-
-def left_pad(
-    prompt_ids: Sequence[Sequence[int]], pad_id: int, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)`` with every prompt right-aligned (left padding)."""
-    if not prompt_ids or any(len(p) == 0 for p in prompt_ids):
-        raise GenerationError("every prompt must have at least one token")
-    width = max(len(p) for p in prompt_ids)
-    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-    for i, p in enumerate(prompt_ids):
-        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
-        mask[i, width - len(p) :] = 1
-    return ids.to(device), mask.to(device)
-
-
-# --------------------------------------------------------------------------------------------
-# What one batch is decoded with
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DecodeSettings:
-    """How a batch is decoded: the bundle :func:`generate_ids` hands to every batch it runs.
-
-    ``cache`` is resolved (never ``"auto"``); ``sync_every``: how many steps between host syncs (EOS,
-    stop rule, dropping finished rows); ``share_prefix``: run the rows' common prompt prefix once
-    (dynamic cache only; every hook must treat the rows alike — see the module docstring).
-    """
-
-    max_new_tokens: int
-    eos_ids: tuple[int, ...]
-    pad_id: int
-    ignore_eos: bool = False
-    cache: ResolvedCache = "dynamic"
-    compile: CompileOption = False
-    sync_every: int = 1
-    stop_when: StopWhen | None = None
-    share_prefix: bool = False
-
-    def check(self) -> None:
-        if self.max_new_tokens <= 0:
-            raise GenerationError(f"max_new_tokens must be positive, got {self.max_new_tokens}")
-        if self.cache not in ("dynamic", "static"):
-            raise GenerationError(f"cache must be 'dynamic' or 'static', got {self.cache!r}")
-        if isinstance(self.compile, str) and self.compile not in GRAPH_MODES:
-            raise GenerationError(
-                f"compile must be a bool, torch.compile kwargs or one of {GRAPH_MODES}, got {self.compile!r}"
-            )
-
-    @property
-    def compiled(self) -> bool:
-        """Whether the decode step is compiled or captured (only ever with the static cache)."""
-        return bool(self.compile) and self.cache == "static"
-
-    @property
-    def graph(self) -> bool:
-        """Whether the decode step is a replayed CUDA graph (:mod:`mechlib.graph_decode`)."""
-        return isinstance(self.compile, str) and self.cache == "static"
-
-    def cut(self, row: list[int]) -> list[int]:
-        """A finished row's ids: cut before its first EOS, then after its shortest stopping prefix
-        (a row stopped by the rule may run up to ``sync_every − 1`` tokens past it). Whole with ``ignore_eos``."""
-        if self.ignore_eos:
-            return row
-        eos = set(self.eos_ids)
-        row = row[: next((j for j, tok in enumerate(row) if tok in eos), len(row))]
-        if self.stop_when is not None:
-            row = row[: shortest_stopping_prefix(row, self.stop_when) or len(row)]
-        return row
-
+__all__ = [  # the settings' names (mechlib.decode_settings) and a few of kv_cache/stopping: callers find them here
+    "MIN_SHARED_PREFIX",
+    "CacheKind",
+    "CompileOption",
+    "DecodeSettings",
+    "GenerationError",
+    "ResolvedCache",
+    "default_compile",
+    "eos_ids_of",
+    "free_generation_cache",
+    "generate_greedy",
+    "generate_ids",
+    "greedy_batch",
+    "left_pad",
+    "pad_id_of",
+    "prefix_sharing_exact",
+    "resolve_cache",
+    "shared_prefix_len",
+    "shortest_stopping_prefix",
+]
 
 # --------------------------------------------------------------------------------------------
 # One batch
 # --------------------------------------------------------------------------------------------
-
-
-def _check_stop_rule(out: torch.Tensor, unfinished: torch.Tensor, upto: int, stop_when: StopWhen) -> None:
-    """Mark rows whose first ``upto`` tokens satisfy ``stop_when`` as finished (in place)."""
-    rows = out[:, :upto].tolist()
-    for i in torch.nonzero(unfinished).flatten().tolist():
-        if stop_when(rows[i]):
-            unfinished[i] = False
 
 
 @dataclass
@@ -235,10 +158,8 @@ def _prepare(
     if shared_kv is not None:
         kv, compile_safe, masks = shared_kv, False, mask2d
     elif s.cache == "static" and s.compile:
-        exact = prompt_len + s.max_new_tokens
-        bucketed = -(-exact // CACHE_BUCKET) * CACHE_BUCKET
-        window = min((w for w in [getattr(text_config(model), "sliding_window", None)] if w), default=bucketed)
-        kv, compile_safe = reusable_static_cache(model, batch, bucketed if bucketed <= window else exact)
+        # bucketed like the graph path's cache, so batches of nearby lengths share one compiled graph
+        kv, compile_safe = reusable_static_cache(model, batch, graph_cache_len(model, prompt_len, s.max_new_tokens))
         masks = make_masks(model, kv, batch, prompt_len, mask2d, position_ids, first=True)
     elif s.cache == "static":
         kv, compile_safe = static_cache(model, prompt_len + s.max_new_tokens)
@@ -330,8 +251,7 @@ def _decode(
             if not s.ignore_eos and eos.numel():
                 unfinished[alive] = live & ~torch.isin(nxt, eos)
             if not s.ignore_eos and (t + 1) % s.sync_every == 0:
-                if s.stop_when is not None:
-                    _check_stop_rule(out, unfinished, t + 1, s.stop_when)
+                s.mark_stopped(out, unfinished, t + 1)
                 if not bool(unfinished.any()):
                     steps = t + 1
                     break
@@ -354,26 +274,6 @@ def _decode(
     return out[:, :steps]
 
 
-@contextlib.contextmanager
-def _contiguous_lm_head(model: CausalLM) -> Iterator[None]:
-    """On CPU in bf16/fp16, hand the unembedding a contiguous input.
-
-    ``logits_to_keep=1`` slices ``hidden[:, -1:, :]`` (a strided view); for a strided 3-D input in
-    bf16 the CPU matmul expands the [vocab, d] weight per row (SmolLM2 at batch 32: a
-    900 M-element copy, ~10 s per prefill on this machine's 2 cores, more than the whole forward).
-    Values are unchanged; fp32 and GPUs are left alone, so the exact CPU path is untouched.
-    """
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or model_device(model).type != "cpu" or model.dtype not in (torch.bfloat16, torch.float16):
-        yield
-        return
-    handle = head.register_forward_pre_hook(lambda _m, args: (args[0].contiguous(), *args[1:]))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 # --------------------------------------------------------------------------------------------
 # Many prompts
 # --------------------------------------------------------------------------------------------
@@ -383,19 +283,6 @@ def free_generation_cache(model: CausalLM) -> None:
     """Drop the static caches and captured graphs the compiled and graph paths keep for ``model``."""
     STATIC_CACHES.free(model)
     GRAPHS.free(model)
-
-
-def resolve_cache(cache: CacheKind, device: torch.device) -> ResolvedCache:
-    if cache == "auto":
-        return "static" if device.type == "cuda" else "dynamic"
-    return cache
-
-
-def default_compile(device: torch.device, cache: ResolvedCache) -> CompileOption:
-    """What ``compile=None`` means — the one place chapters 04 and 06 (records, steering sweeps and
-    controls all pass None) get their decode path: on CUDA with the static cache, the captured
-    CUDA-graph step (``"graph"``, :mod:`mechlib.graph_decode`; issue 11); elsewhere uncompiled."""
-    return "graph" if device.type == "cuda" and cache == "static" else False
 
 
 def generate_ids(
@@ -447,7 +334,7 @@ def generate_ids(
     results: list[list[int]] = [[] for _ in prompt_ids]
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     n_errors = len(GRAPHS.errors)
-    with _contiguous_lm_head(model):
+    with contiguous_lm_head(model):
         for idx in tqdm(batches, desc=desc or "generate", disable=not progress, unit="batch"):
             rows = _generate_batch(model, [prompt_ids[i] for i in idx], batch_size, settings, device)
             for i, row in zip(idx, rows):
@@ -465,10 +352,10 @@ def _generate_batch(
     if s.compiled and n < batch_size:
         # a smaller last batch would compile a second graph: fill it with copies, dropped below
         rows = [*rows, *[rows[-1]] * (batch_size - n)]
-    n_shared = shared_prefix_len(rows) if s.share_prefix else 0
+    # rows still hold the shared prefix here: the padded sequence is the longest row plus the new tokens
+    n_shared = usable_prefix_len(model, rows, max(map(len, rows)) + s.max_new_tokens) if s.share_prefix else 0
     prefix = None
-    total = max(map(len, rows)) + n_shared + s.max_new_tokens
-    if n_shared >= MIN_SHARED_PREFIX and prefix_sharing_exact(model, total):
+    if n_shared:
         prefix = torch.tensor(list(rows[0][:n_shared]), dtype=torch.long, device=device)
         rows = [r[n_shared:] for r in rows]
     ids, mask = left_pad(rows, s.pad_id, device)

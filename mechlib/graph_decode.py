@@ -7,14 +7,9 @@ bookkeeping. The route fast decoders take (gpt-fast) avoids all of them: put eve
 step in a **static buffer**, capture the whole step once in a ``torch.cuda.CUDAGraph``, and replay
 it. A replay is one launch: no Python model code, no dynamo guard evaluation, no allocation.
 
-What one captured step does, all on the device: set the attention-mask column of the cache slot
-being written (``index_fill_`` from the slot buffer, so no host-built mask per step), run the model
-on the token buffer at the position buffer (transformers 5 models take no ``cache_position``: the
-static cache writes at, and advances, its own device-side length, so no host value enters the step),
-take ``logits[:, -1].argmax(-1)``, feed finished rows the pad id, write the token into the output
-buffer at the column buffer, update the unfinished flags (EOS), and advance token, position, slot
-and column buffers. The host only replays, and reads the unfinished flags every ``sync_every``
-steps (EOS / stop rule), like the plain loop.
+What one captured step does, all on the device, is :func:`mechlib.graph_buffers.buffer_step` (the
+static buffers it reads and writes, and how a batch loads them, are that module's). The host only
+replays, and reads the unfinished flags every ``sync_every`` steps (EOS / stop rule), like the plain loop.
 
 Exactness: the buffers hold what :func:`mechlib.generate.greedy_batch` feeds the model (left
 padding, ``cumsum(mask) − 1`` positions, the masks of :func:`mechlib.kv_cache.make_masks`: the
@@ -57,21 +52,43 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 from weakref import WeakKeyDictionary
 
 import torch
 
-from mechlib.decode_step import hook_guards, hook_set_key, hooks_not_graph_safe, step, supports_logits_to_keep
+from mechlib.decode_step import hook_guards, hook_set, hook_set_key, hooks_not_graph_safe, step, supports_logits_to_keep
+from mechlib.graph_buffers import GraphDecodeError, StepBuffers, buffer_step, check_stop_rule, load_buffers, record
 from mechlib.kv_cache import CACHE_BUCKET, make_masks, static_cache
 from mechlib.models import CausalLM, text_config
 from mechlib.step_timer import STEP_TIMER
 
 if TYPE_CHECKING:
-    from mechlib.kv_cache import Cache, Masks
+    from mechlib.kv_cache import Cache
     from mechlib.stopping import StopWhen
+
+__all__ = [  # the step buffers' names (mechlib.graph_buffers) and the hook checks (mechlib.decode_step) re-exported
+    "GRAPHS",
+    "GRAPH_COMPILE_KWARGS",
+    "GRAPH_MODES",
+    "MAX_GRAPHS_PER_MODEL",
+    "WARMUP_STEPS",
+    "GraphDecodeError",
+    "GraphHolder",
+    "GraphKey",
+    "GraphMode",
+    "GraphRequest",
+    "HeldGraph",
+    "StepBuffers",
+    "buffer_step",
+    "graph_cache_len",
+    "graph_greedy",
+    "graph_safe",
+    "hook_set_key",
+    "hooks_not_graph_safe",
+]
 
 GraphMode = Literal["graph", "graph-inductor", "graph-autotune"]
 GRAPH_MODES: tuple[GraphMode, ...] = ("graph", "graph-inductor", "graph-autotune")
@@ -84,10 +101,6 @@ GRAPH_COMPILE_KWARGS: dict[str, Mapping[str, object] | None] = {
 WARMUP_STEPS = 3  # real steps on a side stream before capture (PyTorch's recommendation)
 MAX_GRAPHS_PER_MODEL = 2  # a sweep's full and last batch; each holds a static cache
 _GRAPH_SAFE_LAYERS = {"StaticLayer", "LinearAttentionLayer", "LinearAttentionAndStaticFullAttentionLayer", "DummyLayer"}
-
-
-class GraphDecodeError(ValueError):
-    """Settings the graph decode path cannot take; the message says which."""
 
 
 @dataclass(frozen=True)
@@ -103,21 +116,6 @@ class GraphKey:
     eos_ids: tuple[int, ...]
     ignore_eos: bool
     hooks: tuple[object, ...]
-
-
-@dataclass
-class StepBuffers:
-    """The static inputs and outputs of one decode step (fixed addresses for the captured graph)."""
-
-    tok: torch.Tensor  # [B, 1] token fed this step
-    pos: torch.Tensor  # [B, 1] its position id
-    slot: torch.Tensor  # [1] cache slot written this step (same for every row: left padding)
-    col: torch.Tensor  # [1] output column of the token this step produces
-    out: torch.Tensor  # [B, cache_len] produced tokens (columns 0..max_new-1 used)
-    unfinished: torch.Tensor  # [B] bool
-    eos: torch.Tensor  # [E]
-    masks: Masks  # what the model gets as attention_mask (tensors updated in place)
-    fills: tuple[tuple[torch.Tensor, bool | float], ...]  # distinct mask tensors, value of an attended slot
 
 
 @dataclass
@@ -186,27 +184,6 @@ def graph_safe(cache: Cache, compile_safe: bool) -> bool:
     return compile_safe and all(type(layer).__name__ in _GRAPH_SAFE_LAYERS for layer in cache.layers)
 
 
-def _record(b: StepBuffers, nxt: torch.Tensor, pad_id: int, use_eos: bool) -> None:
-    """Write this step's tokens: finished rows get ``pad_id``; EOS marks rows finished; buffers advance."""
-    nxt = torch.where(b.unfinished, nxt, pad_id)
-    b.out.index_copy_(1, b.col, nxt[:, None])
-    if use_eos:  # not torch.isin: on CUDA it may sort with torch.unique, whose output size is a host sync
-        b.unfinished.logical_and_(~(nxt[:, None] == b.eos[None, :]).any(dim=-1))
-    b.tok.copy_(nxt[:, None])
-    b.col.add_(1)
-
-
-def buffer_step(
-    model: CausalLM, cache: Cache, b: StepBuffers, extra: Mapping[str, int], pad_id: int, use_eos: bool
-) -> None:
-    """One decode step entirely from and into ``b`` (what a graph captures): no host reads."""
-    for mask, value in b.fills:
-        mask.index_fill_(-1, b.slot, value)
-    _record(b, step(model, b.tok, b.pos, b.masks, cache, extra), pad_id, use_eos)
-    b.pos.add_(1)
-    b.slot.add_(1)
-
-
 _COMPILED: dict[str, Callable[..., None]] = {}
 
 
@@ -218,63 +195,6 @@ def _step_fn(mode: str) -> Callable[..., None]:
     if tag not in _COMPILED:
         _COMPILED[tag] = torch.compile(buffer_step, **kwargs)  # type: ignore[call-overload]
     return _COMPILED[tag]
-
-
-def _mask_fills(masks: Masks, slot: int) -> tuple[tuple[torch.Tensor, bool | float], ...]:
-    tensors: dict[int, torch.Tensor] = {}
-    for m in masks.values() if isinstance(masks, dict) else [masks]:
-        if m is not None:
-            if m.ndim != 4:
-                raise GraphDecodeError(f"expected 4-D attention masks from make_masks, got shape {tuple(m.shape)}")
-            tensors[id(m)] = m
-    return tuple((m, m[0, 0, -1, slot].item()) for m in tensors.values())
-
-
-def _mask_list(masks: Masks) -> list[tuple[str, torch.Tensor | None]]:
-    if isinstance(masks, dict):
-        return sorted(masks.items())
-    return [("", masks)]
-
-
-def _copy_masks(dst: Masks, src: Masks) -> bool:
-    """Copy ``src`` into ``dst`` in place; False when their layout differs (then buffers are rebuilt)."""
-    pairs = list(zip(_mask_list(dst), _mask_list(src)))
-    if isinstance(dst, dict) != isinstance(src, dict) or len(_mask_list(dst)) != len(_mask_list(src)):
-        return False
-    for (kd, d), (ks, s) in pairs:
-        if kd != ks or (d is None) != (s is None) or (d is not None and s is not None and d.shape != s.shape):
-            return False
-    for (_, d), (_, s) in pairs:
-        if d is not None and s is not None:
-            d.copy_(s)
-    return True
-
-
-def _load_buffers(
-    held: HeldGraph, masks: Masks, pos: torch.Tensor, slot: int, eos_ids: Sequence[int], pad_id: int
-) -> StepBuffers:
-    """Fill (or first build) the buffers for a new batch: masks of the first decode step, its position and slot."""
-    b = held.bufs
-    if b is None or not _copy_masks(b.masks, masks):
-        batch, dev = pos.shape[0], pos.device
-        b = StepBuffers(
-            tok=torch.zeros((batch, 1), dtype=torch.long, device=dev),
-            pos=torch.zeros((batch, 1), dtype=torch.long, device=dev),
-            slot=torch.zeros(1, dtype=torch.long, device=dev),
-            col=torch.zeros(1, dtype=torch.long, device=dev),
-            out=torch.zeros((batch, held.key.cache_len), dtype=torch.long, device=dev),
-            unfinished=torch.ones(batch, dtype=torch.bool, device=dev),
-            eos=torch.tensor(list(eos_ids), dtype=torch.long, device=dev),
-            masks=masks,
-            fills=_mask_fills(masks, slot),
-        )
-        held.bufs, held.graph, held.warm = b, None, 0  # new addresses: any graph of the old ones is stale
-    b.pos.copy_(pos)
-    b.slot.fill_(slot)
-    b.col.zero_()
-    b.out.fill_(pad_id)
-    b.unfinished.fill_(True)
-    return b
 
 
 class _Runner:
@@ -316,13 +236,6 @@ class _Runner:
         graph.replay()
 
 
-def _check_stop_rule(b: StepBuffers, upto: int, stop_when: StopWhen) -> None:
-    rows = b.out[:, :upto].tolist()
-    for i in torch.nonzero(b.unfinished).flatten().tolist():
-        if stop_when(rows[i]):
-            b.unfinished[i] = False
-
-
 @dataclass(frozen=True)
 class GraphRequest:
     """The decode settings this path needs (a subset of :class:`mechlib.generate.DecodeSettings`)."""
@@ -352,6 +265,7 @@ def graph_greedy(
         raise GraphDecodeError(f"mode must be one of {GRAPH_MODES}, got {req.mode!r}")
     batch, prompt_len = input_ids.shape
     cache_len = graph_cache_len(model, prompt_len, req.max_new_tokens)
+    hooks = hook_set(model)  # one walk over the modules for the key and the unsafe hooks
     key = GraphKey(
         batch,
         cache_len,
@@ -361,15 +275,13 @@ def graph_greedy(
         req.pad_id,
         req.eos_ids,
         req.ignore_eos,
-        hook_set_key(model),
+        hooks.key,
     )
-    if req.capture and input_ids.device.type == "cuda":
-        unsafe = hooks_not_graph_safe(model)
-        if unsafe:
-            note = f"not captured, hooks without graph_key(): {', '.join(unsafe)}"[:500]
-            if note not in holder.errors:
-                holder.errors.append(note)
-            return None
+    if req.capture and input_ids.device.type == "cuda" and hooks.unsafe:
+        note = f"not captured, hooks without graph_key(): {', '.join(hooks.unsafe)}"[:500]
+        if note not in holder.errors:
+            holder.errors.append(note)
+        return None
     held = holder.get(model, key)
     if held is not None and held.capture_failed and req.capture:
         return None  # it failed once for this key: later batches take the compiled path, not the eager buffer step
@@ -390,11 +302,12 @@ def graph_greedy(
     )
     pos = position_ids[:, -1:] + 1
     grown = None if mask2d is None else torch.cat([mask2d, mask2d.new_ones((batch, 1))], dim=-1)
-    b = _load_buffers(
-        held, make_masks(model, kv, batch, 1, grown, pos, False), pos, prompt_len, req.eos_ids, req.pad_id
-    )
+    first = make_masks(model, kv, batch, 1, grown, pos, False)
+    b = load_buffers(held.bufs, first, pos, prompt_len, req.eos_ids, req.pad_id, cache_len)
+    if b is not held.bufs:
+        held.bufs, held.graph, held.warm = b, None, 0  # new addresses: any graph of the old ones is stale
     use_eos = not req.ignore_eos and len(req.eos_ids) > 0
-    _record(b, nxt, req.pad_id, use_eos)
+    record(b, nxt, req.pad_id, use_eos)
     fn = functools.partial(_step_fn(req.mode), model, kv, b, extra, req.pad_id, use_eos)
     runner = _Runner(held, fn, input_ids.device, holder, req.capture)
     guard = hook_guards() if GRAPH_COMPILE_KWARGS[req.mode] is not None else contextlib.nullcontext()
@@ -408,7 +321,7 @@ def graph_greedy(
                 STEP_TIMER.end(ev)
             if not req.ignore_eos and (t + 1) % req.sync_every == 0:
                 if req.stop_when is not None:
-                    _check_stop_rule(b, t + 1, req.stop_when)
+                    check_stop_rule(b, t + 1, req.stop_when)
                 if not bool(b.unfinished.any()):
                     steps = t + 1
                     break

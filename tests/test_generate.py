@@ -319,6 +319,30 @@ def test_shared_prefix_on_gemma4_with_a_window_wider_than_the_prompt(tiny_tok):
     assert got == ref
 
 
+def test_shared_prefix_is_used_when_the_padded_sequence_just_fits_the_window(tiny_tok, monkeypatch):
+    """The padded sequence is the longest row (prefix included) plus the new tokens; counting the shared
+    prefix twice would refuse sharing here, where the window holds the whole sequence exactly."""
+    from mechlib.tiny import tiny_model
+
+    ids = [tiny_tok(t)["input_ids"] for t in SHARED_TEXTS]
+    total = max(map(len, ids)) + MAX_NEW
+    narrow = tiny_model("gemma4", seed=0)
+    narrow.config.text_config.sliding_window = total
+    model = type(narrow)(narrow.config).eval()  # rebuilt so every layer reads the window
+    model.load_state_dict(narrow.state_dict())
+    assert not gen.prefix_sharing_exact(model, total + gen.shared_prefix_len(ids)), "the old count would refuse"
+    prefixes: list[int] = []
+    real = gen.prefix_cache
+    monkeypatch.setattr(
+        gen, "prefix_cache", lambda m, prefix, *a: prefixes.append(prefix.numel()) or real(m, prefix, *a)
+    )
+    got = generate_ids(
+        model, ids, MAX_NEW, 8, eos_ids=[1], pad_id=PAD, cache="dynamic", progress=False, share_prefix=True
+    )
+    assert prefixes == [gen.shared_prefix_len(ids)], "the prefix ran once, shared"
+    assert got == _hf(model, ids, eos=1)
+
+
 def test_decode_settings_cut_before_eos_then_after_the_stop_rule():
     from mechlib.generate import DecodeSettings
 
