@@ -11,7 +11,7 @@ weight values).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import PreTrainedModel
@@ -19,6 +19,19 @@ from transformers import PreTrainedModel
 Arch = Literal["gemma4", "qwen3_5", "llama"]
 ARCHS: tuple[str, ...] = ("gemma4", "qwen3_5", "llama")
 TINY_VOCAB = 512
+# What every tiny architecture shares: a 512-token vocabulary, width 64, 4 query and 2 K/V heads, and the
+# special ids of :func:`tiny_tokenizer`'s vocabulary (pad 0, eos 1, bos 2).
+_SHARED: dict[str, Any] = dict(
+    vocab_size=TINY_VOCAB,
+    hidden_size=64,
+    intermediate_size=128,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 
 
 def _gemma4_text_kwargs() -> dict:
@@ -27,13 +40,9 @@ def _gemma4_text_kwargs() -> dict:
     # 42), per-layer embeddings on, final softcap 30. Every shared type needs an unshared producer,
     # hence a full layer at index 3.
     return dict(
-        vocab_size=TINY_VOCAB,
+        _SHARED,
         vocab_size_per_layer_input=TINY_VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
         num_hidden_layers=6,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         global_head_dim=32,
         hidden_size_per_layer_input=8,
@@ -41,10 +50,6 @@ def _gemma4_text_kwargs() -> dict:
         sliding_window=8,
         layer_types=["sliding_attention"] * 3 + ["full_attention", "sliding_attention", "full_attention"],
         final_logit_softcapping=30.0,
-        max_position_embeddings=1024,
-        pad_token_id=0,
-        eos_token_id=1,
-        bos_token_id=2,
     )
 
 
@@ -72,38 +77,19 @@ def tiny_config(arch: Arch):
 
         # 4 layers: 3 Gated-DeltaNet ("linear_attention") : 1 full attention, like the real model.
         return Qwen3_5TextConfig(
-            vocab_size=TINY_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
+            **_SHARED,
             num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
             head_dim=16,
             linear_key_head_dim=16,
             linear_value_head_dim=16,
             linear_num_key_heads=2,
             linear_num_value_heads=4,
             layer_types=["linear_attention"] * 3 + ["full_attention"],
-            max_position_embeddings=1024,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
         )
     if arch == "llama":
         from transformers import LlamaConfig
 
-        return LlamaConfig(
-            vocab_size=TINY_VOCAB,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=1024,
-            pad_token_id=0,
-            eos_token_id=1,
-            bos_token_id=2,
-        )
+        return LlamaConfig(**_SHARED, num_hidden_layers=4)
     raise ValueError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(ARCHS)}")
 
 
