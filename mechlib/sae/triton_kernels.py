@@ -27,10 +27,15 @@ picked per shape by timing a few candidates on the first CUDA call (``_pick``).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 import triton
 import triton.language as tl
+
+T = TypeVar("T")
+Config = dict[str, int]  # BLOCK_* sizes (the kernel's constexprs) and num_warps / num_stages (launch options)
 
 # Candidate launch configurations, first = default (all compile for sm_90 without register
 # spills: checked with triton.compile + ptxas -v, no GPU needed). On CUDA the first call per (kernel, shape)
@@ -48,10 +53,10 @@ PASS_CONFIGS = [
     dict(BLOCK_M=16, BLOCK_S=32, BLOCK_D=128, num_warps=4),
     dict(BLOCK_M=8, BLOCK_S=64, BLOCK_D=128, num_warps=8),
 ]
-CHOSEN: dict[tuple, dict] = {}
+CHOSEN: dict[tuple, Config] = {}
 
 
-def _pick(name: str, key: tuple, configs: list[dict], launch) -> dict:
+def _pick(name: str, key: tuple, configs: list[Config], launch: Callable[[Config], object]) -> Config:
     """Best of ``configs`` for ``key`` (timed once on CUDA), then cached; ``launch(cfg)`` runs one."""
     full = (name, *key)
     if full in CHOSEN:
@@ -78,6 +83,32 @@ def _pick(name: str, key: tuple, configs: list[dict], launch) -> dict:
         best = configs[min(range(len(configs)), key=times.__getitem__)]
     CHOSEN[full] = best
     return best
+
+
+def _tuned(name: str, key: tuple, configs: list[Config], launch: Callable[[Config], T]) -> T:
+    """``launch(cfg)`` with the best of ``configs`` for ``key`` (:func:`_pick`); what that launch returns."""
+    return launch(_pick(name, key, configs, launch))
+
+
+def _launch(kernel: Any, cfg: Config, *args: Any, rows: int, d: int, **consts: Any) -> None:
+    """Run ``kernel(*args, n_blk, <cfg's BLOCK_*>, **consts)``, one program per (d-block, block of ``rows``).
+
+    The d-block is the grid's slow axis (module docstring: the programs resident at one time gather from
+    one column slice, which stays in L2); ``n_blk``, the count of row blocks (``BLOCK_N`` rows or
+    ``BLOCK_M`` latents), is every kernel's last runtime argument (``N_TBLK`` / ``N_MBLK``): a program
+    splits its id into (d-block, row block) with it.
+    """
+    n_blk = triton.cdiv(rows, cfg["BLOCK_N"] if "BLOCK_N" in cfg else cfg["BLOCK_M"])
+    blocks = {name: v for name, v in cfg.items() if name.startswith("BLOCK_")}
+    num_stages = cfg.get("num_stages", 3)  # triton's default for CUDA
+    kernel[(_n_dblk(cfg, d) * n_blk,)](
+        *args, n_blk, **blocks, **consts, num_warps=cfg["num_warps"], num_stages=num_stages
+    )
+
+
+def _n_dblk(cfg: Config, d: int) -> int:
+    """How many ``BLOCK_D`` column blocks cover ``d`` (the rows of the per-d-block partials)."""
+    return triton.cdiv(d, cfg["BLOCK_D"])
 
 
 @triton.jit
@@ -110,28 +141,25 @@ def decode_residual(
     n, d = x.shape
     k = idx.shape[1]
     e = torch.empty_like(x, dtype=torch.float32)
-
-    def launch(cfg):
-        n_tblk = triton.cdiv(n, cfg["BLOCK_N"])
-        _decode_kernel[(n_tblk * triton.cdiv(d, cfg["BLOCK_D"]),)](
-            x,
-            b_dec,
-            vals,
-            idx,
-            w_dec,
-            e,
-            n,
-            d,
-            k,
-            n_tblk,
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-
     if n:
-        launch(_pick("decode", (d, k, w_dec.dtype), DECODE_CONFIGS, launch))
+        _tuned(
+            "decode",
+            (d, k, w_dec.dtype),
+            DECODE_CONFIGS,
+            lambda cfg: _launch(_decode_kernel, cfg, x, b_dec, vals, idx, w_dec, e, n, d, k, rows=n, d=d),
+        )
     return e
+
+
+@triton.jit
+def _segment(off_ptr, lat, M):
+    """(lat clamped to a valid row as int64, s0, s1): latent ``lat``'s entries are the sorted positions
+    s0:s1, an empty range past the last latent (a block's tail), whose loads stay in bounds."""
+    live = lat < M
+    lat_c = tl.minimum(lat, M - 1).to(tl.int64)
+    s0 = tl.load(off_ptr + lat_c)
+    s1 = tl.where(live, tl.load(off_ptr + lat_c + 1), s0)
+    return lat_c, s0, s1
 
 
 @triton.jit
@@ -157,10 +185,7 @@ def _pass_a_kernel(
     cmask = cols < D
     for li in range(0, BLOCK_M):
         lat = (pid % N_MBLK) * BLOCK_M + li
-        live = lat < M
-        lat_c = tl.minimum(lat, M - 1).to(tl.int64)
-        s0 = tl.load(off_ptr + lat_c)
-        s1 = tl.where(live, tl.load(off_ptr + lat_c + 1), s0)
+        lat_c, s0, s1 = _segment(off_ptr, lat, M)
         w = tl.load(w_ptr + lat_c * D + cols, mask=cmask, other=0.0).to(tl.float32)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         for s in range(s0, s1, BLOCK_S):
@@ -187,31 +212,14 @@ def pass_a(
     m, d = w_dec.shape
     e_count = tok.numel()
     dw = torch.empty(m, d, dtype=torch.float32, device=g.device)
-    out = {}
 
-    def launch(cfg):
-        n_dblk, n_mblk = triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(m, cfg["BLOCK_M"])
-        out["dvp"] = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
-        _pass_a_kernel[(n_dblk * n_mblk,)](
-            offsets,
-            tok,
-            vals,
-            g,
-            w_dec,
-            dw,
-            out["dvp"],
-            m,
-            d,
-            e_count,
-            n_mblk,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_S=cfg["BLOCK_S"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
+    def launch(cfg: Config) -> torch.Tensor:
+        dvp = torch.empty(_n_dblk(cfg, d), e_count, dtype=torch.float32, device=g.device)
+        _launch(_pass_a_kernel, cfg, offsets, tok, vals, g, w_dec, dw, dvp, m, d, e_count, rows=m, d=d)
+        return dvp
 
-    launch(_pick("pass_a", (m, d, e_count // max(g.shape[0], 1)), PASS_CONFIGS, launch))
-    return dw, out["dvp"].sum(0)
+    dvp = _tuned("pass_a", (m, d, e_count // max(g.shape[0], 1)), PASS_CONFIGS, launch)
+    return dw, dvp.sum(0)
 
 
 @triton.jit
@@ -241,10 +249,7 @@ def _pass_b_kernel(
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for li in range(0, BLOCK_M):
         lat = m0 + li
-        live = lat < M
-        lat_c = tl.minimum(lat, M - 1).to(tl.int64)
-        s0 = tl.load(off_ptr + lat_c)
-        s1 = tl.where(live, tl.load(off_ptr + lat_c + 1), s0)
+        _, s0, s1 = _segment(off_ptr, lat, M)
         acc = tl.zeros([BLOCK_D], dtype=tl.float32)
         dsum = tl.zeros([BLOCK_S], dtype=tl.float32)
         for s in range(s0, s1, BLOCK_S):
@@ -281,28 +286,13 @@ def pass_b(
     n, d = xc.shape
     dw = dw_enc_out if dw_enc_out is not None else torch.empty(d, m, dtype=torch.float32, device=xc.device)
     db = torch.empty(m, dtype=torch.float32, device=xc.device)
-
-    def launch(cfg):
-        n_mblk = triton.cdiv(m, cfg["BLOCK_M"])
-        _pass_b_kernel[(triton.cdiv(d, cfg["BLOCK_D"]) * n_mblk,)](
-            offsets,
-            tok,
-            dp,
-            xc,
-            dw,
-            db,
-            m,
-            d,
-            dw.stride(0),
-            dw.stride(1),
-            n_mblk,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_S=cfg["BLOCK_S"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-
-    launch(_pick("pass_b", (m, d, tok.numel() // max(n, 1)), PASS_CONFIGS, launch))
+    args = (offsets, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1))
+    _tuned(
+        "pass_b",
+        (m, d, tok.numel() // max(n, 1)),
+        PASS_CONFIGS,
+        lambda cfg: _launch(_pass_b_kernel, cfg, *args, rows=m, d=d),
+    )
     return dw, db
 
 
@@ -330,26 +320,12 @@ def value_grads(g: torch.Tensor, w_dec: torch.Tensor, idx: torch.Tensor) -> torc
     n, d = g.shape
     k = idx.shape[1]
     idx = idx.to(torch.int32).contiguous()
-    out = {}
-
-    def launch(cfg):
-        n_tblk, n_dblk = triton.cdiv(n, cfg["BLOCK_N"]), triton.cdiv(d, cfg["BLOCK_D"])
-        out["dvp"] = torch.empty(n_dblk, n, k, dtype=torch.float32, device=g.device)
-        _value_grad_kernel[(n_tblk * n_dblk,)](
-            g,
-            idx,
-            w_dec,
-            out["dvp"],
-            n,
-            d,
-            k,
-            n_tblk,
-            BLOCK_N=cfg["BLOCK_N"],
-            BLOCK_D=cfg["BLOCK_D"],
-            num_warps=cfg["num_warps"],
-        )
-
     if not n:
         return torch.zeros(0, k, dtype=torch.float32, device=g.device)
-    launch(_pick("value_grads", (d, k, w_dec.dtype), DECODE_CONFIGS, launch))
-    return out["dvp"].sum(0)
+
+    def launch(cfg: Config) -> torch.Tensor:
+        dvp = torch.empty(_n_dblk(cfg, d), n, k, dtype=torch.float32, device=g.device)
+        _launch(_value_grad_kernel, cfg, g, idx, w_dec, dvp, n, d, k, rows=n, d=d)
+        return dvp
+
+    return _tuned("value_grads", (d, k, w_dec.dtype), DECODE_CONFIGS, launch).sum(0)

@@ -26,7 +26,23 @@ import torch
 import triton
 import triton.language as tl
 
-from mechlib.sae.triton_kernels import _pick
+from mechlib.sae.triton_kernels import Config, _launch, _n_dblk, _tuned
+
+
+@triton.jit
+def _seg_block(off_ptr, M, D, N_MBLK, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block: (d-block, first latent m0, columns [D] and their mask, latents [M] int64 and
+    their mask, and s0:s1, the range of the latent-sorted entries those BLOCK_M latents own)."""
+    pid = tl.program_id(0)
+    dblk = pid // N_MBLK
+    m0 = (pid % N_MBLK) * BLOCK_M
+    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < D
+    lats = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
+    lmask = lats < M
+    s0 = tl.load(off_ptr + m0)
+    s1 = tl.load(off_ptr + tl.minimum(m0 + BLOCK_M, M))
+    return dblk, m0, cols, cmask, lats, lmask, s0, s1
 
 
 @triton.jit
@@ -58,15 +74,7 @@ def _seg_pass_a_kernel(
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    dblk = pid // N_MBLK
-    m0 = (pid % N_MBLK) * BLOCK_M
-    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    lats = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    lmask = lats < M
-    s0 = tl.load(off_ptr + m0)
-    s1 = tl.load(off_ptr + tl.minimum(m0 + BLOCK_M, M))
+    dblk, m0, cols, cmask, lats, lmask, s0, s1 = _seg_block(off_ptr, M, D, N_MBLK, BLOCK_M, BLOCK_D)
     w = tl.load(w_ptr + lats[:, None] * D + cols[None, :], mask=lmask[:, None] & cmask[None, :], other=0.0)
     if DOT_F32:
         w = w.to(tl.float32)
@@ -106,15 +114,7 @@ def _seg_pass_b_kernel(
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    dblk = pid // N_MBLK
-    m0 = (pid % N_MBLK) * BLOCK_M
-    cols = dblk * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < D
-    lats = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
-    lmask = lats < M
-    s0 = tl.load(off_ptr + m0)
-    s1 = tl.load(off_ptr + tl.minimum(m0 + BLOCK_M, M))
+    dblk, m0, cols, cmask, lats, lmask, s0, s1 = _seg_block(off_ptr, M, D, N_MBLK, BLOCK_M, BLOCK_D)
     tile = tl.zeros([BLOCK_D, BLOCK_M], dtype=tl.float32)
     db = tl.zeros([BLOCK_M], dtype=tl.float32)
     for s in range(s0, s1, BLOCK_S):
@@ -167,34 +167,15 @@ def seg_pass_a(
     m, d = w_dec.shape
     e_count = tok.numel()
     dw = torch.empty(m, d, dtype=torch.float32, device=g.device)
-    out = {}
 
-    def launch(cfg):
-        n_dblk, n_mblk = triton.cdiv(d, cfg["BLOCK_D"]), triton.cdiv(m, cfg["BLOCK_M"])
-        out["dvp"] = torch.empty(n_dblk, e_count, dtype=torch.float32, device=g.device)
-        _seg_pass_a_kernel[(n_dblk * n_mblk,)](
-            offsets,
-            lat,
-            tok,
-            vals,
-            g,
-            w_dec,
-            dw,
-            out["dvp"],
-            m,
-            d,
-            e_count,
-            n_mblk,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_S=cfg["BLOCK_S"],
-            BLOCK_D=cfg["BLOCK_D"],
-            DOT_F32=_dot_f32(),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
-        )
+    def launch(cfg: Config) -> torch.Tensor:
+        dvp = torch.empty(_n_dblk(cfg, d), e_count, dtype=torch.float32, device=g.device)
+        args = (offsets, lat, tok, vals, g, w_dec, dw, dvp, m, d, e_count)
+        _launch(_seg_pass_a_kernel, cfg, *args, rows=m, d=d, DOT_F32=_dot_f32())
+        return dvp
 
-    launch(_pick("seg_pass_a", (m, d, e_count // max(g.shape[0], 1), g.dtype), SEG_CONFIGS, launch))
-    return dw, out["dvp"].sum(0)
+    dvp = _tuned("seg_pass_a", (m, d, e_count // max(g.shape[0], 1), g.dtype), SEG_CONFIGS, launch)
+    return dw, dvp.sum(0)
 
 
 def seg_pass_b(
@@ -205,29 +186,11 @@ def seg_pass_b(
     n, d = xc.shape
     dw = torch.empty(d, m, dtype=torch.float32, device=xc.device)
     db = torch.empty(m, dtype=torch.float32, device=xc.device)
-
-    def launch(cfg):
-        n_mblk = triton.cdiv(m, cfg["BLOCK_M"])
-        _seg_pass_b_kernel[(triton.cdiv(d, cfg["BLOCK_D"]) * n_mblk,)](
-            offsets,
-            lat,
-            tok,
-            dp,
-            xc,
-            dw,
-            db,
-            m,
-            d,
-            dw.stride(0),
-            dw.stride(1),
-            n_mblk,
-            BLOCK_M=cfg["BLOCK_M"],
-            BLOCK_S=cfg["BLOCK_S"],
-            BLOCK_D=cfg["BLOCK_D"],
-            DOT_F32=_dot_f32(),
-            num_warps=cfg["num_warps"],
-            num_stages=cfg.get("num_stages", 3),
-        )
-
-    launch(_pick("seg_pass_b", (m, d, tok.numel() // max(n, 1), xc.dtype), SEG_CONFIGS, launch))
+    args = (offsets, lat, tok, dp, xc, dw, db, m, d, dw.stride(0), dw.stride(1))
+    _tuned(
+        "seg_pass_b",
+        (m, d, tok.numel() // max(n, 1), xc.dtype),
+        SEG_CONFIGS,
+        lambda cfg: _launch(_seg_pass_b_kernel, cfg, *args, rows=m, d=d, DOT_F32=_dot_f32()),
+    )
     return dw, db
