@@ -1,29 +1,28 @@
-"""Contrastive activation addition (CAA): the scale sweep and its paired statistics.
+"""Contrastive activation addition (CAA): the steering vector for a layer and the scale sweep.
 
 Why: the study adds ``scale × (mean residual norm) × unit(mean(h|correct) − mean(h|wrong))`` to
 the residual stream after one decoder layer, at every position, during greedy generation, and
-reports accuracy per scale on 50 held-out questions. With n = 50 a few flipped answers look like a
-trend, so each row here also carries the exact McNemar p-value on the discordant pairs and a
-paired bootstrap interval for Δ accuracy, and the recovered question sets are compared across
-scales (do different scales fix the *same* questions, or is it noise?).
+reports accuracy per scale on 50 held-out questions. This module builds the vector for a layer
+from chapter 05's states and generates every held-out question at every scale, resumably.
 
-The vector itself (layer, direction, unit of scale, provenance; save/load; ``apply``) and the plain
-hook live in :mod:`mechlib.steering_vector`; this module sweeps it and tests what it did.
+The pieces around it live beside it, and every name is re-exported here (``steering.run_sweep``,
+``steering.steering_row``, ... as the chapters call them): the vector itself (layer, direction, unit
+of scale, provenance; save/load; ``apply``) and the plain hook in :mod:`mechlib.steering_vector`;
+the table's rows with their paired statistics (McNemar, bootstrap Δ, recovered overlaps) in
+:mod:`mechlib.steering_rows`; the card's own hook checked against the sweep in
+:mod:`mechlib.steering_card`.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 from tqdm.auto import tqdm
 
 from mechlib import generate  # generate.generate_ids by attribute: tests count its calls
@@ -32,15 +31,17 @@ from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
 from mechlib.gsm8k import Question
 from mechlib.hooks import LayerOutput, add_forward_hook, layer_output_tensor, replace_layer_output
 from mechlib.io import atomic_write_json, read_json
-from mechlib.models import LoadedModel, check_layer, decoder_layers, model_device
-from mechlib.prompts import build_prompt, decode_text, encode_prompts
+from mechlib.models import LoadedModel, check_layer, decoder_layers
+from mechlib.prompts import build_prompt, encode_prompts
 from mechlib.records import Record, open_records, score_generation, settings_for, write_records
-from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
+from mechlib.steering_card import CardHookCheck, changed_first, check_card_hook
+from mechlib.steering_rows import RecoveredOverlap, SteeringRow, correctness, recovered_overlaps, steering_row
 from mechlib.steering_vector import SteeringError, SteeringVector, steering_delta, steering_hook
 from mechlib.stopping import AnswerLineStop
 
 __all__ = [
     "CardHookCheck",
+    "RecoveredOverlap",
     "RowSteering",
     "SteeringError",
     "SteeringRow",
@@ -108,7 +109,7 @@ def vector_for_layer(
 
 
 # --------------------------------------------------------------------------------------------
-# The sweep and its table
+# The sweep (its table: mechlib.steering_rows)
 # --------------------------------------------------------------------------------------------
 
 
@@ -317,174 +318,3 @@ class _Sweep:
         )
         for (q, s), row in zip(batch, out):
             done[s][q.id] = score_generation(q, self.prompts[q.id], row, tok, self.max_new_tokens)
-
-
-@dataclass(frozen=True)
-class SteeringRow:
-    """One row of the card's steering table, with the paired statistics it lacked."""
-
-    scale: float
-    perturbation: float  # % of the layer's mean residual norm (= 100 × scale)
-    n: int
-    accuracy: float
-    accuracy_ci95: tuple[float, float]  # Wilson
-    delta: float  # accuracy − baseline accuracy, same questions
-    delta_ci95: tuple[float, float]  # paired percentile bootstrap
-    recovered: int  # baseline-wrong → now right
-    n_baseline_wrong: int
-    broken: int  # baseline-right → now wrong
-    net_flips: int  # recovered − broken
-    mcnemar_p: float  # exact, on (recovered, broken)
-    recovered_ids: list[str]
-    broken_ids: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["accuracy_ci95"], d["delta_ci95"] = list(self.accuracy_ci95), list(self.delta_ci95)
-        return d
-
-
-def correctness(records: Sequence[Record] | Sequence[Mapping[str, object]]) -> dict[str, bool]:
-    """``{id: correct}`` from records (:class:`mechlib.records.Record` or their JSON dicts)."""
-    out: dict[str, bool] = {}
-    for r in records:
-        if isinstance(r, Mapping):
-            out[str(r["id"])] = bool(r["correct"])
-        else:
-            out[str(r.id)] = bool(r.correct)
-    return out
-
-
-def steering_row(
-    scale: float, baseline: Mapping[str, bool], steered: Mapping[str, bool], *, n_bootstrap: int = 2000, seed: int = 0
-) -> SteeringRow:
-    """Compare one scale's per-question correctness with the baseline on the same question ids."""
-    if set(baseline) != set(steered) or not baseline:
-        only_b, only_s = sorted(set(baseline) - set(steered)), sorted(set(steered) - set(baseline))
-        raise SteeringError(
-            f"baseline and steered runs must cover the same questions; only in baseline: "
-            f"{only_b[:5]}, only steered: {only_s[:5]}"
-        )
-    ids = list(baseline)  # the baseline's order (the held-out set's order)
-    before = [baseline[i] for i in ids]
-    after = [steered[i] for i in ids]
-    recovered_ids = [i for i in ids if not baseline[i] and steered[i]]
-    broken_ids = [i for i in ids if baseline[i] and not steered[i]]
-    k, n = sum(after), len(ids)
-    ci = bootstrap_ci(before, after, n_bootstrap=n_bootstrap, seed=seed)
-    return SteeringRow(
-        scale=float(scale),
-        perturbation=round(100 * float(scale), 6),
-        n=n,
-        accuracy=k / n,
-        accuracy_ci95=wilson_ci(k, n),
-        delta=ci.estimate,
-        delta_ci95=(ci.low, ci.high),
-        recovered=len(recovered_ids),
-        n_baseline_wrong=n - sum(before),
-        broken=len(broken_ids),
-        net_flips=len(recovered_ids) - len(broken_ids),
-        mcnemar_p=mcnemar_exact(len(recovered_ids), len(broken_ids)),
-        recovered_ids=recovered_ids,
-        broken_ids=broken_ids,
-    )
-
-
-@dataclass(frozen=True)
-class RecoveredOverlap:
-    """How far the questions two scales recovered coincide (chapter 06's ``results.Overlap``)."""
-
-    scale_a: float
-    scale_b: float
-    n_a: int
-    n_b: int
-    intersection: int
-    shared_ids: list[str]
-    jaccard: float  # 0 when both sets are empty
-
-
-def recovered_overlaps(rows: Sequence[SteeringRow]) -> list[RecoveredOverlap]:
-    """Pairwise overlap of the recovered sets: sizes, intersection, Jaccard (0 when both are empty)."""
-    out = []
-    for a, b in itertools.combinations(rows, 2):
-        sa, sb = set(a.recovered_ids), set(b.recovered_ids)
-        union, shared = sa | sb, sa & sb
-        jaccard = len(shared) / len(union) if union else 0.0
-        out.append(RecoveredOverlap(a.scale, b.scale, len(sa), len(sb), len(shared), sorted(shared), jaccard))
-    return out
-
-
-# --------------------------------------------------------------------------------------------
-# The card's own recipe on our artifact
-# --------------------------------------------------------------------------------------------
-
-
-def changed_first(
-    questions: Sequence[Question], steered: Sequence[Record], baseline: Sequence[Record]
-) -> list[Question]:
-    """``questions`` with those whose steered answer differs from the baseline's first (order kept otherwise)."""
-    base = {r.id: r.generation for r in baseline}
-    changed = {r.id for r in steered if r.generation != base.get(r.id)}
-    return sorted(questions, key=lambda q: q.id not in changed)
-
-
-@dataclass(frozen=True)
-class CardHookCheck:
-    """Plain HF ``generate`` with a hook the caller wrote, against mechlib's steered answers."""
-
-    n: int
-    n_equal: int
-    mismatched_ids: list[str]
-    n_steering_changed: int  # of the n answers, how many differ from the unsteered baseline (the check's power)
-
-
-def check_card_hook(
-    loaded: LoadedModel,
-    questions: Sequence[Question],
-    steered: Sequence[Record],
-    baseline: Sequence[Record],
-    *,
-    layer: int,
-    register: Callable[[nn.Module], RemovableHandle],
-    prompt_format: str,
-    max_new_tokens: int,
-) -> CardHookCheck:
-    """Do the card's lines on our ``steering_vec_L*.pt`` steer exactly like :func:`run_sweep`?
-
-    ``register(layer_module)`` installs the caller's own forward hook (the card's recipe, written
-    without mechlib) and returns its handle; each question is generated alone (no padding) with
-    HF ``generate``, greedy, and compared with mechlib's record of the same question. A record
-    stopped at its final-answer line must be a prefix of the HF text (which runs on to EOS). The
-    check only has power where steering changed the answer: those are counted against ``baseline``.
-    """
-    from transformers import GenerationConfig  # heavy import, on use
-
-    model, tok = loaded.model, loaded.tokenizer
-    eos = eos_ids_of(model, tok)
-    pad = pad_id_of(model, tok, eos)
-    by_id = {r.id: r for r in steered}
-    mismatched = []
-    handle = register(decoder_layers(model)[layer])
-    try:
-        for q in questions:
-            ids = torch.tensor(
-                [encode_prompts(tok, [build_prompt(tok, q.question, prompt_format)])[0]], device=model_device(model)
-            )
-            with torch.no_grad():  # plain greedy, as mechlib's loop (the model's own sampling defaults ignored)
-                out = model.generate(  # type: ignore[operator]  # generate comes from GenerationMixin, not in PreTrainedModel's stubs
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    generation_config=GenerationConfig(
-                        do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad
-                    ),
-                )
-            text = decode_text(tok, out[0, ids.shape[1] :], skip_special_tokens=True)
-            rec = by_id[q.id]
-            same = text.startswith(rec.generation) if rec.stop_reason == "answer_line" else text == rec.generation
-            if not same:
-                mismatched.append(q.id)
-    finally:
-        handle.remove()
-    base = {r.id: r.generation for r in baseline}
-    changed = sum(by_id[q.id].generation != base.get(q.id) for q in questions)
-    return CardHookCheck(len(questions), len(questions) - len(mismatched), mismatched, changed)
