@@ -4,7 +4,8 @@ Why: papermill only *warns* about parameters a notebook does not declare, so a m
 in a params file would silently fall back to a default. ``load_params`` rejects unknown keys
 (suggesting the close match), checks types, and validates ranges before any chapter runs.
 Each chapter declares the subset it uses in its ``parameters`` cell; a test keeps those
-defaults equal to the ones here.
+defaults equal to the ones here. Reading the file (strict YAML, the type test of a value) is
+:mod:`mechlib.params_load`'s, which needs no schema; its names are re-exported here.
 """
 
 from __future__ import annotations
@@ -14,23 +15,18 @@ import difflib
 import math
 import os
 import re
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
-import yaml
-
+from mechlib.params_load import ParamsError, read_yaml, type_name, type_ok
+from mechlib.params_load import ParamsLoader as ParamsLoader  # re-exported: mechlib.book reads params files with it
 from mechlib.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
     from mechlib.grpo import GrpoSettings
     from mechlib.sae.train import TrainConfig
-
-
-class ParamsError(ValueError):
-    """A params file or value the book cannot run with. The message says what and where."""
 
 
 ModelDtype = Literal["float32", "bfloat16", "float16", "auto"]
@@ -283,30 +279,6 @@ def known_keys() -> list[str]:
     return list(_FIELDS)
 
 
-def _type_ok(value: object, hint: Any) -> bool:  # hint: a typing form (Union, list[...], Literal[...], a class)
-    origin = typing.get_origin(hint)
-    if origin is Literal:  # the type here; a value outside the choices is named by _check_ranges
-        return isinstance(value, tuple(type(a) for a in typing.get_args(hint)))
-    if origin in (typing.Union, types.UnionType):
-        return any(_type_ok(value, a) for a in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if origin is list:
-        (inner,) = typing.get_args(hint)
-        return isinstance(value, list) and all(_type_ok(v, inner) for v in value)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    return isinstance(value, hint)
-
-
-def _type_name(hint: Any) -> str:  # hint: a typing form, as in _type_ok
-    if typing.get_origin(hint) is Literal:
-        return type(typing.get_args(hint)[0]).__name__
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
 def validate(values: dict[str, Any], source: str = "params") -> BookParams:
     """Check keys, types and ranges; return the filled-in :class:`BookParams`."""
     if not isinstance(values, dict):
@@ -317,9 +289,9 @@ def validate(values: dict[str, Any], source: str = "params") -> BookParams:
             hint = f" Did you mean '{close[0]}'?" if close else ""
             raise ParamsError(f"{source}: unknown parameter '{key}'.{hint}")
     for key, value in values.items():
-        if not _type_ok(value, _HINTS[key]):
+        if not type_ok(value, _HINTS[key]):
             raise ParamsError(
-                f"{source}: parameter '{key}' must be {_type_name(_HINTS[key])}, got {value!r} ({type(value).__name__})"
+                f"{source}: parameter '{key}' must be {type_name(_HINTS[key])}, got {value!r} ({type(value).__name__})"
             )
     coerced = {k: (float(v) if _HINTS[k] is float else v) for k, v in values.items()}
     params = BookParams(**cast(dict[str, Any], coerced))  # each value was checked against its field's hint above
@@ -386,75 +358,10 @@ def _check_ranges(p: BookParams, source: str) -> None:
         raise ParamsError(f"{source}: 'run' must be a plain folder name, got {p.run!r}")
 
 
-class _DuplicateKey(yaml.YAMLError):
-    def __init__(self, key: object, line: int, first_line: int):
-        super().__init__(f"duplicate key {key!r} on line {line} (first on line {first_line})")
-        self.key, self.line, self.first_line = key, line, first_line
-
-
-# YAML 1.2 floats: PyYAML implements YAML 1.1, whose float pattern needs a dot and a signed
-# exponent, so ``lr: 1e-3`` or ``2e5`` arrive as *strings* and are refused as "must be float".
-# ``_FLOAT_12`` also takes ``1e-3``, ``1E-3``, ``2e5``, ``1.5e3``; integers still resolve as ints.
-_FLOAT_TAG = "tag:yaml.org,2002:float"
-_FLOAT_12 = re.compile(
-    r"""^(?:
-     [-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
-    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
-    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
-    |[-+]?\.(?:inf|Inf|INF)
-    |\.(?:nan|NaN|NAN))$""",
-    re.X,
-)
-
-
-class ParamsLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that refuses duplicate mapping keys and reads YAML 1.2 floats.
-
-    Why: plain PyYAML lets the *last* of two ``layer:`` lines win without a word, so a params file
-    edited by appending an override runs something other than what its first line says.
-    """
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # ``<<: *base`` overrides on purpose
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: the base class names that error itself
-                continue
-            line = key_node.start_mark.line + 1
-            if first is not None:
-                raise _DuplicateKey(key, line, first)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
-
-
-ParamsLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _FLOAT_TAG]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-ParamsLoader.add_implicit_resolver(_FLOAT_TAG, _FLOAT_12, list("-+0123456789."))
-
-
 def load_params(path: str | os.PathLike[str], run: str | None = None) -> BookParams:
     """Read a params YAML file. The run name is ``run`` if given, else the file's ``run``, else its stem."""
     path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"params file not found: {path}")
-    try:
-        values = yaml.load(path.read_text(encoding="utf-8"), Loader=ParamsLoader)  # a SafeLoader subclass
-    except _DuplicateKey as exc:
-        raise ParamsError(
-            f"{path}:{exc.line}: duplicate key '{exc.key}' (first set on line {exc.first_line}); "
-            f"each parameter may appear once"
-        ) from None
-    except yaml.YAMLError as exc:
-        raise ParamsError(f"{path}: not valid YAML: {exc}") from None
-    except UnicodeDecodeError as exc:
-        raise ParamsError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); save it as UTF-8") from None
+    values = read_yaml(path)
     values = {} if values is None else values
     if isinstance(values, dict):
         values.setdefault("run", path.stem)
