@@ -56,7 +56,7 @@ import time
 
 import numpy as np
 
-from mechlib import contrast, findings, placeholder, plots, results, scoring, sensitivity, stats
+from mechlib import browser, contrast, findings, placeholder, plots, results, scoring, sensitivity, stats
 from mechlib.io import atomic_write_json
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
@@ -262,20 +262,7 @@ for f in features[:10]:
 # it fires most, and the tokens its decoder direction promotes and suppresses through the unembedding.
 
 # %%
-from IPython.display import HTML, display
-
-from mechlib import browser
-from mechlib.activations import open_store
-
-site = browser.refresh_browser(P, paths, open_store(P, paths, "heldout"), sae, progress=False)
-helpful = [f.feature for f in sorted(features, key=lambda f: -f.score)]
-top_feature = None if site is None else browser.first_with_page(site.folder, helpful)
-if site is None or top_feature is None:
-    print("no feature browser in this run (chapter 03 builds it), or none of the features fired on its tokens")
-else:
-    note = f"feature browser: {paths.rel(site.index_html)}; below, feature {top_feature} (top score with a page)"
-    print(placeholder.mark_text(note, P.placeholder_labels))
-    display(HTML(browser.latent_html(site.folder, top_feature)))
+browser.contrast_view(P, paths, sae, [(f.feature, f.score) for f in features])
 
 # %% [markdown]
 # ## Does the peak depend on how answers are scored?

@@ -355,3 +355,12 @@ def test_refresh_gives_chapter_05s_latents_pages(tiny, tmp_path, monkeypatch):
     assert all(index["page"][f] for f in lacking) and index["contrast_rank"][lacking[0]] == 1
     again = refresh_browser(params, run, store, sae, progress=False)
     assert again is not None and again.reused  # every ranked latent has its page now: kept
+    # chapter 05's view: the best-scoring ranked latent with a page, its page as HTML, the line marked placeholder
+    from mechlib.activations import collect_config
+    from mechlib.browser import contrast_view
+
+    monkeypatch.setattr(collect_config, "open_store", lambda *_: store)
+    params.placeholder_labels = 0.5
+    view = contrast_view(params, run, sae, [(f, s["score"]) for f, s in zip(lacking, contrast["features"])])
+    assert view.latent == lacking[2] and view.html is not None and "PLACEHOLDER" in repr(view)
+    assert view._repr_html_().startswith("<p>PLACEHOLDER") and view.html in view._repr_html_()

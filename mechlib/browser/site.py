@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from html import escape
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -277,6 +278,49 @@ def refresh_browser(
         contexts=int(caps["contexts"]),
         progress=progress,
     )
+
+
+@dataclass(frozen=True, repr=False)
+class ContrastView:
+    """What chapter 05 shows of the browser: a line saying where it is, and one feature's page (if any).
+
+    A notebook shows it as the cell's value: ``_repr_html_`` gives the line and the page, the plain-text
+    repr the line alone (what nbval and a terminal see).
+    """
+
+    note: str
+    latent: int | None
+    html: str | None
+
+    def __repr__(self) -> str:
+        return self.note
+
+    def _repr_html_(self) -> str:
+        return f"<p>{escape(self.note)}</p>" + (self.html or "")
+
+
+def contrast_view(
+    params: BookParams, run_paths: RunPaths, sae: TopKSAE, scores: Sequence[tuple[int, float]]
+) -> ContrastView:
+    """:func:`refresh_browser` with the run's held-out shards, then the page of the best-scoring feature of
+    ``scores`` (``(latent, mean correct − mean wrong)``) that has one: a feature that never fired on the
+    held-out corpus tokens has no page, so the next one is shown. The line is marked when the run's labels
+    are placeholders (:func:`mechlib.placeholder.mark_text`)."""
+    from mechlib.activations.collect_config import open_store
+    from mechlib.browser.inline import first_with_page, latent_html
+    from mechlib.placeholder import mark_text
+
+    def view(note: str, latent: int | None = None, page: str | None = None) -> ContrastView:
+        return ContrastView(mark_text(note, params.placeholder_labels), latent, page)
+
+    site = refresh_browser(params, run_paths, open_store(params, run_paths, "heldout"), sae, progress=False)
+    if site is None:
+        return view("no feature browser in this run (chapter 03 builds it)")
+    best = first_with_page(site.folder, [f for f, _ in sorted(scores, key=lambda fs: -fs[1])])
+    where = f"feature browser: {run_paths.rel(site.index_html)}"
+    if best is None:
+        return view(f"{where}; none of the ranked features fired on its held-out tokens")
+    return view(f"{where}; below, feature {best} (top score with a page)", best, latent_html(site.folder, best))
 
 
 def _pages_missing(folder: Path, latents: Sequence[int]) -> list[int]:
