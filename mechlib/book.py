@@ -8,8 +8,8 @@ declares, stops at the first failing chapter while keeping its executed notebook
 and finally regenerates ``outputs/<run>/REPORT.md`` from the metrics.
 
 Before any chapter runs it also checks what only the runner can: the device exists, ``layer``
-and ``steering_layer`` fit the model (read from its config, no weights), and no other runner
-holds the run name (:mod:`mechlib.runlock`). Every failure ends in one ``[mechbook] error:``
+and ``steering_layer`` fit the model (read from its config, no weights; :mod:`mechlib.book_checks`),
+and no other runner holds the run name (:mod:`mechlib.runlock`). Every failure ends in one ``[mechbook] error:``
 line saying what failed, where, and that a rerun resumes; the full trace stays in the kept
 notebook, never on the terminal.
 """
@@ -29,17 +29,14 @@ from typing import Any
 import yaml
 
 from mechlib import device_stats
-from mechlib.io import atomic_write_json, atomic_write_text
-from mechlib.params import BookParams, ParamsError, ParamsLoader, known_keys, load_params, validate
+from mechlib.book_checks import check_device, check_layers, one_line, parse_overrides, with_overrides
+from mechlib.io import atomic_write_json, atomic_write_text, read_json
+from mechlib.params import BookParams, ParamsError, known_keys, load_params
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
 from mechlib.runlock import RunLockError, run_lock
 from mechlib.tidy import tidy_notebook_file
 
 RESUME_HINT = "rerun the same command to resume (finished work is reused)"
-
-
-def _one_line(text: object) -> str:
-    return " ".join(str(text).split())
 
 
 class ChapterError(RuntimeError):
@@ -195,13 +192,13 @@ def _failure(chapter: Chapter, kept: Path | None, exc: BaseException, paths: Run
         _annotate(kept, cell, "KeyboardInterrupt", "interrupted (Ctrl-C) while this cell ran")
         return ChapterInterrupted(chapter.name, kept, where)
     if isinstance(exc, PapermillExecutionError):  # the traceback is already in the notebook
-        return ChapterError(chapter.name, kept, f"{exc.ename}: {_one_line(exc.evalue)}{where}")
+        return ChapterError(chapter.name, kept, f"{exc.ename}: {one_line(exc.evalue)}{where}")
     if isinstance(exc, DeadKernelError):
         why = "its process was killed from outside, most often by the out-of-memory killer"
         _annotate(kept, cell, "DeadKernelError", f"the kernel died while this cell ran: {why}")
         return ChapterError(chapter.name, kept, f"the kernel died{where}: {why}")
     trace = traceback.format_exception(exc)
-    reason = f"{type(exc).__name__}: {_one_line(exc)}{where}"
+    reason = f"{type(exc).__name__}: {one_line(exc)}{where}"
     if kept is None:
         log = paths.notebooks / f"{chapter.name}.traceback.txt"
         atomic_write_text(log, "".join(trace))
@@ -252,85 +249,6 @@ def _annotate(
         return
 
 
-def check_device(device: str, source: str) -> None:
-    """Refuse a device this machine lacks now, not when a chapter first moves a tensor there."""
-    if device in ("auto", "cpu"):
-        return
-    import torch
-
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ParamsError(
-                f"{source}: 'device' is {device!r} but torch.cuda.is_available() is False here "
-                f"(torch {torch.__version__}, CUDA build {torch.version.cuda}); use device: auto or cpu"
-            )
-        index = int(device.partition(":")[2] or 0)
-        if index >= torch.cuda.device_count():
-            raise ParamsError(
-                f"{source}: 'device' is {device!r} but this machine has {torch.cuda.device_count()} "
-                f"CUDA device(s): cuda:0..cuda:{torch.cuda.device_count() - 1}"
-            )
-    elif device == "mps" and not torch.backends.mps.is_available():
-        raise ParamsError(
-            f"{source}: 'device' is 'mps' but torch.backends.mps.is_available() is False here; use device: auto or cpu"
-        )
-
-
-def check_layers(params: BookParams, source: str) -> None:
-    """``layer`` and ``steering_layer`` against the model's decoder layers, from its config alone.
-
-    Why here: chapter 01 would find a bad ``layer`` after loading the model, and chapter 06 a bad
-    ``steering_layer`` after the whole book before it had run. A hub id whose config is not cached
-    is skipped with a note (chapter 01 checks it once the model is loaded).
-    """
-    from mechlib.models import ModelLoadError, ModelShapeUnknown, model_shape
-
-    try:
-        n_layers, _ = model_shape(params.model)
-    except ModelShapeUnknown as exc:
-        print(f"[mechbook] note: layer check skipped until the model loads: {_one_line(exc)}", file=sys.stderr)
-        return
-    except ModelLoadError as exc:
-        raise ParamsError(f"{source}: 'model': {_one_line(exc)}") from None
-    for key in ("layer", "steering_layer"):
-        value = getattr(params, key)
-        if value is not None and value >= n_layers:
-            raise ParamsError(
-                f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
-                f"valid layers are 0..{n_layers - 1}"
-            )
-
-
-def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
-    """``["k=64", "lr=5e-4"]`` → ``{"k": 64, "lr": 0.0005}``: each value read as a YAML scalar, exactly as
-    the same line in a params file would be (YAML 1.2 floats, ``null``, ``true``), so ``-p`` and the file
-    go through one schema."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ParamsError(f"-p {item!r}: expected KEY=VALUE, e.g. -p k=64")
-        if key in out:
-            raise ParamsError(f"-p {key}: given twice; each parameter may be overridden once")
-        try:
-            value = yaml.load(raw, Loader=ParamsLoader) if raw.strip() else ""  # a SafeLoader subclass
-        except yaml.YAMLError as exc:
-            raise ParamsError(f"-p {item!r}: the value is not a YAML scalar ({_one_line(exc)})") from None
-        if isinstance(value, (dict, list)):
-            raise ParamsError(f"-p {item!r}: the value must be a single value, not a YAML {type(value).__name__}")
-        out[key] = value
-    return out
-
-
-def with_overrides(params: BookParams, overrides: dict[str, Any], source: str) -> BookParams:
-    """``params`` with ``overrides`` applied, validated by the same schema (unknown key: the same error)."""
-    if not overrides:
-        return params
-    where = f"{source} with -p {' '.join(f'{k}={v}' for k, v in overrides.items())}"
-    return validate({**params.as_dict(), **overrides}, source=where)
-
-
 def run_book(
     params_path: str | Path,
     only: Sequence[str] | None = None,
@@ -366,10 +284,9 @@ def run_book(
             )
             runs.append(done)
         timings = {r.chapter: round(r.seconds, 2) for r in runs}
-        timing_file = paths.metrics / "book_timings.json"
-        atomic_write_json(timing_file, timings)
+        atomic_write_json(paths.metrics / "book_timings.json", _latest(paths.metrics / "book_timings.json", timings))
         devices = {r.chapter: d.as_dict() for r in runs if (d := device_stats.read(device_file(paths, r.chapter)))}
-        atomic_write_json(paths.metrics / "book_devices.json", devices)
+        atomic_write_json(paths.metrics / "book_devices.json", _latest(paths.metrics / "book_devices.json", devices))
         from mechlib.browser import add_contrast_scores
         from mechlib.model_card import write_model_card
         from mechlib.report import write_report
@@ -379,6 +296,16 @@ def run_book(
         card = write_model_card(params.run)
     print(f"[mechbook] {params.run}: report -> {report}; model card -> {card}", flush=True)
     return runs
+
+
+def _latest(path: Path, new: dict[str, Any]) -> dict[str, Any]:  # Any: a chapter's JSON entry
+    """Each chapter's entry from its latest run: ``new`` (this call's chapters) over what ``path`` held, in
+    chapter order. Why: after ``--only 05`` the report should still show the other chapters' times."""
+    try:
+        old = read_json(path)
+    except (OSError, ValueError):  # none yet, or damaged: this call's entries only
+        old = {}
+    return dict(sorted({**(old if isinstance(old, dict) else {}), **new}.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -402,10 +329,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs = run_book(args.params, args.only, log_output=args.log_output, run=args.run, overrides=overrides)
     except KeyboardInterrupt as exc:
         msg = str(exc) if isinstance(exc, ChapterInterrupted) else f"interrupted (Ctrl-C); {RESUME_HINT}"
-        print(f"[mechbook] error: {_one_line(msg)}", file=sys.stderr, flush=True)
+        print(f"[mechbook] error: {one_line(msg)}", file=sys.stderr, flush=True)
         return 130
     except (ParamsError, ChapterError, RunLockError) as exc:
-        print(f"[mechbook] error: {_one_line(exc)}", file=sys.stderr, flush=True)
+        print(f"[mechbook] error: {one_line(exc)}", file=sys.stderr, flush=True)
         return 1
     total = sum(r.seconds for r in runs)
     print(f"[mechbook] {len(runs)} chapter(s) in {total:.1f} s", flush=True)

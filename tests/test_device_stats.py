@@ -69,3 +69,12 @@ def test_the_runner_records_each_chapters_device_and_the_report_shows_it(tmp_pat
     assert devices["01_fake"]["torch"] == torch.__version__  # read inside the kernel, after the chapter imported it
     report = (tmp_path / "outputs" / "trial" / "REPORT.md").read_text()
     assert "| 01_fake |" in report and "| cpu (" in report
+    # a later call that runs another chapter keeps the first one's time and device: the report shows both
+    (nbdir / "02_fake.py").write_text((nbdir / "01_fake.py").read_text())
+    run_book(params, only=["02"], notebooks_dir=nbdir)
+    metrics = tmp_path / "outputs" / "trial" / "metrics"
+    timings = json.loads((metrics / "book_timings.json").read_text())
+    devices = json.loads((metrics / "book_devices.json").read_text())
+    assert list(timings) == list(devices) == ["01_fake", "02_fake"]
+    report = (tmp_path / "outputs" / "trial" / "REPORT.md").read_text()
+    assert "| 01_fake |" in report and "| 02_fake |" in report
