@@ -8,7 +8,6 @@ as "not run" instead of a stale number.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -16,17 +15,16 @@ from mechlib.device_stats import ChapterDevice, format_bytes
 from mechlib.findings import CARD
 from mechlib.io import atomic_write_text
 from mechlib.paths import RunPaths
+from mechlib.report_format import figures, findings, fmt, p_se, pct, table
 from mechlib.report_reward import section_feature_reward
+from mechlib.report_steering import section_steering
 from mechlib.results import (
     Baseline,
-    ChapterResult,
     Collected,
     Evaluated,
     FeatureRewardResult,
     Layers,
     Lens,
-    RandomControl,
-    ScaleVerdict,
     Steering,
     Trained,
     read,
@@ -39,51 +37,6 @@ def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
     return json.loads(f.read_text()) if f.is_file() else None
 
 
-def _fmt(value: object, digits: int = 4) -> str:
-    if value is None:
-        return "—"
-    if isinstance(value, bool):
-        return str(value)
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if abs(value) < 1e-3 and value != 0:
-            return f"{value:.{digits}g}"
-        return f"{value:.{digits}f}".rstrip("0").rstrip(".")  # 32.0 → "32", 0.6962 stays
-    if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_fmt(v, digits) for v in value) + "]"
-    return str(value)
-
-
-def _pct(value: float | None) -> str:
-    return "—" if not isinstance(value, (int, float)) else f"{100 * value:.1f} %"
-
-
-def _p(p: float | None, se: float | None) -> str:
-    """A permutation p with its Monte-Carlo standard error, when known."""
-    return _fmt(p) if not isinstance(se, (int, float)) else f"{_fmt(p)} ± {se:.3f}"
-
-
-def _table(header: list[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def _figures(paths: RunPaths, prefix: str) -> str:
-    figs = sorted(paths.figures.glob(f"{prefix}*.png"))
-    return "\n".join(f"![{f.stem}](figures/{f.name})" for f in figs)
-
-
-def _findings(*chapters: ChapterResult | None) -> str:
-    """Each chapter's "What this run found" paragraph (written by the chapter from its own numbers)."""
-    text = ""
-    for result in chapters:
-        if result is not None and result.finding:
-            text += f"\n**What this run found (chapter {result.FILE[:2]}).** {result.finding}\n"
-    return text
-
-
 def _section_run(paths: RunPaths, c: Collected | None) -> str:
     """What was collected, and how long each chapter took (the runner's ``book_timings.json``)."""
     text = "## The run\n\n"
@@ -91,10 +44,10 @@ def _section_run(paths: RunPaths, c: Collected | None) -> str:
         text += "Chapter 01 not run.\n"
     else:
         text += (
-            f"{_fmt(c.n_tokens)} training + {_fmt(c.heldout_tokens)} held-out tokens of the residual"
-            f" stream after layer {_fmt(c.layer)} (d_model {_fmt(c.d_model)}), rows of"
-            f" {_fmt(c.seq_len)} tokens, stored as {c.activation_dtype}; mean token norm"
-            f" {_fmt(c.mean_norm, 1)}, max {_fmt(c.max_norm, 1)}.\n"
+            f"{fmt(c.n_tokens)} training + {fmt(c.heldout_tokens)} held-out tokens of the residual"
+            f" stream after layer {fmt(c.layer)} (d_model {fmt(c.d_model)}), rows of"
+            f" {fmt(c.seq_len)} tokens, stored as {c.activation_dtype}; mean token norm"
+            f" {fmt(c.mean_norm, 1)}, max {fmt(c.max_norm, 1)}.\n"
         )
     timings = _load(paths, "book_timings")
     if timings:
@@ -112,9 +65,9 @@ def _section_run(paths: RunPaths, c: Collected | None) -> str:
                     if device is None
                     else [f"{device.device} ({device.device_name})", format_bytes(device.peak_gpu_bytes)]
                 )
-        text += "\nChapter wall times of the last `mechlib.book` call (seconds):\n\n" + _table(header, rows)
+        text += "\nChapter wall times, each from the chapter's latest run (seconds):\n\n" + table(header, rows)
         text += "\n"
-    return text + "\n" + _figures(paths, "01_") + "\n"
+    return text + "\n" + figures(paths, "01_") + "\n"
 
 
 def _section_sae(paths: RunPaths, m: Evaluated | None) -> str:
@@ -139,12 +92,12 @@ def _section_sae(paths: RunPaths, m: Evaluated | None) -> str:
         rows = [row for row in rows if "without outlier-norm" not in row[0]]
     return (
         "## SAE training metrics (chapters 02–03)\n\n"
-        + _table(["metric", "this run", "study card (Gemma 4 E4B L21)"], rows)
+        + table(["metric", "this run", "study card (Gemma 4 E4B L21)"], rows)
         + "\n\nThe card's variance explained used one global variance on training batches; ours is per-dimension on"
         " held-out tokens (both shown).\n\n"
-        + _figures(paths, "02_")
+        + figures(paths, "02_")
         + "\n"
-        + _figures(paths, "03_")
+        + figures(paths, "03_")
         + "\n"
         + _browser_link(paths)
     )
@@ -173,24 +126,24 @@ def _section_baseline(paths: RunPaths, m: Baseline | None) -> str:
         return "## Baseline\n\nChapter 04 not run.\n"
     lo, hi = CARD.baseline_accuracy
     rows = [
-        ["this run", m.task, m.prompt_format, m.n, m.accuracy, m.ci95, _pct(m.finished), _pct(m.truncated)],
+        ["this run", m.task, m.prompt_format, m.n, m.accuracy, m.ci95, pct(m.finished), pct(m.truncated)],
         ["study card (Gemma 4 E4B)", "gsm8k", "gemma_manual", CARD.n_heldout, f"{lo:.2f}–{hi:.2f}", "—", "—", "—"],
     ]
     text = (
         "## Baseline accuracy (chapter 04)\n\n"
-        + _table(["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows)
+        + table(["", "task", "prompt", "n", "accuracy", "95% CI", "ended by themselves", "cut off"], rows)
         + "\n"
     )
     if m.by_scoring_rule:
         rows = [[rule, a.n, a.n_correct, a.accuracy, a.ci95] for rule, a in m.by_scoring_rule.items()]
         text += (
             "\nBy scoring rule (strict and flexible are lm-evaluation-harness's GSM8K rules; finished leaves "
-            "cut-off answers out):\n\n" + _table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
+            "cut-off answers out):\n\n" + table(["rule", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
         )
     if m.by_kind:
         rows = [[kind, a.n, a.n_correct, a.accuracy, a.ci95] for kind, a in m.by_kind.items()]
-        text += "\nBy question type:\n\n" + _table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
-    return text + "\n" + _figures(paths, "04_") + "\n"
+        text += "\nBy question type:\n\n" + table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
+    return text + "\n" + figures(paths, "04_") + "\n"
 
 
 def _section_layers(paths: RunPaths, m: Layers | None) -> str:
@@ -203,8 +156,8 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
             f"{m.peak_layer} of {m.n_layers}",
             m.peak_top_abs_d,
             m.null_max_q95,
-            _p(m.null_p, m.null_p_mc_se),
-            _p(m.null_p_within_type, m.null_p_within_type_mc_se),
+            p_se(m.null_p, m.null_p_mc_se),
+            p_se(m.null_p_within_type, m.null_p_within_type_mc_se),
             m.spearman_rho,
             m.spearman_p,
         ],
@@ -221,10 +174,10 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
     ]
     text = (
         "## Contrastive layers (chapter 05)\n\n"
-        f"Contrast set: {_fmt(m.n_correct)} correct, {_fmt(m.n_wrong)} wrong"
-        f" ({m.pooling} prompt token pooled); {_fmt(m.n_permutations)} label permutations"
+        f"Contrast set: {fmt(m.n_correct)} correct, {fmt(m.n_wrong)} wrong"
+        f" ({m.pooling} prompt token pooled); {fmt(m.n_permutations)} label permutations"
         " (p ± its Monte-Carlo standard error).\n\n"
-        + _table(
+        + table(
             [
                 "",
                 "peak layer",
@@ -241,135 +194,15 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
     )
     if m.scoring_sensitivity:
         rows = [
-            [r.rule, r.n_correct, r.n_wrong, r.peak_layer, r.top_abs_d, _p(r.p_peak, r.p_mc_se)]
+            [r.rule, r.n_correct, r.n_wrong, r.peak_layer, r.top_abs_d, p_se(r.p_peak, r.p_mc_se)]
             for r in m.scoring_sensitivity
         ]
         text += (
             "\n### The peak under each scoring rule\n\n"
-            + _table(["rule", "correct", "wrong", "peak layer", top, "permutation p"], rows)
+            + table(["rule", "correct", "wrong", "peak layer", top, "permutation p"], rows)
             + f"\n\n{m.scoring_verdict}\n"
         )
-    return text + "\n" + _figures(paths, "05_") + "\n"
-
-
-def _section_steering(paths: RunPaths, m: Steering | None) -> str:
-    if m is None:
-        return "## Steering\n\nChapter 06 not run.\n"
-    rows = [
-        [
-            r.scale,
-            f"{r.perturbation:+g} %",
-            r.accuracy,
-            r.delta,
-            r.delta_ci95,
-            f"{r.recovered}/{r.n_baseline_wrong}",
-            r.net_flips,
-            r.mcnemar_p,
-            _pct(r.truncated),
-        ]
-        for r in m.rows
-    ]
-    rows.insert(0, ["baseline", "0 %", m.baseline_accuracy, 0, "—", "—", 0, "—", _pct(m.baseline_truncated)])
-    text = (
-        f"## CAA steering at layer {m.layer} (chapter 06)\n\n"
-        f"Held-out baseline accuracy: {_fmt(m.baseline_accuracy)} on {_fmt(m.n_heldout)} questions; its "
-        f"answers cut off: {_pct(m.baseline_truncated)}. Perturbations are % of the mean residual norm at "
-        f"layer {m.layer}: {_fmt(m.mean_resid_norm, 2)} (the card: {CARD.mean_resid_norm} at layer "
-        f"{CARD.peak_layer}, {CARD.n_heldout} held-out questions).\n\n"
-        + _table(
-            [
-                "scale",
-                "perturbation",
-                "accuracy",
-                "Δ vs baseline",
-                "Δ 95% CI (bootstrap)",
-                "recovered",
-                "net flips",
-                "McNemar p (exact)",
-                "cut off",
-            ],
-            rows,
-        )
-        + "\n"
-        + _steering_sensitivity(m.scoring_sensitivity)
-        + "\n### Recovered questions per scale\n\n"
-    )
-    for r in m.rows:
-        text += f"- scale {_fmt(r.scale)}: {', '.join(r.recovered_ids) or '—'}\n"
-    if m.overlaps:
-        rows = [
-            [o.scale_a, o.scale_b, o.n_a, o.n_b, o.intersection, o.jaccard, ", ".join(o.shared_ids) or "—"]
-            for o in m.overlaps
-        ]
-        text += (
-            "\n### Overlap of recovered sets\n\n"
-            + _table(["scale A", "scale B", "recovered A", "recovered B", "both", "Jaccard", "shared"], rows)
-            + "\n"
-        )
-    text += _random_control_table(m.random_control)
-    return text + "\n" + _figures(paths, "06_") + "\n"
-
-
-def _steering_sensitivity(per_scale: list[ScaleVerdict]) -> str:
-    """Each steering row under every scoring rule, then the generated verdict per scale."""
-    if not per_scale:
-        return ""
-    rows = [
-        [s.scale, r.rule, r.n, r.accuracy, r.delta, r.net_flips, r.mcnemar_p, r.effect]
-        for s in per_scale
-        for r in s.rules
-    ]
-    return (
-        "\n### Each row under each scoring rule\n\n"
-        + _table(["scale", "rule", "n", "accuracy", "Δ vs baseline", "net flips", "McNemar p", "effect"], rows)
-        + "\n\n"
-        + "".join(f"- {s.verdict}\n" for s in per_scale)
-    )
-
-
-def _random_control_table(control: RandomControl) -> str:
-    """Random directions of the same size as CAA's push: each vs the baseline and vs CAA at that scale."""
-    if not control.directions:
-        return ""
-    rows = []
-    for d in control.directions:
-        vs = d.vs_caa
-        rows.append(
-            [
-                f"random #{d.index}",
-                d.cos_with_caa,
-                d.accuracy,
-                d.delta,
-                d.delta_ci95,
-                d.net_flips,
-                d.mcnemar_p,
-                vs and vs.a_only,
-                vs and vs.b_only,
-                vs and vs.mcnemar_p,
-                _pct(d.truncated),
-            ]
-        )
-    return (
-        f"\n### Random-direction control at scale {_fmt(control.scale)}\n\n"
-        f"CAA accuracy at this scale: {_fmt(control.caa_accuracy)}.\n\n"
-        + _table(
-            [
-                "direction",
-                "cos with CAA",
-                "accuracy",
-                "Δ vs baseline",
-                "Δ 95% CI",
-                "net flips",
-                "McNemar p vs baseline",
-                "CAA only right",
-                "random only right",
-                "McNemar p vs CAA",
-                "cut off",
-            ],
-            rows,
-        )
-        + "\n"
-    )
+    return text + "\n" + figures(paths, "05_") + "\n"
 
 
 def _section_lens(paths: RunPaths, m: Lens | None) -> str:
@@ -387,14 +220,14 @@ def _section_lens(paths: RunPaths, m: Lens | None) -> str:
     ]
     return (
         "## Logit lens (chapter 07)\n\n"
-        f"First layer whose top tokens are mostly English words: **{_fmt(m.english_commitment_layer)}**"
-        f" of {_fmt(m.n_layers)} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
+        f"First layer whose top tokens are mostly English words: **{fmt(m.english_commitment_layer)}**"
+        f" of {fmt(m.n_layers)} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
         + (
-            _table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
+            table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"
             if rows
             else ""
         )
-        + _figures(paths, "07_")
+        + figures(paths, "07_")
         + "\n"
     )
 
@@ -412,13 +245,13 @@ def render_report(run: str) -> str:
         " Generated from `metrics/*.json`; executed notebooks in `notebooks/`.\n"
     )
     sections = [
-        _section_run(paths, collected) + _findings(collected),
-        _section_sae(paths, evaluated) + _findings(trained, evaluated),
-        _section_baseline(paths, baseline) + _findings(baseline),
-        _section_layers(paths, layers) + _findings(layers),
-        _section_steering(paths, steering) + _findings(steering),
-        _section_lens(paths, lens) + _findings(lens),
-        section_feature_reward(paths, reward) + _findings(reward),
+        _section_run(paths, collected) + findings(collected),
+        _section_sae(paths, evaluated) + findings(trained, evaluated),
+        _section_baseline(paths, baseline) + findings(baseline),
+        _section_layers(paths, layers) + findings(layers),
+        section_steering(paths, steering) + findings(steering),
+        _section_lens(paths, lens) + findings(lens),
+        section_feature_reward(paths, reward) + findings(reward),
     ]
     return header + "\n" + "\n".join(sections)
 
