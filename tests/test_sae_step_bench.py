@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -41,7 +42,11 @@ def test_every_candidate_at_both_batches_with_equivalence_and_profile(bench, tmp
         got = [r["variant"] for r in rows if r["batch"] == batch and not any(e in r["variant"] for e in extra)]
         assert sorted(got) == sorted(variants)
     assert report["batches"] == [512, 1024]
-    assert report["best"] in bench.FAST_BWD
+    # the best is a backward variant, or one with the two-stage top-k when that won the selection alone (on a
+    # CPU that is timing noise either way: CI drew fast_dense_topk4096 once)
+    best = re.fullmatch(r"(fast(?:_[a-z]+)*?)(?:_topk(\d+))?", report["best"])
+    assert best is not None and best.group(1) in bench.FAST_BWD, report["best"]
+    assert best.group(2) is None or int(best.group(2)) in bench.TOPK_CHUNKS
     assert any(r["variant"] == f"{report['best']}_no_dead" and r["n_dead"] == 0 for r in rows)
     assert {r["backend"] for r in rows if r["variant"] in bench.FAST_BWD} == {
         "torch/sparse",
