@@ -21,14 +21,13 @@ Why each choice:
 - **Held-out split**: every 10th corpus document goes to ``heldout``, the rest to ``train``, so the
   two splits never share a document yet come from the same distribution.
 - **Resumable**: shards are a deterministic function of the parameters; a rerun verifies and
-  skips finished shards (a corrupt one raises, naming the file) and computes only the rest.
+  skips finished shards (a corrupt one raises, naming the file) and computes only the rest
+  (the bookkeeping: :mod:`mechlib.activations.resume`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import itertools
-import json
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -53,19 +52,23 @@ from mechlib.activations.packing import (
     rows_with_quota,
     split_docs,
 )
+from mechlib.activations.resume import (
+    collection_identity,
+    drop_if_changed,
+    finish_manifest,
+    finished_shards,
+    params_hash,
+)
 from mechlib.activations.shard_writer import ShardWriter
 from mechlib.activations.shards import (
-    FORMAT,
     MANIFEST,
     ActivationStore,
     Manifest,
     ShardEntry,
     rank_manifest_name,
-    read_manifest,
     verify_shard,
 )
-from mechlib.io import atomic_write_json
-from mechlib.models import check_layer, d_model
+from mechlib.models import check_layer
 
 if TYPE_CHECKING:  # transformers is heavy; annotations only
     from transformers import PreTrainedTokenizerBase as Tokenizer
@@ -81,6 +84,7 @@ __all__ = [  # the packing names are re-exported: callers have always found them
     "collect_activations",
     "collection_identity",
     "packed_rows",
+    "params_hash",
     "rows_with_quota",
     "split_docs",
     "stream_activations",
@@ -147,41 +151,6 @@ def stream_batches(
         idx = pb.keep.reshape(-1).nonzero().squeeze(1)
         acts = h.reshape(-1, h.shape[-1]).index_select(0, _to_device(idx, device))
         yield StreamBatch(acts, pb.ids.reshape(-1)[idx])
-
-
-def params_hash(identity: Manifest) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def collection_identity(
-    model: nn.Module,
-    *,
-    model_name: str,
-    layer: int,
-    dtype: str,
-    seq_len: int,
-    rows_per_shard: int,
-    corpus: CorpusSpec,
-    split: str,
-    exclude_special_tokens: bool,
-    exclude_first_positions: int,
-) -> Manifest:
-    """Everything that decides which tokens (and bytes) a collection holds; its hash keys the manifest."""
-    return {
-        "format": FORMAT,
-        "model": model_name or str(getattr(model.config, "_name_or_path", "")),
-        "model_class": type(model).__name__,
-        "layer": layer,
-        "d_model": d_model(model),
-        "dtype": dtype,
-        "seq_len": seq_len,
-        "rows_per_shard": rows_per_shard,
-        **corpus.identity(),
-        "split": split,
-        "heldout_every": HELDOUT_EVERY,
-        "exclude_special_tokens": exclude_special_tokens,
-        "exclude_first_positions": exclude_first_positions,
-    }
 
 
 class _HostBuffers:
@@ -304,10 +273,10 @@ def collect_activations(
         exclude_first_positions=exclude_first_positions,
     )
     phash = params_hash(identity)
-    old = _drop_if_changed(out_dir, phash, rank == 0)
+    old = drop_if_changed(out_dir, phash, rank == 0)
     if sync is not None:
         sync()
-    done = _finished_shards(out_dir, old, phash)
+    done = finished_shards(out_dir, old, phash)
     packer, rows = packed_rows(
         tokenizer, n_tokens, seq_len, spec, split, exclude_special_tokens, exclude_first_positions
     )
@@ -334,31 +303,8 @@ def collect_activations(
     finally:
         bar.close()
     writer.close()
-    _finish_manifest(out_dir, manifest, manifest_name, n_shards, n_rows, n_tokens, world_size)
+    finish_manifest(out_dir, manifest, manifest_name, n_shards, n_rows, n_tokens, world_size)
     return CollectRun(manifest, computed, time.perf_counter() - t0)
-
-
-def _drop_if_changed(out_dir: Path, phash: str, main: bool) -> Manifest | None:
-    """The manifest on disk if it was written with these settings; else (rank 0) delete its shards."""
-    old = read_manifest(out_dir)
-    if old is not None and old.get("params_hash") != phash:
-        if main:
-            print(f"{out_dir}: collection parameters changed since the last run; recollecting")
-            for e in old.get("shards", []):
-                (out_dir / e["file"]).unlink(missing_ok=True)
-            (out_dir / MANIFEST).unlink(missing_ok=True)
-        old = None
-    return old
-
-
-def _finished_shards(out_dir: Path, old: Manifest | None, phash: str) -> dict[int, ShardEntry]:
-    """Shard entries already written with these settings: ``manifest.json``'s and a killed torchrun's per rank."""
-    done = {e["index"]: e for e in (old or {}).get("shards", [])}
-    for part in sorted(out_dir.glob(rank_manifest_name("*"))):
-        m = read_manifest(out_dir, part.name)
-        if m is not None and m.get("params_hash") == phash:
-            done.update({e["index"]: e for e in m.get("shards", [])})
-    return done
 
 
 @dataclass(frozen=True)
@@ -412,20 +358,3 @@ def _write_shards(
         first_row += len(shard_rows)
         index += 1
     return index, first_row, computed
-
-
-def _finish_manifest(
-    out_dir: Path, manifest: Manifest, manifest_name: str, n_shards: int, n_rows: int, n_tokens: int, world_size: int
-) -> None:
-    """Drop shards past the end (an earlier run with more tokens), total up, write the manifest."""
-    for e in manifest["shards"]:
-        if e["index"] >= n_shards:
-            (out_dir / e["file"]).unlink(missing_ok=True)
-    manifest["shards"] = [e for e in manifest["shards"] if e["index"] < n_shards]
-    manifest["n_tokens"] = sum(e["n_tokens"] for e in manifest["shards"])
-    manifest["n_rows"] = n_rows
-    manifest["complete"] = manifest["n_tokens"] == n_tokens
-    atomic_write_json(out_dir / manifest_name, manifest)
-    if world_size == 1:  # everything is in manifest.json now
-        for part in out_dir.glob(rank_manifest_name("*")):
-            part.unlink(missing_ok=True)
