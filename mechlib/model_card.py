@@ -129,21 +129,14 @@ def section_specs(r: RunResults) -> str:
 
 
 def _eval_rows(e: Evaluated) -> list[list[str]]:
-    card = {
-        "var_explained_global": CARD.var_explained_global,
-        "mse": CARD.mse,
-        "l0": CARD.l0,
-        "coverage": CARD.coverage,
-        "dead_fraction": float(CARD.dead),
-    }
     rows = [
         ("Variance explained (per-dimension, held-out)", e.var_explained, None),
-        ("Variance explained (the seed's global formula)", e.var_explained_global, card["var_explained_global"]),
+        ("Variance explained (the seed's global formula)", e.var_explained_global, CARD.var_explained_global),
         (f"PCA baseline, {e.k} components (per-dimension)", e.pca_var_explained, None),
-        ("MSE (per element)", e.mse, card["mse"]),
-        ("L0", e.l0, card["l0"]),
-        ("Coverage (latents firing on held-out tokens)", e.coverage, card["coverage"]),
-        ("Dead fraction", e.dead_fraction, card["dead_fraction"]),
+        ("MSE (per element)", e.mse, CARD.mse),
+        ("L0", e.l0, CARD.l0),
+        ("Coverage (latents firing on held-out tokens)", e.coverage, CARD.coverage),
+        ("Dead fraction", e.dead_fraction, float(CARD.dead)),  # a fraction: 0.000, not the count's "0"
         ("Δ next-token loss, SAE spliced in (nats)", e.delta_ce_loss, None),
         ("KL, SAE spliced in", e.kl, None),
         ("Loss recovered vs mean ablation", e.ce_loss_recovered, None),
