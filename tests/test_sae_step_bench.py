@@ -4,6 +4,7 @@ recorded without costing the rest of the run (the GPU run's logic, with the torc
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -62,6 +63,48 @@ def test_every_candidate_at_both_batches_with_equivalence_and_profile(bench, tmp
     assert report["profile"] and "Name" in "\n".join(report["profile"])
     saved = json.loads(out.read_text())
     assert saved["stage"] == "done" and saved["best"] == report["best"]
+
+
+@pytest.mark.parametrize("outcome", ["chosen", "lost_alone"])
+def test_two_stage_topk_branch_with_the_timings_fixed(bench, monkeypatch, outcome):
+    """The ``<best>_topk<chunk>`` branch without timing noise (a CPU's timing takes it only by chance):
+    ``time_topk`` reports chunk 1024 at half (``lost_alone``: 99 %) of one ``torch.topk``, and a ``_topk``
+    variant's step time is cut to 1 %. A win by >= 3 % alone times ``<plain best>_topk1024``, which is checked for
+    equivalence like every fast variant and, being fastest, is ``best`` with its own ``_no_dead`` run; a near-tie
+    times nothing more. (On a CPU the torch twins ignore the chunk: this checks the benchmark's choice;
+    tests/test_sae_fast.py checks ``topk_chunked`` itself.)"""
+    ratio = 0.99 if outcome == "lost_alone" else 0.5
+    fake = [bench.TopkTiming(c, 1.0 if c == 0 else ratio if c == 1024 else 2.0) for c in bench.TOPK_CHUNKS]
+    monkeypatch.setattr(bench, "time_topk", lambda *args, **kwargs: fake)
+    real = bench.time_variant
+    timed: list[str] = []
+
+    def time_variant(kind, *args, **kwargs):
+        res = real(kind, *args, **kwargs)
+        timed.append(kind)
+        if "_topk" in kind and res.ms_per_step:
+            res = dataclasses.replace(res, ms_per_step=res.ms_per_step / 100)
+        return res
+
+    monkeypatch.setattr(bench, "time_variant", time_variant)
+    report = bench.main(
+        [*FAST_ARGS, "--equiv-steps", "10", "--batches", "512", "--variants", "fast,fast_seg", "--no-profile"]
+    )
+    rows = report["results"]
+    assert not [r for r in rows if r["error"]], rows
+    plain = [r for r in rows if r["variant"] in ("fast", "fast_seg")]
+    plain_best = min(plain, key=lambda r: r["ms_per_step"])["variant"]  # whichever the CPU timing picked
+    two_stage = [k for k in timed if "_topk" in k and not k.endswith("_no_dead")]
+    if outcome == "lost_alone":
+        assert two_stage == [] and report["best"] == plain_best
+        assert set(report["equivalence"]) == {"fast", "fast_seg"}
+    else:
+        assert two_stage == [f"{plain_best}_topk1024"]  # timed once, on the plain best, at the winning chunk
+        assert report["best"] == two_stage[0]
+        assert set(report["equivalence"]) == {"fast", "fast_seg", two_stage[0]}
+    assert timed[-1] == f"{report['best']}_no_dead"
+    eq = report["equivalence"]
+    assert all(e["passed"] and e["exactly_k_active"] and e["heldout_fvu_diff"] <= 0.005 for e in eq.values()), eq
 
 
 def test_a_failing_variant_is_recorded_and_the_run_goes_on(bench, monkeypatch):
