@@ -209,7 +209,7 @@ class Bench:
         warm = time.perf_counter() - t0
         t0 = time.perf_counter()
         n = 0
-        while time.perf_counter() - t0 < seconds:
+        while n == 0 or time.perf_counter() - t0 < seconds:  # >= 1 batch: a stall before the first check times none
             next(outputs)
             n += 1
         _sync(self.device)

@@ -282,7 +282,10 @@ def test_real_smollm2_short_collection(smollm2, tmp_path):
 
 
 def test_benchmark_smoke_runs_on_cpu(tmp_path):
-    """benchmarks/collect.py --device cpu --small: the CPU methods run, agree and are saved (the GPU path's logic)."""
+    """benchmarks/collect.py --device cpu --small: the CPU methods run, agree and are saved (the GPU path's logic).
+
+    ``--seconds 0``: each timed loop still times one batch, so tokens/s > 0 does not hang on the scheduler (with
+    0.1 s, a stall of the test process before the loop's first clock check left 0 batches and 0 tokens/s)."""
     import importlib.util
 
     from mechlib.paths import REPO_ROOT
@@ -291,7 +294,7 @@ def test_benchmark_smoke_runs_on_cpu(tmp_path):
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     rc = bench.main(
-        ["--device", "cpu", "--small", "--seconds", "0.1", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
+        ["--device", "cpu", "--small", "--seconds", "0", "--results", str(tmp_path), "--out-dir", str(tmp_path)]
     )
     assert rc == 0
     (saved,) = tmp_path.glob("collect_*.json")
