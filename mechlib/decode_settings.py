@@ -17,7 +17,7 @@ import torch
 
 from mechlib.graph_decode import GRAPH_MODES, GraphMode
 from mechlib.models import CausalLM, Tokenizer
-from mechlib.stopping import StopWhen, shortest_stopping_prefix
+from mechlib.stopping import StopWhen, mark_stopped, shortest_stopping_prefix
 
 CacheKind = Literal["auto", "dynamic", "static"]
 ResolvedCache = Literal["dynamic", "static"]
@@ -120,12 +120,8 @@ class DecodeSettings:
 
     def mark_stopped(self, out: torch.Tensor, unfinished: torch.Tensor, upto: int) -> None:
         """Mark rows whose first ``upto`` tokens of ``out`` satisfy ``stop_when`` as finished (in place)."""
-        if self.stop_when is None:
-            return
-        rows = out[:, :upto].tolist()
-        for i in torch.nonzero(unfinished).flatten().tolist():
-            if self.stop_when(rows[i]):
-                unfinished[i] = False
+        if self.stop_when is not None:
+            mark_stopped(out, unfinished, upto, self.stop_when)
 
     def cut(self, row: list[int]) -> list[int]:
         """A finished row's ids: cut before its first EOS, then after its shortest stopping prefix

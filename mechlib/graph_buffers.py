@@ -27,7 +27,6 @@ from mechlib.models import CausalLM
 
 if TYPE_CHECKING:
     from mechlib.kv_cache import Cache, Masks
-    from mechlib.stopping import StopWhen
 
 
 class GraphDecodeError(ValueError):
@@ -131,11 +130,3 @@ def load_buffers(
     b.out.fill_(pad_id)
     b.unfinished.fill_(True)
     return b
-
-
-def check_stop_rule(b: StepBuffers, upto: int, stop_when: StopWhen) -> None:
-    """Mark rows whose first ``upto`` output tokens satisfy ``stop_when`` as finished (a host read: between steps)."""
-    rows = b.out[:, :upto].tolist()
-    for i in torch.nonzero(b.unfinished).flatten().tolist():
-        if stop_when(rows[i]):
-            b.unfinished[i] = False

@@ -60,10 +60,11 @@ from weakref import WeakKeyDictionary
 import torch
 
 from mechlib.decode_step import hook_guards, hook_set, hook_set_key, hooks_not_graph_safe, step, supports_logits_to_keep
-from mechlib.graph_buffers import GraphDecodeError, StepBuffers, buffer_step, check_stop_rule, load_buffers, record
+from mechlib.graph_buffers import GraphDecodeError, StepBuffers, buffer_step, load_buffers, record
 from mechlib.kv_cache import CACHE_BUCKET, make_masks, static_cache
 from mechlib.models import CausalLM, text_config
 from mechlib.step_timer import STEP_TIMER
+from mechlib.stopping import mark_stopped
 
 if TYPE_CHECKING:
     from mechlib.kv_cache import Cache
@@ -321,7 +322,7 @@ def graph_greedy(
                 STEP_TIMER.end(ev)
             if not req.ignore_eos and (t + 1) % req.sync_every == 0:
                 if req.stop_when is not None:
-                    check_stop_rule(b, t + 1, req.stop_when)
+                    mark_stopped(b.out, b.unfinished, t + 1, req.stop_when)
                 if not bool(b.unfinished.any()):
                     steps = t + 1
                     break

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Literal
 from mechlib.prompts import decode_text
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
+    from torch import Tensor
     from transformers import PreTrainedTokenizerBase
 
 StopReason = Literal["eos", "answer_line", "limit"]
@@ -78,3 +79,12 @@ def shortest_stopping_prefix(row: Sequence[int], stop_when: StopWhen) -> int | N
         else:
             lo = mid + 1
     return hi
+
+
+def mark_stopped(out: Tensor, unfinished: Tensor, upto: int, stop_when: StopWhen) -> None:
+    """Mark the unfinished rows whose first ``upto`` tokens of ``out`` satisfy ``stop_when`` as finished (in
+    place; a host read, so the decode loops call it every ``sync_every`` steps, the plain and the replayed alike)."""
+    rows = out[:, :upto].tolist()
+    for i in unfinished.nonzero().flatten().tolist():
+        if stop_when(rows[i]):
+            unfinished[i] = False
