@@ -27,7 +27,7 @@ from mechlib.models import LoadedModel
 from mechlib.records import Record
 from mechlib.scoring import truncation_rate
 from mechlib.stats import mcnemar_exact
-from mechlib.steering import SteeringError, SteeringRow, correctness, run_sweep, steering_row
+from mechlib.steering import SteeringError, SteeringRow, SweepCondition, correctness, run_conditions, steering_row
 from mechlib.steering_vector import SteeringVector
 
 
@@ -38,6 +38,18 @@ def random_directions(d_model: int, n: int, seed: int) -> Tensor:
     g = torch.Generator().manual_seed(int(seed))
     v = torch.randn(n, d_model, generator=g, dtype=torch.float64)
     return (v / v.norm(dim=1, keepdim=True)).float()
+
+
+def random_conditions(caa: SteeringVector, scale: float, n_directions: int, seed: int) -> list[SweepCondition]:
+    """The controls as sweep conditions: direction ``i`` at ``scale`` × ``caa``'s norm unit, tag ``_rand{i}``.
+
+    Why a function: chapter 06 hands these to the CAA sweep (``run_sweep(..., also=...)``) so that they
+    share its batches (and, on a GPU, its captured graphs), and :func:`run_random_control` must then
+    name exactly the same conditions to find their records.
+    """
+    unit = torch.as_tensor(caa.unit).float()
+    dirs = random_directions(unit.shape[0], n_directions, seed)
+    return [SweepCondition(caa.with_unit(v), float(scale), f"_rand{i}") for i, v in enumerate(dirs)]
 
 
 @dataclass(frozen=True)
@@ -97,35 +109,38 @@ def run_random_control(
     cache: CacheKind = "auto",
     compile: CompileOption | None = None,
     share_prefix: bool = True,
+    mix: bool | None = None,
 ) -> list[RandomDirectionResult]:
     """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
 
     Each direction is pushed at ``caa``'s layer by the same unit of scale (``caa.mean_norm``). The
-    generation settings are :func:`mechlib.steering.run_sweep`'s. Direction ``i``'s records go to
-    ``steer_L{layer}_rand{i}_{scale}.jsonl`` and resume like the CAA sweep's; a changed seed or layer
-    norm discards them. ``relabel`` (e.g. :func:`mechlib.placeholder.relabel_steered` bound to the
-    baseline) replaces each direction's parser verdicts before they are compared, as the chapter does
-    for the CAA scales.
+    generation settings are :func:`mechlib.steering.run_sweep`'s, and all directions go through one
+    :func:`mechlib.steering.run_conditions` (one hook; on a GPU they share batches). Direction ``i``'s
+    records go to ``steer_L{layer}_rand{i}_{scale}.jsonl`` and resume like the CAA sweep's (chapter 06
+    generates them with its CAA sweep, :func:`random_conditions`, so here they are only read back); a
+    changed seed or layer norm discards them. ``relabel`` (e.g. :func:`mechlib.placeholder.relabel_steered`
+    bound to the baseline) replaces each direction's parser verdicts before they are compared, as the
+    chapter does for the CAA scales.
     """
     unit = torch.as_tensor(caa.unit).float()
-    dirs = random_directions(unit.shape[0], n_directions, seed)
+    conditions = random_conditions(caa, scale, n_directions, seed)
+    generated = run_conditions(
+        loaded,
+        questions,
+        conditions,
+        prompt_format=prompt_format,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        records_dir=records_dir,
+        progress=progress,
+        cache=cache,
+        compile=compile,
+        share_prefix=share_prefix,
+        mix=mix,
+    )
     out = []
-    for i, v in enumerate(dirs):
-        records = run_sweep(
-            loaded,
-            questions,
-            vector=caa.with_unit(v),
-            scales=[scale],
-            tag=f"_rand{i}",
-            prompt_format=prompt_format,
-            max_new_tokens=max_new_tokens,
-            batch_size=batch_size,
-            records_dir=records_dir,
-            progress=progress,
-            cache=cache,
-            compile=compile,
-            share_prefix=share_prefix,
-        )[float(scale)]
+    for i, (c, records) in enumerate(zip(conditions, generated)):
+        v = torch.as_tensor(c.vector.unit).float()
         if relabel is not None:
             records = relabel(records)
         steered = correctness(records)

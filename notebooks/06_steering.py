@@ -59,7 +59,7 @@ from mechlib import contrast, findings, placeholder, plots, results, scoring, se
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
-from mechlib.steering_controls import run_random_control
+from mechlib.steering_controls import random_conditions, run_random_control
 from mechlib.tasks import load_questions
 
 P = from_namespace(globals())
@@ -92,7 +92,9 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 #
 # The held-out questions are generated once per scale with the hook on (greedy, batched; the hook is a
 # context manager, removed even if generation fails). Records go to `records/steer_L{layer}_{scale}.jsonl`;
-# a rerun resumes. The baseline is chapter 04's records of the same questions. Those were generated in
+# a rerun resumes. The random-direction controls of the last section are generated here too, through
+# the same hook: on a CPU each condition still gets batches of its own (their shared prompt prefix then
+# runs once per batch); on a GPU all conditions share full batches and one captured decode graph. The baseline is chapter 04's records of the same questions. Those were generated in
 # other batches; on a GPU in bf16, different padding can flip a rare greedy choice. To measure that floor,
 # add `0.0` to `steering_scales`: the hook then adds an exact zero vector, and its row shows how much
 # changes without any steering. Cached records of every condition are re-scored with the current parser
@@ -115,6 +117,7 @@ sweep = {
         max_new_tokens=P.max_new_tokens,
         batch_size=P.gen_batch_size,
         records_dir=paths.records,
+        also=random_conditions(vec, P.random_control_scale, P.n_random_directions, P.seed),  # read back below
     ).items()
 }
 print(f"sweep done in {time.time() - t0:.1f} s")
@@ -235,6 +238,7 @@ for o in overlaps:
 # columns above) and, paired question by question, with the CAA direction at that scale: "CAA only" and
 # "random only" count the questions that just one of the two gets right, with the exact McNemar p. If the
 # random directions move accuracy as much as CAA does, the effect is the size of the push, not its meaning.
+# (Their answers were generated with the sweep above; this cell reads them back and compares.)
 
 # %%
 controls = run_random_control(
