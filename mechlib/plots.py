@@ -32,7 +32,7 @@ AxesGrid = np.ndarray
 
 
 class AccuracyRow(Protocol):
-    """One steering condition (``steering.SteeringRow``, ``results.ScaleRow``): what the dose–response draws."""
+    """One steering condition (``steering.SteeringRow``, or ``results.ScaleRow``): what the dose–response draws."""
 
     @property
     def scale(self) -> float: ...

@@ -2,8 +2,8 @@
 
 The rows of the file are :class:`mechlib.steering.SteeringRow` flattened, with what each table adds
 (cut-off rate; scoring rule and effect; random direction index, cosine and comparison with CAA):
-:class:`ScaleRow` holds the shared fields, the subclasses their additions, so every row of the
-file reads back into one typed object.
+:class:`ScaleRow` is ``SteeringRow`` as a result record (the fields are declared once, there), the
+subclasses add their fields, so every row of the file reads back into one typed object.
 """
 
 from __future__ import annotations
@@ -13,33 +13,22 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mechlib.results.codec import Record, copy_fields
 from mechlib.scoring import ScoringRule
+from mechlib.steering_rows import SteeringRow  # the row's fields (no cycle: it imports no results module)
 
 if TYPE_CHECKING:  # the domain types these rows are made from (only named in signatures here)
     from mechlib.sensitivity import RowUnderRule
-    from mechlib.steering import SteeringRow
     from mechlib.steering_controls import RandomDirectionResult
 
 Effect = Literal["helps", "harms", "no significant change"]  # mechlib.sensitivity.effect_of
 
 
 @dataclass(frozen=True)
-class ScaleRow(Record):
-    """One steering condition against the unsteered baseline, paired by question (``SteeringRow``'s fields)."""
+class ScaleRow(SteeringRow, Record):
+    """One steering condition against the unsteered baseline, paired by question, as the metrics file holds it.
 
-    scale: float
-    perturbation: float  # % of the layer's mean residual norm
-    n: int
-    accuracy: float
-    accuracy_ci95: tuple[float, float]  # Wilson
-    delta: float  # accuracy − baseline accuracy, same questions
-    delta_ci95: tuple[float, float]  # paired percentile bootstrap
-    recovered: int  # baseline-wrong → now right
-    n_baseline_wrong: int
-    broken: int  # baseline-right → now wrong
-    net_flips: int
-    mcnemar_p: float  # exact, on (recovered, broken)
-    recovered_ids: list[str]
-    broken_ids: list[str]
+    Its fields are :class:`mechlib.steering.SteeringRow`'s, declared once there (the library computes the
+    row; this class only adds the JSON reading and writing of :class:`Record`).
+    """
 
 
 @dataclass(frozen=True)
