@@ -10,8 +10,8 @@ sentences are generated from the numbers of the run at hand, never written for o
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from torch import Tensor
@@ -39,9 +39,6 @@ class PeakUnderRule:
     p_peak: float | None  # against the max-over-layers permutation null
     p_mc_se: float | None  # Monte-Carlo standard error of p_peak
     n_permutations: int
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
     @classmethod
     def from_null(cls, rule: ScoringRule, null: PermutationNull, n_correct: int, n_wrong: int) -> PeakUnderRule:
@@ -156,9 +153,6 @@ class RowUnderRule:
     rule: ScoringRule
     row: SteeringRow
     effect: Effect
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"rule": self.rule, "effect": self.effect, **self.row.as_dict()}
 
 
 def effect_of(row: SteeringRow, alpha: float = ALPHA) -> Effect:

@@ -14,9 +14,8 @@ scale (exact McNemar on the questions where exactly one of the two is right).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -78,15 +77,6 @@ class RandomDirectionResult:
     row: SteeringRow
     vs_caa: PairedComparison | None  # None when the CAA sweep did not include the control scale
     truncated: float  # fraction of its answers cut off at max_new_tokens
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "cos_with_caa": self.cos_with_caa,
-            **self.row.as_dict(),
-            "vs_caa": None if self.vs_caa is None else asdict(self.vs_caa),
-            "truncated": self.truncated,
-        }
 
 
 def run_random_control(

@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import dataclass
 
 from mechlib.records import Record
 from mechlib.stats import bootstrap_ci, mcnemar_exact, wilson_ci
@@ -40,11 +39,6 @@ class SteeringRow:
     mcnemar_p: float  # exact, on (recovered, broken)
     recovered_ids: list[str]
     broken_ids: list[str]
-
-    def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["accuracy_ci95"], d["delta_ci95"] = list(self.accuracy_ci95), list(self.delta_ci95)
-        return d
 
 
 def correctness(records: Sequence[Record] | Sequence[Mapping[str, object]]) -> dict[str, bool]:

@@ -149,8 +149,10 @@ def test_steering_row_counts_and_tests():
     assert row.mcnemar_p == mcnemar_exact(2, 1)
     assert row.delta_ci95[0] <= row.delta <= row.delta_ci95[1]
     assert row.accuracy_ci95[0] < row.accuracy < row.accuracy_ci95[1]
-    d = row.as_dict()
-    assert d["recovered_ids"] == ["b", "e"] and isinstance(d["delta_ci95"], list)
+    from mechlib.results import ScaleRow, copy_fields
+
+    stored = copy_fields(ScaleRow, row).to_json()  # the row as the metrics file holds it, and back
+    assert stored["recovered_ids"] == ["b", "e"] and ScaleRow.from_json(stored) == copy_fields(ScaleRow, row)
     with pytest.raises(SteeringError, match="same questions"):
         steering_row(0.1, baseline, {"a": True}, n_bootstrap=10)
 
