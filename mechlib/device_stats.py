@@ -29,9 +29,26 @@ class ChapterDevice:
     peak_gpu_bytes: int | None  # torch.cuda.max_memory_allocated() over the chapter (None on CPU)
     torch: str | None
     cuda: str | None  # the CUDA version torch was built with
+    # decode steps captured as CUDA graphs in the chapter (mechlib.graph_decode.GRAPHS), and the notes of
+    # batches that could not be captured and took the slower path: None when the chapter decoded nothing
+    graph_captures: int | None = None
+    graph_fallbacks: tuple[str, ...] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChapterDevice:
+        """From :meth:`as_dict`'s JSON (a file written before the graph fields existed reads with None)."""
+        fallbacks = d.get("graph_fallbacks")
+        return cls(**{**d, "graph_fallbacks": None if fallbacks is None else tuple(fallbacks)})
+
+    def graphs_note(self) -> str:
+        """The report's cell: CUDA-graph captures of decode steps, and how many distinct fallback notes."""
+        if self.graph_captures is None:
+            return "—"
+        n = len(self.graph_fallbacks or ())
+        return f"{self.graph_captures}" + (f" ({n} fallback note{'s' * (n != 1)})" if n else "")
 
 
 def snapshot() -> ChapterDevice:
@@ -39,12 +56,21 @@ def snapshot() -> ChapterDevice:
     torch = sys.modules.get("torch")
     version = getattr(torch, "__version__", None)
     cuda = getattr(getattr(torch, "version", None), "cuda", None)
+    captures, fallbacks = _graph_counts()
     if torch is not None and torch.cuda.is_initialized():
         index = torch.cuda.current_device()
-        return ChapterDevice(
-            "cuda", torch.cuda.get_device_name(index), int(torch.cuda.max_memory_allocated(index)), version, cuda
-        )
-    return ChapterDevice("cpu", f"{os.cpu_count()} CPUs", None, version, cuda)
+        name, peak = torch.cuda.get_device_name(index), int(torch.cuda.max_memory_allocated(index))
+        return ChapterDevice("cuda", name, peak, version, cuda, captures, fallbacks)
+    return ChapterDevice("cpu", f"{os.cpu_count()} CPUs", None, version, cuda, captures, fallbacks)
+
+
+def _graph_counts() -> tuple[int | None, tuple[str, ...] | None]:
+    """``mechlib.graph_decode.GRAPHS``' captures and distinct fallback notes; None when the chapter did not
+    try the graph path (the module not imported, or no batch offered to it)."""
+    graphs = getattr(sys.modules.get("mechlib.graph_decode"), "GRAPHS", None)
+    if graphs is None or not (graphs.builds or graphs.errors):
+        return None, None
+    return int(graphs.captures), tuple(dict.fromkeys(graphs.errors))[:20]
 
 
 def write_snapshot(path: str | os.PathLike[str]) -> None:
@@ -68,7 +94,7 @@ def install() -> None:
 def read(path: Path) -> ChapterDevice | None:
     """A snapshot file written by :func:`install`'s hook, or None when the chapter wrote none."""
     try:
-        return ChapterDevice(**json.loads(path.read_text(encoding="utf-8")))
+        return ChapterDevice.from_dict(json.loads(path.read_text(encoding="utf-8")))
     except (OSError, ValueError, TypeError):
         return None
 

@@ -57,14 +57,17 @@ def _section_run(paths: RunPaths, c: Collected | None) -> str:
         header = ["chapter", "s"]
         if devices:
             header += ["device", "peak GPU memory (max_memory_allocated)"]
+            snaps = {name: ChapterDevice.from_dict(d) for name, d in devices.items()}
+            graphs = any(s.graph_captures is not None for s in snaps.values())
+            header += ["decode steps captured as CUDA graphs"] if graphs else []
             for row in rows:
-                d = devices.get(row[0])
-                device = None if d is None else ChapterDevice(**d)
+                device = snaps.get(str(row[0]))
                 row += (
                     ["—", "—"]
                     if device is None
                     else [f"{device.device} ({device.device_name})", format_bytes(device.peak_gpu_bytes)]
                 )
+                row += [device.graphs_note() if device else "—"] if graphs else []
         text += "\nChapter wall times, each from the chapter's latest run (seconds):\n\n" + table(header, rows)
         text += "\n"
     return text + "\n" + figures(paths, "01_") + "\n"

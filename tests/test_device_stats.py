@@ -78,3 +78,50 @@ def test_the_runner_records_each_chapters_device_and_the_report_shows_it(tmp_pat
     assert list(timings) == list(devices) == ["01_fake", "02_fake"]
     report = (tmp_path / "outputs" / "trial" / "REPORT.md").read_text()
     assert "| 01_fake |" in report and "| 02_fake |" in report
+
+
+def test_snapshot_counts_the_chapters_decode_graph_captures(monkeypatch, tmp_path):
+    """After a chapter that offered batches to mechlib.graph_decode, the snapshot says how many it captured and
+    which batches fell back (a GPU run's evidence that the steering sweep replays one graph); before, None."""
+    import sys
+
+    from mechlib.graph_decode import GraphHolder
+
+    holder = GraphHolder()
+    monkeypatch.setattr(sys.modules["mechlib.graph_decode"], "GRAPHS", holder)
+    assert device_stats.snapshot().graph_captures is None and device_stats.snapshot().graphs_note() == "—"
+    holder.builds, holder.captures = 3, 2
+    holder.errors += ["capture failed: X", "capture failed: X", "not captured, hooks without graph_key(): y"]
+    snap = device_stats.snapshot()
+    assert snap.graph_captures == 2 and snap.graph_fallbacks == ("capture failed: X", snap.graph_fallbacks[1])
+    assert snap.graphs_note() == "2 (2 fallback notes)"
+    path = tmp_path / ".device_06.json"
+    device_stats.write_snapshot(path)
+    assert device_stats.read(path) == snap  # the tuple survives the JSON round trip
+    old = {k: v for k, v in snap.as_dict().items() if not k.startswith("graph_")}  # a file from before the fields
+    assert device_stats.ChapterDevice.from_dict(old).graph_captures is None
+
+
+def test_report_shows_the_graph_column_only_when_a_chapter_captured(tmp_path, monkeypatch):
+    import json
+
+    import mechlib.paths
+    from mechlib.paths import RunPaths
+    from mechlib.report import write_report
+
+    monkeypatch.setattr(mechlib.paths, "OUTPUTS_DIR", tmp_path / "outputs")
+    monkeypatch.setenv("MECHBOOK_OUTPUTS", str(tmp_path / "outputs"))
+    paths = RunPaths("g").make()
+    cpu = device_stats.ChapterDevice("cpu", "2 CPUs", None, "2.13", None)
+    (paths.metrics / "book_timings.json").write_text(json.dumps({"04_gsm8k_baseline": 1.0, "06_steering": 2.0}))
+    devices = {"04_gsm8k_baseline": cpu.as_dict(), "06_steering": cpu.as_dict()}
+    (paths.metrics / "book_devices.json").write_text(json.dumps(devices))
+    assert "CUDA graphs" not in write_report("g").read_text()
+    gpu = device_stats.ChapterDevice("cuda", "NVIDIA H200", 2**30, "2.13", "13.0", 1, ())
+    devices["06_steering"] = gpu.as_dict()
+    (paths.metrics / "book_devices.json").write_text(json.dumps(devices))
+    report = write_report("g").read_text()
+    assert (
+        "decode steps captured as CUDA graphs" in report
+        and "| 06_steering | 2 | cuda (NVIDIA H200) | 1.00 GiB | 1 |" in report
+    )
