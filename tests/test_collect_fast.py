@@ -190,7 +190,12 @@ def test_stack_mode_pads_a_short_batch_to_the_compiled_size(tiny_gemma4, monkeyp
         short = forward(ids[:3])
         want = run_to_layer(model, 2, input_ids=ids[:3])
     assert shapes == [(4, 24), (4, 24)] and short.shape[0] == 3
-    assert torch.equal(short, want) and torch.equal(full[:3], want)
+    # same row count as the full batch: a row's arithmetic does not depend on the other rows, so bit-equal
+    assert torch.equal(short, full[:3])
+    # 4 rows against the plain path's 3: BLAS may block the rows differently (e.g. oneDNN on an AMX Xeon),
+    # reordering fp32 sums. Values reach ~12 here and fp32 rounding of the stack is ~2e-5 (against fp64);
+    # a leaked padding row or a wrong row is an O(1) difference, far outside this tolerance.
+    torch.testing.assert_close(short, want, rtol=1e-5, atol=1e-4)
 
 
 # ------------------------------------------------------------------------------ shard writer
