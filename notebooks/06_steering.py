@@ -94,8 +94,9 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 # context manager, removed even if generation fails). Records go to `records/steer_L{layer}_{scale}.jsonl`;
 # a rerun resumes. The random-direction controls of the last section are generated here too, through
 # the same hook: on a CPU each condition still gets batches of its own (their shared prompt prefix then
-# runs once per batch); on a GPU all conditions share full batches and one captured decode graph. The baseline is chapter 04's records of the same questions. Those were generated in
-# other batches; on a GPU in bf16, different padding can flip a rare greedy choice. To measure that floor,
+# runs once per batch); on a GPU all conditions share full batches and one captured decode graph. The
+# baseline is chapter 04's records of the same questions. Those were generated in other batches; on a
+# GPU in bf16, different padding can flip a rare greedy choice. To measure that floor,
 # add `0.0` to `steering_scales`: the hook then adds an exact zero vector, and its row shows how much
 # changes without any steering. Cached records of every condition are re-scored with the current parser
 # when they are loaded, like the baseline's.
