@@ -68,12 +68,13 @@ step stream_study 130 $PY benchmarks/stream_study.py --seconds 25 --results "$RE
 # (seconds of warm-up + capture, ~2 s steady), eager static b128 ~40 s (one call), hf_dynamic_b64 ~30 s,
 # graph_inductor_b256 ~90 s (inductor compile), mechlib_b128 ~85 s (79 s first call measured),
 # hf_static_b128 ~130 s (123 s first call on an H100): ~6.5 min with the model build; hf_dynamic_b1 last (~15 s),
-# if time is left; 480 s limit.
-step generate 480 $PY benchmarks/generate.py \
+# if time is left; 470 s limit.
+step generate 470 $PY benchmarks/generate.py \
     --only mechlib_graph_b128,mechlib_graph_b256,mechlib_eager_static_b128,hf_dynamic_b64,mechlib_graph_inductor_b256,mechlib_b128,hf_static_b128,hf_dynamic_b1 \
     --results "$RESULTS"
 # graph_tests (issue 11): capture/replay == the eager buffer step on tiny models (graph mode: Llama, Gemma 4,
-# Qwen 3.5; graph-inductor: Llama, three compiles) and the compiled-path CUDA tests; ~1.5 min estimated, after
-# generate so that the measurement comes first.
-step graph_tests 100 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
+# Qwen 3.5; graph-inductor: Llama, three compiles) and the compiled-path CUDA tests, with chapter 06's mixed
+# steering sweep (one graph for every scale and control); ~1.5 min estimated, after generate so that the
+# measurement comes first.
+step graph_tests 110 $PY -m pytest -q -p no:cacheprovider tests/test_graph_decode.py -k cuda tests/test_generate_cuda.py
 exit $status
