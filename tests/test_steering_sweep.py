@@ -158,3 +158,20 @@ def test_a_mixed_sweep_replays_one_graph_for_every_scale_and_control(tiny_llama,
         GRAPHS.free(model)
     for p, g in zip(plain, graphed):
         assert [r.generation for r in p] == [r.generation for r in g]
+
+
+def test_a_mixed_sweep_resumes_with_only_the_missing_rows(tiny_llama, tmp_path, monkeypatch):
+    """A rerun with two more conditions (say, more random directions) generates only their rows, still in
+    full batches; the finished conditions are read back unchanged."""
+    model, tok = tiny_llama
+    loaded = LoadedModel(model, tok, "tiny", len(decoder_layers(model)), 64)
+    questions = arithmetic_questions(5, seed=0)
+    conditions = _conditions(64)
+    kw = dict(prompt_format="gemma_manual", max_new_tokens=4, batch_size=4, progress=False, mix=True)
+    first = run_conditions(loaded, questions, conditions[:3], records_dir=tmp_path, **kw)
+    sizes = _calls(monkeypatch)
+    both = run_conditions(loaded, questions, conditions, records_dir=tmp_path, **kw)
+    assert sizes == [4, 4, 4]  # 2 new conditions x 5 questions = 10 rows: 4 + 4 + 2 filled to 4
+    assert [[r.generation for r in c] for c in both[:3]] == [[r.generation for r in c] for c in first]
+    apart = run_conditions(loaded, questions, conditions[3:], records_dir=tmp_path / "apart", **{**kw, "mix": False})
+    assert [[r.generation for r in c] for c in both[3:]] == [[r.generation for r in c] for c in apart]
