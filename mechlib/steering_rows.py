@@ -89,7 +89,7 @@ def steering_row(
 
 @dataclass(frozen=True)
 class RecoveredOverlap:
-    """How far the questions two scales recovered coincide (chapter 06's ``results.Overlap``)."""
+    """How far the questions two scales recovered coincide (chapter 06 stores it as ``results.Overlap``)."""
 
     scale_a: float
     scale_b: float

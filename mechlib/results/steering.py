@@ -13,7 +13,10 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mechlib.results.codec import Record, copy_fields
 from mechlib.scoring import ScoringRule
-from mechlib.steering_rows import SteeringRow  # the row's fields (no cycle: it imports no results module)
+from mechlib.steering_rows import (
+    RecoveredOverlap,
+    SteeringRow,
+)  # the row's fields (no cycle: it imports no results module)
 
 if TYPE_CHECKING:  # the domain types these rows are made from (only named in signatures here)
     from mechlib.sensitivity import RowUnderRule
@@ -65,16 +68,9 @@ class ScaleVerdict(Record):
 
 
 @dataclass(frozen=True)
-class Overlap(Record):
-    """How far the recovered sets of two scales coincide."""
-
-    scale_a: float
-    scale_b: float
-    n_a: int
-    n_b: int
-    intersection: int
-    shared_ids: list[str]
-    jaccard: float  # 0 when both sets are empty
+class Overlap(RecoveredOverlap, Record):
+    """How far the recovered sets of two scales coincide: :class:`mechlib.steering.RecoveredOverlap` (its
+    fields, declared once there) as a result record."""
 
 
 @dataclass(frozen=True)
