@@ -13,10 +13,9 @@ from typing import TYPE_CHECKING, ClassVar, Literal
 
 from mechlib.results.codec import Record, copy_fields
 from mechlib.scoring import ScoringRule
-from mechlib.steering_rows import (
-    RecoveredOverlap,
-    SteeringRow,
-)  # the row's fields (no cycle: it imports no results module)
+
+# the domain rows whose fields these records share (no cycle: steering_rows imports no results module)
+from mechlib.steering_rows import RecoveredOverlap, SteeringRow
 
 if TYPE_CHECKING:  # the domain types these rows are made from (only named in signatures here)
     from mechlib.sensitivity import RowUnderRule
