@@ -79,33 +79,25 @@ def test_controls_generated_with_the_sweep_are_read_back_not_generated(tiny_llam
 
     monkeypatch.setattr(generate, "generate_ids", boom)
     baseline = {q.id: True for q in questions}
-    controls = run_random_control(
-        loaded,
-        questions,
-        caa=vec,
-        scale=0.5,
-        n_directions=2,
-        seed=7,
-        baseline=baseline,
-        caa_at_scale=None,
-        n_bootstrap=50,
-        **kw,
-    )
-    assert [c.index for c in controls] == [0, 1]
-    # a third direction was not generated with the sweep: asking for it must generate
-    with pytest.raises(AssertionError, match="generated with the sweep"):
-        run_random_control(
+
+    def controls(n_directions: int):
+        return run_random_control(
             loaded,
             questions,
             caa=vec,
             scale=0.5,
-            n_directions=3,
+            n_directions=n_directions,
             seed=7,
             baseline=baseline,
             caa_at_scale=None,
             n_bootstrap=50,
             **kw,
         )
+
+    assert [c.index for c in controls(2)] == [0, 1]
+    # a third direction was not generated with the sweep: asking for it must generate
+    with pytest.raises(AssertionError, match="generated with the sweep"):
+        controls(3)
 
 
 def test_conditions_come_back_in_the_order_asked_and_bad_sets_are_refused(tiny_llama, tmp_path):
