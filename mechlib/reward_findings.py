@@ -165,12 +165,13 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
     parts = []
     for a in arms:
         h = a.heldout
-        sign = "rose" if h.k_after > h.k_before else "fell" if h.k_after < h.k_before else "stayed"
-        sig = "significantly" if h.p_mcnemar < ALPHA else "not significantly"
-        parts.append(
-            f"{a.arm}: held-out accuracy {sign} from {h.k_before}/{h.n} to {h.k_after}/{h.n} "
-            f"({sig}: McNemar p = {h.p_mcnemar:.3f}, {h.b} fixed, {h.c} broken)"
-        )
+        if h.k_after == h.k_before:  # b fixed and b broken: the McNemar test still says whether that is noise
+            change = f"unchanged at {h.k_after}/{h.n}"
+            sig = "McNemar p"
+        else:
+            change = f"{'rose' if h.k_after > h.k_before else 'fell'} from {h.k_before}/{h.n} to {h.k_after}/{h.n}"
+            sig = f"{'significantly' if h.p_mcnemar < ALPHA else 'not significantly'}: McNemar p"
+        parts.append(f"{a.arm}: held-out accuracy {change} ({sig} = {h.p_mcnemar:.3f}, {h.b} fixed, {h.c} broken)")
     text = "; ".join(parts) + "."
     if n_steps < MIN_TREND_STEPS:
         return text + (

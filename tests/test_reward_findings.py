@@ -61,7 +61,7 @@ def test_too_few_steps_or_an_unrewarded_arm_cannot_tell(paths):
     assert short.hacking is None and unrewarded.hacking is None
     text = rf.training_verdict([short])
     assert "too short to tell a trend" in text and "Reward-hacking signature" not in text
-    assert "stayed from 19/50 to 19/50 (not significantly: McNemar p = 1.000" in text
+    assert "unchanged at 19/50 (McNemar p = 1.000, 0 fixed, 0 broken)" in text
 
 
 def test_verdict_words_follow_the_direction_and_significance(paths):
@@ -109,5 +109,5 @@ def test_finding_names_both_selections_and_the_training_result(paths):
     text = rf.reward_finding(row("SAE A", 0.7), row("SAE B", 0.9), "It predicted.", [arm], GrpoSettings(steps=2))
     assert text.startswith("Stage Gate 1 (SAE A, 50 held-out answers): AUROC 0.700 [0.60, 0.80]")
     assert "It predicted. The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
-    assert "GRPO (2 steps per arm): feature: held-out accuracy stayed" in text
+    assert "GRPO (2 steps per arm): feature: held-out accuracy unchanged at 19/50" in text
     assert "The other selection" not in rf.reward_finding(row("A", 0.7), None, "x.", [arm], GrpoSettings(steps=2))
