@@ -198,13 +198,11 @@ def reward_finding(
     arms: Sequence[ArmResult],
     settings: GrpoSettings,
 ) -> str:
-    """The chapter's "What this run found": Stage Gate 1 (the trained-with selection, and the other one for
-    comparison), then what training on the reward did."""
-    gate = (
-        f"Stage Gate 1 ({trained.name}, {trained.n} held-out answers): AUROC {_num(trained.auroc)} "
-        f"[{_ci(trained.auroc_ci)}], Spearman ρ {_num(trained.spearman_rho)}, permutation p "
-        f"{_num(trained.auroc_p_perm)}. {gate_verdict}"
-    )
+    """The chapter's "What this run found": Stage Gate 1 (``gate_verdict``, written by
+    :func:`mechlib.readouts.stage_gate_verdict` for ``trained``, the selection GRPO trains with, and the other
+    selection's AUROC for comparison), then what training on the reward did."""
+    # the verdict already gives the trained selection's AUROC, interval, p and n: only ρ is added
+    gate = f"Stage Gate 1: {gate_verdict} Its Spearman ρ with correctness: {_num(trained.spearman_rho)}."
     if other is not None:
         gate += (
             f" The other selection, {other.name}, scored AUROC {_num(other.auroc)} [{_ci(other.auroc_ci)}] on the "

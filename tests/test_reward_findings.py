@@ -107,7 +107,7 @@ def test_finding_names_both_selections_and_the_training_result(paths):
 
     arm = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     text = rf.reward_finding(row("SAE A", 0.7), row("SAE B", 0.9), "It predicted.", [arm], GrpoSettings(steps=2))
-    assert text.startswith("Stage Gate 1 (SAE A, 50 held-out answers): AUROC 0.700 [0.60, 0.80]")
-    assert "It predicted. The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
+    assert text.startswith("Stage Gate 1: It predicted. Its Spearman ρ with correctness: 0.300.")
+    assert "The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
     assert "GRPO (2 steps per arm): feature: held-out accuracy unchanged at 19/50" in text
     assert "The other selection" not in rf.reward_finding(row("A", 0.7), None, "x.", [arm], GrpoSettings(steps=2))
