@@ -92,16 +92,48 @@ def _check_curve(curve: CurvePoints) -> None:
         )
 
 
+_LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def _same_as(arm: int, values: Sequence[Sequence[float]], names: Sequence[str]) -> str:
+    """`` (= correctness)`` when arm ``arm``'s values equal an earlier arm's, else ``""``.
+
+    Why: after a few steps from the same seed, arms often sample the same completions, and their
+    curves then coincide; the legend says so instead of leaving the reader to wonder where a line went.
+    """
+    mine = [float(v) for v in values[arm]]
+    for j in range(arm):
+        other = [float(v) for v in values[j]]
+        if len(other) == len(mine) and all(a == b or (math.isnan(a) and math.isnan(b)) for a, b in zip(mine, other)):
+            return f" (= {names[j]})"
+    return ""
+
+
 def draw_training_curves(ax_correct: Axes, ax_feature: Axes, curves: Sequence[CurvePoints]) -> None:
-    """Per arm, sampled accuracy (left axes) and feature reward (right axes) over GRPO steps, same colour per arm."""
-    for i, curve in enumerate(curves):
+    """Per arm, sampled accuracy (left axes) and feature reward (right axes) over GRPO steps, same colour per arm.
+
+    Arms drawn later get smaller markers and other line styles, so a curve that lies on an earlier
+    one still shows (nested markers), and its legend entry names the arm it equals.
+    """
+    names = [c.arm for c in curves]
+    for curve in curves:
         _check_curve(curve)
+    for i, curve in enumerate(curves):
         steps = list(curve.steps)
-        ax_correct.plot(steps, list(curve.correct), marker="o", ms=3, lw=1, color=f"C{i % 10}", label=curve.arm)
+        style = {
+            "marker": "o",
+            "ms": max(3.0, 7.0 - 2.0 * i),
+            "lw": 1,
+            "ls": _LINE_STYLES[i % len(_LINE_STYLES)],
+            "color": f"C{i % 10}",
+        }
+        label = curve.arm + _same_as(i, [c.correct for c in curves], names)
+        ax_correct.plot(steps, list(curve.correct), label=label, **style)
         feature = [float(v) for v in curve.feature]
         if all(math.isnan(v) for v in feature):  # an arm that never computed the reward draws nothing there
             continue
-        ax_feature.plot(steps, feature, marker="o", ms=3, lw=1, color=f"C{i % 10}", label=curve.arm)
+        label = curve.arm + _same_as(i, [c.feature for c in curves], names)
+        ax_feature.plot(steps, feature, label=label, **style)
     ax_correct.set_ylim(-0.02, 1.02)
     ax_correct.set_ylabel("accuracy of sampled completions")
     ax_correct.set_title("sampled accuracy during training", fontsize=9)

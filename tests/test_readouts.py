@@ -194,6 +194,14 @@ def test_figures_draw_one_mark_per_readout_arm_and_condition():
     ]
     fig, axes = plot_training_curves(curves)
     assert len(axes[0, 0].lines) == 3 and len(axes[0, 1].lines) == 2  # the correctness arm has no reward line
+    assert [ln.get_label() for ln in axes[0, 0].lines] == [c.arm for c in curves]  # no two curves coincide
+    plt.close(fig)
+
+    same = [*curves[1:], CurvePoints("copy", [0, 1, 2], [0.2, 0.25, 0.3], [0.1, 0.3, 0.5])]  # equals the first
+    fig, axes = plot_training_curves(same)
+    for ax in axes[0, :2]:
+        assert [ln.get_label() for ln in ax.lines] == ["correctness+feature", "feature", "copy (= correctness+feature)"]
+        assert ax.lines[0].get_markersize() > ax.lines[2].get_markersize()  # the later one nests inside
     plt.close(fig)
 
     arms = [ArmAccuracy(c.arm, 50, 0.3, (0.19, 0.44), 0.3 + 0.05 * i, (0.2, 0.6)) for i, c in enumerate(curves)]
