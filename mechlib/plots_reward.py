@@ -120,20 +120,14 @@ def draw_training_curves(ax_correct: Axes, ax_feature: Axes, curves: Sequence[Cu
         _check_curve(curve)
     for i, curve in enumerate(curves):
         steps = list(curve.steps)
-        style = {
-            "marker": "o",
-            "ms": max(3.0, 7.0 - 2.0 * i),
-            "lw": 1,
-            "ls": _LINE_STYLES[i % len(_LINE_STYLES)],
-            "color": f"C{i % 10}",
-        }
+        ms, ls, colour = max(3.0, 7.0 - 2.0 * i), _LINE_STYLES[i % len(_LINE_STYLES)], f"C{i % 10}"
         label = curve.arm + _same_as(i, [c.correct for c in curves], names)
-        ax_correct.plot(steps, list(curve.correct), label=label, **style)
+        ax_correct.plot(steps, list(curve.correct), marker="o", ms=ms, lw=1, ls=ls, color=colour, label=label)
         feature = [float(v) for v in curve.feature]
         if all(math.isnan(v) for v in feature):  # an arm that never computed the reward draws nothing there
             continue
         label = curve.arm + _same_as(i, [c.feature for c in curves], names)
-        ax_feature.plot(steps, feature, label=label, **style)
+        ax_feature.plot(steps, feature, marker="o", ms=ms, lw=1, ls=ls, color=colour, label=label)
     ax_correct.set_ylim(-0.02, 1.02)
     ax_correct.set_ylabel("accuracy of sampled completions")
     ax_correct.set_title("sampled accuracy during training", fontsize=9)
