@@ -165,7 +165,7 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
     parts = []
     for a in arms:
         h = a.heldout
-        if h.k_after == h.k_before:  # b fixed and b broken: the McNemar test still says whether that is noise
+        if h.k_after == h.k_before:  # as many fixed as broken (maybe none): McNemar still says if that is noise
             change = f"unchanged at {h.k_after}/{h.n}"
             sig = "McNemar p"
         else:
