@@ -233,7 +233,9 @@ def test_every_chapter_that_saves_a_figure_shows_it():
 def test_every_metrics_file_reads_back_into_its_class_unchanged(cls):
     """What a chapter wrote is what report.py and the model card read: every key, every value."""
     raw = metrics(cls.FILE)
-    assert results.load(PATHS.metrics, cls).to_json() == raw
+    obj = results.load(PATHS.metrics, cls)
+    assert obj.to_json() == raw  # same keys, same values (JSON key order aside)
+    assert cls.from_json(json.loads(json.dumps(obj.to_json()))) == obj
 
 
 @pytest.mark.parametrize(
