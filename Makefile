@@ -66,8 +66,8 @@ TEST_RUN ?= test-default
 
 nbval: setup
 	MECHBOOK_TEST_RUN=$(NBVAL_RUN) TQDM_DISABLE=1 $(PY) -m pytest -q -p no:cacheprovider --nbval-lax \
-		--nbval-sanitize-with tests/sanitize.cfg outputs/$(NBVAL_RUN)/notebooks tests/test_book_outputs.py tests/test_model_card_run.py \
-		tests/test_browser.py::test_run_site_in_chromium
+		--nbval-sanitize-with tests/sanitize.cfg outputs/$(NBVAL_RUN)/notebooks \
+		tests/test_book_outputs.py tests/test_model_card_run.py tests/test_browser.py::test_run_site_in_chromium
 
 test: lint unit
 	$(PY) -m mechlib.book params/default.yaml --run $(TEST_RUN)
