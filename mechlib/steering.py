@@ -22,7 +22,15 @@ from pathlib import Path
 from mechlib.contrast import BaselineSplit, LayerStates, mean_difference
 from mechlib.steering_card import CardHookCheck, changed_first, check_card_hook
 from mechlib.steering_rows import RecoveredOverlap, SteeringRow, correctness, recovered_overlaps, steering_row
-from mechlib.steering_sweep import RowSteering, SweepCondition, run_conditions, run_sweep, scale_tag, steer_records_path
+from mechlib.steering_sweep import (
+    RowSteering,
+    SweepCondition,
+    SweepOptions,
+    run_conditions,
+    run_sweep,
+    scale_tag,
+    steer_records_path,
+)
 from mechlib.steering_vector import SteeringError, SteeringVector, steering_delta, steering_hook
 
 __all__ = [
@@ -33,6 +41,7 @@ __all__ = [
     "SteeringRow",
     "SteeringVector",
     "SweepCondition",
+    "SweepOptions",
     "changed_first",
     "check_card_hook",
     "correctness",

@@ -15,18 +15,25 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Unpack
 
 import torch
 from torch import Tensor
 
-from mechlib.generate import CacheKind, CompileOption
 from mechlib.gsm8k import Question
 from mechlib.models import LoadedModel
 from mechlib.records import Record
 from mechlib.scoring import truncation_rate
 from mechlib.stats import mcnemar_exact
-from mechlib.steering import SteeringError, SteeringRow, SweepCondition, correctness, run_conditions, steering_row
+from mechlib.steering import (
+    SteeringError,
+    SteeringRow,
+    SweepCondition,
+    SweepOptions,
+    correctness,
+    run_conditions,
+    steering_row,
+)
 from mechlib.steering_vector import SteeringVector
 
 
@@ -89,22 +96,14 @@ def run_random_control(
     seed: int,
     baseline: Mapping[str, bool],
     caa_at_scale: Mapping[str, bool] | None,
-    prompt_format: str,
-    max_new_tokens: int,
-    batch_size: int,
-    records_dir: str | Path,
     n_bootstrap: int = 2000,
     relabel: Callable[[list[Record]], list[Record]] | None = None,
-    progress: bool = True,
-    cache: CacheKind = "auto",
-    compile: CompileOption | None = None,
-    share_prefix: bool = True,
-    mix: bool | None = None,
+    **options: Unpack[SweepOptions],
 ) -> list[RandomDirectionResult]:
     """Sweep ``n_directions`` random unit directions at ``scale`` and compare each with baseline and CAA.
 
     Each direction is pushed at ``caa``'s layer by the same unit of scale (``caa.mean_norm``). The
-    generation settings are :func:`mechlib.steering.run_sweep`'s, and all directions go through one
+    generation settings (``options``) are :func:`mechlib.steering.run_sweep`'s, and all directions go through one
     :func:`mechlib.steering.run_conditions` (one hook; on a GPU they share batches). Direction ``i``'s
     records go to ``steer_L{layer}_rand{i}_{scale}.jsonl`` and resume like the CAA sweep's (chapter 06
     generates them with its CAA sweep, :func:`random_conditions`, so here they are only read back); a
@@ -114,20 +113,7 @@ def run_random_control(
     """
     unit = torch.as_tensor(caa.unit).float()
     conditions = random_conditions(caa, scale, n_directions, seed)
-    generated = run_conditions(
-        loaded,
-        questions,
-        conditions,
-        prompt_format=prompt_format,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        records_dir=records_dir,
-        progress=progress,
-        cache=cache,
-        compile=compile,
-        share_prefix=share_prefix,
-        mix=mix,
-    )
+    generated = run_conditions(loaded, questions, conditions, **options)
     out = []
     for i, (c, records) in enumerate(zip(conditions, generated)):
         v = torch.as_tensor(c.vector.unit).float()

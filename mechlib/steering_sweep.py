@@ -25,7 +25,7 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple, TypedDict
+from typing import NamedTuple, Required, TypedDict, Unpack
 
 import torch
 from torch import Tensor, nn
@@ -45,6 +45,7 @@ from mechlib.stopping import AnswerLineStop
 __all__ = [
     "RowSteering",
     "SweepCondition",
+    "SweepOptions",
     "run_conditions",
     "run_sweep",
     "scale_tag",
@@ -135,46 +136,44 @@ class RowSteering:
         return replace_layer_output(out, h + d[:, None, :])
 
 
+class SweepOptions(TypedDict, total=False):
+    """How :func:`run_conditions` generates and where it writes: its keywords, which :func:`run_sweep` and
+    :func:`mechlib.steering_controls.run_random_control` pass on unchanged (so a new option reaches both).
+
+    The four without a default are required; the defaults of the others are :func:`run_conditions`'.
+    """
+
+    prompt_format: Required[str]
+    max_new_tokens: Required[int]
+    batch_size: Required[int]
+    records_dir: Required[str | os.PathLike[str]]
+    progress: bool
+    cache: CacheKind
+    compile: CompileOption | None
+    share_prefix: bool
+    mix: bool | None
+
+
 def run_sweep(
     loaded: LoadedModel,
     questions: Sequence[Question],
     *,
     vector: SteeringVector,
     scales: Sequence[float],
-    prompt_format: str,
-    max_new_tokens: int,
-    batch_size: int,
-    records_dir: str | os.PathLike[str],
-    progress: bool = True,
     tag: str = "",
     also: Sequence[SweepCondition] = (),
-    cache: CacheKind = "auto",
-    compile: CompileOption | None = None,
-    share_prefix: bool = True,
-    mix: bool | None = None,
+    **options: Unpack[SweepOptions],
 ) -> dict[float, list[Record]]:
     """Generate every held-out question at every scale with ``vector`` steering; records per scale.
 
     :func:`run_conditions` over ``(vector, scale, tag)`` for each scale, plus the conditions in
     ``also`` (same layer), which share its batches and are written to their own files but not
-    returned. Each scale's records go to ``records/steer_L{layer}{tag}_{scale}.jsonl``.
+    returned. Each scale's records go to ``records/steer_L{layer}{tag}_{scale}.jsonl``. ``options``
+    (:class:`SweepOptions`) go to :func:`run_conditions` unchanged.
     """
     scales = list(dict.fromkeys(float(s) for s in scales))
     mine = [SweepCondition(vector, s, tag) for s in scales]
-    records = run_conditions(
-        loaded,
-        questions,
-        [*mine, *also],
-        prompt_format=prompt_format,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        records_dir=records_dir,
-        progress=progress,
-        cache=cache,
-        compile=compile,
-        share_prefix=share_prefix,
-        mix=mix,
-    )
+    records = run_conditions(loaded, questions, [*mine, *also], **options)
     return dict(zip(scales, records[: len(mine)]))
 
 
