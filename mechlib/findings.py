@@ -225,14 +225,17 @@ def steering_finding(
     return text
 
 
-def lens_finding(commit: int | None, n_layers: int, last_token: str, last_prob: float) -> str:
+def lens_finding(commit: int | None, n_layers: int, last_token: str, last_prob: float, threshold: float = 0.5) -> str:
+    """Chapter 07's sentence. ``threshold`` is the English share a layer must reach (``>=``), named in the
+    text because a layer exactly at it (6 of 12 positions at 0.5) counts."""
     depth = CARD.english_layer / CARD.n_layers
     card = f"the card's first English layer: {CARD.english_layer} of {CARD.n_layers} ({depth:.0%} of depth)"
+    share = f"English words at {threshold:.0%} or more of the positions"
     if commit is None:
-        head = f"No layer's top tokens are mostly English words ({card}). "
+        head = f"No layer's top tokens are {share} ({card}). "
     else:
         head = (
-            f"The lens's top tokens become mostly English words from layer {commit} of {n_layers} "
+            f"The lens's top tokens are {share} from layer {commit} of {n_layers} "
             f"({commit / n_layers:.0%} of depth; {card}). "
         )
     return head + f"At the last position the final layer predicts {last_token!r} (p = {last_prob:.2f})."

@@ -234,8 +234,9 @@ def section_lens(r: RunResults) -> str:
         return text + _not_run("07 (logit lens)")
     lens = r.lens
     return (
-        text + f"Each layer's residual through the final norm and the unembedding: the top tokens are mostly "
-        f"English words from layer **{_f(lens.english_commitment_layer)}** of {_f(lens.n_layers)} (the card: "
+        text + f"Each layer's residual through the final norm and the unembedding: the top tokens are English "
+        f"words at {lens.english_threshold:.0%} or more of the positions from layer "
+        f"**{_f(lens.english_commitment_layer)}** of {_f(lens.n_layers)} (the card: "
         f"{CARD.english_layer} of {CARD.n_layers}).\n" + _found(lens.finding)
     )
 

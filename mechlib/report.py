@@ -223,7 +223,8 @@ def _section_lens(paths: RunPaths, m: Lens | None) -> str:
     ]
     return (
         "## Logit lens (chapter 07)\n\n"
-        f"First layer whose top tokens are mostly English words: **{fmt(m.english_commitment_layer)}**"
+        f"First layer whose top tokens are English words at {m.english_threshold:.0%} or more of the positions: "
+        f"**{fmt(m.english_commitment_layer)}**"
         f" of {fmt(m.n_layers)} (the card: {CARD.english_layer} of {CARD.n_layers}).\n\n"
         + (
             table(["layer", "English share of positions", "top token, last position", "probability"], rows) + "\n\n"

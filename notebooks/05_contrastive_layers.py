@@ -182,12 +182,12 @@ print(
 #
 # The CAA vector is `mean(h | correct) − mean(h | wrong)` at the peak layer over the contrast set,
 # unit-normalised, saved as `checkpoints/steering_vec_L{peak}.pt` with its provenance and the layer's mean
-# residual norm (mean ‖h‖ over the contrast prompts' non-special tokens — the unit in which chapter 06
-# gives its scales). Is the direction *readable*? We project each **held-out** question's state on it and
-# ask whether a higher projection goes with a correct answer (Spearman ρ with its p-value). The held-out
-# questions played no part in finding the direction, so this is a fair test; the study's companion model
-# reports ρ = 0.540. The confound above applies here too: on a mixed-difficulty task a direction that
-# reads the question type also "predicts" correctness.
+# residual norm (mean ‖h‖ over the non-special tokens of all chapter 04 prompts, contrast and held-out: no
+# label enters it — the unit in which chapter 06 gives its scales). Is the direction *readable*? We project
+# each **held-out** question's state on it and ask whether a higher projection goes with a correct answer
+# (Spearman ρ with its p-value). The held-out questions played no part in finding the direction, so this is
+# a fair test; the study's companion model reports ρ = 0.540. The confound above applies here too: on a
+# mixed-difficulty task a direction that reads the question type also "predicts" correctness.
 
 # %%
 unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)

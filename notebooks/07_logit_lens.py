@@ -82,7 +82,9 @@ _ = plots.save_figure(fig, paths.figures / "07_logit_lens.png")
 # same quantity; saved with the chapter's metrics and repeated in `REPORT.md`.
 
 # %%
-finding = findings.lens_finding(commit, result.n_layers, result.top_tokens[-1][-1], result.top_probs[-1][-1])
+finding = findings.lens_finding(
+    commit, result.n_layers, result.top_tokens[-1][-1], result.top_probs[-1][-1], P.english_threshold
+)
 print(textwrap.fill(finding, 110))
 
 # %%

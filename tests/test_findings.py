@@ -46,4 +46,5 @@ def test_training_sae_lens_and_collect_findings():
     assert "does not beat" in findings.sae_finding(0.4, 0.6, 0.46, 32, 0.34, 0.51, None, 32.0, 1.0, 16384)
     assert "from layer 23 of 30 (77% of depth" in findings.lens_finding(23, 30, " Berlin", 0.81)
     assert findings.lens_finding(None, 30, "x", 0.1).startswith("No layer's top tokens")
+    assert "English words at 60% or more of the positions from layer 23" in findings.lens_finding(23, 30, "x", 0.1, 0.6)
     assert "147x longer" in findings.collect_finding(100000, 16384, 15, 576, 170.4, 146.8)
