@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+from numpy.typing import ArrayLike
+
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
 from mechlib.grpo import ArmRun, GrpoSettings
 from mechlib.grpo_eval import AccuracyChange, EvalResult
@@ -18,7 +21,7 @@ from mechlib.paths import RunPaths
 from mechlib.plots_reward import ArmAccuracy
 from mechlib.readouts import ReadoutScore
 from mechlib.records import Record
-from mechlib.results.reward import ArmResult
+from mechlib.results.reward import ArmResult, GateInputs
 
 SELECTIONS = {
     "chapter05": "chapter 05's features (last prompt token)",
@@ -47,6 +50,29 @@ def selection_summary(calibrated: Mapping[str, Calibration], trained: str) -> st
             out.append(f"  dropped (never fire on the contrast answers): {list(cal.dropped)}")
         out.append("  " + feature_table(cal.spec).replace("\n", "\n  "))
     return "\n".join(out)
+
+
+def save_specs(calibrated: Mapping[str, Calibration], trained: str, folder: Path) -> tuple[Path, Path | None]:
+    """Save the selection GRPO trains with as ``feature_reward.json`` (what the arms and a TRL user load)
+    and the other one as ``feature_reward_<name>.json``: Stage Gate 1 scores both, so a reader needs
+    both specs to recheck its rows. Returns (trained, other); other is None with a single selection."""
+    trained_file = folder / "feature_reward.json"
+    calibrated[trained].spec.save(trained_file)
+    other_file = None
+    for name, cal in calibrated.items():
+        if name != trained:
+            other_file = folder / f"feature_reward_{name}.json"
+            cal.spec.save(other_file)
+    return trained_file, other_file
+
+
+def gate_inputs(ids: Sequence[str], correct: ArrayLike, scores: Mapping[str, ArrayLike]) -> GateInputs:
+    """Stage Gate 1's inputs as saved with the chapter's metrics; ``scores`` in the gate's row order."""
+    labels = np.asarray(correct, dtype=bool).reshape(-1)
+    columns = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores.values()]
+    if labels.size != len(ids) or any(c.size != len(ids) for c in columns):
+        raise ValueError(f"gate inputs: {len(ids)} ids, {labels.size} labels, scores of {[c.size for c in columns]}")
+    return GateInputs(ids=list(ids), correct=labels.tolist(), scores=[c.tolist() for c in columns])
 
 
 def arm_cache_tag(model: str, dtype: str, hook_model: str, spec_file: Path, sae_path: str) -> str:

@@ -168,8 +168,7 @@ calibrated = {
     for name, rows in rankings.items()
 }
 spec = calibrated[P.reward_features].spec
-spec_file = paths.checkpoints / "feature_reward.json"
-spec.save(spec_file)
+spec_file, other_spec_file = reward_findings.save_specs(calibrated, P.reward_features, paths.checkpoints)
 print(f"codes for {len(codes)} answers in {time.time() - t0:.1f} s")
 
 # %%
@@ -343,6 +342,8 @@ _ = results.save(
         grpo=settings,
         arms=arm_results,
         training_verdict=placeholder.mark_text(train_verdict, P.placeholder_labels),
+        gate_inputs=reward_findings.gate_inputs(held, y_held, readout_scores),
+        other_spec_file=None if other_spec_file is None else str(other_spec_file.relative_to(paths.root)),
     ),
 )
 print(f"chapter 08 done in {time.time() - t0:.1f} s")

@@ -270,6 +270,10 @@ EXAMPLES: dict[type, results.ChapterResult] = {
             )
         ],
         training_verdict="No change.",
+        gate_inputs=results.GateInputs(
+            ids=["q1", "q2", "q3", "q4"], correct=[True, False, True, False], scores=[[0.3, 0.1, 0.2, 0.0]]
+        ),
+        other_spec_file="checkpoints/feature_reward_answer_tokens.json",
     ),
 }
 

@@ -195,6 +195,35 @@ def test_feature_reward_chapter_is_consistent():
     assert "Stage Gate 1" in m["finding"] and "GRPO" in m["finding"]
 
 
+def test_stage_gate_rechecks_from_its_saved_inputs():
+    """Every Stage Gate row follows from the saved per-answer scores (scipy, not mechlib): AUROC as the
+    Mann-Whitney U over n_correct * n_wrong, Spearman rho; the labels are chapter 04's held-out labels,
+    and the other selection's spec is saved beside the trained one."""
+    from scipy.stats import mannwhitneyu, spearmanr
+
+    from mechlib.feature_reward import FeatureRewardSpec
+
+    m = results.load(PATHS.metrics, results.FeatureRewardResult)
+    base = {r["id"]: r["correct"] for r in _baseline_records()}
+    g = m.gate_inputs
+    assert g is not None, "08_feature_reward.json holds no gate_inputs"
+    assert g.ids == metrics("04_gsm8k_baseline")["heldout_ids"] and g.correct == [base[i] for i in g.ids]
+    assert len(g.scores) == len(m.stage_gate)
+    y = [int(c) for c in g.correct]
+    for row, scores in zip(m.stage_gate, g.scores, strict=True):
+        pos = [s for s, c in zip(scores, g.correct, strict=True) if c]
+        neg = [s for s, c in zip(scores, g.correct, strict=True) if not c]
+        assert (row.n, row.n_correct) == (len(scores), len(pos))
+        auc = mannwhitneyu(pos, neg).statistic / (len(pos) * len(neg))
+        assert row.auroc is not None and math.isclose(row.auroc, auc, abs_tol=1e-9), row.name
+        assert row.spearman_rho is not None
+        assert math.isclose(row.spearman_rho, spearmanr(scores, y).statistic, abs_tol=1e-9), row.name
+    assert m.other_spec_file is not None
+    other = FeatureRewardSpec.load(PATHS.root / m.other_spec_file)
+    trained = FeatureRewardSpec.load(PATHS.root / m.spec_file)
+    assert other.layer == trained.layer == m.layer and other.features and other != trained
+
+
 def _baseline_records() -> list[dict]:
     return [json.loads(line) for line in (PATHS.records / "baseline.jsonl").read_text().splitlines() if line]
 

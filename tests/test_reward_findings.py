@@ -111,3 +111,24 @@ def test_finding_names_both_selections_and_the_training_result(paths):
     assert "The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
     assert "GRPO (2 steps per arm): feature: held-out accuracy unchanged at 19/50" in text
     assert "The other selection" not in rf.reward_finding(row("A", 0.7), None, "x.", [arm], GrpoSettings(steps=2))
+
+
+def test_both_selections_are_saved_and_the_gate_inputs_line_up(tmp_path):
+    """Stage Gate 1 scores two selections, so both specs are saved (the trained one under the name GRPO and
+    TRL users load); the gate's per-answer inputs refuse scores that do not line up with the ids."""
+    import numpy as np
+
+    from mechlib.feature_reward import Calibration
+
+    def cal(feature: int) -> Calibration:
+        return Calibration(FeatureRewardSpec(1, (RewardFeature(feature, 1.0, 2.0),), "s", "equal", 0.9, 4), ())
+
+    trained, other = rf.save_specs({"chapter05": cal(3), "answer_tokens": cal(7)}, "answer_tokens", tmp_path)
+    assert trained == tmp_path / "feature_reward.json" and other == tmp_path / "feature_reward_chapter05.json"
+    assert FeatureRewardSpec.load(trained).features[0].feature == 7
+    assert FeatureRewardSpec.load(other).features[0].feature == 3
+
+    g = rf.gate_inputs(["a", "b"], np.array([True, False]), {"x": np.array([0.5, 0.25]), "y": [1, 2]})
+    assert g.correct == [True, False] and g.scores == [[0.5, 0.25], [1.0, 2.0]]
+    with pytest.raises(ValueError, match="2 ids"):
+        rf.gate_inputs(["a", "b"], [True, False], {"x": [0.5]})

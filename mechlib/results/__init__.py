@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, TypeVar
 from mechlib.io import atomic_write_json
 from mechlib.results.codec import Json, Record, ResultsError, copy_fields
 from mechlib.results.gsm8k import Accuracy, Baseline, Layers, Lens, RuleCount
-from mechlib.results.reward import ArmResult, FeatureRewardResult
+from mechlib.results.reward import ArmResult, FeatureRewardResult, GateInputs
 from mechlib.results.sae import CardSnippet, Collected, Evaluated, Example, FeatureExamples, Trained
 from mechlib.results.steering import (
     CardHookSummary,
@@ -73,6 +73,7 @@ __all__ = [
     "Example",
     "FeatureExamples",
     "FeatureRewardResult",
+    "GateInputs",
     "Json",
     "Layers",
     "Lens",

@@ -8,14 +8,14 @@ fields (:class:`mechlib.feature_reward.RewardFeature`, :class:`mechlib.readouts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from mechlib.feature_reward import RewardFeature
 from mechlib.grpo import GrpoSettings, StepLog
 from mechlib.grpo_eval import AccuracyChange
 from mechlib.readouts import ReadoutScore
-from mechlib.results.codec import Record
+from mechlib.results.codec import OMIT_NONE, Record
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,20 @@ class ArmResult(Record):
     records: str  # the adapted model's held-out answers (JSONL), relative to the run
     n_changed: int  # held-out answers whose text the adapter changed
     hacking: bool | None  # feature reward rose while held-out accuracy did not; None: too few steps to tell
+
+
+@dataclass(frozen=True)
+class GateInputs(Record):
+    """What Stage Gate 1 scored, one entry per held-out answer.
+
+    Why saved: the SAE readouts need the model, the SAE and a forward pass over every answer to
+    recompute, so without these a reader could not recheck one AUROC, ρ or permutation p of the gate
+    from the run's files. With them, every row of ``stage_gate`` is a few lines of scipy away.
+    """
+
+    ids: list[str]  # the held-out question ids, in the order of each score list
+    correct: list[bool]  # the labels the gate scored (placeholder labels when the run uses them)
+    scores: list[list[float]]  # scores[r][i]: the readout of stage_gate[r] on the answer to ids[i]
 
 
 @dataclass(frozen=True)
@@ -61,3 +75,6 @@ class FeatureRewardResult(Record):
     grpo: GrpoSettings
     arms: list[ArmResult]
     training_verdict: str
+    # None in files written before they were saved
+    gate_inputs: GateInputs | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
+    other_spec_file: str | None = field(default=None, kw_only=True, metadata=OMIT_NONE)  # the untrained selection
