@@ -322,6 +322,19 @@ def test_kernels_start_without_their_tcp_warning(book, capfd):
     assert "without encryption" not in err and "IPKernelApp" not in err
 
 
+def test_only_the_shutdown_interrupts_kernel_log_line_is_dropped(book, capfd):
+    """jupyter_client's SIGINT at shutdown makes a busy kernel log "KeyboardInterrupt caught in kernel."
+    after the chapter finished; that line alone is filtered, other kernel errors still reach the terminal."""
+    nbdir, params, _ = book
+    (nbdir / "03_logs.py").write_text(
+        HEADER + '\n# %% tags=["parameters"]\nrun = "default"\n\n# %%\nlog = get_ipython().kernel.log\n'
+        'log.error("KeyboardInterrupt caught in kernel.")\nlog.error("some other kernel error")\n'
+    )
+    run_book(params, ["03"], notebooks_dir=nbdir)
+    err = capfd.readouterr().err
+    assert "some other kernel error" in err and "KeyboardInterrupt caught" not in err
+
+
 def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, capsys):
     _nbdir, params, out = book
     assert book_main([str(params), "--only", "01", "-p", "k=64", "-p", "lr=5e-4"]) == 0
