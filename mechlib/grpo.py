@@ -9,8 +9,9 @@ only in its reward weights — so the curves differ because of the reward, nothi
 
 TRL's ``GRPOTrainer`` does the work (generation, group-normalised advantages, the clipped policy
 loss); this module only builds its inputs, reads its log in one place (:func:`step_logs_from_history`)
-into typed :class:`StepLog` rows, and saves the adapter atomically with a JSON of the run, so a
-rerun with the same settings, arm and prompts reloads instead of training again.
+into typed :class:`StepLog` rows, and saves the adapter atomically with a JSON of the run and every
+sampled completion with both rewards (:mod:`mechlib.grpo_samples`), so a rerun with the same
+settings, arm and prompts reloads instead of training again.
 The held-out evaluation of a saved adapter lives in :mod:`mechlib.grpo_eval`.
 """
 
@@ -22,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from torch import nn
 
 from mechlib.answers import answers_match, extract_answer
+from mechlib.grpo_samples import Sample, SampleRecorder, SamplesError, write_samples
 from mechlib.io import read_json
 from mechlib.models import LoadedModel, model_device
 from mechlib.trainer_display import quiet_training, step_bar
@@ -266,14 +269,16 @@ def _named_reward(fn: RewardFn) -> RewardFn:
     return reward
 
 
-def _save_arm_atomically(model: nn.Module, run: ArmRun, arm_dir: Path) -> None:
-    """Write the adapter and the run's JSON into a temp folder next to ``arm_dir``, then rename it into
-    place: a killed run leaves either the old arm or the new one, never half of one."""
+def _save_arm_atomically(model: nn.Module, run: ArmRun, arm_dir: Path, samples: Sequence[Sample] = ()) -> None:
+    """Write the adapter, the run's JSON and the sampled completions into a temp folder next to
+    ``arm_dir``, then rename it into place: a killed run leaves either the old arm or the new one,
+    never half of one."""
     arm_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{arm_dir.name}.", suffix=".tmp", dir=arm_dir.parent))
     try:
         model.save_pretrained(str(tmp))  # type: ignore[operator]  # a PeftModel: saves the adapter only
         (tmp / ARM_RUN_FILE).write_text(json.dumps(run.summary(), indent=1))
+        write_samples(tmp, samples)
         if arm_dir.exists():
             old = arm_dir.with_name(f".{arm_dir.name}.old-{os.getpid()}")
             os.replace(arm_dir, old)
@@ -333,9 +338,10 @@ def train_arm(
     )
     with quiet_training():
         policy = get_peft_model(loaded.model, lora)
-        feature_reward = _named_reward(feature_reward_factory(policy))
+        recorder = SampleRecorder(prompts)  # what each step sampled and how both rewards scored it
+        feature_reward = recorder.wrap(_named_reward(feature_reward_factory(policy)), "feature")
         # Any: TRL types a reward as returning list[float | None], and a list's item type is invariant
-        reward_funcs: list[Any] = [correctness_reward, feature_reward]
+        reward_funcs: list[Any] = [recorder.wrap(correctness_reward, "correct"), feature_reward]
         dataset = Dataset.from_dict({"prompt": list(prompts), "gold": [float(g) for g in golds]})
         with tempfile.TemporaryDirectory(prefix="grpo-") as scratch:  # TRL needs an output_dir; nothing is kept
             config = GRPOConfig(
@@ -384,5 +390,10 @@ def train_arm(
         adapter_dir=str(arm_dir),
         train_seconds=seconds,
     )
-    _save_arm_atomically(policy, run, arm_dir)
+    try:
+        samples = recorder.samples()
+    except SamplesError as exc:  # TRL called the rewards differently: keep the trained arm, say what is missing
+        warnings.warn(f"GRPO {arm.name}: its sampled completions are not saved: {exc}", stacklevel=2)
+        samples = []
+    _save_arm_atomically(policy, run, arm_dir, samples)
     return run

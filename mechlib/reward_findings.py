@@ -16,6 +16,7 @@ from numpy.typing import ArrayLike
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
 from mechlib.grpo import ArmRun, GrpoSettings
 from mechlib.grpo_eval import AccuracyChange, EvalResult
+from mechlib.grpo_samples import SAMPLES_FILE, last_step, read_samples
 from mechlib.io import sha256_file
 from mechlib.paths import RunPaths
 from mechlib.plots_reward import ArmAccuracy
@@ -104,6 +105,7 @@ def arm_result(
     with fewer than :data:`MIN_TREND_STEPS` steps or for an arm not rewarded for the features."""
     trend = _half_trend([s.feature_mean for s in run.steps])
     readable = run.arm.feature_weight > 0 and trend is not None and len(run.steps) >= MIN_TREND_STEPS
+    samples_file = Path(run.adapter_dir) / SAMPLES_FILE
     return ArmResult(
         arm=run.arm.name,
         correctness_weight=run.arm.correctness_weight,
@@ -116,6 +118,7 @@ def arm_result(
         records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
         n_changed=_n_changed(before, after),
         hacking=None if not readable or trend is None else bool(trend > 0 and not _improved(change)),
+        samples=_relative(samples_file, paths) if samples_file.is_file() else None,
     )
 
 
@@ -154,6 +157,24 @@ def arm_timings(arms: Sequence[ArmResult], evaluated: Mapping[str, EvalResult]) 
             f"{a.arm}: {trained}; held-out answers: {e.n_verified} verified unchanged, {e.n_regenerated} generated, "
             f"{e.n_cached} from an earlier run"
         )
+    return "\n".join(lines)
+
+
+def last_samples(arms: Sequence[ArmResult], root: Path, width: int = 80) -> str:
+    """Per arm, what its last step sampled, highest feature reward first, with both (unweighted) rewards:
+    where a feature reward that rises for the wrong reason shows what it rewards (a repeated token,
+    padding) before any curve can. Each completion on one line, cut at ``width`` characters."""
+    lines = []
+    for a in arms:
+        if a.samples is None:
+            lines.append(f"{a.arm}: sampled completions not saved (an arm trained before they were kept)")
+            continue
+        last = last_step(read_samples(root / a.samples))
+        lines.append(f"{a.arm}, step {last[0].step}:" if last else f"{a.arm}: no completions recorded")
+        for s in last:
+            text = " ".join(s.completion.split())
+            text = text if len(text) <= width else text[: width - 1] + "…"
+            lines.append(f"  correct {s.correct:.0f}  feature {s.feature:+.3f}  {text}")
     return "\n".join(lines)
 
 

@@ -225,7 +225,8 @@ print(textwrap.fill(placeholder.mark_text(gate_verdict, P.placeholder_labels), 1
 # three arms differ only in the weights of the two rewards: correctness only; correctness + the feature
 # reward (weight `grpo_feature_weight`); the feature reward only. Every arm computes and logs *both*
 # rewards at every step, so the curves below show what each arm did to the other reward too. The adapters
-# are saved under `checkpoints/grpo/`; a rerun with the same settings reloads them instead of training.
+# are saved under `checkpoints/grpo/`, each with every completion it sampled and both rewards of each; a rerun
+# with the same settings reloads them instead of training.
 
 # %%
 settings = P.grpo_settings()  # the GRPO section of the params (mechlib.grpo.GrpoSettings)
@@ -296,6 +297,17 @@ train_verdict = reward_findings.training_verdict(arm_results)
 print(placeholder.banner_line(P.placeholder_labels), end="")
 print(reward_findings.arm_table(arm_results, settings) + "\n")
 print(textwrap.fill(placeholder.mark_text(train_verdict, P.placeholder_labels), 110))
+
+# %% [markdown]
+# ### What the last step sampled
+#
+# The curves are means. Here are the completions each arm sampled at its last step, highest feature reward
+# first, each with both rewards before the arm's weights apply (correct 1 or 0; the feature reward within
+# its bound). A feature reward that rises while correctness does not would show here as what it pays for.
+# Every step's completions are in `checkpoints/grpo/<arm>/samples.jsonl`.
+
+# %%
+print(reward_findings.last_samples(arm_results, paths.root))
 
 # %%
 fig, _ = plots_reward.plot_feature_reward_summary(

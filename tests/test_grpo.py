@@ -27,6 +27,7 @@ from mechlib.grpo import (
     train_arm,
 )
 from mechlib.grpo_eval import GrpoEvalError, adapter_hash, compare_accuracy, evaluate_arm
+from mechlib.grpo_samples import SAMPLES_FILE, SampleRecorder, SamplesError, read_samples
 from mechlib.gsm8k import Question
 from mechlib.io import read_json
 from mechlib.models import LoadedModel
@@ -120,6 +121,37 @@ def test_a_weight_zero_reward_does_not_steer_training(trained):
     assert [s.feature_mean for s in a.steps] != [s.feature_mean for s in b.steps]  # logged, yet ignored
     assert same_tensors(adapter_tensors(a), adapter_tensors(b))
     assert not same_tensors(adapter_tensors(a), adapter_tensors(mixed))  # weighted, the same reward does steer
+
+
+def test_every_sampled_completion_is_saved_with_both_rewards(trained):
+    """samples.jsonl beside each adapter: every step's completions, paired with both rewards; their means are
+    exactly what TRL logged for that step, so the recorder paired the two rewards' calls right."""
+    _, runs = trained
+    n = SETTINGS.prompts_per_step * SETTINGS.num_generations
+    for arm in ARMS:
+        run = runs[arm.name]
+        samples = read_samples(Path(run.adapter_dir) / SAMPLES_FILE)
+        assert [s.step for s in samples] == [1] * n + [2] * n
+        assert all(0 <= s.prompt < len(PROMPTS) for s in samples)
+        assert all(s.feature == pytest.approx(len(s.completion) / 10) for s in samples)  # length_feature's value
+        for log in run.steps:
+            at = [s for s in samples if s.step == log.step]
+            assert sum(s.correct for s in at) / n == pytest.approx(log.correct_mean, abs=1e-6)
+            assert sum(s.feature for s in at) / n == pytest.approx(log.feature_mean, abs=1e-6)
+
+
+def test_the_recorder_refuses_rewards_that_scored_different_completions(tmp_path):
+    rec = SampleRecorder(["p"])
+    ok = rec.wrap(lambda **kw: [1.0, 0.0], "correct")
+    feat = rec.wrap(lambda **kw: [0.5, 0.25], "feature")
+    assert ok(prompts=["p", "p"], completions=["a", "b"]) == [1.0, 0.0]
+    feat(prompts=["p", "p"], completions=["a", "c"])
+    with pytest.raises(SamplesError, match="different completions"):
+        rec.samples()
+    bad = tmp_path / SAMPLES_FILE
+    bad.write_text('{"step": 1}\n')
+    with pytest.raises(SamplesError, match=":1: not a sample"):
+        read_samples(bad)
 
 
 def test_a_saved_arm_is_reloaded_not_retrained(trained):

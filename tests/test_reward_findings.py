@@ -132,3 +132,21 @@ def test_both_selections_are_saved_and_the_gate_inputs_line_up(tmp_path):
     assert g.correct == [True, False] and g.scores == [[0.5, 0.25], [1.0, 2.0]]
     with pytest.raises(ValueError, match="2 ids"):
         rf.gate_inputs(["a", "b"], [True, False], {"x": [0.5]})
+
+
+def test_last_samples_shows_each_arms_last_step_highest_feature_first(tmp_path):
+    from mechlib.grpo_samples import Sample, write_samples
+    from mechlib.results.reward import ArmResult
+
+    write_samples(
+        tmp_path,
+        [Sample(1, 0, "old", 1.0, 0.9), Sample(2, 0, "low\nanswer", 0.0, 0.1), Sample(2, 0, "x" * 100, 1.0, 0.4)],
+    )
+    change = _change(1, 1, 0, 0, 1.0)
+    kept = ArmResult("feature", 0.0, 1.0, [], 1.0, False, "a", change, "r", 0, None, samples="samples.jsonl")
+    old = dataclasses.replace(kept, arm="correctness", samples=None)
+    lines = rf.last_samples([kept, old], tmp_path, width=20).splitlines()
+    assert lines[0] == "feature, step 2:"
+    assert lines[1] == "  correct 1  feature +0.400  " + "x" * 19 + "…"
+    assert lines[2] == "  correct 0  feature +0.100  low answer"
+    assert lines[3].startswith("correctness: sampled completions not saved")

@@ -33,6 +33,8 @@ class ArmResult(Record):
     records: str  # the adapted model's held-out answers (JSONL), relative to the run
     n_changed: int  # held-out answers whose text the adapter changed
     hacking: bool | None  # feature reward rose while held-out accuracy did not; None: too few steps to tell
+    # every sampled completion with both rewards (JSONL, relative to the run); None: an arm saved before they were
+    samples: str | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
 
 
 @dataclass(frozen=True)
