@@ -192,6 +192,8 @@ def test_feature_reward_chapter_is_consistent():
         assert h["k_after"] - h["k_before"] == h["b"] - h["c"]
         assert (PATHS.root / a["adapter"] / "adapter_model.safetensors").is_file()
         assert len((PATHS.root / a["records"]).read_text().splitlines()) == PARAMS.n_heldout
+        n_samples = PARAMS.grpo_steps * PARAMS.grpo_prompts_per_step * PARAMS.grpo_generations
+        assert len((PATHS.root / a["samples"]).read_text().splitlines()) == n_samples  # every sampled completion
     assert "Stage Gate 1" in m["finding"] and "GRPO" in m["finding"]
 
 
