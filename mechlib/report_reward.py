@@ -7,7 +7,7 @@ readable size; it reads only :class:`mechlib.results.FeatureRewardResult`.
 from __future__ import annotations
 
 from mechlib.paths import RunPaths
-from mechlib.results import FeatureRewardResult
+from mechlib.results import ArmResult, FeatureRewardResult
 
 
 def _f(x: float | None, digits: int = 3) -> str:
@@ -49,9 +49,16 @@ def arms_table(m: FeatureRewardResult) -> str:
         rows.append(
             f"| {a.arm} | {a.correctness_weight:g}, {a.feature_weight:g} | {h.k_before}/{h.n} {_ci(h.ci_before)} "
             f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {h.p_mcnemar:.3f} "
-            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f} | {_yes_no(a.hacking)} |"
+            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f}{_rho(a)} | {_yes_no(a.hacking)} |"
         )
     return "\n".join(rows)
+
+
+def _rho(a: ArmResult) -> str:
+    """The trend behind the hacking column, when there is one: ρ with the step and its one-sided p."""
+    if a.feature_trend_rho is None or a.feature_trend_p is None:
+        return ""
+    return f" (ρ {a.feature_trend_rho:+.2f}, p {a.feature_trend_p:.3f})"
 
 
 def _grpo_line(m: FeatureRewardResult) -> str:

@@ -7,14 +7,16 @@ numbers into words live here, in one place, with tests.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
-from mechlib.grpo import ArmRun, GrpoSettings
+from mechlib.grpo import ArmRun, GrpoSettings, StepLog
 from mechlib.grpo_eval import AccuracyChange, EvalResult
 from mechlib.grpo_samples import SAMPLES_FILE, last_step, read_samples
 from mechlib.io import sha256_file
@@ -84,13 +86,28 @@ def arm_cache_tag(model: str, dtype: str, hook_model: str, spec_file: Path, sae_
     return f"{model}|{dtype}|{hook_model}|{sha256_file(spec_file)}|{sae}"
 
 
-def _half_trend(values: Sequence[float]) -> float | None:
-    """Mean of the second half of a curve minus the mean of its first half (None below 2 points)."""
-    finite = [v for v in values if v == v]
-    if len(finite) < 2:
+class Trend(NamedTuple):
+    """How an arm's logged feature reward moved with the step: Spearman ρ, and the one-sided p of a rise."""
+
+    rho: float
+    p: float
+
+
+def feature_trend(steps: Sequence[StepLog]) -> Trend | None:
+    """Spearman ρ of the feature reward with the step number and its one-sided p for a rise (scipy.stats).
+
+    Why a test and not "the second half's mean beats the first's": each step's mean is over a few sampled
+    completions of one or two questions, so over 40 steps the second half comes out ahead about half the
+    time by chance alone, and a verdict of reward hacking would follow the noise. None below 3 finite
+    points or for a constant curve (no ρ).
+    """
+    from scipy.stats import spearmanr
+
+    points = [(s.step, s.feature_mean) for s in steps if math.isfinite(s.feature_mean)]
+    if len(points) < 3 or len({v for _, v in points}) < 2:
         return None
-    h = len(finite) // 2
-    return sum(finite[-h:]) / h - sum(finite[:h]) / h
+    result = spearmanr([x for x, _ in points], [v for _, v in points], alternative="greater")
+    return Trend(float(result.statistic), float(result.pvalue))
 
 
 def _improved(change: AccuracyChange) -> bool:
@@ -103,7 +120,7 @@ def arm_result(
     """The metrics row of one arm. ``hacking``: the arm was rewarded for the features, its feature reward
     rose over training, and its held-out accuracy did not improve significantly; ``None`` (cannot tell)
     with fewer than :data:`MIN_TREND_STEPS` steps or for an arm not rewarded for the features."""
-    trend = _half_trend([s.feature_mean for s in run.steps])
+    trend = feature_trend(run.steps)
     readable = run.arm.feature_weight > 0 and trend is not None and len(run.steps) >= MIN_TREND_STEPS
     samples_file = Path(run.adapter_dir) / SAMPLES_FILE
     return ArmResult(
@@ -117,7 +134,9 @@ def arm_result(
         heldout=change,
         records=_relative(paths.records / f"grpo_{run.arm.slug}.jsonl", paths),
         n_changed=_n_changed(before, after),
-        hacking=None if not readable or trend is None else bool(trend > 0 and not _improved(change)),
+        hacking=None if not readable or trend is None else bool(trend.p < ALPHA and not _improved(change)),
+        feature_trend_rho=None if trend is None else trend.rho,
+        feature_trend_p=None if trend is None else trend.p,
         samples=_relative(samples_file, paths) if samples_file.is_file() else None,
     )
 
@@ -226,16 +245,24 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
             "reward hacking happened cannot be read here: this is a demonstration that the loop runs, not a test of "
             "whether the feature reward helps."
         )
-    hacked = [a.arm for a in arms if a.hacking]
+    hacked = [a for a in arms if a.hacking]
     if hacked:
         return text + (
-            f" Reward-hacking signature in {', '.join(hacked)}: the feature reward rose over training while held-out "
-            "accuracy did not improve."
+            f" Reward-hacking signature in {'; '.join(f'{a.arm} ({_trend(a)})' for a in hacked)}: the feature reward "
+            "rose with the training step while held-out accuracy did not improve."
         )
+    rewarded = [a for a in arms if a.hacking is not None]
+    trends = "; ".join(f"{a.arm}: {_trend(a)}" for a in rewarded)
     return (
-        text + " No arm rewarded for the features showed the reward-hacking signature (feature reward rising while "
-        "accuracy does not)."
+        text + " No arm rewarded for the features showed the reward-hacking signature (a feature reward rising "
+        f"significantly with the step while held-out accuracy does not improve){': ' + trends if trends else ''}."
     )
+
+
+def _trend(a: ArmResult) -> str:
+    if a.feature_trend_rho is None or a.feature_trend_p is None:
+        return "no trend"
+    return f"Spearman ρ {a.feature_trend_rho:+.2f} with the step, one-sided p {a.feature_trend_p:.3f}"
 
 
 def reward_finding(

@@ -24,7 +24,9 @@
 # 3. **GRPO with TRL.** Three LoRA fine-tunes of the same model with the same seeds and steps:
 #    correctness only, correctness + feature reward, feature reward only. Held-out accuracy before and
 #    after (Wilson intervals, exact McNemar test on the paired answers), and both rewards over training:
-#    a feature reward that rises while accuracy does not is **reward hacking**.
+#    a feature reward that rises while accuracy does not is **reward hacking**. "Rises" is a test, not a
+#    glance at the curve: Spearman ρ of the arm's feature reward with the step, one-sided p < 0.05, read
+#    only with 10 or more steps (each step's mean is over a few samples, so a curve wobbles by chance).
 #
 # **Scale.** The default run is sized for 2 CPU cores: a few GRPO steps per arm on a 135 M model, a
 # demonstration that the loop works end to end and a measurement of where the reward stands, not a test

@@ -32,7 +32,10 @@ class ArmResult(Record):
     heldout: AccuracyChange  # chapter 04's greedy answers (before) vs the adapted model's (after), paired
     records: str  # the adapted model's held-out answers (JSONL), relative to the run
     n_changed: int  # held-out answers whose text the adapter changed
-    hacking: bool | None  # feature reward rose while held-out accuracy did not; None: too few steps to tell
+    hacking: bool | None  # feature reward rose significantly while held-out accuracy did not; None: cannot tell
+    # Spearman ρ of the logged feature reward with the step, and its one-sided p for a rise (None: no trend)
+    feature_trend_rho: float | None = field(default=None, kw_only=True)
+    feature_trend_p: float | None = field(default=None, kw_only=True)
     # every sampled completion with both rewards (JSONL, relative to the run); None: an arm saved before they were
     samples: str | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
 
