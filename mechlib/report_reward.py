@@ -18,8 +18,11 @@ def _ci(ci: tuple[float, float] | None) -> str:
     return "—" if ci is None else f"[{ci[0]:.2f}, {ci[1]:.2f}]"
 
 
-def _yes_no(flag: bool | None) -> str:
-    return "— (too few steps)" if flag is None else "yes" if flag else "no"
+def _hacking(a: ArmResult) -> str:
+    """The arm's reward-hacking cell; an arm with no verdict says why (no feature weight, or too few steps)."""
+    if a.hacking is None:
+        return "— (not rewarded for the features)" if a.feature_weight == 0 else "— (too few steps)"
+    return "yes" if a.hacking else "no"
 
 
 def stage_gate_table(m: FeatureRewardResult) -> str:
@@ -49,7 +52,7 @@ def arms_table(m: FeatureRewardResult) -> str:
         rows.append(
             f"| {a.arm} | {a.correctness_weight:g}, {a.feature_weight:g} | {h.k_before}/{h.n} {_ci(h.ci_before)} "
             f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {h.p_mcnemar:.3f} "
-            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f}{_rho(a)} | {_yes_no(a.hacking)} |"
+            f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f}{_rho(a)} | {_hacking(a)} |"
         )
     return "\n".join(rows)
 

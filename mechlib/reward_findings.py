@@ -205,7 +205,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
     )
     lines = [
         f"{'arm':>20} {'w_ok':>5} {'w_feat':>6} {'before':>16} {'after':>16} {'b':>3} {'c':>3} {'McNemar p':>9} "
-        f"{'feat 1st→last':>15} {'acc 1st→last':>13} {'changed':>7}"
+        f"{'feat 1st→last':>15} {'feat ρ (p)':>14} {'acc 1st→last':>13} {'changed':>7}"
     ]
     for a in arms:
         h = a.heldout
@@ -213,10 +213,16 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
         lines.append(
             f"{a.arm:>20} {a.correctness_weight:>5g} {a.feature_weight:>6g} "
             f"{_acc(h.k_before, h.n, h.ci_before):>16} {_acc(h.k_after, h.n, h.ci_after):>16} {h.b:>3} {h.c:>3} "
-            f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} "
+            f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} {_rho_cell(a):>14} "
             f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.n_changed:>6}"
         )
     return head + "\n".join(lines)
+
+
+def _rho_cell(a: ArmResult) -> str:
+    if a.feature_trend_rho is None or a.feature_trend_p is None:
+        return "—"
+    return f"{a.feature_trend_rho:+.2f} ({a.feature_trend_p:.3f})"
 
 
 def _acc(k: int, n: int, ci: tuple[float, float]) -> str:

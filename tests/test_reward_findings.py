@@ -108,6 +108,14 @@ def test_report_section_states_both_answers(paths):
     assert "**Did the feature reward predict correctness?** Not distinguishable." in text
     assert "**Did training on it help?** No change." in text
     assert "| correctness | 1, 0 | 2/4 [0.15, 0.85] | 2/4 [0.15, 0.85] | 0 / 0 | 1.000 |" in text
+    # an arm with no verdict says why: not rewarded for the features, or too few steps; a trend shows its rho and p
+    arm = example.arms[0]
+    unrewarded = dataclasses.replace(arm, hacking=None)
+    short = dataclasses.replace(arm, arm="feature", feature_weight=1.0, hacking=None)
+    tested = dataclasses.replace(arm, arm="feature", feature_weight=1.0, feature_trend_rho=0.3, feature_trend_p=0.04)
+    text = section_feature_reward(paths, dataclasses.replace(example, arms=[unrewarded, short, tested]))
+    assert "| — (not rewarded for the features) |" in text and "| — (too few steps) |" in text
+    assert "(ρ +0.30, p 0.040) | no |" in text
 
 
 def test_finding_names_both_selections_and_the_training_result(paths):
