@@ -33,14 +33,13 @@ import torch
 from torch import nn
 
 from mechlib.answers import answers_match, extract_answer
-from mechlib.grpo_samples import Sample, SampleRecorder, SamplesError, write_samples
+from mechlib.grpo_samples import RewardFn, Sample, SampleRecorder, SamplesError, write_samples
 from mechlib.io import read_json
 from mechlib.models import LoadedModel, model_device
 from mechlib.trainer_display import quiet_training, step_bar
 
 ArmName = Literal["correctness", "correctness+feature", "feature"]
 ARM_NAMES: tuple[ArmName, ...] = get_args(ArmName)
-RewardFn: TypeAlias = Callable[..., list[float]]  # TRL's reward: (prompts, completions, **columns) -> one float each
 FeatureRewardFactory: TypeAlias = Callable[[nn.Module], RewardFn]  # called with the peft-wrapped policy
 ARM_RUN_FILE = "arm_run.json"
 ADAPTER_FILE = "adapter_model.safetensors"
@@ -258,17 +257,6 @@ def load_saved_arm(arm_dir: str | os.PathLike[str], key: str) -> ArmRun | None:
     return ArmRun.from_summary(obj, str(arm_dir))
 
 
-def _named_reward(fn: RewardFn) -> RewardFn:
-    """``fn`` as a plain function under its own ``__name__``: TRL treats an ``nn.Module`` reward as a
-    sequence-classification model, so a feature reward that is a module must not reach it as one."""
-
-    def reward(**kwargs: Any) -> list[float]:
-        return [float(r) for r in fn(**kwargs)]
-
-    reward.__name__ = getattr(fn, "__name__", type(fn).__name__)
-    return reward
-
-
 def _save_arm_atomically(model: nn.Module, run: ArmRun, arm_dir: Path, samples: Sequence[Sample] = ()) -> None:
     """Write the adapter, the run's JSON and the sampled completions into a temp folder next to
     ``arm_dir``, then rename it into place: a killed run leaves either the old arm or the new one,
@@ -339,7 +327,7 @@ def train_arm(
     with quiet_training():
         policy = get_peft_model(loaded.model, lora)
         recorder = SampleRecorder(prompts)  # what each step sampled and how both rewards scored it
-        feature_reward = recorder.wrap(_named_reward(feature_reward_factory(policy)), "feature")
+        feature_reward = recorder.wrap(feature_reward_factory(policy), "feature")
         # Any: TRL types a reward as returning list[float | None], and a list's item type is invariant
         reward_funcs: list[Any] = [recorder.wrap(correctness_reward, "correct"), feature_reward]
         dataset = Dataset.from_dict({"prompt": list(prompts), "gold": [float(g) for g in golds]})

@@ -14,13 +14,13 @@ import json
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 from mechlib.io import atomic_write_text
 
 SAMPLES_FILE = "samples.jsonl"
 Column = Literal["correct", "feature"]
-RewardFn = Callable[..., list[float]]
+RewardFn: TypeAlias = Callable[..., list[float]]  # TRL's reward: (prompts, completions, **columns) -> one float each
 
 
 class SamplesError(ValueError):
@@ -59,7 +59,9 @@ class SampleRecorder:
         self._calls: dict[Column, list[_Call]] = {"correct": [], "feature": []}
 
     def wrap(self, fn: RewardFn, column: Column) -> RewardFn:
-        """``fn`` under its own ``__name__`` (TRL's log key), recording each call's rewards as ``column``."""
+        """``fn`` as a plain function under its own ``__name__`` (TRL's log key), recording each call's
+        rewards as ``column``. Plain, because TRL treats an ``nn.Module`` reward as a sequence-classification
+        model, so a feature reward that is a module must not reach it as one."""
 
         def reward(**kwargs: Any) -> list[float]:
             values = [float(v) for v in fn(**kwargs)]
@@ -69,7 +71,7 @@ class SampleRecorder:
             self._calls[column].append(call)
             return values
 
-        reward.__name__ = getattr(fn, "__name__", column)
+        reward.__name__ = getattr(fn, "__name__", type(fn).__name__)
         return reward
 
     def samples(self) -> list[Sample]:

@@ -14,6 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
+from scipy.stats import spearmanr
 
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
 from mechlib.grpo import ArmRun, GrpoSettings, StepLog
@@ -101,8 +102,6 @@ def feature_trend(steps: Sequence[StepLog]) -> Trend | None:
     time by chance alone, and a verdict of reward hacking would follow the noise. None below 3 finite
     points or for a constant curve (no ρ).
     """
-    from scipy.stats import spearmanr
-
     points = [(s.step, s.feature_mean) for s in steps if math.isfinite(s.feature_mean)]
     if len(points) < 3 or len({v for _, v in points}) < 2:
         return None
