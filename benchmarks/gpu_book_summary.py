@@ -80,9 +80,14 @@ def labels_of(paths: RunPaths) -> dict[str, Any]:
     return out
 
 
+def log_tail(log: Path, lines: int = 6) -> list[str]:
+    """The last lines of a step's log: where a failed step says why."""
+    return log.read_text(errors="replace").splitlines()[-lines:] if log.is_file() else []
+
+
 def summarize(args: argparse.Namespace) -> dict[str, Any]:
     paths = RunPaths(args.run)
-    times = chapter_times(Path(args.book_log))
+    times = chapter_times(Path(args.book_log)) | chapter_times(Path(args.ch08_log))
     devices = chapter_devices(paths)
     chapters = [
         {"chapter": c, "seconds": times.get(c), "finished": c in times, **devices.get(c, {})}
@@ -90,8 +95,8 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
     ]
     torchrun_log = Path(args.torchrun_log).read_text(errors="replace") if Path(args.torchrun_log).is_file() else ""
     return {
-        "what": "python -m mechlib.book on " + args.params + "; torchrun --nproc_per_node 1 -m mechlib.scale "
-        "collect train on the tiny Gemma 4",
+        "what": "python -m mechlib.book on " + args.params + " (chapters 01-07, then 08 in the time left); "
+        "torchrun --nproc_per_node 1 -m mechlib.scale collect train on the tiny Gemma 4",
         "date": time.strftime("%Y-%m-%d"),
         "environment": environment(),
         "params": args.params,
@@ -103,6 +108,14 @@ def summarize(args: argparse.Namespace) -> dict[str, Any]:
             "chapters_finished": sum(c["finished"] for c in chapters),
             "chapters": chapters,
             "labels": labels_of(paths),
+        },
+        # chapter 08 runs after the seven, in the time they left: rc -1 = skipped (too little time, or 01-07 failed)
+        "chapter_08": {
+            "rc": args.ch08_rc,
+            "seconds": args.ch08_seconds,
+            "limit_s": args.ch08_limit,
+            "finished": "08_feature_reward" in times,
+            "log_tail": log_tail(Path(args.ch08_log)),
         },
         "torchrun": {
             "rc": args.torchrun_rc,
@@ -122,6 +135,10 @@ def main() -> None:
     ap.add_argument("--book-rc", type=int, required=True)
     ap.add_argument("--book-seconds", type=int, required=True)
     ap.add_argument("--book-limit", type=int, required=True)
+    ap.add_argument("--ch08-log", default="")
+    ap.add_argument("--ch08-rc", type=int, default=-1)
+    ap.add_argument("--ch08-seconds", type=int, default=0)
+    ap.add_argument("--ch08-limit", type=int, default=0)
     ap.add_argument("--torchrun-log", required=True)
     ap.add_argument("--torchrun-rc", type=int, required=True)
     ap.add_argument("--torchrun-seconds", type=int, required=True)
@@ -134,7 +151,7 @@ def main() -> None:
     for folder in filter(None, (args.results, args.out)):
         Path(folder).mkdir(parents=True, exist_ok=True)
         atomic_write_json(Path(folder) / name, summary)
-    print(json.dumps({k: summary[k] for k in ("environment", "book", "torchrun")}, indent=1)[:6000])
+    print(json.dumps({k: summary[k] for k in ("environment", "book", "chapter_08", "torchrun")}, indent=1)[:6000])
     print(f"saved {name} in {args.results}" + (f" and {args.out}" if args.out else ""))
 
 

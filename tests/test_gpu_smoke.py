@@ -58,3 +58,41 @@ def test_summary_reads_chapter_times_from_the_log_and_devices_from_the_kernels(t
     assert mod.chapter_times(log) == {"01_collect": 41.5}
     devices = mod.chapter_devices(paths)
     assert devices["02_train_sae"]["peak_gpu_bytes"] == 2**31 and devices["01_collect"]["device"] == "cuda"
+
+
+def test_summary_reports_chapter_08_apart_from_the_seven(tmp_path, monkeypatch):
+    """gpu_book.sh runs chapters 01-07, then 08 in the time they left: a failed 08 says why in its own
+    entry, and the book's rc stays the seven's."""
+    import argparse
+
+    import mechlib.paths
+
+    monkeypatch.setattr(mechlib.paths, "OUTPUTS_DIR", tmp_path / "outputs")
+    mod = summary_module()
+    RunPaths("smoke").make()
+    book = tmp_path / "book.log"
+    book.write_text("".join(f"[mechbook] smoke: 0{n}_x done in {n}.0 s -> x.ipynb\n" for n in range(1, 8)))
+    ch08 = tmp_path / "book08.log"
+    ch08.write_text("[mechbook] smoke: running 08_feature_reward ...\nModuleNotFoundError: No module named 'trl'\n")
+    args = argparse.Namespace(
+        run="smoke",
+        params="params/gpu_smoke_e4b.yaml",
+        book_log=str(book),
+        book_rc=0,
+        book_seconds=40,
+        book_limit=480,
+        ch08_log=str(ch08),
+        ch08_rc=1,
+        ch08_seconds=9,
+        ch08_limit=300,
+        torchrun_log=str(tmp_path / "absent.log"),
+        torchrun_rc=0,
+        torchrun_seconds=8,
+    )
+    summary = mod.summarize(args)
+    assert summary["book"]["chapters_finished"] == 7 and summary["book"]["rc"] == 0
+    assert summary["chapter_08"]["rc"] == 1 and summary["chapter_08"]["finished"] is False
+    assert summary["chapter_08"]["log_tail"][-1] == "ModuleNotFoundError: No module named 'trl'"
+    ch08.write_text("[mechbook] smoke: 08_feature_reward done in 61.0 s -> x.ipynb\n")
+    summary = mod.summarize(args)
+    assert summary["chapter_08"]["finished"] is True and summary["book"]["chapters_finished"] == 8
