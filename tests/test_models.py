@@ -62,7 +62,9 @@ def test_tiny_models_are_deterministic_and_exercise_gemma4_quirks():
     assert not torch.equal(a.lm_head.weight, c.lm_head.weight)
     text = a.config.get_text_config()
     assert {"sliding_attention", "full_attention"} == set(text.layer_types)
-    assert text.num_kv_shared_layers > 0 and "reuse" in text.kv_sharing_modes
+    # transformers 5.23 also names each layer's sharing mode; 5.17 (the H200 image's) has only the count
+    modes = getattr(text, "kv_sharing_modes", None)
+    assert text.num_kv_shared_layers > 0 and (modes is None or "reuse" in modes)
     assert not a.training
     with pytest.raises(ValueError, match="unknown tiny architecture"):
         tiny_model("gpt2")  # type: ignore[arg-type]
