@@ -6,6 +6,8 @@
 #   bash benchmarks/gpu_book.sh download            # here, with PyPI: wheels the GPU machine lacks -> .whl/
 #   bash benchmarks/gpu_book.sh [RESULTS_DIR]       # on the GPU machine (carry .whl), from the repo root
 #   DRY_RUN=1 bash benchmarks/gpu_book.sh /tmp/dry  # anywhere: the same steps on the tiny CPU book, gloo
+#   DRY_RUN=1 DRY_RUN_WHEELS=1 PY=<python 3.12 with the image's packages> bash benchmarks/gpu_book.sh /tmp/dry
+#                                                   # the same, installing .whl/ as the GPU machine does
 #
 # Assumptions about the GPU machine: python3 is 3.12 with a CUDA build of torch, transformers >= 5.17,
 # numpy, scipy, matplotlib, pyyaml, tqdm, pandas, pyarrow, xxhash (the nvidia-h200 image has them); no hub and
@@ -45,7 +47,7 @@ PY=${PY:-python3}
 BUDGET=${BUDGET:-560}            # seconds for the whole script (a 10-minute call, minus transfers)
 BOOK_LIMIT=${BOOK_LIMIT:-480}    # the target is <= 8 minutes for the seven chapters
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD
-if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && [ -z "${DRY_RUN:-}" ]; then
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1 && { [ -z "${DRY_RUN:-}" ] || [ -n "${DRY_RUN_WHEELS:-}" ]; }; then
     $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         || { echo "wheel install failed"; exit 1; }
     export PYTHONPATH=/tmp/site:$PYTHONPATH
