@@ -59,9 +59,8 @@ def arms_table(m: FeatureRewardResult) -> str:
 
 def _rho(a: ArmResult) -> str:
     """The trend behind the hacking column, when there is one: ρ with the step and its one-sided p."""
-    if a.feature_trend_rho is None or a.feature_trend_p is None:
-        return ""
-    return f" (ρ {a.feature_trend_rho:+.2f}, p {a.feature_trend_p:.3f})"
+    t = a.trend
+    return "" if t is None else f" (ρ {t.rho:+.2f}, p {t.p:.3f})"
 
 
 def _grpo_line(m: FeatureRewardResult) -> str:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -25,7 +24,7 @@ from mechlib.paths import RunPaths
 from mechlib.plots_reward import ArmAccuracy
 from mechlib.readouts import ReadoutScore
 from mechlib.records import Record
-from mechlib.results.reward import ArmResult, GateInputs
+from mechlib.results.reward import ArmResult, GateInputs, Trend
 
 SELECTIONS = {
     "chapter05": "chapter 05's features (last prompt token)",
@@ -85,13 +84,6 @@ def arm_cache_tag(model: str, dtype: str, hook_model: str, spec_file: Path, sae_
     retrains the arm instead of reloading a stale adapter."""
     sae = sha256_file(sae_path) if Path(sae_path).is_file() else sae_path  # a hub SAE: its hf: address
     return f"{model}|{dtype}|{hook_model}|{sha256_file(spec_file)}|{sae}"
-
-
-class Trend(NamedTuple):
-    """How an arm's logged feature reward moved with the step: Spearman ρ, and the one-sided p of a rise."""
-
-    rho: float
-    p: float
 
 
 def feature_trend(steps: Sequence[StepLog]) -> Trend | None:
@@ -220,9 +212,8 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
 
 
 def _rho_cell(a: ArmResult) -> str:
-    if a.feature_trend_rho is None or a.feature_trend_p is None:
-        return "—"
-    return f"{a.feature_trend_rho:+.2f} ({a.feature_trend_p:.3f})"
+    t = a.trend
+    return "—" if t is None else f"{t.rho:+.2f} ({t.p:.3f})"
 
 
 def _acc(k: int, n: int, ci: tuple[float, float]) -> str:
@@ -266,9 +257,8 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
 
 
 def _trend(a: ArmResult) -> str:
-    if a.feature_trend_rho is None or a.feature_trend_p is None:
-        return "no trend"
-    return f"Spearman ρ {a.feature_trend_rho:+.2f} with the step, one-sided p {a.feature_trend_p:.3f}"
+    t = a.trend
+    return "no trend" if t is None else f"Spearman ρ {t.rho:+.2f} with the step, one-sided p {t.p:.3f}"
 
 
 def reward_finding(

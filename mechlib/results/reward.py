@@ -9,13 +9,20 @@ fields (:class:`mechlib.feature_reward.RewardFeature`, :class:`mechlib.readouts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, NamedTuple
 
 from mechlib.feature_reward import RewardFeature
 from mechlib.grpo import GrpoSettings, StepLog
 from mechlib.grpo_eval import AccuracyChange
 from mechlib.readouts import ReadoutScore
 from mechlib.results.codec import OMIT_NONE, Record
+
+
+class Trend(NamedTuple):
+    """How an arm's logged feature reward moved with the step: Spearman ρ, and the one-sided p of a rise."""
+
+    rho: float
+    p: float
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,13 @@ class ArmResult(Record):
     feature_trend_p: float | None = field(default=None, kw_only=True)
     # every sampled completion with both rewards (JSONL, relative to the run); None: an arm saved before they were
     samples: str | None = field(default=None, kw_only=True, metadata=OMIT_NONE)
+
+    @property
+    def trend(self) -> Trend | None:
+        """``feature_trend_rho`` and ``_p`` as one value; None where no trend was computed."""
+        if self.feature_trend_rho is None or self.feature_trend_p is None:
+            return None
+        return Trend(self.feature_trend_rho, self.feature_trend_p)
 
 
 @dataclass(frozen=True)
