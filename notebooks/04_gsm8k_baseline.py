@@ -23,8 +23,17 @@
 # and hard GSM8K problems in the study; chapter 05 tests for that with a second, within-kind null. The
 # table below shows where this run landed.
 #
-# **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim:
-# `<start_of_turn>user\nSolve step by step and give final answer as '#### N'.\n\n{q}<end_of_turn>\n<start_of_turn>model\n`.  # noqa: E501 (verbatim)
+# **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim (each line
+# ends in a newline, the last one too; `{q}` is the question):
+#
+# ```text
+# <start_of_turn>user
+# Solve step by step and give final answer as '#### N'.
+#
+# {q}<end_of_turn>
+# <start_of_turn>model
+# ```
+#
 # `"chat_template"` sends the same instruction through the model's own chat template, which is what a
 # non-Gemma model like SmolLM2 was trained on. `"chat_oneshot"` (the default run's) puts one worked example
 # — a subtraction, an operation none of the generated kinds uses — before the question in that template.

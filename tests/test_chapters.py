@@ -13,6 +13,7 @@ import pytest
 
 from mechlib.book import chapters
 from mechlib.params import BookParams
+from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION
 
 CHAPTERS = chapters()
 EXPECTED = [
@@ -75,3 +76,20 @@ def test_default_params_file_is_the_schema_defaults():
     defaults = BookParams()
     differ = {k: (v, getattr(defaults, k)) for k, v in values.items() if v != getattr(defaults, k)}
     assert not differ, f"params/default.yaml differs from BookParams defaults (file, schema): {differ}"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=lambda c: c.name)
+def test_no_linter_directive_shows_in_the_prose(chapter):
+    """A `# noqa` written to quiet ruff on a long markdown line renders as text in the notebook."""
+    nb = jupytext.read(chapter.source)
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    for directive in ("noqa", "type: ignore", "fmt: off", "fmt: skip"):
+        assert directive not in prose, f"{chapter.name}: '{directive}' in a markdown cell"
+
+
+def test_chapter_04_shows_the_gemma_prompt_verbatim():
+    """Chapter 04 calls its fenced prompt "verbatim": it must be :data:`GEMMA_MANUAL` line for line."""
+    nb = jupytext.read(next(c for c in CHAPTERS if c.name == "04_gsm8k_baseline").source)
+    prose = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    shown = prose.split("```text\n", 1)[1].split("```", 1)[0]
+    assert shown == GEMMA_MANUAL.format(instruction=INSTRUCTION, q="{q}")
