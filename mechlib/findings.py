@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from mechlib.scoring import ALTERNATIVES, RULE_LABELS, RuleAccuracy
 from mechlib.sensitivity import ALPHA  # one significance level for verdicts and findings
+from mechlib.stats import format_p
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,9 @@ CARD = Card()
 
 
 def _significance(p: float, se: float | None = None) -> str:
-    value = "p < 0.001" if p < 0.001 and se is None else f"p = {p:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    value = (
+        "p < 0.001" if p < 0.001 and se is None else f"p = {format_p(p)}" + (f" ± {se:.3f}" if se is not None else "")
+    )
     return f"{value}, significant at {ALPHA}" if p < ALPHA else f"{value}, not significant at {ALPHA}"
 
 
@@ -207,7 +210,7 @@ def steering_finding(
     else:
         text = (
             f"At layer {layer}: "
-            + "; ".join(f"{100 * s:+g} % {e} (Δ {d:+.3f}, p {p:.3f})" for s, e, d, p in moved)
+            + "; ".join(f"{100 * s:+g} % {e} (Δ {d:+.3f}, p {format_p(p)})" for s, e, d, p in moved)
             + ". "
         )
     text += f"{survives} of {len(effects)} of these conclusions hold under every scoring rule. "

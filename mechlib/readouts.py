@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats as sps
 
-from mechlib.stats import StatsInputError, finite_or_none, spearman
+from mechlib.stats import StatsInputError, finite_or_none, format_p, spearman
 
 # a permutation statistic within this relative distance of the observed one counts as "as extreme":
 # the closed forms below and scipy's differ by round-off, and an identical relabelling must count
@@ -222,11 +222,6 @@ def _num(x: float | None, fmt: str = "+.3f") -> str:
     return "n/a" if x is None else format(x, fmt)
 
 
-def _p(p: float | None) -> str:
-    """A p-value to three decimals, or in scientific notation below 0.001 (never a misleading "0.000")."""
-    return "n/a" if p is None else f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
-
-
 def _ci(ci: tuple[float, float] | None, fmt: str = "+.2f") -> str:
     return "n/a" if ci is None else f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]"
 
@@ -242,8 +237,8 @@ def stage_gate_table(rows: Sequence[ReadoutScore]) -> str:
     for r in rows:
         lines.append(
             f"{r.name:<{width}}  {r.n:>4}  {r.n_correct:>5}  {_num(r.spearman_rho):>6}  {_ci(r.spearman_ci):<16}  "
-            f"{_p(r.spearman_p_perm):>7}  {_num(r.auroc, '.3f'):>5}  {_ci(r.auroc_ci, '.2f'):<14}  "
-            f"{_p(r.auroc_p_perm):>7}  {r.direction}"
+            f"{format_p(r.spearman_p_perm):>7}  {_num(r.auroc, '.3f'):>5}  {_ci(r.auroc_ci, '.2f'):<14}  "
+            f"{format_p(r.auroc_p_perm):>7}  {r.direction}"
         )
     return "\n".join(lines)
 
@@ -265,7 +260,7 @@ def _feature_sentence(feature: ReadoutScore, alpha: float) -> str:
         return f"The {feature.name} cannot be judged: all {feature.n} held-out answers are in one class."
     stats = (
         f"AUROC {feature.auroc:.2f}, 95% CI [{feature.auroc_ci[0]:.2f}, {feature.auroc_ci[1]:.2f}], "
-        f"permutation p = {_p(feature.auroc_p_perm)}, n = {feature.n}"
+        f"permutation p = {format_p(feature.auroc_p_perm)}, n = {feature.n}"
     )
     if feature.spearman_rho is None:
         return (

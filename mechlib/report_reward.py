@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from mechlib.paths import RunPaths
 from mechlib.results import ArmResult, FeatureRewardResult
+from mechlib.stats import format_p
 
 
 def _f(x: float | None, digits: int = 3) -> str:
@@ -51,7 +52,7 @@ def arms_table(m: FeatureRewardResult) -> str:
         first, last = a.steps[0], a.steps[-1]
         rows.append(
             f"| {a.arm} | {a.correctness_weight:g}, {a.feature_weight:g} | {h.k_before}/{h.n} {_ci(h.ci_before)} "
-            f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {h.p_mcnemar:.3f} "
+            f"| {h.k_after}/{h.n} {_ci(h.ci_after)} | {h.b} / {h.c} | {format_p(h.p_mcnemar)} "
             f"| {first.feature_mean:+.3f} → {last.feature_mean:+.3f}{_rho(a)} | {_hacking(a)} |"
         )
     return "\n".join(rows)
@@ -60,7 +61,7 @@ def arms_table(m: FeatureRewardResult) -> str:
 def _rho(a: ArmResult) -> str:
     """The trend behind the hacking column, when there is one: ρ with the step and its one-sided p."""
     t = a.trend
-    return "" if t is None else f" (ρ {t.rho:+.2f}, p {t.p:.3f})"
+    return "" if t is None else f" (ρ {t.rho:+.2f}, p {format_p(t.p)})"
 
 
 def _grpo_line(m: FeatureRewardResult) -> str:

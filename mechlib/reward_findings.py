@@ -25,6 +25,7 @@ from mechlib.plots_reward import ArmAccuracy
 from mechlib.readouts import ReadoutScore
 from mechlib.records import Record
 from mechlib.results.reward import ArmResult, GateInputs, Trend
+from mechlib.stats import format_p
 
 SELECTIONS = {
     "chapter05": "chapter 05's features (last prompt token)",
@@ -205,7 +206,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
         lines.append(
             f"{a.arm:>20} {a.correctness_weight:>5g} {a.feature_weight:>6g} "
             f"{_acc(h.k_before, h.n, h.ci_before):>16} {_acc(h.k_after, h.n, h.ci_after):>16} {h.b:>3} {h.c:>3} "
-            f"{h.p_mcnemar:>9.3f} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} {_rho_cell(a):>14} "
+            f"{format_p(h.p_mcnemar):>9} {first.feature_mean:>+7.3f}→{last.feature_mean:<+7.3f} {_rho_cell(a):>14} "
             f"{first.correct_mean:>5.2f}→{last.correct_mean:<5.2f}  {a.n_changed:>6}"
         )
     return head + "\n".join(lines)
@@ -213,7 +214,7 @@ def arm_table(arms: Sequence[ArmResult], settings: GrpoSettings) -> str:
 
 def _rho_cell(a: ArmResult) -> str:
     t = a.trend
-    return "—" if t is None else f"{t.rho:+.2f} ({t.p:.3f})"
+    return "—" if t is None else f"{t.rho:+.2f} ({format_p(t.p)})"
 
 
 def _acc(k: int, n: int, ci: tuple[float, float]) -> str:
@@ -234,7 +235,9 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
         else:
             change = f"{'rose' if h.k_after > h.k_before else 'fell'} from {h.k_before}/{h.n} to {h.k_after}/{h.n}"
             sig = f"{'significantly' if h.p_mcnemar < ALPHA else 'not significantly'}: McNemar p"
-        parts.append(f"{a.arm}: held-out accuracy {change} ({sig} = {h.p_mcnemar:.3f}, {h.b} fixed, {h.c} broken)")
+        parts.append(
+            f"{a.arm}: held-out accuracy {change} ({sig} = {format_p(h.p_mcnemar)}, {h.b} fixed, {h.c} broken)"
+        )
     text = "; ".join(parts) + "."
     if n_steps < MIN_TREND_STEPS:
         return text + (
@@ -258,7 +261,7 @@ def training_verdict(arms: Sequence[ArmResult]) -> str:
 
 def _trend(a: ArmResult) -> str:
     t = a.trend
-    return "no trend" if t is None else f"Spearman ρ {t.rho:+.2f} with the step, one-sided p {t.p:.3f}"
+    return "no trend" if t is None else f"Spearman ρ {t.rho:+.2f} with the step, one-sided p {format_p(t.p)}"
 
 
 def reward_finding(

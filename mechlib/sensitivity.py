@@ -18,7 +18,7 @@ from torch import Tensor
 
 from mechlib.records import Record
 from mechlib.scoring import RULE_LABELS, RULES, ScoringRule, paired_verdicts, verdicts
-from mechlib.stats import PermutationNull, adaptive_permutation_null
+from mechlib.stats import PermutationNull, adaptive_permutation_null, format_p
 from mechlib.steering import SteeringRow, steering_row
 
 ALPHA = 0.05
@@ -88,7 +88,7 @@ def peak_under_rules(
 def _p_text(p: float | None, se: float | None) -> str:
     if p is None:
         return "p n/a"
-    return f"p {p:.3f}" + (f" ± {se:.3f}" if se is not None else "")
+    return f"p {format_p(p)}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def peak_verdict(rows: Sequence[PeakUnderRule], alpha: float = ALPHA) -> str:
@@ -181,12 +181,12 @@ def row_verdict(rows: Sequence[RowUnderRule]) -> str:
     primary = rows[0]
     head = (
         f"{100 * primary.row.scale:+g} %: {primary.effect} under the primary rule "
-        f"(Δ {primary.row.delta:+.3f}, net {primary.row.net_flips:+d}, McNemar p {primary.row.mcnemar_p:.3f})"
+        f"(Δ {primary.row.delta:+.3f}, net {primary.row.net_flips:+d}, McNemar p {format_p(primary.row.mcnemar_p)})"
     )
     others = [r for r in rows[1:] if r.effect != primary.effect]
     if not others:
         return head + f"; the same under all {len(rows) - 1} alternatives — the conclusion survives."
     diff = "; ".join(
-        f"{r.effect} under {r.rule} (Δ {r.row.delta:+.3f}, n {r.row.n}, p {r.row.mcnemar_p:.3f})" for r in others
+        f"{r.effect} under {r.rule} (Δ {r.row.delta:+.3f}, n {r.row.n}, p {format_p(r.row.mcnemar_p)})" for r in others
     )
     return head + f"; but {diff} — the conclusion depends on how answers are scored."

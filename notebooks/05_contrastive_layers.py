@@ -209,7 +209,7 @@ rho = stats.spearman(proj, y_held)
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"‖mean difference‖ at layer {peak} = {raw_norm:.3f}; mean residual norm = {mean_norm:.2f}")
-print(f"held-out projection vs correctness: Spearman rho = {rho.rho:.3f}, p = {rho.p:.3f} (n = {rho.n})")
+print(f"held-out projection vs correctness: Spearman rho = {rho.rho:.3f}, p = {stats.format_p(rho.p)} (n = {rho.n})")
 
 # %% [markdown]
 # ## SAE features ranked by contrast

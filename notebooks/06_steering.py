@@ -149,7 +149,7 @@ for r in rows:
     print(
         f"{r.scale:>6.2f} {r.perturbation:>6.1f} {r.accuracy:>6.3f} {r.delta:>+7.3f} "
         f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}] {r.recovered:>4}/{r.n_baseline_wrong:<4} {r.broken:>6} "
-        f"{r.net_flips:>+4} {r.mcnemar_p:>9.3f} {cut_off[r.scale]:>7.1%}"
+        f"{r.net_flips:>+4} {stats.format_p(r.mcnemar_p):>9} {cut_off[r.scale]:>7.1%}"
     )
 
 # %% [markdown]
@@ -204,7 +204,7 @@ for s, under in by_rule.items():
         r = u.row
         print(
             f"{s:>6.2f} {u.rule:>9} {r.n:>4} {r.accuracy:>6.3f} {r.delta:>+7.3f} {r.net_flips:>+4} "
-            f"{r.mcnemar_p:>9.3f}  {u.effect}"
+            f"{stats.format_p(r.mcnemar_p):>9}  {u.effect}"
         )
 print()
 row_findings = {s: placeholder.mark_text(sensitivity.row_verdict(u), P.placeholder_labels) for s, u in by_rule.items()}
@@ -268,15 +268,12 @@ print(
 )
 for c in controls:
     r = c.row
-    vs = (
-        ""
-        if c.vs_caa is None
-        else (f"   vs CAA: CAA only {c.vs_caa.a_only}, random only {c.vs_caa.b_only}, p {c.vs_caa.mcnemar_p:.3f}")
-    )
+    v = c.vs_caa
+    vs = "" if v is None else f"   vs CAA: CAA only {v.a_only}, random only {v.b_only}, p {stats.format_p(v.mcnemar_p)}"
     print(
         f"random #{c.index} (cos with CAA {c.cos_with_caa:+.3f}): acc {r.accuracy:.3f}, delta {r.delta:+.3f} "
-        f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, McNemar p {r.mcnemar_p:.3f}, "
-        f"cut off {c.truncated:.1%}{vs}"
+        f"[{r.delta_ci95[0]:+.3f}, {r.delta_ci95[1]:+.3f}], net {r.net_flips:+d}, "
+        f"McNemar p {stats.format_p(r.mcnemar_p)}, cut off {c.truncated:.1%}{vs}"
     )
 
 # %% [markdown]

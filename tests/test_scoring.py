@@ -111,3 +111,11 @@ def test_peak_under_rules_and_verdict():
     (row,) = peak_under_rules(h, ids, few, top_n=2, seed=0, min_permutations=50, rules=("primary",))
     assert row.peak_layer is None and row.n_wrong == 0
     assert "no peak layer" in peak_verdict([row])
+
+
+def test_row_verdict_never_prints_a_zero_p():
+    """20 answers broken, none fixed: exact McNemar p = 2 · 0.5^20 ≈ 1.9e-06, which ``.3f`` would print as 0.000."""
+    base = [_rec(f"q{i}", 1, "#### 1\n", "answer_line") for i in range(40)]
+    harm = [_rec(f"q{i}", 1, "#### 2\n" if i < 20 else "#### 1\n", "answer_line") for i in range(40)]
+    text = row_verdict(_row(0.1, base, harm))
+    assert "McNemar p 1.9e-06" in text and "0.000" not in text

@@ -14,6 +14,7 @@ from mechlib.stats import (
     StatsInputError,
     bootstrap_ci,
     cohens_d,
+    format_p,
     mcnemar_exact,
     permutation_null,
     spearman,
@@ -235,3 +236,9 @@ def test_wilson_rejects_fractions_and_bad_confidence():
         wilson_ci(2.5, 10)
     with pytest.raises(StatsInputError):
         wilson_ci(2, 10, confidence=1.0)
+
+
+def test_format_p_never_prints_zero():
+    assert format_p(0.0312) == "0.031" and format_p(1.0) == "1.000" and format_p(0.001) == "0.001"
+    assert format_p(0.00099) == "9.9e-04" and format_p(1.9e-06) == "1.9e-06"
+    assert format_p(None) == "n/a"
