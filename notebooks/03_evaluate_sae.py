@@ -92,7 +92,8 @@ print(
     f"PCA {pca_ve_in:.3f}"
 )
 print(f"MSE per element: {recon.mse:.4g}   L0: {recon.l0:.1f}")
-print(f"coverage (fired on held-out): {recon.coverage:.3f}   never fired on held-out: {recon.never_fired_fraction:.3f}")
+never_fired = round(recon.never_fired_fraction * sae.d_sae)
+print(f"coverage (fired on held-out): {recon.coverage:.4f}   never fired on held-out: {never_fired} of {sae.d_sae}")
 print(f"dead at the end of training (counters): {'n/a' if dead_train is None else f'{dead_train:.3f}'}")
 
 # %% [markdown]

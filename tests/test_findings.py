@@ -44,6 +44,11 @@ def test_training_sae_lens_and_collect_findings():
     sae = findings.sae_finding(0.69, 0.87, 0.46, 32, 0.34, 0.51, 0.93, 32.0, 1.0, 16384)
     assert "beats the 32-component PCA baseline (0.460)" in sae and "recovering 93.0%" in sae
     assert "does not beat" in findings.sae_finding(0.4, 0.6, 0.46, 32, 0.34, 0.51, None, 32.0, 1.0, 16384)
+    assert "and 100.0% of the latents fire" in sae
+    # 4607 of 4608 latents fired: one decimal would round that up to every latent
+    assert "and 99.98% of the latents fire" in findings.sae_finding(
+        0.69, 0.87, 0.46, 32, 0.34, 0.51, 0.93, 32.0, 4607 / 4608, 16384
+    )
     assert "from layer 23 of 30 (77% of depth" in findings.lens_finding(23, 30, " Berlin", 0.81)
     assert findings.lens_finding(None, 30, "x", 0.1).startswith("No layer's top tokens")
     assert "English words at 60% or more of the positions from layer 23" in findings.lens_finding(23, 30, "x", 0.1, 0.6)
