@@ -23,14 +23,16 @@ from scipy import stats as sps
 
 
 def format_p(p: float | None) -> str:
-    """A p-value as the book prints it: three decimals, or two significant digits below 0.001.
+    """A p-value as the book prints it: three decimals, or two significant digits where those would read 0.000.
 
     Why: a p-value is never zero, so a fixed ``.3f`` turning 4e-05 into "0.000" misstates it; the same
-    helper everywhere keeps tables, printouts and findings agreeing. ``"n/a"`` when none was computed.
+    helper everywhere keeps tables, printouts and findings agreeing. The smallest p of 1000 permutations,
+    1/1001, still reads 0.001. ``"n/a"`` when none was computed.
     """
     if p is None:
         return "n/a"
-    return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    text = f"{p:.3f}"
+    return text if text != "0.000" else f"{p:.1e}"
 
 
 class StatsInputError(ValueError):

@@ -240,5 +240,5 @@ def test_wilson_rejects_fractions_and_bad_confidence():
 
 def test_format_p_never_prints_zero():
     assert format_p(0.0312) == "0.031" and format_p(1.0) == "1.000" and format_p(0.001) == "0.001"
-    assert format_p(0.00099) == "9.9e-04" and format_p(1.9e-06) == "1.9e-06"
+    assert format_p(1 / 1001) == "0.001" and format_p(0.00049) == "4.9e-04" and format_p(1.9e-06) == "1.9e-06"
     assert format_p(None) == "n/a"
