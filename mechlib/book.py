@@ -8,10 +8,10 @@ declares, stops at the first failing chapter while keeping its executed notebook
 and finally regenerates ``outputs/<run>/REPORT.md`` from the metrics.
 
 Before any chapter runs it also checks what only the runner can: the device exists, ``layer``
-and ``steering_layer`` fit the model (read from its config, no weights; :mod:`mechlib.book_checks`),
-and no other runner holds the run name (:mod:`mechlib.runlock`). Every failure ends in one ``[mechbook] error:``
-line saying what failed, where, and that a rerun resumes; the full trace stays in the kept
-notebook, never on the terminal.
+and ``steering_layer`` fit the model (read from its config, no weights), the local files the chosen
+chapters will read exist (:mod:`mechlib.book_checks`), and no other runner holds the run name
+(:mod:`mechlib.runlock`). Every failure ends in one ``[mechbook] error:`` line saying what failed,
+where, and that a rerun resumes; the full trace stays in the kept notebook, never on the terminal.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import yaml
 
 from mechlib import device_stats
-from mechlib.book_checks import check_device, check_layers, one_line, parse_overrides, with_overrides
+from mechlib.book_checks import check_device, check_inputs, check_layers, one_line, parse_overrides, with_overrides
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 from mechlib.params import BookParams, ParamsError, known_keys, load_params
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
@@ -105,6 +105,13 @@ def declared_parameters(nb) -> list[str]:
     if unknown:
         raise ParamsError(f"notebook declares parameters missing from mechlib.params.BookParams: {unknown}")
     return names
+
+
+def declared_by(todo: Sequence[Chapter]) -> set[str]:
+    """Every parameter that one of ``todo``'s chapters declares."""
+    import jupytext
+
+    return {name for chapter in todo for name in declared_parameters(jupytext.read(chapter.source))}
 
 
 # Headless kernels have no ipywidgets front end, so tqdm.auto falls back to text bars and warns
@@ -283,6 +290,7 @@ def run_book(
         raise ParamsError(f"no chapters found in {notebooks_dir}")
     check_device(params.device, str(params_path))
     check_layers(params, str(params_path))
+    check_inputs(params, str(params_path), declared_by(todo))
     paths = RunPaths(params.run).make()
     with run_lock(paths.root, params.run, note=lambda msg: print(msg, file=sys.stderr, flush=True)):
         atomic_write_text(paths.root / "params.yaml", yaml.safe_dump(params.as_dict(), sort_keys=True))

@@ -1,21 +1,23 @@
 """What the runner checks before any chapter runs, and the ``-p KEY=VALUE`` overrides it validates.
 
-Why before: a device the machine lacks, or a ``layer`` past the model's last, would otherwise surface
-minutes (chapter 01 after loading the model) or an hour (chapter 06's ``steering_layer``) into a run.
-These read only the params and the model's config, never its weights. :mod:`mechlib.book` re-exports them.
+Why before: a device the machine lacks, a ``layer`` past the model's last, or a local input path with a
+typo would otherwise surface minutes (chapter 01 after loading the model; a wrong ``gsm8k_path`` after
+collection and training) or an hour (chapter 06's ``steering_layer``) into a run. These read only the
+params, the model's config and whether files exist, never weights or data. :mod:`mechlib.book` re-exports
+them.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 import yaml
 
 from mechlib.params import BookParams, ParamsError, ParamsLoader, validate
 
-__all__ = ["check_device", "check_layers", "one_line", "parse_overrides", "with_overrides"]
+__all__ = ["check_device", "check_inputs", "check_layers", "one_line", "parse_overrides", "with_overrides"]
 
 
 def one_line(text: object) -> str:
@@ -70,6 +72,37 @@ def check_layers(params: BookParams, source: str) -> None:
                 f"{source}: '{key}' is {value} but {params.model} has {n_layers} decoder layers: "
                 f"valid layers are 0..{n_layers - 1}"
             )
+
+
+def check_inputs(params: BookParams, source: str, declared: Collection[str]) -> None:
+    """The local files the chosen chapters will read exist: a corpus file, a GSM8K copy, a published SAE.
+
+    ``declared``: the parameters those chapters declare, so ``--only 01`` is not refused for a
+    ``gsm8k_path`` that only chapter 04 reads. Hub inputs (``hf:…``, an empty ``gsm8k_path``) are left to
+    the chapter that downloads them.
+    """
+    from mechlib.activations.corpus import CorpusError, check_local_file, is_local
+    from mechlib.gsm8k import GSM8KError, local_file
+    from mechlib.paths import resolve
+    from mechlib.sae.loading import locate_local
+    from mechlib.sae.model import SAEError
+
+    checks: list[tuple[str, Callable[[], object]]] = []
+    if "corpus" in declared and is_local(params.corpus):
+        checks.append(("corpus", lambda: check_local_file(resolve(params.corpus))))
+    if "gsm8k_path" in declared and params.task == "gsm8k" and params.gsm8k_path:
+        checks.append(("gsm8k_path", lambda: local_file(params.gsm8k_path, params.gsm8k_split)))
+    if (
+        "sae_pretrained" in declared
+        and params.sae_source == "pretrained"
+        and not params.sae_pretrained.startswith("hf:")
+    ):
+        checks.append(("sae_pretrained", lambda: locate_local(resolve(params.sae_pretrained))))
+    for key, check in checks:
+        try:
+            check()
+        except (CorpusError, GSM8KError, SAEError) as exc:
+            raise ParamsError(f"{source}: '{key}': {one_line(exc)}") from None
 
 
 def parse_overrides(items: Sequence[str]) -> dict[str, Any]:

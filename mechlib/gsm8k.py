@@ -51,7 +51,9 @@ class Question:
 # --------------------------------------------------------------------------------------------
 
 
-def _local_file(path: str | os.PathLike[str], split: str) -> Path:
+def local_file(path: str | os.PathLike[str], split: str) -> Path:
+    """The JSONL file a local ``gsm8k_path`` names (a folder holding ``{split}.jsonl``, or the file itself);
+    :class:`GSM8KError` when there is none. Reads nothing, so the runner checks it before any chapter runs."""
     p = resolve(path)
     if p.is_dir():
         f = p / f"{split}.jsonl"
@@ -105,7 +107,7 @@ def load_gsm8k(path: str = "", split: str = "test") -> list[Question]:
     the local copy of the same file, so splits and records carry over between the two.
     """
     if path:
-        f = _local_file(path, split)
+        f = local_file(path, split)
         rows, where = _rows_from_jsonl(f), str(f)
     else:
         rows, where = _rows_from_hub(split), f"{HUB_ID}/{split}"

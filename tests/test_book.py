@@ -284,6 +284,67 @@ def test_cuda_asked_where_there_is_none_is_refused(book, book_main, capsys, monk
     assert not (out.parent / "gpu").exists()
 
 
+CHAPTER_READS_INPUTS = (
+    HEADER
+    + """
+# %% [markdown]
+# A stand-in chapter that declares the parameters naming local inputs.
+
+# %% tags=["parameters"]
+run = "default"
+corpus = "python-stdlib-docs"
+task = "arithmetic"
+gsm8k_path = ""
+gsm8k_split = "test"
+sae_source = "train"
+sae_pretrained = ""
+
+# %%
+print("ran")
+"""
+)
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"task": "gsm8k", "gsm8k_path": "{tmp}/no-such-gsm8k"}, "'gsm8k_path': GSM8K path {tmp}/no-such-gsm8k does"),
+        ({"task": "gsm8k", "gsm8k_path": "{tmp}"}, "'gsm8k_path': GSM8K folder {tmp} has no test.jsonl"),
+        ({"corpus": "{tmp}/no-such-corpus.txt"}, "'corpus': corpus file not found: {tmp}/no-such-corpus.txt"),
+        ({"corpus": "{tmp}/trial.yaml"}, "'corpus': corpus file {tmp}/trial.yaml must end in .txt"),
+        ({"sae_source": "pretrained", "sae_pretrained": "{tmp}"}, "'sae_pretrained': SAE checkpoint not found: {tmp}"),
+    ],
+)
+def test_a_missing_local_input_is_refused_before_any_chapter(book, monkeypatch, capsys, values, message):
+    """A typo in a path that chapter 04 (or 02) reads must not cost the chapters before it."""
+    import functools
+
+    import mechlib.book as book_module
+
+    nbdir, params, out = book
+    (nbdir / "03_reads.py").write_text(CHAPTER_READS_INPUTS)
+    tmp = str(out.parent.parent)
+    params.write_text(yaml.safe_dump({k: v.replace("{tmp}", tmp) for k, v in values.items()}))
+    monkeypatch.setattr(book_module, "run_book", functools.partial(book_module.run_book, notebooks_dir=nbdir))
+    assert main([str(params)]) == 1
+    (line,) = _error_lines(capsys.readouterr().err)
+    assert message.replace("{tmp}", tmp) in line and str(params) in line
+    assert not out.exists()  # nothing ran, nothing was written
+    # only the chapters that declare the parameter bring the check: chapter 01 alone runs
+    assert main([str(params), "--only", "01"]) == 0
+
+
+def test_hub_inputs_are_left_to_the_chapter_that_downloads_them():
+    from mechlib.book import check_inputs
+    from mechlib.params import validate
+
+    every = {"corpus", "gsm8k_path", "sae_pretrained"}
+    check_inputs(validate({"corpus": "hf:org/data", "task": "gsm8k", "gsm8k_path": ""}), "x.yaml", every)
+    check_inputs(validate({"sae_source": "pretrained", "sae_pretrained": "hf:org/sae"}), "x.yaml", every)
+    # a GSM8K path is not read when the task is the generated one
+    check_inputs(validate({"task": "arithmetic", "gsm8k_path": "/no/such/file.jsonl"}), "x.yaml", every)
+
+
 def test_an_uncached_hub_model_skips_the_layer_check_with_a_note(monkeypatch, capsys):
     from mechlib.book import check_layers
     from mechlib.params import validate

@@ -107,9 +107,22 @@ def _hf_dataset(name: str, config: str | None, split: str, text_field: str) -> I
         yield row[text_field]
 
 
-def _local_file(path: Path, text_field: str) -> Iterator[str]:
+def check_local_file(path: Path) -> None:
+    """Raise :class:`CorpusError` unless ``path`` is a ``.txt`` or ``.jsonl`` file (read nothing: the runner's
+    check before any chapter runs)."""
     if not path.is_file():
         raise CorpusError(f"corpus file not found: {path}")
+    if path.suffix not in (".txt", ".jsonl"):
+        raise CorpusError(f"corpus file {path} must end in .txt (blank-line separated documents) or .jsonl")
+
+
+def is_local(corpus: str) -> bool:
+    """A corpus name that is a local file path (not the stdlib docs, not ``hf:<dataset>``)."""
+    return corpus != STDLIB_CORPUS and not corpus.startswith("hf:")
+
+
+def _local_file(path: Path, text_field: str) -> Iterator[str]:
+    check_local_file(path)
     if path.suffix == ".jsonl":
         for i, row in iter_jsonl(path, CorpusError):
             if not isinstance(row, dict) or text_field not in row:
@@ -126,8 +139,6 @@ def _local_file(path: Path, text_field: str) -> Iterator[str]:
                 block = []
         if block:
             yield "\n".join(block)
-    else:
-        raise CorpusError(f"corpus file {path} must end in .txt (blank-line separated documents) or .jsonl")
 
 
 @dataclass(frozen=True)

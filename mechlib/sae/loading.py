@@ -43,8 +43,13 @@ def load_sae(spec: str | os.PathLike[str], device: str | torch.device = "cpu") -
     return _load_local(resolve(spec_s), spec_s).to(device)
 
 
-def _load_local(path: Path, spec_s: str) -> TopKSAE:
-    """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
+def locate_local(path: Path) -> Path:
+    """What :func:`load_sae` reads for the local ``path``: a SAELens / sparsify folder, or one checkpoint file.
+
+    Why apart: the book's runner calls it before any chapter runs, so a wrong ``sae_pretrained`` is
+    reported at once, not after chapter 01 collected. Reads no weights; :class:`SAEError` when nothing
+    loadable is there.
+    """
     if (
         path.is_file()
         and path.name in (interop.SAELENS_WEIGHTS, interop.SPARSIFY_WEIGHTS)
@@ -52,9 +57,7 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
     ):
         path = path.parent  # a SAELens / sparsify weights file: read its folder (cfg.json beside it)
     if path.is_dir() and not (path / "sae_final.pt").is_file() and interop.detect(path):
-        folder_state, folder_meta = interop.read_folder(path) or ({}, {})
-        folder_meta["source"] = spec_s
-        return sae_from_state(folder_state, str(path), folder_meta)
+        return path
     if path.is_dir():
         path = next((path / n for n in ("sae_final.pt", "sae.safetensors") if (path / n).is_file()), path)
     if not path.is_file():
@@ -63,6 +66,16 @@ def _load_local(path: Path, spec_s: str) -> TopKSAE:
             f"sae.safetensors + cfg.json, a SAELens folder (cfg.json + sae_weights.safetensors) or a "
             f"sparsify folder (cfg.json + sae.safetensors, or its layers.N/ subfolder))"
         )
+    return path
+
+
+def _load_local(path: Path, spec_s: str) -> TopKSAE:
+    """:func:`load_sae` for a local file or folder (``spec_s``: what the user wrote, kept in the meta)."""
+    path = locate_local(path)
+    if path.is_dir():
+        folder_state, folder_meta = interop.read_folder(path) or ({}, {})
+        folder_meta["source"] = spec_s
+        return sae_from_state(folder_state, str(path), folder_meta)
     check_checksum(path)
     cfg_path = path.parent / "cfg.json"
     meta = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
