@@ -29,7 +29,15 @@ from typing import Any
 import yaml
 
 from mechlib import device_stats
-from mechlib.book_checks import check_device, check_inputs, check_layers, one_line, parse_overrides, with_overrides
+from mechlib.book_checks import (
+    check_device,
+    check_inputs,
+    check_layers,
+    one_line,
+    parse_overrides,
+    source_of,
+    with_overrides,
+)
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 from mechlib.params import BookParams, ParamsError, known_keys, load_params
 from mechlib.paths import NOTEBOOKS_DIR, REPO_ROOT, RunPaths
@@ -288,9 +296,10 @@ def run_book(
     todo = select(chapters(notebooks_dir), only)
     if not todo:
         raise ParamsError(f"no chapters found in {notebooks_dir}")
-    check_device(params.device, str(params_path))
-    check_layers(params, str(params_path))
-    check_inputs(params, str(params_path), declared_by(todo))
+    source = source_of(str(params_path), overrides or {})
+    check_device(params.device, source)
+    check_layers(params, source)
+    check_inputs(params, source, declared_by(todo))
     paths = RunPaths(params.run).make()
     with run_lock(paths.root, params.run, note=lambda msg: print(msg, file=sys.stderr, flush=True)):
         atomic_write_text(paths.root / "params.yaml", yaml.safe_dump(params.as_dict(), sort_keys=True))

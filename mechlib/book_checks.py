@@ -17,7 +17,7 @@ import yaml
 
 from mechlib.params import BookParams, ParamsError, ParamsLoader, validate
 
-__all__ = ["check_device", "check_inputs", "check_layers", "one_line", "parse_overrides", "with_overrides"]
+__all__ = ["check_device", "check_inputs", "check_layers", "one_line", "parse_overrides", "source_of", "with_overrides"]
 
 
 def one_line(text: object) -> str:
@@ -127,9 +127,13 @@ def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def source_of(params_file: str, overrides: dict[str, Any]) -> str:
+    """How an error names where a value came from: the params file, and the ``-p`` overrides if any."""
+    return f"{params_file} with -p {' '.join(f'{k}={v}' for k, v in overrides.items())}" if overrides else params_file
+
+
 def with_overrides(params: BookParams, overrides: dict[str, Any], source: str) -> BookParams:
     """``params`` with ``overrides`` applied, validated by the same schema (unknown key: the same error)."""
     if not overrides:
         return params
-    where = f"{source} with -p {' '.join(f'{k}={v}' for k, v in overrides.items())}"
-    return validate({**params.as_dict(), **overrides}, source=where)
+    return validate({**params.as_dict(), **overrides}, source=source_of(source, overrides))

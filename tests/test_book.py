@@ -413,6 +413,8 @@ def test_p_overrides_one_parameter_each_through_the_schema(book, book_main, caps
         (["-p", "k"], "-p 'k': expected KEY=VALUE"),
         (["-p", "k=1", "-p", "k=2"], "-p k: given twice"),
         (["-p", "k=0"], "with -p k=0: 'k' must be positive, got 0"),
+        # checked against the model's config: the error still names the override that set it
+        (["-p", "layer=999"], "with -p layer=999: 'layer' is 999 but embedded:smollm2-135m-instruct has 30"),
     ],
 )
 def test_bad_p_overrides_are_one_clear_error_before_any_chapter_runs(book, book_main, capsys, args, message):
