@@ -27,6 +27,7 @@ from typing import Any
 
 from mechlib.activations.collect_config import collect_config_from_params, collect_split, open_train_store
 from mechlib.activations.shards import MANIFEST, Manifest, ShardEntry, ShardError, rank_manifest_name, read_manifest
+from mechlib.book_checks import check_inputs, check_layers
 from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import load_params
@@ -122,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         P = load_params(args.params)  # a bad params file fails before any process group exists
+        # ... and so do a layer past the model's last and a missing corpus file (before the model loads)
+        check_layers(P, args.params)
+        reads_corpus = "collect" in args.commands or P.collect_mode == "stream"
+        check_inputs(P, args.params, {"corpus"} if reads_corpus else set())
         with _run_lock(P.run), process_group(args.device or P.device) as info:  # one group for all commands
             for command in args.commands:
                 {"collect": collect, "train": train}[command](

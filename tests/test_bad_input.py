@@ -108,8 +108,22 @@ def test_negative_k_aux_is_refused():
 def test_layer_out_of_range_names_the_valid_range(tmp_path, out_root, capsys):
     params = write_params(tmp_path, "badlayer", layer=7)  # the tiny Llama has 4 decoder layers
     rc, err = _scale(["collect", str(params)], capsys)
-    assert rc == 1 and "layer 7 is out of range" in err and "valid layers are 0..3" in err, err
+    # refused from the model's config, before its weights load
+    assert rc == 1 and "'layer' is 7 but" in err and "has 4 decoder layers: valid layers are 0..3" in err, err
     assert _files(out_root / "badlayer") == []
+
+
+def test_missing_corpus_file_is_refused_before_the_model_loads(tmp_path, out_root, capsys, monkeypatch):
+    from mechlib import scale
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the corpus path was checked")
+
+    monkeypatch.setattr(scale, "load_model", no_load)
+    params = write_params(tmp_path, "nocorpus", corpus=str(tmp_path / "no-such.txt"))
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and f"'corpus': corpus file not found: {tmp_path / 'no-such.txt'}" in err, err
+    assert _files(out_root / "nocorpus") == []
 
 
 def test_empty_corpus_is_named_and_nothing_is_written(tmp_path, out_root, capsys):
