@@ -341,8 +341,10 @@ def test_hub_inputs_are_left_to_the_chapter_that_downloads_them():
     every = {"corpus", "gsm8k_path", "sae_pretrained"}
     check_inputs(validate({"corpus": "hf:org/data", "task": "gsm8k", "gsm8k_path": ""}), "x.yaml", every)
     check_inputs(validate({"sae_source": "pretrained", "sae_pretrained": "hf:org/sae"}), "x.yaml", every)
-    # a GSM8K path is not read when the task is the generated one
+    # a GSM8K path is not read when the task is the generated one; with task gsm8k the same path is refused
     check_inputs(validate({"task": "arithmetic", "gsm8k_path": "/no/such/file.jsonl"}), "x.yaml", every)
+    with pytest.raises(ParamsError, match=r"x\.yaml: 'gsm8k_path': GSM8K path /no/such/file\.jsonl does not exist"):
+        check_inputs(validate({"task": "gsm8k", "gsm8k_path": "/no/such/file.jsonl"}), "x.yaml", every)
 
 
 def test_an_uncached_hub_model_skips_the_layer_check_with_a_note(monkeypatch, capsys):
