@@ -123,9 +123,8 @@ t0 = time.time()
 trained = run_sae(P, store, paths.checkpoints, device=P.device)
 sae = trained.sae
 print(
-    f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; source: {trained.sae_source}; "
-    f"training step: {trained.step_path}; resumed from step {trained.resumed_from}; "
-    f"{time.time() - t0:.1f} s in this run"
+    f"SAE: d_model {sae.d_model}, d_sae {sae.d_sae}, k {sae.k}; {trained.start}; "
+    f"training step: {trained.step_path}; {time.time() - t0:.1f} s in this run"
 )
 
 # %% [markdown]

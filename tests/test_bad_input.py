@@ -179,7 +179,8 @@ def test_pretrained_checkpoint_with_other_width_or_layer_is_refused(tmp_path):
     with pytest.raises(SAEError, match="trained on layer 3 but the run uses layer 1"):
         run_sae(_P(other_layer), store, tmp_path / "out_b")
     assert _files(tmp_path / "out_a") == [] and _files(tmp_path / "out_b") == []
-    run_sae(_P(_checkpoint(tmp_path / "ok", d_model=16, layer=1)), store, tmp_path / "out_c")  # the control
+    ok = _checkpoint(tmp_path / "ok", d_model=16, layer=1)
+    assert run_sae(_P(ok), store, tmp_path / "out_c").start == f"loaded from {ok}"  # the control
 
 
 TINY = TrainConfig(

@@ -72,7 +72,7 @@ def test_other_activations_of_the_same_shape_are_never_resumed(tmp_path, capsys)
     _train(TensorStore(_data(0)), tmp_path, stop_after=5)
     capsys.readouterr()
     res = _train(TensorStore(_data(1)), tmp_path)
-    assert res.resumed_from == 0
+    assert res.resumed_from == 0 and res.start == "trained from scratch"
     out = capsys.readouterr().out
     assert (
         "[mechbook] activations changed since the saved SAE (shard contents (checksums) differ): training "
@@ -152,6 +152,7 @@ def test_a_flipped_bit_in_the_sae_is_named_with_what_to_do(tmp_path, name, capsy
     (tmp_path / name).unlink()
     again = _train(TensorStore(_data(0)), tmp_path)
     assert again.resumed_from == CFG.total_steps and load_sae(tmp_path / name).d_sae == CFG.d_sae
+    assert again.start == f"already trained ({CFG.total_steps} steps): nothing left to run"
 
 
 def test_a_finished_run_rewrites_a_damaged_export_and_says_so(tmp_path, capsys):
@@ -194,6 +195,7 @@ def test_a_truncated_train_state_falls_back_to_the_one_before_and_ends_identical
         "checkpoint before it, train_state.prev.pt (step 8)" in out
     ), out
     assert res.resumed_from == 8 and res.history == full.history
+    assert res.start == f"resumed from step 8 of {CFG.total_steps}"
     assert all(torch.equal(_weights(ck)[k], _weights(tmp_path / "full")[k]) for k in ("W_enc", "W_dec", "b_dec"))
 
 

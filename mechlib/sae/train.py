@@ -173,6 +173,17 @@ class TrainResult:
     def final_fvu(self) -> float | None:
         return self.history[-1].fvu if self.history else None
 
+    @property
+    def start(self) -> str:
+        """How this call began, in words: chapter 02's line said "resumed from step 0" of a fresh run."""
+        if self.sae_source == "pretrained":
+            return f"loaded from {self.sae_pretrained}"
+        if self.resumed_from == 0:
+            return "trained from scratch"
+        if self.resumed_from >= self.steps:
+            return f"already trained ({self.steps} steps): nothing left to run"
+        return f"resumed from step {self.resumed_from} of {self.steps}"
+
     def summary(self) -> dict[str, Any]:
         """The JSON summary chapter 02 writes into ``metrics/02_train_sae.json`` (keys as before)."""
         sae = self.sae
