@@ -88,10 +88,10 @@ def baseline_finding(
     )
     gap = max(spread) - min(spread)
     text += (
-        f"The rules agree within {100 * gap:.1f} points, so accuracy here does not hinge on the parser."
+        f"The rules agree within {100 * gap:.1f} percentage points, so accuracy here does not hinge on the parser."
         if gap <= 0.05
-        else f"The rules differ by up to {100 * gap:.1f} points: accuracy depends on how answers are read, and the "
-        f"later chapters report each result under every rule."
+        else f"The rules differ by up to {100 * gap:.1f} percentage points: accuracy depends on how answers are "
+        f"read, and the later chapters report each result under every rule."
     )
     if finished < 0.9:
         text += (

@@ -49,6 +49,7 @@ def test_baseline_finding_says_what_the_numbers_say():
     by_rule = accuracy_under_rules(recs)
     text = baseline_finding(10, 5, (0.2, 0.8), 0.9, by_rule, 48)
     assert "5 of 10" in text and "90.0%" in text and "48 new tokens" in text
+    assert "differ by up to 5.6 percentage points" in text  # 0.500 vs 0.444 (finished only)
     assert "Fewer than 90 %" not in text
     assert "Fewer than 90 %" in baseline_finding(10, 5, (0.2, 0.8), 0.5, by_rule, 48)
 
