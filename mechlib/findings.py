@@ -148,12 +148,19 @@ def sae_finding(
         f"({var_explained_global:.3f} by the seed's global formula, the one behind the card's "
         f"{CARD.var_explained_global}), and it {beats} the {k}-component PCA baseline ({pca_var_explained:.3f}). "
     )
-    text += f"Spliced into the model it adds {delta_ce:.3f} nats of next-token loss (KL {kl:.3f})"
-    text += (
-        f", recovering {ce_recovered:.1%} of the loss that mean-ablating the layer costs. "
-        if ce_recovered is not None
-        else ". "
-    )
+    if delta_ce >= 0:
+        text += f"Spliced into the model it adds {delta_ce:.3f} nats of next-token loss (KL {kl:.3f})"
+    else:  # seen on random-weight models: the clean model is no better than noise
+        text += f"Spliced into the model it lowers next-token loss by {-delta_ce:.3f} nats (KL {kl:.3f})"
+    if ce_recovered is None:
+        text += ". "
+    elif ce_recovered >= 0:
+        text += f", recovering {ce_recovered:.1%} of the loss that mean-ablating the layer costs. "
+    else:  # (CE_mean − CE_SAE) / (CE_mean − CE_clean) < 0: the SAE is worse than the ablation, or the ablation helps
+        text += (
+            f", and the loss recovered against mean-ablating the layer is {ce_recovered:.1%} (below zero, so not "
+            f"a share of that loss). "
+        )
     text += (
         f"L0 is {l0:.0f} and {_percent(coverage)} of the latents fire on held-out tokens (card: coverage "
         f"{CARD.coverage}). The card's values come from a 12.8x SAE with k = 128 on Gemma 4 E4B after 1 B "

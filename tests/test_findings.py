@@ -44,7 +44,11 @@ def test_training_sae_lens_and_collect_findings():
     sae = findings.sae_finding(0.69, 0.87, 0.46, 32, 0.34, 0.51, 0.93, 32.0, 1.0, 16384)
     assert "beats the 32-component PCA baseline (0.460)" in sae and "recovering 93.0%" in sae
     assert "does not beat" in findings.sae_finding(0.4, 0.6, 0.46, 32, 0.34, 0.51, None, 32.0, 1.0, 16384)
-    assert "and 100.0% of the latents fire" in sae
+    assert "and 100.0% of the latents fire" in sae and "it adds 0.340 nats of next-token loss" in sae
+    # random-weight models: the splice can lower the loss, or cost more than mean ablation; said so, not "adds -x"
+    odd = findings.sae_finding(0.2, 0.3, 0.1, 4, -0.276, 0.32, -0.943, 4.0, 1.0, 256)
+    assert "it lowers next-token loss by 0.276 nats" in odd and "adds -" not in odd
+    assert "the loss recovered against mean-ablating the layer is -94.3% (below zero, so not a share" in odd
     # 4607 of 4608 latents fired: one decimal would round that up to every latent
     assert "and 99.98% of the latents fire" in findings.sae_finding(
         0.69, 0.87, 0.46, 32, 0.34, 0.51, 0.93, 32.0, 4607 / 4608, 16384
