@@ -201,13 +201,23 @@ def layers_finding(
             f"On the held-out questions, projecting onto the steering direction gives Spearman ρ = {rho:.3f} "
             f"({_significance(rho_p)}; the card's companion model: {CARD.spearman_rho}). "
         )
-    moved = [layer for layer in peak_layers_by_rule if layer != peak]
-    return text + (
-        "Every alternative scoring rule finds the same peak layer."
-        if not moved
-        else f"{len(moved)} of {len(peak_layers_by_rule)} alternative scoring rules put the peak elsewhere: the "
-        f"choice of layer depends on how answers are scored."
-    )
+    # None: too few questions on one side under that rule, so no peak: neither the same layer nor another
+    moved = [layer for layer in peak_layers_by_rule if layer is not None and layer != peak]
+    n_none = sum(layer is None for layer in peak_layers_by_rule)
+    if moved:
+        text += (
+            f"{len(moved)} of {len(peak_layers_by_rule)} alternative scoring rules put the peak elsewhere: the "
+            f"choice of layer depends on how answers are scored"
+        )
+        text += f" ({n_none} more had too few questions on one side)." if n_none else "."
+    elif n_none:
+        text += (
+            f"Every alternative scoring rule with a peak finds the same layer ({n_none} had too few questions on "
+            f"one side)."
+        )
+    else:
+        text += "Every alternative scoring rule finds the same peak layer."
+    return text
 
 
 def steering_finding(

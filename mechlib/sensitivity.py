@@ -110,32 +110,33 @@ def peak_verdict(rows: Sequence[PeakUnderRule], alpha: float = ALPHA) -> str:
             )
         )
     usable = [r for r in rows if r.peak_layer is not None]
-    same = [r for r in usable if r.peak_layer == primary.peak_layer]
+    n_alt, n_usable_alt = len(rows) - 1, len(usable) - 1
+    moved = [r for r in usable if r.peak_layer != primary.peak_layer]
     significant = [r for r in usable if r.p_peak is not None and r.p_peak < alpha]
     text = (
         f"Under the primary rule the peak is layer {primary.peak_layer} (mean top-|d| {primary.top_abs_d:.3f}, "
         f"{_p_text(primary.p_peak, primary.p_mc_se)}, {primary.n_permutations} permutations). "
         f"Alternatives — {'; '.join(parts)}. "
     )
-    if len(same) == len(rows):
-        text += f"Every rule finds the same peak layer: the choice of layer {primary.peak_layer} survives. "
+    # a rule with too few questions on one side has no peak: it neither keeps nor moves the layer
+    where = "" if n_usable_alt == n_alt else f" that can be computed ({n_usable_alt} of {n_alt} alternatives)"
+    if not moved:
+        text += f"Every rule{where} finds the same peak layer: the choice of layer {primary.peak_layer} survives. "
     else:
-        moved = sorted(
-            {r.peak_layer for r in usable if r.peak_layer is not None and r.peak_layer != primary.peak_layer}
-        )
+        layers = sorted({int(r.peak_layer) for r in moved if r.peak_layer is not None})
         text += (
-            f"The peak moves (to layer{'s' if len(moved) > 1 else ''} {', '.join(map(str, moved))}) under "
-            f"{len(rows) - len(same)} of {len(rows) - 1} alternative rules: the choice of layer "
+            f"The peak moves (to layer{'s' if len(layers) > 1 else ''} {', '.join(map(str, layers))}) under "
+            f"{len(moved)} of {n_alt} alternative rules: the choice of layer "
             f"{primary.peak_layer} — and so the steering layer of chapter 06 — depends on how answers are "
             f"scored. "
         )
-    if len(significant) == len(usable) == len(rows):
-        text += f"The peak stands out from the permutation null (p < {alpha}) under every rule."
+    if len(significant) == len(usable):
+        text += f"The peak stands out from the permutation null (p < {alpha}) under every rule{where}."
     elif not significant:
         text += f"Under no rule does the peak stand out from the permutation null at p < {alpha}."
     else:
         text += (
-            f"It stands out from the permutation null at p < {alpha} under {len(significant)} of {len(rows)} "
+            f"It stands out from the permutation null at p < {alpha} under {len(significant)} of {len(usable)} "
             f"rules only ({', '.join(r.rule for r in significant)}): treat it as suggestive, not established."
         )
     return text

@@ -13,7 +13,13 @@ def test_significance_words_follow_p():
     weak = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.7, 5, -0.1, 0.4, [3, 5, None])
     assert "p = 0.460 ± 0.016, not significant at 0.05" in weak and "may be the question type" in weak
     assert "significant at 0.05" not in weak.replace("not significant at 0.05", "")
-    assert "2 of 3 alternative scoring rules put the peak elsewhere" in weak
+    # the rule with no peak (None) is not counted as moving it
+    assert "1 of 3 alternative scoring rules put the peak elsewhere" in weak
+    assert weak.endswith("depends on how answers are scored (1 more had too few questions on one side).")
+    kept = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.7, 5, -0.1, 0.4, [3, None, 3])
+    assert kept.endswith(
+        "Every alternative scoring rule with a peak finds the same layer (1 had too few questions on one side)."
+    )
     one_type = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.46, 1, None, None, [3])
     assert "question type" not in one_type and "Spearman" not in one_type
 

@@ -112,6 +112,12 @@ def test_peak_under_rules_and_verdict():
     (row,) = peak_under_rules(h, ids, few, top_n=2, seed=0, min_permutations=50, rules=("primary",))
     assert row.peak_layer is None and row.n_wrong == 0
     assert "no peak layer" in peak_verdict([row])
+    # an alternative with no peak (one side too small) neither keeps nor moves the layer: it is named apart
+    gone = PeakUnderRule("finished", 20, 1, None, None, None, None, 0)
+    text = peak_verdict([*rows[:3], gone])
+    assert "finished only (cut-off answers left out): too few questions on one side" in text
+    assert "Every rule that can be computed (2 of 3 alternatives) finds the same peak layer" in text
+    assert "moves" not in text and "under every rule that can be computed (2 of 3 alternatives)." in text
 
 
 def test_row_verdict_never_prints_a_zero_p():
