@@ -102,14 +102,24 @@ def baseline_finding(
     return text + f" (The card: {lo:.0%}–{hi:.0%} for Gemma 4 E4B on GSM8K.)"
 
 
+BOS_SINK_RATIO = 3.0  # a BOS this many times the mean token norm is called an outlier (SmolLM2's: ~150x)
+
+
 def collect_finding(
     n_tokens: int, heldout_tokens: int, layer: int, d_model: int, mean_norm: float, bos_ratio: float
 ) -> str:
-    return (
+    text = (
         f"Collected {n_tokens} training and {heldout_tokens} held-out tokens of the {d_model}-dimensional "
-        f"residual stream after layer {layer}. Kept tokens have a mean norm of {mean_norm:.1f}; the BOS at the "
-        f"start of a row is {bos_ratio:.0f}x longer, which is why it (and the position after it) is excluded: "
-        f"a handful of such tokens would otherwise dominate the SAE's reconstruction loss."
+        f"residual stream after layer {layer}. Kept tokens have a mean norm of {mean_norm:.1f}; "
+    )
+    if bos_ratio >= BOS_SINK_RATIO:
+        return text + (
+            f"the BOS at the start of a row is {bos_ratio:.0f}x longer, which is why it (and the position after "
+            f"it) is excluded: a handful of such tokens would otherwise dominate the SAE's reconstruction loss."
+        )
+    return text + (  # e.g. random weights: no attention sink has formed
+        f"the BOS at the start of a row is no outlier here ({bos_ratio:.1f}x), but it is excluded all the same: in "
+        f"a trained model it is an attention sink whose norm would dominate the SAE's reconstruction loss."
     )
 
 

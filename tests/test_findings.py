@@ -63,3 +63,6 @@ def test_training_sae_lens_and_collect_findings():
     assert findings.lens_finding(None, 30, "x", 0.1).startswith("No layer's top tokens")
     assert "English words at 60% or more of the positions from layer 23" in findings.lens_finding(23, 30, "x", 0.1, 0.6)
     assert "147x longer" in findings.collect_finding(100000, 16384, 15, 576, 170.4, 146.8)
+    # a random-weight model has no attention sink: the sentence must not call a 1x BOS "longer"
+    flat = findings.collect_finding(1200, 256, 3, 64, 29.0, 1.04)
+    assert "no outlier here (1.0x), but it is excluded all the same" in flat and "longer" not in flat
