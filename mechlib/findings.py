@@ -255,16 +255,21 @@ def steering_finding(
         )
     text += f"{survives} of {len(effects)} of these conclusions hold under every scoring rule. "
     if random_deltas and caa_delta_at_control is not None:
-        inside = min(random_deltas) <= caa_delta_at_control <= max(random_deltas)
+        lo, hi = min(random_deltas), max(random_deltas)
         text += (
-            f"Random directions pushed as hard moved accuracy by {min(random_deltas):+.3f} to "
-            f"{max(random_deltas):+.3f}, CAA by {caa_delta_at_control:+.3f}: "
-            + (
-                "within the random range, so this run cannot tell the contrastive direction from any push of that size."
-                if inside
-                else "outside the random range."
-            )
+            f"Random directions pushed as hard moved accuracy by {lo:+.3f} to {hi:+.3f}, CAA by "
+            f"{caa_delta_at_control:+.3f}: "
         )
+        if lo <= caa_delta_at_control <= hi:
+            text += (
+                "within the random range, so this run cannot tell the contrastive direction from any push of that size."
+            )
+        else:
+            text += (
+                f"{'above' if caa_delta_at_control > hi else 'below'} the range of the {len(random_deltas)} random "
+                f"direction{'s' if len(random_deltas) > 1 else ''} — a range of so few draws, not a test; chapter 06 "
+                f"compares CAA with each of them by McNemar."
+            )
     return text
 
 
