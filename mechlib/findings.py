@@ -160,7 +160,7 @@ def sae_finding(
     )
     if delta_ce >= 0:
         text += f"Spliced into the model it adds {delta_ce:.3f} nats of next-token loss (KL {kl:.3f})"
-    else:  # seen on random-weight models: the clean model is no better than noise
+    else:  # seen on random-weight models, whose clean predictions are noise too
         text += f"Spliced into the model it lowers next-token loss by {-delta_ce:.3f} nats (KL {kl:.3f})"
     if ce_recovered is None:
         text += ". "
@@ -267,8 +267,8 @@ def steering_finding(
         else:
             text += (
                 f"{'above' if caa_delta_at_control > hi else 'below'} the range of the {len(random_deltas)} random "
-                f"direction{'s' if len(random_deltas) > 1 else ''} — a range of so few draws, not a test; chapter 06 "
-                f"compares CAA with each of them by McNemar."
+                f"direction{'s' if len(random_deltas) > 1 else ''} — the spread of {len(random_deltas)} draws, not a "
+                f"test; chapter 06 compares CAA with each of them by McNemar."
             )
     return text
 

@@ -40,7 +40,7 @@ def test_steering_finding_says_no_effect_or_names_the_effects():
         17, [(0.1, "harms", -0.2, 0.013), (-0.05, "no significant change", 0.1, 0.3)], 1, [0.1, 0.2], -0.2
     )
     assert "+10 % harms (Δ -0.200, p 0.013)" in some
-    assert "CAA by -0.200: below the range of the 2 random directions — a range of so few draws, not a test" in some
+    assert "CAA by -0.200: below the range of the 2 random directions — the spread of 2 draws, not a test" in some
     assert "-5 %" not in some  # only the scales that moved are named
 
 
