@@ -26,7 +26,7 @@ import torch
 
 from mechlib.hooks import InputValue, LayerOutput, add_forward_hook, layer_output_tensor
 from mechlib.models import decoder_layers, final_logit_softcap, final_norm, model_device, output_embedding
-from mechlib.prompts import decode_text
+from mechlib.prompts import token_label
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from transformers import PreTrainedTokenizerBase
@@ -44,9 +44,9 @@ def is_english_word(text: str) -> bool:
 class LensResult:
     prompt: str
     input_ids: list[int]
-    input_tokens: list[str]  # decoded prompt tokens, per position
+    input_tokens: list[str]  # prompt tokens, per position (prompts.token_label)
     top_ids: list[list[int]]  # [layer][position]
-    top_tokens: list[list[str]]  # [layer][position], decoded
+    top_tokens: list[list[str]]  # [layer][position] (prompts.token_label)
     top_probs: list[list[float]]  # [layer][position], softmax probability of the top token
     english: list[list[bool]]  # [layer][position], is_english_word(top token)
     scored_positions: list[int]  # positions counted in english_fraction (input is not a special token)
@@ -103,7 +103,7 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
         for h in outs:  # one layer at a time: Gemma 4's vocabulary is 262k wide
             probs = torch.softmax(lens_logits(model, h[0]).float(), dim=-1)
             p, i = probs.max(dim=-1)
-            toks = [decode_text(tokenizer, [t]) for t in i.tolist()]
+            toks = [token_label(tokenizer, t) for t in i.tolist()]
             eng = [is_english_word(t) for t in toks]
             top_ids.append(i.tolist())
             top_tokens.append(toks)
@@ -113,7 +113,7 @@ def logit_lens(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, promp
     return LensResult(
         prompt=prompt,
         input_ids=ids,
-        input_tokens=[decode_text(tokenizer, [t]) for t in ids],
+        input_tokens=[token_label(tokenizer, t) for t in ids],
         top_ids=top_ids,
         top_tokens=top_tokens,
         top_probs=top_probs,

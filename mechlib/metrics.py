@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mechlib.prompts import decode_text, token_label
 from mechlib.sae import TopKSAE
 
 if TYPE_CHECKING:  # types only: the model stack (transformers) is imported where it is used
@@ -309,7 +310,11 @@ def feature_examples(
         for value, i in tops[f]:
             ctx = store.context(int(info["row"][i]), int(info["position"][i]), window)
             examples.append(
-                {"activation": value, "token": tokenizer.decode(ctx[-1:]), "context": tokenizer.decode(ctx[:-1])}
+                {
+                    "activation": value,
+                    "token": token_label(tokenizer, ctx[-1]),
+                    "context": decode_text(tokenizer, ctx[:-1]),
+                }
             )
         out.append({"feature": f, "frequency": float(counts[f]) / x.shape[0], "examples": examples})
     return out

@@ -240,15 +240,19 @@ def plot_logit_lens(result: LensResult, commitment_layer: int | None = None, max
     """Chapter 07: logit-lens heat map — rows are decoder layers, columns prompt positions.
 
     Colour is the probability of each cell's top token; the token itself is written in the cell
-    (English-word tokens in bold).
+    (English-word tokens in bold), cut to what fits the cell: a long prompt widens the figure (up to
+    24 inches) and then shortens the labels, so that neighbouring cells' tokens never overprint.
     """
     probs = np.array(result.top_probs)
     n_layers, n_pos = probs.shape
-    fig, ax = new_figure(11.0, 8.0)
+    width = min(max(11.0, 2.0 + 0.3 * n_pos), 24.0)
+    cell_chars = int(width * 0.6 * 72 / n_pos / 4.0)  # 6-pt text: ~3.5 pt a character; the axes: ~60 % of the width
+    chars = min(max_chars, cell_chars)
+    fig, ax = new_figure(width, 8.0)
     im = ax.imshow(probs, aspect="auto", origin="lower", cmap="viridis", vmin=0.0, vmax=1.0)
-    for layer in range(n_layers):
+    for layer in range(n_layers if chars > 0 else 0):
         for pos in range(n_pos):
-            tok = visible_token(result.top_tokens[layer][pos])[:max_chars]
+            tok = visible_token(result.top_tokens[layer][pos])[:chars]
             ax.text(
                 pos,
                 layer,

@@ -14,6 +14,7 @@ tokenizer.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import cache
 from typing import TYPE_CHECKING, Literal, get_args
 
 if TYPE_CHECKING:  # transformers and torch are heavy imports; only the types are needed here
@@ -80,6 +81,42 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int] | Tensor, ski
     text = tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
     assert isinstance(text, str)
     return text
+
+
+def token_label(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+    """One token as a reader can name it: its text, unless that is empty or holds U+FFFD.
+
+    Why: a lone id of a multi-byte character decodes to U+FFFD ("\ufffd"), and an id the tokenizer does
+    not know (a model whose embedding is wider than its vocabulary) to "" — a lens table full of blank
+    or identical cells says nothing. Then the vocabulary piece is shown instead, with the bytes of a
+    byte-level BPE piece written ``<0xE6>`` (SentencePiece's byte-fallback pieces already read so), or
+    ``<id N>`` where there is no piece at all. Text that decodes cleanly is returned unchanged.
+    """
+    text = decode_text(tokenizer, [token_id])
+    if text and "\ufffd" not in text:
+        return text
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if not isinstance(piece, str) or not piece:
+        return f"<id {token_id}>"
+    raw = _byte_level_bytes(piece)
+    if raw is None:
+        return piece
+    return "".join(chr(b) if 0x20 <= b < 0x7F else f"<0x{b:02X}>" for b in raw)
+
+
+def _byte_level_bytes(piece: str) -> bytes | None:
+    """The bytes behind a GPT-2 byte-level BPE piece ("Ġæ" → b" \xe6"), or None if it is not one."""
+    to_byte = _byte_level_table()
+    if not all(c in to_byte for c in piece):
+        return None
+    return bytes(to_byte[c] for c in piece)
+
+
+@cache
+def _byte_level_table() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # the table byte-level BPE is built on
+
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def encode_prompts(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> list[list[int]]:

@@ -24,6 +24,10 @@
 # `"\n"`, `"a"`, `"1"`, `"é"` and special tokens do not. The **English commitment layer** is the first
 # layer at which at least `english_threshold` of the prompt positions (special-token positions such as
 # BOS are not counted) have an English word token on top.
+#
+# **How tokens are shown.** A token that is only part of a character (one byte of `日`) decodes to `�`,
+# and an id past the tokenizer's vocabulary to nothing; the tables then show its bytes (`<0xE6>`) or its
+# id (`<id 300>`) instead (`mechlib.prompts.token_label`). Neither counts as an English word.
 
 # %% tags=["parameters"]
 run = "default"

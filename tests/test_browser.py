@@ -18,6 +18,7 @@ import torch
 from mechlib import paths, report
 from mechlib.browser import ShardTokens, SiteInfo, add_contrast_scores, build_site, gather_latent_stats
 from mechlib.browser.effects import logit_effects, similar_latents
+from mechlib.browser.pages import Decoder
 from mechlib.browser.site import STATIC_FILES, choose_pages
 from mechlib.sae import TopKSAE, dense_code
 
@@ -364,3 +365,14 @@ def test_refresh_gives_chapter_05s_latents_pages(tiny, tmp_path, monkeypatch):
     view = contrast_view(params, run, sae, [(f, s["score"]) for f, s in zip(lacking, contrast["features"])])
     assert view.latent == lacking[2] and view.html is not None and "PLACEHOLDER" in repr(view)
     assert view._repr_html_().startswith("<p>PLACEHOLDER") and view.html in view._repr_html_()
+
+
+def test_decoder_names_lone_bytes(tiny_tok):
+    """A lone byte of a multi-byte character shows as <0xNN>, not U+FFFD; whole tokens decode as before."""
+    tok = tiny_tok
+    decode = Decoder(tok)
+    decode(range(len(tok)))
+    vocab = decode.vocab()
+    assert len(vocab) == len(tok) and not any("\ufffd" in t or t == "" for t in vocab.values())
+    clean = [i for i in range(len(tok)) if tok.decode([i]) and "\ufffd" not in tok.decode([i])]
+    assert len(clean) < len(tok) and all(vocab[str(i)] == tok.decode([i]) for i in clean)

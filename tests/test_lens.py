@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
 from mechlib.lens import LensResult, english_commitment_layer, is_english_word, layer_outputs, lens_logits, logit_lens
 from mechlib.models import decoder_layers, final_norm, output_embedding
+from mechlib.prompts import token_label
 
 
 def _ids():
@@ -105,3 +108,32 @@ def test_real_smollm2_lens_ends_in_english(smollm2):
     assert res.top_tokens[-1][-1].strip() == "Berlin"
     layer = english_commitment_layer(res, 0.5)
     assert layer is not None and 0 <= layer < 30
+
+
+def test_token_labels_name_tokens_that_decode_to_nothing(tiny_tok):
+    """A lone byte of a multi-byte character decodes to U+FFFD and an id past the vocabulary to '':
+    the lens shows the byte (or the id) instead, and leaves clean text alone."""
+    byte_ids = [i for i in range(len(tiny_tok)) if "\ufffd" in tiny_tok.decode([i])]
+    assert byte_ids  # the byte-level tokenizer has lone high bytes
+    for i in byte_ids:
+        assert re.fullmatch(r"<0x[0-9A-F]{2}>", token_label(tiny_tok, i))
+    assert token_label(tiny_tok, len(tiny_tok) + 7) == f"<id {len(tiny_tok) + 7}>"
+    clean = tiny_tok("ab", add_special_tokens=False).input_ids
+    assert [token_label(tiny_tok, i) for i in clean] == [tiny_tok.decode([i]) for i in clean]
+
+
+def test_real_smollm2_labels_split_characters_by_byte(smollm2):
+    tok = smollm2.tokenizer
+    ids = tok("café 日本", add_special_tokens=False).input_ids
+    labels = [token_label(tok, i) for i in ids]
+    assert "".join(labels).startswith("café")  # whole characters keep their text
+    assert not any("\ufffd" in s or s == "" for s in labels)
+    assert any(re.search(r"<0x[0-9A-F]{2}>", s) for s in labels)  # 日 is split across tokens
+
+
+def test_lens_on_random_weights_shows_no_blank_tokens(tiny_gemma4):
+    """Random weights often rank an id past the tiny tokenizer's vocabulary first (seen as '' in chapter 07)."""
+    model, tok = tiny_gemma4
+    res = logit_lens(model, tok, "The capital of France is")
+    shown = [t for layer in res.top_tokens for t in layer] + res.input_tokens
+    assert not any(t == "" or "\ufffd" in t for t in shown)

@@ -17,6 +17,7 @@ from mechlib.metrics import (
     variance_explained,
 )
 from mechlib.models import decoder_layers
+from mechlib.prompts import token_label
 from mechlib.sae import TopKSAE
 
 
@@ -120,7 +121,7 @@ class _FakeStore:
 
 
 def test_feature_examples_show_the_max_token_in_context(tiny_tok):
-    ids = torch.tensor([[72, 101, 108, 108, 111], [87, 111, 114, 108, 100]])  # byte-level "Hello", "World"
+    ids = torch.tensor([[72, 101, 108, 108, 111], [87, 111, 114, 108, 100]])
     x = torch.zeros(10, 8)
     x[8, 2] = 5.0  # token index 8 = row 1, position 3 ("l" of World)
     x[1, 2] = 1.0  # row 0, position 1 ("e")
@@ -131,7 +132,7 @@ def test_feature_examples_show_the_max_token_in_context(tiny_tok):
     assert out[0]["feature"] == 2 and out[0]["frequency"] == pytest.approx(1.0)
     first = out[0]["examples"][0]
     assert first["activation"] == pytest.approx(5.0)
-    assert first["token"] == tiny_tok.decode([108]) and first["context"] == tiny_tok.decode([87, 111, 114])
+    assert first["token"] == token_label(tiny_tok, 108) and first["context"] == tiny_tok.decode([87, 111, 114])
     assert len(out[0]["examples"]) == 2
 
 

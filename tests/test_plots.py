@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+from itertools import pairwise
 
 import matplotlib.pyplot as plt
 
 from mechlib import plots
+from mechlib.lens import LensResult
 from mechlib.plots import plot_baseline, plot_dose_response, plot_feature_examples
 from mechlib.records import GroupAccuracy
 from mechlib.results import Example, FeatureExamples, ScaleRow
@@ -69,4 +71,39 @@ def test_plot_feature_examples_labels_each_context_with_its_token():
     fig, axes = plot_feature_examples(feats)
     labels = [t.get_text() for t in axes[0, 0].get_yticklabels()]
     assert labels == [r"x = \$1[[↵]]", "in[[\u2423the]]"] and "feature 7" in axes[0, 0].get_title()
+    plt.close(fig)
+
+
+def _lens(n_layers: int, n_pos: int, token: str) -> LensResult:
+    grid = [[token] * n_pos for _ in range(n_layers)]
+    return LensResult(
+        prompt="",
+        input_ids=list(range(n_pos)),
+        input_tokens=[token] * n_pos,
+        top_ids=[[0] * n_pos for _ in range(n_layers)],
+        top_tokens=grid,
+        top_probs=[[0.5] * n_pos for _ in range(n_layers)],
+        english=[[False] * n_pos for _ in range(n_layers)],
+        scored_positions=list(range(n_pos)),
+        softcap=None,
+    )
+
+
+def _row_extents(fig, ax, layer: int) -> list[tuple[float, float]]:
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    cells = [t for t in ax.texts if t.get_position()[1] == layer]
+    return sorted((b.x0, b.x1) for b in (t.get_window_extent(renderer) for t in cells))
+
+
+def test_lens_cells_never_overprint_their_neighbours():
+    """A 56-token prompt (the tiny books' byte tokenizer) once drew '<id 416>' labels across each other."""
+    for n_pos in (12, 56, 120):
+        fig, ax = plots.plot_logit_lens(_lens(3, n_pos, "<id 416>"))
+        spans = _row_extents(fig, ax, 1)
+        assert len(spans) in (0, n_pos)
+        assert all(a1 <= b0 for (_, a1), (b0, _) in pairwise(spans)), n_pos
+        plt.close(fig)
+    fig, ax = plots.plot_logit_lens(_lens(3, 12, "<id 416>"))
+    assert {t.get_text() for t in ax.texts} == {"<id\u2423416>"}  # a short prompt keeps whole labels (space: ␣)
     plt.close(fig)

@@ -18,6 +18,7 @@ from torch import Tensor
 
 from mechlib.browser.effects import Neighbours, TokenEffects
 from mechlib.browser.gather import HIST_LOG2_MIN, HIST_PER_OCTAVE, LatentStats, RunningTopK
+from mechlib.prompts import token_label
 
 if TYPE_CHECKING:  # transformers is a heavy import; only the type is needed here
     from mechlib.models import Tokenizer
@@ -57,9 +58,10 @@ class IndexData:
 
 
 class Decoder:
-    """Token id → display string, decoded one id at a time (a lone id of a multi-byte character
-    decodes to U+FFFD; that is what the model saw as one token). Every id a page uses passes
-    through here, so :meth:`vocab` is the site's one shared token table."""
+    """Token id → display string, decoded one id at a time: that is what the model saw as one token.
+    A lone id of a multi-byte character would decode to U+FFFD; it shows its bytes instead (``<0xE6>``,
+    :func:`mechlib.prompts.token_label`), so a logit effect or a context names the byte. Every id a page
+    uses passes through here, so :meth:`vocab` is the site's one shared token table."""
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
@@ -68,7 +70,10 @@ class Decoder:
     def __call__(self, ids: Sequence[int]) -> None:
         missing = sorted({int(i) for i in ids if int(i) >= 0} - set(self.cache))
         if missing:
-            self.cache.update(zip(missing, self.tokenizer.batch_decode([[i] for i in missing])))
+            texts = self.tokenizer.batch_decode([[i] for i in missing])
+            self.cache.update(
+                (i, t if t and "\ufffd" not in t else token_label(self.tokenizer, i)) for i, t in zip(missing, texts)
+            )
 
     def vocab(self) -> dict[str, str]:
         return {str(i): s for i, s in sorted(self.cache.items())}
