@@ -351,3 +351,45 @@ def spearman(x: ArrayLike, y: ArrayLike) -> SpearmanResult:
         return SpearmanResult(float("nan"), float("nan"), int(a.size))
     res = sps.spearmanr(a, b)
     return SpearmanResult(float(res.statistic), float(res.pvalue), int(a.size))
+
+
+@dataclass(frozen=True)
+class WithinStrata:
+    """A permutation test of "higher score, more often correct" with labels shuffled inside strata only."""
+
+    p: float
+    n_permutations: int
+    n_strata: int
+
+
+def rank_association_within_strata(
+    scores: ArrayLike, labels: ArrayLike, strata: Sequence[Hashable], *, n_permutations: int = 2000, seed: int = 0
+) -> WithinStrata | None:
+    """Does a score order correct before wrong answers *within* each stratum (question type)?
+
+    Why: on a task that mixes easy and hard question types, any score that reads the type "predicts"
+    correctness: the default run's steering-direction projection has Spearman ρ 0.53 against correctness
+    on held-out questions, nearly all of it between types. This test keeps each stratum's count of
+    correct answers and shuffles the labels inside it, so what the type explains is the same in every
+    permutation. The statistic is the rank sum ``S`` of the correct answers (average ranks over all
+    answers): AUROC and Spearman ρ against a 0/1 label are both affine in ``S``, so the p-value serves
+    both. Its null mean ``E[S] = Σ_k n1_k · mean rank in stratum k`` is exact, and the two-sided p is
+    ``(1 + #{|S* − E| ≥ |S − E|}) / (1 + n_permutations)``. ``None`` with one stratum (then this is the
+    plain permutation test) or when every answer is in one class.
+    """
+    x, y = _as_f64(scores, "scores").ravel(), _as_bool(labels, "labels")
+    keys = np.asarray([str(k) for k in strata])
+    if not x.size == y.size == keys.size:
+        raise StatsInputError(f"scores, labels and strata differ in length: {x.size}, {y.size}, {keys.size}")
+    if n_permutations < 1:
+        raise StatsInputError(f"n_permutations must be >= 1, got {n_permutations}")
+    groups = np.unique(keys)
+    if groups.size < 2 or y.all() or not y.any():
+        return None
+    ranks = np.asarray(sps.rankdata(x), dtype=np.float64)
+    expected = sum(float(y[keys == k].sum() * ranks[keys == k].mean()) for k in groups)
+    observed = abs(float(y @ ranks) - expected)
+    perms = _permutations(y, n_permutations, np.random.default_rng(seed), strata).astype(np.float64)
+    null = np.abs(perms @ ranks - expected)
+    as_extreme = null >= observed - 1e-9 * max(observed, 1.0)  # ties of the rank sum count as extreme
+    return WithinStrata(float((1 + as_extreme.sum()) / (1 + n_permutations)), n_permutations, int(groups.size))

@@ -17,6 +17,7 @@ from mechlib.stats import (
     format_p,
     mcnemar_exact,
     permutation_null,
+    rank_association_within_strata,
     spearman,
     top_abs_mean,
     wilson_ci,
@@ -242,3 +243,38 @@ def test_format_p_never_prints_zero():
     assert format_p(0.0312) == "0.031" and format_p(1.0) == "1.000" and format_p(0.001) == "0.001"
     assert format_p(1 / 1001) == "0.001" and format_p(0.00049) == "4.9e-04" and format_p(1.9e-06) == "1.9e-06"
     assert format_p(None) == "n/a"
+
+
+def test_within_strata_test_sees_through_a_score_that_only_reads_the_type():
+    rng = np.random.default_rng(0)
+    strata = ["easy"] * 30 + ["hard"] * 30
+    y = np.r_[rng.random(30) < 0.8, rng.random(30) < 0.2]
+    type_only = np.r_[np.full(30, 5.0), np.zeros(30)] + rng.normal(0, 0.1, 60)  # knows the type, not the answer
+    assert spearman(type_only, y).p < 0.001  # the plain test is fooled
+    assert rank_association_within_strata(type_only, y, strata, seed=1).p > 0.05
+    knows = type_only + 2.0 * y  # also knows correctness inside each type
+    res = rank_association_within_strata(knows, y, strata, n_permutations=999, seed=1)
+    assert res.p == pytest.approx(1 / 1000) and (res.n_permutations, res.n_strata) == (999, 2)
+
+
+def test_within_strata_p_matches_full_enumeration():
+    """Two strata of 4 with 2 correct each: all 36 label arrangements, weighted equally, give the exact p."""
+    from itertools import combinations
+
+    x = np.array([0.3, 2.0, 1.1, 0.2, 5.0, 3.3, 4.4, 0.9])
+    y = np.array([1, 1, 0, 0, 1, 0, 1, 0], dtype=bool)
+    strata = ["a"] * 4 + ["b"] * 4
+    ranks = np.argsort(np.argsort(x)) + 1.0
+    expected = 2 * ranks[:4].mean() + 2 * ranks[4:].mean()
+    stat = lambda lab: abs(ranks[list(lab)].sum() - expected)  # noqa: E731
+    arrangements = [a + b for a in combinations(range(4), 2) for b in combinations(range(4, 8), 2)]
+    exact = np.mean([stat(lab) >= stat(np.flatnonzero(y)) - 1e-9 for lab in arrangements])
+    res = rank_association_within_strata(x, y, strata, n_permutations=20000, seed=0)
+    assert res.p == pytest.approx(exact, abs=0.015)
+
+
+def test_within_strata_needs_two_strata_and_two_classes():
+    assert rank_association_within_strata([1.0, 2.0, 3.0], [1, 0, 1], ["a", "a", "a"]) is None
+    assert rank_association_within_strata([1.0, 2.0, 3.0], [1, 1, 1], ["a", "b", "a"]) is None
+    with pytest.raises(StatsInputError, match="differ in length"):
+        rank_association_within_strata([1.0, 2.0], [1, 0], ["a"])
