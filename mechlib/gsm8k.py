@@ -45,6 +45,16 @@ class Question:
     answer: float | int
     source: str
 
+    @property
+    def kind(self) -> str:
+        return kind_of(self.source)
+
+
+def kind_of(source: str) -> str:
+    """A question's type from its source: the template of a generated question
+    (``arithmetic:boxes`` → ``boxes``), else the source itself (``gsm8k``)."""
+    return source.split(":")[-1]
+
 
 # --------------------------------------------------------------------------------------------
 # Loading

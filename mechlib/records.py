@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from mechlib import generate  # generate.generate_ids by attribute: tests count its calls
 from mechlib.answers import PARSER_VERSION, answers_match, read_all
 from mechlib.generate import CacheKind, CompileOption, eos_ids_of, pad_id_of
-from mechlib.gsm8k import Question
+from mechlib.gsm8k import Question, kind_of
 from mechlib.io import atomic_write_json, atomic_write_text, read_json
 from mechlib.models import LoadedModel, Tokenizer
 from mechlib.prompts import build_prompt, decode_text, encode_prompts
@@ -53,6 +53,9 @@ class Record:
 
     ``parsed``/``correct`` are the book's primary reading (``parsed_by`` names the rule that found
     it); ``strict``/``flexible`` are lm-evaluation-harness's two GSM8K readings of the same text.
+    ``source`` is the question's (``gsm8k``, ``arithmetic:<template>``), so a records file can be
+    grouped by question type without regenerating the questions; records written before it existed
+    read as ``""`` and get it back when a chapter re-scores them against their question.
     """
 
     id: str
@@ -69,6 +72,11 @@ class Record:
     flexible: float | None
     correct_flexible: bool
     parser_version: str
+    source: str = ""
+
+    @property
+    def kind(self) -> str:
+        return kind_of(self.source)
 
     @property
     def truncated(self) -> bool:
@@ -147,11 +155,12 @@ def write_records(path: str | os.PathLike[str], records: Sequence[Record]) -> No
 
 
 def _scored(
-    qid: str, gold: float | int, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason
+    qid: str, source: str, gold: float | int, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason
 ) -> Record:
     r = read_all(generation)
     return Record(
         id=qid,
+        source=source,
         prompt=prompt,
         generation=generation,
         parsed=r.primary,
@@ -170,13 +179,13 @@ def _scored(
 
 def score(q: Question, prompt: str, generation: str, n_new_tokens: int, stop_reason: StopReason) -> Record:
     """A scored record: every reading of ``generation`` compared with the gold answer."""
-    return _scored(q.id, q.answer, prompt, generation, n_new_tokens, stop_reason)
+    return _scored(q.id, q.source, q.answer, prompt, generation, n_new_tokens, stop_reason)
 
 
 def rescore(record: Record, q: Question | None = None) -> Record:
-    """``record`` scored again with the current parser, against ``q``'s gold (else the stored one)."""
-    gold = record.gold if q is None else q.answer
-    return _scored(record.id, gold, record.prompt, record.generation, record.n_new_tokens, record.stop_reason)
+    """``record`` scored again with the current parser, against ``q``'s gold and source (else the stored ones)."""
+    gold, source = (record.gold, record.source) if q is None else (q.answer, q.source)
+    return _scored(record.id, source, gold, record.prompt, record.generation, record.n_new_tokens, record.stop_reason)
 
 
 def load_records(path: str | os.PathLike[str]) -> list[Record]:
@@ -315,11 +324,11 @@ class GroupAccuracy:
     ci95: tuple[float, float]
 
 
-def accuracy_by_group(records: Sequence[Record], group_of: dict[str, str]) -> list[GroupAccuracy]:
-    """Accuracy with Wilson 95 % intervals per group (e.g. question source/template), groups sorted."""
+def accuracy_by_kind(records: Sequence[Record]) -> list[GroupAccuracy]:
+    """Accuracy with Wilson 95 % intervals per question type (:attr:`Record.kind`), types sorted."""
     groups: dict[str, list[bool]] = {}
     for r in records:
-        groups.setdefault(group_of[r.id], []).append(r.correct)
+        groups.setdefault(r.kind, []).append(r.correct)
     out = []
     for g in sorted(groups):
         k, n = sum(groups[g]), len(groups[g])

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 
 from mechlib.gsm8k import GSM8KError, Question, load_gsm8k
 
-__all__ = ["TASKS", "TEMPLATE_WEIGHTS", "Question", "TaskError", "arithmetic_questions", "load_questions"]
+__all__ = [
+    "TASKS",
+    "TEMPLATE_OPERATION",
+    "TEMPLATE_WEIGHTS",
+    "Question",
+    "TaskError",
+    "arithmetic_questions",
+    "load_questions",
+]
 
 TASKS = ("arithmetic", "gsm8k")
 
@@ -120,6 +128,9 @@ TEMPLATES: dict[str, Callable[[random.Random], _Problem]] = {
     "boxes": _boxes,
     "buy_more": _buy_more,
 }
+
+# The one operation each template's question needs (mechlib.wrong_answers sorts wrong answers by it).
+TEMPLATE_OPERATION: dict[str, str] = {"plus": "+", "sum_of": "+", "red_blue": "+", "boxes": "*", "buy_more": "+"}
 
 # Relative frequencies. Measured on SmolLM2-135M-Instruct (prompt_format chat_oneshot, greedy, 48 new
 # tokens, the first 100 questions of seed 0, 2026-11-29): plus 13/37, sum_of 2/12, red_blue 4/22,

@@ -10,7 +10,15 @@ from test_gsm8k import SHARED_GSM8K
 
 from mechlib.gsm8k import extract_answer, extract_answer_with_rule
 from mechlib.prompts import GEMMA_MANUAL, INSTRUCTION, PromptFormatError, build_prompt, encode_prompts
-from mechlib.records import RecordsError, meta_path, read_records, run_baseline, split_contrast_heldout, summarize
+from mechlib.records import (
+    RecordsError,
+    accuracy_by_kind,
+    meta_path,
+    read_records,
+    run_baseline,
+    split_contrast_heldout,
+    summarize,
+)
 from mechlib.stopping import stop_reason_of
 from mechlib.tasks import TEMPLATES, TaskError, arithmetic_questions, load_questions
 
@@ -155,6 +163,7 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     assert [r.id for r in recs] == [q.id for q in qs]
     for r, q in zip(recs, qs):
         assert r.prompt == build_prompt(tok, q.question, "gemma_manual") and r.gold == q.answer
+        assert r.source == q.source and r.kind == q.kind == q.source.split(":")[1]
         assert r.parsed == extract_answer(r.generation) and r.correct == (r.parsed == q.answer)
         assert r.parsed_by == (None if r.parsed is None else extract_answer_with_rule(r.generation)[1])
         assert 0 < r.n_new_tokens <= 5 and r.truncated == (r.stop_reason == "limit")
@@ -173,7 +182,9 @@ def test_run_baseline_scores_caches_and_resumes(tiny_llama, tmp_path, monkeypatc
     # cached generations are re-scored with the current parser (a parser fix needs no regeneration)
     stale = [json.loads(line) for line in out.read_text().splitlines()]
     stale[0].update(parsed=None, correct=not stale[0]["correct"], parsed_by="bogus")
+    del stale[1]["source"]  # a record written before records kept the question's source
     out.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    assert read_records(out)[1].source == ""
     assert run_baseline(loaded, qs, "gemma_manual", 5, 4, out, progress=False) == recs and calls == []
 
     # a killed run (only 2 records on disk) resumes with the other 4 only, and gives the same records
@@ -253,6 +264,19 @@ def test_summary_and_split():
     assert split_contrast_heldout(recs, 10, seed=1)[1] != held
     with pytest.raises(RecordsError, match="n_heldout"):
         split_contrast_heldout(recs, 30, seed=0)
+
+
+def test_accuracy_by_kind_groups_records_by_their_question_type():
+    from mechlib.records import Record
+
+    def rec(i: int, source: str, correct: bool) -> Record:
+        return Record(f"q{i}", "p", "g", 1.0, 1, correct, 4, "eos", "hashes", 1.0, correct, 1.0, correct, "t", source)
+
+    recs = [rec(0, "arithmetic:plus", True), rec(1, "arithmetic:boxes", False), rec(2, "arithmetic:plus", False)]
+    recs.append(rec(3, "gsm8k", True))
+    groups = accuracy_by_kind(recs)
+    assert [(g.group, g.n, g.n_correct) for g in groups] == [("boxes", 1, 0), ("gsm8k", 1, 1), ("plus", 2, 1)]
+    assert groups[2].accuracy == 0.5 and groups[2].ci95[0] < 0.5 < groups[2].ci95[1]
 
 
 def test_read_records_names_bad_line(tmp_path):
