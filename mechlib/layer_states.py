@@ -91,6 +91,10 @@ class BaselineSplit:
     def labels(self, ids: Sequence[str]) -> np.ndarray:
         return np.array([self.correct[i] for i in ids], dtype=bool)
 
+    def kinds(self, ids: Sequence[str]) -> list[str]:
+        """Each question's type (:attr:`mechlib.records.Record.kind`), for tests within question types."""
+        return [self.records[i].kind for i in ids]
+
 
 def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str | os.PathLike[str]) -> BaselineSplit:
     """Read ``metrics/04_gsm8k_baseline.json`` (``contrast_ids``, ``heldout_ids``) and the baseline

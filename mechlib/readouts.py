@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy import stats as sps
 
-from mechlib.stats import StatsInputError, finite_or_none, format_p, spearman
+from mechlib.stats import StatsInputError, finite_or_none, format_p, rank_association_within_strata, spearman
 
 # a permutation statistic within this relative distance of the observed one counts as "as extreme":
 # the closed forms below and scipy's differ by round-off, and an identical relabelling must count
@@ -67,7 +67,10 @@ class ReadoutScore:
     all answers are right or all wrong), so the row encodes to JSON as it is. Intervals are 95 %
     percentile bootstrap intervals over questions; ``n_bootstrap`` counts the resamples they were
     computed from (resamples holding only one class are skipped). p-values are two-sided label
-    permutation p-values ``(1 + #{as extreme}) / (1 + n_permutations)``.
+    permutation p-values ``(1 + #{as extreme}) / (1 + n_permutations)``. ``p_within_type`` repeats the
+    test with labels shuffled only within each question type
+    (:func:`mechlib.stats.rank_association_within_strata`): a readout that only reads the type passes
+    the plain test on a mixed task but not this one. ``None``: one type (GSM8K), or a file from before it.
     """
 
     name: str
@@ -82,6 +85,7 @@ class ReadoutScore:
     n_bootstrap: int
     n_permutations: int
     direction: str
+    p_within_type: float | None = None
 
 
 def _rank_rows(x: np.ndarray) -> np.ndarray:
@@ -179,12 +183,14 @@ def score_readout(
     n_bootstrap: int = 2000,
     n_permutations: int = 2000,
     seed: int = 0,
+    types: Sequence[str] | None = None,
 ) -> ReadoutScore:
     """Spearman ρ and AUROC of ``scores`` against ``correct``, with bootstrap CIs and permutation p-values.
 
     ``scores`` is one number per held-out question (the feature reward, a projection, a length);
-    ``correct`` its 0/1 correctness. The same ``seed`` and the same questions give every readout
-    the same bootstrap resamples and label permutations, so their rows are comparable.
+    ``correct`` its 0/1 correctness; ``types`` each question's type, for ``p_within_type``. The same
+    ``seed`` and the same questions give every readout the same bootstrap resamples and label
+    permutations, so their rows are comparable.
     """
     if n_bootstrap < 1 or n_permutations < 1:
         raise StatsInputError(f"n_bootstrap and n_permutations must be >= 1, got {n_bootstrap}, {n_permutations}")
@@ -197,6 +203,9 @@ def score_readout(
     auc = auroc(x, y)
     rho_boot, auc_boot = _bootstrap(x, y, n_bootstrap, rng)
     p_rho, p_auc = _permutation_p_values(x, y, rho if rho is not None else math.nan, auc, n_permutations, rng)
+    within = (
+        None if types is None else rank_association_within_strata(x, y, types, n_permutations=n_permutations, seed=seed)
+    )
     return ReadoutScore(
         name=name,
         n=n,
@@ -210,6 +219,7 @@ def score_readout(
         n_bootstrap=int(auc_boot.size),
         n_permutations=n_permutations,
         direction=_direction(auc, rho),
+        p_within_type=None if within is None else within.p,
     )
 
 
@@ -231,14 +241,15 @@ def stage_gate_table(rows: Sequence[ReadoutScore]) -> str:
     width = max([len("readout"), *(len(r.name) for r in rows)])
     header = (
         f"{'readout':<{width}}  {'n':>4}  {'right':>5}  {'rho':>6}  {'95% CI':<16}  {'p_perm':>7}  "
-        f"{'AUROC':>5}  {'95% CI':<14}  {'p_perm':>7}  direction"
+        f"{'AUROC':>5}  {'95% CI':<14}  {'p_perm':>7}  {'p_type':>7}  direction"
     )
     lines = [header, "-" * len(header)]
     for r in rows:
         lines.append(
             f"{r.name:<{width}}  {r.n:>4}  {r.n_correct:>5}  {_num(r.spearman_rho):>6}  {_ci(r.spearman_ci):<16}  "
             f"{format_p(r.spearman_p_perm):>7}  {_num(r.auroc, '.3f'):>5}  {_ci(r.auroc_ci, '.2f'):<14}  "
-            f"{format_p(r.auroc_p_perm):>7}  {r.direction}"
+            f"{format_p(r.auroc_p_perm):>7}  {format_p(r.p_within_type) if r.p_within_type is not None else '—':>7}  "
+            f"{r.direction}"
         )
     return "\n".join(lines)
 
@@ -272,8 +283,23 @@ def _feature_sentence(feature: ReadoutScore, alpha: float) -> str:
         return (
             f"The {feature.name} predicted correctness with the sign reversed — higher reward went with "
             f"wrong answers ({stats}) — so as a reward it would push toward wrong answers."
-        )
-    return f"The {feature.name} predicted correctness on held-out questions ({stats})."
+        ) + _within_type_clause(feature, alpha)
+    return f"The {feature.name} predicted correctness on held-out questions ({stats})." + _within_type_clause(
+        feature, alpha
+    )
+
+
+def _within_type_clause(feature: ReadoutScore, alpha: float) -> str:
+    """Whether a readout that passed still orders answers within question types ("" when not tested)."""
+    p = feature.p_within_type
+    if p is None:
+        return ""
+    if p < alpha:
+        return f" It does so within question types too (labels shuffled within type: p = {format_p(p)})."
+    return (
+        f" Within question types it does not, detectably (labels shuffled within type: p = {format_p(p)}): "
+        f"what it reads may be the question type rather than the answer."
+    )
 
 
 def _oriented(auc: float, ci: tuple[float, float] | None) -> tuple[float, tuple[float, float] | None, bool]:

@@ -27,14 +27,16 @@ def _hacking(a: ArmResult) -> str:
 
 
 def stage_gate_table(m: FeatureRewardResult) -> str:
-    """Stage Gate 1 as a Markdown table: each readout's AUROC, Spearman ρ, permutation p and n."""
+    """Stage Gate 1 as a Markdown table: each readout's AUROC, Spearman ρ, permutation p (plain and within
+    question types) and n."""
     rows = [
-        "| readout | AUROC [95 % CI] | Spearman ρ [95 % CI] | permutation p | n (correct) |",
-        "|---|---|---|---|---|",
+        "| readout | AUROC [95 % CI] | Spearman ρ [95 % CI] | permutation p | p, shuffled within type | n (correct) |",
+        "|---|---|---|---|---|---|",
     ]
     rows += [
         f"| {r.name} | {_f(r.auroc)} {_ci(r.auroc_ci)} | {_f(r.spearman_rho)} {_ci(r.spearman_ci)} "
-        f"| {_f(r.auroc_p_perm)} | {r.n} ({r.n_correct}) |"
+        f"| {format_p(r.auroc_p_perm)} | {'—' if r.p_within_type is None else format_p(r.p_within_type)} "
+        f"| {r.n} ({r.n_correct}) |"
         for r in m.stage_gate
     ]
     return "\n".join(rows)

@@ -70,13 +70,18 @@ def save_specs(calibrated: Mapping[str, Calibration], trained: str, folder: Path
     return trained_file, other_file
 
 
-def gate_inputs(ids: Sequence[str], correct: ArrayLike, scores: Mapping[str, ArrayLike]) -> GateInputs:
+def gate_inputs(
+    ids: Sequence[str], correct: ArrayLike, scores: Mapping[str, ArrayLike], types: Sequence[str]
+) -> GateInputs:
     """Stage Gate 1's inputs as saved with the chapter's metrics; ``scores`` in the gate's row order."""
     labels = np.asarray(correct, dtype=bool).reshape(-1)
     columns = [np.asarray(s, dtype=np.float64).reshape(-1) for s in scores.values()]
-    if labels.size != len(ids) or any(c.size != len(ids) for c in columns):
-        raise ValueError(f"gate inputs: {len(ids)} ids, {labels.size} labels, scores of {[c.size for c in columns]}")
-    return GateInputs(ids=list(ids), correct=labels.tolist(), scores=[c.tolist() for c in columns])
+    if labels.size != len(ids) or len(types) != len(ids) or any(c.size != len(ids) for c in columns):
+        raise ValueError(
+            f"gate inputs: {len(ids)} ids, {labels.size} labels, {len(types)} types, "
+            f"scores of {[c.size for c in columns]}"
+        )
+    return GateInputs(ids=list(ids), correct=labels.tolist(), scores=[c.tolist() for c in columns], types=list(types))
 
 
 def arm_cache_tag(model: str, dtype: str, hook_model: str, spec_file: Path, sae_path: str) -> str:
@@ -177,11 +182,21 @@ def last_samples(arms: Sequence[ArmResult], root: Path, width: int = 80) -> str:
     where a feature reward that rises for the wrong reason shows what it rewards (a repeated token,
     padding) before any curve can. Each completion on one line, cut at ``width`` characters."""
     lines = []
+    seen: dict[tuple[str, ...], str] = {}  # an earlier arm's last-step completions, in order
     for a in arms:
         if a.samples is None:
             lines.append(f"{a.arm}: sampled completions not saved (an arm trained before they were kept)")
             continue
         last = last_step(read_samples(root / a.samples))
+        same = seen.setdefault(tuple(s.completion for s in last), a.arm) if last else a.arm
+        if same != a.arm:
+            # every arm samples with the same seeds: until its adapter moves enough to change a sampled token
+            # (an arm whose group scores all alike gets no gradient at all), it samples what the others do
+            lines.append(
+                f"{a.arm}, step {last[0].step}: the same completions as {same} (same seeds; neither adapter has "
+                f"yet moved far enough to change a sampled token)"
+            )
+            continue
         lines.append(f"{a.arm}, step {last[0].step}:" if last else f"{a.arm}: no completions recorded")
         for s in last:
             text = " ".join(s.completion.split())
@@ -278,9 +293,10 @@ def reward_finding(
     gate = f"Stage Gate 1: {gate_verdict} Its Spearman ρ with correctness: {_num(trained.spearman_rho)}."
     if other is not None:
         gate += (
-            f" The other selection, {other.name}, scored AUROC {_num(other.auroc)} [{_ci(other.auroc_ci)}] on the "
-            "same answers (chosen on the contrast set too, so the comparison is fair; which one trains is a "
-            "parameter, fixed before looking at held-out answers)."
+            f" The other selection, {other.name}, scored AUROC {_num(other.auroc)} [{_ci(other.auroc_ci)}]"
+            + ("" if other.p_within_type is None else f" (within question types p = {format_p(other.p_within_type)})")
+            + " on the same answers (chosen on the contrast set too, so the comparison is fair; which one trains is "
+            "a parameter, fixed before looking at held-out answers)."
         )
     return f"{gate} GRPO ({settings.steps} steps per arm): {training_verdict(arms)}"
 

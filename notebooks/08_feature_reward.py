@@ -187,7 +187,10 @@ print(reward_findings.selection_summary(calibrated, P.reward_features))
 # over questions and a label-permutation p-value. The simpler readouts: chapter 05's **CAA projection**
 # (the held-out question's last-prompt-token state on the correct-minus-wrong direction at the peak layer)
 # and the **answer's length** in tokens. A readout can work with its sign reversed (length often does:
-# wrong answers run on); the verdict compares the SAE reward with each baseline's better side.
+# wrong answers run on); the verdict compares the SAE reward with each baseline's better side. On the
+# generated task, whose question types differ in difficulty, a readout that only tells the types apart would
+# pass; `p_type` repeats the permutation test with labels shuffled only within each type (chapter 05 does the
+# same for the CAA projection). On GSM8K there is one type and the column is empty.
 
 # %%
 held = split.heldout_ids
@@ -204,7 +207,13 @@ readout_scores = {
 }
 gate = [
     readouts.score_readout(
-        name, s, y_held, n_bootstrap=P.n_bootstrap, n_permutations=max(P.n_permutations, 1000), seed=P.seed
+        name,
+        s,
+        y_held,
+        n_bootstrap=P.n_bootstrap,
+        n_permutations=max(P.n_permutations, 1000),
+        seed=P.seed,
+        types=split.kinds(held),
     )
     for name, s in readout_scores.items()
 ]
@@ -356,7 +365,7 @@ _ = results.save(
         grpo=settings,
         arms=arm_results,
         training_verdict=placeholder.mark_text(train_verdict, P.placeholder_labels),
-        gate_inputs=reward_findings.gate_inputs(held, y_held, readout_scores),
+        gate_inputs=reward_findings.gate_inputs(held, y_held, readout_scores, split.kinds(held)),
         other_spec_file=None if other_spec_file is None else str(other_spec_file.relative_to(paths.root)),
     ),
 )

@@ -24,7 +24,7 @@ from mechlib.plots_reward import (
     plot_training_curves,
 )
 from mechlib.readouts import ReadoutScore, auroc, score_readout, stage_gate_table, stage_gate_verdict
-from mechlib.stats import StatsInputError
+from mechlib.stats import StatsInputError, format_p
 
 
 def _brute_auroc(x: np.ndarray, y: np.ndarray) -> float:
@@ -220,3 +220,24 @@ def test_figures_reject_inconsistent_rows():
     with pytest.raises(RewardPlotError, match="outside its interval"):
         plot_accuracy_change([ArmAccuracy("a", 10, 0.9, (0.1, 0.2), 0.5, (0.4, 0.6))])
     plt.close("all")
+
+
+def test_a_readout_that_only_reads_the_question_type_fails_the_within_type_test():
+    """The default run's CAA projection: AUROC 0.82 on held-out answers, nearly all of it between types."""
+    rng = np.random.default_rng(3)
+    types = ["easy"] * 40 + ["hard"] * 40
+    y = np.r_[rng.random(40) < 0.8, rng.random(40) < 0.2]
+    reads_type = np.r_[np.ones(40), np.zeros(40)] + rng.normal(0, 0.1, 80)
+    row = score_readout("CAA projection", reads_type, y, n_bootstrap=200, n_permutations=500, types=types)
+    assert row.auroc_p_perm is not None and row.auroc_p_perm < 0.01  # the plain test passes it
+    assert row.p_within_type is not None and row.p_within_type > 0.05
+    text = stage_gate_verdict(row, [])
+    assert "predicted correctness on held-out" in text
+    assert "Within question types it does not, detectably (labels shuffled within type: p = " in text
+    reads_answer = score_readout("f", reads_type + y, y, n_bootstrap=200, n_permutations=500, types=types)
+    assert "It does so within question types too" in stage_gate_verdict(reads_answer, [])
+    assert score_readout("f", reads_type, y, n_bootstrap=200, n_permutations=500).p_within_type is None
+    one_type = score_readout("f", reads_type, y, n_bootstrap=200, n_permutations=500, types=["gsm8k"] * 80)
+    assert one_type.p_within_type is None and "question types" not in stage_gate_verdict(one_type, [])
+    table = stage_gate_table([row]).splitlines()
+    assert "p_type" in table[0] and format_p(row.p_within_type) in table[2]

@@ -127,7 +127,10 @@ def test_finding_names_both_selections_and_the_training_result(paths):
     arm = rf.arm_result(_run(FEATURE_ARM, [0.0, 0.5], paths), _change(19, 19, 0, 0, 1.0), *EVALUATED, paths)
     text = rf.reward_finding(row("SAE A", 0.7), row("SAE B", 0.9), "It predicted.", [arm], GrpoSettings(steps=2))
     assert text.startswith("Stage Gate 1: It predicted. Its Spearman ρ with correctness: 0.300.")
-    assert "The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00]" in text
+    assert "The other selection, SAE B, scored AUROC 0.900 [0.80, 1.00] on the same answers" in text
+    typed = dataclasses.replace(row("SAE B", 0.9), p_within_type=0.001)
+    text_typed = rf.reward_finding(row("SAE A", 0.7), typed, "x.", [arm], GrpoSettings(steps=2))
+    assert "SAE B, scored AUROC 0.900 [0.80, 1.00] (within question types p = 0.001) on the same" in text_typed
     assert "GRPO (2 steps per arm): feature: held-out accuracy unchanged at 19/50" in text
     assert "The other selection" not in rf.reward_finding(row("A", 0.7), None, "x.", [arm], GrpoSettings(steps=2))
 
@@ -147,10 +150,12 @@ def test_both_selections_are_saved_and_the_gate_inputs_line_up(tmp_path):
     assert FeatureRewardSpec.load(trained).features[0].feature == 7
     assert FeatureRewardSpec.load(other).features[0].feature == 3
 
-    g = rf.gate_inputs(["a", "b"], np.array([True, False]), {"x": np.array([0.5, 0.25]), "y": [1, 2]})
-    assert g.correct == [True, False] and g.scores == [[0.5, 0.25], [1.0, 2.0]]
+    g = rf.gate_inputs(["a", "b"], np.array([True, False]), {"x": np.array([0.5, 0.25]), "y": [1, 2]}, ["p", "q"])
+    assert g.correct == [True, False] and g.scores == [[0.5, 0.25], [1.0, 2.0]] and g.types == ["p", "q"]
     with pytest.raises(ValueError, match="2 ids"):
-        rf.gate_inputs(["a", "b"], [True, False], {"x": [0.5]})
+        rf.gate_inputs(["a", "b"], [True, False], {"x": [0.5]}, ["p", "q"])
+    with pytest.raises(ValueError, match="1 types"):
+        rf.gate_inputs(["a", "b"], [True, False], {"x": [0.5, 0.1]}, ["p"])
 
 
 def test_last_samples_shows_each_arms_last_step_highest_feature_first(tmp_path):
@@ -169,3 +174,8 @@ def test_last_samples_shows_each_arms_last_step_highest_feature_first(tmp_path):
     assert lines[1] == "  correct 1  feature +0.400  " + "x" * 19 + "…"
     assert lines[2] == "  correct 0  feature +0.100  low answer"
     assert lines[3].startswith("correctness: sampled completions not saved")
+    # arms that sampled the same completions (same seeds, adapters not yet apart) are listed once
+    twin = dataclasses.replace(kept, arm="correctness+feature")
+    lines = rf.last_samples([kept, twin], tmp_path, width=20).splitlines()
+    assert len(lines) == 4 and lines[:3] == rf.last_samples([kept], tmp_path, width=20).splitlines()
+    assert lines[3].startswith("correctness+feature, step 2: the same completions as feature (same seeds;")

@@ -66,6 +66,8 @@ class GateInputs(Record):
     ids: list[str]  # the held-out question ids, in the order of each score list
     correct: list[bool]  # the labels the gate scored (placeholder labels when the run uses them)
     scores: list[list[float]]  # scores[r][i]: the readout of stage_gate[r] on the answer to ids[i]
+    # each question's type (p_within_type shuffles labels within them); [] in files from before it
+    types: list[str] = field(default_factory=list, kw_only=True)
 
 
 @dataclass(frozen=True)
