@@ -36,7 +36,16 @@ from mechlib.layer_states import (
     sha_of_prompts,
 )
 from mechlib.models import model_device
-from mechlib.stats import PermutationNull, adaptive_permutation_null, cohens_d
+from mechlib.stats import (
+    PermutationNull,
+    SpearmanResult,
+    WithinStrata,
+    adaptive_permutation_null,
+    cohens_d,
+    format_p,
+    rank_association_within_strata,
+    spearman,
+)
 
 __all__ = [  # chapter 05's names; those of mechlib.layer_states re-exported, where callers have always found them
     "MIN_GROUP",
@@ -163,6 +172,44 @@ def mean_difference(states_layer: Tensor, correct: Sequence[bool] | np.ndarray) 
 def projection_scores(states_layer: Tensor, unit_vector: Tensor) -> np.ndarray:
     """Each question's pooled state projected on the (unit) direction."""
     return (torch.as_tensor(states_layer).double() @ unit_vector.double()).numpy()
+
+
+@dataclass(frozen=True)
+class ProjectionTest:
+    """Is the direction readable on held-out questions: does a higher projection go with a correct answer?
+
+    ``rho`` is Spearman's ρ with its p-value; ``within_type`` the same association with labels shuffled
+    only within each question type (None: one type), which a direction that merely reads the type fails.
+    """
+
+    rho: SpearmanResult
+    within_type: WithinStrata | None
+
+    def lines(self) -> str:
+        """What chapter 05 prints."""
+        r, w = self.rho, self.within_type
+        text = f"held-out projection vs correctness: Spearman rho = {r.rho:.3f}, p = {format_p(r.p)} (n = {r.n})"
+        if w is not None:
+            text += (
+                f"\n  labels shuffled within question type ({w.n_strata} types, {w.n_permutations} permutations): "
+                f"p = {format_p(w.p)}"
+            )
+        return text
+
+
+def projection_test(
+    states_layer: Tensor,
+    unit_vector: Tensor,
+    correct: np.ndarray,
+    types: Sequence[Hashable],
+    *,
+    n_permutations: int,
+    seed: int,
+) -> ProjectionTest:
+    """:class:`ProjectionTest` of the questions' pooled states ``states_layer`` on ``unit_vector``."""
+    scores = projection_scores(states_layer, unit_vector)
+    within = rank_association_within_strata(scores, correct, types, n_permutations=n_permutations, seed=seed)
+    return ProjectionTest(spearman(scores, correct), within)
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from mechlib.scoring import ALTERNATIVES, RULE_LABELS, RuleAccuracy
 from mechlib.sensitivity import ALPHA  # one significance level for verdicts and findings
 from mechlib.stats import format_p
+from mechlib.wrong_answers import OPERATION_NAMES, WrongAnswers
 
 
 @dataclass(frozen=True)
@@ -67,9 +68,11 @@ def baseline_finding(
     finished: float,
     by_rule: Sequence[RuleAccuracy],
     max_new_tokens: int,
+    wrong: Sequence[WrongAnswers] = (),
 ) -> str:
     """Chapter 04's result in words, from this run's numbers: accuracy, how many answers finished,
-    and whether the alternative scoring rules tell the same story."""
+    whether the alternative scoring rules tell the same story, and (generated task) how the wrong
+    answers went wrong (:func:`mechlib.wrong_answers.wrong_answers_by_kind`)."""
     acc = {a.rule: a for a in by_rule}
     spread = [a.accuracy for a in by_rule if a.n]
     text = (
@@ -98,8 +101,27 @@ def baseline_finding(
             " Fewer than 90 % of the answers finished: part of what is scored as wrong is length, not "
             "arithmetic (the 'finished only' rule leaves those answers out)."
         )
+    text += _wrong_answers_sentence(wrong)
     lo, hi = CARD.baseline_accuracy
     return text + f" (The card: {lo:.0%}–{hi:.0%} for Gemma 4 E4B on GSM8K.)"
+
+
+def _wrong_answers_sentence(rows: Sequence[WrongAnswers]) -> str:
+    """ " Of the N wrong answers, …" over all question types; "" without wrong generated answers."""
+    n = sum(r.n_wrong for r in rows)
+    if not n:
+        return ""
+    other: dict[str, int] = {}
+    for r in rows:
+        for op, k in r.by_operation.items():
+            other[op] = other.get(op, 0) + k
+    which = ", ".join(f"{OPERATION_NAMES[op]} in {k}" for op, k in sorted(other.items(), key=lambda ok: -ok[1]))
+    return (
+        f" Of the {n} wrong answers, {sum(r.wrong_operation for r in rows)} write an operation the question "
+        f"does not need" + (f" ({which})" if which else "") + f", {sum(r.right_operation for r in rows)} write "
+        f"the needed one and get the number wrong, and {sum(r.no_calculation for r in rows)} write no "
+        f"calculation: 'wrong' mixes choosing the operation with carrying it out."
+    )
 
 
 BOS_SINK_RATIO = 3.0  # a BOS this many times the mean token norm is called an outlier (SmolLM2's: ~150x)
@@ -190,8 +212,11 @@ def layers_finding(
     rho: float | None,
     rho_p: float | None,
     peak_layers_by_rule: Sequence[int | None],
+    rho_within_p: float | None = None,
 ) -> str:
-    """``peak_layers_by_rule``: the peak layer under each alternative scoring rule (None: no peak)."""
+    """``peak_layers_by_rule``: the peak layer under each alternative scoring rule (None: no peak).
+    ``rho_within_p``: the held-out projection's association tested with labels shuffled within question
+    type (None: one type, or not computed)."""
     text = (
         f"Correct and wrong questions differ most after layer {peak} of {n_layers} (mean top-10 |d| "
         f"{top_abs_d:.3f}; against the max-over-layers permutation null {_significance(p, p_se)}). The card "
@@ -211,6 +236,13 @@ def layers_finding(
             f"On the held-out questions, projecting onto the steering direction gives Spearman ρ = {rho:.3f} "
             f"({_significance(rho_p)}; the card's companion model: {CARD.spearman_rho}). "
         )
+        if rho_within_p is not None:
+            text += f"With the labels shuffled only within question types, {_significance(rho_within_p)}: " + (
+                "the projection predicts correctness inside a type too. "
+                if rho_within_p < ALPHA
+                else "inside a type it does not predict correctness detectably, so the held-out ρ may be mostly "
+                "the question type. "
+            )
     # None: too few questions on one side under that rule, so no peak: neither the same layer nor another
     moved = [layer for layer in peak_layers_by_rule if layer is not None and layer != peak]
     n_none = sum(layer is None for layer in peak_layers_by_rule)

@@ -29,6 +29,7 @@ from mechlib.results import (
     Trained,
     read,
 )
+from mechlib.wrong_answers import OPERATION_NAMES
 
 
 def _load(paths: RunPaths, name: str) -> dict[str, Any] | None:
@@ -146,6 +147,21 @@ def _section_baseline(paths: RunPaths, m: Baseline | None) -> str:
     if m.by_kind:
         rows = [[kind, a.n, a.n_correct, a.accuracy, a.ci95] for kind, a in m.by_kind.items()]
         text += "\nBy question type:\n\n" + table(["type", "n", "correct", "accuracy", "95% CI"], rows) + "\n"
+    if m.wrong_answers:
+        rows = [
+            [
+                w.kind,
+                OPERATION_NAMES[w.needed],
+                w.n_wrong,
+                w.wrong_operation,
+                w.others or "—",
+                w.right_operation,
+                w.no_calculation,
+            ]
+            for w in m.wrong_answers
+        ]
+        head = ["type", "needs", "wrong", "another operation", "which", "needed one, wrong result", "no calculation"]
+        text += "\nWrong answers by the operation they write:\n\n" + table(head, rows) + "\n"
     return text + "\n" + figures(paths, "04_") + "\n"
 
 
@@ -163,6 +179,7 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
             p_se(m.null_p_within_type, m.null_p_within_type_mc_se),
             m.spearman_rho,
             m.spearman_p,
+            "—" if m.spearman_p_within_type is None else m.spearman_p_within_type,
         ],
         [
             "study card (Gemma 4 E4B)",
@@ -173,6 +190,7 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
             "not reported",
             CARD.spearman_rho,
             "—",
+            "not reported",
         ],
     ]
     text = (
@@ -190,6 +208,7 @@ def _section_layers(paths: RunPaths, m: Layers | None) -> str:
                 "p, shuffled within type",
                 "Spearman ρ (held-out)",
                 "Spearman p",
+                "Spearman p, shuffled within type",
             ],
             rows,
         )

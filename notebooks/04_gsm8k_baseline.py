@@ -84,28 +84,27 @@ placeholder_labels = 0.0
 # %%
 import textwrap
 import time
+from collections import Counter
 
 from mechlib import findings, placeholder, plots, results, scoring
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.prompts import build_prompt
-from mechlib.records import accuracy_by_group, run_baseline, split_contrast_heldout, summarize
+from mechlib.records import accuracy_by_kind, run_baseline, split_contrast_heldout, summarize
 from mechlib.tasks import load_questions
+from mechlib.wrong_answers import wrong_answers_by_kind
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
 t0 = time.time()
 
 questions = load_questions(P.task, P.n_questions, P.seed, gsm8k_path=P.gsm8k_path, gsm8k_split=P.gsm8k_split)
-kinds = {q.id: q.source.split(":")[-1] for q in questions}
+kinds = Counter(q.kind for q in questions)
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(
-    f"{len(questions)} questions from task {P.task!r}; kinds: "
-    + ", ".join(f"{k} {list(kinds.values()).count(k)}" for k in sorted(set(kinds.values())))
-)
+print(f"{len(questions)} questions from task {P.task!r}; kinds: " + ", ".join(f"{k} {kinds[k]}" for k in sorted(kinds)))
 print(f"example: {questions[0].question!r} -> gold {questions[0].answer}")
 
 # %% [markdown]
@@ -151,7 +150,7 @@ print(
 # %%
 # NBVAL_CHECK_OUTPUT
 summary = summarize(records)
-groups = accuracy_by_group(records, kinds)
+groups = accuracy_by_kind(records)
 by_rule = scoring.accuracy_under_rules(records)
 print(
     f"accuracy {summary.accuracy:.3f} ({summary.n_correct}/{summary.n}), "
@@ -201,6 +200,25 @@ for r in shown:
     print(f"A: {r.generation.strip()[:300]}")
 
 # %% [markdown]
+# ## How the wrong answers go wrong
+#
+# Each generated question needs one operation: addition, or multiplication for `boxes`. Sorting the wrong
+# answers by the operators they write between two numbers (`mechlib.wrong_answers`) separates two failures.
+# One is choosing another operation. Subtraction is the one-shot example's operation and no question's, so
+# an answer that subtracts has most likely copied the example's operation rather than read the question's.
+# The other is writing the right operation and getting the result wrong. Chapter 05 contrasts correct
+# answers with both failures together. Its within-type null controls for the question type, not for which
+# failure a wrong answer is. GSM8K answers take several steps and are not sorted.
+
+# %%
+# NBVAL_CHECK_OUTPUT
+wrong = wrong_answers_by_kind(records)
+for row in wrong:
+    print(row.line())
+if not wrong:
+    print("no wrong answers to generated questions to sort" if P.task == "arithmetic" else "GSM8K: not sorted")
+
+# %% [markdown]
 # ## The contrast / held-out split
 #
 # A fixed-seed random split of the question ids: `n_heldout` questions are held out for steering
@@ -227,7 +245,7 @@ print(
 # %%
 # NBVAL_CHECK_OUTPUT
 finding = findings.baseline_finding(
-    summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule, P.max_new_tokens
+    summary.n, summary.n_correct, summary.ci95, summary.finished, by_rule, P.max_new_tokens, wrong
 )
 print(textwrap.fill(finding, 110))
 if placeholder.is_on(P.placeholder_labels):
@@ -254,6 +272,7 @@ saved = results.save(
         by_scoring_rule={a.rule: results.Accuracy.of(a) for a in by_rule},
         by_rule={k: results.RuleCount(n, n_correct) for k, (n, n_correct) in summary.by_rule.items()},
         by_kind={g.group: results.Accuracy.of(g) for g in groups},
+        wrong_answers=wrong,
         contrast_ids=contrast_ids,
         heldout_ids=heldout_ids,
         generation_seconds=round(gen_seconds, 2),

@@ -137,6 +137,10 @@ if caution:
 # direction that merely reads the type can pass the plain null. The second null shuffles the labels only *within*
 # each question type (the `source` of each question), so it asks whether the states predict correctness
 # beyond the type (dotted line). On GSM8K every question has the same source and the two nulls coincide.
+# Within a type, "wrong" still mixes two failures: answers that chose another operation (most of them
+# subtract, as the one-shot example does) and answers that wrote the right operation with a wrong result.
+# Chapter 04 counts both. The states read here are at the last prompt token, before any answer token, so a
+# direction found in them predicts a failure before it is written; it does not say which of the two it is.
 
 # %%
 res = contrast.contrast_layers(h_contrast, y, top_n=P.top_d, n_permutations=P.n_permutations, seed=P.seed)
@@ -187,7 +191,10 @@ print(
 # each **held-out** question's state on it and ask whether a higher projection goes with a correct answer
 # (Spearman ρ with its p-value). The held-out questions played no part in finding the direction, so this is
 # a fair test; the study's companion model reports ρ = 0.540. The confound above applies here too: on a
-# mixed-difficulty task a direction that reads the question type also "predicts" correctness.
+# mixed-difficulty task a direction that reads the question type also "predicts" correctness. So the same
+# association is tested once more with the labels shuffled only within each question type
+# (`stats.rank_association_within_strata`): it asks whether the projection orders correct before wrong
+# answers *inside* a type. On GSM8K there is one type and this second test is skipped.
 
 # %%
 unit, raw_norm = contrast.mean_difference(h_contrast[:, peak], y)
@@ -202,14 +209,19 @@ vec_path = SteeringVector(
     raw_diff_norm=raw_norm,
     pooling=P.contrast_pooling,
 ).save(paths.checkpoints / f"steering_vec_L{peak}.pt")
-y_held = split.labels(split.heldout_ids)
-proj = contrast.projection_scores(states.select(split.heldout_ids)[:, peak], unit)
-rho = stats.spearman(proj, y_held)
+readable = contrast.projection_test(
+    states.select(split.heldout_ids)[:, peak],
+    unit,
+    split.labels(split.heldout_ids),
+    [source[i] for i in split.heldout_ids],
+    n_permutations=P.n_permutations,
+    seed=P.seed,
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(f"‖mean difference‖ at layer {peak} = {raw_norm:.3f}; mean residual norm = {mean_norm:.2f}")
-print(f"held-out projection vs correctness: Spearman rho = {rho.rho:.3f}, p = {stats.format_p(rho.p)} (n = {rho.n})")
+print(readable.lines())
 
 # %% [markdown]
 # ## SAE features ranked by contrast
@@ -312,9 +324,10 @@ finding = findings.layers_finding(
     null.p_peak_mc_se,
     within.p_peak,
     len(set(strata)),
-    stats.finite_or_none(rho.rho),
-    stats.finite_or_none(rho.p),
+    stats.finite_or_none(readable.rho.rho),
+    stats.finite_or_none(readable.rho.p),
     [r.peak_layer for r in peaks[1:]],
+    rho_within_p=None if readable.within_type is None else readable.within_type.p,
 )
 finding = placeholder.mark_text(finding, P.placeholder_labels)
 print(textwrap.fill(finding, 110))
@@ -349,9 +362,10 @@ _ = results.save(
         scoring_sensitivity=peaks,
         scoring_verdict=peak_finding,
         null_max_q95_within_type=within_max_q95,
-        spearman_rho=stats.finite_or_none(rho.rho),
-        spearman_p=stats.finite_or_none(rho.p),
-        spearman_n=rho.n,
+        spearman_rho=stats.finite_or_none(readable.rho.rho),
+        spearman_p=stats.finite_or_none(readable.rho.p),
+        spearman_n=readable.rho.n,
+        spearman_p_within_type=None if readable.within_type is None else readable.within_type.p,
         mean_resid_norm=[float(v) for v in states.token_norm_mean],
         steering_vector=str(vec_path.relative_to(paths.root)),
         states_file=str(states_file.relative_to(paths.root)),

@@ -23,6 +23,11 @@
 # reports how many of its answers were cut off, and every row is recomputed under the alternative scoring
 # rules of chapter 04, with a generated sentence saying whether its conclusion survives.
 #
+# What the direction is matters for what a push along it can do. Chapter 05 tests whether its held-out
+# projection predicts correctness *within* question types. Where it does not (the default run), the
+# direction mostly separates easy question types from hard ones. Pushing along it then asks "does making a
+# question look like an easier type help?", not "does it make the model more careful?".
+#
 # With `placeholder_labels = f > 0` (random-weight models) the baseline labels are chapter 05's seeded
 # placeholders, a steered answer identical to its baseline answer keeps that label, and a changed one gets
 # a seeded coin that is "correct" with probability `f` (`mechlib.placeholder`): the statistics then run on

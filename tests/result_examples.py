@@ -12,6 +12,7 @@ from mechlib.grpo_eval import AccuracyChange
 from mechlib.readouts import ReadoutScore
 from mechlib.sensitivity import PeakUnderRule
 from mechlib.stats import BootstrapCI
+from mechlib.wrong_answers import WrongAnswers
 
 
 def _scale_row(cls: type, scale: float, **extra: Any) -> Any:
@@ -133,6 +134,7 @@ EXAMPLES: dict[type, results.ChapterResult] = {
         heldout_ids=["q2", "q5", "q6", "q7"],
         generation_seconds=1.5,
         placeholder_labels=0.0,
+        wrong_answers=[WrongAnswers("plus", "+", 5, 2, 2, 1, {"-": 2})],
     ),
     results.Layers: results.Layers(
         finding="Layers.",
@@ -167,6 +169,7 @@ EXAMPLES: dict[type, results.ChapterResult] = {
         spearman_rho=None,
         spearman_p=None,
         spearman_n=4,
+        spearman_p_within_type=0.31,
         mean_resid_norm=[3.0, 5.0],
         steering_vector="checkpoints/steering_vec_L1.pt",
         states_file="activations/contrast_states_last.pt",

@@ -10,6 +10,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -92,6 +93,13 @@ def test_baseline_metrics():
         rules["primary"]["n_correct"] == m["n_correct"]
         and rules["finished"]["n"] == m["stop_reasons"]["eos"] + m["stop_reasons"]["answer_line"]
     )
+    # every wrong answer of the generated task is sorted once, under its own question type
+    wrong = m["wrong_answers"]
+    assert sum(w["n_wrong"] for w in wrong) == m["n"] - m["n_correct"]
+    for w in wrong:
+        kind = m["by_kind"][w["kind"]]
+        assert w["n_wrong"] == kind["n"] - kind["n_correct"]
+        assert w["wrong_operation"] + w["right_operation"] + w["no_calculation"] == w["n_wrong"]
 
 
 def test_contrastive_metrics_and_artifacts():
@@ -210,6 +218,8 @@ def test_stage_gate_rechecks_from_its_saved_inputs():
     g = m.gate_inputs
     assert g is not None, "08_feature_reward.json holds no gate_inputs"
     assert g.ids == metrics("04_gsm8k_baseline")["heldout_ids"] and g.correct == [base[i] for i in g.ids]
+    kinds = {r["id"]: r["source"].split(":")[-1] for r in _baseline_records()}
+    assert g.types == [kinds[i] for i in g.ids] and len(set(g.types)) > 1
     assert len(g.scores) == len(m.stage_gate)
     y = [int(c) for c in g.correct]
     for row, scores in zip(m.stage_gate, g.scores, strict=True):
@@ -220,10 +230,32 @@ def test_stage_gate_rechecks_from_its_saved_inputs():
         assert row.auroc is not None and math.isclose(row.auroc, auc, abs_tol=1e-9), row.name
         assert row.spearman_rho is not None
         assert math.isclose(row.spearman_rho, spearmanr(scores, y).statistic, abs_tol=1e-9), row.name
+        # the within-type p, redrawn here with other permutations: equal within Monte-Carlo error
+        assert row.p_within_type is not None
+        redrawn = _within_type_p(scores, g.correct, g.types, 4000)
+        assert abs(row.p_within_type - redrawn) < 4 * math.sqrt(redrawn * (1 - redrawn) / 1000) + 0.01, row.name
     assert m.other_spec_file is not None
     other = FeatureRewardSpec.load(PATHS.root / m.other_spec_file)
     trained = FeatureRewardSpec.load(PATHS.root / m.spec_file)
     assert other.layer == trained.layer == m.layer and other.features and other != trained
+
+
+def _within_type_p(scores: list[float], correct: list[bool], types: list[str], n: int) -> float:
+    """Two-sided p of the correct answers' rank sum with labels shuffled within each type (numpy, seed 123)."""
+    from scipy.stats import rankdata
+
+    rng = np.random.default_rng(123)
+    ranks, y, kinds = rankdata(scores), np.array(correct), np.array(types)
+    groups = [np.flatnonzero(kinds == k) for k in set(types)]
+    expected = sum(y[g].sum() * ranks[g].mean() for g in groups)
+    observed = abs(ranks[y].sum() - expected)
+    hits = 0
+    for _ in range(n):
+        perm = y.copy()
+        for g in groups:
+            perm[g] = rng.permutation(y[g])
+        hits += abs(ranks[perm].sum() - expected) >= observed - 1e-9
+    return (1 + hits) / (1 + n)
 
 
 def _baseline_records() -> list[dict]:

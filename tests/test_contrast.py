@@ -15,6 +15,7 @@ from mechlib.contrast import (
     contrast_layers,
     mean_difference,
     projection_scores,
+    projection_test,
     rank_sae_features,
 )
 from mechlib.models import decoder_layers
@@ -252,7 +253,7 @@ def test_load_baseline_split(tmp_path):
     metrics.write_text(json.dumps({"contrast_ids": ["q0", "q1", "q3"], "heldout_ids": ["q2"]}))
     split = load_baseline_split(metrics, tmp_path / "baseline.jsonl")
     assert split.prompts["q3"] == "p3" and split.labels(split.contrast_ids).tolist() == [True, False, False]
-    assert split.records["q0"] == recs[0]
+    assert split.records["q0"] == recs[0] and split.kinds(["q3", "q0"]) == ["x", "x"]
     metrics.write_text(json.dumps({"contrast_ids": ["q0", "q9"], "heldout_ids": ["q2"]}))
     with pytest.raises(ContrastError, match="q9"):
         load_baseline_split(metrics, tmp_path / "baseline.jsonl")
@@ -277,3 +278,20 @@ def test_small_group_warning_names_the_small_side():
     assert "only 3 correct question(s)" in small_group_warning(3, 77)
     assert "only 4 wrong question(s)" in small_group_warning(60, 4)
     assert small_group_warning(10, 10) is None and small_group_warning(9, 100, minimum=5) is None
+
+
+def test_projection_test_separates_reading_the_type_from_reading_correctness():
+    """The default run's direction: held-out ρ 0.53, yet within question types nothing detectable."""
+    rng = np.random.default_rng(0)
+    types = ["easy"] * 30 + ["hard"] * 30
+    correct = np.r_[rng.random(30) < 0.8, rng.random(30) < 0.2]
+    unit = torch.tensor([1.0, 0.0])
+    states = torch.stack([torch.tensor([5.0 if t == "easy" else 0.0, 0.0]) for t in types])
+    states[:, 0] += torch.from_numpy(rng.normal(0, 0.1, 60)).float()  # the type, and noise: no answer in it
+    test = projection_test(states, unit, correct, types, n_permutations=500, seed=0)
+    assert test.rho.p < 0.001 and test.within_type is not None and test.within_type.p > 0.05
+    lines = test.lines().splitlines()
+    assert lines[0].startswith("held-out projection vs correctness: Spearman rho = ")
+    assert lines[1].startswith("  labels shuffled within question type (2 types, 500 permutations): p = ")
+    one_type = projection_test(states, unit, correct, ["gsm8k"] * 60, n_permutations=500, seed=0)
+    assert one_type.within_type is None and len(one_type.lines().splitlines()) == 1

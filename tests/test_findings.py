@@ -22,6 +22,13 @@ def test_significance_words_follow_p():
     )
     one_type = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.46, 1, None, None, [3])
     assert "question type" not in one_type and "Spearman" not in one_type
+    # the held-out projection tested within question types (the default run: ρ 0.53, within-type p 0.22)
+    by_type = findings.layers_finding(22, 30, 0.717, 0.003, 0.002, 0.038, 5, 0.53, 0.0001, [22], rho_within_p=0.224)
+    assert "only within question types, p = 0.224, not significant at 0.05: inside a type it does not" in by_type
+    assert "the held-out ρ may be mostly the question type" in by_type
+    inside = findings.layers_finding(22, 30, 0.717, 0.003, 0.002, 0.038, 5, 0.53, 0.0001, [22], rho_within_p=0.004)
+    assert "p = 0.004, significant at 0.05: the projection predicts correctness inside a type too" in inside
+    assert "shuffled only within question types" not in sig  # not computed: no sentence
 
 
 def test_steering_finding_says_no_effect_or_names_the_effects():

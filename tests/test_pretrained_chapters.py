@@ -9,7 +9,9 @@ The model is a seeded random-weight tiny Llama (``random:tiny-llama``, 4 layers,
 chapter takes seconds; it answers nothing correctly, so chapters 05–06 run on placeholder labels
 (``placeholder_labels``) — enough here, where the question is whether the chapters *use the SAE*,
 not what they find. Chapters 01 and 04 do not read the SAE: they run once and their run folder is
-copied for the second format.
+copied for the second format. The questions come from a GSM8K-format file written here (``task: gsm8k``
+with a local ``gsm8k_path``), so these chapters also run the one-question-type path that the tiny books,
+on the generated task, never take: no wrong answers sorted by operation, no within-type tests.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ SMALL: dict[str, Any] = dict(
     # n_questions > 50: chapters that declare n_questions but not n_heldout validate against its default (50)
     eval_ce_tokens=256,
     n_feature_examples=2,
-    task="arithmetic",
+    task="gsm8k",  # gsm8k_path: a GSM8K-format file the fixture writes
     n_questions=52,
     n_heldout=8,
     prompt_format="gemma_manual",
@@ -83,9 +85,22 @@ def _folders(tmp: Path, sae: TopKSAE) -> dict[str, Path]:
     return {"saelens": saelens, "sparsify": sparsify}
 
 
+def _gsm8k_file(tmp: Path) -> Path:
+    """60 one-step questions in GSM8K's JSONL format (question, answer ending in '#### N')."""
+    path = tmp / "gsm8k" / "test.jsonl"
+    path.parent.mkdir()
+    rows = [
+        {"question": f"What is {a} plus {a + 3}?", "answer": f"{a} + {a + 3} = {2 * a + 3}\n#### {2 * a + 3}"}
+        for a in range(60)
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _params(tmp: Path, run: str, spec: Path) -> Path:
     path = tmp / f"{run}.yaml"
-    path.write_text(yaml.safe_dump({**SMALL, "run": run, "sae_pretrained": str(spec)}))
+    gsm8k = tmp / "gsm8k" / "test.jsonl"
+    path.write_text(yaml.safe_dump({**SMALL, "run": run, "sae_pretrained": str(spec), "gsm8k_path": str(gsm8k)}))
     return path
 
 
@@ -109,6 +124,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, tuple[P
     try:
         sae = _sae()
         folders = _folders(tmp, sae)
+        _gsm8k_file(tmp)
         base = _params(tmp, "pre-saelens", folders["saelens"])
         run_book(base, SHARED)
         shutil.copytree(out / "pre-saelens", out / "pre-sparsify", ignore=shutil.ignore_patterns(".lock"))
@@ -149,6 +165,20 @@ def test_chapter_05_ranks_the_pretrained_sae_latents(runs, fmt: str) -> None:
     features = json.loads((root / "metrics" / f"contrastive_features_L{LAYER}.json").read_text())
     assert features["sae"] == str(spec) and features["layer"] == LAYER
     assert features["features"] and all(0 <= f["feature"] < D_SAE for f in features["features"])
+
+
+def test_one_question_type_skips_the_within_type_tests(runs) -> None:
+    """GSM8K questions share one type: chapter 04 sorts no wrong answers by operation, chapter 05 runs no
+    within-type test of the held-out projection, and both say so instead of printing numbers."""
+    root = runs["saelens"][0]
+    baseline = _metrics(root, "04_gsm8k_baseline")
+    assert baseline["task"] == "gsm8k" and baseline["wrong_answers"] == [] and list(baseline["by_kind"]) == ["gsm8k"]
+    assert "wrong answers" not in baseline["finding"]
+    layers = _metrics(root, "05_contrastive_layers")
+    assert layers["n_question_types"] == 1 and layers["spearman_p_within_type"] is None
+    assert "within question types" not in layers["finding"]
+    chapter_04 = (root / "notebooks" / "04_gsm8k_baseline.ipynb").read_text()
+    assert "GSM8K: not sorted" in chapter_04
 
 
 def test_both_formats_give_the_same_evaluation(runs) -> None:

@@ -145,11 +145,24 @@ def test_baseline_section_breaks_accuracy_down_by_question_type(run_dir):
             "finished": 1.0,
             "truncated": 0.0,
             "by_kind": {"plus": {"n": 12, "n_correct": 4, "accuracy": 1 / 3, "ci95": [0.14, 0.61]}},
+            "wrong_answers": [
+                {
+                    "kind": "plus",
+                    "needed": "+",
+                    "n_wrong": 8,
+                    "wrong_operation": 3,
+                    "right_operation": 4,
+                    "no_calculation": 1,
+                    "by_operation": {"-": 3},
+                }
+            ],
         },
     )
     text = report.render_report("r")
     assert "| arithmetic | chat_template | 20 | 0.25 | [0.11, 0.47] | 100.0 % | 0.0 % |" in text
     assert "| plus | 12 | 4 | 0.3333 | [0.14, 0.61] |" in text
+    assert "Wrong answers by the operation they write" in text
+    assert "| plus | addition | 8 | 3 | subtraction 3 | 4 | 1 |" in text
 
 
 def test_scoring_sensitivity_and_truncation_reach_the_report(run_dir):

@@ -10,6 +10,7 @@ from mechlib.results.codec import Record, copy_fields, read_also
 from mechlib.scoring import RuleAccuracy, ScoringRule
 from mechlib.sensitivity import PeakUnderRule  # a row of scoring_sensitivity, as the chapter computes it
 from mechlib.stats import finite_or_none
+from mechlib.wrong_answers import WrongAnswers
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class Baseline(Record):
     generation_seconds: float
     # > 0: chapters 05-06 use seeded placeholder labels; files from before the option read as 0
     placeholder_labels: float = field(default=0.0, kw_only=True)
+    # generated task: wrong answers by the operation written ([] for GSM8K and for files from before it)
+    wrong_answers: list[WrongAnswers] = field(default_factory=list, kw_only=True)
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class Layers(Record):
     spearman_rho: float | None
     spearman_p: float | None
     spearman_n: int
+    # the same association with labels shuffled within question type; None: one type, or a file from before it
+    spearman_p_within_type: float | None = field(default=None, kw_only=True)
     mean_resid_norm: list[float]  # per layer, over the contrast prompts' non-special tokens
     steering_vector: str  # relative to the run folder
     states_file: str
