@@ -11,7 +11,7 @@ its names are re-exported here, where chapter 05 has always found them).
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -64,6 +64,7 @@ __all__ = [  # chapter 05's names; those of mechlib.layer_states re-exported, wh
     "encode_for_states",
     "feature_rows",
     "features_json",
+    "features_table",
     "load_baseline_split",
     "load_layer_states",
     "mean_difference",
@@ -226,6 +227,8 @@ class FeatureContrast:
     mean_wrong: float
     fire_rate_correct: float
     fire_rate_wrong: float
+    # labels shuffled within question type (``rank_sae_features``): None with one type or none given
+    p_within_type: float | None = None
 
 
 def feature_rows(
@@ -250,7 +253,14 @@ def feature_rows(
 
 @torch.no_grad()
 def rank_sae_features(
-    sae: TopKSAE, states_layer: Tensor, correct: Sequence[bool], top_n: int = 50
+    sae: TopKSAE,
+    states_layer: Tensor,
+    correct: Sequence[bool],
+    top_n: int = 50,
+    *,
+    types: Sequence[Hashable] | None = None,
+    n_permutations: int = 1000,
+    seed: int = 0,
 ) -> list[FeatureContrast]:
     """SAE features ranked by |mean activation(correct) − mean activation(wrong)|.
 
@@ -258,6 +268,13 @@ def rank_sae_features(
     on two of 150 questions is dominated by its tiny variance; the mean difference is what the
     study calls the contrastive score, and d is reported alongside. Features that never fire are
     not ranked.
+
+    With ``types`` (each answer's question type) every ranked feature also gets ``p_within_type``:
+    :func:`mechlib.stats.rank_association_within_strata` of its activation with the labels shuffled
+    only inside each type. On a task whose types differ in difficulty, a feature that merely reads
+    the type ranks high; its within-type p is then large. The p is in-sample (the same answers chose
+    the feature from thousands), so a large one is the informative reading — "the type explains
+    it" — and a small one is not evidence of a correctness feature on its own.
     """
     from mechlib.sae import dense_code  # the SAE side imports torch kernels; chapter 05 needs it only here
 
@@ -268,7 +285,28 @@ def rank_sae_features(
     score = a.mean(0) - b.mean(0)
     fired = np.asarray((acts > 0).any(0))
     order = [int(j) for j in np.argsort(-np.abs(score), kind="stable") if fired[j]][:top_n]
-    return feature_rows(a, b, order)
+    rows = feature_rows(a, b, order)
+    if types is None:
+        return rows
+    tests = [
+        rank_association_within_strata(acts[:, j], y, types, n_permutations=n_permutations, seed=seed) for j in order
+    ]
+    return [replace(r, p_within_type=None if t is None else t.p) for r, t in zip(rows, tests, strict=True)]
+
+
+def features_table(features: Sequence[FeatureContrast], n: int = 10) -> str:
+    """The top ``n`` ranked features as chapter 05 prints them; ``p type`` only when any row has one."""
+    typed = any(f.p_within_type is not None for f in features[:n])
+    head = f"{'feature':>8} {'score':>8} {'d':>7} {'mean ok':>8} {'mean bad':>8} {'fires ok':>8} {'fires bad':>9}"
+    lines = [head + (f" {'p type':>7}" if typed else "")]
+    for f in features[:n]:
+        row = (
+            f"{f.feature:>8} {f.score:>8.3f} {f.d:>7.2f} {f.mean_correct:>8.3f} {f.mean_wrong:>8.3f} "
+            f"{f.fire_rate_correct:>8.2f} {f.fire_rate_wrong:>9.2f}"
+        )
+        p = "—" if f.p_within_type is None else format_p(f.p_within_type)
+        lines.append(row + (f" {p:>7}" if typed else ""))
+    return "\n".join(lines)
 
 
 def features_json(features: Sequence[FeatureContrast], **info: object) -> dict[str, Any]:

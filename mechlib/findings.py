@@ -213,10 +213,13 @@ def layers_finding(
     rho_p: float | None,
     peak_layers_by_rule: Sequence[int | None],
     rho_within_p: float | None = None,
+    feature_p_within_type: Sequence[float | None] = (),
+    sae_layer: int | None = None,
 ) -> str:
     """``peak_layers_by_rule``: the peak layer under each alternative scoring rule (None: no peak).
     ``rho_within_p``: the held-out projection's association tested with labels shuffled within question
-    type (None: one type, or not computed)."""
+    type (None: one type, or not computed). ``feature_p_within_type``: the same test for each of the top
+    SAE features at ``sae_layer``, in rank order (None: one type)."""
     text = (
         f"Correct and wrong questions differ most after layer {peak} of {n_layers} (mean top-10 |d| "
         f"{top_abs_d:.3f}; against the max-over-layers permutation null {_significance(p, p_se)}). The card "
@@ -259,7 +262,22 @@ def layers_finding(
         )
     else:
         text += "Every alternative scoring rule finds the same peak layer."
-    return text
+    return text + _features_within_type(feature_p_within_type, sae_layer)
+
+
+def _features_within_type(ps: Sequence[float | None], layer: int | None) -> str:
+    """How many top SAE features keep their contrast with labels shuffled within question type: those that
+    do not may read the type. The p-values are in-sample (the features were chosen on these answers)."""
+    tested = [p for p in ps if p is not None]
+    if not tested:
+        return ""
+    kept = sum(p < ALPHA for p in tested)
+    where = "" if layer is None else f" at layer {layer}"
+    return (
+        f" Of the top {len(tested)} SAE features{where}, {kept} keep p < {ALPHA:g} with the labels shuffled "
+        f"within question types (in-sample: these answers chose them, so that is weak evidence); the other "
+        f"{len(tested) - kept} may read the question type rather than correctness."
+    )
 
 
 def steering_finding(

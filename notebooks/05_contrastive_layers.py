@@ -231,13 +231,20 @@ print(readable.lines())
 # that layer and rank features by the difference of their mean activation on correct versus wrong
 # questions (Cohen's d and firing rates alongside: a feature firing on two questions can have a large d
 # from a tiny variance). The top 50 go to `metrics/contrastive_features_L{layer}.json` — the second file
-# the card announced and never shipped.
+# the card announced and never shipped. Where the task mixes question types, `p type` asks of each feature
+# what the within-type test asked of the direction: with the labels shuffled only inside each type, does
+# its activation still order correct before wrong answers? These answers chose the features from
+# thousands, so the p is in-sample: a large one says the type explains the feature's contrast (it reads
+# which kind of question this is, not whether the answer will be right); a small one is not, by itself,
+# evidence of a correctness feature.
 
 # %%
 sae_path = P.sae_pretrained if P.sae_source == "pretrained" else str(paths.checkpoints / "sae_final.pt")
 sae = load_sae(sae_path)
 check_compatible(sae, h_contrast.shape[-1], P.layer, source=sae_path)
-features = contrast.rank_sae_features(sae, h_contrast[:, P.layer], y, top_n=50)
+features = contrast.rank_sae_features(
+    sae, h_contrast[:, P.layer], y, top_n=50, types=strata, n_permutations=P.n_permutations, seed=P.seed
+)
 features_file = paths.metrics / f"contrastive_features_L{P.layer}.json"
 atomic_write_json(
     features_file,
@@ -257,12 +264,7 @@ atomic_write_json(
 
 # %%
 # NBVAL_CHECK_OUTPUT
-print(f"{'feature':>8} {'score':>8} {'d':>7} {'mean ok':>8} {'mean bad':>8} {'fires ok':>8} {'fires bad':>9}")
-for f in features[:10]:
-    print(
-        f"{f.feature:>8} {f.score:>8.3f} {f.d:>7.2f} {f.mean_correct:>8.3f} {f.mean_wrong:>8.3f} "
-        f"{f.fire_rate_correct:>8.2f} {f.fire_rate_wrong:>9.2f}"
-    )
+print(contrast.features_table(features))
 
 # %% [markdown]
 # ### The top contrastive feature in the feature browser
@@ -328,6 +330,8 @@ finding = findings.layers_finding(
     stats.finite_or_none(readable.rho.p),
     [r.peak_layer for r in peaks[1:]],
     rho_within_p=None if readable.within_type is None else readable.within_type.p,
+    feature_p_within_type=[f.p_within_type for f in features[:10]],
+    sae_layer=P.layer,
 )
 finding = placeholder.mark_text(finding, P.placeholder_labels)
 print(textwrap.fill(finding, 110))

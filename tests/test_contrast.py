@@ -13,6 +13,7 @@ from mechlib.contrast import (
     cached_layer_states,
     collect_layer_states,
     contrast_layers,
+    features_table,
     mean_difference,
     projection_scores,
     projection_test,
@@ -172,6 +173,32 @@ def test_rank_sae_features_finds_the_planted_feature():
     assert ranked[0].feature == 7 and ranked[0].score > 0 and ranked[0].d > 1
     assert ranked[0].fire_rate_correct == 1.0 and ranked[0].mean_correct > ranked[0].mean_wrong
     assert len(ranked) <= 5 and all(abs(a.score) >= abs(b.score) for a, b in itertools.pairwise(ranked))
+
+
+def test_rank_sae_features_tells_a_type_reader_from_a_correctness_feature():
+    """Feature 3 reads the question type (easy types are mostly right), feature 9 the answer inside each
+    type: both rank high on the plain contrast, only feature 9 keeps a small p with labels shuffled within type."""
+    from mechlib.sae import TopKSAE
+
+    sae = TopKSAE(16, 64, 4, seed=0)
+    rng = np.random.default_rng(1)
+    types = ["easy"] * 40 + ["hard"] * 40
+    y = np.r_[rng.random(40) < 0.8, rng.random(40) < 0.2]
+    x = torch.from_numpy(rng.normal(0, 0.05, (80, 16))).float()
+    w = sae.W_dec.detach()  # encoder = decoderᵀ at init: a planted decoder row lights its feature
+    w9 = w[9] - (w[9] @ w[3]) / (w[3] @ w[3]) * w[3]  # orthogonal to feature 3: feature 3 sees only the type
+    x[:40] += 3.0 * w[3]
+    x[torch.as_tensor(y)] += 1.5 * w9
+    ranked = rank_sae_features(sae, x, y, top_n=20, types=types, n_permutations=500, seed=0)
+    by_id = {f.feature: f for f in ranked}
+    assert 3 in by_id and 9 in by_id and by_id[3].score > 0 and by_id[9].score > 0
+    assert by_id[3].p_within_type is not None and by_id[3].p_within_type > 0.05
+    assert by_id[9].p_within_type is not None and by_id[9].p_within_type < 0.01
+    table = features_table(ranked, n=3).splitlines()
+    assert table[0].endswith("p type") and len(table) == 4
+    plain = rank_sae_features(sae, x, y, top_n=20)  # no types: no column, and the same ranking
+    assert all(f.p_within_type is None for f in plain) and [f.feature for f in plain] == list(by_id)
+    assert not features_table(plain).splitlines()[0].endswith("p type")
 
 
 def test_mean_difference_refuses_one_group():

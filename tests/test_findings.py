@@ -29,6 +29,17 @@ def test_significance_words_follow_p():
     inside = findings.layers_finding(22, 30, 0.717, 0.003, 0.002, 0.038, 5, 0.53, 0.0001, [22], rho_within_p=0.004)
     assert "p = 0.004, significant at 0.05: the projection predicts correctness inside a type too" in inside
     assert "shuffled only within question types" not in sig  # not computed: no sentence
+    # the top SAE features' within-type p (the default run: 3 of 10 below 0.05); a one-type run has none
+    feats = findings.layers_finding(
+        22, 30, 0.7, 0.003, 0.002, 0.038, 5, 0.53, 0.0001, [22], feature_p_within_type=[0.004, 0.3, 0.02], sae_layer=15
+    )
+    assert feats.endswith(
+        "Of the top 3 SAE features at layer 15, 2 keep p < 0.05 with the labels shuffled within question types "
+        "(in-sample: these answers chose them, so that is weak evidence); the other 1 may read the question type "
+        "rather than correctness."
+    )
+    untyped = findings.layers_finding(3, 30, 0.9, 0.46, 0.016, 0.46, 1, None, None, [3], feature_p_within_type=[None])
+    assert untyped == one_type
 
 
 def test_steering_finding_says_no_effect_or_names_the_effects():
