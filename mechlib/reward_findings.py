@@ -15,6 +15,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.stats import spearmanr
 
+from mechlib.contrast import FeatureContrast
 from mechlib.feature_reward import Calibration, FeatureRewardSpec
 from mechlib.grpo import ArmRun, GrpoSettings, StepLog
 from mechlib.grpo_eval import AccuracyChange, EvalResult
@@ -36,23 +37,44 @@ ALPHA = 0.05
 MIN_TREND_STEPS = 10  # fewer steps than this: a curve's rise cannot be told from sampling noise
 
 
-def feature_table(spec: FeatureRewardSpec) -> str:
-    """The reward's features, one line each: id, signed weight and cap."""
-    lines = [f"{'feature':>8} {'weight':>8} {'cap':>8}"]
-    lines += [f"{f.feature:>8} {f.weight:>+8.3f} {f.cap:>8.3f}" for f in spec.features]
+def feature_table(spec: FeatureRewardSpec, p_within_type: Mapping[int, float | None] | None = None) -> str:
+    """The reward's features, one line each: id, signed weight and cap; with ``p_within_type`` (feature id to
+    chapter 05's within-question-type p) a ``p type`` column, where a feature's contrast that the question type
+    explains shows before any held-out test."""
+    ps = p_within_type or {}
+    typed = any(ps.get(f.feature) is not None for f in spec.features)
+    lines = [f"{'feature':>8} {'weight':>8} {'cap':>8}" + (f" {'p type':>7}" if typed else "")]
+    for f in spec.features:
+        p = ps.get(f.feature)
+        cell = f" {'—' if p is None else format_p(p):>7}" if typed else ""
+        lines.append(f"{f.feature:>8} {f.weight:>+8.3f} {f.cap:>8.3f}{cell}")
     return "\n".join(lines)
 
 
-def selection_summary(calibrated: Mapping[str, Calibration], trained: str) -> str:
-    """Each selection's features after calibration, with its bound and what was dropped; marks the one GRPO uses."""
-    out = []
+def selection_summary(
+    calibrated: Mapping[str, Calibration],
+    trained: str,
+    rankings: Mapping[str, Sequence[FeatureContrast]] | None = None,
+) -> str:
+    """Each selection's features after calibration, with its bound and what was dropped; marks the one GRPO uses.
+    ``rankings``: the rows each selection chose from; where they carry a within-type p (chapter 05's do, on a
+    task with several question types) its table shows it, and a last line counts those below ALPHA."""
+    out, counts = [], []
     for name, cal in calibrated.items():
         lo, hi = cal.spec.bound
         mark = "  <- GRPO trains with this one" if name == trained else ""
         out.append(f"{SELECTIONS[name]}: {len(cal.spec.features)} features, bound [{lo:+.2f}, {hi:+.2f}]{mark}")
         if cal.dropped:
             out.append(f"  dropped (never fire on the contrast answers): {list(cal.dropped)}")
-        out.append("  " + feature_table(cal.spec).replace("\n", "\n  "))
+        ps = {r.feature: r.p_within_type for r in (rankings or {}).get(name, ())}
+        out.append("  " + feature_table(cal.spec, ps).replace("\n", "\n  "))
+        tested = [p for f in cal.spec.features if (p := ps.get(f.feature)) is not None]
+        if tested:
+            counts.append(f"  {SELECTIONS[name]}: {sum(p < ALPHA for p in tested)} of {len(tested)} below {ALPHA:g}")
+    if counts:
+        out.append("p type: chapter 05's test of each feature's contrast with labels shuffled within question type")
+        out.append("  (in-sample; a large p says the type explains the contrast)")
+        out.extend(counts)
     return "\n".join(out)
 
 

@@ -112,7 +112,9 @@ t0 = time.time()
 # more active on correct questions and the `reward_harmful` strongest more active on wrong ones. The
 # alternative `"answer_tokens"` ranks features the same way but over the contrast set's *answers*
 # (mean over answer positions), which is where the reward reads; both are scored below and the parameter
-# says which one GRPO trains with. Weights are ±1 (or ±|d|), scaled to Σ|w| = 1.
+# says which one GRPO trains with. Weights are ±1 (or ±|d|), scaled to Σ|w| = 1. Where the task mixes
+# question types, chapter 05's features come with its within-type `p type`: a feature whose p is large
+# reads which kind of question this is, and rewards that rather than a correct answer.
 #
 # **Why it is bounded.** Each feature's activation is divided by its **cap** — the `reward_cap_quantile`
 # quantile of its activations on the contrast answers — and clipped at 1; the reward is the *mean* over
@@ -176,7 +178,7 @@ print(f"codes for {len(codes)} answers in {time.time() - t0:.1f} s")
 # %%
 # NBVAL_CHECK_OUTPUT
 print(placeholder.banner_line(P.placeholder_labels), end="")
-print(reward_findings.selection_summary(calibrated, P.reward_features))
+print(reward_findings.selection_summary(calibrated, P.reward_features, rankings))
 
 # %% [markdown]
 # ## Stage Gate 1: does the reward predict correctness on held-out answers?

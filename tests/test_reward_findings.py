@@ -179,3 +179,25 @@ def test_last_samples_shows_each_arms_last_step_highest_feature_first(tmp_path):
     lines = rf.last_samples([kept, twin], tmp_path, width=20).splitlines()
     assert len(lines) == 4 and lines[:3] == rf.last_samples([kept], tmp_path, width=20).splitlines()
     assert lines[3].startswith("correctness+feature, step 2: the same completions as feature (same seeds;")
+
+
+def test_selection_summary_shows_chapter_05s_within_type_p_where_the_rows_have_one():
+    """Chapter 05's rows carry a within-type p (several question types); the answer-token ranking has none."""
+    from mechlib.contrast import FeatureContrast
+    from mechlib.feature_reward import Calibration
+
+    def spec(ids: list[int]) -> FeatureRewardSpec:
+        feats = tuple(RewardFeature(i, 0.5 if n == 0 else -0.5, 2.0) for n, i in enumerate(ids))
+        return FeatureRewardSpec(3, feats, "s", "equal", 0.99, 20)
+
+    def row(i: int, p: float | None) -> FeatureContrast:
+        return FeatureContrast(i, 1.0, 0.5, 1.0, 0.0, 0.5, 0.1, p)
+
+    calibrated = {"chapter05": Calibration(spec([7, 9]), ()), "answer_tokens": Calibration(spec([4, 5]), ())}
+    rankings = {"chapter05": [row(7, 0.004), row(9, 0.6)], "answer_tokens": [row(4, None), row(5, None)]}
+    text = rf.selection_summary(calibrated, "chapter05", rankings).splitlines()
+    assert text[1].endswith(" p type") and text[2].endswith("  0.004") and text[3].endswith("  0.600")
+    assert not text[5].endswith("p type")  # the answer-token table: no column
+    assert text[-1] == "  chapter 05's features (last prompt token): 1 of 2 below 0.05"
+    plain = rf.selection_summary(calibrated, "chapter05")  # a GSM8K run (one type) or no rankings: as before
+    assert "p type" not in plain and len(plain.splitlines()) == len(text) - 3
