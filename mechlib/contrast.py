@@ -44,6 +44,7 @@ from mechlib.stats import (
     cohens_d,
     format_p,
     rank_association_within_strata,
+    rank_associations_within_strata,
     spearman,
 )
 
@@ -288,9 +289,7 @@ def rank_sae_features(
     rows = feature_rows(a, b, order)
     if types is None:
         return rows
-    tests = [
-        rank_association_within_strata(acts[:, j], y, types, n_permutations=n_permutations, seed=seed) for j in order
-    ]
+    tests = rank_associations_within_strata(acts[:, order], y, types, n_permutations=n_permutations, seed=seed)
     return [replace(r, p_within_type=None if t is None else t.p) for r, t in zip(rows, tests, strict=True)]
 
 

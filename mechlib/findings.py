@@ -10,6 +10,7 @@ save it in their metrics; ``REPORT.md`` repeats it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -111,10 +112,7 @@ def _wrong_answers_sentence(rows: Sequence[WrongAnswers]) -> str:
     n = sum(r.n_wrong for r in rows)
     if not n:
         return ""
-    other: dict[str, int] = {}
-    for r in rows:
-        for op, k in r.by_operation.items():
-            other[op] = other.get(op, 0) + k
+    other = sum((Counter(r.by_operation) for r in rows), Counter[str]())
     which = ", ".join(f"{OPERATION_NAMES[op]} in {k}" for op, k in sorted(other.items(), key=lambda ok: -ok[1]))
     return (
         f" Of the {n} wrong answers, {sum(r.wrong_operation for r in rows)} write an operation the question "

@@ -83,7 +83,7 @@ def decode_text(tokenizer: PreTrainedTokenizerBase, ids: list[int] | Tensor, ski
     return text
 
 
-def token_label(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
+def token_label(tokenizer: PreTrainedTokenizerBase, token_id: int, text: str | None = None) -> str:
     """One token as a reader can name it: its text, unless that is empty or holds U+FFFD.
 
     Why: a lone id of a multi-byte character decodes to U+FFFD ("\ufffd"), and an id the tokenizer does
@@ -91,8 +91,9 @@ def token_label(tokenizer: PreTrainedTokenizerBase, token_id: int) -> str:
     or identical cells says nothing. Then the vocabulary piece is shown instead, with the bytes of a
     byte-level BPE piece written ``<0xE6>`` (SentencePiece's byte-fallback pieces already read so), or
     ``<id N>`` where there is no piece at all. Text that decodes cleanly is returned unchanged.
+    ``text``: the id's decoded text, where the caller already has it (the browser decodes in batches).
     """
-    text = decode_text(tokenizer, [token_id])
+    text = decode_text(tokenizer, [token_id]) if text is None else text
     if text and "\ufffd" not in text:
         return text
     piece = tokenizer.convert_ids_to_tokens(token_id)

@@ -377,19 +377,29 @@ def rank_association_within_strata(
     ``(1 + #{|S* − E| ≥ |S − E|}) / (1 + n_permutations)``. ``None`` with one stratum (then this is the
     plain permutation test) or when every answer is in one class.
     """
-    x, y = _as_f64(scores, "scores").ravel(), _as_bool(labels, "labels")
+    x = _as_f64(scores, "scores").ravel()
+    return rank_associations_within_strata(x[:, None], labels, strata, n_permutations=n_permutations, seed=seed)[0]
+
+
+def rank_associations_within_strata(
+    scores: ArrayLike, labels: ArrayLike, strata: Sequence[Hashable], *, n_permutations: int = 2000, seed: int = 0
+) -> list[WithinStrata | None]:
+    """:func:`rank_association_within_strata` of each column of the ``[n, k]`` ``scores`` (chapter 05's top
+    SAE features): one set of within-stratum permutations serves every column, so k scores cost one draw."""
+    x, y = _as_f64(scores, "scores"), _as_bool(labels, "labels")
     keys = np.asarray([str(k) for k in strata])
-    if not x.size == y.size == keys.size:
-        raise StatsInputError(f"scores, labels and strata differ in length: {x.size}, {y.size}, {keys.size}")
+    if x.ndim != 2 or not x.shape[0] == y.size == keys.size:
+        raise StatsInputError(f"scores [n, k], labels and strata differ in length: {x.shape}, {y.size}, {keys.size}")
     if n_permutations < 1:
         raise StatsInputError(f"n_permutations must be >= 1, got {n_permutations}")
     groups = np.unique(keys)
     if groups.size < 2 or y.all() or not y.any():
-        return None
-    ranks = np.asarray(sps.rankdata(x), dtype=np.float64)
-    expected = sum(float(y[keys == k].sum() * ranks[keys == k].mean()) for k in groups)
-    observed = abs(float(y @ ranks) - expected)
+        return [None] * x.shape[1]
+    ranks = np.asarray(sps.rankdata(x, axis=0), dtype=np.float64)  # [n, k]
+    expected = sum(y[keys == k].sum() * ranks[keys == k].mean(0) for k in groups)  # [k]
+    observed = np.abs(y @ ranks - expected)
     perms = _permutations(y, n_permutations, np.random.default_rng(seed), strata).astype(np.float64)
-    null = np.abs(perms @ ranks - expected)
-    as_extreme = null >= observed - 1e-9 * max(observed, 1.0)  # ties of the rank sum count as extreme
-    return WithinStrata(float((1 + as_extreme.sum()) / (1 + n_permutations)), n_permutations, int(groups.size))
+    null = np.abs(perms @ ranks - expected)  # [P, k]
+    as_extreme = null >= observed - 1e-9 * np.maximum(observed, 1.0)  # ties of the rank sum count as extreme
+    ps = (1 + as_extreme.sum(0)) / (1 + n_permutations)
+    return [WithinStrata(float(p), n_permutations, int(groups.size)) for p in ps]

@@ -71,9 +71,7 @@ class Decoder:
         missing = sorted({int(i) for i in ids if int(i) >= 0} - set(self.cache))
         if missing:
             texts = self.tokenizer.batch_decode([[i] for i in missing])
-            self.cache.update(
-                (i, t if t and "\ufffd" not in t else token_label(self.tokenizer, i)) for i, t in zip(missing, texts)
-            )
+            self.cache.update((i, token_label(self.tokenizer, i, t)) for i, t in zip(missing, texts, strict=True))
 
     def vocab(self) -> dict[str, str]:
         return {str(i): s for i, s in sorted(self.cache.items())}
