@@ -123,12 +123,16 @@ def load_baseline_split(metrics_path: str | os.PathLike[str], records_path: str 
     return split
 
 
-def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -> None:
-    """Raise if a question's text is not in chapter 04's recorded prompt for the same id.
+def match_questions(questions: Sequence[Question], split: BaselineSplit) -> BaselineSplit:
+    """``split`` with each matched record's ``source`` taken from its question; raise if a question's
+    text is not in chapter 04's recorded prompt for the same id.
 
     Why: chapters 05/06 re-load the questions (for their types, or to generate again) and pair
     them with chapter 04's records by id. If the task generator or the data changed since 04 ran,
-    the same id names another question and every comparison would silently be wrong.
+    the same id names another question and every comparison would silently be wrong. Once matched,
+    the question types come from one place, :meth:`BaselineSplit.kinds`, in every chapter; records
+    written before they carried a ``source`` get it back here. Labels are kept as they are
+    (placeholder labels included): only the source is copied.
     """
     bad = [q.id for q in questions if str(q.id) in split.prompts and q.question not in split.prompts[str(q.id)]]
     if bad:
@@ -136,6 +140,12 @@ def check_questions_match(questions: Sequence[Question], split: BaselineSplit) -
             f"chapter 04's records were made from other questions than the task now gives "
             f"(ids {bad[:3]}{' …' if len(bad) > 3 else ''}); rerun chapter 04 for this run"
         )
+    records = dict(split.records)
+    for q in questions:
+        r = records.get(str(q.id))
+        if r is not None and r.source != q.source:
+            records[str(q.id)] = dataclasses.replace(r, source=q.source)
+    return dataclasses.replace(split, records=records)
 
 
 def encode_for_states(tokenizer: Tokenizer, prompts: Sequence[str]) -> dict[str, Tensor]:

@@ -148,9 +148,8 @@ null = res.null
 null_q50, null_q95 = null.null_quantile(0.5), null.null_quantile(0.95)
 null_max_q95 = float(np.quantile(null.null_max, 0.95))
 questions = load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split)
-contrast.check_questions_match(questions, split)
-source = {q.id: q.source for q in questions}
-strata = [source[i] for i in split.contrast_ids]
+split = contrast.match_questions(questions, split)  # each record's question type, from its question
+strata = split.kinds(split.contrast_ids)
 within = stats.adaptive_permutation_null(
     h_contrast, y, min_permutations=P.n_permutations, seed=P.seed, top_n=P.top_d, strata=strata
 )
@@ -213,7 +212,7 @@ readable = contrast.projection_test(
     states.select(split.heldout_ids)[:, peak],
     unit,
     split.labels(split.heldout_ids),
-    [source[i] for i in split.heldout_ids],
+    split.kinds(split.heldout_ids),
     n_permutations=P.n_permutations,
     seed=P.seed,
 )

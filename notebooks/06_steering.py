@@ -109,7 +109,7 @@ print("perturbation norms: " + ", ".join(f"{100 * s:+.0f}% -> {abs(s) * mean_nor
 # %%
 heldout = set(split.heldout_ids)
 questions = [q for q in load_questions(P.task, P.n_questions, P.seed, P.gsm8k_path, P.gsm8k_split) if q.id in heldout]
-contrast.check_questions_match(questions, split)
+split = contrast.match_questions(questions, split)
 loaded = load_model(P.model, P.model_dtype, P.device)
 relabel = placeholder.steered_relabeller(split.records, P.placeholder_labels, P.seed)  # no-op unless placeholder
 sweep = {

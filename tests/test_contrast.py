@@ -286,16 +286,33 @@ def test_load_baseline_split(tmp_path):
         load_baseline_split(metrics, tmp_path / "baseline.jsonl")
 
 
-def test_check_questions_match():
-    from mechlib.contrast import BaselineSplit, check_questions_match
-    from mechlib.gsm8k import Question
+def test_match_questions_checks_the_text_and_gives_records_their_question_type():
+    """A question whose text changed since chapter 04 is an error; a record written without a
+    ``source`` gets its question's, so ``kinds`` groups it; labels (placeholder or not) are kept."""
+    from dataclasses import replace
 
+    from mechlib.contrast import BaselineSplit, match_questions
+    from mechlib.gsm8k import Question
+    from mechlib.records import score
+
+    rec = score(Question("a", "What is 1 plus 2?", 3, "arithmetic:sum"), "p", "#### 3\n", 3, "answer_line")
+    old = replace(rec, source="", correct=False)  # a pre-source record, relabelled
     split = BaselineSplit(
-        ["a"], ["b"], {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"}, {"a": True, "b": False}, {}
+        ["a"],
+        ["b"],
+        {"a": "<user> What is 1 plus 2? <model>", "b": "<user> Q2 <model>"},
+        {"a": False, "b": False},
+        {"a": old},
     )
-    check_questions_match([Question("a", "What is 1 plus 2?", 3, "x"), Question("b", "Q2", 1, "x")], split)
+    assert split.kinds(["a"]) == [""]
+    matched = match_questions(
+        [Question("a", "What is 1 plus 2?", 3, "arithmetic:sum"), Question("b", "Q2", 1, "arithmetic:boxes")], split
+    )
+    assert matched.kinds(["a"]) == ["sum"] and matched.records["a"] == replace(old, source="arithmetic:sum")
+    assert matched.labels(["a"]).tolist() == [False] and matched.records["a"].correct is False
+    assert split.kinds(["a"]) == [""]  # the input split is not changed
     with pytest.raises(ContrastError, match="rerun chapter 04"):
-        check_questions_match([Question("a", "What is 5 plus 2?", 7, "x")], split)
+        match_questions([Question("a", "What is 5 plus 2?", 7, "x")], split)
 
 
 def test_small_group_warning_names_the_small_side():
