@@ -349,3 +349,17 @@ def split_contrast_heldout(
         raise RecordsError(f"n_heldout must be between 1 and {len(ids) - 1} for {len(ids)} records, got {n_heldout!r}")
     held = set(random.Random(seed).sample(sorted(ids), n_heldout))
     return [i for i in ids if i not in held], [i for i in ids if i in held]
+
+
+def examples(records: Sequence[Record], questions: Sequence[Question], n: int = 2, chars: int = 300) -> str:
+    """The first ``n`` correct and first ``n`` wrong answers in question order, each with its question,
+    what the parser read and why generation stopped: chapter 04's look at the raw text behind the scores."""
+    by_id = {q.id: q for q in questions}
+    shown = [r for r in records if r.correct][:n] + [r for r in records if not r.correct][:n]
+    return "\n".join(
+        f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed} "
+        f"(strict {r.strict}, flexible {r.flexible}; stopped: {r.stop_reason})\n"
+        f"Q: {by_id[r.id].question}\n"
+        f"A: {r.generation.strip()[:chars]}"
+        for r in shown
+    )

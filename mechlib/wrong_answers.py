@@ -22,7 +22,7 @@ from mechlib.tasks import TEMPLATE_OPERATION
 if TYPE_CHECKING:  # records imports the generation stack; only the type is needed here
     from mechlib.records import Record
 
-__all__ = ["OPERATION_NAMES", "WrongAnswers", "operations_written", "wrong_answers_by_kind"]
+__all__ = ["OPERATION_NAMES", "WrongAnswers", "operations_written", "table", "wrong_answers_by_kind"]
 
 # An operator between two numbers, with at most a few words after the first ("9 boxes * 4 coins"): ``x``
 # (a word of its own) and ``×`` are multiplication, ``÷`` division. The look-ahead keeps the second
@@ -90,3 +90,10 @@ def wrong_answers_by_kind(records: Sequence[Record]) -> list[WrongAnswers]:
             )
         )
     return rows
+
+
+def table(rows: Sequence[WrongAnswers], task: str) -> str:
+    """Chapter 04's printout: one :meth:`WrongAnswers.line` per question type, or why there is none."""
+    if rows:
+        return "\n".join(row.line() for row in rows)
+    return "no wrong answers to generated questions to sort" if task == "arithmetic" else "GSM8K: not sorted"

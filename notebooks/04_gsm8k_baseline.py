@@ -86,14 +86,13 @@ import textwrap
 import time
 from collections import Counter
 
-from mechlib import findings, placeholder, plots, results, scoring
+from mechlib import findings, placeholder, plots, results, scoring, wrong_answers
 from mechlib.models import load_model
 from mechlib.params import from_namespace
 from mechlib.paths import RunPaths
 from mechlib.prompts import build_prompt
-from mechlib.records import accuracy_by_kind, run_baseline, split_contrast_heldout, summarize
+from mechlib.records import accuracy_by_kind, examples, run_baseline, split_contrast_heldout, summarize
 from mechlib.tasks import load_questions
-from mechlib.wrong_answers import wrong_answers_by_kind
 
 P = from_namespace(globals())
 paths = RunPaths(P.run).make()
@@ -189,15 +188,7 @@ _ = plots.save_figure(fig, paths.figures / "04_baseline.png")
 
 # %%
 # NBVAL_CHECK_OUTPUT
-shown = [r for r in records if r.correct][:2] + [r for r in records if not r.correct][:2]
-by_id = {q.id: q for q in questions}
-for r in shown:
-    print(
-        f"--- {r.id} [{'correct' if r.correct else 'wrong'}] gold {r.gold}, parsed {r.parsed} "
-        f"(strict {r.strict}, flexible {r.flexible}; stopped: {r.stop_reason})"
-    )
-    print(f"Q: {by_id[r.id].question}")
-    print(f"A: {r.generation.strip()[:300]}")
+print(examples(records, questions))
 
 # %% [markdown]
 # ## How the wrong answers go wrong
@@ -212,11 +203,8 @@ for r in shown:
 
 # %%
 # NBVAL_CHECK_OUTPUT
-wrong = wrong_answers_by_kind(records)
-for row in wrong:
-    print(row.line())
-if not wrong:
-    print("no wrong answers to generated questions to sort" if P.task == "arithmetic" else "GSM8K: not sorted")
+wrong = wrong_answers.wrong_answers_by_kind(records)
+print(wrong_answers.table(wrong, P.task))
 
 # %% [markdown]
 # ## The contrast / held-out split

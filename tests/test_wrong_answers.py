@@ -7,10 +7,10 @@ import re
 import pytest
 
 from mechlib.findings import baseline_finding
-from mechlib.records import Record, score
+from mechlib.records import Record, examples, score
 from mechlib.scoring import accuracy_under_rules
 from mechlib.tasks import TEMPLATE_OPERATION, TEMPLATES, arithmetic_questions
-from mechlib.wrong_answers import operations_written, wrong_answers_by_kind
+from mechlib.wrong_answers import operations_written, table, wrong_answers_by_kind
 
 
 @pytest.mark.parametrize(
@@ -62,6 +62,7 @@ def test_wrong_answers_are_sorted_by_operation_per_kind():
     assert w.by_operation == {"*": 1, "-": 2}
     assert (rows["boxes"].needed, rows["boxes"].wrong_operation, rows["boxes"].by_operation) == ("*", 1, {"+": 1})
     assert "red_blue (needs addition): 4 wrong — another operation 2 (multiplication 1, subtraction 2)" in w.line()
+    assert table(list(rows.values()), "arithmetic").splitlines() == [rows["boxes"].line(), w.line()]
 
     text = baseline_finding(6, 1, (0.0, 0.6), 1.0, accuracy_under_rules(records), 48, list(rows.values()))
     assert (
@@ -75,4 +76,21 @@ def test_gsm8k_and_old_records_are_not_sorted():
     gsm = Record(**{**_answer(q, "1 - 1 = 0").__dict__, "source": "gsm8k"})
     old = Record(**{**_answer(q, "1 - 1 = 0").__dict__, "source": ""})
     assert wrong_answers_by_kind([gsm, old]) == []
+    assert table([], "gsm8k") == "GSM8K: not sorted"
+    assert table([], "arithmetic") == "no wrong answers to generated questions to sort"
     assert "wrong answers" not in baseline_finding(2, 0, (0.0, 0.8), 1.0, accuracy_under_rules([gsm, old]), 48, [])
+
+
+def test_examples_show_the_first_right_and_wrong_answers_with_their_questions():
+    qs = arithmetic_questions(5, seed=0)
+    records = [_answer(q, f"#### {q.answer + (i % 2)}") for i, q in enumerate(qs)]  # 0, 2, 4 right
+    text = examples(records, qs, n=2, chars=5)
+    heads = [line for line in text.splitlines() if line.startswith("---")]
+    assert [h.split()[1:3] for h in heads] == [
+        [qs[0].id, "[correct]"],
+        [qs[2].id, "[correct]"],
+        [qs[1].id, "[wrong]"],
+        [qs[3].id, "[wrong]"],
+    ]
+    assert f"Q: {qs[1].question}" in text and f"A: #### {qs[1].answer + 1}"[:8] in text
+    assert f"gold {qs[1].answer}, parsed {float(qs[1].answer + 1)}" in text and "stopped: eos" in text
