@@ -273,6 +273,39 @@ def test_within_strata_p_matches_full_enumeration():
     assert res.p == pytest.approx(exact, abs=0.015)
 
 
+def test_many_scores_match_full_enumeration_column_by_column():
+    """``rank_associations_within_strata`` on an [8, 4] matrix: each column's p equals the exact p of that
+    column alone (ranked within its column, ties averaged), and one call per column gives the same p."""
+    from itertools import combinations
+
+    from mechlib.stats import rank_associations_within_strata
+
+    x = np.array(
+        [
+            [0.3, 5.0, 1.0, -0.3],
+            [2.0, 3.3, 1.0, -2.0],
+            [1.1, 4.4, 2.0, -1.1],
+            [0.2, 0.9, 0.0, -0.2],
+            [5.0, 0.3, 2.0, -5.0],
+            [3.3, 2.0, 0.0, -3.3],
+            [4.4, 1.1, 1.0, -4.4],
+            [0.9, 0.2, 2.0, -0.9],
+        ]
+    )  # column 2 has ties, column 3 is column 0 reversed (same |S - E|, same p)
+    y = np.array([1, 1, 0, 0, 1, 0, 1, 0], dtype=bool)
+    strata = ["a"] * 4 + ["b"] * 4
+    arrangements = [a + b for a in combinations(range(4), 2) for b in combinations(range(4, 8), 2)]
+    many = rank_associations_within_strata(x, y, strata, n_permutations=20000, seed=0)
+    for j in range(x.shape[1]):
+        ranks = sps.rankdata(x[:, j])
+        expected = 2 * ranks[:4].mean() + 2 * ranks[4:].mean()
+        stat = lambda lab: abs(ranks[list(lab)].sum() - expected)  # noqa: B023, E731
+        exact = np.mean([stat(lab) >= stat(np.flatnonzero(y)) - 1e-9 for lab in arrangements])
+        assert many[j].p == pytest.approx(exact, abs=0.015), j
+        assert many[j] == rank_association_within_strata(x[:, j], y, strata, n_permutations=20000, seed=0)
+    assert many[0].p == many[3].p and many[0].p != many[1].p
+
+
 def test_within_strata_needs_two_strata_and_two_classes():
     assert rank_association_within_strata([1.0, 2.0, 3.0], [1, 0, 1], ["a", "a", "a"]) is None
     assert rank_association_within_strata([1.0, 2.0, 3.0], [1, 1, 1], ["a", "b", "a"]) is None
