@@ -75,6 +75,7 @@ __all__ = [  # chapter 05's names; those of mechlib.layer_states re-exported, wh
     "save_layer_states",
     "sha_of_prompts",
     "small_group_warning",
+    "with_within_type_p",
 ]
 
 if TYPE_CHECKING:
@@ -289,7 +290,22 @@ def rank_sae_features(
     rows = feature_rows(a, b, order)
     if types is None:
         return rows
-    tests = rank_associations_within_strata(acts[:, order], y, types, n_permutations=n_permutations, seed=seed)
+    return with_within_type_p(rows, acts[:, order], y, types, n_permutations=n_permutations, seed=seed)
+
+
+def with_within_type_p(
+    rows: Sequence[FeatureContrast],
+    activations: np.ndarray,
+    correct: np.ndarray,
+    types: Sequence[Hashable],
+    *,
+    n_permutations: int,
+    seed: int,
+) -> list[FeatureContrast]:
+    """``rows`` with ``p_within_type`` set: column j of the ``[n, len(rows)]`` ``activations`` is row j's
+    feature on the n answers, tested with :func:`mechlib.stats.rank_associations_within_strata` (one set
+    of within-type permutations for all rows). The p stays ``None`` with one type or one class."""
+    tests = rank_associations_within_strata(activations, correct, types, n_permutations=n_permutations, seed=seed)
     return [replace(r, p_within_type=None if t is None else t.p) for r, t in zip(rows, tests, strict=True)]
 
 

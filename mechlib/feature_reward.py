@@ -27,14 +27,14 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Literal, NamedTuple, get_args
 
 import numpy as np
 import torch
 
-from mechlib.contrast import FeatureContrast, feature_rows
+from mechlib.contrast import FeatureContrast, feature_rows, with_within_type_p
 from mechlib.feature_codes import CompletionCode, FeatureRewardError, completion_codes
 from mechlib.io import atomic_write_json, read_json
 from mechlib.models import CausalLM, Tokenizer, d_model
@@ -177,25 +177,39 @@ def _mean_codes(codes: Sequence[CompletionCode]) -> tuple[np.ndarray, np.ndarray
 
 
 def rank_answer_features(
-    codes: Sequence[CompletionCode], correct: Sequence[bool], top_n: int = 50
+    codes: Sequence[CompletionCode],
+    correct: Sequence[bool],
+    top_n: int = 50,
+    *,
+    types: Sequence[Hashable] | None = None,
+    n_permutations: int = 1000,
+    seed: int = 0,
 ) -> list[FeatureContrast]:
     """Features ranked by |mean (over answer positions) activation, correct − wrong completions|.
 
     The alternative to chapter 05's last-prompt-token ranking: it reads the tokens the reward
-    reads. Same row type and ranking as :func:`mechlib.contrast.rank_sae_features`; a completion's
+    reads. Same row type and ranking as :func:`mechlib.contrast.rank_sae_features`, and like it, with
+    ``types`` (each completion's question type), each row's within-type permutation p; a completion's
     fire rate counts it as firing when the feature fired at any of its answer positions.
     Completions with no tokens carry no activation and are left out.
     """
-    if len(codes) != len(correct):
-        raise FeatureRewardError(f"need one label per completion, got {len(codes)} codes, {len(correct)} labels")
+    if len(codes) != len(correct) or (types is not None and len(types) != len(codes)):
+        n_types = "" if types is None else f", {len(types)} types"
+        raise FeatureRewardError(
+            f"need one label (and type) per completion, got {len(codes)} codes, {len(correct)} labels{n_types}"
+        )
     keep = [i for i, c in enumerate(codes) if c.n_positions > 0]
     y = np.asarray(correct, dtype=bool)[keep]
     if y.sum() < 2 or (~y).sum() < 2:
         raise FeatureRewardError(f"need >= 2 correct and >= 2 wrong non-empty completions, got {y.sum()}, {(~y).sum()}")
     ids, acts = _mean_codes([codes[i] for i in keep])
     a, b = acts[y], acts[~y]
-    order = np.argsort(-np.abs(a.mean(0) - b.mean(0)), kind="stable")[:top_n]
-    return feature_rows(a, b, [int(j) for j in order], [int(i) for i in ids])
+    order = [int(j) for j in np.argsort(-np.abs(a.mean(0) - b.mean(0)), kind="stable")[:top_n]]
+    rows = feature_rows(a, b, order, [int(i) for i in ids])
+    if types is None:
+        return rows
+    kept_types = [types[i] for i in keep]
+    return with_within_type_p(rows, acts[:, order], y, kept_types, n_permutations=n_permutations, seed=seed)
 
 
 class Calibration(NamedTuple):

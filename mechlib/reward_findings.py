@@ -39,7 +39,7 @@ MIN_TREND_STEPS = 10  # fewer steps than this: a curve's rise cannot be told fro
 
 def feature_table(spec: FeatureRewardSpec, p_within_type: Mapping[int, float | None] | None = None) -> str:
     """The reward's features, one line each: id, signed weight and cap; with ``p_within_type`` (feature id to
-    chapter 05's within-question-type p) a ``p type`` column, where a feature's contrast that the question type
+    its ranking's within-question-type p) a ``p type`` column, where a feature's contrast that the question type
     explains shows before any held-out test."""
     ps = p_within_type or {}
     typed = any(ps.get(f.feature) is not None for f in spec.features)
@@ -57,8 +57,9 @@ def selection_summary(
     rankings: Mapping[str, Sequence[FeatureContrast]] | None = None,
 ) -> str:
     """Each selection's features after calibration, with its bound and what was dropped; marks the one GRPO uses.
-    ``rankings``: the rows each selection chose from; where they carry a within-type p (chapter 05's do, on a
-    task with several question types) its table shows it, and a last line counts those below ALPHA."""
+    ``rankings``: the rows each selection chose from; where they carry a within-type p (both rankings do, on
+    a task with several question types) its table shows it, and a last line per selection counts those below
+    ALPHA."""
     out, counts = [], []
     for name, cal in calibrated.items():
         lo, hi = cal.spec.bound
@@ -72,8 +73,8 @@ def selection_summary(
         if tested:
             counts.append(f"  {SELECTIONS[name]}: {sum(p < ALPHA for p in tested)} of {len(tested)} below {ALPHA:g}")
     if counts:
-        out.append("p type: chapter 05's test of each feature's contrast with labels shuffled within question type")
-        out.append("  (in-sample; a large p says the type explains the contrast)")
+        out.append("p type: each feature's contrast tested with labels shuffled within question type, where its")
+        out.append("  ranking measured it (in-sample; a large p says the type explains the contrast)")
         out.extend(counts)
     return "\n".join(out)
 

@@ -113,8 +113,8 @@ t0 = time.time()
 # alternative `"answer_tokens"` ranks features the same way but over the contrast set's *answers*
 # (mean over answer positions), which is where the reward reads; both are scored below and the parameter
 # says which one GRPO trains with. Weights are ±1 (or ±|d|), scaled to Σ|w| = 1. Where the task mixes
-# question types, chapter 05's features come with its within-type `p type`: a feature whose p is large
-# reads which kind of question this is, and rewards that rather than a correct answer.
+# question types, each ranking also tests its features with labels shuffled within each type (`p type`): a
+# feature whose p is large reads which kind of question this is, and rewards that rather than a correct answer.
 #
 # **Why it is bounded.** Each feature's activation is divided by its **cap** — the `reward_cap_quantile`
 # quantile of its activations on the contrast answers — and clipped at 1; the reward is the *mean* over
@@ -157,7 +157,12 @@ contrast_codes = [codes[i] for i in split.contrast_ids]
 rankings = {
     "chapter05": feature_reward.load_contrastive_features(paths.root / layers.contrastive_features),
     "answer_tokens": feature_reward.rank_answer_features(
-        contrast_codes, list(split.labels(split.contrast_ids)), top_n=50
+        contrast_codes,
+        list(split.labels(split.contrast_ids)),
+        top_n=50,
+        types=split.kinds(split.contrast_ids),
+        n_permutations=P.n_permutations,
+        seed=P.seed,
     ),
 }
 calibrated = {

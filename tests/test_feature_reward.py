@@ -265,6 +265,34 @@ def test_calibrate_caps_drops_silent_features_and_ranks_answers():
     assert {r.feature for r in ranked} == {1, 3} and ranked[1].score == pytest.approx(-0.5)
 
 
+def test_answer_features_get_a_within_type_p():
+    """Feature 1 fires on every answer of the easy type (mostly correct) and on none of the hard type: it
+    ranks first on the plain difference, and its within-type p is large. Feature 2 fires exactly on the
+    correct answers of both types: its within-type p is small. One type: no p. Empty answers are dropped
+    with their types; a type list of the wrong length is refused."""
+    rng = np.random.default_rng(0)
+    kinds = ["easy"] * 40 + ["hard"] * 40
+    y = np.r_[rng.random(40) < 0.8, rng.random(40) < 0.2]
+
+    def code(kind: str, ok: bool) -> CompletionCode:
+        fired = {3: 0.1, 1: 5.0 if kind == "easy" else 0.0, 2: 1.0 if ok else 0.0}  # 3: weakly everywhere
+        ids, vals = zip(*((j, v) for j, v in fired.items() if v > 0), strict=True)
+        return CompletionCode(torch.tensor([list(ids)]), torch.tensor([list(vals)]))
+
+    codes = [code(k, bool(c)) for k, c in zip(kinds, y, strict=True)]
+    empty = CompletionCode(torch.zeros(0, 3, dtype=torch.long), torch.zeros(0, 3))
+    ranked = rank_answer_features(
+        [*codes, empty], [*y, True], top_n=3, types=[*kinds, "easy"], n_permutations=999, seed=1
+    )
+    by_id = {r.feature: r for r in ranked}
+    assert ranked[0].feature == 1 and by_id[1].p_within_type > 0.2
+    assert by_id[2].p_within_type == pytest.approx(1 / 1000)
+    assert rank_answer_features(codes, y, top_n=3)[0].p_within_type is None  # no types given
+    assert all(r.p_within_type is None for r in rank_answer_features(codes, y, top_n=3, types=["x"] * 80))
+    with pytest.raises(FeatureRewardError, match="79 types"):
+        rank_answer_features(codes, y, types=kinds[:-1])
+
+
 def test_bad_pairings_fail_clearly(tiny_llama):
     model, tok = tiny_llama
     spec = spec_of([(3, 1.0, 1.0)], layer=2)

@@ -181,8 +181,9 @@ def test_last_samples_shows_each_arms_last_step_highest_feature_first(tmp_path):
     assert lines[3].startswith("correctness+feature, step 2: the same completions as feature (same seeds;")
 
 
-def test_selection_summary_shows_chapter_05s_within_type_p_where_the_rows_have_one():
-    """Chapter 05's rows carry a within-type p (several question types); the answer-token ranking has none."""
+def test_selection_summary_shows_each_rankings_within_type_p_where_the_rows_have_one():
+    """Both rankings' rows carry a within-type p on a task with several question types: each table gets a
+    ``p type`` column and each selection a count. Rows without one (one question type) show no column."""
     from mechlib.contrast import FeatureContrast
     from mechlib.feature_reward import Calibration
 
@@ -194,10 +195,16 @@ def test_selection_summary_shows_chapter_05s_within_type_p_where_the_rows_have_o
         return FeatureContrast(i, 1.0, 0.5, 1.0, 0.0, 0.5, 0.1, p)
 
     calibrated = {"chapter05": Calibration(spec([7, 9]), ()), "answer_tokens": Calibration(spec([4, 5]), ())}
-    rankings = {"chapter05": [row(7, 0.004), row(9, 0.6)], "answer_tokens": [row(4, None), row(5, None)]}
+    rankings = {"chapter05": [row(7, 0.004), row(9, 0.6)], "answer_tokens": [row(4, 0.01), row(5, 0.02)]}
     text = rf.selection_summary(calibrated, "chapter05", rankings).splitlines()
     assert text[1].endswith(" p type") and text[2].endswith("  0.004") and text[3].endswith("  0.600")
-    assert not text[5].endswith("p type")  # the answer-token table: no column
-    assert text[-1] == "  chapter 05's features (last prompt token): 1 of 2 below 0.05"
+    assert text[5].endswith(" p type") and text[6].endswith("  0.010")  # the answer-token table
+    assert text[-2:] == [
+        "  chapter 05's features (last prompt token): 1 of 2 below 0.05",
+        "  features ranked on the contrast answers: 2 of 2 below 0.05",
+    ]
+    untyped = {**rankings, "answer_tokens": [row(4, None), row(5, None)]}
+    text = rf.selection_summary(calibrated, "chapter05", untyped).splitlines()
+    assert not text[5].endswith("p type") and text[-1].startswith("  chapter 05's features")
     plain = rf.selection_summary(calibrated, "chapter05")  # a GSM8K run (one type) or no rankings: as before
     assert "p type" not in plain and len(plain.splitlines()) == len(text) - 3
