@@ -3,8 +3,8 @@ the study's reference step, the result rows, the top-k timing and the device hel
 
 Why a second file: ``sae_step.py`` keeps what a reader checks to trust a run (which variants are timed,
 how the best is chosen, the equivalence against the fp32 reference, the targets); these are the pieces it
-is built from, each small and plain. ``sae_step.py`` re-exports every name, so ``bench.<name>`` still
-finds them (tests/test_sae_step_bench.py) and monkeypatching ``bench.time_topk`` still reaches ``main``.
+is built from, each small and plain. ``sae_step.py`` imports each of them by name, so ``bench.<name>``
+still finds them (tests/test_sae_step_bench.py) and monkeypatching ``bench.time_topk`` still reaches ``main``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ AUX_COEF, LR, RENORM_EVERY, TARGET_NORM = 0.125, 2e-4, 10, 95.0
 
 
 class SyntheticActivations:
-    """Seeded synthetic residual-stream batches (see the module docstring); batch(step) is reproducible."""
+    """Seeded synthetic residual-stream batches (see ``sae_step.py``'s docstring); batch(step) is reproducible."""
 
     def __init__(self, d: int, n_true: int, k_true: int, device: torch.device, seed: int = 0) -> None:
         gen = torch.Generator(device=device).manual_seed(seed)
