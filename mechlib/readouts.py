@@ -18,7 +18,7 @@ and the class sizes).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -338,3 +338,53 @@ def stage_gate_verdict(feature: ReadoutScore, baselines: Sequence[ReadoutScore],
         return first
     clauses = [_baseline_clause(feature, b) for b in baselines]
     return f"{first} Against the simpler readouts: {'; '.join(clauses)}."
+
+
+@dataclass(frozen=True)
+class StageGate:
+    """Stage Gate 1: every readout scored on the same held-out answers, and the verdict on the one that trains.
+
+    ``rows`` keep the order they were given in (the SAE selections first, then the simpler readouts);
+    ``trained`` is the selection GRPO trains with, ``other`` the other SAE selection (None when there is
+    one), and ``verdict`` :func:`stage_gate_verdict` of ``trained`` against the simpler readouts only.
+    """
+
+    rows: list[ReadoutScore]
+    trained: ReadoutScore
+    other: ReadoutScore | None
+    verdict: str
+
+
+def stage_gate(
+    scores: Mapping[str, ArrayLike],
+    correct: ArrayLike,
+    types: Sequence[str] | None,
+    *,
+    candidates: Sequence[str],
+    trained: str,
+    n_bootstrap: int,
+    n_permutations: int,
+    seed: int,
+    alpha: float = 0.05,
+) -> StageGate:
+    """:func:`score_readout` of each named score (same seed, so the same resamples for all), then the verdict.
+
+    ``candidates`` names the feature-reward readouts among ``scores`` (one per SAE selection); every other
+    score is a simpler readout the trained one is compared with. Why here and not in the chapter: which
+    row trains and which rows are baselines is the gate's logic, and a notebook that picks rows by
+    position breaks silently when a readout is added.
+    """
+    missing = [c for c in [*candidates, trained] if c not in scores]
+    if missing or trained not in candidates:
+        raise StatsInputError(
+            f"trained readout {trained!r} must be one of the candidates {list(candidates)}, all scored"
+        )
+    rows = [
+        score_readout(name, s, correct, n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, types=types)
+        for name, s in scores.items()
+    ]
+    by_name = {r.name: r for r in rows}
+    others = [by_name[c] for c in candidates if c != trained]
+    baselines = [r for r in rows if r.name not in candidates]
+    verdict = stage_gate_verdict(by_name[trained], baselines, alpha=alpha)
+    return StageGate(rows, by_name[trained], others[0] if others else None, verdict)

@@ -212,27 +212,22 @@ readout_scores = {
     "CAA projection": contrast.projection_scores(states.select(held)[:, caa.layer], caa.unit),
     "answer length (tokens)": [float(records[i].n_new_tokens) for i in held],
 }
-gate = [
-    readouts.score_readout(
-        name,
-        s,
-        y_held,
-        n_bootstrap=P.n_bootstrap,
-        n_permutations=max(P.n_permutations, 1000),
-        seed=P.seed,
-        types=split.kinds(held),
-    )
-    for name, s in readout_scores.items()
-]
-trained_at = list(calibrated).index(P.reward_features)  # gate[0], gate[1]: the two SAE selections
-trained_row, other_row = gate[trained_at], gate[1 - trained_at]
-gate_verdict = readouts.stage_gate_verdict(trained_row, gate[2:])
+gate = readouts.stage_gate(
+    readout_scores,
+    y_held,
+    split.kinds(held),
+    candidates=[reward_findings.READOUT_NAMES[name] for name in calibrated],  # the SAE selections
+    trained=reward_findings.READOUT_NAMES[P.reward_features],
+    n_bootstrap=P.n_bootstrap,
+    n_permutations=max(P.n_permutations, 1000),
+    seed=P.seed,
+)
 
 # %%
 # NBVAL_CHECK_OUTPUT
 print(placeholder.banner_line(P.placeholder_labels), end="")
-print(f"held-out answers: {len(held)} ({int(y_held.sum())} correct)\n{readouts.stage_gate_table(gate)}\n")
-print(textwrap.fill(placeholder.mark_text(gate_verdict, P.placeholder_labels), 110))
+print(f"held-out answers: {len(held)} ({int(y_held.sum())} correct)\n{readouts.stage_gate_table(gate.rows)}\n")
+print(textwrap.fill(placeholder.mark_text(gate.verdict, P.placeholder_labels), 110))
 
 # %% [markdown]
 # ## GRPO: three arms, same seeds, same steps
@@ -329,7 +324,7 @@ print(reward_findings.last_samples(arm_results, paths.root))
 
 # %%
 fig, _ = plots_reward.plot_feature_reward_summary(
-    gate,
+    gate.rows,
     [plots_reward.CurvePoints(a.arm, *reward_findings.curve(a)) for a in arm_results],
     [reward_findings.accuracy_row(a) for a in arm_results],
 )
@@ -343,7 +338,7 @@ _ = plots.save_figure(placeholder.mark_figure(fig, P.placeholder_labels), paths.
 
 # %%
 finding = placeholder.mark_text(
-    reward_findings.reward_finding(trained_row, other_row, gate_verdict, arm_results, settings),
+    reward_findings.reward_finding(gate.trained, gate.other, gate.verdict, arm_results, settings),
     P.placeholder_labels,
 )
 print(textwrap.fill(finding, 110))
@@ -367,8 +362,8 @@ _ = results.save(
         spec_file=str(spec_file.relative_to(paths.root)),
         n_contrast=len(split.contrast_ids),
         n_heldout=len(held),
-        stage_gate=gate,
-        stage_gate_verdict=placeholder.mark_text(gate_verdict, P.placeholder_labels),
+        stage_gate=gate.rows,
+        stage_gate_verdict=placeholder.mark_text(gate.verdict, P.placeholder_labels),
         grpo=settings,
         arms=arm_results,
         training_verdict=placeholder.mark_text(train_verdict, P.placeholder_labels),

@@ -23,7 +23,14 @@ from mechlib.plots_reward import (
     plot_stage_gate,
     plot_training_curves,
 )
-from mechlib.readouts import ReadoutScore, auroc, score_readout, stage_gate_table, stage_gate_verdict
+from mechlib.readouts import (
+    ReadoutScore,
+    auroc,
+    score_readout,
+    stage_gate,
+    stage_gate_table,
+    stage_gate_verdict,
+)
 from mechlib.stats import StatsInputError, format_p
 
 
@@ -163,6 +170,30 @@ def test_verdict_follows_the_numbers():
     assert "answer length (sign flipped" in flipped and "did better (AUROC 0.60 vs 0.80" in flipped
     # CI excludes 0.5 but the permutation p does not pass: not a pass
     assert "did not predict" in stage_gate_verdict(_row("f", 0.60, (0.51, 0.69), 0.08), [])
+
+
+def test_stage_gate_judges_the_trained_selection_against_the_baselines_only():
+    """Rows keep their order; the verdict is the trained selection's against the non-candidate readouts (the
+    other selection, though it scores better, is not a baseline); each row equals score_readout's."""
+    rng = np.random.default_rng(3)
+    y = rng.random(60) < 0.5
+    scores = {
+        "sae A": y + rng.normal(0, 0.8, 60),
+        "sae B": y + rng.normal(0, 0.3, 60),
+        "length": rng.normal(0, 1, 60),
+    }
+    kw = dict(n_bootstrap=200, n_permutations=300, seed=1)
+    gate = stage_gate(scores, y, None, candidates=["sae A", "sae B"], trained="sae A", **kw)
+    assert [r.name for r in gate.rows] == ["sae A", "sae B", "length"]
+    assert gate.trained == score_readout("sae A", scores["sae A"], y, **kw) and gate.other == gate.rows[1]
+    assert gate.verdict == stage_gate_verdict(gate.rows[0], [gate.rows[2]])
+    assert "sae B" not in gate.verdict and "length" in gate.verdict
+    one = stage_gate(scores, y, None, candidates=["sae B"], trained="sae B", **kw)
+    assert one.other is None and one.verdict == stage_gate_verdict(one.rows[1], [one.rows[0], one.rows[2]])
+    with pytest.raises(StatsInputError, match="must be one of the candidates"):
+        stage_gate(scores, y, None, candidates=["sae A"], trained="length", **kw)
+    with pytest.raises(StatsInputError, match="all scored"):
+        stage_gate(scores, y, None, candidates=["sae A", "sae C"], trained="sae A", **kw)
 
 
 def test_table_has_a_line_per_readout_and_marks_undefined_values():
