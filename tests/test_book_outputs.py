@@ -75,7 +75,12 @@ def test_card_checkpoint_loads_with_the_cards_snippet():
     pre = (x - ck["b_dec"]) @ ck["W_enc"] + ck["b_enc"]
     v, i = pre.topk(int(ck["k"]), dim=-1)
     f = torch.zeros_like(pre).scatter(-1, i, v).relu()
-    assert ((f > 0).sum(-1) <= ck["k"]).all()
+    # the card's snippet and mechlib's own loader and encoder give the same codes
+    from mechlib.sae import dense_code, load_sae
+
+    sae = load_sae(PATHS.checkpoints / "sae_final.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(dense_code(sae.encode(x), m).float(), f, atol=1e-4, rtol=1e-4)
 
 
 def test_baseline_metrics():
@@ -170,8 +175,10 @@ def test_random_direction_control():
 def test_logit_lens_metrics():
     m = metrics("07_logit_lens")
     assert len(m["top_tokens"]) == m["n_layers"]
-    e = m["english_commitment_layer"]
-    assert e is None or 0 <= e < m["n_layers"]
+    e, frac, threshold = m["english_commitment_layer"], m["english_fraction"], m["english_threshold"]
+    assert len(frac) == m["n_layers"] and all(0 <= f <= 1 for f in frac)
+    # the saved layer is the first whose saved English fraction reaches the saved threshold
+    assert e == next((layer for layer, f in enumerate(frac) if f >= threshold), None)
 
 
 def test_feature_reward_chapter_is_consistent():

@@ -24,9 +24,14 @@ def test_missing_or_damaged_snapshot_reads_as_none(tmp_path):
     assert device_stats.read(tmp_path / "bad.json") is None
 
 
-def test_install_without_the_variable_does_nothing(monkeypatch):
+def test_install_without_the_variable_registers_nothing(monkeypatch):
+    from IPython.testing.globalipapp import get_ipython
+
+    shell = get_ipython()
     monkeypatch.delenv(device_stats.ENV, raising=False)
-    device_stats.install()  # no IPython shell needed, no error
+    before = list(shell.events.callbacks["post_run_cell"])
+    device_stats.install()
+    assert shell.events.callbacks["post_run_cell"] == before
 
 
 def test_kernel_hook_writes_after_each_cell(tmp_path, monkeypatch):
@@ -35,9 +40,20 @@ def test_kernel_hook_writes_after_each_cell(tmp_path, monkeypatch):
     shell = get_ipython()
     target = tmp_path / ".device_x.json"
     monkeypatch.setenv(device_stats.ENV, str(target))
+    before = list(shell.events.callbacks["post_run_cell"])
     device_stats.install()
-    shell.run_cell("x = 1 + 1")
-    assert device_stats.read(target).device in ("cpu", "cuda")
+    added = [cb for cb in shell.events.callbacks["post_run_cell"] if cb not in before]
+    try:
+        assert len(added) == 1 and not target.exists()
+        shell.run_cell("x = 1 + 1")
+        snap = device_stats.read(target)
+        assert snap is not None and snap.device == ("cuda" if torch.cuda.is_initialized() else "cpu")
+        target.unlink()
+        shell.run_cell("y = 2")  # the next cell writes it again
+        assert device_stats.read(target) is not None
+    finally:
+        for cb in added:  # the shell is shared by the worker's other tests
+            shell.events.unregister("post_run_cell", cb)
 
 
 def test_format_bytes():

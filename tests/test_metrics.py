@@ -166,14 +166,37 @@ def test_spliced_identity_sae_changes_nothing(arch, request):
 
 
 def test_spliced_replaces_only_kept_positions(tiny_llama):
-    """With a random SAE and only the last position kept, earlier logits are untouched."""
+    """Only position 6 kept: the spliced CE and KL equal an independent forward hook that replaces the residual
+    at position 6 alone, and differ from replacing every position (which changes position 6 through attention)."""
     model, _ = tiny_llama
     d = model.config.hidden_size
     ids = torch.randint(3, 400, (2, 10), generator=torch.Generator().manual_seed(3))
     keep = torch.zeros_like(ids, dtype=torch.bool)
     keep[:, 6] = True
-    res = spliced_loss(model, 2, TopKSAE(d, 4 * d, 2, seed=1), ids, keep, mean_act=torch.zeros(d))
-    assert res.n_tokens == 2 and res.kl > 0
+    sae = TopKSAE(d, 4 * d, 2, seed=1)
+    res = spliced_loss(model, 2, sae, ids, keep, mean_act=torch.zeros(d))
+    assert res.n_tokens == 2
+
+    def logp_at_6(positions: slice | None) -> torch.Tensor:
+        def hook(_module, _args, out):
+            h = (out[0] if isinstance(out, tuple) else out).clone()
+            where = slice(6, 7) if positions is None else positions
+            h[:, where] = sae(h[:, where].reshape(-1, d)).recon.view_as(h[:, where])
+            return (h, *out[1:]) if isinstance(out, tuple) else h
+
+        handle = None if positions == slice(0, 0) else decoder_layers(model)[2].register_forward_hook(hook)
+        try:
+            with torch.no_grad():
+                return torch.log_softmax(model(input_ids=ids, use_cache=False).logits[:, 6].float(), -1)
+        finally:
+            if handle is not None:
+                handle.remove()
+
+    clean, only_6, every = logp_at_6(slice(0, 0)), logp_at_6(None), logp_at_6(slice(None))
+    kl = lambda lp: float(torch.nn.functional.kl_div(lp, clean, log_target=True, reduction="sum")) / 2  # noqa: E731
+    assert res.kl == pytest.approx(kl(only_6), rel=1e-4) and res.kl > 0
+    assert res.ce_spliced == pytest.approx(float(torch.nn.functional.nll_loss(only_6, ids[:, 7])), rel=1e-5)
+    assert abs(kl(every) - res.kl) > 1e-3 * res.kl
 
 
 class _ShardStore:

@@ -6,6 +6,7 @@ import dataclasses
 from itertools import pairwise
 
 import matplotlib.pyplot as plt
+import pytest
 
 from mechlib import plots
 from mechlib.lens import LensResult
@@ -22,7 +23,25 @@ def test_plot_baseline_accepts_interval_edges_past_the_estimate():
         GroupAccuracy("b", 60, 60, 1.0, (0.9, 0.9999999999999999)),
     ]
     fig, _ = plot_baseline(groups, [3, 4], [5, 6], max_new_tokens=16, overall=0.5, overall_ci=(0.4, 0.6))
+    assert _error_bars(fig) == [[(0.0, 0.0), (0.0, 0.06)], [(1.0, 0.9), (1.0, 1.0)]]  # clipped at the estimate
     plt.close(fig)
+    assert plots._yerr([0.0, 1.0, 0.5], [5.6e-17, 0.9, 0.4], [0.06, 1 - 1e-16, 0.7]) == [
+        [0.0, pytest.approx(0.1), pytest.approx(0.1)],
+        [pytest.approx(0.06), 0.0, pytest.approx(0.2)],
+    ]
+
+
+def _error_bars(fig) -> list[list[tuple[float, float]]]:
+    """The vertical error-bar segments drawn in ``fig``, as ((x, y_low), (x, y_high)) pairs, rounded."""
+    from matplotlib.collections import LineCollection
+
+    return [
+        [(round(float(x), 6), round(float(y), 6)) for x, y in seg]
+        for ax in fig.axes
+        for c in ax.collections
+        if isinstance(c, LineCollection)
+        for seg in c.get_segments()
+    ]
 
 
 def test_plot_dose_response_accepts_interval_edges_past_the_estimate():
@@ -36,6 +55,8 @@ def test_plot_dose_response_accepts_interval_edges_past_the_estimate():
         layer=3,
         controls=[row(0.1, 0.3, (0.1, 0.5))],
     )
+    # x is the scale in % of the mean norm; no bar crosses its estimate
+    assert sorted(_error_bars(fig)) == [[(10.0, 0.0), (10.0, 0.1)], [(20.0, 0.8), (20.0, 1.0)]]
     plt.close(fig)
 
 
