@@ -375,10 +375,10 @@ def stage_gate(
     position breaks silently when a readout is added.
     """
     missing = [c for c in [*candidates, trained] if c not in scores]
-    if missing or trained not in candidates:
-        raise StatsInputError(
-            f"trained readout {trained!r} must be one of the candidates {list(candidates)}, all scored"
-        )
+    if missing:
+        raise StatsInputError(f"readouts {missing} have no scores (scored: {list(scores)})")
+    if trained not in candidates:
+        raise StatsInputError(f"the trained readout {trained!r} must be one of the candidates {list(candidates)}")
     rows = [
         score_readout(name, s, correct, n_bootstrap=n_bootstrap, n_permutations=n_permutations, seed=seed, types=types)
         for name, s in scores.items()

@@ -192,7 +192,7 @@ def test_stage_gate_judges_the_trained_selection_against_the_baselines_only():
     assert one.other is None and one.verdict == stage_gate_verdict(one.rows[1], [one.rows[0], one.rows[2]])
     with pytest.raises(StatsInputError, match="must be one of the candidates"):
         stage_gate(scores, y, None, candidates=["sae A"], trained="length", **kw)
-    with pytest.raises(StatsInputError, match="all scored"):
+    with pytest.raises(StatsInputError, match=r"readouts \['sae C'\] have no scores"):
         stage_gate(scores, y, None, candidates=["sae A", "sae C"], trained="sae A", **kw)
 
 
