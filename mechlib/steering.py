@@ -59,7 +59,8 @@ __all__ = [
 
 
 def mean_residual_norm(states: LayerStates, layer: int) -> float:
-    """Mean ‖h‖₂ of the residual after ``layer`` over the contrast set's non-special prompt tokens.
+    """Mean ‖h‖₂ of the residual after ``layer`` over the non-special prompt tokens of every prompt chapter 05
+    read (contrast and held-out: the unit takes no label into account).
 
     Taken from :class:`mechlib.contrast.LayerStates` (recorded in the same forward pass as the
     pooled states). Special tokens (BOS above all) are excluded: their norms are often far larger

@@ -109,12 +109,13 @@ if result.train is None:
 # %% [markdown]
 # ## Residual norms, and why special tokens are excluded
 #
-# Left: the distribution of residual-stream norms of the kept tokens. Right (log scale): all positions of
-# the first 64 held-out rows, recomputed here because the shards never store excluded tokens. The BOS at
-# the start of every row acts as an **attention sink**: its residual vector is far longer than an ordinary
-# token's (the printout below gives the ratio for this run). In some rows the token right after BOS becomes a
-# second sink, just as long (counted below); a few dozen such tokens can carry a large share of the total
-# squared norm, which is what an SAE's reconstruction loss weighs. Hence both positions are excluded.
+# Left: the distribution of residual-stream norms of the kept tokens. Right (log scale): all positions of the
+# first 64 held-out rows, recomputed here because the shards never store excluded tokens. The BOS at the start
+# of every row acts as an **attention sink**: its residual vector is far longer than an ordinary token's (the
+# printout below gives the ratio for this run). In some rows the token right after BOS becomes a second,
+# smaller sink: many times an ordinary token's norm, though well below BOS's (counted below); a few dozen such
+# tokens can carry a large share of the total squared norm, which is what an SAE's reconstruction loss weighs.
+# Hence both positions are excluded.
 
 # %%
 acts = (result.train or held).load_all(max_tokens=32_768)

@@ -7,7 +7,7 @@
 # # 03 — How good is the SAE? Held-out reconstruction, sparsity, and what splicing it in costs the model
 #
 # Everything in this chapter is measured on **held-out tokens**: documents chapter 01 set aside (every
-# 10th), never seen in training. We report the study card's metrics next to ours, with two differences
+# 10th), never seen in training. We report the study card's metrics next to ours, with three differences
 # that matter:
 #
 # * **Variance explained, two formulas.** Ours (`var_explained`) is per-dimension:
@@ -15,10 +15,12 @@
 #   The seed's (`var_explained_global`) is `1 − mse / x.var()` with *one* variance over all elements
 #   around one global mean; it also counts the spread between the dimensions' means as "variance", so it
 #   comes out higher on residual streams. The card's 0.939 was computed the seed's way on training batches.
-# * **Massive-norm tokens.** A few tokens (in SmolLM2: the first token after BOS of some rows) have
+# * **Massive-norm tokens.** A few tokens (in SmolLM2: BOS, and the first token after it in some rows) have
 #   residual norms 10–100× the median. They carry much of the per-dimension variance, so reconstructing
 #   them well lifts variance explained for all tokens; we also report it without tokens whose norm exceeds
-#   10× the median.
+#   10× the median. Chapter 01 already drops the first `exclude_first_positions` positions of every row
+#   (default 2, which covers both), so in the default run no held-out token is that long and the two figures
+#   coincide; the second figure matters when those positions are kept.
 # * **Dead features, two ways.** From training's counters (no activation in the last `dead_tokens`
 #   training tokens) and as *never fired on the held-out tokens*. Coverage = fraction that fired at least
 #   once on the held-out tokens (the card: 0.62).

@@ -13,15 +13,15 @@
 # steering is judged — never seen when fitting). The study used GSM8K, 50 held-out questions, and got
 # ~45–50 % right with Gemma 4 E4B.
 #
-# **Questions.** `task = "gsm8k"` takes a seeded sample of GSM8K (from the hub, or from a local JSONL copy
-# via `gsm8k_path`). The embedded SmolLM2-135M solves almost no GSM8K problem, which would leave nothing to
+# **Questions.** `task = "gsm8k"` takes a seeded sample of GSM8K (from the hub, or from a local JSONL copy via
+# `gsm8k_path`). The embedded SmolLM2-135M solves almost no GSM8K problem, which would leave nothing to
 # contrast, so the default `task = "arithmetic"` generates short one-step problems of five kinds — bare sums
-# ("What is 13 plus 4?", "What is the sum of 13 and 4?"), word problems with a sum or a product, and
-# "has a, buys b more" — drawn from a fixed seed, with numbers ranging widely enough that the small model
-# gets some of each kind right and some wrong. Kinds still differ in difficulty, so part of any
-# correct-vs-wrong difference in chapter 05 can be a difference between kinds — as it can be between easy
-# and hard GSM8K problems in the study; chapter 05 tests for that with a second, within-kind null. The
-# table below shows where this run landed.
+# ("What is 13 plus 4?", "What is the sum of 13 and 4?"), word problems with a sum or a product, and "has a,
+# buys b more" — drawn from a fixed seed, so that the small model gets some questions right and some wrong.
+# Kinds differ widely in difficulty (the table below: some kinds are hardly ever answered right), so part of
+# any correct-vs-wrong difference in chapter 05 can be a difference between kinds — as it can be between easy
+# and hard GSM8K problems in the study; chapter 05 tests for that with a second, within-kind null. The table
+# below shows where this run landed.
 #
 # **Prompt.** `prompt_format = "gemma_manual"` is the card's manual Gemma chat format, verbatim (each line
 # ends in a newline, the last one too; `{q}` is the question):
@@ -47,8 +47,8 @@
 # sign only when it touches the number (`10 - 4` ends in 4, a bullet `- 24` is 24). An answer is correct
 # when it equals the gold number. The same text is also read by lm-evaluation-harness's two GSM8K rules —
 # *strict* (only `#### N`) and *flexible* (the last number-like string) — so our numbers compare with
-# published ones; a fourth rule, *finished only*, leaves out answers that were cut off. Chapters 05 and 06
-# recompute every headline under all four rules.
+# published ones; a fourth rule, *finished only*, leaves out answers that were cut off. Chapter 05
+# recomputes its peak layer, and chapter 06 every steering row, under all four rules.
 #
 # **Generation.** Greedy, batched, left-padded, at most `max_new_tokens` new tokens. A row stops at the
 # model's end-of-turn token or right after its first complete `#### …` line (what a grader would read;
@@ -194,12 +194,13 @@ print(examples(records, questions))
 # ## How the wrong answers go wrong
 #
 # Each generated question needs one operation: addition, or multiplication for `boxes`. Sorting the wrong
-# answers by the operators they write between two numbers (`mechlib.wrong_answers`) separates two failures.
-# One is choosing another operation. Subtraction is the one-shot example's operation and no question's, so
-# an answer that subtracts has most likely copied the example's operation rather than read the question's.
-# The other is writing the right operation and getting the result wrong. Chapter 05 contrasts correct
-# answers with both failures together. Its within-type null controls for the question type, not for which
-# failure a wrong answer is. GSM8K answers take several steps and are not sorted.
+# answers by the operators they write between two numbers (`mechlib.wrong_answers`) separates two failures,
+# and a third group of answers that write no calculation at all. One failure is choosing another operation.
+# Subtraction is the one-shot example's operation and no question's, so an answer that subtracts has most
+# likely copied the example's operation rather than read the question's. The other is writing the right
+# operation and getting the result wrong. Chapter 05 contrasts correct answers with both failures together.
+# Its within-type null controls for the question type, not for which failure a wrong answer is. GSM8K answers
+# take several steps and are not sorted.
 
 # %%
 # NBVAL_CHECK_OUTPUT

@@ -21,8 +21,8 @@
 # 0.05, so "significant or not" is not decided by the sampling), and the peak is compared with the null of
 # the *maximum over layers* — the honest reference once the peak was chosen by looking at all layers.
 #
-# "Correct" is the parser's verdict on free text. The last section recomputes the peak under the
-# alternative scoring rules of chapter 04 (lm-eval strict, lm-eval flexible, finished answers only) and
+# "Correct" is the parser's verdict on free text. The section before the findings recomputes the peak under
+# the alternative scoring rules of chapter 04 (lm-eval strict, lm-eval flexible, finished answers only) and
 # says whether the choice of layer survives.
 #
 # With `placeholder_labels = f > 0` (for random-weight models, which answer nothing correctly) "correct"
@@ -131,16 +131,16 @@ if caution:
 # chance excursion in one layer shows up in its neighbours too: count bumps, not layers.
 #
 # **A confound, and a second null.** The generated default task mixes one-step question types of different
-# difficulty (bare sums, word-problem sums, products — chapter 04's table gives this run's accuracy per
-# type). Then "correct vs wrong" is partly "easy type vs hard type", and the question type is visible in the
-# states from the first layer on — a
-# direction that merely reads the type can pass the plain null. The second null shuffles the labels only *within*
-# each question type (the `source` of each question), so it asks whether the states predict correctness
-# beyond the type (dotted line). On GSM8K every question has the same source and the two nulls coincide.
-# Within a type, "wrong" still mixes two failures: answers that chose another operation (most of them
-# subtract, as the one-shot example does) and answers that wrote the right operation with a wrong result.
-# Chapter 04 counts both. The states read here are at the last prompt token, before any answer token, so a
-# direction found in them predicts a failure before it is written; it does not say which of the two it is.
+# difficulty (bare sums, word-problem sums, products — chapter 04's table gives this run's accuracy per type).
+# Then "correct vs wrong" is partly "easy type vs hard type", and the question type is visible in the states
+# from the first layer on — a direction that merely reads the type can pass the plain null. The second null
+# shuffles the labels only *within* each question type (the `source` of each question), so it asks whether the
+# states predict correctness beyond the type (dotted line). On GSM8K every question has the same source and
+# the two nulls coincide. Within a type, "wrong" still mixes two failures: answers that chose another
+# operation (most of them subtract, as the one-shot example does) and answers that wrote the right operation
+# with a wrong result (and a few answers with no calculation at all). Chapter 04 counts each. The states read
+# here are at the last prompt token, before any answer token, so a direction found in them predicts a failure
+# before it is written; it does not say which of the two it is.
 
 # %%
 res = contrast.contrast_layers(h_contrast, y, top_n=P.top_d, n_permutations=P.n_permutations, seed=P.seed)

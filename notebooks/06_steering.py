@@ -6,12 +6,13 @@
 # %% [markdown]
 # # 06 — Steering along the correct-minus-wrong direction (CAA)
 #
-# Chapter 05 found the layer where the states of correctly and wrongly answered questions differ most,
-# and saved the unit vector `v = unit(mean(h | correct) − mean(h | wrong))` there. Contrastive activation
-# addition (CAA) adds `scale × ‖h‖ × v` to the residual stream after that layer, at every position, while
-# the model generates greedily; `‖h‖` is the layer's mean residual norm over the contrast prompts' tokens,
-# so a scale of 0.05 is a perturbation of 5 % of a typical residual vector. The study used +2, +5, +10 and
-# +15 %, and −5 % as a negative control (pushing *towards* "wrong" should not help).
+# Chapter 05 found the layer where the states of correctly and wrongly answered questions differ most, and
+# saved the unit vector `v = unit(mean(h | correct) − mean(h | wrong))` there. Contrastive activation addition
+# (CAA) adds `scale × ‖h‖ × v` to the residual stream after that layer, at every position, while the model
+# generates greedily; `‖h‖` is the layer's mean residual norm over the non-special tokens of all chapter 04
+# prompts (contrast and held-out; no label enters it), so a scale of 0.05 is a perturbation of 5 % of a
+# typical residual vector. The study used +2, +5, +10 and +15 %, and −5 % as a negative control (pushing
+# *towards* "wrong" should not help).
 #
 # Every scale is run on the **held-out** questions only — the direction was fitted on the contrast set.
 # The card reports accuracy, Δ vs baseline, how many baseline-wrong questions each scale recovers, and

@@ -191,13 +191,13 @@ print(reward_findings.selection_summary(calibrated, P.reward_features, rankings)
 # The held-out questions' answers are chapter 04's greedy answers, the same text the reward would see in
 # training. For each readout: Spearman ρ with correctness and the **AUROC** (the probability that a random
 # correct answer scores above a random wrong one; 0.5 is chance), each with a percentile bootstrap interval
-# over questions and a label-permutation p-value. The simpler readouts: chapter 05's **CAA projection**
-# (the held-out question's last-prompt-token state on the correct-minus-wrong direction at the peak layer)
-# and the **answer's length** in tokens. A readout can work with its sign reversed (length often does:
-# wrong answers run on); the verdict compares the SAE reward with each baseline's better side. On the
-# generated task, whose question types differ in difficulty, a readout that only tells the types apart would
-# pass; `p_type` repeats the permutation test with labels shuffled only within each type (chapter 05 does the
-# same for the CAA projection). On GSM8K there is one type and the column is empty.
+# over questions and a label-permutation p-value. The simpler readouts: chapter 05's **CAA projection** (the
+# held-out question's last-prompt-token state on the correct-minus-wrong direction at the peak layer) and the
+# **answer's length** in tokens. A readout can work with its sign reversed (length can: wrong answers that run
+# on make long answers a sign of failure); the verdict compares the SAE reward with each baseline's better
+# side. On the generated task, whose question types differ in difficulty, a readout that only tells the types
+# apart would pass; `p_type` repeats the permutation test with labels shuffled only within each type (chapter
+# 05 does the same for the CAA projection). On GSM8K there is one type and the column is empty.
 
 # %%
 held = split.heldout_ids
