@@ -27,7 +27,7 @@ from typing import Any
 
 from mechlib.activations.collect_config import collect_config_from_params, collect_split, open_train_store
 from mechlib.activations.shards import MANIFEST, Manifest, ShardEntry, ShardError, rank_manifest_name, read_manifest
-from mechlib.book_checks import check_inputs, check_layers
+from mechlib.book_checks import check_device, check_inputs, check_layers
 from mechlib.io import atomic_write_json
 from mechlib.models import load_model
 from mechlib.params import load_params
@@ -123,7 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         P = load_params(args.params)  # a bad params file fails before any process group exists
-        # ... and so do a layer past the model's last and a missing corpus file (before the model loads)
+        # ... and so do a device this machine lacks, a layer past the model's last and a missing corpus file
+        check_device(args.device or P.device, args.params if args.device is None else "--device")
         check_layers(P, args.params)
         reads_corpus = "collect" in args.commands or P.collect_mode == "stream"
         check_inputs(P, args.params, {"corpus"} if reads_corpus else set())

@@ -113,6 +113,16 @@ def test_layer_out_of_range_names_the_valid_range(tmp_path, out_root, capsys):
     assert _files(out_root / "badlayer") == []
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal of a CUDA device on a machine without one")
+def test_a_missing_cuda_device_is_refused_before_anything_runs(tmp_path, out_root, capsys):
+    params = write_params(tmp_path, "nocuda", device="cuda")
+    rc, err = _scale(["collect", str(params)], capsys)
+    assert rc == 1 and "'device' is 'cuda' but torch.cuda.is_available() is False here" in err, err
+    rc, err = _scale(["train", str(write_params(tmp_path, "nocuda2")), "--device", "cuda:1"], capsys)
+    assert rc == 1 and "--device: 'device' is 'cuda:1'" in err, err
+    assert _files(out_root / "nocuda") == [] and _files(out_root / "nocuda2") == []
+
+
 def test_missing_corpus_file_is_refused_before_the_model_loads(tmp_path, out_root, capsys, monkeypatch):
     from mechlib import scale
 
