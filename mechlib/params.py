@@ -21,7 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from mechlib.params_load import ParamsError, read_yaml, type_name, type_ok
-from mechlib.params_load import ParamsLoader as ParamsLoader  # re-exported: mechlib.book reads params files with it
+from mechlib.params_load import (
+    ParamsLoader as ParamsLoader,
+)  # re-exported: mechlib.book_checks reads `-p` overrides with it
 from mechlib.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
@@ -59,7 +61,7 @@ class BookParams:
     model: str = "embedded:smollm2-135m-instruct"
     """The embedded GGUF, ``random:<arch>[:<seed>]``, a Hugging Face hub id, or a local path."""
     model_dtype: ModelDtype = "float32"
-    """The model's weights dtype (``auto``: bfloat16 on CUDA, float32 on CPU)."""
+    """The model's weights dtype (``auto``: the checkpoint's stored dtype on any device; float32 for ``random:``)."""
     device: str = "auto"
     """``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
     # --- 01 collect --------------------------------------------------------------------

@@ -93,7 +93,8 @@ class SteeringVector:
 
     ``unit`` is the direction as saved (unit norm up to float32 rounding; the added vector is
     normalised again, so any non-zero direction steers like its unit). ``mean_norm`` is the layer's
-    mean residual norm ``‖h‖₂`` over the contrast prompts' non-special tokens: scales are fractions
+    mean residual norm ``‖h‖₂`` over the non-special tokens of every prompt chapter 05 read (contrast and
+    held-out; no label enters it): scales are fractions
     of it. The rest is provenance, written to and read from the JSON sidecar; ``extra`` keeps
     sidecar keys this class does not name, so a load → save round trip loses nothing.
     """

@@ -241,7 +241,8 @@ def collect_activations(
     """Collect ``n_tokens`` kept-token activations of ``split`` into shards + ``manifest.json``.
 
     A rerun with the same parameters verifies and skips finished shards (resume); changed
-    parameters (other than ``n_tokens``) start over. Returns the final manifest.
+    parameters (other than ``n_tokens``) start over. Returns a :class:`CollectRun`: the final manifest,
+    the tokens computed in this call and the seconds it took.
     Data parallel (``world_size > 1``, see :mod:`mechlib.scale`): this process computes only the
     shards with ``index % world_size == rank`` and lists them in ``manifest.rank<rank>.json``;
     rank 0 merges those into ``manifest.json`` (the same file one process writes). Only rank 0

@@ -14,8 +14,9 @@ Modules, in the order of the "same loss in every path" contract:
 - :mod:`.interop` — SAELens / sparsify export and import.
 
 Callers import the public names from here: ``from mechlib.sae import TopKSAE, load_sae``.
-Modules inside this package import each other by module (``mechlib.sae.model``), never through
-this file, so importing one of them does not import the rest.
+Modules inside this package import each other by module (``mechlib.sae.model``) where they can, so
+the import graph has no cycles through this file; importing any submodule still runs this file first,
+which imports model, train, loading and interop.
 """
 
 from mechlib.sae.interop import HookInfo, encode_dense, export_sae

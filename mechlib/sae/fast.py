@@ -69,9 +69,9 @@ _PAD = 64  # dead-column count padded to a multiple of this for aligned GEMMs
 
 
 class Selection(NamedTuple):
-    idx: Tensor  # [N, k] latent ids, ascending per row
+    idx: Tensor  # [N, k] latent ids: ascending per row on the torch backend, in any order on Triton
     raw: Tensor  # [N, k] selected pre-activations (before ReLU)
-    aux_idx: Tensor  # [N, ka] dead latent ids, ascending per row (ka = 0: empty)
+    aux_idx: Tensor  # [N, ka] dead latent ids, ordered as idx (ka = 0: empty)
     aux_raw: Tensor  # [N, ka]
 
 

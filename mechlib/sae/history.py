@@ -30,7 +30,7 @@ class HistoryRow:
     fvu: float  # fraction of variance unexplained on this training batch
     mse: float
     aux_loss: float  # AuxK: 0 while no latent is dead
-    n_dead: int  # latents that had not fired for dead_after_tokens tokens before this step
+    n_dead: int  # latents that had not fired for ``dead_tokens`` tokens before this step
 
     def to_json(self) -> dict[str, float]:
         return asdict(self)

@@ -258,7 +258,8 @@ def save_card_checkpoint(sae: TopKSAE, path: str | os.PathLike[str], renorm: boo
     """Write ``sae_final.pt`` in the card's format with decoder rows at unit norm.
 
     Renormalises ``sae`` itself first (in place) so the file and the in-memory SAE compute the
-    same function; training ends with a renorm anyway, so a trained SAE is unchanged.
+    same function. Training renormalises only every ``renorm_every`` steps, so a trained SAE's decoder
+    rows can move slightly here when its last step falls between two renorms.
     ``renorm=False`` for weights renormalised already (a finished state rewriting a damaged file:
     a second renorm would move decoder rows by an ulp, and the rewrite must be bit-identical).
     """

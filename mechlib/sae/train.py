@@ -239,7 +239,8 @@ def train_sae(
 
     Files: ``train_state.pt`` (full resumable state, every ``checkpoint_every`` steps),
     ``sae_final.pt`` (card format), ``sae.safetensors`` + ``cfg.json``, ``train_history.json``.
-    ``stop_after`` ends the call after that many total steps (as if killed), for resume tests.
+    ``stop_after`` ends the call after that many total steps, for resume tests: a clean stop, with the
+    state at that step checkpointed (a killed run keeps only its last ``checkpoint_every`` save).
     A state written from other activations (collection settings or shard checksums) or other knobs
     is never resumed: training starts from scratch and one line says why (see ``mechlib.activations.provenance``).
     """
