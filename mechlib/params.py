@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from mechlib.params_load import ParamsError, read_yaml, type_name, type_ok
-from mechlib.params_load import (
-    ParamsLoader as ParamsLoader,
-)  # re-exported: mechlib.book_checks reads `-p` overrides with it
+
+# ParamsLoader is re-exported: mechlib.book_checks reads `-p` overrides with it
+from mechlib.params_load import ParamsLoader as ParamsLoader
 from mechlib.prompts import PROMPT_FORMATS
 
 if TYPE_CHECKING:
